@@ -1,0 +1,134 @@
+"""Name-based registry of aggregators and weightings (what ``JDTrainingArguments`` uses).
+
+Each entry maps a lower-case name to the module and class names of its aggregator and, when the
+aggregator is Gramian-based, of its weighting. Classes are imported on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from typing import Any, NamedTuple
+
+from ._base import Aggregator, Weighting
+
+__all__ = [
+    "AggregatorSpec",
+    "available_aggregators",
+    "available_weightings",
+    "get_aggregator",
+    "get_weighting",
+    "get_aggregator_class",
+    "get_weighting_class",
+    "is_gramian_based",
+    "REGISTRY",
+]
+
+
+class AggregatorSpec(NamedTuple):
+    """Where an aggregator (and its weighting, if any) is defined."""
+
+    module: str
+    aggregator: str
+    weighting: str | None
+
+
+REGISTRY: dict[str, AggregatorSpec] = {
+    "upgrad": AggregatorSpec("upgrad", "UPGrad", "UPGradWeighting"),
+    "dualproj": AggregatorSpec("dualproj", "DualProj", "DualProjWeighting"),
+    "mgda": AggregatorSpec("mgda", "MGDA", "MGDAWeighting"),
+    "cagrad": AggregatorSpec("cagrad", "CAGrad", "CAGradWeighting"),
+    "pcgrad": AggregatorSpec("pcgrad", "PCGrad", "PCGradWeighting"),
+    "gradvac": AggregatorSpec("gradvac", "GradVac", "GradVacWeighting"),
+    "imtl_g": AggregatorSpec("imtl_g", "IMTLG", "IMTLGWeighting"),
+    "aligned_mtl": AggregatorSpec("aligned_mtl", "AlignedMTL", "AlignedMTLWeighting"),
+    "nash_mtl": AggregatorSpec("nash_mtl", "NashMTL", "NashMTLWeighting"),
+    "config": AggregatorSpec("config", "ConFIG", None),
+    "graddrop": AggregatorSpec("graddrop", "GradDrop", None),
+    "fairgrad": AggregatorSpec("fairgrad", "FairGrad", "FairGradWeighting"),
+    "krum": AggregatorSpec("krum", "Krum", "KrumWeighting"),
+    "trimmed_mean": AggregatorSpec("trimmed_mean", "TrimmedMean", None),
+    "mean": AggregatorSpec("basic", "Mean", "MeanWeighting"),
+    "sum": AggregatorSpec("basic", "Sum", "SumWeighting"),
+    "constant": AggregatorSpec("basic", "Constant", "ConstantWeighting"),
+    "random": AggregatorSpec("basic", "Random", "RandomWeighting"),
+}
+
+
+def available_aggregators() -> list[str]:
+    """Return the registered aggregator names, sorted."""
+    return sorted(REGISTRY)
+
+
+def available_weightings() -> list[str]:
+    """Return the names of the aggregators that have a Gramian weighting, sorted."""
+    return sorted(name for name, spec in REGISTRY.items() if spec.weighting is not None)
+
+
+def _spec(name: str) -> AggregatorSpec:
+    if not isinstance(name, str):
+        raise TypeError(f"An aggregator name must be a string, got {type(name).__name__}.")
+    key = name.strip().lower().replace("-", "_")
+    if key not in REGISTRY:
+        raise ValueError(
+            f"Unknown aggregator {name!r}. Valid names are: {', '.join(available_aggregators())}."
+        )
+    return REGISTRY[key]
+
+
+def _load(module: str, attribute: str) -> type:
+    return getattr(importlib.import_module(f"hf_jd.aggregation.{module}"), attribute)
+
+
+def is_gramian_based(name: str) -> bool:
+    """Whether the named aggregator's weights depend only on the Gramian."""
+    return _spec(name).weighting is not None
+
+
+def get_aggregator_class(name: str) -> type[Aggregator]:
+    """Return the aggregator class registered under ``name``."""
+    spec = _spec(name)
+    return _load(spec.module, spec.aggregator)
+
+
+def get_weighting_class(name: str) -> type[Weighting]:
+    """Return the weighting class registered under ``name`` (Gramian-based aggregators only)."""
+    spec = _spec(name)
+    if spec.weighting is None:
+        raise ValueError(
+            f"Aggregator {name!r} is not Gramian-based, so it has no weighting and cannot be used "
+            f"with the autogram engine. Gramian-based aggregators: {', '.join(available_weightings())}."
+        )
+    return _load(spec.module, spec.weighting)
+
+
+def _instantiate(cls: type, name: str, kwargs: dict[str, Any]) -> Any:
+    parameters = inspect.signature(cls.__init__).parameters
+    accepts_var_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    if not accepts_var_kwargs:
+        valid = [p for p in parameters if p != "self"]
+        unknown = sorted(set(kwargs) - set(valid))
+        if unknown:
+            raise TypeError(
+                f"Unknown keyword argument(s) {', '.join(map(repr, unknown))} for aggregator "
+                f"{name!r}. Valid keywords: {', '.join(valid) if valid else '(none)'}."
+            )
+    return cls(**kwargs)
+
+
+def get_aggregator(name: str, **kwargs: Any) -> Aggregator:
+    """Build the aggregator registered under ``name`` with the given constructor arguments.
+
+    Raises
+    ------
+    ValueError
+        If ``name`` is not registered (the message lists the valid names).
+    TypeError
+        If a keyword argument is not accepted by the aggregator (the message names it).
+    """
+    return _instantiate(get_aggregator_class(name), name, kwargs)
+
+
+def get_weighting(name: str, **kwargs: Any) -> Weighting:
+    """Build the weighting of the Gramian-based aggregator registered under ``name``."""
+    return _instantiate(get_weighting_class(name), name, kwargs)
