@@ -56,7 +56,15 @@ def _sample_sequences(
     return sequences
 
 
-def _split(columns: dict[str, list], num_eval: int, seed: int) -> DatasetDict:
+def _pad(columns: dict[str, list], max_length: int) -> None:
+    """Pad ``input_ids`` with :data:`PAD_ID` and ``attention_mask`` with 0 to ``max_length``."""
+    columns["input_ids"] = [ids + [PAD_ID] * (max_length - len(ids)) for ids in columns["input_ids"]]
+    columns["attention_mask"] = [mask + [0] * (max_length - len(mask)) for mask in columns["attention_mask"]]
+
+
+def _split(columns: dict[str, list], num_eval: int, seed: int, pad_to: int | None) -> DatasetDict:
+    if pad_to is not None:
+        _pad(columns, pad_to)
     data = Dataset.from_dict(columns)
     parts = data.train_test_split(test_size=num_eval, seed=seed, shuffle=True)
     return DatasetDict(train=parts["train"], eval=parts["test"])
@@ -70,6 +78,7 @@ def make_multitask_text_dataset(
     min_length: int = 8,
     max_length: int = 24,
     score_scale: float = 10.0,
+    pad: bool = True,
     seed: int = 0,
 ) -> DatasetDict:
     """Generate a three-task text dataset: two classifications and one large-scale regression.
@@ -90,6 +99,9 @@ def make_multitask_text_dataset(
         Range of sequence lengths, the leading token included.
     score_scale
         Scale of the regression target: larger values make its loss dominate the mean of the losses.
+    pad
+        Pad every sequence to ``max_length`` (id :data:`PAD_ID`, attention mask 0), so that the
+        default data collator can stack them; without padding, use a padding collator.
     seed
         Seed of the generator; the same seed gives the same dataset.
 
@@ -121,7 +133,7 @@ def make_multitask_text_dataset(
         columns["labels_balance"].append(int(count_a > count_b))
         columns["labels_opening"].append(opening)
         columns["labels_score"].append(float(score_scale * (frac_c - 1 / 3) + rng.normal(0, 0.1 * score_scale)))
-    return _split(columns, num_eval, seed)
+    return _split(columns, num_eval, seed, max_length if pad else None)
 
 
 def make_classification_text_dataset(
@@ -132,6 +144,7 @@ def make_classification_text_dataset(
     min_length: int = 8,
     max_length: int = 24,
     hard_fraction: float = 0.1,
+    pad: bool = True,
     seed: int = 0,
 ) -> DatasetDict:
     """Generate a binary text classification set with a minority of harder examples.
@@ -164,4 +177,4 @@ def make_classification_text_dataset(
         columns["attention_mask"].append([1] * len(sequence))
         columns["labels"].append(label)
         columns["is_hard"].append(hard)
-    return _split(columns, num_eval, seed)
+    return _split(columns, num_eval, seed, max_length if pad else None)

@@ -5,6 +5,7 @@ import pytest
 
 from hf_jd.synthetic import (
     CLS_ID,
+    PAD_ID,
     MULTITASK_TASKS,
     make_classification_text_dataset,
     make_multitask_text_dataset,
@@ -16,15 +17,22 @@ def test_multitask_dataset_labels_follow_their_rules() -> None:
     assert data["train"].num_rows == 300 and data["eval"].num_rows == 60
     third = (32 - 2) // 3
     for row in data["train"].select(range(50)):
-        ids = np.array(row["input_ids"])
+        ids = np.array(row["input_ids"])[np.array(row["attention_mask"]) == 1]
+        assert len(row["input_ids"]) == 24 and set(np.array(row["input_ids"])[len(ids):]) <= {PAD_ID}
         assert ids[0] == CLS_ID and ids.max() < 32 and ids.min() >= 2 - 1
         content = ids[1:]
         count_a = int(((content >= 2) & (content < 2 + third)).sum())
         count_b = int(((content >= 2 + third) & (content < 2 + 2 * third)).sum())
         assert row["labels_balance"] == int(count_a > count_b)
         assert row["labels_opening"] == (content[0] - 2) // third
-        assert len(row["attention_mask"]) == len(ids)
+        assert sum(row["attention_mask"]) == len(ids)
     assert set(MULTITASK_TASKS) == {c[len("labels_") :] for c in data["train"].column_names if c.startswith("labels_")}
+
+
+def test_unpadded_sequences_keep_their_length() -> None:
+    data = make_multitask_text_dataset(50, 10, min_length=5, max_length=9, pad=False)
+    lengths = {len(ids) for ids in data["train"]["input_ids"]}
+    assert min(lengths) >= 5 and max(lengths) <= 9 and len(lengths) > 1
 
 
 def test_multitask_dataset_is_deterministic_and_seeded() -> None:
