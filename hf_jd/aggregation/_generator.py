@@ -1,0 +1,111 @@
+"""A seeded ``torch.Generator`` whose state can be saved, restored and reset.
+
+Used by the aggregators that draw random numbers (PCGrad, GradVac, GradDrop) so that they are
+deterministic given a seed and can be checkpointed. Without a seed, the seed is drawn from
+PyTorch's global generator at construction, so ``torch.manual_seed`` also makes them reproducible.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["SeededGenerator", "check_seed", "random_orders"]
+
+
+def check_seed(seed: int | None) -> int:
+    """Return ``seed``, or a fresh seed from the global generator if it is ``None``."""
+    if seed is None:
+        return int(torch.randint(0, 2**62, (1,)).item())
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}.")
+    if seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed}.")
+    return seed
+
+
+def random_orders(m: int, generator: torch.Generator) -> list[list[int]]:
+    """For each ``i < m``, the other indices in a random order (one ``torch.randperm`` each)."""
+    orders = []
+    for i in range(m):
+        others = [j for j in range(m) if j != i]
+        permutation = torch.randperm(m - 1, generator=generator).tolist()
+        orders.append([others[k] for k in permutation])
+    return orders
+
+
+class SeededGenerator:
+    """A ``torch.Generator`` created lazily on the device it is used on, seeded with ``seed``.
+
+    If it is later used on another device, a new generator is created there from the same seed.
+    """
+
+    def __init__(self, seed: int | None) -> None:
+        self.seed = check_seed(seed)
+        self._generator: torch.Generator | None = None
+        self._pending: tuple[str, Tensor] | None = None
+
+    def get(self, device: torch.device | str = "cpu") -> torch.Generator:
+        """Return the generator for ``device``, creating it if needed."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        current = self._generator
+        if current is not None and torch.device(current.device) == device:
+            return current
+        generator = torch.Generator(device=device)
+        generator.manual_seed(self.seed)
+        if self._pending is not None and torch.device(self._pending[0]) == device:
+            generator.set_state(self._pending[1])
+        self._pending = None
+        self._generator = generator
+        return generator
+
+    def reset(self) -> None:
+        """Go back to the state right after construction."""
+        self._generator = None
+        self._pending = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return the seed, the generator's device and its state (``None`` before first use)."""
+        if self._generator is not None:
+            return {
+                "seed": self.seed,
+                "device": str(self._generator.device),
+                "generator_state": self._generator.get_state(),
+            }
+        if self._pending is not None:
+            return {
+                "seed": self.seed,
+                "device": self._pending[0],
+                "generator_state": self._pending[1].clone(),
+            }
+        return {"seed": self.seed, "device": None, "generator_state": None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a state produced by :meth:`state_dict`."""
+        if not isinstance(state, dict) or set(state) != {"seed", "device", "generator_state"}:
+            keys = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(
+                "A generator state must be a dict with the keys 'device', 'generator_state' and "
+                f"'seed' (as returned by state_dict()), got {keys}."
+            )
+        seed = check_seed(state["seed"]) if state["seed"] is not None else None
+        if seed is None:
+            raise ValueError("The generator state's 'seed' must be an int, got None.")
+        device, generator_state = state["device"], state["generator_state"]
+        if (device is None) != (generator_state is None):
+            raise ValueError(
+                "The generator state's 'device' and 'generator_state' must be both set or "
+                "both None."
+            )
+        if generator_state is not None and not isinstance(generator_state, Tensor):
+            raise ValueError(
+                "The generator state's 'generator_state' must be a tensor, got "
+                f"{type(generator_state).__name__}."
+            )
+        self.seed = seed
+        self._generator = None
+        self._pending = None if device is None else (str(device), generator_state.clone())

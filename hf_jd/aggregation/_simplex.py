@@ -1,0 +1,152 @@
+"""Small helpers shared by the non-core weightings: float64 conversion, zero rows, cosines, the
+spectral factor of a Gramian, dense linear algebra and quadratic programs over the probability
+simplex (solved exactly with ``quadprog``).
+
+All functions work on small ``[m, m]`` NumPy arrays in float64; callers convert back to the
+dtype and device of their input. Dense linear algebra goes through ``torch.linalg`` (zero-copy
+on these arrays) so that it uses PyTorch's thread pool: NumPy's BLAS starts its own threads, which
+is much slower on a busy machine.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import quadprog
+import torch
+from torch import Tensor
+
+__all__ = [
+    "gramian_to_numpy",
+    "weights_to_tensor",
+    "spectral_factor",
+    "ZERO_ROW_RTOL",
+    "nonzero_rows",
+    "cosine_matrix",
+    "simplex_qp",
+    "eigh",
+    "pinv_hermitian",
+    "min_norm_simplex",
+]
+
+
+def gramian_to_numpy(gramian: Tensor) -> np.ndarray:
+    """Return the symmetrised Gramian as a float64 NumPy array (detached, on the CPU).
+
+    Raises
+    ------
+    ValueError
+        If a diagonal entry is negative: the squared norms of the rows of ``J`` cannot be, so the
+        matrix is not a Gramian ``J Jᵀ``.
+    """
+    array = gramian.detach().to(device="cpu", dtype=torch.float64).numpy()
+    if bool((np.diag(array) < 0).any()):
+        raise ValueError(
+            f"The Gramian has negative diagonal entries ({np.diag(array).min():.3g}), so it is not "
+            "J @ J.T for any matrix J: pass the Gramian of the Jacobian."
+        )
+    return (array + array.T) / 2.0
+
+
+def weights_to_tensor(weights: np.ndarray, like: Tensor) -> Tensor:
+    """Return ``weights`` as a tensor with the dtype and device of ``like``."""
+    return torch.as_tensor(np.ascontiguousarray(weights), dtype=like.dtype, device=like.device)
+
+
+ZERO_ROW_RTOL = 1e-24
+"""A row is treated as zero when its squared norm is at most this times the largest one."""
+
+
+def nonzero_rows(gramian: np.ndarray) -> np.ndarray:
+    """Return the boolean mask of the rows whose squared norm exceeds ``ZERO_ROW_RTOL`` times the
+    largest one (all ``False`` if every row is zero)."""
+    diagonal = np.diag(gramian)
+    largest = float(diagonal.max())
+    if not largest > 0:
+        return np.zeros(gramian.shape[0], dtype=bool)
+    return diagonal > ZERO_ROW_RTOL * largest
+
+
+def cosine_matrix(gramian: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Return the row norms ``n = sqrt(diag(G))`` and the cosines ``C = G / (n nᵀ)`` of a Gramian
+    without zero rows. ``G = diag(n) C diag(n)``; ``C`` is better conditioned when the norms of the
+    rows differ by orders of magnitude."""
+    norms = np.sqrt(np.diag(gramian))
+    cosines = np.clip(gramian / np.outer(norms, norms), -1.0, 1.0)
+    np.fill_diagonal(cosines, 1.0)
+    return norms, cosines
+
+
+def eigh(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues (ascending) and eigenvectors of a symmetric matrix."""
+    eigenvalues, eigenvectors = torch.linalg.eigh(torch.from_numpy(np.ascontiguousarray(matrix)))
+    return eigenvalues.numpy(), eigenvectors.numpy()
+
+
+def pinv_hermitian(matrix: np.ndarray, rtol: float) -> np.ndarray:
+    """Pseudo-inverse of a symmetric matrix (eigenvalues below ``rtol`` times the largest are
+    treated as zero)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(matrix))
+    return torch.linalg.pinv(tensor, rtol=rtol, hermitian=True).numpy()
+
+
+def spectral_factor(gramian: np.ndarray, rtol: float = 1e-10) -> np.ndarray:
+    """Return ``R`` of shape ``[m, r]`` with ``R Rᵀ ≈ gramian``, keeping the ``r`` eigenvalues
+    larger than ``rtol`` times the largest one.
+
+    If ``gramian = J Jᵀ`` then ``R = J Q`` for an orthonormal basis ``Q`` of the row space of
+    ``J``: the rows of ``R`` are the rows of ``J`` written in ``r`` coordinates, so inner products
+    and norms of combinations of rows can be computed from ``R`` alone.
+    """
+    eigenvalues, eigenvectors = eigh(gramian)
+    largest = max(float(eigenvalues[-1]), 0.0)
+    keep = eigenvalues > rtol * largest if largest > 0 else np.zeros_like(eigenvalues, dtype=bool)
+    return np.ascontiguousarray(eigenvectors[:, keep] * np.sqrt(eigenvalues[keep]))
+
+
+def simplex_qp(hessian: np.ndarray, linear: np.ndarray, ridge: float = 1e-12) -> np.ndarray:
+    """Return ``argmin_{w ≥ 0, Σw = 1} ½ wᵀ H w + cᵀ w`` for a positive semi-definite ``H``.
+
+    ``quadprog`` needs a positive definite matrix, so ``ridge`` times the mean diagonal of ``H``
+    (or ``ridge`` if that is zero) is added to the diagonal. A Gramian computed in float32 can
+    have eigenvalues slightly below zero; if ``quadprog`` rejects the matrix, the shift is raised
+    to ``-λ_min`` plus ``1e-10`` times the mean diagonal, then multiplied by 100 up to four
+    times. The result is clipped at zero and renormalised to remove the solver's rounding.
+
+    Raises
+    ------
+    ValueError
+        If ``quadprog`` still fails, which means that ``H`` is far from positive semi-definite.
+    """
+    m = hessian.shape[0]
+    scale = float(np.trace(hessian)) / m
+    scale = scale if scale > 0 else 1.0
+    constraints = np.concatenate([np.ones((m, 1)), np.eye(m)], axis=1)
+    bounds = np.concatenate([[1.0], np.zeros(m)])
+
+    def attempt(shift: float) -> np.ndarray:
+        matrix = hessian + shift * np.eye(m)
+        return quadprog.solve_qp(matrix, -linear, constraints, bounds, meq=1)[0]
+
+    try:
+        solution = attempt(ridge * scale)
+    except ValueError as first_error:
+        smallest = float(eigh(hessian)[0][0])
+        base = max(-smallest, 0.0) + 1e-10 * scale
+        for power in range(5):
+            try:
+                solution = attempt(base * 100.0**power)
+                break
+            except ValueError:
+                continue
+        else:
+            raise ValueError(
+                f"Could not solve a QP over the simplex ({first_error}). The Gramian must be "
+                "positive semi-definite: pass J @ J.T for a real matrix J."
+            ) from first_error
+    solution = np.clip(solution, 0.0, None)
+    return solution / solution.sum()
+
+
+def min_norm_simplex(gramian: np.ndarray) -> np.ndarray:
+    """Return the weights of the minimum-norm point of the convex hull of the rows (MGDA)."""
+    return simplex_qp(gramian, np.zeros(gramian.shape[0]))

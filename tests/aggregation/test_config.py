@@ -1,0 +1,95 @@
+"""Tests of ConFIG: equal positive cosines with every row and the paper's rescaling."""
+
+import pytest
+import torch
+
+from hf_jd.aggregation import ConFIG, is_gramian_based
+
+
+def _cosines(matrix: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    return matrix @ update / (matrix.norm(dim=1) * update.norm())
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 5])
+def test_equal_positive_cosines(m: int) -> None:
+    matrix = (
+        torch.randn(m, 20, dtype=torch.float64)
+        * torch.logspace(-2, 2, m, dtype=torch.float64)[:, None]
+    )
+    if m > 1:  # a strongly conflicting first row
+        matrix[0] = 0.2 * matrix[0] - matrix[1:].sum(dim=0)
+    cosines = _cosines(matrix, ConFIG()(matrix))
+    assert (cosines > 0).all()
+    torch.testing.assert_close(cosines, cosines[0].expand(m))
+
+
+def test_matches_paper_formula() -> None:
+    """g_v = Uᵀ(UUᵀ)⁻¹w (min-norm solution of U x = w), g_u = g_v/|g_v|, scaled by Σ g_iᵀg_u."""
+    matrix = torch.randn(3, 7, dtype=torch.float64)
+    units = matrix / matrix.norm(dim=1, keepdim=True)
+    preference = torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
+    direction = units.T @ torch.linalg.solve(units @ units.T, preference)
+    unit = direction / direction.norm()
+    expected = (matrix @ unit).sum() * unit
+    torch.testing.assert_close(ConFIG(pref_vector=preference)(matrix), expected)
+
+
+def test_preference_sets_cosine_ratios() -> None:
+    matrix = torch.randn(3, 9, dtype=torch.float64)
+    preference = torch.tensor([1.0, 2.0, 3.0])
+    cosines = _cosines(matrix, ConFIG(pref_vector=preference)(matrix))
+    torch.testing.assert_close(cosines / cosines[0], preference.double())
+
+
+def test_invariant_to_preference_scale() -> None:
+    matrix = torch.randn(3, 6, dtype=torch.float64)
+    torch.testing.assert_close(ConFIG(pref_vector=[2.0, 2.0, 2.0])(matrix), ConFIG()(matrix))
+
+
+def test_non_conflicting_orthogonal_rows() -> None:
+    matrix = torch.tensor([[2.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    unit = torch.tensor([1.0, 1.0], dtype=torch.float64) / 2**0.5
+    torch.testing.assert_close(ConFIG()(matrix), (3.0 / 2**0.5) * unit)
+
+
+def test_opposite_rows_give_zero() -> None:
+    matrix = torch.tensor([[1.0, 2.0], [-2.0, -4.0]], dtype=torch.float64)
+    torch.testing.assert_close(ConFIG()(matrix), torch.zeros(2, dtype=torch.float64))
+
+
+def test_zero_rows() -> None:
+    matrix = torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    assert torch.isfinite(ConFIG()(matrix)).all()
+    torch.testing.assert_close(ConFIG()(torch.zeros(2, 3)), torch.zeros(3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dtype_and_shape(dtype: torch.dtype) -> None:
+    matrix = torch.randn(4, 10, dtype=dtype)
+    update = ConFIG()(matrix)
+    assert update.dtype == dtype and update.shape == (10,)
+    torch.testing.assert_close(update.double(), ConFIG()(matrix.double()), rtol=1e-4, atol=1e-4)
+
+
+def test_not_gramian_based() -> None:
+    assert not is_gramian_based("config")
+    assert not hasattr(ConFIG(), "weighting")
+
+
+def test_wrong_preference_length() -> None:
+    with pytest.raises(ValueError, match="pref_vector has 2 entries"):
+        ConFIG(pref_vector=[1.0, 1.0])(torch.randn(3, 4))
+
+
+@pytest.mark.parametrize(
+    ("pref_vector", "error"),
+    [([[1.0]], ValueError), ([float("inf")], ValueError), (object(), TypeError)],
+)
+def test_bad_preference(pref_vector: object, error: type) -> None:
+    with pytest.raises(error, match="pref_vector"):
+        ConFIG(pref_vector=pref_vector)
+
+
+def test_bad_input() -> None:
+    with pytest.raises(ValueError, match="non-finite"):
+        ConFIG()(torch.tensor([[float("inf"), 1.0]]))
