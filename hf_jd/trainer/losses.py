@@ -1,0 +1,263 @@
+"""Per-example losses of the standard Hugging Face task models.
+
+Instance-wise risk minimisation (IWRM) with Jacobian descent treats the loss of every example of the batch as
+one objective (Quinton & Rey, "Jacobian Descent For Multi-Objective Optimization", arXiv:2406.16232).
+The Hugging Face task models only return the batch mean, so :func:`per_example_losses` recomputes the loss of
+each example from the logits, with exactly the conventions of the models' own losses:
+
+* sequence (and image, audio, video) classification: ``config.problem_type`` decides, and when it is unset,
+  it is inferred like the models do: ``num_labels == 1`` -> regression (MSE), integer labels ->
+  single-label cross-entropy, otherwise multi-label binary cross-entropy (averaged over the labels);
+* token classification: mean cross-entropy over the tokens of the example whose label is not ``-100``;
+* causal language modelling: logits at position ``t`` predict the label at ``t + 1``; mean over the
+  non-ignored shifted labels of the example;
+* masked and sequence-to-sequence language modelling: mean over the tokens whose label is not ``-100``.
+
+An example without any valid label gets the loss 0 (its row of the Jacobian is zero). When every example has
+the same number of valid targets, the mean of the per-example losses equals the model's own loss.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers.models.auto import modeling_auto
+
+ModelKind = Literal["sequence_classification", "token_classification", "causal_lm", "masked_lm", "seq2seq_lm"]
+MODEL_KINDS: tuple[str, ...] = (
+    "sequence_classification",
+    "token_classification",
+    "causal_lm",
+    "masked_lm",
+    "seq2seq_lm",
+)
+IGNORE_INDEX = -100
+
+_MAPPINGS: dict[str, tuple[str, ...]] = {
+    "sequence_classification": (
+        "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
+        "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES",
+        "MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES",
+        "MODEL_FOR_VIDEO_CLASSIFICATION_MAPPING_NAMES",
+    ),
+    "token_classification": ("MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES",),
+    "causal_lm": ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",),
+    "masked_lm": ("MODEL_FOR_MASKED_LM_MAPPING_NAMES",),
+    "seq2seq_lm": ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",),
+}
+_SUFFIXES: tuple[tuple[str, str], ...] = (
+    ("ForSequenceClassification", "sequence_classification"),
+    ("ForImageClassification", "sequence_classification"),
+    ("ForAudioClassification", "sequence_classification"),
+    ("ForVideoClassification", "sequence_classification"),
+    ("ForTokenClassification", "token_classification"),
+    ("ForCausalLM", "causal_lm"),
+    ("ForMaskedLM", "masked_lm"),
+)
+
+
+@functools.lru_cache(maxsize=None)
+def _class_names(mapping_name: str) -> frozenset[str]:
+    names: set[str] = set()
+    for value in getattr(modeling_auto, mapping_name, {}).values():
+        names.update((value,) if isinstance(value, str) else value)
+    return frozenset(names)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Return the task model inside DDP/DataParallel (``.module``), ``torch.compile`` and PEFT wrappers."""
+    seen = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        if hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        elif hasattr(model, "get_base_model") and callable(model.get_base_model):
+            model = model.get_base_model()
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+    return model
+
+
+def detect_model_kind(model: nn.Module) -> str:
+    """Find which standard loss a Hugging Face task model computes.
+
+    The class name is looked up in the transformers auto-model mappings
+    (``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` and the like), then the names of its base classes (for user
+    subclasses of e.g. ``BertForSequenceClassification``), then ``model.config.architectures``; class-name
+    suffixes (``...ForCausalLM``, ``...ForTokenClassification``, ...) are the last resort for each name.
+    Encoder-decoder models (``config.is_encoder_decoder``) with a language-modelling head are
+    ``"seq2seq_lm"``.
+
+    Parameters
+    ----------
+    model
+        The model, possibly wrapped (DDP, ``torch.compile``, PEFT).
+
+    Returns
+    -------
+    str
+        One of :data:`MODEL_KINDS`.
+
+    Raises
+    ------
+    ValueError
+        When the kind is unknown or ambiguous.
+    """
+    model = unwrap_model(model)
+    config = getattr(model, "config", None)
+    is_encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+    candidates = [cls.__name__ for cls in type(model).__mro__ if issubclass(cls, nn.Module) and cls is not nn.Module]
+    candidates += [name for name in (getattr(config, "architectures", None) or []) if name not in candidates]
+    for name in candidates:
+        kinds = {kind for kind, mappings in _MAPPINGS.items() if any(name in _class_names(m) for m in mappings)}
+        if not kinds:
+            kinds = {kind for suffix, kind in _SUFFIXES if name.endswith(suffix)}
+        if "seq2seq_lm" in kinds or (kinds & {"causal_lm", "masked_lm"} and is_encoder_decoder):
+            kinds = {"seq2seq_lm"} if is_encoder_decoder else kinds - {"seq2seq_lm"}
+        if len(kinds) == 1:
+            return kinds.pop()
+        if len(kinds) > 1:
+            raise ValueError(
+                f"Cannot tell which loss {name} computes: it is registered as {sorted(kinds)}. Pass "
+                "kind=... to per_example_losses, or a `compute_losses` callable to JDTrainer."
+            )
+    raise ValueError(
+        f"per_example_losses does not know the loss of {type(model).__name__}: supported are the standard "
+        f"Hugging Face task models of kinds {list(MODEL_KINDS)}. Pass a `compute_losses(model, inputs) -> "
+        "(losses, outputs)` callable to JDTrainer, or kind=... to per_example_losses."
+    )
+
+
+def _logits_of(outputs: Any) -> Tensor:
+    if isinstance(outputs, Tensor):
+        return outputs
+    if isinstance(outputs, Mapping) and outputs.get("logits") is not None:
+        return outputs["logits"]
+    logits = getattr(outputs, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    if isinstance(outputs, (tuple, list)) and outputs and isinstance(outputs[0], Tensor):
+        return outputs[0]
+    raise ValueError(
+        "per_example_losses needs the model outputs to carry `logits` (a ModelOutput or dict with 'logits', "
+        f"or a tuple whose first item is the logits); got {type(outputs).__name__}."
+    )
+
+
+def _token_losses(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean cross-entropy over the non-ignored tokens of each example (0 when there is none)."""
+    if logits.dim() != 3 or tuple(labels.shape) != tuple(logits.shape[:2]):
+        raise ValueError(
+            f"Token-level losses need logits [B, T, V] and labels [B, T]; got logits {list(logits.shape)} and "
+            f"labels {list(labels.shape)}."
+        )
+    labels = labels.long()
+    vocab = logits.shape[-1]
+    # ignore_index gives exactly 0 for ignored tokens, and reshape is a view of contiguous logits (no copy).
+    losses = F.cross_entropy(
+        logits.reshape(-1, vocab), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    ).reshape(labels.shape)
+    counts = (labels != IGNORE_INDEX).sum(dim=-1)
+    return losses.sum(dim=-1) / counts.clamp(min=1)
+
+
+def _problem_type(config: Any, labels: Tensor) -> str:
+    problem_type = getattr(config, "problem_type", None)
+    if problem_type is not None:
+        return problem_type
+    num_labels = getattr(config, "num_labels", None)
+    if num_labels == 1:
+        return "regression"
+    if labels.dtype in (torch.long, torch.int):
+        return "single_label_classification"
+    return "multi_label_classification"
+
+
+def _sequence_classification_losses(config: Any, logits: Tensor, labels: Tensor) -> Tensor:
+    batch = logits.shape[0]
+    logits = logits.reshape(batch, -1)
+    problem_type = _problem_type(config, labels)
+    if problem_type == "single_label_classification":
+        labels = labels.reshape(-1).long()
+        if labels.shape[0] != batch:
+            raise ValueError(
+                f"Single-label classification needs one label per example, got labels {list(labels.shape)}."
+            )
+        valid = labels != IGNORE_INDEX
+        losses = F.cross_entropy(logits, torch.where(valid, labels, 0), reduction="none")
+        return torch.where(valid, losses, torch.zeros_like(losses))
+    labels = labels.reshape(batch, -1).to(logits.dtype)
+    if labels.shape != logits.shape:
+        raise ValueError(
+            f"{problem_type} needs labels of shape {list(logits.shape)} (one per output), got {list(labels.shape)}."
+        )
+    if problem_type == "regression":
+        return ((logits - labels) ** 2).mean(dim=-1)
+    if problem_type == "multi_label_classification":
+        return F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(dim=-1)
+    raise ValueError(
+        f"Unknown config.problem_type {problem_type!r}; use 'regression', 'single_label_classification' or "
+        "'multi_label_classification'."
+    )
+
+
+def per_example_losses(model: nn.Module, outputs: Any, labels: Tensor, kind: str | None = None) -> Tensor:
+    """Loss of every example of the batch, computed from the outputs of a Hugging Face task model.
+
+    Parameters
+    ----------
+    model
+        The task model that produced ``outputs`` (e.g. ``BertForSequenceClassification``,
+        ``GPT2LMHeadModel``); wrappers (DDP, ``torch.compile``, PEFT) are looked through. Its kind is found
+        with :func:`detect_model_kind` unless ``kind`` is given.
+    outputs
+        What the model returned when called **without** labels: a ``ModelOutput``/dict with ``logits``, or
+        a tuple whose first item is the logits.
+    labels
+        The labels the model would have taken (``[B]`` or ``[B, num_labels]`` for sequence classification,
+        ``[B, T]`` for token-level tasks, ``-100`` marking ignored positions). Labels are not shifted for
+        causal LMs: the shift happens here, as in the models.
+    kind
+        Force the loss: one of :data:`MODEL_KINDS`.
+
+    Returns
+    -------
+    Tensor
+        ``[B]`` float32 losses, connected to the graph of ``outputs``. An example without any valid label
+        has the loss 0.
+
+    Raises
+    ------
+    ValueError
+        Unknown model kind (pass ``compute_losses`` to JDTrainer), or logits/labels of the wrong shape.
+    """
+    if kind is None:
+        kind = detect_model_kind(model)
+    elif kind not in MODEL_KINDS:
+        raise ValueError(f"kind must be one of {list(MODEL_KINDS)}, got {kind!r}.")
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}.")
+    logits = _logits_of(outputs).float()
+    labels = labels.to(logits.device)
+    if labels.shape[0] != logits.shape[0]:
+        raise ValueError(f"labels have batch size {labels.shape[0]} but the logits have {logits.shape[0]}.")
+    if kind == "sequence_classification":
+        return _sequence_classification_losses(getattr(unwrap_model(model), "config", None), logits, labels)
+    if kind == "causal_lm":
+        if logits.dim() != 3 or tuple(labels.shape) != tuple(logits.shape[:2]):
+            raise ValueError(
+                f"A causal LM needs logits [B, T, V] and labels [B, T]; got logits {list(logits.shape)} and "
+                f"labels {list(labels.shape)}."
+            )
+        # Position t predicts the label at t + 1; the last position predicts nothing (as in ForCausalLMLoss).
+        shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+        return _token_losses(logits, shifted)
+    return _token_losses(logits, labels)
+
+
+__all__ = ["MODEL_KINDS", "detect_model_kind", "per_example_losses", "unwrap_model"]
