@@ -1,0 +1,75 @@
+"""Accumulation of Jacobians into ``.jac`` and of gradients into ``.grad``, like autograd does."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["accumulate_jac", "accumulate_grad", "check_jac_compatible", "get_jac"]
+
+
+def get_jac(tensor: Tensor) -> Tensor | None:
+    """Return the ``.jac`` stored on ``tensor``, or ``None`` if there is none."""
+    return getattr(tensor, "jac", None)
+
+
+def check_jac_compatible(tensors: tuple[Tensor, ...], num_rows: int) -> None:
+    """Raise before any work if an existing ``.jac`` cannot receive a ``[num_rows]``-row Jacobian."""
+    for tensor in tensors:
+        existing = get_jac(tensor)
+        if existing is None:
+            continue
+        expected = (num_rows, *tensor.shape)
+        if not isinstance(existing, Tensor) or tuple(existing.shape) != expected:
+            found = tuple(existing.shape) if isinstance(existing, Tensor) else type(existing).__name__
+            raise ValueError(
+                f"A tensor of shape {tuple(tensor.shape)} already has a .jac of shape {found}, "
+                f"which cannot accumulate a Jacobian of shape {expected} (the number of objectives "
+                "differs). Call jac_to_grad (or del p.jac) between steps with different numbers "
+                "of losses."
+            )
+
+
+def accumulate_jac(tensor: Tensor, jacobian: Tensor) -> None:
+    """Store ``jacobian`` (shape ``[m] + tensor.shape``) in ``tensor.jac``, adding to any existing one."""
+    existing = get_jac(tensor)
+    if existing is None:
+        tensor.jac = jacobian.detach()  # type: ignore[attr-defined]
+        return
+    if not isinstance(existing, Tensor):
+        raise TypeError(
+            f"The .jac attribute of a tensor of shape {tuple(tensor.shape)} is a "
+            f"{type(existing).__name__}, not a tensor; delete it (del p.jac) before calling again."
+        )
+    if existing.shape != jacobian.shape:
+        raise ValueError(
+            f"Cannot accumulate a Jacobian of shape {tuple(jacobian.shape)} into the existing .jac "
+            f"of shape {tuple(existing.shape)} (tensor shape {tuple(tensor.shape)}): the number of "
+            "objectives differs. Call jac_to_grad (or del p.jac) between steps with different "
+            "numbers of losses."
+        )
+    with torch.no_grad():
+        if existing.dtype == jacobian.dtype and existing.device == jacobian.device:
+            existing.add_(jacobian)
+        else:
+            tensor.jac = existing + jacobian.to(existing)  # type: ignore[attr-defined]
+
+
+def accumulate_grad(tensor: Tensor, gradient: Tensor) -> None:
+    """Add ``gradient`` to ``tensor.grad`` (creating it if absent)."""
+    if gradient.shape != tensor.shape:
+        raise ValueError(
+            f"Gradient of shape {tuple(gradient.shape)} does not match the tensor shape "
+            f"{tuple(tensor.shape)}."
+        )
+    with torch.no_grad():
+        gradient = gradient.detach().to(dtype=tensor.dtype, device=tensor.device)
+        if tensor.grad is None:
+            tensor.grad = gradient
+        else:
+            if tensor.grad.shape != tensor.shape:
+                raise ValueError(
+                    f"The existing .grad has shape {tuple(tensor.grad.shape)} but the tensor has "
+                    f"shape {tuple(tensor.shape)}; reset it (p.grad = None)."
+                )
+            tensor.grad.add_(gradient)

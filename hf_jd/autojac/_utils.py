@@ -1,0 +1,150 @@
+"""Input normalisation and autograd-graph helpers shared by the autojac functions."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Union
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "TensorOrTensors",
+    "as_tensor_tuple",
+    "as_output_vector",
+    "check_requires_grad",
+    "check_leaves",
+    "deduplicate",
+    "find_leaves",
+]
+
+TensorOrTensors = Union[Tensor, Sequence[Tensor]]
+
+
+def as_tensor_tuple(tensors: TensorOrTensors | Iterable[Tensor], what: str) -> tuple[Tensor, ...]:
+    """Return ``tensors`` as a tuple of tensors (a single tensor becomes a 1-tuple).
+
+    Raises ``TypeError`` when an element is not a tensor and ``ValueError`` when there is none.
+    """
+    if isinstance(tensors, Tensor):
+        return (tensors,)
+    if isinstance(tensors, (str, bytes)) or not isinstance(tensors, Iterable):
+        raise TypeError(
+            f"{what} must be a torch.Tensor or a sequence of tensors, got {type(tensors).__name__}."
+        )
+    result = tuple(tensors)
+    for index, tensor in enumerate(result):
+        if not isinstance(tensor, Tensor):
+            raise TypeError(
+                f"{what}[{index}] must be a torch.Tensor, got {type(tensor).__name__}."
+            )
+    if not result:
+        raise ValueError(f"{what} is empty: pass at least one tensor.")
+    return result
+
+
+def as_output_vector(outputs: TensorOrTensors, what: str = "outputs") -> Tensor:
+    """Flatten ``outputs`` into the vector ``[m]`` of objectives whose Jacobian is wanted.
+
+    A tensor of any shape is flattened in row-major order (a 0-dim tensor gives ``m = 1``); a
+    sequence of tensors is flattened element by element and concatenated. At least one entry must
+    require grad; entries that do not give zero rows.
+    """
+    tensors = as_tensor_tuple(outputs, what)
+    for index, tensor in enumerate(tensors):
+        if not tensor.is_floating_point():
+            raise ValueError(
+                f"{what}[{index}] has dtype {tensor.dtype}; the objectives must be real floating "
+                "tensors. Compute the losses in a floating dtype."
+            )
+    if len(tensors) == 1:
+        vector = tensors[0].reshape(-1)
+    else:
+        vector = torch.cat([tensor.reshape(-1) for tensor in tensors])
+    if vector.numel() == 0:
+        raise ValueError(
+            f"{what} is empty (it has 0 elements): pass at least one loss to differentiate."
+        )
+    if not vector.requires_grad:
+        raise ValueError(
+            f"None of the {what} requires grad, so there is nothing to differentiate. Compute them "
+            "from tensors with requires_grad=True, outside torch.no_grad()."
+        )
+    return vector
+
+
+def check_requires_grad(tensors: Sequence[Tensor], what: str) -> None:
+    """Raise ``ValueError`` if one of ``tensors`` does not require grad."""
+    for index, tensor in enumerate(tensors):
+        if not tensor.requires_grad:
+            raise ValueError(
+                f"{what}[{index}] (shape {tuple(tensor.shape)}) does not require grad: set "
+                "requires_grad=True on it or leave it out."
+            )
+
+
+def check_leaves(tensors: Sequence[Tensor], what: str) -> None:
+    """Raise ``ValueError`` unless every tensor is a leaf that requires grad."""
+    check_requires_grad(tensors, what)
+    for index, tensor in enumerate(tensors):
+        if not tensor.is_leaf:
+            raise ValueError(
+                f"{what}[{index}] (shape {tuple(tensor.shape)}) is not a leaf tensor (it was "
+                f"computed by {type(tensor.grad_fn).__name__}); results are stored on leaves such "
+                "as parameters. Use hf_jd.autojac.jac to differentiate w.r.t. intermediate tensors."
+            )
+
+
+def deduplicate(tensors: Iterable[Tensor]) -> tuple[Tensor, ...]:
+    """Return ``tensors`` without repeated objects (by identity), keeping the first occurrence."""
+    seen: set[int] = set()
+    result = []
+    for tensor in tensors:
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            result.append(tensor)
+    return tuple(result)
+
+
+def find_leaves(roots: Sequence[Tensor], stop_at: Sequence[Tensor] = ()) -> tuple[Tensor, ...]:
+    """Return the leaf tensors requiring grad that back-propagation from ``roots`` reaches.
+
+    The autograd graph is walked through ``grad_fn.next_functions``; every ``AccumulateGrad`` node
+    met contributes its ``.variable``. The walk does not go through the ``grad_fn`` of the tensors
+    in ``stop_at`` and never returns those tensors themselves. The result is in discovery order
+    (depth-first, following ``next_functions`` in order) and has no duplicates.
+    """
+    stop_ids = {id(tensor) for tensor in stop_at}
+    stop_nodes = {tensor.grad_fn for tensor in stop_at if tensor.grad_fn is not None}
+    leaves: list[Tensor] = []
+    seen_leaves: set[int] = set()
+
+    def add_leaf(tensor: Tensor) -> None:
+        if id(tensor) not in seen_leaves and id(tensor) not in stop_ids:
+            seen_leaves.add(id(tensor))
+            leaves.append(tensor)
+
+    stack = []
+    for root in roots:
+        if root.grad_fn is None:
+            if root.requires_grad:
+                add_leaf(root)
+        elif root.grad_fn not in stop_nodes:
+            stack.append(root.grad_fn)
+    stack.reverse()
+    visited: set[torch.autograd.graph.Node] = set()
+    while stack:
+        node = stack.pop()
+        if node in visited:
+            continue
+        visited.add(node)
+        variable = getattr(node, "variable", None)
+        if isinstance(variable, Tensor):
+            if variable.requires_grad:
+                add_leaf(variable)
+            continue
+        children = [child for child, _ in node.next_functions if child is not None]
+        for child in reversed(children):
+            if child not in visited and child not in stop_nodes:
+                stack.append(child)
+    return tuple(leaves)

@@ -1,0 +1,236 @@
+"""Tests of hf_jd.autojac.jac_to_grad against aggregating an explicitly built full Jacobian."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from hf_jd.aggregation import Aggregator, GramianWeightedAggregator, Weighting
+from hf_jd.autojac import backward, jac_to_grad
+
+from .helpers import (
+    assert_close,
+    bert_batch,
+    bert_loss_fn,
+    mlp,
+    per_example_loss_fn,
+    reference_jacobians,
+    tiny_bert,
+)
+
+
+class _ColumnScaledSum(Aggregator):
+    """Sums the rows and multiplies column ``j`` by ``j + 1``: sensitive to the column order."""
+
+    def aggregate(self, matrix: Tensor) -> Tensor:
+        scale = torch.arange(1, matrix.shape[1] + 1, dtype=matrix.dtype)
+        return matrix.sum(dim=0) * scale
+
+
+class _SoftmaxOfDiagonal(Weighting):
+    """Weights ``softmax(diag(G))``: depends on the Gramian, so a wrong Gramian is detected."""
+
+    def compute(self, gramian: Tensor) -> Tensor:
+        return torch.softmax(torch.diagonal(gramian), dim=0)
+
+
+def _full_jacobian(params: list[Tensor]) -> Tensor:
+    return torch.cat([p.jac.reshape(p.jac.shape[0], -1) for p in params], dim=1)
+
+
+def _split(vector: Tensor, params: list[Tensor]) -> list[Tensor]:
+    pieces = vector.split([p.numel() for p in params])
+    return [piece.reshape(p.shape) for piece, p in zip(pieces, params)]
+
+
+def _mlp_with_jac(batch: int = 6) -> tuple[nn.Module, list[Tensor]]:
+    model = mlp()
+    losses = nn.functional.cross_entropy(
+        model(torch.randn(batch, 5)), torch.randint(0, 3, (batch,)), reduction="none"
+    )
+    backward(losses, model.parameters())
+    return model, list(model.parameters())
+
+
+def test_upgrad_matches_aggregating_the_explicit_jacobian() -> None:
+    from hf_jd.aggregation import UPGrad
+
+    model = mlp()
+    inputs, targets = torch.randn(6, 5), torch.randint(0, 3, (6,))
+    loss_fn = per_example_loss_fn(model, inputs, targets)
+    reference = reference_jacobians(model, loss_fn)
+    names, params = zip(*model.named_parameters())
+    full = torch.cat([reference[name].reshape(6, -1) for name in names], dim=1)
+    expected_update = UPGrad()(full)
+    expected_weights = UPGrad().weights(full)
+
+    backward(loss_fn(dict(model.named_parameters())), params)
+    weights = jac_to_grad(params, UPGrad())
+    assert weights is not None
+    torch.testing.assert_close(weights, expected_weights, rtol=1e-4, atol=1e-6)
+    for param, expected in zip(params, _split(expected_update, list(params))):
+        torch.testing.assert_close(param.grad, expected, rtol=1e-4, atol=1e-6)
+        assert not hasattr(param, "jac")
+
+
+def test_upgrad_on_tiny_bert_per_example() -> None:
+    from hf_jd.aggregation import UPGrad
+
+    model = tiny_bert()
+    ids, mask, labels = bert_batch()
+    loss_fn = bert_loss_fn(model, ids, mask, labels)
+    reference = reference_jacobians(model, loss_fn)
+    names, params = zip(*model.named_parameters())
+    full = torch.cat([reference[name].reshape(ids.shape[0], -1) for name in names], dim=1)
+    expected_update = UPGrad()(full)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="There is a performance drop")
+        backward(loss_fn(dict(model.named_parameters())), params)
+    jac_to_grad(params, UPGrad())
+    for param, expected in zip(params, _split(expected_update, list(params))):
+        torch.testing.assert_close(param.grad, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_gramian_path_equals_aggregating_the_concatenation() -> None:
+    model, params = _mlp_with_jac()
+    aggregator = GramianWeightedAggregator(_SoftmaxOfDiagonal())
+    full = _full_jacobian(params)
+    expected_weights = torch.softmax(torch.diagonal(full @ full.T), dim=0)
+    weights = jac_to_grad(params, aggregator)
+    assert weights is not None
+    assert_close(weights, expected_weights)
+    for param, expected in zip(params, _split(expected_weights @ full, params)):
+        assert_close(param.grad, expected)
+
+
+def test_other_aggregator_gets_columns_in_parameter_order() -> None:
+    model, params = _mlp_with_jac()
+    order = list(reversed(params))
+    full_in_order = _full_jacobian(order)
+    expected = _ColumnScaledSum()(full_in_order)
+    result = jac_to_grad(order, _ColumnScaledSum())
+    assert result is None
+    for param, update in zip(order, _split(expected, order)):
+        assert_close(param.grad, update)
+        assert not hasattr(param, "jac")
+
+
+def test_adds_to_existing_grad_and_retain_jac() -> None:
+    model, params = _mlp_with_jac()
+    for param in params:
+        param.grad = torch.full_like(param, 0.5)
+    full = _full_jacobian(params)
+    aggregator = GramianWeightedAggregator(_SoftmaxOfDiagonal())
+    weights = jac_to_grad(params, aggregator, retain_jac=True)
+    assert weights is not None
+    for param, expected in zip(params, _split(weights @ full, params)):
+        assert_close(param.grad, expected + 0.5)
+        assert param.jac.shape == (6, *param.shape)
+
+
+def test_low_precision_jacobians_use_a_float32_gramian() -> None:
+    w = torch.randn(4, 3, requires_grad=True)
+    w.jac = torch.randn(5, 4, 3).to(torch.bfloat16)
+    full = w.jac.float().reshape(5, -1)
+    weights = jac_to_grad([w], GramianWeightedAggregator(_SoftmaxOfDiagonal()))
+    assert weights is not None and weights.dtype == torch.float32
+    torch.testing.assert_close(weights, torch.softmax(torch.diagonal(full @ full.T), dim=0))
+    assert w.grad.dtype == w.dtype
+
+
+def test_missing_jac_raises() -> None:
+    model, params = _mlp_with_jac()
+    extra = torch.randn(2, requires_grad=True)
+    with pytest.raises(ValueError, match="has no .jac"):
+        jac_to_grad([*params, extra], _ColumnScaledSum())
+    assert all(p.grad is None for p in params)
+
+
+def test_inconsistent_rows_raise() -> None:
+    a = torch.randn(3, requires_grad=True)
+    b = torch.randn(2, requires_grad=True)
+    a.jac, b.jac = torch.randn(4, 3), torch.randn(5, 2)
+    with pytest.raises(ValueError, match="rows"):
+        jac_to_grad([a, b], _ColumnScaledSum())
+
+
+def test_wrong_jac_shape_raises() -> None:
+    a = torch.randn(3, requires_grad=True)
+    a.jac = torch.randn(4, 2)
+    with pytest.raises(ValueError, match=r"not \[m\]"):
+        jac_to_grad([a], _ColumnScaledSum())
+
+
+def test_param_not_requiring_grad_raises() -> None:
+    a = torch.randn(3)
+    a.jac = torch.randn(2, 3)
+    with pytest.raises(ValueError, match="does not require grad"):
+        jac_to_grad([a], _ColumnScaledSum())
+
+
+def test_empty_and_repeated_params_raise() -> None:
+    a = torch.randn(3, requires_grad=True)
+    a.jac = torch.randn(2, 3)
+    with pytest.raises(ValueError, match="empty"):
+        jac_to_grad([], _ColumnScaledSum())
+    with pytest.raises(ValueError, match="more than once"):
+        jac_to_grad([a, a], _ColumnScaledSum())
+
+
+def test_non_aggregator_raises() -> None:
+    a = torch.randn(3, requires_grad=True)
+    a.jac = torch.randn(2, 3)
+    with pytest.raises(TypeError, match="Aggregator"):
+        jac_to_grad([a], lambda matrix: matrix.mean(0))  # type: ignore[arg-type]
+
+
+def test_non_finite_jacobian_raises() -> None:
+    a = torch.randn(3, requires_grad=True)
+    a.jac = torch.tensor([[1.0, float("nan"), 0.0], [0.0, 1.0, 2.0]])
+    with pytest.raises(ValueError, match="non-finite"):
+        jac_to_grad([a], _ColumnScaledSum())
+    with pytest.raises(ValueError, match="non-finite"):
+        jac_to_grad([a], GramianWeightedAggregator(_SoftmaxOfDiagonal()))
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [
+        ("upgrad", {}),
+        ("mean", {}),
+        ("sum", {}),
+        ("mgda", {}),
+        ("dualproj", {}),
+        ("pcgrad", {"seed": 3}),
+        ("imtl_g", {}),
+        ("config", {}),
+    ],
+)
+def test_registered_aggregators_match_the_explicit_jacobian(name: str, kwargs: dict) -> None:
+    from hf_jd.aggregation import get_aggregator
+
+    model, params = _mlp_with_jac(batch=5)
+    full = _full_jacobian(params)
+    expected = get_aggregator(name, **kwargs)(full)
+    jac_to_grad(params, get_aggregator(name, **kwargs))
+    for param, update in zip(params, _split(expected, params)):
+        torch.testing.assert_close(param.grad, update, rtol=1e-4, atol=1e-6)
+
+
+class _FirstRow(Aggregator):
+    """Returns a view of its input: the first row."""
+
+    def aggregate(self, matrix: Tensor) -> Tensor:
+        return matrix[0]
+
+
+def test_update_that_is_a_view_of_the_jacobian_is_copied() -> None:
+    a = torch.randn(2, 3, requires_grad=True)
+    jacobian = torch.randn(4, 2, 3)
+    a.jac = jacobian
+    jac_to_grad([a], _FirstRow())
+    assert_close(a.grad, jacobian[0])
+    assert a.grad.untyped_storage().data_ptr() != jacobian.untyped_storage().data_ptr()
