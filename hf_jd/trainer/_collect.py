@@ -1,0 +1,181 @@
+"""Collect the vector of losses of one micro-batch for each Jacobian-descent mode.
+
+The result always has the shape the mode defines: ``[m]`` for ``mtl``, ``[B]`` for ``iwrm`` and
+``[B, m]`` for ``iwmtl``; it is cast to float32 (losses computed under bf16/fp16 autocast keep
+their graph, only the values are promoted) so that the Gramian and the weights are float32
+(float64 losses stay float64).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["LossCollector", "ComputeLosses", "forward_accepts"]
+
+ComputeLosses = Callable[[nn.Module, dict[str, Any]], tuple[Tensor, Any]]
+
+
+def forward_accepts(model: nn.Module, name: str) -> bool:
+    """Whether ``model.forward`` takes a keyword ``name`` (explicitly or through ``**kwargs``)."""
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return True
+    return name in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+
+
+def _output_field(outputs: Any, name: str) -> Any:
+    if isinstance(outputs, Mapping):
+        return outputs.get(name)
+    return getattr(outputs, name, None)
+
+
+class LossCollector:
+    """Runs the forward pass of one micro-batch and returns ``(losses, outputs)``.
+
+    Parameters
+    ----------
+    mode
+        ``"mtl"``, ``"iwrm"`` or ``"iwmtl"``.
+    task_names
+        Task names in row order (``mtl``/``iwmtl``).
+    label_names
+        Input keys holding labels (``iwrm``: they are removed before the forward so that the model
+        does not compute its own reduced loss, then passed to ``per_example_losses``).
+    compute_losses
+        Optional user function ``(model, inputs) -> (losses, outputs)`` that replaces the built-in
+        collection; its losses are checked against the mode's shape all the same.
+    """
+
+    def __init__(
+        self,
+        mode: str,
+        task_names: Sequence[str] | None,
+        label_names: Sequence[str],
+        compute_losses: ComputeLosses | None = None,
+    ) -> None:
+        self.mode = mode
+        self.task_names = list(task_names) if task_names else None
+        self.label_names = list(label_names) or ["labels"]
+        self.compute_losses = compute_losses
+
+    def __call__(
+        self, model: nn.Module, unwrapped: nn.Module, inputs: dict[str, Any], *, training: bool = True
+    ) -> tuple[Tensor, Any]:
+        """Forward ``inputs`` through ``model`` (``unwrapped`` is used for signature/config look-ups).
+
+        With ``training=False`` (evaluation, under ``torch.no_grad``) the losses need not require grad.
+        """
+        if self.compute_losses is not None:
+            source = "compute_losses"
+            result = self.compute_losses(model, inputs)
+            if not (isinstance(result, tuple) and len(result) == 2):
+                raise TypeError(
+                    f"compute_losses must return a tuple (losses, outputs), got {type(result).__name__}."
+                )
+            losses, outputs = result
+        elif self.mode == "iwrm":
+            source = "per_example_losses"
+            losses, outputs = self._iwrm(model, unwrapped, inputs)
+        else:
+            source = "the model output `losses`"
+            if self.mode == "iwmtl" and forward_accepts(unwrapped, "loss_reduction"):
+                inputs = {**inputs, "loss_reduction": "none"}
+            outputs = model(**inputs)
+            losses = _output_field(outputs, "losses")
+            if losses is None:
+                expected = (
+                    "dict task -> scalar (or a tensor [m])" if self.mode == "mtl" else "dict task -> [B] (or [B, m])"
+                )
+                raise ValueError(
+                    f"jd_mode={self.mode!r} needs the model output to carry `losses` ({expected}), but "
+                    f"{type(outputs).__name__} has none. Return them from the model (MultiHeadModel does) or pass "
+                    "`compute_losses=` to JDTrainer."
+                )
+        if isinstance(losses, Mapping):
+            losses = self._stack_task_dict(losses, source)
+        return self._check(losses, source, training), outputs
+
+    # ------------------------------------------------------------------ modes
+    def _iwrm(self, model: nn.Module, unwrapped: nn.Module, inputs: dict[str, Any]) -> tuple[Tensor, Any]:
+        from .losses import per_example_losses
+
+        present = [name for name in self.label_names if inputs.get(name) is not None]
+        if not present:
+            raise ValueError(
+                "jd_mode='iwrm' computes one loss per example from the labels, but the batch has no "
+                f"{self.label_names or ['labels']} entry. Add labels to the dataset or pass `compute_losses=`."
+            )
+        if len(present) > 1:
+            raise ValueError(
+                f"jd_mode='iwrm' supports models with one label input, got {present}. Pass `compute_losses=` "
+                "to JDTrainer to compute per-example losses for this model."
+            )
+        model_inputs = {key: value for key, value in inputs.items() if key not in self.label_names}
+        outputs = model(**model_inputs)
+        return per_example_losses(unwrapped, outputs, inputs[present[0]]), outputs
+
+    def _stack_task_dict(self, losses: Mapping[str, Tensor], source: str) -> Tensor:
+        names = self.task_names
+        if names is None:
+            raise ValueError(f"{source} is a dict of task losses; set jd_task_names to give their order.")
+        missing = [name for name in names if name not in losses]
+        extra = [name for name in losses if name not in names]
+        if missing or extra:
+            raise ValueError(
+                f"{source} has tasks {list(losses)} but jd_task_names is {names} "
+                f"(missing: {missing}, unexpected: {extra}). Make them match."
+            )
+        values = [losses[name] for name in names]
+        for name, value in zip(names, values):
+            if not isinstance(value, Tensor):
+                raise TypeError(f"{source}[{name!r}] must be a tensor, got {type(value).__name__}.")
+        if self.mode == "mtl":
+            bad = [name for name, value in zip(names, values) if value.numel() != 1]
+            if bad:
+                raise ValueError(
+                    f"jd_mode='mtl' expects one scalar loss per task, but {source} has non-scalar losses for "
+                    f"{bad} (shapes {[tuple(losses[n].shape) for n in bad]}). Use jd_mode='iwmtl' for per-example "
+                    "task losses."
+                )
+            return torch.stack([value.reshape(()) for value in values])
+        shapes = {tuple(value.shape) for value in values}
+        if len(shapes) != 1 or any(value.dim() != 1 for value in values):
+            raise ValueError(
+                f"jd_mode='iwmtl' expects one loss per example for every task (each of shape [B]), got shapes "
+                f"{ {n: tuple(losses[n].shape) for n in names} } from {source}."
+            )
+        return torch.stack(values, dim=1)
+
+    def _check(self, losses: Any, source: str, training: bool) -> Tensor:
+        if not isinstance(losses, Tensor):
+            raise TypeError(f"{source} must give the losses as a tensor, got {type(losses).__name__}.")
+        if training and not losses.requires_grad:
+            raise ValueError(
+                f"The losses from {source} do not require grad, so no Jacobian exists. Compute them from the "
+                "model's outputs inside the forward pass (not under torch.no_grad())."
+            )
+        m = len(self.task_names) if self.task_names else None
+        if self.mode == "mtl":
+            ok = losses.dim() == 1 and (m is None or losses.shape[0] == m)
+            expected = f"[m] with m = {m} tasks" if m else "[m]"
+        elif self.mode == "iwrm":
+            ok = losses.dim() == 1
+            expected = "[B] (one loss per example)"
+        else:
+            ok = losses.dim() == 2 and (m is None or losses.shape[1] == m)
+            expected = f"[B, m] with m = {m} tasks" if m else "[B, m]"
+        if not ok:
+            raise ValueError(
+                f"jd_mode={self.mode!r} expects losses of shape {expected}, got {tuple(losses.shape)} from {source}."
+            )
+        if losses.numel() == 0:
+            raise ValueError(f"The losses from {source} are empty (shape {tuple(losses.shape)}).")
+        if losses.dtype in (torch.float16, torch.bfloat16):
+            losses = losses.float()
+        return losses

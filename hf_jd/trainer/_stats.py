@@ -1,0 +1,113 @@
+"""Statistics of a Jacobian-descent step for logging: weights, task losses and conflicts.
+
+Everything here works on small detached tensors (the weights, the losses and the ``[r, r]``
+Gramian of the ``r`` Jacobian rows); values are accumulated on their device and turned into
+Python floats only when the Trainer logs, so no step waits on a device synchronisation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["gramian_stats", "weight_stats", "loss_stats", "StatsAccumulator"]
+
+
+def gramian_stats(gramian: Tensor) -> dict[str, Tensor]:
+    """Conflict statistics of the rows of ``J`` from its Gramian ``G = J Jᵀ``.
+
+    Returns ``jd/conflicting_pairs`` (number of pairs ``i < j`` with ``G_ij < 0``, i.e. rows whose
+    gradients conflict) and, when at least one pair of non-zero rows exists, ``jd/min_cosine``
+    (the smallest cosine similarity ``G_ij / sqrt(G_ii G_jj)`` over those pairs).
+    """
+    gramian = gramian.detach().float()
+    rows = gramian.shape[0]
+    upper = torch.triu(torch.ones(rows, rows, dtype=torch.bool, device=gramian.device), diagonal=1)
+    stats = {"jd/conflicting_pairs": ((gramian < 0) & upper).sum().float()}
+    norms = gramian.diagonal().clamp(min=0).sqrt()
+    nonzero = norms > 0
+    valid = upper & nonzero[:, None] & nonzero[None, :]
+    if bool(valid.any()):
+        cosine = gramian / (norms[:, None] * norms[None, :]).clamp(min=torch.finfo(torch.float32).tiny)
+        stats["jd/min_cosine"] = cosine[valid].min().clamp(-1.0, 1.0)
+    return stats
+
+
+def weight_stats(weights: Tensor, mode: str, task_names: Sequence[str] | None) -> dict[str, Tensor]:
+    """Summaries of the aggregation weights.
+
+    ``mtl``: ``jd/weight_<task>``; ``iwrm``: ``jd/weight_min``, ``jd/weight_max``, ``jd/weight_mean``;
+    ``iwmtl`` (weights ``[B, m]``): ``jd/weight_<task>`` is the total weight of the task over the
+    batch, plus the min/max/mean over all entries.
+    """
+    weights = weights.detach().float()
+    stats: dict[str, Tensor] = {}
+    if mode == "mtl":
+        names = task_names or [str(k) for k in range(weights.numel())]
+        for name, value in zip(names, weights.reshape(-1)):
+            stats[f"jd/weight_{name}"] = value
+        return stats
+    if mode == "iwmtl":
+        names = task_names or [str(k) for k in range(weights.shape[-1])]
+        for name, value in zip(names, weights.reshape(-1, len(names)).sum(dim=0)):
+            stats[f"jd/weight_{name}"] = value
+    stats["jd/weight_min"] = weights.min()
+    stats["jd/weight_max"] = weights.max()
+    stats["jd/weight_mean"] = weights.mean()
+    return stats
+
+
+def loss_stats(
+    losses: Tensor, mode: str, task_names: Sequence[str] | None, label_counts: Sequence[int] | None = None
+) -> dict[str, Tensor]:
+    """Per-task losses ``loss_<task>``.
+
+    ``mtl``: each task loss. ``iwmtl``: each column's sum divided by ``label_counts[k]`` (the
+    number of examples carrying task ``k``'s label; tasks with none are left out), or the column
+    mean when the counts are unknown.
+    """
+    losses = losses.detach().float()
+    if mode == "mtl" and task_names:
+        return {f"loss_{name}": value for name, value in zip(task_names, losses.reshape(-1))}
+    if mode == "iwmtl" and task_names:
+        columns = losses.reshape(-1, len(task_names))
+        if label_counts is None:
+            return {f"loss_{name}": value for name, value in zip(task_names, columns.mean(dim=0))}
+        sums = columns.sum(dim=0)
+        return {
+            f"loss_{name}": total / count
+            for name, total, count in zip(task_names, sums, label_counts)
+            if count > 0
+        }
+    return {}
+
+
+class StatsAccumulator:
+    """Running means of named scalar statistics over a logging interval."""
+
+    def __init__(self) -> None:
+        self._sums: dict[str, Tensor] = {}
+        self._counts: dict[str, int] = {}
+
+    def add(self, stats: dict[str, Tensor]) -> None:
+        """Add one observation of each named scalar."""
+        for name, value in stats.items():
+            value = value.detach().float()
+            if name in self._sums:
+                self._sums[name] = self._sums[name] + value
+                self._counts[name] += 1
+            else:
+                self._sums[name] = value.clone()
+                self._counts[name] = 1
+
+    def __bool__(self) -> bool:
+        return bool(self._sums)
+
+    def pop_means(self) -> dict[str, float]:
+        """Return the mean of every statistic since the last call, and start a new interval."""
+        means = {name: float(total.item()) / self._counts[name] for name, total in self._sums.items()}
+        self._sums.clear()
+        self._counts.clear()
+        return means

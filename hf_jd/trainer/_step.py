@@ -1,0 +1,433 @@
+"""One Jacobian-descent micro-batch step, independent of the Trainer's bookkeeping.
+
+Two engines compute the same update (for Gramian-based aggregators):
+
+- ``autogram``: the :class:`hf_jd.autogram.Engine` hooks capture what the forward pass needs, the
+  Gramian ``G = J Jᵀ`` of the losses' Jacobian is computed without forming ``J``, the weighting maps
+  it to weights ``w`` (float32, detached) and one ordinary backward of ``Σ w_i L_i`` writes the
+  update ``wᵀ J`` into ``.grad``. That backward goes through the caller's ``backward`` function
+  (``accelerator.backward``), so loss scaling, DDP synchronisation and gradient accumulation work as
+  for a normal step.
+- ``autojac``: :func:`hf_jd.autojac.backward` stores ``J`` in ``.jac`` and
+  :func:`hf_jd.autojac.jac_to_grad` aggregates it into ``.grad`` (any aggregator).
+
+Each micro-batch is weighted on its own; with gradient accumulation the updates of the
+micro-batches add up (each scaled by ``scale``, normally ``1 / gradient_accumulation_steps``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..aggregation import Aggregator, GramianWeightedAggregator
+from ._stats import StatsAccumulator, gramian_stats, loss_stats, weight_stats
+
+__all__ = ["JDStep", "NonFiniteLossError", "select_modules", "StepResult"]
+
+BackwardFn = Callable[..., None]
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss, the Jacobian or the Gramian is inf or nan and ``jd_nonfinite="raise"``."""
+
+
+@dataclass
+class StepResult:
+    """What one micro-batch step produced (all detached)."""
+
+    losses: Tensor
+    outputs: Any
+    weights: Tensor | None
+    skipped: bool
+
+
+def select_modules(model: nn.Module, patterns: Sequence[str] | None) -> list[tuple[str, nn.Module]]:
+    """Return the submodules named by ``patterns`` (names or fnmatch patterns), outermost only.
+
+    ``None`` selects the whole model (named ``""``). A module whose ancestor is already selected is
+    dropped, so that no parameter is covered twice. A pattern that matches nothing raises
+    ``ValueError`` listing some valid names.
+    """
+    if patterns is None:
+        return [("", model)]
+    named = list(model.named_modules())
+    selected: list[tuple[str, nn.Module]] = []
+    for pattern in patterns:
+        matches = [(name, module) for name, module in named if name and fnmatch.fnmatchcase(name, pattern)]
+        if not matches:
+            examples = [name for name, _ in named if name and name.count(".") <= 1][:12]
+            raise ValueError(
+                f"jd_modules pattern {pattern!r} matches no submodule of {type(model).__name__}. Names look like: "
+                f"{', '.join(examples)} (fnmatch patterns such as 'bert.encoder.*' are allowed)."
+            )
+        selected.extend(matches)
+    names = sorted({name for name, _ in selected})
+    outermost = {name for name in names if not any(name.startswith(other + ".") for other in names if other != name)}
+    result: list[tuple[str, nn.Module]] = []
+    seen: set[str] = set()
+    for name, module in selected:
+        if name in outermost and name not in seen:
+            seen.add(name)
+            result.append((name, module))
+    return result
+
+
+def _trainable(modules: Sequence[nn.Module]) -> list[nn.Parameter]:
+    params: list[nn.Parameter] = []
+    seen: set[int] = set()
+    for module in modules:
+        for param in module.parameters():
+            if param.requires_grad and id(param) not in seen:
+                seen.add(id(param))
+                params.append(param)
+    return params
+
+
+def _reached_leaves(root: Tensor) -> set[int]:
+    """Ids of the leaf tensors that back-propagation from ``root`` reaches."""
+    reached: set[int] = set()
+    stack = [root.grad_fn] if root.grad_fn is not None else []
+    visited: set[Any] = set()
+    while stack:
+        node = stack.pop()
+        if node in visited:
+            continue
+        visited.add(node)
+        variable = getattr(node, "variable", None)
+        if isinstance(variable, Tensor):
+            reached.add(id(variable))
+            continue
+        stack.extend(child for child, _ in node.next_functions if child is not None)
+    return reached
+
+
+@contextlib.contextmanager
+def _engine_state(engine: Any, enabled: bool) -> Iterator[None]:
+    if engine is None:
+        yield
+        return
+    previous = engine.enabled
+    engine.enabled = enabled
+    try:
+        yield
+    finally:
+        engine.enabled = previous
+
+
+class JDStep:
+    """State and logic of the Jacobian-descent step (aggregator, engine, cached weights, stats).
+
+    Parameters
+    ----------
+    aggregator
+        The aggregator (its ``.weighting`` is used by the autogram engine).
+    mode
+        ``"mtl"``, ``"iwrm"`` or ``"iwmtl"``.
+    engine
+        ``"autogram"`` or ``"autojac"``.
+    task_names
+        Task names in row order, for messages and metrics.
+    update_weights_every
+        Recompute the weights every k optimizer steps, reuse them in between.
+    nonfinite
+        ``"raise"`` or ``"skip"``.
+    log_stats
+        Whether to accumulate weight / loss / Gramian statistics.
+    module_patterns
+        ``jd_modules``: names or fnmatch patterns of the submodules the Jacobian covers.
+    """
+
+    def __init__(
+        self,
+        aggregator: Aggregator,
+        *,
+        mode: str,
+        engine: str,
+        task_names: Sequence[str] | None,
+        update_weights_every: int = 1,
+        nonfinite: str = "raise",
+        log_stats: bool = True,
+        module_patterns: Sequence[str] | None = None,
+    ) -> None:
+        if engine == "autogram" and not isinstance(aggregator, GramianWeightedAggregator):
+            raise ValueError(
+                f"The autogram engine needs a Gramian-based aggregator, got {type(aggregator).__name__}."
+            )
+        self.aggregator = aggregator
+        self.mode = mode
+        self.engine_kind = engine
+        self.task_names = list(task_names) if task_names else None
+        self.update_weights_every = update_weights_every
+        self.nonfinite = nonfinite
+        self.log_stats = log_stats
+        self.module_patterns = list(module_patterns) if module_patterns else None
+        self.engine: Any = None
+        self.cached_weights: Tensor | None = None
+        self.skipped_steps = 0
+        self.stats = StatsAccumulator()
+        self._model: nn.Module | None = None
+        self._covered: list[nn.Parameter] = []
+        self._covered_ids: set[int] = set()
+        self._others: list[nn.Parameter] = []
+        self._label_counts: Sequence[int] | None = None
+
+    # ------------------------------------------------------------------ set-up
+    @property
+    def weighting(self) -> Any:
+        """The weighting of a Gramian-based aggregator, else ``None``."""
+        return self.aggregator.weighting if isinstance(self.aggregator, GramianWeightedAggregator) else None
+
+    def setup(self, model: nn.Module) -> None:
+        """Select the covered parameters (and build the autogram engine) for ``model``, once."""
+        if self._model is model:
+            return
+        self.close()
+        modules = [module for _, module in select_modules(model, self.module_patterns)]
+        if self.engine_kind == "autogram":
+            from ..autogram import Engine
+
+            self.engine = Engine(*modules, batch_dim=None if self.mode == "mtl" else 0)
+            self.engine.enabled = False  # only enabled inside a step that needs the Gramian
+            covered = list(self.engine.parameters())
+        else:
+            covered = _trainable(modules)
+        if not covered:
+            raise ValueError(
+                "The Jacobian covers no trainable parameter: every parameter of the selected modules "
+                f"({self.module_patterns or 'the whole model'}) has requires_grad=False. Check jd_modules."
+            )
+        self._covered = covered
+        self._covered_ids = {id(p) for p in covered}
+        self._others = [p for p in _trainable([model]) if id(p) not in self._covered_ids]
+        if self._others and self.weighting is None:
+            raise ValueError(
+                f"jd_modules leaves {len(self._others)} trainable parameter tensor(s) outside the Jacobian, and "
+                f"aggregator {type(self.aggregator).__name__} is not Gramian-based, so there are no weights to "
+                "give them a weighted gradient. Cover the whole model (unset jd_modules), freeze the other "
+                "parameters, or use a Gramian-based aggregator."
+            )
+        self._model = model
+
+    def close(self) -> None:
+        """Remove the engine's hooks (a later :meth:`setup` builds a new engine)."""
+        if self.engine is not None:
+            self.engine.remove()
+        self.engine = None
+        self._model = None
+
+    @contextlib.contextmanager
+    def engine_disabled(self) -> Iterator[None]:
+        """Context in which the autogram hooks capture nothing (evaluation, prediction)."""
+        with _engine_state(self.engine, False):
+            yield
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume with the same weights as an uninterrupted run."""
+        return {
+            "aggregator": self.aggregator.state_dict(),
+            "cached_weights": None if self.cached_weights is None else self.cached_weights.cpu(),
+            "skipped_steps": self.skipped_steps,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a state produced by :meth:`state_dict`."""
+        self.aggregator.load_state_dict(state.get("aggregator", {}))
+        cached = state.get("cached_weights")
+        self.cached_weights = None if cached is None else cached.clone()
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+
+    # ------------------------------------------------------------------ the step
+    def needs_weights(self, global_step: int) -> bool:
+        """Whether the optimizer step ``global_step`` recomputes the weights."""
+        return self.cached_weights is None or global_step % self.update_weights_every == 0
+
+    def run(
+        self,
+        forward: Callable[[], tuple[Tensor, Any]],
+        backward: BackwardFn,
+        *,
+        scale: float,
+        global_step: int,
+        grad_factor: float | None = None,
+        world_size: int = 1,
+        label_counts: Sequence[int] | None = None,
+    ) -> StepResult:
+        """Forward one micro-batch, then write its JD update (times ``scale``) into ``.grad``.
+
+        Parameters
+        ----------
+        forward
+            Runs the model and returns ``(losses, outputs)`` with the mode's shape.
+        backward
+            ``backward(loss, **kwargs)``, e.g. ``accelerator.backward``; used for every weighted
+            backward so that loss scaling and gradient synchronisation apply.
+        scale
+            Factor of this micro-batch's contribution (``1 / gradient_accumulation_steps``).
+        global_step
+            The optimizer step being accumulated (decides recomputation and names errors).
+        grad_factor
+            Factor applied to the update that ``jac_to_grad`` writes directly (autojac): ``scale``
+            times the loss-scaler's current scale under fp16. Defaults to ``scale``.
+        world_size
+            Number of processes; a skipped micro-batch still runs a zero backward when > 1 so that
+            gradient synchronisation does not wait for it.
+        label_counts
+            ``iwmtl``: for each task, the number of examples of the batch that carry its label; the
+            logged ``loss_<task>`` is then the sum of the task's column over that count (examples
+            without the label have a zero loss placeholder).
+        """
+        self._label_counts = label_counts
+        recompute = self.needs_weights(global_step)
+        with _engine_state(self.engine, recompute):
+            losses, outputs = forward()
+        if not recompute and self.cached_weights is not None:
+            weights = self._reusable_weights(losses)
+            if self._skip_if_nonfinite(losses, global_step, backward, world_size):
+                return StepResult(losses.detach(), outputs, None, True)
+            backward((weights.to(losses.dtype) * losses).sum() * scale)
+            self._record(losses, None, None)
+            return StepResult(losses.detach(), outputs, weights, False)
+        if self._skip_if_nonfinite(losses, global_step, backward, world_size):
+            return StepResult(losses.detach(), outputs, None, True)
+        if self.engine_kind == "autogram":
+            return self._autogram(losses, outputs, backward, scale, global_step, world_size)
+        return self._autojac(losses, outputs, backward, scale, grad_factor, global_step, world_size)
+
+    def _autogram(
+        self, losses: Tensor, outputs: Any, backward: BackwardFn, scale: float, global_step: int, world_size: int
+    ) -> StepResult:
+        gramian = self.engine.compute_gramian(losses)
+        if not bool(torch.isfinite(gramian).all()):
+            if self._handle_nonfinite("the Gramian of the losses' Jacobian", global_step, backward, world_size):
+                return StepResult(losses.detach(), outputs, None, True)
+        if gramian.dtype != torch.float64:
+            gramian = gramian.float()
+        weights = self.weighting(gramian).detach()
+        weights = weights.reshape(losses.shape)
+        self.cached_weights = weights
+        backward((weights.to(losses.dtype) * losses).sum() * scale)
+        self._record(losses, weights, gramian)
+        return StepResult(losses.detach(), outputs, weights, False)
+
+    def _autojac(
+        self,
+        losses: Tensor,
+        outputs: Any,
+        backward: BackwardFn,
+        scale: float,
+        grad_factor: float | None,
+        global_step: int,
+        world_size: int,
+    ) -> StepResult:
+        from ..autojac import backward as jac_backward
+        from ..autojac import jac_to_grad
+
+        flat = losses.reshape(-1)
+        reached = _reached_leaves(flat)
+        params = [p for p in self._covered if id(p) in reached]
+        others = [p for p in self._others if id(p) in reached]
+        if not params:
+            raise RuntimeError(
+                "The losses do not depend on any parameter covered by the Jacobian (jd_modules: "
+                f"{self.module_patterns or 'the whole model'})."
+            )
+        jac_backward(flat, inputs=params, retain_graph=bool(others))
+        jacobians = [p.jac for p in params]  # type: ignore[attr-defined]
+        if not all(bool(torch.isfinite(j).all()) for j in jacobians):
+            for p in params:
+                del p.jac  # type: ignore[attr-defined]
+            if self._handle_nonfinite("the Jacobian of the losses", global_step, backward, world_size):
+                return StepResult(losses.detach(), outputs, None, True)
+        gramian = None
+        if self.log_stats:
+            gramian = sum(j.reshape(j.shape[0], -1).float() @ j.reshape(j.shape[0], -1).float().T for j in jacobians)
+        previous = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        weights = jac_to_grad(params, self.aggregator)
+        factor = scale if grad_factor is None else grad_factor
+        for p, old in zip(params, previous):
+            if p.grad is not None:
+                update = p.grad * factor
+                p.grad = update if old is None else old + update
+            else:
+                p.grad = old
+        if weights is not None:
+            weights = weights.detach().reshape(losses.shape)
+            self.cached_weights = weights
+            if others:
+                backward((weights.to(losses.dtype) * losses).sum() * scale, inputs=others)
+        self._record(losses, weights, gramian)
+        return StepResult(losses.detach(), outputs, weights, False)
+
+    # ------------------------------------------------------------------ helpers
+    def _reusable_weights(self, losses: Tensor) -> Tensor:
+        """The cached weights, adapted when a per-example batch has another size.
+
+        With ``iwrm``/``iwmtl`` the weights belong to positions in the batch; when a batch has a
+        different size (e.g. the last, smaller batch of an epoch) each example gets the mean cached
+        weight of its task instead.
+        """
+        cached = self.cached_weights
+        assert cached is not None
+        cached = cached.to(losses.device)
+        if cached.shape == losses.shape:
+            return cached
+        if self.mode == "mtl":
+            raise RuntimeError(
+                f"The number of task losses changed from {cached.shape[0]} to {losses.shape[0]} between steps."
+            )
+        mean = cached.mean(dim=0, keepdim=True)
+        return mean.expand(losses.shape)
+
+    def _skip_if_nonfinite(self, losses: Tensor, global_step: int, backward: BackwardFn, world_size: int) -> bool:
+        finite = torch.isfinite(losses.detach())
+        if bool(finite.all()):
+            return False
+        return self._handle_nonfinite(self._describe_nonfinite(finite), global_step, backward, world_size)
+
+    def _describe_nonfinite(self, finite: Tensor) -> str:
+        if self.mode == "mtl":
+            names = self.task_names or [str(k) for k in range(finite.numel())]
+            bad = [names[k] for k in torch.nonzero(~finite).flatten().tolist()]
+            return f"the loss of task(s) {bad}"
+        if self.mode == "iwrm":
+            bad = torch.nonzero(~finite).flatten().tolist()
+            return f"the loss of example(s) {bad[:10]} of the batch"
+        names = self.task_names or [str(k) for k in range(finite.shape[1])]
+        bad_tasks = [names[k] for k in torch.nonzero(~finite.all(dim=0)).flatten().tolist()]
+        bad_examples = torch.nonzero(~finite.all(dim=1)).flatten().tolist()
+        return f"the loss of task(s) {bad_tasks} on example(s) {bad_examples[:10]} of the batch"
+
+    def _handle_nonfinite(self, what: str, global_step: int, backward: BackwardFn, world_size: int) -> bool:
+        if self.engine is not None:
+            self.engine.reset()
+        if self.nonfinite == "raise":
+            raise NonFiniteLossError(
+                f"Non-finite value (inf or nan) in {what} at global step {global_step}. Lower the learning rate, "
+                "check the data and labels, or set jd_nonfinite='skip' to skip such micro-batches."
+            )
+        self.skipped_steps += 1
+        if world_size > 1 and self._model is not None:
+            # Every process must run a backward for the gradient synchronisation to complete.
+            params = _trainable([self._model])
+            backward(sum((p.reshape(-1)[:1] * 0.0).sum() for p in params))
+        return True
+
+    def _record(self, losses: Tensor, weights: Tensor | None, gramian: Tensor | None) -> None:
+        if not self.log_stats:
+            return
+        stats = loss_stats(losses, self.mode, self.task_names, self._label_counts)
+        if weights is not None:
+            stats.update(weight_stats(weights, self.mode, self.task_names))
+        if gramian is not None:
+            stats.update(gramian_stats(gramian))
+        self.stats.add(stats)

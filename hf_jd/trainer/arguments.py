@@ -1,0 +1,260 @@
+"""`JDTrainingArguments`: the Trainer's arguments plus the Jacobian-descent options.
+
+Every ``jd_*`` field is an ordinary dataclass field with ``metadata["help"]``, so
+``HfArgumentParser((JDTrainingArguments,))`` exposes it on the command line exactly like any other
+Trainer flag (``--jd_aggregator mgda --jd_aggregator_kwargs '{"epsilon": 1e-4}'``), and the object
+serialises (``to_dict``, ``to_json_string``, ``torch.save`` as ``training_args.bin``) like any
+:class:`transformers.TrainingArguments`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import TrainingArguments
+
+from ..aggregation import available_aggregators, get_aggregator, is_gramian_based
+
+__all__ = ["JDTrainingArguments", "JD_MODES", "JD_ENGINES", "JD_NONFINITE", "JD_DDP_GRAMIAN"]
+
+JD_MODES = ("mtl", "iwrm", "iwmtl")
+JD_ENGINES = ("auto", "autogram", "autojac")
+JD_NONFINITE = ("raise", "skip")
+JD_DDP_GRAMIAN = ("auto", "global", "local")
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name}={value!r} is not valid: choose one of {', '.join(map(repr, choices))}.")
+    return value
+
+
+def _parse_kwargs(value: Any) -> dict[str, Any]:
+    """Turn ``jd_aggregator_kwargs`` (None, a dict or a JSON object string) into a dict."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return {}
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(
+                f"jd_aggregator_kwargs must be a JSON object such as '{{\"norm_eps\": 1e-4}}', got {text!r} "
+                f"({error.msg})."
+            ) from None
+    if not isinstance(value, dict):
+        raise ValueError(
+            f"jd_aggregator_kwargs must be a dict (or a JSON object string), got {type(value).__name__}."
+        )
+    bad_keys = [key for key in value if not isinstance(key, str)]
+    if bad_keys:
+        raise ValueError(f"jd_aggregator_kwargs keys must be strings, got {bad_keys!r}.")
+    return dict(value)
+
+
+def _parse_names(name: str, value: Any) -> list[str] | None:
+    """Accept None, a list of strings or a comma-separated string; return a list or None."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [part.strip() for part in value.split(",") if part.strip()]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(item, str) and item for item in value):
+        raise ValueError(f"{name} must be a list of non-empty strings, got {value!r}.")
+    return list(value)
+
+
+@dataclass
+class JDTrainingArguments(TrainingArguments):
+    """:class:`transformers.TrainingArguments` with the options of Jacobian descent (JD).
+
+    JD (Quinton & Rey, "Jacobian Descent For Multi-Objective Optimization", arXiv 2406.16232)
+    replaces the gradient of one scalar loss by an aggregation of the Jacobian of a vector of
+    losses. All JD options start with ``jd_``; the rest is the Trainer's own configuration.
+
+    Invalid combinations raise ``ValueError`` when the object is built (``__post_init__``) with a
+    message that says what to change.
+
+    Notes
+    -----
+    ``jd_mode`` selects what the rows of the Jacobian are:
+
+    - ``"mtl"``: one loss per task (the model output carries ``losses``; shape ``[m]``).
+    - ``"iwrm"``: instance-wise risk minimisation, one loss per example (shape ``[B]``).
+    - ``"iwmtl"``: one loss per (example, task) pair (shape ``[B, m]``).
+    """
+
+    jd_mode: str = field(
+        default="iwrm",
+        metadata={
+            "help": "What the rows of the Jacobian are: 'mtl' (one loss per task, the model returns `losses`), "
+            "'iwrm' (one loss per example, from the standard outputs of a HF task model) or 'iwmtl' (one loss per "
+            "example and task, shape [B, m]).",
+            "choices": list(JD_MODES),
+        },
+    )
+    jd_aggregator: str = field(
+        default="upgrad",
+        metadata={"help": f"Name of the aggregator of the Jacobian. One of: {', '.join(available_aggregators())}."},
+    )
+    jd_aggregator_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Keyword arguments of the aggregator's constructor, as a dict or a JSON object string, "
+            'e.g. \'{"norm_eps": 1e-4}\'.'
+        },
+    )
+    jd_engine: str = field(
+        default="auto",
+        metadata={
+            "help": "How the step is computed: 'autogram' (Gramian of the Jacobian during the backward pass, "
+            "then a weighted backward; Gramian-based aggregators only), 'autojac' (explicit Jacobian) or 'auto' "
+            "(autogram if the aggregator is Gramian-based, else autojac).",
+            "choices": list(JD_ENGINES),
+        },
+    )
+    jd_task_names: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Names of the tasks, in the order of the Jacobian's rows (required for jd_mode 'mtl' and "
+            "'iwmtl'). Used to read the `losses` dict of the model output and to name logged metrics."
+        },
+    )
+    jd_update_weights_every: int = field(
+        default=1,
+        metadata={
+            "help": "Recompute the aggregation weights every k optimizer steps and reuse them in between with a "
+            "plain weighted backward (no Jacobian, no Gramian). Needs a Gramian-based aggregator when k > 1."
+        },
+    )
+    jd_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Names or fnmatch patterns of the submodules whose parameters the Jacobian covers (default: "
+            "the whole model). The other trainable parameters get the weighted gradient."
+        },
+    )
+    jd_nonfinite: str = field(
+        default="raise",
+        metadata={
+            "help": "What to do when a loss (or the Gramian / Jacobian) is inf or nan: 'raise' an error naming the "
+            "task and step, or 'skip' the micro-batch (zero contribution, counted in `jd/skipped_steps`).",
+            "choices": list(JD_NONFINITE),
+        },
+    )
+    jd_log_weights: bool = field(
+        default=True,
+        metadata={
+            "help": "Log the aggregation weights, per-task losses and conflict statistics of the Gramian "
+            "(`jd/weight_*`, `loss_<task>`, `jd/conflicting_pairs`, `jd/min_cosine`)."
+        },
+    )
+    jd_ddp_gramian: str = field(
+        default="auto",
+        metadata={
+            "help": "Reserved for multi-process training: whether the Gramian is computed over the 'global' batch "
+            "of all processes or each process's 'local' batch ('auto' chooses). With one process it makes no "
+            "difference.",
+            "choices": list(JD_DDP_GRAMIAN),
+        },
+    )
+
+    def __post_init__(self) -> None:
+        self._validate_jd_arguments()
+        super().__post_init__()
+
+    # ------------------------------------------------------------------ validation
+    def _validate_jd_arguments(self) -> None:
+        # Unsupported back-ends first: DeepSpeed/FSDP set-up in the parent __post_init__ would
+        # otherwise fail later with a less clear message (or import missing packages).
+        if self.deepspeed:
+            raise ValueError(
+                "JDTrainer does not support DeepSpeed: the Jacobian/Gramian of the losses needs the full, "
+                "unsharded parameters. Remove `deepspeed` from the training arguments."
+            )
+        if self.fsdp:
+            raise ValueError(
+                "JDTrainer does not support FSDP: the Jacobian/Gramian of the losses needs the full, "
+                "unsharded parameters. Remove `fsdp` from the training arguments (use DDP instead)."
+            )
+
+        self.jd_mode = _check_choice("jd_mode", self.jd_mode, JD_MODES)
+        self.jd_engine = _check_choice("jd_engine", self.jd_engine, JD_ENGINES)
+        self.jd_nonfinite = _check_choice("jd_nonfinite", self.jd_nonfinite, JD_NONFINITE)
+        self.jd_ddp_gramian = _check_choice("jd_ddp_gramian", self.jd_ddp_gramian, JD_DDP_GRAMIAN)
+
+        if not isinstance(self.jd_aggregator, str):
+            raise ValueError(f"jd_aggregator must be a string name, got {type(self.jd_aggregator).__name__}.")
+        name = self.jd_aggregator.strip().lower().replace("-", "_")
+        if name not in available_aggregators():
+            raise ValueError(
+                f"Unknown jd_aggregator {self.jd_aggregator!r}. Valid names are: "
+                f"{', '.join(available_aggregators())}."
+            )
+        self.jd_aggregator = name
+        self.jd_aggregator_kwargs = _parse_kwargs(self.jd_aggregator_kwargs)
+        try:
+            get_aggregator(name, **self.jd_aggregator_kwargs)
+        except (TypeError, ValueError) as error:
+            raise ValueError(
+                f"jd_aggregator_kwargs={self.jd_aggregator_kwargs!r} are not valid for aggregator {name!r}: "
+                f"{error} Fix `jd_aggregator_kwargs`."
+            ) from error
+
+        gramian_based = is_gramian_based(name)
+        if self.jd_engine == "autogram" and not gramian_based:
+            raise ValueError(
+                f"jd_engine='autogram' needs a Gramian-based aggregator, but {name!r} is not one. Use "
+                "jd_engine='autojac' (or 'auto'), or a Gramian-based aggregator such as 'upgrad'."
+            )
+
+        checkpointing = self.activation_checkpointing or self.gradient_checkpointing
+        if checkpointing and self.jd_resolved_engine == "autogram":
+            raise ValueError(
+                "activation_checkpointing re-runs forward passes inside the backward pass, which the autogram engine "
+                "cannot capture. Set jd_engine='autojac' (explicit Jacobian) or turn activation_checkpointing off."
+            )
+
+        self.jd_task_names = _parse_names("jd_task_names", self.jd_task_names)
+        if self.jd_task_names is not None:
+            duplicates = sorted({n for n in self.jd_task_names if self.jd_task_names.count(n) > 1})
+            if duplicates:
+                raise ValueError(f"jd_task_names has duplicates: {duplicates}. Give each task one unique name.")
+        if self.jd_mode in ("mtl", "iwmtl") and not self.jd_task_names:
+            raise ValueError(
+                f"jd_mode={self.jd_mode!r} needs jd_task_names (the tasks in the order of the Jacobian's rows), "
+                "e.g. jd_task_names=['a', 'b'] or `--jd_task_names a b`."
+            )
+
+        if isinstance(self.jd_update_weights_every, bool) or not isinstance(self.jd_update_weights_every, int):
+            raise ValueError(
+                f"jd_update_weights_every must be an integer >= 1, got {self.jd_update_weights_every!r}."
+            )
+        if self.jd_update_weights_every < 1:
+            raise ValueError(
+                f"jd_update_weights_every must be >= 1 (1 = recompute the weights at every step), got "
+                f"{self.jd_update_weights_every}."
+            )
+        if self.jd_update_weights_every > 1 and not gramian_based:
+            raise ValueError(
+                f"jd_update_weights_every={self.jd_update_weights_every} reuses the aggregation weights, but "
+                f"aggregator {name!r} is not Gramian-based and has no weights. Use jd_update_weights_every=1 or a "
+                "Gramian-based aggregator."
+            )
+
+        self.jd_modules = _parse_names("jd_modules", self.jd_modules)
+        if self.jd_modules is not None and len(self.jd_modules) == 0:
+            raise ValueError("jd_modules is empty: give at least one module name or pattern, or leave it unset.")
+        if not isinstance(self.jd_log_weights, bool):
+            raise ValueError(f"jd_log_weights must be a bool, got {self.jd_log_weights!r}.")
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def jd_resolved_engine(self) -> str:
+        """The engine actually used: ``"autogram"`` or ``"autojac"`` (``"auto"`` resolved)."""
+        if self.jd_engine != "auto":
+            return self.jd_engine
+        return "autogram" if is_gramian_based(self.jd_aggregator) else "autojac"

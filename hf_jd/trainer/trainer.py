@@ -1,0 +1,365 @@
+"""`JDTrainer`: the Hugging Face Trainer with Jacobian descent as its training step.
+
+Only what differs from :class:`transformers.Trainer` is overridden: the training step (a vector of
+losses and an aggregated update instead of one loss), the data sampler for multi-task datasets, the
+logs (merged JD statistics), the evaluation (per-task losses) and the checkpoint (aggregator state).
+Reference: Quinton & Rey, "Jacobian Descent For Multi-Objective Optimization", arXiv 2406.16232.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput
+
+from ..aggregation import Aggregator, get_aggregator
+from ._collect import ComputeLosses, LossCollector, forward_accepts
+from ._step import JDStep, select_modules
+from .arguments import JDTrainingArguments
+
+__all__ = ["JDTrainer", "JD_STATE_NAME"]
+
+#: File holding the JD state (aggregator state, cached weights, skipped count) in each checkpoint.
+JD_STATE_NAME = "jd_aggregator_state.pt"
+
+_TASK_ID_COLUMN = "task_id"
+
+
+class JDTrainer(Trainer):
+    """:class:`transformers.Trainer` that trains by Jacobian descent (JD).
+
+    Each micro-batch gives a vector of losses (per task, per example, or per example and task: see
+    :class:`JDTrainingArguments` ``jd_mode``); an aggregator (``jd_aggregator``, e.g. UPGrad of
+    Quinton & Rey, arXiv 2406.16232) turns their Jacobian into the update written to ``.grad``.
+    Optimizer, scheduler, mixed precision, gradient accumulation, logging, evaluation and
+    checkpoints are the Trainer's own.
+
+    Parameters
+    ----------
+    model, args, **kwargs
+        As for :class:`transformers.Trainer`; ``args`` must be :class:`JDTrainingArguments`
+        (default: ``JDTrainingArguments(output_dir="tmp_trainer")``, i.e. IWRM with UPGrad).
+    compute_losses
+        Optional ``callable(model, inputs) -> (losses, outputs)`` returning the losses of the
+        micro-batch in the shape of ``jd_mode`` (``[m]``, ``[B]`` or ``[B, m]``; a dict task → loss
+        is stacked in ``jd_task_names`` order). It replaces the built-in collection, for training
+        and evaluation.
+
+    Notes
+    -----
+    - Losses. ``mtl``: the model output's ``losses`` (dict task → scalar, or tensor ``[m]``).
+      ``iwrm``: the labels are removed from the inputs, the model runs without computing its loss,
+      and :func:`hf_jd.trainer.losses.per_example_losses` gives one loss per example. ``iwmtl``: the
+      model output's ``losses`` (dict task → ``[B]`` or tensor ``[B, m]``); models whose forward
+      takes ``loss_reduction`` (such as ``MultiHeadModel``) are called with ``loss_reduction="none"``.
+    - Gradient accumulation. Each micro-batch is weighted on its own (its own Gramian and weights)
+      and its update is divided by the number of accumulated micro-batches; the updates add up in
+      ``.grad``. Losses are per-micro-batch means: ``num_items_in_batch`` is not used (set the class
+      attribute ``loss_is_scaled_for_ga = True`` if ``compute_losses`` already normalises over the
+      whole accumulated batch).
+    - ``jd_update_weights_every = k``: the optimizer steps whose index is a multiple of ``k``
+      compute the Gramian and the weights (every micro-batch its own); the other steps reuse the
+      last weights with a plain weighted backward (no capture, no Gramian). With ``iwrm``/``iwmtl``
+      the weights belong to positions in the batch; a batch of another size (the last, smaller
+      batch of an epoch) gives each example the mean reused weight of its task.
+    - The logged ``loss`` is the mean of the losses. With ``jd_log_weights``, the logs also hold
+      ``jd/weight_*``, ``loss_<task>``, ``jd/conflicting_pairs`` and ``jd/min_cosine`` averaged over
+      the logging interval, and always ``jd/skipped_steps`` (micro-batches skipped so far because of
+      non-finite values, with ``jd_nonfinite="skip"``).
+    - Evaluation reports ``eval_loss_<task>`` for multi-task models. The autogram hooks capture
+      nothing outside the training step.
+    - Checkpoints hold ``jd_aggregator_state.pt`` (aggregator state such as a random generator,
+      the cached weights of ``jd_update_weights_every``); resuming restores it, so a resumed run
+      gives the same weights as an uninterrupted one.
+    - Not supported: DeepSpeed, FSDP, ``torch.nn.DataParallel`` (several GPUs in one process),
+      label smoothing, ``compute_loss_func``, and multi-process training with the autojac engine.
+    """
+
+    # Losses are per-micro-batch means: divide by the number of accumulated micro-batches.
+    loss_is_scaled_for_ga: bool | None = False
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        args: JDTrainingArguments | None = None,
+        *trainer_args: Any,
+        compute_losses: ComputeLosses | None = None,
+        **trainer_kwargs: Any,
+    ) -> None:
+        if args is None:
+            args = JDTrainingArguments(output_dir="tmp_trainer")
+        if not isinstance(args, JDTrainingArguments):
+            raise TypeError(
+                f"JDTrainer needs JDTrainingArguments (it holds the jd_* options), got {type(args).__name__}. "
+                "Build the arguments with hf_jd.JDTrainingArguments(...)."
+            )
+        args._validate_jd_arguments()  # again: the fields may have been changed after construction
+        if compute_losses is not None and not callable(compute_losses):
+            raise TypeError(
+                f"compute_losses must be callable (model, inputs) -> (losses, outputs), got {compute_losses!r}."
+            )
+        if trainer_kwargs.get("compute_loss_func") is not None:
+            raise ValueError(
+                "JDTrainer does not use compute_loss_func (it reduces the outputs to one loss). Pass "
+                "compute_losses=callable(model, inputs) -> (losses, outputs) instead."
+            )
+        if args.label_smoothing_factor != 0:
+            raise ValueError(
+                "JDTrainer does not support label_smoothing_factor != 0: the per-example and per-task losses are "
+                "computed without it. Set label_smoothing_factor=0 or pass compute_losses=."
+            )
+        super().__init__(model, args, *trainer_args, **trainer_kwargs)
+        self.args: JDTrainingArguments
+        self._check_parallelism()
+        self.compute_losses: ComputeLosses | None = compute_losses
+        task_names = self.args.jd_task_names
+        if not self.label_names and task_names and self.args.jd_mode in ("mtl", "iwmtl"):
+            self.label_names = [f"labels_{name}" for name in task_names]
+        self.jd_step = JDStep(
+            self._build_aggregator(),
+            mode=self.args.jd_mode,
+            engine=self.args.jd_resolved_engine,
+            task_names=task_names,
+            update_weights_every=self.args.jd_update_weights_every,
+            nonfinite=self.args.jd_nonfinite,
+            log_stats=self.args.jd_log_weights,
+            module_patterns=self.args.jd_modules,
+        )
+        select_modules(self.model, self.args.jd_modules)  # fail early on a pattern that matches nothing
+        self._loss_collector = LossCollector(self.args.jd_mode, task_names, self.label_names, compute_losses)
+        self._eval_task_losses: dict[str, list[float]] | None = None
+
+    # ------------------------------------------------------------------ set-up
+    def _build_aggregator(self) -> Aggregator:
+        return get_aggregator(self.args.jd_aggregator, **self.args.jd_aggregator_kwargs)
+
+    def _check_parallelism(self) -> None:
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            raise ValueError(
+                "JDTrainer does not support DeepSpeed or FSDP (the Jacobian needs unsharded parameters); "
+                "disable them in the accelerate configuration."
+            )
+        if self.args.n_gpu > 1:
+            raise ValueError(
+                f"JDTrainer does not support torch.nn.DataParallel ({self.args.n_gpu} GPUs in one process). Launch "
+                "one process per GPU with torchrun (DDP), or expose a single GPU with CUDA_VISIBLE_DEVICES."
+            )
+        if self.args.world_size > 1 and self.args.jd_resolved_engine == "autojac":
+            raise ValueError(
+                "Multi-process training is only supported with the autogram engine (its weighted backward goes "
+                "through DDP's gradient synchronisation). Use a Gramian-based aggregator with jd_engine='autogram'."
+            )
+
+    @property
+    def aggregator(self) -> Aggregator:
+        """The aggregator of the Jacobian (holds the state saved in checkpoints)."""
+        return self.jd_step.aggregator
+
+    def _model_inputs(self, model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
+        """Drop the ``task_id`` column (kept for the sampler) unless the model's forward takes it."""
+        if _TASK_ID_COLUMN in inputs and not forward_accepts(self.accelerator.unwrap_model(model), _TASK_ID_COLUMN):
+            inputs = {key: value for key, value in inputs.items() if key != _TASK_ID_COLUMN}
+        return inputs
+
+    def _set_signature_columns_if_needed(self) -> None:
+        first_time = self._signature_columns is None
+        super()._set_signature_columns_if_needed()
+        if first_time:
+            extra = [_TASK_ID_COLUMN, *self.label_names]
+            extra += [f"labels_{name}" for name in self.args.jd_task_names or []]
+            self._signature_columns += [name for name in extra if name not in self._signature_columns]
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler | None:
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        column_names = getattr(dataset, "column_names", None)
+        if column_names is not None and _TASK_ID_COLUMN in column_names:
+            from .multitask_data import MultiTaskSampler
+
+            task_ids = [int(task_id) for task_id in dataset[_TASK_ID_COLUMN]]
+            return MultiTaskSampler(task_ids, batch_size=self._train_batch_size, seed=self.args.seed)
+        return super()._get_train_sampler(train_dataset)
+
+    # ------------------------------------------------------------------ training
+    def training_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Tensor | Any],
+        num_items_in_batch: Tensor | int | None = None,
+    ) -> Tensor:
+        """One micro-batch of Jacobian descent; returns the detached mean loss (scaled like the Trainer's)."""
+        cp_context, inputs = self._prepare_context_parallel_inputs(model, inputs)
+        with cp_context():
+            model.train()
+            if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+                self.optimizer.train()
+            inputs = self._model_inputs(model, self._prepare_inputs(inputs))
+            unwrapped = self.accelerator.unwrap_model(model)
+            self.jd_step.setup(unwrapped)
+
+            scale = 1.0
+            if not self.loss_is_scaled_for_ga:
+                micro_batches = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+                scale = 1.0 / micro_batches
+
+            def forward() -> tuple[Tensor, Any]:
+                with self.compute_loss_context_manager():
+                    return self._loss_collector(model, unwrapped, inputs)
+
+            result = self.jd_step.run(
+                forward,
+                self.accelerator.backward,
+                scale=scale,
+                global_step=self.state.global_step,
+                grad_factor=scale * self._direct_grad_factor(),
+                world_size=self.args.world_size,
+                label_counts=self._label_counts(inputs),
+            )
+            del inputs
+            return (result.losses.mean() * scale).detach()
+
+    def _label_counts(self, inputs: dict[str, Any]) -> list[int] | None:
+        """``iwmtl`` with ``labels_<task>`` inputs: how many examples carry each task's label."""
+        names = self.args.jd_task_names
+        if self.args.jd_mode != "iwmtl" or not names:
+            return None
+        labels = [inputs.get(f"labels_{name}") for name in names]
+        if not all(isinstance(label, Tensor) and label.dim() > 0 for label in labels):
+            return None
+        return [_labelled_examples(label, label.shape[0]) for label in labels]
+
+    def _direct_grad_factor(self) -> float:
+        """What ``accelerator.backward`` multiplies a loss by (fp16 loss scale, accelerate's own accumulation)."""
+        factor = 1.0 / max(1, int(getattr(self.accelerator, "gradient_accumulation_steps", 1)))
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None and scaler.is_enabled():
+            factor *= float(scaler.get_scale())
+        return factor
+
+    # ------------------------------------------------------------------ logging
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Merge the JD statistics averaged over the logging interval into the training logs."""
+        if "loss" in logs and not any(key.startswith("eval_") for key in logs):
+            if self.jd_step.stats:
+                logs.update(self.jd_step.stats.pop_means())
+            logs["jd/skipped_steps"] = float(self.jd_step.skipped_steps)
+        super().log(logs, start_time)
+
+    # ------------------------------------------------------------------ evaluation
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Tensor | Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Tensor | int | None = None,
+    ) -> Tensor | tuple[Tensor, Any]:
+        """The evaluation loss (training uses :meth:`training_step`); records per-task losses."""
+        inputs = self._model_inputs(model, inputs)
+        with self.jd_step.engine_disabled():
+            if self.compute_losses is None and self.args.jd_mode == "iwrm":
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if self.compute_losses is not None:
+                losses, outputs = self._loss_collector(
+                    model, self.accelerator.unwrap_model(model), inputs, training=False
+                )
+                task_losses = self._task_means(losses)
+                loss = losses.mean()
+            else:
+                outputs = model(**inputs)
+                task_losses = self._task_means(self._output_losses(outputs))
+                loss = outputs.get("loss") if isinstance(outputs, dict) else getattr(outputs, "loss", None)
+                if loss is None:
+                    loss = torch.stack(list(task_losses.values())).mean()
+        self._record_eval_task_losses(task_losses, inputs)
+        return (loss, outputs) if return_outputs else loss
+
+    @staticmethod
+    def _output_losses(outputs: Any) -> Any:
+        losses = outputs.get("losses") if isinstance(outputs, dict) else getattr(outputs, "losses", None)
+        if losses is None:
+            raise ValueError(
+                "The model output carries no `losses`, which multi-task evaluation needs (dict task -> loss). "
+                "Return them from the model or pass compute_losses= to JDTrainer."
+            )
+        return losses
+
+    def _task_means(self, losses: Any) -> dict[str, Tensor]:
+        """Per-task mean losses from a dict task → loss or a tensor ``[m]``/``[B]``/``[B, m]``."""
+        names = self.args.jd_task_names
+        if isinstance(losses, dict):
+            return {name: value.detach().float().mean() for name, value in losses.items()}
+        losses = losses.detach().float()
+        if not names or self.args.jd_mode == "iwrm":
+            return {}
+        if self.args.jd_mode == "mtl":
+            return {name: value for name, value in zip(names, losses.reshape(-1))}
+        return {name: value for name, value in zip(names, losses.reshape(-1, len(names)).mean(dim=0))}
+
+    def _record_eval_task_losses(self, task_losses: dict[str, Tensor], inputs: dict[str, Any]) -> None:
+        """Accumulate each task's mean loss, weighted by the number of examples that carry its label."""
+        if self._eval_task_losses is None or not task_losses:
+            return
+        batch_size = next((v.shape[0] for v in inputs.values() if isinstance(v, Tensor) and v.dim() > 0), 1)
+        for name, value in task_losses.items():
+            count = _labelled_examples(inputs.get(f"labels_{name}"), batch_size)
+            if count == 0:
+                continue  # no example of this task in the batch: its loss there is a placeholder
+            total = self._eval_task_losses.setdefault(name, [0.0, 0.0])
+            total[0] += float(value) * count
+            total[1] += count
+
+    def evaluation_loop(
+        self,
+        dataloader: torch.utils.data.DataLoader,
+        description: str,
+        prediction_loss_only: bool | None = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> EvalLoopOutput:
+        """The Trainer's loop, engine disabled, plus ``<prefix>_loss_<task>`` for multi-task models."""
+        self._eval_task_losses = {}
+        try:
+            with self.jd_step.engine_disabled():
+                output = super().evaluation_loop(
+                    dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
+                )
+            totals = self._eval_task_losses
+        finally:
+            self._eval_task_losses = None
+        if totals and output.metrics is not None:
+            for name, (total, count) in totals.items():
+                output.metrics[f"{metric_key_prefix}_loss_{name}"] = total / max(count, 1.0)
+        return output
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            checkpoint = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            folder = os.path.join(self._get_output_dir(trial=trial), checkpoint)
+            if os.path.isdir(folder):
+                torch.save(self.jd_step.state_dict(), os.path.join(folder, JD_STATE_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = os.path.join(resume_from_checkpoint, JD_STATE_NAME)
+        if os.path.isfile(path):
+            # Our own file: it may hold aggregator states that are not plain tensors.
+            self.jd_step.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+        elif self.aggregator.is_stateful:
+            raise FileNotFoundError(
+                f"{resume_from_checkpoint} has no {JD_STATE_NAME}, but aggregator {self.args.jd_aggregator!r} is "
+                "stateful, so resuming would not continue the same run. Resume from a checkpoint saved by JDTrainer."
+            )
+
+
+def _labelled_examples(labels: Any, batch_size: int) -> int:
+    """Number of examples whose label is present (not -100 for integers, not NaN for floats)."""
+    if not isinstance(labels, Tensor) or labels.dim() == 0:
+        return batch_size
+    valid = ~torch.isnan(labels) if labels.is_floating_point() else labels != -100
+    return int(valid.reshape(labels.shape[0], -1).any(dim=1).sum())

@@ -1,0 +1,179 @@
+"""Bad inputs to JDTrainer and non-finite losses: each gives a clear error (or is skipped and counted)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import TrainingArguments
+
+from hf_jd import JDTrainer
+from hf_jd.trainer._step import NonFiniteLossError
+
+from jd_trainer_helpers import TASKS, TwoTaskNet, make_args, tiny_bert, token_dataset, two_task_dataset
+
+
+def _train(tmp_path, model=None, compute_losses=None, dataset=None, **kwargs):
+    kwargs.setdefault("jd_mode", "mtl")
+    kwargs.setdefault("jd_task_names", TASKS)
+    kwargs.setdefault("max_steps", 1)
+    trainer = JDTrainer(
+        model=model if model is not None else TwoTaskNet(),
+        args=make_args(tmp_path, **kwargs),
+        train_dataset=dataset if dataset is not None else two_task_dataset(),
+        compute_losses=compute_losses,
+    )
+    trainer.train()
+    return trainer
+
+
+def test_plain_training_arguments_are_rejected(tmp_path):
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    with pytest.raises(TypeError, match="JDTrainer needs JDTrainingArguments"):
+        JDTrainer(model=TwoTaskNet(), args=args)
+
+
+def test_compute_loss_func_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="compute_losses="):
+        JDTrainer(model=TwoTaskNet(), args=make_args(tmp_path), compute_loss_func=lambda *a, **k: 0)
+
+
+def test_non_callable_compute_losses_is_rejected(tmp_path):
+    with pytest.raises(TypeError, match="compute_losses must be callable"):
+        JDTrainer(model=TwoTaskNet(), args=make_args(tmp_path), compute_losses="mean")
+
+
+def test_label_smoothing_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="label_smoothing_factor"):
+        JDTrainer(model=TwoTaskNet(), args=make_args(tmp_path, label_smoothing_factor=0.1))
+
+
+def test_jd_modules_pattern_matching_nothing(tmp_path):
+    args = make_args(tmp_path, jd_mode="mtl", jd_task_names=TASKS, jd_modules=["decoder.*"])
+    with pytest.raises(ValueError, match=r"jd_modules pattern 'decoder\.\*' matches no submodule .*encoder"):
+        JDTrainer(model=TwoTaskNet(), args=args)
+
+
+def test_partial_jd_modules_need_a_gramian_based_aggregator(tmp_path):
+    with pytest.raises(ValueError, match="not Gramian-based, so there are no weights"):
+        _train(tmp_path, jd_modules=["encoder"], jd_aggregator="graddrop")
+
+
+def test_frozen_jd_modules(tmp_path):
+    model = TwoTaskNet()
+    model.encoder.requires_grad_(False)
+    with pytest.raises(ValueError, match="covers no trainable parameter"):
+        _train(tmp_path, model=model, jd_modules=["encoder"])
+
+
+class NoLosses(TwoTaskNet):
+    def forward(self, x, labels_a=None, labels_b=None, loss_reduction="mean"):
+        out = super().forward(x, labels_a, labels_b, loss_reduction)
+        out.pop("losses", None)
+        return out
+
+
+def test_mtl_without_losses_in_outputs(tmp_path):
+    with pytest.raises(ValueError, match="needs the model output to carry `losses`"):
+        _train(tmp_path, model=NoLosses())
+
+
+def test_losses_dict_not_matching_task_names(tmp_path):
+    with pytest.raises(ValueError, match=r"has tasks \['a', 'b'\] but jd_task_names is \['a', 'c'\]"):
+        _train(tmp_path, jd_task_names=["a", "c"])
+
+
+@pytest.mark.parametrize(
+    ("mode", "shape", "message"),
+    [
+        ("mtl", (3,), r"expects losses of shape \[m\] with m = 2 tasks, got \(3,\)"),
+        ("mtl", (4, 2), r"expects losses of shape \[m\]"),
+        ("iwmtl", (4,), r"expects losses of shape \[B, m\] with m = 2 tasks, got \(4,\)"),
+        ("iwmtl", (4, 3), r"got \(4, 3\)"),
+        ("iwrm", (4, 2), r"expects losses of shape \[B\]"),
+    ],
+)
+def test_wrong_loss_shape(tmp_path, mode, shape, message):
+    def compute_losses(model, inputs):
+        out = model(**inputs)
+        return out["loss"] * torch.ones(shape), out
+
+    kwargs = {"jd_task_names": None} if mode == "iwrm" else {}
+    with pytest.raises(ValueError, match=message):
+        _train(tmp_path, compute_losses=compute_losses, jd_mode=mode, **kwargs)
+
+
+def test_mtl_non_scalar_task_loss(tmp_path):
+    def compute_losses(model, inputs):
+        out = model(**inputs, loss_reduction="none")
+        return out["losses"], out
+
+    with pytest.raises(ValueError, match=r"non-scalar losses for \['a', 'b'\].*jd_mode='iwmtl'"):
+        _train(tmp_path, compute_losses=compute_losses)
+
+
+def test_compute_losses_must_return_a_pair(tmp_path):
+    with pytest.raises(TypeError, match=r"must return a tuple \(losses, outputs\)"):
+        _train(tmp_path, compute_losses=lambda model, inputs: model(**inputs)["loss"])
+
+
+def test_losses_without_grad(tmp_path):
+    def compute_losses(model, inputs):
+        out = model(**inputs)
+        return torch.stack([out["losses"][t] for t in TASKS]).detach(), out
+
+    with pytest.raises(ValueError, match="do not require grad"):
+        _train(tmp_path, compute_losses=compute_losses)
+
+
+def test_iwrm_without_labels(tmp_path):
+    dataset = token_dataset().remove_columns("labels")
+    with pytest.raises(ValueError, match="has no \\['labels'\\] entry"):
+        _train(tmp_path, model=tiny_bert(), dataset=dataset, jd_mode="iwrm", jd_task_names=None)
+
+
+def _nan_on_call(call_to_break: int, task: str):
+    calls = {"n": 0}
+
+    def compute_losses(model, inputs):
+        out = model(**inputs)
+        losses = torch.stack([out["losses"][t] for t in TASKS])
+        calls["n"] += 1
+        if calls["n"] == call_to_break:
+            losses = losses * torch.tensor([1.0 if t != task else float("nan") for t in TASKS])
+        return losses, out
+
+    return compute_losses
+
+
+@pytest.mark.parametrize("engine", ["autojac", "autogram"])
+def test_nonfinite_loss_raises_with_task_and_step(tmp_path, engine):
+    with pytest.raises(NonFiniteLossError, match=r"task\(s\) \['b'\] at global step 1\b.*jd_nonfinite='skip'"):
+        _train(tmp_path, compute_losses=_nan_on_call(2, "b"), jd_engine=engine, max_steps=3)
+
+
+@pytest.mark.parametrize("engine", ["autojac", "autogram"])
+def test_nonfinite_loss_is_skipped_and_counted(tmp_path, engine):
+    trainer = _train(tmp_path, compute_losses=_nan_on_call(2, "a"), jd_engine=engine, jd_nonfinite="skip",
+                     max_steps=3)  # fmt: skip
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    assert [log["jd/skipped_steps"] for log in logs] == [0.0, 1.0, 1.0]
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_nonfinite_iwrm_names_examples(tmp_path):
+    def compute_losses(model, inputs):
+        labels = inputs.pop("labels")
+        out = model(**inputs)
+        losses = torch.nn.functional.cross_entropy(out.logits, labels, reduction="none")
+        return losses * torch.tensor([1.0, float("inf"), 1.0, 1.0]), out
+
+    with pytest.raises(NonFiniteLossError, match=r"example\(s\) \[1\] of the batch at global step 0"):
+        _train(tmp_path, model=tiny_bert(), dataset=token_dataset(), compute_losses=compute_losses,
+               jd_mode="iwrm", jd_task_names=None)  # fmt: skip
+
+
+def test_arguments_changed_after_construction_are_checked_again(tmp_path):
+    args = make_args(tmp_path)
+    args.jd_mode = "mtl"  # without jd_task_names
+    with pytest.raises(ValueError, match="needs jd_task_names"):
+        JDTrainer(model=TwoTaskNet(), args=args)

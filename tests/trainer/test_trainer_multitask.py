@@ -1,0 +1,95 @@
+"""JDTrainer with MultiHeadModel on a multi-dataset (one dataset per task) with the multi-task sampler."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import BertConfig
+
+from hf_jd import JDTrainer, MultiHeadModel
+from hf_jd.trainer import MultiTaskSampler, build_multitask_dataset
+
+from jd_trainer_helpers import make_args
+
+TASKS = ["topic", "score"]
+
+
+def _data(n: int, seed: int) -> dict[str, list]:
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(1, 40, (n, 6), generator=generator)
+    return {"input_ids": input_ids.tolist(), "attention_mask": torch.ones(n, 6, dtype=torch.long).tolist(),
+            "x0": (input_ids[:, 1] % 2).tolist(), "x1": (input_ids[:, 2] / 40.0).tolist()}  # fmt: skip
+
+
+def _multitask_dataset():
+    topic = _data(10, 0)
+    score = _data(6, 1)
+    datasets = {
+        "topic": Dataset.from_dict({"input_ids": topic["input_ids"], "attention_mask": topic["attention_mask"],
+                                    "label": topic["x0"]}),  # fmt: skip
+        "score": Dataset.from_dict({"input_ids": score["input_ids"], "attention_mask": score["attention_mask"],
+                                    "label": score["x1"]}),  # fmt: skip
+    }
+    return build_multitask_dataset(datasets, label_kinds={"topic": "classification", "score": "regression"})
+
+
+def _model():
+    torch.manual_seed(0)
+    backbone = BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                          vocab_size=40, max_position_embeddings=16, hidden_dropout_prob=0.0,
+                          attention_probs_dropout_prob=0.0)  # fmt: skip
+    heads = {"topic": {"kind": "classification", "num_labels": 2}, "score": {"kind": "regression"}}
+    return MultiHeadModel.from_backbone(backbone, heads)
+
+
+@pytest.mark.parametrize("mode", ["mtl", "iwmtl"])
+def test_multi_dataset_training(tmp_path, mode):
+    dataset = _multitask_dataset()
+    model = _model()
+    seen_task_ids = []
+    model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen_task_ids.append(kwargs["task_id"].tolist()) if module.training else None,
+        with_kwargs=True,
+    )
+    args = make_args(tmp_path, jd_mode=mode, jd_task_names=TASKS, max_steps=3, train_sampling_strategy="random",
+                     eval_strategy="steps", eval_steps=3, save_strategy="steps", save_steps=3)  # fmt: skip
+    trainer = JDTrainer(model=model, args=args, train_dataset=dataset, eval_dataset=dataset)
+    assert isinstance(trainer._get_train_sampler(), MultiTaskSampler)
+    trainer.train()
+
+    assert len(seen_task_ids) == 3
+    assert all(set(ids) == {0, 1} for ids in seen_task_ids)  # every batch holds every task
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    assert all("jd/weight_topic" in log and "loss_score" in log for log in logs)
+    evaluation = next(log for log in trainer.state.log_history if "eval_loss" in log)
+    assert evaluation["eval_loss_topic"] > 0 and evaluation["eval_loss_score"] > 0
+    assert (tmp_path / "checkpoint-3" / "jd_aggregator_state.pt").is_file()
+    reloaded = MultiHeadModel.from_pretrained(tmp_path / "checkpoint-3")
+    for (name, p), q in zip(trainer.model.named_parameters(), reloaded.parameters()):
+        torch.testing.assert_close(p, q, msg=name)
+
+
+def test_task_id_is_dropped_for_models_that_do_not_take_it(tmp_path):
+    from jd_trainer_helpers import TwoTaskNet, two_task_dataset
+
+    dataset = two_task_dataset(n=8).add_column("task_id", [0, 1] * 4)
+    args = make_args(tmp_path, jd_mode="mtl", jd_task_names=["a", "b"], max_steps=1)
+    trainer = JDTrainer(model=TwoTaskNet(), args=args, train_dataset=dataset)
+    assert isinstance(trainer._get_train_sampler(), MultiTaskSampler)
+    trainer.train()  # TwoTaskNet.forward has no task_id: it must not receive it
+
+
+def test_evaluation_task_losses_count_only_labelled_examples(tmp_path):
+    """Each eval_loss_<task> is the mean over the examples of that task (batches mix tasks unevenly)."""
+    dataset = _multitask_dataset()
+    model = _model()
+    args = make_args(tmp_path, jd_mode="iwmtl", jd_task_names=TASKS, per_device_eval_batch_size=4)
+    metrics = JDTrainer(model=model, args=args, train_dataset=dataset, eval_dataset=dataset).evaluate()
+    model.eval()
+    for task in TASKS:
+        rows = dataset.filter(lambda row, task=task: row["task_id"] == TASKS.index(task))
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor(rows["input_ids"]), attention_mask=torch.tensor(rows["attention_mask"]),
+                        **{f"labels_{task}": torch.tensor(rows[f"labels_{task}"])})  # fmt: skip
+        assert metrics[f"eval_loss_{task}"] == pytest.approx(out.losses[task].item(), rel=1e-4)
