@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ..aggregation import Aggregator, GramianWeightedAggregator
+from ._distributed import CommunicationLog, all_processes_true, global_mtl_jacobian
 from ._stats import StatsAccumulator, gramian_stats, loss_stats, weight_stats
 
 __all__ = ["JDStep", "NonFiniteLossError", "select_modules", "StepResult"]
@@ -142,6 +143,11 @@ class JDStep:
         Whether to accumulate weight / loss / Gramian statistics.
     module_patterns
         ``jd_modules``: names or fnmatch patterns of the submodules the Jacobian covers.
+    ddp_gramian
+        With several processes: ``"global"`` (``mtl``: the task Jacobians are all-reduced, every
+        process computes the weights and update of one process on the global batch, see
+        :func:`hf_jd.trainer._distributed.global_mtl_jacobian`) or ``"local"`` (each process its own
+        Gramian and weights; DDP averages the updates).
     """
 
     def __init__(
@@ -155,6 +161,7 @@ class JDStep:
         nonfinite: str = "raise",
         log_stats: bool = True,
         module_patterns: Sequence[str] | None = None,
+        ddp_gramian: str = "local",
     ) -> None:
         if engine == "autogram" and not isinstance(aggregator, GramianWeightedAggregator):
             raise ValueError(
@@ -168,6 +175,8 @@ class JDStep:
         self.nonfinite = nonfinite
         self.log_stats = log_stats
         self.module_patterns = list(module_patterns) if module_patterns else None
+        self.ddp_gramian = ddp_gramian
+        self.communication = CommunicationLog()  # bytes of JD's own collectives (DDP's excluded)
         self.engine: Any = None
         self.cached_weights: Tensor | None = None
         self.skipped_steps = 0
@@ -259,6 +268,7 @@ class JDStep:
         grad_factor: float | None = None,
         world_size: int = 1,
         label_counts: Sequence[int] | None = None,
+        no_sync: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
     ) -> StepResult:
         """Forward one micro-batch, then write its JD update (times ``scale``) into ``.grad``.
 
@@ -283,10 +293,16 @@ class JDStep:
             ``iwmtl``: for each task, the number of examples of the batch that carry its label; the
             logged ``loss_<task>`` is then the sum of the task's column over that count (examples
             without the label have a zero loss placeholder).
+        no_sync
+            Context in which the forward pass does not prepare DDP's gradient all-reduce
+            (``accelerator.no_sync(model)``); used by the global MTL step, which writes the same
+            update on every process and needs no all-reduce of the gradients.
         """
         self._label_counts = label_counts
         recompute = self.needs_weights(global_step)
-        with _engine_state(self.engine, recompute):
+        global_step_direct = recompute and self.ddp_gramian == "global" and world_size > 1
+        sync_context = no_sync() if global_step_direct and no_sync is not None else contextlib.nullcontext()
+        with _engine_state(self.engine, recompute and not global_step_direct), sync_context:
             losses, outputs = forward()
         if not recompute and self.cached_weights is not None:
             weights = self._reusable_weights(losses)
@@ -297,6 +313,8 @@ class JDStep:
             return StepResult(losses.detach(), outputs, weights, False)
         if self._skip_if_nonfinite(losses, global_step, backward, world_size):
             return StepResult(losses.detach(), outputs, None, True)
+        if global_step_direct:
+            return self._global(losses, outputs, backward, scale if grad_factor is None else grad_factor, global_step)
         if self.engine_kind == "autogram":
             return self._autogram(losses, outputs, backward, scale, global_step, world_size)
         return self._autojac(losses, outputs, backward, scale, grad_factor, global_step, world_size)
@@ -305,7 +323,7 @@ class JDStep:
         self, losses: Tensor, outputs: Any, backward: BackwardFn, scale: float, global_step: int, world_size: int
     ) -> StepResult:
         gramian = self.engine.compute_gramian(losses)
-        if not bool(torch.isfinite(gramian).all()):
+        if not self._all_finite(bool(torch.isfinite(gramian).all()), world_size):
             if self._handle_nonfinite("the Gramian of the losses' Jacobian", global_step, backward, world_size):
                 return StepResult(losses.detach(), outputs, None, True)
         if gramian.dtype != torch.float64:
@@ -314,6 +332,26 @@ class JDStep:
         weights = weights.reshape(losses.shape)
         self.cached_weights = weights
         backward((weights.to(losses.dtype) * losses).sum() * scale)
+        self._record(losses, weights, gramian)
+        return StepResult(losses.detach(), outputs, weights, False)
+
+    def _global(
+        self, losses: Tensor, outputs: Any, backward: BackwardFn, factor: float, global_step: int
+    ) -> StepResult:
+        """``mtl`` over several processes: all-reduce the task Jacobians, write ``wᵀ J`` (no DDP all-reduce)."""
+        if self.weighting is None:
+            raise RuntimeError("jd_ddp_gramian='global' needs a Gramian-based aggregator.")
+        params = [*self._covered, *self._others]
+        reduced = global_mtl_jacobian(losses, params, log=self.communication)  # the same on every process
+        gramian = reduced.gramian(range(len(self._covered)))
+        if not bool(torch.isfinite(gramian).all()):  # the same decision on every process
+            if self._handle_nonfinite("the Gramian of the losses' Jacobian", global_step, backward, 1):
+                return StepResult(losses.detach(), outputs, None, True)
+        if gramian.dtype != torch.float64:
+            gramian = gramian.float()
+        weights = self.weighting(gramian).detach().reshape(losses.shape)
+        self.cached_weights = weights
+        reduced.add_weighted_to_grads(params, weights, factor)
         self._record(losses, weights, gramian)
         return StepResult(losses.detach(), outputs, weights, False)
 
@@ -390,9 +428,14 @@ class JDStep:
 
     def _skip_if_nonfinite(self, losses: Tensor, global_step: int, backward: BackwardFn, world_size: int) -> bool:
         finite = torch.isfinite(losses.detach())
-        if bool(finite.all()):
+        if self._all_finite(bool(finite.all()), world_size):
             return False
-        return self._handle_nonfinite(self._describe_nonfinite(finite), global_step, backward, world_size)
+        what = self._describe_nonfinite(finite) if not bool(finite.all()) else "the losses of another process"
+        return self._handle_nonfinite(what, global_step, backward, world_size)
+
+    def _all_finite(self, finite: bool, world_size: int) -> bool:
+        """``finite`` on every process (1-byte all-reduce): all skip or raise together, none waits in a collective."""
+        return all_processes_true(finite, log=self.communication) if world_size > 1 else finite
 
     def _describe_nonfinite(self, finite: Tensor) -> str:
         if self.mode == "mtl":

@@ -16,6 +16,7 @@ from typing import Any
 from transformers import TrainingArguments
 
 from ..aggregation import available_aggregators, get_aggregator, is_gramian_based
+from ._distributed import resolve_ddp_gramian
 
 __all__ = ["JDTrainingArguments", "JD_MODES", "JD_ENGINES", "JD_NONFINITE", "JD_DDP_GRAMIAN"]
 
@@ -155,9 +156,10 @@ class JDTrainingArguments(TrainingArguments):
     jd_ddp_gramian: str = field(
         default="auto",
         metadata={
-            "help": "Reserved for multi-process training: whether the Gramian is computed over the 'global' batch "
-            "of all processes or each process's 'local' batch ('auto' chooses). With one process it makes no "
-            "difference.",
+            "help": "Multi-process (DDP) training: 'global' computes the Gramian of the task losses averaged over "
+            "all processes (the step of one process on the global batch; jd_mode 'mtl' only), 'local' lets each "
+            "process weight its own batch and DDP average the updates, 'auto' is 'global' for 'mtl' and 'local' "
+            "otherwise. With one process it makes no difference.",
             "choices": list(JD_DDP_GRAMIAN),
         },
     )
@@ -185,6 +187,7 @@ class JDTrainingArguments(TrainingArguments):
         self.jd_engine = _check_choice("jd_engine", self.jd_engine, JD_ENGINES)
         self.jd_nonfinite = _check_choice("jd_nonfinite", self.jd_nonfinite, JD_NONFINITE)
         self.jd_ddp_gramian = _check_choice("jd_ddp_gramian", self.jd_ddp_gramian, JD_DDP_GRAMIAN)
+        resolve_ddp_gramian(self.jd_ddp_gramian, self.jd_mode)  # 'global' with iwrm/iwmtl is not implemented
 
         if not isinstance(self.jd_aggregator, str):
             raise ValueError(f"jd_aggregator must be a string name, got {type(self.jd_aggregator).__name__}.")

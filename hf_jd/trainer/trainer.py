@@ -19,6 +19,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput
 
 from ..aggregation import Aggregator, get_aggregator
 from ._collect import ComputeLosses, LossCollector, forward_accepts
+from ._distributed import resolve_ddp_gramian
 from ._step import JDStep, select_modules
 from .arguments import JDTrainingArguments
 
@@ -76,6 +77,12 @@ class JDTrainer(Trainer):
     - Checkpoints hold ``jd_aggregator_state.pt`` (aggregator state such as a random generator,
       the cached weights of ``jd_update_weights_every``); resuming restores it, so a resumed run
       gives the same weights as an uninterrupted one.
+    - Several processes (``accelerate launch`` / ``torchrun``, DDP): with ``jd_ddp_gramian="global"``
+      (default for ``mtl``) the task Jacobians are all-reduced and every process writes the update
+      of one process on the global batch (no DDP gradient all-reduce on those steps); with
+      ``"local"`` (default for ``iwrm``/``iwmtl``) each process weights its own examples and DDP
+      averages the updates. ``jd/comm_bytes`` logs the bytes sent so far by JD's own collectives
+      (DDP's excluded). See :mod:`hf_jd.trainer._distributed`.
     - Not supported: DeepSpeed, FSDP, ``torch.nn.DataParallel`` (several GPUs in one process),
       label smoothing, ``compute_loss_func``, and multi-process training with the autojac engine.
     """
@@ -129,6 +136,7 @@ class JDTrainer(Trainer):
             nonfinite=self.args.jd_nonfinite,
             log_stats=self.args.jd_log_weights,
             module_patterns=self.args.jd_modules,
+            ddp_gramian=resolve_ddp_gramian(self.args.jd_ddp_gramian, self.args.jd_mode),
         )
         select_modules(self.model, self.args.jd_modules)  # fail early on a pattern that matches nothing
         self._loss_collector = LossCollector(self.args.jd_mode, task_names, self.label_names, compute_losses)
@@ -218,6 +226,7 @@ class JDTrainer(Trainer):
                 grad_factor=scale * self._direct_grad_factor(),
                 world_size=self.args.world_size,
                 label_counts=self._label_counts(inputs),
+                no_sync=lambda: self.accelerator.no_sync(model),
             )
             del inputs
             return (result.losses.mean() * scale).detach()
@@ -247,6 +256,8 @@ class JDTrainer(Trainer):
             if self.jd_step.stats:
                 logs.update(self.jd_step.stats.pop_means())
             logs["jd/skipped_steps"] = float(self.jd_step.skipped_steps)
+            if self.args.world_size > 1:
+                logs["jd/comm_bytes"] = float(self.jd_step.communication.payload_bytes)
         super().log(logs, start_time)
 
     # ------------------------------------------------------------------ evaluation

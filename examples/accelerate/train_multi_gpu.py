@@ -1,0 +1,109 @@
+"""Multi-task Jacobian descent on several GPUs (or CPU processes) with ``accelerate launch``.
+
+One process per device, each holding a replica of the model (DDP) and a slice of every global
+batch. With ``jd_mode="mtl"`` the default ``jd_ddp_gramian="auto"`` means ``"global"``: the task
+Jacobians are averaged over the processes, every process computes the same Gramian and UPGrad
+weights, and the step equals the step of one process on the whole global batch. ``"local"`` lets
+each process weight its own batch (see ``examples/accelerate/README.md``).
+
+Launch (2 GPUs; ``accelerate config`` writes a config, or use the one next to this file)::
+
+    accelerate launch --config_file examples/accelerate/accelerate_config.yaml \
+        examples/accelerate/train_multi_gpu.py --output_dir out/multi_gpu
+
+On CPU only (2 processes, gloo; ``--use_cpu`` is required, otherwise each process trains alone)::
+
+    accelerate launch --multi_gpu --num_processes 2 examples/accelerate/train_multi_gpu.py \
+        --output_dir out/multi_cpu --use_cpu --max_steps 20
+    torchrun --nproc_per_node 2 examples/accelerate/train_multi_gpu.py --output_dir out/multi_cpu --use_cpu
+
+Every ``JDTrainingArguments`` flag works (``--jd_aggregator``, ``--jd_ddp_gramian local``,
+``--per_device_train_batch_size``, ``--bf16``...). The data are generated
+(:mod:`hf_jd.synthetic`) and the encoder is a small BERT built from a config, so nothing is
+downloaded; ``--model_name_or_path`` loads a pretrained backbone instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from transformers import BertConfig, HfArgumentParser
+
+from hf_jd import JDTrainer, JDTrainingArguments, MultiHeadModel
+from hf_jd.synthetic import MULTITASK_TASKS, make_multitask_text_dataset
+from hf_jd.trainer._distributed import distributed_rank, distributed_world_size, resolve_ddp_gramian
+
+
+@dataclass
+class ScriptArguments:
+    """Options of this script (the training options are those of ``JDTrainingArguments``)."""
+
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Pretrained backbone (hub name or directory); default: a small BERT."}
+    )
+    hidden_size: int = field(default=64, metadata={"help": "Hidden size of the small BERT built from a config."})
+    num_layers: int = field(default=2, metadata={"help": "Layers of the small BERT."})
+    num_train: int = field(default=2048, metadata={"help": "Generated training examples."})
+    num_eval: int = field(default=256, metadata={"help": "Generated evaluation examples."})
+    expected_world_size: int | None = field(
+        default=None,
+        metadata={"help": "Fail unless this many processes joined (guards against silently training alone)."},
+    )
+
+
+def _heads() -> dict[str, dict[str, Any]]:
+    return {
+        task: {"kind": "classification", "num_labels": size} if kind == "classification" else {"kind": "regression"}
+        for task, (kind, size) in MULTITASK_TASKS.items()
+    }
+
+
+def _model(script: ScriptArguments, vocab_size: int) -> MultiHeadModel:
+    if script.model_name_or_path is not None:
+        return MultiHeadModel.from_backbone(script.model_name_or_path, _heads())
+    backbone = BertConfig(
+        vocab_size=vocab_size, hidden_size=script.hidden_size, num_hidden_layers=script.num_layers,
+        num_attention_heads=max(1, script.hidden_size // 32), intermediate_size=4 * script.hidden_size,
+        max_position_embeddings=64,
+    )  # fmt: skip
+    return MultiHeadModel.from_backbone(backbone, _heads())
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    parser = HfArgumentParser((ScriptArguments, JDTrainingArguments))
+    defaults = ["--jd_mode", "mtl", "--jd_task_names", *MULTITASK_TASKS, "--report_to", "none",
+                "--max_steps", "50", "--per_device_train_batch_size", "16", "--learning_rate", "1e-3",
+                "--logging_steps", "10", "--save_strategy", "no"]  # fmt: skip
+    script, args = parser.parse_args_into_dataclasses(args=defaults + list(sys.argv[1:] if argv is None else argv))
+    world_size = distributed_world_size()  # the process group exists once the TrainingArguments do
+    if args.world_size != world_size or int(os.environ.get("WORLD_SIZE", "1")) != world_size:
+        raise RuntimeError(
+            f"The launcher started WORLD_SIZE={os.environ.get('WORLD_SIZE', '1')} processes but this one trains "
+            f"with {args.world_size}. On CPU pass --use_cpu (and `accelerate launch --multi_gpu`, not --cpu)."
+        )
+    if script.expected_world_size is not None and world_size != script.expected_world_size:
+        raise RuntimeError(f"Expected {script.expected_world_size} processes, got {world_size}.")
+    if distributed_rank() == 0:
+        setting = resolve_ddp_gramian(args.jd_ddp_gramian, args.jd_mode)
+        global_batch = args.per_device_train_batch_size * world_size * args.gradient_accumulation_steps
+        print(f"{world_size} process(es), jd_mode={args.jd_mode}, jd_ddp_gramian={setting}, "
+              f"global batch {global_batch}")  # fmt: skip
+
+    vocab_size = 64
+    data = make_multitask_text_dataset(script.num_train, script.num_eval, vocab_size=vocab_size, seed=args.seed)
+    trainer = JDTrainer(model=_model(script, vocab_size), args=args, train_dataset=data["train"],
+                        eval_dataset=data["eval"])  # fmt: skip
+    trainer.train()
+    metrics = trainer.evaluate()
+    if distributed_rank() == 0:
+        print({key: round(value, 4) for key, value in metrics.items() if isinstance(value, float)})
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

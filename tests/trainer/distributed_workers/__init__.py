@@ -1,0 +1,1 @@
+"""Worker code for the multi-process tests (started by ``torch.multiprocessing`` or ``torchrun``)."""

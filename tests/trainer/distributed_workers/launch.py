@@ -1,0 +1,80 @@
+"""Start worker functions in several CPU processes (gloo) with a deadline, and torchrun scripts on a free port."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch.multiprocessing as mp
+
+REPO = Path(__file__).resolve().parents[3]
+PORT_TAKEN = ("EADDRINUSE", "address already in use")
+
+
+def free_port() -> int:
+    """A TCP port that is free now (bound then released by the OS)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def spawn(
+    function: Callable[..., None], world_size: int, tmp_dir: Path, *args: Any, timeout: float = 120.0
+) -> list[dict]:
+    """Run ``function(rank, world_size, store_file, out_dir, *args)`` in ``world_size`` processes.
+
+    The processes meet through a file store in ``tmp_dir`` (no port needed). Each rank writes
+    ``rank<r>.json``; the list of these dicts (by rank) is returned. A process that fails raises
+    (from ``ProcessContext.join``); a run that exceeds ``timeout`` raises ``RuntimeError``.
+    """
+    store = tmp_dir / "store"
+    context = mp.start_processes(
+        function,
+        args=(world_size, str(store), str(tmp_dir), *args),
+        nprocs=world_size,
+        join=False,
+        start_method="spawn",
+    )
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                if process.is_alive():
+                    process.terminate()
+            raise RuntimeError(f"The {world_size} worker processes did not finish within {timeout} s.")
+    return [json.loads((tmp_dir / f"rank{rank}.json").read_text()) for rank in range(world_size)]
+
+
+def torchrun(script: Path, args: list[str], *, nproc: int = 2, timeout: float = 240.0) -> subprocess.CompletedProcess:
+    """Run ``script`` under ``torch.distributed.run`` with ``nproc`` processes on a free port.
+
+    The port is picked just before the start; if another program takes it meanwhile, the run is
+    retried once on a new port.
+    """
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([p for p in (env.get("PYTHONPATH"), str(REPO)) if p])
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["HF_HUB_OFFLINE"] = "1"
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    for attempt in range(2):
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script), *args,
+        ]  # fmt: skip
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=str(REPO))
+        if result.returncode == 0:
+            return result
+        if attempt == 0 and any(text in result.stderr for text in PORT_TAKEN):
+            continue
+        break
+    raise RuntimeError(
+        f"torchrun failed with code {result.returncode}.\n"
+        f"stdout:\n{result.stdout[-4000:]}\nstderr:\n{result.stderr[-6000:]}"
+    )

@@ -1,0 +1,154 @@
+"""JDTrainer under ``torchrun --nproc_per_node 2`` on CPU (gloo): run scenarios, save what each rank saw.
+
+Usage: ``torchrun --nproc_per_node 2 trainer_worker.py OUT_DIR SCENARIO [SCENARIO ...]``. For each
+scenario every rank saves ``OUT_DIR/<scenario>_rank<r>.pt`` with the initial and final parameters,
+the gradients before each optimizer step, the inputs of every training forward, the log history
+and what DDP communicated (through :class:`DDPCommunicationTracker`). The test compares them with a
+single-process run and with computations by hand.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/trainer, for jd_trainer_helpers
+
+from jd_trainer_helpers import TASKS, TwoTaskNet, make_args, tiny_bert, token_dataset, two_task_dataset  # noqa: E402
+
+from hf_jd import JDTrainer  # noqa: E402
+from hf_jd.trainer._distributed import DDPCommunicationTracker, distributed_rank  # noqa: E402
+
+
+class Recorder(TrainerCallback):
+    """Attaches the DDP communication tracker at the start and records gradients before each step."""
+
+    def __init__(self) -> None:
+        self.trainer: Any = None
+        self.tracker = DDPCommunicationTracker()
+        self.attached = False
+        self.grads: list[torch.Tensor] = []
+        self.ddp_backwards_at_step: list[int] = []
+
+    def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001
+        wrapped = self.trainer.model_wrapped
+        if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
+            wrapped.register_comm_hook(self.tracker, DDPCommunicationTracker.hook)
+            self.attached = True
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.grads.append(torch.cat([p.grad.detach().reshape(-1).clone() for p in params]))
+        self.ddp_backwards_at_step.append(self.tracker.backwards)
+
+
+def _run(
+    out_dir: Path, name: str, model: torch.nn.Module, dataset: Any, trainer_kwargs: dict[str, Any] | None = None,
+    **arguments: Any,
+) -> None:
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    inputs_seen: list[dict[str, torch.Tensor]] = []
+    model.register_forward_pre_hook(
+        lambda module, args, kwargs: inputs_seen.append({k: v.detach().clone() for k, v in kwargs.items()
+                                                         if isinstance(v, torch.Tensor)}) if module.training else None,
+        with_kwargs=True,
+    )  # fmt: skip
+    recorder = Recorder()
+    args = make_args(out_dir / name, optim="sgd", **arguments)
+    trainer = JDTrainer(model=model, args=args, train_dataset=dataset, callbacks=[recorder], **(trainer_kwargs or {}))
+    recorder.trainer = trainer
+    trainer.train()
+    communication = getattr(trainer.jd_step, "communication", None)
+    torch.save(
+        {
+            "world_size": args.world_size,
+            "ddp_wrapped": recorder.attached,
+            "initial": initial,
+            "final": {k: v.detach().clone() for k, v in model.state_dict().items()},
+            "grads": recorder.grads,
+            "inputs": inputs_seen,
+            "log_history": trainer.state.log_history,
+            "ddp_backwards": recorder.tracker.backwards,
+            "ddp_backwards_at_step": recorder.ddp_backwards_at_step,
+            "ddp_bytes": recorder.tracker.log.all_reduce_bytes,
+            "jd_bytes": None if communication is None else communication.payload_bytes,
+            "ddp_gramian": getattr(trainer.jd_step, "ddp_gramian", None),
+            "skipped_steps": trainer.jd_step.skipped_steps,
+        },
+        out_dir / f"{name}_rank{distributed_rank()}.pt",
+    )
+
+
+def mtl_global(out_dir: Path) -> None:
+    torch.manual_seed(0)
+    _run(out_dir, "mtl_global", TwoTaskNet(), two_task_dataset(16), jd_mode="mtl", jd_task_names=TASKS,
+         max_steps=1, per_device_train_batch_size=4)  # fmt: skip
+
+
+def mtl_global_ga2(out_dir: Path) -> None:
+    torch.manual_seed(0)
+    _run(out_dir, "mtl_global_ga2", TwoTaskNet(), two_task_dataset(16), jd_mode="mtl", jd_task_names=TASKS,
+         max_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=2)  # fmt: skip
+
+
+def mtl_global_modules(out_dir: Path) -> None:
+    torch.manual_seed(0)
+    _run(out_dir, "mtl_global_modules", TwoTaskNet(), two_task_dataset(16), jd_mode="mtl", jd_task_names=TASKS,
+         max_steps=1, per_device_train_batch_size=4, jd_modules=["encoder"])  # fmt: skip
+
+
+def mtl_global_reuse(out_dir: Path) -> None:
+    torch.manual_seed(0)
+    _run(out_dir, "mtl_global_reuse", TwoTaskNet(), two_task_dataset(16), jd_mode="mtl", jd_task_names=TASKS,
+         max_steps=2, per_device_train_batch_size=4, jd_update_weights_every=2)  # fmt: skip
+
+
+def iwrm_local(out_dir: Path) -> None:
+    torch.manual_seed(0)
+    _run(out_dir, "iwrm_local", tiny_bert(), token_dataset(16), jd_mode="iwrm", max_steps=1,
+         per_device_train_batch_size=4)  # fmt: skip
+
+
+def iwrm_local_ga2(out_dir: Path) -> None:
+    torch.manual_seed(0)
+    _run(out_dir, "iwrm_local_ga2", tiny_bert(), token_dataset(16), jd_mode="iwrm", max_steps=1,
+         per_device_train_batch_size=2, gradient_accumulation_steps=2)  # fmt: skip
+
+
+def nonfinite_skip(out_dir: Path) -> None:
+    """Rank 1's first micro-batch has a NaN task loss: with jd_nonfinite='skip' both ranks must skip it."""
+    calls = [0]
+
+    def compute_losses(model: torch.nn.Module, inputs: dict[str, Any]) -> tuple[torch.Tensor, Any]:
+        outputs = model(**inputs)
+        losses = torch.stack([outputs["losses"][task] for task in TASKS])
+        calls[0] += 1
+        if distributed_rank() == 1 and calls[0] == 1:
+            losses = losses * torch.tensor([1.0, float("nan")])
+        return losses, outputs
+
+    torch.manual_seed(0)
+    _run(out_dir, "nonfinite_skip", TwoTaskNet(), two_task_dataset(16), jd_mode="mtl", jd_task_names=TASKS,
+         max_steps=2, per_device_train_batch_size=4, jd_nonfinite="skip",
+         trainer_kwargs={"compute_losses": compute_losses})  # fmt: skip
+
+
+SCENARIOS = {
+    "mtl_global": mtl_global,
+    "mtl_global_ga2": mtl_global_ga2,
+    "mtl_global_modules": mtl_global_modules,
+    "mtl_global_reuse": mtl_global_reuse,
+    "iwrm_local": iwrm_local,
+    "iwrm_local_ga2": iwrm_local_ga2,
+    "nonfinite_skip": nonfinite_skip,
+}
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    target = Path(sys.argv[1])
+    for scenario in sys.argv[2:]:
+        SCENARIOS[scenario](target)

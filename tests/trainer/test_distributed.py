@@ -1,0 +1,476 @@
+"""Multi-process Jacobian descent (DDP, 2 CPU processes, gloo) and the helpers of ``_distributed``.
+
+Three groups of tests:
+
+- single-process tests of the helpers (world size 1, error messages, accounting);
+- ``torch.distributed`` scenarios run once in 2 spawned processes
+  (``distributed_workers/core.py``): the global MTL Gramian against ``jacrev`` on the concatenated
+  batch, DDP's all-reduce count, one SGD step, gradient accumulation and the local IWRM step;
+- JDTrainer under ``torchrun --nproc_per_node 2`` (``distributed_workers/trainer_worker.py``)
+  against a single-process JDTrainer run on the global batch and against computations by hand.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, jacrev
+
+from distributed_workers.core import TASKS as CORE_TASKS
+from distributed_workers.core import TaskNet, batch, run_all
+from distributed_workers.launch import spawn, torchrun
+from hf_jd import JDTrainer
+from hf_jd.aggregation import UPGradWeighting
+from hf_jd.trainer._distributed import (
+    CommunicationLog,
+    all_processes_true,
+    all_reduce_jacobians_mean,
+    ddp_gradient_bytes,
+    distributed_rank,
+    distributed_world_size,
+    global_mtl_gramian,
+    global_mtl_jacobian,
+    resolve_ddp_gramian,
+)
+from jd_trainer_helpers import (
+    TASKS,
+    TwoTaskNet,
+    explicit_jacobian,
+    make_args,
+    tiny_bert,
+    token_dataset,
+    two_task_dataset,
+)
+
+WORKERS = Path(__file__).parent / "distributed_workers"
+
+
+# ---------------------------------------------------------------------- single process
+@pytest.mark.parametrize(
+    ("setting", "mode", "expected"),
+    [("auto", "mtl", "global"), ("auto", "iwrm", "local"), ("auto", "iwmtl", "local"),
+     ("local", "mtl", "local"), ("global", "mtl", "global"), ("local", "iwrm", "local")],
+)  # fmt: skip
+def test_resolve_ddp_gramian(setting, mode, expected):
+    assert resolve_ddp_gramian(setting, mode) == expected
+
+
+@pytest.mark.parametrize(
+    ("setting", "mode", "message"),
+    [("global", "iwrm", "only implemented for jd_mode='mtl'"), ("global", "iwmtl", "jd_ddp_gramian='local'"),
+     ("everywhere", "mtl", "jd_ddp_gramian='everywhere' is not valid"), ("auto", "per_token", "jd_mode='per_token'")],
+)  # fmt: skip
+def test_resolve_ddp_gramian_rejects(setting, mode, message):
+    with pytest.raises(ValueError, match=message):
+        resolve_ddp_gramian(setting, mode)
+
+
+def test_single_process_helpers():
+    assert distributed_world_size() == 1
+    assert distributed_rank() == 0
+    log = CommunicationLog()
+    assert all_processes_true(True, log=log) is True
+    assert all_processes_true(False, log=log) is False
+    assert log.payload_bytes == 0  # nothing is sent without a process group
+
+
+def _task_losses(model: TaskNet, rank: int = 0):
+    return model(*batch(rank)).mean(dim=0)
+
+
+def _explicit_task_jacobian(model: TaskNet, rank: int = 0) -> torch.Tensor:
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    jac = jacrev(lambda values: functional_call(model, values, batch(rank)).mean(dim=0))(params)
+    return torch.cat([jac[name].reshape(CORE_TASKS, -1) for name in params], dim=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_global_mtl_gramian_single_process_is_the_gramian(dtype):
+    model = TaskNet().to(dtype)
+    gramian = global_mtl_gramian(_task_losses(model), list(model.parameters()), bucket_bytes=64)
+    full = _explicit_task_jacobian(model)
+    assert gramian.dtype == dtype
+    torch.testing.assert_close(gramian, full @ full.T, atol=1e-5, rtol=1e-4)
+
+
+def test_reduced_jacobian_unpacks_single_process():
+    model = TaskNet()
+    params = list(model.parameters())
+    losses = _task_losses(model)
+    rows = [torch.autograd.grad(loss, params, retain_graph=True) for loss in losses]
+    jacobians = [torch.stack(per_param) for per_param in zip(*rows)]
+    reduced = all_reduce_jacobians_mean(jacobians, bucket_bytes=100)
+    assert len(reduced.blocks) > 1
+    for got, expected in zip(reduced.jacobians(), jacobians):
+        torch.testing.assert_close(got, expected)
+    full = torch.cat([j.reshape(CORE_TASKS, -1) for j in jacobians], dim=1)
+    torch.testing.assert_close(reduced.gramian(), full @ full.T)
+
+
+def test_global_mtl_gramian_leaves_grads_untouched():
+    model = TaskNet()
+    losses = _task_losses(model)
+    global_mtl_gramian(losses, list(model.parameters()))
+    assert all(p.grad is None for p in model.parameters())
+    losses.sum().backward()  # the graph was retained for the weighted backward
+
+
+@pytest.mark.parametrize(
+    ("losses", "params", "error", "message"),
+    [
+        (lambda m: m(*batch(0)), lambda m: list(m.parameters()), ValueError, r"shape \[m\]"),
+        (lambda m: m(*batch(0)).mean(dim=0).detach(), lambda m: list(m.parameters()), ValueError, "require grad"),
+        (lambda m: m(*batch(0)).mean(dim=0), lambda m: [], ValueError, "params is empty"),
+        (lambda m: [1.0, 2.0], lambda m: list(m.parameters()), ValueError, r"shape \[m\]"),
+    ],
+)
+def test_global_mtl_gramian_rejects(losses, params, error, message):
+    model = TaskNet()
+    with pytest.raises(error, match=message):
+        global_mtl_gramian(losses(model), params(model))
+
+
+@pytest.mark.parametrize(
+    ("jacobians", "kwargs", "error", "message"),
+    [
+        ([], {}, ValueError, "jacobians is empty"),
+        ([torch.zeros(2, 3), torch.zeros(3, 3)], {}, ValueError, "same number m >= 1 of rows"),
+        ([torch.zeros(())], {}, ValueError, "same number m >= 1 of rows"),
+        ([[0.0, 1.0]], {}, TypeError, "must be torch.Tensor"),
+        ([torch.zeros(2, 3)], {"bucket_bytes": 0}, ValueError, "bucket_bytes must be a positive int"),
+    ],
+)
+def test_all_reduce_jacobians_mean_rejects(jacobians, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        all_reduce_jacobians_mean(jacobians, **kwargs)
+
+
+def test_global_mtl_jacobian_single_process_writes_the_update():
+    model = TaskNet()
+    unused = torch.nn.Parameter(torch.ones(3))
+    params = [*model.parameters(), unused]
+    model.lin.weight.grad = torch.ones_like(model.lin.weight)  # an accumulated gradient stays
+    reduced = global_mtl_jacobian(_task_losses(model), params, bucket_bytes=128)
+    assert reduced.reached == [True] * 7 + [False]
+    full = _explicit_task_jacobian(model)
+    covered = [0, 1, 2]  # embedding and the first Linear only
+    width = sum(p.numel() for p in params[:3])
+    torch.testing.assert_close(reduced.gramian(covered), full[:, :width] @ full[:, :width].T, atol=1e-5, rtol=1e-4)
+    weights = torch.tensor([0.5, -1.0, 2.0])
+    reduced.add_weighted_to_grads(params, weights, factor=0.25)
+    expected = 0.25 * (weights @ full)
+    start = model.emb.weight.numel()  # lin.weight follows the embedding
+    expected[start : start + model.lin.weight.numel()] += 1.0  # the gradient it already had
+    got = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    assert unused.grad is None  # reached by no loss: left alone, as by a backward pass
+
+
+def test_reduced_jacobian_rejects_bad_weights_and_params():
+    model = TaskNet()
+    params = list(model.parameters())
+    reduced = global_mtl_jacobian(_task_losses(model), params)
+    with pytest.raises(ValueError, match="weights must have 3 entries"):
+        reduced.weighted_sums(torch.ones(4))
+    with pytest.raises(ValueError, match="Expected 7 parameters"):
+        reduced.add_weighted_to_grads(params[:-1], torch.ones(3))
+    with pytest.raises(ValueError, match="reached has 1 entries for 2 Jacobians"):
+        all_reduce_jacobians_mean([torch.zeros(2, 3), torch.zeros(2, 4)], reached=[True])
+
+
+def test_arguments_reject_global_gramian_for_per_example_losses(tmp_path):
+    # Needs the integration patch (arguments.py calls resolve_ddp_gramian).
+    with pytest.raises(ValueError, match="only implemented for jd_mode='mtl'"):
+        make_args(tmp_path, jd_mode="iwrm", jd_ddp_gramian="global")
+
+
+def test_communication_log():
+    log = CommunicationLog()
+    log.add("all_reduce", torch.zeros(10), "jacobian")
+    log.add("all_reduce", torch.zeros(3, dtype=torch.uint8), "row_masks")
+    log.add("all_gather", torch.zeros(2, dtype=torch.float64), "factors")
+    assert (log.all_reduce_bytes, log.all_gather_bytes, log.payload_bytes, log.collectives) == (43, 16, 59, 3)
+    assert log.details == {"jacobian": 40, "row_masks": 3, "factors": 16}
+    # Ring all-reduce: 2 (P-1)/P of the payload; all-gather: (P-1) times the local part.
+    assert log.ring_bytes_sent(4) == pytest.approx(2 * 3 / 4 * 43 + 3 * 16)
+    assert log.ring_bytes_sent(1) == 0
+    with pytest.raises(ValueError, match="Unknown collective kind 'broadcast'"):
+        log.add("broadcast", torch.zeros(1), "x")
+    with pytest.raises(ValueError, match="world_size must be >= 1"):
+        log.ring_bytes_sent(0)
+    log.reset()
+    assert log.payload_bytes == 0 and log.details == {}
+
+
+def test_ddp_gradient_bytes():
+    model = TaskNet()
+    model.emb.weight.requires_grad_(False)
+    expected = 4 * sum(p.numel() for name, p in model.named_parameters() if name != "emb.weight")
+    assert ddp_gradient_bytes(list(model.parameters())) == expected
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"fsdp": "full_shard"}, "does not support FSDP"),
+        ({"deepspeed": {"train_batch_size": 8}}, "does not support DeepSpeed"),
+    ],
+)
+def test_sharded_parallelism_rejected_at_start_up(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        make_args(tmp_path, jd_mode="mtl", jd_task_names=TASKS, **kwargs)
+
+
+# ---------------------------------------------------------------------- 2 processes, torch.distributed
+@pytest.fixture(scope="module")
+def core(tmp_path_factory):
+    """Every scenario of ``distributed_workers/core.py``, run once in 2 processes: results by rank."""
+    return spawn(run_all, 2, tmp_path_factory.mktemp("core"), timeout=180.0)
+
+
+def _scenario(core, name):
+    assert [ranks["world_size"] for ranks in core] == [2, 2]
+    results = [ranks[name] for ranks in core]
+    for rank, result in enumerate(results):
+        assert result["ok"], f"rank {rank} failed:\n{result['error']}"
+    return results
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_global_gramian_equals_single_process_gramian(core):
+    results = _scenario(core, "gramian_matches_single_process")
+    assert results[0]["gramian"] == results[1]["gramian"]  # bit-identical on every process
+    for result in results:
+        # Row-sparse all-reduce: only embedding rows used by some process are sent.
+        assert result["jacobian_bytes"] == result["expected_jacobian_bytes"]
+        assert result["row_mask_bytes"] == result["expected_row_mask_bytes"]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_reduced_jacobians_are_the_mean(core):
+    results = _scenario(core, "jacobians_unpack_to_mean")
+    assert all(result["blocks"] > 1 for result in results)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_ddp_step_with_global_gramian(core):
+    for result in _scenario(core, "ddp_mtl_global_step"):
+        assert result["buckets_after_gramian"] == 0  # the Jacobian pass does not trigger DDP
+        assert result["ddp_backwards"] == 1  # the weighted backward does, once
+        assert result["ddp_bytes"] == result["param_bytes"]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_ddp_grad_accumulation_with_global_gramian(core):
+    for result in _scenario(core, "ddp_mtl_global_grad_accumulation"):
+        assert result["ddp_backwards_per_micro_batch"] == [0, 1]  # no_sync, then one all-reduce
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_ddp_local_iwrm_step(core):
+    results = _scenario(core, "ddp_iwrm_local_step")
+    for result in results:
+        assert result["buckets_after_gramian"] == 0  # the autogram engine's pass does not trigger DDP
+        assert result["ddp_backwards"] == 1
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_ddp_direct_global_step_needs_no_ddp_all_reduce(core):
+    results = _scenario(core, "ddp_mtl_global_direct_step")
+    for result in results:
+        assert result["ddp_buckets"] == 0  # every process wrote the same update itself
+        assert result["jd_bytes"] > 0
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_ddp_direct_global_step_reached_union(core):
+    for result in _scenario(core, "ddp_mtl_global_direct_reached_union"):
+        assert result["reached"] == [True] * 7 + [False]  # the LayerNorm (reached on rank 0) counts
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_layout_mismatch_raises_on_every_process(core):
+    for result in _scenario(core, "layout_mismatch_raises"):
+        assert "different layouts" in result["message"]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_agreement_across_processes(core):
+    for result in _scenario(core, "agreement"):
+        assert (result["one_false"], result["all_true"], result["bytes"]) == (False, True, 2)
+
+
+# ---------------------------------------------------------------------- 2 processes, JDTrainer
+@pytest.fixture(scope="module")
+def trainer_runs(tmp_path_factory):
+    """The scenarios of ``trainer_worker.py`` under ``torchrun --nproc_per_node 2``: {name: [rank0, rank1]}."""
+    out = tmp_path_factory.mktemp("trainer_runs")
+    names = ["mtl_global", "mtl_global_ga2", "mtl_global_modules", "mtl_global_reuse", "iwrm_local", "iwrm_local_ga2",
+             "nonfinite_skip"]  # fmt: skip
+    torchrun(WORKERS / "trainer_worker.py", [str(out), *names], timeout=300.0)
+    runs = {
+        name: [torch.load(out / f"{name}_rank{rank}.pt", weights_only=False) for rank in range(2)] for name in names
+    }
+    for name, ranks in runs.items():
+        for rank, run in enumerate(ranks):
+            assert run["world_size"] == 2, f"{name} rank {rank}: the processes did not form one group"
+            assert run["ddp_wrapped"], f"{name} rank {rank}: the model was not wrapped in DDP"
+    return runs
+
+
+def _single_process_run(tmp_path, initial, **arguments):
+    model = TwoTaskNet()
+    model.load_state_dict(initial)
+    args = make_args(tmp_path, optim="sgd", jd_mode="mtl", jd_task_names=TASKS, **arguments)
+    trainer = JDTrainer(model=model, args=args, train_dataset=two_task_dataset(16))
+    trainer.train()
+    return model, trainer
+
+
+def _assert_same_parameters(model, state, what):
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(state[name], value, atol=1e-5, rtol=0, msg=lambda text: f"{what}, {name}: {text}")
+
+
+def _logged(run, key):
+    return [entry[key] for entry in run["log_history"] if key in entry]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_trainer_mtl_global_equals_single_process_on_global_batch(trainer_runs, tmp_path):
+    ranks = trainer_runs["mtl_global"]
+    assert all(run["ddp_gramian"] == "global" for run in ranks)
+    # The two processes saw the two halves of the first global batch of 8.
+    seen = torch.cat([run["inputs"][0]["x"] for run in ranks])
+    torch.testing.assert_close(seen, torch.tensor(two_task_dataset(16)["x"][:8]))
+    model, trainer = _single_process_run(tmp_path, ranks[0]["initial"], max_steps=1, per_device_train_batch_size=8)
+    for rank, run in enumerate(ranks):
+        _assert_same_parameters(model, run["final"], f"rank {rank} after one step")
+        for task in TASKS:  # every process logs the weights of the global Gramian
+            expected = _logged({"log_history": trainer.state.log_history}, f"jd/weight_{task}")
+            assert _logged(run, f"jd/weight_{task}") == pytest.approx(expected, abs=1e-5)
+        # Every process wrote the same update itself: DDP's gradient all-reduce never ran.
+        assert run["ddp_backwards"] == 0
+        assert run["jd_bytes"] > 0
+        assert _logged(run, "jd/comm_bytes") == [float(run["jd_bytes"])]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_trainer_grad_accumulation_two_processes(trainer_runs, tmp_path):
+    ranks = trainer_runs["mtl_global_ga2"]
+    model, _ = _single_process_run(
+        tmp_path, ranks[0]["initial"], max_steps=2, per_device_train_batch_size=4, gradient_accumulation_steps=2
+    )
+    for rank, run in enumerate(ranks):
+        _assert_same_parameters(model, run["final"], f"rank {rank} after two steps of 2 micro-batches")
+        # Every micro-batch's update is written directly (forward under no_sync): no DDP all-reduce.
+        assert run["ddp_backwards_at_step"] == [0, 0]
+        assert len(run["inputs"]) == 4
+
+
+def _local_update_by_hand(initial, inputs, labels):
+    model = tiny_bert()
+    model.load_state_dict(initial)
+    params = [p for p in model.parameters() if p.requires_grad]
+    logits = model(**inputs).logits
+    losses = F.cross_entropy(logits, labels, reduction="none")
+    jacobian = explicit_jacobian(losses, params)
+    weights = UPGradWeighting()(jacobian @ jacobian.T)
+    return weights, weights @ jacobian
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_trainer_mtl_global_with_jd_modules(trainer_runs, tmp_path):
+    ranks = trainer_runs["mtl_global_modules"]
+    model, _ = _single_process_run(
+        tmp_path, ranks[0]["initial"], max_steps=1, per_device_train_batch_size=8, jd_modules=["encoder"]
+    )
+    for rank, run in enumerate(ranks):
+        # The heads (outside jd_modules) get the weighted gradient of the global batch too.
+        _assert_same_parameters(model, run["final"], f"rank {rank}, jd_modules=['encoder']")
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_trainer_mtl_global_reused_weights(trainer_runs, tmp_path):
+    ranks = trainer_runs["mtl_global_reuse"]
+    model, _ = _single_process_run(
+        tmp_path, ranks[0]["initial"], max_steps=2, per_device_train_batch_size=8, jd_update_weights_every=2
+    )
+    for rank, run in enumerate(ranks):
+        _assert_same_parameters(model, run["final"], f"rank {rank}, weights reused at step 1")
+        # Step 0 writes the global update itself; step 1 reuses the weights in a backward through DDP.
+        assert run["ddp_backwards_at_step"] == [0, 1]
+
+
+def _micro_batch_by_hand(run, micro):
+    """Weights and update of one rank's micro-batch, recomputed from the initial model."""
+    dataset = token_dataset(16)
+    all_ids = torch.tensor(dataset["input_ids"])
+    inputs = run["inputs"][micro]
+    rows = [int((all_ids == row).all(dim=1).nonzero()[0]) for row in inputs["input_ids"]]
+    labels = torch.tensor(dataset["labels"])[rows]
+    return _local_update_by_hand(run["initial"], dict(inputs), labels)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_trainer_iwrm_local_is_mean_of_local_updates(trainer_runs):
+    ranks = trainer_runs["iwrm_local"]
+    assert all(run["ddp_gramian"] == "local" for run in ranks)
+    updates = []
+    for run in ranks:
+        weights, update = _micro_batch_by_hand(run, 0)
+        updates.append(update)
+        # The logged weights are this process's own (local) weights (to the dual solver's tolerance).
+        assert _logged(run, "jd/weight_min") == pytest.approx([float(weights.min())], rel=1e-3)
+        assert _logged(run, "jd/weight_max") == pytest.approx([float(weights.max())], rel=1e-3)
+        assert _logged(run, "jd/weight_mean") == pytest.approx([float(weights.mean())], rel=1e-3)
+    expected = (updates[0] + updates[1]) / 2  # DDP averages the processes' aggregated local Jacobians
+    for rank, run in enumerate(ranks):
+        torch.testing.assert_close(run["grads"][0], expected, atol=1e-4, rtol=1e-3, msg=lambda t: f"rank {rank}: {t}")
+        assert run["ddp_backwards"] == 1  # the weighted backward synchronised once
+        assert _logged(run, "jd/comm_bytes") == [2.0]  # only the two 1-byte finiteness agreements
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_trainer_iwrm_local_grad_accumulation(trainer_runs):
+    ranks = trainer_runs["iwrm_local_ga2"]
+    expected = 0
+    for run in ranks:
+        assert len(run["inputs"]) == 2
+        for micro in range(2):
+            expected = expected + 0.5 * _micro_batch_by_hand(run, micro)[1] / 2
+    for rank, run in enumerate(ranks):
+        torch.testing.assert_close(run["grads"][0], expected, atol=1e-4, rtol=1e-3, msg=lambda t: f"rank {rank}: {t}")
+        # Accelerate runs the first micro-batch under no_sync: one all-reduce per optimizer step.
+        assert run["ddp_backwards_at_step"] == [1]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_trainer_nonfinite_loss_on_one_process_skips_on_all(trainer_runs):
+    ranks = trainer_runs["nonfinite_skip"]
+    for run in ranks:
+        assert run["skipped_steps"] == 1  # rank 0's losses were finite, it skipped all the same
+        assert _logged(run, "jd/skipped_steps") == [1.0, 1.0]
+        assert run["ddp_backwards"] == 0
+    torch.testing.assert_close(ranks[0]["grads"][0], torch.zeros_like(ranks[0]["grads"][0]))
+    for name, value in ranks[0]["final"].items():
+        torch.testing.assert_close(ranks[1]["final"][name], value, atol=0, rtol=0)
