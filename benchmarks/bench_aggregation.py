@@ -1,0 +1,154 @@
+"""Benchmark of the dual-cone weightings (UPGrad, DualProj) against torchjd, when importable.
+
+For each number of objectives ``m`` and each kind of Jacobian, it builds ``J`` (``m × n``), its
+Gramian ``G = J Jᵀ``, and times ``UPGradWeighting()(G)`` and ``DualProjWeighting()(G)`` (median
+of several calls). Where ``torchjd`` can be imported (benchmark only; install it with
+``pip install --no-deps torchjd``; its default projector also needs ``qpsolvers``), the same
+Gramians go through torchjd's weightings: the table gives their time, the speed-up and the largest
+relative difference of the weights, ``max|w − w_torchjd| / max|w_torchjd|``.
+
+Kinds of Jacobians (``n = 2000`` columns by default):
+
+* ``iid``: ``randn(m, n)``; about half of the pairs of rows conflict (the hardest case).
+* ``shared``: ``randn(m, n) + 0.1·√m``-scaled shared direction: most rows agree, some conflict.
+* ``lowrank``: ``randn(m, r) @ randn(r, n)`` with ``r = max(2, m // 4)``: ill-conditioned.
+
+Run: ``.venv/bin/python benchmarks/bench_aggregation.py [--threads 1] [--sizes 2 8 32 128 256]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from hf_jd.aggregation import DualProjWeighting, UPGradWeighting
+
+KINDS = ("iid", "shared", "lowrank")
+
+
+def make_gramian(kind: str, m: int, n: int, seed: int) -> Tensor:
+    """Gramian of a synthetic Jacobian of the given kind (float64)."""
+    generator = torch.Generator().manual_seed(seed)
+    if kind == "iid":
+        jacobian = torch.randn(m, n, generator=generator, dtype=torch.float64)
+    elif kind == "shared":
+        jacobian = torch.randn(m, n, generator=generator, dtype=torch.float64)
+        jacobian += 0.1 * torch.randn(n, generator=generator, dtype=torch.float64)
+    elif kind == "lowrank":
+        rank = max(2, m // 4)
+        left = torch.randn(m, rank, generator=generator, dtype=torch.float64)
+        jacobian = left @ torch.randn(rank, n, generator=generator, dtype=torch.float64) / rank**0.5
+    else:
+        raise ValueError(f"Unknown kind {kind!r}; choose from {', '.join(KINDS)}.")
+    gramian = jacobian @ jacobian.T
+    return (gramian + gramian.T) / 2
+
+
+def conflict_fraction(gramian: Tensor) -> float:
+    """Fraction of pairs of distinct rows with a negative inner product."""
+    m = gramian.shape[0]
+    if m < 2:
+        return 0.0
+    off_diagonal = ~torch.eye(m, dtype=torch.bool)
+    return float((gramian[off_diagonal] < 0).double().mean())
+
+
+def median_time(
+    function: Callable[[], Tensor], repeats: int, budget_s: float
+) -> tuple[float, float, Tensor]:
+    """Median wall and process-CPU times in seconds of ``function`` (after one warm-up call).
+
+    The CPU time is less sensitive to other processes competing for the cores.
+    """
+    result = function()
+    wall: list[float] = []
+    cpu: list[float] = []
+    start = time.perf_counter()
+    for _ in range(repeats):
+        begin, begin_cpu = time.perf_counter(), time.process_time()
+        result = function()
+        wall.append(time.perf_counter() - begin)
+        cpu.append(time.process_time() - begin_cpu)
+        if time.perf_counter() - start > budget_s:
+            break
+    return statistics.median(wall), statistics.median(cpu), result
+
+
+def load_torchjd() -> tuple[dict[str, Callable[[], object]] | None, str]:
+    """Return torchjd's weighting constructors, or None and the reason they are unavailable."""
+    try:
+        from torchjd.aggregation import DualProjWeighting as TorchjdDualProj
+        from torchjd.aggregation import UPGradWeighting as TorchjdUPGrad
+
+        TorchjdUPGrad()  # its default projector may need optional dependencies
+    except Exception as error:  # noqa: BLE001 - any failure just disables the comparison
+        return None, f"{type(error).__name__}: {error}"
+    return {"UPGrad": TorchjdUPGrad, "DualProj": TorchjdDualProj}, ""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--sizes", type=int, nargs="+", default=[2, 8, 32, 128, 256])
+    parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
+    parser.add_argument("--n", type=int, default=2000, help="number of columns of the Jacobians")
+    parser.add_argument("--repeats", type=int, default=9, help="timed calls of hf_jd (median)")
+    parser.add_argument("--torchjd-repeats", type=int, default=3, help="timed calls of torchjd")
+    parser.add_argument("--budget", type=float, default=20.0, help="max seconds of timed calls per cell")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch.set_num_threads (default: unchanged)"
+    )
+    parser.add_argument("--no-torchjd", action="store_true", help="skip the torchjd comparison")
+    args = parser.parse_args()
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    torchjd, reason = (None, "disabled by --no-torchjd") if args.no_torchjd else load_torchjd()
+    ours = {"UPGrad": UPGradWeighting, "DualProj": DualProjWeighting}
+
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {os.cpu_count()} CPU(s), "
+        f"load average {load:.1f}; n = {args.n}; wall-time medians (hf_jd CPU time in brackets)"
+    )
+    if torchjd is None:
+        print(f"torchjd comparison unavailable: {reason}")
+    header = (
+        f"{'weighting':<9} {'kind':<8} {'m':>4} {'conflict':>8} {'hf_jd ms':>9} {'(cpu ms)':>9} "
+        f"{'torchjd ms':>11} {'speed-up':>9} {'max rel diff':>13}"
+    )
+    print(header)
+    print("-" * len(header))
+    for name, weighting_class in ours.items():
+        for kind in args.kinds:
+            for m in args.sizes:
+                gramian = make_gramian(kind, m, args.n, seed=m)
+                weighting = weighting_class()
+                ours_s, ours_cpu, weights = median_time(
+                    lambda: weighting(gramian), args.repeats, args.budget
+                )
+                row = (
+                    f"{name:<9} {kind:<8} {m:>4} {conflict_fraction(gramian):>8.2f} "
+                    f"{ours_s * 1e3:>9.2f} {ours_cpu * 1e3:>9.2f}"
+                )
+                if torchjd is not None:
+                    reference_weighting = torchjd[name]()
+                    theirs_s, _, reference = median_time(
+                        lambda: reference_weighting(gramian), args.torchjd_repeats, args.budget
+                    )
+                    difference = float((weights - reference).abs().max() / reference.abs().max())
+                    row += f" {theirs_s * 1e3:>11.2f} {theirs_s / ours_s:>8.1f}x {difference:>13.1e}"
+                else:
+                    row += f" {'-':>11} {'-':>9} {'-':>13}"
+                print(row, flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""Tests of the name-based registry: every registered aggregator and weighting builds."""
+
+from __future__ import annotations
+
+import pytest
+
+import hf_jd.aggregation as aggregation
+from hf_jd.aggregation import (
+    Aggregator,
+    GramianWeightedAggregator,
+    Weighting,
+    available_aggregators,
+    available_weightings,
+    get_aggregator,
+    get_aggregator_class,
+    get_weighting,
+    get_weighting_class,
+    is_gramian_based,
+)
+
+from _aggregation_references import CONSTRUCTOR_DEFAULTS
+
+NAMES = available_aggregators()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_name_builds(name: str) -> None:
+    aggregator = get_aggregator(name, **CONSTRUCTOR_DEFAULTS.get(name, {}))
+    assert isinstance(aggregator, Aggregator)
+    assert isinstance(aggregator, get_aggregator_class(name))
+    assert isinstance(aggregator, GramianWeightedAggregator) == is_gramian_based(name)
+    assert repr(aggregator).startswith(type(aggregator).__name__ + "(")
+    # The lazy package attribute is the same class.
+    assert getattr(aggregation, type(aggregator).__name__) is type(aggregator)
+
+
+@pytest.mark.parametrize("name", available_weightings())
+def test_every_weighting_builds_and_matches_its_aggregator(name: str) -> None:
+    kwargs = CONSTRUCTOR_DEFAULTS.get(name, {})
+    weighting = get_weighting(name, **kwargs)
+    assert isinstance(weighting, Weighting)
+    assert type(weighting) is get_weighting_class(name)
+    aggregator = get_aggregator(name, **kwargs)
+    assert isinstance(aggregator, GramianWeightedAggregator)
+    assert type(aggregator.weighting) is type(weighting)
+
+
+def test_names_are_normalised() -> None:
+    assert type(get_aggregator("UPGrad")).__name__ == "UPGrad"
+    assert type(get_aggregator(" imtl-g ")).__name__ == "IMTLG"
+
+
+def test_unknown_name_lists_valid_names() -> None:
+    with pytest.raises(ValueError, match="Unknown aggregator 'nope'") as info:
+        get_aggregator("nope")
+    for name in NAMES:
+        assert name in str(info.value)
+
+
+def test_non_string_name() -> None:
+    with pytest.raises(TypeError, match="string"):
+        get_aggregator(3)  # type: ignore[arg-type]
+
+
+def test_bad_keyword_is_named() -> None:
+    with pytest.raises(TypeError, match="'bogus'.*upgrad.*pref_vector, norm_eps, reg_eps"):
+        get_aggregator("upgrad", bogus=1)
+    with pytest.raises(TypeError, match="'bogus'"):
+        get_weighting("mgda", bogus=1)
+
+
+def test_weighting_of_non_gramian_aggregator() -> None:
+    with pytest.raises(ValueError, match="not Gramian-based"):
+        get_weighting("trimmed_mean")
+
+
+def test_my_aggregators_are_registered() -> None:
+    for name in ["upgrad", "dualproj", "mgda", "mean", "sum", "constant", "random", "krum", "trimmed_mean"]:
+        assert name in NAMES
