@@ -1,0 +1,262 @@
+"""Benchmark of the autogram engine: time and peak memory of one training step.
+
+Variants, on the same model and batch, timed interleaved in one process (median over repeats):
+
+- ``plain``: forward, mean loss, backward (the baseline);
+- ``hf_jd``: IWRM step with :class:`hf_jd.autogram.Engine` — per-example losses, Gramian,
+  UPGrad weights, ``losses.backward(weights)``;
+- ``hf_jd-1bw``: the same with ``Engine(..., single_backward=True)`` and ``engine.backward(weights)``
+  (no second pass through the network);
+- ``torchjd``: torchjd's autogram engine on a copy of the model, when ``torchjd`` is importable
+  (e.g. ``PYTHONPATH=/path/to/torchjd``); it gets per-example ``position_ids``, which it needs.
+
+Peak memory is measured afterwards, per variant, with the PyTorch profiler's allocation events
+(allocations above what was alive when the step started).
+
+Run: ``python benchmarks/bench_autogram.py [--repeats 15] [--threads 1] [--models bert gpt2]``.
+The sanity check before the table compares the updates of the JD variants (same dropout masks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.profiler import ProfilerActivity, profile
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+
+from hf_jd.autogram import Engine
+
+Step = Callable[[], None]
+
+
+def _weighting() -> tuple[str, Callable[[Tensor], Tensor]]:
+    """UPGrad weighting: hf_jd's when available, else torchjd's, else the mean (named)."""
+    try:
+        from hf_jd.aggregation import UPGradWeighting
+
+        return "hf_jd UPGradWeighting", UPGradWeighting()
+    except (ImportError, AttributeError):
+        pass
+    try:
+        from torchjd.aggregation import UPGradWeighting as TorchJDUPGrad
+
+        return "torchjd UPGradWeighting", TorchJDUPGrad()
+    except ImportError:
+        return "mean weighting (no UPGrad available)", lambda gramian: torch.full(
+            (gramian.shape[0],), 1.0 / gramian.shape[0], dtype=gramian.dtype
+        )
+
+
+@dataclass
+class Case:
+    name: str
+    model: nn.Module
+    inputs: dict[str, Tensor]
+    losses: Callable[[nn.Module, dict[str, Tensor]], Tensor]  # per-example losses [B]
+
+
+def _bert_case(batch: int, length: int, vocab: int) -> Case:
+    config = BertConfig(
+        vocab_size=vocab, hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=512, max_position_embeddings=max(512, length), num_labels=2,
+    )
+    model = BertForSequenceClassification(config).train()
+    ids = torch.randint(1, vocab, (batch, length))
+    labels = torch.randint(0, 2, (batch,))
+
+    def losses(m: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
+        logits = m(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+        return nn.functional.cross_entropy(logits, inputs["labels"], reduction="none")
+
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    return Case(f"BERT-tiny cls (B={batch}, T={length}, V={vocab})", model, inputs, losses)
+
+
+def _gpt2_case(batch: int, length: int, vocab: int) -> Case:
+    config = GPT2Config(
+        vocab_size=vocab, n_positions=max(512, length), n_embd=128, n_layer=2, n_head=2,
+        bos_token_id=0, eos_token_id=0,
+    )
+    model = GPT2LMHeadModel(config).train()
+    ids = torch.randint(0, vocab, (batch, length))
+
+    def losses(m: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
+        logits = m(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+        token = nn.functional.cross_entropy(
+            logits[:, :-1].transpose(1, 2), inputs["labels"][:, 1:], reduction="none"
+        )
+        return token.mean(1)
+
+    inputs = {"input_ids": ids, "labels": ids}
+    return Case(f"GPT-2-tiny LM, tied (B={batch}, T={length}, V={vocab})", model, inputs, losses)
+
+
+def _llama_case(batch: int, length: int, vocab: int) -> Case:
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+        intermediate_size=512, max_position_embeddings=max(512, length), bos_token_id=0, eos_token_id=0,
+    )
+    case = _gpt2_case(batch, length, vocab)
+    return Case(f"LLaMA-tiny LM (B={batch}, T={length}, V={vocab})", LlamaForCausalLM(config).train(),
+                case.inputs, case.losses)
+
+
+def _steps(case: Case, weighting: Callable[[Tensor], Tensor]) -> tuple[dict[str, Step], dict[str, nn.Module]]:
+    """The step of each variant, and the model it trains."""
+    steps: dict[str, Step] = {}
+    plain_model = case.model
+
+    def plain() -> None:
+        plain_model.zero_grad(set_to_none=True)
+        case.losses(plain_model, case.inputs).mean().backward()
+
+    steps["plain"] = plain
+    models = {"plain": plain_model}
+
+    ours_model = copy.deepcopy(case.model)
+    engine = Engine(ours_model)
+
+    def ours() -> None:
+        ours_model.zero_grad(set_to_none=True)
+        losses = case.losses(ours_model, case.inputs)
+        gramian = engine.compute_gramian(losses)
+        losses.backward(weighting(gramian).to(losses.dtype))
+
+    steps["hf_jd"] = ours
+    models["hf_jd"] = ours_model
+
+    single_model = copy.deepcopy(case.model)
+    single_engine = Engine(single_model, single_backward=True)
+
+    def single() -> None:
+        single_model.zero_grad(set_to_none=True)
+        losses = case.losses(single_model, case.inputs)
+        gramian = single_engine.compute_gramian(losses)
+        single_engine.backward(weighting(gramian))
+
+    steps["hf_jd-1bw"] = single
+    models["hf_jd-1bw"] = single_model
+
+    try:
+        from torchjd.autogram import Engine as TorchJDEngine
+    except ImportError:
+        return steps, models
+    theirs_model = copy.deepcopy(case.model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs_engine = TorchJDEngine(theirs_model, batch_dim=0)
+    ids = case.inputs["input_ids"]
+    theirs_inputs = dict(case.inputs)
+    theirs_inputs["position_ids"] = torch.arange(ids.shape[1]).expand(ids.shape[0], -1).contiguous()
+
+    def theirs() -> None:
+        theirs_model.zero_grad(set_to_none=True)
+        losses = case.losses(theirs_model, theirs_inputs)
+        gramian = theirs_engine.compute_gramian(losses)
+        losses.backward(weighting(gramian).to(losses.dtype))
+
+    steps["torchjd"] = theirs
+    models["torchjd"] = theirs_model
+    return steps, models
+
+
+def _peak_memory(step: Step) -> int:
+    """Peak bytes allocated during ``step`` above what was alive before it."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    current = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        current += event.cpu_memory_usage if event.name == "[memory]" else event.self_cpu_memory_usage
+        peak = max(peak, current)
+    return peak
+
+
+def _check_same_update(steps: dict[str, Step], models: dict[str, nn.Module]) -> None:
+    """Sanity check: all JD variants write the same update into ``.grad``."""
+    grads = {}
+    for name in steps:
+        if name == "plain":
+            continue
+        torch.manual_seed(1)  # same dropout masks for every variant
+        steps[name]()
+        grads[name] = torch.cat([p.grad.reshape(-1) for p in models[name].parameters() if p.grad is not None])
+    reference = grads["hf_jd"]
+    for name, grad in grads.items():
+        if name != "hf_jd":
+            error = ((grad - reference).norm() / reference.norm()).item()
+            print(f"  relative difference of the {name} and hf_jd updates: {error:.1e}")
+
+
+def run(case: Case, weighting: Callable[[Tensor], Tensor], repeats: int, warmup: int) -> dict[str, Any]:
+    torch.manual_seed(0)
+    steps, models = _steps(case, weighting)
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    memory = {name: _peak_memory(step) for name, step in steps.items()}
+    print(f"\n{case.name}")
+    _check_same_update(steps, models)
+    plain_time, plain_memory = medians["plain"], memory["plain"]
+    print(f"  {'variant':<11}{'median ms':>11}{'x plain':>9}{'peak MB':>10}{'x plain':>9}")
+    for name in steps:
+        print(
+            f"  {name:<11}{medians[name] * 1e3:>11.1f}{medians[name] / plain_time:>9.2f}"
+            f"{memory[name] / 2**20:>10.1f}{memory[name] / plain_memory:>9.2f}"
+        )
+    if "torchjd" in medians:
+        for name in ("hf_jd", "hf_jd-1bw"):
+            print(f"  torchjd / {name}: {medians['torchjd'] / medians[name]:.2f}x")
+    return {"times": medians, "memory": memory}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="torch threads (1 by default: on shared CPUs, more threads mostly add contention noise)",
+    )
+    parser.add_argument("--vocab", type=int, default=30522)
+    parser.add_argument("--models", nargs="+", default=["bert", "gpt2"], choices=["bert", "gpt2", "llama"])
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    name, weighting = _weighting()
+    print(f"torch {torch.__version__}, {args.threads} threads, {args.repeats} repeats, weighting: {name}")
+    cases = []
+    if "bert" in args.models:
+        cases += [_bert_case(16, 32, args.vocab), _bert_case(32, 64, args.vocab)]
+    if "gpt2" in args.models:
+        cases += [_gpt2_case(16, 32, args.vocab)]
+    if "llama" in args.models:
+        cases += [_llama_case(16, 32, args.vocab)]
+    for case in cases:
+        run(case, weighting, args.repeats, args.warmup)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,8 @@
+"""Gramian engine: ``J Jᵀ`` of the losses' Jacobian w.r.t. the parameters of given modules,
+computed during a backward pass without ever holding ``J`` (Algorithm 3 of Quinton & Rey,
+"Jacobian Descent For Multi-Objective Optimization", arXiv 2406.16232).
+"""
+
+from .engine import Engine
+
+__all__ = ["Engine"]

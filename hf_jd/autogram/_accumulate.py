@@ -1,0 +1,146 @@
+"""Back-propagation to the captured module outputs and accumulation of the Gramian.
+
+:func:`grads_at_once` back-propagates the losses to all captured outputs in one call (batched over
+tasks when there are several); :func:`grads_streamed` (per-example losses) handles each record as
+soon as the backward pass reaches its output, so that the output gradients of all layers are
+never held at the same time. Either way, :class:`Accumulator` adds each record's contribution and
+then the cross terms of parameters used by several calls.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._generic import GenericRecord
+from ._layout import RowLayout
+from ._record import Record
+from ._shared import shared_gram
+
+__all__ = ["Accumulator", "grads_at_once", "grads_streamed", "uncovered_parameters"]
+
+
+class Accumulator:
+    """Adds the records' contributions to the Gramian as their output gradients arrive."""
+
+    def __init__(
+        self, layout: RowLayout, dtype: torch.dtype, device: torch.device, counts: dict[int, int], keep: bool
+    ) -> None:
+        self.layout = layout
+        self.dtype = dtype
+        self.counts = counts
+        self.keep = keep
+        self.gramian = torch.zeros(layout.num_rows, layout.num_rows, dtype=dtype, device=device)
+        self.shared: dict[int, list[tuple[Record, str]]] = {}
+        self.uses: dict[int, list[tuple[Record, str]]] = {}
+        self.params: dict[int, nn.Parameter] = {}
+
+    def add(self, record: Record, grads: list[Tensor | None]) -> None:
+        """Bind a record to its batched output gradients and add what can be added now."""
+        if all(grad is None for grad in grads):
+            return  # the losses do not depend on this call
+        record.keep_rows = self.keep
+        record.bind(grads, self.layout)
+        needed_later = self.keep
+        for name, param in record.params.items():
+            self.params[id(param)] = param
+            if self.counts[id(param)] == 1:
+                self.gramian += record.gram(name).to(self.dtype)
+            else:
+                self.shared.setdefault(id(param), []).append((record, name))
+                needed_later = True
+            if self.keep:
+                self.uses.setdefault(id(param), []).append((record, name))
+        if not needed_later:
+            record.release()
+
+    def finish(self) -> Tensor:
+        """Add the parameters used by several calls and return the symmetrised Gramian."""
+        for param_uses in self.shared.values():
+            self.gramian += shared_gram(param_uses, self.layout.num_examples, self.dtype)
+        self.shared = {}
+        return (self.gramian + self.gramian.T) / 2
+
+
+def grads_at_once(
+    losses: Tensor, grad_outputs: Tensor, records: list[Record], accumulator: Accumulator, batched: bool
+) -> None:
+    """Back-propagate to all the records' outputs at once, then add their contributions."""
+    edges = [edge for record in records for edge in record.edges]
+    grads = list(
+        torch.autograd.grad(
+            losses,
+            edges,
+            grad_outputs=grad_outputs,
+            retain_graph=True,
+            allow_unused=True,
+            is_grads_batched=batched,
+        )
+    )
+    if not batched:
+        grads = [None if grad is None else grad.unsqueeze(0) for grad in grads]
+    offset = 0
+    for record in records:
+        record_grads = grads[offset : offset + len(record.edges)]
+        grads[offset : offset + len(record.edges)] = [None] * len(record.edges)
+        offset += len(record.edges)
+        accumulator.add(record, record_grads)
+
+
+def grads_streamed(
+    losses: Tensor, grad_outputs: Tensor, records: list[Record], accumulator: Accumulator
+) -> None:
+    """Per-example losses: back-propagate once to the outputs of the "source" records (those
+    whose inputs do not require grad) and handle every other record as soon as the backward
+    pass reaches its output (a hook on its autograd node), so that the output gradients of all
+    layers are never held at once. Records the pass did not reach are done afterwards."""
+    streamed = [r for r in records if not r.is_source and not isinstance(r, GenericRecord)]
+    direct = [r for r in records if r.is_source or isinstance(r, GenericRecord)]
+    if not direct:
+        grads_at_once(losses, grad_outputs, records, accumulator, batched=False)
+        return
+    reached: set[int] = set()
+
+    def hook_for(record: Record, output_nr: int) -> Any:
+        def hook(node_grads: tuple[Tensor | None, ...]) -> None:
+            reached.add(id(record))
+            grad = node_grads[output_nr]
+            if grad is not None:
+                accumulator.add(record, [grad.unsqueeze(0)])
+
+        return hook
+
+    handles = [
+        edge.node.register_prehook(hook_for(record, edge.output_nr))
+        for record in streamed
+        for edge in record.edges
+    ]
+    try:
+        grads_at_once(losses, grad_outputs, direct, accumulator, batched=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    missed = [record for record in streamed if id(record) not in reached]
+    if missed:
+        grads_at_once(losses, grad_outputs, missed, accumulator, batched=False)
+
+
+def uncovered_parameters(losses: Tensor, covered: dict[int, nn.Parameter]) -> list[Tensor]:
+    """Trainable leaves the losses depend on that the engine did not capture."""
+    found: list[Tensor] = []
+    seen_nodes: set[Any] = set()
+    stack = [losses.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen_nodes:
+            continue
+        seen_nodes.add(node)
+        variable = getattr(node, "variable", None)
+        if variable is not None:
+            if id(variable) not in covered and variable.requires_grad:
+                found.append(variable)
+            continue
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return found

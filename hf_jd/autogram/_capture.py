@@ -1,0 +1,307 @@
+"""Forward hooks of the autogram engine: what each parametrised module call leaves behind.
+
+Every module with direct parameters gets a pre-hook and a hook. When capturing (engine enabled,
+grad mode on), the hook builds a :class:`~._record.Record` of the call: the tensors its closed form
+needs and the gradient edges of its outputs. The capture also tracks the batch size (to expand
+batch-broadcast outputs, e.g. BERT's position embeddings of shape ``[1, T, d]``), rejects modules
+that mix examples (BatchNorm in training mode) and forward passes re-run inside the engine's own
+backward pass (gradient checkpointing), and signals when a given module starts a new forward.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.graph import get_gradient_edge
+
+from ._dispatch import Kind, kind_of, mixes_examples, record_class
+from ._generic import (
+    GenericRecord,
+    alias_outputs,
+    borrowed_submodules,
+    direct_parameters,
+    install_aliases,
+    restore_parameters,
+    tensors_in,
+)
+from ._record import Record
+from ._rms_norm import RMSNormRecord
+
+__all__ = ["Capture", "describe"]
+
+
+def describe(name: str, module: nn.Module) -> str:
+    """``name (Type)`` of a module, for error messages."""
+    return f"{name} ({type(module).__name__})" if name else f"{type(module).__name__} (a module given to the engine)"
+
+
+@dataclass
+class _ModuleInfo:
+    name: str
+    kind: Kind
+    borrowed: dict[str, nn.Module] = field(default_factory=dict)
+    trainable_descendants: list[nn.Module] = field(default_factory=list)
+    frames: list[Any] = field(default_factory=list)
+
+
+@dataclass
+class _Frame:
+    params: dict[str, nn.Parameter]
+    aliases: dict[str, Tensor] | None
+    descendant_calls: list[int] | None
+
+
+class Capture:
+    """Hooks on the given modules and everything they captured since the last reset.
+
+    Parameters
+    ----------
+    roots
+        The modules given to the engine.
+    batch_dim
+        Batch dimension of module tensors, or ``None``.
+    on_new_forward
+        Called when a root module starts a forward pass after having completed one.
+    """
+
+    def __init__(self, roots: list[nn.Module], batch_dim: int | None, on_new_forward: Callable[[], None]) -> None:
+        self.roots = roots
+        self.batch_dim = batch_dim
+        self.on_new_forward = on_new_forward
+        self.enabled = True
+        self.computing = False  # set while the engine back-propagates
+        self.infos: dict[int, _ModuleInfo] = {}
+        self.modules: list[nn.Module] = []
+        self.handles: list[Any] = []
+        self.calls: dict[int, int] = {}
+        self.depth = 0
+        self.records: list[Record] = []
+        self.batch_size = 0
+        self.batch_source = ""
+        self.completed_roots: set[int] = set()
+        self._register()
+
+    def reset(self) -> None:
+        """Drop the captured records and the batch-size and forward tracking."""
+        self.records = []
+        self.batch_size = 0
+        self.batch_source = ""
+        self.completed_roots = set()
+
+    def remove(self) -> None:
+        """Remove all hooks."""
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+        self.reset()
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The trainable parameters of the hooked modules, each once, in module order."""
+        seen: set[int] = set()
+        params: list[nn.Parameter] = []
+        for module in self.modules:
+            for param in module.parameters(recurse=False):
+                if param.requires_grad and id(param) not in seen:
+                    seen.add(id(param))
+                    params.append(param)
+        return params
+
+    def check_no_checkpointing(self) -> None:
+        """Raise if a (transformers) module has gradient checkpointing enabled."""
+        for module in self.modules:
+            if getattr(module, "gradient_checkpointing", False) is True:
+                raise RuntimeError(
+                    f"Gradient checkpointing is enabled on {type(module).__name__}; the autogram "
+                    "engine does not support it (the re-run forward passes would not be captured). "
+                    "Call model.gradient_checkpointing_disable()."
+                )
+
+    def _register(self) -> None:
+        seen: set[int] = set()
+        many = len(self.roots) > 1
+        for index, root in enumerate(self.roots):
+            prefix = f"{index}." if many else ""
+            for name, module in root.named_modules():
+                if id(module) in seen:
+                    continue
+                seen.add(id(module))
+                self.modules.append(module)
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    self.handles.append(module.register_forward_pre_hook(self._batch_norm_pre_hook))
+                if not any(True for _ in module.parameters(recurse=False)):
+                    continue
+                info = _ModuleInfo(name=prefix + name, kind=kind_of(module))
+                if info.kind.is_generic:
+                    info.borrowed = borrowed_submodules(module)
+                    borrowed = [id(sub) for sub in info.borrowed.values()]
+                    info.trainable_descendants = [
+                        sub
+                        for sub in module.modules()
+                        if sub is not module
+                        and id(sub) not in borrowed
+                        and any(True for _ in sub.parameters(recurse=False))
+                    ]
+                self.infos[id(module)] = info
+                self.handles.append(
+                    module.register_forward_pre_hook(self._module_pre_hook, with_kwargs=True)
+                )
+                self.handles.append(
+                    module.register_forward_hook(self._module_hook, with_kwargs=True, always_call=True)
+                )
+        for root in self.roots:
+            self.handles.append(root.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True))
+            self.handles.append(root.register_forward_hook(self._root_hook, always_call=True))
+
+    def capturing(self) -> bool:
+        """Whether hooks capture now: enabled and in grad mode."""
+        return self.enabled and torch.is_grad_enabled()
+
+    def note_batch(self, tensor: Any, source: str) -> None:
+        bd = self.batch_dim
+        if bd is not None and isinstance(tensor, Tensor) and tensor.dim() > bd:
+            size = int(tensor.shape[bd])
+            if size > self.batch_size:
+                self.batch_size = size
+                self.batch_source = source
+
+    def _root_pre_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if self.depth == 0 and self.capturing():
+            if id(module) in self.completed_roots:
+                self.on_new_forward()
+            for value in itertools.chain(args, kwargs.values()):
+                self.note_batch(value, f"an input of {type(module).__name__}")
+        self.depth += 1
+
+    def _root_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        self.depth = max(0, self.depth - 1)
+        if self.capturing():
+            self.completed_roots.add(id(module))
+
+    def _batch_norm_pre_hook(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if self.capturing() and self.batch_dim is not None and mixes_examples(module):
+            name = next((n for n, m in self._named_all() if m is module), "?")
+            raise RuntimeError(
+                f"Module {name} ({type(module).__name__}) computes statistics across the batch in "
+                "training mode, so per-example losses are not independent and the per-example "
+                "Gramian is undefined. Replace it (e.g. by GroupNorm or LayerNorm), put it in eval "
+                "mode, or use Engine(..., batch_dim=None) with task losses."
+            )
+
+    def _named_all(self) -> Iterator[tuple[str, nn.Module]]:
+        for root in self.roots:
+            yield from root.named_modules()
+
+    def _module_pre_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        info = self.infos[id(module)]
+        if self.computing:
+            raise RuntimeError(
+                f"Module {describe(info.name, module)} ran a forward pass during "
+                "Engine.compute_gramian's backward pass; this happens with gradient checkpointing, "
+                "which the autogram engine does not support. Disable it "
+                "(model.gradient_checkpointing_disable())."
+            )
+        if not self.capturing():
+            info.frames.append(None)
+            return
+        params = direct_parameters(module, info.borrowed)
+        if not params:
+            info.frames.append(None)
+            return
+        aliases = None
+        calls = None
+        if info.kind.is_generic:
+            aliases = install_aliases(module, params)
+            calls = [self.calls.get(id(sub), 0) for sub in info.trainable_descendants]
+        info.frames.append(_Frame(params, aliases, calls))
+        for value in itertools.chain(args, kwargs.values()):
+            self.note_batch(value, f"an input of {describe(info.name, module)}")
+
+    def _module_hook(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+    ) -> Any:
+        info = self.infos[id(module)]
+        frame = info.frames.pop() if info.frames else None
+        if frame is None:
+            return None
+        if frame.aliases is not None:
+            restore_parameters(module, frame.params)
+        if output is None:  # the forward raised (always_call hook): nothing to capture
+            return None
+        self.calls[id(module)] = self.calls.get(id(module), 0) + 1
+        if frame.descendant_calls is not None:
+            self._check_descendants_called(module, info, frame.descendant_calls, output)
+        expanded = self._expand_broadcast(output, describe(info.name, module))
+        if isinstance(expanded, Tensor) and not expanded.requires_grad:
+            return None
+        if info.kind.is_generic:
+            assert frame.aliases is not None
+            if len(tensors_in(expanded)) > 1:
+                expanded = alias_outputs(expanded)
+            outputs = tensors_in(expanded)
+            if info.kind is Kind.RMS_NORM:
+                record: Record = RMSNormRecord(module, info.name, frame.params, frame.aliases, outputs, args)
+            else:
+                record = GenericRecord(module, info.name, frame.params, frame.aliases, outputs)
+        else:
+            inputs = args if args else tuple(kwargs.values())
+            if not isinstance(expanded, Tensor):
+                raise RuntimeError(
+                    f"Module {describe(info.name, module)} returned "
+                    f"{type(expanded).__name__}, expected a tensor."
+                )
+            record = record_class(info.kind)(module, info.name, frame.params, inputs, expanded)
+            record.edges = [get_gradient_edge(expanded)]
+        record.is_source = not any(
+            t.requires_grad for t in itertools.chain(tensors_in(args), tensors_in(kwargs))
+        )
+        self.records.append(record)
+        return expanded if expanded is not output else None
+
+    def _expand_broadcast(self, output: Any, source: str) -> Any:
+        """Give a batch-broadcast output (size 1 along ``batch_dim``) one slice per example, so
+        that gradients w.r.t. it are per example; values are unchanged."""
+        bd = self.batch_dim
+        if bd is None or not isinstance(output, Tensor) or output.dim() <= bd:
+            return output
+        if output.shape[bd] == 1 and self.batch_size > 1:
+            shape = list(output.shape)
+            shape[bd] = self.batch_size
+            return output.expand(shape)
+        self.note_batch(output, f"the output of {source}")
+        return output
+
+    def _check_descendants_called(
+        self, module: nn.Module, info: _ModuleInfo, before: list[int], output: Any
+    ) -> None:
+        """Raise if the module's outputs depend on parameters of a submodule it did not call."""
+        uncalled = [
+            (sub, p)
+            for sub, count in zip(info.trainable_descendants, before)
+            if self.calls.get(id(sub), 0) == count
+            for p in sub.parameters(recurse=False)
+            if p.requires_grad
+        ]
+        outputs = [t for t in tensors_in(output) if t.requires_grad]
+        if not uncalled or not outputs:
+            return
+        grads = torch.autograd.grad(
+            outputs,
+            [p for _, p in uncalled],
+            grad_outputs=[torch.ones_like(t) for t in outputs],
+            retain_graph=True,
+            allow_unused=True,
+        )
+        for (sub, _), grad in zip(uncalled, grads):
+            if grad is not None:
+                name = next((n for n, m in module.named_modules() if m is sub), "?")
+                raise RuntimeError(
+                    f"Module {describe(info.name, module)} has parameters of its own and uses those "
+                    f"of its submodule {name!r} ({type(sub).__name__}) without calling it; the "
+                    "autogram engine cannot attribute them. Freeze that submodule, or restructure "
+                    "the module so that it calls it."
+                )

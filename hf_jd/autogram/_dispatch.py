@@ -1,0 +1,67 @@
+"""Which record type handles which module, and which modules mix the examples of a batch."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from torch import nn
+
+from ._conv import Conv2dRecord, is_unfoldable_conv2d
+from ._embedding import EmbeddingRecord, is_embedding
+from ._layer_norm import LayerNormRecord, is_layer_norm
+from ._linear import LinearRecord, is_conv1d, is_linear
+from ._record import Record
+from ._rms_norm import is_rms_norm_like
+
+__all__ = ["Kind", "kind_of", "record_class", "mixes_examples"]
+
+
+class Kind(Enum):
+    """How the contribution of a module's direct parameters is computed."""
+
+    LINEAR = "linear"
+    EMBEDDING = "embedding"
+    CONV2D = "conv2d"
+    LAYER_NORM = "layer_norm"
+    RMS_NORM = "rms_norm"  # generic, with a verified closed form
+    GENERIC = "generic"
+
+    @property
+    def is_generic(self) -> bool:
+        """Whether the module's parameters are aliased per call (generic handling)."""
+        return self in (Kind.RMS_NORM, Kind.GENERIC)
+
+
+_CLASSES: dict[Kind, type[Record]] = {
+    Kind.LINEAR: LinearRecord,
+    Kind.EMBEDDING: EmbeddingRecord,
+    Kind.CONV2D: Conv2dRecord,
+    Kind.LAYER_NORM: LayerNormRecord,
+}
+
+
+def kind_of(module: nn.Module) -> Kind:
+    """The handler of a module that has direct parameters."""
+    if is_linear(module) or is_conv1d(module):
+        return Kind.LINEAR
+    if is_embedding(module):
+        return Kind.EMBEDDING
+    if is_unfoldable_conv2d(module):
+        return Kind.CONV2D
+    if is_layer_norm(module):
+        return Kind.LAYER_NORM
+    if is_rms_norm_like(module):
+        return Kind.RMS_NORM
+    return Kind.GENERIC
+
+
+def record_class(kind: Kind) -> type[Record]:
+    """The record class of a non-generic kind."""
+    return _CLASSES[kind]
+
+
+def mixes_examples(module: nn.Module) -> bool:
+    """Whether the module, in its current mode, computes statistics across the batch."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return module.training or not module.track_running_stats
+    return False

@@ -1,0 +1,148 @@
+"""Record of ``nn.Embedding`` calls: sparse per-row gradients, never a dense ``[R, V, d]`` tensor.
+
+Row ``r = (e, k)``'s gradient is ``S_r[u] = Σ_{t: id_{et} = u} g_{ekt}`` on the rows ``u`` of the
+table used by example ``e`` (zero elsewhere). Hence
+
+    K_{(e,k),(f,l)} = Σ_u ⟨S_{ek}[u], S_{fl}[u]⟩.
+
+Ids used by a single example only contribute to that example's diagonal block; only ids shared by
+several examples (usually few: padding, special and frequent tokens) need the cross terms, computed
+on a dense ``[E, U_shared, m, d]`` tensor.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from ._layout import RowLayout
+from ._record import Record, compute_dtype
+
+__all__ = ["EmbeddingRecord", "Tokens", "embedding_gram", "is_embedding"]
+
+
+class Tokens(NamedTuple):
+    """The looked-up tokens of one or several calls of the same embedding table."""
+
+    ids: Tensor  # [N]
+    example: Tensor  # [N], example index of each token
+    grads: Tensor  # [N, m, d], gradient of each task w.r.t. the token's embedding
+
+    @staticmethod
+    def cat(parts: list[Tokens]) -> Tokens:
+        return Tokens(*(torch.cat(tensors) for tensors in zip(*parts)))
+
+
+def embedding_gram(tokens: Tokens, num_examples: int, vocab: int) -> Tensor:
+    """Gram matrix ``[E m, E m]`` of the per-row gradients of an embedding table."""
+    num_tasks, dim = tokens.grads.shape[1:]
+    key = tokens.example * vocab + tokens.ids
+    pair_key, inverse = torch.unique(key, return_inverse=True)
+    sums = tokens.grads.new_zeros(pair_key.shape[0], num_tasks, dim)
+    sums.index_add_(0, inverse, tokens.grads)  # gradient per distinct (example, id) pair
+    pair_example, pair_id = pair_key // vocab, pair_key % vocab
+    _, id_index, id_count = torch.unique(pair_id, return_inverse=True, return_counts=True)
+    shared = id_count[id_index] > 1
+    # Ids used by one example only: contributions within that example's diagonal block.
+    private = sums[~shared]
+    blocks = sums.new_zeros(num_examples, num_tasks, num_tasks)
+    blocks.index_add_(0, pair_example[~shared], (private.unsqueeze(2) * private.unsqueeze(1)).sum(-1))
+    gram = sums.new_zeros(num_examples, num_tasks, num_examples, num_tasks)
+    diagonal = torch.arange(num_examples, device=sums.device)
+    gram[diagonal, :, diagonal, :] = blocks
+    num_rows = num_examples * num_tasks
+    gram = gram.reshape(num_rows, num_rows)
+    # Ids shared by several examples: dense over those ids only.
+    if bool(shared.any()):
+        _, shared_index = torch.unique(id_index[shared], return_inverse=True)
+        num_shared = int(shared_index.max()) + 1
+        dense = sums.new_zeros(num_examples, num_shared, num_tasks, dim)
+        dense[pair_example[shared], shared_index] = sums[shared]
+        dense = dense.permute(0, 2, 1, 3).reshape(num_rows, num_shared * dim)
+        gram = gram + dense @ dense.T
+    return gram
+
+
+def is_embedding(module: nn.Module) -> bool:
+    """Whether ``module`` is an ``nn.Embedding`` with the stock forward."""
+    return isinstance(module, nn.Embedding) and type(module).forward is nn.Embedding.forward
+
+
+class EmbeddingRecord(Record):
+    """One lookup ``y = W[ids]`` of an ``nn.Embedding``."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        module_name: str,
+        params: dict[str, nn.Parameter],
+        args: tuple[Any, ...],
+        output: Tensor,
+    ) -> None:
+        super().__init__(module, module_name, params)
+        assert isinstance(module, nn.Embedding)
+        if module.scale_grad_by_freq:
+            raise RuntimeError(
+                f"Module {self.describe()} has scale_grad_by_freq=True, which scales each gradient "
+                "by token frequencies over the whole batch; the autogram engine does not support "
+                "it. Build the embedding with scale_grad_by_freq=False."
+            )
+        ids = args[0]
+        if ids.shape != output.shape[:-1]:  # the engine expanded a batch-broadcast output
+            ids = ids.expand(output.shape[:-1])
+        self.ids = ids
+
+    def _bind(self, grads: list[Tensor | None], layout: RowLayout) -> None:
+        (grad,) = grads
+        assert grad is not None
+        weight = self.module.weight
+        self.check_batch(self.ids, layout, "input ids")
+        num_examples, num_tasks = layout.num_examples, layout.num_tasks
+        dim = weight.shape[1]
+        ids = layout.input_to_rows(self.ids).reshape(num_examples, -1)
+        rows = layout.grad_to_rows(grad).reshape(num_examples, num_tasks, -1, dim)
+        rows = rows.to(compute_dtype(weight))
+        del self.ids
+        length = ids.shape[1]
+        example = torch.arange(num_examples, device=ids.device).unsqueeze(1).expand(-1, length)
+        token_grads = rows.permute(0, 2, 1, 3).reshape(num_examples * length, num_tasks, dim)
+        token_ids = ids.reshape(-1)
+        token_example = example.reshape(-1)
+        padding_idx = self.module.padding_idx  # type: ignore[union-attr]
+        if padding_idx is not None:  # the padding row never receives gradient
+            keep = token_ids != padding_idx
+            token_ids, token_example, token_grads = token_ids[keep], token_example[keep], token_grads[keep]
+        self.token_ids = token_ids
+        self.token_example = token_example
+        self.token_grads = token_grads  # [N, m, d]
+
+    def gram(self, name: str) -> Tensor:
+        assert self.layout is not None
+        return embedding_gram(self.tokens(), self.layout.num_examples, self.module.weight.shape[0])
+
+    def release(self) -> None:
+        super().release()
+        del self.token_ids, self.token_example, self.token_grads
+
+    def tokens(self) -> Tokens:
+        """The (id, example, gradient) triples of the non-padding tokens."""
+        return Tokens(self.token_ids, self.token_example, self.token_grads)
+
+    def per_row(self, name: str) -> Tensor:
+        assert self.layout is not None
+        num_tasks = self.layout.num_tasks
+        vocab, dim = self.module.weight.shape
+        rows = self.token_grads.new_zeros(self.layout.num_rows * vocab, dim)
+        for task in range(num_tasks):
+            index = (self.token_example * num_tasks + task) * vocab + self.token_ids
+            rows.index_add_(0, index, self.token_grads[:, task])
+        return rows.view(self.layout.num_rows, vocab * dim)
+
+    def weighted_grad(self, name: str, weights: Tensor) -> Tensor:
+        weights = weights.to(self.token_grads.dtype)
+        combined = (weights[self.token_example].unsqueeze(-1) * self.token_grads).sum(1)
+        grad = combined.new_zeros(self.module.weight.shape)
+        grad.index_add_(0, self.token_ids, combined)
+        return grad

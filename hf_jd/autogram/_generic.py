@@ -1,0 +1,186 @@
+"""Generic record for any module with direct parameters (RMSNorm, ViT embeddings, ...).
+
+Per-row parameter gradients are batched vector-Jacobian products on the graph the forward pass
+already built: ``autograd.grad(outputs, params, grad_outputs=per-row masked output gradients,
+is_grads_batched=True)``. Nothing is re-run. So that these products only see the module's own use
+of its parameters (and not, e.g., another call of the same shared module), the module's direct
+parameters are swapped for per-call aliases (``p.view_as(p)``) during its forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.graph import get_gradient_edge
+
+from ._layout import RowLayout
+from ._record import Record, compute_dtype
+
+# Largest number of entries of the per-row masked output gradients built at once.
+MAX_SPREAD_ENTRIES = 2**24
+
+__all__ = [
+    "GenericRecord",
+    "alias_outputs",
+    "borrowed_submodules",
+    "direct_parameters",
+    "install_aliases",
+    "restore_parameters",
+    "tensors_in",
+]
+
+
+def tensors_in(output: Any) -> list[Tensor]:
+    """The tensors of a module output (a tensor, or tuples / lists / dicts of them)."""
+    if isinstance(output, Tensor):
+        return [output]
+    if isinstance(output, Mapping):
+        return [t for value in output.values() for t in tensors_in(value)]
+    if isinstance(output, (tuple, list)):
+        return [t for value in output for t in tensors_in(value)]
+    return []
+
+
+def alias_outputs(output: Any) -> Any:
+    """Return the output with every tensor that requires grad replaced by a view of itself.
+
+    When a module returns several tensors, one may be computed from another inside the module;
+    the gradient reaching the returned views is then only the one from outside the module, so that
+    a vector-Jacobian product from all outputs counts each path once.
+    """
+    if isinstance(output, Tensor):
+        return output.view_as(output) if output.requires_grad else output
+    if isinstance(output, tuple) and hasattr(output, "_fields"):  # namedtuple
+        return type(output)(*(alias_outputs(value) for value in output))
+    if isinstance(output, (tuple, list)):
+        return type(output)(alias_outputs(value) for value in output)
+    if isinstance(output, Mapping):
+        if isinstance(output, dict) and type(output) is not dict:  # e.g. transformers' ModelOutput
+            for key, value in list(output.items()):
+                output[key] = alias_outputs(value)
+            return output
+        return {key: alias_outputs(value) for key, value in output.items()}
+    return output
+
+
+def borrowed_submodules(module: nn.Module) -> dict[str, nn.Module]:
+    """Submodules whose parameters ``module`` uses directly instead of calling them."""
+    if isinstance(module, nn.MultiheadAttention):
+        return {"out_proj": module.out_proj}  # used through F.multi_head_attention_forward
+    return {}
+
+
+def direct_parameters(module: nn.Module, borrowed: dict[str, nn.Module]) -> dict[str, nn.Parameter]:
+    """Trainable parameters the module uses directly, by (qualified) name."""
+    params = {n: p for n, p in module._parameters.items() if p is not None and p.requires_grad}
+    for prefix, sub in borrowed.items():
+        params.update(
+            {f"{prefix}.{n}": p for n, p in sub._parameters.items() if p is not None and p.requires_grad}
+        )
+    return params
+
+
+def _owner(module: nn.Module, name: str) -> tuple[nn.Module, str]:
+    prefix, _, attribute = name.rpartition(".")
+    return (module.get_submodule(prefix) if prefix else module), attribute
+
+
+def install_aliases(module: nn.Module, params: dict[str, nn.Parameter]) -> dict[str, Tensor]:
+    """Replace the given (qualified) parameters of ``module`` by differentiable aliases for one call."""
+    aliases = {name: param.view_as(param) for name, param in params.items()}
+    for name, alias in aliases.items():
+        owner, attribute = _owner(module, name)
+        owner._parameters[attribute] = alias  # type: ignore[assignment]
+    return aliases
+
+
+def restore_parameters(module: nn.Module, params: dict[str, nn.Parameter]) -> None:
+    """Undo :func:`install_aliases`."""
+    for name, param in params.items():
+        owner, attribute = _owner(module, name)
+        owner._parameters[attribute] = param
+
+
+class GenericRecord(Record):
+    """One call of a module handled through batched vector-Jacobian products."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        module_name: str,
+        params: dict[str, nn.Parameter],
+        aliases: dict[str, Tensor],
+        outputs: list[Tensor],
+    ) -> None:
+        super().__init__(module, module_name, params)
+        self.aliases = aliases
+        self.outputs = [out for out in outputs if out.requires_grad]
+        self.edges = [get_gradient_edge(out) for out in self.outputs]
+        self._rows: dict[str, Tensor] | None = None
+
+    def _bind(self, grads: list[Tensor | None], layout: RowLayout) -> None:
+        self.grad_rows: list[tuple[int, Tensor]] = []
+        for index, (out, grad) in enumerate(zip(self.outputs, grads)):
+            if grad is None:
+                continue
+            self.check_batch(out, layout, "output")
+            self.grad_rows.append((index, layout.grad_to_rows(grad)))
+        self.output_dtypes = [out.dtype for out in self.outputs]
+        del self.outputs
+
+    def _all_rows(self) -> dict[str, Tensor]:
+        if self._rows is not None:
+            return self._rows
+        assert self.layout is not None
+        layout = self.layout
+        edges = [self.edges[index] for index, _ in self.grad_rows]
+        names = list(self.aliases)
+        parts: list[tuple[Tensor | None, ...]] = []
+        for examples in self._example_chunks():
+            grad_outputs = [
+                layout.rows_to_grad_outputs(rows, examples).to(self.output_dtypes[index])
+                for index, rows in self.grad_rows
+            ]
+            parts.append(
+                torch.autograd.grad(
+                    edges,
+                    [self.aliases[name] for name in names],
+                    grad_outputs=grad_outputs,
+                    retain_graph=True,
+                    allow_unused=True,
+                    is_grads_batched=True,
+                )
+            )
+        self._rows = {}
+        for position, name in enumerate(names):
+            param = self.params[name]
+            chunks = [part[position] for part in parts]
+            if any(chunk is None for chunk in chunks):
+                rows = param.new_zeros(layout.num_rows, *param.shape)
+            else:
+                rows = torch.cat(chunks)  # type: ignore[arg-type]
+            self._rows[name] = rows.reshape(layout.num_rows, -1).to(compute_dtype(param))
+        del self.grad_rows
+        return self._rows
+
+    def _example_chunks(self) -> list[slice | None]:
+        """Groups of examples whose masked output gradients fit the memory budget."""
+        assert self.layout is not None
+        if not self.layout.batched:
+            return [None]
+        num_examples = self.layout.num_examples
+        # One example's rows ([m, *rest] each) spread over all examples.
+        per_example = sum(rows[0].numel() * num_examples for _, rows in self.grad_rows)
+        size = max(1, MAX_SPREAD_ENTRIES // max(1, per_example))
+        return [slice(start, min(start + size, num_examples)) for start in range(0, num_examples, size)]
+
+    def per_row(self, name: str) -> Tensor:
+        return self._all_rows()[name]
+
+    def release(self) -> None:
+        super().release()
+        self._rows = None
+        self.aliases = {}

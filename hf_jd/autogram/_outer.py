@@ -1,0 +1,193 @@
+"""Gramian of per-row gradients of the form ``Σ_t g_t a_tᵀ`` (Linear, Conv1D, unfolded Conv2d).
+
+For a weight applied position-wise (``y_t = W a_t``), the gradient of row ``r = (e, k)`` is
+``Σ_t g_{ekt} a_{et}ᵀ`` with ``a`` the inputs of example ``e`` (shape ``[E, T, d_in]``) and ``g``
+the gradients of task ``k`` w.r.t. the outputs (shape ``[E, m, T, d_out]``). The Gram entries are
+
+    K_{(e,k),(f,l)} = Σ_{t,s} ⟨a_{et}, a_{fs}⟩ ⟨g_{ekt}, g_{fls}⟩
+
+which is either computed in this "ghost" form (cost ~ (R T)² (d_in + d_out)) or by materialising
+the per-row gradients (cost ~ R T d_in d_out + R² d_in d_out, plus memory traffic), whichever is
+estimated cheaper; materialised rows are computed in chunks that fit a memory budget.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._record import Record
+
+__all__ = ["OuterProductRecord", "OuterProductRows"]
+
+# Largest number of entries of materialised per-row gradients [R, numel] held at once (beyond it
+# they are computed in chunks of the weight's first dimension, and not kept for Engine.backward).
+MAX_ROW_ENTRIES = 2**24
+# Cost, in multiply-adds, of writing and reading back one entry of materialised per-row gradients
+# (that path is bound by memory traffic when the rows are large; calibrated on CPU).
+MEMORY_WEIGHT = 100
+# Largest [chunk, R*T] block of the ghost form held at once.
+MAX_GHOST_BLOCK = 2**24
+
+
+class OuterProductRows:
+    """Per-row gradients ``Σ_t g_{ekt} a_{et}ᵀ`` given by their factors.
+
+    Parameters
+    ----------
+    inputs
+        ``a``, shape ``[E, T, d_in]``.
+    grads
+        ``g``, shape ``[E, m, T, d_out]``, same dtype as ``inputs``.
+    transposed
+        Whether the weight is stored as ``[d_in, d_out]`` (transformers' ``Conv1D``) instead of
+        ``[d_out, d_in]``.
+    """
+
+    def __init__(self, inputs: Tensor, grads: Tensor, transposed: bool = False) -> None:
+        self.inputs = inputs
+        self.grads = grads
+        self.transposed = transposed
+        self._rows: Tensor | None = None
+
+    @property
+    def num_rows(self) -> int:
+        return self.grads.shape[0] * self.grads.shape[1]
+
+    def prefers_ghost(self) -> bool:
+        """Whether the ghost form needs fewer flops than materialising per-row gradients."""
+        num_examples, num_tasks, length, d_out = self.grads.shape
+        d_in = self.inputs.shape[-1]
+        rows = num_examples * num_tasks
+        entries = rows * d_in * d_out
+        materialise = entries * (length + rows + MEMORY_WEIGHT)
+        ghost = (num_examples * length) ** 2 * d_in + (rows * length) ** 2 * (d_out + 1)
+        return ghost < materialise
+
+    @property
+    def _leading(self) -> int:
+        """Size of the weight's first dimension (``d_out``, or ``d_in`` when transposed)."""
+        return self.inputs.shape[-1] if self.transposed else self.grads.shape[-1]
+
+    def _chunks(self) -> list[slice]:
+        """Slices of the weight's first dimension whose per-row gradients fit the budget."""
+        leading = self._leading
+        per_slice = self.num_rows * (self.inputs.shape[-1] * self.grads.shape[-1] // leading)
+        size = max(1, MAX_ROW_ENTRIES // max(1, per_slice))
+        return [slice(start, min(start + size, leading)) for start in range(0, leading, size)]
+
+    def weight_rows(self, keep: bool = False, part: slice | None = None) -> Tensor:
+        """Materialised per-row weight gradients, ``[R, numel]`` in the weight's layout (of the
+        ``part`` of its first dimension only, when given)."""
+        if self._rows is not None and part is None:
+            return self._rows
+        if self.transposed:
+            inputs = self.inputs if part is None else self.inputs[..., part]
+            rows = inputs.transpose(1, 2).unsqueeze(1) @ self.grads  # [E, m, d_in, d_out]
+        else:
+            grads = self.grads if part is None else self.grads[..., part]
+            rows = grads.transpose(2, 3) @ self.inputs.unsqueeze(1)  # [E, m, d_out, d_in]
+        rows = rows.reshape(self.num_rows, -1)
+        if keep and part is None:
+            self._rows = rows
+        return rows
+
+    def weight_gram(self, keep_rows: bool = False) -> Tensor:
+        """Gram matrix ``[R, R]`` of the per-row weight gradients.
+
+        With ``keep_rows``, materialised per-row gradients that fit the budget are kept for
+        :meth:`weighted_weight_grad`.
+        """
+        if self._rows is None and self.prefers_ghost():
+            return self.cross_gram(self)
+        chunks = self._chunks()
+        if len(chunks) == 1:
+            rows = self.weight_rows(keep=keep_rows)
+            return rows @ rows.T
+        gram = self.grads.new_zeros(self.num_rows, self.num_rows)
+        for part in chunks:
+            rows = self.weight_rows(part=part)
+            gram += rows @ rows.T
+        return gram
+
+    def _factors(self) -> tuple[Tensor, Tensor]:
+        """``(left, right)`` with per-row weight gradient ``Σ_t left_t ⊗ right_t`` in the weight's
+        layout, each shaped ``[E, m or 1, T, dim]``."""
+        inputs = self.inputs.unsqueeze(1)
+        return (inputs, self.grads) if self.transposed else (self.grads, inputs)
+
+    def cross_gram(self, other: OuterProductRows, force_ghost: bool = False) -> Tensor:
+        """``[R, R]`` matrix of inner products between this object's per-row gradients and
+        ``other``'s (two uses of the same weight; ``other`` may be ``self``), in ghost form when
+        cheaper for both (or when ``force_ghost``), else materialised chunk by chunk."""
+        if not force_ghost and not (self.prefers_ghost() and other.prefers_ghost()):
+            chunks = self._chunks() if len(self._chunks()) >= len(other._chunks()) else other._chunks()
+            gram = self.grads.new_zeros(self.num_rows, self.num_rows)
+            for part in chunks:
+                gram += self.weight_rows(part=part) @ other.weight_rows(part=part).T
+            return gram
+        left, right = self._factors()
+        other_left, other_right = other._factors()
+        num_examples, num_tasks = self.grads.shape[:2]
+        length = left.shape[2]
+        other_flat_left = other_left.reshape(-1, other_left.shape[-1])
+        other_flat_right = other_right.reshape(-1, other_right.shape[-1])
+        other_shape = (other_left.shape[0], other_left.shape[1], other_left.shape[2])
+        other_right_shape = (other_right.shape[0], other_right.shape[1], other_right.shape[2])
+        per_example = num_tasks * length * other_flat_left.shape[0] * num_tasks
+        chunk = max(1, MAX_GHOST_BLOCK // max(1, per_example))
+        blocks = []
+        for start in range(0, num_examples, chunk):
+            part_left, part_right = left[start : start + chunk], right[start : start + chunk]
+            count = part_left.shape[0]
+            left_products = (part_left.reshape(-1, left.shape[-1]) @ other_flat_left.T).view(
+                count, part_left.shape[1], length, *other_shape
+            )
+            right_products = (part_right.reshape(-1, right.shape[-1]) @ other_flat_right.T).view(
+                count, part_right.shape[1], length, *other_right_shape
+            )
+            block = (left_products * right_products).sum(dim=(2, 5))  # [count, m, E, m]
+            blocks.append(block.expand(count, num_tasks, num_examples, num_tasks))
+        return torch.cat(blocks).reshape(self.num_rows, self.num_rows)
+
+    def bias_rows(self) -> Tensor:
+        """Per-row bias gradients ``Σ_t g_{ekt}``, shape ``[R, d_out]``."""
+        return self.grads.sum(dim=2).reshape(self.num_rows, -1)
+
+    def weighted_weight_grad(self, weights: Tensor) -> Tensor:
+        """``Σ_r w_r (Σ_t g_{rt} a_{rt}ᵀ)``, flattened in the weight's layout (``weights`` ``[E, m]``)."""
+        if self._rows is not None:
+            return weights.reshape(-1).to(self._rows.dtype) @ self._rows
+        combined = (weights.to(self.grads.dtype)[:, :, None, None] * self.grads).sum(1)
+        combined = combined.reshape(-1, combined.shape[-1])
+        inputs = self.inputs.reshape(-1, self.inputs.shape[-1])
+        return (inputs.T @ combined if self.transposed else combined.T @ inputs).reshape(-1)
+
+
+class OuterProductRecord(Record):
+    """Record whose ``weight`` (and optional ``bias``) gradients are given by
+    :class:`OuterProductRows` factors, set by the subclass in ``_bind``."""
+
+    factors: OuterProductRows | None = None
+
+    def release(self) -> None:
+        super().release()
+        self.factors = None
+
+    def per_row(self, name: str) -> Tensor:
+        assert self.factors is not None
+        if name == "weight":
+            return self.factors.weight_rows()
+        return self.factors.bias_rows()
+
+    def gram(self, name: str) -> Tensor:
+        assert self.factors is not None
+        if name == "weight":
+            return self.factors.weight_gram(keep_rows=self.keep_rows)
+        return super().gram(name)
+
+    def weighted_grad(self, name: str, weights: Tensor) -> Tensor:
+        assert self.factors is not None
+        if name == "weight":
+            return self.factors.weighted_weight_grad(weights).view(self.params[name].shape)
+        return super().weighted_grad(name, weights)

@@ -1,0 +1,106 @@
+"""Base class of a *record*: what the engine keeps of one call of one parametrised module.
+
+A record holds the tensors captured in the forward pass (e.g. a Linear layer's input), the
+gradient edges of the module's outputs, and, once the engine has back-propagated to those
+outputs, the per-row output gradients. From these it yields, for each of the module's direct
+trainable parameters, the per-row gradients ``[R, numel]``, their Gram matrix ``[R, R]`` and the
+gradient of the weighted loss (used by the single-backward mode).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge
+
+from ._layout import RowLayout
+
+__all__ = ["Record", "compute_dtype"]
+
+
+def compute_dtype(param: Tensor) -> torch.dtype:
+    """Dtype in which a parameter's Gramian contribution is computed (float64 stays float64)."""
+    return torch.float64 if param.dtype == torch.float64 else torch.float32
+
+
+class Record(ABC):
+    """One captured call of a module with direct trainable parameters.
+
+    Parameters
+    ----------
+    module
+        The module that was called.
+    module_name
+        Its qualified name (for error messages).
+    params
+        Its direct trainable parameters at call time, by attribute name.
+    """
+
+    def __init__(self, module: nn.Module, module_name: str, params: dict[str, nn.Parameter]) -> None:
+        self.module = module
+        self.module_name = module_name
+        self.params = params
+        self.edges: list[GradientEdge] = []
+        self.layout: RowLayout | None = None
+        # Single-backward mode: keep the per-row gradients computed for the Gramian, so that the
+        # weighted gradient is a cheap ``wᵀ rows`` instead of a recomputation.
+        self.keep_rows = False
+        self.kept_rows: dict[str, Tensor] = {}
+        # Whether no input of the call requires grad (then no other record lies upstream of it).
+        self.is_source = False
+
+    def describe(self) -> str:
+        """Human-readable name of the module, for error messages."""
+        return f"{self.module_name or '<root>'} ({type(self.module).__name__})"
+
+    def bind(self, grads: list[Tensor | None], layout: RowLayout) -> bool:
+        """Store the batched output gradients ``[m, *shape]`` (one per edge).
+
+        Returns ``False`` when the losses do not depend on this call's outputs.
+        """
+        if all(grad is None for grad in grads):
+            return False
+        self.layout = layout
+        self._bind(grads, layout)
+        return True
+
+    @abstractmethod
+    def _bind(self, grads: list[Tensor | None], layout: RowLayout) -> None:
+        """Prepare the factors from the output gradients (at least one is not ``None``)."""
+
+    @abstractmethod
+    def per_row(self, name: str) -> Tensor:
+        """Per-row gradients of parameter ``name``, shape ``[R, numel]``."""
+
+    def gram(self, name: str) -> Tensor:
+        """Gram matrix ``[R, R]`` of the per-row gradients of parameter ``name``."""
+        rows = self.per_row(name)
+        if self.keep_rows:
+            self.kept_rows[name] = rows
+        return rows @ rows.T
+
+    def weighted_grad(self, name: str, weights: Tensor) -> Tensor:
+        """Gradient of ``Σ_r w_r L_r`` w.r.t. parameter ``name`` (``weights`` shaped ``[E, m]``)."""
+        rows = self.kept_rows.get(name)
+        if rows is None:
+            rows = self.per_row(name)
+        param = self.params[name]
+        return (weights.reshape(-1).to(rows.dtype) @ rows).view(param.shape)
+
+    def release(self) -> None:
+        """Drop the factors once the record's contributions are no longer needed."""
+        self.kept_rows = {}
+
+    def check_batch(self, tensor: Tensor, layout: RowLayout, what: str) -> None:
+        """Raise if a captured tensor's batch size does not match the losses."""
+        if layout.batch_dim is None:
+            return
+        if tensor.dim() <= layout.batch_dim or tensor.shape[layout.batch_dim] != layout.num_examples:
+            raise RuntimeError(
+                f"The {what} of module {self.describe()} has shape {tuple(tensor.shape)}, whose "
+                f"dimension batch_dim={layout.batch_dim} does not match the {layout.num_examples} "
+                "examples of the losses. Use Engine(..., batch_dim=None) for modules whose tensors "
+                "are not split by example along that dimension."
+            )

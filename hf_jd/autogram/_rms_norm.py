@@ -1,0 +1,95 @@
+"""Closed form for RMSNorm-like modules (torch's ``nn.RMSNorm``, LLaMA's / T5's / Mistral's ...).
+
+Such a module computes ``y = w ⊙ x̂`` with ``x̂ = x / sqrt(mean(x²) + eps)`` (in float32, cast back
+to the input dtype), so row ``r = (e, k)`` has the gradient ``Σ_t g_{ekt} ⊙ x̂_{et}`` for ``w``.
+Since the exact formula of a custom class cannot be known from its name, the record first checks
+on the captured tensors that the output equals ``w ⊙ x̂``; if not (e.g. Gemma's ``(1 + w) ⊙ x̂``),
+it falls back to the generic vector-Jacobian products, which are always exact.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._generic import GenericRecord
+from ._layout import RowLayout
+from ._record import compute_dtype
+
+__all__ = ["RMSNormRecord", "is_rms_norm_like"]
+
+
+def _epsilon(module: nn.Module) -> float | None:
+    for attribute in ("variance_epsilon", "eps", "epsilon"):
+        value = getattr(module, attribute, None)
+        if isinstance(value, float):
+            return value
+    return None
+
+
+def is_rms_norm_like(module: nn.Module) -> bool:
+    """Whether the module may be an RMSNorm: the name says so, one 1-D ``weight``, an epsilon."""
+    params = dict(module.named_parameters(recurse=False))
+    return (
+        "rmsnorm" in type(module).__name__.lower()
+        and list(params) == ["weight"]
+        and params["weight"].dim() == 1
+        and (_epsilon(module) is not None or isinstance(module, nn.RMSNorm))
+    )
+
+
+class RMSNormRecord(GenericRecord):
+    """One call of an RMSNorm-like module: closed form when verified, else generic."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        module_name: str,
+        params: dict[str, nn.Parameter],
+        aliases: dict[str, Tensor],
+        outputs: list[Tensor],
+        args: tuple[Any, ...],
+    ) -> None:
+        super().__init__(module, module_name, params, aliases, outputs)
+        inputs = args[0] if args and isinstance(args[0], Tensor) else None
+        self.inputs = inputs.detach() if inputs is not None else None
+        self.closed_form = False
+
+    def _bind(self, grads: list[Tensor | None], layout: RowLayout) -> None:
+        outputs = self.outputs
+        super()._bind(grads, layout)
+        inputs, self.inputs = self.inputs, None
+        if inputs is None or len(outputs) != 1 or outputs[0].shape != inputs.shape or len(self.grad_rows) != 1:
+            return
+        weight = self.params.get("weight")
+        if weight is None or weight.shape[0] != inputs.shape[-1]:
+            return
+        eps = _epsilon(self.module)
+        if eps is None:
+            eps = torch.finfo(inputs.dtype).eps
+        hidden = inputs.float()
+        normalised = (hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + eps)).to(inputs.dtype)
+        expected = weight.detach() * normalised
+        if expected.shape != outputs[0].shape or not torch.allclose(
+            expected.to(outputs[0].dtype), outputs[0].detach(), rtol=1e-4, atol=1e-6
+        ):
+            return
+        dtype = compute_dtype(weight)
+        size = inputs.shape[-1]
+        self.normalised = layout.input_to_rows(normalised.to(dtype)).reshape(layout.num_examples, -1, size)
+        _, rows = self.grad_rows[0]
+        self.rows = rows.to(dtype).reshape(layout.num_examples, layout.num_tasks, -1, size)
+        self.closed_form = True
+        del self.grad_rows
+
+    def per_row(self, name: str) -> Tensor:
+        if not self.closed_form:
+            return super().per_row(name)
+        num_rows = self.rows.shape[0] * self.rows.shape[1]
+        return (self.rows * self.normalised.unsqueeze(1)).sum(dim=2).reshape(num_rows, -1)
+
+    def release(self) -> None:
+        super().release()
+        self.rows = self.normalised = None  # type: ignore[assignment]

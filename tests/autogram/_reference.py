@@ -1,0 +1,42 @@
+"""Independent reference: the explicit Jacobian, one autograd.grad call per loss row."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def trainable(*modules: nn.Module) -> list[nn.Parameter]:
+    """Trainable parameters of the modules, each shared parameter once."""
+    seen: set[int] = set()
+    params = []
+    for module in modules:
+        for param in module.parameters():
+            if param.requires_grad and id(param) not in seen:
+                seen.add(id(param))
+                params.append(param)
+    return params
+
+
+def jacobian(losses: Tensor, params: list[nn.Parameter]) -> Tensor:
+    """``[R, n]`` Jacobian of ``losses.flatten()`` on the existing graph (same dropout masks)."""
+    rows = []
+    for loss in losses.reshape(-1):
+        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        rows.append(
+            torch.cat([torch.zeros(p.numel()) if g is None else g.reshape(-1) for p, g in zip(params, grads)])
+        )
+    return torch.stack(rows)
+
+
+def assert_gramian_matches(gramian: Tensor, jac: Tensor, rtol: float = 1e-4, atol: float = 1e-6) -> None:
+    """Compare with ``J Jᵀ`` relative to the Gramian's scale."""
+    expected = jac.to(gramian.dtype) @ jac.to(gramian.dtype).T
+    assert gramian.shape == expected.shape
+    assert not gramian.requires_grad
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(gramian, expected, rtol=rtol, atol=atol + rtol * scale)
+
+
+def grads_of(params: list[nn.Parameter]) -> Tensor:
+    return torch.cat([torch.zeros(p.numel()) if p.grad is None else p.grad.reshape(-1) for p in params])

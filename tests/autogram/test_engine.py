@@ -1,0 +1,329 @@
+"""Engine on small MLPs: the three loss shapes, the weighted backward, state and errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from hf_jd.autogram import Engine
+
+from ._reference import assert_gramian_matches, grads_of, jacobian, trainable
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.LayerNorm(8), nn.Dropout(0.3), nn.Linear(8, 3))
+
+
+def test_per_example_losses_3d_inputs() -> None:
+    model = _mlp()
+    engine = Engine(model)
+    x = torch.randn(4, 6, 5)
+    losses = model(x).pow(2).mean(dim=(1, 2))
+    gramian = engine.compute_gramian(losses)
+    assert gramian.dtype == torch.float32
+    assert_gramian_matches(gramian, jacobian(losses, trainable(model)))
+
+
+def test_per_example_losses_2d_inputs() -> None:
+    model = _mlp()
+    engine = Engine(model)
+    x = torch.randn(3, 5)
+    losses = nn.functional.cross_entropy(model(x), torch.tensor([0, 2, 1]), reduction="none")
+    assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, trainable(model)))
+
+
+def test_inputs_with_several_middle_dims() -> None:
+    model = _mlp()
+    engine = Engine(model)
+    losses = model(torch.randn(2, 3, 4, 5)).sum(dim=(1, 2, 3))
+    assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, trainable(model)))
+
+
+def test_task_losses_without_batch_dim() -> None:
+    model = _mlp()
+    engine = Engine(model, batch_dim=None)
+    out = model(torch.randn(4, 5))
+    losses = torch.stack([out[:, 0].pow(2).mean(), out[:, 1:].abs().mean(), out.sum()])
+    gramian = engine.compute_gramian(losses)
+    assert gramian.shape == (3, 3)
+    assert_gramian_matches(gramian, jacobian(losses, trainable(model)))
+
+
+def test_scalar_loss_without_batch_dim() -> None:
+    model = _mlp()
+    engine = Engine(model, batch_dim=None)
+    loss = model(torch.randn(4, 5)).pow(2).mean()
+    gramian = engine.compute_gramian(loss)
+    assert gramian.shape == (1, 1)
+    assert_gramian_matches(gramian, jacobian(loss, trainable(model)))
+
+
+def test_per_example_task_losses_are_example_major() -> None:
+    model = _mlp()
+    engine = Engine(model)
+    out = model(torch.randn(3, 2, 5))
+    losses = torch.stack([out[..., 0].pow(2).mean(1), out[..., 1:].sum((1, 2))], dim=1)  # [3, 2]
+    gramian = engine.compute_gramian(losses)
+    assert gramian.shape == (6, 6)
+    assert_gramian_matches(gramian, jacobian(losses, trainable(model)))
+
+
+def test_batch_dim_one() -> None:
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2))
+    engine = Engine(model, batch_dim=1)
+    out = model(torch.randn(6, 3, 5))  # [T, B, d]
+    losses = out.pow(2).sum(dim=(0, 2))
+    assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, trainable(model)))
+
+
+def test_float64_parameters_give_float64_gramian() -> None:
+    model = _mlp().double()
+    engine = Engine(model)
+    losses = model(torch.randn(3, 5, dtype=torch.float64)).sum(1)
+    gramian = engine.compute_gramian(losses)
+    assert gramian.dtype == torch.float64
+    assert_gramian_matches(gramian, jacobian(losses, trainable(model)), rtol=1e-10)
+
+
+def test_weighted_backward_after_gramian_matches_weights_times_jacobian() -> None:
+    model = _mlp()
+    engine = Engine(model)
+    losses = model(torch.randn(4, 5)).pow(2).sum(1)
+    params = trainable(model)
+    jac = jacobian(losses, params)
+    gramian = engine.compute_gramian(losses)
+    weights = torch.softmax(gramian.diagonal(), 0)
+    losses.backward(weights)
+    torch.testing.assert_close(grads_of(params), weights @ jac, rtol=1e-5, atol=1e-6)
+
+
+def test_disabled_engine_gives_plain_gradient_and_stores_nothing() -> None:
+    model = _mlp().eval()
+    x = torch.randn(4, 5)
+    expected = torch.autograd.grad(model(x).sum(), trainable(model))
+    engine = Engine(model)
+    engine.enabled = False
+    model(x).sum().backward()
+    for param, grad in zip(trainable(model), expected):
+        torch.testing.assert_close(param.grad, grad)
+    assert engine._capture.records == []
+    with pytest.raises(RuntimeError, match="captured no module call"):
+        engine.compute_gramian(model(x).sum(1))
+
+
+def test_disabled_context_manager_restores_state() -> None:
+    model = _mlp()
+    engine = Engine(model)
+    with engine.disabled():
+        assert not engine.enabled
+        model(torch.randn(2, 5))
+    assert engine.enabled
+    assert engine._capture.records == []
+    engine.enabled = False
+    with engine.disabled():
+        pass
+    assert not engine.enabled
+
+
+def test_no_capture_under_no_grad() -> None:
+    model = _mlp()
+    engine = Engine(model)
+    with torch.no_grad():
+        model(torch.randn(2, 5))
+    assert engine._capture.records == []
+
+
+def test_new_forward_resets_and_gramian_resets() -> None:
+    model = _mlp()
+    engine = Engine(model)
+    model(torch.randn(7, 5))
+    losses = model(torch.randn(3, 5)).sum(1)  # the first forward's captures are dropped
+    assert len(engine._capture.records) == 3
+    assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, trainable(model)))
+    assert engine._capture.records == []
+
+
+def test_several_root_modules() -> None:
+    encoder = nn.Sequential(nn.Linear(5, 6), nn.ReLU())
+    head = nn.Linear(6, 2)
+    engine = Engine(encoder, head)
+    losses = head(encoder(torch.randn(4, 5))).sum(1)
+    assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, trainable(encoder, head)))
+
+
+def test_module_outside_engine_is_not_covered() -> None:
+    encoder = nn.Sequential(nn.Linear(5, 6), nn.ReLU())
+    head = nn.Linear(6, 2)
+    engine = Engine(encoder)
+    losses = head(encoder(torch.randn(4, 5))).sum(1)
+    assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, trainable(encoder)))
+
+
+def test_record_not_reached_from_the_sources_is_done_afterwards() -> None:
+    outside = nn.Linear(3, 3)  # trainable but not covered: the layer after it is no source
+    after = nn.Linear(3, 2)
+    source = nn.Linear(3, 2)
+    engine = Engine(after, source)
+    x = torch.randn(4, 3)
+    losses = (after(outside(x)) * source(x)).sum(1)
+    assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, trainable(after, source)))
+
+
+def test_frozen_parameters_are_excluded() -> None:
+    model = _mlp()
+    model[0].weight.requires_grad_(False)
+    model[2].requires_grad_(False)
+    engine = Engine(model)
+    assert len(engine.parameters()) == 3
+    losses = model(torch.randn(4, 5)).sum(1)
+    assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, trainable(model)))
+
+
+def test_parameters_lists_shared_parameters_once() -> None:
+    first = nn.Linear(4, 4)
+    second = nn.Linear(4, 4)
+    second.weight = first.weight
+    engine = Engine(nn.Sequential(first, second))
+    assert len(engine.parameters()) == 3
+
+
+def test_module_called_twice_and_shared_linear() -> None:
+    layer = nn.Linear(4, 4)
+    other = nn.Linear(4, 4)
+    other.weight = layer.weight
+    model = nn.ModuleList([layer, other])
+    engine = Engine(model)
+    x = torch.randn(3, 2, 4)
+    losses = other(torch.tanh(layer(torch.tanh(layer(x))))).pow(2).sum((1, 2))
+    assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, trainable(model)))
+
+
+def test_output_modified_in_place_afterwards() -> None:
+    model = nn.Sequential(nn.Linear(5, 6), nn.ReLU(inplace=True), nn.Linear(6, 2), nn.ReLU(inplace=True))
+    engine = Engine(model)
+    losses = model(torch.randn(5, 5)).sum(1)
+    assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, trainable(model)))
+
+
+def test_remove_detaches_hooks() -> None:
+    model = _mlp()
+    engine = Engine(model)
+    engine.remove()
+    model(torch.randn(2, 5))
+    assert engine._capture.records == []
+
+
+@pytest.mark.parametrize("batch_dim", [-1, 1.5, True])
+def test_invalid_batch_dim(batch_dim: object) -> None:
+    with pytest.raises(ValueError, match="batch_dim"):
+        Engine(_mlp(), batch_dim=batch_dim)  # type: ignore[arg-type]
+
+
+def test_invalid_modules() -> None:
+    with pytest.raises(ValueError, match="at least one module"):
+        Engine()
+    with pytest.raises(TypeError, match="nn.Module"):
+        Engine(torch.zeros(2))  # type: ignore[arg-type]
+
+
+def test_invalid_losses() -> None:
+    model = _mlp()
+    engine = Engine(model)
+    out = model(torch.randn(4, 5))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        engine.compute_gramian([out.sum()])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="require grad"):
+        engine.compute_gramian(out.detach().sum(1))
+    with pytest.raises(ValueError, match=r"shape \[B\]"):
+        engine.compute_gramian(out.sum())
+    with pytest.raises(ValueError, match="4 examples"):
+        engine.compute_gramian(out.sum(1)[:3])
+    with pytest.raises(ValueError, match="floating"):
+        engine.compute_gramian(torch.zeros(4, dtype=torch.long))
+    task_engine = Engine(_mlp(), batch_dim=None)
+    with pytest.raises(ValueError, match=r"shape \[m\]"):
+        task_engine.compute_gramian(out)
+
+
+def test_batch_norm_in_training_mode_is_rejected() -> None:
+    model = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
+    engine = Engine(model)
+    with pytest.raises(RuntimeError, match=r"1 \(BatchNorm1d\)"):
+        model(torch.randn(4, 5))
+    model.eval()  # running statistics: examples are independent
+    losses = model(torch.randn(4, 5)).sum(1)
+    assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, trainable(model)))
+
+
+def test_batch_norm_without_batch_dim_is_allowed() -> None:
+    model = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4, affine=False), nn.Linear(4, 2))
+    engine = Engine(model, batch_dim=None)
+    out = model(torch.randn(4, 5))
+    losses = torch.stack([out[:, 0].mean(), out[:, 1].pow(2).mean()])
+    assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, trainable(model)))
+
+
+def test_batch_mismatch_of_module_tensor_is_reported() -> None:
+    class Mixer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = nn.Linear(3, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner(x.reshape(-1, 3)).reshape(x.shape)  # 2 examples x 2 rows -> 4 rows
+
+    model = Mixer()
+    engine = Engine(model.inner)
+    losses = model(torch.randn(2, 2, 3)).sum((1, 2))
+    with pytest.raises(ValueError, match=r"batch of 4 examples along batch_dim=0 \(in an input of Linear"):
+        engine.compute_gramian(losses)
+
+
+def test_forward_rerun_inside_backward_is_rejected() -> None:
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = nn.Sequential(nn.Linear(3, 3), nn.Tanh())
+            self.head = nn.Linear(3, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(checkpoint(self.inner, x, use_reentrant=False))
+
+    model = Checkpointed()
+    engine = Engine(model)
+    losses = model(torch.randn(2, 3)).squeeze(1)
+    with pytest.raises(RuntimeError, match="gradient checkpointing"):
+        engine.compute_gramian(losses)
+
+
+def test_failing_forward_restores_parameters_and_state() -> None:
+    class Failing(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(3))
+
+        def forward(self, x: torch.Tensor, fail: bool = False) -> torch.Tensor:
+            if fail:
+                raise KeyError("boom")
+            return x * self.weight
+
+    model = Failing()
+    engine = Engine(model)
+    with pytest.raises(KeyError, match="boom"):
+        model(torch.randn(2, 3), fail=True)
+    assert isinstance(model.weight, nn.Parameter)
+    assert engine._capture.depth == 0
+    losses = model(torch.randn(2, 3)).pow(2).sum(1)
+    assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, trainable(model)))
+
+
+def test_reset_drops_captures() -> None:
+    model = _mlp()
+    engine = Engine(model)
+    losses = model(torch.randn(2, 5)).sum(1)
+    engine.reset()
+    with pytest.raises(RuntimeError, match="captured no module call"):
+        engine.compute_gramian(losses)

@@ -1,0 +1,365 @@
+"""Each closed form against the explicit Jacobian: Linear (both forms), Conv1D, Embedding,
+Conv2d, LayerNorm, the generic path and tied parameters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from hf_jd.autogram import Engine
+from hf_jd.autogram._outer import OuterProductRows
+
+from ._reference import assert_gramian_matches, jacobian, trainable
+
+
+@pytest.mark.parametrize(("length", "d_in", "d_out"), [(2, 16, 16), (16, 2, 3)])
+def test_linear_ghost_and_materialised_forms(length: int, d_in: int, d_out: int) -> None:
+    inputs = torch.randn(3, length, d_in)
+    grads = torch.randn(3, 2, length, d_out)
+    factors = OuterProductRows(inputs, grads)
+    rows = torch.einsum("ekto,eti->ekoi", grads, inputs).reshape(6, -1)
+    expected = rows @ rows.T
+    torch.testing.assert_close(factors.cross_gram(factors, force_ghost=True), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(factors.weight_gram(), expected, rtol=1e-4, atol=1e-4)
+    # The cheaper form is picked: ghost for short sequences of wide layers, else materialised.
+    assert factors.prefers_ghost() == (length == 2)
+
+
+@pytest.mark.parametrize(("first_transposed", "second_transposed"), [(False, False), (False, True), (True, True)])
+def test_cross_gram_of_two_uses_in_chunks(
+    monkeypatch: pytest.MonkeyPatch, first_transposed: bool, second_transposed: bool
+) -> None:
+    import hf_jd.autogram._outer as outer
+
+    monkeypatch.setattr(outer, "MAX_GHOST_BLOCK", 10)  # one example per chunk
+
+    def make(transposed: bool, length: int) -> tuple[OuterProductRows, torch.Tensor]:
+        d_in, d_out = (5, 4) if transposed else (4, 5)
+        inputs, grads = torch.randn(3, length, d_in), torch.randn(3, 2, length, d_out)
+        factors = OuterProductRows(inputs, grads, transposed)
+        pattern = "ekto,eti->ekio" if transposed else "ekto,eti->ekoi"
+        return factors, torch.einsum(pattern, grads, inputs).reshape(6, -1)
+
+    first, first_rows = make(first_transposed, 2)
+    second, second_rows = make(second_transposed, 3)
+    expected = first_rows @ second_rows.T
+    torch.testing.assert_close(first.cross_gram(second, force_ghost=True), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(first.cross_gram(second), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_materialised_rows_over_budget_go_in_chunks(monkeypatch: pytest.MonkeyPatch, transposed: bool) -> None:
+    import hf_jd.autogram._outer as outer
+
+    inputs, grads = torch.randn(2, 16, 3), torch.randn(2, 2, 16, 5)
+    factors = OuterProductRows(inputs, grads, transposed)
+    other = OuterProductRows(torch.randn(2, 9, 3), torch.randn(2, 2, 9, 5), transposed)
+    expected = factors.weight_rows() @ factors.weight_rows().T
+    expected_cross = factors.weight_rows() @ other.weight_rows().T
+    monkeypatch.setattr(outer, "MAX_ROW_ENTRIES", 4 * 5)  # one row of the weight per chunk
+    assert len(factors._chunks()) == (3 if transposed else 5)
+    assert not factors.prefers_ghost()
+    torch.testing.assert_close(factors.weight_gram(keep_rows=True), expected, rtol=1e-4, atol=1e-4)
+    assert factors._rows is None  # too large to keep
+    torch.testing.assert_close(factors.cross_gram(other), expected_cross, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("length", [1, 2, 12])
+def test_linear_in_model_both_forms(length: int) -> None:
+    model = nn.Sequential(nn.Linear(24, 24), nn.GELU(), nn.Linear(24, 2))
+    engine = Engine(model)
+    losses = model(torch.randn(3, length, 24)).pow(2).sum((1, 2))
+    assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, trainable(model)))
+
+
+def test_gpt2_conv1d() -> None:
+    model = nn.Sequential(Conv1D(6, 4), nn.Tanh(), Conv1D(2, 6))
+    engine = Engine(model)
+    losses = model(torch.randn(3, 5, 4)).pow(2).sum((1, 2))
+    assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, trainable(model)))
+
+
+class _Tokens(nn.Module):
+    def __init__(self, padding_idx: int | None = None) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(11, 4, padding_idx=padding_idx)
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.embed(ids)))
+
+
+@pytest.mark.parametrize("padding_idx", [None, 0])
+def test_embedding_with_repeated_and_shared_ids(padding_idx: int | None) -> None:
+    model = _Tokens(padding_idx)
+    engine = Engine(model)
+    ids = torch.tensor([[0, 3, 3, 5, 0], [1, 3, 7, 0, 0], [2, 2, 9, 10, 5]])
+    losses = model(ids).pow(2).sum((1, 2))
+    assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, trainable(model)))
+
+
+def test_embedding_per_task_rows_and_task_mode() -> None:
+    model = _Tokens(0)
+    ids = torch.randint(0, 11, (3, 6))
+    engine = Engine(model)
+    out = model(ids)
+    losses = torch.stack([out[..., 0].sum(1), out[..., 1].pow(2).mean(1)], dim=1)
+    assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, trainable(model)))
+    engine.remove()
+    engine = Engine(model, batch_dim=None)
+    out = model(ids)
+    losses = torch.stack([out[..., 0].sum(), out[..., 1].pow(2).mean()])
+    assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, trainable(model)))
+
+
+def test_embedding_scale_grad_by_freq_is_rejected() -> None:
+    model = nn.Embedding(5, 3, scale_grad_by_freq=True)
+    Engine(model)
+    with pytest.raises(RuntimeError, match="scale_grad_by_freq"):
+        model(torch.tensor([[1, 2]]))
+
+
+class _TiedLM(nn.Module):
+    """Input embedding tied with the output projection, plus a broadcast position embedding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(9, 4)
+        self.position = nn.Embedding(6, 4)
+        self.hidden = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 9, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(ids.shape[1]).unsqueeze(0)  # [1, T], broadcast over the batch
+        hidden = self.embed(ids) + self.position(positions)
+        return self.head(torch.tanh(self.hidden(hidden)))
+
+
+def test_tied_embedding_and_broadcast_positions() -> None:
+    model = _TiedLM()
+    engine = Engine(model)
+    ids = torch.randint(0, 9, (3, 5))
+    logits = model(ids)
+    losses = nn.functional.cross_entropy(logits.transpose(1, 2), ids, reduction="none").mean(1)
+    params = trainable(model)
+    assert len(engine.parameters()) == len(params) == 4
+    assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, params))
+
+
+@pytest.mark.parametrize("batch_dim", [0, None])
+def test_tied_embedding_used_twice_with_several_tasks(batch_dim: int | None) -> None:
+    model = _TiedLM()
+    engine = Engine(model, batch_dim=batch_dim)
+    ids = torch.randint(0, 9, (3, 5))
+    logits = model(ids) + model.head(model.embed(ids.flip(1)))
+    if batch_dim is None:
+        losses = torch.stack([logits[..., :4].logsumexp(-1).mean(), logits.pow(2).mean(), logits[:, 0].sum()])
+    else:
+        losses = torch.stack([logits[..., :4].logsumexp(-1).mean(1), logits.pow(2).mean((1, 2))], dim=1)
+    assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, trainable(model)))
+
+
+def test_tied_parameter_in_generic_module_is_materialised() -> None:
+    class Scale(nn.Module):
+        def __init__(self, weight: nn.Parameter) -> None:
+            super().__init__()
+            self.weight = weight
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * self.weight.sum(0)
+
+    model = _TiedLM()
+    model.scale = Scale(model.embed.weight)
+    engine = Engine(model)
+    ids = torch.randint(0, 9, (3, 5))
+    losses = model.scale(model(ids)[..., :4]).pow(2).sum((1, 2))
+    assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, trainable(model)))
+
+
+def test_broadcast_expansion_keeps_values() -> None:
+    model = _TiedLM()
+    ids = torch.randint(0, 9, (3, 5))
+    expected = model(ids)
+    Engine(model)
+    torch.testing.assert_close(model(ids), expected, rtol=0, atol=0)
+
+
+class _CNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 3, 3, padding=1)
+        self.conv2 = nn.Conv2d(3, 4, (2, 3), stride=2, dilation=(1, 2), bias=False)
+        self.norm = nn.GroupNorm(2, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.norm(self.conv2(torch.relu(self.conv1(x))))
+        return self.head(hidden.mean(dim=(2, 3)))
+
+
+def test_cnn_per_example() -> None:
+    model = _CNN()
+    engine = Engine(model)
+    losses = model(torch.randn(3, 2, 7, 8)).pow(2).sum(1)
+    assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, trainable(model)))
+
+
+def test_cnn_tasks() -> None:
+    model = _CNN()
+    engine = Engine(model, batch_dim=None)
+    out = model(torch.randn(3, 2, 7, 8))
+    losses = torch.stack([out[:, 0].mean(), out[:, 1].pow(2).mean()])
+    assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, trainable(model)))
+
+
+def test_grouped_and_1d_convolutions_use_generic_path() -> None:
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2, padding="same"), nn.Flatten(1), nn.Unflatten(1, (4, 25)),
+                          nn.Conv1d(4, 2, 3), nn.Flatten(1))
+    engine = Engine(model)
+    losses = model(torch.randn(2, 4, 5, 5)).pow(2).sum(1)
+    assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, trainable(model)))
+
+
+class _RMSNorm(nn.Module):
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(size) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
+def test_generic_module_called_twice_with_shared_parameters() -> None:
+    norm = _RMSNorm(4)
+    layer = nn.Linear(4, 4)
+    model = nn.ModuleList([norm, layer])
+    engine = Engine(model)
+    x = torch.randn(3, 2, 4)
+    losses = norm(layer(norm(x))).pow(3).sum((1, 2))
+    assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, trainable(model)))
+
+
+def test_generic_module_with_children_and_direct_parameters() -> None:
+    class WithToken(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.token = nn.Parameter(torch.randn(1, 1, 4))
+            self.proj = nn.Linear(3, 4)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            tokens = torch.cat([self.token.expand(x.shape[0], -1, -1), self.proj(x)], dim=1)
+            return tokens, tokens.mean(1)
+
+    model = WithToken()
+    engine = Engine(model)
+    tokens, pooled = model(torch.randn(3, 2, 3))
+    losses = tokens.pow(2).sum((1, 2)) + pooled.sin().sum(1)
+    assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, trainable(model)))
+
+
+def test_layer_norm_without_bias_and_2d_shape() -> None:
+    model = nn.Sequential(nn.Linear(6, 6), nn.Unflatten(-1, (2, 3)), nn.LayerNorm((2, 3), bias=False),
+                          nn.Flatten(-2), nn.Linear(6, 1))
+    engine = Engine(model)
+    losses = model(torch.randn(4, 3, 6)).pow(2).sum((1, 2))
+    assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, trainable(model)))
+
+
+@pytest.mark.parametrize("batch_dim", [0, None])
+def test_multihead_attention_uses_its_output_projection_directly(batch_dim: int | None) -> None:
+    attention = nn.MultiheadAttention(4, 2, batch_first=True)
+    model = nn.ModuleList([attention, nn.Linear(4, 2)])
+    engine = Engine(model, batch_dim=batch_dim)
+    x = torch.randn(3, 5, 4)
+    out = model[1](attention(x, x, x)[0])
+    losses = out.pow(2).sum((1, 2)) if batch_dim == 0 else out.pow(2).mean((0, 1))
+    assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, trainable(model)))
+
+
+class _DirectUse(nn.Module):
+    """Uses its child's weight without calling the child (unless ``call_child``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(4))
+        self.child = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, use_child: bool = True) -> torch.Tensor:
+        x = x * self.scale
+        return x @ self.child.weight.T if use_child else x
+
+
+def test_direct_use_of_an_uncalled_child_is_rejected() -> None:
+    model = _DirectUse()
+    Engine(model)
+    with pytest.raises(RuntimeError, match="'child' \\(Linear\\) without calling it"):
+        model(torch.randn(2, 4))
+
+
+def test_uncalled_unused_child_is_fine() -> None:
+    model = _DirectUse()
+    engine = Engine(model)
+    losses = model(torch.randn(2, 4), use_child=False).pow(2).sum(1)
+    assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, trainable(model)))
+
+
+def test_parameter_used_in_unsupported_layout_is_reported() -> None:
+    lstm = nn.LSTM(3, 4)  # sequence-first: dimension 0 is time, not batch
+    engine = Engine(lstm)
+    out, _ = lstm(torch.randn(5, 2, 3))
+    with pytest.raises(ValueError, match="batch of 5 examples"):
+        engine.compute_gramian(out.sum((0, 2)))
+
+
+def test_generic_path_in_chunks_of_examples(monkeypatch: pytest.MonkeyPatch) -> None:
+    import hf_jd.autogram._generic as generic
+
+    monkeypatch.setattr(generic, "MAX_SPREAD_ENTRIES", 1)  # one example per vector-Jacobian product
+    model = nn.Sequential(nn.Linear(4, 4), _RMSNorm(4), nn.Linear(4, 2))
+    engine = Engine(model)
+    out = model(torch.randn(3, 5, 4))
+    losses = torch.stack([out[..., 0].sum(1), out[..., 1].pow(2).mean(1)], dim=1)
+    assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, trainable(model)))
+
+
+class _OnePlusRMSNorm(nn.Module):
+    """Gemma-style ``(1 + w) ⊙ x̂``: an RMSNorm by name whose closed form does not apply."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(size) * 0.1)
+        self.eps = 1e-6
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (1 + self.weight) * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+
+@pytest.mark.parametrize(
+    ("norm", "closed_form"),
+    [(nn.RMSNorm(6), True), (nn.RMSNorm(6, eps=1e-3), True), (_OnePlusRMSNorm(6), False)],
+)
+def test_rms_norm_closed_form_is_verified(
+    monkeypatch: pytest.MonkeyPatch, norm: nn.Module, closed_form: bool
+) -> None:
+    from hf_jd.autogram._rms_norm import RMSNormRecord, is_rms_norm_like
+
+    assert is_rms_norm_like(norm)  # by its name and shape; the formula is checked on the tensors
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    model = nn.Sequential(nn.Linear(4, 6), norm, nn.Linear(6, 2))
+    engine = Engine(model)
+    used: list[bool] = []
+    original = RMSNormRecord.per_row
+
+    def spy(self: RMSNormRecord, name: str) -> torch.Tensor:
+        used.append(self.closed_form)
+        return original(self, name)
+
+    monkeypatch.setattr(RMSNormRecord, "per_row", spy)
+    out = model(torch.randn(3, 5, 4))
+    losses = torch.stack([out[..., 0].sum(1), out[..., 1].pow(2).mean(1)], dim=1)
+    assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, trainable(model)))
+    assert used == [closed_form]

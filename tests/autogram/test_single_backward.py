@@ -1,0 +1,102 @@
+"""Engine.backward: the weighted gradient written from the captured factors (no second pass)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel, ViTConfig, ViTForImageClassification
+
+from hf_jd.autogram import Engine
+
+from ._reference import assert_gramian_matches, grads_of, jacobian, trainable
+
+
+def _check(model: nn.Module, engine: Engine, losses: torch.Tensor, params: list[nn.Parameter]) -> None:
+    jac = jacobian(losses, params)
+    gramian = engine.compute_gramian(losses)
+    assert_gramian_matches(gramian, jac)
+    weights = torch.linspace(0.5, 1.5, losses.numel())
+    engine.backward(weights)
+    torch.testing.assert_close(grads_of(params), weights @ jac, rtol=1e-4, atol=1e-6)
+
+
+def test_gpt2_tied_embeddings() -> None:
+    config = GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=2, n_head=2)
+    model = GPT2LMHeadModel(config)
+    engine = Engine(model, single_backward=True)
+    ids = torch.randint(0, 40, (3, 6))
+    logits = model(input_ids=ids).logits
+    losses = nn.functional.cross_entropy(logits.transpose(1, 2), ids, reduction="none").mean(1)
+    _check(model, engine, losses, trainable(model))
+
+
+def test_vit_generic_and_conv() -> None:
+    config = ViTConfig(image_size=8, patch_size=4, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=32, num_labels=2)
+    model = ViTForImageClassification(config)
+    engine = Engine(model, single_backward=True)
+    losses = model(pixel_values=torch.randn(2, 3, 8, 8)).logits.pow(2).sum(1)
+    _check(model, engine, losses, trainable(model))
+
+
+@pytest.mark.parametrize("batch_dim", [0, None])
+def test_tasks(batch_dim: int | None) -> None:
+    model = nn.Sequential(nn.Embedding(10, 6), nn.Linear(6, 6), nn.LayerNorm(6), nn.Linear(6, 2))
+    engine = Engine(model, batch_dim=batch_dim, single_backward=True)
+    out = model(torch.randint(0, 10, (3, 4)))
+    if batch_dim is None:
+        losses = torch.stack([out[..., 0].mean(), out[..., 1].pow(2).mean()])
+    else:
+        losses = torch.stack([out[..., 0].mean(1), out[..., 1].pow(2).mean(1)], dim=1)
+    _check(model, engine, losses, trainable(model))
+
+
+def test_uncovered_parameters_get_their_gradient_by_fallback() -> None:
+    encoder = nn.Sequential(nn.Linear(4, 5), nn.Tanh())
+    head = nn.Linear(5, 2)
+    engine = Engine(encoder, single_backward=True)
+    losses = head(encoder(torch.randn(3, 4))).pow(2).sum(1)
+    params = trainable(encoder, head)
+    jac = jacobian(losses, params)
+    engine.compute_gramian(losses)
+    weights = torch.tensor([1.0, 2.0, 0.5])
+    engine.backward(weights)
+    torch.testing.assert_close(grads_of(params), weights @ jac, rtol=1e-4, atol=1e-6)
+
+
+def test_gradient_hooks_fire_and_gradients_accumulate() -> None:
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 1))
+    fired: list[int] = []
+    for param in model.parameters():
+        param.register_post_accumulate_grad_hook(lambda p: fired.append(id(p)))
+    engine = Engine(model, single_backward=True)
+    x = torch.randn(3, 4)
+    losses = model(x).squeeze(1)
+    expected = jacobian(losses, trainable(model)).sum(0)
+    engine.compute_gramian(losses)
+    engine.backward(torch.ones(3, 1).squeeze(1))
+    assert sorted(fired) == sorted(id(p) for p in model.parameters())
+    losses = model(x).squeeze(1)
+    engine.compute_gramian(losses)
+    engine.backward(torch.ones(3))
+    torch.testing.assert_close(grads_of(trainable(model)), 2 * expected, rtol=1e-5, atol=1e-6)
+
+
+def test_backward_errors() -> None:
+    model = nn.Linear(3, 2)
+    plain = Engine(model)
+    losses = model(torch.randn(2, 3)).sum(1)
+    plain.compute_gramian(losses)
+    with pytest.raises(RuntimeError, match="single_backward=True"):
+        plain.backward(torch.ones(2))
+    plain.remove()
+    engine = Engine(model, single_backward=True)
+    with pytest.raises(RuntimeError, match="must follow compute_gramian"):
+        engine.backward(torch.ones(2))
+    losses = model(torch.randn(2, 3)).sum(1)
+    engine.compute_gramian(losses)
+    with pytest.raises(ValueError, match=r"shape \[2\]"):
+        engine.backward(torch.ones(3))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        engine.backward([1.0, 1.0])  # type: ignore[arg-type]
