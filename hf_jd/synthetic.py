@@ -15,7 +15,12 @@ from __future__ import annotations
 import numpy as np
 from datasets import Dataset, DatasetDict
 
-__all__ = ["MULTITASK_TASKS", "make_multitask_text_dataset", "make_classification_text_dataset"]
+__all__ = [
+    "MULTITASK_TASKS",
+    "make_multitask_text_dataset",
+    "make_classification_text_dataset",
+    "make_markov_text_dataset",
+]
 
 #: The tasks of :func:`make_multitask_text_dataset`: name → (kind, number of outputs).
 MULTITASK_TASKS: dict[str, tuple[str, int]] = {
@@ -177,4 +182,63 @@ def make_classification_text_dataset(
         columns["attention_mask"].append([1] * len(sequence))
         columns["labels"].append(label)
         columns["is_hard"].append(hard)
+    return _split(columns, num_eval, seed, max_length if pad else None)
+
+
+def make_markov_text_dataset(
+    num_train: int = 512,
+    num_eval: int = 64,
+    *,
+    vocab_size: int = 64,
+    successors: int = 4,
+    min_length: int = 8,
+    max_length: int = 24,
+    pad: bool = True,
+    seed: int = 0,
+) -> DatasetDict:
+    """Generate token sequences from a sparse Markov chain, for (tiny) causal language modelling.
+
+    Every content token has ``successors`` possible next tokens, drawn once per dataset; a sequence
+    is the leading token, a uniformly drawn content token, then a walk that picks each next token
+    uniformly among the successors of the current one. A model that has learned the chain predicts
+    every token after the first content token with cross-entropy ``log(successors)``, far below the
+    ``log(vocab_size)`` of an untrained model, so a few steps of training visibly lower the loss.
+
+    Parameters
+    ----------
+    num_train, num_eval
+        Number of training and evaluation sequences.
+    vocab_size
+        Vocabulary size of the model that will read the ids (at least 8).
+    successors
+        Number of possible next tokens of each content token (between 1 and ``vocab_size - 2``).
+    min_length, max_length
+        Range of sequence lengths, the leading token included.
+    pad
+        Pad every sequence to ``max_length`` (id :data:`PAD_ID`, attention mask 0).
+    seed
+        Seed of the chain and of the walks.
+
+    Returns
+    -------
+    DatasetDict
+        Splits ``train`` and ``eval`` with columns ``input_ids`` and ``attention_mask``.
+    """
+    _groups(vocab_size)  # validates vocab_size
+    content = np.arange(2, vocab_size)
+    if not 1 <= successors <= len(content):
+        raise ValueError(f"successors must be between 1 and vocab_size - 2 = {len(content)}, got {successors}.")
+    if not 2 <= min_length <= max_length:
+        raise ValueError(f"Need 2 <= min_length <= max_length, got {min_length} and {max_length}.")
+    rng = np.random.default_rng(seed)
+    # next_tokens[i] lists the successors of content token content[i].
+    next_tokens = np.stack([rng.choice(content, size=successors, replace=False) for _ in content])
+    columns: dict[str, list] = {"input_ids": [], "attention_mask": []}
+    for _ in range(num_train + num_eval):
+        length = int(rng.integers(min_length, max_length + 1))
+        tokens = [CLS_ID, int(rng.choice(content))]
+        while len(tokens) < length:
+            tokens.append(int(rng.choice(next_tokens[tokens[-1] - 2])))
+        columns["input_ids"].append(tokens[:length])
+        columns["attention_mask"].append([1] * length)
     return _split(columns, num_eval, seed, max_length if pad else None)
