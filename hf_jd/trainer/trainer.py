@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from transformers import Trainer
+from transformers.trainer_pt_utils import nested_detach
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput
 
 from ..aggregation import Aggregator, get_aggregator
@@ -322,6 +323,40 @@ class JDTrainer(Trainer):
             total = self._eval_task_losses.setdefault(name, [0.0, 0.0])
             total[0] += float(value) * count
             total[1] += count
+
+    def prediction_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Tensor | Any],
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
+    ) -> tuple[Tensor | None, Any, Any]:
+        """With ``compute_losses``, evaluate through it (the model may not take the label columns).
+
+        Without it, this is the Trainer's own ``prediction_step``. With it, the loss is the mean of the
+        losses that ``compute_losses`` returns, the predictions are its outputs (tensors, minus
+        ``ignore_keys``) and the labels are the ``label_names`` inputs, if any.
+        """
+        if self.compute_losses is None:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+        loss = loss.detach().mean()
+        if prediction_loss_only:
+            return loss, None, None
+        ignored = set(ignore_keys or ())
+        if isinstance(outputs, dict):
+            outputs = tuple(value for key, value in outputs.items() if key not in ignored and isinstance(value, Tensor))
+        logits = nested_detach(outputs) if outputs is not None else None
+        if isinstance(logits, tuple) and len(logits) == 1:
+            logits = logits[0]
+        labels = None
+        if self.label_names and all(inputs.get(name) is not None for name in self.label_names):
+            labels = nested_detach(tuple(inputs[name] for name in self.label_names))
+            if len(labels) == 1:
+                labels = labels[0]
+        return loss, logits, labels
 
     def evaluation_loop(
         self,

@@ -1,0 +1,70 @@
+"""JDTrainer with ``compute_losses`` on a plain module whose forward does not take the label columns."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from datasets import Dataset
+from torch import nn
+from transformers import default_data_collator
+
+from hf_jd import JDTrainer, JDTrainingArguments
+
+
+class TwoOutputNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(2, 1)
+        self.b = nn.Linear(2, 1)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"a": self.a(x).squeeze(-1), "b": self.b(x).squeeze(-1)}
+
+
+def compute_losses(model: nn.Module, inputs: dict[str, torch.Tensor]):
+    outputs = model(inputs["x"])
+    losses = torch.stack([((outputs[k] - inputs[f"y_{k}"]) ** 2).mean() for k in ("a", "b")])
+    return losses, outputs
+
+
+def _trainer(tmp_path, **kwargs) -> JDTrainer:
+    data = Dataset.from_dict(
+        {"x": [[1.0, 2.0], [0.5, -1.0]] * 4, "y_a": [1.0, 0.0] * 4, "y_b": [0.0, 2.0] * 4}
+    )
+    args = JDTrainingArguments(
+        output_dir=str(tmp_path), jd_mode="mtl", jd_task_names=["a", "b"], max_steps=2,
+        remove_unused_columns=False, report_to="none", use_cpu=True,
+        per_device_train_batch_size=4, per_device_eval_batch_size=4, **kwargs,
+    )
+    return JDTrainer(
+        model=TwoOutputNet(), args=args, train_dataset=data, eval_dataset=data,
+        data_collator=default_data_collator, compute_losses=compute_losses,
+    )
+
+
+def _expected_task_losses(trainer: JDTrainer) -> torch.Tensor:
+    data = trainer.eval_dataset
+    inputs = {key: torch.tensor(data[key]) for key in data.column_names}
+    with torch.no_grad():
+        losses, _ = compute_losses(trainer.model, inputs)
+    return losses
+
+
+def test_evaluate_goes_through_compute_losses(tmp_path) -> None:
+    trainer = _trainer(tmp_path)
+    trainer.train()
+    metrics = trainer.evaluate()
+    expected = _expected_task_losses(trainer)
+    assert metrics["eval_loss"] == pytest.approx(float(expected.mean()), rel=1e-5)
+    assert metrics["eval_loss_a"] == pytest.approx(float(expected[0]), rel=1e-5)
+    assert metrics["eval_loss_b"] == pytest.approx(float(expected[1]), rel=1e-5)
+
+
+def test_predict_returns_outputs_and_labels(tmp_path) -> None:
+    trainer = _trainer(tmp_path, label_names=["y_a", "y_b"])
+    prediction = trainer.predict(trainer.eval_dataset)
+    predictions_a, predictions_b = prediction.predictions
+    assert predictions_a.shape == (8,) and predictions_b.shape == (8,)
+    assert prediction.label_ids[0].tolist() == [1.0, 0.0] * 4
+    expected = _expected_task_losses(trainer)
+    assert prediction.metrics["test_loss"] == pytest.approx(float(expected.mean()), rel=1e-5)
