@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["SeededGenerator", "check_seed", "random_orders"]
+__all__ = ["SeededGenerator", "SeededStateMixin", "check_seed", "random_orders"]
 
 
 def check_seed(seed: int | None) -> int:
@@ -109,3 +109,31 @@ class SeededGenerator:
         self.seed = seed
         self._generator = None
         self._pending = None if device is None else (str(device), generator_state.clone())
+
+
+class SeededStateMixin:
+    """State handling of an object whose only state is a :class:`SeededGenerator`.
+
+    Put it before the base class (``class X(SeededStateMixin, Aggregator)``) and set
+    ``self._generator = SeededGenerator(seed)`` in ``__init__``: the generator state is then the
+    object's state (``state_dict``/``load_state_dict``), and ``reset`` goes back to the seed.
+    """
+
+    _generator: SeededGenerator
+
+    @property
+    def seed(self) -> int:
+        """The seed of the object's random generator."""
+        return self._generator.seed
+
+    def reset(self) -> None:
+        """Go back to the state right after construction."""
+        self._generator.reset()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return the generator's seed, device and state."""
+        return self._generator.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a state produced by :meth:`state_dict`."""
+        self._generator.load_state_dict(state)

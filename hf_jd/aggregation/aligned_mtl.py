@@ -47,7 +47,7 @@ class AlignedMTLWeighting(Weighting):
     def compute(self, gramian: Tensor) -> Tensor:
         array = gramian_to_numpy(gramian)
         m = array.shape[0]
-        preference = resolve_pref_vector(self.pref_vector, m, 1.0 / m)
+        preference = resolve_pref_vector(self.pref_vector, m, 1.0 / m).numpy()
         eigenvalues, eigenvectors = eigh(array)
         largest = float(eigenvalues[-1])
         if not largest > 0:

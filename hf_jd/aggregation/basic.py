@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ._base import GramianWeightedAggregator, Weighting
+from ._preference import check_vector
 
 __all__ = [
     "Mean",
@@ -81,23 +82,6 @@ class Sum(_SizeOnlyAggregator):
         super().__init__(SumWeighting())
 
 
-def _to_weight_vector(weights: object) -> Tensor:
-    try:
-        vector = torch.as_tensor(weights).detach().to(device="cpu", dtype=torch.float64)
-    except (TypeError, ValueError, RuntimeError) as error:
-        raise TypeError(
-            f"weights must be a 1-D tensor or sequence of numbers, got {type(weights).__name__}."
-        ) from error
-    if vector.dim() != 1 or vector.numel() == 0:
-        raise ValueError(
-            f"weights must be a non-empty 1-D vector (one weight per objective), got shape "
-            f"{tuple(vector.shape)}."
-        )
-    if not bool(torch.isfinite(vector).all()):
-        raise ValueError(f"weights must be finite, got {vector.tolist()}.")
-    return vector
-
-
 class ConstantWeighting(_SizeOnlyWeighting):
     """Fixed weights given at construction.
 
@@ -108,7 +92,7 @@ class ConstantWeighting(_SizeOnlyWeighting):
     """
 
     def __init__(self, weights: Tensor | Sequence[float]) -> None:
-        self._weights = _to_weight_vector(weights)
+        self._weights = check_vector(weights, "weights")
 
     @property
     def weights(self) -> Tensor:

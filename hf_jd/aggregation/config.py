@@ -49,7 +49,7 @@ class ConFIG(Aggregator):
 
     def aggregate(self, matrix: Tensor) -> Tensor:
         preference = resolve_pref_vector(self.pref_vector, matrix.shape[0], 1.0)
-        preference = torch.as_tensor(preference, dtype=matrix.dtype, device=matrix.device)
+        preference = preference.to(dtype=matrix.dtype, device=matrix.device)
         norms = matrix.norm(dim=1, keepdim=True)
         units = matrix / torch.where(norms > 0, norms, torch.ones_like(norms))
         direction = torch.linalg.pinv(units) @ preference

@@ -10,24 +10,14 @@ the projection of a mean gradient onto the dual cone goes back to GEM (Lopez-Paz
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-import torch
 from torch import Tensor
 
-from ._base import GramianWeightedAggregator, Weighting
-from ._dual_cone import (
-    check_non_negative_number,
-    normalize_gramian,
-    project_weights,
-    resolve_pref_vector,
-    to_pref_vector,
-)
+from ._dual_cone import DualConeAggregator, DualConeWeighting
 
 __all__ = ["DualProj", "DualProjWeighting"]
 
 
-class DualProjWeighting(Weighting):
+class DualProjWeighting(DualConeWeighting):
     """Weighting of :class:`DualProj`: ``w = argmin_{v ≥ p} vᵀ G v``.
 
     The Gramian is divided by its trace (zeros if the trace is below ``norm_eps``) and
@@ -43,37 +33,12 @@ class DualProjWeighting(Weighting):
         Amount added to the diagonal of the normalised Gramian.
     """
 
-    def __init__(
-        self,
-        pref_vector: Tensor | Sequence[float] | None = None,
-        norm_eps: float = 1e-4,
-        reg_eps: float = 1e-4,
-    ) -> None:
-        self._pref_vector = to_pref_vector(pref_vector)
-        self.norm_eps = check_non_negative_number(norm_eps, "norm_eps")
-        self.reg_eps = check_non_negative_number(reg_eps, "reg_eps")
-
-    @property
-    def pref_vector(self) -> Tensor | None:
-        """The preference vector (float64), or ``None`` for uniform weights."""
-        return None if self._pref_vector is None else self._pref_vector.clone()
-
     def compute(self, gramian: Tensor) -> Tensor:
-        m = gramian.shape[0]
-        pref = resolve_pref_vector(self._pref_vector, m)
-        normalized = normalize_gramian(gramian.detach().to(device="cpu", dtype=torch.float64), self.norm_eps)
-        projected = project_weights(pref, normalized, reg_eps=self.reg_eps)
-        return projected.to(dtype=gramian.dtype, device=gramian.device)
-
-    def __repr__(self) -> str:
-        pref = None if self._pref_vector is None else self._pref_vector.tolist()
-        return (
-            f"{type(self).__name__}(pref_vector={pref}, norm_eps={self.norm_eps}, "
-            f"reg_eps={self.reg_eps})"
-        )
+        projected = self._project(self._preference(gramian.shape[0]).unsqueeze(0), gramian)
+        return projected[0].to(dtype=gramian.dtype, device=gramian.device)
 
 
-class DualProj(GramianWeightedAggregator):
+class DualProj(DualConeAggregator):
     """DualProj aggregator: the (preference-weighted) mean row projected onto the dual cone.
 
     Reference: Quinton & Rey, "Jacobian Descent For Multi-Objective Optimization",
@@ -85,13 +50,4 @@ class DualProj(GramianWeightedAggregator):
         See :class:`DualProjWeighting`.
     """
 
-    def __init__(
-        self,
-        pref_vector: Tensor | Sequence[float] | None = None,
-        norm_eps: float = 1e-4,
-        reg_eps: float = 1e-4,
-    ) -> None:
-        super().__init__(DualProjWeighting(pref_vector, norm_eps, reg_eps))
-
-    def __repr__(self) -> str:
-        return repr(self.weighting).replace(type(self.weighting).__name__, type(self).__name__, 1)
+    weighting_class = DualProjWeighting

@@ -8,13 +8,13 @@ Pick a Sign: Optimizing Deep Multitask Models with Gradient Sign Dropout", NeurI
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from ._base import Aggregator
-from ._generator import SeededGenerator
+from ._generator import SeededGenerator, SeededStateMixin
+from ._preference import check_vector
 
 __all__ = ["GradDrop"]
 
@@ -22,25 +22,13 @@ __all__ = ["GradDrop"]
 def _check_leak(leak: Sequence[float] | Tensor | None) -> Tensor | None:
     if leak is None:
         return None
-    if not isinstance(leak, Tensor):
-        try:
-            leak = torch.as_tensor(leak, dtype=torch.float64)
-        except (TypeError, ValueError, RuntimeError) as error:
-            raise TypeError(
-                f"leak must be None, a 1-D tensor or a sequence of numbers, got {leak!r}."
-            ) from error
-    if leak.dim() != 1 or leak.numel() == 0:
-        raise ValueError(
-            "leak must be a non-empty 1-D vector (one value per objective), got shape "
-            f"{tuple(leak.shape)}."
-        )
-    leak = leak.detach().to(device="cpu", dtype=torch.float64).clone()
+    leak = check_vector(leak, "leak")
     if not bool(((leak >= 0) & (leak <= 1)).all()):
         raise ValueError(f"Every leak value must be in [0, 1], got {leak.tolist()}.")
     return leak
 
 
-class GradDrop(Aggregator):
+class GradDrop(SeededStateMixin, Aggregator):
     """GradDrop aggregator (Chen et al., NeurIPS 2020): sign-purity masking per coordinate.
 
     For every coordinate ``k`` the positive sign purity of the rows is
@@ -77,11 +65,6 @@ class GradDrop(Aggregator):
         self.leak = _check_leak(leak)
         self._generator = SeededGenerator(seed)
 
-    @property
-    def seed(self) -> int:
-        """The seed of the generator of the uniform draws."""
-        return self._generator.seed
-
     def aggregate(self, matrix: Tensor) -> Tensor:
         m = matrix.shape[0]
         if self.leak is not None and self.leak.shape[0] != m:
@@ -116,15 +99,6 @@ class GradDrop(Aggregator):
         if self.leak is None:
             return masked
         return leak @ matrix + masked
-
-    def reset(self) -> None:
-        self._generator.reset()
-
-    def state_dict(self) -> dict[str, Any]:
-        return self._generator.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._generator.load_state_dict(state)
 
     def __repr__(self) -> str:
         leak = None if self.leak is None else self.leak.tolist()

@@ -10,7 +10,7 @@ Solver: the simplex QP is solved *exactly* (no Frank-Wolfe). Its KKT conditions
 ``G w = μ 1 + λ, λ ≥ 0, λᵀ w = 0, μ = wᵀ G w`` are, with ``v = w / μ``, those of the linear
 complementarity problem ``G v - 1 ≥ 0, v ≥ 0, vᵀ(G v - 1) = 0`` (the non-negative minimiser of
 ``½ vᵀ G v - 1ᵀ v``), which is solved by the active-set solver of
-:func:`hf_jd.aggregation._dual_cone.solve_lcp`; then ``w = v / Σ v``. When ``0`` lies in the
+:func:`hf_jd.aggregation._lcp.solve_lcp`; then ``w = v / Σ v``. When ``0`` lies in the
 convex hull (``G`` singular), the Gramian is regularised by a tiny multiple of the identity
 (:func:`~hf_jd.aggregation._dual_cone.regularize_gramian`) and ``w`` is the limit point.
 """
@@ -21,7 +21,8 @@ import torch
 from torch import Tensor
 
 from ._base import GramianWeightedAggregator, Weighting
-from ._dual_cone import check_non_negative_number, normalize_gramian, regularize_gramian, solve_lcp
+from ._dual_cone import check_non_negative_number, normalize_gramian, regularize_gramian
+from ._lcp import solve_lcp
 
 __all__ = ["MGDA", "MGDAWeighting"]
 
@@ -35,7 +36,7 @@ class MGDAWeighting(Weighting):
     ----------
     epsilon
         Relative tolerance of the KKT conditions that the solution must satisfy (``tol`` of
-        :func:`~hf_jd.aggregation._dual_cone.solve_lcp`). For ``m`` up to about 150 the linear
+        :func:`~hf_jd.aggregation._lcp.solve_lcp`). For ``m`` up to about 150 the linear
         systems are solved by direct factorisation, so the result is exact up to rounding; beyond
         that, conjugate gradients stop at this relative residual.
     max_iters

@@ -7,13 +7,12 @@ Multi-Task Learning", NeurIPS 2020 (arXiv 2001.06782).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 from torch import Tensor
 
 from ._base import GramianWeightedAggregator, Weighting
-from ._generator import SeededGenerator, random_orders
+from ._generator import SeededGenerator, SeededStateMixin, random_orders
 from ._simplex import gramian_to_numpy, nonzero_rows, weights_to_tensor
 
 __all__ = ["PCGradWeighting", "PCGrad", "pcgrad_weights"]
@@ -48,7 +47,7 @@ def pcgrad_weights(gramian: np.ndarray, orders: Sequence[Sequence[int]]) -> np.n
     return coefficients.sum(axis=0)
 
 
-class PCGradWeighting(Weighting):
+class PCGradWeighting(SeededStateMixin, Weighting):
     """Weights of PCGrad (Yu et al., NeurIPS 2020), computed from the Gramian.
 
     For every objective ``i``, PCGrad starts from ``g_i^PC = g_i`` and visits the other
@@ -75,25 +74,11 @@ class PCGradWeighting(Weighting):
     def __init__(self, seed: int | None = None) -> None:
         self._generator = SeededGenerator(seed)
 
-    @property
-    def seed(self) -> int:
-        """The seed of the generator of the projection orders."""
-        return self._generator.seed
-
     def compute(self, gramian: Tensor) -> Tensor:
         m = gramian.shape[0]
         generator = self._generator.get("cpu")
         orders = random_orders(m, generator)
         return weights_to_tensor(pcgrad_weights(gramian_to_numpy(gramian), orders), gramian)
-
-    def reset(self) -> None:
-        self._generator.reset()
-
-    def state_dict(self) -> dict[str, Any]:
-        return self._generator.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._generator.load_state_dict(state)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(seed={self.seed})"

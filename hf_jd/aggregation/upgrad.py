@@ -12,24 +12,15 @@ computed in weight space from the Gramian only (:mod:`hf_jd.aggregation._dual_co
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor
 
-from ._base import GramianWeightedAggregator, Weighting
-from ._dual_cone import (
-    check_non_negative_number,
-    normalize_gramian,
-    project_weights,
-    resolve_pref_vector,
-    to_pref_vector,
-)
+from ._dual_cone import DualConeAggregator, DualConeWeighting
 
 __all__ = ["UPGrad", "UPGradWeighting"]
 
 
-class UPGradWeighting(Weighting):
+class UPGradWeighting(DualConeWeighting):
     """Weighting of :class:`UPGrad`: ``w = Σᵢ pᵢ vᵢ`` with ``vᵢ = argmin_{v ≥ eᵢ} vᵀ G v``.
 
     The Gramian is first divided by its trace (``‖J‖_F²``; replaced by zeros if the trace is below
@@ -49,39 +40,15 @@ class UPGradWeighting(Weighting):
         Amount added to the diagonal of the normalised Gramian.
     """
 
-    def __init__(
-        self,
-        pref_vector: Tensor | Sequence[float] | None = None,
-        norm_eps: float = 1e-4,
-        reg_eps: float = 1e-4,
-    ) -> None:
-        self._pref_vector = to_pref_vector(pref_vector)
-        self.norm_eps = check_non_negative_number(norm_eps, "norm_eps")
-        self.reg_eps = check_non_negative_number(reg_eps, "reg_eps")
-
-    @property
-    def pref_vector(self) -> Tensor | None:
-        """The preference vector (float64), or ``None`` for uniform weights."""
-        return None if self._pref_vector is None else self._pref_vector.clone()
-
     def compute(self, gramian: Tensor) -> Tensor:
-        m = gramian.shape[0]
-        pref = resolve_pref_vector(self._pref_vector, m)
-        normalized = normalize_gramian(gramian.detach().to(device="cpu", dtype=torch.float64), self.norm_eps)
+        pref = self._preference(gramian.shape[0])
         # Rows with pᵢ = 0 project to 0: only the others are solved.
         targets = torch.diag(pref) if self._pref_vector is None else torch.diag(pref)[pref > 0]
-        projected = project_weights(targets, normalized, reg_eps=self.reg_eps)
+        projected = self._project(targets, gramian)
         return projected.sum(dim=0).to(dtype=gramian.dtype, device=gramian.device)
 
-    def __repr__(self) -> str:
-        pref = None if self._pref_vector is None else self._pref_vector.tolist()
-        return (
-            f"{type(self).__name__}(pref_vector={pref}, norm_eps={self.norm_eps}, "
-            f"reg_eps={self.reg_eps})"
-        )
 
-
-class UPGrad(GramianWeightedAggregator):
+class UPGrad(DualConeAggregator):
     """UPGrad aggregator: mean (or preference-weighted sum) of the rows projected onto the dual cone.
 
     The result never conflicts with any row (``J A(J) ≥ 0``) and equals the weighted mean when no
@@ -94,13 +61,4 @@ class UPGrad(GramianWeightedAggregator):
         See :class:`UPGradWeighting`.
     """
 
-    def __init__(
-        self,
-        pref_vector: Tensor | Sequence[float] | None = None,
-        norm_eps: float = 1e-4,
-        reg_eps: float = 1e-4,
-    ) -> None:
-        super().__init__(UPGradWeighting(pref_vector, norm_eps, reg_eps))
-
-    def __repr__(self) -> str:
-        return repr(self.weighting).replace(type(self.weighting).__name__, type(self).__name__, 1)
+    weighting_class = UPGradWeighting

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import quadprog
 import torch
+from scipy.optimize import nnls
+
+DT = torch.float64
 
 
 def project_onto_dual_cone_primal(jacobian: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
@@ -32,3 +37,54 @@ CONSTRUCTOR_DEFAULTS: dict[str, dict] = {
     "trimmed_mean": {"trim_number": 1},
 }
 """Constructor arguments for the registered aggregators that have required parameters."""
+
+
+def brute_force(gramian: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """argmin_{v ≥ u} vᵀGv by enumerating every free set (exact for small m, G positive definite)."""
+    m = len(u)
+    q = gramian @ u
+    best = None
+    for size in range(m + 1):
+        for free in itertools.combinations(range(m), size):
+            z = np.zeros(m)
+            if free:
+                idx = list(free)
+                z[idx] = np.linalg.solve(gramian[np.ix_(idx, idx)], -q[idx])
+            w = gramian @ z + q
+            scale = 1e-9 * (np.abs(q).max() + np.abs(z).max() + 1e-300)
+            if (z >= -scale).all() and (w >= -scale).all():
+                candidate = u + np.clip(z, 0, None)
+                if best is None or candidate @ gramian @ candidate < best @ gramian @ best - 1e-14:
+                    best = candidate
+    assert best is not None
+    return best
+
+
+def scipy_nnls(gramian: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """Same problem as NNLS: with G = L Lᵀ, minimise ‖Lᵀ z + Lᵀ u‖ over z ≥ 0 (SciPy)."""
+    lower = np.linalg.cholesky(gramian)
+    z, _ = nnls(lower.T, -lower.T @ u, maxiter=50 * len(u))
+    return u + z
+
+
+def quadprog_reference(gramian: np.ndarray, u: np.ndarray) -> np.ndarray:
+    m = len(u)
+    return quadprog.solve_qp(gramian, np.zeros(m), np.eye(m), u)[0]
+
+
+def random_gramian(m: int, n: int, shift: float = 0.0, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    jac = torch.randn(m, n, generator=generator, dtype=DT)
+    jac += shift * torch.randn(n, generator=generator, dtype=DT)
+    gram = jac @ jac.T
+    return gram / gram.trace()
+
+
+def assert_kkt(gramian: torch.Tensor, targets: torch.Tensor, result: torch.Tensor, tol: float = 1e-8) -> None:
+    """v ≥ u, G v ≥ 0 and (v − u)ᵢ (G v)ᵢ = 0, relative to the problem's scale."""
+    w = result @ gramian  # rows: (G v)ᵀ since G is symmetric
+    z = result - targets
+    scale = (targets.abs() @ gramian.abs()).amax(dim=1, keepdim=True) + result.abs().amax(dim=1, keepdim=True)
+    assert bool((z >= -tol * scale).all()), "v >= u is violated"
+    assert bool((w >= -tol * scale).all()), "G v >= 0 is violated"
+    assert bool(((z.abs() * w.abs()) <= tol * scale**2).all()), "complementarity is violated"

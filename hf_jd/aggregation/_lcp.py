@@ -1,0 +1,379 @@
+"""Solver of the linear complementarity problems (LCP) behind the dual-cone projection.
+
+For a symmetric positive definite ``M`` (shape ``[m, m]``) and many right-hand sides ``q`` (rows
+of a ``[k, m]`` tensor), :func:`solve_lcp` finds ``z`` with
+
+    w = M z + q,   z ≥ 0,   w ≥ 0,   zᵢ wᵢ = 0,
+
+i.e. the minimiser of ``½ zᵀ M z + qᵀ z`` over ``z ≥ 0``. Every row shares the same ``M``, which
+is what makes a vectorised solver fast. :mod:`hf_jd.aggregation._dual_cone` uses it to project
+onto the dual cone of the rows of a Jacobian (Quinton & Rey 2024, "Jacobian Descent For
+Multi-Objective Optimization", arXiv:2406.16232, Proposition 1).
+
+Algorithm
+---------
+:func:`solve_lcp` solves ``w = M z + q`` for many right-hand sides ``q`` (rows of a ``[k, m]``
+tensor) at once, ``M`` symmetric positive definite. It rescales ``M`` to unit diagonal (an exact
+change of variables, so rows whose norms differ by orders of magnitude cost nothing), skips the
+rows whose answer is ``z = 0`` (``q ≥ 0``: nothing conflicts), then:
+
+* ``m ≤ 16``, or few rows (``k · m³ ≤ 1.5·10⁵``): the dense NumPy solver of
+  :mod:`hf_jd.aggregation._lcp_small` (the same pivoting with exact batched solves, quadprog for
+  the rows it does not finish): at these sizes per-call overhead dominates.
+* otherwise, *block principal pivoting* (primal-dual active set) on all rows together (Júdice &
+  Pires 1994; Kim & Park 2011, "Fast nonnegative matrix factorization: an active-set-like method
+  and comparisons", with their backup rule against cycling: after ten exchanges that do not
+  reduce a row's number of infeasible variables, only its infeasible variable of largest index is
+  exchanged). Each iteration solves, for every row, the equality-constrained problem on its free
+  set ``F``: ``M_FF z_F = −q_F``.
+
+  - When ``k · m³`` is small, by batched Cholesky of each row's masked system
+    ``D M D + (I − D)``: exact.
+  - Otherwise by conjugate gradients on all rows at once, so that a step is one matrix-matrix
+    product with the shared ``M`` (fast BLAS) instead of one factorisation per row. The free sets
+    are first guessed by cheap float32 iterations; the systems are then solved by iterative
+    refinement (float64 residuals, float32 CG corrections on unit-scaled right-hand sides), first
+    to a loose tolerance and, once a row's free set stops changing, to the tight one. Rows where
+    CG stalls (too ill-conditioned for float32) go to the direct method.
+
+    On ill-conditioned ``M`` (Gramians of per-example gradients, low-rank Jacobians) the
+    refinement's CG is preconditioned by deflating the largest eigenvalues of ``M``, restricted
+    to each row's free set (:class:`hf_jd.aggregation._masked_cg.SpectralPreconditioner`), and
+    its relative tolerance is set to the accuracy float32 can reach, about ``eps₃₂ · cond(M)``.
+    The float32 guesses of the free sets use a tolerance of ``10⁻⁴``: fewer wrong guesses
+    cost fewer float64 pivoting iterations later.
+
+  Since ``z`` is positively homogeneous in ``q``, every row is first scaled to unit max-norm.
+
+* Every row is checked against the KKT conditions (``z ≥ 0``, ``w ≥ 0``, ``|w| ≤ tol·s`` on the
+  free set); rows that fail go to ``quadprog``, whose answers are then "polished" by one exact
+  solve on the free set they identify (quadprog loses accuracy on ill-conditioned ``M``).
+
+Threads
+-------
+For problems of up to ``2²⁶`` multiply-adds per product (e.g. ``m = k = 256``), the solver sets
+``torch.set_num_threads(1)`` while it runs and restores the previous value afterwards: its
+operations are too small to gain from threads, and on a busy machine the thread hand-offs made it
+up to 50 times slower.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor
+
+from ._lcp_small import DEFAULT_TOL, polish, quadprog_rows, solve_small
+from ._masked_cg import SpectralPreconditioner, masked_cg
+
+__all__ = ["solve_lcp", "solve_lcp_unchecked", "few_threads", "DEFAULT_TOL"]
+
+# Below this many multiply-adds per iteration, batched direct factorisation beats CG.
+_DIRECT_COST_LIMIT = 3.0e6
+_WARM_START_MIN_M = 48
+_BACKUP_STEPS = 10
+_LOOSE_TOL = 1e-6
+_SMALL_MAX_M = 16
+# The NumPy solver also for few rows of moderate size (e.g. one row up to m = 52): fewer steps.
+_SMALL_COST_LIMIT = 1.5e5
+_WARM_START_ITERS = 12
+_WARM_START_CG_ITERS = 20
+_WARM_START_CG_TOL = 1e-4
+_INNER_TOL = 1e-4
+_MAX_INNER_TOL = 1e-2
+_FLOAT32_FLOOR = 2.0
+_REFINEMENT_ROUNDS = 12
+_STALL_RATIO = 0.5
+# Work (m²·k multiply-adds per product) up to which the solver runs on one thread.
+_SINGLE_THREAD_WORK = 1 << 26
+
+def solve_lcp(
+    matrix: Tensor, q: Tensor, *, tol: float = DEFAULT_TOL, max_iters: int = 100
+) -> Tensor:
+    """Solve the LCP ``w = M z + q, z ≥ 0, w ≥ 0, zᵀw = 0`` for every row ``q`` of ``q``.
+
+    Parameters
+    ----------
+    matrix
+        Symmetric positive definite ``M`` of shape ``[m, m]`` (float64, CPU).
+    q
+        One right-hand side per row, shape ``[k, m]``.
+    tol
+        Relative KKT tolerance, in the unit-diagonal scaling of ``M``: ``w ≥ −tol·s`` and
+        ``|wᵢ| ≤ tol·s`` where ``zᵢ > 0``, with ``s = ‖q‖∞ + ‖z‖∞``.
+    max_iters
+        Maximum number of pivoting iterations before the ``quadprog`` fallback.
+
+    Returns
+    -------
+    Tensor
+        ``z`` of shape ``[k, m]``, float64, with ``z ≥ 0`` exactly.
+    """
+    square = matrix.dim() == 2 and matrix.shape[0] == matrix.shape[1]
+    if not square or q.dim() != 2 or q.shape[1] != matrix.shape[0]:
+        raise ValueError(
+            f"solve_lcp needs a square matrix [m, m] and right-hand sides [k, m], got shapes "
+            f"{tuple(matrix.shape)} and {tuple(q.shape)}."
+        )
+    if matrix.dtype != torch.float64 or q.dtype != torch.float64 or matrix.device.type != "cpu":
+        raise ValueError("solve_lcp works on float64 CPU tensors; convert them first.")
+    if not bool((matrix.diagonal() > 0).all()):
+        raise ValueError(
+            "solve_lcp needs a positive definite matrix but its diagonal has entries <= 0; "
+            "regularise it first (see regularize_gramian)."
+        )
+    with few_threads(q.numel() * q.shape[1]):
+        return solve_lcp_unchecked(matrix, q, tol, max_iters)
+
+
+@contextmanager
+def few_threads(work: int) -> Iterator[None]:
+    """Run small problems on one intra-op thread.
+
+    The solver's operations act on at most a few hundred thousand numbers; splitting them over
+    threads gains little and, on a busy machine, the thread hand-offs cost far more than the
+    work (measured: 50x slower with 2 threads under load). The previous setting is restored.
+    """
+    threads = torch.get_num_threads()
+    if threads == 1 or work > _SINGLE_THREAD_WORK:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def solve_lcp_unchecked(matrix: Tensor, q: Tensor, tol: float, max_iters: int) -> Tensor:
+    """:func:`solve_lcp` without the input checks (float64 CPU, positive definite ``matrix``)."""
+    k, m = q.shape
+    if m <= _SMALL_MAX_M or k * m**3 <= _SMALL_COST_LIMIT:
+        return torch.from_numpy(solve_small(matrix.numpy(), q.numpy(), tol))
+    d = matrix.diagonal().sqrt()
+    scaled = matrix / d.unsqueeze(1) / d.unsqueeze(0)
+    q_scaled = q / d
+    z = torch.zeros_like(q_scaled)
+    todo = torch.nonzero((q_scaled < 0).any(dim=1)).flatten()
+    if todo.numel() == 0:
+        return z
+    # The solution is positively homogeneous in q: solve for rows of unit max-norm (keeps the
+    # float32 stages far from underflow) and scale back.
+    row_scale = q_scaled[todo].abs().amax(dim=1, keepdim=True)
+    qt = q_scaled[todo] / row_scale
+    if qt.shape[0] * m**3 <= _DIRECT_COST_LIMIT:
+        zt, ok = _pivoting(scaled, qt, _direct_solver(scaled), tol, max_iters)
+    else:
+        preconditioner = SpectralPreconditioner.build(scaled, qt.shape[0])
+        solver = _cg_solver(scaled, preconditioner)
+        warm_start = m >= _WARM_START_MIN_M
+        zt, ok = _pivoting(scaled, qt, solver, tol, max_iters, _LOOSE_TOL, warm_start)
+        bad = torch.nonzero(~ok).flatten()
+        if bad.numel() > 0:
+            zb, okb = _pivoting(scaled, qt[bad], _direct_solver(scaled), tol, max_iters)
+            zt[bad] = zb
+            ok[bad] = okb
+    bad = torch.nonzero(~ok).flatten()
+    if bad.numel() > 0:
+        scaled_np, q_bad = scaled.numpy(), qt[bad].numpy()
+        zt[bad] = torch.from_numpy(polish(scaled_np, q_bad, quadprog_rows(scaled_np, q_bad), tol))
+    z[todo] = zt * row_scale
+    return z / d
+
+
+# A solver maps (q [k, m], free mask [k, m] bool, warm start z [k, m], tolerance per row [k],
+# indices of these rows in the problem [k]) to (z with z = 0 off the free set, converged [k]).
+_Solver = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
+
+
+def _pivoting(
+    matrix: Tensor,
+    q: Tensor,
+    solver: _Solver,
+    tol: float,
+    max_iters: int,
+    loose_tol: float | None = None,
+    warm_start: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Block principal pivoting on all rows of ``q`` at once (unit-diagonal ``matrix``).
+
+    Each iteration solves every row's equality-constrained problem on its free set, then moves
+    the infeasible variables (``z < 0`` on the free set, ``w < 0`` off it) to the other set.
+    With an iterative ``solver``, a row's systems are first solved to ``loose_tol``; once its
+    solution is feasible at that level, it is solved to ``tol`` and checked again. Returns ``z``
+    and a flag per row telling whether it satisfies the KKT conditions to ``tol``.
+    """
+    k, m = q.shape
+    loose = tol if loose_tol is None else max(loose_tol, tol)
+    free = q < 0
+    z = torch.zeros_like(q)
+    if warm_start:
+        free, z = _float32_warm_start(matrix, q, free)
+    done = torch.zeros(k, dtype=torch.bool)
+    tight = torch.full((k,), loose == tol, dtype=torch.bool)
+    best = torch.full((k,), m + 1, dtype=torch.long)
+    backup = torch.full((k,), _BACKUP_STEPS, dtype=torch.long)
+    columns = torch.arange(m)
+    active = torch.arange(k)
+    everything = True
+    for _ in range(max_iters):
+        if everything:
+            fa, qa, za0, ta = free, q, z, tight
+        else:
+            fa, qa, za0, ta = free[active], q[active], z[active], tight[active]
+        row_tol = torch.full(ta.shape, loose, dtype=q.dtype).masked_fill_(ta, tol)
+        za, converged = solver(qa, fa, za0, row_tol, active)
+        w = torch.mm(za, matrix).add_(qa)
+        scale = (qa.abs().amax(dim=1) + za.abs().amax(dim=1)).mul_(row_tol).unsqueeze(1)
+        negative_scale = -scale
+        # Check the true residual on the free set (CG's recursive residual can drift).
+        converged &= ~(fa & (w.abs() > scale)).any(dim=1)
+        infeasible = torch.where(fa, za < negative_scale, w < negative_scale)
+        count = infeasible.sum(dim=1)
+        feasible = (count == 0) & converged
+        finished = feasible & ta
+        z[active] = za.clamp_min_(0)
+        done[active[finished]] = True
+        tight[active[feasible]] = True  # feasible at the loose level: confirm with a tight solve
+        # Exchange rule (Kim & Park's backup rule against cycling): exchange every infeasible
+        # variable while that keeps reducing their number (or for a few more tries), else only
+        # the one of largest index.
+        improved = count < best[active]
+        use_full = improved | (backup[active] > 0)
+        best[active] = torch.where(improved, count, best[active])
+        backup[active] = torch.where(
+            improved, _BACKUP_STEPS, torch.where(use_full, backup[active] - 1, backup[active])
+        )
+        if bool(use_full.all()):
+            flip = infeasible
+        else:
+            largest = torch.where(infeasible, columns, -1).amax(dim=1, keepdim=True)
+            flip = torch.where(use_full.unsqueeze(1), infeasible, infeasible & (columns == largest))
+        free[active] = fa ^ flip
+        # Rows whose linear solve did not converge stop here, reported as not done (the caller
+        # retries them with a direct method, then quadprog).
+        keep = ~finished & converged
+        if bool(keep.all()):
+            continue
+        active = active[keep]
+        everything = False
+        if active.numel() == 0:
+            break
+    return z, done
+
+
+def _float32_warm_start(matrix: Tensor, q: Tensor, free: Tensor) -> tuple[Tensor, Tensor]:
+    """Guess the free sets with a few cheap float32 pivoting iterations (loose CG solves).
+
+    Only the rows whose free set changed at the previous iteration are solved again.
+    """
+    matrix32, q32 = matrix.float(), q.float()
+    z = torch.zeros_like(q32)
+    free = free.clone()
+    active = torch.arange(q.shape[0])
+    for _ in range(_WARM_START_ITERS):
+        fa, qa = free[active], q32[active]
+        mask = fa.float()
+        rhs = (qa * mask).neg_()
+        start = z[active].mul_(mask)
+        za, _ = masked_cg(matrix32, rhs, start, mask, _WARM_START_CG_TOL, _WARM_START_CG_ITERS)
+        w = torch.mm(za, matrix32).add_(qa)
+        new_free = za > w
+        changed = (new_free != fa).any(dim=1)
+        z[active] = za
+        free[active] = new_free
+        active = active[changed]
+        if active.numel() == 0:
+            break
+    # Float32 may overflow on ill-conditioned problems: such rows just start from zero.
+    z = torch.nan_to_num(z.mul_(free.float()), nan=0.0, posinf=0.0, neginf=0.0)
+    return free, z.double()
+
+
+def _cg_solver(matrix: Tensor, preconditioner: SpectralPreconditioner | None = None) -> _Solver:
+    """Masked CG in mixed precision: float64 residuals, float32 CG corrections.
+
+    Each round computes the float64 residual of every row's system (one product with the shared
+    matrix) and solves for a correction with float32 CG to a relative residual of ``_INNER_TOL``
+    (iterative refinement). Float32 products cost about a quarter of float64 ones, and the
+    float64 residual makes the final accuracy independent of float32 rounding.
+
+    With a ``preconditioner`` (ill-conditioned ``matrix``), the CG is preconditioned and the
+    inner tolerance is raised to what float32 can reach, ``_FLOAT32_FLOOR · eps₃₂ · cond(M)``
+    (at most ``_MAX_INNER_TOL``): asking for less would only waste iterations on rounding noise.
+    """
+    m = matrix.shape[0]
+    matrix32 = matrix.float()
+    inner_iters = m + 50
+    inner_tol = _INNER_TOL
+    if preconditioner is not None:
+        # Float32 products limit the attainable relative residual to about eps · cond(M).
+        floor = _FLOAT32_FLOOR * torch.finfo(torch.float32).eps * preconditioner.condition
+        inner_tol = min(_MAX_INNER_TOL, max(_INNER_TOL, floor))
+
+    def solve(
+        q: Tensor, free: Tensor, z: Tensor, row_tol: Tensor, rows: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        mask = free.to(q.dtype)
+        mask32 = free.float()
+        apply = None if preconditioner is None else preconditioner.restrict(rows, mask32)
+        x = z * mask
+        q_free = q * mask
+        # KKT scale: ‖q_F‖∞ plus ‖z‖∞ (from the warm start; it only sets the tolerance).
+        threshold = (q_free.abs().amax(dim=1) + x.abs().amax(dim=1)).mul_(0.1 * row_tol)
+        residual = torch.empty_like(q)
+        converged = torch.zeros(q.shape[0], dtype=torch.bool)
+        stalled = torch.zeros(q.shape[0], dtype=torch.bool)
+        previous = torch.full((q.shape[0],), float("inf"), dtype=q.dtype)
+        for _ in range(_REFINEMENT_ROUNDS):
+            torch.mm(x, matrix, out=residual)
+            residual.add_(q_free).mul_(mask).neg_()
+            size = residual.abs().amax(dim=1)
+            converged = size <= threshold
+            # A round that does not halve the residual means float32 CG cannot handle the
+            # conditioning: give up on the row (the caller then uses a direct method).
+            stalled |= ~converged & (size > _STALL_RATIO * previous)
+            previous = size
+            finished = converged | stalled
+            if bool(finished.all()):
+                break
+            # Unit-size right-hand sides keep float32 away from underflow (and denormals).
+            # Finished rows get a zero right-hand side, hence no correction.
+            size = size.clamp_min_(torch.finfo(q.dtype).tiny).unsqueeze(1)
+            rhs = (residual / size).masked_fill_(finished.unsqueeze(1), 0.0).float()
+            correction, inner_converged = masked_cg(
+                matrix32, rhs, torch.zeros_like(rhs), mask32, inner_tol, inner_iters, apply
+            )
+            x.add_(correction.double().mul_(size))
+            # CG needing more than m + 50 steps means too ill-conditioned for float32: give up.
+            stalled |= ~inner_converged
+        return x, converged
+
+    return solve
+
+
+def _direct_solver(matrix: Tensor) -> _Solver:
+    """Exact solves by batched Cholesky of each row's masked system ``D M D + (I − D)``."""
+    m = matrix.shape[0]
+    chunk = max(1, (1 << 22) // (m * m))
+
+    def solve(
+        q: Tensor, free: Tensor, z: Tensor, row_tol: Tensor, rows: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        k = q.shape[0]
+        out = torch.empty_like(q)
+        ok = torch.ones(k, dtype=torch.bool)
+        for start in range(0, k, chunk):
+            stop = min(k, start + chunk)
+            mask = free[start:stop].to(q.dtype)  # [c, m]
+            system = matrix * (mask.unsqueeze(2) * mask.unsqueeze(1)) + torch.diag_embed(1 - mask)
+            rhs = (-q[start:stop] * mask).unsqueeze(2)
+            factor, info = torch.linalg.cholesky_ex(system)
+            solution = torch.cholesky_solve(rhs, factor).squeeze(2)
+            out[start:stop] = solution * mask
+            ok[start:stop] = (info == 0) & torch.isfinite(solution).all(dim=1)
+        return out, ok
+
+    return solve

@@ -1,0 +1,198 @@
+"""Batched (preconditioned) conjugate gradients on principal submatrices of one shared matrix.
+
+The LCP solver (:mod:`hf_jd.aggregation._lcp`) solves, for each of ``k`` rows, a system
+``M_FF x_F = b_F`` on the row's own index set ``F`` (its *mask*). :func:`masked_cg` runs conjugate
+gradients on all of them at once, so that a step is one matrix-matrix product with the shared
+``M``.
+
+On ill-conditioned matrices (Gramians of per-example gradients, low-rank Jacobians) plain CG
+needs many steps. :class:`SpectralPreconditioner` then approximates ``M`` by
+``P = U Λ' Uᵀ + σ I``, from its ``r`` largest eigenpairs (``Λ' = Λ_r − σ``, ``σ`` the largest
+eigenvalue left out). ``M − P`` is negative semi-definite with norm at most ``σ − λ_min``, and so
+is ``M_FF − P_FF`` for every ``F``: the preconditioned systems have condition number at most
+``σ / λ_min``, which ``r`` is chosen to keep below ``_TARGET_CONDITION``. By the Woodbury
+identity,
+
+    P_FF⁻¹ = (I − U_F C_F⁻¹ U_Fᵀ) / σ,   C_F = σ Λ'⁻¹ + U_Fᵀ U_F   (r × r),
+
+and the ``C_F`` of all rows come from one matrix product: ``U_Fᵀ U_F = Σ_{j ∈ F} u_j u_jᵀ`` is the
+mask times the ``[m, r²]`` matrix of the outer products ``u_j u_jᵀ``. This is a deflation of the
+largest eigenvalues (see e.g. Saad, "Iterative Methods for Sparse Linear Systems", 2003, §9 on
+preconditioned CG, and Nicolaides 1987 on deflation) restricted to each row's free set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = ["masked_cg", "SpectralPreconditioner"]
+
+# Largest condition number of the preconditioned systems that the choice of r aims for.
+_TARGET_CONDITION = 8.0
+# Most eigenpairs kept (the cost of C_F grows as k m r² and k r³).
+_MAX_RANK = 48
+# The preconditioner is only built when some Cholesky pivot of the unit-diagonal matrix is below
+# this (the squared sine of the angle between a row and the previous ones): otherwise the
+# matrix is well conditioned enough for plain CG.
+_PIVOT_THRESHOLD = 0.05
+# A row's C_F⁻¹ is recomputed when its mask has changed in more than this many places.
+_STALE_ENTRIES = 4
+
+# Maps a residual [k, m] (zero off each row's mask) to the preconditioned residual.
+Preconditioner = Callable[[Tensor], Tensor]
+
+
+def masked_cg(
+    matrix: Tensor,
+    rhs: Tensor,
+    x: Tensor,
+    mask: Tensor,
+    tol: Tensor | float,
+    max_iters: int,
+    preconditioner: Preconditioner | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(Preconditioned) conjugate gradients on every row's masked system, all rows at once.
+
+    Solves ``(D M D) x = rhs`` on the support of ``D = diag(mask)`` for each row (``rhs`` and
+    ``x`` must vanish off it): one product with the shared ``M`` per iteration. Stops when every
+    row has ``‖r‖₂ ≤ tol · ‖rhs‖₂``. Returns ``x`` (updated in place) and a converged flag per row.
+
+    Parameters
+    ----------
+    matrix
+        Symmetric positive definite ``M``, shape ``[m, m]``.
+    rhs, x
+        Right-hand sides and starting points, shape ``[k, m]``, zero off the mask.
+    mask
+        ``1`` on each row's index set, ``0`` elsewhere (same dtype as ``rhs``).
+    tol
+        Relative residual to reach (a number or one per row).
+    max_iters
+        Maximum number of iterations.
+    preconditioner
+        Applies ``P_FF⁻¹`` to a batch of residuals (symmetric positive definite on each mask).
+    """
+    residual = torch.mm(x, matrix)
+    residual.mul_(mask).neg_().add_(rhs)
+    threshold = torch.linalg.vecdot(rhs, rhs).mul_(tol**2 if isinstance(tol, float) else tol.square())
+    tiny = torch.finfo(x.dtype).tiny
+    preconditioned = residual if preconditioner is None else preconditioner(residual)
+    direction = preconditioned.clone()
+    rz = torch.linalg.vecdot(residual, preconditioned)
+    product = torch.empty_like(direction)
+    converged = torch.linalg.vecdot(residual, residual) <= threshold
+    for _ in range(max_iters):
+        if bool(converged.all()):
+            break
+        torch.mm(direction, matrix, out=product)
+        product.mul_(mask)
+        curvature = torch.linalg.vecdot(direction, product).clamp_min_(tiny)
+        alpha = (rz / curvature).unsqueeze(1)
+        x.addcmul_(direction, alpha)
+        residual.addcmul_(product, alpha, value=-1)
+        converged = torch.linalg.vecdot(residual, residual) <= threshold
+        preconditioned = residual if preconditioner is None else preconditioner(residual)
+        rz_new = torch.linalg.vecdot(residual, preconditioned)
+        beta = (rz_new / rz.clamp_min(tiny)).unsqueeze(1)
+        rz = rz_new
+        direction.mul_(beta).add_(preconditioned)
+    return x, converged
+
+
+class SpectralPreconditioner:
+    """Deflation of the ``r`` largest eigenvalues of ``M``, restricted to each row's mask.
+
+    Build it with :meth:`build` for the ``k`` rows of a problem; :meth:`restrict` returns the
+    preconditioner of some of these rows for their current masks. The ``r × r`` matrices
+    ``C_F⁻¹`` are kept per row and only recomputed when a row's mask has changed in more than
+    ``_STALE_ENTRIES`` places since they were computed: an out-of-date ``C_{F'}`` still gives a
+    valid (symmetric positive definite) preconditioner, the restriction to ``F`` of
+    ``blockdiag(P_{F'F'}⁻¹, I / σ)``, only a slightly less effective one.
+
+    Parameters
+    ----------
+    eigenvectors
+        ``U``, the ``r`` eigenvectors kept, shape ``[m, r]`` (float32).
+    shifted
+        ``Λ' = Λ_r − σ > 0``, shape ``[r]``.
+    sigma
+        ``σ``, the largest eigenvalue left out.
+    rows
+        Number ``k`` of rows of the problem.
+    condition
+        Condition number of ``M`` (sets the accuracy that float32 CG can reach).
+    """
+
+    def __init__(
+        self, eigenvectors: Tensor, shifted: Tensor, sigma: float, rows: int, condition: float
+    ) -> None:
+        m, r = eigenvectors.shape
+        self.eigenvectors = eigenvectors
+        self.sigma = sigma
+        self.condition = condition
+        self._transposed = eigenvectors.T.contiguous()
+        self._outer = (eigenvectors.unsqueeze(2) * eigenvectors.unsqueeze(1)).reshape(m, r * r)
+        self._ridge = torch.diag(sigma / shifted)
+        self._inverses = torch.zeros(rows, r, r)
+        self._masks = torch.zeros(rows, m)
+        self._stale = torch.ones(rows, dtype=torch.bool)
+
+    @classmethod
+    def build(cls, matrix: Tensor, rows: int) -> SpectralPreconditioner | None:
+        """Return the preconditioner of a unit-diagonal ``matrix``, or ``None`` if not worth it.
+
+        ``None`` when the matrix is well conditioned (no small Cholesky pivot), when its
+        eigenvalues are within ``_TARGET_CONDITION`` of the smallest one, or when more than
+        ``_MAX_RANK`` of them are far from it.
+        """
+        factor, info = torch.linalg.cholesky_ex(matrix)
+        if int(info) == 0 and float(factor.diagonal().square().min()) >= _PIVOT_THRESHOLD:
+            return None
+        eigenvalues, eigenvectors = torch.linalg.eigh(matrix.float())
+        largest = float(eigenvalues[-1])
+        smallest = max(float(eigenvalues[0]), torch.finfo(torch.float32).eps * largest)
+        rank = int((eigenvalues > _TARGET_CONDITION * smallest).sum())
+        m = matrix.shape[0]
+        if rank == 0 or rank > min(_MAX_RANK, m - 1):
+            return None
+        sigma = float(eigenvalues[m - rank - 1])
+        shifted = (eigenvalues[m - rank :] - sigma).clamp_min_(sigma * 1e-6)
+        vectors = eigenvectors[:, m - rank :].contiguous()
+        return cls(vectors, shifted, sigma, rows, largest / smallest)
+
+    def restrict(self, rows: Tensor, mask: Tensor) -> Preconditioner:
+        """The preconditioner ``P_FF⁻¹`` of the given rows for their float32 masks ``[len(rows), m]``."""
+        stale = self._stale[rows] | ((mask != self._masks[rows]).sum(dim=1) > _STALE_ENTRIES)
+        if bool(stale.any()):
+            update = rows[stale]
+            self._inverses[update] = self._capacitance_inverses(mask[stale])
+            self._masks[update] = mask[stale]
+            self._stale[update] = False
+        inverses, built = self._inverses[rows], self._masks[rows]
+        eigenvectors, transposed, scale = self.eigenvectors, self._transposed, 1.0 / self.sigma
+
+        def apply(residual: Tensor) -> Tensor:
+            projected = torch.mm(residual * built, eigenvectors).unsqueeze(2)
+            correction = torch.mm(torch.bmm(inverses, projected).squeeze(2), transposed)
+            return residual.sub(correction.mul_(built)).mul_(mask).mul_(scale)
+
+        return apply
+
+    def _capacitance_inverses(self, mask: Tensor) -> Tensor:
+        """``C_F⁻¹ = (σ Λ'⁻¹ + U_Fᵀ U_F)⁻¹`` for each row of ``mask``."""
+        k = mask.shape[0]
+        r = self.eigenvectors.shape[1]
+        capacitance = torch.mm(mask, self._outer).view(k, r, r).add_(self._ridge)
+        factor, info = torch.linalg.cholesky_ex(capacitance)
+        eye = torch.eye(r, dtype=mask.dtype).repeat(k, 1, 1)
+        inverse_factor = torch.linalg.solve_triangular(factor, eye, upper=False)
+        inverse = torch.bmm(inverse_factor.transpose(1, 2), inverse_factor)
+        # C_F ⪰ σ Λ'⁻¹ is positive definite; should float32 still fail to factorise it, that row
+        # gets P = σ I: still a valid preconditioner.
+        failed = info != 0
+        if bool(failed.any()):
+            inverse[failed] = 0.0
+        return inverse
