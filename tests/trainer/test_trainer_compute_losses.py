@@ -68,3 +68,35 @@ def test_predict_returns_outputs_and_labels(tmp_path) -> None:
     assert prediction.label_ids[0].tolist() == [1.0, 0.0] * 4
     expected = _expected_task_losses(trainer)
     assert prediction.metrics["test_loss"] == pytest.approx(float(expected.mean()), rel=1e-5)
+
+
+class BatchNormNet(nn.Module):
+    """A model whose BatchNorm mixes the examples of a batch (unsupported for per-example losses)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(2, 4)
+        self.norm = nn.BatchNorm1d(4)
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.linear(x))).squeeze(-1)
+
+
+def test_module_that_mixes_examples_is_rejected_with_its_name(tmp_path) -> None:
+    data = Dataset.from_dict({"x": [[1.0, 2.0], [0.5, -1.0]] * 4, "y": [1.0, 0.0] * 4})
+    args = JDTrainingArguments(
+        output_dir=str(tmp_path), jd_mode="iwrm", jd_aggregator="upgrad", max_steps=1,
+        remove_unused_columns=False, report_to="none", use_cpu=True, per_device_train_batch_size=4,
+    )
+
+    def per_example_losses(model, inputs):
+        outputs = model(inputs["x"])
+        return (outputs - inputs["y"]) ** 2, outputs
+
+    trainer = JDTrainer(
+        model=BatchNormNet(), args=args, train_dataset=data,
+        data_collator=default_data_collator, compute_losses=per_example_losses,
+    )
+    with pytest.raises(RuntimeError, match="BatchNorm1d"):
+        trainer.train()
