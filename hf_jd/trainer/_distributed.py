@@ -504,24 +504,6 @@ def all_reduce_jacobians_mean(
     return ReducedJacobian(blocks, all_pieces, num_rows, reached)
 
 
-def _reached_leaves(losses: Tensor) -> set[int]:
-    """Ids of the leaf tensors that back-propagation from ``losses`` reaches."""
-    reached: set[int] = set()
-    stack = [losses.grad_fn] if losses.grad_fn is not None else []
-    visited: set[Any] = set()
-    while stack:
-        node = stack.pop()
-        if node in visited:
-            continue
-        visited.add(node)
-        variable = getattr(node, "variable", None)
-        if isinstance(variable, Tensor):
-            reached.add(id(variable))
-            continue
-        stack.extend(child for child, _ in node.next_functions if child is not None)
-    return reached
-
-
 def _check_task_losses(losses: Any, params: Sequence[Tensor]) -> None:
     if not isinstance(losses, Tensor) or losses.dim() != 1 or losses.numel() == 0:
         shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
@@ -570,10 +552,11 @@ def global_mtl_jacobian(
         The same on every process; ``reached`` marks the parameters the losses depend on somewhere.
     """
     from ..autojac import jac
+    from ..autojac._utils import find_leaves
 
     params = list(params)
     _check_task_losses(losses, params)
-    leaves = _reached_leaves(losses)
+    leaves = {id(leaf) for leaf in find_leaves([losses])}
     reached = [id(p) in leaves for p in params]
     jacobians = jac(losses, params, retain_graph=retain_graph)
     return all_reduce_jacobians_mean(jacobians, group=group, log=log, bucket_bytes=bucket_bytes, reached=reached)
