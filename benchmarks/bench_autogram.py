@@ -10,10 +10,12 @@ Variants, on the same model and batch, timed interleaved in one process (median 
 - ``torchjd``: torchjd's autogram engine on a copy of the model, when ``torchjd`` is importable
   (e.g. ``PYTHONPATH=/path/to/torchjd``); it gets per-example ``position_ids``, which it needs.
 
-Peak memory is measured afterwards, per variant, with the PyTorch profiler's allocation events
-(allocations above what was alive when the step started).
+Peak memory is measured afterwards, per variant: the bytes allocated through glibc's malloc, sampled
+after every aten operation of the step, above what was allocated when the step started (the
+PyTorch profiler's allocation events where glibc is not available).
 
-Run: ``python benchmarks/bench_autogram.py [--repeats 15] [--threads 1] [--models bert gpt2]``.
+Run: ``python benchmarks/bench_autogram.py [--repeats 15] [--threads 1] [--models bert gpt2] [--clock cpu]``
+(``--clock cpu`` times the process's CPU time, robust to other processes on a shared machine).
 The sanity check before the table compares the updates of the JD variants (same dropout masks).
 """
 
@@ -21,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
+import gc
 import statistics
 import time
 import warnings
@@ -31,6 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
@@ -153,6 +158,7 @@ def _steps(case: Case, weighting: Callable[[Tensor], Tensor]) -> tuple[dict[str,
     steps["hf_jd-1bw"] = single
     models["hf_jd-1bw"] = single_model
 
+
     try:
         from torchjd.autogram import Engine as TorchJDEngine
     except ImportError:
@@ -176,8 +182,59 @@ def _steps(case: Case, weighting: Callable[[Tensor], Tensor]) -> tuple[dict[str,
     return steps, models
 
 
-def _peak_memory(step: Step) -> int:
-    """Peak bytes allocated during ``step`` above what was alive before it."""
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                     "keepcost")
+    ]
+
+
+def _malloc_counter() -> Callable[[], int] | None:
+    """Bytes currently allocated through glibc's malloc (PyTorch's CPU allocator uses it), or None."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _Mallinfo2
+    except (OSError, AttributeError):
+        return None
+
+    def allocated() -> int:
+        info = libc.mallinfo2()
+        return int(info.uordblks + info.hblkhd)
+
+    return allocated
+
+
+class _PeakSampler(TorchDispatchMode):
+    """Samples the allocated bytes after every aten operation, forward and backward."""
+
+    def __init__(self, allocated: Callable[[], int]) -> None:
+        super().__init__()
+        self.allocated = allocated
+        self.peak = allocated()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        self.peak = max(self.peak, self.allocated())
+        return out
+
+
+def _peak_memory(step: Step, model: nn.Module) -> int:
+    """Peak bytes allocated during ``step`` above what was allocated when it started (with the
+    model's gradients freed first, so the peak counts activations, gradients and temporaries).
+
+    With glibc, the allocated bytes (``mallinfo2``) are sampled after every aten operation of the
+    step (forward and backward); otherwise the PyTorch profiler's allocation events are summed.
+    """
+    model.zero_grad(set_to_none=True)
+    allocated = _malloc_counter()
+    if allocated is not None:
+        gc.collect()
+        start = allocated()
+        sampler = _PeakSampler(allocated)
+        with sampler:
+            step()
+        return max(0, sampler.peak - start)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     current = peak = 0
@@ -203,32 +260,43 @@ def _check_same_update(steps: dict[str, Step], models: dict[str, nn.Module]) -> 
             print(f"  relative difference of the {name} and hf_jd updates: {error:.1e}")
 
 
-def run(case: Case, weighting: Callable[[Tensor], Tensor], repeats: int, warmup: int) -> dict[str, Any]:
+def run(
+    case: Case,
+    weighting: Callable[[Tensor], Tensor],
+    repeats: int,
+    warmup: int,
+    variants: list[str] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, Any]:
     torch.manual_seed(0)
     steps, models = _steps(case, weighting)
+    if variants is not None:
+        keep = {"plain", "hf_jd", *variants}
+        steps = {name: step for name, step in steps.items() if name in keep}
     for _ in range(warmup):
         for step in steps.values():
             step()
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():
-            start = time.perf_counter()
+            start = clock()
             step()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     medians = {name: statistics.median(values) for name, values in times.items()}
-    memory = {name: _peak_memory(step) for name, step in steps.items()}
+    memory = {name: _peak_memory(step, models[name]) for name, step in steps.items()}
     print(f"\n{case.name}")
     _check_same_update(steps, models)
     plain_time, plain_memory = medians["plain"], memory["plain"]
-    print(f"  {'variant':<11}{'median ms':>11}{'x plain':>9}{'peak MB':>10}{'x plain':>9}")
+    print(f"  {'variant':<12}{'median ms':>11}{'x plain':>9}{'peak MB':>10}{'x plain':>9}")
     for name in steps:
         print(
-            f"  {name:<11}{medians[name] * 1e3:>11.1f}{medians[name] / plain_time:>9.2f}"
+            f"  {name:<12}{medians[name] * 1e3:>11.1f}{medians[name] / plain_time:>9.2f}"
             f"{memory[name] / 2**20:>10.1f}{memory[name] / plain_memory:>9.2f}"
         )
     if "torchjd" in medians:
         for name in ("hf_jd", "hf_jd-1bw"):
-            print(f"  torchjd / {name}: {medians['torchjd'] / medians[name]:.2f}x")
+            if name in medians:
+                print(f"  torchjd / {name}: {medians['torchjd'] / medians[name]:.2f}x")
     return {"times": medians, "memory": memory}
 
 
@@ -242,11 +310,23 @@ def main() -> None:
     )
     parser.add_argument("--vocab", type=int, default=30522)
     parser.add_argument("--models", nargs="+", default=["bert", "gpt2"], choices=["bert", "gpt2", "llama"])
+    parser.add_argument(
+        "--variants", nargs="+", default=None, choices=["hf_jd-1bw", "torchjd"],
+        help="optional variants to time besides plain and hf_jd (default: all available)",
+    )
+    parser.add_argument(
+        "--clock", default="wall", choices=["wall", "cpu"],
+        help="'wall' (time.perf_counter) or 'cpu' (time.process_time: the process's CPU time, much less "
+        "sensitive to other processes on a shared machine; meaningful with --threads 1)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     name, weighting = _weighting()
-    print(f"torch {torch.__version__}, {args.threads} threads, {args.repeats} repeats, weighting: {name}")
+    print(
+        f"torch {torch.__version__}, {args.threads} threads, {args.repeats} repeats, {args.clock} clock, "
+        f"weighting: {name}"
+    )
     cases = []
     if "bert" in args.models:
         cases += [_bert_case(16, 32, args.vocab), _bert_case(32, 64, args.vocab)]
@@ -255,7 +335,8 @@ def main() -> None:
     if "llama" in args.models:
         cases += [_llama_case(16, 32, args.vocab)]
     for case in cases:
-        run(case, weighting, args.repeats, args.warmup)
+        clock = time.perf_counter if args.clock == "wall" else time.process_time
+        run(case, weighting, args.repeats, args.warmup, args.variants, clock)
 
 
 if __name__ == "__main__":

@@ -55,6 +55,8 @@ class Accumulator:
                 self.uses.setdefault(id(param), []).append((record, name))
         if not needed_later:
             record.release()
+        elif self.keep and all(self.counts[id(param)] == 1 for param in record.params.values()):
+            record.compact()
 
     def finish(self) -> Tensor:
         """Add the parameters used by several calls and return the symmetrised Gramian."""
@@ -65,7 +67,12 @@ class Accumulator:
 
 
 def grads_at_once(
-    losses: Tensor, grad_outputs: Tensor, records: list[Record], accumulator: Accumulator, batched: bool
+    losses: Tensor,
+    grad_outputs: Tensor,
+    records: list[Record],
+    accumulator: Accumulator,
+    batched: bool,
+    retain_graph: bool = True,
 ) -> None:
     """Back-propagate to all the records' outputs at once, then add their contributions."""
     edges = [edge for record in records for edge in record.edges]
@@ -74,7 +81,7 @@ def grads_at_once(
             losses,
             edges,
             grad_outputs=grad_outputs,
-            retain_graph=True,
+            retain_graph=retain_graph,
             allow_unused=True,
             is_grads_batched=batched,
         )

@@ -42,6 +42,7 @@ def describe(name: str, module: nn.Module) -> str:
 
 @dataclass
 class _ModuleInfo:
+    module: nn.Module
     name: str
     kind: Kind
     borrowed: dict[str, nn.Module] = field(default_factory=dict)
@@ -84,7 +85,17 @@ class Capture:
         self.batch_size = 0
         self.batch_source = ""
         self.completed_roots: set[int] = set()
+        self.root_ids: set[int] = {id(root) for root in roots}
         self._register()
+        self.module_ids: set[int] = {id(module) for module in self.modules}
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Capture:
+        """Deep-copying a hooked model copies its hooks, bound to this capture: keep them bound to
+        it (not to a copy of it); the hooks ignore the copied modules, which they do not know."""
+        return self
+
+    def __copy__(self) -> Capture:
+        return self
 
     def reset(self) -> None:
         """Drop the captured records and the batch-size and forward tracking."""
@@ -135,7 +146,7 @@ class Capture:
                     self.handles.append(module.register_forward_pre_hook(self._batch_norm_pre_hook))
                 if not any(True for _ in module.parameters(recurse=False)):
                     continue
-                info = _ModuleInfo(name=prefix + name, kind=kind_of(module))
+                info = _ModuleInfo(module=module, name=prefix + name, kind=kind_of(module))
                 if info.kind.is_generic:
                     info.borrowed = borrowed_submodules(module)
                     borrowed = [id(sub) for sub in info.borrowed.values()]
@@ -170,6 +181,8 @@ class Capture:
                 self.batch_source = source
 
     def _root_pre_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if id(module) not in self.root_ids:  # a copy of a hooked model (copy.deepcopy)
+            return
         if self.depth == 0 and self.capturing():
             if id(module) in self.completed_roots:
                 self.on_new_forward()
@@ -178,11 +191,15 @@ class Capture:
         self.depth += 1
 
     def _root_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if id(module) not in self.root_ids:
+            return
         self.depth = max(0, self.depth - 1)
         if self.capturing():
             self.completed_roots.add(id(module))
 
     def _batch_norm_pre_hook(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if id(module) not in self.module_ids:
+            return  # a copy of a hooked model
         if self.capturing() and self.batch_dim is not None and mixes_examples(module):
             name = next((n for n, m in self._named_all() if m is module), "?")
             raise RuntimeError(
@@ -197,7 +214,9 @@ class Capture:
             yield from root.named_modules()
 
     def _module_pre_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        info = self.infos[id(module)]
+        info = self.infos.get(id(module))
+        if info is None or info.module is not module:  # a copy of a hooked model (copy.deepcopy)
+            return
         if self.computing:
             raise RuntimeError(
                 f"Module {describe(info.name, module)} ran a forward pass during "
@@ -224,7 +243,9 @@ class Capture:
     def _module_hook(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
     ) -> Any:
-        info = self.infos[id(module)]
+        info = self.infos.get(id(module))
+        if info is None or info.module is not module:
+            return None
         frame = info.frames.pop() if info.frames else None
         if frame is None:
             return None

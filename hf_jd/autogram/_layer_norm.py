@@ -53,6 +53,10 @@ class LayerNormRecord(Record):
         rows = layout.grad_to_rows(grad).to(dtype)
         self.rows = rows.reshape(layout.num_examples, layout.num_tasks, -1, size)
 
+    def compact(self) -> None:
+        if set(self.kept_rows) >= set(self.params):  # weighted_grad uses the kept [R, d] rows
+            self.rows = self.normalised = None  # type: ignore[assignment]
+
     def release(self) -> None:
         super().release()
         del self.rows, self.normalised

@@ -89,6 +89,10 @@ class Record(ABC):
         param = self.params[name]
         return (weights.reshape(-1).to(rows.dtype) @ rows).view(param.shape)
 
+    def compact(self) -> None:
+        """Single-backward mode, after the Gramian contributions: drop what :meth:`weighted_grad`
+        no longer needs (the factors of parameters whose per-row gradients are kept)."""
+
     def release(self) -> None:
         """Drop the factors once the record's contributions are no longer needed."""
         self.kept_rows = {}

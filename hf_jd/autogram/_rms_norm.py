@@ -90,6 +90,10 @@ class RMSNormRecord(GenericRecord):
         num_rows = self.rows.shape[0] * self.rows.shape[1]
         return (self.rows * self.normalised.unsqueeze(1)).sum(dim=2).reshape(num_rows, -1)
 
+    def compact(self) -> None:
+        if self.closed_form and set(self.kept_rows) >= set(self.params):
+            self.rows = self.normalised = None  # type: ignore[assignment]
+
     def release(self) -> None:
         super().release()
         self.rows = self.normalised = None  # type: ignore[assignment]

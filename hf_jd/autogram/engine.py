@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from ._accumulate import Accumulator, grads_at_once, grads_streamed, uncovered_parameters
 from ._capture import Capture
 from ._deliver import deliver_gradients
+from ._generic import GenericRecord
 from ._layout import RowLayout, layout_of_losses
 from ._record import Record
 
@@ -32,7 +33,8 @@ class _Bound:
     """What :meth:`Engine.compute_gramian` keeps for :meth:`Engine.backward`."""
 
     layout: RowLayout
-    losses: Tensor
+    shape: torch.Size  # the losses' shape
+    losses: Tensor | None  # None when the graph was freed (then nothing is uncovered)
     uses: dict[int, list[tuple[Record, str]]]
     params: dict[int, nn.Parameter]
     uncovered: list[Tensor]
@@ -58,8 +60,13 @@ class Engine:
     single_backward
         Keep what :meth:`compute_gramian` computed so that :meth:`backward` can write the weighted
         gradient directly from the captured factors, without a second backward pass through the
-        network ("book-keeping", Bu et al., ICML 2023). Faster, but keeps per-example gradients of
-        the layers for which they were materialised (memory ~ ``R`` times those layers' size).
+        network ("book-keeping", Bu et al., ICML 2023): e.g. ``(diag(w) G)ᵀ A`` for a Linear layer
+        from its inputs ``A`` and output gradients ``G``. Faster than ``losses.backward(weights)``;
+        the output gradients of all layers are held until :meth:`backward`, while the graph's
+        saved tensors are freed during the Gramian pass when :meth:`backward` does not need them.
+        Per-example weight gradients materialised for the Gramian are kept when they are no
+        larger than the output gradients they replace (keeping all of them, ``R`` times each
+        layer's size, measured no faster on CPU: the fresh memory costs page faults).
 
     Notes
     -----
@@ -71,7 +78,9 @@ class Engine:
         weights = weighting(gramian)              # [B]
         losses.backward(weights)                  # or engine.backward(weights) (single_backward)
 
-    For ``[B, m]`` losses, reshape the weights to ``[B, m]`` before ``losses.backward``.
+    For ``[B, m]`` losses, reshape the weights to ``[B, m]`` before ``losses.backward``. On a
+    first step, ``engine.check_gramian(losses, gramian)`` (before the backward) verifies the
+    Gramian against autograd with one extra backward pass.
 
     * Requirements: with ``batch_dim`` set, example ``i``'s losses must depend on example ``i``
       only (BatchNorm in training mode raises a ``RuntimeError``). Module outputs of size 1 along
@@ -86,8 +95,11 @@ class Engine:
       passes re-run inside the backward pass), ``Embedding(scale_grad_by_freq=True)``, and a
       module with parameters of its own that uses a submodule's parameters without calling it
       (``nn.MultiheadAttention`` is handled). Parameters used outside the forward pass of the
-      modules that own them are not attributed.
+      modules that own them (a parent without parameters calling ``F.linear(x, self.child.weight)``)
+      cannot be attributed: :meth:`check_gramian` detects it, at the cost of one extra backward.
     * Dtypes: the Gramian is float32 (float64 for float64 parameters), also under autocast.
+    * Copies: ``copy.deepcopy`` of a hooked model copies the hooks, which keep pointing to this
+      engine and ignore the copy's modules (the copy runs normally; give it its own engine).
     """
 
     def __init__(self, *modules: nn.Module, batch_dim: int | None = 0, single_backward: bool = False) -> None:
@@ -144,7 +156,7 @@ class Engine:
         self._capture.remove()
         self._bound = None
 
-    def compute_gramian(self, losses: Tensor) -> Tensor:
+    def compute_gramian(self, losses: Tensor, retain_graph: bool | None = None) -> Tensor:
         """Return the Gramian ``J Jᵀ`` of the Jacobian of ``losses.flatten()``.
 
         Parameters
@@ -153,13 +165,19 @@ class Engine:
             Shape ``[B]`` (``batch_dim`` set), ``[m]`` (``batch_dim=None``) or ``[B, m]``
             (``batch_dim`` set; row ``i * m + k`` of the Gramian is task ``k`` of example ``i``).
             Must come from a forward pass run with the engine enabled and grad mode on.
+        retain_graph
+            Whether the autograd graph is kept after the call. ``None`` (default): kept, so that
+            ``losses.backward(weights)`` can follow, except with ``single_backward`` when
+            :meth:`backward` does not need it (every trainable parameter the losses depend on is
+            covered by closed forms); freeing it as the pass goes lowers the peak memory. Pass
+            ``True`` to call :meth:`check_gramian` in single-backward mode; ``False`` frees it
+            whenever :meth:`backward` allows (single-backward mode only).
 
         Returns
         -------
         Tensor
             The ``[R, R]`` Gramian with ``R = losses.numel()``, in float32 (float64 when the
-            parameters are float64). The autograd graph is retained so that
-            ``losses.backward(weights)`` can follow.
+            parameters are float64).
         """
         capture = self._capture
         layout, grad_outputs, batched = layout_of_losses(
@@ -180,10 +198,23 @@ class Engine:
         float64 = any(p.dtype == torch.float64 for record in records for p in record.params.values())
         dtype = torch.float64 if float64 else torch.float32
         accumulator = Accumulator(layout, dtype, losses.device, counts, self._single_backward)
+        uncovered: list[Tensor] = []
+        retain = True
+        if self._single_backward:
+            covered = {id(p): p for record in records for p in record.params.values()}
+            uncovered = uncovered_parameters(losses, covered)
+            # Generic records run vector-Jacobian products on the graph after the pass.
+            needs_graph = bool(uncovered) or any(isinstance(record, GenericRecord) for record in records)
+            retain = needs_graph if retain_graph is None else bool(retain_graph) or needs_graph
+        elif retain_graph is False:
+            raise ValueError(
+                "retain_graph=False is only possible with Engine(..., single_backward=True): otherwise the "
+                "weighted backward losses.backward(weights) needs the graph."
+            )
         capture.computing = True
         try:
-            if batched:
-                grads_at_once(losses, grad_outputs, records, accumulator, batched=True)
+            if batched or not retain:
+                grads_at_once(losses, grad_outputs, records, accumulator, batched=batched, retain_graph=retain)
             else:
                 grads_streamed(losses, grad_outputs, records, accumulator)
         finally:
@@ -191,9 +222,84 @@ class Engine:
         del records
         gramian = accumulator.finish()
         if self._single_backward:
-            uncovered = uncovered_parameters(losses, accumulator.params)
-            self._bound = _Bound(layout, losses, accumulator.uses, accumulator.params, uncovered)
+            self._bound = _Bound(
+                layout, losses.shape, losses if retain else None, accumulator.uses, accumulator.params, uncovered
+            )
         return gramian
+
+    def check_gramian(
+        self, losses: Tensor, gramian: Tensor, weights: Tensor | None = None, rtol: float = 1e-3
+    ) -> None:
+        """Raise if ``gramian`` misses part of the Jacobian, by an exact identity checked with one
+        extra backward pass (meant for a first step, not every step).
+
+        For any weights ``w``, the gradient of ``Σ_r w_r L_r`` w.r.t. the covered parameters is
+        ``Jᵀ w``, so ``‖Jᵀ w‖² = wᵀ (J Jᵀ) w``. The left side is computed by autograd (which sees
+        every use of every parameter), the right side from the engine's Gramian; they differ when a
+        parameter is used where the engine cannot see it, e.g. by a module that does not own it.
+
+        Call it after :meth:`compute_gramian` and before the weighted backward (it needs the graph,
+        which it retains). Nothing is written to ``.grad`` and no gradient hook fires.
+
+        Parameters
+        ----------
+        losses
+            The losses given to :meth:`compute_gramian`.
+        gramian
+            Its result.
+        weights
+            Shape ``[R]`` or the losses' shape; by default a fixed ramp from 0.5 to 1.5 (the
+            identity holds for every ``w``; unequal weights also test the cross terms).
+        rtol
+            Relative tolerance of the comparison (raise it under bf16/fp16 autocast, whose
+            products are less precise, e.g. to 5e-2).
+
+        Raises
+        ------
+        RuntimeError
+            If the two sides differ by more than ``rtol`` (relative to the larger one).
+        """
+        if not isinstance(losses, Tensor) or not isinstance(gramian, Tensor):
+            raise TypeError("check_gramian expects the losses and the Gramian as torch.Tensor objects.")
+        num_rows = losses.numel()
+        if gramian.shape != (num_rows, num_rows):
+            raise ValueError(
+                f"The Gramian has shape {tuple(gramian.shape)} but the losses have {num_rows} entries; pass "
+                "the losses given to compute_gramian and its result."
+            )
+        if weights is None:
+            weights = torch.linspace(0.5, 1.5, num_rows, device=losses.device)
+        if weights.numel() != num_rows:
+            raise ValueError(f"weights must have {num_rows} entries (one per loss), got {weights.numel()}.")
+        if not losses.requires_grad:
+            raise ValueError("losses do not require grad: pass the losses given to compute_gramian.")
+        if self._single_backward and self._bound is not None and self._bound.losses is None:
+            raise RuntimeError(
+                "check_gramian needs the autograd graph, which compute_gramian freed (single-backward mode): "
+                "call compute_gramian(losses, retain_graph=True) before check_gramian."
+            )
+        params = self.parameters()
+        flat_weights = weights.detach().reshape(-1)
+        weighted = (flat_weights.to(losses.dtype) * losses.reshape(-1)).sum()
+        was_enabled = self.enabled
+        self.enabled = False  # a forward re-run inside this backward must not be captured
+        try:
+            grads = torch.autograd.grad(weighted, params, retain_graph=True, allow_unused=True)
+        finally:
+            self.enabled = was_enabled
+        actual = sum(float(g.double().pow(2).sum()) for g in grads if g is not None)
+        w64 = flat_weights.double().to(gramian.device)
+        expected = float(w64 @ gramian.double() @ w64)
+        if abs(actual - expected) > rtol * max(abs(actual), abs(expected)) + 1e-30:
+            raise RuntimeError(
+                "The autogram engine's Gramian does not account for all uses of the covered parameters: "
+                f"‖Jᵀw‖² = {actual:.6g} by autograd but wᵀ G w = {expected:.6g} from the Gramian (relative "
+                f"difference {abs(actual - expected) / max(abs(actual), abs(expected)):.2e}). Most likely a "
+                "parameter is used outside the forward pass of the module that owns it (e.g. a parent module "
+                "calling F.linear(x, self.child.weight) instead of self.child(x)), which the engine cannot "
+                "attribute. Call the owning module instead, freeze that parameter, or leave its module out of "
+                "the engine (jd_modules), or use the autojac engine."
+            )
 
     def backward(self, weights: Tensor) -> None:
         """Accumulate the gradient of ``Σ_r w_r L_r`` into ``.grad`` without a second backward
@@ -223,13 +329,18 @@ class Engine:
         layout = bound.layout
         if weights.numel() != layout.num_rows or weights.shape not in (
             torch.Size([layout.num_rows]),
-            bound.losses.shape,
+            bound.shape,
         ):
             raise ValueError(
                 f"weights must have shape [{layout.num_rows}] or the losses' shape "
-                f"{tuple(bound.losses.shape)}, got {tuple(weights.shape)}."
+                f"{tuple(bound.shape)}, got {tuple(weights.shape)}."
             )
         table = weights.detach().reshape(layout.num_examples, layout.num_tasks)
+        self._bound = None
+        remaining: dict[int, int] = {}  # uses left per record, to release its factors early
+        for param_uses in bound.uses.values():
+            for record, _ in param_uses:
+                remaining[id(record)] = remaining.get(id(record), 0) + 1
         params: list[Tensor] = []
         grads: list[Tensor] = []
         for key, param_uses in bound.uses.items():
@@ -240,8 +351,13 @@ class Engine:
             params.append(param)
             grads.append(grad.to(param.dtype))
             del grad
-        self._bound = None
+            for record, _ in param_uses:
+                remaining[id(record)] -= 1
+                if remaining[id(record)] == 0:
+                    record.release()
+        bound.uses.clear()
         if bound.uncovered:
+            assert bound.losses is not None
             torch.autograd.backward(
                 bound.losses, weights.detach().reshape(bound.losses.shape).to(bound.losses.dtype),
                 inputs=bound.uncovered,

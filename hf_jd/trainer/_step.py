@@ -7,7 +7,11 @@ Two engines compute the same update (for Gramian-based aggregators):
   it to weights ``w`` (float32, detached) and one ordinary backward of ``Σ w_i L_i`` writes the
   update ``wᵀ J`` into ``.grad``. That backward goes through the caller's ``backward`` function
   (``accelerator.backward``), so loss scaling, DDP synchronisation and gradient accumulation work as
-  for a normal step.
+  for a normal step. With ``single_backward`` the engine writes ``wᵀ J`` itself from the factors
+  it captured (no second pass through the network), scaled by ``grad_factor`` (the factor
+  ``accelerator.backward`` would apply) and delivered through autograd so that DDP's gradient hooks
+  fire. On the first step, :meth:`hf_jd.autogram.Engine.check_gramian` verifies the Gramian with
+  one extra backward.
 - ``autojac``: :func:`hf_jd.autojac.backward` stores ``J`` in ``.jac`` and
   :func:`hf_jd.autojac.jac_to_grad` aggregates it into ``.grad`` (any aggregator).
 
@@ -148,6 +152,13 @@ class JDStep:
         process computes the weights and update of one process on the global batch, see
         :func:`hf_jd.trainer._distributed.global_mtl_jacobian`) or ``"local"`` (each process its own
         Gramian and weights; DDP averages the updates).
+    single_backward
+        autogram: build ``Engine(..., single_backward=True)`` and write the weighted gradient from the
+        captured factors instead of a second backward (faster, holds the layers' output gradients).
+    check_gramian
+        autogram: verify the Gramian on the first step (:meth:`hf_jd.autogram.Engine.check_gramian`).
+    check_rtol
+        Relative tolerance of that check (looser under bf16/fp16 autocast).
     """
 
     def __init__(
@@ -162,6 +173,9 @@ class JDStep:
         log_stats: bool = True,
         module_patterns: Sequence[str] | None = None,
         ddp_gramian: str = "local",
+        single_backward: bool = False,
+        check_gramian: bool = True,
+        check_rtol: float = 1e-3,
     ) -> None:
         if engine == "autogram" and not isinstance(aggregator, GramianWeightedAggregator):
             raise ValueError(
@@ -176,6 +190,10 @@ class JDStep:
         self.log_stats = log_stats
         self.module_patterns = list(module_patterns) if module_patterns else None
         self.ddp_gramian = ddp_gramian
+        self.single_backward = bool(single_backward)
+        self.check_gramian = bool(check_gramian)
+        self.check_rtol = float(check_rtol)
+        self._gramian_checked = False
         self.communication = CommunicationLog()  # bytes of JD's own collectives (DDP's excluded)
         self.engine: Any = None
         self.cached_weights: Tensor | None = None
@@ -202,7 +220,9 @@ class JDStep:
         if self.engine_kind == "autogram":
             from ..autogram import Engine
 
-            self.engine = Engine(*modules, batch_dim=None if self.mode == "mtl" else 0)
+            self.engine = Engine(
+                *modules, batch_dim=None if self.mode == "mtl" else 0, single_backward=self.single_backward
+            )
             self.engine.enabled = False  # only enabled inside a step that needs the Gramian
             covered = list(self.engine.parameters())
         else:
@@ -316,22 +336,43 @@ class JDStep:
         if global_step_direct:
             return self._global(losses, outputs, backward, scale if grad_factor is None else grad_factor, global_step)
         if self.engine_kind == "autogram":
-            return self._autogram(losses, outputs, backward, scale, global_step, world_size)
+            factor = scale if grad_factor is None else grad_factor
+            return self._autogram(losses, outputs, backward, scale, factor, global_step, world_size)
         return self._autojac(losses, outputs, backward, scale, grad_factor, global_step, world_size)
 
     def _autogram(
-        self, losses: Tensor, outputs: Any, backward: BackwardFn, scale: float, global_step: int, world_size: int
+        self,
+        losses: Tensor,
+        outputs: Any,
+        backward: BackwardFn,
+        scale: float,
+        grad_factor: float,
+        global_step: int,
+        world_size: int,
     ) -> StepResult:
-        gramian = self.engine.compute_gramian(losses)
+        """Gramian, weights, then the weighted gradient: ``backward((w * L).sum() * scale)`` (through
+        ``accelerator.backward``), or with ``single_backward`` the engine's own ``wᵀ J`` written from
+        the captured factors, times ``grad_factor`` (what ``accelerator.backward`` would have
+        multiplied the loss by: ``scale``, accelerate's accumulation and the fp16 loss scale)."""
+        check = self.check_gramian and not self._gramian_checked
+        gramian = self.engine.compute_gramian(losses, retain_graph=True if check else None)
         if not self._all_finite(bool(torch.isfinite(gramian).all()), world_size):
             if self._handle_nonfinite("the Gramian of the losses' Jacobian", global_step, backward, world_size):
                 return StepResult(losses.detach(), outputs, None, True)
+        if check:
+            # First JD step: verify ‖Jᵀw‖² = wᵀGw with one extra backward, so that a parameter used where
+            # the engine cannot see it (outside its module's forward) raises instead of training wrongly.
+            self.engine.check_gramian(losses, gramian, rtol=self.check_rtol)
+            self._gramian_checked = True
         if gramian.dtype != torch.float64:
             gramian = gramian.float()
         weights = self.weighting(gramian).detach()
         weights = weights.reshape(losses.shape)
         self.cached_weights = weights
-        backward((weights.to(losses.dtype) * losses).sum() * scale)
+        if self.single_backward:
+            self.engine.backward(weights * grad_factor)
+        else:
+            backward((weights.to(losses.dtype) * losses).sum() * scale)
         self._record(losses, weights, gramian)
         return StepResult(losses.detach(), outputs, weights, False)
 

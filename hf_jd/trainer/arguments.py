@@ -164,6 +164,16 @@ class JDTrainingArguments(TrainingArguments):
         },
     )
 
+    jd_single_backward: bool = field(
+        default=False,
+        metadata={
+            "help": "autogram only: write the weighted gradient from the per-layer factors the Gramian pass "
+            "captured (layer inputs and output gradients), bypassing the second backward pass through the network "
+            "(and accelerate's backward: the loss-scale and accumulation factors are applied by hand). Faster; "
+            "holds every layer's output gradients until the update, so it may use more memory."
+        },
+    )
+
     def __post_init__(self) -> None:
         self._validate_jd_arguments()
         super().__post_init__()
@@ -251,6 +261,14 @@ class JDTrainingArguments(TrainingArguments):
         self.jd_modules = _parse_names("jd_modules", self.jd_modules)
         if self.jd_modules is not None and len(self.jd_modules) == 0:
             raise ValueError("jd_modules is empty: give at least one module name or pattern, or leave it unset.")
+        if not isinstance(self.jd_single_backward, bool):
+            raise ValueError(f"jd_single_backward must be a bool, got {self.jd_single_backward!r}.")
+        if self.jd_single_backward and self.jd_resolved_engine != "autogram":
+            raise ValueError(
+                f"jd_single_backward=True needs the autogram engine, but the engine is {self.jd_resolved_engine!r} "
+                f"(jd_engine={self.jd_engine!r}, aggregator {name!r}). Use a Gramian-based aggregator with "
+                "jd_engine='autogram' or 'auto', or set jd_single_backward=False."
+            )
         if not isinstance(self.jd_log_weights, bool):
             raise ValueError(f"jd_log_weights must be a bool, got {self.jd_log_weights!r}.")
 

@@ -138,6 +138,8 @@ class JDTrainer(Trainer):
             log_stats=self.args.jd_log_weights,
             module_patterns=self.args.jd_modules,
             ddp_gramian=resolve_ddp_gramian(self.args.jd_ddp_gramian, self.args.jd_mode),
+            single_backward=self.args.jd_single_backward,
+            check_rtol=5e-2 if (self.args.bf16 or self.args.fp16) else 1e-3,
         )
         select_modules(self.model, self.args.jd_modules)  # fail early on a pattern that matches nothing
         self._loss_collector = LossCollector(self.args.jd_mode, task_names, self.label_names, compute_losses)

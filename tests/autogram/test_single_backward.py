@@ -100,3 +100,37 @@ def test_backward_errors() -> None:
         engine.backward(torch.ones(3))
     with pytest.raises(TypeError, match="torch.Tensor"):
         engine.backward([1.0, 1.0])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("length", "kept"), [(20, True), (1, False)])
+def test_rows_kept_only_when_no_larger_than_output_gradients(length: int, kept: bool) -> None:
+    # Per-example weight gradients [E, 4*3] vs output gradients [E, T, 4]: kept (and the factors
+    # dropped) for long sequences, recomputed as (diag(w) G)ᵀ A from the factors for short ones.
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.LayerNorm(4), nn.Linear(4, 2))
+    engine = Engine(model, single_backward=True)
+    losses = model(torch.randn(2, length, 3)).pow(2).sum((1, 2))
+    params = trainable(model)
+    jac = jacobian(losses, params)
+    assert_gramian_matches(engine.compute_gramian(losses), jac)
+    assert engine._bound is not None
+    first = next(record for uses in engine._bound.uses.values() for record, _ in uses if record.module is model[0])
+    assert first.factors is not None
+    assert (first.factors._rows is not None) == kept
+    assert (first.factors.grads is None) == kept  # kept rows replace the output gradients
+    weights = torch.tensor([0.3, 1.7])
+    engine.backward(weights)
+    torch.testing.assert_close(grads_of(params), weights @ jac, rtol=1e-4, atol=1e-6)
+
+
+def test_weighted_gradient_with_tasks_and_wide_outputs() -> None:
+    # Several tasks per example (einsum combination) and d_out > d_in (the inputs are scaled).
+    model = nn.Sequential(nn.Linear(2, 9), nn.Tanh(), nn.Linear(9, 3))
+    engine = Engine(model, single_backward=True)
+    out = model(torch.randn(3, 2, 2))
+    losses = torch.stack([out[..., 0].sum(1), out[..., 1:].pow(2).sum((1, 2))], dim=1)
+    params = trainable(model)
+    jac = jacobian(losses, params)
+    engine.compute_gramian(losses)
+    weights = torch.tensor([[0.5, 1.0], [2.0, 0.1], [1.0, 1.0]])
+    engine.backward(weights)
+    torch.testing.assert_close(grads_of(params), weights.reshape(-1) @ jac, rtol=1e-4, atol=1e-6)

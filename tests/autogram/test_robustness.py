@@ -1,0 +1,174 @@
+"""Robustness of the engine: copied models, and the self-check that detects unattributed parameter uses."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hf_jd.autogram import Engine
+
+from ._reference import assert_gramian_matches, jacobian, trainable
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.LayerNorm(6), nn.Linear(6, 3))
+
+
+class _Borrower(nn.Module):
+    """A parent without parameters of its own that uses its child's weight without calling the child."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(4, 5)
+        self.child = nn.Linear(5, 5)
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = torch.tanh(self.first(x))
+        hidden = torch.tanh(F.linear(hidden, self.child.weight))  # the child is never called
+        return self.head(hidden)
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_deep_copy_of_hooked_model_runs_and_is_ignored(single_backward: bool) -> None:
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.BatchNorm1d(6).eval(), nn.Linear(6, 3))
+    engine = Engine(model, single_backward=single_backward)
+    clone = copy.deepcopy(model)
+    out = clone(torch.randn(4, 5))  # used to fail with KeyError in the pre-hook
+    assert out.shape == (4, 3)
+    assert engine._capture.records == []
+    x = torch.randn(4, 5)
+    losses = model(x).pow(2).sum(1)
+    clone(torch.randn(7, 5))  # a forward of the copy neither resets nor disturbs the original's captures
+    assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, trainable(model)))
+
+
+def test_deep_copy_while_captures_are_pending() -> None:
+    model = _mlp()
+    engine = Engine(model)
+    losses = model(torch.randn(3, 5)).sum(1)
+    clone = copy.deepcopy(model)
+    clone_losses = clone(torch.randn(3, 5)).sum(1)
+    assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, trainable(model)))
+    clone_losses.sum().backward()  # the copy trains normally
+    assert all(p.grad is not None for p in clone.parameters())
+
+
+def test_copy_of_engine_model_can_get_its_own_engine() -> None:
+    model = _mlp()
+    Engine(model)
+    clone = copy.deepcopy(model)
+    clone_engine = Engine(clone)
+    losses = clone(torch.randn(3, 5)).pow(2).sum(1)
+    assert_gramian_matches(clone_engine.compute_gramian(losses), jacobian(losses, trainable(clone)))
+
+
+def test_borrowed_parameter_is_missing_from_gramian_and_check_detects_it() -> None:
+    model = _Borrower()
+    engine = Engine(model)
+    losses = model(torch.randn(4, 4)).pow(2).sum(1)
+    gramian = engine.compute_gramian(losses)
+    full = jacobian(losses, trainable(model))
+    # The silent error that check_gramian exists for: the child's weight is not attributed.
+    assert not torch.allclose(gramian, full @ full.T, rtol=1e-3)
+    with pytest.raises(RuntimeError, match="outside the forward pass of the module that owns it"):
+        engine.check_gramian(losses, gramian)
+    # The check leaves the graph and the gradients alone: the weighted backward still runs.
+    assert all(p.grad is None for p in model.parameters())
+    losses.backward(torch.ones(4))
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_check_passes_on_correct_gramian(single_backward: bool) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=30, n_positions=8, n_embd=8, n_layer=1, n_head=2))
+    engine = Engine(model, single_backward=single_backward)
+    ids = torch.randint(0, 30, (3, 5))
+    logits = model(input_ids=ids).logits
+    losses = F.cross_entropy(logits.transpose(1, 2), ids, reduction="none").mean(1)
+    jac = jacobian(losses, trainable(model))
+    gramian = engine.compute_gramian(losses, retain_graph=True)
+    engine.check_gramian(losses, gramian)
+    engine.check_gramian(losses, gramian, weights=torch.tensor([1.0, 0.0, 2.0]))
+    weights = torch.tensor([0.2, 0.3, 0.5])
+    if single_backward:
+        engine.backward(weights)
+    else:
+        losses.backward(weights)
+    expected = weights @ jac
+    actual = torch.cat([p.grad.reshape(-1) for p in trainable(model)])
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_check_gramian_detects_a_wrong_gramian() -> None:
+    model = _mlp()
+    engine = Engine(model)
+    losses = model(torch.randn(3, 5)).pow(2).sum(1)
+    gramian = engine.compute_gramian(losses)
+    with pytest.raises(RuntimeError, match="does not account"):
+        engine.check_gramian(losses, gramian * 0.9)
+
+
+def test_check_gramian_invalid_arguments() -> None:
+    model = _mlp()
+    engine = Engine(model)
+    losses = model(torch.randn(3, 5)).pow(2).sum(1)
+    gramian = engine.compute_gramian(losses)
+    with pytest.raises(ValueError, match="shape"):
+        engine.check_gramian(losses, gramian[:2])
+    with pytest.raises(ValueError, match="3 entries"):
+        engine.check_gramian(losses, gramian, weights=torch.ones(4))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        engine.check_gramian(losses, gramian.tolist())  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="require grad"):
+        engine.check_gramian(losses.detach(), gramian)
+
+
+def test_single_backward_frees_the_graph_unless_asked() -> None:
+    model = _mlp()
+    engine = Engine(model, single_backward=True)
+    losses = model(torch.randn(3, 5)).pow(2).sum(1)
+    gramian = engine.compute_gramian(losses)
+    with pytest.raises(RuntimeError, match="retain_graph=True"):
+        engine.check_gramian(losses, gramian)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        losses.sum().backward()  # the graph was freed during the Gramian pass
+    engine.backward(torch.ones(3))
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_two_pass_engine_refuses_to_free_the_graph() -> None:
+    model = _mlp()
+    engine = Engine(model)
+    losses = model(torch.randn(3, 5)).pow(2).sum(1)
+    with pytest.raises(ValueError, match="single_backward=True"):
+        engine.compute_gramian(losses, retain_graph=False)
+
+
+def test_block_symmetric_products_equal_the_plain_product() -> None:
+    from hf_jd.autogram import _outer
+
+    rows = torch.randn(300, 1100, dtype=torch.float64)
+    torch.testing.assert_close(_outer._products(rows, rows, symmetric=True), rows @ rows.T)
+    small = torch.randn(10, 5)
+    torch.testing.assert_close(_outer._products(small, small, symmetric=True), small @ small.T)
+
+
+def test_large_vocabulary_ghost_gramian_uses_symmetric_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hf_jd.autogram import _outer
+
+    monkeypatch.setattr(_outer, "SYMMETRIC_MIN_ROWS", 4)
+    monkeypatch.setattr(_outer, "SYMMETRIC_MIN_INNER", 8)
+    model = nn.Sequential(nn.Embedding(50, 4), nn.Linear(4, 50))
+    engine = Engine(model)
+    ids = torch.randint(0, 50, (3, 7))
+    losses = F.cross_entropy(model(ids).transpose(1, 2), ids, reduction="none").mean(1)
+    record = engine._capture.records[-1]
+    assert isinstance(record.module, nn.Linear)
+    gramian = engine.compute_gramian(losses)
+    assert_gramian_matches(gramian, jacobian(losses, trainable(model)))
