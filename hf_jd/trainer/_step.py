@@ -95,24 +95,6 @@ def _trainable(modules: Sequence[nn.Module]) -> list[nn.Parameter]:
     return params
 
 
-def _reached_leaves(root: Tensor) -> set[int]:
-    """Ids of the leaf tensors that back-propagation from ``root`` reaches."""
-    reached: set[int] = set()
-    stack = [root.grad_fn] if root.grad_fn is not None else []
-    visited: set[Any] = set()
-    while stack:
-        node = stack.pop()
-        if node in visited:
-            continue
-        visited.add(node)
-        variable = getattr(node, "variable", None)
-        if isinstance(variable, Tensor):
-            reached.add(id(variable))
-            continue
-        stack.extend(child for child, _ in node.next_functions if child is not None)
-    return reached
-
-
 @contextlib.contextmanager
 def _engine_state(engine: Any, enabled: bool) -> Iterator[None]:
     if engine is None:
@@ -408,9 +390,10 @@ class JDStep:
     ) -> StepResult:
         from ..autojac import backward as jac_backward
         from ..autojac import jac_to_grad
+        from ..autojac._utils import find_leaves
 
         flat = losses.reshape(-1)
-        reached = _reached_leaves(flat)
+        reached = {id(leaf) for leaf in find_leaves([flat])}
         params = [p for p in self._covered if id(p) in reached]
         others = [p for p in self._others if id(p) in reached]
         if not params:
