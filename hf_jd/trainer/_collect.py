@@ -35,6 +35,33 @@ def _output_field(outputs: Any, name: str) -> Any:
     return getattr(outputs, name, None)
 
 
+def _decoder_inputs_from_labels(model: nn.Module, inputs: dict[str, Any], labels: Any) -> dict[str, Any]:
+    """Give an encoder-decoder model the decoder inputs it would have built from the removed labels.
+
+    Sequence-to-sequence models (T5, BART, ...) derive ``decoder_input_ids`` from ``labels`` (shifted
+    right) only when ``labels`` is passed; IWRM removes the labels, so the shift is done here with the
+    model's own ``prepare_decoder_input_ids_from_labels``. Inputs that already hold
+    ``decoder_input_ids`` or ``decoder_inputs_embeds`` are left unchanged.
+    """
+    config = getattr(model, "config", None)
+    if not getattr(config, "is_encoder_decoder", False) or not isinstance(labels, Tensor):
+        return inputs
+    if inputs.get("decoder_input_ids") is not None or inputs.get("decoder_inputs_embeds") is not None:
+        return inputs
+    prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
+    if not callable(prepare):
+        raise ValueError(
+            f"jd_mode='iwrm' removes the labels before the forward pass, but the encoder-decoder model "
+            f"{type(model).__name__} has no prepare_decoder_input_ids_from_labels to build decoder_input_ids from "
+            "them. Add a decoder_input_ids column to the dataset (or use a data collator that adds it, such as "
+            "DataCollatorForSeq2Seq(model=...)), or pass `compute_losses=` to JDTrainer."
+        )
+    inputs = {**inputs, "decoder_input_ids": prepare(labels=labels)}
+    if "use_cache" not in inputs and forward_accepts(model, "use_cache"):
+        inputs["use_cache"] = False  # as the model does when it receives labels (no key/value cache in training)
+    return inputs
+
+
 class LossCollector:
     """Runs the forward pass of one micro-batch and returns ``(losses, outputs)``.
 
@@ -117,6 +144,7 @@ class LossCollector:
                 "to JDTrainer to compute per-example losses for this model."
             )
         model_inputs = {key: value for key, value in inputs.items() if key not in self.label_names}
+        model_inputs = _decoder_inputs_from_labels(unwrapped, model_inputs, inputs[present[0]])
         outputs = model(**model_inputs)
         return per_example_losses(unwrapped, outputs, inputs[present[0]]), outputs
 

@@ -39,6 +39,26 @@ __all__ = ["JDStep", "NonFiniteLossError", "select_modules", "StepResult"]
 BackwardFn = Callable[..., None]
 
 
+@contextlib.contextmanager
+def _autojac_hint(mode: str, global_step: int) -> Iterator[None]:
+    """Re-raise the autogram engine's "cannot follow this model" errors with the trainer option that avoids them.
+
+    The engine's own advice (``Engine(..., batch_dim=None)``, "the autojac engine") is not phrased in
+    terms of the trainer's arguments; other errors pass through unchanged.
+    """
+    try:
+        yield
+    except (ValueError, RuntimeError) as error:
+        message = str(error)
+        if "batch_dim" not in message and "does not account for all uses" not in message:
+            raise
+        raise type(error)(
+            f"{message}\nWith JDTrainer (jd_mode={mode!r}, step {global_step}): the autogram engine cannot follow "
+            "this model. Set jd_engine='autojac' (explicit Jacobian: the same update, more memory)"
+            + (", or use jd_mode='mtl' with task losses." if mode != "mtl" else ".")
+        ) from error
+
+
 class NonFiniteLossError(RuntimeError):
     """A loss, the Jacobian or the Gramian is inf or nan and ``jd_nonfinite="raise"``."""
 
@@ -337,14 +357,16 @@ class JDStep:
         the captured factors, times ``grad_factor`` (what ``accelerator.backward`` would have
         multiplied the loss by: ``scale``, accelerate's accumulation and the fp16 loss scale)."""
         check = self.check_gramian and not self._gramian_checked
-        gramian = self.engine.compute_gramian(losses, retain_graph=True if check else None)
+        with _autojac_hint(self.mode, global_step):
+            gramian = self.engine.compute_gramian(losses, retain_graph=True if check else None)
         if not self._all_finite(bool(torch.isfinite(gramian).all()), world_size):
             if self._handle_nonfinite("the Gramian of the losses' Jacobian", global_step, backward, world_size):
                 return StepResult(losses.detach(), outputs, None, True)
         if check:
             # First JD step: verify ‖Jᵀw‖² = wᵀGw with one extra backward, so that a parameter used where
             # the engine cannot see it (outside its module's forward) raises instead of training wrongly.
-            self.engine.check_gramian(losses, gramian, rtol=self.check_rtol)
+            with _autojac_hint(self.mode, global_step):
+                self.engine.check_gramian(losses, gramian, rtol=self.check_rtol)
             self._gramian_checked = True
         if gramian.dtype != torch.float64:
             gramian = gramian.float()

@@ -8,6 +8,7 @@ Reference: Quinton & Rey, "Jacobian Descent For Multi-Objective Optimization", a
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from typing import Any
@@ -56,7 +57,9 @@ class JDTrainer(Trainer):
     -----
     - Losses. ``mtl``: the model output's ``losses`` (dict task → scalar, or tensor ``[m]``).
       ``iwrm``: the labels are removed from the inputs, the model runs without computing its loss,
-      and :func:`hf_jd.trainer.losses.per_example_losses` gives one loss per example. ``iwmtl``: the
+      and :func:`hf_jd.trainer.losses.per_example_losses` gives one loss per example (encoder-decoder
+      models such as T5 and BART get the ``decoder_input_ids`` they would have built from the labels,
+      unless the batch already holds them). ``iwmtl``: the
       model output's ``losses`` (dict task → ``[B]`` or tensor ``[B, m]``); models whose forward
       takes ``loss_reduction`` (such as ``MultiHeadModel``) are called with ``loss_reduction="none"``.
     - Gradient accumulation. Each micro-batch is weighted on its own (its own Gramian and weights)
@@ -84,6 +87,8 @@ class JDTrainer(Trainer):
       ``"local"`` (default for ``iwrm``/``iwmtl``) each process weights its own examples and DDP
       averages the updates. ``jd/comm_bytes`` logs the bytes sent so far by JD's own collectives
       (DDP's excluded). See :mod:`hf_jd.trainer._distributed`.
+    - ``torch_compile=True`` (or a compiled model) works: the step differentiates the compiled graph
+      more than once, so AOTAutograd's buffer donation is turned off inside the training step.
     - Not supported: DeepSpeed, FSDP, ``torch.nn.DataParallel`` (several GPUs in one process),
       label smoothing, ``compute_loss_func``, and multi-process training with the autojac engine.
     """
@@ -204,7 +209,7 @@ class JDTrainer(Trainer):
     ) -> Tensor:
         """One micro-batch of Jacobian descent; returns the detached mean loss (scaled like the Trainer's)."""
         cp_context, inputs = self._prepare_context_parallel_inputs(model, inputs)
-        with cp_context():
+        with cp_context(), _compiled_backward_keeps_buffers():
             model.train()
             if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
                 self.optimizer.train()
@@ -403,6 +408,22 @@ class JDTrainer(Trainer):
                 f"{resume_from_checkpoint} has no {JD_STATE_NAME}, but aggregator {self.args.jd_aggregator!r} is "
                 "stateful, so resuming would not continue the same run. Resume from a checkpoint saved by JDTrainer."
             )
+
+
+def _compiled_backward_keeps_buffers() -> contextlib.AbstractContextManager[Any]:
+    """Context in which ``torch.compile`` (``torch_compile=True`` or a compiled model) keeps the saved buffers.
+
+    By default AOTAutograd "donates" the buffers saved for the backward pass, so a compiled backward may run
+    only once (``retain_graph=False``). A JD step differentiates the same graph more than once (the Gramian
+    or the Jacobian, then the weighted backward), so donation is disabled while the step traces and runs.
+    """
+    try:
+        import torch._functorch.config as functorch_config
+    except ImportError:  # a torch without AOTAutograd has no donated buffers either
+        return contextlib.nullcontext()
+    if not hasattr(functorch_config, "donated_buffer"):
+        return contextlib.nullcontext()
+    return functorch_config.patch(donated_buffer=False)
 
 
 def _labelled_examples(labels: Any, batch_size: int) -> int:
