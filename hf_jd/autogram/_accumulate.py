@@ -37,12 +37,15 @@ class Accumulator:
         self.uses: dict[int, list[tuple[Record, str]]] = {}
         self.params: dict[int, nn.Parameter] = {}
 
-    def add(self, record: Record, grads: list[Tensor | None]) -> None:
-        """Bind a record to its batched output gradients and add what can be added now."""
+    def add(self, record: Record, grads: list[Tensor | None], layout: RowLayout | None = None) -> None:
+        """Bind a record to its batched output gradients and add what can be added now.
+
+        ``layout`` overrides the engine's layout (for records given one gradient per loss row).
+        """
         if all(grad is None for grad in grads):
             return  # the losses do not depend on this call
         record.keep_rows = self.keep
-        record.bind(grads, self.layout)
+        record.bind(grads, self.layout if layout is None else layout)
         needed_later = self.keep
         for name, param in record.params.items():
             self.params[id(param)] = param
@@ -96,6 +99,28 @@ def grads_at_once(
         accumulator.add(record, record_grads)
 
 
+def grads_per_row(losses: Tensor, layout: RowLayout, records: list[Record], accumulator: Accumulator) -> None:
+    """Records whose tensors are not split by example: back-propagate each loss row separately
+    (one batched backward pass over the ``R`` rows, graph retained) and treat the whole batch as
+    one "example" with ``R`` tasks, which gives the same ``[R, R]`` row order."""
+    num_rows = layout.num_rows
+    eye = torch.eye(num_rows, dtype=losses.dtype, device=losses.device).view(num_rows, *losses.shape)
+    edges = [edge for record in records for edge in record.edges]
+    grads = list(
+        torch.autograd.grad(
+            losses, edges, grad_outputs=eye, retain_graph=True, allow_unused=True, is_grads_batched=True
+        )
+    )
+    whole = RowLayout(None, 1, num_rows)
+    offset = 0
+    for record in records:
+        count = len(record.edges)
+        record_grads = grads[offset : offset + count]
+        grads[offset : offset + count] = [None] * count
+        offset += count
+        accumulator.add(record, record_grads, whole)
+
+
 def grads_streamed(
     losses: Tensor, grad_outputs: Tensor, records: list[Record], accumulator: Accumulator
 ) -> None:
@@ -112,6 +137,8 @@ def grads_streamed(
 
     def hook_for(record: Record, output_nr: int) -> Any:
         def hook(node_grads: tuple[Tensor | None, ...]) -> None:
+            if id(record) in reached:
+                return
             reached.add(id(record))
             grad = node_grads[output_nr]
             if grad is not None:

@@ -48,6 +48,7 @@ class _ModuleInfo:
     borrowed: dict[str, nn.Module] = field(default_factory=dict)
     trainable_descendants: list[nn.Module] = field(default_factory=list)
     frames: list[Any] = field(default_factory=list)
+    unaligned: bool = False  # seen with tensors not split by example along batch_dim
 
 
 @dataclass
@@ -55,6 +56,14 @@ class _Frame:
     params: dict[str, nn.Parameter]
     aliases: dict[str, Tensor] | None
     descendant_calls: list[int] | None
+
+
+def _broadcast_over_batch(tensor: Tensor, batch_dim: int) -> bool:
+    """Whether a tensor looks broadcast over the batch: size 1 along ``batch_dim`` and along no
+    other dimension (``[1, T, d]`` position embeddings). A size-1 dimension beside it (e.g. a
+    ``[T, T, h]`` relative-position table with ``T = 1``) makes the layout ambiguous; such tensors
+    are handled as not split by example (exact, costlier) rather than expanded."""
+    return tensor.shape[batch_dim] == 1 and sum(1 for size in tensor.shape if size == 1) == 1
 
 
 class Capture:
@@ -84,6 +93,7 @@ class Capture:
         self.records: list[Record] = []
         self.batch_size = 0
         self.batch_source = ""
+        self.batch_from_root = False  # whether batch_size was read from a root module's inputs
         self.completed_roots: set[int] = set()
         self.root_ids: set[int] = {id(root) for root in roots}
         self._register()
@@ -102,6 +112,7 @@ class Capture:
         self.records = []
         self.batch_size = 0
         self.batch_source = ""
+        self.batch_from_root = False
         self.completed_roots = set()
 
     def remove(self) -> None:
@@ -172,9 +183,17 @@ class Capture:
         """Whether hooks capture now: enabled and in grad mode."""
         return self.enabled and torch.is_grad_enabled()
 
-    def note_batch(self, tensor: Any, source: str) -> None:
+    def note_batch(self, tensor: Any, source: str, from_root: bool = False) -> None:
+        """Track the batch size: the largest size along ``batch_dim`` among the inputs of the
+        root modules; only when those have none, among the tensors of parametrised modules
+        (whose inputs may legitimately be regrouped, e.g. ``[B * heads, T, d]``)."""
         bd = self.batch_dim
+        if self.batch_from_root and not from_root:
+            return
         if bd is not None and isinstance(tensor, Tensor) and tensor.dim() > bd:
+            if from_root and not self.batch_from_root:
+                self.batch_from_root = True
+                self.batch_size = 0
             size = int(tensor.shape[bd])
             if size > self.batch_size:
                 self.batch_size = size
@@ -187,7 +206,8 @@ class Capture:
             if id(module) in self.completed_roots:
                 self.on_new_forward()
             for value in itertools.chain(args, kwargs.values()):
-                self.note_batch(value, f"an input of {type(module).__name__}")
+                for tensor in tensors_in(value):
+                    self.note_batch(tensor, f"an input of {type(module).__name__}", from_root=True)
         self.depth += 1
 
     def _root_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
@@ -256,12 +276,21 @@ class Capture:
         self.calls[id(module)] = self.calls.get(id(module), 0) + 1
         if frame.descendant_calls is not None:
             self._check_descendants_called(module, info, frame.descendant_calls, output)
-        expanded = self._expand_broadcast(output, describe(info.name, module))
+        batched = self._aligned(info.kind, args, kwargs, output)
+        # A module once seen with an output whose size along batch_dim is neither the batch size
+        # nor 1 keeps the exact paths: that dimension is something else (e.g. time in XLNet's
+        # [T, B, d] layout), even in a later batch where its size happens to equal the batch size.
+        if not batched and self._foreign_size(output):
+            info.unaligned = True
+        elif batched and info.unaligned:
+            batched = False
+        expanded = self._expand_broadcast(output) if batched else output
         if isinstance(expanded, Tensor) and not expanded.requires_grad:
             return None
         if info.kind.is_generic:
             assert frame.aliases is not None
-            if len(tensors_in(expanded)) > 1:
+            aliased = len(tensors_in(expanded)) > 1
+            if aliased:
                 expanded = alias_outputs(expanded)
             outputs = tensors_in(expanded)
             if info.kind is Kind.RMS_NORM:
@@ -277,23 +306,83 @@ class Capture:
                 )
             record = record_class(info.kind)(module, info.name, frame.params, inputs, expanded)
             record.edges = [get_gradient_edge(expanded)]
+        record.batched = batched
+        if not batched and info.kind in (Kind.LINEAR, Kind.LAYER_NORM):
+            record.groups = self._groups(args, kwargs, expanded)
+        if info.kind.is_generic and aliased:
+            assert isinstance(record, GenericRecord)
+            record.watch_versions()
         record.is_source = not any(
             t.requires_grad for t in itertools.chain(tensors_in(args), tensors_in(kwargs))
         )
         self.records.append(record)
         return expanded if expanded is not output else None
 
-    def _expand_broadcast(self, output: Any, source: str) -> Any:
+    def _foreign_size(self, output: Any) -> bool:
+        """Whether an output's size along ``batch_dim`` is neither the batch size nor 1."""
+        bd = self.batch_dim
+        assert bd is not None
+        return any(
+            t.dim() <= bd or t.shape[bd] not in (1, self.batch_size) for t in tensors_in(output) if t.requires_grad
+        )
+
+    def _groups(self, args: tuple[Any, ...], kwargs: dict[str, Any], output: Tensor) -> int:
+        """``k`` when a position-wise call's input and output have ``k * batch_size`` entries along
+        ``batch_dim`` (e.g. OPT's ``[B * T, d]`` rows, Swin's ``[B * windows, ...]``): a candidate
+        for the batch-major grouping, which the engine verifies before relying on it; else 0."""
+        bd, size = self.batch_dim, self.batch_size
+        inputs = tensors_in(args) or tensors_in(kwargs)
+        if bd is None or size <= 0 or not inputs or output.dim() <= bd or inputs[0].dim() <= bd:
+            return 0
+        count = int(output.shape[bd])
+        if count != inputs[0].shape[bd] or count % size:
+            return 0
+        return count // size
+
+    def _aligned(self, kind: Kind, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> bool:
+        """Whether the tensors the call's contribution is computed from are split by example
+        along ``batch_dim``: size ``batch_size`` there, or size 1 for outputs broadcast over the
+        batch (expanded by the hook) and for the ids of such an embedding lookup.
+
+        Other calls (relative-position tables ``[T, T, h]``, regrouped ``[B * T, d]`` or
+        ``[B * heads, T, d]`` tensors) get per-row output gradients from a batched backward pass
+        (exact, costlier) instead of per-example slices of one output gradient, unless they are
+        Linear or LayerNorm calls whose batch-major grouping the engine verifies (see ``_groups``).
+        """
+        bd = self.batch_dim
+        if bd is None:
+            return True
+        size = self.batch_size
+
+        def fits(tensor: Tensor, broadcast_ok: bool) -> bool:
+            if tensor.dim() <= bd:
+                return False
+            return tensor.shape[bd] == size or (broadcast_ok and _broadcast_over_batch(tensor, bd))
+
+        inputs = tensors_in(args) or tensors_in(kwargs)
+        # A size-1 output is expanded only when it is the single output of a call with inputs
+        # (e.g. position ids [1, T]); a module called without tensor inputs (a bias table) may be
+        # broadcast over anything else than the batch.
+        outputs = [t for t in tensors_in(output) if t.requires_grad]
+        expandable = bool(inputs) and isinstance(output, Tensor)
+        if not all(fits(t, broadcast_ok=expandable) for t in outputs):
+            return False
+        if kind is Kind.GENERIC:
+            return True
+        if not inputs:
+            return kind is Kind.RMS_NORM
+        return fits(inputs[0], broadcast_ok=kind is Kind.EMBEDDING)
+
+    def _expand_broadcast(self, output: Any) -> Any:
         """Give a batch-broadcast output (size 1 along ``batch_dim``) one slice per example, so
         that gradients w.r.t. it are per example; values are unchanged."""
         bd = self.batch_dim
         if bd is None or not isinstance(output, Tensor) or output.dim() <= bd:
             return output
-        if output.shape[bd] == 1 and self.batch_size > 1:
+        if self.batch_size > 1 and _broadcast_over_batch(output, bd):
             shape = list(output.shape)
             shape[bd] = self.batch_size
             return output.expand(shape)
-        self.note_batch(output, f"the output of {source}")
         return output
 
     def _check_descendants_called(

@@ -120,6 +120,26 @@ class GenericRecord(Record):
         self.outputs = [out for out in outputs if out.requires_grad]
         self.edges = [get_gradient_edge(out) for out in self.outputs]
         self._rows: dict[str, Tensor] | None = None
+        self._versions: list[int] | None = None
+
+    def watch_versions(self) -> None:
+        """Remember the version counters of the (aliased) outputs: an in-place operation on them
+        after the call re-routes autograd around the aliases' edges."""
+        self._versions = [out._version for out in self.outputs]
+
+    def check_not_modified(self) -> None:
+        """Raise if an aliased output was modified in place after the call."""
+        if self._versions is None or not hasattr(self, "outputs"):
+            return
+        for out, version in zip(self.outputs, self._versions):
+            if out._version != version:
+                raise RuntimeError(
+                    f"An output of module {self.describe()} was modified in place after the module returned "
+                    "(e.g. `out += other`). The autogram engine handles modules with parameters of their own "
+                    "and several outputs through views of those outputs, which an in-place operation "
+                    "detaches from the graph. Make that operation out of place (`out = out + other`), or "
+                    "freeze the module's parameters."
+                )
 
     def _bind(self, grads: list[Tensor | None], layout: RowLayout) -> None:
         self.grad_rows: list[tuple[int, Tensor]] = []

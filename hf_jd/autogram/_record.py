@@ -50,6 +50,12 @@ class Record(ABC):
         self.kept_rows: dict[str, Tensor] = {}
         # Whether no input of the call requires grad (then no other record lies upstream of it).
         self.is_source = False
+        # Whether the captured tensors are split by example along the engine's batch_dim; if not,
+        # the record gets one full output gradient per loss row (layout without batch dimension).
+        self.batched = True
+        # For a position-wise call not split by example: k when its tensors have k * B entries
+        # along batch_dim (a candidate for batch-major grouping, verified by the engine), else 0.
+        self.groups = 0
 
     def describe(self) -> str:
         """Human-readable name of the module, for error messages."""
@@ -81,8 +87,22 @@ class Record(ABC):
             self.kept_rows[name] = rows
         return rows @ rows.T
 
+    def split_batch(self, num_examples: int, batch_dim: int) -> None:
+        """Regroup the captured input ``[..., E * k, ...]`` into ``[..., E, k, ...]`` along
+        ``batch_dim`` (position-wise records with a verified batch-major grouping only)."""
+        inputs = getattr(self, "inputs", None)
+        if not isinstance(inputs, Tensor):
+            raise TypeError(f"{type(self).__name__} cannot regroup its captured tensors by example.")
+        self.inputs = inputs.unflatten(batch_dim, (num_examples, -1))
+
+    def weights_table(self, weights: Tensor) -> Tensor:
+        """The loss weights ``[R]`` (or ``[E, m]``) as the ``[E, m]`` table of this record's layout."""
+        assert self.layout is not None
+        return weights.reshape(self.layout.num_examples, self.layout.num_tasks)
+
     def weighted_grad(self, name: str, weights: Tensor) -> Tensor:
-        """Gradient of ``Σ_r w_r L_r`` w.r.t. parameter ``name`` (``weights`` shaped ``[E, m]``)."""
+        """Gradient of ``Σ_r w_r L_r`` w.r.t. parameter ``name`` (``weights`` shaped ``[E, m]``
+        in this record's layout, see :meth:`weights_table`)."""
         rows = self.kept_rows.get(name)
         if rows is None:
             rows = self.per_row(name)

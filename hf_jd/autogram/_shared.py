@@ -32,7 +32,8 @@ def shared_gram(uses: list[tuple[Record, str]], num_examples: int, dtype: torch.
         for record, name in uses
         if isinstance(record, OuterProductRecord) and name == "weight" and record.factors is not None
     ]
-    if len(embeddings) + len(outers) < len(uses):
+    mixed_layouts = len({record.layout for record, _ in uses}) > 1  # some calls not split by example
+    if mixed_layouts or len(embeddings) + len(outers) < len(uses):
         rows = sum(record.per_row(name).to(dtype) for record, name in uses)
         assert isinstance(rows, Tensor)
         return rows @ rows.T

@@ -6,7 +6,9 @@ module saw (its input, its output's gradient edge); :meth:`Engine.compute_gramia
 the losses to those module outputs only (no parameter gradient is computed) and adds each
 parameter's contribution in closed form (Linear, Conv1D, Conv2d, Embedding, RMSNorm,
 LayerNorm) or by batched vector-Jacobian products on the existing graph (any other module).
-Parameters used by several modules (tied embeddings) get their cross terms.
+Parameters used by several modules (tied embeddings) get their cross terms. Calls whose tensors
+are not split by example (relative-position tables, regrouped or time-major rows) get exact
+per-row output gradients, after a verification of the grouping where one is possible.
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ._accumulate import Accumulator, grads_at_once, grads_streamed, uncovered_parameters
+from ._accumulate import Accumulator, grads_at_once, grads_per_row, grads_streamed, uncovered_parameters
 from ._capture import Capture
 from ._deliver import deliver_gradients
 from ._generic import GenericRecord
 from ._layout import RowLayout, layout_of_losses
 from ._record import Record
+from ._regroup import grads_verified
 
 __all__ = ["Engine"]
 
@@ -83,10 +86,25 @@ class Engine:
     Gramian against autograd with one extra backward pass.
 
     * Requirements: with ``batch_dim`` set, example ``i``'s losses must depend on example ``i``
-      only (BatchNorm in training mode raises a ``RuntimeError``). Module outputs of size 1 along
-      ``batch_dim`` while the batch is larger (e.g. BERT's default ``position_ids`` of shape
-      ``[1, T]``) are expanded to the batch size by the hook (same values), so that their
-      gradients are per example.
+      only (BatchNorm in training mode raises a ``RuntimeError``). The batch size is read from
+      the inputs of the modules given to the engine. Module outputs of size 1 along ``batch_dim``
+      (and along no other dimension) computed from inputs while the batch is larger (e.g. BERT's
+      default ``position_ids`` of shape ``[1, T]``) are expanded to the batch size by the hook
+      (same values), so that their gradients are per example.
+    * Tensors not split by example: a module call whose tensors do not have the batch size along
+      ``batch_dim`` (relative-position tables of T5, MPNet or DeBERTa-v2, weight-norm
+      parametrisations, XLNet's time-major ``[T, B, d]``) gets one output gradient per loss row
+      from a batched backward pass over the ``R`` rows: exact, but it costs about ``R`` backward
+      passes over the part of the network above that call and holds ``R`` times its output
+      gradient. With per-example losses ``[B]``, Linear and LayerNorm calls on ``[k B, ...]``
+      rows (OPT's ``[B * T, d]`` MLP, Swin's ``[B * windows, ...]`` attention) and all calls
+      shaped ``[B, ...]`` of such a forward pass are instead checked by an exact identity (one
+      backward pass over two vectors, see ``_regroup``) and keep their closed forms when their
+      rows belong to one example each (batch-major), else take the per-row pass. A module once
+      seen not split by example keeps the per-row pass in later steps.
+    * Not detected without :meth:`check_gramian`: examples mixed only by parameter-free
+      operations while every parametrised call is shaped ``[B, ...]``, or a time-major layout
+      whose length equals the batch size in the very first step.
     * State: captured tensors are dropped after :meth:`compute_gramian` (after :meth:`backward`
       with ``single_backward``), by :meth:`reset`, and when a module given to the engine starts a
       new forward pass after having completed one. A model called several times before one
@@ -191,6 +209,9 @@ class Engine:
                 "in grad mode, and with trainable parameters in the engine's modules."
             )
         capture.records = []
+        for record in records:
+            if isinstance(record, GenericRecord):
+                record.check_not_modified()
         counts: dict[int, int] = {}
         for record in records:
             for param in record.params.values():
@@ -211,11 +232,24 @@ class Engine:
                 "retain_graph=False is only possible with Engine(..., single_backward=True): otherwise the "
                 "weighted backward losses.backward(weights) needs the graph."
             )
+        unaligned = [record for record in records if not record.batched] if layout.batched else []
+        if unaligned:
+            records = [record for record in records if record.batched]
         capture.computing = True
         try:
-            if batched or not retain:
+            if unaligned and layout.num_tasks == 1:
+                # Tensors not split by example: the model moves examples around, so every call
+                # whose shapes allow a per-example grouping has it verified (one backward pass
+                # over two vectors); the others and the failures take the exact per-row path.
+                checked = records + [record for record in unaligned if record.groups]
+                records = []
+                unaligned = [record for record in unaligned if not record.groups]
+                unaligned += grads_verified(losses, layout, checked, accumulator)
+            if unaligned:
+                grads_per_row(losses, layout, unaligned, accumulator)
+            if records and (batched or not retain):
                 grads_at_once(losses, grad_outputs, records, accumulator, batched=batched, retain_graph=retain)
-            else:
+            elif records:
                 grads_streamed(losses, grad_outputs, records, accumulator)
         finally:
             capture.computing = False
@@ -345,9 +379,10 @@ class Engine:
         grads: list[Tensor] = []
         for key, param_uses in bound.uses.items():
             param = bound.params[key]
-            grad = param_uses[0][0].weighted_grad(param_uses[0][1], table)
+            first, first_name = param_uses[0]
+            grad = first.weighted_grad(first_name, first.weights_table(table))
             for record, name in param_uses[1:]:
-                grad = grad + record.weighted_grad(name, table)
+                grad = grad + record.weighted_grad(name, record.weights_table(table))
             params.append(param)
             grads.append(grad.to(param.dtype))
             del grad

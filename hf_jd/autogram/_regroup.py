@@ -1,0 +1,93 @@
+"""Per-example output gradients of calls whose rows are examples regrouped with another axis.
+
+Some models flatten ``[B, T, d]`` activations to ``[B * T, d]`` before a Linear layer or LayerNorm
+(OPT), or split images into windows ``[B * windows, tokens, d]`` (Swin). If the grouping is batch-
+major, example ``i`` owns the ``k`` consecutive rows ``i k … i k + k - 1``, and the per-example
+output gradients are slices of the gradient of the summed losses, as for ordinary batched calls.
+
+The grouping is not assumed but verified: with ``G`` the output gradient of ``Σ_i L_i`` and
+``G_w`` that of ``Σ_i w_i L_i`` for random positive weights ``w`` (both from one backward pass
+batched over the two vectors), the identity ``G_w[j] = w_{⌊j / k⌋} G[j]`` for every row ``j``
+holds for all ``w`` exactly when no other example's loss reaches row ``j`` (the difference is
+``Σ_{i ≠ ⌊j/k⌋} (w_i - w_{⌊j/k⌋}) ∂L_i/∂y_j``, linear in ``w``). Calls that fail the check (e.g.
+a time-major ``[T * B, d]`` layout) are returned for the exact per-row path.
+
+The same check with ``k = 1`` confirms that the ordinary batched calls' examples are not mixed
+downstream; the engine runs it on every call of a forward pass that had calls not split by
+example (a sign that the model may move examples around), in place of the plain backward pass.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._accumulate import Accumulator
+from ._layout import RowLayout
+from ._record import Record
+
+__all__ = ["grads_verified"]
+
+# Largest deviation from the identity, relative to the largest weighted output gradient, that is
+# taken for float rounding (a wrong grouping deviates by about the gradient's own magnitude).
+IDENTITY_RTOL = 1e-4
+_SEED = 2406_16232
+
+
+def grads_verified(losses: Tensor, layout: RowLayout, records: list[Record], accumulator: Accumulator) -> list[Record]:
+    """Add the records whose per-example grouping the identity confirms; return the others.
+
+    Records split by example along ``batch_dim`` are checked with ``k = 1`` (their examples may
+    still be mixed further on, e.g. by a layer applied across the batch); records with
+    ``groups = k`` are checked for the batch-major grouping and regrouped. Only for per-example
+    losses ``[B]`` (``layout.num_tasks == 1``) with ``batch_dim`` set. The graph is retained.
+    """
+    assert layout.batch_dim is not None and layout.num_tasks == 1
+    bd = layout.batch_dim
+    num_examples = layout.num_examples
+    generator = torch.Generator().manual_seed(_SEED)
+    weights = (1.0 + torch.rand(num_examples, generator=generator, dtype=torch.float64)).to(
+        device=losses.device, dtype=losses.dtype
+    )
+    vectors = torch.stack([torch.ones_like(losses), weights.view(losses.shape)])
+    edges = [edge for record in records for edge in record.edges]
+    grads = list(
+        torch.autograd.grad(
+            losses, edges, grad_outputs=vectors, retain_graph=True, allow_unused=True, is_grads_batched=True
+        )
+    )
+    failed: list[Record] = []
+    offset = 0
+    for record in records:
+        count = len(record.edges)
+        record_grads = grads[offset : offset + count]
+        grads[offset : offset + count] = [None] * count
+        offset += count
+        if all(grad is None for grad in record_grads):
+            continue  # the losses do not depend on this call
+        if not all(grad is None or _grouped_by_example(grad, weights, bd) for grad in record_grads):
+            failed.append(record)
+            continue
+        plain = [None if grad is None else grad[0] for grad in record_grads]
+        if record.batched:
+            accumulator.add(record, [None if grad is None else grad.unsqueeze(0) for grad in plain])
+        else:
+            record.split_batch(num_examples, bd)
+            accumulator.add(
+                record,
+                [None if grad is None else grad.unflatten(bd, (num_examples, -1)).unsqueeze(0) for grad in plain],
+            )
+    return failed
+
+
+def _grouped_by_example(grad: Tensor, weights: Tensor, batch_dim: int) -> bool:
+    """Whether ``grad = [G, G_w]`` satisfies ``G_w[j] = w_{⌊j / k⌋} G[j]`` along ``batch_dim``."""
+    plain, weighted = grad[0], grad[1]
+    if plain.dim() <= batch_dim or plain.shape[batch_dim] % weights.numel():
+        return False
+    groups = plain.shape[batch_dim] // weights.numel()
+    shape = [1] * plain.dim()
+    shape[batch_dim] = plain.shape[batch_dim]
+    scale = weights.to(plain.dtype).repeat_interleave(groups).view(shape)
+    deviation = (weighted - scale * plain).abs().max()
+    return bool(deviation <= IDENTITY_RTOL * weighted.abs().max())

@@ -1,0 +1,425 @@
+"""The engine on a zoo of tiny randomly initialised Hugging Face architectures (GitHub issue 4).
+
+Each model is built from a config (no hub access) and checked against ``J Jᵀ`` from the explicit
+per-row gradients on the same forward graph (same dropout masks). The zoo covers parameters shared
+across layers (ALBERT), relative-position tables that are not split by example (T5, MPNet,
+DeBERTa-v2, Swin), regrouped ``[B * T, d]`` / ``[B * windows, ...]`` tensors (OPT, Swin), encoder-
+decoders with shared embeddings (T5, BART, Marian, Whisper), alibi (Bloom, Falcon), rotary and
+parallel residuals (GPT-J, GPT-NeoX, Phi), convolutional feature extractors with GroupNorm and
+weight normalisation (Wav2Vec2), LayerNorm2d / depthwise convolutions / layer scale (ConvNeXt),
+NoNorm (MobileBERT) and pooling between blocks (Funnel).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import transformers as tf
+from torch import Tensor, nn
+
+from hf_jd.autogram import Engine
+
+from ._reference import assert_gramian_matches, grads_of, jacobian, trainable
+
+V = 40
+ENC = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
+SEQ2SEQ = dict(d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+               decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=16)
+
+Inputs = Callable[[int, int, bool], dict[str, Tensor]]
+
+
+def _text(pad_id: int = 0) -> Inputs:
+    def make(batch: int, length: int, pad: bool) -> dict[str, Tensor]:
+        ids = torch.randint(3, V, (batch, length))
+        mask = torch.ones(batch, length, dtype=torch.long)
+        if pad and batch > 1 and length > 2:
+            ids[0, -2:] = pad_id
+            mask[0, -2:] = 0
+        return {"input_ids": ids, "attention_mask": mask}
+
+    return make
+
+
+def _seq2seq(batch: int, length: int, pad: bool) -> dict[str, Tensor]:
+    inputs = _text()(batch, length, pad)
+    inputs["decoder_input_ids"] = torch.randint(3, V, (batch, max(1, length - 1)))
+    return inputs
+
+
+def _pixels(batch: int, length: int, pad: bool) -> dict[str, Tensor]:
+    return {"pixel_values": torch.randn(batch, 3, 8, 8)}
+
+
+def _audio(batch: int, length: int, pad: bool) -> dict[str, Tensor]:
+    return {"input_values": torch.randn(batch, 64)}
+
+
+def _mel(batch: int, length: int, pad: bool) -> dict[str, Tensor]:
+    return {"input_features": torch.randn(batch, 4, 8), "decoder_input_ids": torch.randint(3, V, (batch, length))}
+
+
+ZOO: dict[str, tuple[Callable[[], nn.Module], Inputs]] = {
+    "albert": (lambda: tf.AlbertForMaskedLM(tf.AlbertConfig(
+        vocab_size=V, embedding_size=8, max_position_embeddings=16, **ENC)), _text()),
+    "albert_inner_group": (lambda: tf.AlbertForSequenceClassification(tf.AlbertConfig(
+        vocab_size=V, embedding_size=8, max_position_embeddings=16, inner_group_num=2, num_labels=3, **ENC)), _text()),
+    "electra": (lambda: tf.ElectraForPreTraining(tf.ElectraConfig(
+        vocab_size=V, embedding_size=8, max_position_embeddings=16, **ENC)), _text()),
+    "deberta_v2": (lambda: tf.DebertaV2ForSequenceClassification(tf.DebertaV2Config(
+        vocab_size=V, max_position_embeddings=16, relative_attention=True, position_buckets=4,
+        max_relative_positions=8, pos_att_type=["p2c", "c2p"], num_labels=2, **ENC)), _text()),
+    "xlm_roberta": (lambda: tf.XLMRobertaForMaskedLM(tf.XLMRobertaConfig(
+        vocab_size=V, max_position_embeddings=20, pad_token_id=1, **ENC)), _text(1)),
+    "mpnet": (lambda: tf.MPNetForMaskedLM(tf.MPNetConfig(
+        vocab_size=V, max_position_embeddings=20, pad_token_id=1, **ENC)), _text(1)),
+    "t5": (lambda: tf.T5ForConditionalGeneration(tf.T5Config(
+        vocab_size=V, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2, relative_attention_num_buckets=8,
+        decoder_start_token_id=0)), _seq2seq),
+    "bart": (lambda: tf.BartForConditionalGeneration(tf.BartConfig(vocab_size=V, **SEQ2SEQ)), _seq2seq),
+    "marian": (lambda: tf.MarianMTModel(tf.MarianConfig(
+        vocab_size=V, pad_token_id=0, decoder_start_token_id=0, **SEQ2SEQ)), _seq2seq),
+    "mistral": (lambda: tf.MistralForCausalLM(tf.MistralConfig(
+        vocab_size=V, max_position_embeddings=16, num_key_value_heads=1, **ENC)), _text()),
+    "qwen2": (lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(
+        vocab_size=V, max_position_embeddings=16, num_key_value_heads=1, **ENC)), _text()),
+    "phi": (lambda: tf.PhiForCausalLM(tf.PhiConfig(
+        vocab_size=V, max_position_embeddings=16, partial_rotary_factor=0.5, **ENC)), _text()),
+    "gpt_neo": (lambda: tf.GPTNeoForCausalLM(tf.GPTNeoConfig(
+        vocab_size=V, max_position_embeddings=16, hidden_size=16, num_layers=2, num_heads=2,
+        attention_types=[[["global", "local"], 1]], window_size=4, bos_token_id=1, eos_token_id=2)), _text()),
+    "opt": (lambda: tf.OPTForCausalLM(tf.OPTConfig(
+        vocab_size=V, hidden_size=16, num_hidden_layers=2, ffn_dim=32, num_attention_heads=2,
+        max_position_embeddings=16, word_embed_proj_dim=16)), _text(1)),
+    "falcon_alibi": (lambda: tf.FalconForCausalLM(tf.FalconConfig(
+        vocab_size=V, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, alibi=True)), _text()),
+    "bloom": (lambda: tf.BloomForCausalLM(tf.BloomConfig(vocab_size=V, hidden_size=16, n_layer=2, n_head=2)), _text()),
+    "gptj": (lambda: tf.GPTJForCausalLM(tf.GPTJConfig(
+        vocab_size=V, n_positions=16, n_embd=16, n_layer=2, n_head=2, rotary_dim=4)), _text()),
+    "gpt_neox": (lambda: tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(
+        vocab_size=V, max_position_embeddings=16, rotary_pct=0.5, use_parallel_residual=True, **ENC)), _text()),
+    "clip_text": (lambda: tf.CLIPTextModel(tf.CLIPTextConfig(
+        vocab_size=V, max_position_embeddings=16, bos_token_id=1, eos_token_id=2, **ENC)), _text()),
+    "mobilebert": (lambda: tf.MobileBertForSequenceClassification(tf.MobileBertConfig(
+        vocab_size=V, embedding_size=8, max_position_embeddings=16, intra_bottleneck_size=8, true_hidden_size=8,
+        num_feedforward_networks=2, num_labels=2, **ENC)), _text()),
+    "funnel": (lambda: tf.FunnelForSequenceClassification(tf.FunnelConfig(
+        vocab_size=V, block_sizes=[1, 1], d_model=16, n_head=2, d_head=8, d_inner=32, num_decoder_layers=1,
+        num_labels=2)), _text()),
+    "whisper": (lambda: tf.WhisperForConditionalGeneration(tf.WhisperConfig(
+        vocab_size=V, num_mel_bins=4, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_source_positions=4,
+        max_target_positions=16, pad_token_id=0, decoder_start_token_id=1, bos_token_id=1, eos_token_id=2)), _mel),
+    "wav2vec2": (lambda: tf.Wav2Vec2ForSequenceClassification(tf.Wav2Vec2Config(
+        vocab_size=V, conv_dim=(8, 8), conv_stride=(4, 2), conv_kernel=(8, 3), feat_extract_norm="group",
+        num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2, mask_time_prob=0.0, num_labels=2,
+        classifier_proj_size=8, **ENC)), _audio),
+    "swin": (lambda: tf.SwinForImageClassification(tf.SwinConfig(
+        image_size=8, patch_size=2, num_channels=3, embed_dim=8, depths=[1, 1], num_heads=[1, 2], window_size=2,
+        num_labels=3)), _pixels),
+    "convnext": (lambda: tf.ConvNextForImageClassification(tf.ConvNextConfig(
+        num_channels=3, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, patch_size=2, image_size=8,
+        num_labels=3)), _pixels),
+}
+
+
+def _main_output(out: Any) -> Tensor:
+    """The logits, else the last hidden state, else the first tensor of a model output."""
+    for key in ("logits", "last_hidden_state"):
+        value = getattr(out, key, None)
+        if isinstance(value, Tensor):
+            return value
+    return out[0]
+
+
+def per_example_losses(out: Any, batch: int) -> Tensor:
+    """A nonlinear per-example loss of any model output: mean log-sum-exp over the last axis."""
+    scores = _main_output(out).float()
+    return scores.logsumexp(-1).reshape(batch, -1).mean(1)
+
+
+def _check(model: nn.Module, inputs: dict[str, Tensor], batch: int, single_backward: bool = False) -> None:
+    engine = Engine(model, single_backward=single_backward)
+    losses = per_example_losses(model(**inputs), batch)
+    params = trainable(model)
+    jac = jacobian(losses, params)
+    gramian = engine.compute_gramian(losses)
+    assert_gramian_matches(gramian, jac)
+    weights = torch.linspace(0.5, 1.5, batch)
+    if single_backward:
+        engine.backward(weights)
+    else:
+        losses.backward(weights)
+    torch.testing.assert_close(grads_of(params), weights @ jac, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_zoo_train_mode_with_padding(name: str) -> None:
+    build, make_inputs = ZOO[name]
+    model = build().train()
+    _check(model, make_inputs(3, 6, True), 3)
+
+
+@pytest.mark.parametrize("name", ["albert", "t5", "opt", "swin", "funnel"])
+def test_zoo_single_backward_eval_mode(name: str) -> None:
+    build, make_inputs = ZOO[name]
+    model = build().eval()
+    _check(model, make_inputs(2, 5, True), 2, single_backward=True)
+
+
+@pytest.mark.parametrize("name", ["t5", "mpnet", "swin"])
+def test_zoo_single_example(name: str) -> None:
+    build, make_inputs = ZOO[name]
+    _check(build().train(), make_inputs(1, 5, False), 1)
+
+
+@pytest.mark.parametrize("name", ["opt", "t5", "gpt_neox"])
+def test_zoo_single_token(name: str) -> None:
+    build, make_inputs = ZOO[name]
+    _check(build().train(), make_inputs(3, 1, False), 3)
+
+
+@pytest.mark.parametrize("name", ["t5", "swin"])
+def test_zoo_task_losses_without_batch_dim(name: str) -> None:
+    build, make_inputs = ZOO[name]
+    model = build().train()
+    engine = Engine(model, batch_dim=None)
+    scores = _main_output(model(**make_inputs(3, 5, True))).float()
+    losses = torch.stack([scores.logsumexp(-1).mean(), scores.pow(2).mean(), scores[0].tanh().sum()])
+    params = trainable(model)
+    jac = jacobian(losses, params)
+    assert_gramian_matches(engine.compute_gramian(losses), jac)
+
+
+@pytest.mark.parametrize("name", ["t5", "opt"])
+def test_zoo_per_example_task_losses(name: str) -> None:
+    build, make_inputs = ZOO[name]
+    model = build().train()
+    engine = Engine(model)
+    scores = _main_output(model(**make_inputs(3, 5, True))).float()
+    losses = torch.stack([scores.logsumexp(-1).mean(1), scores.pow(2).mean((1, 2))], dim=1)  # [B, 2]
+    assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, trainable(model)))
+
+
+@pytest.mark.parametrize("name", ["opt", "t5"])
+def test_zoo_frozen_layers(name: str) -> None:
+    build, make_inputs = ZOO[name]
+    model = build().train()
+    frozen = 0
+    for param_name, param in model.named_parameters():
+        if "embed" in param_name or ".0." in param_name:
+            param.requires_grad_(False)
+            frozen += 1
+    assert frozen > 0
+    _check(model, make_inputs(3, 6, True), 3)
+
+
+class _Siamese(nn.Module):
+    """The same ALBERT encoder (itself reusing its layer) called twice in one forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        config = tf.AlbertConfig(vocab_size=V, embedding_size=8, max_position_embeddings=16, **ENC)
+        self.encoder = tf.AlbertModel(config, add_pooling_layer=False)
+        self.head = nn.Linear(32, 1)
+
+    def forward(self, left: Tensor, right: Tensor) -> Tensor:
+        first = self.encoder(input_ids=left).last_hidden_state[:, 0]
+        second = self.encoder(input_ids=right).last_hidden_state[:, 0]
+        return self.head(torch.cat([first, second], dim=1)).squeeze(1)
+
+
+def test_zoo_encoder_called_twice() -> None:
+    model = _Siamese().train()
+    engine = Engine(model)
+    left, right = torch.randint(3, V, (3, 5)), torch.randint(3, V, (3, 4))
+    losses = model(left, right).pow(2)
+    assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, trainable(model)))
+
+
+class _PerWindow(nn.Module):
+    """A Linear applied to ``[B * T, d]`` rows, a bias table with no batch dimension: the engine
+    must not treat the flattened rows as examples."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(4, 4)
+        self.table = nn.Embedding(6, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, length, dim = x.shape
+        flat = self.inner(x.reshape(batch * length, dim)).reshape(batch, length, dim)
+        bias = self.table(torch.arange(length))  # [T, d], shared by all examples
+        return (flat.tanh() + bias).sum(1)
+
+
+def test_regrouped_and_unbatched_tensors_are_exact() -> None:
+    model = _PerWindow()
+    engine = Engine(model)
+    losses = model(torch.randn(3, 5, 4)).pow(2).sum(1)
+    records = list(engine._capture.records)
+    assert [record.batched for record in records] == [False, False]
+    assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, trainable(model)))
+
+
+class _TwoOutputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.randn(4))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return x * self.scale, (x * self.scale).sum(-1)
+
+
+class _InPlaceAfterCall(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.two = _TwoOutputs()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        first, second = self.two(x)
+        first += self.lin(x)  # in place on an output of a multi-output module with parameters
+        return first.tanh().sum(-1) + second
+
+
+def test_in_place_change_of_multi_output_module_is_rejected_with_its_name() -> None:
+    model = _InPlaceAfterCall()
+    engine = Engine(model)
+    losses = model(torch.randn(3, 4)).pow(2)
+    with pytest.raises(RuntimeError, match=r"two \(_TwoOutputs\) was modified in place"):
+        engine.compute_gramian(losses)
+
+
+def test_in_place_change_of_single_output_module_is_exact() -> None:
+    """Falcon adds the attention output in place to its MLP's output (``mlp_output += attn``)."""
+    build, make_inputs = ZOO["falcon_alibi"]
+    model = build().train()
+    assert model.config.parallel_attn  # the branch with the in-place addition
+    _check(model, make_inputs(3, 6, True), 3)
+
+
+def test_time_major_model_stays_exact_when_length_equals_batch() -> None:
+    """XLNet runs [T, B, d] internally; once a step with T != B showed that, a later step with
+    T == B (shapes alone would then look batch-major) still takes the exact path."""
+    config = tf.XLNetConfig(vocab_size=V, d_model=16, n_layer=2, n_head=2, d_inner=32, num_labels=2)
+    model = tf.XLNetForSequenceClassification(config).train()
+    engine = Engine(model)
+    params = trainable(model)
+    for length in (5, 3):
+        losses = per_example_losses(model(input_ids=torch.randint(3, V, (3, length))), 3)
+        jac = jacobian(losses, params)
+        assert_gramian_matches(engine.compute_gramian(losses), jac)
+
+
+@pytest.mark.parametrize("name", ["opt", "swin"])
+def test_batch_major_regrouping_is_verified_and_uses_closed_forms(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """OPT's [B * T, d] MLP rows and Swin's [B * windows, ...] projections pass the grouping check,
+    so no call needs the per-row backward pass (whose cost grows with the batch)."""
+    import hf_jd.autogram.engine as engine_module
+
+    original = engine_module.grads_per_row
+
+    def spy(losses: Tensor, layout: Any, records: list[Any], accumulator: Any) -> None:
+        assert not any(record.groups for record in records), "a regrouped call fell back to the per-row path"
+        original(losses, layout, records, accumulator)
+
+    monkeypatch.setattr(engine_module, "grads_per_row", spy)
+    build, make_inputs = ZOO[name]
+    _check(build().train(), make_inputs(3, 6, True), 3)
+
+
+class _TimeMajorRows(nn.Module):
+    """A Linear on time-major rows ``[T * B, d]``: row ``t * B + i`` belongs to example ``i``, so
+    the batch-major grouping that the shapes allow (T = k B) is wrong and must be rejected."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(4, 4)
+        self.norm = nn.LayerNorm(4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, length, dim = x.shape
+        rows = x.transpose(0, 1).reshape(length * batch, dim)
+        rows = self.norm(self.inner(rows)).tanh()
+        return rows.reshape(length, batch, dim).pow(2).sum((0, 2))
+
+
+@pytest.mark.parametrize("length", [2, 3, 5])
+def test_time_major_rows_fail_the_grouping_check_and_stay_exact(length: int) -> None:
+    model = _TimeMajorRows()
+    engine = Engine(model)
+    losses = model(torch.randn(3, length, 4))
+    records = list(engine._capture.records)
+    assert [record.groups for record in records] == [length, length]  # candidates, to be rejected
+    assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, trainable(model)))
+
+
+class _ExampleMixer(nn.Module):
+    """``mix`` is applied across the batch (its input is ``[features, B]``), so every loss depends
+    on every example, also through ``proj``, whose tensors are nevertheless shaped ``[B, ...]``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(3, 6)
+        self.mix = nn.Linear(4, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.mix(self.proj(x).T).T.sum(dim=-1)
+
+
+def test_layer_applied_across_the_batch_gives_the_exact_gramian() -> None:
+    """Reported by the trainer zoo: the Gramian used to be silently wrong here. Calls that are
+    not split by example trigger the grouping check of all calls, which ``proj`` fails."""
+    model = _ExampleMixer()
+    engine = Engine(model)
+    losses = model(torch.randn(4, 3)) ** 2
+    assert [record.batched for record in engine._capture.records] == [True, False]
+    assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, trainable(model)))
+
+
+def test_single_token_first_step_keeps_closed_forms_later() -> None:
+    """With T = 1 the position embedding output [1, 1, d] is ambiguous and takes the exact per-row
+    path; that must not stick to later steps with T > 1 (where the per-row path would be slow)."""
+    config = tf.BertConfig(vocab_size=V, max_position_embeddings=16, **ENC)
+    model = tf.BertModel(config, add_pooling_layer=False).train()
+    engine = Engine(model)
+    params = trainable(model)
+    for length, expect_all_batched in ((1, False), (5, True)):
+        out = model(input_ids=torch.randint(3, V, (3, length)))
+        losses = per_example_losses(out, 3)
+        assert all(record.batched for record in engine._capture.records) is expect_all_batched
+        assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, params))
+
+
+class _TupleWithBroadcast(nn.Module):
+    """A module with parameters of its own returning a batch-broadcast tensor inside a tuple."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(5, 4))
+
+    def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        rows = self.table[positions]  # [1, T, d]
+        return rows, rows.sum(-1)
+
+
+class _UsesTupleBroadcast(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.positions = _TupleWithBroadcast()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows, sums = self.positions(torch.arange(x.shape[1]).unsqueeze(0))
+        return (self.lin(x + rows).tanh().sum(-1) * sums).sum(-1)
+
+
+def test_broadcast_tensor_in_a_tuple_output_is_exact() -> None:
+    model = _UsesTupleBroadcast()
+    engine = Engine(model)
+    losses = model(torch.randn(3, 5, 4)).pow(2)
+    assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, trainable(model)))
