@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ._generic import GenericRecord
 from ._layout import RowLayout
-from ._record import Record
+from ._record import Record, split_by_record
 from ._shared import shared_gram
 
 __all__ = ["Accumulator", "grads_at_once", "grads_streamed", "uncovered_parameters"]
@@ -91,11 +91,7 @@ def grads_at_once(
     )
     if not batched:
         grads = [None if grad is None else grad.unsqueeze(0) for grad in grads]
-    offset = 0
-    for record in records:
-        record_grads = grads[offset : offset + len(record.edges)]
-        grads[offset : offset + len(record.edges)] = [None] * len(record.edges)
-        offset += len(record.edges)
+    for record, record_grads in split_by_record(grads, records):
         accumulator.add(record, record_grads)
 
 
@@ -112,12 +108,7 @@ def grads_per_row(losses: Tensor, layout: RowLayout, records: list[Record], accu
         )
     )
     whole = RowLayout(None, 1, num_rows)
-    offset = 0
-    for record in records:
-        count = len(record.edges)
-        record_grads = grads[offset : offset + count]
-        grads[offset : offset + count] = [None] * count
-        offset += count
+    for record, record_grads in split_by_record(grads, records):
         accumulator.add(record, record_grads, whole)
 
 

@@ -10,6 +10,7 @@ gradient of the weighted loss (used by the single-backward mode).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -128,3 +129,21 @@ class Record(ABC):
                 "examples of the losses. Use Engine(..., batch_dim=None) for modules whose tensors "
                 "are not split by example along that dimension."
             )
+
+
+def split_by_record(
+    grads: list[Tensor | None], records: Sequence[Record]
+) -> Iterator[tuple[Record, list[Tensor | None]]]:
+    """Yield each record with its slice of ``grads`` (one entry per edge, in ``records`` order).
+
+    ``grads`` holds the gradients w.r.t. the concatenated edges of ``records``; each slice's
+    references are dropped from ``grads`` as it is handed out, so that a consumer that releases
+    its slice frees the memory before the next record is processed.
+    """
+    offset = 0
+    for record in records:
+        count = len(record.edges)
+        record_grads = grads[offset : offset + count]
+        grads[offset : offset + count] = [None] * count
+        offset += count
+        yield record, record_grads

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ._accumulate import Accumulator
 from ._layout import RowLayout
-from ._record import Record
+from ._record import Record, split_by_record
 
 __all__ = ["grads_verified"]
 
@@ -57,12 +57,7 @@ def grads_verified(losses: Tensor, layout: RowLayout, records: list[Record], acc
         )
     )
     failed: list[Record] = []
-    offset = 0
-    for record in records:
-        count = len(record.edges)
-        record_grads = grads[offset : offset + count]
-        grads[offset : offset + count] = [None] * count
-        offset += count
+    for record, record_grads in split_by_record(grads, records):
         if all(grad is None for grad in record_grads):
             continue  # the losses do not depend on this call
         if not all(grad is None or _grouped_by_example(grad, weights, bd) for grad in record_grads):
