@@ -14,8 +14,12 @@ Peak memory is measured afterwards, per variant: the bytes allocated through gli
 after every aten operation of the step, above what was allocated when the step started (the
 PyTorch profiler's allocation events where glibc is not available).
 
-Run: ``python benchmarks/bench_autogram.py [--repeats 15] [--threads 1] [--models bert gpt2] [--clock cpu]``
-(``--clock cpu`` times the process's CPU time, robust to other processes on a shared machine).
+On CUDA (``--device cuda``), each step is timed between synchronisations and peak memory is
+``torch.cuda.max_memory_allocated`` above what was allocated when the step started.
+
+Run: ``python benchmarks/bench_autogram.py [--repeats 15] [--threads 1] [--models bert gpt2] [--clock cpu]
+[--device cuda]`` (``--clock cpu`` times the process's CPU time, robust to other processes on a shared
+machine).
 The sanity check before the table compares the updates of the JD variants (same dropout masks).
 """
 
@@ -169,7 +173,7 @@ def _steps(case: Case, weighting: Callable[[Tensor], Tensor]) -> tuple[dict[str,
         theirs_engine = TorchJDEngine(theirs_model, batch_dim=0)
     ids = case.inputs["input_ids"]
     theirs_inputs = dict(case.inputs)
-    theirs_inputs["position_ids"] = torch.arange(ids.shape[1]).expand(ids.shape[0], -1).contiguous()
+    theirs_inputs["position_ids"] = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1).contiguous()
 
     def theirs() -> None:
         theirs_model.zero_grad(set_to_none=True)
@@ -217,6 +221,22 @@ class _PeakSampler(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         self.peak = max(self.peak, self.allocated())
         return out
+
+
+def _to_device(case: Case, device: torch.device) -> Case:
+    return Case(case.name, case.model.to(device), {k: v.to(device) for k, v in case.inputs.items()}, case.losses)
+
+
+def _cuda_peak_memory(step: Step, model: nn.Module) -> int:
+    """Peak CUDA bytes allocated during ``step`` above what was allocated when it started."""
+    model.zero_grad(set_to_none=True)
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return max(0, torch.cuda.max_memory_allocated() - start)
 
 
 def _peak_memory(step: Step, model: nn.Module) -> int:
@@ -276,14 +296,19 @@ def run(
     for _ in range(warmup):
         for step in steps.values():
             step()
+    cuda = next(case.model.parameters()).is_cuda
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():
+            sync()
             start = clock()
             step()
+            sync()
             times[name].append(clock() - start)
     medians = {name: statistics.median(values) for name, values in times.items()}
-    memory = {name: _peak_memory(step, models[name]) for name, step in steps.items()}
+    measure = _cuda_peak_memory if cuda else _peak_memory
+    memory = {name: measure(step, models[name]) for name, step in steps.items()}
     print(f"\n{case.name}")
     _check_same_update(steps, models)
     plain_time, plain_memory = medians["plain"], memory["plain"]
@@ -319,12 +344,16 @@ def main() -> None:
         help="'wall' (time.perf_counter) or 'cpu' (time.process_time: the process's CPU time, much less "
         "sensitive to other processes on a shared machine; meaningful with --threads 1)",
     )
+    parser.add_argument("--device", default="cpu", help="'cpu' or 'cuda'")
     args = parser.parse_args()
+    device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     name, weighting = _weighting()
     print(
-        f"torch {torch.__version__}, {args.threads} threads, {args.repeats} repeats, {args.clock} clock, "
+        f"torch {torch.__version__}, {device}"
+        f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
+        f"{args.threads} threads, {args.repeats} repeats, {args.clock} clock, "
         f"weighting: {name}"
     )
     cases = []
@@ -336,7 +365,7 @@ def main() -> None:
         cases += [_llama_case(16, 32, args.vocab)]
     for case in cases:
         clock = time.perf_counter if args.clock == "wall" else time.process_time
-        run(case, weighting, args.repeats, args.warmup, args.variants, clock)
+        run(_to_device(case, device), weighting, args.repeats, args.warmup, args.variants, clock)
 
 
 if __name__ == "__main__":

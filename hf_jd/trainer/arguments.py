@@ -224,7 +224,9 @@ class JDTrainingArguments(TrainingArguments):
                 "jd_engine='autojac' (or 'auto'), or a Gramian-based aggregator such as 'upgrad'."
             )
 
-        checkpointing = self.activation_checkpointing or self.gradient_checkpointing
+        # ``activation_checkpointing`` is the newer name of ``gradient_checkpointing`` (older
+        # transformers releases have only the latter).
+        checkpointing = getattr(self, "activation_checkpointing", False) or self.gradient_checkpointing
         if checkpointing and self.jd_resolved_engine == "autogram":
             raise ValueError(
                 "activation_checkpointing re-runs forward passes inside the backward pass, which the autogram engine "

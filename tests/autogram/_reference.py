@@ -24,7 +24,8 @@ def jacobian(losses: Tensor, params: list[nn.Parameter]) -> Tensor:
     for loss in losses.reshape(-1):
         grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
         rows.append(
-            torch.cat([torch.zeros(p.numel()) if g is None else g.reshape(-1) for p, g in zip(params, grads)])
+            torch.cat([torch.zeros(p.numel(), device=p.device) if g is None else g.reshape(-1)
+                       for p, g in zip(params, grads)])
         )
     return torch.stack(rows)
 
@@ -39,4 +40,4 @@ def assert_gramian_matches(gramian: Tensor, jac: Tensor, rtol: float = 1e-4, ato
 
 
 def grads_of(params: list[nn.Parameter]) -> Tensor:
-    return torch.cat([torch.zeros(p.numel()) if p.grad is None else p.grad.reshape(-1) for p in params])
+    return torch.cat([torch.zeros(p.numel(), device=p.device) if p.grad is None else p.grad.reshape(-1) for p in params])

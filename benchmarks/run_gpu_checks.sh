@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The checks that need a CUDA device, in one run: the CUDA tests, then the autogram benchmark and
+# UPGradWeighting timings on the GPU. Expects torch/transformers/accelerate in `python3`; extra
+# wheels (quadprog, datasets, torchjd for the comparison) may be given in .whl/.
+set -uo pipefail
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
+fi
+export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
+timeout 240 python3 -m pytest -q -p no:cacheprovider tests/autogram/test_cuda.py tests/trainer/test_cuda_trainer.py \
+  "tests/aggregation/test_common.py" -k "cuda" 2>&1 | tail -15
+timeout 200 python3 benchmarks/bench_autogram.py --device cuda --repeats 20 --warmup 5
+timeout 60 python3 - <<'PY'
+import statistics, time, torch
+from hf_jd.aggregation import UPGradWeighting
+weighting = UPGradWeighting()
+for m in (32, 128, 256):
+    g = torch.randn(m, 4 * m, device="cuda", dtype=torch.float64)
+    gramian = g @ g.T
+    cpu = weighting(gramian.cpu())
+    times = []
+    for _ in range(7):
+        torch.cuda.synchronize(); start = time.perf_counter()
+        weights = weighting(gramian)
+        torch.cuda.synchronize(); times.append(time.perf_counter() - start)
+    error = ((weights.cpu() - cpu).norm() / cpu.norm()).item()
+    print(f"UPGradWeighting m={m} on cuda: {statistics.median(times) * 1e3:.1f} ms (vs CPU answer {error:.1e})")
+PY

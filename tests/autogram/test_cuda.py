@@ -1,0 +1,147 @@
+"""The engine on CUDA: the exactness checks of the CPU tests, on the GPU (run where one is present).
+
+TF32 is switched off so that the explicit reference Jacobian and the engine's products are both
+computed in full float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+from torch import Tensor, nn
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    ViTConfig,
+    ViTForImageClassification,
+)
+
+from hf_jd.aggregation import UPGradWeighting
+from hf_jd.autogram import Engine
+
+from ._reference import assert_gramian_matches, grads_of, jacobian, trainable
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+B, T, V = 4, 8, 60
+SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+DEVICE = "cuda"
+Case = tuple[nn.Module, Callable[[nn.Module], Tensor]]
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32() -> Iterator[None]:
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
+def _ids() -> Tensor:
+    ids = torch.randint(1, V, (B, T), device=DEVICE)
+    ids[0, -3:] = 0
+    return ids
+
+
+def _sequence_losses(logits: Tensor, labels: Tensor) -> Tensor:
+    token = nn.functional.cross_entropy(
+        logits[:, :-1].transpose(1, 2), labels[:, 1:], reduction="none", ignore_index=-100
+    )
+    return token.sum(1) / (labels[:, 1:] != -100).sum(1)
+
+
+def _bert() -> Case:
+    config = BertConfig(vocab_size=V, max_position_embeddings=16, hidden_dropout_prob=0.2,
+                        attention_probs_dropout_prob=0.2, num_labels=3, **SMALL)
+    ids, labels = _ids(), torch.tensor([0, 2, 1, 1], device=DEVICE)
+
+    def losses(model: nn.Module) -> Tensor:
+        logits = model(input_ids=ids, attention_mask=(ids != 0).long()).logits  # default position ids
+        return nn.functional.cross_entropy(logits, labels, reduction="none")
+
+    return BertForSequenceClassification(config).train(), losses
+
+
+def _gpt2() -> Case:
+    config = GPT2Config(vocab_size=V, n_positions=16, n_embd=32, n_layer=2, n_head=2)
+    ids = _ids()
+    labels = ids.masked_fill(ids == 0, -100)
+    return GPT2LMHeadModel(config).train(), lambda model: _sequence_losses(model(input_ids=ids).logits, labels)
+
+
+def _llama() -> Case:
+    config = LlamaConfig(vocab_size=V, max_position_embeddings=16, num_key_value_heads=1,
+                         tie_word_embeddings=True, **SMALL)
+    ids = _ids()
+    return LlamaForCausalLM(config), lambda model: _sequence_losses(model(input_ids=ids).logits, ids)
+
+
+def _vit() -> Case:
+    config = ViTConfig(image_size=8, patch_size=4, num_channels=3, num_labels=3, **SMALL)
+    pixels, labels = torch.randn(B, 3, 8, 8, device=DEVICE), torch.tensor([0, 1, 2, 0], device=DEVICE)
+
+    def losses(model: nn.Module) -> Tensor:
+        return nn.functional.cross_entropy(model(pixel_values=pixels).logits, labels, reduction="none")
+
+    return ViTForImageClassification(config).train(), losses
+
+
+CASES = {"bert": _bert, "gpt2": _gpt2, "llama": _llama, "vit": _vit}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_gramian_and_update_on_cuda(name: str, single_backward: bool) -> None:
+    torch.manual_seed(0)
+    model, compute_losses = CASES[name]()
+    model.to(DEVICE)
+    engine = Engine(model, single_backward=single_backward)
+    losses = compute_losses(model)
+    params = trainable(model)
+    jac = jacobian(losses, params)
+    gramian = engine.compute_gramian(losses, retain_graph=True)
+    assert gramian.is_cuda and gramian.dtype == torch.float32
+    assert_gramian_matches(gramian, jac)
+    weights = UPGradWeighting()(gramian)
+    assert weights.is_cuda and weights.shape == (B,)
+    if single_backward:
+        engine.backward(weights)
+    else:
+        losses.backward(weights)
+    torch.testing.assert_close(grads_of(params), weights @ jac, rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_autocast_on_cuda() -> None:
+    torch.manual_seed(0)
+    model, compute_losses = _gpt2()
+    model.to(DEVICE).eval()
+    engine = Engine(model)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        losses = compute_losses(model).float()
+    gramian = engine.compute_gramian(losses)
+    assert gramian.dtype == torch.float32 and torch.isfinite(gramian).all()
+    exact = jacobian(losses, trainable(model)).float()
+    expected = exact @ exact.T
+    torch.testing.assert_close(gramian, expected, rtol=0.03, atol=0.01 * expected.abs().max().item())
+
+
+def test_disabled_engine_plain_step_on_cuda() -> None:
+    torch.manual_seed(0)
+    model, compute_losses = _bert()
+    model.to(DEVICE).eval()
+    engine = Engine(model)
+    reference = [p.detach().clone() for p in model.parameters()]
+    with engine.disabled():
+        compute_losses(model).mean().backward()
+    assert engine._capture.records == []
+    grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    model.zero_grad()
+    compute_losses(model).mean().backward()  # the engine records here, then drops it unused
+    torch.testing.assert_close(grads, [p.grad for p in model.parameters() if p.grad is not None])
+    assert all(torch.equal(a, b) for a, b in zip(reference, model.parameters()))
