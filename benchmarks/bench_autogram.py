@@ -80,10 +80,10 @@ class Case:
     losses: Callable[[nn.Module, dict[str, Tensor]], Tensor]  # per-example losses [B]
 
 
-def _bert_case(batch: int, length: int, vocab: int) -> Case:
+def _bert_case(batch: int, length: int, vocab: int, hidden: int = 128, layers: int = 2) -> Case:
     config = BertConfig(
-        vocab_size=vocab, hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=512, max_position_embeddings=max(512, length), num_labels=2,
+        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=max(2, hidden // 64),
+        intermediate_size=4 * hidden, max_position_embeddings=max(512, length), num_labels=2,
     )
     model = BertForSequenceClassification(config).train()
     ids = torch.randint(1, vocab, (batch, length))
@@ -94,12 +94,13 @@ def _bert_case(batch: int, length: int, vocab: int) -> Case:
         return nn.functional.cross_entropy(logits, inputs["labels"], reduction="none")
 
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
-    return Case(f"BERT-tiny cls (B={batch}, T={length}, V={vocab})", model, inputs, losses)
+    size = "tiny" if hidden == 128 and layers == 2 else f"H={hidden}, L={layers}"
+    return Case(f"BERT-{size} cls (B={batch}, T={length}, V={vocab})", model, inputs, losses)
 
 
-def _gpt2_case(batch: int, length: int, vocab: int) -> Case:
+def _gpt2_case(batch: int, length: int, vocab: int, hidden: int = 128, layers: int = 2) -> Case:
     config = GPT2Config(
-        vocab_size=vocab, n_positions=max(512, length), n_embd=128, n_layer=2, n_head=2,
+        vocab_size=vocab, n_positions=max(512, length), n_embd=hidden, n_layer=layers, n_head=max(2, hidden // 64),
         bos_token_id=0, eos_token_id=0,
     )
     model = GPT2LMHeadModel(config).train()
@@ -113,7 +114,8 @@ def _gpt2_case(batch: int, length: int, vocab: int) -> Case:
         return token.mean(1)
 
     inputs = {"input_ids": ids, "labels": ids}
-    return Case(f"GPT-2-tiny LM, tied (B={batch}, T={length}, V={vocab})", model, inputs, losses)
+    size = "tiny" if hidden == 128 and layers == 2 else f"H={hidden}, L={layers}"
+    return Case(f"GPT-2-{size} LM, tied (B={batch}, T={length}, V={vocab})", model, inputs, losses)
 
 
 def _llama_case(batch: int, length: int, vocab: int) -> Case:
@@ -334,7 +336,11 @@ def main() -> None:
         help="torch threads (1 by default: on shared CPUs, more threads mostly add contention noise)",
     )
     parser.add_argument("--vocab", type=int, default=30522)
-    parser.add_argument("--models", nargs="+", default=["bert", "gpt2"], choices=["bert", "gpt2", "llama"])
+    parser.add_argument(
+        "--models", nargs="+", default=["bert", "gpt2"], choices=["bert", "gpt2", "llama", "bert-small", "bert-base", "gpt2-small"],
+        help="bert/gpt2/llama: the tiny models of the issue; bert-small (H=256, 4 layers, B=32, T=128); bert-base (H=768, 12 layers, B=32, T=128) and "
+        "gpt2-small (H=768, 12 layers, B=16, T=128, V=50257): real sizes, meant for a GPU",
+    )
     parser.add_argument(
         "--variants", nargs="+", default=None, choices=["hf_jd-1bw", "torchjd"],
         help="optional variants to time besides plain and hf_jd (default: all available)",
@@ -363,6 +369,12 @@ def main() -> None:
         cases += [_gpt2_case(16, 32, args.vocab)]
     if "llama" in args.models:
         cases += [_llama_case(16, 32, args.vocab)]
+    if "bert-small" in args.models:
+        cases += [_bert_case(32, 128, 30522, hidden=256, layers=4)]
+    if "bert-base" in args.models:
+        cases += [_bert_case(32, 128, 30522, hidden=768, layers=12)]
+    if "gpt2-small" in args.models:
+        cases += [_gpt2_case(16, 128, 50257, hidden=768, layers=12)]
     for case in cases:
         clock = time.perf_counter if args.clock == "wall" else time.process_time
         run(_to_device(case, device), weighting, args.repeats, args.warmup, args.variants, clock)

@@ -412,6 +412,7 @@ class Capture:
                 raise RuntimeError(
                     f"Module {describe(info.name, module)} has parameters of its own and uses those "
                     f"of its submodule {name!r} ({type(sub).__name__}) without calling it; the "
-                    "autogram engine cannot attribute them. Freeze that submodule, or restructure "
-                    "the module so that it calls it."
+                    "autogram engine cannot attribute them. Freeze that submodule, leave this module out "
+                    "of the engine (Engine(...) on other modules, or jd_modules in JDTrainer), or use the "
+                    "autojac engine (hf_jd.autojac, jd_engine='autojac'), which handles any module."
                 )

@@ -7,7 +7,8 @@ DeBERTa-v2, Swin), regrouped ``[B * T, d]`` / ``[B * windows, ...]`` tensors (OP
 decoders with shared embeddings (T5, BART, Marian, Whisper), alibi (Bloom, Falcon), rotary and
 parallel residuals (GPT-J, GPT-NeoX, Phi), convolutional feature extractors with GroupNorm and
 weight normalisation (Wav2Vec2), LayerNorm2d / depthwise convolutions / layer scale (ConvNeXt),
-NoNorm (MobileBERT) and pooling between blocks (Funnel).
+NoNorm (MobileBERT), pooling between blocks (Funnel), experts fed tokens of several examples (Mixtral) and
+hierarchical vision encoders (SegFormer, DINOv2).
 """
 
 from __future__ import annotations
@@ -120,6 +121,22 @@ ZOO: dict[str, tuple[Callable[[], nn.Module], Inputs]] = {
     "swin": (lambda: tf.SwinForImageClassification(tf.SwinConfig(
         image_size=8, patch_size=2, num_channels=3, embed_dim=8, depths=[1, 1], num_heads=[1, 2], window_size=2,
         num_labels=3)), _pixels),
+    "gemma3": (lambda: tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(
+        vocab_size=V, max_position_embeddings=16, num_key_value_heads=1, head_dim=8, sliding_window=4, **ENC)), _text()),
+    "qwen3": (lambda: tf.Qwen3ForCausalLM(tf.Qwen3Config(
+        vocab_size=V, max_position_embeddings=16, num_key_value_heads=1, head_dim=8, **ENC)), _text()),
+    "modernbert": (lambda: tf.ModernBertForSequenceClassification(tf.ModernBertConfig(
+        vocab_size=V, max_position_embeddings=16, pad_token_id=0, num_labels=2, global_attn_every_n_layers=2,
+        local_attention=4, **ENC)), _text()),
+    # Mixture of experts: each expert's Linear layers see tokens of several examples, gathered by the router.
+    "mixtral_moe": (lambda: tf.MixtralForCausalLM(tf.MixtralConfig(
+        vocab_size=V, max_position_embeddings=16, num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2,
+        **ENC)), _text()),
+    "dinov2": (lambda: tf.Dinov2ForImageClassification(tf.Dinov2Config(
+        image_size=8, patch_size=4, num_labels=3, **ENC)), _pixels),
+    "segformer": (lambda: tf.SegformerForImageClassification(tf.SegformerConfig(
+        num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[8, 16], patch_sizes=[3, 3], strides=[2, 2],
+        num_attention_heads=[1, 2], mlp_ratios=[2, 2], num_labels=3)), _pixels),
     "convnext": (lambda: tf.ConvNextForImageClassification(tf.ConvNextConfig(
         num_channels=3, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, patch_size=2, image_size=8,
         num_labels=3)), _pixels),
@@ -423,3 +440,19 @@ def test_broadcast_tensor_in_a_tuple_output_is_exact() -> None:
     engine = Engine(model)
     losses = model(torch.randn(3, 5, 4)).pow(2)
     assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, trainable(model)))
+
+
+def test_zoo_batch_norm_model_is_rejected() -> None:
+    model = tf.ResNetForImageClassification(tf.ResNetConfig(
+        embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3)).train()
+    Engine(model)
+    with pytest.raises(RuntimeError, match=r"BatchNorm2d.*statistics across the batch"):
+        model(**_pixels(3, 0, False))
+
+
+def test_zoo_mamba_functional_use_of_a_submodule_is_rejected() -> None:
+    model = tf.MambaForCausalLM(tf.MambaConfig(
+        vocab_size=V, hidden_size=16, state_size=4, num_hidden_layers=1, expand=2, conv_kernel=3, use_mambapy=True))
+    Engine(model)
+    with pytest.raises(RuntimeError, match=r"MambaMixer.*'conv1d'.*without calling it.*autojac"):
+        model(**_text()(2, 5, False))

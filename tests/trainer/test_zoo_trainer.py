@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+import transformers
 import torch.nn.functional as F
 from datasets import Dataset
 from torch import nn
@@ -187,6 +188,32 @@ def test_image_classification_trains_with_defaults(tmp_path):
     model = AutoModelForImageClassification.from_config(tiny_config("vit", num_labels=NUM_LABELS))
     before = snapshot(model)
     _, logs = train(tmp_path, model, image_dataset())
+    assert_trained(before, model, logs, steps=2)
+
+
+def _mixtral() -> nn.Module:
+    return transformers.MixtralForCausalLM(transformers.MixtralConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64, pad_token_id=0))
+
+
+def _modernbert() -> nn.Module:
+    return transformers.ModernBertForSequenceClassification(transformers.ModernBertConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=64, pad_token_id=0, num_labels=NUM_LABELS))
+
+
+@pytest.mark.parametrize(
+    ("build", "labels", "single_backward"),
+    [(_mixtral, "causal", False), (_mixtral, "causal", True), (_modernbert, "single", False)],
+    ids=["mixtral-moe", "mixtral-moe-single-backward", "modernbert"],
+)
+def test_newer_architectures_train(tmp_path, build, labels, single_backward):
+    """A mixture of experts (tokens of several examples routed to the same expert) and ModernBERT."""
+    model = build()
+    before = snapshot(model)
+    trainer, logs = train(tmp_path, model, text_dataset(labels), jd_single_backward=single_backward)
+    assert trainer.jd_step.engine_kind == "autogram"
     assert_trained(before, model, logs, steps=2)
 
 

@@ -1,0 +1,101 @@
+"""First guess of the free sets of many LCPs sharing one matrix, by over-relaxed ADMM.
+
+The solver of :mod:`hf_jd.aggregation._lcp` needs, for every row ``q`` of a ``[k, m]`` tensor, the
+free set ``F = {i : zᵢ > 0}`` of the solution of ``w = M z + q, z ≥ 0, w ≥ 0, zᵀw = 0``
+(``M`` symmetric positive definite, shared by all rows). Pivoting methods find it by solving a
+linear system on a guessed free set, one guess after another; each guess costs a system per row.
+This module finds a good guess with iterations that cost one matrix product for *all* rows.
+
+The LCP is the optimality condition of ``min_{z ≥ 0} ½ zᵀMz + qᵀz``. The alternating direction
+method of multipliers (ADMM) splits it as ``min ½ zᵀMz + qᵀz + ι_{≥0}(y)`` subject to ``z = y``
+and, in scaled form with over-relaxation ``α`` (Boyd, Parikh, Chu, Peleato & Eckstein 2011,
+"Distributed Optimization and Statistical Learning via the Alternating Direction Method of
+Multipliers", §3.4.3 and §5.2), iterates
+
+    z ← (M + ρI)⁻¹ (ρ (y − u) − q),    ẑ = α z + (1 − α) y,
+    y ← max(ẑ + u, 0),                 u ← ẑ + u − y.
+
+Writing ``t = ẑ + u`` (so ``y = max(t, 0)``, ``u = min(t, 0)`` and ``y − u = |t|``), one
+iteration is
+
+    z = −q (M + ρI)⁻¹ + ρ |t| (M + ρI)⁻¹,    t ← t + α (z − max(t, 0)),
+
+i.e. one product of the ``[k, m]`` iterate with the shared inverse, computed once. The free sets
+are read off as ``t > 0``; the iterations stop when they have not changed for a few iterations.
+
+``ρ`` is ``_RHO_FACTOR`` times the smallest eigenvalue of ``M`` and ``α = 1.8``: measured on
+Gramians of per-example gradients (condition numbers 10⁴) and of random or low-rank Jacobians,
+this finds the exact free sets of all but a few rows in 20 to 30 iterations. Everything runs in
+float32: the guess only has to be close, since the caller solves each row exactly on its guessed
+set, checks the KKT conditions and pivots where the guess was wrong.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["admm_free_sets"]
+
+_RHO_FACTOR = 4.0
+_RELAXATION = 1.8
+_MAX_ITERS = 60
+# Iterations without any change of the free sets after which they are taken as found.
+_STABLE_ITERS = 3
+
+
+def admm_free_sets(
+    matrix: Tensor,
+    q: Tensor,
+    smallest_eigenvalue: float,
+    max_iters: int = _MAX_ITERS,
+) -> tuple[Tensor, Tensor]:
+    """Guess the free set and the solution of every row's LCP ``w = M z + q`` (float32 ADMM).
+
+    Parameters
+    ----------
+    matrix
+        Symmetric positive definite ``M``, shape ``[m, m]`` (float64; unit diagonal is best).
+    q
+        Right-hand sides, shape ``[k, m]`` (float64), ideally of comparable norms.
+    smallest_eigenvalue
+        An estimate (within a factor of a few) of the smallest eigenvalue of ``M``; sets ``ρ``.
+    max_iters
+        Maximum number of ADMM iterations.
+
+    Returns
+    -------
+    tuple[Tensor, Tensor]
+        The guessed free sets (bool, ``[k, m]``) and the ADMM estimate of ``z`` (float64,
+        ``z ≥ 0``, zero off the free set).
+    """
+    m = matrix.shape[0]
+    rho = _RHO_FACTOR * smallest_eigenvalue
+    shifted = matrix + rho * torch.eye(m, dtype=matrix.dtype)
+    factor, info = torch.linalg.cholesky_ex(shifted)
+    if int(info) != 0 or not rho > 0:
+        # Cannot happen for a positive definite M; fall back to the classical first guess.
+        return q < 0, torch.zeros_like(q)
+    # The inverse is formed in float64 (a float32 one perturbs the fixed point of the iteration
+    # enough to change dozens of entries of the free sets) and then rounded to float32.
+    inverse = torch.cholesky_inverse(factor).float()
+    offset = torch.mm(q.float(), inverse).neg_()
+    t = torch.zeros_like(offset)
+    free = t > 0
+    unchanged = 0
+    for _ in range(max_iters):
+        z = torch.addmm(offset, t.abs(), inverse, alpha=rho)
+        z.sub_(t.clamp_min(0.0))
+        t.add_(z, alpha=_RELAXATION)
+        new_free = t > 0
+        if torch.equal(new_free, free):
+            unchanged += 1
+            if unchanged >= _STABLE_ITERS:
+                break
+        else:
+            unchanged = 0
+        free = new_free
+    # Float32 may overflow on extreme problems: such entries count as not free.
+    estimate = torch.nan_to_num(t.clamp_min_(0.0), nan=0.0, posinf=0.0).double()
+    free = estimate > 0
+    return free, estimate
