@@ -12,6 +12,10 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'trans
 timeout 240 python3 -m pytest -q -p no:cacheprovider tests/autogram/test_cuda.py tests/trainer/test_cuda_trainer.py \
   "tests/aggregation/test_common.py" -k "cuda" 2>&1 | tail -15
 timeout 200 python3 benchmarks/bench_autogram.py --device cuda --repeats 20 --warmup 5
+# Real sizes (BERT-base, GPT-2 small): one invocation each, so that one running out of memory spares the other.
+for model in bert-base gpt2-small; do
+  timeout 240 python3 benchmarks/bench_autogram.py --device cuda --models "$model" --repeats 10 --warmup 3
+done
 timeout 60 python3 - <<'PY'
 import statistics, time, torch
 from hf_jd.aggregation import UPGradWeighting

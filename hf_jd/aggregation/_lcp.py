@@ -30,18 +30,18 @@ rows whose answer is ``z = 0`` (``q ≥ 0``: nothing conflicts), then:
   - When ``k · m³`` is small, by batched Cholesky of each row's masked system
     ``D M D + (I − D)``: exact.
   - Otherwise by conjugate gradients on all rows at once, so that a step is one matrix-matrix
-    product with the shared ``M`` (fast BLAS) instead of one factorisation per row. The free sets
-    are first guessed by cheap float32 iterations; the systems are then solved by iterative
-    refinement (float64 residuals, float32 CG corrections on unit-scaled right-hand sides), first
-    to a loose tolerance and, once a row's free set stops changing, to the tight one. Rows where
-    CG stalls (too ill-conditioned for float32) go to the direct method.
+    product with the shared ``M`` (fast BLAS) instead of one factorisation per row. The first
+    free sets come from a few float32 iterations of over-relaxed ADMM on all rows together
+    (:mod:`hf_jd.aggregation._admm`: one product with a shared inverse per iteration), which
+    finds the exact free sets of almost every row, so that most rows need a single linear solve.
+    The systems are solved by iterative refinement: float64 residuals, float32 CG corrections
+    on unit-scaled right-hand sides, each correction asked for the relative accuracy that brings
+    the row to the KKT tolerance (but no less than ``10⁻⁶``, what float32 CG reliably reaches).
+    Rows where CG stalls (too ill-conditioned for float32) go to the direct method.
 
-    On ill-conditioned ``M`` (Gramians of per-example gradients, low-rank Jacobians) the
-    refinement's CG is preconditioned by deflating the largest eigenvalues of ``M``, restricted
-    to each row's free set (:class:`hf_jd.aggregation._masked_cg.SpectralPreconditioner`), and
-    its relative tolerance is set to the accuracy float32 can reach, about ``eps₃₂ · cond(M)``.
-    The float32 guesses of the free sets use a tolerance of ``10⁻⁴``: fewer wrong guesses
-    cost fewer float64 pivoting iterations later.
+    On ill-conditioned ``M`` (Gramians of per-example gradients, low-rank Jacobians) the CG is
+    preconditioned by deflating the largest eigenvalues of ``M``, restricted to each row's free
+    set (:class:`hf_jd.aggregation._masked_cg.SpectralPreconditioner`).
 
   Since ``z`` is positively homogeneous in ``q``, every row is first scaled to unit max-norm.
 
@@ -65,6 +65,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
+from ._admm import admm_free_sets
 from ._lcp_small import DEFAULT_TOL, polish, quadprog_rows, solve_small
 from ._masked_cg import SpectralPreconditioner, masked_cg
 
@@ -72,18 +73,15 @@ __all__ = ["solve_lcp", "solve_lcp_unchecked", "few_threads", "DEFAULT_TOL"]
 
 # Below this many multiply-adds per iteration, batched direct factorisation beats CG.
 _DIRECT_COST_LIMIT = 3.0e6
-_WARM_START_MIN_M = 48
 _BACKUP_STEPS = 10
-_LOOSE_TOL = 1e-6
 _SMALL_MAX_M = 16
 # The NumPy solver also for few rows of moderate size (e.g. one row up to m = 52): fewer steps.
 _SMALL_COST_LIMIT = 1.5e5
-_WARM_START_ITERS = 12
-_WARM_START_CG_ITERS = 20
-_WARM_START_CG_TOL = 1e-4
-_INNER_TOL = 1e-4
-_MAX_INNER_TOL = 1e-2
-_FLOAT32_FLOOR = 2.0
+# Smallest relative residual asked of one float32 CG correction (float32 reaches it reliably on
+# the preconditioned systems; asking for less wastes iterations on rounding noise).
+_CG_FLOOR = 1e-6
+# A row's refinement stops at this fraction of its KKT tolerance (margin for the final check).
+_REFINEMENT_TARGET = 0.5
 _REFINEMENT_ROUNDS = 12
 _STALL_RATIO = 0.5
 # Work (m²·k multiply-adds per product) up to which the solver runs on one thread.
@@ -166,10 +164,14 @@ def solve_lcp_unchecked(matrix: Tensor, q: Tensor, tol: float, max_iters: int) -
     if qt.shape[0] * m**3 <= _DIRECT_COST_LIMIT:
         zt, ok = _pivoting(scaled, qt, _direct_solver(scaled), tol, max_iters)
     else:
-        preconditioner = SpectralPreconditioner.build(scaled, qt.shape[0])
-        solver = _cg_solver(scaled, preconditioner)
-        warm_start = m >= _WARM_START_MIN_M
-        zt, ok = _pivoting(scaled, qt, solver, tol, max_iters, _LOOSE_TOL, warm_start)
+        eigenvalues, eigenvectors = torch.linalg.eigh(scaled.float())
+        largest = float(eigenvalues[-1])
+        smallest = max(float(eigenvalues[0]), torch.finfo(torch.float32).eps * largest)
+        preconditioner = SpectralPreconditioner.build(
+            scaled, qt.shape[0], eigen=(eigenvalues, eigenvectors)
+        )
+        start = admm_free_sets(scaled, qt, smallest)
+        zt, ok = _pivoting(scaled, qt, _cg_solver(scaled, preconditioner), tol, max_iters, start)
         bad = torch.nonzero(~ok).flatten()
         if bad.numel() > 0:
             zb, okb = _pivoting(scaled, qt[bad], _direct_solver(scaled), tol, max_iters)
@@ -194,25 +196,21 @@ def _pivoting(
     solver: _Solver,
     tol: float,
     max_iters: int,
-    loose_tol: float | None = None,
-    warm_start: bool = False,
+    start: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Block principal pivoting on all rows of ``q`` at once (unit-diagonal ``matrix``).
 
     Each iteration solves every row's equality-constrained problem on its free set, then moves
     the infeasible variables (``z < 0`` on the free set, ``w < 0`` off it) to the other set.
-    With an iterative ``solver``, a row's systems are first solved to ``loose_tol``; once its
-    solution is feasible at that level, it is solved to ``tol`` and checked again. Returns ``z``
-    and a flag per row telling whether it satisfies the KKT conditions to ``tol``.
+    ``start`` gives the first free sets and a warm start of ``z`` (default: ``q < 0`` and zero).
+    Returns ``z`` and a flag per row telling whether it satisfies the KKT conditions to ``tol``.
     """
     k, m = q.shape
-    loose = tol if loose_tol is None else max(loose_tol, tol)
-    free = q < 0
-    z = torch.zeros_like(q)
-    if warm_start:
-        free, z = _float32_warm_start(matrix, q, free)
+    if start is None:
+        free, z = q < 0, torch.zeros_like(q)
+    else:
+        free, z = start[0].clone(), start[1].clone()
     done = torch.zeros(k, dtype=torch.bool)
-    tight = torch.full((k,), loose == tol, dtype=torch.bool)
     best = torch.full((k,), m + 1, dtype=torch.long)
     backup = torch.full((k,), _BACKUP_STEPS, dtype=torch.long)
     columns = torch.arange(m)
@@ -220,23 +218,21 @@ def _pivoting(
     everything = True
     for _ in range(max_iters):
         if everything:
-            fa, qa, za0, ta = free, q, z, tight
+            fa, qa, za0 = free, q, z
         else:
-            fa, qa, za0, ta = free[active], q[active], z[active], tight[active]
-        row_tol = torch.full(ta.shape, loose, dtype=q.dtype).masked_fill_(ta, tol)
+            fa, qa, za0 = free[active], q[active], z[active]
+        row_tol = torch.full((qa.shape[0],), tol, dtype=q.dtype)
         za, converged = solver(qa, fa, za0, row_tol, active)
         w = torch.mm(za, matrix).add_(qa)
-        scale = (qa.abs().amax(dim=1) + za.abs().amax(dim=1)).mul_(row_tol).unsqueeze(1)
+        scale = (qa.abs().amax(dim=1) + za.abs().amax(dim=1)).mul_(tol).unsqueeze(1)
         negative_scale = -scale
         # Check the true residual on the free set (CG's recursive residual can drift).
         converged &= ~(fa & (w.abs() > scale)).any(dim=1)
         infeasible = torch.where(fa, za < negative_scale, w < negative_scale)
         count = infeasible.sum(dim=1)
-        feasible = (count == 0) & converged
-        finished = feasible & ta
+        finished = (count == 0) & converged
         z[active] = za.clamp_min_(0)
         done[active[finished]] = True
-        tight[active[feasible]] = True  # feasible at the loose level: confirm with a tight solve
         # Exchange rule (Kim & Park's backup rule against cycling): exchange every infeasible
         # variable while that keeps reducing their number (or for a few more tries), else only
         # the one of largest index.
@@ -264,54 +260,20 @@ def _pivoting(
     return z, done
 
 
-def _float32_warm_start(matrix: Tensor, q: Tensor, free: Tensor) -> tuple[Tensor, Tensor]:
-    """Guess the free sets with a few cheap float32 pivoting iterations (loose CG solves).
-
-    Only the rows whose free set changed at the previous iteration are solved again.
-    """
-    matrix32, q32 = matrix.float(), q.float()
-    z = torch.zeros_like(q32)
-    free = free.clone()
-    active = torch.arange(q.shape[0])
-    for _ in range(_WARM_START_ITERS):
-        fa, qa = free[active], q32[active]
-        mask = fa.float()
-        rhs = (qa * mask).neg_()
-        start = z[active].mul_(mask)
-        za, _ = masked_cg(matrix32, rhs, start, mask, _WARM_START_CG_TOL, _WARM_START_CG_ITERS)
-        w = torch.mm(za, matrix32).add_(qa)
-        new_free = za > w
-        changed = (new_free != fa).any(dim=1)
-        z[active] = za
-        free[active] = new_free
-        active = active[changed]
-        if active.numel() == 0:
-            break
-    # Float32 may overflow on ill-conditioned problems: such rows just start from zero.
-    z = torch.nan_to_num(z.mul_(free.float()), nan=0.0, posinf=0.0, neginf=0.0)
-    return free, z.double()
-
-
 def _cg_solver(matrix: Tensor, preconditioner: SpectralPreconditioner | None = None) -> _Solver:
     """Masked CG in mixed precision: float64 residuals, float32 CG corrections.
 
     Each round computes the float64 residual of every row's system (one product with the shared
-    matrix) and solves for a correction with float32 CG to a relative residual of ``_INNER_TOL``
-    (iterative refinement). Float32 products cost about a quarter of float64 ones, and the
-    float64 residual makes the final accuracy independent of float32 rounding.
-
-    With a ``preconditioner`` (ill-conditioned ``matrix``), the CG is preconditioned and the
-    inner tolerance is raised to what float32 can reach, ``_FLOAT32_FLOOR · eps₃₂ · cond(M)``
-    (at most ``_MAX_INNER_TOL``): asking for less would only waste iterations on rounding noise.
+    matrix) and solves for a correction with float32 CG (iterative refinement). Each correction
+    is asked for the relative accuracy that brings its row's residual to ``_REFINEMENT_TARGET``
+    times the row's KKT tolerance ``tol · (‖q‖∞ + ‖z‖∞)``, but not below ``_CG_FLOOR``: from a
+    good start one round is enough, otherwise a second one finishes. Float32 products cost about
+    a quarter of float64 ones, and the float64 residual makes the final accuracy independent of
+    float32 rounding. ``preconditioner`` (for ill-conditioned ``matrix``) preconditions the CG.
     """
     m = matrix.shape[0]
     matrix32 = matrix.float()
     inner_iters = m + 50
-    inner_tol = _INNER_TOL
-    if preconditioner is not None:
-        # Float32 products limit the attainable relative residual to about eps · cond(M).
-        floor = _FLOAT32_FLOOR * torch.finfo(torch.float32).eps * preconditioner.condition
-        inner_tol = min(_MAX_INNER_TOL, max(_INNER_TOL, floor))
 
     def solve(
         q: Tensor, free: Tensor, z: Tensor, row_tol: Tensor, rows: Tensor
@@ -321,8 +283,7 @@ def _cg_solver(matrix: Tensor, preconditioner: SpectralPreconditioner | None = N
         apply = None if preconditioner is None else preconditioner.restrict(rows, mask32)
         x = z * mask
         q_free = q * mask
-        # KKT scale: ‖q_F‖∞ plus ‖z‖∞ (from the warm start; it only sets the tolerance).
-        threshold = (q_free.abs().amax(dim=1) + x.abs().amax(dim=1)).mul_(0.1 * row_tol)
+        q_norm = q.abs().amax(dim=1)
         residual = torch.empty_like(q)
         converged = torch.zeros(q.shape[0], dtype=torch.bool)
         stalled = torch.zeros(q.shape[0], dtype=torch.bool)
@@ -331,7 +292,9 @@ def _cg_solver(matrix: Tensor, preconditioner: SpectralPreconditioner | None = N
             torch.mm(x, matrix, out=residual)
             residual.add_(q_free).mul_(mask).neg_()
             size = residual.abs().amax(dim=1)
-            converged = size <= threshold
+            # The row's KKT tolerance (as checked by the caller), with a margin.
+            target = (q_norm + x.abs().amax(dim=1)).mul_(row_tol * _REFINEMENT_TARGET)
+            converged = size <= target
             # A round that does not halve the residual means float32 CG cannot handle the
             # conditioning: give up on the row (the caller then uses a direct method).
             stalled |= ~converged & (size > _STALL_RATIO * previous)
@@ -341,7 +304,9 @@ def _cg_solver(matrix: Tensor, preconditioner: SpectralPreconditioner | None = N
                 break
             # Unit-size right-hand sides keep float32 away from underflow (and denormals).
             # Finished rows get a zero right-hand side, hence no correction.
-            size = size.clamp_min_(torch.finfo(q.dtype).tiny).unsqueeze(1)
+            size = size.clamp_min_(torch.finfo(q.dtype).tiny)
+            inner_tol = (target / size).clamp_(_CG_FLOOR, 0.5).float()
+            size = size.unsqueeze(1)
             rhs = (residual / size).masked_fill_(finished.unsqueeze(1), 0.0).float()
             correction, inner_converged = masked_cg(
                 matrix32, rhs, torch.zeros_like(rhs), mask32, inner_tol, inner_iters, apply

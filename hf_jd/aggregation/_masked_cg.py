@@ -28,7 +28,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["masked_cg", "SpectralPreconditioner"]
+__all__ = ["masked_cg", "SpectralPreconditioner", "RestrictedPreconditioner"]
 
 # Largest condition number of the preconditioned systems that the choice of r aims for.
 _TARGET_CONDITION = 8.0
@@ -57,8 +57,11 @@ def masked_cg(
     """(Preconditioned) conjugate gradients on every row's masked system, all rows at once.
 
     Solves ``(D M D) x = rhs`` on the support of ``D = diag(mask)`` for each row (``rhs`` and
-    ``x`` must vanish off it): one product with the shared ``M`` per iteration. Stops when every
-    row has ``‖r‖₂ ≤ tol · ‖rhs‖₂``. Returns ``x`` (updated in place) and a converged flag per row.
+    ``x`` must vanish off it): one product with the shared ``M`` per iteration. A row stops when
+    ``‖r‖₂ ≤ tol · ‖rhs‖₂``; once a quarter of the rows still iterating have stopped, they are
+    dropped from the batch (when the preconditioner is ``None`` or a :class:`RestrictedPreconditioner`,
+    which can be narrowed to the remaining rows). Returns ``x`` (updated in place) and a converged
+    flag per row.
 
     Parameters
     ----------
@@ -75,18 +78,36 @@ def masked_cg(
     preconditioner
         Applies ``P_FF⁻¹`` to a batch of residuals (symmetric positive definite on each mask).
     """
+    k = rhs.shape[0]
+    out, converged_out = x, torch.zeros(k, dtype=torch.bool)
+    rows = torch.arange(k)
     residual = torch.mm(x, matrix)
     residual.mul_(mask).neg_().add_(rhs)
-    threshold = torch.linalg.vecdot(rhs, rhs).mul_(tol**2 if isinstance(tol, float) else tol.square())
+    tol_sq = tol**2 if isinstance(tol, float) else tol.square()
+    threshold = torch.linalg.vecdot(rhs, rhs).mul_(tol_sq)
     tiny = torch.finfo(x.dtype).tiny
+    compactable = preconditioner is None or isinstance(preconditioner, RestrictedPreconditioner)
     preconditioned = residual if preconditioner is None else preconditioner(residual)
     direction = preconditioned.clone()
     rz = torch.linalg.vecdot(residual, preconditioned)
     product = torch.empty_like(direction)
     converged = torch.linalg.vecdot(residual, residual) <= threshold
     for _ in range(max_iters):
-        if bool(converged.all()):
+        done = int(converged.sum())
+        if done == rows.numel():
             break
+        if compactable and 4 * done >= rows.numel():
+            # Drop the finished rows: the remaining iterations only pay for the others.
+            if x is not out:
+                out[rows] = x
+            converged_out[rows[converged]] = True
+            keep = ~converged
+            rows, x, residual, direction = rows[keep], x[keep], residual[keep], direction[keep]
+            mask, threshold, rz = mask[keep], threshold[keep], rz[keep]
+            product = torch.empty_like(direction)
+            converged = converged[keep]
+            if preconditioner is not None:
+                preconditioner = preconditioner.subset(keep)
         torch.mm(direction, matrix, out=product)
         product.mul_(mask)
         curvature = torch.linalg.vecdot(direction, product).clamp_min_(tiny)
@@ -99,7 +120,44 @@ def masked_cg(
         beta = (rz_new / rz.clamp_min(tiny)).unsqueeze(1)
         rz = rz_new
         direction.mul_(beta).add_(preconditioned)
-    return x, converged
+    if x is not out:
+        out[rows] = x
+    converged_out[rows] = converged
+    return out, converged_out
+
+
+class RestrictedPreconditioner:
+    """``P_FF⁻¹`` of a batch of rows (see :meth:`SpectralPreconditioner.restrict`).
+
+    Calling it on residuals ``[k, m]`` (zero off each row's mask) returns the preconditioned
+    residuals; :meth:`subset` gives the same preconditioner for some of the rows.
+    """
+
+    def __init__(
+        self, preconditioner: SpectralPreconditioner, inverses: Tensor, built: Tensor, mask: Tensor
+    ) -> None:
+        self._parent = preconditioner
+        self._inverses = inverses
+        self._built = built
+        self._mask = mask
+        # The stored C_F⁻¹ are those of the current masks: no need to re-mask the residual.
+        self._exact = bool(torch.equal(built, mask))
+
+    def __call__(self, residual: Tensor) -> Tensor:
+        parent = self._parent
+        source = residual if self._exact else residual * self._built
+        projected = torch.mm(source, parent.eigenvectors).unsqueeze(2)
+        correction = torch.mm(torch.bmm(self._inverses, projected).squeeze(2), parent._transposed)
+        scale = 1.0 / parent.sigma
+        if self._exact:
+            return torch.addcmul(residual, correction, self._mask, value=-1.0).mul_(scale)
+        return residual.sub(correction.mul_(self._built)).mul_(self._mask).mul_(scale)
+
+    def subset(self, keep: Tensor) -> RestrictedPreconditioner:
+        """The preconditioner of the rows selected by the boolean ``keep``."""
+        return RestrictedPreconditioner(
+            self._parent, self._inverses[keep], self._built[keep], self._mask[keep]
+        )
 
 
 class SpectralPreconditioner:
@@ -141,17 +199,20 @@ class SpectralPreconditioner:
         self._stale = torch.ones(rows, dtype=torch.bool)
 
     @classmethod
-    def build(cls, matrix: Tensor, rows: int) -> SpectralPreconditioner | None:
+    def build(
+        cls, matrix: Tensor, rows: int, eigen: tuple[Tensor, Tensor] | None = None
+    ) -> SpectralPreconditioner | None:
         """Return the preconditioner of a unit-diagonal ``matrix``, or ``None`` if not worth it.
 
         ``None`` when the matrix is well conditioned (no small Cholesky pivot), when its
         eigenvalues are within ``_TARGET_CONDITION`` of the smallest one, or when more than
-        ``_MAX_RANK`` of them are far from it.
+        ``_MAX_RANK`` of them are far from it. ``eigen`` may pass the (float32) eigenvalues and
+        eigenvectors of ``matrix`` if the caller already has them.
         """
         factor, info = torch.linalg.cholesky_ex(matrix)
         if int(info) == 0 and float(factor.diagonal().square().min()) >= _PIVOT_THRESHOLD:
             return None
-        eigenvalues, eigenvectors = torch.linalg.eigh(matrix.float())
+        eigenvalues, eigenvectors = torch.linalg.eigh(matrix.float()) if eigen is None else eigen
         largest = float(eigenvalues[-1])
         smallest = max(float(eigenvalues[0]), torch.finfo(torch.float32).eps * largest)
         rank = int((eigenvalues > _TARGET_CONDITION * smallest).sum())
@@ -163,7 +224,7 @@ class SpectralPreconditioner:
         vectors = eigenvectors[:, m - rank :].contiguous()
         return cls(vectors, shifted, sigma, rows, largest / smallest)
 
-    def restrict(self, rows: Tensor, mask: Tensor) -> Preconditioner:
+    def restrict(self, rows: Tensor, mask: Tensor) -> RestrictedPreconditioner:
         """The preconditioner ``P_FF⁻¹`` of the given rows for their float32 masks ``[len(rows), m]``."""
         stale = self._stale[rows] | ((mask != self._masks[rows]).sum(dim=1) > _STALE_ENTRIES)
         if bool(stale.any()):
@@ -171,15 +232,7 @@ class SpectralPreconditioner:
             self._inverses[update] = self._capacitance_inverses(mask[stale])
             self._masks[update] = mask[stale]
             self._stale[update] = False
-        inverses, built = self._inverses[rows], self._masks[rows]
-        eigenvectors, transposed, scale = self.eigenvectors, self._transposed, 1.0 / self.sigma
-
-        def apply(residual: Tensor) -> Tensor:
-            projected = torch.mm(residual * built, eigenvectors).unsqueeze(2)
-            correction = torch.mm(torch.bmm(inverses, projected).squeeze(2), transposed)
-            return residual.sub(correction.mul_(built)).mul_(mask).mul_(scale)
-
-        return apply
+        return RestrictedPreconditioner(self, self._inverses[rows], self._masks[rows], mask)
 
     def _capacitance_inverses(self, mask: Tensor) -> Tensor:
         """``C_F⁻¹ = (σ Λ'⁻¹ + U_Fᵀ U_F)⁻¹`` for each row of ``mask``."""
