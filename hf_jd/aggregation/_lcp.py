@@ -65,7 +65,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-from ._admm import admm_free_sets
+from ._admm import admm_free_sets, estimate_smallest_eigenvalue
 from ._lcp_small import DEFAULT_TOL, polish, quadprog_rows, solve_small
 from ._masked_cg import SpectralPreconditioner, masked_cg
 
@@ -164,12 +164,11 @@ def solve_lcp_unchecked(matrix: Tensor, q: Tensor, tol: float, max_iters: int) -
     if qt.shape[0] * m**3 <= _DIRECT_COST_LIMIT:
         zt, ok = _pivoting(scaled, qt, _direct_solver(scaled), tol, max_iters)
     else:
-        eigenvalues, eigenvectors = torch.linalg.eigh(scaled.float())
-        largest = float(eigenvalues[-1])
-        smallest = max(float(eigenvalues[0]), torch.finfo(torch.float32).eps * largest)
-        preconditioner = SpectralPreconditioner.build(
-            scaled, qt.shape[0], eigen=(eigenvalues, eigenvectors)
-        )
+        preconditioner = SpectralPreconditioner.build(scaled, qt.shape[0])
+        if preconditioner is None:
+            smallest = estimate_smallest_eigenvalue(scaled)
+        else:
+            smallest = preconditioner.smallest_eigenvalue
         start = admm_free_sets(scaled, qt, smallest)
         zt, ok = _pivoting(scaled, qt, _cg_solver(scaled, preconditioner), tol, max_iters, start)
         bad = torch.nonzero(~ok).flatten()
@@ -303,9 +302,11 @@ def _cg_solver(matrix: Tensor, preconditioner: SpectralPreconditioner | None = N
             if bool(finished.all()):
                 break
             # Unit-size right-hand sides keep float32 away from underflow (and denormals).
-            # Finished rows get a zero right-hand side, hence no correction.
+            # Finished rows get a zero right-hand side, hence no correction. CG's tolerance
+            # bounds the 2-norm of the residual, which bounds its largest entry.
             size = size.clamp_min_(torch.finfo(q.dtype).tiny)
-            inner_tol = (target / size).clamp_(_CG_FLOOR, 0.5).float()
+            norm = torch.linalg.vector_norm(residual, dim=1).clamp_min_(torch.finfo(q.dtype).tiny)
+            inner_tol = (target / norm).clamp_(_CG_FLOOR, 0.5).float()
             size = size.unsqueeze(1)
             rhs = (residual / size).masked_fill_(finished.unsqueeze(1), 0.0).float()
             correction, inner_converged = masked_cg(

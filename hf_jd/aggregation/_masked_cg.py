@@ -181,16 +181,25 @@ class SpectralPreconditioner:
     rows
         Number ``k`` of rows of the problem.
     condition
-        Condition number of ``M`` (sets the accuracy that float32 CG can reach).
+        Condition number of ``M``.
+    smallest_eigenvalue
+        Smallest eigenvalue of ``M`` (float32 estimate, at least ``eps₃₂`` times the largest).
     """
 
     def __init__(
-        self, eigenvectors: Tensor, shifted: Tensor, sigma: float, rows: int, condition: float
+        self,
+        eigenvectors: Tensor,
+        shifted: Tensor,
+        sigma: float,
+        rows: int,
+        condition: float,
+        smallest_eigenvalue: float,
     ) -> None:
         m, r = eigenvectors.shape
         self.eigenvectors = eigenvectors
         self.sigma = sigma
         self.condition = condition
+        self.smallest_eigenvalue = smallest_eigenvalue
         self._transposed = eigenvectors.T.contiguous()
         self._outer = (eigenvectors.unsqueeze(2) * eigenvectors.unsqueeze(1)).reshape(m, r * r)
         self._ridge = torch.diag(sigma / shifted)
@@ -199,20 +208,17 @@ class SpectralPreconditioner:
         self._stale = torch.ones(rows, dtype=torch.bool)
 
     @classmethod
-    def build(
-        cls, matrix: Tensor, rows: int, eigen: tuple[Tensor, Tensor] | None = None
-    ) -> SpectralPreconditioner | None:
+    def build(cls, matrix: Tensor, rows: int) -> SpectralPreconditioner | None:
         """Return the preconditioner of a unit-diagonal ``matrix``, or ``None`` if not worth it.
 
         ``None`` when the matrix is well conditioned (no small Cholesky pivot), when its
         eigenvalues are within ``_TARGET_CONDITION`` of the smallest one, or when more than
-        ``_MAX_RANK`` of them are far from it. ``eigen`` may pass the (float32) eigenvalues and
-        eigenvectors of ``matrix`` if the caller already has them.
+        ``_MAX_RANK`` of them are far from it.
         """
         factor, info = torch.linalg.cholesky_ex(matrix)
         if int(info) == 0 and float(factor.diagonal().square().min()) >= _PIVOT_THRESHOLD:
             return None
-        eigenvalues, eigenvectors = torch.linalg.eigh(matrix.float()) if eigen is None else eigen
+        eigenvalues, eigenvectors = torch.linalg.eigh(matrix.float())
         largest = float(eigenvalues[-1])
         smallest = max(float(eigenvalues[0]), torch.finfo(torch.float32).eps * largest)
         rank = int((eigenvalues > _TARGET_CONDITION * smallest).sum())
@@ -222,11 +228,13 @@ class SpectralPreconditioner:
         sigma = float(eigenvalues[m - rank - 1])
         shifted = (eigenvalues[m - rank :] - sigma).clamp_min_(sigma * 1e-6)
         vectors = eigenvectors[:, m - rank :].contiguous()
-        return cls(vectors, shifted, sigma, rows, largest / smallest)
+        return cls(vectors, shifted, sigma, rows, largest / smallest, smallest)
 
     def restrict(self, rows: Tensor, mask: Tensor) -> RestrictedPreconditioner:
         """The preconditioner ``P_FF⁻¹`` of the given rows for their float32 masks ``[len(rows), m]``."""
-        stale = self._stale[rows] | ((mask != self._masks[rows]).sum(dim=1) > _STALE_ENTRIES)
+        stale = self._stale[rows]
+        if not bool(stale.all()):
+            stale = stale | ((mask != self._masks[rows]).sum(dim=1) > _STALE_ENTRIES)
         if bool(stale.any()):
             update = rows[stale]
             self._inverses[update] = self._capacitance_inverses(mask[stale])
@@ -240,7 +248,7 @@ class SpectralPreconditioner:
         r = self.eigenvectors.shape[1]
         capacitance = torch.mm(mask, self._outer).view(k, r, r).add_(self._ridge)
         factor, info = torch.linalg.cholesky_ex(capacitance)
-        eye = torch.eye(r, dtype=mask.dtype).repeat(k, 1, 1)
+        eye = torch.eye(r, dtype=mask.dtype).expand(k, r, r)
         inverse_factor = torch.linalg.solve_triangular(factor, eye, upper=False)
         inverse = torch.bmm(inverse_factor.transpose(1, 2), inverse_factor)
         # C_F ⪰ σ Λ'⁻¹ is positive definite; should float32 still fail to factorise it, that row
