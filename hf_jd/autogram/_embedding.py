@@ -18,7 +18,6 @@ import torch
 from torch import Tensor, nn
 
 from ._layout import RowLayout
-from ._products import row_products
 from ._record import Record, compute_dtype
 
 __all__ = ["EmbeddingRecord", "Tokens", "embedding_gram", "is_embedding"]
@@ -62,7 +61,7 @@ def embedding_gram(tokens: Tokens, num_examples: int, vocab: int) -> Tensor:
         dense = sums.new_zeros(num_examples, num_shared, num_tasks, dim)
         dense[pair_example[shared], shared_index] = sums[shared]
         dense = dense.permute(0, 2, 1, 3).reshape(num_rows, num_shared * dim)
-        gram = gram + row_products(dense)
+        gram = gram + dense @ dense.T
     return gram
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._products import row_products
 from ._record import Record
 
 __all__ = ["OuterProductRecord", "OuterProductRows"]
@@ -126,11 +125,11 @@ class OuterProductRows:
         if len(chunks) == 1:
             keep = keep_rows and self.num_rows * self.inputs.shape[-1] * self.grads.shape[-1] <= self.grads.numel()
             rows = self.weight_rows(keep=keep)
-            return row_products(rows)
+            return rows @ rows.T
         gram = self.grads.new_zeros(self.num_rows, self.num_rows)
         for part in chunks:
             rows = self.weight_rows(part=part)
-            gram += row_products(rows)
+            gram += rows @ rows.T
         return gram
 
     def _factors(self) -> tuple[Tensor, Tensor]:
@@ -147,7 +146,7 @@ class OuterProductRows:
             chunks = self._chunks() if len(self._chunks()) >= len(other._chunks()) else other._chunks()
             gram = self.grads.new_zeros(self.num_rows, self.num_rows)
             for part in chunks:
-                gram += row_products(self.weight_rows(part=part), other.weight_rows(part=part))
+                gram += self.weight_rows(part=part) @ other.weight_rows(part=part).T
             return gram
         left, right = self._factors()
         other_left, other_right = other._factors()

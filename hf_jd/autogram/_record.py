@@ -17,7 +17,6 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge
 
 from ._layout import RowLayout
-from ._products import row_products
 
 __all__ = ["Record", "compute_dtype"]
 
@@ -87,7 +86,7 @@ class Record(ABC):
         rows = self.per_row(name)
         if self.keep_rows:
             self.kept_rows[name] = rows
-        return row_products(rows)
+        return rows @ rows.T
 
     def split_batch(self, num_examples: int, batch_dim: int) -> None:
         """Regroup the captured input ``[..., E * k, ...]`` into ``[..., E, k, ...]`` along

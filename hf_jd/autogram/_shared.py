@@ -19,7 +19,6 @@ from torch import Tensor
 
 from ._embedding import EmbeddingRecord, Tokens, embedding_gram
 from ._outer import OuterProductRecord, OuterProductRows
-from ._products import row_products
 from ._record import Record
 
 __all__ = ["shared_gram"]
@@ -37,7 +36,7 @@ def shared_gram(uses: list[tuple[Record, str]], num_examples: int, dtype: torch.
     if mixed_layouts or len(embeddings) + len(outers) < len(uses):
         rows = sum(record.per_row(name).to(dtype) for record, name in uses)
         assert isinstance(rows, Tensor)
-        return row_products(rows)
+        return rows @ rows.T
     gram: Tensor | int = 0
     tokens = Tokens.cat([record.tokens() for record in embeddings]) if embeddings else None
     if tokens is not None:
