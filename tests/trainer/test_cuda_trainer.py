@@ -47,13 +47,21 @@ def test_iwrm_first_step_on_cuda(tmp_path, engine, single_backward):
     torch.testing.assert_close(capture.grads[0], expected, rtol=1e-4, atol=1e-6)
 
 
-def test_bf16_training_on_cuda(tmp_path):
-    if not torch.cuda.is_bf16_supported():
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_mixed_precision_training_on_cuda(tmp_path, precision, single_backward):
+    if precision == "bf16" and not torch.cuda.is_bf16_supported():
         pytest.skip("this CUDA device has no bf16")
     torch.manual_seed(0)
-    args = make_args(tmp_path, use_cpu=False, bf16=True, jd_mode="iwrm", jd_engine="autogram", max_steps=4)
-    trainer = JDTrainer(model=tiny_bert(), args=args, train_dataset=token_dataset())
+    args = make_args(
+        tmp_path, use_cpu=False, jd_mode="iwrm", jd_engine="autogram", jd_single_backward=single_backward,
+        max_steps=4, **{precision: True},
+    )
+    model = tiny_bert()
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = JDTrainer(model=model, args=args, train_dataset=token_dataset())
     result = trainer.train()
     assert torch.isfinite(torch.tensor(result.training_loss))
-    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
-    assert len(losses) == 4
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    assert len(logs) == 4 and all(log["jd/skipped_steps"] == 0 for log in logs)
+    assert any(not torch.equal(a, b.detach().cpu()) for a, b in zip(before, trainer.model.parameters()))
