@@ -225,6 +225,22 @@ class _PeakSampler(TorchDispatchMode):
         return out
 
 
+def _with_lora(case: Case, rank: int) -> Case:
+    """The case's model with LoRA adapters of rank ``rank`` on its attention projections (PEFT): only
+    the adapters are trained, the rest is frozen (the usual way to fine-tune a large model)."""
+    from peft import LoraConfig, get_peft_model
+
+    gpt2 = isinstance(case.model, GPT2LMHeadModel)
+    targets = ["c_attn"] if gpt2 else ["query", "value"] if isinstance(case.model, BertForSequenceClassification) else [
+        "q_proj", "v_proj"]
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, fan_in_fan_out=gpt2)
+    model = get_peft_model(case.model, config)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # PEFT starts B at zero; a trained adapter is not
+            nn.init.normal_(param, std=0.02)
+    return Case(f"{case.name} + LoRA r={rank}", model, case.inputs, case.losses)
+
+
 def _to_device(case: Case, device: torch.device) -> Case:
     return Case(case.name, case.model.to(device), {k: v.to(device) for k, v in case.inputs.items()}, case.losses)
 
@@ -351,6 +367,10 @@ def main() -> None:
         "sensitive to other processes on a shared machine; meaningful with --threads 1)",
     )
     parser.add_argument("--device", default="cpu", help="'cpu' or 'cuda'")
+    parser.add_argument(
+        "--lora", type=int, default=0, metavar="RANK",
+        help="train LoRA adapters of this rank on the attention projections instead of the whole model (needs peft)",
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
@@ -377,6 +397,8 @@ def main() -> None:
         cases += [_gpt2_case(16, 128, 50257, hidden=768, layers=12)]
     for case in cases:
         clock = time.perf_counter if args.clock == "wall" else time.process_time
+        if args.lora:
+            case = _with_lora(case, args.lora)
         run(_to_device(case, device), weighting, args.repeats, args.warmup, args.variants, clock)
 
 
