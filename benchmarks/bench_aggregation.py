@@ -17,7 +17,13 @@ Kinds of Jacobians (``n = 2000`` columns by default):
   23.6k parameters) on ``m`` random sequences of 16 tokens; condition number about 10⁴ after
   UPGrad's regularisation. ``n`` is the number of parameters here.
 
-Run: ``.venv/bin/python benchmarks/bench_aggregation.py [--threads 1] [--sizes 2 8 32 128 256]``.
+With ``--check``, every answer is also compared with an independent reference: each projection
+solved by ``quadprog`` (Goldfarb-Idnani) on the same normalised and regularised Gramian; the
+column ``qp rel diff`` gives ``max|w − w_quadprog| / max|w_quadprog|`` (quadprog takes about a
+second per ``m = 256`` cell).
+
+Run: ``.venv/bin/python benchmarks/bench_aggregation.py [--threads 1] [--sizes 2 8 32 128 256]
+[--check]``.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import torch
 from torch import Tensor
 
 from hf_jd.aggregation import DualProjWeighting, UPGradWeighting
+from hf_jd.aggregation._dual_cone import normalize_gramian, regularize_gramian
 
 KINDS = ("iid", "shared", "lowrank", "bert")
 
@@ -89,6 +96,22 @@ def conflict_fraction(gramian: Tensor) -> float:
     return float((gramian[off_diagonal] < 0).double().mean())
 
 
+def quadprog_weights(name: str, gramian: Tensor) -> Tensor:
+    """Reference weights of the default UPGrad or DualProj weighting, one quadprog QP per target.
+
+    Uses the weighting's own preprocessing (trace normalisation, ``reg_eps = 1e-4``), then solves
+    ``min vᵀGv`` subject to ``v ≥ u`` for every target ``u`` with quadprog.
+    """
+    import numpy as np
+    import quadprog
+
+    m = gramian.shape[0]
+    matrix = regularize_gramian(normalize_gramian(gramian.double(), 1e-4), 1e-4).numpy()
+    targets = np.eye(m) / m if name == "UPGrad" else np.full((1, m), 1.0 / m)
+    rows = [quadprog.solve_qp(matrix, np.zeros(m), np.eye(m), u)[0] for u in targets]
+    return torch.from_numpy(np.sum(rows, axis=0))
+
+
 def median_time(
     function: Callable[[], Tensor], repeats: int, budget_s: float
 ) -> tuple[float, float, Tensor]:
@@ -136,6 +159,9 @@ def main() -> None:
         "--threads", type=int, default=None, help="torch.set_num_threads (default: unchanged)"
     )
     parser.add_argument("--no-torchjd", action="store_true", help="skip the torchjd comparison")
+    parser.add_argument(
+        "--check", action="store_true", help="compare every answer with quadprog (slow)"
+    )
     args = parser.parse_args()
 
     if args.threads is not None:
@@ -153,6 +179,7 @@ def main() -> None:
     header = (
         f"{'weighting':<9} {'kind':<8} {'m':>4} {'conflict':>8} {'hf_jd ms':>9} {'(cpu ms)':>9} "
         f"{'torchjd ms':>11} {'speed-up':>9} {'max rel diff':>13}"
+        + (f" {'qp rel diff':>12}" if args.check else "")
     )
     print(header)
     print("-" * len(header))
@@ -177,6 +204,10 @@ def main() -> None:
                     row += f" {theirs_s * 1e3:>11.2f} {theirs_s / ours_s:>8.1f}x {difference:>13.1e}"
                 else:
                     row += f" {'-':>11} {'-':>9} {'-':>13}"
+                if args.check:
+                    expected = quadprog_weights(name, gramian)
+                    difference = float((weights - expected).abs().max() / expected.abs().max())
+                    row += f" {difference:>12.1e}"
                 print(row, flush=True)
 
 

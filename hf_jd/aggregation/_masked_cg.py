@@ -59,9 +59,9 @@ def masked_cg(
     Solves ``(D M D) x = rhs`` on the support of ``D = diag(mask)`` for each row (``rhs`` and
     ``x`` must vanish off it): one product with the shared ``M`` per iteration. A row stops when
     ``‖r‖₂ ≤ tol · ‖rhs‖₂``; once a quarter of the rows still iterating have stopped, they are
-    dropped from the batch (when the preconditioner is ``None`` or a :class:`RestrictedPreconditioner`,
-    which can be narrowed to the remaining rows). Returns ``x`` (updated in place) and a converged
-    flag per row.
+    dropped from the batch (when the preconditioner is ``None`` or a
+    :class:`RestrictedPreconditioner`, which can be narrowed to the remaining rows). Returns ``x``
+    (updated in place) and a converged flag per row.
 
     Parameters
     ----------
@@ -119,7 +119,7 @@ def masked_cg(
         rz_new = torch.linalg.vecdot(residual, preconditioned)
         beta = (rz_new / rz.clamp_min(tiny)).unsqueeze(1)
         rz = rz_new
-        direction.mul_(beta).add_(preconditioned)
+        direction = torch.addcmul(preconditioned, direction, beta)
     if x is not out:
         out[rows] = x
     converged_out[rows] = converged

@@ -50,11 +50,15 @@ def test_quadprog_fallback_is_exact() -> None:
     assert_kkt(gram, targets, result)
 
 
-@pytest.mark.parametrize("m", [17, 30])
-def test_direct_pivoting_path_matches_quadprog(m: int) -> None:
+@pytest.mark.parametrize("m", [33, 40])
+def test_direct_pivoting_path_matches_quadprog(m: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    used = []
+    original = _lcp._direct_solver
+    monkeypatch.setattr(_lcp, "_direct_solver", lambda matrix: used.append(1) or original(matrix))
     gram = random_gramian(m, 2 * m, seed=m)
     targets = torch.cat([torch.eye(m, dtype=DT), torch.rand(4, m, dtype=DT)])
     result = project_weights(targets, gram)
+    assert used, "the batched direct pivoting path was not taken"
     expected = np.stack([quadprog_reference(gram.numpy(), u) for u in targets.numpy()])
     np.testing.assert_allclose(result.numpy(), expected, rtol=1e-8, atol=1e-10)
     assert_kkt(gram, targets, result)
