@@ -16,6 +16,10 @@ timeout 200 python3 benchmarks/bench_autogram.py --device cuda --repeats 20 --wa
 for model in bert-base gpt2-small; do
   timeout 240 python3 benchmarks/bench_autogram.py --device cuda --models "$model" --repeats 10 --warmup 3
 done
+# The same with LoRA adapters (PEFT) of rank 16 on the attention projections.
+for model in bert-base gpt2-small; do
+  timeout 240 python3 benchmarks/bench_autogram.py --device cuda --models "$model" --lora 16 --repeats 10 --warmup 3
+done
 timeout 60 python3 - <<'PY'
 import statistics, time, torch
 from hf_jd.aggregation import UPGradWeighting
