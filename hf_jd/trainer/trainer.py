@@ -254,6 +254,10 @@ class JDTrainer(Trainer):
         factor = 1.0 / max(1, int(getattr(self.accelerator, "gradient_accumulation_steps", 1)))
         scaler = getattr(self.accelerator, "scaler", None)
         if scaler is not None and scaler.is_enabled():
+            # Gradients written directly (autojac, single backward) bypass accelerator.backward, whose
+            # scaler.scale(loss) creates the scaler's scale tensor on first use; create it here, so that
+            # the optimizer step can unscale them.
+            scaler.scale(torch.ones((), device=self.args.device))
             factor *= float(scaler.get_scale())
         return factor
 
