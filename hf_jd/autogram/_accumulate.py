@@ -36,14 +36,16 @@ class Accumulator:
         self.shared: dict[int, list[tuple[Record, str]]] = {}
         self.uses: dict[int, list[tuple[Record, str]]] = {}
         self.params: dict[int, nn.Parameter] = {}
+        # Records whose output gradients are collected elsewhere during the pass (ids): ignored here.
+        self.deferred: set[int] = set()
 
     def add(self, record: Record, grads: list[Tensor | None], layout: RowLayout | None = None) -> None:
         """Bind a record to its batched output gradients and add what can be added now.
 
         ``layout`` overrides the engine's layout (for records given one gradient per loss row).
         """
-        if all(grad is None for grad in grads):
-            return  # the losses do not depend on this call
+        if all(grad is None for grad in grads) or id(record) in self.deferred:
+            return  # the losses do not depend on this call, or its gradients come per example later
         record.keep_rows = self.keep
         record.bind(grads, self.layout if layout is None else layout)
         needed_later = self.keep

@@ -94,6 +94,14 @@ class EmbeddingRecord(Record):
             ids = ids.expand(output.shape[:-1])
         self.ids = ids
 
+    def can_insert_batch(self, batch_dim: int) -> bool:
+        return isinstance(getattr(self, "ids", None), Tensor) and batch_dim <= self.ids.dim()
+
+    def insert_batch(self, num_examples: int, batch_dim: int) -> None:
+        shape = list(self.ids.shape)
+        shape.insert(batch_dim, num_examples)
+        self.ids = self.ids.unsqueeze(batch_dim).expand(shape)
+
     def _bind(self, grads: list[Tensor | None], layout: RowLayout) -> None:
         (grad,) = grads
         assert grad is not None

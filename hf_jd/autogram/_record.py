@@ -96,6 +96,15 @@ class Record(ABC):
             raise TypeError(f"{type(self).__name__} cannot regroup its captured tensors by example.")
         self.inputs = inputs.unflatten(batch_dim, (num_examples, -1))
 
+    def can_insert_batch(self, batch_dim: int) -> bool:
+        """Whether :meth:`insert_batch` can give this call's captured tensors a batch dimension."""
+        return False
+
+    def insert_batch(self, num_examples: int, batch_dim: int) -> None:
+        """Repeat the captured tensors of a call whose output all examples share, once per example
+        along a new ``batch_dim`` (its per-example output gradients then come with that dimension)."""
+        raise TypeError(f"{type(self).__name__} cannot repeat its captured tensors per example.")
+
     def weights_table(self, weights: Tensor) -> Tensor:
         """The loss weights ``[R]`` (or ``[E, m]``) as the ``[E, m]`` table of this record's layout."""
         assert self.layout is not None

@@ -14,13 +14,14 @@ per-row output gradients, after a verification of the grouping where one is poss
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from ._accumulate import Accumulator, grads_at_once, grads_per_row, grads_streamed, uncovered_parameters
+from ._broadcast import BroadcastPlan, plan_broadcasts
 from ._capture import Capture
 from ._deliver import deliver_gradients
 from ._generic import GenericRecord
@@ -235,6 +236,19 @@ class Engine:
         unaligned = [record for record in records if not record.batched] if layout.batched else []
         if unaligned:
             records = [record for record in records if record.batched]
+        plans: list[BroadcastPlan] = []
+        if unaligned and layout.num_tasks == 1 and not batched:
+            # Outputs shared by all examples and only broadcast over the batch further on (T5's
+            # relative-position bias): per-example gradients from the ordinary pass.
+            assert layout.batch_dim is not None
+            plans, rest = plan_broadcasts(losses, unaligned, layout.batch_dim, layout.num_examples)
+            if rest:
+                plans = []
+            else:
+                unaligned = []
+                records = records + [plan.record for plan in plans]
+                accumulator.deferred = {id(plan.record) for plan in plans}
+                retain = True  # kept for the exact per-row path, should a plan fail
         capture.computing = True
         try:
             if unaligned and layout.num_tasks == 1:
@@ -247,12 +261,28 @@ class Engine:
                 unaligned += grads_verified(losses, layout, checked, accumulator)
             if unaligned:
                 grads_per_row(losses, layout, unaligned, accumulator)
-            if records and (batched or not retain):
-                grads_at_once(losses, grad_outputs, records, accumulator, batched=batched, retain_graph=retain)
-            elif records:
-                grads_streamed(losses, grad_outputs, records, accumulator)
+            with ExitStack() as stack:
+                for plan in plans:
+                    stack.enter_context(plan.hooks())
+                if records and (batched or not retain):
+                    grads_at_once(losses, grad_outputs, records, accumulator, batched=batched, retain_graph=retain)
+                elif records:
+                    grads_streamed(losses, grad_outputs, records, accumulator)
         finally:
             capture.computing = False
+        accumulator.deferred = set()
+        failed = [plan.record for plan in plans if not plan.complete]
+        if failed:  # a broadcasting node did not give per-example gradients: the exact per-row path
+            capture.computing = True
+            try:
+                grads_per_row(losses, layout, failed, accumulator)
+            finally:
+                capture.computing = False
+        for plan in plans:
+            if plan.complete:
+                assert plan.grads is not None
+                plan.record.insert_batch(layout.num_examples, plan.batch_dim)
+                accumulator.add(plan.record, [plan.grads.unsqueeze(0)])
         del records
         gramian = accumulator.finish()
         if self._single_backward:

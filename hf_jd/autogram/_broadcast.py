@@ -1,0 +1,243 @@
+"""Per-example output gradients of calls whose output all examples share (broadcast over the batch).
+
+T5's and MPNet's relative-position bias is one embedding lookup on ``[T_q, T_k]`` bucket ids whose
+``[T_q, T_k, heads]`` output is reshaped (``permute``, ``unsqueeze``) and then broadcast over the
+batch, e.g. ``bias + mask`` with a ``[B, 1, T_q, T_k]`` mask, or ``bias.expand(B, …)``. The output
+itself carries no example index, so the gradient reaching it is summed over the examples. But the
+gradient reaching the broadcasting operation's *output* is still one slice per example, and its
+contribution to the shared input is, slice by slice, the per-example gradient.
+
+This module finds such calls from the autograd graph of the losses: every path from the call's
+output must go through reshaping operations (:data:`SHAPE_NODES`) or elementwise ones that keep
+its shape (:data:`ELEMENTWISE_NODES`, e.g. a causal mask applied with ``where``) to an operation that
+broadcasts it over ``batch_dim`` (:data:`BROADCAST_NODES`: ``+``, ``-``, ``*``, ``where``, …, and
+``expand``), whose output has the batch size there while the shared tensor has size 1 or no such
+dimension. A hook on each broadcasting node, run during the engine's ordinary backward pass, takes
+the example slices of the gradient that node gives its shared input (before the reduction over the
+batch) and maps each back to the call's output through the reshaping nodes (called one example at a
+time: they neither mix entries nor depend on the example), summing over the paths. The call is then treated
+like any other call split by example, with its inputs repeated once per example. Calls with any
+other use of their output keep the exact per-row path of the engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._record import Record
+
+__all__ = ["BroadcastPlan", "plan_broadcasts"]
+
+# Nodes of operations that only move, select or convert entries (their backward is linear and
+# needs no saved tensor), through which a shared output may pass before being broadcast.
+SHAPE_NODES = frozenset({
+    "AliasBackward0", "CloneBackward0", "PermuteBackward0", "SliceBackward0", "SqueezeBackward0",
+    "SqueezeBackward1", "SqueezeBackward2", "TBackward0", "ToCopyBackward0", "TransposeBackward0",
+    "TransposeBackward1", "UnsafeViewBackward0", "UnsqueezeBackward0", "ViewBackward0",
+})
+# Nodes of elementwise operations, linear in the shared input, allowed on the way when their output
+# has the shape of the shared input (the other operand, e.g. a causal mask, is then not batched).
+ELEMENTWISE_NODES = frozenset({
+    "DivBackward0", "MaskedFillBackward0", "MulBackward0", "NegBackward0", "WhereBackward0",
+})
+# Nodes of elementwise operations that may broadcast a shared input over the batch (e.g. the bias
+# plus a [B, 1, T, T] mask, or where(mask, bias, -inf)): called on the whole gradient, their
+# backward returns each input's gradient before the reduction over broadcast dimensions (the
+# autograd engine does that reduction), so example e's contribution is its slice along batch_dim.
+BROADCAST_NODES = frozenset({
+    "AddBackward0", "DivBackward0", "MaskedFillBackward0", "MulBackward0", "SubBackward0", "WhereBackward0",
+})
+# ``expand`` reduces inside its backward: example e's contribution is the gradient's slice itself.
+EXPAND_NODE = "ExpandBackward0"
+
+
+def _name(node: Any) -> str:
+    return type(node).__name__
+
+
+def _output_shape(node: Any, output_nr: int) -> torch.Size | None:
+    """Shape of a node's forward output ``output_nr`` (the gradient it receives there)."""
+    try:
+        return torch.Size(node._input_metadata[output_nr].shape)
+    except (AttributeError, IndexError, TypeError):
+        return None
+
+
+def _consumers(root: Any) -> dict[Any, list[tuple[Any, int, int]]]:
+    """For every node reachable from ``root``: the nodes using its outputs, as
+    ``(consumer, input slot of the consumer, output number of the node)``."""
+    consumers: dict[Any, list[tuple[Any, int, int]]] = {}
+    seen = {root}
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        for slot, (child, output_nr) in enumerate(node.next_functions):
+            if child is None:
+                continue
+            consumers.setdefault(child, []).append((node, slot, output_nr))
+            if child not in seen:
+                seen.add(child)
+                stack.append(child)
+    return consumers
+
+
+@dataclass
+class _Step:
+    """One node on the way from a broadcasting node back to the shared output: call ``node`` on the
+    gradient of its output, keep its input ``slot``, reduce it to ``shape``."""
+
+    node: Any
+    slot: int
+    shape: torch.Size
+
+
+@dataclass
+class BroadcastPlan:
+    """How one call's shared output reaches the batch: each broadcasting node with the steps that
+    lead from it back to the output. Filled with per-example gradients during the backward pass."""
+
+    record: Record
+    batch_dim: int
+    num_examples: int
+    output_shape: torch.Size
+    paths: list[tuple[Any, list[_Step]]] = field(default_factory=list)
+    grads: Tensor | None = None
+    failed: bool = False
+    fired: set[int] = field(default_factory=set)
+
+    @property
+    def complete(self) -> bool:
+        """Whether every broadcasting node gave its per-example gradients (exactly once)."""
+        return not self.failed and len(self.fired) == len(self.paths) and self.grads is not None
+
+    def _add(self, node: Any, steps: list[_Step], grad_output: Tensor) -> None:
+        if id(node) in self.fired:  # a second pass through the same node would double count
+            self.failed = True
+            return
+        self.fired.add(id(node))
+        terminal, *rest = steps
+        if _name(node) == EXPAND_NODE:
+            full = grad_output
+        else:
+            grads = node(grad_output)
+            full = grads if isinstance(grads, Tensor) else grads[terminal.slot]
+        bd = self.batch_dim
+        if full is None or full.dim() <= bd or full.shape[bd] != self.num_examples:
+            self.failed = True  # not the unreduced, per-example gradient expected: exact path instead
+            return
+        per_example = []
+        for example in range(self.num_examples):
+            grad = _reduce(full.narrow(bd, example, 1), terminal.shape)
+            for step in rest:
+                grads = step.node(grad)  # a tensor for single-input nodes, else a tuple
+                grad = _reduce(grads if isinstance(grads, Tensor) else grads[step.slot], step.shape)
+            per_example.append(grad)
+        stacked = torch.stack(per_example, dim=self.batch_dim)
+        self.grads = stacked if self.grads is None else self.grads + stacked
+
+    @contextmanager
+    def hooks(self) -> Iterator[None]:
+        """Hooks on the broadcasting nodes that collect the per-example gradients (into ``grads``)."""
+
+        def hook_for(steps: list[_Step], node: Any) -> Any:
+            def hook(grad_outputs: tuple[Tensor | None, ...]) -> None:
+                grad = grad_outputs[0]
+                if grad is not None:
+                    self._add(node, steps, grad)
+
+            return hook
+
+        handles = [node.register_prehook(hook_for(steps, node)) for node, steps in self.paths]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+def _reduce(grad: Tensor, shape: torch.Size) -> Tensor:
+    """Bring a node's input gradient to the input's shape, as the autograd engine does (sum over
+    broadcast dimensions; some nodes return their gradient without the size-1 dimensions)."""
+    if grad.shape == shape:
+        return grad
+    if grad.numel() == shape.numel():
+        return grad.reshape(shape)
+    return grad.sum_to_size(shape)
+
+
+def _broadcasts_over_batch(shared: torch.Size, output: torch.Size, batch_dim: int, batch_size: int) -> bool:
+    """Whether a tensor of shape ``shared`` is broadcast to ``output`` along ``batch_dim``."""
+    if len(output) <= batch_dim or output[batch_dim] != batch_size or len(shared) > len(output):
+        return False
+    offset = len(output) - len(shared)  # broadcasting aligns trailing dimensions
+    index = batch_dim - offset
+    return index < 0 or shared[index] == 1
+
+
+def plan_broadcasts(
+    losses: Tensor, records: list[Record], batch_dim: int, batch_size: int
+) -> tuple[list[BroadcastPlan], list[Record]]:
+    """Plans for the records whose single output is shared and only broadcast over the batch;
+    the other records are returned unchanged. Only records that can repeat their inputs per
+    example (:meth:`Record.insert_batch`) are considered."""
+    if losses.grad_fn is None or batch_size < 2:
+        return [], records
+    candidates = [r for r in records if len(r.edges) == 1 and r.can_insert_batch(batch_dim)]
+    if not candidates:
+        return [], records
+    consumers = _consumers(losses.grad_fn)
+    plans: list[BroadcastPlan] = []
+    rest: list[Record] = []
+    for record in records:
+        plan = _plan(record, consumers, batch_dim, batch_size) if record in candidates else None
+        if plan is None:
+            rest.append(record)
+        else:
+            plans.append(plan)
+    return plans, rest
+
+
+def _plan(record: Record, consumers: dict[Any, list[tuple[Any, int, int]]], batch_dim: int, batch_size: int) -> BroadcastPlan | None:
+    edge = record.edges[0]
+    shape = _output_shape(edge.node, edge.output_nr)
+    if shape is None or len(shape) < batch_dim:
+        return None
+    plan = BroadcastPlan(record, batch_dim, batch_size, shape)
+    # Walk the uses of the output; every one must end at a broadcasting node.
+    stack: list[tuple[Any, int, torch.Size, list[_Step]]] = [(edge.node, edge.output_nr, shape, [])]
+    while stack:
+        node, output_nr, value_shape, steps = stack.pop()
+        uses = [(c, slot) for c, slot, nr in consumers.get(node, []) if nr == output_nr]
+        if not uses:
+            return None  # the losses do not reach it (or through a path the walk cannot see)
+        for consumer, slot in uses:
+            name = _name(consumer)
+            step = _Step(consumer, slot, value_shape)
+            consumer_shape = _output_shape(consumer, 0)
+            if consumer_shape is None or len(consumer.next_functions) == 0:
+                return None
+            broadcasting = name in BROADCAST_NODES or name == EXPAND_NODE
+            if broadcasting and _broadcasts_over_batch(value_shape, consumer_shape, batch_dim, batch_size):
+                plan.paths.append((consumer, [step, *steps]))
+            elif _output_count(consumer) == 1 and (
+                name in SHAPE_NODES or (name in ELEMENTWISE_NODES and consumer_shape == value_shape)
+            ):
+                stack.append((consumer, 0, consumer_shape, [step, *steps]))
+            else:
+                return None
+        if len(plan.paths) > 64:
+            return None
+    return plan if plan.paths else None
+
+
+def _output_count(node: Any) -> int:
+    try:
+        return len(node._input_metadata)
+    except (AttributeError, TypeError):
+        return 0

@@ -1,0 +1,124 @@
+"""Calls whose output all examples share and that is only broadcast over the batch afterwards
+(T5's and MPNet's relative-position bias): per-example gradients from the ordinary backward pass
+instead of one backward pass per example, exact against the explicit Jacobian."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as tf
+from torch import Tensor, nn
+
+from hf_jd.autogram import Engine
+from hf_jd.autogram import _accumulate, engine as engine_module
+
+from ._reference import assert_gramian_matches, grads_of, jacobian, trainable
+from .test_zoo import ZOO
+
+B, T, HEADS = 4, 5, 2
+
+
+class SharedBias(nn.Module):
+    """Scores ``x Wᵀ`` per example plus a bias looked up once for all examples, then reshaped and
+    combined with the batch in the way given by ``mode``."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.mode = mode
+        self.table = nn.Embedding(7, HEADS)
+        self.proj = nn.Linear(3, HEADS * T)
+        self.buckets = torch.randint(0, 7, (T, T))
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        scores = self.proj(x).view(-1, HEADS, 1, T).expand(-1, HEADS, T, T)  # [B, H, T, T]
+        bias = self.table(self.buckets).permute(2, 0, 1).unsqueeze(0)  # [1, H, T, T], shared
+        if self.mode == "add":
+            combined = scores + bias
+        elif self.mode == "mask_then_add":  # T5 with padding: where(mask, bias, min) over the batch
+            combined = scores + torch.where(mask, bias, torch.finfo(bias.dtype).min / 2).clamp_min(-1e4)
+        elif self.mode == "expand":  # MPNet: bias.expand(B, ...) then added in each layer
+            expanded = bias.expand(x.shape[0], -1, -1, -1).contiguous()
+            combined = scores + expanded + expanded * 0.5
+        elif self.mode == "reused":  # the same bias added twice (two layers)
+            combined = (scores + bias).tanh() + bias
+        elif self.mode == "matmul":  # batched product: matmul expands the shared operand over the batch
+            combined = scores @ bias.squeeze(0)
+        elif self.mode == "nonlinear":  # an operation the planner does not follow: exact per-row path
+            combined = scores + bias.exp()
+        else:
+            raise AssertionError(self.mode)
+        return combined.tanh().flatten(1)
+
+
+def _losses(model: nn.Module) -> Tensor:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(B, 3, generator=generator)
+    mask = torch.rand(B, 1, T, T, generator=generator) > 0.3
+    out = model(x, mask)
+    return out.pow(2).mean(1) + out[:, :3].sum(1)
+
+
+def _count_per_row(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    original = _accumulate.grads_per_row
+    monkeypatch.setattr(engine_module, "grads_per_row", lambda *a: calls.append(1) or original(*a))
+    return calls
+
+
+@pytest.mark.parametrize("mode", ["add", "mask_then_add", "expand", "reused", "matmul"])
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_broadcast_bias_exact_without_per_row_pass(mode: str, single_backward: bool, monkeypatch) -> None:
+    per_row = _count_per_row(monkeypatch)
+    torch.manual_seed(0)
+    model = SharedBias(mode)
+    engine = Engine(model, single_backward=single_backward)
+    losses = _losses(model)
+    params = trainable(model)
+    jac = jacobian(losses, params)
+    gramian = engine.compute_gramian(losses, retain_graph=True)
+    assert_gramian_matches(gramian, jac)
+    assert per_row == []  # the shared bias got its per-example gradients from the ordinary pass
+    weights = torch.linspace(0.5, 1.5, B)
+    if single_backward:
+        engine.backward(weights)
+    else:
+        losses.backward(weights)
+    torch.testing.assert_close(grads_of(params), weights @ jac, rtol=1e-4, atol=1e-6)
+
+
+def test_other_uses_of_a_shared_output_keep_the_exact_per_row_path(monkeypatch) -> None:
+    per_row = _count_per_row(monkeypatch)
+    torch.manual_seed(0)
+    model = SharedBias("nonlinear")
+    engine = Engine(model)
+    losses = _losses(model)
+    assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, trainable(model)))
+    assert per_row == [1]
+
+
+@pytest.mark.parametrize("name", ["t5", "mpnet"])
+def test_relative_position_tables_use_the_ordinary_pass(name: str, monkeypatch) -> None:
+    per_row = _count_per_row(monkeypatch)
+    build, make_inputs = ZOO[name]
+    torch.manual_seed(0)
+    model = build().train()
+    engine = Engine(model)
+    inputs = make_inputs(4, 6, True)  # padding: T5 masks the bias with where(...) over the batch
+    out = model(**inputs)
+    scores = (out.logits if hasattr(out, "logits") else out[0]).float()
+    losses = scores.logsumexp(-1).reshape(4, -1).mean(1)
+    assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, trainable(model)))
+    assert per_row == []
+
+
+def test_t5_single_example_and_seq2seq_labels() -> None:
+    config = tf.T5Config(vocab_size=40, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
+                         relative_attention_num_buckets=8, decoder_start_token_id=0)
+    for batch in (1, 3):
+        torch.manual_seed(batch)
+        model = tf.T5ForConditionalGeneration(config).train()
+        engine = Engine(model)
+        ids, labels = torch.randint(1, 40, (batch, 6)), torch.randint(1, 40, (batch, 4))
+        logits = model(input_ids=ids, labels=labels).logits
+        losses = nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none").mean(1)
+        assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, trainable(model)))
