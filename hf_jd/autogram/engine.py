@@ -6,9 +6,11 @@ module saw (its input, its output's gradient edge); :meth:`Engine.compute_gramia
 the losses to those module outputs only (no parameter gradient is computed) and adds each
 parameter's contribution in closed form (Linear, Conv1D, Conv2d, Embedding, RMSNorm,
 LayerNorm) or by batched vector-Jacobian products on the existing graph (any other module).
-Parameters used by several modules (tied embeddings) get their cross terms. Calls whose tensors
-are not split by example (relative-position tables, regrouped or time-major rows) get exact
-per-row output gradients, after a verification of the grouping where one is possible.
+Parameters used by several modules (tied embeddings) get their cross terms. Tables looked up once
+for all examples and broadcast over the batch later (T5's relative-position bias) get per-example
+output gradients at the broadcasting node of the same pass (:mod:`._broadcast`). Other calls whose
+tensors are not split by example (regrouped or time-major rows) get exact per-row output
+gradients, after a verification of the grouping where one is possible.
 """
 
 from __future__ import annotations
