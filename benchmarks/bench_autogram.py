@@ -47,6 +47,8 @@ from transformers import (
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    T5Config,
+    T5ForConditionalGeneration,
 )
 
 from hf_jd.autogram import Engine
@@ -78,6 +80,8 @@ class Case:
     model: nn.Module
     inputs: dict[str, Tensor]
     losses: Callable[[nn.Module, dict[str, Tensor]], Tensor]  # per-example losses [B]
+    # torchjd's engine needs per-example position ids, which T5 (relative positions) does not take.
+    torchjd: bool = True
 
 
 def _bert_case(batch: int, length: int, vocab: int, hidden: int = 128, layers: int = 2) -> Case:
@@ -128,6 +132,23 @@ def _llama_case(batch: int, length: int, vocab: int) -> Case:
                 case.inputs, case.losses)
 
 
+def _t5_case(batch: int, length: int, vocab: int) -> Case:
+    config = T5Config(
+        vocab_size=vocab, d_model=128, d_kv=64, d_ff=512, num_layers=2, num_heads=2, decoder_start_token_id=0,
+    )
+    ids = torch.randint(1, vocab, (batch, length))
+    labels = torch.randint(1, vocab, (batch, max(1, length // 4)))
+
+    def losses(m: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
+        logits = m(**inputs).logits
+        return nn.functional.cross_entropy(logits.transpose(1, 2), inputs["labels"], reduction="none").mean(1)
+
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    model = T5ForConditionalGeneration(config).train()
+    name = f"T5-tiny seq2seq, relative-position bias (B={batch}, T={length}, V={vocab})"
+    return Case(name, model, inputs, losses, torchjd=False)
+
+
 def _steps(case: Case, weighting: Callable[[Tensor], Tensor]) -> tuple[dict[str, Step], dict[str, nn.Module]]:
     """The step of each variant, and the model it trains."""
     steps: dict[str, Step] = {}
@@ -165,6 +186,8 @@ def _steps(case: Case, weighting: Callable[[Tensor], Tensor]) -> tuple[dict[str,
     models["hf_jd-1bw"] = single_model
 
 
+    if not case.torchjd:
+        return steps, models
     try:
         from torchjd.autogram import Engine as TorchJDEngine
     except ImportError:
@@ -231,18 +254,26 @@ def _with_lora(case: Case, rank: int) -> Case:
     from peft import LoraConfig, get_peft_model
 
     gpt2 = isinstance(case.model, GPT2LMHeadModel)
-    targets = ["c_attn"] if gpt2 else ["query", "value"] if isinstance(case.model, BertForSequenceClassification) else [
-        "q_proj", "v_proj"]
+    if gpt2:
+        targets = ["c_attn"]
+    elif isinstance(case.model, BertForSequenceClassification):
+        targets = ["query", "value"]
+    elif isinstance(case.model, T5ForConditionalGeneration):
+        targets = ["q", "v"]
+    else:
+        targets = ["q_proj", "v_proj"]
     config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, fan_in_fan_out=gpt2)
     model = get_peft_model(case.model, config)
     for name, param in model.named_parameters():
         if "lora_B" in name:  # PEFT starts B at zero; a trained adapter is not
             nn.init.normal_(param, std=0.02)
-    return Case(f"{case.name} + LoRA r={rank}", model, case.inputs, case.losses)
+    return Case(f"{case.name} + LoRA r={rank}", model, case.inputs, case.losses, case.torchjd)
 
 
 def _to_device(case: Case, device: torch.device) -> Case:
-    return Case(case.name, case.model.to(device), {k: v.to(device) for k, v in case.inputs.items()}, case.losses)
+    return Case(
+        case.name, case.model.to(device), {k: v.to(device) for k, v in case.inputs.items()}, case.losses, case.torchjd
+    )
 
 
 def _cuda_peak_memory(step: Step, model: nn.Module) -> int:
@@ -353,7 +384,7 @@ def main() -> None:
     )
     parser.add_argument("--vocab", type=int, default=30522)
     parser.add_argument(
-        "--models", nargs="+", default=["bert", "gpt2"], choices=["bert", "gpt2", "llama", "bert-small", "bert-base", "gpt2-small"],
+        "--models", nargs="+", default=["bert", "gpt2"], choices=["bert", "gpt2", "llama", "t5", "bert-small", "bert-base", "gpt2-small"],
         help="bert/gpt2/llama: the tiny models of the issue; bert-small (H=256, 4 layers, B=32, T=128); bert-base (H=768, 12 layers, B=32, T=128) and "
         "gpt2-small (H=768, 12 layers, B=16, T=128, V=50257): real sizes, meant for a GPU",
     )
@@ -389,6 +420,8 @@ def main() -> None:
         cases += [_gpt2_case(16, 32, args.vocab)]
     if "llama" in args.models:
         cases += [_llama_case(16, 32, args.vocab)]
+    if "t5" in args.models:
+        cases += [_t5_case(16, 32, 1000)]
     if "bert-small" in args.models:
         cases += [_bert_case(32, 128, 30522, hidden=256, layers=4)]
     if "bert-base" in args.models:
