@@ -43,6 +43,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
+    DebertaV2Config,
+    DebertaV2ForSequenceClassification,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -147,6 +149,19 @@ def _t5_case(batch: int, length: int, vocab: int) -> Case:
     model = T5ForConditionalGeneration(config).train()
     name = f"T5-tiny seq2seq, relative-position bias (B={batch}, T={length}, V={vocab})"
     return Case(name, model, inputs, losses, torchjd=False)
+
+
+def _deberta_case(batch: int, length: int, vocab: int) -> Case:
+    """DeBERTa-v3's configuration at BERT-tiny's size (relative embeddings, shared attention keys)."""
+    config = DebertaV2Config(
+        vocab_size=vocab, hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512,
+        max_position_embeddings=512, relative_attention=True, position_buckets=256, max_relative_positions=-1,
+        pos_att_type=["p2c", "c2p"], norm_rel_ebd="layer_norm", share_att_key=True, position_biased_input=False,
+        num_labels=2,
+    )
+    case = _bert_case(batch, length, vocab)
+    name = f"DeBERTa-v3-tiny cls, relative embeddings (B={batch}, T={length}, V={vocab})"
+    return Case(name, DebertaV2ForSequenceClassification(config).train(), case.inputs, case.losses, torchjd=False)
 
 
 def _steps(case: Case, weighting: Callable[[Tensor], Tensor]) -> tuple[dict[str, Step], dict[str, nn.Module]]:
@@ -260,6 +275,8 @@ def _with_lora(case: Case, rank: int) -> Case:
         targets = ["query", "value"]
     elif isinstance(case.model, T5ForConditionalGeneration):
         targets = ["q", "v"]
+    elif isinstance(case.model, DebertaV2ForSequenceClassification):
+        targets = ["query_proj", "value_proj"]
     else:
         targets = ["q_proj", "v_proj"]
     config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, fan_in_fan_out=gpt2)
@@ -384,7 +401,7 @@ def main() -> None:
     )
     parser.add_argument("--vocab", type=int, default=30522)
     parser.add_argument(
-        "--models", nargs="+", default=["bert", "gpt2"], choices=["bert", "gpt2", "llama", "t5", "bert-small", "bert-base", "gpt2-small"],
+        "--models", nargs="+", default=["bert", "gpt2"], choices=["bert", "gpt2", "llama", "t5", "deberta", "bert-small", "bert-base", "gpt2-small"],
         help="bert/gpt2/llama: the tiny models of the issue; bert-small (H=256, 4 layers, B=32, T=128); bert-base (H=768, 12 layers, B=32, T=128) and "
         "gpt2-small (H=768, 12 layers, B=16, T=128, V=50257): real sizes, meant for a GPU",
     )
@@ -422,6 +439,8 @@ def main() -> None:
         cases += [_llama_case(16, 32, args.vocab)]
     if "t5" in args.models:
         cases += [_t5_case(16, 32, 1000)]
+    if "deberta" in args.models:
+        cases += [_deberta_case(16, 32, args.vocab)]
     if "bert-small" in args.models:
         cases += [_bert_case(32, 128, 30522, hidden=256, layers=4)]
     if "bert-base" in args.models:

@@ -53,8 +53,14 @@ ELEMENTWISE_NODES = frozenset({
 BROADCAST_NODES = frozenset({
     "AddBackward0", "DivBackward0", "MaskedFillBackward0", "MulBackward0", "SubBackward0", "WhereBackward0",
 })
-# ``expand`` reduces inside its backward: example e's contribution is the gradient's slice itself.
+# ``expand`` and ``repeat`` reduce inside their backward: example e's contribution is the gradient's
+# slice itself. ``repeat`` may tile a ``[k, …]`` tensor into ``[B k, …]`` (e.g. DeBERTa's position
+# keys for ``[B * heads, …]`` scores): example e owns the batch-major slice ``e k … e k + k - 1``.
 EXPAND_NODE = "ExpandBackward0"
+REPEAT_NODE = "RepeatBackward0"
+# Nodes of matrix products applying a weight to the shared input's last dimension (a Linear layer
+# on a shared table, e.g. DeBERTa's relative embeddings): the input slot that may be followed.
+LINEAR_NODES = {"AddmmBackward0": 1, "MmBackward0": 0}
 
 
 def _name(node: Any) -> str:
@@ -106,7 +112,7 @@ class BroadcastPlan:
     batch_dim: int
     num_examples: int
     output_shape: torch.Size
-    paths: list[tuple[Any, list[_Step]]] = field(default_factory=list)
+    paths: list[tuple[Any, list[_Step], int]] = field(default_factory=list)  # (node, steps, group size)
     grads: Tensor | None = None
     failed: bool = False
     fired: set[int] = field(default_factory=set)
@@ -116,24 +122,24 @@ class BroadcastPlan:
         """Whether every broadcasting node gave its per-example gradients (exactly once)."""
         return not self.failed and len(self.fired) == len(self.paths) and self.grads is not None
 
-    def _add(self, node: Any, steps: list[_Step], grad_output: Tensor) -> None:
+    def _add(self, node: Any, steps: list[_Step], group: int, grad_output: Tensor) -> None:
         if id(node) in self.fired:  # a second pass through the same node would double count
             self.failed = True
             return
         self.fired.add(id(node))
         terminal, *rest = steps
-        if _name(node) == EXPAND_NODE:
+        if _name(node) in (EXPAND_NODE, REPEAT_NODE):
             full = grad_output
         else:
             grads = node(grad_output)
             full = grads if isinstance(grads, Tensor) else grads[terminal.slot]
         bd = self.batch_dim
-        if full is None or full.dim() <= bd or full.shape[bd] != self.num_examples:
+        if full is None or full.dim() <= bd or full.shape[bd] != self.num_examples * group:
             self.failed = True  # not the unreduced, per-example gradient expected: exact path instead
             return
         per_example = []
         for example in range(self.num_examples):
-            grad = _reduce(full.narrow(bd, example, 1), terminal.shape)
+            grad = _reduce(full.narrow(bd, example * group, group), terminal.shape)
             for step in rest:
                 grads = step.node(grad)  # a tensor for single-input nodes, else a tuple
                 grad = _reduce(grads if isinstance(grads, Tensor) else grads[step.slot], step.shape)
@@ -145,15 +151,15 @@ class BroadcastPlan:
     def hooks(self) -> Iterator[None]:
         """Hooks on the broadcasting nodes that collect the per-example gradients (into ``grads``)."""
 
-        def hook_for(steps: list[_Step], node: Any) -> Any:
+        def hook_for(steps: list[_Step], node: Any, group: int) -> Any:
             def hook(grad_outputs: tuple[Tensor | None, ...]) -> None:
                 grad = grad_outputs[0]
                 if grad is not None:
-                    self._add(node, steps, grad)
+                    self._add(node, steps, group, grad)
 
             return hook
 
-        handles = [node.register_prehook(hook_for(steps, node)) for node, steps in self.paths]
+        handles = [node.register_prehook(hook_for(steps, node, group)) for node, steps, group in self.paths]
         try:
             yield
         finally:
@@ -171,13 +177,25 @@ def _reduce(grad: Tensor, shape: torch.Size) -> Tensor:
     return grad.sum_to_size(shape)
 
 
-def _broadcasts_over_batch(shared: torch.Size, output: torch.Size, batch_dim: int, batch_size: int) -> bool:
-    """Whether a tensor of shape ``shared`` is broadcast to ``output`` along ``batch_dim``."""
-    if len(output) <= batch_dim or output[batch_dim] != batch_size or len(shared) > len(output):
-        return False
+def _broadcast_group(name: str, shared: torch.Size, output: torch.Size, batch_dim: int, batch_size: int) -> int:
+    """How many entries along ``batch_dim`` each example owns when node ``name`` broadcasts a
+    tensor of shape ``shared`` to ``output``: 1 for a broadcast, ``k`` for a ``repeat`` of a
+    ``[k, …]`` tensor into ``[B k, …]``; 0 when it does not spread it over the batch."""
+    if len(output) <= batch_dim or len(shared) > len(output):
+        return 0
+    if name == REPEAT_NODE:
+        same_rank = len(shared) == len(output)
+        others_equal = same_rank and all(
+            a == b for i, (a, b) in enumerate(zip(shared, output)) if i != batch_dim
+        )
+        if others_equal and output[batch_dim] == batch_size * shared[batch_dim]:
+            return shared[batch_dim]
+        return 0
+    if output[batch_dim] != batch_size:
+        return 0
     offset = len(output) - len(shared)  # broadcasting aligns trailing dimensions
     index = batch_dim - offset
-    return index < 0 or shared[index] == 1
+    return 1 if index < 0 or shared[index] == 1 else 0
 
 
 def plan_broadcasts(
@@ -222,11 +240,19 @@ def _plan(record: Record, consumers: dict[Any, list[tuple[Any, int, int]]], batc
             consumer_shape = _output_shape(consumer, 0)
             if consumer_shape is None or len(consumer.next_functions) == 0:
                 return None
-            broadcasting = name in BROADCAST_NODES or name == EXPAND_NODE
-            if broadcasting and _broadcasts_over_batch(value_shape, consumer_shape, batch_dim, batch_size):
-                plan.paths.append((consumer, [step, *steps]))
+            group = 0
+            if name in BROADCAST_NODES or name in (EXPAND_NODE, REPEAT_NODE):
+                group = _broadcast_group(name, value_shape, consumer_shape, batch_dim, batch_size)
+            if group:
+                plan.paths.append((consumer, [step, *steps], group))
             elif _output_count(consumer) == 1 and (
-                name in SHAPE_NODES or (name in ELEMENTWISE_NODES and consumer_shape == value_shape)
+                name in SHAPE_NODES
+                or (name in ELEMENTWISE_NODES and consumer_shape == value_shape)
+                or (
+                    LINEAR_NODES.get(name) == slot
+                    and len(consumer_shape) == len(value_shape)
+                    and consumer_shape[:-1] == value_shape[:-1]
+                )
             ):
                 stack.append((consumer, 0, consumer_shape, [step, *steps]))
             else:

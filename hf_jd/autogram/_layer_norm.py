@@ -27,6 +27,8 @@ def is_layer_norm(module: nn.Module) -> bool:
 class LayerNormRecord(Record):
     """One call of an ``nn.LayerNorm``."""
 
+    inserts_batch = True
+
     def __init__(
         self,
         module: nn.Module,

@@ -30,6 +30,8 @@ def is_conv1d(module: nn.Module) -> bool:
 class LinearRecord(OuterProductRecord):
     """One call ``y = x Wᵀ + b`` (or ``x W + b`` for ``Conv1D``) on inputs ``[..., d_in]``."""
 
+    inserts_batch = True
+
     def __init__(
         self,
         module: nn.Module,

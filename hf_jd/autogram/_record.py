@@ -29,6 +29,9 @@ def compute_dtype(param: Tensor) -> torch.dtype:
 class Record(ABC):
     """One captured call of a module with direct trainable parameters.
 
+    Subclasses whose contribution is computed from the captured ``inputs`` and the output gradients
+    alone set ``inserts_batch = True`` (see :meth:`insert_batch`).
+
     Parameters
     ----------
     module
@@ -38,6 +41,8 @@ class Record(ABC):
     params
         Its direct trainable parameters at call time, by attribute name.
     """
+
+    inserts_batch = False
 
     def __init__(self, module: nn.Module, module_name: str, params: dict[str, nn.Parameter]) -> None:
         self.module = module
@@ -97,13 +102,21 @@ class Record(ABC):
         self.inputs = inputs.unflatten(batch_dim, (num_examples, -1))
 
     def can_insert_batch(self, batch_dim: int) -> bool:
-        """Whether :meth:`insert_batch` can give this call's captured tensors a batch dimension."""
-        return False
+        """Whether :meth:`insert_batch` can give this call's captured tensors a batch dimension
+        (records whose contribution depends on the captured ``inputs`` and the output gradients
+        only, which set :attr:`inserts_batch`)."""
+        inputs = getattr(self, "inputs", None)
+        return self.inserts_batch and isinstance(inputs, Tensor) and batch_dim <= inputs.dim()
 
     def insert_batch(self, num_examples: int, batch_dim: int) -> None:
         """Repeat the captured tensors of a call whose output all examples share, once per example
         along a new ``batch_dim`` (its per-example output gradients then come with that dimension)."""
-        raise TypeError(f"{type(self).__name__} cannot repeat its captured tensors per example.")
+        inputs = getattr(self, "inputs", None)
+        if not isinstance(inputs, Tensor):
+            raise TypeError(f"{type(self).__name__} cannot repeat its captured tensors per example.")
+        shape = list(inputs.shape)
+        shape.insert(batch_dim, num_examples)
+        self.inputs = inputs.unsqueeze(batch_dim).expand(shape)
 
     def weights_table(self, weights: Tensor) -> Tensor:
         """The loss weights ``[R]`` (or ``[E, m]``) as the ``[E, m]`` table of this record's layout."""

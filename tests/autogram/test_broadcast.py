@@ -122,3 +122,83 @@ def test_t5_single_example_and_seq2seq_labels() -> None:
         logits = model(input_ids=ids, labels=labels).logits
         losses = nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none").mean(1)
         assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, trainable(model)))
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_deberta_v3_relative_embeddings_use_the_ordinary_pass(single_backward: bool, monkeypatch) -> None:
+    """DeBERTa-v3's configuration: the relative embeddings are layer-normalised, projected by the
+    attention's own query and key layers (shared keys), then repeated over ``[B * heads, …]``."""
+    per_row = _count_per_row(monkeypatch)
+    config = tf.DebertaV2Config(
+        vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=16, relative_attention=True, position_buckets=4, max_relative_positions=8,
+        pos_att_type=["p2c", "c2p"], norm_rel_ebd="layer_norm", share_att_key=True, position_biased_input=False,
+        num_labels=3,
+    )
+    torch.manual_seed(0)
+    model = tf.DebertaV2ForSequenceClassification(config).train()
+    engine = Engine(model, single_backward=single_backward)
+    ids = torch.randint(3, 40, (B, 7))
+    mask = torch.ones_like(ids)
+    mask[0, -2:] = 0
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    losses = nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2, 1]), reduction="none")
+    params = trainable(model)
+    jac = jacobian(losses, params)
+    assert_gramian_matches(engine.compute_gramian(losses, retain_graph=True), jac)
+    assert per_row == []
+    weights = torch.linspace(0.5, 1.5, B)
+    if single_backward:
+        engine.backward(weights)
+    else:
+        losses.backward(weights)
+    torch.testing.assert_close(grads_of(params), weights @ jac, rtol=1e-4, atol=1e-6)
+
+
+def test_deberta_v3_shared_relative_layer_norm_alone(monkeypatch) -> None:
+    """Only the relative embeddings' LayerNorm trainable: its per-example gradients come only
+    through the repeated ``[B * heads, …]`` position keys and queries (a strict check of the
+    batch-major slicing, which the whole model's Gramian would hide under larger terms)."""
+    per_row = _count_per_row(monkeypatch)
+    config = tf.DebertaV2Config(
+        vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=16, relative_attention=True, position_buckets=4, max_relative_positions=8,
+        pos_att_type=["p2c", "c2p"], norm_rel_ebd="layer_norm", share_att_key=True, position_biased_input=False,
+        num_labels=3, initializer_range=0.5,
+    )
+    torch.manual_seed(0)
+    model = tf.DebertaV2ForSequenceClassification(config).eval()
+    norm = model.deberta.encoder.LayerNorm
+    model.requires_grad_(False)
+    norm.requires_grad_(True)
+    engine = Engine(model)
+    logits = model(input_ids=torch.randint(3, 40, (B, 7))).logits
+    losses = logits.pow(2).sum(1)
+    jac = jacobian(losses, trainable(norm))
+    gramian = engine.compute_gramian(losses)
+    assert per_row == []
+    assert float(jac.norm()) > 1e-2
+    assert_gramian_matches(gramian, jac)
+
+
+@pytest.mark.parametrize("name", ["t5", "mpnet"])
+def test_relative_position_tables_alone(name: str, monkeypatch) -> None:
+    """Only the relative-position tables trainable: the Gramian is theirs alone, a strict check."""
+    per_row = _count_per_row(monkeypatch)
+    build, make_inputs = ZOO[name]
+    torch.manual_seed(0)
+    model = build().train()
+    model.requires_grad_(False)
+    tables = [m for n, m in model.named_modules() if n.endswith("relative_attention_bias")]
+    assert tables
+    for table in tables:
+        nn.init.normal_(table.weight, std=1.0)
+        table.requires_grad_(True)
+    engine = Engine(model)
+    out = model(**make_inputs(4, 6, True))
+    scores = (out.logits if hasattr(out, "logits") else out[0]).float()
+    losses = scores.logsumexp(-1).reshape(4, -1).mean(1)
+    jac = jacobian(losses, trainable(model))
+    assert float(jac.norm()) > 1e-3
+    assert_gramian_matches(engine.compute_gramian(losses), jac)
+    assert per_row == []
