@@ -26,6 +26,7 @@ from ._accumulate import Accumulator, grads_at_once, grads_per_row, grads_stream
 from ._broadcast import BroadcastPlan, plan_broadcasts
 from ._capture import Capture
 from ._deliver import deliver_gradients
+from ._embedding import EmbeddingRecord
 from ._generic import GenericRecord
 from ._layout import RowLayout, layout_of_losses
 from ._record import Record
@@ -239,17 +240,34 @@ class Engine:
         if unaligned:
             records = [record for record in records if record.batched]
         plans: list[BroadcastPlan] = []
-        if unaligned and layout.num_tasks == 1 and not batched:
+        # Modules seen with tensors not split along batch_dim (e.g. time-major layouts) other than the
+        # calls below make batch sizes ambiguous: then every such call keeps the exact per-row path.
+        shared_modules = {id(record.module) for record in unaligned}
+        ambiguous = any(
+            info.unaligned and id(info.module) not in shared_modules for info in capture.infos.values()
+        )
+        # Embedding lookups whose ids have the batch size along batch_dim only by coincidence (T5's
+        # [T, T] buckets with T examples): shared if a plan below proves it, else batched as they look.
+        lookalikes: list[Record] = []
+        if layout.num_tasks == 1 and not batched and not ambiguous and layout.batch_dim is not None:
+            lookalikes = [
+                record
+                for record in records
+                if isinstance(record, EmbeddingRecord)
+                and record.maybe_shared(layout.batch_dim, layout.num_examples, capture.root_storages)
+            ]
+        if (unaligned or lookalikes) and layout.num_tasks == 1 and not batched and not ambiguous:
             # Outputs shared by all examples and only broadcast over the batch further on (T5's
             # relative-position bias): per-example gradients from the ordinary pass.
             assert layout.batch_dim is not None
-            plans, rest = plan_broadcasts(losses, unaligned, layout.batch_dim, layout.num_examples)
-            if rest:
-                plans = []
-            else:
+            plans, rest = plan_broadcasts(losses, unaligned + lookalikes, layout.batch_dim, layout.num_examples)
+            if any(record in unaligned for record in rest):
+                plans = []  # the unaligned calls take the exact paths below; lookalikes stay batched
+            elif plans:
+                planned = {id(plan.record) for plan in plans}
                 unaligned = []
-                records = records + [plan.record for plan in plans]
-                accumulator.deferred = {id(plan.record) for plan in plans}
+                records = [record for record in records if id(record) not in planned] + [p.record for p in plans]
+                accumulator.deferred = planned
                 retain = True  # kept for the exact per-row path, should a plan fail
         capture.computing = True
         try:

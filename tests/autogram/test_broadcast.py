@@ -202,3 +202,17 @@ def test_relative_position_tables_alone(name: str, monkeypatch) -> None:
     assert float(jac.norm()) > 1e-3
     assert_gramian_matches(engine.compute_gramian(losses), jac)
     assert per_row == []
+
+
+def test_shared_table_with_the_batch_size_is_recognised(monkeypatch) -> None:
+    """T5 with as many tokens as examples: its ``[T, T]`` bucket ids look batched along dim 0. The
+    lookup's uses (broadcast from size 1 over the batch) show that it is shared: exact, one pass."""
+    per_row = _count_per_row(monkeypatch)
+    build, make_inputs = ZOO["t5"]
+    torch.manual_seed(0)
+    model = build().train()
+    engine = Engine(model)
+    out = model(**make_inputs(5, 5, False))  # encoder bias [5, 5, heads] with 5 examples
+    losses = out.logits.float().logsumexp(-1).mean(1)
+    assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, trainable(model)))
+    assert per_row == []
