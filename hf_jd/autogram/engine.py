@@ -47,6 +47,22 @@ class _Bound:
     uncovered: list[Tensor]
 
 
+def _coincident_sizes(record: Record, batch_dim: int, batch_size: int) -> bool:
+    """Whether an output of the call with at least 3 dimensions (e.g. ``[B, T, d]`` or ``[T, B, d]``)
+    has the batch size along ``batch_dim`` and along another dimension too."""
+    if batch_size < 2:
+        return False
+    for edge in record.edges:
+        try:
+            shape = tuple(edge.node._input_metadata[edge.output_nr].shape)
+        except (AttributeError, IndexError, TypeError):
+            continue
+        if len(shape) >= 3 and len(shape) > batch_dim and shape[batch_dim] == batch_size:
+            if any(size == batch_size for i, size in enumerate(shape) if i != batch_dim):
+                return True
+    return False
+
+
 class Engine:
     """Computes the Gramian of the Jacobian of a vector of losses w.r.t. the trainable parameters
     of the given modules, during a backward pass that never holds the Jacobian.
@@ -246,6 +262,12 @@ class Engine:
         ambiguous = any(
             info.unaligned and id(info.module) not in shared_modules for info in capture.infos.values()
         )
+        # Tensors with the batch size along batch_dim and along another dimension (e.g. [B, T, d] with
+        # T = B) cannot show whether they are batch- or time-major: their grouping is then verified.
+        coincident = layout.num_tasks == 1 and layout.batch_dim is not None and any(
+            _coincident_sizes(record, layout.batch_dim, layout.num_examples) for record in records
+        )
+        ambiguous = ambiguous or coincident
         # Embedding lookups whose ids have the batch size along batch_dim only by coincidence (T5's
         # [T, T] buckets with T examples): shared if a plan below proves it, else batched as they look.
         lookalikes: list[Record] = []
@@ -271,7 +293,7 @@ class Engine:
                 retain = True  # kept for the exact per-row path, should a plan fail
         capture.computing = True
         try:
-            if unaligned and layout.num_tasks == 1:
+            if (unaligned or coincident) and layout.num_tasks == 1:
                 # Tensors not split by example: the model moves examples around, so every call
                 # whose shapes allow a per-example grouping has it verified (one backward pass
                 # over two vectors); the others and the failures take the exact per-row path.

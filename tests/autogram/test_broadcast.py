@@ -204,10 +204,9 @@ def test_relative_position_tables_alone(name: str, monkeypatch) -> None:
     assert per_row == []
 
 
-def test_shared_table_with_the_batch_size_is_recognised(monkeypatch) -> None:
-    """T5 with as many tokens as examples: its ``[T, T]`` bucket ids look batched along dim 0. The
-    lookup's uses (broadcast from size 1 over the batch) show that it is shared: exact, one pass."""
-    per_row = _count_per_row(monkeypatch)
+def test_tables_and_layers_with_the_batch_size_elsewhere_are_exact(monkeypatch) -> None:
+    """T5 with as many tokens as examples: its layers' [B, T, d] tensors and its [T, T] buckets have
+    the batch size along two dimensions; the grouping by example is then verified, exactly."""
     build, make_inputs = ZOO["t5"]
     torch.manual_seed(0)
     model = build().train()
@@ -215,4 +214,3 @@ def test_shared_table_with_the_batch_size_is_recognised(monkeypatch) -> None:
     out = model(**make_inputs(5, 5, False))  # encoder bias [5, 5, heads] with 5 examples
     losses = out.logits.float().logsumexp(-1).mean(1)
     assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, trainable(model)))
-    assert per_row == []

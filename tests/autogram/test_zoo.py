@@ -456,3 +456,22 @@ def test_zoo_mamba_functional_use_of_a_submodule_is_rejected() -> None:
     Engine(model)
     with pytest.raises(RuntimeError, match=r"MambaMixer.*'conv1d'.*without calling it.*autojac"):
         model(**_text()(2, 5, False))
+
+
+@pytest.mark.parametrize(("name", "batch"), [("xlnet", 4), ("bert", 5)])
+def test_zoo_length_equal_to_batch_size(name: str, batch: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tensors [T, B, d] (XLNet is time-major) or [B, T, d] with T = B: the layout cannot be read off
+    the shapes, so the grouping by example is verified (one extra batched pass) and, for XLNet, the
+    exact per-row path is taken: exact either way."""
+    from hf_jd.autogram import engine as engine_module
+
+    verified: list[int] = []
+    original = engine_module.grads_verified
+    monkeypatch.setattr(engine_module, "grads_verified", lambda *a: verified.append(1) or original(*a))
+    if name == "xlnet":
+        model = tf.XLNetLMHeadModel(tf.XLNetConfig(vocab_size=V, d_model=16, n_layer=2, n_head=2, d_inner=32))
+    else:
+        model = tf.BertForMaskedLM(tf.BertConfig(vocab_size=V, max_position_embeddings=16, **ENC))
+    torch.manual_seed(0)
+    _check(model.train(), _text()(batch, batch, True), batch)
+    assert verified
