@@ -203,12 +203,7 @@ def plan_broadcasts(
 ) -> tuple[list[BroadcastPlan], list[Record]]:
     """Plans for the records whose single output is shared and only broadcast over the batch;
     the other records are returned unchanged. Only records that can repeat their inputs per
-    example (:meth:`Record.insert_batch`) are considered.
-
-    A plan needs every use of the output to reach the batch by a broadcast from size 1 (or a
-    batch-major ``repeat``), which a tensor already split by example cannot satisfy: a plan is also
-    the proof that a call whose output happens to have the batch size along ``batch_dim`` is shared.
-    """
+    example (:meth:`Record.insert_batch`) are considered."""
     if losses.grad_fn is None or batch_size < 2:
         return [], records
     candidates = [r for r in records if len(r.edges) == 1 and r.can_insert_batch(batch_dim)]

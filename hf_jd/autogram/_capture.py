@@ -94,8 +94,6 @@ class Capture:
         self.batch_size = 0
         self.batch_source = ""
         self.batch_from_root = False  # whether batch_size was read from a root module's inputs
-        # Storages of the root modules' tensor inputs (e.g. input_ids): tensors viewing them are data.
-        self.root_storages: set[int] = set()
         self.completed_roots: set[int] = set()
         self.root_ids: set[int] = {id(root) for root in roots}
         self._register()
@@ -115,7 +113,6 @@ class Capture:
         self.batch_size = 0
         self.batch_source = ""
         self.batch_from_root = False
-        self.root_storages = set()
         self.completed_roots = set()
 
     def remove(self) -> None:
@@ -211,7 +208,6 @@ class Capture:
             for value in itertools.chain(args, kwargs.values()):
                 for tensor in tensors_in(value):
                     self.note_batch(tensor, f"an input of {type(module).__name__}", from_root=True)
-                    self.root_storages.add(tensor.untyped_storage().data_ptr())
         self.depth += 1
 
     def _root_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:

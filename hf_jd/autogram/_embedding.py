@@ -94,20 +94,6 @@ class EmbeddingRecord(Record):
             ids = ids.expand(output.shape[:-1])
         self.ids = ids
 
-    def maybe_shared(self, batch_dim: int, batch_size: int, data_storages: set[int]) -> bool:
-        """Whether ids that look batched (size ``batch_size`` along ``batch_dim``) may instead be a
-        table computed inside the model for all examples, e.g. T5's ``[T, T]`` relative-position
-        buckets with as many tokens as examples: computed (not a view of the model's inputs) and
-        not broadcast."""
-        ids = getattr(self, "ids", None)
-        return (
-            isinstance(ids, Tensor)
-            and ids.dim() > batch_dim
-            and ids.shape[batch_dim] == batch_size
-            and ids.stride(batch_dim) != 0
-            and ids.untyped_storage().data_ptr() not in data_storages
-        )
-
     def can_insert_batch(self, batch_dim: int) -> bool:
         return isinstance(getattr(self, "ids", None), Tensor) and batch_dim <= self.ids.dim()
 

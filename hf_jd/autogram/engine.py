@@ -26,7 +26,6 @@ from ._accumulate import Accumulator, grads_at_once, grads_per_row, grads_stream
 from ._broadcast import BroadcastPlan, plan_broadcasts
 from ._capture import Capture
 from ._deliver import deliver_gradients
-from ._embedding import EmbeddingRecord
 from ._generic import GenericRecord
 from ._layout import RowLayout, layout_of_losses
 from ._record import Record
@@ -268,28 +267,17 @@ class Engine:
             _coincident_sizes(record, layout.batch_dim, layout.num_examples) for record in records
         )
         ambiguous = ambiguous or coincident
-        # Embedding lookups whose ids have the batch size along batch_dim only by coincidence (T5's
-        # [T, T] buckets with T examples): shared if a plan below proves it, else batched as they look.
-        lookalikes: list[Record] = []
-        if layout.num_tasks == 1 and not batched and not ambiguous and layout.batch_dim is not None:
-            lookalikes = [
-                record
-                for record in records
-                if isinstance(record, EmbeddingRecord)
-                and record.maybe_shared(layout.batch_dim, layout.num_examples, capture.root_storages)
-            ]
-        if (unaligned or lookalikes) and layout.num_tasks == 1 and not batched and not ambiguous:
+        if unaligned and layout.num_tasks == 1 and not batched and not ambiguous:
             # Outputs shared by all examples and only broadcast over the batch further on (T5's
             # relative-position bias): per-example gradients from the ordinary pass.
             assert layout.batch_dim is not None
-            plans, rest = plan_broadcasts(losses, unaligned + lookalikes, layout.batch_dim, layout.num_examples)
-            if any(record in unaligned for record in rest):
-                plans = []  # the unaligned calls take the exact paths below; lookalikes stay batched
-            elif plans:
-                planned = {id(plan.record) for plan in plans}
+            plans, rest = plan_broadcasts(losses, unaligned, layout.batch_dim, layout.num_examples)
+            if rest:
+                plans = []  # every such call takes the exact paths below
+            else:
                 unaligned = []
-                records = [record for record in records if id(record) not in planned] + [p.record for p in plans]
-                accumulator.deferred = planned
+                records = records + [plan.record for plan in plans]
+                accumulator.deferred = {id(plan.record) for plan in plans}
                 retain = True  # kept for the exact per-row path, should a plan fail
         capture.computing = True
         try:
