@@ -39,12 +39,15 @@ class Accumulator:
         # Records whose output gradients are collected elsewhere during the pass (ids): ignored here.
         self.deferred: set[int] = set()
 
-    def add(self, record: Record, grads: list[Tensor | None], layout: RowLayout | None = None) -> None:
+    def add(
+        self, record: Record, grads: list[Tensor | None], layout: RowLayout | None = None, deferred_ok: bool = False
+    ) -> None:
         """Bind a record to its batched output gradients and add what can be added now.
 
-        ``layout`` overrides the engine's layout (for records given one gradient per loss row).
+        ``layout`` overrides the engine's layout (for records given one gradient per loss row);
+        ``deferred_ok`` adds a record listed in ``deferred`` (from the code collecting its gradients).
         """
-        if all(grad is None for grad in grads) or id(record) in self.deferred:
+        if all(grad is None for grad in grads) or (id(record) in self.deferred and not deferred_ok):
             return  # the losses do not depend on this call, or its gradients come per example later
         record.keep_rows = self.keep
         record.bind(grads, self.layout if layout is None else layout)

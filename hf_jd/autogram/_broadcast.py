@@ -22,7 +22,7 @@ other use of their output keep the exact per-row path of the engine.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -116,11 +116,15 @@ class BroadcastPlan:
     grads: Tensor | None = None
     failed: bool = False
     fired: set[int] = field(default_factory=set)
+    # Called with the plan and its per-example gradients once every broadcasting node has given its
+    # share (then ``grads`` is released and ``added`` set).
+    on_complete: Callable[[BroadcastPlan, Tensor], None] | None = None
+    added: bool = False
 
     @property
     def complete(self) -> bool:
         """Whether every broadcasting node gave its per-example gradients (exactly once)."""
-        return not self.failed and len(self.fired) == len(self.paths) and self.grads is not None
+        return not self.failed and len(self.fired) == len(self.paths) and (self.grads is not None or self.added)
 
     def _add(self, node: Any, steps: list[_Step], group: int, grad_output: Tensor) -> None:
         if id(node) in self.fired:  # a second pass through the same node would double count
@@ -146,6 +150,10 @@ class BroadcastPlan:
             per_example.append(grad)
         stacked = torch.stack(per_example, dim=self.batch_dim)
         self.grads = stacked if self.grads is None else self.grads + stacked
+        if self.complete and self.on_complete is not None:
+            grads, self.grads = self.grads, None
+            self.added = True
+            self.on_complete(self, grads)  # e.g. add the contribution now and free the gradients
 
     @contextmanager
     def hooks(self) -> Iterator[None]:

@@ -279,6 +279,15 @@ class Engine:
                 records = records + [plan.record for plan in plans]
                 accumulator.deferred = {id(plan.record) for plan in plans}
                 retain = True  # kept for the exact per-row path, should a plan fail
+
+                def add_shared(plan: BroadcastPlan, grads: Tensor) -> None:
+                    # As soon as the pass has given all of a shared call's per-example gradients (the
+                    # summed gradient the pass then hands the same call stays ignored).
+                    plan.record.insert_batch(layout.num_examples, plan.batch_dim)
+                    accumulator.add(plan.record, [grads.unsqueeze(0)], deferred_ok=True)
+
+                for plan in plans:
+                    plan.on_complete = add_shared
         capture.computing = True
         try:
             if (unaligned or coincident) and layout.num_tasks == 1:
@@ -301,18 +310,13 @@ class Engine:
         finally:
             capture.computing = False
         accumulator.deferred = set()
-        failed = [plan.record for plan in plans if not plan.complete]
+        failed = [plan.record for plan in plans if not plan.added]
         if failed:  # a broadcasting node did not give per-example gradients: the exact per-row path
             capture.computing = True
             try:
                 grads_per_row(losses, layout, failed, accumulator)
             finally:
                 capture.computing = False
-        for plan in plans:
-            if plan.complete:
-                assert plan.grads is not None
-                plan.record.insert_batch(layout.num_examples, plan.batch_dim)
-                accumulator.add(plan.record, [plan.grads.unsqueeze(0)])
         del records
         gramian = accumulator.finish()
         if self._single_backward:
