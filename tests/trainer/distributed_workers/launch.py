@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -56,13 +57,16 @@ def torchrun(script: Path, args: list[str], *, nproc: int = 2, timeout: float = 
     """Run ``script`` under ``torch.distributed.run`` with ``nproc`` processes on a free port.
 
     The port is picked just before the start; if another program takes it meanwhile, the run is
-    retried once on a new port.
+    retried once on a new port. A run that fails otherwise is also retried once, on a new port, with
+    a warning that carries its output (gloo's TCP connections between the processes occasionally
+    break on a loaded machine); a second failure raises with both outputs.
     """
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([p for p in (env.get("PYTHONPATH"), str(REPO)) if p])
     env.setdefault("OMP_NUM_THREADS", "1")
     env["HF_HUB_OFFLINE"] = "1"
     env["TOKENIZERS_PARALLELISM"] = "false"
+    first_failure = ""
     for attempt in range(2):
         command = [
             sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
@@ -71,10 +75,11 @@ def torchrun(script: Path, args: list[str], *, nproc: int = 2, timeout: float = 
         result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=str(REPO))
         if result.returncode == 0:
             return result
-        if attempt == 0 and any(text in result.stderr for text in PORT_TAKEN):
-            continue
-        break
+        if attempt == 0:
+            first_failure = result.stderr[-6000:]
+            if not any(text in result.stderr for text in PORT_TAKEN):
+                warnings.warn(f"torchrun failed once (code {result.returncode}); retrying. stderr:\n{first_failure}")
     raise RuntimeError(
-        f"torchrun failed with code {result.returncode}.\n"
-        f"stdout:\n{result.stdout[-4000:]}\nstderr:\n{result.stderr[-6000:]}"
+        f"torchrun failed twice, with code {result.returncode}.\n"
+        f"stdout:\n{result.stdout[-4000:]}\nstderr:\n{result.stderr[-6000:]}\nfirst stderr:\n{first_failure}"
     )
