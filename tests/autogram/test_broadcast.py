@@ -58,6 +58,18 @@ def _losses(model: nn.Module) -> Tensor:
     return out.pow(2).mean(1) + out[:, :3].sum(1)
 
 
+def _assert_weighted_update(
+    engine: Engine, losses: Tensor, params: list[nn.Parameter], jac: Tensor, single_backward: bool
+) -> None:
+    """The weighted backward after the Gramian writes ``wᵀ J`` into ``.grad``."""
+    weights = torch.linspace(0.5, 1.5, losses.shape[0])
+    if single_backward:
+        engine.backward(weights)
+    else:
+        losses.backward(weights)
+    torch.testing.assert_close(grads_of(params), weights @ jac, rtol=1e-4, atol=1e-6)
+
+
 def _count_per_row(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
     original = _accumulate.grads_per_row
@@ -78,12 +90,7 @@ def test_broadcast_bias_exact_without_per_row_pass(mode: str, single_backward: b
     gramian = engine.compute_gramian(losses, retain_graph=True)
     assert_gramian_matches(gramian, jac)
     assert per_row == []  # the shared bias got its per-example gradients from the ordinary pass
-    weights = torch.linspace(0.5, 1.5, B)
-    if single_backward:
-        engine.backward(weights)
-    else:
-        losses.backward(weights)
-    torch.testing.assert_close(grads_of(params), weights @ jac, rtol=1e-4, atol=1e-6)
+    _assert_weighted_update(engine, losses, params, jac, single_backward)
 
 
 def test_other_uses_of_a_shared_output_keep_the_exact_per_row_path(monkeypatch) -> None:
@@ -147,12 +154,7 @@ def test_deberta_v3_relative_embeddings_use_the_ordinary_pass(single_backward: b
     jac = jacobian(losses, params)
     assert_gramian_matches(engine.compute_gramian(losses, retain_graph=True), jac)
     assert per_row == []
-    weights = torch.linspace(0.5, 1.5, B)
-    if single_backward:
-        engine.backward(weights)
-    else:
-        losses.backward(weights)
-    torch.testing.assert_close(grads_of(params), weights @ jac, rtol=1e-4, atol=1e-6)
+    _assert_weighted_update(engine, losses, params, jac, single_backward)
 
 
 def test_deberta_v3_shared_relative_layer_norm_alone(monkeypatch) -> None:
