@@ -401,9 +401,11 @@ def main() -> None:
     )
     parser.add_argument("--vocab", type=int, default=30522)
     parser.add_argument(
-        "--models", nargs="+", default=["bert", "gpt2"], choices=["bert", "gpt2", "llama", "t5", "deberta", "bert-small", "bert-base", "gpt2-small"],
-        help="bert/gpt2/llama: the tiny models of the issue; bert-small (H=256, 4 layers, B=32, T=128); bert-base (H=768, 12 layers, B=32, T=128) and "
-        "gpt2-small (H=768, 12 layers, B=16, T=128, V=50257): real sizes, meant for a GPU",
+        "--models", nargs="+", default=["bert", "gpt2"],
+        choices=["bert", "gpt2", "llama", "t5", "deberta", "bert-small", "bert-base", "gpt2-small"],
+        help="bert/gpt2/llama: the tiny models of the issue; t5, deberta: tiny models with relative positions; "
+        "bert-small (H=256, 4 layers, B=32, T=128); bert-base (H=768, 12 layers, B=32, T=128) and gpt2-small "
+        "(H=768, 12 layers, B=16, T=128, V=50257): real sizes, meant for a GPU",
     )
     parser.add_argument(
         "--variants", nargs="+", default=None, choices=["hf_jd-1bw", "torchjd"],

@@ -30,9 +30,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._accumulate import Accumulator
 from ._record import Record
 
-__all__ = ["BroadcastPlan", "plan_broadcasts"]
+__all__ = ["BroadcastPlan", "attach_plans", "plan_broadcasts"]
 
 # Nodes of operations that only move, select or convert entries (their backward is linear and
 # needs no saved tensor), through which a shared output may pass before being broadcast.
@@ -206,30 +207,42 @@ def _broadcast_group(name: str, shared: torch.Size, output: torch.Size, batch_di
     return 1 if index < 0 or shared[index] == 1 else 0
 
 
-def plan_broadcasts(
-    losses: Tensor, records: list[Record], batch_dim: int, batch_size: int
-) -> tuple[list[BroadcastPlan], list[Record]]:
-    """Plans for the records whose single output is shared and only broadcast over the batch;
-    the other records are returned unchanged. Only records that can repeat their inputs per
-    example (:meth:`Record.insert_batch`) are considered."""
+def plan_broadcasts(losses: Tensor, records: list[Record], batch_dim: int, batch_size: int) -> list[BroadcastPlan]:
+    """One plan per record when every record's single output is shared and only broadcast over the
+    batch, else none (all of them then take the exact paths). Only records that can repeat their
+    inputs per example (:meth:`Record.insert_batch`) can be planned."""
     if losses.grad_fn is None or batch_size < 2:
-        return [], records
-    candidates = [r for r in records if len(r.edges) == 1 and r.can_insert_batch(batch_dim)]
-    if not candidates:
-        return [], records
+        return []
+    if not all(len(r.edges) == 1 and r.can_insert_batch(batch_dim) for r in records):
+        return []
     consumers = _consumers(losses.grad_fn)
     plans: list[BroadcastPlan] = []
-    rest: list[Record] = []
     for record in records:
-        plan = _plan(record, consumers, batch_dim, batch_size) if record in candidates else None
+        plan = _plan(record, consumers, batch_dim, batch_size)
         if plan is None:
-            rest.append(record)
-        else:
-            plans.append(plan)
-    return plans, rest
+            return []
+        plans.append(plan)
+    return plans
 
 
-def _plan(record: Record, consumers: dict[Any, list[tuple[Any, int, int]]], batch_dim: int, batch_size: int) -> BroadcastPlan | None:
+def attach_plans(plans: list[BroadcastPlan], accumulator: Accumulator) -> None:
+    """Have ``accumulator`` ignore the summed output gradients the pass gives the planned calls and
+    add each call's per-example contribution as soon as its plan is complete."""
+    accumulator.deferred = {id(plan.record) for plan in plans}
+    num_examples = accumulator.layout.num_examples
+
+    def add(plan: BroadcastPlan, grads: Tensor) -> None:
+        plan.record.insert_batch(num_examples, plan.batch_dim)
+        accumulator.add(plan.record, [grads.unsqueeze(0)], deferred_ok=True)
+
+    for plan in plans:
+        plan.on_complete = add
+
+
+def _plan(
+    record: Record, consumers: dict[Any, list[tuple[Any, int, int]]], batch_dim: int, batch_size: int
+) -> BroadcastPlan | None:
+    """The plan of one record, or ``None`` when a use of its output is not a broadcast path."""
     edge = record.edges[0]
     shape = _output_shape(edge.node, edge.output_nr)
     if shape is None or len(shape) < batch_dim:

@@ -122,6 +122,12 @@ class Capture:
         self.handles = []
         self.reset()
 
+    def unaligned_besides(self, records: list[Any]) -> bool:
+        """Whether a module other than those of ``records`` was ever seen with tensors not split by
+        example along ``batch_dim`` (e.g. a time-major layout): then batch sizes are ambiguous."""
+        modules = {id(record.module) for record in records}
+        return any(info.unaligned and id(info.module) not in modules for info in self.infos.values())
+
     def parameters(self) -> list[nn.Parameter]:
         """The trainable parameters of the hooked modules, each once, in module order."""
         seen: set[int] = set()

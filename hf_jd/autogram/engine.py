@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ._accumulate import Accumulator, grads_at_once, grads_per_row, grads_streamed, uncovered_parameters
-from ._broadcast import BroadcastPlan, plan_broadcasts
+from ._broadcast import BroadcastPlan, attach_plans, plan_broadcasts
 from ._capture import Capture
 from ._deliver import deliver_gradients
 from ._generic import GenericRecord
@@ -255,39 +255,22 @@ class Engine:
         if unaligned:
             records = [record for record in records if record.batched]
         plans: list[BroadcastPlan] = []
-        # Modules seen with tensors not split along batch_dim (e.g. time-major layouts) other than the
-        # calls below make batch sizes ambiguous: then every such call keeps the exact per-row path.
-        shared_modules = {id(record.module) for record in unaligned}
-        ambiguous = any(
-            info.unaligned and id(info.module) not in shared_modules for info in capture.infos.values()
-        )
         # Tensors with the batch size along batch_dim and along another dimension (e.g. [B, T, d] with
         # T = B) cannot show whether they are batch- or time-major: their grouping is then verified.
         coincident = layout.num_tasks == 1 and layout.batch_dim is not None and any(
             _coincident_sizes(record, layout.batch_dim, layout.num_examples) for record in records
         )
-        ambiguous = ambiguous or coincident
-        if unaligned and layout.num_tasks == 1 and not batched and not ambiguous:
+        shareable = layout.num_tasks == 1 and not batched and not coincident
+        if unaligned and shareable and not capture.unaligned_besides(unaligned):
             # Outputs shared by all examples and only broadcast over the batch further on (T5's
             # relative-position bias): per-example gradients from the ordinary pass.
             assert layout.batch_dim is not None
-            plans, rest = plan_broadcasts(losses, unaligned, layout.batch_dim, layout.num_examples)
-            if rest:
-                plans = []  # every such call takes the exact paths below
-            else:
+            plans = plan_broadcasts(losses, unaligned, layout.batch_dim, layout.num_examples)
+            if plans:
                 unaligned = []
                 records = records + [plan.record for plan in plans]
-                accumulator.deferred = {id(plan.record) for plan in plans}
+                attach_plans(plans, accumulator)
                 retain = True  # kept for the exact per-row path, should a plan fail
-
-                def add_shared(plan: BroadcastPlan, grads: Tensor) -> None:
-                    # As soon as the pass has given all of a shared call's per-example gradients (the
-                    # summed gradient the pass then hands the same call stays ignored).
-                    plan.record.insert_batch(layout.num_examples, plan.batch_dim)
-                    accumulator.add(plan.record, [grads.unsqueeze(0)], deferred_ok=True)
-
-                for plan in plans:
-                    plan.on_complete = add_shared
         capture.computing = True
         try:
             if (unaligned or coincident) and layout.num_tasks == 1:
