@@ -122,6 +122,14 @@ class Capture:
         self.handles = []
         self.reset()
 
+    def mark_unaligned(self, records: list[Any]) -> None:
+        """Remember that the modules of ``records`` have tensors not split by example along
+        ``batch_dim`` (their later calls take the exact paths)."""
+        for record in records:
+            info = self.infos.get(id(record.module))
+            if info is not None:
+                info.unaligned = True
+
     def unaligned_besides(self, records: list[Any]) -> bool:
         """Whether a module other than those of ``records`` was ever seen with tensors not split by
         example along ``batch_dim`` (e.g. a time-major layout): then batch sizes are ambiguous."""

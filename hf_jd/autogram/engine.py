@@ -150,6 +150,9 @@ class Engine:
         ):
             raise ValueError(f"batch_dim must be a non-negative int or None, got {batch_dim!r}.")
         self._single_backward = bool(single_backward)
+        # Whether a step whose tensors had the batch size along two dimensions confirmed that every
+        # call is split by example along batch_dim (then later such steps skip the verification).
+        self._batch_major_verified = False
         self._bound: _Bound | None = None
         self._capture = Capture(list(modules), batch_dim, on_new_forward=self.reset)
 
@@ -273,14 +276,20 @@ class Engine:
                 retain = True  # kept for the exact per-row path, should a plan fail
         capture.computing = True
         try:
-            if (unaligned or coincident) and layout.num_tasks == 1:
+            verify_layout = coincident and not self._batch_major_verified
+            if (unaligned or verify_layout) and layout.num_tasks == 1:
                 # Tensors not split by example: the model moves examples around, so every call
                 # whose shapes allow a per-example grouping has it verified (one backward pass
                 # over two vectors); the others and the failures take the exact per-row path.
                 checked = records + [record for record in unaligned if record.groups]
                 records = []
                 unaligned = [record for record in unaligned if not record.groups]
-                unaligned += grads_verified(losses, layout, checked, accumulator)
+                failed = grads_verified(losses, layout, checked, accumulator)
+                if verify_layout:
+                    # The layout is the model's: remember it (failed modules keep the exact paths).
+                    capture.mark_unaligned(failed)
+                    self._batch_major_verified = not failed
+                unaligned += failed
             if unaligned:
                 grads_per_row(losses, layout, unaligned, accumulator)
             with ExitStack() as stack:
