@@ -33,7 +33,7 @@ from torch import Tensor
 from ._accumulate import Accumulator
 from ._record import Record
 
-__all__ = ["BroadcastPlan", "attach_plans", "plan_broadcasts"]
+__all__ = ["BroadcastPlan", "attach_plans", "node_output_shape", "plan_broadcasts"]
 
 # Nodes of operations that only move, select or convert entries (their backward is linear and
 # needs no saved tensor), through which a shared output may pass before being broadcast.
@@ -68,7 +68,7 @@ def _name(node: Any) -> str:
     return type(node).__name__
 
 
-def _output_shape(node: Any, output_nr: int) -> torch.Size | None:
+def node_output_shape(node: Any, output_nr: int) -> torch.Size | None:
     """Shape of a node's forward output ``output_nr`` (the gradient it receives there)."""
     try:
         return torch.Size(node._input_metadata[output_nr].shape)
@@ -112,20 +112,14 @@ class BroadcastPlan:
     record: Record
     batch_dim: int
     num_examples: int
-    output_shape: torch.Size
     paths: list[tuple[Any, list[_Step], int]] = field(default_factory=list)  # (node, steps, group size)
-    grads: Tensor | None = None
+    grads: Tensor | None = None  # the per-example gradients summed over the paths fired so far
     failed: bool = False
     fired: set[int] = field(default_factory=set)
     # Called with the plan and its per-example gradients once every broadcasting node has given its
-    # share (then ``grads`` is released and ``added`` set).
+    # share exactly once (then ``grads`` is released and ``added`` set).
     on_complete: Callable[[BroadcastPlan, Tensor], None] | None = None
     added: bool = False
-
-    @property
-    def complete(self) -> bool:
-        """Whether every broadcasting node gave its per-example gradients (exactly once)."""
-        return not self.failed and len(self.fired) == len(self.paths) and (self.grads is not None or self.added)
 
     def _add(self, node: Any, steps: list[_Step], group: int, grad_output: Tensor) -> None:
         if id(node) in self.fired:  # a second pass through the same node would double count
@@ -151,7 +145,7 @@ class BroadcastPlan:
             per_example.append(grad)
         stacked = torch.stack(per_example, dim=self.batch_dim)
         self.grads = stacked if self.grads is None else self.grads + stacked
-        if self.complete and self.on_complete is not None:
+        if len(self.fired) == len(self.paths) and self.on_complete is not None:
             grads, self.grads = self.grads, None
             self.added = True
             self.on_complete(self, grads)  # e.g. add the contribution now and free the gradients
@@ -244,10 +238,10 @@ def _plan(
 ) -> BroadcastPlan | None:
     """The plan of one record, or ``None`` when a use of its output is not a broadcast path."""
     edge = record.edges[0]
-    shape = _output_shape(edge.node, edge.output_nr)
+    shape = node_output_shape(edge.node, edge.output_nr)
     if shape is None or len(shape) < batch_dim:
         return None
-    plan = BroadcastPlan(record, batch_dim, batch_size, shape)
+    plan = BroadcastPlan(record, batch_dim, batch_size)
     # Walk the uses of the output; every one must end at a broadcasting node.
     stack: list[tuple[Any, int, torch.Size, list[_Step]]] = [(edge.node, edge.output_nr, shape, [])]
     while stack:
@@ -258,7 +252,7 @@ def _plan(
         for consumer, slot in uses:
             name = _name(consumer)
             step = _Step(consumer, slot, value_shape)
-            consumer_shape = _output_shape(consumer, 0)
+            consumer_shape = node_output_shape(consumer, 0)
             if consumer_shape is None or len(consumer.next_functions) == 0:
                 return None
             group = 0

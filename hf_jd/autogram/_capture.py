@@ -11,6 +11,7 @@ backward pass (gradient checkpointing), and signals when a given module starts a
 from __future__ import annotations
 
 import itertools
+from contextlib import contextmanager
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -121,6 +122,16 @@ class Capture:
             handle.remove()
         self.handles = []
         self.reset()
+
+    @contextmanager
+    def backpropagating(self) -> Iterator[None]:
+        """Mark the engine's own backward passes: a module forward inside one is an error (gradient
+        checkpointing re-running the model)."""
+        self.computing = True
+        try:
+            yield
+        finally:
+            self.computing = False
 
     def mark_unaligned(self, records: list[Any]) -> None:
         """Remember that the modules of ``records`` have tensors not split by example along

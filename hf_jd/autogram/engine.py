@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ._accumulate import Accumulator, grads_at_once, grads_per_row, grads_streamed, uncovered_parameters
-from ._broadcast import BroadcastPlan, attach_plans, plan_broadcasts
+from ._broadcast import BroadcastPlan, attach_plans, node_output_shape, plan_broadcasts
 from ._capture import Capture
 from ._deliver import deliver_gradients
 from ._generic import GenericRecord
@@ -52,9 +52,8 @@ def _coincident_sizes(record: Record, batch_dim: int, batch_size: int) -> bool:
     if batch_size < 2:
         return False
     for edge in record.edges:
-        try:
-            shape = tuple(edge.node._input_metadata[edge.output_nr].shape)
-        except (AttributeError, IndexError, TypeError):
+        shape = node_output_shape(edge.node, edge.output_nr)
+        if shape is None:
             continue
         if len(shape) >= 3 and len(shape) > batch_dim and shape[batch_dim] == batch_size:
             if any(size == batch_size for i, size in enumerate(shape) if i != batch_dim):
@@ -274,8 +273,7 @@ class Engine:
                 records = records + [plan.record for plan in plans]
                 attach_plans(plans, accumulator)
                 retain = True  # kept for the exact per-row path, should a plan fail
-        capture.computing = True
-        try:
+        with capture.backpropagating():
             verify_layout = coincident and not self._batch_major_verified
             if (unaligned or verify_layout) and layout.num_tasks == 1:
                 # Tensors not split by example: the model moves examples around, so every call
@@ -299,16 +297,11 @@ class Engine:
                     grads_at_once(losses, grad_outputs, records, accumulator, batched=batched, retain_graph=retain)
                 elif records:
                     grads_streamed(losses, grad_outputs, records, accumulator)
-        finally:
-            capture.computing = False
         accumulator.deferred = set()
         failed = [plan.record for plan in plans if not plan.added]
         if failed:  # a broadcasting node did not give per-example gradients: the exact per-row path
-            capture.computing = True
-            try:
+            with capture.backpropagating():
                 grads_per_row(losses, layout, failed, accumulator)
-            finally:
-                capture.computing = False
         del records
         gramian = accumulator.finish()
         if self._single_backward:
