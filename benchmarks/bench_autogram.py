@@ -56,6 +56,7 @@ from transformers import (
 from hf_jd.autogram import Engine
 
 Step = Callable[[], None]
+Losses = Callable[[nn.Module, dict[str, Tensor]], Tensor]  # per-example losses [B] of a model on a batch
 
 
 def _weighting() -> tuple[str, Callable[[Tensor], Tensor]]:
@@ -81,9 +82,35 @@ class Case:
     name: str
     model: nn.Module
     inputs: dict[str, Tensor]
-    losses: Callable[[nn.Module, dict[str, Tensor]], Tensor]  # per-example losses [B]
+    losses: Losses
     # torchjd's engine needs per-example position ids, which T5 (relative positions) does not take.
     torchjd: bool = True
+
+
+def _classification_batch(batch: int, length: int, vocab: int) -> tuple[dict[str, Tensor], Losses]:
+    """Random token ids with binary labels, and the per-example cross-entropy of a classifier."""
+    ids = torch.randint(1, vocab, (batch, length))
+    labels = torch.randint(0, 2, (batch,))
+
+    def losses(m: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
+        logits = m(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+        return nn.functional.cross_entropy(logits, inputs["labels"], reduction="none")
+
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}, losses
+
+
+def _language_model_batch(batch: int, length: int, vocab: int) -> tuple[dict[str, Tensor], Losses]:
+    """Random token ids, and the per-sequence mean next-token loss of a causal language model."""
+    ids = torch.randint(0, vocab, (batch, length))
+
+    def losses(m: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
+        logits = m(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+        token = nn.functional.cross_entropy(
+            logits[:, :-1].transpose(1, 2), inputs["labels"][:, 1:], reduction="none"
+        )
+        return token.mean(1)
+
+    return {"input_ids": ids, "labels": ids}, losses
 
 
 def _bert_case(batch: int, length: int, vocab: int, hidden: int = 128, layers: int = 2) -> Case:
@@ -92,14 +119,7 @@ def _bert_case(batch: int, length: int, vocab: int, hidden: int = 128, layers: i
         intermediate_size=4 * hidden, max_position_embeddings=max(512, length), num_labels=2,
     )
     model = BertForSequenceClassification(config).train()
-    ids = torch.randint(1, vocab, (batch, length))
-    labels = torch.randint(0, 2, (batch,))
-
-    def losses(m: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
-        logits = m(**{k: v for k, v in inputs.items() if k != "labels"}).logits
-        return nn.functional.cross_entropy(logits, inputs["labels"], reduction="none")
-
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    inputs, losses = _classification_batch(batch, length, vocab)
     size = "tiny" if hidden == 128 and layers == 2 else f"H={hidden}, L={layers}"
     return Case(f"BERT-{size} cls (B={batch}, T={length}, V={vocab})", model, inputs, losses)
 
@@ -110,16 +130,7 @@ def _gpt2_case(batch: int, length: int, vocab: int, hidden: int = 128, layers: i
         bos_token_id=0, eos_token_id=0,
     )
     model = GPT2LMHeadModel(config).train()
-    ids = torch.randint(0, vocab, (batch, length))
-
-    def losses(m: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
-        logits = m(**{k: v for k, v in inputs.items() if k != "labels"}).logits
-        token = nn.functional.cross_entropy(
-            logits[:, :-1].transpose(1, 2), inputs["labels"][:, 1:], reduction="none"
-        )
-        return token.mean(1)
-
-    inputs = {"input_ids": ids, "labels": ids}
+    inputs, losses = _language_model_batch(batch, length, vocab)
     size = "tiny" if hidden == 128 and layers == 2 else f"H={hidden}, L={layers}"
     return Case(f"GPT-2-{size} LM, tied (B={batch}, T={length}, V={vocab})", model, inputs, losses)
 
@@ -129,9 +140,9 @@ def _llama_case(batch: int, length: int, vocab: int) -> Case:
         vocab_size=vocab, hidden_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
         intermediate_size=512, max_position_embeddings=max(512, length), bos_token_id=0, eos_token_id=0,
     )
-    case = _gpt2_case(batch, length, vocab)
-    return Case(f"LLaMA-tiny LM (B={batch}, T={length}, V={vocab})", LlamaForCausalLM(config).train(),
-                case.inputs, case.losses)
+    model = LlamaForCausalLM(config).train()
+    inputs, losses = _language_model_batch(batch, length, vocab)
+    return Case(f"LLaMA-tiny LM (B={batch}, T={length}, V={vocab})", model, inputs, losses)
 
 
 def _t5_case(batch: int, length: int, vocab: int) -> Case:
@@ -159,9 +170,10 @@ def _deberta_case(batch: int, length: int, vocab: int) -> Case:
         pos_att_type=["p2c", "c2p"], norm_rel_ebd="layer_norm", share_att_key=True, position_biased_input=False,
         num_labels=2,
     )
-    case = _bert_case(batch, length, vocab)
+    model = DebertaV2ForSequenceClassification(config).train()
+    inputs, losses = _classification_batch(batch, length, vocab)
     name = f"DeBERTa-v3-tiny cls, relative embeddings (B={batch}, T={length}, V={vocab})"
-    return Case(name, DebertaV2ForSequenceClassification(config).train(), case.inputs, case.losses, torchjd=False)
+    return Case(name, model, inputs, losses, torchjd=False)
 
 
 def _steps(case: Case, weighting: Callable[[Tensor], Tensor]) -> tuple[dict[str, Step], dict[str, nn.Module]]:
