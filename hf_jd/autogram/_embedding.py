@@ -7,7 +7,9 @@ table used by example ``e`` (zero elsewhere). Hence
 
 Ids used by a single example only contribute to that example's diagonal block; only ids shared by
 several examples (usually few: padding, special and frequent tokens) need the cross terms, computed
-on a dense ``[E, U_shared, m, d]`` tensor.
+on a dense ``[E, U_shared, m, d]`` tensor. Ids common to all examples (position or token-type
+ids broadcast over the batch, recognised by a zero stride along it, or a single example) make
+every row dense over those ids: one ``[R, U d]`` product.
 """
 
 from __future__ import annotations
@@ -113,12 +115,24 @@ class EmbeddingRecord(Record):
         rows = layout.grad_to_rows(grad).reshape(num_examples, num_tasks, -1, dim)
         rows = rows.to(compute_dtype(weight))
         del self.ids
+        padding_idx = self.module.padding_idx  # type: ignore[union-attr]
+        self.token_ids = self.token_example = self.token_grads = None
+        if num_examples == 1 or ids.stride(0) == 0:
+            # The same ids for every example (position or token-type ids broadcast over the batch,
+            # or a single example): per-row gradients are dense over these ids.
+            common = ids[0]
+            if padding_idx is not None:  # the padding row never receives gradient
+                keep = common != padding_idx
+                common, rows = common[keep], rows[:, :, keep]
+            self.common_ids: Tensor | None = common  # [T]
+            self.common_grads: Tensor | None = rows  # [E, m, T, d]
+            return
+        self.common_ids = self.common_grads = None
         length = ids.shape[1]
         example = torch.arange(num_examples, device=ids.device).unsqueeze(1).expand(-1, length)
         token_grads = rows.permute(0, 2, 1, 3).reshape(num_examples * length, num_tasks, dim)
         token_ids = ids.reshape(-1)
         token_example = example.reshape(-1)
-        padding_idx = self.module.padding_idx  # type: ignore[union-attr]
         if padding_idx is not None:  # the padding row never receives gradient
             keep = token_ids != padding_idx
             token_ids, token_example, token_grads = token_ids[keep], token_example[keep], token_grads[keep]
@@ -128,29 +142,63 @@ class EmbeddingRecord(Record):
 
     def gram(self, name: str) -> Tensor:
         assert self.layout is not None
+        if self.common_ids is not None:
+            rows = self._common_rows()
+            return rows @ rows.T
         return embedding_gram(self.tokens(), self.layout.num_examples, self.module.weight.shape[0])
+
+    def _common_rows(self) -> Tensor:
+        """Per-row gradients ``[R, U d]`` restricted to the ``U`` distinct ids shared by all
+        examples (in the order of ``torch.unique``)."""
+        assert self.common_ids is not None and self.common_grads is not None
+        grads = self.common_grads
+        num_rows = grads.shape[0] * grads.shape[1]
+        unique, inverse = torch.unique(self.common_ids, return_inverse=True)
+        if unique.numel() == self.common_ids.numel():  # each id once per example (positions)
+            return grads.reshape(num_rows, -1)
+        summed = grads.new_zeros(*grads.shape[:2], unique.numel(), grads.shape[-1])
+        summed.index_add_(2, inverse, grads)
+        return summed.reshape(num_rows, -1)
 
     def release(self) -> None:
         super().release()
-        del self.token_ids, self.token_example, self.token_grads
+        self.token_ids = self.token_example = self.token_grads = None
+        self.common_ids = self.common_grads = None
 
     def tokens(self) -> Tokens:
         """The (id, example, gradient) triples of the non-padding tokens."""
+        if self.common_ids is not None:
+            assert self.common_grads is not None
+            num_examples, num_tasks, length, dim = self.common_grads.shape
+            device = self.common_ids.device
+            return Tokens(
+                self.common_ids.repeat(num_examples),
+                torch.arange(num_examples, device=device).repeat_interleave(length),
+                self.common_grads.permute(0, 2, 1, 3).reshape(num_examples * length, num_tasks, dim),
+            )
+        assert self.token_ids is not None and self.token_example is not None and self.token_grads is not None
         return Tokens(self.token_ids, self.token_example, self.token_grads)
 
     def per_row(self, name: str) -> Tensor:
         assert self.layout is not None
         num_tasks = self.layout.num_tasks
         vocab, dim = self.module.weight.shape
-        rows = self.token_grads.new_zeros(self.layout.num_rows * vocab, dim)
+        tokens = self.tokens()
+        rows = tokens.grads.new_zeros(self.layout.num_rows * vocab, dim)
         for task in range(num_tasks):
-            index = (self.token_example * num_tasks + task) * vocab + self.token_ids
-            rows.index_add_(0, index, self.token_grads[:, task])
+            index = (tokens.example * num_tasks + task) * vocab + tokens.ids
+            rows.index_add_(0, index, tokens.grads[:, task])
         return rows.view(self.layout.num_rows, vocab * dim)
 
     def weighted_grad(self, name: str, weights: Tensor) -> Tensor:
-        weights = weights.to(self.token_grads.dtype)
-        combined = (weights[self.token_example].unsqueeze(-1) * self.token_grads).sum(1)
+        if self.common_ids is not None:
+            assert self.common_grads is not None
+            combined = torch.einsum("ek,ektd->td", weights.to(self.common_grads.dtype), self.common_grads)
+            ids = self.common_ids
+        else:
+            tokens = self.tokens()
+            combined = (weights.to(tokens.grads.dtype)[tokens.example].unsqueeze(-1) * tokens.grads).sum(1)
+            ids = tokens.ids
         grad = combined.new_zeros(self.module.weight.shape)
-        grad.index_add_(0, self.token_ids, combined)
+        grad.index_add_(0, ids, combined)
         return grad

@@ -114,6 +114,51 @@ def test_embedding_per_task_rows_and_task_mode() -> None:
     assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, trainable(model)))
 
 
+class _CommonIds(nn.Module):
+    """Word embeddings plus a table looked up with the same ids for every example (positions or
+    token types, broadcast as ``[1, T]`` or passed expanded), optionally tied with a Linear."""
+
+    def __init__(self, padding_idx: int | None, tied: bool = False) -> None:
+        super().__init__()
+        self.words = nn.Embedding(11, 4)
+        self.common = nn.Embedding(7, 4, padding_idx=padding_idx)
+        self.hidden = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 7, bias=False)
+        if tied:
+            self.head.weight = self.common.weight
+
+    def forward(self, ids: torch.Tensor, common_ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.hidden(self.words(ids) + self.common(common_ids))))
+
+
+@pytest.mark.parametrize("padding_idx", [None, 0])
+@pytest.mark.parametrize("expanded", [False, True])
+@pytest.mark.parametrize("num_tasks", [1, 2])
+@pytest.mark.parametrize("tied", [False, True])
+def test_embedding_with_ids_common_to_all_examples(
+    padding_idx: int | None, expanded: bool, num_tasks: int, tied: bool
+) -> None:
+    """Ids shared by the whole batch (repeated within an example, with padding) take a dense
+    closed form; the Gramian and the single-backward gradient match the explicit Jacobian."""
+    torch.manual_seed(0)
+    model = _CommonIds(padding_idx, tied)
+    engine = Engine(model, single_backward=True)
+    ids = torch.randint(0, 11, (4, 6))
+    common = torch.tensor([[0, 3, 3, 5, 0, 6]])
+    if expanded:
+        common = common.expand(4, -1)  # stride 0 along the batch, as HF's token_type_ids buffer
+    out = model(ids, common)
+    losses = out.pow(2).mean((1, 2)) if num_tasks == 1 else torch.stack([out.pow(2).mean((1, 2)), out[..., 0].sum(1)], 1)
+    params = trainable(model)
+    jac = jacobian(losses, params)
+    assert_gramian_matches(engine.compute_gramian(losses), jac)
+    weights = torch.linspace(0.5, 1.5, losses.numel())
+    engine.backward(weights)
+    expected = weights @ jac
+    actual = torch.cat([p.grad.reshape(-1) for p in params])
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-6)
+
+
 def test_embedding_scale_grad_by_freq_is_rejected() -> None:
     model = nn.Embedding(5, 3, scale_grad_by_freq=True)
     Engine(model)
