@@ -51,6 +51,8 @@ def grads_verified(losses: Tensor, layout: RowLayout, records: list[Record], acc
     )
     vectors = torch.stack([torch.ones_like(losses), weights.view(losses.shape)])
     edges = [edge for record in records for edge in record.edges]
+    if not edges:  # e.g. every trainable call is not split by example: nothing to verify
+        return []
     grads = list(
         torch.autograd.grad(
             losses, edges, grad_outputs=vectors, retain_graph=True, allow_unused=True, is_grads_batched=True

@@ -180,6 +180,37 @@ def test_frozen_parameters_are_excluded() -> None:
     assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, trainable(model)))
 
 
+class _TimeMajorHead(nn.Module):
+    """A batch-major layer followed by one applied to the time-major ``[T, B, d]`` layout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(4, 4)
+        self.second = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(torch.tanh(self.first(x)).transpose(0, 1)).transpose(0, 1)
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_only_trainable_calls_not_split_by_example(single_backward: bool) -> None:
+    """With the batch-major layers frozen, every trainable call is not split by example (nothing
+    to verify): the exact per-row path alone gives the Gramian (MoE experts trained alone)."""
+    model = _TimeMajorHead()
+    model.first.requires_grad_(False)
+    engine = Engine(model, single_backward=single_backward)
+    losses = model(torch.randn(3, 5, 4)).pow(2).sum((1, 2))
+    params = trainable(model)
+    jac = jacobian(losses, params)
+    assert_gramian_matches(engine.compute_gramian(losses, retain_graph=True), jac)
+    weights = torch.tensor([0.5, 1.0, 1.5])
+    if single_backward:
+        engine.backward(weights)
+    else:
+        losses.backward(weights)
+    torch.testing.assert_close(grads_of(params), weights @ jac, rtol=1e-4, atol=1e-6)
+
+
 def test_parameters_lists_shared_parameters_once() -> None:
     first = nn.Linear(4, 4)
     second = nn.Linear(4, 4)
