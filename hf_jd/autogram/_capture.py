@@ -50,6 +50,7 @@ class _ModuleInfo:
     trainable_descendants: list[nn.Module] = field(default_factory=list)
     frames: list[Any] = field(default_factory=list)
     unaligned: bool = False  # seen with tensors not split by example along batch_dim
+    broadcast: bool = False  # seen with an output unambiguously broadcast over the batch
 
 
 @dataclass
@@ -59,12 +60,25 @@ class _Frame:
     descendant_calls: list[int] | None
 
 
-def _broadcast_over_batch(tensor: Tensor, batch_dim: int) -> bool:
+def _broadcast_over_batch(tensor: Tensor, batch_dim: int, batch_size: int, trusted: bool = False) -> bool:
     """Whether a tensor looks broadcast over the batch: size 1 along ``batch_dim`` and along no
-    other dimension (``[1, T, d]`` position embeddings). A size-1 dimension beside it (e.g. a
-    ``[T, T, h]`` relative-position table with ``T = 1``) makes the layout ambiguous; such tensors
-    are handled as not split by example (exact, costlier) rather than expanded."""
-    return tensor.shape[batch_dim] == 1 and sum(1 for size in tensor.shape if size == 1) == 1
+    other dimension (``[1, T, d]`` position embeddings).
+
+    Ambiguous layouts are handled as not split by example (exact, costlier) rather than expanded,
+    because expanding changes the shape the model sees: a size-1 dimension beside it (a
+    ``[T, T, h]`` relative-position table with ``T = 1``), or the batch size along another
+    dimension than the last (a time-major ``[T, B, d]`` tensor with ``T = 1``, as in XLNet or
+    ``nn.Transformer(batch_first=False)``, or ``[1, T, d]`` position embeddings with ``T = B``).
+    ``trusted``: the module's output was seen broadcast over the batch unambiguously in an earlier
+    call, which settles the second kind of ambiguity.
+    """
+    shape = tensor.shape
+    if shape[batch_dim] != 1 or sum(1 for size in shape if size == 1) != 1:
+        return False
+    if trusted:
+        return True
+    checked = range(len(shape) - 1) if len(shape) >= 3 else range(len(shape))
+    return not any(shape[dim] == batch_size for dim in checked if dim != batch_dim)
 
 
 class Capture:
@@ -301,7 +315,7 @@ class Capture:
         self.calls[id(module)] = self.calls.get(id(module), 0) + 1
         if frame.descendant_calls is not None:
             self._check_descendants_called(module, info, frame.descendant_calls, output)
-        batched = self._aligned(info.kind, args, kwargs, output)
+        batched = self._aligned(info.kind, args, kwargs, output, trusted=info.broadcast and not info.unaligned)
         # A module once seen with an output whose size along batch_dim is neither the batch size
         # nor 1 keeps the exact paths: that dimension is something else (e.g. time in XLNet's
         # [T, B, d] layout), even in a later batch where its size happens to equal the batch size.
@@ -309,7 +323,9 @@ class Capture:
             info.unaligned = True
         elif batched and info.unaligned:
             batched = False
-        expanded = self._expand_broadcast(output) if batched else output
+        expanded = self._expand_broadcast(output, trusted=info.broadcast) if batched else output
+        if expanded is not output:  # untrusted, only unambiguous shapes are expanded: remember it
+            info.broadcast = True
         if isinstance(expanded, Tensor) and not expanded.requires_grad:
             return None
         if info.kind.is_generic:
@@ -364,7 +380,9 @@ class Capture:
             return 0
         return count // size
 
-    def _aligned(self, kind: Kind, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> bool:
+    def _aligned(
+        self, kind: Kind, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any, trusted: bool = False
+    ) -> bool:
         """Whether the tensors the call's contribution is computed from are split by example
         along ``batch_dim``: size ``batch_size`` there, or size 1 for outputs broadcast over the
         batch (expanded by the hook) and for the ids of such an embedding lookup.
@@ -382,7 +400,7 @@ class Capture:
         def fits(tensor: Tensor, broadcast_ok: bool) -> bool:
             if tensor.dim() <= bd:
                 return False
-            return tensor.shape[bd] == size or (broadcast_ok and _broadcast_over_batch(tensor, bd))
+            return tensor.shape[bd] == size or (broadcast_ok and _broadcast_over_batch(tensor, bd, size, trusted))
 
         inputs = tensors_in(args) or tensors_in(kwargs)
         # A size-1 output is expanded only when it is the single output of a call with inputs
@@ -398,13 +416,13 @@ class Capture:
             return kind is Kind.RMS_NORM
         return fits(inputs[0], broadcast_ok=kind is Kind.EMBEDDING)
 
-    def _expand_broadcast(self, output: Any) -> Any:
+    def _expand_broadcast(self, output: Any, trusted: bool = False) -> Any:
         """Give a batch-broadcast output (size 1 along ``batch_dim``) one slice per example, so
         that gradients w.r.t. it are per example; values are unchanged."""
         bd = self.batch_dim
         if bd is None or not isinstance(output, Tensor) or output.dim() <= bd:
             return output
-        if self.batch_size > 1 and _broadcast_over_batch(output, bd):
+        if self.batch_size > 1 and _broadcast_over_batch(output, bd, self.batch_size, trusted):
             shape = list(output.shape)
             shape[bd] = self.batch_size
             return output.expand(shape)

@@ -476,10 +476,48 @@ def test_zoo_length_equal_to_batch_size(name: str, batch: int, monkeypatch: pyte
     model.train()
     engine = Engine(model)
     params = trainable(model)
+    if name == "bert":  # a first step with T != B shows the [1, T, d] position embeddings broadcast
+        losses = per_example_losses(model(**_text()(batch, batch + 2, True)), batch)
+        assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, params))
+        assert not verified
+        model.zero_grad()
     for step in range(2):
         torch.manual_seed(step)
         losses = per_example_losses(model(**_text()(batch, batch, True)), batch)
         jac = jacobian(losses, params)
         assert_gramian_matches(engine.compute_gramian(losses), jac)
         assert len(verified) == (1 if name == "bert" else step + 1)
+        model.zero_grad()
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_bert_first_step_with_length_equal_to_batch_is_exact(single_backward: bool) -> None:
+    """[1, T, d] position embeddings with T = B on the very first step look like a time-major
+    [T, B, d] tensor with T = 1: not expanded (the exact paths), and exact."""
+    model = tf.BertForSequenceClassification(tf.BertConfig(vocab_size=V, max_position_embeddings=16, **ENC)).train()
+    engine = Engine(model, single_backward=single_backward)
+    params = trainable(model)
+    losses = per_example_losses(model(**_text()(4, 4, True)), 4)
+    jac = jacobian(losses, params)
+    assert_gramian_matches(engine.compute_gramian(losses, retain_graph=True), jac)
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_time_major_model_with_one_token(single_backward: bool) -> None:
+    """XLNet is time-major: with T = 1 its [1, B, d] tensors must not be taken for outputs
+    broadcast over the batch (expanding them to [B, B, d] broke its forward pass)."""
+    config = tf.XLNetConfig(vocab_size=V, d_model=16, n_layer=2, n_head=2, d_inner=32, num_labels=2)
+    model = tf.XLNetForSequenceClassification(config).train()
+    engine = Engine(model, single_backward=single_backward)
+    params = trainable(model)
+    for length in (1, 4):
+        losses = per_example_losses(model(input_ids=torch.randint(3, V, (3, length))), 3)
+        jac = jacobian(losses, params)
+        assert_gramian_matches(engine.compute_gramian(losses, retain_graph=True), jac)
+        weights = torch.tensor([0.5, 1.0, 1.5])
+        if single_backward:
+            engine.backward(weights)
+        else:
+            losses.backward(weights)
+        torch.testing.assert_close(grads_of(params), weights @ jac, rtol=1e-4, atol=1e-6)
         model.zero_grad()
