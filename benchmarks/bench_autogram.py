@@ -18,8 +18,9 @@ On CUDA (``--device cuda``), each step is timed between synchronisations and pea
 ``torch.cuda.max_memory_allocated`` above what was allocated when the step started.
 
 Run: ``python benchmarks/bench_autogram.py [--repeats 15] [--threads 1] [--models bert gpt2] [--clock cpu]
-[--device cuda]`` (``--clock cpu`` times the process's CPU time, robust to other processes on a shared
-machine).
+[--device cuda] [--floor]`` (``--clock cpu`` times the process's CPU time, robust to other processes on a
+shared machine; ``--floor`` also times the Linear layers' Gram contributions alone, a lower bound of what
+the Gramian pass adds to a plain step).
 The sanity check before the table compares the updates of the JD variants (same dropout masks).
 """
 
@@ -358,6 +359,47 @@ def _check_same_update(steps: dict[str, Step], models: dict[str, nn.Module]) -> 
             print(f"  relative difference of the {name} and hf_jd updates: {error:.1e}")
 
 
+def _linear_gram_floor(case: Case, repeats: int, clock: Callable[[], float]) -> float:
+    """Seconds that the engine's closed-form Gram contributions of the model's Linear / Conv1D calls
+    take alone (``OuterProductRows.weight_gram`` on random factors of the calls' shapes, each timed
+    in isolation, medians summed): a lower bound of what the Gramian pass adds to a plain step."""
+    from transformers.pytorch_utils import Conv1D
+
+    from hf_jd.autogram._outer import OuterProductRows
+
+    shapes: list[tuple[torch.Size, int, bool]] = []
+
+    def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
+        if any(p.requires_grad for p in module.parameters(recurse=False)):
+            shapes.append((args[0].shape, output.shape[-1], isinstance(module, Conv1D)))
+
+    handles = [m.register_forward_hook(hook) for m in case.model.modules() if isinstance(m, (nn.Linear, Conv1D))]
+    try:
+        with torch.no_grad():
+            case.losses(case.model, case.inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    total = 0.0
+    device = next(case.model.parameters()).device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for shape, d_out, transposed in shapes:
+        batch, d_in = shape[0], shape[-1]
+        inputs = torch.randn(batch, shape[1:-1].numel(), d_in, device=device)
+        grads = torch.randn(batch, 1, shape[1:-1].numel(), d_out, device=device)
+        rows = OuterProductRows(inputs, grads, transposed)
+        rows.weight_gram()
+        times = []
+        for _ in range(max(3, repeats)):
+            sync()
+            start = clock()
+            rows.weight_gram()
+            sync()
+            times.append(clock() - start)
+        total += statistics.median(times)
+    return total
+
+
 def run(
     case: Case,
     weighting: Callable[[Tensor], Tensor],
@@ -365,6 +407,7 @@ def run(
     warmup: int,
     variants: list[str] | None = None,
     clock: Callable[[], float] = time.perf_counter,
+    floor: bool = False,
 ) -> dict[str, Any]:
     torch.manual_seed(0)
     steps, models = _steps(case, weighting)
@@ -395,6 +438,12 @@ def run(
         print(
             f"  {name:<12}{medians[name] * 1e3:>11.1f}{medians[name] / plain_time:>9.2f}"
             f"{memory[name] / 2**20:>10.1f}{memory[name] / plain_memory:>9.2f}"
+        )
+    if floor:
+        linear = _linear_gram_floor(case, repeats, clock)
+        print(
+            f"  Linear-layer Gram products alone (per-example materialisation or ghost form, in isolation): "
+            f"{linear * 1e3:.1f} ms = {linear / plain_time:.2f}x the plain step"
         )
     if "torchjd" in medians:
         for name in ("hf_jd", "hf_jd-1bw"):
@@ -433,6 +482,10 @@ def main() -> None:
         "--lora", type=int, default=0, metavar="RANK",
         help="train LoRA adapters of this rank on the attention projections instead of the whole model (needs peft)",
     )
+    parser.add_argument(
+        "--floor", action="store_true",
+        help="also time the Linear layers' Gram contributions alone (a lower bound of the Gramian pass's cost)",
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
@@ -465,7 +518,7 @@ def main() -> None:
         clock = time.perf_counter if args.clock == "wall" else time.process_time
         if args.lora:
             case = _with_lora(case, args.lora)
-        run(_to_device(case, device), weighting, args.repeats, args.warmup, args.variants, clock)
+        run(_to_device(case, device), weighting, args.repeats, args.warmup, args.variants, clock, args.floor)
 
 
 if __name__ == "__main__":
