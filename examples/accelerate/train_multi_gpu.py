@@ -102,6 +102,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     metrics = trainer.evaluate()
     if distributed_rank() == 0:
         print({key: round(value, 4) for key, value in metrics.items() if isinstance(value, float)})
+    # Leave the process group before exiting: a gloo group alive at interpreter exit occasionally
+    # aborts a process ("terminate called without an active exception"), failing the launch.
+    trainer.accelerator.end_training()
     return metrics
 
 

@@ -58,8 +58,9 @@ def torchrun(script: Path, args: list[str], *, nproc: int = 2, timeout: float = 
 
     The port is picked just before the start; if another program takes it meanwhile, the run is
     retried once on a new port. A run that fails otherwise is also retried once, on a new port, with
-    a warning that carries its output (gloo's TCP connections between the processes occasionally
-    break on a loaded machine); a second failure raises with both outputs.
+    a warning that carries its output (a safety net: the one cause seen, a SIGABRT at interpreter
+    exit while the gloo process group was still alive, is avoided by the workers leaving the group
+    before they exit); a second failure raises with both outputs.
     """
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([p for p in (env.get("PYTHONPATH"), str(REPO)) if p])
