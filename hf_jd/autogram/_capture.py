@@ -60,9 +60,13 @@ class _Frame:
     descendant_calls: list[int] | None
 
 
-def _broadcast_over_batch(tensor: Tensor, batch_dim: int, batch_size: int, trusted: bool = False) -> bool:
+def _broadcast_over_batch(
+    tensor: Tensor, batch_dim: int, batch_size: int, trusted: bool = False, min_dims: int = 3
+) -> bool:
     """Whether a tensor looks broadcast over the batch: size 1 along ``batch_dim`` and along no
-    other dimension (``[1, T, d]`` position embeddings).
+    other dimension (``[1, T, d]`` position embeddings), with at least ``min_dims`` dimensions (3
+    for outputs: a ``[1, d]`` output may as well be a ``[T, d]`` table with ``T = 1``, added to
+    ``[B, T, d]`` further on, as in Blenderbot; 2 for the ids ``[1, T]`` of an embedding lookup).
 
     Ambiguous layouts are handled as not split by example (exact, costlier) rather than expanded,
     because expanding changes the shape the model sees: a size-1 dimension beside it (a
@@ -73,7 +77,7 @@ def _broadcast_over_batch(tensor: Tensor, batch_dim: int, batch_size: int, trust
     call, which settles the second kind of ambiguity.
     """
     shape = tensor.shape
-    if shape[batch_dim] != 1 or sum(1 for size in shape if size == 1) != 1:
+    if len(shape) < min_dims or shape[batch_dim] != 1 or sum(1 for size in shape if size == 1) != 1:
         return False
     if trusted:
         return True
@@ -397,10 +401,12 @@ class Capture:
             return True
         size = self.batch_size
 
-        def fits(tensor: Tensor, broadcast_ok: bool) -> bool:
+        def fits(tensor: Tensor, broadcast_ok: bool, min_dims: int = 3) -> bool:
             if tensor.dim() <= bd:
                 return False
-            return tensor.shape[bd] == size or (broadcast_ok and _broadcast_over_batch(tensor, bd, size, trusted))
+            return tensor.shape[bd] == size or (
+                broadcast_ok and _broadcast_over_batch(tensor, bd, size, trusted, min_dims)
+            )
 
         inputs = tensors_in(args) or tensors_in(kwargs)
         # A size-1 output is expanded only when it is the single output of a call with inputs
@@ -414,7 +420,7 @@ class Capture:
             return True
         if not inputs:
             return kind is Kind.RMS_NORM
-        return fits(inputs[0], broadcast_ok=kind is Kind.EMBEDDING)
+        return fits(inputs[0], broadcast_ok=kind is Kind.EMBEDDING, min_dims=2)
 
     def _expand_broadcast(self, output: Any, trusted: bool = False) -> Any:
         """Give a batch-broadcast output (size 1 along ``batch_dim``) one slice per example, so

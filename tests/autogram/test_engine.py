@@ -211,6 +211,34 @@ def test_only_trainable_calls_not_split_by_example(single_backward: bool) -> Non
     torch.testing.assert_close(grads_of(params), weights @ jac, rtol=1e-4, atol=1e-6)
 
 
+class _TablePositions(nn.Module):
+    """Position embeddings looked up as a ``[T, d]`` table (no batch dimension) and added to the
+    ``[B, T, d]`` token embeddings, as in Blenderbot or Perceiver."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.positions = nn.Embedding(16, 4)
+        self.tokens = nn.Embedding(10, 4)
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.tokens(ids) + self.positions(torch.arange(ids.shape[1]))))
+
+
+@pytest.mark.parametrize("length", [1, 3])
+def test_table_output_of_one_row_is_not_taken_for_a_batch_broadcast(length: int) -> None:
+    """With T = 1 the ``[1, d]`` table looked like an output broadcast over the batch and was expanded
+    to ``[B, d]``, which turned the model's ``[B, 1, d]`` activations into ``[B, B, d]``."""
+    model = _TablePositions()
+    ids = torch.randint(0, 10, (3, length))
+    expected_shape = model(ids).shape
+    engine = Engine(model)
+    out = model(ids)
+    assert out.shape == expected_shape == (3, length, 2)
+    losses = out.pow(2).sum((1, 2))
+    assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, trainable(model)))
+
+
 def test_parameters_lists_shared_parameters_once() -> None:
     first = nn.Linear(4, 4)
     second = nn.Linear(4, 4)
