@@ -113,6 +113,10 @@ class Capture:
         self.batch_size = 0
         self.batch_source = ""
         self.batch_from_root = False  # whether batch_size was read from a root module's inputs
+        # Whether a parametrised call of this forward pass had k * batch_size rows along batch_dim
+        # (k > 1): the model regroups its batch (e.g. [B, choices, T] → [B * choices, T] for multiple
+        # choice), so a [1, …] output may be broadcast over k * B rows, not B: it is not expanded.
+        self.regrouped = False
         self.completed_roots: set[int] = set()
         self.root_ids: set[int] = {id(root) for root in roots}
         self._register()
@@ -132,6 +136,7 @@ class Capture:
         self.batch_size = 0
         self.batch_source = ""
         self.batch_from_root = False
+        self.regrouped = False
         self.completed_roots = set()
 
     def remove(self) -> None:
@@ -302,6 +307,7 @@ class Capture:
         info.frames.append(_Frame(params, aliases, calls))
         for value in itertools.chain(args, kwargs.values()):
             self.note_batch(value, f"an input of {describe(info.name, module)}")
+            self._note_regrouped(value)
 
     def _module_hook(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
@@ -363,6 +369,16 @@ class Capture:
         self.records.append(record)
         return expanded if expanded is not output else None
 
+    def _note_regrouped(self, value: Any) -> None:
+        """Set :attr:`regrouped` when a tensor has ``k * batch_size`` rows along ``batch_dim``
+        (``k > 1``) while the batch size comes from the root modules' inputs."""
+        bd, size = self.batch_dim, self.batch_size
+        if self.regrouped or bd is None or not self.batch_from_root or size < 1:
+            return
+        if isinstance(value, Tensor) and value.dim() > bd:
+            rows = int(value.shape[bd])
+            self.regrouped = rows > size and rows % size == 0
+
     def _foreign_size(self, output: Any) -> bool:
         """Whether an output's size along ``batch_dim`` is neither the batch size nor 1."""
         bd = self.batch_dim
@@ -413,7 +429,7 @@ class Capture:
         # (e.g. position ids [1, T]); a module called without tensor inputs (a bias table) may be
         # broadcast over anything else than the batch.
         outputs = [t for t in tensors_in(output) if t.requires_grad]
-        expandable = bool(inputs) and isinstance(output, Tensor)
+        expandable = bool(inputs) and isinstance(output, Tensor) and not self.regrouped
         if not all(fits(t, broadcast_ok=expandable) for t in outputs):
             return False
         if kind is Kind.GENERIC:
@@ -428,7 +444,7 @@ class Capture:
         bd = self.batch_dim
         if bd is None or not isinstance(output, Tensor) or output.dim() <= bd:
             return output
-        if self.batch_size > 1 and _broadcast_over_batch(output, bd, self.batch_size, trusted):
+        if self.batch_size > 1 and not self.regrouped and _broadcast_over_batch(output, bd, self.batch_size, trusted):
             shape = list(output.shape)
             shape[bd] = self.batch_size
             return output.expand(shape)

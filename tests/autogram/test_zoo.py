@@ -521,3 +521,23 @@ def test_time_major_model_with_one_token(single_backward: bool) -> None:
             losses.backward(weights)
         torch.testing.assert_close(grads_of(params), weights @ jac, rtol=1e-4, atol=1e-6)
         model.zero_grad()
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_multiple_choice_regroups_the_batch(single_backward: bool) -> None:
+    """BertForMultipleChoice runs on [B * C, T] rows while its inputs are [B, C, T]: the [1, T, d]
+    position embeddings are broadcast over B * C rows, not B, and must not be expanded to B (that
+    crashed the forward pass); the Gramian is exact."""
+    model = tf.BertForMultipleChoice(tf.BertConfig(vocab_size=V, max_position_embeddings=16, **ENC)).train()
+    engine = Engine(model, single_backward=single_backward)
+    params = trainable(model)
+    ids = torch.randint(3, V, (4, 3, 6))
+    losses = nn.functional.cross_entropy(model(input_ids=ids).logits, torch.tensor([0, 1, 2, 0]), reduction="none")
+    jac = jacobian(losses, params)
+    assert_gramian_matches(engine.compute_gramian(losses, retain_graph=True), jac)
+    weights = torch.tensor([0.5, 1.0, 1.5, 2.0])
+    if single_backward:
+        engine.backward(weights)
+    else:
+        losses.backward(weights)
+    torch.testing.assert_close(grads_of(params), weights @ jac, rtol=1e-4, atol=1e-6)
