@@ -8,6 +8,7 @@ each example from the logits, with exactly the conventions of the models' own lo
 * sequence (and image, audio, video) classification: ``config.problem_type`` decides, and when it is unset,
   it is inferred like the models do: ``num_labels == 1`` -> regression (MSE), integer labels ->
   single-label cross-entropy, otherwise multi-label binary cross-entropy (averaged over the labels);
+* multiple choice: cross-entropy of the ``[B, C]`` choice scores against the right choice;
 * token classification: mean cross-entropy over the tokens of the example whose label is not ``-100``;
 * causal language modelling: logits at position ``t`` predict the label at ``t + 1``; mean over the
   non-ignored shifted labels of the example;
@@ -28,9 +29,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.models.auto import modeling_auto
 
-ModelKind = Literal["sequence_classification", "token_classification", "causal_lm", "masked_lm", "seq2seq_lm"]
+ModelKind = Literal[
+    "sequence_classification", "multiple_choice", "token_classification", "causal_lm", "masked_lm", "seq2seq_lm"
+]
 MODEL_KINDS: tuple[str, ...] = (
     "sequence_classification",
+    "multiple_choice",
     "token_classification",
     "causal_lm",
     "masked_lm",
@@ -45,6 +49,7 @@ _MAPPINGS: dict[str, tuple[str, ...]] = {
         "MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES",
         "MODEL_FOR_VIDEO_CLASSIFICATION_MAPPING_NAMES",
     ),
+    "multiple_choice": ("MODEL_FOR_MULTIPLE_CHOICE_MAPPING_NAMES",),
     "token_classification": ("MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES",),
     "causal_lm": ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",),
     "masked_lm": ("MODEL_FOR_MASKED_LM_MAPPING_NAMES",),
@@ -55,6 +60,7 @@ _SUFFIXES: tuple[tuple[str, str], ...] = (
     ("ForImageClassification", "sequence_classification"),
     ("ForAudioClassification", "sequence_classification"),
     ("ForVideoClassification", "sequence_classification"),
+    ("ForMultipleChoice", "multiple_choice"),
     ("ForTokenClassification", "token_classification"),
     ("ForCausalLM", "causal_lm"),
     ("ForMaskedLM", "masked_lm"),
@@ -206,6 +212,19 @@ def _sequence_classification_losses(config: Any, logits: Tensor, labels: Tensor)
     )
 
 
+def _multiple_choice_losses(logits: Tensor, labels: Tensor) -> Tensor:
+    """Cross-entropy of the ``[B, C]`` choice scores against the index of the right choice (0 for an
+    example labelled -100)."""
+    batch = logits.shape[0]
+    logits = logits.reshape(batch, -1)
+    labels = labels.reshape(-1).long()
+    if labels.shape[0] != batch:
+        raise ValueError(f"Multiple choice needs one label (the right choice) per example, got {list(labels.shape)}.")
+    valid = labels != IGNORE_INDEX
+    losses = F.cross_entropy(logits, torch.where(valid, labels, 0), reduction="none")
+    return torch.where(valid, losses, torch.zeros_like(losses))
+
+
 def per_example_losses(model: nn.Module, outputs: Any, labels: Tensor, kind: str | None = None) -> Tensor:
     """Loss of every example of the batch, computed from the outputs of a Hugging Face task model.
 
@@ -220,7 +239,8 @@ def per_example_losses(model: nn.Module, outputs: Any, labels: Tensor, kind: str
         a tuple whose first item is the logits.
     labels
         The labels the model would have taken (``[B]`` or ``[B, num_labels]`` for sequence classification,
-        ``[B, T]`` for token-level tasks, ``-100`` marking ignored positions). Labels are not shifted for
+        ``[B]`` choice indices for multiple choice, ``[B, T]`` for token-level tasks, ``-100`` marking
+        ignored positions). Labels are not shifted for
         causal LMs: the shift happens here, as in the models.
     kind
         Force the loss: one of :data:`MODEL_KINDS`.
@@ -248,6 +268,8 @@ def per_example_losses(model: nn.Module, outputs: Any, labels: Tensor, kind: str
         raise ValueError(f"labels have batch size {labels.shape[0]} but the logits have {logits.shape[0]}.")
     if kind == "sequence_classification":
         return _sequence_classification_losses(getattr(unwrap_model(model), "config", None), logits, labels)
+    if kind == "multiple_choice":
+        return _multiple_choice_losses(logits, labels)
     if kind == "causal_lm":
         if logits.dim() != 3 or tuple(labels.shape) != tuple(logits.shape[:2]):
             raise ValueError(

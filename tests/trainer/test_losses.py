@@ -5,6 +5,7 @@ import torch
 from transformers import (
     BertConfig,
     BertForMaskedLM,
+    BertForMultipleChoice,
     BertForSequenceClassification,
     BertForTokenClassification,
     BertModel,
@@ -62,6 +63,20 @@ def test_sequence_classification_single_label():
     assert detect_model_kind(model) == "sequence_classification"
     check_against_model(model, inputs, labels, equal_counts=True)
     assert model.config.problem_type is None or model.config.problem_type == "single_label_classification"
+
+
+def test_multiple_choice():
+    """Cross-entropy over the [B, C] choice scores, as BertForMultipleChoice's own loss."""
+    model = BertForMultipleChoice(bert_config())
+    inputs = {"input_ids": torch.randint(1, 100, (4, 3, 6))}
+    labels = torch.tensor([0, 2, 1, 2])
+    assert detect_model_kind(model) == "multiple_choice"
+    check_against_model(model, inputs, labels, equal_counts=True)
+    model.eval()
+    losses = per_example_losses(model, model(**inputs), torch.tensor([0, -100, 1, 2]))
+    assert losses[1] == 0 and bool((losses[[0, 2, 3]] > 0).all())
+    with pytest.raises(ValueError, match="one label .*per example"):
+        per_example_losses(model, model(**inputs), torch.tensor([[0, 1], [1, 2], [0, 0], [2, 2]]))
 
 
 def test_sequence_classification_multi_label():

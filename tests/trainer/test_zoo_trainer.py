@@ -256,6 +256,35 @@ def test_first_step_equals_hand_computation(tmp_path, auto_class, model_type, la
     torch.testing.assert_close(capture.grads[0], expected, rtol=1e-4, atol=1e-6)
 
 
+def _choice_dataset(n: int = 8, choices: int = 3) -> Dataset:
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, VOCAB, (n, choices, LENGTH), generator=generator)
+    return Dataset.from_dict({
+        "input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist(),
+        "labels": (ids[:, 0, 1] % choices).tolist(),
+    })  # fmt: skip
+
+
+@pytest.mark.parametrize("engine", ["autogram", "autojac", "single_backward"])
+def test_multiple_choice_first_step_equals_hand_computation(tmp_path, engine):
+    """BertForMultipleChoice runs on [B * C, T] rows (the autogram engine must not expand its [1, T, d]
+    position embeddings to B rows): the first update is UPGrad of the explicit Jacobian of the
+    per-example cross-entropies over the choices."""
+    model = transformers.BertForMultipleChoice(tiny_config("bert"))
+    reference = copy.deepcopy(model)
+    dataset = _choice_dataset()
+    capture = GradCapture()
+    options = {"jd_single_backward": True} if engine == "single_backward" else {"jd_engine": engine}
+    train(tmp_path, model, dataset, max_steps=1, callbacks=[capture], **options)
+
+    reference.train()
+    batch = collate(dataset, 0, 4)
+    logits = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    losses = F.cross_entropy(logits, batch["labels"], reduction="none")
+    jacobian = explicit_jacobian(losses, trainable(reference))
+    torch.testing.assert_close(capture.grads[0], get_aggregator("upgrad")(jacobian), rtol=1e-4, atol=1e-6)
+
+
 def test_loss_goes_down_on_a_fixed_batch(tmp_path):
     """SGD on a fixed batch of 4 examples: JD's non-conflicting steps lower the mean loss."""
     model = AutoModelForSequenceClassification.from_config(tiny_config("llama", num_labels=NUM_LABELS))
