@@ -40,17 +40,23 @@ class Accumulator:
         self.deferred: set[int] = set()
 
     def add(
-        self, record: Record, grads: list[Tensor | None], layout: RowLayout | None = None, deferred_ok: bool = False
+        self,
+        record: Record,
+        grads: list[Tensor | None],
+        layout: RowLayout | None = None,
+        deferred_ok: bool = False,
+        shaped: bool = False,
     ) -> None:
         """Bind a record to its batched output gradients and add what can be added now.
 
         ``layout`` overrides the engine's layout (for records given one gradient per loss row);
-        ``deferred_ok`` adds a record listed in ``deferred`` (from the code collecting its gradients).
+        ``deferred_ok`` adds a record listed in ``deferred`` (from the code collecting its gradients);
+        ``shaped``: the gradients already have the outputs' shapes (not those of base edges).
         """
         if all(grad is None for grad in grads) or (id(record) in self.deferred and not deferred_ok):
             return  # the losses do not depend on this call, or its gradients come per example later
         record.keep_rows = self.keep
-        record.bind(grads, self.layout if layout is None else layout)
+        record.bind(grads, self.layout if layout is None else layout, shaped=shaped)
         needed_later = self.keep
         for name, param in record.params.items():
             self.params[id(param)] = param

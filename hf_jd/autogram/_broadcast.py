@@ -227,7 +227,7 @@ def attach_plans(plans: list[BroadcastPlan], accumulator: Accumulator) -> None:
 
     def add(plan: BroadcastPlan, grads: Tensor) -> None:
         plan.record.insert_batch(num_examples, plan.batch_dim)
-        accumulator.add(plan.record, [grads.unsqueeze(0)], deferred_ok=True)
+        accumulator.add(plan.record, [grads.unsqueeze(0)], deferred_ok=True, shaped=True)
 
     for plan in plans:
         plan.on_complete = add
@@ -237,7 +237,7 @@ def _plan(
     record: Record, consumers: dict[Any, list[tuple[Any, int, int]]], batch_dim: int, batch_size: int
 ) -> BroadcastPlan | None:
     """The plan of one record, or ``None`` when a use of its output is not a broadcast path."""
-    edge = record.edges[0]
+    edge = record.shape_edges()[0]
     shape = node_output_shape(edge.node, edge.output_nr)
     if shape is None or len(shape) < batch_dim:
         return None

@@ -85,6 +85,19 @@ def _broadcast_over_batch(
     return not any(shape[dim] == batch_size for dim in checked if dim != batch_dim)
 
 
+def _reshaped_base(output: Tensor) -> Tensor | None:
+    """The base of an output that is a reshaping view of it (same entries in the same order), e.g.
+    the ``[B * T, d]`` product of which a Linear layer returns the ``[B, T, d]`` view; else ``None``."""
+    base = output._base
+    if base is None or base.grad_fn is None or not base.requires_grad:
+        return None
+    if base.numel() != output.numel() or not output.is_contiguous() or not base.is_contiguous():
+        return None
+    if base.data_ptr() != output.data_ptr() or base.dtype != output.dtype:
+        return None
+    return base
+
+
 class Capture:
     """Hooks on the given modules and everything they captured since the last reset.
 
@@ -357,6 +370,11 @@ class Capture:
                 )
             record = record_class(info.kind)(module, info.name, frame.params, inputs, expanded)
             record.edges = [get_gradient_edge(expanded)]
+            base = _reshaped_base(expanded) if expanded is output else None
+            if base is not None:
+                record.view_edges = record.edges
+                record.edges = [get_gradient_edge(base)]
+                record.edge_views = [(expanded.shape, base.shape)]
         record.batched = batched
         if not batched and info.kind in (Kind.LINEAR, Kind.LAYER_NORM):
             record.groups = self._groups(args, kwargs, expanded)

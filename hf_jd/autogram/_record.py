@@ -49,6 +49,13 @@ class Record(ABC):
         self.module_name = module_name
         self.params = params
         self.edges: list[GradientEdge] = []
+        # Per edge, ``(view_shape, base_shape)`` when the edge is that of the base of an output that
+        # is a reshaping view of it (a Linear on [B, T, d] inputs returns a view of its [B * T, d]
+        # product), else ``None``; :attr:`view_edges` then holds the outputs' own edges. An in-place
+        # change of such an output (``h[mask] = 0``, ``relu_``) leaves its own edge out of the
+        # graph, while the base's edge still receives the gradient w.r.t. the output as returned.
+        self.edge_views: list[tuple[torch.Size, torch.Size] | None] = []
+        self.view_edges: list[GradientEdge] = []
         self.layout: RowLayout | None = None
         # Single-backward mode: keep the per-row gradients computed for the Gramian, so that the
         # weighted gradient is a cheap ``wᵀ rows`` instead of a recomputation.
@@ -67,16 +74,36 @@ class Record(ABC):
         """Human-readable name of the module, for error messages."""
         return f"{self.module_name or '<root>'} ({type(self.module).__name__})"
 
-    def bind(self, grads: list[Tensor | None], layout: RowLayout) -> bool:
-        """Store the batched output gradients ``[m, *shape]`` (one per edge).
+    def bind(self, grads: list[Tensor | None], layout: RowLayout, shaped: bool = False) -> bool:
+        """Store the batched output gradients ``[m, *shape]`` (one per edge), received at the edges
+        (reshaped to the outputs' shapes here, see :meth:`to_view_shapes`) unless ``shaped``.
 
         Returns ``False`` when the losses do not depend on this call's outputs.
         """
         if all(grad is None for grad in grads):
             return False
         self.layout = layout
-        self._bind(grads, layout)
+        self._bind(grads if shaped else self.to_view_shapes(grads), layout)
         return True
+
+    def to_view_shapes(self, grads: list[Tensor | None]) -> list[Tensor | None]:
+        """Gradients received at base edges (leading batch or task dimensions, then the base's shape)
+        reshaped to the outputs' own shapes; others are returned as they are."""
+        if not self.edge_views:
+            return grads
+        shaped: list[Tensor | None] = []
+        for grad, view in zip(grads, self.edge_views):
+            if grad is not None and view is not None:
+                view_shape, base_shape = view
+                lead = grad.dim() - len(base_shape)
+                if lead >= 0 and grad.shape[lead:] == base_shape:
+                    grad = grad.reshape(*grad.shape[:lead], *view_shape)
+            shaped.append(grad)
+        return shaped
+
+    def shape_edges(self) -> list[GradientEdge]:
+        """The edges of the outputs as the module returned them (for reading their shapes and uses)."""
+        return self.view_edges or self.edges
 
     @abstractmethod
     def _bind(self, grads: list[Tensor | None], layout: RowLayout) -> None:

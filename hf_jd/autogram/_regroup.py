@@ -60,6 +60,7 @@ def grads_verified(losses: Tensor, layout: RowLayout, records: list[Record], acc
     )
     failed: list[Record] = []
     for record, record_grads in split_by_record(grads, records):
+        record_grads = record.to_view_shapes(record_grads)
         if all(grad is None for grad in record_grads):
             continue  # the losses do not depend on this call
         if not all(grad is None or _grouped_by_example(grad, weights, bd) for grad in record_grads):
@@ -67,12 +68,13 @@ def grads_verified(losses: Tensor, layout: RowLayout, records: list[Record], acc
             continue
         plain = [None if grad is None else grad[0] for grad in record_grads]
         if record.batched:
-            accumulator.add(record, [None if grad is None else grad.unsqueeze(0) for grad in plain])
+            accumulator.add(record, [None if grad is None else grad.unsqueeze(0) for grad in plain], shaped=True)
         else:
             record.split_batch(num_examples, bd)
             accumulator.add(
                 record,
                 [None if grad is None else grad.unflatten(bd, (num_examples, -1)).unsqueeze(0) for grad in plain],
+                shaped=True,
             )
     return failed
 

@@ -51,7 +51,7 @@ def _coincident_sizes(record: Record, batch_dim: int, batch_size: int) -> bool:
     has the batch size along ``batch_dim`` and along another dimension too."""
     if batch_size < 2:
         return False
-    for edge in record.edges:
+    for edge in record.shape_edges():
         shape = node_output_shape(edge.node, edge.output_nr)
         if shape is None:
             continue

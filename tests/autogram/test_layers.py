@@ -159,6 +159,50 @@ def test_embedding_with_ids_common_to_all_examples(
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-6)
 
 
+class _InPlaceAfterLinear(nn.Module):
+    """A Linear layer on [B, T, d] inputs (its output is a view of a [B * T, d] product) whose output
+    is then changed in place, as Wav2Vec2's padding (``h[mask] = 0``) or ``ReLU(inplace=True)``."""
+
+    def __init__(self, change: str) -> None:
+        super().__init__()
+        self.change = change
+        self.first = nn.Linear(4, 6)
+        self.second = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.first(x)
+        if self.change == "masked":
+            mask = torch.zeros(hidden.shape[:2], dtype=torch.bool)
+            mask[0, -2:] = True
+            hidden[mask] = 0.0
+        elif self.change == "relu_":
+            hidden.relu_()
+        else:
+            hidden += 1.0
+        return self.second(torch.tanh(hidden))
+
+
+@pytest.mark.parametrize("change", ["masked", "relu_", "add_"])
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_output_changed_in_place_after_a_linear_layer(change: str, single_backward: bool) -> None:
+    """The in-place change left the output's own autograd edge out of the graph: its Gramian
+    contribution was silently lost (and, with the single backward, its gradient)."""
+    torch.manual_seed(0)
+    model = _InPlaceAfterLinear(change)
+    engine = Engine(model, single_backward=single_backward)
+    losses = model(torch.randn(3, 5, 4)).pow(2).sum((1, 2))
+    params = trainable(model)
+    jac = jacobian(losses, params)
+    assert_gramian_matches(engine.compute_gramian(losses, retain_graph=True), jac)
+    weights = torch.tensor([0.5, 1.0, 1.5])
+    if single_backward:
+        engine.backward(weights)
+    else:
+        losses.backward(weights)
+    actual = torch.cat([p.grad.reshape(-1) for p in params])
+    torch.testing.assert_close(actual, weights @ jac, rtol=1e-4, atol=1e-6)
+
+
 def test_embedding_scale_grad_by_freq_is_rejected() -> None:
     model = nn.Embedding(5, 3, scale_grad_by_freq=True)
     Engine(model)

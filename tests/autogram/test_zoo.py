@@ -541,3 +541,18 @@ def test_multiple_choice_regroups_the_batch(single_backward: bool) -> None:
     else:
         losses.backward(weights)
     torch.testing.assert_close(grads_of(params), weights @ jac, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_wav2vec2_with_padding_mask_and_spec_augment(single_backward: bool) -> None:
+    """Wav2Vec2 zeroes the padded frames of a Linear projection's output in place and SpecAugment
+    writes its mask embedding into it (``hidden_states[mask] = ...``): the gradients w.r.t. the
+    output as the Linear returned it are still those of the autograd graph."""
+    config = tf.Wav2Vec2Config(
+        vocab_size=V, conv_dim=(8, 8), conv_stride=(4, 2), conv_kernel=(8, 3), feat_extract_norm="layer",
+        num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2, mask_time_prob=0.5, mask_time_length=2,
+        num_labels=2, classifier_proj_size=8, do_stable_layer_norm=True, **ENC)  # fmt: skip
+    model = tf.Wav2Vec2ForSequenceClassification(config).train()
+    mask = torch.ones(3, 96, dtype=torch.long)
+    mask[0, 60:] = 0
+    _check(model, {"input_values": torch.randn(3, 96), "attention_mask": mask}, 3, single_backward)
