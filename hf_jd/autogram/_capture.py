@@ -85,6 +85,36 @@ def _broadcast_over_batch(
     return not any(shape[dim] == batch_size for dim in checked if dim != batch_dim)
 
 
+# Autograd nodes of operations that pick rows by an index tensor (which may reorder the examples).
+GATHER_NODES = frozenset({
+    "GatherBackward0", "IndexBackward0", "IndexSelectBackward0", "TakeAlongDimBackward0", "TakeBackward0",
+})
+
+
+# Nodes of reshaping operations looked through to find such an index (``h[None, idx].reshape(-1, d)``).
+_RESHAPE_NODES = frozenset({
+    "AliasBackward0", "CloneBackward0", "ReshapeAliasBackward0", "SqueezeBackward0", "SqueezeBackward1",
+    "SqueezeBackward2", "ToCopyBackward0", "UnsafeViewBackward0", "UnsqueezeBackward0", "ViewBackward0",
+})
+
+
+def _gathered(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether the first tensor input of a call was produced by indexing (``h[idx]``, ``index_select``,
+    ``gather``), possibly reshaped afterwards: its rows need not be the examples in order, even when
+    there are as many. (Later calls on the same rows are covered by the verification that this one
+    triggers for every call of the pass.)"""
+    inputs = tensors_in(args) or tensors_in(kwargs)
+    node = inputs[0].grad_fn if inputs else None
+    for _ in range(8):
+        name = type(node).__name__
+        if name in GATHER_NODES:
+            return True
+        if node is None or name not in _RESHAPE_NODES or not node.next_functions:
+            return False
+        node = node.next_functions[0][0]
+    return False
+
+
 def _reshaped_base(output: Tensor) -> Tensor | None:
     """The base of an output that is a reshaping view of it (same entries in the same order), e.g.
     the ``[B * T, d]`` product of which a Linear layer returns the ``[B, T, d]`` view; else ``None``."""
@@ -345,6 +375,10 @@ class Capture:
         if not batched and self._foreign_size(output):
             info.unaligned = True
         elif batched and info.unaligned:
+            batched = False
+        elif batched and info.kind in (Kind.LINEAR, Kind.LAYER_NORM) and _gathered(args, kwargs):
+            # Rows picked by an index (a mixture-of-experts layer's tokens, possibly exactly B of them in
+            # another order): their grouping by example is verified rather than assumed.
             batched = False
         expanded = self._expand_broadcast(output, trusted=info.broadcast) if batched else output
         if expanded is not output:  # untrusted, only unambiguous shapes are expanded: remember it

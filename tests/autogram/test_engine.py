@@ -239,6 +239,46 @@ def test_table_output_of_one_row_is_not_taken_for_a_batch_broadcast(length: int)
     assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, trainable(model)))
 
 
+class _PermutedExpert(nn.Module):
+    """A mixture-of-experts layer whose expert receives all B rows, picked in another order by an index
+    (NLLB-MoE with one token per example), then scattered back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(4, 4)
+        self.expert_in = nn.Linear(4, 6)
+        self.expert_out = nn.Linear(6, 4)
+        self.last = nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+        hidden = self.first(x)
+        picked = hidden[None, order].reshape(-1, hidden.shape[-1])
+        expert = self.expert_out(torch.relu(self.expert_in(picked)))
+        mixed = torch.zeros_like(hidden).index_add(0, order, expert)
+        return self.last(torch.tanh(hidden + mixed)).squeeze(1)
+
+
+@pytest.mark.parametrize("order", [[2, 0, 1, 3], [0, 1, 2, 3]])
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_rows_picked_by_an_index_are_verified(order: list[int], single_backward: bool) -> None:
+    """B rows picked by an index look like the batch but need not be in example order: the grouping of
+    the expert's calls is verified (a permutation takes the exact per-row path), and the Gramian is
+    exact either way."""
+    torch.manual_seed(0)
+    model = _PermutedExpert()
+    engine = Engine(model, single_backward=single_backward)
+    losses = model(torch.randn(4, 4), torch.tensor(order)).pow(2)
+    params = trainable(model)
+    jac = jacobian(losses, params)
+    assert_gramian_matches(engine.compute_gramian(losses, retain_graph=True), jac)
+    weights = torch.tensor([0.5, 1.0, 1.5, 2.0])
+    if single_backward:
+        engine.backward(weights)
+    else:
+        losses.backward(weights)
+    torch.testing.assert_close(grads_of(params), weights @ jac, rtol=1e-4, atol=1e-6)
+
+
 def test_parameters_lists_shared_parameters_once() -> None:
     first = nn.Linear(4, 4)
     second = nn.Linear(4, 4)
