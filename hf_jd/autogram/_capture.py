@@ -251,7 +251,9 @@ class Capture:
                 info = _ModuleInfo(module=module, name=prefix + name, kind=kind_of(module))
                 if info.kind.is_generic:
                     info.borrowed = borrowed_submodules(module)
-                    borrowed = [id(sub) for sub in info.borrowed.values()]
+                    # Submodules used directly by this module or by a descendant (nn.MultiheadAttention's
+                    # out_proj, also under a parent with parameters of its own) are not called.
+                    borrowed = [id(sub) for owner in module.modules() for sub in borrowed_submodules(owner).values()]
                     info.trainable_descendants = [
                         sub
                         for sub in module.modules()

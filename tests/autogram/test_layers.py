@@ -368,6 +368,33 @@ def test_multihead_attention_uses_its_output_projection_directly(batch_dim: int 
     assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, trainable(model)))
 
 
+class _ProbePooling(nn.Module):
+    """Attention pooling with a learned query (SigLIP's head): a module with a parameter of its own
+    around an nn.MultiheadAttention, which uses its out_proj without calling it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(4, 8)
+        self.probe = nn.Parameter(torch.randn(1, 1, 8))
+        self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed(x)
+        pooled = self.attention(self.probe.expand(x.shape[0], -1, -1), hidden, hidden)[0][:, 0]
+        return self.head(pooled).squeeze(1)
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_multihead_attention_under_a_parent_with_parameters(single_backward: bool) -> None:
+    model = _ProbePooling()
+    engine = Engine(model, single_backward=single_backward)
+    losses = model(torch.randn(3, 5, 4)).pow(2)
+    params = trainable(model)
+    jac = jacobian(losses, params)
+    assert_gramian_matches(engine.compute_gramian(losses, retain_graph=True), jac)
+
+
 class _DirectUse(nn.Module):
     """Uses its child's weight without calling the child (unless ``call_child``)."""
 
