@@ -59,6 +59,23 @@ def _autojac_hint(mode: str, global_step: int) -> Iterator[None]:
         ) from error
 
 
+@contextlib.contextmanager
+def _rows_hint(mode: str) -> Iterator[None]:
+    """Re-raise an aggregator's complaint about the number of rows (``constant`` weights or a
+    preference vector of fixed length, ``krum``) with the reason it can change between steps in the
+    per-example modes: the last batch of an epoch may be smaller."""
+    try:
+        yield
+    except ValueError as error:
+        if mode == "mtl" or "row" not in str(error):
+            raise
+        raise ValueError(
+            f"{error}\nWith JDTrainer (jd_mode={mode!r}) the rows are the examples of the batch (times the tasks), "
+            "and the last batch of an epoch may be smaller: set dataloader_drop_last=True (or choose batch sizes "
+            "the aggregator accepts)."
+        ) from error
+
+
 class NonFiniteLossError(RuntimeError):
     """A loss, the Jacobian or the Gramian is inf or nan and ``jd_nonfinite="raise"``."""
 
@@ -324,7 +341,10 @@ class JDStep:
         recompute = self.needs_weights(global_step)
         global_step_direct = recompute and self.ddp_gramian == "global" and world_size > 1
         sync_context = no_sync() if global_step_direct and no_sync is not None else contextlib.nullcontext()
-        with _engine_state(self.engine, recompute and not global_step_direct), sync_context:
+        # The engine's hooks may reject the model during the forward pass (BatchNorm in training mode):
+        # that error also names the trainer option that avoids it.
+        hint = _autojac_hint(self.mode, global_step) if self.engine is not None else contextlib.nullcontext()
+        with _engine_state(self.engine, recompute and not global_step_direct), sync_context, hint:
             losses, outputs = forward()
         if not recompute and self.cached_weights is not None:
             weights = self._reusable_weights(losses)
@@ -370,7 +390,8 @@ class JDStep:
             self._gramian_checked = True
         if gramian.dtype != torch.float64:
             gramian = gramian.float()
-        weights = self.weighting(gramian).detach()
+        with _rows_hint(self.mode):
+            weights = self.weighting(gramian).detach()
         weights = weights.reshape(losses.shape)
         self.cached_weights = weights
         if self.single_backward:
@@ -436,7 +457,16 @@ class JDStep:
         previous = [p.grad for p in params]
         for p in params:
             p.grad = None
-        weights = jac_to_grad(params, self.aggregator)
+        try:
+            with _rows_hint(self.mode):
+                weights = jac_to_grad(params, self.aggregator)
+        except BaseException:
+            # Leave the parameters as they were (a later step must not find this step's .jac).
+            for p, old in zip(params, previous):
+                p.grad = old
+                if hasattr(p, "jac"):
+                    del p.jac  # type: ignore[attr-defined]
+            raise
         factor = scale if grad_factor is None else grad_factor
         for p, old in zip(params, previous):
             if p.grad is not None:
