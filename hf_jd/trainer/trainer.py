@@ -186,7 +186,9 @@ class JDTrainer(Trainer):
         first_time = self._signature_columns is None
         super()._set_signature_columns_if_needed()
         if first_time:
-            extra = [_TASK_ID_COLUMN, *self.label_names]
+            # "labels" too: the loss collector and `compute_losses` read it even when the model's forward
+            # does not take it (a plain nn.Module), and the Trainer would drop the column.
+            extra = [_TASK_ID_COLUMN, "labels", *self.label_names]
             extra += [f"labels_{name}" for name in self.args.jd_task_names or []]
             self._signature_columns += [name for name in extra if name not in self._signature_columns]
 

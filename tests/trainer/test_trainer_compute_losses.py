@@ -100,3 +100,36 @@ def test_module_that_mixes_examples_is_rejected_with_its_name(tmp_path) -> None:
     )
     with pytest.raises(RuntimeError, match=r"(?s)BatchNorm1d.*jd_engine='autojac'"):
         trainer.train()
+
+
+class PlainClassifier(nn.Module):
+    """A plain module whose forward takes only ``x`` (no ``labels`` argument)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": self.linear(x)}
+
+
+def test_labels_column_is_kept_for_compute_losses_with_default_column_removal(tmp_path) -> None:
+    """The Trainer drops the dataset columns the forward does not take (remove_unused_columns=True by
+    default); `labels` must still reach compute_losses (it used to get a bare KeyError)."""
+    data = Dataset.from_dict({"x": torch.randn(8, 6).tolist(), "labels": [i % 3 for i in range(8)]})
+    args = JDTrainingArguments(
+        output_dir=str(tmp_path), jd_mode="iwrm", max_steps=2, report_to="none", use_cpu=True,
+        per_device_train_batch_size=4,
+    )  # fmt: skip
+    seen: list[torch.Tensor] = []
+
+    def compute_losses(model, inputs):
+        seen.append(inputs["labels"])
+        outputs = model(inputs["x"])
+        return nn.functional.cross_entropy(outputs["logits"], inputs["labels"], reduction="none"), outputs
+
+    model = PlainClassifier()
+    before = model.linear.weight.detach().clone()
+    JDTrainer(model=model, args=args, train_dataset=data, compute_losses=compute_losses).train()
+    assert sorted(torch.cat(seen).tolist()) == sorted(i % 3 for i in range(8))  # every example's label, once
+    assert not torch.equal(before, model.linear.weight)
