@@ -9,6 +9,7 @@ their graph, only the values are promoted) so that the Gramian and the weights a
 from __future__ import annotations
 
 import inspect
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -49,17 +50,33 @@ def _decoder_inputs_from_labels(model: nn.Module, inputs: dict[str, Any], labels
     if inputs.get("decoder_input_ids") is not None or inputs.get("decoder_inputs_embeds") is not None:
         return inputs
     prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
-    if not callable(prepare):
-        raise ValueError(
-            f"jd_mode='iwrm' removes the labels before the forward pass, but the encoder-decoder model "
-            f"{type(model).__name__} has no prepare_decoder_input_ids_from_labels to build decoder_input_ids from "
-            "them. Add a decoder_input_ids column to the dataset (or use a data collator that adds it, such as "
-            "DataCollatorForSeq2Seq(model=...)), or pass `compute_losses=` to JDTrainer."
-        )
-    inputs = {**inputs, "decoder_input_ids": prepare(labels=labels)}
+    if callable(prepare):
+        decoder_input_ids = prepare(labels=labels)
+    else:
+        decoder_input_ids = _shift_with_model_function(model, labels)
+    inputs = {**inputs, "decoder_input_ids": decoder_input_ids}
     if "use_cache" not in inputs and forward_accepts(model, "use_cache"):
         inputs["use_cache"] = False  # as the model does when it receives labels (no key/value cache in training)
     return inputs
+
+
+def _shift_with_model_function(model: nn.Module, labels: Tensor) -> Tensor:
+    """``decoder_input_ids`` from ``labels`` with the ``shift_tokens_right`` of the model's own modeling
+    module (what e.g. Whisper's and Speech2Text's forward do with labels), for models without
+    ``prepare_decoder_input_ids_from_labels``."""
+    config = getattr(model, "config", None)
+    start = getattr(config, "decoder_start_token_id", None)
+    pad = getattr(config, "pad_token_id", None)
+    for cls in type(model).__mro__:
+        shift = getattr(sys.modules.get(cls.__module__), "shift_tokens_right", None)
+        if callable(shift) and start is not None and pad is not None:
+            return shift(labels, pad, start)
+    raise ValueError(
+        f"jd_mode='iwrm' removes the labels before the forward pass, but the encoder-decoder model "
+        f"{type(model).__name__} has no prepare_decoder_input_ids_from_labels, and no shift_tokens_right with "
+        "config.decoder_start_token_id and config.pad_token_id, to build decoder_input_ids from them. Add a "
+        "decoder_input_ids column to the dataset, or pass `compute_losses=` to JDTrainer."
+    )
 
 
 class LossCollector:

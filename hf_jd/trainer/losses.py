@@ -12,7 +12,8 @@ each example from the logits, with exactly the conventions of the models' own lo
 * token classification: mean cross-entropy over the tokens of the example whose label is not ``-100``;
 * causal language modelling: logits at position ``t`` predict the label at ``t + 1``; mean over the
   non-ignored shifted labels of the example;
-* masked and sequence-to-sequence language modelling: mean over the tokens whose label is not ``-100``.
+* masked and sequence-to-sequence language modelling (text or speech to text, e.g. Whisper): mean over
+  the tokens whose label is not ``-100``.
 
 An example without any valid label gets the loss 0 (its row of the Jacobian is zero). When every example has
 the same number of valid targets, the mean of the per-example losses equals the model's own loss.
@@ -53,7 +54,7 @@ _MAPPINGS: dict[str, tuple[str, ...]] = {
     "token_classification": ("MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES",),
     "causal_lm": ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",),
     "masked_lm": ("MODEL_FOR_MASKED_LM_MAPPING_NAMES",),
-    "seq2seq_lm": ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",),
+    "seq2seq_lm": ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES"),
 }
 _SUFFIXES: tuple[tuple[str, str], ...] = (
     ("ForSequenceClassification", "sequence_classification"),

@@ -301,6 +301,39 @@ def test_fixed_size_weights_and_a_smaller_last_batch(tmp_path, engine):
     assert_trained(before, model, logs, steps=2)
 
 
+def _whisper() -> PreTrainedModel:
+    config = transformers.WhisperConfig(
+        vocab_size=VOCAB, num_mel_bins=4, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_source_positions=4,
+        max_target_positions=16, pad_token_id=0, decoder_start_token_id=1, bos_token_id=1, eos_token_id=2,
+        dropout=0.0)  # fmt: skip
+    return transformers.WhisperForConditionalGeneration(config)
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_speech_to_text_first_step_equals_hand_computation(tmp_path, single_backward):
+    """Whisper has no prepare_decoder_input_ids_from_labels: the decoder inputs come from its module's
+    shift_tokens_right, as in its forward with labels; the per-example loss is the mean token
+    cross-entropy (labels -100 ignored)."""
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(3, VOCAB, (8, 5), generator=generator)
+    labels[0, -2:] = -100
+    dataset = Dataset.from_dict({"input_features": torch.randn(8, 4, 8, generator=generator).tolist(),
+                                 "labels": labels.tolist()})  # fmt: skip
+    model = _whisper()
+    reference = copy.deepcopy(model)
+    capture = GradCapture()
+    train(tmp_path, model, dataset, max_steps=1, callbacks=[capture], jd_single_backward=single_backward)
+
+    reference.train()
+    batch = collate(dataset, 0, 4)
+    logits = reference(input_features=batch["input_features"], labels=batch["labels"]).logits  # shifts inside
+    token = F.cross_entropy(logits.transpose(1, 2), batch["labels"], reduction="none")
+    losses = token.sum(1) / (batch["labels"] != -100).sum(1)
+    jacobian = explicit_jacobian(losses, trainable(reference))
+    torch.testing.assert_close(capture.grads[0], get_aggregator("upgrad")(jacobian), rtol=1e-4, atol=1e-6)
+
+
 def test_loss_goes_down_on_a_fixed_batch(tmp_path):
     """SGD on a fixed batch of 4 examples: JD's non-conflicting steps lower the mean loss."""
     model = AutoModelForSequenceClassification.from_config(tiny_config("llama", num_labels=NUM_LABELS))
