@@ -333,9 +333,10 @@ class Capture:
         if self.computing:
             raise RuntimeError(
                 f"Module {describe(info.name, module)} ran a forward pass during "
-                "Engine.compute_gramian's backward pass; this happens with gradient checkpointing, "
-                "which the autogram engine does not support. Disable it "
-                "(model.gradient_checkpointing_disable())."
+                "Engine.compute_gramian's backward pass; this happens with gradient checkpointing "
+                "(disable it: model.gradient_checkpointing_disable()) and with reversible layers that "
+                "recompute their activations in the backward pass (Reformer), which the autogram engine "
+                "does not support: use the autojac engine (hf_jd.autojac, jd_engine='autojac') for such models."
             )
         if not self.capturing():
             info.frames.append(None)

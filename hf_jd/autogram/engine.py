@@ -227,7 +227,10 @@ class Engine:
         if not records:
             raise RuntimeError(
                 "The engine captured no module call: run the forward pass with the engine enabled, "
-                "in grad mode, and with trainable parameters in the engine's modules."
+                "in grad mode, and with trainable parameters in the engine's modules. If it was, the "
+                "trainable parameters are only used outside the forward passes of the modules that own "
+                "them (e.g. a parent calling F.linear(x, self.child.weight)), which the engine cannot "
+                "attribute: use the autojac engine (hf_jd.autojac, jd_engine='autojac')."
             )
         capture.records = []
         for record in records:
@@ -381,7 +384,8 @@ class Engine:
                 "parameter is used outside the forward pass of the module that owns it (e.g. a parent module "
                 "calling F.linear(x, self.child.weight) instead of self.child(x)), which the engine cannot "
                 "attribute. Call the owning module instead, freeze that parameter, or leave its module out of "
-                "the engine (jd_modules), or use the autojac engine."
+                "the engine (jd_modules), or use the autojac engine. Also check that per-example task losses "
+                "are shaped [B, m] (examples first), not [m, B]."
             )
 
     def backward(self, weights: Tensor) -> None:

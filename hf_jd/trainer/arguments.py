@@ -10,6 +10,7 @@ serialises (``to_dict``, ``to_json_string``, ``torch.save`` as ``training_args.b
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -243,6 +244,13 @@ class JDTrainingArguments(TrainingArguments):
             raise ValueError(
                 f"jd_mode={self.jd_mode!r} needs jd_task_names (the tasks in the order of the Jacobian's rows), "
                 "e.g. jd_task_names=['a', 'b'] or `--jd_task_names a b`."
+            )
+        if self.jd_mode == "iwrm" and self.jd_task_names:
+            warnings.warn(
+                f"jd_task_names={self.jd_task_names} is ignored with jd_mode='iwrm' (one loss per example). For "
+                "one loss per example and task use jd_mode='iwmtl'; for task losses, jd_mode='mtl'.",
+                UserWarning,
+                stacklevel=3,
             )
 
         if isinstance(self.jd_update_weights_every, bool) or not isinstance(self.jd_update_weights_every, int):

@@ -174,3 +174,8 @@ def test_serialisation_round_trip(tmp_path):
     loaded = torch.load(path, weights_only=False)
     assert isinstance(loaded, JDTrainingArguments)
     assert {k: getattr(loaded, k) for k in _jd_fields()} == {k: getattr(args, k) for k in _jd_fields()}
+
+
+def test_task_names_are_ignored_with_a_warning_in_iwrm(tmp_path):
+    with pytest.warns(UserWarning, match="jd_task_names.*ignored with jd_mode='iwrm'.*iwmtl"):
+        make(tmp_path, jd_mode="iwrm", jd_task_names=["a", "b"])
