@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from hf_jd.aggregation import DualProjWeighting, UPGradWeighting
-from hf_jd.aggregation._dual_cone import normalize_gramian, regularize_gramian
+from hf_jd.aggregation._dual_cone import add_relative_ridge, normalize_gramian, regularize_gramian
 
 KINDS = ("iid", "shared", "lowrank", "bert")
 
@@ -99,14 +99,14 @@ def conflict_fraction(gramian: Tensor) -> float:
 def quadprog_weights(name: str, gramian: Tensor) -> Tensor:
     """Reference weights of the default UPGrad or DualProj weighting, one quadprog QP per target.
 
-    Uses the weighting's own preprocessing (trace normalisation, ``reg_eps = 1e-4``), then solves
+    Uses the weighting's own preprocessing (trace normalisation, relative ridge with ``reg_eps = 1e-4``), then solves
     ``min vᵀGv`` subject to ``v ≥ u`` for every target ``u`` with quadprog.
     """
     import numpy as np
     import quadprog
 
     m = gramian.shape[0]
-    matrix = regularize_gramian(normalize_gramian(gramian.double(), 1e-4), 1e-4).numpy()
+    matrix = regularize_gramian(add_relative_ridge(normalize_gramian(gramian.double(), 0.0), 1e-4), 0.0).numpy()
     targets = np.eye(m) / m if name == "UPGrad" else np.full((1, m), 1.0 / m)
     rows = [quadprog.solve_qp(matrix, np.zeros(m), np.eye(m), u)[0] for u in targets]
     return torch.from_numpy(np.sum(rows, axis=0))

@@ -45,12 +45,19 @@ def check_matrix(matrix: Tensor, what: str = "matrix") -> None:
 
 
 def check_gramian(gramian: Tensor) -> None:
-    """Raise ``ValueError`` unless ``gramian`` is a finite, square, floating 2-D tensor."""
+    """Raise ``ValueError`` unless ``gramian`` is a finite, square, floating 2-D tensor whose diagonal
+    (squared norms of the rows) is not negative beyond rounding."""
     check_matrix(gramian, "Gramian")
     if gramian.shape[0] != gramian.shape[1]:
         raise ValueError(
             f"The Gramian must be square (shape [m, m]), got shape {tuple(gramian.shape)}. "
             "Pass J @ J.T, not the Jacobian J itself."
+        )
+    diagonal = gramian.detach().diagonal()
+    if bool((diagonal < -1e-5 * diagonal.abs().max()).any()):
+        raise ValueError(
+            f"The Gramian has negative diagonal entries (min {float(diagonal.min()):.3g}), so it is not J @ J.T "
+            "of any matrix J. Pass the Gramian of the Jacobian."
         )
 
 
@@ -117,6 +124,11 @@ class Aggregator(_Stateful, ABC):
 
 class GramianWeightedAggregator(Aggregator):
     """Aggregator ``J ↦ wᵀ J`` where ``w = weighting(J Jᵀ)``.
+
+    Gradients: when ``J`` requires grad, the result is differentiable with the weights held constant
+    (the weightings solve their problems outside autograd): the gradient of ``wᵀ J`` at fixed ``w``,
+    which is the derivative of the aggregator itself only when ``w`` does not depend on ``J`` (mean,
+    sum, constant, random weights).
 
     Parameters
     ----------

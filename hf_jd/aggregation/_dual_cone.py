@@ -24,6 +24,13 @@ factorisation fails, or a row lies within about 1e-5 radians of the span of the 
 duplicate, parallel or zero rows, rank ``< m``), it adds ``δ · I`` instead, with
 ``δ = max(10⁻¹² · trace(G) / m, 10 · reg_eps)`` multiplied by 10 until that is no longer the case.
 The answer is the exact solution for the regularised Gramian.
+
+The weightings (:class:`DualConeWeighting`) regularise each row relative to its own squared norm,
+``Gᵢᵢ → (1 + m · reg_eps) Gᵢᵢ`` (:func:`add_relative_ridge`), rather than by one ridge for all rows:
+the constraints then hold as ``(G v)ᵢ ≥ −m · reg_eps · Gᵢᵢ vᵢ``, a relative slack for every row
+however its norm compares with the others' (a common ridge lets the projection conflict with rows
+much smaller than the largest: cosine −0.17 with a row 100 times larger), and the regularised problem
+scales with the rows, which keeps UPGrad exactly linear under positive scaling of the rows.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from ._lcp import DEFAULT_TOL, few_threads, solve_lcp_unchecked
 from ._preference import check_pref_vector, resolve_pref_vector
 
 __all__ = [
+    "add_relative_ridge",
     "project_weights",
     "regularize_gramian",
     "normalize_gramian",
@@ -205,15 +213,34 @@ def _check_inputs(targets: Tensor, gramian: Tensor) -> None:
         )
 
 def normalize_gramian(gramian: Tensor, norm_eps: float) -> Tensor:
-    """Divide the Gramian by its trace ``‖J‖_F²``; return zeros when the trace is below ``norm_eps``.
+    """Divide the Gramian by its trace ``‖J‖_F²``; return zeros when the trace is at most ``norm_eps``
+    (in particular when it is zero).
 
-    The dual-cone projection is invariant to this scaling; it only makes the absolute
-    regularisation ``reg_eps · I`` relative to the size of the Jacobian (Quinton & Rey 2024).
+    The dual-cone projection is invariant to this scaling; it keeps the numbers of the projection
+    problems of order one whatever the size of the Jacobian (Quinton & Rey 2024).
     """
     trace = gramian.diagonal().sum()
-    if float(trace) < norm_eps:
+    if float(trace) <= norm_eps:
         return torch.zeros_like(gramian)
     return gramian / trace
+
+
+def add_relative_ridge(gramian: Tensor, reg_eps: float) -> Tensor:
+    """Multiply each diagonal entry ``Gᵢᵢ`` by ``1 + m · reg_eps``: a ridge relative to each row.
+
+    For a row of average squared norm this is the ridge ``reg_eps · trace(G)`` that ``reg_eps · I``
+    adds to the trace-normalised Gramian (same conditioning, hence the same solver cost); a row ``c``
+    times smaller in norm gets a ridge ``c²`` times smaller, so that the slack of its constraint,
+    ``(G v)ᵢ ≥ −m · reg_eps · Gᵢᵢ vᵢ``, stays relative to its own norm. Rows of norm zero (which no
+    update can conflict with) get the average ridge.
+    """
+    if reg_eps == 0:
+        return gramian
+    diagonal = gramian.diagonal()
+    m = diagonal.numel()
+    mean = float(diagonal.sum()) / max(1, m)
+    ridge = torch.where(diagonal > 0, diagonal, torch.full_like(diagonal, mean if mean > 0 else 1.0))
+    return gramian + torch.diag(reg_eps * m * ridge)
 
 
 def check_non_negative_number(value: object, name: str) -> float:
@@ -235,15 +262,20 @@ class DualConeWeighting(Weighting):
     pref_vector
         Non-negative preference weights, shape ``[m]``; ``None`` means ``1/m`` for every objective.
     norm_eps
-        Threshold on the trace of the Gramian below which it is treated as zero.
+        Threshold on the trace of the Gramian at or below which it is treated as zero (the weights
+        are then the preference weights); ``0`` by default: only an all-zero Jacobian. A positive
+        value also turns the projection off for small but non-zero gradients (late in training).
     reg_eps
-        Amount added to the diagonal of the normalised Gramian.
+        Relative regularisation: each diagonal entry ``Gᵢᵢ`` of the Gramian becomes
+        ``(1 + m · reg_eps) Gᵢᵢ`` (see :func:`add_relative_ridge`; for a row of average norm, the
+        ridge ``reg_eps`` on the trace-normalised Gramian); the update may then conflict with row
+        ``i`` by at most ``m · reg_eps · wᵢ ‖gᵢ‖²`` (``0`` for the exact projection).
     """
 
     def __init__(
         self,
         pref_vector: Tensor | Sequence[float] | None = None,
-        norm_eps: float = 1e-4,
+        norm_eps: float = 0.0,
         reg_eps: float = 1e-4,
     ) -> None:
         self._pref_vector = check_pref_vector(pref_vector, non_negative=True)
@@ -271,7 +303,7 @@ class DualConeWeighting(Weighting):
         normalized = normalize_gramian(
             gramian.detach().to(device="cpu", dtype=torch.float64), self.norm_eps
         )
-        return _project(targets, normalized, self.reg_eps, DEFAULT_TOL, _MAX_ITERS)
+        return _project(targets, add_relative_ridge(normalized, self.reg_eps), 0.0, DEFAULT_TOL, _MAX_ITERS)
 
     def __repr__(self) -> str:
         pref = None if self._pref_vector is None else self._pref_vector.tolist()
@@ -292,7 +324,7 @@ class DualConeAggregator(GramianWeightedAggregator):
     def __init__(
         self,
         pref_vector: Tensor | Sequence[float] | None = None,
-        norm_eps: float = 1e-4,
+        norm_eps: float = 0.0,
         reg_eps: float = 1e-4,
     ) -> None:
         super().__init__(self.weighting_class(pref_vector, norm_eps, reg_eps))

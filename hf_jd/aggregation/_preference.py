@@ -32,7 +32,10 @@ def check_vector(value: object, name: str) -> Tensor:
         If it is not a non-empty 1-D vector of finite numbers.
     """
     try:
-        vector = torch.as_tensor(value).detach().to(device="cpu", dtype=torch.float64).clone()
+        if isinstance(value, Tensor):
+            vector = value.detach().to(device="cpu", dtype=torch.float64).clone()
+        else:  # Python numbers straight to float64 (through float32 they would be rounded, e.g. 0.1)
+            vector = torch.as_tensor(value, dtype=torch.float64).clone()
     except (TypeError, ValueError, RuntimeError) as error:
         raise TypeError(
             f"{name} must be a 1-D tensor or a sequence of numbers, got {type(value).__name__}."

@@ -48,6 +48,8 @@ class ConFIG(Aggregator):
         self.pref_vector = check_pref_vector(pref_vector)
 
     def aggregate(self, matrix: Tensor) -> Tensor:
+        if matrix.dtype in (torch.float16, torch.bfloat16):  # torch.linalg.pinv needs float32 or float64
+            return self.aggregate(matrix.float()).to(matrix.dtype)
         preference = resolve_pref_vector(self.pref_vector, matrix.shape[0], 1.0)
         preference = preference.to(dtype=matrix.dtype, device=matrix.device)
         norms = matrix.norm(dim=1, keepdim=True)

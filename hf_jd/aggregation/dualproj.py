@@ -20,17 +20,19 @@ __all__ = ["DualProj", "DualProjWeighting"]
 class DualProjWeighting(DualConeWeighting):
     """Weighting of :class:`DualProj`: ``w = argmin_{v ≥ p} vᵀ G v``.
 
-    The Gramian is divided by its trace (zeros if the trace is below ``norm_eps``) and
-    ``reg_eps · I`` is added, as for :class:`~hf_jd.aggregation.upgrad.UPGradWeighting`.
+    The Gramian is divided by its trace (zeros if the trace is at most ``norm_eps``) and each
+    diagonal entry multiplied by ``1 + m · reg_eps``, as for :class:`~hf_jd.aggregation.upgrad.UPGradWeighting`.
 
     Parameters
     ----------
     pref_vector
         Non-negative weights ``p`` of the vector to project, shape ``[m]``; ``None`` means ``1/m``.
     norm_eps
-        Threshold on the trace of the Gramian below which it is treated as zero.
+        Threshold on the trace of the Gramian at or below which it is treated as zero (``0``: only
+        an all-zero Jacobian).
     reg_eps
-        Amount added to the diagonal of the normalised Gramian.
+        Relative regularisation of each diagonal entry (``Gᵢᵢ → (1 + m · reg_eps) Gᵢᵢ``; ``0``: the
+        exact projection).
     """
 
     def compute(self, gramian: Tensor) -> Tensor:

@@ -23,9 +23,10 @@ __all__ = ["UPGrad", "UPGradWeighting"]
 class UPGradWeighting(DualConeWeighting):
     """Weighting of :class:`UPGrad`: ``w = Σᵢ pᵢ vᵢ`` with ``vᵢ = argmin_{v ≥ eᵢ} vᵀ G v``.
 
-    The Gramian is first divided by its trace (``‖J‖_F²``; replaced by zeros if the trace is below
-    ``norm_eps``), then ``reg_eps · I`` is added so that the projection problem has a unique
-    solution (Quinton & Rey 2024, arXiv:2406.16232). Since the projection is positively
+    The Gramian is first divided by its trace (``‖J‖_F²``; replaced by zeros if the trace is at most
+    ``norm_eps``), then each diagonal entry is multiplied by ``1 + m · reg_eps`` so that the projection
+    problem has a unique solution (a relative ridge: it keeps the slack of every constraint relative to
+    its own row, and UPGrad linear under scaling of the rows; Quinton & Rey 2024, arXiv:2406.16232). Since the projection is positively
     homogeneous, ``pᵢ π(gᵢ) = π(pᵢ gᵢ)``: the weights are exact solutions of the dual problems,
     not approximations.
 
@@ -35,9 +36,11 @@ class UPGradWeighting(DualConeWeighting):
         Non-negative weight of each objective's projection, shape ``[m]``; ``None`` means
         ``1/m`` for every objective.
     norm_eps
-        Threshold on the trace of the Gramian below which it is treated as zero.
+        Threshold on the trace of the Gramian at or below which it is treated as zero (``0``: only
+        an all-zero Jacobian).
     reg_eps
-        Amount added to the diagonal of the normalised Gramian.
+        Relative regularisation of each diagonal entry (``Gᵢᵢ → (1 + m · reg_eps) Gᵢᵢ``; ``0``: the
+        exact projection).
     """
 
     def compute(self, gramian: Tensor) -> Tensor:

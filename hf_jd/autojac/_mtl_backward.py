@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -71,6 +72,33 @@ def _task_params(
         check_leaves(params, f"tasks_params[{index}]")
         result.append(params)
     return result
+
+
+def _check_features_independent(features: tuple[Tensor, ...]) -> None:
+    """Raise if a feature is computed from another one (``[h, f(h)]``): the gradient w.r.t. the earlier
+    feature already contains the paths through the later one, which the batched product through the
+    trunk would then count twice."""
+    by_node = {feature.grad_fn: index for index, feature in enumerate(features) if feature.grad_fn is not None}
+    by_leaf = {id(feature): index for index, feature in enumerate(features) if feature.grad_fn is None}
+    for index, feature in enumerate(features):
+        if feature.grad_fn is None:
+            continue
+        stack = [node for node, _ in feature.grad_fn.next_functions if node is not None]
+        visited: set[Any] = set()
+        while stack:
+            node = stack.pop()
+            if node in visited:
+                continue
+            visited.add(node)
+            variable = getattr(node, "variable", None)
+            other = by_node.get(node, by_leaf.get(id(variable)) if variable is not None else None)
+            if other is not None and other != index:
+                raise ValueError(
+                    f"features[{index}] is computed from features[{other}]: features must not depend on each "
+                    "other (the gradient w.r.t. the earlier one already includes the paths through the later "
+                    "one). Pass only the last shared representation, or tensors computed side by side."
+                )
+            stack.extend(next_node for next_node, _ in node.next_functions if next_node is not None)
 
 
 def mtl_backward(
@@ -152,6 +180,7 @@ def mtl_backward(
     loss_tuple = _task_losses(losses)
     feature_tuple = deduplicate(as_tensor_tuple(features, "features"))
     check_requires_grad(feature_tuple, "features")
+    _check_features_independent(feature_tuple)
     heads = _task_params(tasks_params, loss_tuple, feature_tuple)
     if shared_params is None:
         shared = find_leaves(feature_tuple)

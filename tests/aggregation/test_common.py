@@ -101,3 +101,13 @@ def test_state_dict(name: str) -> None:
     restored.load_state_dict(state)
     for s, value in zip((2, 3), expected):
         torch.testing.assert_close(restored(jacobian(seed=s)), value, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["upgrad", "dualproj", "mean", "mgda", "cagrad"])
+def test_gramian_with_a_negative_diagonal_is_rejected(name: str) -> None:
+    from hf_jd.aggregation import get_aggregator
+
+    weighting = get_aggregator(name).weighting
+    with pytest.raises(ValueError, match="negative diagonal"):
+        weighting(torch.tensor([[-1.0, 0.0], [0.0, 1.0]]))
+    weighting(torch.tensor([[0.0, 0.0], [0.0, 1.0]]))  # zero rows are fine

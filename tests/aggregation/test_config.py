@@ -93,3 +93,12 @@ def test_bad_preference(pref_vector: object, error: type) -> None:
 def test_bad_input() -> None:
     with pytest.raises(ValueError, match="non-finite"):
         ConFIG()(torch.tensor([[float("inf"), 1.0]]))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_is_computed_in_float32(dtype: torch.dtype) -> None:
+    """torch.linalg.pinv has no bf16/fp16 kernel: the update is computed in float32 and cast back."""
+    jac = torch.randn(3, 5)
+    update = ConFIG()(jac.to(dtype))
+    assert update.dtype == dtype
+    torch.testing.assert_close(update.float(), ConFIG()(jac.to(dtype).float()), rtol=1e-2, atol=1e-2)

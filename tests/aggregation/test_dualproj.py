@@ -32,8 +32,8 @@ def test_non_conflicting() -> None:
         jac = torch.randn(m, 100, generator=g, dtype=DT)
         weights = DualProj().weights(jac)
         trace = (jac * jac).sum()
-        # With regularisation: G w ≥ −reg_eps·trace(G)·w (exactly 0 without it).
-        assert bool((jac @ (weights @ jac) >= -1e-4 * trace * weights - 1e-9 * trace).all())
+        # With the relative regularisation: (G w)ᵢ ≥ −m·reg_eps·Gᵢᵢ·wᵢ (exactly 0 without it).
+        assert bool((jac @ (weights @ jac) >= -1e-4 * m * (jac * jac).sum(dim=1) * weights - 1e-9 * trace).all())
         exact = DualProj(reg_eps=0.0)(jac) if m <= 100 else None
         if exact is not None:
             assert float((jac @ exact).min()) >= -1e-9 * float(jac.norm() * exact.norm())
@@ -65,5 +65,5 @@ def test_errors() -> None:
 
 
 def test_repr_and_dtype() -> None:
-    assert repr(DualProj()) == "DualProj(pref_vector=None, norm_eps=0.0001, reg_eps=0.0001)"
+    assert repr(DualProj()) == "DualProj(pref_vector=None, norm_eps=0.0, reg_eps=0.0001)"
     assert DualProj()(torch.randn(3, 4)).dtype == torch.float32

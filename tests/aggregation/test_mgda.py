@@ -94,3 +94,9 @@ def test_bad_parameters(kwargs: dict, error: type) -> None:
 
 def test_repr() -> None:
     assert repr(MGDA()) == "MGDA(epsilon=1e-05, max_iters=250)"
+
+
+def test_all_zero_jacobian_gives_a_zero_update() -> None:
+    """A zero Gramian used to be divided by its zero trace (nan, then a misleading error)."""
+    torch.testing.assert_close(MGDA()(torch.zeros(3, 5)), torch.zeros(5))
+    assert bool(torch.isfinite(MGDAWeighting()(torch.zeros(1, 1))).all())

@@ -51,3 +51,7 @@ def test_resolve_pref_vector() -> None:
     assert float(pref[0]) == 1.0
     with pytest.raises(ValueError, match="pref_vector has 2 entries but the Jacobian has 3 rows"):
         resolve_pref_vector(pref, 3, 1.0)
+
+
+def test_python_numbers_are_not_rounded_through_float32() -> None:
+    assert check_vector([0.1, 0.9], "weights").tolist() == [0.1, 0.9]

@@ -13,10 +13,10 @@ DT = torch.float64
 
 
 def non_conflict_bound(jac: torch.Tensor, weights: torch.Tensor, reg_eps: float) -> torch.Tensor:
-    """Lower bound on J·A(J) implied by the regularisation: G w ≥ −reg_eps·trace(G)·w."""
-    trace = (jac * jac).sum()
+    """Lower bound on J·A(J) implied by the relative regularisation: (G w)ᵢ ≥ −m·reg_eps·Gᵢᵢ·wᵢ
+    (each row's slack relative to its own squared norm)."""
     rounding = 1e-9 * (jac.abs().sum(dim=1) * (weights.abs() @ jac.abs()).max())
-    return -reg_eps * trace * weights - rounding
+    return -reg_eps * jac.shape[0] * (jac * jac).sum(dim=1) * weights - rounding
 
 
 def adversarial_matrices() -> dict[str, torch.Tensor]:
@@ -80,10 +80,11 @@ def test_equals_mean_without_conflict() -> None:
     torch.testing.assert_close(UPGrad()(jac), jac.mean(dim=0))
 
 
-def test_linear_under_scaling() -> None:
-    # Paper property: c ↦ A(diag(c) J) is linear on c > 0 (exact without regularisation).
+@pytest.mark.parametrize("reg_eps", [0.0, 1e-4])
+def test_linear_under_scaling(reg_eps: float) -> None:
+    # Paper property: c ↦ A(diag(c) J) is linear on c > 0 (also with the relative regularisation).
     jac = torch.randn(5, 12, dtype=DT)
-    aggregator = UPGrad(reg_eps=0.0)
+    aggregator = UPGrad(reg_eps=reg_eps)
     c1 = torch.rand(5, dtype=DT) + 0.1
     c2 = torch.rand(5, dtype=DT) + 0.1
 
@@ -91,6 +92,34 @@ def test_linear_under_scaling() -> None:
         return aggregator(c.unsqueeze(1) * jac)
 
     torch.testing.assert_close(f(2.0 * c1 + 3.0 * c2), 2.0 * f(c1) + 3.0 * f(c2), rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("ratio", [30.0, 100.0, 1e4])
+def test_rows_of_very_different_norms_do_not_conflict(ratio: float) -> None:
+    """One row ``ratio`` times larger than the others: with a ridge common to all rows (relative to the
+    trace) the projection conflicted with the small rows (cos −0.17 at 100×); the relative ridge keeps
+    every row's slack relative to its own norm."""
+    g = torch.Generator().manual_seed(3)
+    jac = torch.randn(4, 20, generator=g, dtype=DT)
+    jac[0] *= ratio
+    update = UPGrad()(jac)
+    cosines = (jac @ update) / (jac.norm(dim=1) * update.norm())
+    # The slack (J d)ᵢ ≥ −m·reg_eps·Gᵢᵢ·wᵢ bounds each cosine by −m·reg_eps times the share of the
+    # update that row i's weight makes, whatever the norms (the common ridge gave −0.17 at 100×).
+    assert float(cosines.min()) >= -4 * 1e-4
+    exact = UPGrad(reg_eps=0.0)(jac)
+    torch.testing.assert_close(update, exact, rtol=0, atol=1e-3 * float(exact.norm()))
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-3, 1e-6])
+def test_small_gradients_are_still_projected(scale: float) -> None:
+    """The default norm_eps = 0 treats only an all-zero Gramian as zero: small gradients (late in
+    training) are projected like large ones (a trace below 1e-4 used to give the plain mean)."""
+    jac = scale * torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]], dtype=DT)
+    update = UPGrad()(jac)
+    assert bool((jac @ update >= 0).all())
+    torch.testing.assert_close(update / scale, UPGrad()(jac / scale), rtol=1e-9, atol=1e-12)
+    assert not torch.allclose(update, jac.mean(dim=0))
 
 
 def test_permutation_invariant() -> None:
@@ -164,7 +193,7 @@ def test_bad_matrix(bad: torch.Tensor) -> None:
 
 
 def test_repr() -> None:
-    assert repr(UPGrad()) == "UPGrad(pref_vector=None, norm_eps=0.0001, reg_eps=0.0001)"
+    assert repr(UPGrad()) == "UPGrad(pref_vector=None, norm_eps=0.0, reg_eps=0.0001)"
     expected = "UPGradWeighting(pref_vector=[1.0, 2.0], norm_eps=0.1, reg_eps=0.2)"
     assert repr(UPGradWeighting([1, 2], 0.1, 0.2)) == expected
 

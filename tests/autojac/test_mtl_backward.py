@@ -239,3 +239,33 @@ def test_mismatched_existing_jac_raises() -> None:
     with pytest.raises(ValueError, match="number of objectives"):
         mtl_backward(losses, features)
     assert all(p.grad is None for h in heads for p in h.parameters())
+
+
+@pytest.mark.parametrize("nested", ["function", "view", "leaf"])
+def test_features_computed_from_each_other_are_rejected(nested: str) -> None:
+    """[h, f(h)] as features: the gradient w.r.t. h already holds the paths through f(h), so the trunk's
+    Jacobian used to count them twice (silently 2x on those rows); now a clear error."""
+    weight = torch.randn(3, 4, requires_grad=True)
+    x = torch.randn(5, 4)
+    if nested == "leaf":
+        first = torch.randn(5, 3, requires_grad=True)
+        second = first.tanh()
+    else:
+        first = x @ weight.T
+        second = first.tanh() if nested == "function" else first.reshape(-1)
+    head = torch.randn(3, requires_grad=True)
+    loss_a = (first @ head).sum()
+    loss_b = second.pow(2).sum()
+    with pytest.raises(ValueError, match=r"features\[1\] is computed from features\[0\]"):
+        mtl_backward([loss_a, loss_b], [first, second])
+
+
+def test_features_computed_side_by_side_are_accepted() -> None:
+    weight = torch.randn(3, 4, requires_grad=True)
+    x = torch.randn(5, 4)
+    hidden = x @ weight.T
+    left, right = hidden.tanh(), hidden.sigmoid()  # both from hidden, neither from the other
+    mtl_backward([left.sum(), right.pow(2).sum()], [left, right])
+    expected = torch.stack([torch.autograd.grad(loss, weight)[0] for loss in (
+        (x @ weight.T).tanh().sum(), (x @ weight.T).sigmoid().pow(2).sum())])
+    torch.testing.assert_close(weight.jac, expected)
