@@ -38,6 +38,7 @@ class Accumulator:
         self.params: dict[int, nn.Parameter] = {}
         # Records whose output gradients are collected elsewhere during the pass (ids): ignored here.
         self.deferred: set[int] = set()
+        self.bound = 0  # records the losses reached (bound to output gradients)
 
     def add(
         self,
@@ -57,6 +58,7 @@ class Accumulator:
             return  # the losses do not depend on this call, or its gradients come per example later
         record.keep_rows = self.keep
         record.bind(grads, self.layout if layout is None else layout, shaped=shaped)
+        self.bound += 1
         needed_later = self.keep
         for name, param in record.params.items():
             self.params[id(param)] = param

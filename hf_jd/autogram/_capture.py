@@ -262,11 +262,15 @@ class Capture:
                         and any(True for _ in sub.parameters(recurse=False))
                     ]
                 self.infos[id(module)] = info
+                # Prepended: the engine sees the module's own output before any user hook changes it,
+                # and installs its aliases before user pre-hooks compute from the parameters.
                 self.handles.append(
-                    module.register_forward_pre_hook(self._module_pre_hook, with_kwargs=True)
+                    module.register_forward_pre_hook(self._module_pre_hook, with_kwargs=True, prepend=True)
                 )
                 self.handles.append(
-                    module.register_forward_hook(self._module_hook, with_kwargs=True, always_call=True)
+                    module.register_forward_hook(
+                        self._module_hook, with_kwargs=True, always_call=True, prepend=True
+                    )
                 )
         for root in self.roots:
             self.handles.append(root.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True))

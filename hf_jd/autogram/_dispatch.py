@@ -5,6 +5,7 @@ from __future__ import annotations
 from enum import Enum
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ._conv import Conv2dRecord, is_unfoldable_conv2d
 from ._embedding import EmbeddingRecord, is_embedding
@@ -40,8 +41,18 @@ _CLASSES: dict[Kind, type[Record]] = {
 }
 
 
+def _closed_form_parameters(module: nn.Module) -> bool:
+    """Whether the module's direct parameters are the ``weight`` and ``bias`` its stock forward uses
+    as they are (not an older ``weight_norm``'s ``weight_g``/``weight_v``, an extra parameter, or a
+    parametrisation computing ``weight``), which the closed forms assume."""
+    names = {name for name, param in module._parameters.items() if param is not None}
+    return names <= {"weight", "bias"} and not parametrize.is_parametrized(module)
+
+
 def kind_of(module: nn.Module) -> Kind:
     """The handler of a module that has direct parameters."""
+    if not _closed_form_parameters(module):
+        return Kind.RMS_NORM if is_rms_norm_like(module) else Kind.GENERIC
     if is_linear(module) or is_conv1d(module):
         return Kind.LINEAR
     if is_embedding(module):

@@ -50,8 +50,7 @@ class LinearRecord(OuterProductRecord):
     def _bind(self, grads: list[Tensor | None], layout: RowLayout) -> None:
         (grad,) = grads
         assert grad is not None
-        weight = self.module.weight
-        dtype = compute_dtype(weight)
+        dtype = compute_dtype(next(iter(self.params.values())))  # not module.weight: no parametrisation re-run
         self.check_batch(self.inputs, layout, "input")
         d_in = self.inputs.shape[-1]
         d_out = grad.shape[-1]

@@ -306,6 +306,14 @@ class Engine:
             with capture.backpropagating():
                 grads_per_row(losses, layout, failed, accumulator)
         del records
+        if accumulator.bound == 0:
+            raise RuntimeError(
+                "The losses depend on none of the module calls the engine captured: compute_gramian needs the "
+                "losses of the last forward pass run with the engine enabled (each new forward pass of a module "
+                "given to the engine replaces the captures; a forward pass run with the engine disabled captures "
+                "nothing), computed from the outputs of the engine's modules. The captures are dropped: run "
+                "the forward pass again."
+            )
         gramian = accumulator.finish()
         if self._single_backward:
             self._bound = _Bound(

@@ -172,3 +172,76 @@ def test_large_vocabulary_ghost_gramian_uses_symmetric_blocks(monkeypatch: pytes
     assert isinstance(record.module, nn.Linear)
     gramian = engine.compute_gramian(losses)
     assert_gramian_matches(gramian, jacobian(losses, trainable(model)))
+
+
+def _check_exact(model: nn.Module, x: torch.Tensor, single_backward: bool) -> None:
+    engine = Engine(model, single_backward=single_backward)
+    losses = model(x).reshape(x.shape[0], -1).pow(2).sum(1)
+    params = trainable(model)
+    jac = jacobian(losses, params)
+    assert_gramian_matches(engine.compute_gramian(losses, retain_graph=True), jac)
+    weights = torch.linspace(0.5, 1.5, x.shape[0])
+    if single_backward:
+        engine.backward(weights)
+    else:
+        losses.backward(weights)
+    grads = torch.cat([torch.zeros(p.numel()) if p.grad is None else p.grad.reshape(-1) for p in params])
+    torch.testing.assert_close(grads, weights @ jac, rtol=1e-4, atol=1e-6)
+
+
+class _ExtraParameter(nn.Linear):
+    """A Linear with a direct parameter of its own besides weight and bias (stock forward)."""
+
+    def __init__(self) -> None:
+        super().__init__(4, 5)
+        self.unused_scale = nn.Parameter(torch.ones(5))
+
+    forward = nn.Linear.forward
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: torch.nn.utils.weight_norm(nn.Linear(4, 5)),  # weight_g, weight_v and a pre-hook
+        lambda: torch.nn.utils.parametrizations.weight_norm(nn.Linear(4, 5)),
+        lambda: torch.nn.utils.parametrizations.spectral_norm(nn.Linear(4, 5)),
+        _ExtraParameter,
+    ],
+    ids=["old_weight_norm", "weight_norm", "spectral_norm", "extra_parameter"],
+)
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_linear_with_other_parameters_than_weight_and_bias(build, single_backward: bool) -> None:
+    """The Linear closed form assumes the parameters are weight and bias used as they are: the old
+    weight_norm's weight_g/weight_v were silently mistreated, parametrisations re-ran during the
+    Gramian pass (misleading checkpointing error); such modules take the generic path."""
+    torch.manual_seed(0)
+    model = nn.Sequential(build(), nn.Tanh(), nn.Linear(5, 2))
+    _check_exact(model, torch.randn(3, 4), single_backward)
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_user_hook_changing_the_output_registered_before_the_engine(single_backward: bool) -> None:
+    """The engine's hooks run first (prepended): they see the Linear's own output, not the one a user
+    hook registered earlier replaced (the Gramian was 40% off)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2))
+    model[0].register_forward_hook(lambda module, args, output: output.clamp(-0.3, 0.3) * 2)
+    _check_exact(model, torch.randn(3, 4), single_backward)
+
+
+def test_losses_of_a_forward_pass_the_engine_did_not_capture_are_rejected() -> None:
+    """compute_gramian on the losses of an earlier forward pass used to return zeros silently."""
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2))
+    engine = Engine(model)
+    x = torch.randn(3, 4)
+    first = model(x).pow(2).sum(1)
+    model(x)  # a second forward pass replaces the captures
+    with pytest.raises(RuntimeError, match="depend on none of the module calls the engine captured"):
+        engine.compute_gramian(first)
+    model(x)
+    with engine.disabled():
+        uncaptured = model(x).pow(2).sum(1)
+    with pytest.raises(RuntimeError, match="depend on none of the module calls"):
+        engine.compute_gramian(uncaptured)
+    losses = model(x).pow(2).sum(1)  # the failed call dropped the captures: a new forward pass
+    assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, trainable(model)))
