@@ -61,7 +61,12 @@ class _Frame:
 
 
 def _broadcast_over_batch(
-    tensor: Tensor, batch_dim: int, batch_size: int, trusted: bool = False, min_dims: int = 3
+    tensor: Tensor,
+    batch_dim: int,
+    batch_size: int,
+    trusted: bool = False,
+    min_dims: int = 3,
+    root_sizes: frozenset[int] = frozenset(),
 ) -> bool:
     """Whether a tensor looks broadcast over the batch: size 1 along ``batch_dim`` and along no
     other dimension (``[1, T, d]`` position embeddings), with at least ``min_dims`` dimensions (3
@@ -74,14 +79,19 @@ def _broadcast_over_batch(
     dimension than the last (a time-major ``[T, B, d]`` tensor with ``T = 1``, as in XLNet or
     ``nn.Transformer(batch_first=False)``, or ``[1, T, d]`` position embeddings with ``T = B``).
     ``trusted``: the module's output was seen broadcast over the batch unambiguously in an earlier
-    call, which settles the second kind of ambiguity.
+    call, which settles the second kind of ambiguity. ``root_sizes``: the sizes of the non-batch
+    dimensions of the root modules' inputs (e.g. the sequence length); when known, a broadcast
+    tensor must share one of them (position embeddings ``[1, T, d]``), so that other ``[1, k, d]``
+    tables (PEFT's prompt embeddings, repeated over the batch further on) keep their shape.
     """
     shape = tensor.shape
     if len(shape) < min_dims or shape[batch_dim] != 1 or sum(1 for size in shape if size == 1) != 1:
         return False
+    checked = range(len(shape) - 1) if len(shape) >= 3 else range(len(shape))
+    if root_sizes and not any(shape[dim] in root_sizes for dim in checked if dim != batch_dim):
+        return False
     if trusted:
         return True
-    checked = range(len(shape) - 1) if len(shape) >= 3 else range(len(shape))
     return not any(shape[dim] == batch_size for dim in checked if dim != batch_dim)
 
 
@@ -160,6 +170,7 @@ class Capture:
         # (k > 1): the model regroups its batch (e.g. [B, choices, T] → [B * choices, T] for multiple
         # choice), so a [1, …] output may be broadcast over k * B rows, not B: it is not expanded.
         self.regrouped = False
+        self.root_sizes: frozenset[int] = frozenset()  # non-batch sizes of the root modules' inputs
         self.completed_roots: set[int] = set()
         self.root_ids: set[int] = {id(root) for root in roots}
         self._register()
@@ -180,6 +191,7 @@ class Capture:
         self.batch_source = ""
         self.batch_from_root = False
         self.regrouped = False
+        self.root_sizes = frozenset()
         self.completed_roots = set()
 
     def remove(self) -> None:
@@ -305,6 +317,9 @@ class Capture:
             for value in itertools.chain(args, kwargs.values()):
                 for tensor in tensors_in(value):
                     self.note_batch(tensor, f"an input of {type(module).__name__}", from_root=True)
+                    if self.batch_dim is not None and tensor.dim() > self.batch_dim:
+                        sizes = {int(size) for dim, size in enumerate(tensor.shape) if dim != self.batch_dim}
+                        self.root_sizes = self.root_sizes | sizes
         self.depth += 1
 
     def _root_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
@@ -480,7 +495,7 @@ class Capture:
             if tensor.dim() <= bd:
                 return False
             return tensor.shape[bd] == size or (
-                broadcast_ok and _broadcast_over_batch(tensor, bd, size, trusted, min_dims)
+                broadcast_ok and _broadcast_over_batch(tensor, bd, size, trusted, min_dims, self.root_sizes)
             )
 
         inputs = tensors_in(args) or tensors_in(kwargs)
@@ -503,7 +518,11 @@ class Capture:
         bd = self.batch_dim
         if bd is None or not isinstance(output, Tensor) or output.dim() <= bd:
             return output
-        if self.batch_size > 1 and not self.regrouped and _broadcast_over_batch(output, bd, self.batch_size, trusted):
+        if (
+            self.batch_size > 1
+            and not self.regrouped
+            and _broadcast_over_batch(output, bd, self.batch_size, trusted, root_sizes=self.root_sizes)
+        ):
             shape = list(output.shape)
             shape[bd] = self.batch_size
             return output.expand(shape)

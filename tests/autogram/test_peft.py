@@ -50,3 +50,22 @@ def test_engine_covers_only_the_adapters() -> None:
     engine = Engine(model)
     covered = {id(p) for p in engine.parameters()}
     assert covered == {id(p) for p in trainable(model)}
+
+
+@pytest.mark.parametrize("method", ["prompt", "p_tuning"])
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_prompt_learning(method: str, single_backward: bool) -> None:
+    """PEFT prompt tuning / P-tuning embed the virtual tokens once, [1, n, d], then repeat them over the
+    batch: the engine must not expand that output to [B, n, d] (the repeat then crashed the forward);
+    the per-example gradients come from the repeat instead."""
+    from peft import PromptEncoderConfig, PromptTuningConfig, TaskType
+
+    torch.manual_seed(0)
+    base = tf.BertForSequenceClassification(tf.BertConfig(vocab_size=V, max_position_embeddings=32, num_labels=2, **ENC))
+    if method == "prompt":
+        config = PromptTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=4)
+    else:
+        config = PromptEncoderConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=4, encoder_hidden_size=16)
+    model = get_peft_model(base, config).train()
+    inputs = _text()(3, 6, True)
+    _check(model, inputs, 3, single_backward)
