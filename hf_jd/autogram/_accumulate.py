@@ -19,7 +19,7 @@ from ._layout import RowLayout
 from ._record import Record, split_by_record
 from ._shared import shared_gram
 
-__all__ = ["Accumulator", "grads_at_once", "grads_streamed", "uncovered_parameters"]
+__all__ = ["Accumulator", "grads_at_once", "grads_streamed", "other_uses_of_inputs", "uncovered_parameters"]
 
 
 class Accumulator:
@@ -165,8 +165,17 @@ def grads_streamed(
         grads_at_once(losses, grad_outputs, missed, accumulator, batched=False)
 
 
+# Autograd nodes of reentrant checkpointing (torch.utils.checkpoint(..., use_reentrant=True)): the
+# block's forward ran without grad, so its module calls were not captured.
+CHECKPOINT_NODES = frozenset({"CheckpointFunctionBackward"})
+
+
 def uncovered_parameters(losses: Tensor, covered: dict[int, nn.Parameter]) -> list[Tensor]:
-    """Trainable leaves the losses depend on that the engine did not capture."""
+    """Trainable leaves the losses depend on that the engine did not capture.
+
+    Raises ``RuntimeError`` if the graph holds a reentrant checkpoint, whose module calls are never
+    captured.
+    """
     found: list[Tensor] = []
     seen_nodes: set[Any] = set()
     stack = [losses.grad_fn]
@@ -175,6 +184,13 @@ def uncovered_parameters(losses: Tensor, covered: dict[int, nn.Parameter]) -> li
         if node is None or node in seen_nodes:
             continue
         seen_nodes.add(node)
+        if type(node).__name__ in CHECKPOINT_NODES:
+            raise RuntimeError(
+                "The losses' graph holds a checkpointed block (torch.utils.checkpoint with use_reentrant=True, "
+                "as gradient checkpointing does): its forward pass ran without gradients, so the autogram "
+                "engine captured none of its module calls. Disable gradient checkpointing "
+                "(model.gradient_checkpointing_disable()) or use the autojac engine (jd_engine='autojac')."
+            )
         variable = getattr(node, "variable", None)
         if variable is not None:
             if id(variable) not in covered and variable.requires_grad:
@@ -182,3 +198,25 @@ def uncovered_parameters(losses: Tensor, covered: dict[int, nn.Parameter]) -> li
             continue
         stack.extend(next_node for next_node, _ in node.next_functions)
     return found
+
+
+def other_uses_of_inputs(losses: Tensor, leaves: dict[int, Tensor], claimed: set[Any]) -> list[Tensor]:
+    """Leaves (trainable parameters passed as a module's input, e.g. a table a LayerNorm normalises)
+    that the losses also reach through another operation than the ``claimed`` nodes of the records
+    that cover them (those uses would be missing from the Gramian)."""
+    found: dict[int, Tensor] = {}
+    seen_nodes: set[Any] = set()
+    stack = [losses.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen_nodes:
+            continue
+        seen_nodes.add(node)
+        for next_node, _ in node.next_functions:
+            if next_node is None:
+                continue
+            variable = getattr(next_node, "variable", None)
+            if variable is not None and id(variable) in leaves and node not in claimed:
+                found[id(variable)] = variable
+            stack.append(next_node)
+    return list(found.values())

@@ -361,7 +361,10 @@ class Capture:
             info.frames.append(None)
             return
         params = direct_parameters(module, info.borrowed)
-        if not params:
+        # A layer norm of a trainable parameter (DeBERTa's relative-position table) covers that
+        # parameter, also when its own weight and bias are frozen.
+        table = info.kind is Kind.LAYER_NORM and bool(args) and isinstance(args[0], nn.Parameter)
+        if not params and not (table and args[0].requires_grad):
             info.frames.append(None)
             return
         aliases = None

@@ -3,6 +3,11 @@
 With ``x̂`` the normalised input, ``y = γ ⊙ x̂ + β``, so row ``r = (e, k)`` has gradients
 ``Σ_t g_{ekt} ⊙ x̂_{et}`` for ``γ`` and ``Σ_t g_{ekt}`` for ``β``. ``x̂`` is recomputed from the
 captured input (a normalisation only, the module itself is not re-run).
+
+When the input is itself a trainable parameter (DeBERTa-v2/v3 layer-normalise their relative-position
+table, ``rel_embeddings.weight``, without calling its module), its per-row gradient is the layer
+norm's input gradient ``σ⁻¹ (h − mean(h) − x̂ · mean(h ⊙ x̂))`` with ``h = γ ⊙ g`` (means over the
+normalised entries), so that parameter is covered too (under the name :data:`INPUT_PARAMETER`).
 """
 
 from __future__ import annotations
@@ -10,13 +15,17 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._layout import RowLayout
 from ._record import Record, compute_dtype
 
-__all__ = ["LayerNormRecord", "is_layer_norm"]
+__all__ = ["INPUT_PARAMETER", "LayerNormRecord", "is_layer_norm"]
+
+# Name, in a record's ``params``, of a trainable parameter passed as the layer norm's input.
+INPUT_PARAMETER = "<input>"
 
 
 def is_layer_norm(module: nn.Module) -> bool:
@@ -37,6 +46,9 @@ class LayerNormRecord(Record):
         args: tuple[Any, ...],
         output: Tensor,
     ) -> None:
+        leaf = args[0]
+        if isinstance(leaf, nn.Parameter) and leaf.requires_grad and INPUT_PARAMETER not in params:
+            params = {**params, INPUT_PARAMETER: leaf}
         super().__init__(module, module_name, params)
         self.inputs = args[0].detach()
 
@@ -51,6 +63,11 @@ class LayerNormRecord(Record):
         inputs = self.inputs.to(dtype)
         del self.inputs
         normalised = F.layer_norm(inputs, norm.normalized_shape, None, None, norm.eps)
+        if INPUT_PARAMETER in self.params:
+            variance = inputs.reshape(-1, size).var(dim=-1, unbiased=False)
+            inverse_std = torch.rsqrt(variance + norm.eps)
+            self.inverse_std = layout.input_to_rows(inverse_std.reshape(inputs.shape[:-len(norm.normalized_shape)]))
+            self.inverse_std = self.inverse_std.reshape(layout.num_examples, 1, -1, 1)
         self.normalised = layout.input_to_rows(normalised).reshape(layout.num_examples, -1, size)
         rows = layout.grad_to_rows(grad).to(dtype)
         self.rows = rows.reshape(layout.num_examples, layout.num_tasks, -1, size)
@@ -65,6 +82,13 @@ class LayerNormRecord(Record):
 
     def per_row(self, name: str) -> Tensor:
         num_rows = self.rows.shape[0] * self.rows.shape[1]
+        if name == INPUT_PARAMETER:
+            weight = self.params.get("weight", self.module.weight)
+            scaled = self.rows if weight is None else self.rows * weight.detach().to(self.rows.dtype).reshape(-1)
+            normalised = self.normalised.unsqueeze(1)
+            centred = scaled - scaled.mean(dim=-1, keepdim=True)
+            grads = self.inverse_std * (centred - normalised * (scaled * normalised).mean(dim=-1, keepdim=True))
+            return grads.reshape(num_rows, -1)
         if name == "weight":
             return (self.rows * self.normalised.unsqueeze(1)).sum(dim=2).reshape(num_rows, -1)
         return self.rows.sum(dim=2).reshape(num_rows, -1)

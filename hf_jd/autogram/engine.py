@@ -22,11 +22,19 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ._accumulate import Accumulator, grads_at_once, grads_per_row, grads_streamed, uncovered_parameters
+from ._accumulate import (
+    Accumulator,
+    grads_at_once,
+    grads_per_row,
+    grads_streamed,
+    other_uses_of_inputs,
+    uncovered_parameters,
+)
 from ._broadcast import BroadcastPlan, attach_plans, node_output_shape, plan_broadcasts
 from ._capture import Capture
 from ._deliver import deliver_gradients
 from ._generic import GenericRecord
+from ._layer_norm import INPUT_PARAMETER
 from ._layout import RowLayout, layout_of_losses
 from ._record import Record
 from ._regroup import grads_verified
@@ -245,9 +253,26 @@ class Engine:
         accumulator = Accumulator(layout, dtype, losses.device, counts, self._single_backward)
         uncovered: list[Tensor] = []
         retain = True
+        covered = {id(p): p for record in records for p in record.params.values()}
+        uncovered = uncovered_parameters(losses, covered)
+        own = {id(p) for p in capture.parameters()} if uncovered else set()
+        missed = [p for p in uncovered if id(p) in own]
+        inputs = {id(p): p for record in records for name, p in record.params.items() if name == INPUT_PARAMETER}
+        if inputs:  # a parameter covered through the module it is passed to must have no other use
+            claimed = {edge.node for record in records if INPUT_PARAMETER in record.params for edge in record.edges}
+            missed += other_uses_of_inputs(losses, inputs, claimed)
+        if missed:
+            missed_ids = {id(p) for p in missed}
+            names = [name for root in capture.roots for name, p in root.named_parameters() if id(p) in missed_ids]
+            raise RuntimeError(
+                f"The losses depend on {len(missed)} trainable parameter(s) of the engine's modules ({names[:4]}"
+                f"{' …' if len(names) > 4 else ''}) through no module call the engine captured: they are used "
+                "outside the forward pass of the module that owns them (e.g. PEFT adapters kept in a "
+                "ParameterDict that a layer reads without calling it: IA3, AdaLoRA, LoHa, LoKr), which the "
+                "engine cannot attribute. Freeze them, leave their modules out of the engine (jd_modules), or "
+                "use the autojac engine (jd_engine='autojac')."
+            )
         if self._single_backward:
-            covered = {id(p): p for record in records for p in record.params.values()}
-            uncovered = uncovered_parameters(losses, covered)
             # Generic records run vector-Jacobian products on the graph after the pass.
             needs_graph = bool(uncovered) or any(isinstance(record, GenericRecord) for record in records)
             retain = needs_graph if retain_graph is None else bool(retain_graph) or needs_graph

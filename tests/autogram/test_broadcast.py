@@ -183,6 +183,34 @@ def test_deberta_v3_shared_relative_layer_norm_alone(monkeypatch) -> None:
     assert_gramian_matches(gramian, jac)
 
 
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_deberta_v3_relative_embedding_table_alone(single_backward: bool, monkeypatch) -> None:
+    """Only ``rel_embeddings.weight`` trainable: DeBERTa-v3 layer-normalises that parameter without
+    calling its Embedding module, so no record owned it and its contribution was silently missing
+    (small at initialisation, hidden in the whole model's Gramian); the LayerNorm record now gives
+    its per-example input gradients, from the ordinary pass."""
+    per_row = _count_per_row(monkeypatch)
+    config = tf.DebertaV2Config(
+        vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=16, relative_attention=True, position_buckets=4, max_relative_positions=8,
+        pos_att_type=["p2c", "c2p"], norm_rel_ebd="layer_norm", share_att_key=True, position_biased_input=False,
+        num_labels=3, initializer_range=0.5,
+    )
+    torch.manual_seed(0)
+    model = tf.DebertaV2ForSequenceClassification(config).eval()
+    table = model.deberta.encoder.rel_embeddings
+    model.requires_grad_(False)
+    table.requires_grad_(True)
+    engine = Engine(model, single_backward=single_backward)
+    losses = model(input_ids=torch.randint(3, 40, (B, 7))).logits.pow(2).sum(1)
+    params = trainable(table)
+    jac = jacobian(losses, params)
+    assert float(jac.norm()) > 1e-3
+    assert_gramian_matches(engine.compute_gramian(losses, retain_graph=True), jac)
+    assert per_row == []
+    _assert_weighted_update(engine, losses, params, jac, single_backward)
+
+
 @pytest.mark.parametrize("name", ["t5", "mpnet"])
 def test_relative_position_tables_alone(name: str, monkeypatch) -> None:
     """Only the relative-position tables trainable: the Gramian is theirs alone, a strict check."""

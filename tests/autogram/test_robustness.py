@@ -67,18 +67,27 @@ def test_copy_of_engine_model_can_get_its_own_engine() -> None:
     assert_gramian_matches(clone_engine.compute_gramian(losses), jacobian(losses, trainable(clone)))
 
 
-def test_borrowed_parameter_is_missing_from_gramian_and_check_detects_it() -> None:
+def test_borrowed_parameter_is_rejected_and_check_detects_a_partial_use() -> None:
+    """A child's weight used only by its parent (the child never called) is found in the losses' graph
+    without any record covering it: compute_gramian raises (it used to leave it out silently). A weight
+    used both by its module and outside it is covered, but only partly: check_gramian detects that."""
     model = _Borrower()
     engine = Engine(model)
     losses = model(torch.randn(4, 4)).pow(2).sum(1)
+    with pytest.raises(RuntimeError, match=r"\['child.weight'\].*outside the forward pass of the module that owns them"):
+        engine.compute_gramian(losses)
+    losses.backward(torch.ones(4))  # the graph is left alone: the ordinary backward still runs
+
+    model = _Borrower()
+    engine = Engine(model)
+    hidden = torch.tanh(model.first(torch.randn(4, 4)))
+    losses = model.head(torch.tanh(model.child(hidden) + F.linear(hidden, model.child.weight))).pow(2).sum(1)
     gramian = engine.compute_gramian(losses)
     full = jacobian(losses, trainable(model))
-    # The silent error that check_gramian exists for: the child's weight is not attributed.
-    assert not torch.allclose(gramian, full @ full.T, rtol=1e-3)
+    assert not torch.allclose(gramian, full @ full.T, rtol=1e-3)  # the silent error check_gramian exists for
     with pytest.raises(RuntimeError, match="outside the forward pass of the module that owns it"):
         engine.check_gramian(losses, gramian)
-    # The check leaves the graph and the gradients alone: the weighted backward still runs.
-    assert all(p.grad is None for p in model.parameters())
+    assert all(p.grad is None for p in model.parameters())  # the check leaves the gradients alone
     losses.backward(torch.ones(4))
 
 

@@ -72,7 +72,8 @@ ZOO: dict[str, tuple[Callable[[], nn.Module], Inputs]] = {
         vocab_size=V, embedding_size=8, max_position_embeddings=16, **ENC)), _text()),
     "deberta_v2": (lambda: tf.DebertaV2ForSequenceClassification(tf.DebertaV2Config(
         vocab_size=V, max_position_embeddings=16, relative_attention=True, position_buckets=4,
-        max_relative_positions=8, pos_att_type=["p2c", "c2p"], num_labels=2, **ENC)), _text()),
+        max_relative_positions=8, pos_att_type=["p2c", "c2p"], num_labels=2, norm_rel_ebd="layer_norm",
+        **ENC)), _text()),  # as the released DeBERTa-v2/v3 checkpoints
     "xlm_roberta": (lambda: tf.XLMRobertaForMaskedLM(tf.XLMRobertaConfig(
         vocab_size=V, max_position_embeddings=20, pad_token_id=1, **ENC)), _text(1)),
     "mpnet": (lambda: tf.MPNetForMaskedLM(tf.MPNetConfig(
@@ -556,3 +557,15 @@ def test_wav2vec2_with_padding_mask_and_spec_augment(single_backward: bool) -> N
     mask = torch.ones(3, 96, dtype=torch.long)
     mask[0, 60:] = 0
     _check(model, {"input_values": torch.randn(3, 96), "attention_mask": mask}, 3, single_backward)
+
+
+def test_deberta_v2_relative_table_used_without_its_module_is_rejected() -> None:
+    """With norm_rel_ebd='none' DeBERTa-v2 uses rel_embeddings.weight directly (dropout, then the
+    projections), which no record covers: a clear error instead of a Gramian missing that table."""
+    model = tf.DebertaV2ForSequenceClassification(tf.DebertaV2Config(
+        vocab_size=V, max_position_embeddings=16, relative_attention=True, position_buckets=4,
+        max_relative_positions=8, pos_att_type=["p2c", "c2p"], num_labels=2, norm_rel_ebd="none", **ENC)).train()
+    engine = Engine(model)
+    losses = per_example_losses(model(**_text()(3, 6, True)), 3)
+    with pytest.raises(RuntimeError, match=r"rel_embeddings.weight.*outside the forward pass.*autojac"):
+        engine.compute_gramian(losses)
