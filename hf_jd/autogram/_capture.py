@@ -163,6 +163,7 @@ class Capture:
         self.calls: dict[int, int] = {}
         self.depth = 0
         self.records: list[Record] = []
+        self.consumed = False  # whether compute_gramian took this forward pass's records
         self.batch_size = 0
         self.batch_source = ""
         self.batch_from_root = False  # whether batch_size was read from a root module's inputs
@@ -187,6 +188,7 @@ class Capture:
     def reset(self) -> None:
         """Drop the captured records and the batch-size and forward tracking."""
         self.records = []
+        self.consumed = False
         self.batch_size = 0
         self.batch_source = ""
         self.batch_from_root = False

@@ -233,14 +233,22 @@ class Engine:
         capture.check_no_checkpointing()
         records = [record for record in capture.records if record.edges]
         if not records:
+            if capture.consumed:
+                raise RuntimeError(
+                    "compute_gramian was already called on the captures of this forward pass (they are "
+                    "used once): run a new forward pass before computing another Gramian."
+                )
             raise RuntimeError(
                 "The engine captured no module call: run the forward pass with the engine enabled, "
                 "in grad mode, and with trainable parameters in the engine's modules. If it was, the "
                 "trainable parameters are only used outside the forward passes of the modules that own "
                 "them (e.g. a parent calling F.linear(x, self.child.weight)), which the engine cannot "
-                "attribute: use the autojac engine (hf_jd.autojac, jd_engine='autojac')."
+                "attribute: use the autojac engine (hf_jd.autojac, jd_engine='autojac'). With torch.compile, "
+                "create the engine before the first compiled forward pass (or call torch._dynamo.reset() "
+                "after creating it): graphs compiled earlier do not run its hooks."
             )
         capture.records = []
+        capture.consumed = True
         for record in records:
             if isinstance(record, GenericRecord):
                 record.check_not_modified()

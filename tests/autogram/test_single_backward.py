@@ -134,3 +134,33 @@ def test_weighted_gradient_with_tasks_and_wide_outputs() -> None:
     weights = torch.tensor([[0.5, 1.0], [2.0, 0.1], [1.0, 1.0]])
     engine.backward(weights)
     torch.testing.assert_close(grads_of(params), weights.reshape(-1) @ jac, rtol=1e-4, atol=1e-6)
+
+
+def test_sparse_embedding_gets_a_sparse_gradient() -> None:
+    """nn.Embedding(sparse=True): the ordinary backward writes a sparse .grad (for SparseAdam); so does
+    Engine.backward, with the same values."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(20, 4, sparse=True), nn.Tanh(), nn.Flatten(), nn.Linear(12, 1))
+    dense = nn.Sequential(nn.Embedding(20, 4), nn.Tanh(), nn.Flatten(), nn.Linear(12, 1))
+    dense.load_state_dict(model.state_dict())  # the reference Jacobian with dense gradients
+    engine = Engine(model, single_backward=True)
+    ids = torch.randint(0, 20, (3, 3))
+    losses = model(ids).squeeze(1).pow(2)
+    params = trainable(model)
+    jac = jacobian(dense(ids).squeeze(1).pow(2), trainable(dense))
+    assert_gramian_matches(engine.compute_gramian(losses), jac)
+    weights = torch.tensor([0.5, 1.0, 1.5])
+    engine.backward(weights)
+    assert model[0].weight.grad.is_sparse
+    torch.optim.SparseAdam(list(model[0].parameters())).step()  # accepted
+    grads = torch.cat([p.grad.to_dense().reshape(-1) for p in params])
+    torch.testing.assert_close(grads, weights @ jac, rtol=1e-4, atol=1e-6)
+
+
+def test_second_gramian_on_the_same_forward_pass_is_explained() -> None:
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 1))
+    engine = Engine(model)
+    losses = model(torch.randn(2, 4)).squeeze(1)
+    engine.compute_gramian(losses)
+    with pytest.raises(RuntimeError, match="already called on the captures of this forward pass"):
+        engine.compute_gramian(losses)
