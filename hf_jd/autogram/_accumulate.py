@@ -156,10 +156,19 @@ def grads_streamed(
         for edge in record.edges
     ]
     try:
-        grads_at_once(losses, grad_outputs, direct, accumulator, batched=False)
+        edges = [edge for record in direct for edge in record.edges]
+        grads = list(
+            torch.autograd.grad(losses, edges, grad_outputs=grad_outputs, retain_graph=True, allow_unused=True)
+        )
     finally:
+        # Removed before the direct records are added: a generic record's vector-Jacobian products run
+        # through the same nodes again (e.g. a module scaling its input by its own parameter before calling
+        # a child Linear), and must not fire these hooks.
         for handle in handles:
             handle.remove()
+    grads = [None if grad is None else grad.unsqueeze(0) for grad in grads]
+    for record, record_grads in split_by_record(grads, direct):
+        accumulator.add(record, record_grads)
     missed = [record for record in streamed if id(record) not in reached]
     if missed:
         grads_at_once(losses, grad_outputs, missed, accumulator, batched=False)

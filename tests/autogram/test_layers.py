@@ -479,3 +479,27 @@ def test_rms_norm_closed_form_is_verified(
     losses = torch.stack([out[..., 0].sum(1), out[..., 1].pow(2).mean(1)], dim=1)
     assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, trainable(model)))
     assert used == [closed_form]
+
+
+class _ScaledInput(nn.Module):
+    """A module with a parameter of its own that scales its input before calling a child Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.randn(4))
+        self.linear = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x * self.scale)
+
+
+@pytest.mark.parametrize("root", [True, False])
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_own_parameter_before_a_child_call(root: bool, single_backward: bool) -> None:
+    """As the first parametrised call, the generic record's per-example products ran through the child's
+    node while the streaming hooks were still registered there (a vmap error)."""
+    torch.manual_seed(0)
+    model = _ScaledInput() if root else nn.Sequential(nn.Linear(4, 4), _ScaledInput())
+    engine = Engine(model, single_backward=single_backward)
+    losses = model(torch.randn(3, 4)).pow(2).sum(-1)
+    assert_gramian_matches(engine.compute_gramian(losses, retain_graph=True), jacobian(losses, trainable(model)))
