@@ -9,6 +9,7 @@ then the cross terms of parameters used by several calls.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -179,6 +180,19 @@ def grads_streamed(
 CHECKPOINT_NODES = frozenset({"CheckpointFunctionBackward"})
 
 
+def _graph_nodes(losses: Tensor) -> Iterator[Any]:
+    """Every node of the losses' autograd graph, once (depth first)."""
+    seen: set[Any] = set()
+    stack = [losses.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        yield node
+        stack.extend(next_node for next_node, _ in node.next_functions)
+
+
 def uncovered_parameters(losses: Tensor, covered: dict[int, nn.Parameter]) -> list[Tensor]:
     """Trainable leaves the losses depend on that the engine did not capture.
 
@@ -186,13 +200,7 @@ def uncovered_parameters(losses: Tensor, covered: dict[int, nn.Parameter]) -> li
     captured.
     """
     found: list[Tensor] = []
-    seen_nodes: set[Any] = set()
-    stack = [losses.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen_nodes:
-            continue
-        seen_nodes.add(node)
+    for node in _graph_nodes(losses):
         if type(node).__name__ in CHECKPOINT_NODES:
             raise RuntimeError(
                 "The losses' graph holds a checkpointed block (torch.utils.checkpoint with use_reentrant=True, "
@@ -201,11 +209,8 @@ def uncovered_parameters(losses: Tensor, covered: dict[int, nn.Parameter]) -> li
                 "(model.gradient_checkpointing_disable()) or use the autojac engine (jd_engine='autojac')."
             )
         variable = getattr(node, "variable", None)
-        if variable is not None:
-            if id(variable) not in covered and variable.requires_grad:
-                found.append(variable)
-            continue
-        stack.extend(next_node for next_node, _ in node.next_functions)
+        if variable is not None and id(variable) not in covered and variable.requires_grad:
+            found.append(variable)
     return found
 
 
@@ -214,18 +219,11 @@ def other_uses_of_inputs(losses: Tensor, leaves: dict[int, Tensor], claimed: set
     that the losses also reach through another operation than the ``claimed`` nodes of the records
     that cover them (those uses would be missing from the Gramian)."""
     found: dict[int, Tensor] = {}
-    seen_nodes: set[Any] = set()
-    stack = [losses.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen_nodes:
+    for node in _graph_nodes(losses):
+        if node in claimed:
             continue
-        seen_nodes.add(node)
         for next_node, _ in node.next_functions:
-            if next_node is None:
-                continue
             variable = getattr(next_node, "variable", None)
-            if variable is not None and id(variable) in leaves and node not in claimed:
+            if variable is not None and id(variable) in leaves:
                 found[id(variable)] = variable
-            stack.append(next_node)
     return list(found.values())

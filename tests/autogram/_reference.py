@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from hf_jd.autogram import Engine
 
 
 def trainable(*modules: nn.Module) -> list[nn.Parameter]:
@@ -41,3 +46,18 @@ def assert_gramian_matches(gramian: Tensor, jac: Tensor, rtol: float = 1e-4, ato
 
 def grads_of(params: list[nn.Parameter]) -> Tensor:
     return torch.cat([torch.zeros(p.numel(), device=p.device) if p.grad is None else p.grad.reshape(-1) for p in params])
+
+
+def assert_exact_step(
+    engine: Engine, losses: Tensor, params: list[nn.Parameter], single_backward: bool, weights: Tensor | None = None
+) -> None:
+    """The engine's Gramian equals J Jᵀ, and its weighted update (``engine.backward`` with the single
+    backward, ``losses.backward`` otherwise) equals wᵀ J, both against the explicit Jacobian."""
+    jac = jacobian(losses, params)
+    assert_gramian_matches(engine.compute_gramian(losses, retain_graph=True), jac)
+    weights = torch.linspace(0.5, 1.5, losses.numel()) if weights is None else weights
+    if single_backward:
+        engine.backward(weights)
+    else:
+        losses.backward(weights.view(losses.shape))
+    torch.testing.assert_close(grads_of(params), weights @ jac, rtol=1e-4, atol=1e-6)

@@ -157,11 +157,8 @@ def test_deberta_v3_relative_embeddings_use_the_ordinary_pass(single_backward: b
     _assert_weighted_update(engine, losses, params, jac, single_backward)
 
 
-def test_deberta_v3_shared_relative_layer_norm_alone(monkeypatch) -> None:
-    """Only the relative embeddings' LayerNorm trainable: its per-example gradients come only
-    through the repeated ``[B * heads, …]`` position keys and queries (a strict check of the
-    batch-major slicing, which the whole model's Gramian would hide under larger terms)."""
-    per_row = _count_per_row(monkeypatch)
+def _deberta_v3_large_init() -> nn.Module:
+    """DeBERTa-v3's configuration with large initial weights (strict checks of small terms), in eval mode."""
     config = tf.DebertaV2Config(
         vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
         max_position_embeddings=16, relative_attention=True, position_buckets=4, max_relative_positions=8,
@@ -169,7 +166,15 @@ def test_deberta_v3_shared_relative_layer_norm_alone(monkeypatch) -> None:
         num_labels=3, initializer_range=0.5,
     )
     torch.manual_seed(0)
-    model = tf.DebertaV2ForSequenceClassification(config).eval()
+    return tf.DebertaV2ForSequenceClassification(config).eval()
+
+
+def test_deberta_v3_shared_relative_layer_norm_alone(monkeypatch) -> None:
+    """Only the relative embeddings' LayerNorm trainable: its per-example gradients come only
+    through the repeated ``[B * heads, …]`` position keys and queries (a strict check of the
+    batch-major slicing, which the whole model's Gramian would hide under larger terms)."""
+    per_row = _count_per_row(monkeypatch)
+    model = _deberta_v3_large_init()
     norm = model.deberta.encoder.LayerNorm
     model.requires_grad_(False)
     norm.requires_grad_(True)
@@ -190,14 +195,7 @@ def test_deberta_v3_relative_embedding_table_alone(single_backward: bool, monkey
     (small at initialisation, hidden in the whole model's Gramian); the LayerNorm record now gives
     its per-example input gradients, from the ordinary pass."""
     per_row = _count_per_row(monkeypatch)
-    config = tf.DebertaV2Config(
-        vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-        max_position_embeddings=16, relative_attention=True, position_buckets=4, max_relative_positions=8,
-        pos_att_type=["p2c", "c2p"], norm_rel_ebd="layer_norm", share_att_key=True, position_biased_input=False,
-        num_labels=3, initializer_range=0.5,
-    )
-    torch.manual_seed(0)
-    model = tf.DebertaV2ForSequenceClassification(config).eval()
+    model = _deberta_v3_large_init()
     table = model.deberta.encoder.rel_embeddings
     model.requires_grad_(False)
     table.requires_grad_(True)

@@ -8,7 +8,7 @@ from torch import nn
 
 from hf_jd.autogram import Engine
 
-from ._reference import assert_gramian_matches, grads_of, jacobian, trainable
+from ._reference import assert_exact_step, assert_gramian_matches, grads_of, jacobian, trainable
 
 
 def _mlp() -> nn.Module:
@@ -200,15 +200,7 @@ def test_only_trainable_calls_not_split_by_example(single_backward: bool) -> Non
     model.first.requires_grad_(False)
     engine = Engine(model, single_backward=single_backward)
     losses = model(torch.randn(3, 5, 4)).pow(2).sum((1, 2))
-    params = trainable(model)
-    jac = jacobian(losses, params)
-    assert_gramian_matches(engine.compute_gramian(losses, retain_graph=True), jac)
-    weights = torch.tensor([0.5, 1.0, 1.5])
-    if single_backward:
-        engine.backward(weights)
-    else:
-        losses.backward(weights)
-    torch.testing.assert_close(grads_of(params), weights @ jac, rtol=1e-4, atol=1e-6)
+    assert_exact_step(engine, losses, trainable(model), single_backward, torch.tensor([0.5, 1.0, 1.5]))
 
 
 class _TablePositions(nn.Module):
@@ -268,15 +260,7 @@ def test_rows_picked_by_an_index_are_verified(order: list[int], single_backward:
     model = _PermutedExpert()
     engine = Engine(model, single_backward=single_backward)
     losses = model(torch.randn(4, 4), torch.tensor(order)).pow(2)
-    params = trainable(model)
-    jac = jacobian(losses, params)
-    assert_gramian_matches(engine.compute_gramian(losses, retain_graph=True), jac)
-    weights = torch.tensor([0.5, 1.0, 1.5, 2.0])
-    if single_backward:
-        engine.backward(weights)
-    else:
-        losses.backward(weights)
-    torch.testing.assert_close(grads_of(params), weights @ jac, rtol=1e-4, atol=1e-6)
+    assert_exact_step(engine, losses, trainable(model), single_backward, torch.tensor([0.5, 1.0, 1.5, 2.0]))
 
 
 def test_parameters_lists_shared_parameters_once() -> None:
