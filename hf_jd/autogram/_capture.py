@@ -515,7 +515,15 @@ class Capture:
             return True
         if not inputs:
             return kind is Kind.RMS_NORM
-        return fits(inputs[0], broadcast_ok=kind is Kind.EMBEDDING, min_dims=2)
+        if not fits(inputs[0], broadcast_ok=kind is Kind.EMBEDDING, min_dims=2):
+            return False
+        ids = inputs[0]
+        if kind is Kind.EMBEDDING and self.root_sizes and ids.dim() >= 2 and ids.shape[bd] == size:
+            # Per-example ids share a length with the root inputs ([B, T] tokens or positions); a table of
+            # ids computed inside the model (LongT5's [block_len, 3 block_len] relative buckets) whose first
+            # size merely equals the batch size does not: it takes the exact paths for shared tables.
+            return any(int(ids.shape[dim]) in self.root_sizes for dim in range(ids.dim()) if dim != bd)
+        return True
 
     def _expand_broadcast(self, output: Any, trusted: bool = False) -> Any:
         """Give a batch-broadcast output (size 1 along ``batch_dim``) one slice per example, so

@@ -553,3 +553,19 @@ def test_deberta_v2_relative_table_used_without_its_module_is_rejected() -> None
     losses = per_example_losses(model(**_text()(3, 6, True)), 3)
     with pytest.raises(RuntimeError, match=r"rel_embeddings.weight.*outside the forward pass.*autojac"):
         engine.compute_gramian(losses)
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_longt5_local_attention_with_batch_size_equal_to_block_length(single_backward: bool) -> None:
+    """LongT5's local attention looks up a [block_len, 3 block_len] table of relative buckets inside the
+    model; with B = block_len on the first step its output [block_len, 3 block_len, heads] looked split by
+    example (silently wrong). Ids that share no length with the root inputs are taken for a table."""
+    config = tf.LongT5Config(vocab_size=V, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_decoder_layers=1,
+                             num_heads=2, local_radius=2, encoder_attention_type="local", decoder_start_token_id=0,
+                             dropout_rate=0.0)  # fmt: skip
+    model = tf.LongT5ForConditionalGeneration(config).train()
+    engine = Engine(model, single_backward=single_backward)
+    ids, labels = torch.randint(3, V, (3, 10)), torch.randint(3, V, (3, 4))  # B = 3 = local_radius + 1
+    logits = model(input_ids=ids, labels=labels).logits
+    losses = nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none").mean(1)
+    assert_exact_step(engine, losses, trainable(model), single_backward)
