@@ -34,22 +34,28 @@ IDENTITY_RTOL = 1e-4
 _SEED = 2406_16232
 
 
-def grads_verified(losses: Tensor, layout: RowLayout, records: list[Record], accumulator: Accumulator) -> list[Record]:
+def grads_verified(
+    losses: Tensor, layout: RowLayout, records: list[Record], accumulator: Accumulator, add: bool = True
+) -> list[Record]:
     """Add the records whose per-example grouping the identity confirms; return the others.
+
+    With ``add=False`` (per-example task losses ``[B, m]``, whose contributions need one output gradient
+    per task) the confirmed records are only checked, not added.
 
     Records split by example along ``batch_dim`` are checked with ``k = 1`` (their examples may
     still be mixed further on, e.g. by a layer applied across the batch); records with
-    ``groups = k`` are checked for the batch-major grouping and regrouped. Only for per-example
-    losses ``[B]`` (``layout.num_tasks == 1``) with ``batch_dim`` set. The graph is retained.
+    ``groups = k`` are checked for the batch-major grouping and regrouped. Adding needs per-example
+    losses ``[B]`` (``layout.num_tasks == 1``); ``batch_dim`` must be set. The graph is retained.
     """
-    assert layout.batch_dim is not None and layout.num_tasks == 1
+    assert layout.batch_dim is not None and (layout.num_tasks == 1 or not add)
     bd = layout.batch_dim
     num_examples = layout.num_examples
     generator = torch.Generator().manual_seed(_SEED)
     weights = (1.0 + torch.rand(num_examples, generator=generator, dtype=torch.float64)).to(
         device=losses.device, dtype=losses.dtype
     )
-    vectors = torch.stack([torch.ones_like(losses), weights.view(losses.shape)])
+    per_row = weights.reshape(-1, *([1] * (losses.dim() - 1))).expand_as(losses)  # the same for every task
+    vectors = torch.stack([torch.ones_like(losses), per_row])
     edges = [edge for record in records for edge in record.edges]
     if not edges:  # e.g. every trainable call is not split by example: nothing to verify
         return []
@@ -65,6 +71,8 @@ def grads_verified(losses: Tensor, layout: RowLayout, records: list[Record], acc
             continue  # the losses do not depend on this call
         if not all(grad is None or _grouped_by_example(grad, weights, bd) for grad in record_grads):
             failed.append(record)
+            continue
+        if not add:
             continue
         plain = [None if grad is None else grad[0] for grad in record_grads]
         if record.batched:

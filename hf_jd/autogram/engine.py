@@ -295,7 +295,7 @@ class Engine:
         plans: list[BroadcastPlan] = []
         # Tensors with the batch size along batch_dim and along another dimension (e.g. [B, T, d] with
         # T = B) cannot show whether they are batch- or time-major: their grouping is then verified.
-        coincident = layout.num_tasks == 1 and layout.batch_dim is not None and any(
+        coincident = layout.batch_dim is not None and any(
             _coincident_sizes(record, layout.batch_dim, layout.num_examples) for record in records
         )
         shareable = layout.num_tasks == 1 and not batched and not coincident
@@ -323,6 +323,14 @@ class Engine:
                     # The layout is the model's: remember it (failed modules keep the exact paths).
                     capture.mark_unaligned(failed)
                     self._batch_major_verified = not failed
+                unaligned += failed
+            elif verify_layout:
+                # Per-example task losses [B, m]: the grouping is verified (per-example weights, the
+                # same for every task), then the confirmed calls take the batched pass over the tasks.
+                failed = grads_verified(losses, layout, records, accumulator, add=False)
+                capture.mark_unaligned(failed)
+                self._batch_major_verified = not failed
+                records = [record for record in records if all(record is not other for other in failed)]
                 unaligned += failed
             if unaligned:
                 grads_per_row(losses, layout, unaligned, accumulator)

@@ -569,3 +569,19 @@ def test_longt5_local_attention_with_batch_size_equal_to_block_length(single_bac
     logits = model(input_ids=ids, labels=labels).logits
     losses = nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none").mean(1)
     assert_exact_step(engine, losses, trainable(model), single_backward)
+
+
+@pytest.mark.parametrize(("name", "batch"), [("xlnet", 4), ("bert", 5)])
+def test_per_example_task_losses_with_length_equal_to_batch_size(name: str, batch: int) -> None:
+    """[B, m] losses on a first step with T = B: XLNet's time-major [T, B, d] tensors look batch-major;
+    the grouping is verified (per-example weights, the same for every task) before the batched pass
+    over the tasks (it used to be caught only by the first-step check of JDTrainer)."""
+    if name == "xlnet":
+        model = tf.XLNetLMHeadModel(tf.XLNetConfig(vocab_size=V, d_model=16, n_layer=2, n_head=2, d_inner=32))
+    else:
+        model = tf.BertForMaskedLM(tf.BertConfig(vocab_size=V, max_position_embeddings=16, **ENC))
+    model.train()
+    engine = Engine(model)
+    logits = model(**_text()(batch, batch, True)).logits
+    losses = torch.stack([logits.logsumexp(-1).mean(1), logits[..., :3].pow(2).mean((1, 2))], dim=1)
+    assert_exact_step(engine, losses, trainable(model), single_backward=False)
