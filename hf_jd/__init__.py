@@ -12,7 +12,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_TRAINER_NAMES = {"JDTrainer", "JDTrainingArguments", "MultiHeadModel"}
+_TRAINER_NAMES = {"JDTrainer", "JDTrainingArguments", "MultiHeadModel", "NonFiniteLossError"}
 
 
 def __getattr__(name: str) -> Any:

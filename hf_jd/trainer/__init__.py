@@ -24,6 +24,7 @@ _EXPORTS: dict[str, str] = {
     "per_example_losses": "losses",
     "MultiTaskSampler": "multitask_data",
     "build_multitask_dataset": "multitask_data",
+    "NonFiniteLossError": "_step",
 }
 
 

@@ -216,7 +216,7 @@ class JDTrainingArguments(TrainingArguments):
         except (TypeError, ValueError) as error:
             raise ValueError(
                 f"jd_aggregator_kwargs={self.jd_aggregator_kwargs!r} are not valid for aggregator {name!r}: "
-                f"{error} Fix `jd_aggregator_kwargs`."
+                f"{str(error).rstrip('.')}. Fix `jd_aggregator_kwargs`."
             ) from error
 
         gramian_based = is_gramian_based(name)

@@ -7,7 +7,7 @@ import torch
 from transformers import TrainingArguments
 
 from hf_jd import JDTrainer
-from hf_jd.trainer._step import NonFiniteLossError
+from hf_jd import NonFiniteLossError  # public name
 
 from jd_trainer_helpers import TASKS, TwoTaskNet, make_args, tiny_bert, token_dataset, two_task_dataset
 
