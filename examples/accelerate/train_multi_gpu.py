@@ -87,7 +87,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             f"with {args.world_size}. On CPU pass --use_cpu (and `accelerate launch --multi_gpu`, not --cpu)."
         )
     if script.expected_world_size is not None and world_size != script.expected_world_size:
-        raise RuntimeError(f"Expected {script.expected_world_size} processes, got {world_size}.")
+        raise RuntimeError(
+            f"Expected {script.expected_world_size} processes, got {world_size}: start them with `torchrun "
+            f"--nproc_per_node {script.expected_world_size}` or `accelerate launch --multi_gpu --num_processes "
+            f"{script.expected_world_size}` (on CPU add --use_cpu; `accelerate launch --cpu` starts one process)."
+        )
     if distributed_rank() == 0:
         setting = resolve_ddp_gramian(args.jd_ddp_gramian, args.jd_mode)
         global_batch = args.per_device_train_batch_size * world_size * args.gradient_accumulation_steps

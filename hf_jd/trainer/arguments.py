@@ -231,8 +231,9 @@ class JDTrainingArguments(TrainingArguments):
         checkpointing = getattr(self, "activation_checkpointing", False) or self.gradient_checkpointing
         if checkpointing and self.jd_resolved_engine == "autogram":
             raise ValueError(
-                "activation_checkpointing re-runs forward passes inside the backward pass, which the autogram engine "
-                "cannot capture. Set jd_engine='autojac' (explicit Jacobian) or turn activation_checkpointing off."
+                "Gradient checkpointing (gradient_checkpointing / activation_checkpointing) re-runs forward passes "
+                "inside the backward pass, which the autogram engine cannot capture. Set jd_engine='autojac' "
+                "(explicit Jacobian) or turn gradient checkpointing off."
             )
 
         self.jd_task_names = _parse_names("jd_task_names", self.jd_task_names)
