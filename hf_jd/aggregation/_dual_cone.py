@@ -303,7 +303,17 @@ class DualConeWeighting(Weighting):
         normalized = normalize_gramian(
             gramian.detach().to(device="cpu", dtype=torch.float64), self.norm_eps
         )
-        return _project(targets, add_relative_ridge(normalized, self.reg_eps), 0.0, DEFAULT_TOL, _MAX_ITERS)
+        matrix = add_relative_ridge(normalized, self.reg_eps)
+        if self.reg_eps == 0 and not _is_positive_definite(matrix.numpy()):
+            # Singular Gramian and no regularisation asked for: the smallest relative ridge that makes it
+            # numerically definite (an absolute one would swamp the rows of small norm).
+            ridge = 1e-10
+            while ridge < 1.0:
+                matrix = add_relative_ridge(normalized, ridge)
+                if _is_positive_definite(matrix.numpy()):
+                    break
+                ridge *= 10.0
+        return _project(targets, matrix, 0.0, DEFAULT_TOL, _MAX_ITERS)
 
     def __repr__(self) -> str:
         pref = None if self._pref_vector is None else self._pref_vector.tolist()

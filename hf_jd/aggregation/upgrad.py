@@ -54,8 +54,9 @@ class UPGradWeighting(DualConeWeighting):
 class UPGrad(DualConeAggregator):
     """UPGrad aggregator: mean (or preference-weighted sum) of the rows projected onto the dual cone.
 
-    The result never conflicts with any row (``J A(J) ≥ 0``) and equals the weighted mean when no
-    two rows conflict. Reference: Quinton & Rey, "Jacobian Descent For Multi-Objective
+    The result does not conflict with any row (``J A(J) ≥ 0``, exactly with ``reg_eps=0``; with the
+    default regularisation up to a slack ``m · reg_eps · wᵢ ‖gᵢ‖²`` per row, relative to each row's own
+    norm) and equals the weighted mean when no two rows conflict. Reference: Quinton & Rey, "Jacobian Descent For Multi-Objective
     Optimization", arXiv:2406.16232 (2024).
 
     Parameters

@@ -156,8 +156,9 @@ def mtl_backward(
     Notes
     -----
     A parameter reached from a head both through and around the features (e.g. tied weights)
-    is found in both groups by default: it then receives the task gradients in ``.grad`` and the
-    Jacobian rows through the features in ``.jac``.
+    is found in both groups by default: it then receives the Jacobian rows through the features in
+    ``.jac`` and, in ``.grad``, the sum of the task gradients around the features (each path counted
+    once: ``jac_to_grad`` with :class:`~hf_jd.aggregation.Sum` then gives the gradient of the sum).
 
     Examples
     --------
@@ -218,8 +219,12 @@ def mtl_backward(
         retain_graph=retain_graph,
         parallel_chunk_size=parallel_chunk_size,
     )
-    for head, grads in zip(heads, head_grads):
+    # A parameter also reached through the features (tied weights): autograd gave its head gradient with
+    # the path through the features included, which is already in its Jacobian row; keep only the rest.
+    through_features = {id(param): jacobian for param, jacobian in zip(shared, jacobians)}
+    for task, (head, grads) in enumerate(zip(heads, head_grads)):
         for param, grad in zip(head, grads):
-            accumulate_grad(param, grad)
+            rows = through_features.get(id(param))
+            accumulate_grad(param, grad if rows is None else grad - rows[task])
     for param, jacobian in zip(shared, jacobians):
         accumulate_jac(param, jacobian)

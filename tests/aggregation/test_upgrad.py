@@ -221,3 +221,14 @@ def test_realistic_per_sample_gradients_of_a_small_network() -> None:
     assert float((jac @ update).min()) >= -1e-8 * float(jac.norm() * update.norm())
     expected = torch.stack([project_onto_dual_cone_primal(jac, jac[i]) for i in range(48)]).mean(dim=0)
     torch.testing.assert_close(update, expected, rtol=1e-6, atol=1e-8 * float(expected.norm()))
+
+
+def test_exact_projection_on_a_singular_gramian_with_rows_of_different_norms() -> None:
+    """reg_eps=0 on a singular Gramian (3 rows in the plane, one 1e6 times larger): the only update that
+    conflicts with no row is 0. The fallback ridge used to be absolute (|d| = 8% of the large row); it is
+    now the smallest relative ridge that makes the Gramian definite."""
+    angles = torch.tensor([0.0, 2.2, 4.2], dtype=DT)
+    jac = torch.stack([angles.cos(), angles.sin()], dim=1)
+    jac[0] *= 1e6
+    update = UPGrad(reg_eps=0.0)(jac)
+    assert float(update.norm()) <= 1e-6 * float(jac[0].norm())

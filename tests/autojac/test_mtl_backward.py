@@ -269,3 +269,25 @@ def test_features_computed_side_by_side_are_accepted() -> None:
     expected = torch.stack([torch.autograd.grad(loss, weight)[0] for loss in (
         (x @ weight.T).tanh().sum(), (x @ weight.T).sigmoid().pow(2).sum())])
     torch.testing.assert_close(weight.jac, expected)
+
+
+def test_tied_weight_used_through_and_around_the_features_counts_each_path_once() -> None:
+    """A trunk weight reused by a head: .jac holds the rows through the features, .grad the rest, so that
+    summing them gives the gradient of the summed losses (the path through the features used to be in
+    both)."""
+    from hf_jd.aggregation import Sum
+    from hf_jd.autojac import jac_to_grad
+
+    torch.manual_seed(0)
+    weight = nn.Parameter(torch.randn(3, 3, dtype=torch.float64))
+    x = torch.randn(5, 3, dtype=torch.float64)
+
+    def losses() -> tuple[Tensor, Tensor, Tensor]:
+        features = torch.tanh(x @ weight.T)
+        return features, (features @ weight).pow(2).sum(), features.sum()
+
+    features, first, second = losses()
+    mtl_backward([first, second], features)
+    jac_to_grad([weight], Sum())
+    _, first, second = losses()
+    torch.testing.assert_close(weight.grad, torch.autograd.grad(first + second, weight)[0])
