@@ -32,6 +32,12 @@ def check_jac_compatible(tensors: tuple[Tensor, ...], num_rows: int) -> None:
 
 def accumulate_jac(tensor: Tensor, jacobian: Tensor) -> None:
     """Store ``jacobian`` (shape ``[m] + tensor.shape``) in ``tensor.jac``, adding to any existing one."""
+    if tensor.is_complex():
+        raise ValueError(
+            f"A complex tensor of shape {tuple(tensor.shape)} ({tensor.dtype}) would receive a Jacobian: Jacobian "
+            "descent needs real parameters (the aggregators' Gramians are real). Split it into real and "
+            "imaginary parts."
+        )
     existing = get_jac(tensor)
     if existing is None:
         tensor.jac = jacobian.detach()  # type: ignore[attr-defined]

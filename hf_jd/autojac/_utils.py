@@ -81,6 +81,11 @@ def check_requires_grad(tensors: Sequence[Tensor], what: str) -> None:
                 f"{what}[{index}] (shape {tuple(tensor.shape)}) does not require grad: set "
                 "requires_grad=True on it or leave it out."
             )
+        if tensor.is_complex():
+            raise ValueError(
+                f"{what}[{index}] (shape {tuple(tensor.shape)}) is complex ({tensor.dtype}): Jacobian descent "
+                "needs real tensors (the aggregators' Gramians are real). Split it into real and imaginary parts."
+            )
 
 
 def check_leaves(tensors: Sequence[Tensor], what: str) -> None:

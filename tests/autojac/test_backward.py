@@ -177,3 +177,12 @@ def test_non_reentrant_activation_checkpointing() -> None:
     backward(losses, model.parameters())
     for name, param in model.named_parameters():
         assert_close(param.jac, expected[name])
+
+
+def test_complex_leaves_are_rejected() -> None:
+    """A complex leaf used to get a complex .jac, and jac_to_grad failed later on 'the Gramian'."""
+    z = torch.randn(3, dtype=torch.complex64, requires_grad=True)
+    with pytest.raises(ValueError, match="complex"):
+        backward(torch.stack([z.abs().sum(), z.real.sum()]), [z])
+    with pytest.raises(ValueError, match="complex"):
+        backward(torch.stack([z.abs().sum(), z.real.sum()]))
