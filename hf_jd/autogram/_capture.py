@@ -308,7 +308,7 @@ class Capture:
             size = int(tensor.shape[bd])
             if size > self.batch_size:
                 self.batch_size = size
-                self.batch_source = source
+                self.batch_source = f"{source}, of shape {tuple(tensor.shape)}"
 
     def _root_pre_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if id(module) not in self.root_ids:  # a copy of a hooked model (copy.deepcopy)
