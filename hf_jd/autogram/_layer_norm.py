@@ -36,6 +36,8 @@ def is_layer_norm(module: nn.Module) -> bool:
 class LayerNormRecord(Record):
     """One call of an ``nn.LayerNorm``."""
 
+    inverse_std: Tensor | None = None  # [E, 1, N, 1], only when the input is a trainable parameter
+
     inserts_batch = True
 
     def __init__(
@@ -63,22 +65,21 @@ class LayerNormRecord(Record):
         inputs = self.inputs.to(dtype)
         del self.inputs
         normalised = F.layer_norm(inputs, norm.normalized_shape, None, None, norm.eps)
-        if INPUT_PARAMETER in self.params:
-            variance = inputs.reshape(-1, size).var(dim=-1, unbiased=False)
-            inverse_std = torch.rsqrt(variance + norm.eps)
-            self.inverse_std = layout.input_to_rows(inverse_std.reshape(inputs.shape[:-len(norm.normalized_shape)]))
-            self.inverse_std = self.inverse_std.reshape(layout.num_examples, 1, -1, 1)
+        if INPUT_PARAMETER in self.params:  # its per-row gradients need 1/σ of each normalised row
+            inverse_std = torch.rsqrt(inputs.reshape(-1, size).var(dim=-1, unbiased=False) + norm.eps)
+            leading = inputs.shape[: inputs.dim() - len(norm.normalized_shape)]
+            self.inverse_std = layout.input_to_rows(inverse_std.reshape(leading)).reshape(layout.num_examples, 1, -1, 1)
         self.normalised = layout.input_to_rows(normalised).reshape(layout.num_examples, -1, size)
         rows = layout.grad_to_rows(grad).to(dtype)
         self.rows = rows.reshape(layout.num_examples, layout.num_tasks, -1, size)
 
     def compact(self) -> None:
         if set(self.kept_rows) >= set(self.params):  # weighted_grad uses the kept [R, d] rows
-            self.rows = self.normalised = None  # type: ignore[assignment]
+            self.rows = self.normalised = self.inverse_std = None  # type: ignore[assignment]
 
     def release(self) -> None:
         super().release()
-        del self.rows, self.normalised
+        self.rows = self.normalised = self.inverse_std = None  # type: ignore[assignment]
 
     def per_row(self, name: str) -> Tensor:
         num_rows = self.rows.shape[0] * self.rows.shape[1]

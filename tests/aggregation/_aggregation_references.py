@@ -88,3 +88,12 @@ def assert_kkt(gramian: torch.Tensor, targets: torch.Tensor, result: torch.Tenso
     assert bool((z >= -tol * scale).all()), "v >= u is violated"
     assert bool((w >= -tol * scale).all()), "G v >= 0 is violated"
     assert bool(((z.abs() * w.abs()) <= tol * scale**2).all()), "complementarity is violated"
+
+
+def masked_solutions(matrix: torch.Tensor, rhs: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Row ``r``: the solution of ``matrix`` restricted to ``masks[r]`` (zero elsewhere), by a dense solve."""
+    out = torch.zeros_like(rhs)
+    for row, mask in enumerate(masks):
+        index = torch.nonzero(mask).flatten()
+        out[row, index] = torch.linalg.solve(matrix[index][:, index], rhs[row, index])
+    return out

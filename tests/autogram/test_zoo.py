@@ -459,6 +459,15 @@ def test_zoo_mamba_functional_use_of_a_submodule_is_rejected() -> None:
         model(**_text()(2, 5, False))
 
 
+def _time_major_or_batch_major_lm(name: str) -> nn.Module:
+    """XLNet (time-major [T, B, d] inside) or BERT (batch-major), as tiny LMs in training mode."""
+    if name == "xlnet":
+        model = tf.XLNetLMHeadModel(tf.XLNetConfig(vocab_size=V, d_model=16, n_layer=2, n_head=2, d_inner=32))
+    else:
+        model = tf.BertForMaskedLM(tf.BertConfig(vocab_size=V, max_position_embeddings=16, **ENC))
+    return model.train()
+
+
 @pytest.mark.parametrize(("name", "batch"), [("xlnet", 4), ("bert", 5)])
 def test_zoo_length_equal_to_batch_size(name: str, batch: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Tensors [T, B, d] (XLNet is time-major) or [B, T, d] with T = B: the layout cannot be read off
@@ -470,11 +479,7 @@ def test_zoo_length_equal_to_batch_size(name: str, batch: int, monkeypatch: pyte
     verified: list[int] = []
     original = engine_module.grads_verified
     monkeypatch.setattr(engine_module, "grads_verified", lambda *a: verified.append(1) or original(*a))
-    if name == "xlnet":
-        model = tf.XLNetLMHeadModel(tf.XLNetConfig(vocab_size=V, d_model=16, n_layer=2, n_head=2, d_inner=32))
-    else:
-        model = tf.BertForMaskedLM(tf.BertConfig(vocab_size=V, max_position_embeddings=16, **ENC))
-    model.train()
+    model = _time_major_or_batch_major_lm(name)
     engine = Engine(model)
     params = trainable(model)
     if name == "bert":  # a first step with T != B shows the [1, T, d] position embeddings broadcast
@@ -576,11 +581,7 @@ def test_per_example_task_losses_with_length_equal_to_batch_size(name: str, batc
     """[B, m] losses on a first step with T = B: XLNet's time-major [T, B, d] tensors look batch-major;
     the grouping is verified (per-example weights, the same for every task) before the batched pass
     over the tasks (it used to be caught only by the first-step check of JDTrainer)."""
-    if name == "xlnet":
-        model = tf.XLNetLMHeadModel(tf.XLNetConfig(vocab_size=V, d_model=16, n_layer=2, n_head=2, d_inner=32))
-    else:
-        model = tf.BertForMaskedLM(tf.BertConfig(vocab_size=V, max_position_embeddings=16, **ENC))
-    model.train()
+    model = _time_major_or_batch_major_lm(name)
     engine = Engine(model)
     logits = model(**_text()(batch, batch, True)).logits
     losses = torch.stack([logits.logsumexp(-1).mean(1), logits[..., :3].pow(2).mean((1, 2))], dim=1)
