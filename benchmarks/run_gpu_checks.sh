@@ -9,18 +9,18 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
-timeout 240 python3 -m pytest -q -p no:cacheprovider tests/autogram/test_cuda.py tests/trainer/test_cuda_trainer.py \
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/autogram/test_cuda.py tests/trainer/test_cuda_trainer.py \
   "tests/aggregation/test_common.py" -k "cuda" 2>&1 | tail -15
-timeout 200 python3 benchmarks/bench_autogram.py --device cuda --repeats 20 --warmup 5
+timeout 100 python3 benchmarks/bench_autogram.py --device cuda --repeats 20 --warmup 5
 # Real sizes (BERT-base, GPT-2 small): one invocation each, so that one running out of memory spares the other.
 for model in bert-base gpt2-small; do
-  timeout 240 python3 benchmarks/bench_autogram.py --device cuda --models "$model" --repeats 10 --warmup 3
+  timeout 90 python3 benchmarks/bench_autogram.py --device cuda --models "$model" --repeats 10 --warmup 3
 done
 # The same with LoRA adapters (PEFT) of rank 16 on the attention projections.
 for model in bert-base gpt2-small; do
-  timeout 240 python3 benchmarks/bench_autogram.py --device cuda --models "$model" --lora 16 --repeats 10 --warmup 3
+  timeout 60 python3 benchmarks/bench_autogram.py --device cuda --models "$model" --lora 16 --repeats 10 --warmup 3
 done
-timeout 60 python3 - <<'PY'
+timeout 40 python3 - <<'PY'
 import statistics, time, torch
 from hf_jd.aggregation import UPGradWeighting
 weighting = UPGradWeighting()
