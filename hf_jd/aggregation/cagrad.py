@@ -27,6 +27,13 @@ def _number(value: float, name: str) -> float:
     return float(value)
 
 
+# Below this fraction of ``max_i |g_i|``, the sign of ``f(τ) = τ² - q`` is not trusted (rounding),
+# and a smaller optimal ``|g_w|`` is not resolved (the weighting then returns the mean).
+_RELIABLE_TAU = 1e-6
+# Ratio between the successive τ tried when looking for the bracket's lower end.
+_SCAN_FACTOR = 1e-2
+
+
 def solve_cagrad_dual(gramian: np.ndarray, c: float) -> np.ndarray:
     """Return ``argmin_{w ∈ Δ} wᵀG1/m + c·|g₀|·sqrt(wᵀGw)`` (the dual problem of CAGrad).
 
@@ -36,7 +43,9 @@ def solve_cagrad_dual(gramian: np.ndarray, c: float) -> np.ndarray:
     ``q(w) = wᵀGw``) is convex and minimised where ``f(τ) = τ² - q(w*(τ)) = 0``; there ``w*(τ)`` is
     the solution. Each inner problem is a QP over the simplex, solved exactly with ``quadprog``.
     ``f`` has the sign of ``h'``, so it is non-decreasing, non-positive at ``τ`` = the norm of the
-    min-norm point and non-negative at ``τ = max_i |g_i|``: its root is bracketed and found by the
+    min-norm point and non-negative at ``τ = max_i |g_i|``. When the min-norm point is (nearly) zero,
+    ``f`` at that tiny ``τ`` is rounding noise, so the bracket's lower end is then searched for on a
+    geometric grid going down from ``max_i |g_i|``. The root is found by the
     Illinois variant of regula falsi (superlinear; about ten QPs), stopped when
     ``|f(τ)| ≤ 1e-12·τ²`` or when the bracket is narrower than ``1e-12·τ``.
     """
@@ -52,13 +61,31 @@ def solve_cagrad_dual(gramian: np.ndarray, c: float) -> np.ndarray:
         return weights, tau**2 - float(weights @ gramian @ weights)
 
     high = math.sqrt(float(np.diag(gramian).max()))
-    low = max(math.sqrt(max(float(low_weights @ gramian @ low_weights), 0.0)), 1e-12 * high)
+    min_norm = math.sqrt(max(float(low_weights @ gramian @ low_weights), 0.0))
     best, f_high = residual(high)
     if f_high <= 0.0:
         return best
-    low_solution, f_low = residual(low)
-    if f_low >= 0.0:
-        return low_solution
+    if min_norm >= _RELIABLE_TAU * high:
+        low = min_norm
+        low_solution, f_low = residual(low)
+        if f_low >= 0.0:
+            return low_solution
+    else:
+        # ``0`` is (nearly) in the convex hull of the rows: at τ = the min-norm point's norm,
+        # ``f = τ² - q`` is a difference of two numbers at rounding level and its sign tells nothing.
+        # Look for a τ with ``f < 0`` going down from ``high``; if none is found above
+        # ``_RELIABLE_TAU·high``, the optimal |g_w| is below that and the smallest τ's solution is returned.
+        floor = _RELIABLE_TAU * high
+        tau = high
+        while True:
+            tau = max(tau * _SCAN_FACTOR, floor)
+            weights, f_tau = residual(tau)
+            if f_tau < 0.0:
+                low, f_low = tau, f_tau
+                break
+            high, f_high, best = tau, f_tau, weights
+            if tau <= floor:
+                return best
     side = 0
     for _ in range(_MAX_ROOT_STEPS):
         tau = (low * f_high - high * f_low) / (f_high - f_low)
@@ -100,8 +127,10 @@ class CAGradWeighting(Weighting):
 
     The Gramian is first divided by its mean diagonal (the weights are invariant to this). If
     the rows are all zero, or the optimal ``|g_w|`` is below ``norm_eps`` in these normalised
-    units (``0`` lies in the convex hull of the rows, so no direction improves every objective),
-    the weights are the mean ``1/m``.
+    units (then ``d`` is not determined by the dual), the weights are the mean ``1/m``. When ``0``
+    lies in the convex hull of the rows (no direction improves every objective) the optimal ``|g_w|``
+    is in general not zero, and the update is the paper's: the ``d`` of the ball with the least bad
+    worst objective.
 
     Parameters
     ----------

@@ -80,6 +80,29 @@ def test_update_solves_primal_problem(m: int) -> None:
     np.testing.assert_allclose(update, reference, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "rows",
+    [
+        [[-1.48, 0.99], [0.18, 1.01], [0.96, -0.98]],  # the rows positively span the plane
+        [[0.01, 0.5], [-1.35, -1.03], [1.12, 0.84]],
+        "random",
+    ],
+)
+def test_zero_in_convex_hull_still_solves_primal_problem(rows: list | str) -> None:
+    """With 0 in the convex hull of the rows (min-norm point ~1e-16) no direction improves every
+    objective, but the paper's update is still the ball's point with the least bad worst objective,
+    not the mean (the root search once trusted the sign of a rounding-level residual there)."""
+    if rows == "random":
+        matrix = torch.randn(5, 3, generator=torch.Generator().manual_seed(96), dtype=torch.float64)
+    else:
+        matrix = torch.tensor(rows, dtype=torch.float64)
+    update = CAGrad(c=0.5)(matrix).numpy()
+    reference = _scipy_primal(matrix.numpy(), 0.5)
+    worst, reference_worst = (matrix.numpy() @ update).min(), (matrix.numpy() @ reference).min()
+    assert worst >= reference_worst - 1e-7
+    assert worst > (matrix.numpy() @ matrix.mean(dim=0).numpy()).min() + 1e-3  # better than the mean
+
+
 def test_weights_formula_and_aggregator_consistency() -> None:
     matrix = _conflicting(4, 10, seed=3)
     gramian = matrix @ matrix.T
