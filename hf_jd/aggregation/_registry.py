@@ -43,7 +43,7 @@ REGISTRY: dict[str, AggregatorSpec] = {
     "imtl_g": AggregatorSpec("imtl_g", "IMTLG", "IMTLGWeighting"),
     "aligned_mtl": AggregatorSpec("aligned_mtl", "AlignedMTL", "AlignedMTLWeighting"),
     "nash_mtl": AggregatorSpec("nash_mtl", "NashMTL", "NashMTLWeighting"),
-    "config": AggregatorSpec("config", "ConFIG", None),
+    "config": AggregatorSpec("config", "ConFIG", "ConFIGWeighting"),
     "graddrop": AggregatorSpec("graddrop", "GradDrop", None),
     "fairgrad": AggregatorSpec("fairgrad", "FairGrad", "FairGradWeighting"),
     "krum": AggregatorSpec("krum", "Krum", "KrumWeighting"),

@@ -1,4 +1,5 @@
-"""A full IWRM step with UPGrad: the engine's update equals autojac's ``backward`` + ``jac_to_grad``."""
+"""A full IWRM step: the engine's update equals autojac's ``backward`` + ``jac_to_grad`` (UPGrad, and ConFIG,
+whose weights also depend on the Gramian only)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,14 @@ import torch
 from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
-from hf_jd.aggregation import UPGrad, UPGradWeighting
+from hf_jd.aggregation import get_aggregator, get_weighting
 from hf_jd.autogram import Engine
 from hf_jd.autojac import backward, jac_to_grad
 
 
+@pytest.mark.parametrize("name", ["upgrad", "config"])
 @pytest.mark.parametrize("single_backward", [False, True])
-def test_engine_step_equals_autojac_step(single_backward: bool) -> None:
+def test_engine_step_equals_autojac_step(single_backward: bool, name: str) -> None:
     config = BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                         intermediate_size=32, max_position_embeddings=16, num_labels=2,
                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
@@ -26,11 +28,11 @@ def test_engine_step_equals_autojac_step(single_backward: bool) -> None:
 
     losses = nn.functional.cross_entropy(reference(ids).logits, labels, reduction="none")
     backward(losses, reference.parameters())
-    jac_to_grad(reference.parameters(), UPGrad())
+    jac_to_grad(reference.parameters(), get_aggregator(name))
 
     engine = Engine(model, single_backward=single_backward)
     losses = nn.functional.cross_entropy(model(ids).logits, labels, reduction="none")
-    weights = UPGradWeighting()(engine.compute_gramian(losses))
+    weights = get_weighting(name)(engine.compute_gramian(losses))
     if single_backward:
         engine.backward(weights)
     else:
