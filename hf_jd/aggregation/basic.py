@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ._base import GramianWeightedAggregator, Weighting
+from ._generator import check_seed
 from ._preference import check_vector
 
 __all__ = [
@@ -139,10 +140,7 @@ class RandomWeighting(_SizeOnlyWeighting):
     """
 
     def __init__(self, seed: int | None = None) -> None:
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, (1,)).item())
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}.")
+        seed = check_seed(seed)
         self.seed = seed
         self._generator = torch.Generator(device="cpu")
         self._generator.manual_seed(seed)

@@ -42,17 +42,19 @@ class MGDAWeighting(Weighting):
     ----------
     epsilon
         Relative tolerance of the KKT conditions that the solution must satisfy (``tol`` of
-        :func:`~hf_jd.aggregation._lcp.solve_lcp`). For ``m`` up to about 150 the linear
-        systems are solved by direct factorisation, so the result is exact up to rounding; beyond
-        that, conjugate gradients stop at this relative residual.
+        :func:`~hf_jd.aggregation._lcp.solve_lcp`), in ``(0, 1)``. For ``m`` up to about 150 the
+        linear systems are solved by direct factorisation, so with the default (or any ``epsilon``
+        up to about ``1e-2``) the result is exact up to rounding; a looser tolerance accepts a
+        point further from the minimum-norm one (``5e-2`` of the largest row norm at ``0.1``). Beyond
+        ``m ≈ 150``, conjugate gradients stop at this relative residual.
     max_iters
         Maximum number of active-set (pivoting) iterations before falling back to ``quadprog``.
     """
 
     def __init__(self, epsilon: float = 1e-5, max_iters: int = 250) -> None:
         self.epsilon = check_non_negative_number(epsilon, "epsilon")
-        if self.epsilon == 0:
-            raise ValueError("epsilon must be > 0 (a relative tolerance, e.g. 1e-5).")
+        if not 0 < self.epsilon < 1:
+            raise ValueError(f"epsilon must be in (0, 1) (a relative tolerance, e.g. 1e-5), got {self.epsilon}.")
         if isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 1:
             raise ValueError(f"max_iters must be a positive integer, got {max_iters!r}.")
         self.max_iters = max_iters

@@ -83,6 +83,8 @@ def test_aggregator_equals_weighting_of_gramian_and_dtype() -> None:
     [
         ({"epsilon": 0.0}, ValueError),
         ({"epsilon": -1.0}, ValueError),
+        ({"epsilon": 1.0}, ValueError),
+        ({"epsilon": 2.0}, ValueError),
         ({"max_iters": 0}, ValueError),
         ({"max_iters": 2.5}, ValueError),
     ],
