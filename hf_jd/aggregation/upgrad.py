@@ -56,8 +56,11 @@ class UPGrad(DualConeAggregator):
 
     The result does not conflict with any row (``J A(J) ≥ 0``, exactly with ``reg_eps=0``; with the
     default regularisation up to a slack ``m · reg_eps · wᵢ ‖gᵢ‖²`` per row, relative to each row's own
-    norm) and equals the weighted mean when no two rows conflict. Reference: Quinton & Rey, "Jacobian Descent For Multi-Objective
-    Optimization", arXiv:2406.16232 (2024).
+    norm) and equals the weighted mean when no two rows conflict. The slack matters for degenerate
+    Jacobians only: when the rows (nearly) positively span a subspace the exact projection is (nearly)
+    zero, while the regularised one can stay as large as the mean (rows ``(1, 0)``, ``(−1, 0.01)``,
+    ``(0, −1)``: norm 0.29 by default, 2e-6 with ``reg_eps=0``). Reference: Quinton & Rey, "Jacobian
+    Descent For Multi-Objective Optimization", arXiv:2406.16232 (2024).
 
     Parameters
     ----------

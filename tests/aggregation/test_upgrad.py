@@ -232,3 +232,16 @@ def test_exact_projection_on_a_singular_gramian_with_rows_of_different_norms() -
     jac[0] *= 1e6
     update = UPGrad(reg_eps=0.0)(jac)
     assert float(update.norm()) <= 1e-6 * float(jac[0].norm())
+
+
+def test_positively_spanning_rows_exact_projection_is_zero_and_regularised_within_slack() -> None:
+    """Rows that positively span the plane leave only 0 in the dual cone: reg_eps=0 finds it; the default
+    ridge keeps a larger update (documented) whose conflicts stay within m·reg_eps·wᵢ‖gᵢ‖²."""
+    matrix = torch.tensor([[1.0, 0.0], [-1.0, 0.01], [0.0, -1.0]], dtype=torch.float64)
+    mean_norm = float(matrix.mean(dim=0).norm())
+    assert float(UPGrad(reg_eps=0.0)(matrix).norm()) < 1e-4 * mean_norm
+    aggregator = UPGrad()
+    weights = aggregator.weights(matrix)
+    products = matrix @ (weights @ matrix)
+    slack = 3 * aggregator.weighting.reg_eps * weights * (matrix**2).sum(dim=1)
+    assert bool((products >= -slack * (1 + 1e-9)).all())
