@@ -15,12 +15,20 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._batched_grad import batched_grad
 from ._generic import GenericRecord
 from ._layout import RowLayout
 from ._record import Record, split_by_record
 from ._shared import shared_gram
 
-__all__ = ["Accumulator", "grads_at_once", "grads_streamed", "other_uses_of_inputs", "uncovered_parameters"]
+__all__ = [
+    "Accumulator",
+    "grads_at_once",
+    "grads_streamed",
+    "graph_nodes",
+    "other_uses_of_inputs",
+    "uncovered_parameters",
+]
 
 
 class Accumulator:
@@ -93,16 +101,14 @@ def grads_at_once(
 ) -> None:
     """Back-propagate to all the records' outputs at once, then add their contributions."""
     edges = [edge for record in records for edge in record.edges]
-    grads = list(
-        torch.autograd.grad(
-            losses,
-            edges,
-            grad_outputs=grad_outputs,
-            retain_graph=retain_graph,
-            allow_unused=True,
-            is_grads_batched=batched,
+    if batched:
+        grads = batched_grad(losses, edges, grad_outputs, retain_graph=retain_graph)
+    else:
+        grads = list(
+            torch.autograd.grad(
+                losses, edges, grad_outputs=grad_outputs, retain_graph=retain_graph, allow_unused=True
+            )
         )
-    )
     if not batched:
         grads = [None if grad is None else grad.unsqueeze(0) for grad in grads]
     for record, record_grads in split_by_record(grads, records):
@@ -116,11 +122,7 @@ def grads_per_row(losses: Tensor, layout: RowLayout, records: list[Record], accu
     num_rows = layout.num_rows
     eye = torch.eye(num_rows, dtype=losses.dtype, device=losses.device).view(num_rows, *losses.shape)
     edges = [edge for record in records for edge in record.edges]
-    grads = list(
-        torch.autograd.grad(
-            losses, edges, grad_outputs=eye, retain_graph=True, allow_unused=True, is_grads_batched=True
-        )
-    )
+    grads = batched_grad(losses, edges, eye)
     whole = RowLayout(None, 1, num_rows)
     for record, record_grads in split_by_record(grads, records):
         accumulator.add(record, record_grads, whole)
@@ -180,7 +182,7 @@ def grads_streamed(
 CHECKPOINT_NODES = frozenset({"CheckpointFunctionBackward"})
 
 
-def _graph_nodes(losses: Tensor) -> Iterator[Any]:
+def graph_nodes(losses: Tensor) -> Iterator[Any]:
     """Every node of the losses' autograd graph, once (depth first)."""
     seen: set[Any] = set()
     stack = [losses.grad_fn]
@@ -200,7 +202,7 @@ def uncovered_parameters(losses: Tensor, covered: dict[int, nn.Parameter]) -> li
     captured.
     """
     found: list[Tensor] = []
-    for node in _graph_nodes(losses):
+    for node in graph_nodes(losses):
         if type(node).__name__ in CHECKPOINT_NODES:
             raise RuntimeError(
                 "The losses' graph holds a checkpointed block (torch.utils.checkpoint with use_reentrant=True, "
@@ -222,7 +224,7 @@ def other_uses_of_inputs(losses: Tensor, leaves: dict[int, Tensor], claimed: set
     that the losses also reach through another operation than the ``claimed`` nodes of the records
     that cover them (those uses would be missing from the Gramian)."""
     found: dict[int, Tensor] = {}
-    for node in _graph_nodes(losses):
+    for node in graph_nodes(losses):
         if node in claimed:
             continue
         for next_node, _ in node.next_functions:

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
 
+from ._batched_grad import batched_grad
 from ._layout import RowLayout
 from ._record import Record, compute_dtype
 
@@ -164,16 +165,7 @@ class GenericRecord(Record):
                 layout.rows_to_grad_outputs(rows, examples).to(self.output_dtypes[index])
                 for index, rows in self.grad_rows
             ]
-            parts.append(
-                torch.autograd.grad(
-                    edges,
-                    [self.aliases[name] for name in names],
-                    grad_outputs=grad_outputs,
-                    retain_graph=True,
-                    allow_unused=True,
-                    is_grads_batched=True,
-                )
-            )
+            parts.append(tuple(batched_grad(edges, [self.aliases[name] for name in names], grad_outputs)))
         self._rows = {}
         for position, name in enumerate(names):
             param = self.params[name]

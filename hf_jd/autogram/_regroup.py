@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ._accumulate import Accumulator
+from ._batched_grad import batched_grad
 from ._layout import RowLayout
 from ._record import Record, split_by_record
 
@@ -59,11 +60,7 @@ def grads_verified(
     edges = [edge for record in records for edge in record.edges]
     if not edges:  # e.g. every trainable call is not split by example: nothing to verify
         return []
-    grads = list(
-        torch.autograd.grad(
-            losses, edges, grad_outputs=vectors, retain_graph=True, allow_unused=True, is_grads_batched=True
-        )
-    )
+    grads = batched_grad(losses, edges, vectors)
     failed: list[Record] = []
     for record, record_grads in split_by_record(grads, records):
         record_grads = record.to_view_shapes(record_grads)

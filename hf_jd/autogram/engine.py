@@ -27,9 +27,11 @@ from ._accumulate import (
     grads_at_once,
     grads_per_row,
     grads_streamed,
+    graph_nodes,
     other_uses_of_inputs,
     uncovered_parameters,
 )
+from ._batched_grad import has_compiled_nodes, one_vector_at_a_time
 from ._broadcast import BroadcastPlan, attach_plans, node_output_shape, plan_broadcasts
 from ._capture import Capture
 from ._deliver import deliver_gradients
@@ -309,7 +311,9 @@ class Engine:
                 records = records + [plan.record for plan in plans]
                 attach_plans(plans, accumulator)
                 retain = True  # kept for the exact per-row path, should a plan fail
-        with capture.backpropagating():
+        # Graphs compiled by torch.compile cannot back-propagate a batch of vectors at once (vmap).
+        one_at_a_time = has_compiled_nodes(graph_nodes(losses))
+        with capture.backpropagating(), one_vector_at_a_time(one_at_a_time):
             verify_layout = coincident and not self._batch_major_verified
             if (unaligned or verify_layout) and layout.num_tasks == 1:
                 # Tensors not split by example: the model moves examples around, so every call
@@ -344,7 +348,7 @@ class Engine:
         accumulator.deferred = set()
         failed = [plan.record for plan in plans if not plan.added]
         if failed:  # a broadcasting node did not give per-example gradients: the exact per-row path
-            with capture.backpropagating():
+            with capture.backpropagating(), one_vector_at_a_time(one_at_a_time):
                 grads_per_row(losses, layout, failed, accumulator)
         del records
         if accumulator.bound == 0:

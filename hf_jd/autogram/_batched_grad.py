@@ -1,0 +1,86 @@
+"""``torch.autograd.grad`` over a batch of output gradients, with a fallback for compiled graphs.
+
+The engine back-propagates several vectors at once (one per task, or per loss row) with
+``is_grads_batched=True``, which vmaps the backward pass. The backward kernels that
+``torch.compile`` generates (``CompiledFunctionBackward`` nodes) cannot be vmapped ("Cannot access
+data pointer of Tensor that doesn't have storage"); for such graphs the vectors are back-propagated
+one after the other, which gives the same result for as many backward passes as vectors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["batched_grad", "has_compiled_nodes", "one_vector_at_a_time"]
+
+# Autograd nodes of graphs compiled by torch.compile (AOTAutograd).
+_COMPILED_NODES = frozenset({"CompiledFunctionBackward"})
+
+_ONE_AT_A_TIME: ContextVar[bool] = ContextVar("hf_jd_autogram_one_vector_at_a_time", default=False)
+
+
+def has_compiled_nodes(nodes: Iterator[Any]) -> bool:
+    """Whether any of the autograd ``nodes`` comes from ``torch.compile``."""
+    return any(type(node).__name__ in _COMPILED_NODES for node in nodes)
+
+
+@contextmanager
+def one_vector_at_a_time(enabled: bool) -> Iterator[None]:
+    """Within the block, :func:`batched_grad` loops over the vectors when ``enabled``."""
+    token = _ONE_AT_A_TIME.set(enabled)
+    try:
+        yield
+    finally:
+        _ONE_AT_A_TIME.reset(token)
+
+
+def batched_grad(
+    outputs: Tensor | Sequence[Tensor],
+    inputs: Sequence[Tensor],
+    grad_outputs: Tensor | Sequence[Tensor],
+    retain_graph: bool = True,
+) -> list[Tensor | None]:
+    """``torch.autograd.grad(outputs, inputs, grad_outputs, is_grads_batched=True, allow_unused=True)``.
+
+    ``grad_outputs`` has a leading batch dimension (one vector per entry); so does each returned
+    gradient (``None`` for an input the outputs do not depend on).
+    """
+    if not _ONE_AT_A_TIME.get():
+        return list(
+            torch.autograd.grad(
+                outputs,
+                inputs,
+                grad_outputs=grad_outputs,
+                retain_graph=retain_graph,
+                allow_unused=True,
+                is_grads_batched=True,
+            )
+        )
+    vectors = [grad_outputs] if isinstance(grad_outputs, Tensor) else list(grad_outputs)
+    count = vectors[0].shape[0]
+    rows = []
+    for index in range(count):
+        row_vectors = [vector[index] for vector in vectors]
+        rows.append(
+            torch.autograd.grad(
+                outputs,
+                inputs,
+                grad_outputs=row_vectors[0] if isinstance(grad_outputs, Tensor) else row_vectors,
+                retain_graph=retain_graph or index < count - 1,
+                allow_unused=True,
+            )
+        )
+    grads: list[Tensor | None] = []
+    for position in range(len(inputs)):
+        parts = [row[position] for row in rows]
+        if all(part is None for part in parts):
+            grads.append(None)
+        else:
+            grads.append(torch.stack([torch.zeros_like(inputs[position]) if p is None else p for p in parts]))
+    return grads
