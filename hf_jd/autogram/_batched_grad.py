@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["batched_grad", "has_compiled_nodes", "one_vector_at_a_time"]
+__all__ = ["batched_grad", "explain_donated_buffers", "has_compiled_nodes", "one_vector_at_a_time"]
 
 # Autograd nodes of graphs compiled by torch.compile (AOTAutograd).
 _COMPILED_NODES = frozenset({"CompiledFunctionBackward"})
@@ -84,3 +84,20 @@ def batched_grad(
         else:
             grads.append(torch.stack([torch.zeros_like(inputs[position]) if p is None else p for p in parts]))
     return grads
+
+
+@contextmanager
+def explain_donated_buffers() -> Iterator[None]:
+    """Re-raise AOTAutograd's "donated buffers" error with what to do about it in the engine's terms."""
+    try:
+        yield
+    except RuntimeError as error:
+        if "donated buffer" not in str(error):
+            raise
+        raise RuntimeError(
+            "The model was compiled by torch.compile with donated buffers, so its compiled backward may run "
+            "only once, but the Gramian pass keeps the graph for the weighted backward that follows. Compile "
+            "and run the model with donation off: `torch._functorch.config.donated_buffer = False` before the "
+            "first compiled forward pass (or inside `with torch._functorch.config.patch(donated_buffer=False):`; "
+            "JDTrainer does this for torch_compile=True)."
+        ) from error

@@ -31,7 +31,7 @@ from ._accumulate import (
     other_uses_of_inputs,
     uncovered_parameters,
 )
-from ._batched_grad import has_compiled_nodes, one_vector_at_a_time
+from ._batched_grad import explain_donated_buffers, has_compiled_nodes, one_vector_at_a_time
 from ._broadcast import BroadcastPlan, attach_plans, node_output_shape, plan_broadcasts
 from ._capture import Capture
 from ._deliver import deliver_gradients
@@ -143,6 +143,12 @@ class Engine:
       (``nn.MultiheadAttention`` is handled). Parameters used outside the forward pass of the
       modules that own them (a parent without parameters calling ``F.linear(x, self.child.weight)``)
       cannot be attributed: :meth:`check_gramian` detects it, at the cost of one extra backward.
+    * ``torch.compile``: create the engine before the first compiled forward pass (graphs
+      compiled earlier do not run its hooks). Each hooked module call breaks the compiled graph,
+      so compiling brings little speed; batches of vectors are back-propagated through compiled
+      backward kernels one at a time (they cannot be vmapped); AOTAutograd's buffer donation must
+      be off (``torch._functorch.config.donated_buffer = False``), since the graph is kept for the
+      weighted backward.
     * Dtypes: the Gramian is float32 (float64 for float64 parameters), also under autocast.
     * Copies: ``copy.deepcopy`` of a hooked model copies the hooks, which keep pointing to this
       engine and ignore the copy's modules (the copy runs normally; give it its own engine).
@@ -313,7 +319,7 @@ class Engine:
                 retain = True  # kept for the exact per-row path, should a plan fail
         # Graphs compiled by torch.compile cannot back-propagate a batch of vectors at once (vmap).
         one_at_a_time = has_compiled_nodes(graph_nodes(losses))
-        with capture.backpropagating(), one_vector_at_a_time(one_at_a_time):
+        with capture.backpropagating(), one_vector_at_a_time(one_at_a_time), explain_donated_buffers():
             verify_layout = coincident and not self._batch_major_verified
             if (unaligned or verify_layout) and layout.num_tasks == 1:
                 # Tensors not split by example: the model moves examples around, so every call

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from hf_jd.autogram import Engine
+from hf_jd.autogram._batched_grad import explain_donated_buffers
 
 from ._reference import assert_gramian_matches, jacobian, trainable
 
@@ -48,3 +49,21 @@ def test_compiled_model_gramian_and_step(mode: str, single_backward: bool) -> No
     expected = weights.to(jac.dtype) @ jac
     actual = torch.cat([p.grad.reshape(-1) for p in params])
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_donated_buffers_error_says_what_to_do() -> None:
+    """AOTAutograd donates the saved buffers of a compiled backward unless told not to, which forbids the
+    graph that the Gramian pass retains (seen on a compiled BERT): the engine's error says how to turn
+    donation off; other errors pass through unchanged."""
+    torch_message = (
+        "This backward function was compiled with non-empty donated buffers which requires create_graph=False "
+        "and retain_graph=False. Please keep backward(create_graph=False, retain_graph=False) across all "
+        "backward() function calls, or set torch._functorch.config.donated_buffer=False to disable donated buffer."
+    )
+    with pytest.raises(RuntimeError, match="donated_buffer = False") as info:
+        with explain_donated_buffers():
+            raise RuntimeError(torch_message)
+    assert "Gramian pass keeps the graph" in str(info.value)
+    with pytest.raises(RuntimeError, match="^something else$"):
+        with explain_donated_buffers():
+            raise RuntimeError("something else")
