@@ -9,7 +9,7 @@ then the cross terms of parameters used by several calls.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -195,14 +195,14 @@ def graph_nodes(losses: Tensor) -> Iterator[Any]:
         stack.extend(next_node for next_node, _ in node.next_functions)
 
 
-def uncovered_parameters(losses: Tensor, covered: dict[int, nn.Parameter]) -> list[Tensor]:
+def uncovered_parameters(nodes: Iterable[Any], covered: dict[int, nn.Parameter]) -> list[Tensor]:
     """Trainable leaves the losses depend on that the engine did not capture.
 
     Raises ``RuntimeError`` if the graph holds a reentrant checkpoint, whose module calls are never
     captured.
     """
     found: list[Tensor] = []
-    for node in graph_nodes(losses):
+    for node in nodes:
         if type(node).__name__ in CHECKPOINT_NODES:
             raise RuntimeError(
                 "The losses' graph holds a checkpointed block (torch.utils.checkpoint with use_reentrant=True, "
@@ -219,12 +219,12 @@ def uncovered_parameters(losses: Tensor, covered: dict[int, nn.Parameter]) -> li
     return found
 
 
-def other_uses_of_inputs(losses: Tensor, leaves: dict[int, Tensor], claimed: set[Any]) -> list[Tensor]:
+def other_uses_of_inputs(nodes: Iterable[Any], leaves: dict[int, Tensor], claimed: set[Any]) -> list[Tensor]:
     """Leaves (trainable parameters passed as a module's input, e.g. a table a LayerNorm normalises)
     that the losses also reach through another operation than the ``claimed`` nodes of the records
     that cover them (those uses would be missing from the Gramian)."""
     found: dict[int, Tensor] = {}
-    for node in graph_nodes(losses):
+    for node in nodes:
         if node in claimed:
             continue
         for next_node, _ in node.next_functions:

@@ -30,6 +30,7 @@ from ._generic import (
     restore_parameters,
     tensors_in,
 )
+from ._param_uses import next_sequence_number
 from ._record import Record
 from ._rms_norm import RMSNormRecord
 
@@ -58,6 +59,8 @@ class _Frame:
     params: dict[str, nn.Parameter]
     aliases: dict[str, Tensor] | None
     descendant_calls: list[int] | None
+    # Autograd sequence number when the call started (nodes it creates get numbers from here on).
+    first_node: int | None = None
 
 
 def _broadcast_over_batch(
@@ -164,6 +167,7 @@ class Capture:
         self.depth = 0
         self.records: list[Record] = []
         self.consumed = False  # whether compute_gramian took this forward pass's records
+        self.replaced_forwards = 0
         self.batch_size = 0
         self.batch_source = ""
         self.batch_from_root = False  # whether batch_size was read from a root module's inputs
@@ -189,6 +193,8 @@ class Capture:
         """Drop the captured records and the batch-size and forward tracking."""
         self.records = []
         self.consumed = False
+        # Forward passes whose captures a new forward pass replaced before any compute_gramian.
+        self.replaced_forwards = 0
         self.batch_size = 0
         self.batch_source = ""
         self.batch_from_root = False
@@ -315,7 +321,10 @@ class Capture:
             return
         if self.depth == 0 and self.capturing():
             if id(module) in self.completed_roots:
+                replaced = bool(self.records)
                 self.on_new_forward()
+                if replaced:
+                    self.replaced_forwards += 1
             for value in itertools.chain(args, kwargs.values()):
                 for tensor in tensors_in(value):
                     self.note_batch(tensor, f"an input of {type(module).__name__}", from_root=True)
@@ -369,12 +378,13 @@ class Capture:
         if not params and not (table and args[0].requires_grad):
             info.frames.append(None)
             return
+        first_node = next_sequence_number()
         aliases = None
         calls = None
         if info.kind.is_generic:
             aliases = install_aliases(module, params)
             calls = [self.calls.get(id(sub), 0) for sub in info.trainable_descendants]
-        info.frames.append(_Frame(params, aliases, calls))
+        info.frames.append(_Frame(params, aliases, calls, first_node))
         for value in itertools.chain(args, kwargs.values()):
             self.note_batch(value, f"an input of {describe(info.name, module)}")
             self._note_regrouped(value)
@@ -388,6 +398,7 @@ class Capture:
         frame = info.frames.pop() if info.frames else None
         if frame is None:
             return None
+        end_node = next_sequence_number()
         if frame.aliases is not None:
             restore_parameters(module, frame.params)
         if output is None:  # the forward raised (always_call hook): nothing to capture
@@ -437,6 +448,8 @@ class Capture:
                 record.edges = [get_gradient_edge(base)]
                 record.edge_views = [(expanded.shape, base.shape)]
         record.batched = batched
+        if frame.first_node is not None and end_node is not None:
+            record.nodes = range(frame.first_node, end_node)
         if not batched and info.kind in (Kind.LINEAR, Kind.LAYER_NORM):
             record.groups = self._groups(args, kwargs, expanded)
         if info.kind.is_generic and aliased:

@@ -69,6 +69,8 @@ class Record(ABC):
         # For a position-wise call not split by example: k when its tensors have k * B entries
         # along batch_dim (a candidate for batch-major grouping, verified by the engine), else 0.
         self.groups = 0
+        # Autograd sequence numbers of the nodes created during the call (None: unknown).
+        self.nodes: range | None = None
 
     def describe(self) -> str:
         """Human-readable name of the module, for error messages."""

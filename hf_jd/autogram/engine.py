@@ -38,6 +38,7 @@ from ._deliver import deliver_gradients
 from ._generic import GenericRecord
 from ._layer_norm import INPUT_PARAMETER
 from ._layout import RowLayout, layout_of_losses
+from ._param_uses import uses_outside_calls
 from ._record import Record
 from ._regroup import grads_verified
 
@@ -69,6 +70,14 @@ def _coincident_sizes(record: Record, batch_dim: int, batch_size: int) -> bool:
             if any(size == batch_size for i, size in enumerate(shape) if i != batch_dim):
                 return True
     return False
+
+
+_SEVERAL_FORWARDS = (
+    "of the engine's modules (e.g. one per task): each new forward pass of a module given to the engine "
+    "replaces the captures of the previous one, so only the last one counts. Run one forward pass (e.g. on "
+    "the concatenated batches), or call the model several times inside the forward pass of one module that "
+    "is given to the engine."
+)
 
 
 class Engine:
@@ -171,6 +180,18 @@ class Engine:
         self._bound: _Bound | None = None
         self._capture = Capture(list(modules), batch_dim, on_new_forward=self.reset)
 
+    def _names_of(self, params: list[Tensor]) -> str:
+        """Qualified names of some parameters of the engine's modules, for error messages."""
+        ids = {id(p) for p in params}
+        roots = self._capture.roots
+        names = [
+            f"modules[{index}].{name}" if len(roots) > 1 else name
+            for index, root in enumerate(roots)
+            for name, p in root.named_parameters()
+            if id(p) in ids
+        ]
+        return f"{names[:4]}{' …' if len(names) > 4 else ''}"
+
     # ------------------------------------------------------------------ public API
 
     @property
@@ -270,23 +291,44 @@ class Engine:
         uncovered: list[Tensor] = []
         retain = True
         covered = {id(p): p for record in records for p in record.params.values()}
-        uncovered = uncovered_parameters(losses, covered)
+        nodes = list(graph_nodes(losses))
+        uncovered = uncovered_parameters(nodes, covered)
         own = {id(p) for p in capture.parameters()} if uncovered else set()
         missed = [p for p in uncovered if id(p) in own]
         inputs = {id(p): p for record in records for name, p in record.params.items() if name == INPUT_PARAMETER}
         if inputs:  # a parameter covered through the module it is passed to must have no other use
             claimed = {edge.node for record in records if INPUT_PARAMETER in record.params for edge in record.edges}
-            missed += other_uses_of_inputs(losses, inputs, claimed)
+            missed += other_uses_of_inputs(nodes, inputs, claimed)
         if missed:
-            missed_ids = {id(p) for p in missed}
-            names = [name for root in capture.roots for name, p in root.named_parameters() if id(p) in missed_ids]
-            raise RuntimeError(
-                f"The losses depend on {len(missed)} trainable parameter(s) of the engine's modules ({names[:4]}"
-                f"{' …' if len(names) > 4 else ''}) through no module call the engine captured: they are used "
-                "outside the forward pass of the module that owns them (e.g. PEFT adapters kept in a "
-                "ParameterDict that a layer reads without calling it: IA3, AdaLoRA, LoHa, LoKr), which the "
-                "engine cannot attribute. Freeze them, leave their modules out of the engine (jd_modules), or "
+            outside_use = (
+                "they are used outside the forward pass of the module that owns them (e.g. PEFT adapters kept "
+                "in a ParameterDict that a layer reads without calling it: IA3, AdaLoRA, LoHa, LoKr), which the "
+                "engine cannot attribute: freeze them, leave their modules out of the engine (jd_modules), or "
                 "use the autojac engine (jd_engine='autojac')."
+            )
+            several = f"the losses come from several forward passes {_SEVERAL_FORWARDS}"
+            causes = f"{several} Or {outside_use}" if capture.replaced_forwards else f"{outside_use} Or {several}"
+            raise RuntimeError(
+                f"The losses depend on {len(missed)} trainable parameter(s) of the engine's modules "
+                f"({self._names_of(missed)}) through no module call the engine captured. Either {causes}"
+            )
+        outside = uses_outside_calls(nodes, records)
+        if outside:
+            earlier = [param for param, before in outside if before]
+            several = bool(earlier) and capture.replaced_forwards > 0
+            params = earlier if several else [param for param, _ in outside]
+            cause = (
+                f"the losses come from several forward passes {_SEVERAL_FORWARDS}"
+                if several
+                else "they are also used outside the forward passes of the modules that own them (e.g. "
+                "`inputs_embeds=F.embedding(ids, model.get_input_embeddings().weight)` with tied embeddings, or "
+                "a parent module slicing a child's weights and passing the slices to it): those uses would be "
+                "missing from the Gramian. Let the owning module compute them, or use the autojac engine "
+                "(hf_jd.autojac, jd_engine='autojac')."
+            )
+            raise RuntimeError(
+                f"The losses use {len(params)} trainable parameter(s) of the engine's modules "
+                f"({self._names_of(params)}) outside the module calls the engine captured: {cause}"
             )
         if self._single_backward:
             # Generic records run vector-Jacobian products on the graph after the pass.
@@ -318,7 +360,7 @@ class Engine:
                 attach_plans(plans, accumulator)
                 retain = True  # kept for the exact per-row path, should a plan fail
         # Graphs compiled by torch.compile cannot back-propagate a batch of vectors at once (vmap).
-        one_at_a_time = has_compiled_nodes(graph_nodes(losses))
+        one_at_a_time = has_compiled_nodes(nodes)
         with capture.backpropagating(), one_vector_at_a_time(one_at_a_time), explain_donated_buffers():
             verify_layout = coincident and not self._batch_major_verified
             if (unaligned or verify_layout) and layout.num_tasks == 1:

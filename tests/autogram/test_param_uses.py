@@ -1,0 +1,113 @@
+"""Uses of a covered parameter outside the captured calls of the modules that own it would be missing from
+the Gramian: compute_gramian finds them from the sequence numbers of the autograd nodes (hf_jd.autogram._param_uses)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from hf_jd.autogram import Engine
+
+from ._reference import assert_gramian_matches, jacobian, trainable
+
+
+class _SlicedByParent(nn.Module):
+    """Owns a weight but uses only the slices it is given (DBRX's expert GLU)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(8, 5))
+
+    def forward(self, inputs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(inputs @ weight.T)
+
+
+class _Experts(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mlp = _SlicedByParent()
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        slices = self.mlp.weight.view(2, 4, 5)
+        return sum(self.mlp(inputs, slices[expert]) for expert in range(2))
+
+
+def test_parent_slicing_a_childs_weight_is_rejected() -> None:
+    """The child is called, so its weight counted as covered, but its forward never used it: the Gramian
+    was silently zero."""
+    model = _Experts()
+    engine = Engine(model)
+    losses = model(torch.randn(3, 5)).pow(2).sum(1)
+    with pytest.raises(RuntimeError, match=r"\['mlp.weight'\].*parent module slicing a child's weights"):
+        engine.compute_gramian(losses)
+
+
+def _tiny_gpt2() -> GPT2LMHeadModel:
+    config = GPT2Config(vocab_size=30, n_positions=8, n_embd=8, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(config).train()
+
+
+def test_tied_embedding_looked_up_by_the_user_is_rejected() -> None:
+    """inputs_embeds from the tied weight: the output head's use is captured, the user's lookup is not."""
+    model = _tiny_gpt2()
+    engine = Engine(model)
+    ids = torch.randint(0, 30, (3, 5))
+    embeds = F.embedding(ids, model.get_input_embeddings().weight)
+    logits = model(inputs_embeds=embeds).logits
+    losses = F.cross_entropy(logits.transpose(1, 2), ids, reduction="none").mean(1)
+    with pytest.raises(RuntimeError, match=r"\['transformer.wte.weight'\].*outside the forward passes"):
+        engine.compute_gramian(losses)
+
+
+class _Encoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.LayerNorm(6), nn.Linear(6, 3))
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.layers(inputs)
+
+
+class _PerTask(nn.Module):
+    """The documented way to run one forward pass per task: inside one module given to the engine."""
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, batches: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [self.encoder(batch) for batch in batches]
+
+
+def test_one_forward_pass_per_task_is_rejected_and_the_documented_way_works() -> None:
+    torch.manual_seed(0)
+    batches = [torch.randn(4, 5), torch.randn(3, 5)]
+    encoder = _Encoder()
+    engine = Engine(encoder, batch_dim=None)
+    losses = torch.stack([encoder(batch).pow(2).mean() for batch in batches])  # the second replaced the first
+    with pytest.raises(RuntimeError, match="several forward passes.*inside the forward pass of one module"):
+        engine.compute_gramian(losses)
+    engine.remove()
+
+    wrapper = _PerTask(encoder)
+    engine = Engine(wrapper, batch_dim=None)
+    losses = torch.stack([outputs.pow(2).mean() for outputs in wrapper(batches)])
+    assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, trainable(wrapper)))
+
+
+def test_autocast_region_over_several_steps_is_not_a_use_outside() -> None:
+    """Autocast caches the bf16 cast of each weight for the whole region: later steps reuse the cast node
+    created in the first one, which must not be taken for a use outside the captured calls."""
+    model = _tiny_gpt2()
+    engine = Engine(model)
+    ids = torch.randint(0, 30, (3, 5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for _ in range(2):
+            logits = model(input_ids=ids).logits
+            losses = F.cross_entropy(logits.float().transpose(1, 2), ids, reduction="none").mean(1)
+            gramian = engine.compute_gramian(losses)
+            losses.backward(torch.ones_like(losses))
+    assert torch.isfinite(gramian).all()
