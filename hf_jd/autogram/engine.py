@@ -147,11 +147,15 @@ class Engine:
       new forward pass after having completed one. A model called several times before one
       ``compute_gramian`` (siamese set-ups) must therefore be called inside one module's forward.
     * Not supported, with a ``RuntimeError`` naming the cause: gradient checkpointing (forward
-      passes re-run inside the backward pass), ``Embedding(scale_grad_by_freq=True)``, and a
+      passes re-run inside the backward pass), ``Embedding(scale_grad_by_freq=True)``, a
       module with parameters of its own that uses a submodule's parameters without calling it
-      (``nn.MultiheadAttention`` is handled). Parameters used outside the forward pass of the
-      modules that own them (a parent without parameters calling ``F.linear(x, self.child.weight)``)
-      cannot be attributed: :meth:`check_gramian` detects it, at the cost of one extra backward.
+      (``nn.MultiheadAttention`` is handled), and trainable parameters used outside the captured
+      calls of the modules that own them (a parent calling ``F.linear(x, self.child.weight)`` or
+      slicing a child's weights, a tied embedding looked up by the user, or losses that also depend
+      on an earlier forward pass, whose captures a new forward pass replaced): the autograd nodes
+      that use a parameter must have been created during a captured call of its module (autograd
+      numbers its nodes in order), except autocast's cached casts, which are created once per
+      autocast region.
     * ``torch.compile``: create the engine before the first compiled forward pass (graphs
       compiled earlier do not run its hooks). Each hooked module call breaks the compiled graph,
       so compiling brings little speed; batches of vectors are back-propagated through compiled

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LossCollector", "ComputeLosses", "forward_accepts"]
+__all__ = ["LossCollector", "ComputeLosses", "forward_accepts", "forward_declares", "takes_loss_reduction"]
 
 ComputeLosses = Callable[[nn.Module, dict[str, Any]], tuple[Tensor, Any]]
 
@@ -28,6 +28,44 @@ def forward_accepts(model: nn.Module, name: str) -> bool:
     except (TypeError, ValueError):
         return True
     return name in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+
+
+def forward_declares(model: nn.Module, name: str) -> bool:
+    """Whether ``model.forward`` names ``name`` as an explicit parameter (``**kwargs`` does not count)."""
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    parameter = parameters.get(name)
+    return parameter is not None and parameter.kind not in (
+        inspect.Parameter.VAR_POSITIONAL,
+        inspect.Parameter.VAR_KEYWORD,
+        inspect.Parameter.POSITIONAL_ONLY,
+    )
+
+
+def takes_loss_reduction(model: nn.Module) -> bool:
+    """Whether ``model`` (or the model a PEFT wrapper holds) asks for ``loss_reduction``.
+
+    True for a :class:`hf_jd.trainer.MultiHeadModel` and for a forward that declares ``loss_reduction``;
+    a forward that only has ``**kwargs`` (which may validate or pass them on) does not get it. PEFT
+    wrappers and ``torch.compile``'s ``OptimizedModule`` are looked through.
+    """
+    from .multi_head import MultiHeadModel
+
+    seen: set[int] = set()
+    current: Any = model
+    while isinstance(current, nn.Module) and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, MultiHeadModel) or forward_declares(current, "loss_reduction"):
+            return True
+        compiled = getattr(current, "_orig_mod", None)  # torch.compile's OptimizedModule
+        if isinstance(compiled, nn.Module):
+            current = compiled
+            continue
+        get_base_model = getattr(current, "get_base_model", None)  # PEFT's PeftModel
+        current = get_base_model() if callable(get_base_model) else None
+    return False
 
 
 def _output_field(outputs: Any, name: str) -> Any:
@@ -128,7 +166,7 @@ class LossCollector:
             losses, outputs = self._iwrm(model, unwrapped, inputs)
         else:
             source = "the model output `losses`"
-            if self.mode == "iwmtl" and forward_accepts(unwrapped, "loss_reduction"):
+            if self.mode == "iwmtl" and takes_loss_reduction(unwrapped):
                 inputs = {**inputs, "loss_reduction": "none"}
             outputs = model(**inputs)
             losses = _output_field(outputs, "losses")

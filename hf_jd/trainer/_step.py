@@ -50,6 +50,14 @@ def _autojac_hint(mode: str, global_step: int) -> Iterator[None]:
         yield
     except (ValueError, RuntimeError) as error:
         message = str(error)
+        if "Gradient checkpointing is enabled" in message:
+            raise type(error)(
+                f"{message}\nWith JDTrainer (step {global_step}): to keep gradient checkpointing, set "
+                "jd_engine='autojac' (explicit Jacobian: the same update, more memory) with non-reentrant "
+                "checkpointing: gradient_checkpointing=True and gradient_checkpointing_kwargs={'use_reentrant': "
+                "False} in the arguments (or model.gradient_checkpointing_enable(gradient_checkpointing_kwargs="
+                "{'use_reentrant': False}))."
+            ) from error
         if "batch_dim" not in message and "does not account for all uses" not in message:
             raise
         raise type(error)(
@@ -444,7 +452,17 @@ class JDStep:
                 "The losses do not depend on any parameter covered by the Jacobian (jd_modules: "
                 f"{self.module_patterns or 'the whole model'})."
             )
-        jac_backward(flat, inputs=params, retain_graph=bool(others))
+        try:
+            jac_backward(flat, inputs=params, retain_graph=bool(others))
+        except RuntimeError as error:
+            if "use_reentrant=True" not in str(error):
+                raise
+            raise RuntimeError(
+                f"{error}\nWith JDTrainer: the autojac engine computes the Jacobian with torch.autograd.grad, which "
+                "reentrant checkpointing rejects. Enable checkpointing non-reentrant: gradient_checkpointing_kwargs="
+                "{'use_reentrant': False} (transformers' default), or "
+                "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})."
+            ) from error
         jacobians = [p.jac for p in params]  # type: ignore[attr-defined]
         if not all(bool(torch.isfinite(j).all()) for j in jacobians):
             for p in params:

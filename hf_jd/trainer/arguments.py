@@ -14,6 +14,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+import torch
 from transformers import TrainingArguments
 
 from ..aggregation import available_aggregators, get_aggregator, is_gramian_based
@@ -25,6 +27,9 @@ JD_MODES = ("mtl", "iwrm", "iwmtl")
 JD_ENGINES = ("auto", "autogram", "autojac")
 JD_NONFINITE = ("raise", "skip")
 JD_DDP_GRAMIAN = ("auto", "global", "local")
+
+#: Optimizers that update the parameters inside the backward pass (transformers' ``OptimizerNames`` values).
+_FUSED_BACKWARD_OPTIMIZERS = ("lomo", "adalomo")
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
@@ -55,7 +60,24 @@ def _parse_kwargs(value: Any) -> dict[str, Any]:
     bad_keys = [key for key in value if not isinstance(key, str)]
     if bad_keys:
         raise ValueError(f"jd_aggregator_kwargs keys must be strings, got {bad_keys!r}.")
-    return dict(value)
+    return {key: _json_friendly(item) for key, item in value.items()}
+
+
+def _json_friendly(value: Any) -> Any:
+    """Tensors and NumPy arrays/scalars (also inside lists, tuples and dicts) as plain Python lists/numbers.
+
+    The arguments are serialised with ``to_json_string`` (TensorBoard/W&B callbacks, ``trainer_state``) and
+    the aggregators accept sequences wherever they accept tensors (e.g. ``pref_vector``).
+    """
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().tolist()
+    if isinstance(value, (np.ndarray, np.generic)):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {key: _json_friendly(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_friendly(item) for item in value]
+    return value
 
 
 def _parse_names(name: str, value: Any) -> list[str] | None:
@@ -63,10 +85,11 @@ def _parse_names(name: str, value: Any) -> list[str] | None:
     if value is None:
         return None
     if isinstance(value, str):
-        value = [part.strip() for part in value.split(",") if part.strip()]
-    if not isinstance(value, (list, tuple)) or not all(isinstance(item, str) and item for item in value):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(item, str) and item.strip() for item in value):
         raise ValueError(f"{name} must be a list of non-empty strings, got {value!r}.")
-    return list(value)
+    # Comma-separated items are split in lists too: the command line `--jd_task_names a,b` gives ['a,b'].
+    return [part.strip() for item in value for part in item.split(",") if part.strip()]
 
 
 @dataclass
@@ -106,7 +129,7 @@ class JDTrainingArguments(TrainingArguments):
         default=None,
         metadata={
             "help": "Keyword arguments of the aggregator's constructor, as a dict or a JSON object string, "
-            'e.g. \'{"norm_eps": 1e-4}\'.'
+            'e.g. \'{"norm_eps": 1e-4}\'. Tensors and NumPy arrays in it are stored as lists (JSON-serialisable).'
         },
     )
     jd_engine: str = field(
@@ -122,7 +145,8 @@ class JDTrainingArguments(TrainingArguments):
         default=None,
         metadata={
             "help": "Names of the tasks, in the order of the Jacobian's rows (required for jd_mode 'mtl' and "
-            "'iwmtl'). Used to read the `losses` dict of the model output and to name logged metrics."
+            "'iwmtl'). Used to read the `losses` dict of the model output and to name logged metrics. Comma-separated "
+            "names are split ('a,b' gives ['a', 'b'])."
         },
     )
     jd_update_weights_every: int = field(
@@ -136,7 +160,8 @@ class JDTrainingArguments(TrainingArguments):
         default=None,
         metadata={
             "help": "Names or fnmatch patterns of the submodules whose parameters the Jacobian covers (default: "
-            "the whole model). The other trainable parameters get the weighted gradient."
+            "the whole model). The other trainable parameters get the weighted gradient. Comma-separated names are "
+            "split."
         },
     )
     jd_nonfinite: str = field(
@@ -233,7 +258,25 @@ class JDTrainingArguments(TrainingArguments):
             raise ValueError(
                 "Gradient checkpointing (gradient_checkpointing / activation_checkpointing) re-runs forward passes "
                 "inside the backward pass, which the autogram engine cannot capture. Set jd_engine='autojac' "
-                "(explicit Jacobian) or turn gradient checkpointing off."
+                "(explicit Jacobian; keep checkpointing non-reentrant: activation_checkpointing_kwargs / "
+                "gradient_checkpointing_kwargs={'use_reentrant': False}, transformers' default) or turn gradient "
+                "checkpointing off."
+            )
+        if checkpointing and self._checkpointing_is_reentrant():
+            raise ValueError(
+                "Reentrant gradient checkpointing (use_reentrant=True in gradient_checkpointing_kwargs / "
+                "activation_checkpointing_kwargs) does not work with Jacobian descent: the Jacobian is computed "
+                "with torch.autograd.grad, which reentrant checkpointing rejects. Use "
+                "activation_checkpointing_kwargs / gradient_checkpointing_kwargs={'use_reentrant': False} "
+                "(transformers' default) with jd_engine='autojac'."
+            )
+
+        optimizer = str(getattr(self.optim, "value", self.optim)).lower()
+        if optimizer in _FUSED_BACKWARD_OPTIMIZERS:
+            raise ValueError(
+                f"optim={optimizer!r} is not supported by JDTrainer: LOMO/AdaLomo update the parameters inside the "
+                "backward pass, while Jacobian descent differentiates the losses more than once and writes the "
+                "aggregated update to .grad first. Choose an optimizer that reads .grad, e.g. optim='adamw_torch'."
             )
 
         self.jd_task_names = _parse_names("jd_task_names", self.jd_task_names)
@@ -285,6 +328,19 @@ class JDTrainingArguments(TrainingArguments):
             raise ValueError(f"jd_log_weights must be a bool, got {self.jd_log_weights!r}.")
 
     # ------------------------------------------------------------------ helpers
+    def _checkpointing_is_reentrant(self) -> bool:
+        """Whether the checkpointing kwargs ask for ``use_reentrant=True`` (given as a dict or a JSON string)."""
+        for name in ("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs"):
+            kwargs = getattr(self, name, None)
+            if isinstance(kwargs, str) and kwargs.strip().startswith("{"):
+                try:
+                    kwargs = json.loads(kwargs)
+                except json.JSONDecodeError:
+                    continue  # the Trainer's own parsing reports it
+            if isinstance(kwargs, dict) and kwargs.get("use_reentrant") in (True, "true", "True"):
+                return True
+        return False
+
     @property
     def jd_resolved_engine(self) -> str:
         """The engine actually used: ``"autogram"`` or ``"autojac"`` (``"auto"`` resolved)."""

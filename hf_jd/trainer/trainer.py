@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
+from accelerate.utils.memory import clear_device_cache
 from torch import Tensor, nn
 from transformers import Trainer
 from transformers.trainer_pt_utils import nested_detach
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput
+from transformers.utils import is_sagemaker_mp_enabled
 
 from ..aggregation import Aggregator, get_aggregator
-from ._collect import ComputeLosses, LossCollector, forward_accepts
+from ._collect import ComputeLosses, LossCollector, forward_accepts, forward_declares
 from ._distributed import resolve_ddp_gramian
 from ._step import JDStep, select_modules
 from .arguments import JDTrainingArguments
@@ -61,7 +64,8 @@ class JDTrainer(Trainer):
       models such as T5 and BART get the ``decoder_input_ids`` they would have built from the labels,
       unless the batch already holds them). ``iwmtl``: the
       model output's ``losses`` (dict task → ``[B]`` or tensor ``[B, m]``); models whose forward
-      takes ``loss_reduction`` (such as ``MultiHeadModel``) are called with ``loss_reduction="none"``.
+      declares a ``loss_reduction`` parameter (such as ``MultiHeadModel``; ``**kwargs`` does not count)
+      are called with ``loss_reduction="none"``.
     - Gradient accumulation. Each micro-batch is weighted on its own (its own Gramian and weights)
       and its update is divided by the number of accumulated micro-batches; the updates add up in
       ``.grad``. Losses are per-micro-batch means: ``num_items_in_batch`` is not used (set the class
@@ -76,11 +80,23 @@ class JDTrainer(Trainer):
       ``jd/weight_*``, ``loss_<task>``, ``jd/conflicting_pairs`` and ``jd/min_cosine`` averaged over
       the logging interval, and always ``jd/skipped_steps`` (micro-batches skipped so far because of
       non-finite values, with ``jd_nonfinite="skip"``).
-    - Evaluation reports ``eval_loss_<task>`` for multi-task models. The autogram hooks capture
-      nothing outside the training step.
+    - ``eval_loss`` is the model's own loss when it returns one (``iwrm``: when its forward declares
+      every label input, e.g. ``labels``), otherwise the mean of the losses training uses (the
+      per-example losses with ``iwrm``, e.g. for ``label_names=["my_labels"]``). Evaluation reports
+      ``eval_loss_<task>`` for multi-task models. The autogram hooks capture nothing outside the
+      training step. A subclass's ``compute_loss`` override is used by evaluation only (a warning
+      says so): training losses come from ``compute_losses`` or the model.
+    - ``iwrm``/``iwmtl`` with one example per micro-batch (``per_device_train_batch_size=1``, or a
+      packing collator such as ``DataCollatorWithFlattening``) warn once: the Jacobian then has one
+      row per task only.
+    - A training dataset with a ``task_id`` column is sampled by
+      :class:`hf_jd.trainer.multitask_data.MultiTaskSampler`, which replaces
+      ``train_sampling_strategy``; an iterable one is not task-balanced (both warned about).
     - Checkpoints hold ``jd_aggregator_state.pt`` (aggregator state such as a random generator,
-      the cached weights of ``jd_update_weights_every``); resuming restores it, so a resumed run
-      gives the same weights as an uninterrupted one.
+      the cached weights of ``jd_update_weights_every``, the aggregator's name and class); resuming
+      restores it, so a resumed run gives the same weights as an uninterrupted one, and resuming
+      with another ``jd_aggregator`` raises an error naming both.
+    - ``torch_empty_cache_steps`` clears the device cache as the Trainer's own step does.
     - Several processes (``accelerate launch`` / ``torchrun``, DDP): with ``jd_ddp_gramian="global"``
       (default for ``mtl``) the task Jacobians are all-reduced and every process writes the update
       of one process on the global batch (no DDP gradient all-reduce on those steps); with
@@ -89,8 +105,10 @@ class JDTrainer(Trainer):
       (DDP's excluded). See :mod:`hf_jd.trainer._distributed`.
     - ``torch_compile=True`` (or a compiled model) works: the step differentiates the compiled graph
       more than once, so AOTAutograd's buffer donation is turned off inside the training step.
-    - Not supported: DeepSpeed, FSDP, ``torch.nn.DataParallel`` (several GPUs in one process),
-      label smoothing, ``compute_loss_func``, and multi-process training with the autojac engine.
+    - Not supported: DeepSpeed, FSDP, SageMaker model parallelism, ``torch.nn.DataParallel``
+      (several GPUs in one process), label smoothing, ``compute_loss_func``, the LOMO/AdaLomo
+      optimizers, reentrant gradient checkpointing, and multi-process training with the autojac
+      engine.
     """
 
     # Losses are per-micro-batch means: divide by the number of accumulated micro-batches.
@@ -149,12 +167,56 @@ class JDTrainer(Trainer):
         select_modules(self.model, self.args.jd_modules)  # fail early on a pattern that matches nothing
         self._loss_collector = LossCollector(self.args.jd_mode, task_names, self.label_names, compute_losses)
         self._eval_task_losses: dict[str, list[float]] | None = None
+        self._warned_single_row = False
+        self._warn_if_compute_loss_overridden()
+        self._warn_about_task_sampling()
+
+    def _warn_if_compute_loss_overridden(self) -> None:
+        if type(self).compute_loss is JDTrainer.compute_loss:
+            return
+        warnings.warn(
+            f"{type(self).__name__} overrides compute_loss, which JDTrainer uses for evaluation only: training "
+            "differentiates the vector of per-example / per-task losses from `compute_losses=` (or from the model "
+            "and its labels), never one reduced loss. To change the training losses (e.g. class weights), pass "
+            "compute_losses=callable(model, inputs) -> (losses, outputs) to JDTrainer instead.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+    def _warn_about_task_sampling(self) -> None:
+        """Say when the ``task_id`` column changes the sampling, or cannot (iterable datasets)."""
+        dataset = self.train_dataset
+        column_names = getattr(dataset, "column_names", None)
+        if not column_names or _TASK_ID_COLUMN not in column_names:
+            return
+        if _is_iterable_dataset(dataset):
+            warnings.warn(
+                f"The training dataset has a {_TASK_ID_COLUMN!r} column but is an IterableDataset, so it is not "
+                "sampled task by task (JDTrainer's task-balanced MultiTaskSampler needs a map-style dataset): "
+                "batches hold the tasks in stream order. Interleave the tasks in the stream yourself, or use a "
+                "map-style dataset.",
+                UserWarning,
+                stacklevel=3,
+            )
+        elif self.args.train_sampling_strategy != "random":
+            warnings.warn(
+                f"train_sampling_strategy={self.args.train_sampling_strategy!r} is ignored: the training dataset "
+                f"has a {_TASK_ID_COLUMN!r} column, so JDTrainer samples it with its task-balanced MultiTaskSampler. "
+                f"Remove the {_TASK_ID_COLUMN!r} column to use the Trainer's sampler.",
+                UserWarning,
+                stacklevel=3,
+            )
 
     # ------------------------------------------------------------------ set-up
     def _build_aggregator(self) -> Aggregator:
         return get_aggregator(self.args.jd_aggregator, **self.args.jd_aggregator_kwargs)
 
     def _check_parallelism(self) -> None:
+        if is_sagemaker_mp_enabled():
+            raise ValueError(
+                "JDTrainer does not support SageMaker model parallelism (its forward/backward replaces the training "
+                "step); train without it."
+            )
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             raise ValueError(
                 "JDTrainer does not support DeepSpeed or FSDP (the Jacobian needs unsharded parameters); "
@@ -238,8 +300,42 @@ class JDTrainer(Trainer):
                 label_counts=self._label_counts(inputs),
                 no_sync=lambda: self.accelerator.no_sync(model),
             )
+            self._warn_if_single_row(result.losses, inputs)
             del inputs
+            # As Trainer.training_step does (it is replaced here): free the accelerator's cached memory.
+            empty_cache_steps = self.args.torch_empty_cache_steps
+            if empty_cache_steps is not None and self.state.global_step % empty_cache_steps == 0:
+                clear_device_cache()
+                if torch.backends.mps.is_available() and hasattr(torch.mps, "clear_graph_cache"):
+                    torch.mps.clear_graph_cache()
             return (result.losses.mean() * scale).detach()
+
+    def _warn_if_single_row(self, losses: Tensor, inputs: dict[str, Any]) -> None:
+        """Warn once when a per-example mode gets one example per micro-batch (no per-example Jacobian descent)."""
+        if self._warned_single_row or self.args.jd_mode == "mtl" or losses.dim() == 0 or losses.shape[0] != 1:
+            return
+        packed = _holds_packed_sequences(inputs)
+        batch_size = getattr(self, "_train_batch_size", self.args.per_device_train_batch_size)  # auto_find_batch_size
+        if not packed and batch_size != 1:
+            return  # e.g. the last, smaller batch of an epoch
+        self._warned_single_row = True
+        what = (
+            "so the Jacobian has a single row: the step is a plain gradient step, without Jacobian descent"
+            if self.args.jd_mode == "iwrm"
+            else "so the rows of the Jacobian are only the tasks (as with jd_mode='mtl')"
+        )
+        cause = (
+            "its sequences were packed into one row (e.g. by DataCollatorWithFlattening)"
+            if packed
+            else "per_device_train_batch_size=1"
+        )
+        warnings.warn(
+            f"jd_mode={self.args.jd_mode!r} gets one example per micro-batch because {cause}, {what}. Use a "
+            "collator that keeps one row per example (not DataCollatorWithFlattening) and "
+            "per_device_train_batch_size > 1, or pass compute_losses= returning one loss per packed sequence.",
+            UserWarning,
+            stacklevel=2,
+        )
 
     def _label_counts(self, inputs: dict[str, Any]) -> list[int] | None:
         """``iwmtl`` with ``labels_<task>`` inputs: how many examples carry each task's label."""
@@ -286,7 +382,15 @@ class JDTrainer(Trainer):
         inputs = self._model_inputs(model, inputs)
         with self.jd_step.engine_disabled():
             if self.compute_losses is None and self.args.jd_mode == "iwrm":
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+                if self._model_takes_labels(model, inputs):
+                    return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+                # The labels reach the model only through **kwargs (or not at all): evaluate the mean of the
+                # per-example losses that training uses.
+                losses, outputs = self._loss_collector(
+                    model, self.accelerator.unwrap_model(model), inputs, training=False
+                )
+                loss = losses.mean()
+                return (loss, outputs) if return_outputs else loss
             if self.compute_losses is not None:
                 losses, outputs = self._loss_collector(
                     model, self.accelerator.unwrap_model(model), inputs, training=False
@@ -301,6 +405,15 @@ class JDTrainer(Trainer):
                     loss = torch.stack(list(task_losses.values())).mean()
         self._record_eval_task_losses(task_losses, inputs)
         return (loss, outputs) if return_outputs else loss
+
+    def _model_takes_labels(self, model: nn.Module, inputs: dict[str, Any]) -> bool:
+        """``iwrm``: whether the model computes its own loss, i.e. its forward declares every label input present."""
+        present = [name for name in self._loss_collector.label_names if inputs.get(name) is not None]
+        unwrapped = self.accelerator.unwrap_model(model)
+        get_base_model = getattr(unwrapped, "get_base_model", None)  # PEFT: the wrapped model's signature
+        if callable(get_base_model):
+            unwrapped = get_base_model()
+        return not present or all(forward_declares(unwrapped, name) for name in present)
 
     @staticmethod
     def _output_losses(outputs: Any) -> Any:
@@ -401,19 +514,64 @@ class JDTrainer(Trainer):
             checkpoint = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             folder = os.path.join(self._get_output_dir(trial=trial), checkpoint)
             if os.path.isdir(folder):
-                torch.save(self.jd_step.state_dict(), os.path.join(folder, JD_STATE_NAME))
+                state = self.jd_step.state_dict()
+                state["aggregator_name"] = self.args.jd_aggregator
+                state["aggregator_class"] = type(self.aggregator).__name__
+                torch.save(state, os.path.join(folder, JD_STATE_NAME))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         path = os.path.join(resume_from_checkpoint, JD_STATE_NAME)
         if os.path.isfile(path):
             # Our own file: it may hold aggregator states that are not plain tensors.
-            self.jd_step.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+            state = torch.load(path, map_location="cpu", weights_only=False)
+            self._check_saved_aggregator(state, path)
+            self.jd_step.load_state_dict(state)
         elif self.aggregator.is_stateful:
             raise FileNotFoundError(
                 f"{resume_from_checkpoint} has no {JD_STATE_NAME}, but aggregator {self.args.jd_aggregator!r} is "
                 "stateful, so resuming would not continue the same run. Resume from a checkpoint saved by JDTrainer."
             )
+
+    def _check_saved_aggregator(self, state: dict[str, Any], path: str) -> None:
+        """Raise when the checkpoint was saved with another aggregator (files saved before the name was kept pass)."""
+        saved_name = state.get("aggregator_name")
+        saved_class = state.get("aggregator_class")
+        current_class = type(self.aggregator).__name__
+        if saved_name is None and saved_class is None:
+            return
+        if saved_name == self.args.jd_aggregator and (saved_class is None or saved_class == current_class):
+            return
+        raise ValueError(
+            f"The checkpoint {path} was saved with jd_aggregator={saved_name!r} ({saved_class}), but this run uses "
+            f"jd_aggregator={self.args.jd_aggregator!r} ({current_class}). Resume with jd_aggregator={saved_name!r}, "
+            f"or, to switch aggregators on purpose, delete {JD_STATE_NAME} from the checkpoint (the aggregator then "
+            "starts from its initial state)."
+        )
+
+
+def _is_iterable_dataset(dataset: Any) -> bool:
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        return True
+    try:
+        import datasets
+    except ImportError:
+        return False
+    return isinstance(dataset, datasets.IterableDataset)
+
+
+def _holds_packed_sequences(inputs: dict[str, Any]) -> bool:
+    """Whether a one-row batch holds several sequences packed together (``DataCollatorWithFlattening``):
+    its ``position_ids`` restart, or its ``cu_seq_lens_q`` / ``seq_idx`` name several sequences."""
+    positions = inputs.get("position_ids")
+    if isinstance(positions, Tensor) and positions.dim() >= 1 and positions.shape[-1] > 1:
+        if bool((positions[..., 1:] <= positions[..., :-1]).any()):
+            return True
+    boundaries = inputs.get("cu_seq_lens_q")
+    if isinstance(boundaries, Tensor) and boundaries.numel() > 2:
+        return True
+    sequence_index = inputs.get("seq_idx")
+    return isinstance(sequence_index, Tensor) and int(sequence_index.unique().numel()) > 1
 
 
 def _compiled_backward_keeps_buffers() -> contextlib.AbstractContextManager[Any]:

@@ -179,3 +179,60 @@ def test_serialisation_round_trip(tmp_path):
 def test_task_names_are_ignored_with_a_warning_in_iwrm(tmp_path):
     with pytest.warns(UserWarning, match="jd_task_names.*ignored with jd_mode='iwrm'.*iwmtl"):
         make(tmp_path, jd_mode="iwrm", jd_task_names=["a", "b"])
+
+
+@pytest.mark.parametrize("flag", ["--jd_task_names", "--jd_modules"])
+def test_command_line_comma_separated_lists_are_split(tmp_path, flag):
+    argv = ["--output_dir", str(tmp_path), "--report_to", "none", "--use_cpu", "--jd_mode", "mtl"]
+    if flag == "--jd_modules":
+        argv += ["--jd_task_names", "a", "b"]
+    args = _parse([*argv, flag, "a, b", "c"])
+    values = args.jd_task_names if flag == "--jd_task_names" else args.jd_modules
+    assert values == ["a", "b", "c"]
+
+
+def test_list_items_with_commas_are_split_like_a_string(tmp_path):
+    from_list = make(tmp_path, jd_mode="mtl", jd_task_names=["a,b", "c"])
+    from_string = make(tmp_path, jd_mode="mtl", jd_task_names="a,b,c")
+    assert from_list.jd_task_names == from_string.jd_task_names == ["a", "b", "c"]
+    with pytest.raises(ValueError, match="jd_task_names has duplicates: \\['a'\\]"):
+        make(tmp_path, jd_mode="mtl", jd_task_names=["a,b", "a"])
+
+
+def test_tensor_and_numpy_aggregator_kwargs_serialise(tmp_path):
+    import numpy as np
+
+    args = make(
+        tmp_path,
+        jd_mode="mtl",
+        jd_task_names=["a", "b"],
+        jd_aggregator_kwargs={"pref_vector": torch.tensor([1.0, 2.0]), "norm_eps": np.float64(1e-4)},
+    )
+    assert args.jd_aggregator_kwargs == {"pref_vector": [1.0, 2.0], "norm_eps": 1e-4}
+    assert type(args.jd_aggregator_kwargs["norm_eps"]) is float
+    as_json = json.loads(args.to_json_string())  # what the TensorBoard callback calls
+    assert as_json["jd_aggregator_kwargs"] == {"pref_vector": [1.0, 2.0], "norm_eps": 1e-4}
+    nested = make(tmp_path, jd_aggregator="constant", jd_aggregator_kwargs={"weights": np.array([0.5, 1.5])})
+    assert nested.jd_aggregator_kwargs == {"weights": [0.5, 1.5]}
+
+
+@pytest.mark.parametrize("optim", ["lomo", "adalomo"])
+def test_fused_backward_optimizers_are_rejected(tmp_path, optim):
+    with pytest.raises(ValueError, match=f"optim='{optim}' is not supported by JDTrainer.*adamw_torch"):
+        make(tmp_path, optim=optim)
+
+
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_kwargs` is deprecated:FutureWarning")
+@pytest.mark.parametrize("name", ["gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"])
+def test_reentrant_checkpointing_is_rejected(tmp_path, name):
+    with pytest.raises(ValueError, match="Reentrant gradient checkpointing.*use_reentrant': False.*autojac"):
+        make(tmp_path, jd_engine="autojac", activation_checkpointing=True, **{name: {"use_reentrant": True}})
+    with pytest.raises(ValueError, match="Reentrant gradient checkpointing"):
+        make(tmp_path, jd_engine="autojac", activation_checkpointing=True, **{name: '{"use_reentrant": true}'})
+    args = make(tmp_path, jd_engine="autojac", activation_checkpointing=True, **{name: {"use_reentrant": False}})
+    assert args.activation_checkpointing_kwargs == {"use_reentrant": False}
+
+
+def test_autogram_checkpointing_error_suggests_non_reentrant_autojac(tmp_path):
+    with pytest.raises(ValueError, match="jd_engine='autojac'.*'use_reentrant': False"):
+        make(tmp_path, activation_checkpointing=True)

@@ -144,3 +144,35 @@ def test_bf16_autocast_on_cpu(tmp_path):
     logs = [log for log in trainer.state.log_history if "loss" in log]
     assert logs and all(math.isfinite(log["loss"]) and math.isfinite(log["jd/weight_mean"]) for log in logs)
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+
+
+def _save_random_checkpoint(tmp_path) -> str:
+    args = make_args(tmp_path / "a", jd_mode="mtl", jd_task_names=TASKS, jd_aggregator="random",
+                     jd_aggregator_kwargs={"seed": 0}, save_strategy="steps", save_steps=1, max_steps=1)  # fmt: skip
+    JDTrainer(model=TwoTaskNet(), args=args, train_dataset=two_task_dataset()).train()
+    return str(tmp_path / "a" / "checkpoint-1")
+
+
+def test_resume_with_another_aggregator_names_both(tmp_path):
+    checkpoint = _save_random_checkpoint(tmp_path)
+    state = torch.load(os.path.join(checkpoint, JD_STATE_NAME), weights_only=False)
+    assert state["aggregator_name"] == "random" and state["aggregator_class"] == "Random"
+    args = make_args(tmp_path / "b", jd_mode="mtl", jd_task_names=TASKS, jd_aggregator="upgrad", max_steps=2)
+    trainer = JDTrainer(model=TwoTaskNet(), args=args, train_dataset=two_task_dataset())
+    with pytest.raises(ValueError, match="saved with jd_aggregator='random' \\(Random\\), but this run uses "
+                                         "jd_aggregator='upgrad' \\(UPGrad\\).*delete"):  # fmt: skip
+        trainer.train(resume_from_checkpoint=checkpoint)
+
+
+def test_resume_from_a_state_file_without_the_aggregator_name(tmp_path):
+    """Checkpoints saved before the aggregator's name was stored still load."""
+    checkpoint = _save_random_checkpoint(tmp_path)
+    path = os.path.join(checkpoint, JD_STATE_NAME)
+    state = torch.load(path, weights_only=False)
+    del state["aggregator_name"], state["aggregator_class"]
+    torch.save(state, path)
+    args = make_args(tmp_path / "b", jd_mode="mtl", jd_task_names=TASKS, jd_aggregator="random",
+                     jd_aggregator_kwargs={"seed": 0}, max_steps=2)  # fmt: skip
+    trainer = JDTrainer(model=TwoTaskNet(), args=args, train_dataset=two_task_dataset())
+    trainer.train(resume_from_checkpoint=checkpoint)
+    assert trainer.state.global_step == 2
