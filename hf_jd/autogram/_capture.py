@@ -585,3 +585,32 @@ class Capture:
                     "of the engine (Engine(...) on other modules, or jd_modules in JDTrainer), or use the "
                     "autojac engine (hf_jd.autojac, jd_engine='autojac'), which handles any module."
                 )
+
+
+def _run_eagerly_under_torch_compile(*functions: Callable[..., Any]) -> None:
+    """Have TorchDynamo run ``functions`` (and what they call) eagerly instead of tracing them.
+
+    The hooks break the compiled graph anyway (they keep Python state); traced, they were recompiled
+    at every call until Dynamo's recompile limit. Unlike ``torch.compiler.disable``, which wraps a
+    function and costs time at every eager call, this marks the code objects once. It uses a private
+    Dynamo entry point: where it is missing, nothing is done (Dynamo then only warns).
+    """
+    try:
+        from torch._dynamo.eval_frame import set_code_exec_strategy
+        from torch._dynamo.types import FrameAction, FrameExecStrategy
+    except ImportError:  # pragma: no cover - depends on the torch version
+        return
+    for function in functions:
+        try:
+            set_code_exec_strategy(function.__code__, FrameExecStrategy(FrameAction.SKIP, FrameAction.SKIP))
+        except (AttributeError, TypeError, RuntimeError):  # pragma: no cover - depends on the torch version
+            return
+
+
+_run_eagerly_under_torch_compile(
+    Capture._module_pre_hook,
+    Capture._module_hook,
+    Capture._root_pre_hook,
+    Capture._root_hook,
+    Capture._batch_norm_pre_hook,
+)
