@@ -410,6 +410,9 @@ class JDTrainer(Trainer):
         """``iwrm``: whether the model computes its own loss, i.e. its forward declares every label input present."""
         present = [name for name in self._loss_collector.label_names if inputs.get(name) is not None]
         unwrapped = self.accelerator.unwrap_model(model)
+        compiled = getattr(unwrapped, "_orig_mod", None)  # torch.compile's OptimizedModule
+        if isinstance(compiled, nn.Module):
+            unwrapped = compiled
         get_base_model = getattr(unwrapped, "get_base_model", None)  # PEFT: the wrapped model's signature
         if callable(get_base_model):
             unwrapped = get_base_model()

@@ -152,6 +152,8 @@ def test_iwrm_evaluation_with_declared_labels_keeps_the_models_own_loss(tmp_path
     with torch.no_grad():
         expected = model(**batch).loss
     assert metrics["eval_loss"] == pytest.approx(expected.item(), rel=1e-5)
+    # torch_compile=True wraps the model: its forward's signature is read through the wrapper.
+    assert trainer._model_takes_labels(torch.compile(model), batch)
 
 
 # ---------------------------------------------------------------------------- Seq2Seq mixin
