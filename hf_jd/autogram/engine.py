@@ -325,10 +325,11 @@ class Engine:
                 f"the losses come from several forward passes {_SEVERAL_FORWARDS}"
                 if several
                 else "they are also used outside the forward passes of the modules that own them (e.g. "
-                "`inputs_embeds=F.embedding(ids, model.get_input_embeddings().weight)` with tied embeddings, or "
-                "a parent module slicing a child's weights and passing the slices to it): those uses would be "
-                "missing from the Gramian. Let the owning module compute them, or use the autojac engine "
-                "(hf_jd.autojac, jd_engine='autojac')."
+                "`inputs_embeds=F.embedding(ids, model.get_input_embeddings().weight)` with tied embeddings, "
+                "a parent module slicing a child's weights and passing the slices to it, `module.forward(x)` "
+                "called instead of `module(x)`, or a penalty on the weights added to the losses): those uses would "
+                "be missing from the Gramian. Let the owning module compute them (for a weight penalty, use the "
+                "optimizer's weight_decay), or use the autojac engine (hf_jd.autojac, jd_engine='autojac')."
             )
             raise RuntimeError(
                 f"The losses use {len(params)} trainable parameter(s) of the engine's modules "

@@ -111,3 +111,12 @@ def test_autocast_region_over_several_steps_is_not_a_use_outside() -> None:
             gramian = engine.compute_gramian(losses)
             losses.backward(torch.ones_like(losses))
     assert torch.isfinite(gramian).all()
+
+
+def test_weight_penalty_added_to_the_losses_is_rejected_with_advice() -> None:
+    """A penalty on a weight added to per-example losses uses it outside every module call."""
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 1))
+    engine = Engine(model)
+    losses = model(torch.randn(3, 4))[:, 0].pow(2) + 1e-2 * model[2].weight.pow(2).sum()
+    with pytest.raises(RuntimeError, match=r"\['2.weight'\].*weight penalty, use the optimizer's weight_decay"):
+        engine.compute_gramian(losses)
