@@ -30,7 +30,7 @@ from ._generic import (
     restore_parameters,
     tensors_in,
 )
-from ._param_uses import next_sequence_number
+from ._param_uses import autocast_enabled, next_sequence_number
 from ._record import Record
 from ._rms_norm import RMSNormRecord
 
@@ -61,6 +61,7 @@ class _Frame:
     descendant_calls: list[int] | None
     # Autograd sequence number when the call started (nodes it creates get numbers from here on).
     first_node: int | None = None
+    autocast: bool = False
 
 
 def _broadcast_over_batch(
@@ -384,7 +385,7 @@ class Capture:
         if info.kind.is_generic:
             aliases = install_aliases(module, params)
             calls = [self.calls.get(id(sub), 0) for sub in info.trainable_descendants]
-        info.frames.append(_Frame(params, aliases, calls, first_node))
+        info.frames.append(_Frame(params, aliases, calls, first_node, autocast_enabled()))
         for value in itertools.chain(args, kwargs.values()):
             self.note_batch(value, f"an input of {describe(info.name, module)}")
             self._note_regrouped(value)
@@ -450,6 +451,7 @@ class Capture:
         record.batched = batched
         if frame.first_node is not None and end_node is not None:
             record.nodes = range(frame.first_node, end_node)
+        record.autocast = frame.autocast
         if not batched and info.kind in (Kind.LINEAR, Kind.LAYER_NORM):
             record.groups = self._groups(args, kwargs, expanded)
         if info.kind.is_generic and aliased:

@@ -18,19 +18,28 @@ from torch import Tensor, nn
 
 from ._record import Record
 
-__all__ = ["next_sequence_number", "uses_outside_calls"]
+__all__ = ["autocast_enabled", "next_sequence_number", "uses_outside_calls"]
 
 _get_sequence_nr = getattr(getattr(torch._C, "_autograd", None), "_get_sequence_nr", None)
 
 # Nodes that may be created once and reused by later calls: autocast caches the casts of leaf
-# parameters for the whole autocast region (possibly several forward passes).
-_REUSED_NODES = frozenset({"ToCopyBackward0"})
+# parameters for the whole autocast region (possibly several forward passes). Exempt only when
+# some captured call ran under autocast.
+_AUTOCAST_CASTS = frozenset({"ToCopyBackward0"})
 
 
 def next_sequence_number() -> int | None:
     """The sequence number autograd gives to the next node created on this thread (``None`` if this
     torch does not expose it; the check is then skipped)."""
     return None if _get_sequence_nr is None else int(_get_sequence_nr())
+
+
+def autocast_enabled() -> bool:
+    """Whether autocast is on for the CPU or CUDA (where the device-type query exists)."""
+    try:
+        return bool(torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"))
+    except TypeError:  # pragma: no cover - torch < 2.4 has no device-type argument
+        return bool(torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled())
 
 
 def uses_outside_calls(nodes: Iterable[Any], records: list[Record]) -> list[tuple[nn.Parameter, bool]]:
@@ -47,13 +56,14 @@ def uses_outside_calls(nodes: Iterable[Any], records: list[Record]) -> list[tupl
         for param in record.params.values():
             ranges.setdefault(id(param), []).append(record.nodes)
             params[id(param)] = param
+    exempt = _AUTOCAST_CASTS if any(record.autocast for record in records) else frozenset()
     found: dict[int, bool] = {}
     for node in nodes:
         for next_node, _ in node.next_functions:
             variable: Tensor | None = getattr(next_node, "variable", None)
             if variable is None or id(variable) not in ranges or id(variable) in found:
                 continue
-            if type(node).__name__ in _REUSED_NODES:
+            if type(node).__name__ in exempt:
                 continue
             number = node._sequence_nr()
             if not any(number in call for call in ranges[id(variable)]):

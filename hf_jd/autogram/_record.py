@@ -69,8 +69,10 @@ class Record(ABC):
         # For a position-wise call not split by example: k when its tensors have k * B entries
         # along batch_dim (a candidate for batch-major grouping, verified by the engine), else 0.
         self.groups = 0
-        # Autograd sequence numbers of the nodes created during the call (None: unknown).
+        # Autograd sequence numbers of the nodes created during the call (None: unknown), and whether
+        # autocast was on (its cached casts of the parameters may come from an earlier call).
         self.nodes: range | None = None
+        self.autocast = False
 
     def describe(self) -> str:
         """Human-readable name of the module, for error messages."""

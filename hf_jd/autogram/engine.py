@@ -140,8 +140,10 @@ class Engine:
       rows belong to one example each (batch-major), else take the per-row pass. A module once
       seen not split by example keeps the per-row pass in later steps.
     * Not detected without :meth:`check_gramian`: examples mixed only by parameter-free
-      operations while every parametrised call is shaped ``[B, ...]``, or a time-major layout
-      whose length equals the batch size in the very first step.
+      operations while every parametrised call is shaped ``[B, ...]``, a time-major layout
+      whose length equals the batch size in the very first step, losses that contain gradients of
+      the model (``create_graph=True`` penalties: autograd numbers those nodes like the forward
+      nodes they differentiate), and a user's forward pre-hook using its module's parameters.
     * State: captured tensors are dropped after :meth:`compute_gramian` (after :meth:`backward`
       with ``single_backward``), by :meth:`reset`, and when a module given to the engine starts a
       new forward pass after having completed one. A model called several times before one

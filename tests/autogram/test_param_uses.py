@@ -98,6 +98,19 @@ def test_one_forward_pass_per_task_is_rejected_and_the_documented_way_works() ->
     assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, trainable(wrapper)))
 
 
+def test_cast_of_a_tied_embedding_outside_autocast_is_rejected() -> None:
+    """Casts are exempt only under autocast (whose cached casts outlive a forward pass): a user's own cast
+    of the weight before the lookup is a use outside the captured calls like any other."""
+    model = _tiny_gpt2()
+    engine = Engine(model)
+    ids = torch.randint(0, 30, (3, 5))
+    embeds = F.embedding(ids, model.get_input_embeddings().weight.double()).float()
+    logits = model(inputs_embeds=embeds).logits
+    losses = F.cross_entropy(logits.transpose(1, 2), ids, reduction="none").mean(1)
+    with pytest.raises(RuntimeError, match=r"\['transformer.wte.weight'\].*outside the forward passes"):
+        engine.compute_gramian(losses)
+
+
 def test_autocast_region_over_several_steps_is_not_a_use_outside() -> None:
     """Autocast caches the bf16 cast of each weight for the whole region: later steps reuse the cast node
     created in the first one, which must not be taken for a use outside the captured calls."""
