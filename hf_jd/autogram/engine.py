@@ -308,7 +308,7 @@ class Engine:
         if missed:
             outside_use = (
                 "they are used outside the forward pass of the module that owns them (e.g. PEFT adapters kept "
-                "in a ParameterDict that a layer reads without calling it: IA3, AdaLoRA, LoHa, LoKr), which the "
+                "in a ParameterDict that a layer reads without calling it: IA3, AdaLoRA, LoHa, LoKr, VeRA), which the "
                 "engine cannot attribute: freeze them, leave their modules out of the engine (jd_modules), or "
                 "use the autojac engine (jd_engine='autojac')."
             )
@@ -329,9 +329,11 @@ class Engine:
                 else "they are also used outside the forward passes of the modules that own them (e.g. "
                 "`inputs_embeds=F.embedding(ids, model.get_input_embeddings().weight)` with tied embeddings, "
                 "a parent module slicing a child's weights and passing the slices to it, `module.forward(x)` "
-                "called instead of `module(x)`, or a penalty on the weights added to the losses): those uses would "
-                "be missing from the Gramian. Let the owning module compute them (for a weight penalty, use the "
-                "optimizer's weight_decay), or use the autojac engine (hf_jd.autojac, jd_engine='autojac')."
+                "called instead of `module(x)`, a forward hook using them, a penalty on the weights added to the "
+                "losses, or a weight tied to a module that is not given to the engine): those uses would be "
+                "missing from the Gramian. Let the owning module compute them (for a weight penalty, use the "
+                "optimizer's weight_decay; for a tied weight, give the other module to the engine too, e.g. in "
+                "jd_modules), or use the autojac engine (hf_jd.autojac, jd_engine='autojac')."
             )
             raise RuntimeError(
                 f"The losses use {len(params)} trainable parameter(s) of the engine's modules "
