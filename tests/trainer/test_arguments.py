@@ -199,6 +199,14 @@ def test_list_items_with_commas_are_split_like_a_string(tmp_path):
         make(tmp_path, jd_mode="mtl", jd_task_names=["a,b", "a"])
 
 
+def test_commas_inside_fnmatch_brackets_are_not_split(tmp_path):
+    """`layer.[0,1]` is one fnmatch pattern (a character set), not two names."""
+    from hf_jd.trainer.arguments import _split_commas
+
+    assert _split_commas("bert.encoder.layer.[0,1].*, classifier") == ["bert.encoder.layer.[0,1].*", "classifier"]
+    assert _split_commas("a,[b,c],d]") == ["a", "[b,c]", "d]"]
+
+
 def test_tensor_and_numpy_aggregator_kwargs_serialise(tmp_path):
     import numpy as np
 
