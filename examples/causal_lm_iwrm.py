@@ -23,6 +23,7 @@ from datasets import Dataset
 from transformers import GPT2Config, GPT2LMHeadModel, HfArgumentParser, default_data_collator, set_seed
 
 from hf_jd import JDTrainer, JDTrainingArguments
+from hf_jd.aggregation import available_weightings, is_gramian_based
 from hf_jd.synthetic import PAD_ID, make_markov_text_dataset
 
 VOCAB_SIZE = 64
@@ -57,6 +58,11 @@ class CausalLMArguments:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
         if self.hidden_size % 2:
             raise ValueError(f"--hidden_size must be even (two attention heads), got {self.hidden_size}.")
+        if not is_gramian_based(self.aggregator):  # also rejects unknown names, before any data is made
+            raise ValueError(
+                f"--aggregator {self.aggregator} is not Gramian-based, and this example trains with the autogram "
+                f"engine: use one of {', '.join(available_weightings())}."
+            )
 
 
 def language_modelling_data(args: CausalLMArguments) -> tuple[Dataset, Dataset]:

@@ -13,6 +13,7 @@ Run: ``python examples/custom_losses.py [--max_steps 400] [--aggregator upgrad]`
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from torch import nn
 from transformers import HfArgumentParser, default_data_collator, set_seed
 
 from hf_jd import JDTrainer, JDTrainingArguments
+from hf_jd.aggregation import get_aggregator
 
 TASKS = ("sum", "product")
 NUM_FEATURES = 8
@@ -83,6 +85,9 @@ class CustomArguments:
 
     output_dir: str = field(default="out/custom_losses", metadata={"help": "Output folder."})
     aggregator: str = field(default="upgrad", metadata={"help": "Aggregator of the [2, n] Jacobian."})
+    aggregator_kwargs: str = field(
+        default="{}", metadata={"help": 'Keyword arguments of the aggregator, as JSON, e.g. \'{"reg_eps": 0}\'.'}
+    )
     max_steps: int = field(default=400, metadata={"help": "Optimizer steps."})
     batch_size: int = field(default=64, metadata={"help": "Examples per step."})
     learning_rate: float = field(default=1e-2, metadata={"help": "AdamW learning rate."})
@@ -99,6 +104,16 @@ class CustomArguments:
         for name in ("cpu_threads", "max_steps", "batch_size", "num_train", "num_eval", "logging_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+        try:
+            kwargs = json.loads(self.aggregator_kwargs)
+            if not isinstance(kwargs, dict):
+                raise TypeError(f"a JSON object is needed, got {type(kwargs).__name__}")
+            get_aggregator(self.aggregator, **kwargs)
+        except (TypeError, ValueError) as error:
+            raise ValueError(
+                f"--aggregator {self.aggregator} --aggregator_kwargs {self.aggregator_kwargs!r}: {error} "
+                "Give the aggregator's keyword arguments with --aggregator_kwargs (JSON)."
+            ) from error
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -128,6 +143,7 @@ def run(args: CustomArguments) -> dict[str, Any]:
         jd_mode="mtl",
         jd_task_names=list(TASKS),
         jd_aggregator=args.aggregator,
+        jd_aggregator_kwargs=json.loads(args.aggregator_kwargs),
         max_steps=args.max_steps,
         per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=256,

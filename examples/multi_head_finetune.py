@@ -35,7 +35,7 @@ from datasets import Dataset, DatasetDict
 from transformers import BertConfig, HfArgumentParser, default_data_collator, set_seed
 
 from hf_jd import JDTrainer, JDTrainingArguments, MultiHeadModel
-from hf_jd.aggregation import available_aggregators
+from hf_jd.aggregation import available_aggregators, is_gramian_based
 from hf_jd.synthetic import MULTITASK_TASKS, make_multitask_text_dataset
 from hf_jd.trainer.multi_head import POOLINGS
 
@@ -341,13 +341,23 @@ def print_table(runs: dict[str, dict[str, Any]], heads: HeadSpecs, args: DemoArg
     print(
         "seconds per step: "
         + ", ".join(f"{method} {runs[method]['seconds_per_step']:.3f}" for method in methods)
-        + " (both compute the Gramian of the task gradients; the baseline uses it only for the logged statistics)"
+        + (
+            " (both compute the Gramian of the task gradients; the baseline uses it only for the logged statistics)"
+            if is_gramian_based(args.aggregator)
+            else f" ({args.aggregator} aggregates the explicit Jacobian: autojac engine)"
+        )
     )
     cosine, share = conflict_summary(runs[args.aggregator]["history"])
-    print(
-        f"task-gradient conflict during the {args.aggregator} run: mean of min cosine {cosine:+.3f}, "
-        f"conflicting pairs in {100 * share:.0f}% of logging intervals"
-    )
+    if math.isnan(cosine) or math.isnan(share):
+        print(
+            f"task-gradient conflict during the {args.aggregator} run: nothing logged "
+            f"(--max_steps {args.max_steps} is below the logging interval)"
+        )
+    else:
+        print(
+            f"task-gradient conflict during the {args.aggregator} run: mean of min cosine {cosine:+.3f}, "
+            f"conflicting pairs in {100 * share:.0f}% of logging intervals"
+        )
     print(
         f"Δm% of {args.aggregator} over {args.baseline} (eval accuracy / MSE, Maninis et al. 2019): "
         f"{improvement:+.2f}% (positive = {args.aggregator} better)"
@@ -382,6 +392,11 @@ def plot(runs: dict[str, dict[str, Any]], heads: HeadSpecs, args: DemoArguments)
     cosine_axis.axhline(0.0, color="grey", linewidth=1)
     losses_axis.set(yscale="log", xlabel="step", ylabel="training loss", title="Per-task training losses")
     weights_axis.set(xlabel="step", ylabel="weight", title=f"Task weights chosen by {args.aggregator}")
+    if not is_gramian_based(args.aggregator):
+        weights_axis.text(
+            0.5, 0.5, f"{args.aggregator} has no task weights\n(it is not Gramian-based)",
+            transform=weights_axis.transAxes, ha="center", va="center",
+        )
     cosine_axis.set(xlabel="step", ylabel="min cosine", title="Conflict: min cosine between task gradients")
     for axis in (losses_axis, weights_axis, cosine_axis):
         axis.legend(fontsize=8)

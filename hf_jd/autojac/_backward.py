@@ -47,7 +47,10 @@ def backward(
         leaf requiring grad that back-propagation from ``tensors`` reaches (found by walking
         ``grad_fn.next_functions`` to the ``AccumulateGrad`` nodes). Repeated tensors count once.
     retain_graph
-        Keep the graph so that it can be differentiated again (see :func:`hf_jd.autojac.jac`).
+        Keep the graph so that it can be differentiated again. With ``False`` and all rows in one
+        batched pass (``parallel_chunk_size=None``), the graph is still kept until the losses are
+        garbage-collected, for the sequential fallback: ``del`` them before the optimizer step to free
+        the activations early (see the Notes of :func:`hf_jd.autojac.jac`).
     parallel_chunk_size
         Rows per batched backward pass; ``None``: all rows at once; ``1``: sequential loop.
 

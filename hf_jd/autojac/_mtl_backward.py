@@ -141,7 +141,10 @@ def mtl_backward(
     shared_params
         Leaf parameters of the trunk. ``None`` (default): the leaves reached from the features.
     retain_graph
-        Keep the graph so that it can be differentiated again (see :func:`hf_jd.autojac.jac`).
+        Keep the graph so that it can be differentiated again. With ``False`` and all rows in one
+        batched pass (``parallel_chunk_size=None``), the graph is still kept until the losses are
+        garbage-collected, for the sequential fallback: ``del`` them before the optimizer step to free
+        the activations early (see the Notes of :func:`hf_jd.autojac.jac`).
     parallel_chunk_size
         Tasks per batched backward pass through the trunk; ``None``: all at once; ``1``: one pass
         per task.

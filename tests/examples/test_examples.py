@@ -456,6 +456,9 @@ def test_causal_lm_rejects_bad_arguments(causal_lm: ModuleType, tmp_path: Path) 
         causal_lm.main(["--hidden_size", "33", "--output_dir", str(tmp_path)])
     with pytest.raises(ValueError, match="max_steps"):
         causal_lm.main(["--max_steps", "0", "--output_dir", str(tmp_path)])
+    # This example trains with the autogram engine: a non-Gramian aggregator is named before any data is made.
+    with pytest.raises(ValueError, match="graddrop is not Gramian-based.*use one of .*upgrad"):
+        causal_lm.main(["--aggregator", "graddrop", "--output_dir", str(tmp_path)])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -506,3 +509,7 @@ def test_custom_losses_rejects_bad_arguments(custom: ModuleType, tmp_path: Path)
         custom.main(["--num_train", "0", "--output_dir", str(tmp_path)])
     with pytest.raises(ValueError, match="no_such_aggregator"):
         custom.main(["--aggregator", "no_such_aggregator", "--output_dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="trim_number.*--aggregator_kwargs"):
+        custom.main(["--aggregator", "trimmed_mean", "--output_dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="JSON object"):
+        custom.main(["--aggregator_kwargs", "[1]", "--output_dir", str(tmp_path)])
