@@ -106,8 +106,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     metrics = trainer.evaluate()
     if distributed_rank() == 0:
         print({key: round(value, 4) for key, value in metrics.items() if isinstance(value, float)})
-    # Leave the process group before exiting: a gloo group alive at interpreter exit occasionally
-    # aborts a process ("terminate called without an active exception"), failing the launch.
+    # Wait for every process, then leave the process group before exiting: a gloo group alive at
+    # interpreter exit occasionally aborts a process ("terminate called without an active exception"),
+    # and a process leaving while another still prints or evaluates can leave that one waiting forever.
+    trainer.accelerator.wait_for_everyone()
     trainer.accelerator.end_training()
     return metrics
 

@@ -505,10 +505,20 @@ class JDTrainer(Trainer):
             totals = self._eval_task_losses
         finally:
             self._eval_task_losses = None
+        if self.args.world_size > 1 and self.args.jd_task_names:
+            totals = self._sum_over_processes(totals, self.args.jd_task_names)
         if totals and output.metrics is not None:
             for name, (total, count) in totals.items():
                 output.metrics[f"{metric_key_prefix}_loss_{name}"] = total / max(count, 1.0)
         return output
+
+    def _sum_over_processes(self, totals: dict[str, list[float]], names: list[str]) -> dict[str, list[float]]:
+        """Per-task ``[loss total, example count]`` summed over the processes (each evaluated its share)."""
+        local = torch.tensor(
+            [totals.get(name, [0.0, 0.0]) for name in names], dtype=torch.float64, device=self.accelerator.device
+        )
+        summed = self.accelerator.reduce(local, reduction="sum").cpu().tolist()
+        return {name: values for name, values in zip(names, summed) if values[1] > 0}
 
     # ------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:

@@ -474,3 +474,16 @@ def test_trainer_nonfinite_loss_on_one_process_skips_on_all(trainer_runs):
     torch.testing.assert_close(ranks[0]["grads"][0], torch.zeros_like(ranks[0]["grads"][0]))
     for name, value in ranks[0]["final"].items():
         torch.testing.assert_close(ranks[1]["final"][name], value, atol=0, rtol=0)
+
+
+@pytest.mark.multiprocess
+def test_accelerate_example_runs_and_exits_in_two_processes(tmp_path):
+    """examples/accelerate/train_multi_gpu.py under torchrun with 2 CPU processes: it trains, prints the metrics
+    once and both processes exit (rank 0 used to wait forever at exit in about half of the runs, before the
+    example waited for every process ahead of end_training)."""
+    script = Path(__file__).resolve().parents[2] / "examples" / "accelerate" / "train_multi_gpu.py"
+    arguments = ["--output_dir", str(tmp_path / "out"), "--use_cpu", "--max_steps", "3", "--num_train", "64",
+                 "--num_eval", "32", "--expected_world_size", "2"]  # fmt: skip
+    result = torchrun(script, arguments, timeout=120.0)
+    assert "2 process(es)" in result.stdout
+    assert result.stdout.count("'eval_loss'") == 1

@@ -176,3 +176,31 @@ def test_resume_from_a_state_file_without_the_aggregator_name(tmp_path):
     trainer = JDTrainer(model=TwoTaskNet(), args=args, train_dataset=two_task_dataset())
     trainer.train(resume_from_checkpoint=checkpoint)
     assert trainer.state.global_step == 2
+
+
+def test_task_losses_are_summed_over_processes(tmp_path, monkeypatch):
+    """Each process evaluates its share of the eval set: the per-task [total, count] are summed over the
+    processes before dividing (rank 0 used to report its own share only; checked under torchrun by hand:
+    both ranks now report the full-set value). Here a second process's share is simulated."""
+    from transformers import TrainingArguments
+
+    model = TwoTaskNet()
+    dataset = two_task_dataset(n=12)
+    args = make_args(tmp_path, jd_mode="mtl", jd_task_names=TASKS, per_device_eval_batch_size=5)
+    trainer = JDTrainer(model=model, args=args, eval_dataset=dataset)
+    single = trainer.evaluate()
+    seen = []
+
+    def reduce(tensor, reduction="sum"):
+        seen.append((reduction, tensor.clone()))
+        other = torch.tensor([[0.0, 0.0], [4.0, 2.0]], dtype=tensor.dtype)  # another rank's [total, count]
+        return tensor + other
+
+    monkeypatch.setattr(TrainingArguments, "world_size", property(lambda self: 2))
+    monkeypatch.setattr(trainer.accelerator, "reduce", reduce)
+    metrics = trainer.evaluate()
+    assert [reduction for reduction, _ in seen] == ["sum"]
+    local = seen[0][1]
+    assert float(local[0, 0] / local[0, 1]) == pytest.approx(single["eval_loss_a"], rel=1e-6)
+    assert metrics["eval_loss_a"] == pytest.approx(single["eval_loss_a"], rel=1e-6)
+    assert metrics["eval_loss_b"] == pytest.approx(float((local[1, 0] + 4.0) / (local[1, 1] + 2.0)), rel=1e-6)
