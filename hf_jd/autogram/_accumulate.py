@@ -9,7 +9,7 @@ then the cross terms of parameters used by several calls.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -25,7 +25,6 @@ __all__ = [
     "Accumulator",
     "grads_at_once",
     "grads_streamed",
-    "graph_nodes",
     "other_uses_of_inputs",
     "uncovered_parameters",
 ]
@@ -180,19 +179,6 @@ def grads_streamed(
 # Autograd nodes of reentrant checkpointing (torch.utils.checkpoint(..., use_reentrant=True)): the
 # block's forward ran without grad, so its module calls were not captured.
 CHECKPOINT_NODES = frozenset({"CheckpointFunctionBackward"})
-
-
-def graph_nodes(losses: Tensor) -> Iterator[Any]:
-    """Every node of the losses' autograd graph, once (depth first)."""
-    seen: set[Any] = set()
-    stack = [losses.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        yield node
-        stack.extend(next_node for next_node, _ in node.next_functions)
 
 
 def uncovered_parameters(nodes: Iterable[Any], covered: dict[int, nn.Parameter]) -> list[Tensor]:

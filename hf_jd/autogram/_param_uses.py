@@ -59,11 +59,11 @@ def uses_outside_calls(nodes: Iterable[Any], records: list[Record]) -> list[tupl
     exempt = _AUTOCAST_CASTS if any(record.autocast for record in records) else frozenset()
     found: dict[int, bool] = {}
     for node in nodes:
+        if type(node).__name__ in exempt:
+            continue
         for next_node, _ in node.next_functions:
             variable: Tensor | None = getattr(next_node, "variable", None)
             if variable is None or id(variable) not in ranges or id(variable) in found:
-                continue
-            if type(node).__name__ in exempt:
                 continue
             number = node._sequence_nr()
             if not any(number in call for call in ranges[id(variable)]):

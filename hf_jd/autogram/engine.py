@@ -27,10 +27,10 @@ from ._accumulate import (
     grads_at_once,
     grads_per_row,
     grads_streamed,
-    graph_nodes,
     other_uses_of_inputs,
     uncovered_parameters,
 )
+from ..autojac._utils import graph_nodes
 from ._batched_grad import explain_donated_buffers, has_compiled_nodes, one_vector_at_a_time
 from ._broadcast import BroadcastPlan, attach_plans, node_output_shape, plan_broadcasts
 from ._capture import Capture
@@ -73,10 +73,10 @@ def _coincident_sizes(record: Record, batch_dim: int, batch_size: int) -> bool:
 
 
 _SEVERAL_FORWARDS = (
-    "of the engine's modules (e.g. one per task): each new forward pass of a module given to the engine "
-    "replaces the captures of the previous one, so only the last one counts. Run one forward pass (e.g. on "
-    "the concatenated batches), or call the model several times inside the forward pass of one module that "
-    "is given to the engine."
+    "the losses come from several forward passes of the engine's modules (e.g. one per task): each new "
+    "forward pass of a module given to the engine replaces the captures of the previous one, so only the last "
+    "one counts. Run one forward pass (e.g. on the concatenated batches), or call the model several times "
+    "inside the forward pass of one module that is given to the engine."
 )
 
 
@@ -294,10 +294,9 @@ class Engine:
         float64 = any(p.dtype == torch.float64 for record in records for p in record.params.values())
         dtype = torch.float64 if float64 else torch.float32
         accumulator = Accumulator(layout, dtype, losses.device, counts, self._single_backward)
-        uncovered: list[Tensor] = []
         retain = True
         covered = {id(p): p for record in records for p in record.params.values()}
-        nodes = list(graph_nodes(losses))
+        nodes = list(graph_nodes([losses.grad_fn]))
         uncovered = uncovered_parameters(nodes, covered)
         own = {id(p) for p in capture.parameters()} if uncovered else set()
         missed = [p for p in uncovered if id(p) in own]
@@ -312,8 +311,11 @@ class Engine:
                 "engine cannot attribute: freeze them, leave their modules out of the engine (jd_modules), or "
                 "use the autojac engine (jd_engine='autojac')."
             )
-            several = f"the losses come from several forward passes {_SEVERAL_FORWARDS}"
-            causes = f"{several} Or {outside_use}" if capture.replaced_forwards else f"{outside_use} Or {several}"
+            causes = (
+                f"{_SEVERAL_FORWARDS} Or {outside_use}"
+                if capture.replaced_forwards
+                else f"{outside_use} Or {_SEVERAL_FORWARDS}"
+            )
             raise RuntimeError(
                 f"The losses depend on {len(missed)} trainable parameter(s) of the engine's modules "
                 f"({self._names_of(missed)}) through no module call the engine captured. Either {causes}"
@@ -324,7 +326,7 @@ class Engine:
             several = bool(earlier) and capture.replaced_forwards > 0
             params = earlier if several else [param for param, _ in outside]
             cause = (
-                f"the losses come from several forward passes {_SEVERAL_FORWARDS}"
+                _SEVERAL_FORWARDS
                 if several
                 else "they are also used outside the forward passes of the modules that own them (e.g. "
                 "`inputs_embeds=F.embedding(ids, model.get_input_embeddings().weight)` with tied embeddings, "

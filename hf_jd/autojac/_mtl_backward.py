@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -16,6 +15,7 @@ from ._utils import (
     check_requires_grad,
     deduplicate,
     find_leaves,
+    graph_nodes,
 )
 from ._vjp import batched_vjp, check_chunk_size
 
@@ -83,13 +83,7 @@ def _check_features_independent(features: tuple[Tensor, ...]) -> None:
     for index, feature in enumerate(features):
         if feature.grad_fn is None:
             continue
-        stack = [node for node, _ in feature.grad_fn.next_functions if node is not None]
-        visited: set[Any] = set()
-        while stack:
-            node = stack.pop()
-            if node in visited:
-                continue
-            visited.add(node)
+        for node in graph_nodes(node for node, _ in feature.grad_fn.next_functions):
             variable = getattr(node, "variable", None)
             other = by_node.get(node, by_leaf.get(id(variable)) if variable is not None else None)
             if other is not None and other != index:
@@ -98,7 +92,6 @@ def _check_features_independent(features: tuple[Tensor, ...]) -> None:
                     "other (the gradient w.r.t. the earlier one already includes the paths through the later "
                     "one). Pass only the last shared representation, or tensors computed side by side."
                 )
-            stack.extend(next_node for next_node, _ in node.next_functions if next_node is not None)
 
 
 def mtl_backward(

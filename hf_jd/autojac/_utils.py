@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import Union
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, Union
 
 import torch
 from torch import Tensor
@@ -109,6 +109,20 @@ def deduplicate(tensors: Iterable[Tensor]) -> tuple[Tensor, ...]:
             seen.add(id(tensor))
             result.append(tensor)
     return tuple(result)
+
+
+def graph_nodes(starts: Iterable[Any]) -> Iterator[Any]:
+    """Every autograd node reachable from the nodes ``starts`` (themselves included; ``None`` entries
+    are skipped), each once, depth first through ``next_functions``."""
+    seen: set[Any] = set()
+    stack = list(starts)
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        yield node
+        stack.extend(next_node for next_node, _ in node.next_functions)
 
 
 def find_leaves(roots: Sequence[Tensor], stop_at: Sequence[Tensor] = ()) -> tuple[Tensor, ...]:
