@@ -193,11 +193,10 @@ def uncovered_parameters(nodes: Iterable[Any], covered: dict[int, nn.Parameter])
             raise RuntimeError(
                 "The losses' graph holds a checkpointed block (torch.utils.checkpoint with use_reentrant=True, "
                 "as gradient checkpointing does): its forward pass ran without gradients, so the autogram "
-                "engine captured none of its module calls. Disable gradient checkpointing "
-                "(model.gradient_checkpointing_disable()), or use the autojac engine (jd_engine='autojac') with "
-                "non-reentrant checkpointing (use_reentrant=False, e.g. gradient_checkpointing_kwargs="
-                "{'use_reentrant': False}): reentrant checkpoints do not support the Jacobian's torch.autograd.grad "
-                "either."
+                "engine captured none of its module calls. Make the checkpointing non-reentrant, which the engine "
+                "supports (use_reentrant=False, transformers' default: e.g. model.activation_checkpointing_enable("
+                "activation_checkpointing_kwargs={'use_reentrant': False}), or checkpoint(..., use_reentrant=False)), "
+                "or disable it (model.gradient_checkpointing_disable())."
             )
         variable = getattr(node, "variable", None)
         if variable is not None and id(variable) not in covered and variable.requires_grad:

@@ -3,8 +3,9 @@
 The engine back-propagates several vectors at once (one per task, or per loss row) with
 ``is_grads_batched=True``, which vmaps the backward pass. The backward kernels that
 ``torch.compile`` generates (``CompiledFunctionBackward`` nodes) cannot be vmapped ("Cannot access
-data pointer of Tensor that doesn't have storage"); for such graphs the vectors are back-propagated
-one after the other, which gives the same result for as many backward passes as vectors.
+data pointer of Tensor that doesn't have storage"), nor can the forward passes of checkpointed blocks
+that a backward pass re-runs (vmap rejects their dropout); for such graphs the vectors are
+back-propagated one after the other, which gives the same result for as many backward passes as vectors.
 """
 
 from __future__ import annotations

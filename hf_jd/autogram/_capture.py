@@ -37,6 +37,35 @@ from ._rms_norm import RMSNormRecord
 __all__ = ["Capture", "describe"]
 
 
+def in_backward_pass() -> bool:
+    """Whether this thread is running a backward pass (autograd graph task): a module forward then
+    recomputes activations of a non-reentrant checkpointed block."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def recomputing_checkpoint() -> bool:
+    """Whether this is torch.utils.checkpoint re-running a non-reentrant checkpointed block (in a
+    backward pass, to recompute the tensors its autograd nodes saved)."""
+    try:
+        hooks = torch._C._autograd._top_saved_tensors_default_hooks(True)
+    except (AttributeError, RuntimeError):  # pragma: no cover - depends on the torch version
+        return False
+    return hooks is not None and getattr(hooks[0], "__qualname__", "").startswith("_recomputation_hook.")
+
+
+def saved_tensors_hooked() -> bool:
+    """Whether saved-tensor hooks are active (e.g. inside a non-reentrant checkpointed block, whose
+    autograd nodes' saved tensors can then be unpacked only once per backward pass)."""
+    try:
+        return torch._C._autograd._top_saved_tensors_default_hooks(True) is not None
+    except (AttributeError, RuntimeError):  # pragma: no cover - depends on the torch version
+        return False
+
+
+# Frame of a module call that re-runs a captured one inside a backward pass (activation checkpointing).
+_RECOMPUTED = object()
+
+
 def describe(name: str, module: nn.Module) -> str:
     """``name (Type)`` of a module, for error messages."""
     return f"{name} ({type(module).__name__})" if name else f"{type(module).__name__} (a module given to the engine)"
@@ -179,6 +208,8 @@ class Capture:
         self.root_sizes: frozenset[int] = frozenset()  # non-batch sizes of the root modules' inputs
         self.completed_roots: set[int] = set()
         self.root_ids: set[int] = {id(root) for root in roots}
+        # Whether a captured call of this forward pass ran under saved-tensor hooks (checkpointing).
+        self.checkpointed = False
         self._register()
         self.module_ids: set[int] = {id(module) for module in self.modules}
 
@@ -202,6 +233,7 @@ class Capture:
         self.regrouped = False
         self.root_sizes = frozenset()
         self.completed_roots = set()
+        self.checkpointed = False
 
     def remove(self) -> None:
         """Remove all hooks."""
@@ -244,16 +276,6 @@ class Capture:
                     seen.add(id(param))
                     params.append(param)
         return params
-
-    def check_no_checkpointing(self) -> None:
-        """Raise if a (transformers) module has gradient checkpointing enabled."""
-        for module in self.modules:
-            if getattr(module, "gradient_checkpointing", False) is True:
-                raise RuntimeError(
-                    f"Gradient checkpointing is enabled on {type(module).__name__}; the autogram "
-                    "engine does not support it (the re-run forward passes would not be captured). "
-                    "Call model.gradient_checkpointing_disable()."
-                )
 
     def _register(self) -> None:
         seen: set[int] = set()
@@ -320,7 +342,7 @@ class Capture:
     def _root_pre_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if id(module) not in self.root_ids:  # a copy of a hooked model (copy.deepcopy)
             return
-        if self.depth == 0 and self.capturing():
+        if self.depth == 0 and self.capturing() and not self.computing and not in_backward_pass():
             if id(module) in self.completed_roots:
                 replaced = bool(self.records)
                 self.on_new_forward()
@@ -338,12 +360,14 @@ class Capture:
         if id(module) not in self.root_ids:
             return
         self.depth = max(0, self.depth - 1)
-        if self.capturing():
+        if self.capturing() and not self.computing and not in_backward_pass():
             self.completed_roots.add(id(module))
 
     def _batch_norm_pre_hook(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         if id(module) not in self.module_ids:
             return  # a copy of a hooked model
+        if in_backward_pass():
+            return  # a checkpointed block re-run to recompute saved tensors (checked when captured)
         if self.capturing() and self.batch_dim is not None and mixes_examples(module):
             name = next((n for n, m in self._named_all() if m is module), "?")
             raise RuntimeError(
@@ -361,14 +385,20 @@ class Capture:
         info = self.infos.get(id(module))
         if info is None or info.module is not module:  # a copy of a hooked model (copy.deepcopy)
             return
-        if self.computing:
-            raise RuntimeError(
-                f"Module {describe(info.name, module)} ran a forward pass during "
-                "Engine.compute_gramian's backward pass; this happens with gradient checkpointing "
-                "(disable it: model.gradient_checkpointing_disable()) and with reversible layers that "
-                "recompute their activations in the backward pass (Reformer), which the autogram engine "
-                "does not support: use the autojac engine (hf_jd.autojac, jd_engine='autojac') for such models."
-            )
+        if self.computing or in_backward_pass():
+            if self.computing and not recomputing_checkpoint():
+                raise RuntimeError(
+                    f"Module {describe(info.name, module)} ran a forward pass during Engine.compute_gramian's "
+                    "backward pass, outside torch.utils.checkpoint: reversible layers (Reformer) recompute their "
+                    "activations and write the parameters' gradients themselves in the backward pass, which the "
+                    "autogram engine cannot follow (non-reentrant checkpointing is supported). Train such models "
+                    "without Jacobian descent, or make their layers non-reversible."
+                )
+            # Non-reentrant activation checkpointing re-runs the forward pass of a checkpointed block
+            # inside a backward pass, only to recompute the tensors its autograd nodes saved: the
+            # original call was captured, this one is not.
+            info.frames.append(_RECOMPUTED)
+            return
         if not self.capturing():
             info.frames.append(None)
             return
@@ -380,6 +410,8 @@ class Capture:
             info.frames.append(None)
             return
         first_node = next_sequence_number()
+        if not self.checkpointed:
+            self.checkpointed = saved_tensors_hooked()
         aliases = None
         calls = None
         if info.kind.is_generic:
@@ -397,6 +429,9 @@ class Capture:
         if info is None or info.module is not module:
             return None
         frame = info.frames.pop() if info.frames else None
+        if frame is _RECOMPUTED:
+            # Same output as in the captured call: expanded over the batch if it was then.
+            return self._recomputed_output(info, output)
         if frame is None:
             return None
         end_node = next_sequence_number()
@@ -461,6 +496,14 @@ class Capture:
             t.requires_grad for t in itertools.chain(tensors_in(args), tensors_in(kwargs))
         )
         self.records.append(record)
+        return expanded if expanded is not output else None
+
+    def _recomputed_output(self, info: _ModuleInfo, output: Any) -> Any:
+        """The output a re-run call must return to match its captured call: expanded over the batch
+        when the captured call's was (checkpointing verifies that recomputed tensors match)."""
+        if not info.broadcast or info.unaligned or self.batch_dim is None:
+            return None
+        expanded = self._expand_broadcast(output, trusted=True)
         return expanded if expanded is not output else None
 
     def _note_regrouped(self, value: Any) -> None:

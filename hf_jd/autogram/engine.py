@@ -30,7 +30,7 @@ from ._accumulate import (
     other_uses_of_inputs,
     uncovered_parameters,
 )
-from ..autojac._utils import graph_nodes
+from ..autojac._utils import graph_nodes, no_gradient_writes
 from ._batched_grad import explain_donated_buffers, has_compiled_nodes, one_vector_at_a_time
 from ._broadcast import BroadcastPlan, attach_plans, node_output_shape, plan_broadcasts
 from ._capture import Capture
@@ -148,8 +148,14 @@ class Engine:
       with ``single_backward``), by :meth:`reset`, and when a module given to the engine starts a
       new forward pass after having completed one. A model called several times before one
       ``compute_gramian`` (siamese set-ups) must therefore be called inside one module's forward.
-    * Not supported, with a ``RuntimeError`` naming the cause: gradient checkpointing (forward
-      passes re-run inside the backward pass), ``Embedding(scale_grad_by_freq=True)``, a
+    * Activation checkpointing works when it is non-reentrant (``use_reentrant=False``,
+      transformers' default): the forward passes of checkpointed blocks re-run inside backward
+      passes are not captured again (the engine keeps the inputs of the parametrised calls it
+      captured, so checkpointing saves less memory than in a plain step). Reentrant checkpoints
+      (whose forward passes run without gradients) are rejected.
+    * Not supported, with a ``RuntimeError`` naming the cause: reversible layers (Reformer), which
+      re-run forward passes in the backward pass outside ``torch.utils.checkpoint`` and write the
+      parameters' gradients themselves, ``Embedding(scale_grad_by_freq=True)``, a
       module with parameters of its own that uses a submodule's parameters without calling it
       (``nn.MultiheadAttention`` is handled), and trainable parameters used outside the captured
       calls of the modules that own them (a parent calling ``F.linear(x, self.child.weight)`` or
@@ -186,17 +192,25 @@ class Engine:
         self._bound: _Bound | None = None
         self._capture = Capture(list(modules), batch_dim, on_new_forward=self.reset)
 
-    def _names_of(self, params: list[Tensor]) -> str:
-        """Qualified names of some parameters of the engine's modules, for error messages."""
+    def _qualified_names(self, params: list[Tensor]) -> list[str]:
+        """Qualified names of parameters of the engine's modules, for error messages."""
         ids = {id(p) for p in params}
         roots = self._capture.roots
-        names = [
+        return [
             f"modules[{index}].{name}" if len(roots) > 1 else name
             for index, root in enumerate(roots)
             for name, p in root.named_parameters()
             if id(p) in ids
         ]
+
+    def _names_of(self, params: list[Tensor]) -> str:
+        """The first qualified names of some parameters of the engine's modules, for error messages."""
+        names = self._qualified_names(params)
         return f"{names[:4]}{' …' if len(names) > 4 else ''}"
+
+    def _name_of(self, param: Tensor) -> str:
+        names = self._qualified_names([param])
+        return names[0] if names else f"a parameter of shape {tuple(param.shape)}"
 
     # ------------------------------------------------------------------ public API
 
@@ -265,7 +279,6 @@ class Engine:
         layout, grad_outputs, batched = layout_of_losses(
             losses, capture.batch_dim, capture.batch_size, capture.batch_source
         )
-        capture.check_no_checkpointing()
         records = [record for record in capture.records if record.edges]
         if not records:
             if capture.consumed:
@@ -284,6 +297,7 @@ class Engine:
             )
         capture.records = []
         capture.consumed = True
+        checkpointed = capture.checkpointed
         for record in records:
             if isinstance(record, GenericRecord):
                 record.check_not_modified()
@@ -364,15 +378,20 @@ class Engine:
             # Outputs shared by all examples and only broadcast over the batch further on (T5's
             # relative-position bias): per-example gradients from the ordinary pass.
             assert layout.batch_dim is not None
-            plans = plan_broadcasts(losses, unaligned, layout.batch_dim, layout.num_examples)
+            # Not under activation checkpointing: the plans call autograd nodes, whose checkpointed
+            # saved tensors may be unpacked only once per backward pass.
+            plans = [] if checkpointed else plan_broadcasts(losses, unaligned, layout.batch_dim, layout.num_examples)
             if plans:
                 unaligned = []
                 records = records + [plan.record for plan in plans]
                 attach_plans(plans, accumulator)
                 retain = True  # kept for the exact per-row path, should a plan fail
-        # Graphs compiled by torch.compile cannot back-propagate a batch of vectors at once (vmap).
-        one_at_a_time = has_compiled_nodes(nodes)
-        with capture.backpropagating(), one_vector_at_a_time(one_at_a_time), explain_donated_buffers():
+        # Compiled backward kernels cannot be vmapped, nor can the random operations (dropout) of
+        # checkpointed blocks re-run inside a vmapped backward pass: one vector at a time then.
+        one_at_a_time = checkpointed or has_compiled_nodes(nodes)
+        covered_params = list(covered.values())
+        unwritten = no_gradient_writes(covered_params, lambda index: self._name_of(covered_params[index]))
+        with unwritten, capture.backpropagating(), one_vector_at_a_time(one_at_a_time), explain_donated_buffers():
             verify_layout = coincident and not self._batch_major_verified
             if (unaligned or verify_layout) and layout.num_tasks == 1:
                 # Tensors not split by example: the model moves examples around, so every call
@@ -407,7 +426,8 @@ class Engine:
         accumulator.deferred = set()
         failed = [plan.record for plan in plans if not plan.added]
         if failed:  # a broadcasting node did not give per-example gradients: the exact per-row path
-            with capture.backpropagating(), one_vector_at_a_time(one_at_a_time):
+            unwritten = no_gradient_writes(covered_params, lambda index: self._name_of(covered_params[index]))
+            with unwritten, capture.backpropagating(), one_vector_at_a_time(one_at_a_time):
                 grads_per_row(losses, layout, failed, accumulator)
         del records
         if accumulator.bound == 0:

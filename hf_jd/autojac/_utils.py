@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, Union
 
 import torch
@@ -16,6 +17,7 @@ __all__ = [
     "check_leaves",
     "deduplicate",
     "find_leaves",
+    "no_gradient_writes",
 ]
 
 TensorOrTensors = Union[Tensor, Sequence[Tensor]]
@@ -167,3 +169,30 @@ def find_leaves(roots: Sequence[Tensor], stop_at: Sequence[Tensor] = ()) -> tupl
             if child not in visited and child not in stop_nodes:
                 stack.append(child)
     return tuple(leaves)
+
+
+def _grad_state(tensor: Tensor) -> tuple[int, int] | None:
+    grad = tensor.grad
+    return None if grad is None else (id(grad), grad._version)
+
+
+@contextmanager
+def no_gradient_writes(tensors: Sequence[Tensor], name_of: Callable[[int], str]) -> Iterator[None]:
+    """Raise if the ``.grad`` of one of ``tensors`` is written inside the block (``name_of(i)``
+    names ``tensors[i]`` in the error).
+
+    ``torch.autograd.grad`` returns gradients without writing any ``.grad``; a custom autograd
+    function whose backward writes them itself (the reversible layers of Reformer call
+    ``torch.autograd.backward`` on their recomputed blocks) would give wrong Jacobians silently.
+    """
+    before = [_grad_state(tensor) for tensor in tensors]
+    yield
+    for index, (tensor, state) in enumerate(zip(tensors, before)):
+        if _grad_state(tensor) != state:
+            raise RuntimeError(
+                f"The .grad of {name_of(index)} (shape {tuple(tensor.shape)}) was written during a torch.autograd.grad call: "
+                "an autograd function of the model writes the gradients itself in its backward pass (e.g. "
+                "Reformer's reversible layers), so the gradients it returns are not those of the losses and the "
+                "Jacobian would be wrong. Such models cannot be trained by Jacobian descent: make their layers "
+                "ordinary (non-reversible) ones."
+            )

@@ -20,6 +20,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ._utils import no_gradient_writes
+
 __all__ = ["batched_vjp", "check_chunk_size"]
 
 _fallback_warned = False
@@ -60,14 +62,15 @@ def _grad(
     retain_graph: bool,
     batched: bool,
 ) -> list[Tensor]:
-    grads = torch.autograd.grad(
-        outputs,
-        inputs,
-        grad_outputs=cotangents,
-        retain_graph=retain_graph,
-        allow_unused=True,
-        is_grads_batched=batched,
-    )
+    with no_gradient_writes(inputs, lambda index: f"inputs[{index}]"):
+        grads = torch.autograd.grad(
+            outputs,
+            inputs,
+            grad_outputs=cotangents,
+            retain_graph=retain_graph,
+            allow_unused=True,
+            is_grads_batched=batched,
+        )
     rows = cotangents[0].shape[0] if batched else None
     return _fill_unused(grads, inputs, rows)
 

@@ -50,14 +50,6 @@ def _autojac_hint(mode: str, global_step: int) -> Iterator[None]:
         yield
     except (ValueError, RuntimeError) as error:
         message = str(error)
-        if "Gradient checkpointing is enabled" in message:
-            raise type(error)(
-                f"{message}\nWith JDTrainer (step {global_step}): to keep gradient checkpointing, set "
-                "jd_engine='autojac' (explicit Jacobian: the same update, more memory) with non-reentrant "
-                "checkpointing: gradient_checkpointing=True and gradient_checkpointing_kwargs={'use_reentrant': "
-                "False} in the arguments (or model.gradient_checkpointing_enable(gradient_checkpointing_kwargs="
-                "{'use_reentrant': False}))."
-            ) from error
         if "batch_dim" not in message and "does not account for all uses" not in message:
             raise
         raise type(error)(

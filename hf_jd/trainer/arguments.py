@@ -271,14 +271,6 @@ class JDTrainingArguments(TrainingArguments):
         # ``activation_checkpointing`` is the newer name of ``gradient_checkpointing`` (older
         # transformers releases have only the latter).
         checkpointing = getattr(self, "activation_checkpointing", False) or self.gradient_checkpointing
-        if checkpointing and self.jd_resolved_engine == "autogram":
-            raise ValueError(
-                "Gradient checkpointing (gradient_checkpointing / activation_checkpointing) re-runs forward passes "
-                "inside the backward pass, which the autogram engine cannot capture. Set jd_engine='autojac' "
-                "(explicit Jacobian; keep checkpointing non-reentrant: activation_checkpointing_kwargs / "
-                "gradient_checkpointing_kwargs={'use_reentrant': False}, transformers' default) or turn gradient "
-                "checkpointing off."
-            )
         if checkpointing and self._checkpointing_is_reentrant():
             raise ValueError(
                 "Reentrant gradient checkpointing (use_reentrant=True in gradient_checkpointing_kwargs / "

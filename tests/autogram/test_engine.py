@@ -363,25 +363,6 @@ def test_batch_mismatch_of_module_tensor_is_reported() -> None:
         engine.compute_gramian(losses)
 
 
-def test_forward_rerun_inside_backward_is_rejected() -> None:
-    from torch.utils.checkpoint import checkpoint
-
-    class Checkpointed(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.inner = nn.Sequential(nn.Linear(3, 3), nn.Tanh())
-            self.head = nn.Linear(3, 1)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.head(checkpoint(self.inner, x, use_reentrant=False))
-
-    model = Checkpointed()
-    engine = Engine(model)
-    losses = model(torch.randn(2, 3)).squeeze(1)
-    with pytest.raises(RuntimeError, match="gradient checkpointing"):
-        engine.compute_gramian(losses)
-
-
 def test_failing_forward_restores_parameters_and_state() -> None:
     class Failing(nn.Module):
         def __init__(self) -> None:

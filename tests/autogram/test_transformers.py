@@ -172,16 +172,6 @@ def test_multi_task_per_example_losses() -> None:
     assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, trainable(model)))
 
 
-def test_gradient_checkpointing_is_rejected() -> None:
-    config = BertConfig(vocab_size=V, max_position_embeddings=16, num_labels=2, **SMALL)
-    model = BertForSequenceClassification(config).train()
-    model.activation_checkpointing_enable()
-    engine = Engine(model)
-    losses = model(_ids()).logits.sum(1)
-    with pytest.raises(RuntimeError, match="[Gg]radient checkpointing"):
-        engine.compute_gramian(losses)
-
-
 def test_bf16_autocast_close_to_fp32() -> None:
     config = BertConfig(vocab_size=V, max_position_embeddings=16, num_labels=2, **SMALL)
     model = BertForSequenceClassification(config).eval()

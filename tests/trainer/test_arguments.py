@@ -77,7 +77,6 @@ def test_kwargs_json_string_is_parsed(tmp_path):
         ({"jd_modules": []}, "jd_modules is empty"),
         ({"deepspeed": {"train_batch_size": 8}}, "does not support DeepSpeed"),
         ({"fsdp": "full_shard"}, "does not support FSDP"),
-        ({"activation_checkpointing": True}, "Set jd_engine='autojac'"),
     ],
 )
 def test_invalid_arguments(tmp_path, kwargs, message):
@@ -241,6 +240,7 @@ def test_reentrant_checkpointing_is_rejected(tmp_path, name):
     assert args.activation_checkpointing_kwargs == {"use_reentrant": False}
 
 
-def test_autogram_checkpointing_error_suggests_non_reentrant_autojac(tmp_path):
-    with pytest.raises(ValueError, match="jd_engine='autojac'.*'use_reentrant': False"):
-        make(tmp_path, activation_checkpointing=True)
+def test_non_reentrant_checkpointing_is_accepted_with_both_engines(tmp_path):
+    for engine in ("autogram", "autojac"):
+        args = make(tmp_path, jd_engine=engine, activation_checkpointing=True)
+        assert args.jd_resolved_engine == engine

@@ -198,13 +198,14 @@ def test_iwrm_logs_weight_summaries(tmp_path):
     assert 0 <= log["jd/conflicting_pairs"] <= 6  # 4 examples: 6 pairs
 
 
-def test_activation_checkpointing_with_autojac(tmp_path):
+@pytest.mark.parametrize("engine", ["autogram", "autojac"])
+def test_activation_checkpointing_gives_the_exact_step(tmp_path, engine):
     torch.manual_seed(0)
     model = tiny_bert()
     reference = copy.deepcopy(model)
     dataset = token_dataset()
     capture = GradCapture()
-    args = make_args(tmp_path, jd_mode="iwrm", jd_engine="autojac", activation_checkpointing=True, max_steps=1)
+    args = make_args(tmp_path, jd_mode="iwrm", jd_engine=engine, activation_checkpointing=True, max_steps=1)
     JDTrainer(model=model, args=args, train_dataset=dataset, callbacks=[capture]).train()
     assert model.is_activation_checkpointing
 
