@@ -289,11 +289,17 @@ class Capture:
                 self.modules.append(module)
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     self.handles.append(module.register_forward_pre_hook(self._batch_norm_pre_hook))
-                if not any(True for _ in module.parameters(recurse=False)):
+                borrowed = borrowed_submodules(module)
+                containers = any(isinstance(sub, (nn.ParameterDict, nn.ParameterList)) for sub in borrowed.values())
+                if not any(True for _ in module.parameters(recurse=False)) and not (
+                    containers and any(True for sub in borrowed.values() for _ in sub.parameters(recurse=False))
+                ):
                     continue
-                info = _ModuleInfo(module=module, name=prefix + name, kind=kind_of(module))
+                # A module reading parameters from containers it owns (PEFT's IA3, LoHa, ... layers) is
+                # handled generically, its own parameters and the containers' together.
+                info = _ModuleInfo(module=module, name=prefix + name, kind=Kind.GENERIC if containers else kind_of(module))
                 if info.kind.is_generic:
-                    info.borrowed = borrowed_submodules(module)
+                    info.borrowed = borrowed
                     # Submodules used directly by this module or by a descendant (nn.MultiheadAttention's
                     # out_proj, also under a parent with parameters of its own) are not called.
                     borrowed = [id(sub) for owner in module.modules() for sub in borrowed_submodules(owner).values()]

@@ -68,10 +68,16 @@ def alias_outputs(output: Any) -> Any:
 
 
 def borrowed_submodules(module: nn.Module) -> dict[str, nn.Module]:
-    """Submodules whose parameters ``module`` uses directly instead of calling them."""
+    """Submodules whose parameters ``module`` uses directly instead of calling them: parameter
+    containers (``nn.ParameterDict`` / ``nn.ParameterList``, which cannot be called: PEFT keeps the
+    adapters of IA3, AdaLoRA, LoHa, LoKr, VeRA and of LoRA on embeddings in them) and
+    ``nn.MultiheadAttention``'s output projection."""
+    borrowed: dict[str, nn.Module] = {
+        name: child for name, child in module.named_children() if isinstance(child, (nn.ParameterDict, nn.ParameterList))
+    }
     if isinstance(module, nn.MultiheadAttention):
-        return {"out_proj": module.out_proj}  # used through F.multi_head_attention_forward
-    return {}
+        borrowed["out_proj"] = module.out_proj  # used through F.multi_head_attention_forward
+    return borrowed
 
 
 def direct_parameters(module: nn.Module, borrowed: dict[str, nn.Module]) -> dict[str, nn.Parameter]:

@@ -320,10 +320,11 @@ class Engine:
             missed += other_uses_of_inputs(nodes, inputs, claimed)
         if missed:
             outside_use = (
-                "they are used outside the forward pass of the module that owns them (e.g. PEFT adapters kept "
-                "in a ParameterDict that a layer reads without calling it: IA3, AdaLoRA, LoHa, LoKr, VeRA), which the "
-                "engine cannot attribute: freeze them, leave their modules out of the engine (jd_modules), or "
-                "use the autojac engine (jd_engine='autojac')."
+                "they are used outside the forward pass of the module that owns them (e.g. a parent module calling "
+                "F.linear(x, self.child.weight), or a module reading the parameters of another module that it "
+                "neither calls nor owns through an nn.ParameterDict / nn.ParameterList), which the engine cannot "
+                "attribute: freeze them, leave their modules out of the engine (jd_modules), or use the autojac "
+                "engine (jd_engine='autojac')."
             )
             causes = (
                 f"{_SEVERAL_FORWARDS} Or {outside_use}"

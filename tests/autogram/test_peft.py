@@ -69,3 +69,60 @@ def test_prompt_learning(method: str, single_backward: bool) -> None:
     model = get_peft_model(base, config).train()
     inputs = _text()(3, 6, True)
     _check(model, inputs, 3, single_backward)
+
+
+def _container_adapter_config(method: str):  # noqa: ANN202 - PEFT config classes
+    """PEFT methods whose layers read their adapters from an nn.ParameterDict without calling it."""
+    from peft import AdaLoraConfig, IA3Config, LoHaConfig, LoKrConfig, VeraConfig
+
+    return {
+        "ia3": lambda: IA3Config(target_modules=["query", "value", "intermediate.dense"],
+                                 feedforward_modules=["intermediate.dense"]),
+        "adalora": lambda: AdaLoraConfig(r=4, target_modules=["query", "value"], total_step=10),
+        "loha": lambda: LoHaConfig(r=4, target_modules=["query", "value"]),
+        "lokr": lambda: LoKrConfig(r=4, target_modules=["query", "value"]),
+        "vera": lambda: VeraConfig(r=4, target_modules=["query", "value"]),
+        "lora_embedding": lambda: LoraConfig(r=4, target_modules=["word_embeddings", "query"]),
+    }[method]()
+
+
+@pytest.mark.parametrize(("method", "single_backward"), [
+    ("ia3", False), ("ia3", True), ("adalora", False), ("loha", True), ("lokr", False), ("vera", True),
+    ("lora_embedding", False), ("lora_embedding", True),
+])
+def test_adapters_kept_in_parameter_dicts(method: str, single_backward: bool) -> None:
+    """The layer reading a ParameterDict it owns is handled generically, with those parameters."""
+    torch.manual_seed(0)
+    base = tf.BertForSequenceClassification(tf.BertConfig(vocab_size=V, max_position_embeddings=16, num_labels=2, **ENC))
+    model = get_peft_model(base, _container_adapter_config(method)).train()
+    for param in model.parameters():
+        if param.requires_grad:  # PEFT starts some adapters at zero or one: make every one matter
+            nn.init.normal_(param, std=0.1)
+    engine = Engine(model)
+    covered = {id(p) for p in engine.parameters()}
+    assert covered == {id(p) for p in trainable(model)}
+    engine.remove()
+    _check(model, _text()(3, 6, True), 3, single_backward=single_backward)
+
+
+class _ScaledTable(nn.Module):
+    """A layer that reads its own parameter list (not a PEFT adapter): one scale per feature block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+        self.scales = nn.ParameterList([nn.Parameter(torch.randn(2)), nn.Parameter(torch.randn(2))])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) * torch.cat(list(self.scales))
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_a_layer_reading_its_parameter_list(single_backward: bool) -> None:
+    from ._reference import assert_exact_step
+
+    torch.manual_seed(0)
+    model = nn.Sequential(_ScaledTable(), nn.Tanh(), _ScaledTable())
+    engine = Engine(model, single_backward=single_backward)
+    losses = model(torch.randn(3, 5, 4)).pow(2).sum((1, 2))
+    assert_exact_step(engine, losses, trainable(model), single_backward)
