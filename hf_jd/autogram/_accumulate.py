@@ -22,12 +22,18 @@ from ._record import Record, split_by_record
 from ._shared import shared_gram
 
 __all__ = [
+    "MAX_UNATTRIBUTED_ENTRIES",
     "Accumulator",
     "grads_at_once",
     "grads_streamed",
     "other_uses_of_inputs",
+    "unattributed_gram",
     "uncovered_parameters",
 ]
+
+# Largest per-row gradient ([R, numel] entries) of a parameter used outside its module's calls that the
+# engine computes from the losses directly; beyond it, such a parameter is an error.
+MAX_UNATTRIBUTED_ENTRIES = 2**26
 
 
 class Accumulator:
@@ -174,6 +180,19 @@ def grads_streamed(
     missed = [record for record in streamed if id(record) not in reached]
     if missed:
         grads_at_once(losses, grad_outputs, missed, accumulator, batched=False)
+
+
+def unattributed_gram(losses: Tensor, num_rows: int, params: list[Tensor], dtype: torch.dtype) -> Tensor:
+    """Gram matrix ``[R, R]`` of the per-row gradients of ``params`` computed from the losses directly
+    (one batched backward pass over the ``R`` loss rows, graph retained): for parameters that no
+    captured call covers, whose per-row gradients are then rows of the Jacobian like any other."""
+    eye = torch.eye(num_rows, dtype=losses.dtype, device=losses.device).view(num_rows, *losses.shape)
+    gram = torch.zeros(num_rows, num_rows, dtype=dtype, device=losses.device)
+    for rows in batched_grad(losses, params, eye):
+        if rows is not None:
+            flat = rows.reshape(num_rows, -1).to(dtype)
+            gram += flat @ flat.T
+    return gram
 
 
 # Autograd nodes of reentrant checkpointing (torch.utils.checkpoint(..., use_reentrant=True)): the

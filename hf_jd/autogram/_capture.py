@@ -20,7 +20,9 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
 
-from ._dispatch import Kind, kind_of, mixes_examples, record_class
+from ._dispatch import Kind, closed_form_parameters, kind_of, mixes_examples, record_class
+from ._embedding import EmbeddingRecord, embedding_scale, is_embedding_subclass
+from ._linear import computes_linear, is_linear_subclass
 from ._generic import (
     GenericRecord,
     alias_outputs,
@@ -62,6 +64,15 @@ def saved_tensors_hooked() -> bool:
         return False
 
 
+def _channels_last(tensor: Tensor) -> bool:
+    """Whether a 4-D or 5-D tensor is laid out channels-last (and not also contiguous)."""
+    if tensor.dim() == 4:
+        return tensor.is_contiguous(memory_format=torch.channels_last) and not tensor.is_contiguous()
+    if tensor.dim() == 5:
+        return tensor.is_contiguous(memory_format=torch.channels_last_3d) and not tensor.is_contiguous()
+    return False
+
+
 # Frame of a module call that re-runs a captured one inside a backward pass (activation checkpointing).
 _RECOMPUTED = object()
 
@@ -80,6 +91,10 @@ class _ModuleInfo:
     trainable_descendants: list[nn.Module] = field(default_factory=list)
     frames: list[Any] = field(default_factory=list)
     unaligned: bool = False  # seen with tensors not split by example along batch_dim
+    # An nn.Linear / nn.Embedding subclass with a forward of its own: handled generically until its
+    # first captured call shows that it computes F.linear / a scaled lookup, then by the closed form.
+    candidate: Kind | None = None
+    embedding_scale: float = 1.0
     broadcast: bool = False  # seen with an output unambiguously broadcast over the batch
 
 
@@ -210,6 +225,8 @@ class Capture:
         self.root_ids: set[int] = {id(root) for root in roots}
         # Whether a captured call of this forward pass ran under saved-tensor hooks (checkpointing).
         self.checkpointed = False
+        # Whether a captured call had a channels-last input (whose backward kernels vmap rejects).
+        self.channels_last = False
         self._register()
         self.module_ids: set[int] = {id(module) for module in self.modules}
 
@@ -234,6 +251,7 @@ class Capture:
         self.root_sizes = frozenset()
         self.completed_roots = set()
         self.checkpointed = False
+        self.channels_last = False
 
     def remove(self) -> None:
         """Remove all hooks."""
@@ -298,6 +316,11 @@ class Capture:
                 # A module reading parameters from containers it owns (PEFT's IA3, LoHa, ... layers) is
                 # handled generically, its own parameters and the containers' together.
                 info = _ModuleInfo(module=module, name=prefix + name, kind=Kind.GENERIC if containers else kind_of(module))
+                if info.kind is Kind.GENERIC and not containers and closed_form_parameters(module):
+                    if is_linear_subclass(module):
+                        info.candidate = Kind.LINEAR
+                    elif is_embedding_subclass(module):
+                        info.candidate = Kind.EMBEDDING
                 if info.kind.is_generic:
                     info.borrowed = borrowed
                     # Submodules used directly by this module or by a descendant (nn.MultiheadAttention's
@@ -418,6 +441,8 @@ class Capture:
         first_node = next_sequence_number()
         if not self.checkpointed:
             self.checkpointed = saved_tensors_hooked()
+        if not self.channels_last:
+            self.channels_last = any(_channels_last(tensor) for tensor in tensors_in(args))
         aliases = None
         calls = None
         if info.kind.is_generic:
@@ -446,7 +471,9 @@ class Capture:
         if output is None:  # the forward raised (always_call hook): nothing to capture
             return None
         self.calls[id(module)] = self.calls.get(id(module), 0) + 1
-        if frame.descendant_calls is not None:
+        if info.candidate is not None:
+            self._settle_candidate(info, module, args, kwargs, output, frame.aliases)
+        if frame.descendant_calls is not None and info.kind.is_generic:
             self._check_descendants_called(module, info, frame.descendant_calls, output)
         batched = self._aligned(info.kind, args, kwargs, output, trusted=info.broadcast and not info.unaligned)
         # A module once seen with an output whose size along batch_dim is neither the batch size
@@ -483,6 +510,8 @@ class Capture:
                     f"{type(expanded).__name__}, expected a tensor."
                 )
             record = record_class(info.kind)(module, info.name, frame.params, inputs, expanded)
+            if isinstance(record, EmbeddingRecord):
+                record.scale = info.embedding_scale
             record.edges = [get_gradient_edge(expanded)]
             base = _reshaped_base(expanded) if expanded is output else None
             if base is not None:
@@ -503,6 +532,27 @@ class Capture:
         )
         self.records.append(record)
         return expanded if expanded is not output else None
+
+    @staticmethod
+    def _settle_candidate(
+        info: _ModuleInfo,
+        module: nn.Module,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        output: Any,
+        aliases: dict[str, Tensor] | None,
+    ) -> None:
+        """On the first captured call of a Linear / Embedding subclass, switch it to its closed form
+        (this call and the later ones, which then install no aliases) if the call verifies it."""
+        kind, info.candidate = info.candidate, None
+        if kwargs:
+            return
+        if kind is Kind.LINEAR and computes_linear(module, args, output):
+            info.kind = kind
+        elif kind is Kind.EMBEDDING and aliases is not None and "weight" in aliases:
+            scale = embedding_scale(module, args, output, aliases["weight"])
+            if scale is not None:
+                info.kind, info.embedding_scale = kind, scale
 
     def _recomputed_output(self, info: _ModuleInfo, output: Any) -> Any:
         """The output a re-run call must return to match its captured call: expanded over the batch

@@ -9,12 +9,13 @@ from torch.nn.utils import parametrize
 
 from ._conv import Conv2dRecord, is_unfoldable_conv2d
 from ._embedding import EmbeddingRecord, is_embedding
+from ._group_norm import GroupNormRecord, is_group_norm
 from ._layer_norm import LayerNormRecord, is_layer_norm
 from ._linear import LinearRecord, is_conv1d, is_linear
 from ._record import Record
 from ._rms_norm import is_rms_norm_like
 
-__all__ = ["Kind", "kind_of", "record_class", "mixes_examples"]
+__all__ = ["Kind", "closed_form_parameters", "kind_of", "record_class", "mixes_examples"]
 
 
 class Kind(Enum):
@@ -24,6 +25,7 @@ class Kind(Enum):
     EMBEDDING = "embedding"
     CONV2D = "conv2d"
     LAYER_NORM = "layer_norm"
+    GROUP_NORM = "group_norm"
     RMS_NORM = "rms_norm"  # generic, with a verified closed form
     GENERIC = "generic"
 
@@ -38,10 +40,11 @@ _CLASSES: dict[Kind, type[Record]] = {
     Kind.EMBEDDING: EmbeddingRecord,
     Kind.CONV2D: Conv2dRecord,
     Kind.LAYER_NORM: LayerNormRecord,
+    Kind.GROUP_NORM: GroupNormRecord,
 }
 
 
-def _closed_form_parameters(module: nn.Module) -> bool:
+def closed_form_parameters(module: nn.Module) -> bool:
     """Whether the module's direct parameters are the ``weight`` and ``bias`` its stock forward uses
     as they are (not an older ``weight_norm``'s ``weight_g``/``weight_v``, an extra parameter, or a
     parametrisation computing ``weight``), which the closed forms assume."""
@@ -51,7 +54,7 @@ def _closed_form_parameters(module: nn.Module) -> bool:
 
 def kind_of(module: nn.Module) -> Kind:
     """The handler of a module that has direct parameters."""
-    if not _closed_form_parameters(module):
+    if not closed_form_parameters(module):
         return Kind.RMS_NORM if is_rms_norm_like(module) else Kind.GENERIC
     if is_linear(module) or is_conv1d(module):
         return Kind.LINEAR
@@ -61,6 +64,8 @@ def kind_of(module: nn.Module) -> Kind:
         return Kind.CONV2D
     if is_layer_norm(module):
         return Kind.LAYER_NORM
+    if is_group_norm(module):
+        return Kind.GROUP_NORM
     if is_rms_norm_like(module):
         return Kind.RMS_NORM
     return Kind.GENERIC

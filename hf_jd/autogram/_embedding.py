@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from ._layout import RowLayout
 from ._record import Record, compute_dtype
 
-__all__ = ["EmbeddingRecord", "Tokens", "embedding_gram", "is_embedding"]
+__all__ = ["EmbeddingRecord", "Tokens", "embedding_gram", "embedding_scale", "is_embedding", "is_embedding_subclass"]
 
 
 class Tokens(NamedTuple):
@@ -72,6 +72,47 @@ def is_embedding(module: nn.Module) -> bool:
     return isinstance(module, nn.Embedding) and type(module).forward is nn.Embedding.forward
 
 
+def is_embedding_subclass(module: nn.Module) -> bool:
+    """Whether ``module`` is an ``nn.Embedding`` subclass with a forward of its own (e.g. BART's and
+    Gemma's scaled word embeddings, ``W[ids] · c``): a candidate for the closed form, verified on its
+    first call by :func:`embedding_scale`."""
+    return (
+        isinstance(module, nn.Embedding)
+        and type(module).forward is not nn.Embedding.forward
+        and module.max_norm is None
+        and not module.scale_grad_by_freq
+    )
+
+
+def embedding_scale(module: nn.Module, args: tuple[Any, ...], output: Any, table: Tensor) -> float | None:
+    """``c`` when a call's output is ``W[ids] · c`` for its first input ``ids`` and a scalar ``c``
+    (checked on the values, and, when padding tokens occur, on the gradient the padding row gets from
+    the call's graph through ``table``, the weight as the call used it); else ``None``."""
+    assert isinstance(module, nn.Embedding)
+    if len(args) != 1 or not isinstance(args[0], Tensor) or not isinstance(output, Tensor):
+        return None
+    ids = args[0]
+    if ids.dtype not in (torch.int32, torch.int64) or output.shape != (*ids.shape, module.weight.shape[1]):
+        return None
+    with torch.no_grad():
+        looked_up = nn.functional.embedding(ids, module.weight).to(output.dtype)
+        out = output.detach()
+        denominator = float((looked_up * looked_up).sum())
+        if denominator == 0.0:
+            return None
+        scale = float((looked_up * out).sum()) / denominator
+        tolerance = 1e-5 * max(float(out.abs().max()), 1e-12)
+        if not torch.allclose(looked_up * scale, out, rtol=1e-4, atol=tolerance):
+            return None
+    padding_idx = module.padding_idx
+    if padding_idx is not None and bool((ids == padding_idx).any()) and output.requires_grad:
+        # The closed form gives the padding row no gradient, as nn.Embedding's forward does: check it.
+        (grad,) = torch.autograd.grad(output, table, torch.ones_like(output), retain_graph=True, allow_unused=True)
+        if grad is not None and bool(grad[padding_idx].ne(0).any()):
+            return None
+    return scale
+
+
 class EmbeddingRecord(Record):
     """One lookup ``y = W[ids]`` of an ``nn.Embedding``."""
 
@@ -95,6 +136,9 @@ class EmbeddingRecord(Record):
         if ids.shape != output.shape[:-1]:  # the engine expanded a batch-broadcast output
             ids = ids.expand(output.shape[:-1])
         self.ids = ids
+        # c of a scaled embedding (output W[ids] · c, verified by the capture): the table's
+        # gradient is c times the scattered output gradients.
+        self.scale = 1.0
 
     def can_insert_batch(self, batch_dim: int) -> bool:
         return isinstance(getattr(self, "ids", None), Tensor) and batch_dim <= self.ids.dim()
@@ -114,6 +158,8 @@ class EmbeddingRecord(Record):
         ids = layout.input_to_rows(self.ids).reshape(num_examples, -1)
         rows = layout.grad_to_rows(grad).reshape(num_examples, num_tasks, -1, dim)
         rows = rows.to(compute_dtype(weight))
+        if self.scale != 1.0:
+            rows = rows * self.scale
         del self.ids
         padding_idx = self.module.padding_idx  # type: ignore[union-attr]
         self.token_ids = self.token_example = self.token_grads = None

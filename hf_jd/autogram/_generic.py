@@ -81,12 +81,16 @@ def borrowed_submodules(module: nn.Module) -> dict[str, nn.Module]:
 
 
 def direct_parameters(module: nn.Module, borrowed: dict[str, nn.Module]) -> dict[str, nn.Parameter]:
-    """Trainable parameters the module uses directly, by (qualified) name."""
-    params = {n: p for n, p in module._parameters.items() if p is not None and p.requires_grad}
+    """Trainable parameters the module uses directly, by (qualified) name: leaves only (a tensor computed
+    from a parameter and swapped in by ``torch.func.functional_call`` is not one; the parameter it comes
+    from is then used outside the module's call)."""
+
+    def trainable(tensor: Tensor | None) -> bool:
+        return tensor is not None and tensor.requires_grad and tensor.is_leaf
+
+    params = {n: p for n, p in module._parameters.items() if trainable(p)}
     for prefix, sub in borrowed.items():
-        params.update(
-            {f"{prefix}.{n}": p for n, p in sub._parameters.items() if p is not None and p.requires_grad}
-        )
+        params.update({f"{prefix}.{n}": p for n, p in sub._parameters.items() if trainable(p)})
     return params
 
 
@@ -128,6 +132,7 @@ class GenericRecord(Record):
         self.edges = [get_gradient_edge(out) for out in self.outputs]
         self._rows: dict[str, Tensor] | None = None
         self._versions: list[int] | None = None
+        self.unused: set[str] = set()  # parameters the call's outputs do not depend on
 
     def watch_versions(self) -> None:
         """Remember the version counters of the (aliased) outputs: an in-place operation on them
@@ -176,6 +181,8 @@ class GenericRecord(Record):
         for position, name in enumerate(names):
             param = self.params[name]
             chunks = [part[position] for part in parts]
+            if all(chunk is None for chunk in chunks):
+                self.unused.add(name)  # e.g. Wav2Vec2's mask embedding when nothing is masked
             if any(chunk is None for chunk in chunks):
                 rows = param.new_zeros(layout.num_rows, *param.shape)
             else:
@@ -197,6 +204,9 @@ class GenericRecord(Record):
 
     def per_row(self, name: str) -> Tensor:
         return self._all_rows()[name]
+
+    def reaches(self, name: str) -> bool:
+        return name not in self.unused
 
     def release(self) -> None:
         super().release()

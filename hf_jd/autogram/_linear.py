@@ -4,18 +4,41 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._layout import RowLayout
 from ._outer import OuterProductRecord, OuterProductRows
 from ._record import compute_dtype
 
-__all__ = ["LinearRecord", "is_linear", "is_conv1d"]
+__all__ = ["LinearRecord", "computes_linear", "is_linear", "is_linear_subclass", "is_conv1d"]
 
 
 def is_linear(module: nn.Module) -> bool:
     """Whether ``module`` is an ``nn.Linear`` with the stock forward."""
     return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+
+
+def is_linear_subclass(module: nn.Module) -> bool:
+    """Whether ``module`` is an ``nn.Linear`` subclass with a forward of its own (e.g. Falcon's
+    ``FalconLinear``, ``x @ W.T + b``): a candidate for the Linear closed form, verified on its
+    first call by :func:`computes_linear`."""
+    return isinstance(module, nn.Linear) and type(module).forward is not nn.Linear.forward
+
+
+def computes_linear(module: nn.Module, args: tuple[Any, ...], output: Any) -> bool:
+    """Whether a call's output equals ``F.linear`` of its first input (one extra product, once)."""
+    if len(args) != 1 or not isinstance(args[0], Tensor) or not isinstance(output, Tensor):
+        return False
+    weight, bias = module.weight, module.bias
+    inputs = args[0]
+    if inputs.dim() < 1 or inputs.shape[-1] != weight.shape[1] or output.shape != (*inputs.shape[:-1], weight.shape[0]):
+        return False
+    with torch.no_grad():
+        expected = F.linear(inputs.to(output.dtype), weight.to(output.dtype), None if bias is None else bias.to(output.dtype))
+        scale = float(expected.abs().max()) if expected.numel() else 0.0
+        return bool(torch.allclose(expected, output.detach(), rtol=1e-4, atol=1e-5 * max(scale, 1e-12)))
 
 
 def is_conv1d(module: nn.Module) -> bool:

@@ -149,6 +149,12 @@ class Record(ABC):
         shape.insert(batch_dim, num_examples)
         self.inputs = inputs.unsqueeze(batch_dim).expand(shape)
 
+    def reaches(self, name: str) -> bool:
+        """Whether the call's outputs depend on parameter ``name`` (known once its per-row gradients
+        are computed; an ordinary backward pass leaves the ``.grad`` of a parameter it does not
+        reach untouched, and so does :meth:`Engine.backward`)."""
+        return True
+
     def weights_table(self, weights: Tensor) -> Tensor:
         """The loss weights ``[R]`` (or ``[E, m]``) as the ``[E, m]`` table of this record's layout."""
         assert self.layout is not None

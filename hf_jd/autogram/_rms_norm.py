@@ -1,10 +1,11 @@
 """Closed form for RMSNorm-like modules (torch's ``nn.RMSNorm``, LLaMA's / T5's / Mistral's ...).
 
-Such a module computes ``y = w ⊙ x̂`` with ``x̂ = x / sqrt(mean(x²) + eps)`` (in float32, cast back
-to the input dtype), so row ``r = (e, k)`` has the gradient ``Σ_t g_{ekt} ⊙ x̂_{et}`` for ``w``.
-Since the exact formula of a custom class cannot be known from its name, the record first checks
-on the captured tensors that the output equals ``w ⊙ x̂``; if not (e.g. Gemma's ``(1 + w) ⊙ x̂``),
-it falls back to the generic vector-Jacobian products, which are always exact.
+Such a module computes ``y = w ⊙ x̂`` (or ``(1 + w) ⊙ x̂``, as Gemma's) with
+``x̂ = x / sqrt(mean(x²) + eps)`` (in float32, cast back to the input dtype), so row ``r = (e, k)``
+has the gradient ``Σ_t g_{ekt} ⊙ x̂_{et}`` for ``w`` either way. Since the exact formula of a custom
+class cannot be known from its name (T5's is ``T5LayerNorm``), the record first checks on the
+captured tensors that the output equals one of the two forms; if not, it falls back to the generic
+vector-Jacobian products, which are always exact.
 """
 
 from __future__ import annotations
@@ -30,10 +31,10 @@ def _epsilon(module: nn.Module) -> float | None:
 
 
 def is_rms_norm_like(module: nn.Module) -> bool:
-    """Whether the module may be an RMSNorm: the name says so, one 1-D ``weight``, an epsilon."""
+    """Whether the module may be an RMSNorm: a norm by its name, one 1-D ``weight``, an epsilon."""
     params = dict(module.named_parameters(recurse=False))
     return (
-        "rmsnorm" in type(module).__name__.lower()
+        "norm" in type(module).__name__.lower()
         and list(params) == ["weight"]
         and params["weight"].dim() == 1
         and (_epsilon(module) is not None or isinstance(module, nn.RMSNorm))
@@ -71,10 +72,15 @@ class RMSNormRecord(GenericRecord):
             eps = torch.finfo(inputs.dtype).eps
         hidden = inputs.float()
         normalised = (hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + eps)).to(inputs.dtype)
-        expected = weight.detach() * normalised
-        if expected.shape != outputs[0].shape or not torch.allclose(
-            expected.to(outputs[0].dtype), outputs[0].detach(), rtol=1e-4, atol=1e-6
-        ):
+        output = outputs[0].detach()
+
+        def matches(scale: Tensor) -> bool:
+            expected = scale * normalised
+            return expected.shape == output.shape and torch.allclose(
+                expected.to(output.dtype), output, rtol=1e-4, atol=1e-6
+            )
+
+        if not matches(weight.detach()) and not matches(1.0 + weight.detach().float()):
             return
         dtype = compute_dtype(weight)
         size = inputs.shape[-1]

@@ -5,7 +5,9 @@ Algorithm 3 of Quinton & Rey, "Jacobian Descent For Multi-Objective Optimization
 module saw (its input, its output's gradient edge); :meth:`Engine.compute_gramian` back-propagates
 the losses to those module outputs only (no parameter gradient is computed) and adds each
 parameter's contribution in closed form (Linear, Conv1D, Conv2d, Embedding, RMSNorm,
-LayerNorm) or by batched vector-Jacobian products on the existing graph (any other module).
+LayerNorm, GroupNorm; subclasses of Linear and Embedding with a forward of their own, and RMS norms
+by any name, once their first call verifies the closed form on its tensors) or by batched
+vector-Jacobian products on the existing graph (any other module).
 Parameters used by several modules (tied embeddings) get their cross terms. Tables looked up once
 for all examples and broadcast over the batch later (T5's relative-position bias) get per-example
 output gradients at the broadcasting node of the same pass (:mod:`._broadcast`). Other calls whose
@@ -15,6 +17,8 @@ gradients, after a verification of the grouping where one is possible.
 
 from __future__ import annotations
 
+import warnings
+import weakref
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -23,11 +27,13 @@ import torch
 from torch import Tensor, nn
 
 from ._accumulate import (
+    MAX_UNATTRIBUTED_ENTRIES,
     Accumulator,
     grads_at_once,
     grads_per_row,
     grads_streamed,
     other_uses_of_inputs,
+    unattributed_gram,
     uncovered_parameters,
 )
 from ..autojac._utils import graph_nodes, no_gradient_writes
@@ -43,6 +49,14 @@ from ._record import Record
 from ._regroup import grads_verified
 
 __all__ = ["Engine"]
+
+
+# Smallest tolerance of check_gramian for Gramians of bf16/fp16 products.
+LOW_PRECISION_RTOL = 5e-2
+
+# Live engines with single_backward=True: each one's backward() writes the gradients of the parameters
+# it covers, so none writes those of the others (also when their losses are summed or stacked).
+_SINGLE_BACKWARD_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
 
 
 @dataclass
@@ -157,13 +171,19 @@ class Engine:
       re-run forward passes in the backward pass outside ``torch.utils.checkpoint`` and write the
       parameters' gradients themselves, ``Embedding(scale_grad_by_freq=True)``, a
       module with parameters of its own that uses a submodule's parameters without calling it
-      (``nn.MultiheadAttention`` is handled), and trainable parameters used outside the captured
-      calls of the modules that own them (a parent calling ``F.linear(x, self.child.weight)`` or
-      slicing a child's weights, a tied embedding looked up by the user, or losses that also depend
-      on an earlier forward pass, whose captures a new forward pass replaced): the autograd nodes
-      that use a parameter must have been created during a captured call of its module (autograd
-      numbers its nodes in order), except autocast's cached casts, which are created once per
-      autocast region.
+      (``nn.MultiheadAttention`` is handled), and trainable parameters used both inside and
+      outside the captured calls of the modules that own them (a parent slicing a child's weights
+      and passing the slices to it, a tied embedding looked up by the user, or losses that also
+      depend on an earlier forward pass, whose captures a new forward pass replaced): the autograd
+      nodes that use a parameter must have been created during a captured call of its module
+      (autograd numbers its nodes in order), except autocast's cached casts, which are created
+      once per autocast region.
+    * A parameter of the engine's modules used *only* outside their captured calls (a parent
+      calling ``F.linear(x, self.child.weight)`` without calling the child; DeBERTa-v2's
+      relative-position table with ``norm_rel_ebd="none"``) gets its per-row gradients from a
+      batched backward pass from the losses (exact, up to one backward pass per loss row; a
+      ``RuntimeWarning`` says so once per engine), when ``R × numel`` stays below 2**26 entries
+      (else a ``RuntimeError``).
     * ``torch.compile``: create the engine before the first compiled forward pass (graphs
       compiled earlier do not run its hooks). Each hooked module call breaks the compiled graph,
       so compiling brings little speed; batches of vectors are back-propagated through compiled
@@ -186,11 +206,30 @@ class Engine:
         ):
             raise ValueError(f"batch_dim must be a non-negative int or None, got {batch_dim!r}.")
         self._single_backward = bool(single_backward)
+        if self._single_backward:
+            _SINGLE_BACKWARD_ENGINES.add(self)
         # Whether a step whose tensors had the batch size along two dimensions confirmed that every
         # call is split by example along batch_dim (then later such steps skip the verification).
         self._batch_major_verified = False
         self._bound: _Bound | None = None
         self._capture = Capture(list(modules), batch_dim, on_new_forward=self.reset)
+        self._warned_unattributed = False
+        self._low_precision = False  # whether the last Gramian came from bf16/fp16 products
+
+    def _warn_unattributed(self, params: list[Tensor]) -> None:
+        """Warn once per engine that some parameters take the per-row backward pass."""
+        if self._warned_unattributed:
+            return
+        self._warned_unattributed = True
+        warnings.warn(
+            f"hf_jd.autogram: the losses use {len(params)} trainable parameter(s) of the engine's modules "
+            f"({self._names_of(params)}) only outside the calls of the modules that own them (e.g. a parent module "
+            "calling F.linear(x, self.child.weight)). Their per-row gradients are computed by a batched backward "
+            "pass from the losses: exact, but up to one backward pass per loss row. Let the owning module use them "
+            "(self.child(x)) for the engine's closed forms. This warning is shown once per engine.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
     def _qualified_names(self, params: list[Tensor]) -> list[str]:
         """Qualified names of parameters of the engine's modules, for error messages."""
@@ -251,6 +290,7 @@ class Engine:
         """Remove all hooks (the engine captures nothing afterwards) and drop captured state."""
         self._capture.remove()
         self._bound = None
+        _SINGLE_BACKWARD_ENGINES.discard(self)
 
     def compute_gramian(self, losses: Tensor, retain_graph: bool | None = None) -> Tensor:
         """Return the Gramian ``J Jᵀ`` of the Jacobian of ``losses.flatten()``.
@@ -298,6 +338,7 @@ class Engine:
         capture.records = []
         capture.consumed = True
         checkpointed = capture.checkpointed
+        channels_last = capture.channels_last
         for record in records:
             if isinstance(record, GenericRecord):
                 record.check_not_modified()
@@ -305,6 +346,10 @@ class Engine:
         for record in records:
             for param in record.params.values():
                 counts[id(param)] = counts.get(id(param), 0) + 1
+        # bf16/fp16 products: check_gramian's identity then holds to the low precision's rounding only.
+        self._low_precision = any(record.autocast for record in records) or any(
+            p.dtype in (torch.bfloat16, torch.float16) for record in records for p in record.params.values()
+        )
         float64 = any(p.dtype == torch.float64 for record in records for p in record.params.values())
         dtype = torch.float64 if float64 else torch.float32
         accumulator = Accumulator(layout, dtype, losses.device, counts, self._single_backward)
@@ -313,7 +358,11 @@ class Engine:
         nodes = list(graph_nodes([losses.grad_fn]))
         uncovered = uncovered_parameters(nodes, covered)
         own = {id(p) for p in capture.parameters()} if uncovered else set()
-        missed = [p for p in uncovered if id(p) in own]
+        # Parameters of the engine's modules used only outside the calls it captured (a parent calling
+        # F.linear(x, self.child.weight)): their per-row gradients come from the losses directly.
+        unattributed = [p for p in uncovered if id(p) in own]
+        missed = [p for p in unattributed if layout.num_rows * p.numel() > MAX_UNATTRIBUTED_ENTRIES]
+        unattributed = [p for p in unattributed if layout.num_rows * p.numel() <= MAX_UNATTRIBUTED_ENTRIES]
         inputs = {id(p): p for record in records for name, p in record.params.items() if name == INPUT_PARAMETER}
         if inputs:  # a parameter covered through the module it is passed to must have no other use
             claimed = {edge.node for record in records if INPUT_PARAMETER in record.params for edge in record.edges}
@@ -321,10 +370,10 @@ class Engine:
         if missed:
             outside_use = (
                 "they are used outside the forward pass of the module that owns them (e.g. a parent module calling "
-                "F.linear(x, self.child.weight), or a module reading the parameters of another module that it "
-                "neither calls nor owns through an nn.ParameterDict / nn.ParameterList), which the engine cannot "
-                "attribute: freeze them, leave their modules out of the engine (jd_modules), or use the autojac "
-                "engine (jd_engine='autojac')."
+                "F.linear(x, self.child.weight)) and are too large for the engine's per-row backward pass for such "
+                f"parameters (R × numel > {MAX_UNATTRIBUTED_ENTRIES} entries), or a parameter passed to a module as "
+                "its input is also used elsewhere: call the owning module instead, freeze them, leave their modules "
+                "out of the engine (jd_modules), or use the autojac engine (jd_engine='autojac')."
             )
             causes = (
                 f"{_SEVERAL_FORWARDS} Or {outside_use}"
@@ -382,14 +431,22 @@ class Engine:
             # Not under activation checkpointing: the plans call autograd nodes, whose checkpointed
             # saved tensors may be unpacked only once per backward pass.
             plans = [] if checkpointed else plan_broadcasts(losses, unaligned, layout.batch_dim, layout.num_examples)
+            ungrouped = [record for record in unaligned if not record.groups]
+            if not plans and not checkpointed and len(ungrouped) < len(unaligned):
+                # Else without the calls that have a candidate batch-major grouping (a shared table beside
+                # a Linear layer on flattened [B * T, d] rows), which the verification below then handles.
+                plans = plan_broadcasts(losses, ungrouped, layout.batch_dim, layout.num_examples)
             if plans:
-                unaligned = []
+                planned_ids = {id(plan.record) for plan in plans}
+                unaligned = [record for record in unaligned if id(record) not in planned_ids]
                 records = records + [plan.record for plan in plans]
                 attach_plans(plans, accumulator)
                 retain = True  # kept for the exact per-row path, should a plan fail
+        planned = {id(plan.record) for plan in plans}
         # Compiled backward kernels cannot be vmapped, nor can the random operations (dropout) of
-        # checkpointed blocks re-run inside a vmapped backward pass: one vector at a time then.
-        one_at_a_time = checkpointed or has_compiled_nodes(nodes)
+        # checkpointed blocks re-run inside a vmapped backward pass, nor the backward kernels of
+        # channels-last convolutions and norms: one vector at a time then.
+        one_at_a_time = checkpointed or channels_last or has_compiled_nodes(nodes)
         covered_params = list(covered.values())
         unwritten = no_gradient_writes(covered_params, lambda index: self._name_of(covered_params[index]))
         with unwritten, capture.backpropagating(), one_vector_at_a_time(one_at_a_time), explain_donated_buffers():
@@ -398,8 +455,10 @@ class Engine:
                 # Tensors not split by example: the model moves examples around, so every call
                 # whose shapes allow a per-example grouping has it verified (one backward pass
                 # over two vectors); the others and the failures take the exact per-row path.
-                checked = records + [record for record in unaligned if record.groups]
-                records = []
+                # The planned calls get their per-example gradients from the ordinary pass below.
+                checked = [record for record in records if id(record) not in planned]
+                checked += [record for record in unaligned if record.groups]
+                records = [record for record in records if id(record) in planned]
                 unaligned = [record for record in unaligned if not record.groups]
                 failed = grads_verified(losses, layout, checked, accumulator)
                 if verify_layout:
@@ -430,6 +489,11 @@ class Engine:
             unwritten = no_gradient_writes(covered_params, lambda index: self._name_of(covered_params[index]))
             with unwritten, capture.backpropagating(), one_vector_at_a_time(one_at_a_time):
                 grads_per_row(losses, layout, failed, accumulator)
+        if unattributed:
+            self._warn_unattributed(unattributed)
+            unwritten = no_gradient_writes(covered_params, lambda index: self._name_of(covered_params[index]))
+            with unwritten, capture.backpropagating(), one_vector_at_a_time(one_at_a_time):
+                accumulator.gramian += unattributed_gram(losses, layout.num_rows, unattributed, dtype)
         del records
         if accumulator.bound == 0:
             raise RuntimeError(
@@ -441,8 +505,11 @@ class Engine:
             )
         gramian = accumulator.finish()
         if self._single_backward:
+            # Parameters another single-backward engine covers get their gradients from its backward().
+            others = {id(p) for engine in list(_SINGLE_BACKWARD_ENGINES) if engine is not self for p in engine.parameters()}
+            outside = [param for param in uncovered if id(param) not in others]
             self._bound = _Bound(
-                layout, losses.shape, losses if retain else None, accumulator.uses, accumulator.params, uncovered
+                layout, losses.shape, losses if retain else None, accumulator.uses, accumulator.params, outside
             )
         return gramian
 
@@ -470,8 +537,9 @@ class Engine:
             Shape ``[R]`` or the losses' shape; by default a fixed ramp from 0.5 to 1.5 (the
             identity holds for every ``w``; unequal weights also test the cross terms).
         rtol
-            Relative tolerance of the comparison (raise it under bf16/fp16 autocast, whose
-            products are less precise, e.g. to 5e-2).
+            Relative tolerance of the comparison; raised to at least ``5e-2`` when the Gramian came
+            from bf16/fp16 parameters or products under autocast (their rounding alone moves the two
+            sides apart by a few 1e-3, while a missing use of a parameter moves them by much more).
 
         Raises
         ------
@@ -497,6 +565,8 @@ class Engine:
                 "check_gramian needs the autograd graph, which compute_gramian freed (single-backward mode): "
                 "call compute_gramian(losses, retain_graph=True) before check_gramian."
             )
+        if self._low_precision:
+            rtol = max(rtol, LOW_PRECISION_RTOL)
         params = self.parameters()
         flat_weights = weights.detach().reshape(-1)
         weighted = (flat_weights.to(losses.dtype) * losses.reshape(-1)).sum()
@@ -529,7 +599,9 @@ class Engine:
         Covered parameters get their gradient from the captured factors (e.g. ``(diag(w) G)ᵀ A``
         for a Linear layer), delivered through autograd so that gradient hooks (DDP, Accelerate)
         fire. Trainable parameters that the losses depend on but that the engine does not cover
-        get theirs by an ordinary weighted backward restricted to them.
+        get theirs by an ordinary weighted backward restricted to them, except those covered by
+        another live engine with ``single_backward=True``: with several such engines (one per
+        model, losses summed or models stacked), call each one's :meth:`backward`.
 
         Parameters
         ----------
@@ -565,13 +637,15 @@ class Engine:
         grads: list[Tensor] = []
         for key, param_uses in bound.uses.items():
             param = bound.params[key]
-            first, first_name = param_uses[0]
-            grad = first.weighted_grad(first_name, first.weights_table(table))
-            for record, name in param_uses[1:]:
-                grad = grad + record.weighted_grad(name, record.weights_table(table))
-            params.append(param)
-            grads.append(grad.to(param.dtype))
-            del grad
+            reached = [(record, name) for record, name in param_uses if record.reaches(name)]
+            if reached:  # like a backward pass, leave the .grad of a parameter the losses do not reach alone
+                first, first_name = reached[0]
+                grad = first.weighted_grad(first_name, first.weights_table(table))
+                for record, name in reached[1:]:
+                    grad = grad + record.weighted_grad(name, record.weights_table(table))
+                params.append(param)
+                grads.append(grad.to(param.dtype))
+                del grad
             for record, _ in param_uses:
                 remaining[id(record)] -= 1
                 if remaining[id(record)] == 0:

@@ -242,3 +242,38 @@ def test_tables_and_layers_with_the_batch_size_elsewhere_are_exact(monkeypatch) 
     out = model(**make_inputs(5, 5, False))  # encoder bias [5, 5, heads] with 5 examples
     losses = out.logits.float().logsumexp(-1).mean(1)
     assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, trainable(model)))
+
+
+class _BiasThenFlatten(nn.Module):
+    """A table shared by the examples (a [T, d] lookup added to every example, as T5's relative bias) beside
+    a Linear layer on the flattened [B * T, d] rows (as OPT's): the table gets its per-example gradients from
+    the ordinary pass, while the flattened call's grouping is verified."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Embedding(8, 4)
+        self.linear = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, dim = x.shape
+        hidden = torch.tanh(x + self.table(torch.arange(length)))
+        return self.linear(hidden.reshape(batch * length, dim)).reshape(batch, length, -1)
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_shared_table_beside_a_regrouped_call(monkeypatch: pytest.MonkeyPatch, single_backward: bool) -> None:
+    from hf_jd.autogram import engine as engine_module
+
+    from ._reference import assert_exact_step
+
+    per_row: list[int] = []
+    original = engine_module.grads_per_row
+    monkeypatch.setattr(engine_module, "grads_per_row", lambda *args: (per_row.append(len(args[2])), original(*args))[1])
+    torch.manual_seed(0)
+    model = _BiasThenFlatten()
+    engine = Engine(model, single_backward=single_backward)
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        losses = model(torch.randn(3, 5, 4)).pow(2).sum((1, 2))
+        assert_exact_step(engine, losses, trainable(model), single_backward)
+    assert per_row == []  # neither call needed the per-row pass

@@ -433,7 +433,7 @@ def test_generic_path_in_chunks_of_examples(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 class _OnePlusRMSNorm(nn.Module):
-    """Gemma-style ``(1 + w) ⊙ x̂``: an RMSNorm by name whose closed form does not apply."""
+    """Gemma-style ``(1 + w) ⊙ x̂``: the same per-row gradient ``Σ g ⊙ x̂`` as ``w ⊙ x̂``."""
 
     def __init__(self, size: int) -> None:
         super().__init__()
@@ -444,9 +444,34 @@ class _OnePlusRMSNorm(nn.Module):
         return (1 + self.weight) * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
 
 
+class _T5StyleLayerNorm(nn.Module):
+    """T5's RMS norm, whose class name says "LayerNorm" (no mean subtracted, no bias)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.variance_epsilon = 1e-6
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+
+class _SquaredScaleNorm(nn.Module):
+    """``w² ⊙ x̂``: a norm by its name and shape whose closed form does not apply (generic path)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = 1e-6
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight.pow(2) * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+
 @pytest.mark.parametrize(
     ("norm", "closed_form"),
-    [(nn.RMSNorm(6), True), (nn.RMSNorm(6, eps=1e-3), True), (_OnePlusRMSNorm(6), False)],
+    [(nn.RMSNorm(6), True), (nn.RMSNorm(6, eps=1e-3), True), (_OnePlusRMSNorm(6), True),
+     (_T5StyleLayerNorm(6), True), (_SquaredScaleNorm(6), False)],
 )
 def test_rms_norm_closed_form_is_verified(
     monkeypatch: pytest.MonkeyPatch, norm: nn.Module, closed_form: bool
@@ -494,3 +519,97 @@ def test_own_parameter_before_a_child_call(root: bool, single_backward: bool) ->
     engine = Engine(model, single_backward=single_backward)
     losses = model(torch.randn(3, 4)).pow(2).sum(-1)
     assert_gramian_matches(engine.compute_gramian(losses, retain_graph=True), jacobian(losses, trainable(model)))
+
+
+class _MatmulLinear(nn.Linear):
+    """An nn.Linear subclass with a forward of its own that computes the same map (Falcon's FalconLinear)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x @ self.weight.T
+        return out if self.bias is None else out + self.bias
+
+
+class _DoubledLinear(nn.Linear):
+    """An nn.Linear subclass whose forward is not F.linear of its parameters."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, 2 * self.weight, self.bias)
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+@pytest.mark.parametrize(("layer", "closed_form"), [(_MatmulLinear, True), (_DoubledLinear, False)])
+def test_linear_subclass_with_its_own_forward_is_verified(layer: type, closed_form: bool, single_backward: bool) -> None:
+    from hf_jd.autogram._dispatch import Kind
+
+    from ._reference import assert_exact_step
+
+    torch.manual_seed(0)
+    model = nn.Sequential(layer(4, 5), nn.Tanh(), layer(5, 2, bias=False))
+    engine = Engine(model, single_backward=single_backward)
+    for _ in range(2):  # the first call decides; the later ones take the chosen path
+        model.zero_grad(set_to_none=True)
+        out = model(torch.randn(3, 6, 4))
+        losses = torch.stack([out[..., 0].sum(1), out[..., 1].pow(2).mean(1)], dim=1)
+        assert_exact_step(engine, losses, trainable(model), single_backward)
+        kinds = {info.kind for info in engine._capture.infos.values()}
+        assert kinds == ({Kind.LINEAR} if closed_form else {Kind.GENERIC})
+
+
+class _ScaledEmbedding(nn.Embedding):
+    """BART's / Gemma's scaled word embedding: ``W[ids] · c`` through the stock lookup."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids) * 3.0
+
+
+class _PaddingBlindEmbedding(nn.Embedding):
+    """A lookup that ignores ``padding_idx`` (the padding row gets gradient): not the closed form's."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return nn.functional.embedding(ids, self.weight) * 3.0
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+@pytest.mark.parametrize(("layer", "closed_form"), [(_ScaledEmbedding, True), (_PaddingBlindEmbedding, False)])
+def test_embedding_subclass_with_its_own_forward_is_verified(layer: type, closed_form: bool, single_backward: bool) -> None:
+    from hf_jd.autogram._dispatch import Kind
+
+    from ._reference import assert_exact_step
+
+    torch.manual_seed(0)
+    embedding = layer(10, 4, padding_idx=0)
+    head = nn.Linear(4, 1)
+    model = nn.Sequential(embedding, nn.Tanh(), head)
+    engine = Engine(model, single_backward=single_backward)
+    for _ in range(2):  # the first call decides; the later ones take the chosen path
+        model.zero_grad(set_to_none=True)
+        ids = torch.tensor([[1, 2, 0, 0], [3, 3, 4, 0], [5, 1, 2, 6]])  # padding, repeated and shared ids
+        losses = model(ids).squeeze(-1).pow(2).sum(1)
+        assert_exact_step(engine, losses, trainable(model), single_backward)
+        assert engine._capture.infos[id(embedding)].kind is (Kind.EMBEDDING if closed_form else Kind.GENERIC)
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_group_norm_closed_form(single_backward: bool, channels_last: bool) -> None:
+    """GroupNorm in closed form (the generic path cost a backward pass per example, and vmap rejected
+    channels-last inputs), over 2-D and 1-D spatial inputs, per-example and per-task losses."""
+    from hf_jd.autogram._dispatch import Kind
+
+    from ._reference import assert_exact_step
+
+    torch.manual_seed(0)
+    image = nn.Sequential(nn.Conv2d(3, 6, 3), nn.GroupNorm(2, 6), nn.ReLU(), nn.Conv2d(6, 4, 3), nn.GroupNorm(4, 4))
+    audio = nn.Sequential(nn.Conv1d(2, 4, 3), nn.GroupNorm(4, 4), nn.GELU())
+    for model, x in ((image, torch.randn(3, 3, 7, 7)), (audio, torch.randn(3, 2, 9))):
+        if channels_last and x.dim() == 4:
+            model, x = model.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+        for batch_dim in (0, None):
+            engine = Engine(model, batch_dim=batch_dim, single_backward=single_backward)
+            model.zero_grad(set_to_none=True)
+            out = model(x).flatten(1)
+            losses = torch.stack([out.pow(2).mean(1), out.tanh().mean(1)], dim=1)  # [B, 2]
+            assert_exact_step(engine, losses if batch_dim == 0 else losses.sum(0), trainable(model), single_backward)
+            kinds = {type(info.module).__name__: info.kind for info in engine._capture.infos.values()}
+            assert kinds["GroupNorm"] is Kind.GROUP_NORM
+            engine.remove()

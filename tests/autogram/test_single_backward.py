@@ -164,3 +164,64 @@ def test_second_gramian_on_the_same_forward_pass_is_explained() -> None:
     engine.compute_gramian(losses)
     with pytest.raises(RuntimeError, match="already called on the captures of this forward pass"):
         engine.compute_gramian(losses)
+
+
+class _OptionalEmbedding(nn.Module):
+    """A module with a parameter of its own that its forward uses only sometimes (like Wav2Vec2's mask
+    embedding when nothing is masked)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(3, 3)
+        self.mask_embedding = nn.Parameter(torch.randn(3))
+        self.masked = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.linear(x)
+        return hidden + self.mask_embedding if self.masked else hidden
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_unreached_parameter_keeps_no_gradient(single_backward: bool) -> None:
+    """As in an ordinary backward pass, a parameter the losses do not reach keeps .grad None (a zero
+    gradient would still move it under weight decay and momentum)."""
+    model = _OptionalEmbedding()
+    engine = Engine(model, single_backward=single_backward)
+    losses = model(torch.randn(4, 3)).pow(2).sum(1)
+    engine.compute_gramian(losses)
+    if single_backward:
+        engine.backward(torch.ones(4))
+    else:
+        losses.backward(torch.ones(4))
+    assert model.mask_embedding.grad is None
+    assert model.linear.weight.grad is not None
+    model.masked = True
+    losses = model(torch.randn(4, 3)).pow(2).sum(1)
+    engine.compute_gramian(losses)
+    if single_backward:
+        engine.backward(torch.ones(4))
+    else:
+        losses.backward(torch.ones(4))
+    assert model.mask_embedding.grad is not None and model.mask_embedding.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("layout", ["summed", "stacked"])
+def test_two_single_backward_engines_each_write_their_own_gradients(layout: str) -> None:
+    """Two models, one engine each: each backward() writes the gradients of its own parameters only
+    (the first one used to write the other model's too, doubling them or freeing the graph)."""
+    torch.manual_seed(0)
+    first, second = nn.Sequential(nn.Linear(3, 4), nn.Tanh()), nn.Sequential(nn.Linear(4, 2), nn.Tanh())
+    engines = [Engine(first, single_backward=True), Engine(second, single_backward=True)]
+    x = torch.randn(5, 3)
+    if layout == "summed":
+        losses = first(x).pow(2).sum(1) + second(torch.randn(5, 4)).pow(2).sum(1)
+    else:
+        losses = second(first(x)).pow(2).sum(1)
+    params = trainable(first, second)
+    jac = jacobian(losses, params)
+    weights = torch.linspace(0.5, 1.5, 5)
+    for engine in engines:
+        engine.compute_gramian(losses, retain_graph=True)
+    for engine in engines:
+        engine.backward(weights)
+    torch.testing.assert_close(grads_of(params), weights @ jac, rtol=1e-4, atol=1e-6)

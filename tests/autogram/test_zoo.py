@@ -22,6 +22,7 @@ import transformers as tf
 from torch import Tensor, nn
 
 from hf_jd.autogram import Engine
+from hf_jd.autogram._dispatch import Kind
 
 from ._reference import assert_exact_step, assert_gramian_matches, grads_of, jacobian, trainable
 
@@ -548,16 +549,15 @@ def test_wav2vec2_with_padding_mask_and_spec_augment(single_backward: bool) -> N
     _check(model, {"input_values": torch.randn(3, 96), "attention_mask": mask}, 3, single_backward)
 
 
-def test_deberta_v2_relative_table_used_without_its_module_is_rejected() -> None:
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_deberta_v2_relative_table_used_without_its_module(single_backward: bool) -> None:
     """With norm_rel_ebd='none' DeBERTa-v2 uses rel_embeddings.weight directly (dropout, then the
-    projections), which no record covers: a clear error instead of a Gramian missing that table."""
+    projections), which no record covers: its per-row gradients come from the losses (with a warning)."""
     model = tf.DebertaV2ForSequenceClassification(tf.DebertaV2Config(
         vocab_size=V, max_position_embeddings=16, relative_attention=True, position_buckets=4,
         max_relative_positions=8, pos_att_type=["p2c", "c2p"], num_labels=2, norm_rel_ebd="none", **ENC)).train()
-    engine = Engine(model)
-    losses = per_example_losses(model(**_text()(3, 6, True)), 3)
-    with pytest.raises(RuntimeError, match=r"rel_embeddings.weight.*outside the forward pass.*autojac"):
-        engine.compute_gramian(losses)
+    with pytest.warns(RuntimeWarning, match=r"rel_embeddings.weight.*only outside the calls"):
+        _check(model, _text()(3, 6, True), 3, single_backward)
 
 
 @pytest.mark.parametrize("single_backward", [False, True])
@@ -586,3 +586,26 @@ def test_per_example_task_losses_with_length_equal_to_batch_size(name: str, batc
     logits = model(**_text()(batch, batch, True)).logits
     losses = torch.stack([logits.logsumexp(-1).mean(1), logits[..., :3].pow(2).mean((1, 2))], dim=1)
     assert_exact_step(engine, losses, trainable(model), single_backward=False)
+
+
+@pytest.mark.parametrize(("name", "classes"), [
+    ("t5", {"T5LayerNorm": Kind.RMS_NORM}),  # an RMS norm whose name says LayerNorm
+    ("gemma3", {"Gemma3RMSNorm": Kind.RMS_NORM, "Gemma3TextScaledWordEmbedding": Kind.EMBEDDING}),  # (1 + w), W[ids]·c
+    ("bart", {"BartScaledWordEmbedding": Kind.EMBEDDING}),
+    ("falcon_alibi", {"FalconLinear": Kind.LINEAR}),  # an nn.Linear subclass computing x @ W.T + b
+])
+def test_custom_classes_take_their_verified_closed_forms(name: str, classes: dict[str, Kind]) -> None:
+    """Subclasses and look-alikes of the stock layers get the closed forms once their first call verifies
+    them (the Gramian stays exact either way: the zoo tests above)."""
+    build, make_inputs = ZOO[name]
+    torch.manual_seed(0)
+    model = build().train()
+    engine = Engine(model)
+    model(**make_inputs(3, 6, True))
+    kinds = {type(info.module).__name__: info.kind for info in engine._capture.infos.values()}
+    for cls, kind in classes.items():
+        assert kinds[cls] is kind, (cls, kinds[cls])
+    losses = per_example_losses(model(**make_inputs(3, 6, True)), 3)
+    norms = [r for r in engine._capture.records if type(r.module).__name__ in classes and hasattr(r, "closed_form")]
+    engine.compute_gramian(losses)
+    assert all(r.closed_form for r in norms)  # verified on the tensors, not only chosen by class
