@@ -8,6 +8,7 @@ their graph, only the values are promoted) so that the Gramian and the weights a
 
 from __future__ import annotations
 
+import copy
 import inspect
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -155,7 +156,10 @@ class LossCollector:
         """
         if self.compute_losses is not None:
             source = "compute_losses"
-            result = self.compute_losses(model, inputs)
+            # A shallow copy (of the same mapping type, e.g. a BatchEncoding): the usual recipe
+            # `labels = inputs.pop("labels")` must not take the labels away from the caller (prediction
+            # labels, the per-task label counts of evaluation).
+            result = self.compute_losses(model, copy.copy(inputs))
             if not (isinstance(result, tuple) and len(result) == 2):
                 raise TypeError(
                     f"compute_losses must return a tuple (losses, outputs), got {type(result).__name__}."
@@ -185,7 +189,7 @@ class LossCollector:
 
     # ------------------------------------------------------------------ modes
     def _iwrm(self, model: nn.Module, unwrapped: nn.Module, inputs: dict[str, Any]) -> tuple[Tensor, Any]:
-        from .losses import per_example_losses
+        from .losses import QA_LABEL_NAMES, detect_model_kind, per_example_losses
 
         present = [name for name in self.label_names if inputs.get(name) is not None]
         if not present:
@@ -193,15 +197,19 @@ class LossCollector:
                 "jd_mode='iwrm' computes one loss per example from the labels, but the batch has no "
                 f"{self.label_names or ['labels']} entry. Add labels to the dataset or pass `compute_losses=`."
             )
+        labels: Any = inputs[present[0]]
         if len(present) > 1:
-            raise ValueError(
-                f"jd_mode='iwrm' supports models with one label input, got {present}. Pass `compute_losses=` "
-                "to JDTrainer to compute per-example losses for this model."
-            )
+            if sorted(present) != sorted(QA_LABEL_NAMES) or detect_model_kind(unwrapped) != "question_answering":
+                raise ValueError(
+                    f"jd_mode='iwrm' supports models with one label input (or start_positions and end_positions "
+                    f"for question answering), got {present}. Pass `compute_losses=` to JDTrainer to compute "
+                    "per-example losses for this model."
+                )
+            labels = {name: inputs[name] for name in QA_LABEL_NAMES}
         model_inputs = {key: value for key, value in inputs.items() if key not in self.label_names}
-        model_inputs = _decoder_inputs_from_labels(unwrapped, model_inputs, inputs[present[0]])
+        model_inputs = _decoder_inputs_from_labels(unwrapped, model_inputs, labels)
         outputs = model(**model_inputs)
-        return per_example_losses(unwrapped, outputs, inputs[present[0]]), outputs
+        return per_example_losses(unwrapped, outputs, labels), outputs
 
     def _stack_task_dict(self, losses: Mapping[str, Tensor], source: str) -> Tensor:
         names = self.task_names

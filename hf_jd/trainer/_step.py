@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -223,6 +224,7 @@ class JDStep:
         self._covered_ids: set[int] = set()
         self._others: list[nn.Parameter] = []
         self._label_counts: Sequence[int] | None = None
+        self._warned_zero_rows = False
 
     # ------------------------------------------------------------------ set-up
     @property
@@ -394,6 +396,9 @@ class JDStep:
             weights = self.weighting(gramian).detach()
         weights = weights.reshape(losses.shape)
         self.cached_weights = weights
+        if not self._warned_zero_rows and self.mode != "mtl":
+            flat_weights = weights.reshape(-1).to(device=gramian.device, dtype=gramian.dtype)
+            self._warn_if_zero_rows_cancel(gramian.diagonal(), flat_weights @ gramian @ flat_weights, global_step)
         if self.single_backward:
             self.engine.backward(weights * grad_factor)
         else:
@@ -478,6 +483,13 @@ class JDStep:
                     del p.jac  # type: ignore[attr-defined]
             raise
         factor = scale if grad_factor is None else grad_factor
+        if not self._warned_zero_rows and self.mode != "mtl":
+            if gramian is not None:
+                rows = gramian.diagonal()
+            else:
+                rows = sum(j.reshape(j.shape[0], -1).float().pow(2).sum(dim=1) for j in jacobians)
+            update = sum(p.grad.float().pow(2).sum() for p in params if p.grad is not None)
+            self._warn_if_zero_rows_cancel(rows, torch.as_tensor(update, device=rows.device), global_step)
         for p, old in zip(params, previous):
             if p.grad is not None:
                 update = p.grad * factor
@@ -550,6 +562,36 @@ class JDStep:
             params = _trainable([self._model])
             backward(sum((p.reshape(-1)[:1] * 0.0).sum() for p in params))
         return True
+
+    def _warn_if_zero_rows_cancel(
+        self, squared_row_norms: Tensor, squared_update_norm: Tensor, global_step: int
+    ) -> None:
+        """Warn once when some rows of the Jacobian are zero (examples without any labelled target) and the
+        aggregator's update of the micro-batch vanishes: MGDA's smallest point of the convex hull of the rows
+        (and Krum's choice of a row) is then 0, whatever the other examples."""
+        if self._warned_zero_rows:
+            return
+        zero = squared_row_norms == 0
+        vanishes = squared_update_norm <= 1e-8 * squared_row_norms.max()
+        if not bool(zero.any() & ~zero.all() & vanishes):  # one device synchronisation
+            return
+        self._warned_zero_rows = True
+        rows = torch.nonzero(zero).flatten().tolist()
+        if self.mode == "iwmtl" and self.task_names:
+            tasks = len(self.task_names)
+            where = f"(example, task) pair(s) {[(row // tasks, self.task_names[row % tasks]) for row in rows[:10]]}"
+        else:
+            where = f"example(s) {rows[:10]}"
+        warnings.warn(
+            f"At global step {global_step} the update of {type(self.aggregator).__name__} for a micro-batch is zero, "
+            f"and {where} of that batch have no labelled target (every label -100: loss 0, a zero row of the "
+            "Jacobian). An aggregator that returns a point of the convex hull of the rows (MGDA's smallest one, "
+            "Krum's choice of a row) returns 0 as soon as one row is zero, whatever the other examples. Give every "
+            "example a labelled target (drop the unlabelled ones, or make the collator label at least one token "
+            "per example), or use an aggregator that ignores zero rows, such as jd_aggregator='upgrad'. Warned once.",
+            UserWarning,
+            stacklevel=2,
+        )
 
     def _record(self, losses: Tensor, weights: Tensor | None, gramian: Tensor | None) -> None:
         if not self.log_stats:

@@ -9,6 +9,7 @@ serialises (``to_dict``, ``to_json_string``, ``torch.save`` as ``training_args.b
 
 from __future__ import annotations
 
+import difflib
 import json
 import warnings
 from dataclasses import dataclass, field
@@ -32,9 +33,25 @@ JD_DDP_GRAMIAN = ("auto", "global", "local")
 _FUSED_BACKWARD_OPTIMIZERS = ("lomo", "adalomo")
 
 
+def _did_you_mean(value: Any, choices: tuple[str, ...] | list[str]) -> str:
+    """`` Did you mean 'x'?`` for the closest valid name (case, ``-`` and ``_`` aside), or ``""``."""
+    if not isinstance(value, str):
+        return ""
+
+    def key(text: str) -> str:
+        return text.strip().lower().replace("-", "").replace("_", "")
+
+    keyed = {key(choice): choice for choice in choices}
+    close = difflib.get_close_matches(key(value), list(keyed), n=1, cutoff=0.6)
+    return f" Did you mean {keyed[close[0]]!r}?" if close else ""
+
+
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name}={value!r} is not valid: choose one of {', '.join(map(repr, choices))}.")
+        raise ValueError(
+            f"{name}={value!r} is not valid: choose one of {', '.join(map(repr, choices))}."
+            + _did_you_mean(value, choices)
+        )
     return value
 
 
@@ -247,8 +264,9 @@ class JDTrainingArguments(TrainingArguments):
             raise ValueError(f"jd_aggregator must be a string name, got {type(self.jd_aggregator).__name__}.")
         name = self.jd_aggregator.strip().lower().replace("-", "_")
         if name not in available_aggregators():
+            suggestion = _did_you_mean(self.jd_aggregator, available_aggregators())
             raise ValueError(
-                f"Unknown jd_aggregator {self.jd_aggregator!r}. Valid names are: "
+                f"Unknown jd_aggregator {self.jd_aggregator!r}.{suggestion} Valid names are: "
                 f"{', '.join(available_aggregators())}."
             )
         self.jd_aggregator = name

@@ -9,6 +9,9 @@ each example from the logits, with exactly the conventions of the models' own lo
   it is inferred like the models do: ``num_labels == 1`` -> regression (MSE), integer labels ->
   single-label cross-entropy, otherwise multi-label binary cross-entropy (averaged over the labels);
 * multiple choice: cross-entropy of the ``[B, C]`` choice scores against the right choice;
+* extractive question answering: the mean of the start and end cross-entropies, positions outside the
+  sequence being clamped and ignored as the models do (the labels are the pair ``start_positions``,
+  ``end_positions``);
 * token classification: mean cross-entropy over the tokens of the example whose label is not ``-100``;
 * causal language modelling: logits at position ``t`` predict the label at ``t + 1``; mean over the
   non-ignored shifted labels of the example;
@@ -31,11 +34,18 @@ from torch import Tensor, nn
 from transformers.models.auto import modeling_auto
 
 ModelKind = Literal[
-    "sequence_classification", "multiple_choice", "token_classification", "causal_lm", "masked_lm", "seq2seq_lm"
+    "sequence_classification",
+    "multiple_choice",
+    "question_answering",
+    "token_classification",
+    "causal_lm",
+    "masked_lm",
+    "seq2seq_lm",
 ]
 MODEL_KINDS: tuple[str, ...] = (
     "sequence_classification",
     "multiple_choice",
+    "question_answering",
     "token_classification",
     "causal_lm",
     "masked_lm",
@@ -51,6 +61,7 @@ _MAPPINGS: dict[str, tuple[str, ...]] = {
         "MODEL_FOR_VIDEO_CLASSIFICATION_MAPPING_NAMES",
     ),
     "multiple_choice": ("MODEL_FOR_MULTIPLE_CHOICE_MAPPING_NAMES",),
+    "question_answering": ("MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES",),
     "token_classification": ("MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES",),
     "causal_lm": ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",),
     "masked_lm": ("MODEL_FOR_MASKED_LM_MAPPING_NAMES",),
@@ -62,6 +73,7 @@ _SUFFIXES: tuple[tuple[str, str], ...] = (
     ("ForAudioClassification", "sequence_classification"),
     ("ForVideoClassification", "sequence_classification"),
     ("ForMultipleChoice", "multiple_choice"),
+    ("ForQuestionAnswering", "question_answering"),
     ("ForTokenClassification", "token_classification"),
     ("ForCausalLM", "causal_lm"),
     ("ForMaskedLM", "masked_lm"),
@@ -226,7 +238,72 @@ def _multiple_choice_losses(logits: Tensor, labels: Tensor) -> Tensor:
     return torch.where(valid, losses, torch.zeros_like(losses))
 
 
-def per_example_losses(model: nn.Module, outputs: Any, labels: Tensor, kind: str | None = None) -> Tensor:
+#: The label inputs of extractive question answering, in the order of a ``[B, 2]`` labels tensor.
+QA_LABEL_NAMES: tuple[str, str] = ("start_positions", "end_positions")
+
+
+def _question_answering_positions(labels: Any) -> tuple[Tensor, Tensor]:
+    """``(start_positions, end_positions)`` from a pair, a mapping with those keys or a ``[B, 2]`` tensor."""
+    if isinstance(labels, Mapping) and all(isinstance(labels.get(name), Tensor) for name in QA_LABEL_NAMES):
+        return labels[QA_LABEL_NAMES[0]], labels[QA_LABEL_NAMES[1]]
+    if isinstance(labels, (tuple, list)) and len(labels) == 2 and all(isinstance(item, Tensor) for item in labels):
+        return labels[0], labels[1]
+    if isinstance(labels, Tensor) and labels.dim() == 2 and labels.shape[1] == 2:
+        return labels[:, 0], labels[:, 1]
+    described = f"a tensor of shape {list(labels.shape)}" if isinstance(labels, Tensor) else type(labels).__name__
+    raise ValueError(
+        "Question answering needs both start_positions and end_positions: pass labels=(start_positions, "
+        f"end_positions), a mapping with those keys or a [B, 2] tensor; got {described}. With JDTrainer, keep both "
+        "columns in the dataset (and in label_names, which the Trainer sets to them by default)."
+    )
+
+
+def _span_logits(outputs: Any) -> tuple[Tensor, Tensor]:
+    if isinstance(outputs, Mapping):
+        start, end = outputs.get("start_logits"), outputs.get("end_logits")
+    elif isinstance(outputs, (tuple, list)) and len(outputs) >= 2:
+        start, end = outputs[0], outputs[1]
+    else:
+        start, end = getattr(outputs, "start_logits", None), getattr(outputs, "end_logits", None)
+    if not (isinstance(start, Tensor) and isinstance(end, Tensor)):
+        raise ValueError(
+            "Question-answering losses need the model outputs to carry `start_logits` and `end_logits` (a "
+            "ModelOutput or dict with those keys, or a tuple (start_logits, end_logits)); got "
+            f"{type(outputs).__name__}. For such a model pass a `compute_losses(model, inputs) -> (losses, outputs)` "
+            "callable to JDTrainer."
+        )
+    return start, end
+
+
+def _question_answering_losses(outputs: Any, labels: Any) -> Tensor:
+    """Per example, the mean of its start and end cross-entropies over the positions inside the sequence.
+
+    As in the models' loss, positions are clamped to ``[0, T]`` and ``T`` (beyond the sequence) is ignored;
+    when both are valid this is the model's own loss on that example alone. An example with neither gets 0.
+    """
+    starts, ends = _question_answering_positions(labels)
+    start_logits, end_logits = _span_logits(outputs)
+    batch = start_logits.shape[0]
+    start_logits, end_logits = start_logits.reshape(batch, -1).float(), end_logits.reshape(batch, -1).float()
+    length = start_logits.shape[1]
+    total = torch.zeros(batch, device=start_logits.device)
+    count = torch.zeros(batch, device=start_logits.device)
+    for logits, positions in ((start_logits, starts), (end_logits, ends)):
+        positions = positions.to(logits.device).reshape(-1).long()
+        if positions.shape[0] != batch:
+            raise ValueError(
+                f"Question answering needs one start and one end position per example, got positions of shape "
+                f"{list(positions.shape)} for a batch of {batch}."
+            )
+        positions = positions.clamp(0, length)
+        valid = positions != length
+        losses = F.cross_entropy(logits, torch.where(valid, positions, 0), reduction="none")
+        total = total + torch.where(valid, losses, torch.zeros_like(losses))
+        count = count + valid.float()
+    return total / count.clamp(min=1)
+
+
+def per_example_losses(model: nn.Module, outputs: Any, labels: Any, kind: str | None = None) -> Tensor:
     """Loss of every example of the batch, computed from the outputs of a Hugging Face task model.
 
     Parameters
@@ -242,7 +319,8 @@ def per_example_losses(model: nn.Module, outputs: Any, labels: Tensor, kind: str
         The labels the model would have taken (``[B]`` or ``[B, num_labels]`` for sequence classification,
         ``[B]`` choice indices for multiple choice, ``[B, T]`` for token-level tasks, ``-100`` marking
         ignored positions). Labels are not shifted for
-        causal LMs: the shift happens here, as in the models.
+        causal LMs: the shift happens here, as in the models. Question answering takes the pair
+        ``(start_positions, end_positions)`` (or a mapping with those keys, or a ``[B, 2]`` tensor).
     kind
         Force the loss: one of :data:`MODEL_KINDS`.
 
@@ -261,6 +339,8 @@ def per_example_losses(model: nn.Module, outputs: Any, labels: Tensor, kind: str
         kind = detect_model_kind(model)
     elif kind not in MODEL_KINDS:
         raise ValueError(f"kind must be one of {list(MODEL_KINDS)}, got {kind!r}.")
+    if kind == "question_answering":
+        return _question_answering_losses(outputs, labels)
     if not isinstance(labels, Tensor):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}.")
     logits = _logits_of(outputs).float()
@@ -283,4 +363,4 @@ def per_example_losses(model: nn.Module, outputs: Any, labels: Tensor, kind: str
     return _token_losses(logits, labels)
 
 
-__all__ = ["MODEL_KINDS", "detect_model_kind", "per_example_losses", "unwrap_model"]
+__all__ = ["MODEL_KINDS", "QA_LABEL_NAMES", "detect_model_kind", "per_example_losses", "unwrap_model"]

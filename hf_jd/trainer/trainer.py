@@ -54,13 +54,14 @@ class JDTrainer(Trainer):
         Optional ``callable(model, inputs) -> (losses, outputs)`` returning the losses of the
         micro-batch in the shape of ``jd_mode`` (``[m]``, ``[B]`` or ``[B, m]``; a dict task → loss
         is stacked in ``jd_task_names`` order). It replaces the built-in collection, for training
-        and evaluation.
+        and evaluation. It receives a shallow copy of the batch, so ``inputs.pop("labels")`` is fine.
 
     Notes
     -----
     - Losses. ``mtl``: the model output's ``losses`` (dict task → scalar, or tensor ``[m]``).
       ``iwrm``: the labels are removed from the inputs, the model runs without computing its loss,
-      and :func:`hf_jd.trainer.losses.per_example_losses` gives one loss per example (encoder-decoder
+      and :func:`hf_jd.trainer.losses.per_example_losses` gives one loss per example (question answering
+      reads both ``start_positions`` and ``end_positions``; encoder-decoder
       models such as T5 and BART get the ``decoder_input_ids`` they would have built from the labels,
       unless the batch already holds them). ``iwmtl``: the
       model output's ``losses`` (dict task → ``[B]`` or tensor ``[B, m]``); models whose forward
@@ -329,10 +330,19 @@ class JDTrainer(Trainer):
             if packed
             else "per_device_train_batch_size=1"
         )
+        accumulation = ""
+        steps = self.args.gradient_accumulation_steps
+        if not packed and steps > 1:
+            accumulation = (
+                f" gradient_accumulation_steps={steps} does not merge the micro-batches into one Jacobian (each is "
+                f"weighted on its own): for a Jacobian over {steps} examples, set per_device_train_batch_size={steps} "
+                "and gradient_accumulation_steps=1."
+            )
         warnings.warn(
             f"jd_mode={self.args.jd_mode!r} gets one example per micro-batch because {cause}, {what}. Use a "
             "collator that keeps one row per example (not DataCollatorWithFlattening) and "
-            "per_device_train_batch_size > 1, or pass compute_losses= returning one loss per packed sequence.",
+            "per_device_train_batch_size > 1, or pass compute_losses= returning one loss per packed sequence."
+            + accumulation,
             UserWarning,
             stacklevel=2,
         )
@@ -395,11 +405,11 @@ class JDTrainer(Trainer):
                 losses, outputs = self._loss_collector(
                     model, self.accelerator.unwrap_model(model), inputs, training=False
                 )
-                task_losses = self._task_means(losses)
+                task_losses = self._task_means(losses, self._label_counts(inputs))
                 loss = losses.mean()
             else:
                 outputs = model(**inputs)
-                task_losses = self._task_means(self._output_losses(outputs))
+                task_losses = self._task_means(self._output_losses(outputs), self._label_counts(inputs))
                 loss = outputs.get("loss") if isinstance(outputs, dict) else getattr(outputs, "loss", None)
                 if loss is None:
                     loss = torch.stack(list(task_losses.values())).mean()
@@ -428,17 +438,31 @@ class JDTrainer(Trainer):
             )
         return losses
 
-    def _task_means(self, losses: Any) -> dict[str, Tensor]:
-        """Per-task mean losses from a dict task → loss or a tensor ``[m]``/``[B]``/``[B, m]``."""
+    def _task_means(self, losses: Any, label_counts: list[int] | None = None) -> dict[str, Tensor]:
+        """Per-task mean losses from a dict task → loss or a tensor ``[m]``/``[B]``/``[B, m]``.
+
+        ``iwmtl`` with ``label_counts`` (examples carrying each task's label): a task's per-example losses
+        are summed and divided by its count, as for the training log ``loss_<task>`` (examples without
+        the label hold a zero placeholder that must not dilute the mean).
+        """
         names = self.args.jd_task_names
+        counts = dict(zip(names, label_counts)) if names and label_counts is not None else {}
+
+        def mean(name: str, value: Tensor) -> Tensor:
+            value = value.detach().float()
+            if value.dim() >= 1 and value.numel() > 1 and counts.get(name):
+                return value.sum() / counts[name]
+            return value.mean()
+
         if isinstance(losses, dict):
-            return {name: value.detach().float().mean() for name, value in losses.items()}
+            return {name: mean(name, value) for name, value in losses.items()}
         losses = losses.detach().float()
         if not names or self.args.jd_mode == "iwrm":
             return {}
         if self.args.jd_mode == "mtl":
             return {name: value for name, value in zip(names, losses.reshape(-1))}
-        return {name: value for name, value in zip(names, losses.reshape(-1, len(names)).mean(dim=0))}
+        columns = losses.reshape(-1, len(names))
+        return {name: mean(name, columns[:, index]) for index, name in enumerate(names)}
 
     def _record_eval_task_losses(self, task_losses: dict[str, Tensor], inputs: dict[str, Any]) -> None:
         """Accumulate each task's mean loss, weighted by the number of examples that carry its label."""
@@ -469,6 +493,12 @@ class JDTrainer(Trainer):
         if self.compute_losses is None:
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
         inputs = self._prepare_inputs(inputs)
+        # The labels are read before the forward pass, as the Trainer's own prediction_step does.
+        labels = None
+        if self.label_names and all(inputs.get(name) is not None for name in self.label_names):
+            labels = nested_detach(tuple(inputs[name] for name in self.label_names))
+            if len(labels) == 1:
+                labels = labels[0]
         with torch.no_grad(), self.compute_loss_context_manager():
             loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
         loss = loss.detach().mean()
@@ -480,11 +510,6 @@ class JDTrainer(Trainer):
         logits = nested_detach(outputs) if outputs is not None else None
         if isinstance(logits, tuple) and len(logits) == 1:
             logits = logits[0]
-        labels = None
-        if self.label_names and all(inputs.get(name) is not None for name in self.label_names):
-            labels = nested_detach(tuple(inputs[name] for name in self.label_names))
-            if len(labels) == 1:
-                labels = labels[0]
         return loss, logits, labels
 
     def evaluation_loop(

@@ -92,6 +92,32 @@ def test_unknown_aggregator_lists_valid_names(tmp_path):
         assert name in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "suggestion"),
+    [
+        ({"jd_aggregator": "upgrd"}, "Did you mean 'upgrad'?"),
+        ({"jd_aggregator": "pc_grad"}, "Did you mean 'pcgrad'?"),
+        ({"jd_aggregator": "nashmtl"}, "Did you mean 'nash_mtl'?"),
+        ({"jd_aggregator": "IMTL-G2"}, "Did you mean 'imtl_g'?"),
+        ({"jd_mode": "IWRM"}, "Did you mean 'iwrm'?"),
+        ({"jd_mode": "iwmt"}, "Did you mean 'iwmtl'?"),
+        ({"jd_engine": "autograd"}, "Did you mean 'autogram'?"),
+        ({"jd_nonfinite": "skipp"}, "Did you mean 'skip'?"),
+        ({"jd_ddp_gramian": "Local"}, "Did you mean 'local'?"),
+    ],
+)
+def test_misspelled_names_get_a_suggestion(tmp_path, kwargs, suggestion):
+    with pytest.raises(ValueError) as info:
+        make(tmp_path, **kwargs)
+    assert suggestion in str(info.value)
+
+
+def test_far_off_names_get_no_suggestion(tmp_path):
+    with pytest.raises(ValueError) as info:
+        make(tmp_path, jd_aggregator="adamw")
+    assert "Did you mean" not in str(info.value)
+
+
 def test_non_gramian_aggregator_rejects_autogram_and_weight_reuse(tmp_path):
     name = next(name for name in available_aggregators() if not is_gramian_based(name))
     with pytest.raises(ValueError, match="needs a Gramian-based aggregator"):

@@ -79,8 +79,9 @@ def test_arguments_reject_single_backward_without_autogram(tmp_path):
         make_args(tmp_path, jd_mode="iwrm", jd_single_backward="yes")
 
 
-class _BorrowingNet(nn.Module):
-    """Returns ``loss`` per example; the parent calls ``F.linear`` with its child's weight."""
+class _MixingNet(nn.Module):
+    """Returns ``loss`` per example; a parameter-free operation mixes the examples of the batch (every
+    parametrised call is still shaped [B, ...]): only the first-step check finds the wrong Gramian."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -89,7 +90,8 @@ class _BorrowingNet(nn.Module):
         self.head = nn.Linear(8, 1)
 
     def forward(self, x: Tensor, labels_a: Tensor | None = None, labels_b: Tensor | None = None) -> dict[str, Tensor]:
-        hidden = torch.tanh(F.linear(torch.tanh(self.first(x)), self.child.weight))
+        hidden = torch.tanh(self.first(x))
+        hidden = torch.tanh(self.child(hidden - hidden.mean(0, keepdim=True)))
         pred = self.head(hidden).squeeze(-1)
         out = {"logits": pred}
         if labels_a is not None:
@@ -103,12 +105,12 @@ def _per_example_losses(model: nn.Module, inputs: dict[str, Tensor]) -> tuple[Te
 
 
 @pytest.mark.parametrize("single_backward", [False, True])
-def test_first_step_check_detects_unattributed_parameter(tmp_path, single_backward):
+def test_first_step_check_detects_a_wrong_gramian(tmp_path, single_backward):
     dataset = two_task_dataset().remove_columns(["labels_b"])
     args = make_args(tmp_path, jd_mode="iwrm", jd_single_backward=single_backward, max_steps=1,
                      label_names=["labels_a"])  # fmt: skip
-    trainer = JDTrainer(model=_BorrowingNet(), args=args, train_dataset=dataset, compute_losses=_per_example_losses)
-    with pytest.raises(RuntimeError, match="outside the forward pass of the module that owns.*jd_engine='autojac'"):
+    trainer = JDTrainer(model=_MixingNet(), args=args, train_dataset=dataset, compute_losses=_per_example_losses)
+    with pytest.raises(RuntimeError, match="does not account for all uses(.|\n)*jd_engine='autojac'"):
         trainer.train()
 
 

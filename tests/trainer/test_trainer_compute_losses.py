@@ -133,3 +133,84 @@ def test_labels_column_is_kept_for_compute_losses_with_default_column_removal(tm
     JDTrainer(model=model, args=args, train_dataset=data, compute_losses=compute_losses).train()
     assert sorted(torch.cat(seen).tolist()) == sorted(i % 3 for i in range(8))  # every example's label, once
     assert not torch.equal(before, model.linear.weight)
+
+
+def test_compute_losses_that_pops_the_labels_keeps_them_for_prediction(tmp_path) -> None:
+    """The usual Trainer recipe ``labels = inputs.pop("labels")`` (class weights) must not lose the
+    labels: predict() still returns them with the class-weighted loss."""
+    data = Dataset.from_dict({"x": torch.randn(8, 6, generator=torch.Generator().manual_seed(0)).tolist(),
+                              "labels": [0, 1, 2, 1, 0, 2, 2, 1]})  # fmt: skip
+    class_weights = torch.tensor([1.0, 5.0, 0.5])
+
+    def weighted_losses(model, inputs):
+        labels = inputs.pop("labels")
+        outputs = model(inputs["x"])
+        return nn.functional.cross_entropy(outputs["logits"], labels, weight=class_weights, reduction="none"), outputs
+
+    args = JDTrainingArguments(
+        output_dir=str(tmp_path), jd_mode="iwrm", max_steps=1, report_to="none", use_cpu=True,
+        per_device_train_batch_size=4, per_device_eval_batch_size=4, label_names=["labels"],
+    )  # fmt: skip
+    model = PlainClassifier()
+    trainer = JDTrainer(model=model, args=args, train_dataset=data, compute_losses=weighted_losses)
+    trainer.train()
+    prediction = trainer.predict(data)
+    assert prediction.label_ids is not None and prediction.label_ids.tolist() == data["labels"]
+    with torch.no_grad():
+        logits = model(torch.tensor(data["x"]))["logits"]
+    expected = nn.functional.cross_entropy(logits, torch.tensor(data["labels"]), weight=class_weights, reduction="none")
+    assert prediction.metrics["test_loss"] == pytest.approx(float(expected.mean()), rel=1e-5)
+    assert prediction.predictions.shape == (8, 3)
+
+
+def test_compute_losses_that_pops_task_labels_keeps_eval_task_counts(tmp_path) -> None:
+    """iwmtl: a task label popped by compute_losses is still used to count the labelled examples."""
+    nan = float("nan")
+    data = Dataset.from_dict({"x": [[1.0, 2.0], [0.5, -1.0]] * 2, "labels_a": [1.0, nan, 0.0, nan],
+                              "labels_b": [0.0, 2.0, 1.0, 3.0]})  # fmt: skip
+
+    def losses_popping(model, inputs):
+        labels = {name: inputs.pop(f"labels_{name}") for name in ("a", "b")}
+        outputs = model(inputs["x"])
+        columns = []
+        for name in ("a", "b"):
+            valid = ~torch.isnan(labels[name])
+            error = (outputs[name] - torch.nan_to_num(labels[name])) ** 2
+            columns.append(torch.where(valid, error, torch.zeros_like(error)))
+        return torch.stack(columns, dim=1), outputs
+
+    args = JDTrainingArguments(
+        output_dir=str(tmp_path), jd_mode="iwmtl", jd_task_names=["a", "b"], max_steps=1,
+        remove_unused_columns=False, report_to="none", use_cpu=True, per_device_eval_batch_size=4,
+    )  # fmt: skip
+    model = TwoOutputNet()
+    trainer = JDTrainer(model=model, args=args, eval_dataset=data, data_collator=default_data_collator,
+                        compute_losses=losses_popping)  # fmt: skip
+    metrics = trainer.evaluate()
+    with torch.no_grad():
+        predicted_a = model(torch.tensor(data["x"]))["a"]
+    labelled = torch.tensor([0, 2])
+    expected_a = ((predicted_a[labelled] - torch.tensor([1.0, 0.0])) ** 2).mean()
+    assert metrics["eval_loss_a"] == pytest.approx(float(expected_a), rel=1e-5)
+
+
+def test_compute_losses_gets_a_copy_of_the_same_mapping_type() -> None:
+    """A collator's BatchEncoding stays a BatchEncoding (attribute access works), and popping from it
+    leaves the caller's batch whole."""
+    from transformers import BatchEncoding
+
+    from hf_jd.trainer._collect import LossCollector
+
+    model = PlainClassifier()
+    seen = []
+
+    def compute_losses(model, inputs):
+        seen.append(type(inputs))
+        labels = inputs.pop("labels")
+        outputs = model(inputs.x)
+        return nn.functional.cross_entropy(outputs["logits"], labels, reduction="none"), outputs
+
+    batch = BatchEncoding({"x": torch.randn(4, 6), "labels": torch.tensor([0, 1, 2, 1])})
+    losses, _ = LossCollector("iwrm", None, ["labels"], compute_losses)(model, model, batch)
+    assert seen == [BatchEncoding] and losses.shape == (4,)
+    assert set(batch.keys()) == {"x", "labels"}

@@ -112,6 +112,23 @@ def test_batch_size_one_warns_and_a_smaller_last_batch_does_not(tmp_path):
     assert not _messages(record, "one example per micro-batch")
 
 
+def test_batch_size_one_with_accumulation_says_micro_batches_are_not_merged(tmp_path):
+    """per_device_train_batch_size=1 with gradient accumulation (a common memory recipe) does not give a
+    Jacobian over the accumulated examples: the warning says so and how to get one."""
+    args = make_args(tmp_path, max_steps=1, per_device_train_batch_size=1, gradient_accumulation_steps=4)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        JDTrainer(model=tiny_bert(), args=args, train_dataset=token_dataset(n=4)).train()
+    (found,) = _messages(record, "one example per micro-batch")
+    assert "gradient_accumulation_steps=4" in found and "per_device_train_batch_size=4" in found
+    args = make_args(tmp_path, max_steps=1, per_device_train_batch_size=1)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        JDTrainer(model=tiny_bert(), args=args, train_dataset=token_dataset(n=4)).train()
+    (found,) = _messages(record, "one example per micro-batch")
+    assert "gradient_accumulation_steps" not in found
+
+
 def test_iwmtl_batch_size_one_warns_that_only_tasks_remain(tmp_path):
     args = make_args(tmp_path, jd_mode="iwmtl", jd_task_names=TASKS, max_steps=1, per_device_train_batch_size=1)
     with pytest.warns(UserWarning, match="one example per micro-batch.*only the tasks"):
