@@ -45,20 +45,66 @@ def check_matrix(matrix: Tensor, what: str = "matrix") -> None:
 
 
 def check_gramian(gramian: Tensor) -> None:
-    """Raise ``ValueError`` unless ``gramian`` is a finite, square, floating 2-D tensor whose diagonal
-    (squared norms of the rows) is not negative beyond rounding."""
+    """Raise ``ValueError`` unless ``gramian`` could be ``J Jᵀ`` up to rounding.
+
+    It must be a finite, square, floating 2-D tensor whose diagonal (squared norms of the rows) is
+    not negative, which is symmetric and satisfies the Cauchy–Schwarz inequality
+    ``|Gᵢⱼ| ≤ sqrt(Gᵢᵢ Gⱼⱼ)`` (necessary for positive semi-definiteness, ``O(m²)`` to check),
+    both up to a relative ``max(1e-3, 100·eps)`` of ``sqrt(Gᵢᵢ Gⱼⱼ)`` (``eps`` of its dtype) plus
+    ``1e-6`` of the largest diagonal entry.
+    """
     check_matrix(gramian, "Gramian")
     if gramian.shape[0] != gramian.shape[1]:
         raise ValueError(
             f"The Gramian must be square (shape [m, m]), got shape {tuple(gramian.shape)}. "
             "Pass J @ J.T, not the Jacobian J itself."
         )
-    diagonal = gramian.detach().diagonal()
-    if bool((diagonal < -1e-5 * diagonal.abs().max()).any()):
+    work = gramian.detach()
+    if work.dtype in (torch.float16, torch.bfloat16):
+        work = work.float()
+    diagonal = work.diagonal()
+    largest = float(diagonal.abs().max())
+    if bool((diagonal < -1e-5 * largest).any()):
         raise ValueError(
             f"The Gramian has negative diagonal entries (min {float(diagonal.min()):.3g}), so it is not J @ J.T "
             "of any matrix J. Pass the Gramian of the Jacobian."
         )
+    if work.shape[0] > 1:
+        _check_symmetric_and_cauchy_schwarz(work, diagonal, largest, torch.finfo(gramian.dtype).eps)
+
+
+def _check_symmetric_and_cauchy_schwarz(
+    gramian: Tensor, diagonal: Tensor, largest: float, eps: float
+) -> None:
+    """The structural part of :func:`check_gramian` (``gramian``: float32 or float64)."""
+    norms = diagonal.clamp_min(0.0).sqrt()
+    bound = norms.unsqueeze(1) * norms.unsqueeze(0)
+    tol = max(_GRAMIAN_RTOL, 100.0 * eps)
+    allowed = bound.mul(tol).add_(_GRAMIAN_ATOL * largest)
+    asymmetry = (gramian - gramian.T).abs_().sub_(allowed)
+    if bool((asymmetry > 0).any()):
+        i, j = divmod(int(asymmetry.argmax()), gramian.shape[0])
+        raise ValueError(
+            f"The Gramian is not symmetric (G[{i}, {j}] = {float(gramian[i, j]):.4g} but "
+            f"G[{j}, {i}] = {float(gramian[j, i]):.4g}), so it is not J @ J.T of any matrix J. "
+            "Pass the Gramian of the Jacobian, J @ J.T."
+        )
+    excess = gramian.abs().sub_(bound).sub_(allowed)
+    if bool((excess > 0).any()):
+        i, j = divmod(int(excess.argmax()), gramian.shape[0])
+        raise ValueError(
+            f"The Gramian is not positive semi-definite: |G[{i}, {j}]| = {float(gramian[i, j].abs()):.4g} "
+            f"exceeds sqrt(G[{i}, {i}] G[{j}, {j}]) = {float(bound[i, j]):.4g} (Cauchy-Schwarz), so it is "
+            "not J @ J.T of any matrix J. Pass the Gramian of the Jacobian, J @ J.T."
+        )
+
+
+# Tolerances of check_gramian's symmetry and Cauchy–Schwarz checks: relative to sqrt(Gᵢᵢ Gⱼⱼ)
+# (at least 100 eps of the dtype) and to the largest diagonal entry.
+_GRAMIAN_RTOL = 1e-3
+_GRAMIAN_ATOL = 1e-6
+# Largest diagonal entry below which a float32 Gramian is recomputed in float64.
+_FLOAT32_GRAMIAN_FLOOR = 1e-30
 
 
 class _Stateful:
@@ -147,13 +193,13 @@ class GramianWeightedAggregator(Aggregator):
         return self._weighting
 
     def weights(self, matrix: Tensor) -> Tensor:
-        """Return the weights this aggregator gives to the rows of ``matrix``."""
+        """Return the weights this aggregator gives to the rows of ``matrix`` (in its dtype)."""
         check_matrix(matrix)
-        return self._weighting(compute_gramian(matrix))
+        return self._weighting(compute_gramian(matrix)).to(matrix.dtype)
 
     def aggregate(self, matrix: Tensor) -> Tensor:
         weights = self._weighting(compute_gramian(matrix))
-        return weights @ matrix
+        return weights.to(matrix.dtype) @ matrix
 
     def reset(self) -> None:
         self._weighting.reset()
@@ -173,6 +219,37 @@ class GramianWeightedAggregator(Aggregator):
 
 
 def compute_gramian(matrix: Tensor) -> Tensor:
-    """Return ``matrix @ matrix.T``, symmetrised to remove rounding asymmetry."""
-    gramian = matrix @ matrix.T
+    """Return ``matrix @ matrix.T``, symmetrised to remove rounding asymmetry.
+
+    A float16 or bfloat16 matrix has its Gramian computed in float32: the products of its rows
+    are exact there, whereas rounding them to the matrix's own 8 to 11 bits would leave the
+    weightings a Gramian accurate to only two or three digits. A float32 Gramian that overflows,
+    or whose largest entry is below ``1e-30`` (subnormal or zero) for a non-zero matrix, is
+    computed in float64 instead.
+
+    Raises
+    ------
+    ValueError
+        If the Gramian overflows even float64.
+    """
+    work = matrix.float() if matrix.dtype in (torch.float16, torch.bfloat16) else matrix
+    gramian = work @ work.T
+    if work.dtype == torch.float32 and _outside_float32_range(gramian, work):
+        # Products of rows that overflow float32 (entries above ~1e19) or underflow it (below
+        # ~1e-19: the Gramian would be 0, or subnormal and imprecise) are exact in float64.
+        work = matrix.double()
+        gramian = work @ work.T
+    if not bool(torch.isfinite(gramian.diagonal()).all()):
+        raise ValueError(
+            f"The Gramian J @ J.T of the matrix overflows {gramian.dtype} (its entries reach "
+            f"{float(matrix.abs().max()):.3g}): scale the losses down."
+        )
     return (gramian + gramian.T) / 2
+
+
+def _outside_float32_range(gramian: Tensor, matrix: Tensor) -> bool:
+    """Whether a float32 Gramian overflowed, or is below ``1e-30`` for a non-zero matrix."""
+    largest = gramian.diagonal().abs().max()
+    if not bool(torch.isfinite(largest)):
+        return True
+    return bool(largest < _FLOAT32_GRAMIAN_FLOOR) and bool((matrix != 0).any())

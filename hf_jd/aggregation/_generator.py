@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -26,14 +27,16 @@ def check_seed(seed: int | None) -> int:
     return seed
 
 
-def random_orders(m: int, generator: torch.Generator) -> list[list[int]]:
-    """For each ``i < m``, the other indices in a random order (one ``torch.randperm`` each)."""
-    orders = []
-    for i in range(m):
-        others = [j for j in range(m) if j != i]
-        permutation = torch.randperm(m - 1, generator=generator).tolist()
-        orders.append([others[k] for k in permutation])
-    return orders
+def random_orders(m: int, generator: torch.Generator) -> np.ndarray:
+    """For each ``i < m``, the other indices in a random order (one ``torch.randperm`` each).
+
+    Returns an integer array of shape ``[m, m - 1]`` whose row ``i`` is row ``i``'s order.
+    """
+    permutations = torch.stack(
+        [torch.randperm(max(m - 1, 0), generator=generator) for _ in range(m)]
+    )
+    # Row i's others are 0..i-1, i+1..m-1: position k holds k, or k + 1 from i on.
+    return (permutations + (permutations >= torch.arange(m).unsqueeze(1))).numpy()
 
 
 class SeededGenerator:

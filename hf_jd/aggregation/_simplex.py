@@ -89,9 +89,10 @@ def pinv_hermitian(matrix: np.ndarray, rtol: float) -> np.ndarray:
     return torch.linalg.pinv(tensor, rtol=rtol, hermitian=True).numpy()
 
 
-def spectral_factor(gramian: np.ndarray, rtol: float = 1e-10) -> np.ndarray:
+def spectral_factor(gramian: np.ndarray, rtol: float = 1e-10, atol: float = 0.0) -> np.ndarray:
     """Return ``R`` of shape ``[m, r]`` with ``R Rᵀ ≈ gramian``, keeping the ``r`` eigenvalues
-    larger than ``rtol`` times the largest one.
+    larger than ``rtol`` times the largest one and than ``atol``. The columns of ``R`` are
+    orthogonal (eigenvectors times the square roots of their eigenvalues).
 
     If ``gramian = J Jᵀ`` then ``R = J Q`` for an orthonormal basis ``Q`` of the row space of
     ``J``: the rows of ``R`` are the rows of ``J`` written in ``r`` coordinates, so inner products
@@ -99,7 +100,10 @@ def spectral_factor(gramian: np.ndarray, rtol: float = 1e-10) -> np.ndarray:
     """
     eigenvalues, eigenvectors = eigh(gramian)
     largest = max(float(eigenvalues[-1]), 0.0)
-    keep = eigenvalues > rtol * largest if largest > 0 else np.zeros_like(eigenvalues, dtype=bool)
+    if largest > 0:
+        keep = eigenvalues > max(rtol * largest, atol)
+    else:
+        keep = np.zeros_like(eigenvalues, dtype=bool)
     return np.ascontiguousarray(eigenvectors[:, keep] * np.sqrt(eigenvalues[keep]))
 
 

@@ -43,8 +43,13 @@ class FairGradWeighting(Weighting):
     Gramians; with row norms spread over eight orders of magnitude and ``α < 1``, ~1e-3), see
     :mod:`hf_jd.aggregation._alpha_fair`. The fixed point holds even for a singular
     Gramian as long as some direction has a positive inner product with every row (directions
-    whose eigenvalue in the cosine matrix is below ``100·m·eps`` of the input dtype are treated
-    as rounding noise and dropped, so there it holds up to that noise).
+    whose eigenvalue in the cosine matrix is below ``m·eps`` of the input dtype are treated as
+    rounding noise and dropped, so there it holds up to that noise). Float16 and bfloat16
+    Gramians are solved in float64 with their own ``eps``: the rows count as in conflict (zero
+    weights) when the squared norm of the min-norm point of the unit rows is below ``10·eps``,
+    about ``1/m`` for ``m`` generic rows, so a bfloat16 Gramian of more than about 12 generic
+    rows (float16: 100) gets zero weights; pass a float32 Gramian. The aggregator computes the
+    Gramian of a half-precision Jacobian in float32.
 
     Zero rows cannot be served by any update: they get weight ``0`` and the fixed point is solved
     for the other rows. When no direction has a positive inner product with every non-zero row

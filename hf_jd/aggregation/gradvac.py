@@ -24,7 +24,7 @@ __all__ = ["GradVacWeighting", "GradVac", "gradvac_weights"]
 def gradvac_weights(
     gramian: np.ndarray,
     targets: np.ndarray,
-    orders: Sequence[Sequence[int]],
+    orders: Sequence[Sequence[int]] | np.ndarray,
     beta: float,
     epsilon: float,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -50,10 +50,10 @@ def gradvac_weights(
     rows = np.arange(m)
     coefficients = np.eye(m)
     products = gramian.copy()  # row i: Gc_i, the inner products of g_i' with every g_j
+    norms_sq = diagonal.copy()  # row i: |g_i'|² = c_iᵀGc_i, updated with each change
     # All rows are processed at once: step k handles the pair (i, orders[i][k]) for every i.
     for step in range(m - 1):
         columns = order_array[:, step]
-        norms_sq = (products * coefficients).sum(axis=1)
         valid = nonzero[columns] & (norms_sq > norm_floor)
         norm_i = np.sqrt(np.where(valid, norms_sq, 1.0))
         norm_j = np.sqrt(np.where(valid, diagonal[columns], 1.0))
@@ -64,9 +64,16 @@ def gradvac_weights(
         sine = np.sqrt(np.clip(1.0 - cosine**2, 0.0, None))
         change = norm_i * (target * sine - cosine * target_sine) / (norm_j * target_sine)
         change = np.where(valid & (cosine < target), change, 0.0)
-        coefficients[rows, columns] += change
-        products += change[:, None] * gramian[columns]
         targets[rows, columns] = np.where(valid, (1.0 - beta) * target + beta * cosine, target)
+        # Only the rows whose cosine was raised change (O(m) each).
+        changed = np.flatnonzero(change)
+        if changed.size == 0:
+            continue
+        picked, delta = columns[changed], change[changed]
+        coefficients[changed, picked] += delta
+        # |c + δ e_j|²_G = |c|²_G + 2δ (Gc)_j + δ² G_jj, with (Gc)_j = inner before the change.
+        norms_sq[changed] += delta * (2.0 * inner[changed] + delta * diagonal[picked])
+        products[changed] += delta[:, None] * gramian[picked]
     return coefficients.sum(axis=0), targets
 
 
@@ -131,9 +138,10 @@ class GradVacWeighting(Weighting):
             targets = np.zeros((m, m))
         elif self._targets.shape[0] != m:
             raise ValueError(
-                f"GradVacWeighting holds targets for {self._targets.shape[0]} objectives but "
-                f"received a Gramian for {m}. Call reset() before changing the number of "
-                "objectives."
+                f"GradVacWeighting holds target cosines for {self._targets.shape[0]} rows "
+                f"(objectives) but received a Gramian of {m} rows: its targets are per pair of "
+                "rows, so the number of rows cannot change between calls. Call reset() first "
+                "(the targets restart from 0)."
             )
         else:
             targets = self._targets

@@ -99,13 +99,13 @@ class NashMTLWeighting(Weighting):
         if self.n_tasks is not None and m != self.n_tasks:
             raise ValueError(
                 f"NashMTLWeighting was built with n_tasks={self.n_tasks} but received a Gramian "
-                f"for {m} objectives. Pass n_tasks={m} (or None)."
+                f"of {m} rows (objectives). Pass n_tasks={m} (or None)."
             )
         if self._previous is not None and self._previous.shape[0] != m:
             raise ValueError(
-                f"NashMTLWeighting holds weights for {self._previous.shape[0]} objectives but "
-                f"received a Gramian for {m}. Call reset() before changing the number of "
-                "objectives."
+                f"NashMTLWeighting holds previous weights for {self._previous.shape[0]} rows "
+                f"(objectives) but received a Gramian of {m} rows: they cannot be reused. Call "
+                "reset() before changing the number of rows."
             )
         array = gramian_to_numpy(gramian)
         if self._previous is None or self._step % self.update_weights_every == 0:

@@ -18,7 +18,9 @@ from ._simplex import gramian_to_numpy, nonzero_rows, weights_to_tensor
 __all__ = ["PCGradWeighting", "PCGrad", "pcgrad_weights"]
 
 
-def pcgrad_weights(gramian: np.ndarray, orders: Sequence[Sequence[int]]) -> np.ndarray:
+def pcgrad_weights(
+    gramian: np.ndarray, orders: Sequence[Sequence[int]] | np.ndarray
+) -> np.ndarray:
     """Return the PCGrad weights for the given projection orders.
 
     ``orders[i]`` lists the ``m - 1`` indices other than ``i`` in the order row ``i`` visits them.
@@ -41,9 +43,14 @@ def pcgrad_weights(gramian: np.ndarray, orders: Sequence[Sequence[int]]) -> np.n
     for step in range(m - 1):
         columns = order_array[:, step]
         inner = products[rows, columns]
-        change = np.where((inner < 0.0) & nonzero[columns], -inner / safe_diagonal[columns], 0.0)
-        coefficients[rows, columns] += change
-        products += change[:, None] * gramian[columns]
+        # Only the rows that conflict with their g_j change (O(m) each): often a few of them.
+        changed = np.flatnonzero((inner < 0.0) & nonzero[columns])
+        if changed.size == 0:
+            continue
+        targets = columns[changed]
+        change = -inner[changed] / safe_diagonal[targets]
+        coefficients[changed, targets] += change
+        products[changed] += change[:, None] * gramian[targets]
     return coefficients.sum(axis=0)
 
 

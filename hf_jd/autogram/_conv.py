@@ -1,4 +1,4 @@
-"""Record of ``nn.Conv2d`` calls (zero padding, one group), via the unfold (im2col) form.
+"""Records of ``nn.Conv2d`` and ``nn.Conv1d`` calls (zero padding), via the unfold (im2col) form.
 
 A 2-D convolution is a Linear map applied to every unfolded input patch, so its per-row weight
 gradients are ``Σ_l g_{ekl} u_{el}ᵀ`` with ``u`` the unfolded patches ``[E, L, C·kh·kw]`` and
@@ -9,14 +9,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._layout import RowLayout
 from ._outer import OuterProductRecord, OuterProductRows
-from ._record import compute_dtype
+from ._record import Record, compute_dtype
 
-__all__ = ["Conv2dRecord", "is_unfoldable_conv2d"]
+__all__ = ["Conv2dRecord", "PatchConvRecord", "is_unfoldable_conv2d", "is_unfoldable_grouped_conv"]
 
 
 def is_unfoldable_conv2d(module: nn.Module) -> bool:
@@ -77,3 +78,88 @@ class Conv2dRecord(OuterProductRecord):
             inputs = patches
             out_rows = out_rows.transpose(0, 1)
         self.factors = OuterProductRows(inputs.to(self.product_dtype).to(dtype), out_rows.to(dtype))
+
+
+def is_unfoldable_grouped_conv(module: nn.Module) -> bool:
+    """Whether ``module`` is a stock ``nn.Conv1d``, or a stock grouped (e.g. depthwise) ``nn.Conv2d``,
+    with zero padding given as numbers: handled by :class:`PatchConvRecord`."""
+    if isinstance(module, nn.Conv1d):
+        stock = type(module).forward is nn.Conv1d.forward
+    elif isinstance(module, nn.Conv2d):
+        stock = type(module).forward is nn.Conv2d.forward and module.groups > 1
+    else:
+        return False
+    return stock and module.padding_mode == "zeros" and not isinstance(module.padding, str)
+
+
+class PatchConvRecord(Record):
+    """One call of a ``Conv1d`` (any groups) or grouped ``Conv2d``: per-row weight gradients
+    ``Σ_l g_{ekgl} u_{egl}ᵀ`` per group ``g`` of channels, from the unfolded input patches ``u``,
+    materialised (``[R, numel]``, the size of the weight per row: small for depthwise kernels)."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        module_name: str,
+        params: dict[str, nn.Parameter],
+        args: tuple[Any, ...],
+        output: Tensor,
+    ) -> None:
+        super().__init__(module, module_name, params)
+        inputs = args[0]
+        spatial = 1 if isinstance(module, nn.Conv1d) else 2
+        if inputs.dim() != spatial + 2:
+            raise RuntimeError(
+                f"Module {self.describe()} received an input of shape {tuple(inputs.shape)}; the autogram engine "
+                f"needs batched [N, C, {'L' if spatial == 1 else 'H, W'}] inputs for {type(module).__name__}."
+            )
+        self.inputs = inputs.detach()
+        self.product_dtype = output.dtype
+
+    def _bind(self, grads: list[Tensor | None], layout: RowLayout) -> None:
+        (grad,) = grads
+        assert grad is not None
+        if layout.batch_dim not in (None, 0):
+            raise RuntimeError(
+                f"Module {self.describe()}: convolution inputs are batched along dimension 0, but the "
+                f"engine has batch_dim={layout.batch_dim}. Use batch_dim=0 or None."
+            )
+        conv = self.module
+        assert isinstance(conv, (nn.Conv1d, nn.Conv2d))
+        dtype = compute_dtype(conv.weight)
+        self.check_batch(self.inputs, layout, "input")
+        inputs = self.inputs.to(self.product_dtype).to(dtype)
+        del self.inputs
+        if isinstance(conv, nn.Conv1d):  # as a Conv2d over [N, C, 1, L]
+            inputs = inputs.unsqueeze(2)
+            kernel, dilation = (1, conv.kernel_size[0]), (1, conv.dilation[0])
+            padding, stride = (0, conv.padding[0]), (1, conv.stride[0])  # type: ignore[index]
+        else:
+            kernel, dilation, padding, stride = conv.kernel_size, conv.dilation, conv.padding, conv.stride
+        patches = F.unfold(inputs, kernel, dilation=dilation, padding=padding, stride=stride)  # [N, C*K, L]
+        samples, _, positions = patches.shape
+        groups = conv.groups
+        self.patches = patches.view(samples, groups, -1, positions)  # [N, G, C_in/G * K, L]
+        num_tasks = grad.shape[0]
+        out_rows = grad.to(dtype).reshape(num_tasks, samples, groups, -1, positions)  # [m, N, G, C_out/G, L]
+        if layout.batch_dim is None:  # the whole batch is one "example", one row per task
+            self.grads = out_rows.unsqueeze(0)  # [1, m, N, G, C_out/G, L]
+        else:
+            self.grads = out_rows.transpose(0, 1).unsqueeze(2)  # [E, m, 1, G, C_out/G, L]
+            self.patches = self.patches.unsqueeze(1)  # [E, 1, G, C_in/G * K, L]
+
+    def per_row(self, name: str) -> Tensor:
+        assert self.layout is not None
+        num_rows = self.layout.num_rows
+        if name == "bias":
+            return self.grads.sum(dim=(2, -1)).reshape(num_rows, -1)
+        patches = self.patches if self.patches.dim() == 5 else self.patches.unsqueeze(0)  # [E, n, G, I, L]
+        return torch.einsum("ekngol,engil->ekgoi", self.grads, patches).reshape(num_rows, -1)
+
+    def compact(self) -> None:
+        if set(self.kept_rows) >= set(self.params):
+            self.grads = self.patches = None  # type: ignore[assignment]
+
+    def release(self) -> None:
+        super().release()
+        self.grads = self.patches = None  # type: ignore[assignment]

@@ -7,7 +7,7 @@ from enum import Enum
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ._conv import Conv2dRecord, is_unfoldable_conv2d
+from ._conv import Conv2dRecord, PatchConvRecord, is_unfoldable_conv2d, is_unfoldable_grouped_conv
 from ._embedding import EmbeddingRecord, is_embedding
 from ._group_norm import GroupNormRecord, is_group_norm
 from ._layer_norm import LayerNormRecord, is_layer_norm
@@ -24,6 +24,7 @@ class Kind(Enum):
     LINEAR = "linear"
     EMBEDDING = "embedding"
     CONV2D = "conv2d"
+    GROUPED_CONV = "grouped_conv"  # Conv1d, grouped Conv2d
     LAYER_NORM = "layer_norm"
     GROUP_NORM = "group_norm"
     RMS_NORM = "rms_norm"  # generic, with a verified closed form
@@ -39,6 +40,7 @@ _CLASSES: dict[Kind, type[Record]] = {
     Kind.LINEAR: LinearRecord,
     Kind.EMBEDDING: EmbeddingRecord,
     Kind.CONV2D: Conv2dRecord,
+    Kind.GROUPED_CONV: PatchConvRecord,
     Kind.LAYER_NORM: LayerNormRecord,
     Kind.GROUP_NORM: GroupNormRecord,
 }
@@ -62,6 +64,8 @@ def kind_of(module: nn.Module) -> Kind:
         return Kind.EMBEDDING
     if is_unfoldable_conv2d(module):
         return Kind.CONV2D
+    if is_unfoldable_grouped_conv(module):
+        return Kind.GROUPED_CONV
     if is_layer_norm(module):
         return Kind.LAYER_NORM
     if is_group_norm(module):

@@ -4,8 +4,8 @@ Algorithm 3 of Quinton & Rey, "Jacobian Descent For Multi-Objective Optimization
 2406.16232): forward hooks on every module with direct trainable parameters capture what that
 module saw (its input, its output's gradient edge); :meth:`Engine.compute_gramian` back-propagates
 the losses to those module outputs only (no parameter gradient is computed) and adds each
-parameter's contribution in closed form (Linear, Conv1D, Conv2d, Embedding, RMSNorm,
-LayerNorm, GroupNorm; subclasses of Linear and Embedding with a forward of their own, and RMS norms
+parameter's contribution in closed form (Linear, Conv1D, Conv2d including grouped and depthwise
+ones, Conv1d, Embedding, RMSNorm, LayerNorm, GroupNorm; subclasses of Linear and Embedding with a forward of their own, and RMS norms
 by any name, once their first call verifies the closed form on its tensors) or by batched
 vector-Jacobian products on the existing graph (any other module).
 Parameters used by several modules (tied embeddings) get their cross terms. Tables looked up once

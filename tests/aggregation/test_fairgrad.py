@@ -140,3 +140,43 @@ def test_float32_collinear_conflicting_rows_give_zero() -> None:
     matrix = torch.tensor([[1.5410], [-0.2934], [-2.1788]], dtype=torch.float32)
     torch.testing.assert_close(FairGrad()(matrix), torch.zeros(1))
     torch.testing.assert_close(FairGrad(alpha=3.0)(matrix.double()), torch.zeros(1).double())
+
+
+@pytest.mark.parametrize("name", ["fairgrad", "nash_mtl"])
+def test_float32_feasibility_threshold_does_not_grow_with_m(name: str) -> None:
+    """Rounding moves the squared min-norm of the unit rows by ~eps whatever m. The threshold
+    once grew as 100·m·eps: 1.2e-4 for these 10 rows (centred simplex plus a small common
+    component: squared min-norm 5.4e-5, a genuine common direction), and 3.6e-3 for 300 generic
+    independent rows (squared min-norm ~1/m): every float32 IWRM batch of 300 got no update."""
+    from hf_jd.aggregation import get_weighting
+
+    m = 10
+    rows = torch.eye(m, m + 1, dtype=torch.float64)
+    rows[:, :m] -= 1.0 / m
+    rows[:, m] = 0.007
+    kwargs = {"max_norm": None} if name == "nash_mtl" else {}
+    exact = get_weighting(name, **kwargs)(rows @ rows.T)
+    single = rows.float()
+    weights = get_weighting(name, **kwargs)(single @ single.T).double()
+    assert bool((exact > 0).all())
+    torch.testing.assert_close(weights, exact, rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", ["fairgrad", "nash_mtl"])
+def test_half_precision_is_solved(name: str, dtype: torch.dtype) -> None:
+    """Half-precision Gramians and Jacobians of 5 generic rows: weights close to the float64 ones
+    (they were all zero: the noise threshold 100·m·eps exceeded the squared min-norm)."""
+    from hf_jd.aggregation import get_aggregator, get_weighting
+
+    generator = torch.Generator().manual_seed(1)
+    matrix = torch.randn(5, 16, generator=generator, dtype=torch.float64)
+    kwargs = {"max_norm": None} if name == "nash_mtl" else {}
+    exact = get_weighting(name, **kwargs)(matrix @ matrix.T)
+    from_gramian = get_weighting(name, **kwargs)((matrix @ matrix.T).to(dtype))
+    assert from_gramian.dtype == dtype
+    torch.testing.assert_close(from_gramian.double(), exact, rtol=0.1, atol=0)
+    update = get_aggregator(name, **kwargs)(matrix.to(dtype))
+    assert update.dtype == dtype
+    expected = exact @ matrix
+    assert float((update.double() - expected).norm()) <= 0.05 * float(expected.norm())

@@ -37,7 +37,7 @@ def _direct_gradvac(
     return total, targets
 
 
-@pytest.mark.parametrize("m", [2, 3, 5])
+@pytest.mark.parametrize("m", [2, 3, 5, 24])
 def test_matches_direct_implementation(m: int) -> None:
     matrix = torch.randn(m, 9, dtype=torch.float64)
     targets = torch.empty(m, m, dtype=torch.float64).uniform_(-0.5, 0.8)

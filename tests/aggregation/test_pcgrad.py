@@ -147,3 +147,27 @@ def test_orders_come_from_the_seeded_generator() -> None:
     for _ in range(3):
         expected = _direct_pcgrad(matrix, random_orders(4, generator))
         torch.testing.assert_close(aggregator(matrix), expected)
+
+
+def test_random_orders_are_the_documented_permutations() -> None:
+    """Row i is one torch.randperm(m - 1) mapped onto the indices other than i, in draw order."""
+    from hf_jd.aggregation._generator import random_orders
+
+    m = 7
+    orders = random_orders(m, torch.Generator().manual_seed(4))
+    generator = torch.Generator().manual_seed(4)
+    for i in range(m):
+        others = [j for j in range(m) if j != i]
+        expected = [others[k] for k in torch.randperm(m - 1, generator=generator).tolist()]
+        assert list(orders[i]) == expected
+    assert random_orders(1, generator).shape == (1, 0)
+
+
+def test_many_rows_match_direct_implementation() -> None:
+    """m = 40 rows with many conflicts: only the rows that conflict are updated at each step."""
+    generator = torch.Generator().manual_seed(2)
+    matrix = torch.randn(40, 12, generator=generator, dtype=torch.float64)
+    rng = np.random.default_rng(0)
+    orders = [list(rng.permutation([j for j in range(40) if j != i])) for i in range(40)]
+    weights = pcgrad_weights((matrix @ matrix.T).numpy(), orders)
+    torch.testing.assert_close(torch.from_numpy(weights) @ matrix, _direct_pcgrad(matrix, orders))

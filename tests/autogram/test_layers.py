@@ -613,3 +613,26 @@ def test_group_norm_closed_form(single_backward: bool, channels_last: bool) -> N
             kinds = {type(info.module).__name__: info.kind for info in engine._capture.infos.values()}
             assert kinds["GroupNorm"] is Kind.GROUP_NORM
             engine.remove()
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_conv1d_and_grouped_conv2d_closed_form(single_backward: bool) -> None:
+    """Conv1d (any groups, stride, dilation, padding) and grouped / depthwise Conv2d in closed form, for
+    per-example losses and task losses, against the explicit Jacobian."""
+    from hf_jd.autogram._dispatch import Kind
+
+    from ._reference import assert_exact_step
+
+    torch.manual_seed(0)
+    audio = nn.Sequential(nn.Conv1d(2, 4, 3, stride=2, padding=1), nn.GELU(), nn.Conv1d(4, 4, 3, dilation=2, groups=2),
+                          nn.Tanh(), nn.Conv1d(4, 3, 1, bias=False))
+    image = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.ReLU(), nn.Conv2d(4, 6, (3, 2), stride=2, groups=2))
+    for model, x in ((audio, torch.randn(3, 2, 11)), (image, torch.randn(3, 4, 7, 7))):
+        for batch_dim in (0, None):
+            engine = Engine(model, batch_dim=batch_dim, single_backward=single_backward)
+            model.zero_grad(set_to_none=True)
+            out = model(x).flatten(1)
+            losses = torch.stack([out.pow(2).mean(1), out.tanh().mean(1)], dim=1)  # [B, 2]
+            assert_exact_step(engine, losses if batch_dim == 0 else losses.sum(0), trainable(model), single_backward)
+            assert {info.kind for info in engine._capture.infos.values()} == {Kind.GROUPED_CONV}
+            engine.remove()
