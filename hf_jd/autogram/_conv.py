@@ -17,7 +17,18 @@ from ._layout import RowLayout
 from ._outer import OuterProductRecord, OuterProductRows
 from ._record import Record, compute_dtype
 
-__all__ = ["Conv2dRecord", "PatchConvRecord", "is_unfoldable_conv2d", "is_unfoldable_grouped_conv"]
+__all__ = ["Conv2dRecord", "PatchConvRecord", "check_samples_first", "is_unfoldable_conv2d", "is_unfoldable_grouped_conv"]
+
+
+def check_samples_first(record: Record, layout: RowLayout) -> None:
+    """Raise unless the engine's batch dimension is that of the module's samples (dimension 0, as for
+    convolutions and GroupNorm) or absent."""
+    if layout.batch_dim not in (None, 0):
+        raise RuntimeError(
+            f"Module {record.describe()} takes its samples along dimension 0 (channels along dimension 1), but "
+            f"the engine has batch_dim={layout.batch_dim}: the examples would be mixed. Use "
+            "Engine(..., batch_dim=0), or batch_dim=None with task losses."
+        )
 
 
 def is_unfoldable_conv2d(module: nn.Module) -> bool:
@@ -56,11 +67,7 @@ class Conv2dRecord(OuterProductRecord):
     def _bind(self, grads: list[Tensor | None], layout: RowLayout) -> None:
         (grad,) = grads
         assert grad is not None
-        if layout.batch_dim not in (None, 0):
-            raise RuntimeError(
-                f"Module {self.describe()}: Conv2d inputs are batched along dimension 0, but the "
-                f"engine has batch_dim={layout.batch_dim}. Use batch_dim=0 or None."
-            )
+        check_samples_first(self, layout)
         conv = self.module
         assert isinstance(conv, nn.Conv2d)
         dtype = compute_dtype(conv.weight)
@@ -119,11 +126,7 @@ class PatchConvRecord(Record):
     def _bind(self, grads: list[Tensor | None], layout: RowLayout) -> None:
         (grad,) = grads
         assert grad is not None
-        if layout.batch_dim not in (None, 0):
-            raise RuntimeError(
-                f"Module {self.describe()}: convolution inputs are batched along dimension 0, but the "
-                f"engine has batch_dim={layout.batch_dim}. Use batch_dim=0 or None."
-            )
+        check_samples_first(self, layout)
         conv = self.module
         assert isinstance(conv, (nn.Conv1d, nn.Conv2d))
         dtype = compute_dtype(conv.weight)

@@ -15,6 +15,7 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._conv import check_samples_first
 from ._layout import RowLayout
 from ._record import Record, compute_dtype
 
@@ -45,12 +46,7 @@ class GroupNormRecord(Record):
         assert grad is not None
         norm = self.module
         assert isinstance(norm, nn.GroupNorm)
-        if layout.batch_dim not in (None, 0):
-            raise RuntimeError(
-                f"Module {self.describe()} normalises each sample of dimension 0 over its channels (dimension 1), "
-                f"but the engine's batch_dim is {layout.batch_dim}: the examples would be mixed. Use "
-                "Engine(..., batch_dim=0) for models whose GroupNorm inputs are [N, C, ...]."
-            )
+        check_samples_first(self, layout)
         self.check_batch(self.inputs, layout, "input")
         dtype = compute_dtype(next(iter(self.params.values())))
         channels = norm.num_channels

@@ -636,3 +636,11 @@ def test_conv1d_and_grouped_conv2d_closed_form(single_backward: bool) -> None:
             assert_exact_step(engine, losses if batch_dim == 0 else losses.sum(0), trainable(model), single_backward)
             assert {info.kind for info in engine._capture.infos.values()} == {Kind.GROUPED_CONV}
             engine.remove()
+
+
+@pytest.mark.parametrize("layer", [nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 1, groups=3), nn.GroupNorm(1, 3)])
+def test_sample_first_layers_reject_another_batch_dim(layer: nn.Module) -> None:
+    engine = Engine(layer, batch_dim=1)
+    losses = layer(torch.randn(2, 3, 4, 4)).sum((0, 2, 3))  # [3]: one "example" per channel
+    with pytest.raises(RuntimeError, match="takes its samples along dimension 0.*batch_dim=1"):
+        engine.compute_gramian(losses)
