@@ -22,6 +22,7 @@ from torch.autograd.graph import get_gradient_edge
 
 from ._dispatch import Kind, closed_form_parameters, kind_of, mixes_examples, record_class
 from ._embedding import EmbeddingRecord, embedding_scale, is_embedding_subclass
+from ._layer_norm import computes_layer_norm, is_layer_norm_like
 from ._linear import computes_linear, is_linear_subclass
 from ._generic import (
     GenericRecord,
@@ -321,6 +322,8 @@ class Capture:
                         info.candidate = Kind.LINEAR
                     elif is_embedding_subclass(module):
                         info.candidate = Kind.EMBEDDING
+                    elif is_layer_norm_like(module):
+                        info.candidate = Kind.LAYER_NORM
                 if info.kind.is_generic:
                     info.borrowed = borrowed
                     # Submodules used directly by this module or by a descendant (nn.MultiheadAttention's
@@ -548,6 +551,8 @@ class Capture:
         if kwargs:
             return
         if kind is Kind.LINEAR and computes_linear(module, args, output):
+            info.kind = kind
+        elif kind is Kind.LAYER_NORM and computes_layer_norm(module, args, output):
             info.kind = kind
         elif kind is Kind.EMBEDDING and aliases is not None and "weight" in aliases:
             scale = embedding_scale(module, args, output, aliases["weight"])

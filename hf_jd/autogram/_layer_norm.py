@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from ._layout import RowLayout
 from ._record import Record, compute_dtype
 
-__all__ = ["INPUT_PARAMETER", "LayerNormRecord", "is_layer_norm"]
+__all__ = ["INPUT_PARAMETER", "LayerNormRecord", "computes_layer_norm", "is_layer_norm", "is_layer_norm_like"]
 
 # Name, in a record's ``params``, of a trainable parameter passed as the layer norm's input.
 INPUT_PARAMETER = "<input>"
@@ -31,6 +31,41 @@ INPUT_PARAMETER = "<input>"
 def is_layer_norm(module: nn.Module) -> bool:
     """Whether ``module`` is an ``nn.LayerNorm`` with the stock forward."""
     return isinstance(module, nn.LayerNorm) and type(module).forward is nn.LayerNorm.forward
+
+
+def _epsilon(module: nn.Module) -> float | None:
+    for attribute in ("eps", "variance_epsilon", "epsilon"):
+        value = getattr(module, attribute, None)
+        if isinstance(value, float):
+            return value
+    return None
+
+
+def is_layer_norm_like(module: nn.Module) -> bool:
+    """Whether ``module`` may be a layer norm over its last dimension without being a stock
+    ``nn.LayerNorm`` (a subclass with its own forward, ConvNeXt's ``ConvNextLayerNorm``): a norm by its
+    name, 1-D ``weight`` and ``bias`` of one size, an epsilon. A candidate verified by
+    :func:`computes_layer_norm` on its first call."""
+    if is_layer_norm(module) or "norm" not in type(module).__name__.lower() or _epsilon(module) is None:
+        return False
+    params = dict(module.named_parameters(recurse=False))
+    return (
+        set(params) == {"weight", "bias"}
+        and params["weight"].dim() == 1
+        and params["bias"].shape == params["weight"].shape
+    )
+
+
+def computes_layer_norm(module: nn.Module, args: tuple[Any, ...], output: Any) -> bool:
+    """Whether a call's output is the layer norm of its first input over the last dimension."""
+    if len(args) != 1 or not isinstance(args[0], Tensor) or not isinstance(output, Tensor):
+        return False
+    inputs, weight, bias, eps = args[0], module.weight, module.bias, _epsilon(module)
+    if eps is None or inputs.shape != output.shape or inputs.dim() < 1 or inputs.shape[-1] != weight.shape[0]:
+        return False
+    with torch.no_grad():
+        expected = F.layer_norm(inputs.float(), weight.shape, weight.float(), bias.float(), eps).to(output.dtype)
+        return bool(torch.allclose(expected, output.detach(), rtol=1e-4, atol=1e-5))
 
 
 class LayerNormRecord(Record):
@@ -58,16 +93,19 @@ class LayerNormRecord(Record):
         (grad,) = grads
         assert grad is not None
         norm = self.module
-        assert isinstance(norm, nn.LayerNorm)
+        # A look-alike verified by computes_layer_norm normalises its last dimension.
+        shape = tuple(norm.normalized_shape) if isinstance(norm, nn.LayerNorm) else tuple(norm.weight.shape)
+        eps = norm.eps if isinstance(norm, nn.LayerNorm) else _epsilon(norm)
+        assert eps is not None
         dtype = compute_dtype(next(iter(self.params.values())))
         self.check_batch(self.inputs, layout, "input")
-        size = math.prod(norm.normalized_shape)
+        size = math.prod(shape)
         inputs = self.inputs.to(dtype)
         del self.inputs
-        normalised = F.layer_norm(inputs, norm.normalized_shape, None, None, norm.eps)
+        normalised = F.layer_norm(inputs, shape, None, None, eps)
         if INPUT_PARAMETER in self.params:  # its per-row gradients need 1/σ of each normalised row
-            inverse_std = torch.rsqrt(inputs.reshape(-1, size).var(dim=-1, unbiased=False) + norm.eps)
-            leading = inputs.shape[: inputs.dim() - len(norm.normalized_shape)]
+            inverse_std = torch.rsqrt(inputs.reshape(-1, size).var(dim=-1, unbiased=False) + eps)
+            leading = inputs.shape[: inputs.dim() - len(shape)]
             self.inverse_std = layout.input_to_rows(inverse_std.reshape(leading)).reshape(layout.num_examples, 1, -1, 1)
         self.normalised = layout.input_to_rows(normalised).reshape(layout.num_examples, -1, size)
         rows = layout.grad_to_rows(grad).to(dtype)

@@ -644,3 +644,45 @@ def test_sample_first_layers_reject_another_batch_dim(layer: nn.Module) -> None:
     losses = layer(torch.randn(2, 3, 4, 4)).sum((0, 2, 3))  # [3]: one "example" per channel
     with pytest.raises(RuntimeError, match="takes its samples along dimension 0.*batch_dim=1"):
         engine.compute_gramian(losses)
+
+
+class _SwapLastTwo(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.transpose(-1, -2)
+
+
+class _ChannelsLayerNorm(nn.Module):
+    """ConvNeXt-style layer norm over the last dimension or, channels first, over dimension 1."""
+
+    def __init__(self, size: int, channels_first: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(size))
+        self.bias = nn.Parameter(torch.randn(size))
+        self.eps = 1e-6
+        self.channels_first = channels_first
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_first:
+            x = x.movedim(1, -1)
+        x = nn.functional.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
+        return x.movedim(-1, 1) if self.channels_first else x
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+@pytest.mark.parametrize(("channels_first", "closed_form"), [(False, True), (True, False)])
+def test_layer_norm_look_alike_is_verified(channels_first: bool, closed_form: bool, single_backward: bool) -> None:
+    from hf_jd.autogram._dispatch import Kind
+
+    from ._reference import assert_exact_step
+
+    torch.manual_seed(0)
+    norm = _ChannelsLayerNorm(4, channels_first)
+    swap = [_SwapLastTwo()] if channels_first else []  # [B, T, d] <-> [B, d, T] around a channels-first norm
+    model = nn.Sequential(nn.Linear(4, 4), *swap, norm, *swap, nn.Tanh(), nn.Linear(4, 2))
+    engine = Engine(model, single_backward=single_backward)
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        out = model(torch.randn(3, 5, 4))
+        losses = torch.stack([out[..., 0].pow(2).mean(1), out[..., 1].tanh().mean(1)], dim=1)
+        assert_exact_step(engine, losses, trainable(model), single_backward)
+        assert engine._capture.infos[id(norm)].kind is (Kind.LAYER_NORM if closed_form else Kind.GENERIC)
