@@ -1,0 +1,138 @@
+"""Speed and memory of the autogram IWRM step across architectures (tiny random configurations).
+
+For each model: a plain mean-loss step, hf_jd's two-pass step and its single-backward step (and torchjd's
+autogram step for text models, when ``torchjd`` is importable), timed interleaved in one process as in
+``bench_autogram.py`` (whose ``run`` this script calls), then a summary table of the ratios to the plain
+step. Every model is built from a configuration (hidden size 64, 2 layers, vocabulary 1000; nothing is
+downloaded) and trained on random data with per-example losses (B=16, T=32, or 32-pixel images).
+
+Run: ``python benchmarks/bench_architectures.py [--models llama t5 vit ...] [--repeats 7] [--clock cpu]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import transformers as tf
+from torch import Tensor, nn
+
+from bench_autogram import Case, _weighting, run
+
+B, T, V, H = 16, 32, 1000, 64
+_CE = nn.functional.cross_entropy
+
+
+def _next_token_losses(model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
+    logits = model(input_ids=inputs["input_ids"]).logits
+    return _CE(logits[:, :-1].transpose(1, 2), inputs["labels"][:, 1:], reduction="none").mean(1)
+
+
+def _class_losses(model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
+    logits = model(**{key: value for key, value in inputs.items() if key != "labels"}).logits
+    return _CE(logits, inputs["labels"], reduction="none")
+
+
+def _seq2seq_losses(model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
+    logits = model(**inputs).logits
+    return _CE(logits.transpose(1, 2), inputs["labels"], reduction="none").mean(1)
+
+
+def _causal(model_type: str, **config: Any) -> tuple[nn.Module, dict[str, Tensor], Callable[..., Tensor], bool]:
+    settings = dict(vocab_size=V, hidden_size=H, num_hidden_layers=2, num_attention_heads=2, bos_token_id=0,
+                    eos_token_id=0, pad_token_id=0, max_position_embeddings=128)
+    settings.update(config)
+    model = tf.AutoModelForCausalLM.from_config(tf.AutoConfig.for_model(model_type, **settings))
+    ids = torch.randint(1, V, (B, T))
+    # torchjd's engine is given per-example position ids, which it needs (OPT's it rejects whatever the ids).
+    takes_positions = "position_ids" in inspect.signature(model.forward).parameters and model_type != "opt"
+    return model, {"input_ids": ids, "labels": ids}, _next_token_losses, takes_positions
+
+
+def _encoder(model_type: str, **config: Any) -> tuple[nn.Module, dict[str, Tensor], Callable[..., Tensor], bool]:
+    settings = dict(vocab_size=V, hidden_size=H, num_hidden_layers=2, num_attention_heads=2, intermediate_size=4 * H,
+                    max_position_embeddings=128, num_labels=2, pad_token_id=0)
+    settings.update(config)
+    model = tf.AutoModelForSequenceClassification.from_config(tf.AutoConfig.for_model(model_type, **settings))
+    ids = torch.randint(1, V, (B, T))
+    return model, {"input_ids": ids, "labels": torch.randint(0, 2, (B,))}, _class_losses, False
+
+
+def _seq2seq(model_type: str, **config: Any) -> tuple[nn.Module, dict[str, Tensor], Callable[..., Tensor], bool]:
+    settings = dict(vocab_size=V, d_model=H, decoder_start_token_id=0, pad_token_id=0)
+    settings.update(config)
+    model = tf.AutoModelForSeq2SeqLM.from_config(tf.AutoConfig.for_model(model_type, **settings))
+    inputs = {"input_ids": torch.randint(1, V, (B, T)), "labels": torch.randint(1, V, (B, T // 4))}
+    return model, inputs, _seq2seq_losses, False
+
+
+def _vision(model_type: str, **config: Any) -> tuple[nn.Module, dict[str, Tensor], Callable[..., Tensor], bool]:
+    model = tf.AutoModelForImageClassification.from_config(tf.AutoConfig.for_model(model_type, num_labels=2, **config))
+    inputs = {"pixel_values": torch.randn(B, 3, 32, 32), "labels": torch.randint(0, 2, (B,))}
+    return model, inputs, _class_losses, False
+
+
+ENCODER_LAYERS = dict(encoder_layers=2, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
+                      encoder_ffn_dim=4 * H, decoder_ffn_dim=4 * H, max_position_embeddings=128)
+MODELS: dict[str, Callable[[], tuple[nn.Module, dict[str, Tensor], Callable[..., Tensor], bool]]] = {
+    "llama": lambda: _causal("llama", intermediate_size=4 * H),
+    "qwen2": lambda: _causal("qwen2", intermediate_size=4 * H, num_key_value_heads=1),
+    "gemma": lambda: _causal("gemma", intermediate_size=4 * H, num_key_value_heads=1, head_dim=32),
+    "phi3": lambda: _causal("phi3", intermediate_size=4 * H, original_max_position_embeddings=128),
+    "gpt_neox": lambda: _causal("gpt_neox", intermediate_size=4 * H),
+    "bloom": lambda: _causal("bloom"),
+    "falcon": lambda: _causal("falcon"),
+    "opt": lambda: _causal("opt", ffn_dim=4 * H, word_embed_proj_dim=H),
+    "gpt2": lambda: _causal("gpt2"),
+    "roberta": lambda: _encoder("roberta", max_position_embeddings=130, pad_token_id=1),
+    "distilbert": lambda: _encoder("distilbert", dim=H, n_layers=2, n_heads=2, hidden_dim=4 * H),
+    "albert": lambda: _encoder("albert", embedding_size=32),
+    "electra": lambda: _encoder("electra", embedding_size=32),
+    "deberta_v2": lambda: _encoder("deberta-v2", relative_attention=True, position_buckets=32, norm_rel_ebd="layer_norm",
+                                   pos_att_type=["p2c", "c2p"], share_att_key=True, position_biased_input=False),
+    "t5": lambda: _seq2seq("t5", d_kv=32, d_ff=4 * H, num_layers=2, num_heads=2),
+    "bart": lambda: _seq2seq("bart", **ENCODER_LAYERS),
+    "vit": lambda: _vision("vit", image_size=32, patch_size=8, hidden_size=H, num_hidden_layers=2,
+                           num_attention_heads=2, intermediate_size=4 * H),
+    "convnext": lambda: _vision("convnext", num_channels=3, hidden_sizes=[16, 32], depths=[1, 1], num_stages=2),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--clock", default="cpu", choices=["wall", "cpu"])
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    _, weighting = _weighting()
+    summary: list[tuple[str, dict[str, float]]] = []
+    for name in args.models:
+        torch.manual_seed(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model, inputs, losses, position_ids = MODELS[name]()
+        case = Case(name, model.train(), inputs, losses, torchjd=position_ids)
+        try:
+            result = run(case, weighting, args.repeats, args.warmup, clock=clock)
+        except Exception as error:  # noqa: BLE001 - a benchmark reports and goes on
+            print(f"{name}: failed ({type(error).__name__}: {str(error)[:200]})")
+            continue
+        plain = result["times"]["plain"]
+        summary.append((name, {variant: value / plain for variant, value in result["times"].items()}))
+    print("\nratios to the plain step (median time)")
+    print(f"{'model':<12}{'hf_jd':>8}{'1bw':>8}{'torchjd':>9}")
+    for name, ratios in summary:
+        torchjd = f"{ratios['torchjd']:.2f}" if "torchjd" in ratios else "-"
+        print(f"{name:<12}{ratios['hf_jd']:>8.2f}{ratios['hf_jd-1bw']:>8.2f}{torchjd:>9}")
+
+
+if __name__ == "__main__":
+    main()
