@@ -505,8 +505,14 @@ class Engine:
             )
         gramian = accumulator.finish()
         if self._single_backward:
-            # Parameters another single-backward engine covers get their gradients from its backward().
-            others = {id(p) for engine in list(_SINGLE_BACKWARD_ENGINES) if engine is not self for p in engine.parameters()}
+            # Parameters another enabled single-backward engine covers get their gradients from its backward()
+            # (a disabled one, e.g. a JDTrainer's between its steps, writes nothing).
+            others = {
+                id(p)
+                for engine in list(_SINGLE_BACKWARD_ENGINES)
+                if engine is not self and engine.enabled
+                for p in engine.parameters()
+            }
             outside = [param for param in uncovered if id(param) not in others]
             self._bound = _Bound(
                 layout, losses.shape, losses if retain else None, accumulator.uses, accumulator.params, outside

@@ -225,3 +225,20 @@ def test_two_single_backward_engines_each_write_their_own_gradients(layout: str)
     for engine in engines:
         engine.backward(weights)
     torch.testing.assert_close(grads_of(params), weights @ jac, rtol=1e-4, atol=1e-6)
+
+
+def test_a_disabled_engine_does_not_take_over_other_parameters() -> None:
+    """A disabled single-backward engine (e.g. an earlier JDTrainer's, between its steps) writes nothing,
+    so the parameters it covers outside another engine's modules still get their gradients."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    idle = Engine(model, single_backward=True)
+    idle.enabled = False
+    engine = Engine(model[0], single_backward=True)
+    losses = model(torch.randn(5, 3)).pow(2).sum(1)
+    params = trainable(model)
+    jac = jacobian(losses, params)
+    engine.compute_gramian(losses)
+    weights = torch.linspace(0.5, 1.5, 5)
+    engine.backward(weights)
+    torch.testing.assert_close(grads_of(params), weights @ jac, rtol=1e-4, atol=1e-6)
