@@ -466,6 +466,13 @@ class Engine:
                     capture.mark_unaligned(failed)
                     self._batch_major_verified = not failed
                 unaligned += failed
+                if failed and plans:
+                    # Some calls are not split by example (e.g. a contrastive loss mixes the examples): the
+                    # planned tables' per-example gradients, which assume separate examples, take the exact path too.
+                    unaligned += [plan.record for plan in plans]
+                    accumulator.deferred -= planned
+                    records = [record for record in records if id(record) not in planned]
+                    plans = []
             elif verify_layout:
                 # Per-example task losses [B, m]: the grouping is verified (per-example weights, the
                 # same for every task), then the confirmed calls take the batched pass over the tasks.

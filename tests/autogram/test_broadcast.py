@@ -277,3 +277,26 @@ def test_shared_table_beside_a_regrouped_call(monkeypatch: pytest.MonkeyPatch, s
         losses = model(torch.randn(3, 5, 4)).pow(2).sum((1, 2))
         assert_exact_step(engine, losses, trainable(model), single_backward)
     assert per_row == []  # neither call needed the per-row pass
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_clip_contrastive_losses_mix_the_examples(single_backward: bool) -> None:
+    """CLIP's per-example contrastive losses mix the examples: the calls fail the grouping check, and the
+    position table, which would get a broadcast plan, must take the exact path with them."""
+    from ._reference import assert_exact_step
+
+    torch.manual_seed(0)
+    config = tf.CLIPConfig(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=50,
+                         max_position_embeddings=16),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=16,
+                           patch_size=8),
+        projection_dim=16,
+    )
+    model = tf.CLIPModel(config).train()
+    engine = Engine(model, single_backward=single_backward)
+    out = model(input_ids=torch.randint(0, 50, (3, 6)), pixel_values=torch.randn(3, 3, 16, 16))
+    targets = torch.arange(3)
+    losses = 0.5 * (nn.functional.cross_entropy(out.logits_per_image, targets, reduction="none")
+                    + nn.functional.cross_entropy(out.logits_per_text, targets, reduction="none"))
+    assert_exact_step(engine, losses, trainable(model), single_backward)
