@@ -613,8 +613,9 @@ class Engine:
         for a Linear layer), delivered through autograd so that gradient hooks (DDP, Accelerate)
         fire. Trainable parameters that the losses depend on but that the engine does not cover
         get theirs by an ordinary weighted backward restricted to them, except those covered by
-        another live engine with ``single_backward=True``: with several such engines (one per
-        model, losses summed or models stacked), call each one's :meth:`backward`.
+        another live, enabled engine with ``single_backward=True``: with several such engines (one
+        per model, losses summed or models stacked), call each one's :meth:`backward`; call
+        :meth:`remove` on (or disable) an engine that is no longer used.
 
         Parameters
         ----------
