@@ -46,23 +46,25 @@ def in_backward_pass() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+def _saved_tensors_hooks() -> tuple[Callable[..., Any], Callable[..., Any]] | None:
+    """The innermost active saved-tensor hooks ``(pack, unpack)``, or ``None``."""
+    try:
+        return torch._C._autograd._top_saved_tensors_default_hooks(True)
+    except (AttributeError, RuntimeError):  # pragma: no cover - depends on the torch version
+        return None
+
+
 def recomputing_checkpoint() -> bool:
     """Whether this is torch.utils.checkpoint re-running a non-reentrant checkpointed block (in a
     backward pass, to recompute the tensors its autograd nodes saved)."""
-    try:
-        hooks = torch._C._autograd._top_saved_tensors_default_hooks(True)
-    except (AttributeError, RuntimeError):  # pragma: no cover - depends on the torch version
-        return False
+    hooks = _saved_tensors_hooks()
     return hooks is not None and getattr(hooks[0], "__qualname__", "").startswith("_recomputation_hook.")
 
 
 def saved_tensors_hooked() -> bool:
     """Whether saved-tensor hooks are active (e.g. inside a non-reentrant checkpointed block, whose
     autograd nodes' saved tensors can then be unpacked only once per backward pass)."""
-    try:
-        return torch._C._autograd._top_saved_tensors_default_hooks(True) is not None
-    except (AttributeError, RuntimeError):  # pragma: no cover - depends on the torch version
-        return False
+    return _saved_tensors_hooks() is not None
 
 
 def _channels_last(tensor: Tensor) -> bool:
@@ -92,8 +94,9 @@ class _ModuleInfo:
     trainable_descendants: list[nn.Module] = field(default_factory=list)
     frames: list[Any] = field(default_factory=list)
     unaligned: bool = False  # seen with tensors not split by example along batch_dim
-    # An nn.Linear / nn.Embedding subclass with a forward of its own: handled generically until its
-    # first captured call shows that it computes F.linear / a scaled lookup, then by the closed form.
+    # An nn.Linear / nn.Embedding subclass with a forward of its own, or a layer-norm look-alike: handled
+    # generically until its first captured call shows that it computes F.linear / a scaled lookup / a
+    # layer norm over the last dimension, then by the closed form (this kind).
     candidate: Kind | None = None
     embedding_scale: float = 1.0
     broadcast: bool = False  # seen with an output unambiguously broadcast over the batch
@@ -545,8 +548,9 @@ class Capture:
         output: Any,
         aliases: dict[str, Tensor] | None,
     ) -> None:
-        """On the first captured call of a Linear / Embedding subclass, switch it to its closed form
-        (this call and the later ones, which then install no aliases) if the call verifies it."""
+        """On the first captured call of a candidate (Linear or Embedding subclass, layer-norm
+        look-alike), switch it to its closed form (this call and the later ones, which then install no
+        aliases) if the call verifies it."""
         kind, info.candidate = info.candidate, None
         if kwargs:
             return

@@ -17,7 +17,7 @@ from ._layout import RowLayout
 from ._outer import OuterProductRecord, OuterProductRows
 from ._record import Record, compute_dtype
 
-__all__ = ["Conv2dRecord", "PatchConvRecord", "check_samples_first", "is_unfoldable_conv2d", "is_unfoldable_grouped_conv"]
+__all__ = ["Conv2dRecord", "PatchConvRecord", "batched_input", "check_samples_first", "is_unfoldable_conv2d", "is_unfoldable_grouped_conv"]
 
 
 def check_samples_first(record: Record, layout: RowLayout) -> None:
@@ -29,6 +29,16 @@ def check_samples_first(record: Record, layout: RowLayout) -> None:
             f"the engine has batch_dim={layout.batch_dim}: the examples would be mixed. Use "
             "Engine(..., batch_dim=0), or batch_dim=None with task losses."
         )
+
+
+def batched_input(record: Record, inputs: Tensor, spatial: int) -> Tensor:
+    """The detached input of a convolution call, which must be batched: ``[N, C, *spatial dims]``."""
+    if inputs.dim() != spatial + 2:
+        raise RuntimeError(
+            f"Module {record.describe()} received an input of shape {tuple(inputs.shape)}; the autogram engine "
+            f"needs batched [N, C, {'L' if spatial == 1 else 'H, W'}] inputs for {type(record.module).__name__}."
+        )
+    return inputs.detach()
 
 
 def is_unfoldable_conv2d(module: nn.Module) -> bool:
@@ -54,13 +64,7 @@ class Conv2dRecord(OuterProductRecord):
         output: Tensor,
     ) -> None:
         super().__init__(module, module_name, params)
-        inputs = args[0]
-        if inputs.dim() != 4:
-            raise RuntimeError(
-                f"Module {self.describe()} received an input of shape {tuple(inputs.shape)}; the "
-                "autogram engine needs batched [N, C, H, W] inputs for Conv2d."
-            )
-        self.inputs = inputs.detach()
+        self.inputs = batched_input(self, args[0], spatial=2)
         # Under autocast the product used the inputs cast to the output dtype: mirror it.
         self.product_dtype = output.dtype
 
@@ -113,14 +117,7 @@ class PatchConvRecord(Record):
         output: Tensor,
     ) -> None:
         super().__init__(module, module_name, params)
-        inputs = args[0]
-        spatial = 1 if isinstance(module, nn.Conv1d) else 2
-        if inputs.dim() != spatial + 2:
-            raise RuntimeError(
-                f"Module {self.describe()} received an input of shape {tuple(inputs.shape)}; the autogram engine "
-                f"needs batched [N, C, {'L' if spatial == 1 else 'H, W'}] inputs for {type(module).__name__}."
-            )
-        self.inputs = inputs.detach()
+        self.inputs = batched_input(self, args[0], spatial=1 if isinstance(module, nn.Conv1d) else 2)
         self.product_dtype = output.dtype
 
     def _bind(self, grads: list[Tensor | None], layout: RowLayout) -> None:

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from ._layout import RowLayout
 from ._record import Record, compute_dtype
 
-__all__ = ["INPUT_PARAMETER", "LayerNormRecord", "computes_layer_norm", "is_layer_norm", "is_layer_norm_like"]
+__all__ = ["INPUT_PARAMETER", "LayerNormRecord", "computes_layer_norm", "epsilon_of", "is_layer_norm", "is_layer_norm_like"]
 
 # Name, in a record's ``params``, of a trainable parameter passed as the layer norm's input.
 INPUT_PARAMETER = "<input>"
@@ -33,8 +33,10 @@ def is_layer_norm(module: nn.Module) -> bool:
     return isinstance(module, nn.LayerNorm) and type(module).forward is nn.LayerNorm.forward
 
 
-def _epsilon(module: nn.Module) -> float | None:
-    for attribute in ("eps", "variance_epsilon", "epsilon"):
+def epsilon_of(module: nn.Module) -> float | None:
+    """A norm module's epsilon, from the first float among its attributes ``variance_epsilon``,
+    ``eps`` and ``epsilon``, or ``None``."""
+    for attribute in ("variance_epsilon", "eps", "epsilon"):
         value = getattr(module, attribute, None)
         if isinstance(value, float):
             return value
@@ -46,7 +48,7 @@ def is_layer_norm_like(module: nn.Module) -> bool:
     ``nn.LayerNorm`` (a subclass with its own forward, ConvNeXt's ``ConvNextLayerNorm``): a norm by its
     name, 1-D ``weight`` and ``bias`` of one size, an epsilon. A candidate verified by
     :func:`computes_layer_norm` on its first call."""
-    if is_layer_norm(module) or "norm" not in type(module).__name__.lower() or _epsilon(module) is None:
+    if is_layer_norm(module) or "norm" not in type(module).__name__.lower() or epsilon_of(module) is None:
         return False
     params = dict(module.named_parameters(recurse=False))
     return (
@@ -60,7 +62,7 @@ def computes_layer_norm(module: nn.Module, args: tuple[Any, ...], output: Any) -
     """Whether a call's output is the layer norm of its first input over the last dimension."""
     if len(args) != 1 or not isinstance(args[0], Tensor) or not isinstance(output, Tensor):
         return False
-    inputs, weight, bias, eps = args[0], module.weight, module.bias, _epsilon(module)
+    inputs, weight, bias, eps = args[0], module.weight, module.bias, epsilon_of(module)
     if eps is None or inputs.shape != output.shape or inputs.dim() < 1 or inputs.shape[-1] != weight.shape[0]:
         return False
     with torch.no_grad():
@@ -95,7 +97,7 @@ class LayerNormRecord(Record):
         norm = self.module
         # A look-alike verified by computes_layer_norm normalises its last dimension.
         shape = tuple(norm.normalized_shape) if isinstance(norm, nn.LayerNorm) else tuple(norm.weight.shape)
-        eps = norm.eps if isinstance(norm, nn.LayerNorm) else _epsilon(norm)
+        eps = norm.eps if isinstance(norm, nn.LayerNorm) else epsilon_of(norm)
         assert eps is not None
         dtype = compute_dtype(next(iter(self.params.values())))
         self.check_batch(self.inputs, layout, "input")

@@ -16,18 +16,11 @@ import torch
 from torch import Tensor, nn
 
 from ._generic import GenericRecord
+from ._layer_norm import epsilon_of
 from ._layout import RowLayout
 from ._record import compute_dtype
 
 __all__ = ["RMSNormRecord", "is_rms_norm_like"]
-
-
-def _epsilon(module: nn.Module) -> float | None:
-    for attribute in ("variance_epsilon", "eps", "epsilon"):
-        value = getattr(module, attribute, None)
-        if isinstance(value, float):
-            return value
-    return None
 
 
 def is_rms_norm_like(module: nn.Module) -> bool:
@@ -37,7 +30,7 @@ def is_rms_norm_like(module: nn.Module) -> bool:
         "norm" in type(module).__name__.lower()
         and list(params) == ["weight"]
         and params["weight"].dim() == 1
-        and (_epsilon(module) is not None or isinstance(module, nn.RMSNorm))
+        and (epsilon_of(module) is not None or isinstance(module, nn.RMSNorm))
     )
 
 
@@ -67,7 +60,7 @@ class RMSNormRecord(GenericRecord):
         weight = self.params.get("weight")
         if weight is None or weight.shape[0] != inputs.shape[-1]:
             return
-        eps = _epsilon(self.module)
+        eps = epsilon_of(self.module)
         if eps is None:
             eps = torch.finfo(inputs.dtype).eps
         hidden = inputs.float()

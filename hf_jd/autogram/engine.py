@@ -436,20 +436,29 @@ class Engine:
                 # Else without the calls that have a candidate batch-major grouping (a shared table beside
                 # a Linear layer on flattened [B * T, d] rows), which the verification below then handles.
                 plans = plan_broadcasts(losses, ungrouped, layout.batch_dim, layout.num_examples)
-            if plans:
-                planned_ids = {id(plan.record) for plan in plans}
-                unaligned = [record for record in unaligned if id(record) not in planned_ids]
-                records = records + [plan.record for plan in plans]
-                attach_plans(plans, accumulator)
-                retain = True  # kept for the exact per-row path, should a plan fail
         planned = {id(plan.record) for plan in plans}
+        if plans:
+            unaligned = [record for record in unaligned if id(record) not in planned]
+            records = records + [plan.record for plan in plans]
+            attach_plans(plans, accumulator)
+            retain = True  # kept for the exact per-row path, should a plan fail
         # Compiled backward kernels cannot be vmapped, nor can the random operations (dropout) of
         # checkpointed blocks re-run inside a vmapped backward pass, nor the backward kernels of
         # channels-last convolutions and norms: one vector at a time then.
         one_at_a_time = checkpointed or channels_last or has_compiled_nodes(nodes)
         covered_params = list(covered.values())
-        unwritten = no_gradient_writes(covered_params, lambda index: self._name_of(covered_params[index]))
-        with unwritten, capture.backpropagating(), one_vector_at_a_time(one_at_a_time), explain_donated_buffers():
+
+        @contextmanager
+        def backpropagating() -> Iterator[None]:
+            """The context of the engine's own backward passes."""
+            with (
+                no_gradient_writes(covered_params, lambda index: self._name_of(covered_params[index])),
+                capture.backpropagating(),
+                one_vector_at_a_time(one_at_a_time),
+            ):
+                yield
+
+        with backpropagating(), explain_donated_buffers():
             verify_layout = coincident and not self._batch_major_verified
             if (unaligned or verify_layout) and layout.num_tasks == 1:
                 # Tensors not split by example: the model moves examples around, so every call
@@ -471,7 +480,7 @@ class Engine:
                     # planned tables' per-example gradients, which assume separate examples, take the exact path too.
                     unaligned += [plan.record for plan in plans]
                     accumulator.deferred -= planned
-                    records = [record for record in records if id(record) not in planned]
+                    records = []  # the planned calls only, at this point
                     plans = []
             elif verify_layout:
                 # Per-example task losses [B, m]: the grouping is verified (per-example weights, the
@@ -493,13 +502,11 @@ class Engine:
         accumulator.deferred = set()
         failed = [plan.record for plan in plans if not plan.added]
         if failed:  # a broadcasting node did not give per-example gradients: the exact per-row path
-            unwritten = no_gradient_writes(covered_params, lambda index: self._name_of(covered_params[index]))
-            with unwritten, capture.backpropagating(), one_vector_at_a_time(one_at_a_time):
+            with backpropagating():
                 grads_per_row(losses, layout, failed, accumulator)
         if unattributed:
             self._warn_unattributed(unattributed)
-            unwritten = no_gradient_writes(covered_params, lambda index: self._name_of(covered_params[index]))
-            with unwritten, capture.backpropagating(), one_vector_at_a_time(one_at_a_time):
+            with backpropagating():
                 accumulator.gramian += unattributed_gram(losses, layout.num_rows, unattributed, dtype)
         del records
         if accumulator.bound == 0:
