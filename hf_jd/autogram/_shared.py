@@ -37,6 +37,9 @@ def shared_gram(uses: list[tuple[Record, str]], num_examples: int, dtype: torch.
         rows = sum(record.per_row(name).to(dtype) for record, name in uses)
         assert isinstance(rows, Tensor)
         return rows @ rows.T
+    layout = uses[0][0].layout
+    if layout is not None:  # the uses' own layout (one "example" with R tasks on the exact per-row path)
+        num_examples = layout.num_examples
     gram: Tensor | int = 0
     tokens = Tokens.cat([record.tokens() for record in embeddings]) if embeddings else None
     if tokens is not None:

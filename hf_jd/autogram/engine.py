@@ -46,10 +46,13 @@ from ._layer_norm import INPUT_PARAMETER
 from ._layout import RowLayout, layout_of_losses
 from ._param_uses import uses_outside_calls
 from ._record import Record
-from ._regroup import grads_verified
+from ._regroup import IDENTITY_RTOL, LOW_PRECISION_IDENTITY_RTOL, frontier, grads_verified
 
 __all__ = ["Engine"]
 
+
+# Structures of loss computations whose mixing of the examples an engine remembers (see _regroup.frontier).
+MAX_LOSS_COMPUTATIONS = 64
 
 # Smallest tolerance of check_gramian for Gramians of bf16/fp16 products.
 LOW_PRECISION_RTOL = 5e-2
@@ -153,8 +156,13 @@ class Engine:
       backward pass over two vectors, see ``_regroup``) and keep their closed forms when their
       rows belong to one example each (batch-major), else take the per-row pass. A module once
       seen not split by example keeps the per-row pass in later steps.
-    * Not detected without :meth:`check_gramian`: examples mixed only by parameter-free
-      operations while every parametrised call is shaped ``[B, ...]``, a time-major layout
+    * Losses that mix the examples (an in-batch contrastive loss, losses divided by their batch
+      sum) are detected where they reach the module calls closest to them (two backward passes
+      through the loss computation, once per structure of its autograd graph): the calls are then
+      checked and those whose examples are mixed take the exact per-row path (a ``RuntimeWarning``
+      says so once per engine).
+    * Not detected without :meth:`check_gramian`: examples mixed by parameter-free operations
+      between two parametrised calls that are both shaped ``[B, ...]``, a time-major layout
       whose length equals the batch size in the very first step, losses that contain gradients of
       the model (``create_graph=True`` penalties: autograd numbers those nodes like the forward
       nodes they differentiate), and a user's forward pre-hook using its module's parameters.
@@ -214,6 +222,10 @@ class Engine:
         self._bound: _Bound | None = None
         self._capture = Capture(list(modules), batch_dim, on_new_forward=self.reset)
         self._warned_unattributed = False
+        self._warned_mixed = False
+        # Whether the examples were found mixed, by structure of the loss computation (the autograd graph
+        # between the losses and the calls closest to them, see _regroup.loss_computation).
+        self._loss_computations: dict[tuple[str, ...], bool] = {}
         self._low_precision = False  # whether the last Gramian came from bf16/fp16 products
 
     def _warn_unattributed(self, params: list[Tensor]) -> None:
@@ -230,6 +242,26 @@ class Engine:
             RuntimeWarning,
             stacklevel=3,
         )
+
+    def _remember_loss_computation(self, structure: tuple[str, ...], mixed: bool) -> bool:
+        """Remember whether this loss computation mixes the examples (and return it); warn once if so."""
+        if len(self._loss_computations) >= MAX_LOSS_COMPUTATIONS:
+            self._loss_computations.clear()
+        self._loss_computations[structure] = mixed
+        if not mixed or self._warned_mixed:
+            return mixed
+        self._warned_mixed = True
+        warnings.warn(
+            "hf_jd.autogram: the per-example losses mix the examples of the batch (a loss depends on other "
+            "examples' module outputs, e.g. an in-batch contrastive loss or losses divided by their batch sum), so "
+            "the per-example gradients of the module calls are not those of the losses. Every call is then verified "
+            "on each step of this loss computation, and those whose examples are mixed get one output gradient per "
+            "loss row from a batched backward pass: exact, but up to one backward pass per loss row. This warning "
+            "is shown once per engine.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return mixed
 
     def _qualified_names(self, params: list[Tensor]) -> list[str]:
         """Qualified names of parameters of the engine's modules, for error messages."""
@@ -458,9 +490,24 @@ class Engine:
             ):
                 yield
 
+        identity_rtol = LOW_PRECISION_IDENTITY_RTOL if self._low_precision else IDENTITY_RTOL
         with backpropagating(), explain_donated_buffers():
             verify_layout = coincident and not self._batch_major_verified
-            if (unaligned or verify_layout) and layout.num_tasks == 1:
+            # Losses that mix the examples (an in-batch contrastive loss) show where they reach the calls
+            # closest to them: checked there on the first step of each loss computation (two ordinary backward
+            # passes through it; a vmapped pass falls back to slow loops for some loss kernels). A computation
+            # found mixing them has every call verified on every step.
+            mixed = False
+            if not (unaligned or verify_layout) and layout.batch_dim is not None and layout.num_examples > 1:
+                reached, structure = frontier(losses, records)
+                known = self._loss_computations.get(structure)
+                if known is None:
+                    unplanned = [record for record in reached if id(record) not in planned]
+                    with one_vector_at_a_time(True):
+                        failed = grads_verified(losses, layout, unplanned, accumulator, add=False, rtol=identity_rtol)
+                    known = self._remember_loss_computation(structure, bool(failed))
+                mixed = known
+            if (unaligned or verify_layout or mixed) and layout.num_tasks == 1:
                 # Tensors not split by example: the model moves examples around, so every call
                 # whose shapes allow a per-example grouping has it verified (one backward pass
                 # over two vectors); the others and the failures take the exact per-row path.
@@ -469,7 +516,7 @@ class Engine:
                 checked += [record for record in unaligned if record.groups]
                 records = [record for record in records if id(record) in planned]
                 unaligned = [record for record in unaligned if not record.groups]
-                failed = grads_verified(losses, layout, checked, accumulator)
+                failed = grads_verified(losses, layout, checked, accumulator, rtol=identity_rtol)
                 if verify_layout:
                     # The layout is the model's: remember it (failed modules keep the exact paths).
                     capture.mark_unaligned(failed)
@@ -482,12 +529,13 @@ class Engine:
                     accumulator.deferred -= planned
                     records = []  # the planned calls only, at this point
                     plans = []
-            elif verify_layout:
+            elif verify_layout or mixed:
                 # Per-example task losses [B, m]: the grouping is verified (per-example weights, the
                 # same for every task), then the confirmed calls take the batched pass over the tasks.
-                failed = grads_verified(losses, layout, records, accumulator, add=False)
-                capture.mark_unaligned(failed)
-                self._batch_major_verified = not failed
+                failed = grads_verified(losses, layout, records, accumulator, add=False, rtol=identity_rtol)
+                if verify_layout:
+                    capture.mark_unaligned(failed)
+                    self._batch_major_verified = not failed
                 records = [record for record in records if all(record is not other for other in failed)]
                 unaligned += failed
             if unaligned:

@@ -474,26 +474,27 @@ def test_zoo_length_equal_to_batch_size(name: str, batch: int, monkeypatch: pyte
     """Tensors [T, B, d] (XLNet is time-major) or [B, T, d] with T = B: the layout cannot be read off
     the shapes, so the grouping by example is verified (one extra batched pass) and, for XLNet, the
     exact per-row path is taken: exact either way. The layout is the model's: a later step with the
-    same coincidence is not verified again (XLNet's time-major calls then take the exact path)."""
+    same coincidence is not verified again (XLNet's time-major calls then take the exact path). BERT's
+    first step, with T != B, is verified too: the first step of each loss computation is."""
     from hf_jd.autogram import engine as engine_module
 
     verified: list[int] = []
     original = engine_module.grads_verified
-    monkeypatch.setattr(engine_module, "grads_verified", lambda *a: verified.append(1) or original(*a))
+    monkeypatch.setattr(engine_module, "grads_verified", lambda *a, **k: verified.append(1) or original(*a, **k))
     model = _time_major_or_batch_major_lm(name)
     engine = Engine(model)
     params = trainable(model)
     if name == "bert":  # a first step with T != B shows the [1, T, d] position embeddings broadcast
         losses = per_example_losses(model(**_text()(batch, batch + 2, True)), batch)
         assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, params))
-        assert not verified
+        assert len(verified) == 1  # the first step of a loss computation checks that no example is mixed
         model.zero_grad()
     for step in range(2):
         torch.manual_seed(step)
         losses = per_example_losses(model(**_text()(batch, batch, True)), batch)
         jac = jacobian(losses, params)
         assert_gramian_matches(engine.compute_gramian(losses), jac)
-        assert len(verified) == (1 if name == "bert" else step + 1)
+        assert len(verified) == (2 if name == "bert" else step + 1)
         model.zero_grad()
 
 
