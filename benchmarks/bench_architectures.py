@@ -58,6 +58,7 @@ def _encoder(model_type: str, **config: Any) -> tuple[nn.Module, dict[str, Tenso
     settings = dict(vocab_size=V, hidden_size=H, num_hidden_layers=2, num_attention_heads=2, intermediate_size=4 * H,
                     max_position_embeddings=128, num_labels=2, pad_token_id=0)
     settings.update(config)
+    settings = {key: value for key, value in settings.items() if value is not None}  # None: not a setting of the model
     model = tf.AutoModelForSequenceClassification.from_config(tf.AutoConfig.for_model(model_type, **settings))
     ids = torch.randint(1, V, (B, T))
     return model, {"input_ids": ids, "labels": torch.randint(0, 2, (B,))}, _class_losses, False
@@ -95,6 +96,7 @@ MODELS: dict[str, Callable[[], tuple[nn.Module, dict[str, Tensor], Callable[...,
     "electra": lambda: _encoder("electra", embedding_size=32),
     "deberta_v2": lambda: _encoder("deberta-v2", relative_attention=True, position_buckets=32, norm_rel_ebd="layer_norm",
                                    pos_att_type=["p2c", "c2p"], share_att_key=True, position_biased_input=False),
+    "xlnet": lambda: _encoder("xlnet", d_inner=4 * H, d_head=H // 2, max_position_embeddings=None),  # time-major
     "t5": lambda: _seq2seq("t5", d_kv=32, d_ff=4 * H, num_layers=2, num_heads=2),
     "bart": lambda: _seq2seq("bart", **ENCODER_LAYERS),
     "vit": lambda: _vision("vit", image_size=32, patch_size=8, hidden_size=H, num_hidden_layers=2,

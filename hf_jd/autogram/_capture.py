@@ -530,6 +530,8 @@ class Capture:
         record.autocast = frame.autocast
         if not batched and info.kind in (Kind.LINEAR, Kind.LAYER_NORM):
             record.groups = self._groups(args, kwargs, expanded)
+        if not batched:
+            record.other_batch_dim = self._other_batch_dim(info.kind, args, kwargs, expanded)
         if info.kind.is_generic and aliased:
             assert isinstance(record, GenericRecord)
             record.watch_versions()
@@ -588,6 +590,31 @@ class Capture:
         return any(
             t.dim() <= bd or t.shape[bd] not in (1, self.batch_size) for t in tensors_in(output) if t.requires_grad
         )
+
+    def _other_batch_dim(self, kind: Kind, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> int | None:
+        """The one dimension other than ``batch_dim`` along which every output requiring grad (and, for
+        the closed forms, which read it, the first input) has the batch size (time-major ``[T, B, d]``
+        tensors), if there is one, the same for all: a candidate batch dimension for this call, which
+        the engine verifies before relying on it; else ``None``."""
+        bd, size = self.batch_dim, self.batch_size
+        if bd is None or size <= 1:
+            return None
+        tensors = [t for t in tensors_in(output) if t.requires_grad]
+        if not kind.is_generic:
+            inputs = tensors_in(args) or tensors_in(kwargs)
+            if not inputs:
+                return None
+            tensors.append(inputs[0])
+        # The last dimension of a closed form's tensors is its features (ids excepted), never the batch.
+        features = not kind.is_generic and kind is not Kind.EMBEDDING
+        found: set[int] = set()
+        for tensor in tensors:
+            last = tensor.dim() - 1 if features and tensor.is_floating_point() else tensor.dim()
+            dims = [dim for dim in range(last) if dim != bd and tensor.shape[dim] == size]
+            if len(dims) != 1:
+                return None
+            found.add(dims[0])
+        return found.pop() if len(found) == 1 else None
 
     def _groups(self, args: tuple[Any, ...], kwargs: dict[str, Any], output: Tensor) -> int:
         """``k`` when a position-wise call's input and output have ``k * batch_size`` entries along

@@ -69,6 +69,10 @@ class Record(ABC):
         # For a position-wise call not split by example: k when its tensors have k * B entries
         # along batch_dim (a candidate for batch-major grouping, verified by the engine), else 0.
         self.groups = 0
+        # For a call not split by example along batch_dim whose tensors have the batch size along exactly
+        # one other dimension (time-major [T, B, d] layouts: XLNet, nn.MultiheadAttention without
+        # batch_first): that dimension, a candidate batch dimension verified by the engine; else None.
+        self.other_batch_dim: int | None = None
         # Autograd sequence numbers of the nodes created during the call (None: unknown), and whether
         # autocast was on (its cached casts of the parameters may come from an earlier call).
         self.nodes: range | None = None

@@ -79,13 +79,24 @@ def grads_verified(
         record_grads = record.to_view_shapes(record_grads)
         if all(grad is None for grad in record_grads):
             continue  # the losses do not depend on this call
-        if not all(grad is None or _grouped_by_example(grad, weights, bd, rtol) for grad in record_grads):
+        other = record.other_batch_dim
+        # Split by example along another dimension (time-major), else grouped along batch_dim.
+        use_other = other is not None and all(
+            grad is None or _grouped_by_example(grad, weights, other, rtol) for grad in record_grads
+        )
+        if not use_other and not all(
+            grad is None or _grouped_by_example(grad, weights, bd, rtol) for grad in record_grads
+        ):
             failed.append(record)
             continue
         if not add:
             continue
         plain = [None if grad is None else grad[0] for grad in record_grads]
-        if record.batched:
+        if use_other:
+            assert other is not None
+            own = RowLayout(other, layout.num_examples, layout.num_tasks)  # the record's own layout
+            accumulator.add(record, [None if grad is None else grad.unsqueeze(0) for grad in plain], own, shaped=True)
+        elif record.batched:
             accumulator.add(record, [None if grad is None else grad.unsqueeze(0) for grad in plain], shaped=True)
         else:
             record.split_batch(num_examples, bd)

@@ -11,8 +11,8 @@ vector-Jacobian products on the existing graph (any other module).
 Parameters used by several modules (tied embeddings) get their cross terms. Tables looked up once
 for all examples and broadcast over the batch later (T5's relative-position bias) get per-example
 output gradients at the broadcasting node of the same pass (:mod:`._broadcast`). Other calls whose
-tensors are not split by example (regrouped or time-major rows) get exact per-row output
-gradients, after a verification of the grouping where one is possible.
+tensors are not split by example along ``batch_dim`` (regrouped or time-major rows) are verified
+to be split by example otherwise where their shapes allow it, else get exact per-row output gradients.
 """
 
 from __future__ import annotations
@@ -147,15 +147,18 @@ class Engine:
       (same values), so that their gradients are per example.
     * Tensors not split by example: a module call whose tensors do not have the batch size along
       ``batch_dim`` (relative-position tables of T5, MPNet or DeBERTa-v2, weight-norm
-      parametrisations, XLNet's time-major ``[T, B, d]``) gets one output gradient per loss row
+      parametrisations) gets one output gradient per loss row
       from a batched backward pass over the ``R`` rows: exact, but it costs about ``R`` backward
       passes over the part of the network above that call and holds ``R`` times its output
       gradient. With per-example losses ``[B]``, Linear and LayerNorm calls on ``[k B, ...]``
       rows (OPT's ``[B * T, d]`` MLP, Swin's ``[B * windows, ...]`` attention) and all calls
       shaped ``[B, ...]`` of such a forward pass are instead checked by an exact identity (one
       backward pass over two vectors, see ``_regroup``) and keep their closed forms when their
-      rows belong to one example each (batch-major), else take the per-row pass. A module once
-      seen not split by example keeps the per-row pass in later steps.
+      rows belong to one example each (batch-major), else take the per-row pass. So do the calls
+      whose tensors have the batch size along exactly one other dimension (time-major ``[T, B, d]``
+      layouts: XLNet, ``nn.TransformerEncoder`` or ``nn.LSTM`` without ``batch_first``), checked
+      along that dimension and then handled in their own layout. A module once seen not split by
+      example along ``batch_dim`` is checked again in every later step.
     * Losses that mix the examples (an in-batch contrastive loss, losses divided by their batch
       sum) are detected where they reach the module calls closest to them (two backward passes
       through the loss computation, once per structure of its autograd graph): the calls are then
@@ -513,9 +516,9 @@ class Engine:
                 # over two vectors); the others and the failures take the exact per-row path.
                 # The planned calls get their per-example gradients from the ordinary pass below.
                 checked = [record for record in records if id(record) not in planned]
-                checked += [record for record in unaligned if record.groups]
+                checked += [record for record in unaligned if record.groups or record.other_batch_dim is not None]
                 records = [record for record in records if id(record) in planned]
-                unaligned = [record for record in unaligned if not record.groups]
+                unaligned = [record for record in unaligned if not record.groups and record.other_batch_dim is None]
                 failed = grads_verified(losses, layout, checked, accumulator, rtol=identity_rtol)
                 if verify_layout:
                     # The layout is the model's: remember it (failed modules keep the exact paths).

@@ -1,0 +1,126 @@
+"""Calls whose tensors are split by example along another dimension than ``batch_dim`` (time-major
+``[T, B, d]`` layouts): verified, then handled by the closed forms and batched paths in their own layout
+instead of one backward pass per loss row."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as tf
+from torch import Tensor, nn
+
+from hf_jd.autogram import Engine
+
+from ._reference import assert_exact_step, trainable
+
+
+class _TimeMajorEncoder(nn.Module):
+    """Batch-first ids, a time-major ``nn.TransformerEncoder`` (``batch_first=False``), a batch-first head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(40, 16)
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.1, batch_first=False)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.head(self.encoder(self.embedding(ids.T)).mean(0))
+
+
+class _Recurrent(nn.Module):
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(30, 8)
+        self.rnn = getattr(nn, kind)(8, 6)  # time-major by default
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.head(self.rnn(self.embedding(ids.T))[0][-1])
+
+
+@pytest.fixture
+def per_row_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Names of the module calls that take the exact per-row path."""
+    from hf_jd.autogram import engine as engine_module
+
+    names: list[str] = []
+    original = engine_module.grads_per_row
+
+    def spy(losses: Tensor, layout: object, records: list, accumulator: object) -> None:
+        names.extend(record.module_name for record in records)
+        original(losses, layout, records, accumulator)
+
+    monkeypatch.setattr(engine_module, "grads_per_row", spy)
+    return names
+
+
+def _losses(model: nn.Module, batch: int, length: int, seed: int) -> Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 30, (batch, length), generator=generator)
+    labels = torch.randint(0, 3, (batch,), generator=generator)
+    return nn.functional.cross_entropy(model(ids), labels, reduction="none")
+
+
+@pytest.mark.parametrize(("batch", "length"), [(5, 7), (4, 8)])  # 8 = 2 x 4: also a [k B, ...] candidate
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_time_major_transformer_encoder_is_exact_without_per_row_passes(
+    batch: int, length: int, single_backward: bool, per_row_calls: list[str]
+) -> None:
+    torch.manual_seed(0)
+    model = _TimeMajorEncoder().train()
+    engine = Engine(model, single_backward=single_backward)
+    params = trainable(model)
+    for step in range(2):
+        for param in params:
+            param.grad = None
+        assert_exact_step(engine, _losses(model, batch, length, step), params, single_backward)
+    assert per_row_calls == []
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_time_major_recurrent_layers_are_exact_without_per_row_passes(kind: str, per_row_calls: list[str]) -> None:
+    torch.manual_seed(1)
+    model = _Recurrent(kind)
+    engine = Engine(model)
+    assert_exact_step(engine, _losses(model, 3, 6, 0), trainable(model), False)
+    assert per_row_calls == []
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_xlnet_is_exact_without_per_row_passes(single_backward: bool, per_row_calls: list[str]) -> None:
+    """XLNet runs its layers on [T, B, d] tensors."""
+    torch.manual_seed(2)
+    config = tf.XLNetConfig(vocab_size=30, d_model=16, n_layer=2, n_head=2, d_inner=32, num_labels=3)
+    model = tf.XLNetForSequenceClassification(config).train()
+    engine = Engine(model, single_backward=single_backward)
+    ids = torch.randint(0, 30, (5, 7))
+    losses = nn.functional.cross_entropy(model(input_ids=ids).logits, torch.tensor([0, 1, 2, 1, 0]), reduction="none")
+    assert_exact_step(engine, losses, trainable(model), single_backward)
+    assert per_row_calls == []
+
+
+def test_a_dimension_of_the_batch_size_that_is_not_the_batch_is_not_taken_for_it() -> None:
+    """A table [4, K, 4] with K = B computed from the grid of its K positions, which every example's loss
+    reads whole: the candidate dimension fails the identity, and the Gramian is exact."""
+
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = nn.Linear(4, 4)
+            self.outer = nn.Linear(4, 1)
+
+        def forward(self, x: Tensor) -> Tensor:  # x [B, 4]
+            grid = torch.linspace(0, 1, x.shape[0]).view(1, -1, 1).expand(4, x.shape[0], 4)
+            table = torch.tanh(self.inner(grid))  # [4, B, 4]: its second dimension is not the batch
+            return self.outer(table).sum() * x.sum(1, keepdim=True) + x[:, :1]
+
+    torch.manual_seed(3)
+    model = Shared()
+    for single_backward in (False, True):
+        engine = Engine(model, single_backward=single_backward)
+        for param in model.parameters():
+            param.grad = None
+        losses = model(torch.randn(3, 4)).squeeze(1) ** 2
+        assert_exact_step(engine, losses, trainable(model), single_backward)
+        engine.remove()
