@@ -9,12 +9,36 @@ __all__ = ["accumulate_jac", "accumulate_grad", "check_jac_compatible", "get_jac
 
 
 def get_jac(tensor: Tensor) -> Tensor | None:
-    """Return the ``.jac`` stored on ``tensor``, or ``None`` if there is none."""
+    """Return the ``.jac`` stored on ``tensor``, or ``None`` if there is none.
+
+    Parameters
+    ----------
+    tensor
+        A tensor that may carry a ``.jac`` attribute.
+
+    Returns
+    -------
+    Tensor or None
+        Its ``.jac``, or ``None``.
+    """
     return getattr(tensor, "jac", None)
 
 
 def check_jac_compatible(tensors: tuple[Tensor, ...], num_rows: int) -> None:
-    """Raise before any work if an existing ``.jac`` cannot receive a ``[num_rows]``-row Jacobian."""
+    """Raise before any work if an existing ``.jac`` cannot receive a ``[num_rows]``-row Jacobian.
+
+    Parameters
+    ----------
+    tensors
+        The tensors that will receive a Jacobian.
+    num_rows
+        Number of rows ``m`` of the Jacobian (number of objectives).
+
+    Raises
+    ------
+    ValueError
+        If a tensor already has a ``.jac`` that is not a tensor of shape ``[num_rows, *tensor.shape]``.
+    """
     for tensor in tensors:
         existing = get_jac(tensor)
         if existing is None:
@@ -31,7 +55,22 @@ def check_jac_compatible(tensors: tuple[Tensor, ...], num_rows: int) -> None:
 
 
 def accumulate_jac(tensor: Tensor, jacobian: Tensor) -> None:
-    """Store ``jacobian`` (shape ``[m] + tensor.shape``) in ``tensor.jac``, adding to any existing one."""
+    """Store ``jacobian`` (shape ``[m] + tensor.shape``) in ``tensor.jac``, adding to any existing one.
+
+    Parameters
+    ----------
+    tensor
+        The leaf tensor that receives the Jacobian.
+    jacobian
+        Its Jacobian, ``[m, *tensor.shape]``; stored detached.
+
+    Raises
+    ------
+    ValueError
+        If ``tensor`` is complex, or the existing ``.jac`` has another shape.
+    TypeError
+        If the existing ``.jac`` is not a tensor.
+    """
     if tensor.is_complex():
         raise ValueError(
             f"A complex tensor of shape {tuple(tensor.shape)} ({tensor.dtype}) would receive a Jacobian: Jacobian "
@@ -62,7 +101,20 @@ def accumulate_jac(tensor: Tensor, jacobian: Tensor) -> None:
 
 
 def accumulate_grad(tensor: Tensor, gradient: Tensor) -> None:
-    """Add ``gradient`` to ``tensor.grad`` (creating it if absent)."""
+    """Add ``gradient`` to ``tensor.grad`` (creating it if absent).
+
+    Parameters
+    ----------
+    tensor
+        The leaf tensor whose ``.grad`` receives the gradient.
+    gradient
+        A gradient of the shape of ``tensor``; cast to its dtype and device.
+
+    Raises
+    ------
+    ValueError
+        If ``gradient`` or the existing ``.grad`` does not have the shape of ``tensor``.
+    """
     if gradient.shape != tensor.shape:
         raise ValueError(
             f"Gradient of shape {tuple(gradient.shape)} does not match the tensor shape "

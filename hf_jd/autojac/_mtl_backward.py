@@ -218,9 +218,9 @@ def mtl_backward(
     # A parameter also reached through the features (tied weights): autograd gave its head gradient with
     # the path through the features included, which is already in its Jacobian row; keep only the rest.
     through_features = {id(param): jacobian for param, jacobian in zip(shared, jacobians)}
-    for task, (head, grads) in enumerate(zip(heads, head_grads)):
-        for param, grad in zip(head, grads):
-            rows = through_features.get(id(param))
-            accumulate_grad(param, grad if rows is None else grad - rows[task])
+    for task, (head, task_head_grads) in enumerate(zip(heads, head_grads)):
+        for param, grad in zip(head, task_head_grads):
+            shared_jacobian = through_features.get(id(param))
+            accumulate_grad(param, grad if shared_jacobian is None else grad - shared_jacobian[task])
     for param, jacobian in zip(shared, jacobians):
         accumulate_jac(param, jacobian)

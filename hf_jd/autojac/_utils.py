@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -20,13 +20,30 @@ __all__ = [
     "no_gradient_writes",
 ]
 
-TensorOrTensors = Union[Tensor, Sequence[Tensor]]
+TensorOrTensors = Tensor | Sequence[Tensor]
 
 
 def as_tensor_tuple(tensors: TensorOrTensors | Iterable[Tensor], what: str) -> tuple[Tensor, ...]:
     """Return ``tensors`` as a tuple of tensors (a single tensor becomes a 1-tuple).
 
-    Raises ``TypeError`` when an element is not a tensor and ``ValueError`` when there is none.
+    Parameters
+    ----------
+    tensors
+        A tensor, or an iterable of tensors.
+    what
+        Name of the argument, for error messages.
+
+    Returns
+    -------
+    tuple of Tensor
+        The tensors, in order.
+
+    Raises
+    ------
+    TypeError
+        If ``tensors`` is neither a tensor nor an iterable (strings are refused), or an element is not a tensor.
+    ValueError
+        If there is no tensor.
     """
     if isinstance(tensors, Tensor):
         return (tensors,)
@@ -51,6 +68,25 @@ def as_output_vector(outputs: TensorOrTensors, what: str = "outputs") -> Tensor:
     A tensor of any shape is flattened in row-major order (a 0-dim tensor gives ``m = 1``); a
     sequence of tensors is flattened element by element and concatenated. At least one entry must
     require grad; entries that do not give zero rows.
+
+    Parameters
+    ----------
+    outputs
+        The objectives: a tensor or a sequence of tensors.
+    what
+        Name of the argument, for error messages.
+
+    Returns
+    -------
+    Tensor
+        The vector ``[m]`` of objectives.
+
+    Raises
+    ------
+    TypeError
+        If ``outputs`` holds something else than tensors.
+    ValueError
+        If there is no tensor or no element, an entry is not floating point, or none requires grad.
     """
     tensors = as_tensor_tuple(outputs, what)
     for index, tensor in enumerate(tensors):
@@ -76,7 +112,20 @@ def as_output_vector(outputs: TensorOrTensors, what: str = "outputs") -> Tensor:
 
 
 def check_requires_grad(tensors: Sequence[Tensor], what: str) -> None:
-    """Raise ``ValueError`` if one of ``tensors`` does not require grad."""
+    """Raise ``ValueError`` if one of ``tensors`` does not require grad (or is complex).
+
+    Parameters
+    ----------
+    tensors
+        The tensors to check.
+    what
+        Name of the argument, for error messages.
+
+    Raises
+    ------
+    ValueError
+        If a tensor does not require grad or is complex.
+    """
     for index, tensor in enumerate(tensors):
         if not tensor.requires_grad:
             raise ValueError(
@@ -91,7 +140,20 @@ def check_requires_grad(tensors: Sequence[Tensor], what: str) -> None:
 
 
 def check_leaves(tensors: Sequence[Tensor], what: str) -> None:
-    """Raise ``ValueError`` unless every tensor is a leaf that requires grad."""
+    """Raise ``ValueError`` unless every tensor is a real leaf that requires grad.
+
+    Parameters
+    ----------
+    tensors
+        The tensors to check.
+    what
+        Name of the argument, for error messages.
+
+    Raises
+    ------
+    ValueError
+        If a tensor does not require grad, is complex, or is not a leaf.
+    """
     check_requires_grad(tensors, what)
     for index, tensor in enumerate(tensors):
         if not tensor.is_leaf:
@@ -103,7 +165,18 @@ def check_leaves(tensors: Sequence[Tensor], what: str) -> None:
 
 
 def deduplicate(tensors: Iterable[Tensor]) -> tuple[Tensor, ...]:
-    """Return ``tensors`` without repeated objects (by identity), keeping the first occurrence."""
+    """Return ``tensors`` without repeated objects (by identity), keeping the first occurrence.
+
+    Parameters
+    ----------
+    tensors
+        The tensors.
+
+    Returns
+    -------
+    tuple of Tensor
+        Each tensor object once, in the order of first occurrence.
+    """
     seen: set[int] = set()
     result = []
     for tensor in tensors:
@@ -115,7 +188,18 @@ def deduplicate(tensors: Iterable[Tensor]) -> tuple[Tensor, ...]:
 
 def graph_nodes(starts: Iterable[Any]) -> Iterator[Any]:
     """Every autograd node reachable from the nodes ``starts`` (themselves included; ``None`` entries
-    are skipped), each once, depth first through ``next_functions``."""
+    are skipped), each once, depth first through ``next_functions``.
+
+    Parameters
+    ----------
+    starts
+        Autograd nodes (``tensor.grad_fn``), ``None`` allowed.
+
+    Yields
+    ------
+    Any
+        The reachable nodes, each once.
+    """
     seen: set[Any] = set()
     stack = list(starts)
     while stack:
@@ -134,6 +218,18 @@ def find_leaves(roots: Sequence[Tensor], stop_at: Sequence[Tensor] = ()) -> tupl
     met contributes its ``.variable``. The walk does not go through the ``grad_fn`` of the tensors
     in ``stop_at`` and never returns those tensors themselves. The result is in discovery order
     (depth-first, following ``next_functions`` in order) and has no duplicates.
+
+    Parameters
+    ----------
+    roots
+        The tensors back-propagation starts from.
+    stop_at
+        Tensors whose ``grad_fn`` the walk does not go through (e.g. the features of a multi-task model).
+
+    Returns
+    -------
+    tuple of Tensor
+        The leaves requiring grad that are reached.
     """
     stop_ids = {id(tensor) for tensor in stop_at}
     stop_nodes = {tensor.grad_fn for tensor in stop_at if tensor.grad_fn is not None}
@@ -184,13 +280,31 @@ def no_gradient_writes(tensors: Sequence[Tensor], name_of: Callable[[int], str])
     ``torch.autograd.grad`` returns gradients without writing any ``.grad``; a custom autograd
     function whose backward writes them itself (the reversible layers of Reformer call
     ``torch.autograd.backward`` on their recomputed blocks) would give wrong Jacobians silently.
+
+    Parameters
+    ----------
+    tensors
+        The tensors whose ``.grad`` must not change.
+    name_of
+        ``name_of(i)`` names ``tensors[i]`` in the error.
+
+    Yields
+    ------
+    None
+        Control to the block.
+
+    Raises
+    ------
+    RuntimeError
+        If the ``.grad`` of one of ``tensors`` was replaced or modified in place inside the block.
     """
     before = [_grad_state(tensor) for tensor in tensors]
     yield
     for index, (tensor, state) in enumerate(zip(tensors, before)):
         if _grad_state(tensor) != state:
             raise RuntimeError(
-                f"The .grad of {name_of(index)} (shape {tuple(tensor.shape)}) was written during a torch.autograd.grad call: "
+                f"The .grad of {name_of(index)} (shape {tuple(tensor.shape)}) was written during a "
+                "torch.autograd.grad call: "
                 "an autograd function of the model writes the gradients itself in its backward pass (e.g. "
                 "Reformer's reversible layers), so the gradients it returns are not those of the losses and the "
                 "Jacobian would be wrong. Such models cannot be trained by Jacobian descent: make their layers "

@@ -28,7 +28,20 @@ _fallback_warned = False
 
 
 def check_chunk_size(parallel_chunk_size: int | None) -> None:
-    """Raise unless ``parallel_chunk_size`` is ``None`` or a positive integer."""
+    """Raise unless ``parallel_chunk_size`` is ``None`` or a positive integer.
+
+    Parameters
+    ----------
+    parallel_chunk_size
+        Number of Jacobian rows computed at once (``None``: all).
+
+    Raises
+    ------
+    TypeError
+        If it is not ``None`` or an int (a bool is refused).
+    ValueError
+        If it is smaller than 1.
+    """
     if parallel_chunk_size is None:
         return
     if isinstance(parallel_chunk_size, bool) or not isinstance(parallel_chunk_size, int):
@@ -96,8 +109,9 @@ class _RowWriter:
             result[start:stop] = grad if batched else grad.unsqueeze(0)
 
     def results(self) -> tuple[Tensor, ...]:
-        assert all(result is not None for result in self._results)
-        return tuple(self._results)  # type: ignore[arg-type]
+        results = tuple(result for result in self._results if result is not None)
+        assert len(results) == len(self._results)
+        return results
 
 
 def _sequential(

@@ -23,7 +23,20 @@ ComputeLosses = Callable[[nn.Module, dict[str, Any]], tuple[Tensor, Any]]
 
 
 def forward_accepts(model: nn.Module, name: str) -> bool:
-    """Whether ``model.forward`` takes a keyword ``name`` (explicitly or through ``**kwargs``)."""
+    """Whether ``model.forward`` takes a keyword ``name`` (explicitly or through ``**kwargs``).
+
+    Parameters
+    ----------
+    model
+        The model.
+    name
+        The keyword argument.
+
+    Returns
+    -------
+    bool
+        ``True`` also when the signature cannot be read.
+    """
     try:
         parameters = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
@@ -32,7 +45,20 @@ def forward_accepts(model: nn.Module, name: str) -> bool:
 
 
 def forward_declares(model: nn.Module, name: str) -> bool:
-    """Whether ``model.forward`` names ``name`` as an explicit parameter (``**kwargs`` does not count)."""
+    """Whether ``model.forward`` names ``name`` as an explicit parameter (``**kwargs`` does not count).
+
+    Parameters
+    ----------
+    model
+        The model.
+    name
+        The parameter name.
+
+    Returns
+    -------
+    bool
+        ``False`` also when the signature cannot be read, or ``name`` is positional-only.
+    """
     try:
         parameters = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
@@ -51,6 +77,16 @@ def takes_loss_reduction(model: nn.Module) -> bool:
     True for a :class:`hf_jd.trainer.MultiHeadModel` and for a forward that declares ``loss_reduction``;
     a forward that only has ``**kwargs`` (which may validate or pass them on) does not get it. PEFT
     wrappers and ``torch.compile``'s ``OptimizedModule`` are looked through.
+
+    Parameters
+    ----------
+    model
+        The model, possibly wrapped.
+
+    Returns
+    -------
+    bool
+        Whether to call it with ``loss_reduction="none"`` for per-example task losses.
     """
     from .multi_head import MultiHeadModel
 

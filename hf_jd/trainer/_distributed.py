@@ -91,12 +91,33 @@ def distributed_world_size(group: Any = None) -> int:
     Accelerate and the Trainer initialise the default process group at start-up, so this is the
     number of processes started by ``accelerate launch`` / ``torchrun`` once the
     ``TrainingArguments`` exist.
+
+    Parameters
+    ----------
+    group
+        A process group, or ``None`` for the default one.
+
+    Returns
+    -------
+    int
+        The number of processes.
     """
     return dist.get_world_size(group) if _initialized() else 1
 
 
 def distributed_rank(group: Any = None) -> int:
-    """Rank of this process in ``group``; 0 without ``torch.distributed``."""
+    """Rank of this process in ``group``; 0 without ``torch.distributed``.
+
+    Parameters
+    ----------
+    group
+        A process group, or ``None`` for the default one.
+
+    Returns
+    -------
+    int
+        The rank.
+    """
     return dist.get_rank(group) if _initialized() else 0
 
 
@@ -160,7 +181,22 @@ class CommunicationLog:
         return self.all_reduce_bytes + self.all_gather_bytes
 
     def add(self, kind: str, tensor: Tensor, what: str) -> None:
-        """Record one collective of ``kind`` (``"all_reduce"`` or ``"all_gather"``) on ``tensor``."""
+        """Record one collective of ``kind`` (``"all_reduce"`` or ``"all_gather"``) on ``tensor``.
+
+        Parameters
+        ----------
+        kind
+            ``"all_reduce"`` or ``"all_gather"``.
+        tensor
+            The local tensor of the collective (its bytes are the payload).
+        what
+            Label under which the bytes are also counted in ``details``.
+
+        Raises
+        ------
+        ValueError
+            If ``kind`` is unknown.
+        """
         size = tensor.numel() * tensor.element_size()
         if kind == "all_reduce":
             self.all_reduce_bytes += size
@@ -172,7 +208,23 @@ class CommunicationLog:
         self.details[what] = self.details.get(what, 0) + size
 
     def ring_bytes_sent(self, world_size: int) -> float:
-        """Bytes each process sends with ring collectives among ``world_size`` processes."""
+        """Bytes each process sends with ring collectives among ``world_size`` processes.
+
+        Parameters
+        ----------
+        world_size
+            Number of processes ``P``.
+
+        Returns
+        -------
+        float
+            ``2 (P - 1) / P`` times the all-reduce payload plus ``P - 1`` times the all-gather payload.
+
+        Raises
+        ------
+        ValueError
+            If ``world_size < 1``.
+        """
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}.")
         return 2 * (world_size - 1) / world_size * self.all_reduce_bytes + (world_size - 1) * self.all_gather_bytes
@@ -184,7 +236,18 @@ class CommunicationLog:
 
 
 def ddp_gradient_bytes(params: Sequence[Tensor]) -> int:
-    """Payload of DDP's gradient all-reduce for ``params`` (once per optimizer step)."""
+    """Payload of DDP's gradient all-reduce for ``params`` (once per optimizer step).
+
+    Parameters
+    ----------
+    params
+        The model's parameters.
+
+    Returns
+    -------
+    int
+        Bytes of the parameters that require grad.
+    """
     return sum(p.numel() * p.element_size() for p in params if p.requires_grad)
 
 
@@ -195,6 +258,11 @@ class DDPCommunicationTracker:
     first backward (DDP accepts one hook per model). ``log`` then holds DDP's bytes, ``buckets``
     the number of buckets reduced and ``backwards`` the number of backward passes that reduced
     something (each bucket of bucket index 0 starts one).
+
+    Parameters
+    ----------
+    group
+        The process group of the all-reduce (``None``: the default one).
     """
 
     def __init__(self, group: Any = None) -> None:
@@ -205,7 +273,20 @@ class DDPCommunicationTracker:
 
     @staticmethod
     def hook(state, bucket):  # type: ignore[no-untyped-def]  # annotations set below (DDP checks them)
-        """The communication hook (``state`` is the tracker, ``bucket`` a ``dist.GradBucket``)."""
+        """The communication hook: record the bucket's bytes, then all-reduce its mean asynchronously.
+
+        Parameters
+        ----------
+        state
+            The :class:`DDPCommunicationTracker`.
+        bucket
+            The ``dist.GradBucket`` of gradients to reduce.
+
+        Returns
+        -------
+        torch.futures.Future
+            Completed with the averaged bucket buffer.
+        """
         buffer = bucket.buffer()
         state.buckets += 1
         if bucket.index() == 0:
@@ -231,6 +312,20 @@ def all_processes_true(flag: bool, *, group: Any = None, log: CommunicationLog |
 
     Use it before a decision that changes which collectives follow (skipping a non-finite step,
     raising), so that no process waits for a collective that the others never start.
+
+    Parameters
+    ----------
+    flag
+        This process's value.
+    group
+        The process group (``None``: the default one).
+    log
+        If given, records the 1-byte all-reduce.
+
+    Returns
+    -------
+    bool
+        Whether ``flag`` is true on every process.
     """
     if distributed_world_size(group) == 1:
         return bool(flag)
@@ -322,7 +417,17 @@ class ReducedJacobian:
 
     Built by :func:`all_reduce_jacobians_mean`. :meth:`gramian` and :meth:`weighted_sums` work on
     the blocks; :meth:`jacobians` unpacks them into one ``[m, *param.shape]`` tensor per parameter.
-    ``reached[i]``: whether the losses depend on parameter ``i`` on some process.
+
+    Parameters
+    ----------
+    blocks
+        The ``[m, k]`` blocks, averaged over the processes.
+    pieces
+        Where each parameter's entries lie in the blocks.
+    num_rows
+        Number of rows ``m``.
+    reached
+        ``reached[i]``: whether the losses depend on parameter ``i`` on some process (default: all).
     """
 
     def __init__(
@@ -336,8 +441,16 @@ class ReducedJacobian:
     def gramian(self, indices: Sequence[int] | None = None) -> Tensor:
         """``J Jᵀ`` (``[m, m]``), float64 if a block is float64, else float32.
 
-        ``indices``: restrict ``J`` to these parameters (positions in the list given to
-        :func:`all_reduce_jacobians_mean`); default all.
+        Parameters
+        ----------
+        indices
+            Restrict ``J`` to these parameters (positions in the list given to
+            :func:`all_reduce_jacobians_mean`); default all.
+
+        Returns
+        -------
+        Tensor
+            The symmetric ``[m, m]`` Gramian.
         """
         dtype = torch.float64 if any(b.dtype == torch.float64 for b in self.blocks) else torch.float32
         device = self.blocks[0].device if self.blocks else torch.device("cpu")
@@ -354,7 +467,23 @@ class ReducedJacobian:
         return (gramian + gramian.T) / 2
 
     def weighted_sums(self, weights: Tensor) -> list[Tensor]:
-        """``Σ_k w_k J_k`` for every parameter (its shape): the update ``wᵀ J`` split by parameter."""
+        """``Σ_k w_k J_k`` for every parameter (its shape): the update ``wᵀ J`` split by parameter.
+
+        Parameters
+        ----------
+        weights
+            The ``m`` weights (any shape with ``m`` entries).
+
+        Returns
+        -------
+        list of Tensor
+            One update per parameter, of the parameter's shape, in the order they were given.
+
+        Raises
+        ------
+        ValueError
+            If ``weights`` does not have ``m`` entries.
+        """
         weights = weights.reshape(-1)
         if weights.numel() != self.num_rows:
             raise ValueError(f"weights must have {self.num_rows} entries (one per row of J), got {weights.numel()}.")
@@ -376,6 +505,20 @@ class ReducedJacobian:
         Every process holds the same blocks and weights, so every process writes the same gradient:
         the update of one process on the global batch. Parameters reached on no process keep their
         ``.grad`` (``None`` stays ``None``), as after an ordinary backward.
+
+        Parameters
+        ----------
+        params
+            The parameters of the Jacobian, in the order given to :func:`all_reduce_jacobians_mean`.
+        weights
+            The ``m`` weights.
+        factor
+            Factor of the update (gradient accumulation, loss scale).
+
+        Raises
+        ------
+        ValueError
+            If ``params`` or ``weights`` do not match the Jacobian.
         """
         if len(params) != len(self.pieces):
             raise ValueError(f"Expected {len(self.pieces)} parameters (those of the Jacobian), got {len(params)}.")
@@ -386,7 +529,13 @@ class ReducedJacobian:
             param.grad = update if param.grad is None else param.grad + update
 
     def jacobians(self) -> list[Tensor]:
-        """One ``[m, *shape]`` Jacobian per parameter, in the order they were given."""
+        """One ``[m, *shape]`` Jacobian per parameter, in the order they were given.
+
+        Returns
+        -------
+        list of Tensor
+            The Jacobians, of the parameters' shapes (the zero rows that were not sent are zeros again).
+        """
         result: list[Tensor] = [torch.empty(0)] * len(self.pieces)
         for piece in self.pieces:
             values = self.blocks[piece.block][:, piece.start : piece.start + piece.width]

@@ -21,6 +21,16 @@ def gramian_stats(gramian: Tensor) -> dict[str, Tensor]:
     Returns ``jd/conflicting_pairs`` (number of pairs ``i < j`` with ``G_ij < 0``, i.e. rows whose
     gradients conflict) and, when at least one pair of non-zero rows exists, ``jd/min_cosine``
     (the smallest cosine similarity ``G_ij / sqrt(G_ii G_jj)`` over those pairs).
+
+    Parameters
+    ----------
+    gramian
+        The ``[m, m]`` Gramian.
+
+    Returns
+    -------
+    dict[str, Tensor]
+        The statistics above, as float32 scalars.
     """
     gramian = gramian.detach().float()
     rows = gramian.shape[0]
@@ -41,6 +51,20 @@ def weight_stats(weights: Tensor, mode: str, task_names: Sequence[str] | None) -
     ``mtl``: ``jd/weight_<task>``; ``iwrm``: ``jd/weight_min``, ``jd/weight_max``, ``jd/weight_mean``;
     ``iwmtl`` (weights ``[B, m]``): ``jd/weight_<task>`` is the total weight of the task over the
     batch, plus the min/max/mean over all entries.
+
+    Parameters
+    ----------
+    weights
+        The aggregation weights (``[m]``, ``[B]`` or ``[B, m]``).
+    mode
+        ``"mtl"``, ``"iwrm"`` or ``"iwmtl"``.
+    task_names
+        Names of the tasks (default: their indices).
+
+    Returns
+    -------
+    dict[str, Tensor]
+        The summaries above, as float32 scalars.
     """
     weights = weights.detach().float()
     stats: dict[str, Tensor] = {}
@@ -67,6 +91,22 @@ def loss_stats(
     ``mtl``: each task loss. ``iwmtl``: each column's sum divided by ``label_counts[k]`` (the
     number of examples carrying task ``k``'s label; tasks with none are left out), or the column
     mean when the counts are unknown.
+
+    Parameters
+    ----------
+    losses
+        The losses (``[m]`` or ``[B, m]``).
+    mode
+        ``"mtl"``, ``"iwrm"`` or ``"iwmtl"`` (``iwrm`` gives no per-task loss).
+    task_names
+        Names of the tasks; without them there is no per-task loss.
+    label_counts
+        ``iwmtl``: the number of examples that carry each task's label.
+
+    Returns
+    -------
+    dict[str, Tensor]
+        ``loss_<task>`` per task, as float32 scalars.
     """
     losses = losses.detach().float()
     if mode == "mtl" and task_names:
@@ -92,7 +132,13 @@ class StatsAccumulator:
         self._counts: dict[str, int] = {}
 
     def add(self, stats: dict[str, Tensor]) -> None:
-        """Add one observation of each named scalar."""
+        """Add one observation of each named scalar.
+
+        Parameters
+        ----------
+        stats
+            Name -> scalar tensor.
+        """
         for name, value in stats.items():
             value = value.detach().float()
             if name in self._sums:
@@ -106,7 +152,13 @@ class StatsAccumulator:
         return bool(self._sums)
 
     def pop_means(self) -> dict[str, float]:
-        """Return the mean of every statistic since the last call, and start a new interval."""
+        """Return the mean of every statistic since the last call, and start a new interval.
+
+        Returns
+        -------
+        dict[str, float]
+            Name -> mean over the observations of the interval.
+        """
         means = {name: float(total.item()) / self._counts[name] for name, total in self._sums.items()}
         self._sums.clear()
         self._counts.clear()

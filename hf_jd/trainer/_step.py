@@ -95,8 +95,24 @@ def select_modules(model: nn.Module, patterns: Sequence[str] | None) -> list[tup
     """Return the submodules named by ``patterns`` (names or fnmatch patterns), outermost only.
 
     ``None`` selects the whole model (named ``""``). A module whose ancestor is already selected is
-    dropped, so that no parameter is covered twice. A pattern that matches nothing raises
-    ``ValueError`` listing some valid names.
+    dropped, so that no parameter is covered twice.
+
+    Parameters
+    ----------
+    model
+        The model.
+    patterns
+        ``jd_modules``: module names or fnmatch patterns, or ``None``.
+
+    Returns
+    -------
+    list of (str, nn.Module)
+        The selected modules with their names.
+
+    Raises
+    ------
+    ValueError
+        If a pattern matches no submodule (the message lists some valid names).
     """
     if patterns is None:
         return [("", model)]
@@ -179,6 +195,11 @@ class JDStep:
         autogram: verify the Gramian on the first step (:meth:`hf_jd.autogram.Engine.check_gramian`).
     check_rtol
         Relative tolerance of that check (looser under bf16/fp16 autocast).
+
+    Raises
+    ------
+    ValueError
+        If ``engine="autogram"`` with an aggregator that is not Gramian-based.
     """
 
     def __init__(
@@ -233,7 +254,19 @@ class JDStep:
         return self.aggregator.weighting if isinstance(self.aggregator, GramianWeightedAggregator) else None
 
     def setup(self, model: nn.Module) -> None:
-        """Select the covered parameters (and build the autogram engine) for ``model``, once."""
+        """Select the covered parameters (and build the autogram engine) for ``model``, once.
+
+        Parameters
+        ----------
+        model
+            The unwrapped model; calling again with the same model does nothing.
+
+        Raises
+        ------
+        ValueError
+            If a ``jd_modules`` pattern matches nothing, the selected modules have no trainable parameter,
+            or parameters are left outside the Jacobian with an aggregator that has no weights.
+        """
         if self._model is model:
             return
         self.close()
@@ -274,13 +307,25 @@ class JDStep:
 
     @contextlib.contextmanager
     def engine_disabled(self) -> Iterator[None]:
-        """Context in which the autogram hooks capture nothing (evaluation, prediction)."""
+        """Context in which the autogram hooks capture nothing (evaluation, prediction).
+
+        Yields
+        ------
+        None
+            Control to the block; the engine's previous state is restored after it.
+        """
         with _engine_state(self.engine, False):
             yield
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume with the same weights as an uninterrupted run."""
+        """Everything needed to resume with the same weights as an uninterrupted run.
+
+        Returns
+        -------
+        dict[str, Any]
+            The aggregator's state, the cached weights (on CPU) and the number of skipped steps.
+        """
         return {
             "aggregator": self.aggregator.state_dict(),
             "cached_weights": None if self.cached_weights is None else self.cached_weights.cpu(),
@@ -288,7 +333,13 @@ class JDStep:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a state produced by :meth:`state_dict`."""
+        """Restore a state produced by :meth:`state_dict`.
+
+        Parameters
+        ----------
+        state
+            The state; missing entries take their initial values.
+        """
         self.aggregator.load_state_dict(state.get("aggregator", {}))
         cached = state.get("cached_weights")
         self.cached_weights = None if cached is None else cached.clone()
@@ -296,7 +347,18 @@ class JDStep:
 
     # ------------------------------------------------------------------ the step
     def needs_weights(self, global_step: int) -> bool:
-        """Whether the optimizer step ``global_step`` recomputes the weights."""
+        """Whether the optimizer step ``global_step`` recomputes the weights.
+
+        Parameters
+        ----------
+        global_step
+            Index of the optimizer step.
+
+        Returns
+        -------
+        bool
+            ``True`` when no weights are cached or ``global_step`` is a multiple of ``update_weights_every``.
+        """
         return self.cached_weights is None or global_step % self.update_weights_every == 0
 
     def run(
@@ -338,6 +400,20 @@ class JDStep:
             Context in which the forward pass does not prepare DDP's gradient all-reduce
             (``accelerator.no_sync(model)``); used by the global MTL step, which writes the same
             update on every process and needs no all-reduce of the gradients.
+
+        Returns
+        -------
+        StepResult
+            The detached losses, the outputs, the weights used (``None`` for a skipped micro-batch or a
+            non-Gramian aggregator) and whether the micro-batch was skipped.
+
+        Raises
+        ------
+        NonFiniteLossError
+            If a loss, the Gramian or the Jacobian is not finite and ``nonfinite="raise"``.
+        RuntimeError
+            If the losses depend on no covered parameter, or the model cannot be differentiated as needed
+            (e.g. reentrant checkpointing with autojac).
         """
         self._label_counts = label_counts
         recompute = self.needs_weights(global_step)
@@ -480,7 +556,7 @@ class JDStep:
             for p, old in zip(params, previous):
                 p.grad = old
                 if hasattr(p, "jac"):
-                    del p.jac  # type: ignore[attr-defined]
+                    del p.jac
             raise
         factor = scale if grad_factor is None else grad_factor
         if not self._warned_zero_rows and self.mode != "mtl":

@@ -99,7 +99,9 @@ def _json_friendly(value: Any) -> Any:
 
 def _split_commas(text: str) -> list[str]:
     """Split at the commas that are not inside an fnmatch bracket (``layer.[0,1]`` stays whole)."""
-    parts, current, depth = [], [], 0
+    parts: list[str] = []
+    current: list[str] = []
+    depth = 0
     for char in text:
         if char == "[":
             depth += 1

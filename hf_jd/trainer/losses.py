@@ -80,7 +80,7 @@ _SUFFIXES: tuple[tuple[str, str], ...] = (
 )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _class_names(mapping_name: str) -> frozenset[str]:
     names: set[str] = set()
     for value in getattr(modeling_auto, mapping_name, {}).values():
@@ -89,7 +89,18 @@ def _class_names(mapping_name: str) -> frozenset[str]:
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """Return the task model inside DDP/DataParallel (``.module``), ``torch.compile`` and PEFT wrappers."""
+    """Return the task model inside DDP/DataParallel (``.module``), ``torch.compile`` and PEFT wrappers.
+
+    Parameters
+    ----------
+    model
+        A model, possibly wrapped (several wrappers may be nested, e.g. DDP around a compiled PEFT model).
+
+    Returns
+    -------
+    nn.Module
+        The innermost model; ``model`` itself when it is not wrapped.
+    """
     seen = set()
     while id(model) not in seen:
         seen.add(id(model))

@@ -66,7 +66,18 @@ _SPEC_KEYS = {"kind", "num_labels", "num_outputs", "pooling", "dropout"}
 
 
 def label_key(task: str) -> str:
-    """Name of the input that carries the labels of ``task`` (``"labels_<task>"``)."""
+    """Name of the input that carries the labels of ``task`` (``"labels_<task>"``).
+
+    Parameters
+    ----------
+    task
+        Name of the task.
+
+    Returns
+    -------
+    str
+        ``"labels_<task>"``.
+    """
     return f"{LABEL_PREFIX}{task}"
 
 
@@ -201,7 +212,19 @@ class MultiHeadConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
 
     def get_text_config(self, decoder: bool | None = None, encoder: bool | None = None) -> PreTrainedConfig:
-        """The backbone's text configuration (so that e.g. ``resize_token_embeddings`` updates the backbone)."""
+        """The backbone's text configuration (so that e.g. ``resize_token_embeddings`` updates the backbone).
+
+        Parameters
+        ----------
+        decoder, encoder
+            As for :meth:`transformers.PreTrainedConfig.get_text_config`.
+
+        Returns
+        -------
+        PreTrainedConfig
+            The backbone configuration's text configuration; this configuration's own when the backbone
+            configuration is not built yet (a dict or ``None``).
+        """
         if isinstance(self.backbone_config, PreTrainedConfig):
             return self.backbone_config.get_text_config(decoder=decoder, encoder=encoder)
         return super().get_text_config(decoder=decoder, encoder=encoder)
@@ -268,6 +291,15 @@ class MultiHeadModel(PreTrainedModel):
         Task name -> head specification (only when ``config`` is not a :class:`MultiHeadConfig`).
     backbone
         An already built backbone to use instead of ``AutoModel.from_config(config.backbone_config)``.
+
+    Raises
+    ------
+    TypeError
+        If ``config`` is neither a :class:`MultiHeadConfig`, a ``PreTrainedConfig`` nor a ``PreTrainedModel``
+        (a model name: use :meth:`from_backbone`), or ``backbone`` is not a ``PreTrainedModel``.
+    ValueError
+        If ``heads`` is missing (or given twice), the backbone is given twice, the configuration has no
+        backbone configuration or no head, or the hidden size of the backbone cannot be found.
 
     Examples
     --------
@@ -337,8 +369,8 @@ class MultiHeadModel(PreTrainedModel):
 
         hidden_size = self._hidden_size()
         self.heads = nn.ModuleDict()
-        for task in self.config.task_names:
-            spec = self.config.heads[task]
+        for task in self.task_names:
+            spec = self._head_specs[task]
             out_features = spec["num_outputs"] if spec["kind"] == "regression" else spec["num_labels"]
             self.heads[task] = nn.Sequential(nn.Dropout(self._dropout(spec)), nn.Linear(hidden_size, out_features))
 
@@ -376,6 +408,13 @@ class MultiHeadModel(PreTrainedModel):
         Returns
         -------
         MultiHeadModel
+
+        Raises
+        ------
+        TypeError
+            If ``backbone`` has another type, or ``backbone_kwargs`` are given with a backbone that is not a name.
+        ValueError
+            If a config dict has no ``"model_type"`` key, or a head specification is invalid.
         """
         if isinstance(backbone, str):
             backbone = AutoModel.from_pretrained(backbone, **backbone_kwargs)
@@ -429,20 +468,39 @@ class MultiHeadModel(PreTrainedModel):
                 nn.init.zeros_(module.bias)
 
     def get_input_embeddings(self) -> nn.Module:
+        """The backbone's input embeddings.
+
+        Returns
+        -------
+        nn.Module
+            ``self.backbone.get_input_embeddings()``.
+        """
         return self.backbone.get_input_embeddings()
 
     def set_input_embeddings(self, value: nn.Module) -> None:
+        """Replace the backbone's input embeddings.
+
+        Parameters
+        ----------
+        value
+            The new embedding module.
+        """
         self.backbone.set_input_embeddings(value)
 
     @property
     def task_names(self) -> list[str]:
         """Names of the tasks, in the order of the heads (and of the losses)."""
-        return list(self.config.task_names)
+        return list(self.config.task_names or [])  # set by MultiHeadConfig.__post_init__, never None here
 
     @property
     def label_names(self) -> list[str]:
         """The label inputs, ``["labels_<task>", ...]``: pass them as ``TrainingArguments.label_names``."""
-        return [label_key(task) for task in self.config.task_names]
+        return [label_key(task) for task in self.task_names]
+
+    @property
+    def _head_specs(self) -> dict[str, dict[str, Any]]:
+        """Task name -> normalised head specification (set by ``MultiHeadConfig.__post_init__``)."""
+        return self.config.heads or {}
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -474,6 +532,13 @@ class MultiHeadModel(PreTrainedModel):
         Returns
         -------
         MultiHeadOutput
+
+        Raises
+        ------
+        ValueError
+            If ``loss_reduction`` is unknown, ``labels`` is passed (instead of ``labels_<task>``), a
+            ``labels_<task>`` names no task of the model, or labels have the wrong shape or values
+            (see :func:`head_losses`).
         """
         if loss_reduction not in LOSS_REDUCTIONS:
             raise ValueError(f"loss_reduction must be one of {list(LOSS_REDUCTIONS)}, got {loss_reduction!r}.")
@@ -494,7 +559,7 @@ class MultiHeadModel(PreTrainedModel):
 
         logits: dict[str, Tensor] = {}
         for task in self.task_names:
-            spec = self.config.heads[task]
+            spec = self._head_specs[task]
             if spec["kind"] == "token_classification":
                 features = hidden
             else:
@@ -509,7 +574,7 @@ class MultiHeadModel(PreTrainedModel):
             for task in self.task_names:
                 if task in labels:
                     per_example[task], carried[task] = head_losses(
-                        self.config.heads[task], logits[task], labels[task], task
+                        self._head_specs[task], logits[task], labels[task], task
                     )
             means = {
                 task: per_example[task].sum() / carried[task].sum().clamp(min=1) for task in per_example
@@ -538,7 +603,7 @@ class MultiHeadModel(PreTrainedModel):
         for key in [k for k in kwargs if k.startswith(LABEL_PREFIX)]:
             task = key[len(LABEL_PREFIX) :]
             value = kwargs.pop(key)
-            if task not in self.config.heads:
+            if task not in self._head_specs:
                 raise ValueError(f"Got {key!r} but the model has no task {task!r}; its tasks are {self.task_names}.")
             if value is not None:
                 if not isinstance(value, Tensor):
@@ -609,6 +674,12 @@ def head_losses(spec: Mapping[str, Any], logits: Tensor, labels: Tensor, task: s
         ``[B]`` float32 per-example losses, exactly 0 for examples without a valid target.
     carried : Tensor
         ``[B]`` bool, whether each example has at least one valid target.
+
+    Raises
+    ------
+    ValueError
+        If the labels do not have the batch size or the shape of the logits, class indices are out of
+        ``[0, num_labels)`` (other than ``-100``), or multilabel targets are outside ``[0, 1]``.
     """
     kind = spec["kind"]
     logits = logits.float()

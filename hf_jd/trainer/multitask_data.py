@@ -57,6 +57,23 @@ def infer_label_kind(feature: Any, task: str = "task") -> str:
     Integer (or ``ClassLabel``) scalars are ``"classification"``, float scalars ``"regression"``, lists of
     integers ``"token_classification"``. Lists of floats are ambiguous (multilabel or multi-output
     regression) and raise: pass ``label_kinds`` then.
+
+    Parameters
+    ----------
+    feature
+        The ``datasets`` feature of the label column (e.g. ``dataset.features["label"]``).
+    task
+        Name of the task, for error messages.
+
+    Returns
+    -------
+    str
+        ``"classification"``, ``"regression"`` or ``"token_classification"``.
+
+    Raises
+    ------
+    ValueError
+        If the labels are lists of floats (ambiguous) or the feature has no integer or float values.
     """
     dtype = _value_dtype(feature)
     if dtype in _INT_DTYPES:
@@ -280,6 +297,14 @@ class MultiTaskSampler(Sampler[int]):
         Seed of the shuffling.
     num_tasks
         If given, the task ids must be in ``range(num_tasks)`` and every task must have examples.
+
+    Raises
+    ------
+    ValueError
+        If ``task_ids`` is empty, not 1-D or not non-negative integers, ``batch_size`` is not a positive
+        integer or is smaller than the number of tasks, or the ids do not match ``num_tasks``.
+    TypeError
+        If ``seed`` is not an int.
     """
 
     def __init__(
@@ -321,7 +346,13 @@ class MultiTaskSampler(Sampler[int]):
         self._slots = _slots_per_task(sizes, self.num_batches, batch_size)
 
     def set_epoch(self, epoch: int) -> None:
-        """Set the epoch, which selects the shuffling (with the seed)."""
+        """Set the epoch, which selects the shuffling (with the seed).
+
+        Parameters
+        ----------
+        epoch
+            Index of the epoch.
+        """
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
@@ -409,6 +440,12 @@ class MultiTaskDataCollator:
         Round the padded length up to a multiple of this.
     label_pad_value
         Padding value of token-level label lists.
+
+    Raises
+    ------
+    ValueError
+        If no pad token id is given (directly or by the tokenizer), ``padding_side`` is not ``"left"`` or
+        ``"right"``, or ``pad_to_multiple_of`` is not positive.
     """
 
     def __init__(
@@ -435,6 +472,25 @@ class MultiTaskDataCollator:
         self.label_pad_value = label_pad_value
 
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        """Collate a batch of examples.
+
+        Parameters
+        ----------
+        features
+            The examples, each a mapping column -> value; all have the same keys.
+
+        Returns
+        -------
+        dict[str, torch.Tensor]
+            One tensor per key, padded (lists) or stacked (scalars).
+
+        Raises
+        ------
+        ValueError
+            If the batch is empty, an example lacks a key of the first, or float label lists differ in length.
+        TypeError
+            If the values of a key cannot be made a numeric tensor.
+        """
         if not features:
             raise ValueError("MultiTaskDataCollator got an empty batch.")
         keys = list(features[0])

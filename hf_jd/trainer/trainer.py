@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -26,7 +25,7 @@ from ..aggregation import Aggregator, get_aggregator
 from ._collect import ComputeLosses, LossCollector, forward_accepts, forward_declares
 from ._distributed import resolve_ddp_gramian
 from ._step import JDStep, select_modules
-from .arguments import JDTrainingArguments
+from .arguments import JDTrainingArguments, _parse_kwargs
 
 __all__ = ["JDTrainer", "JD_STATE_NAME"]
 
@@ -55,6 +54,15 @@ class JDTrainer(Trainer):
         micro-batch in the shape of ``jd_mode`` (``[m]``, ``[B]`` or ``[B, m]``; a dict task → loss
         is stacked in ``jd_task_names`` order). It replaces the built-in collection, for training
         and evaluation. It receives a shallow copy of the batch, so ``inputs.pop("labels")`` is fine.
+
+    Raises
+    ------
+    TypeError
+        If ``args`` is not :class:`JDTrainingArguments` or ``compute_losses`` is not callable.
+    ValueError
+        If ``compute_loss_func`` or ``label_smoothing_factor != 0`` is given, the ``jd_*`` arguments are
+        invalid, a ``jd_modules`` pattern matches no module, or the parallelism is not supported
+        (DeepSpeed, FSDP, SageMaker model parallelism, ``DataParallel``, several processes with autojac).
 
     Notes
     -----
@@ -165,6 +173,7 @@ class JDTrainer(Trainer):
             single_backward=self.args.jd_single_backward,
             check_rtol=5e-2 if (self.args.bf16 or self.args.fp16) else 1e-3,
         )
+        assert self.model is not None  # Trainer.__init__ raises without a model or model_init
         select_modules(self.model, self.args.jd_modules)  # fail early on a pattern that matches nothing
         self._loss_collector = LossCollector(self.args.jd_mode, task_names, self.label_names, compute_losses)
         self._eval_task_losses: dict[str, list[float]] | None = None
@@ -210,7 +219,8 @@ class JDTrainer(Trainer):
 
     # ------------------------------------------------------------------ set-up
     def _build_aggregator(self) -> Aggregator:
-        return get_aggregator(self.args.jd_aggregator, **self.args.jd_aggregator_kwargs)
+        # _validate_jd_arguments has parsed the kwargs into a dict already; parsing a dict again returns it.
+        return get_aggregator(self.args.jd_aggregator, **_parse_kwargs(self.args.jd_aggregator_kwargs))
 
     def _check_parallelism(self) -> None:
         if is_sagemaker_mp_enabled():
@@ -248,17 +258,18 @@ class JDTrainer(Trainer):
     def _set_signature_columns_if_needed(self) -> None:
         first_time = self._signature_columns is None
         super()._set_signature_columns_if_needed()
-        if first_time:
+        columns = self._signature_columns
+        if first_time and columns is not None:
             # "labels" too: the loss collector and `compute_losses` read it even when the model's forward
             # does not take it (a plain nn.Module), and the Trainer would drop the column.
             extra = [_TASK_ID_COLUMN, "labels", *self.label_names]
             extra += [f"labels_{name}" for name in self.args.jd_task_names or []]
-            self._signature_columns += [name for name in extra if name not in self._signature_columns]
+            columns.extend([name for name in extra if name not in columns])
 
     def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler | None:
         dataset = self.train_dataset if train_dataset is None else train_dataset
         column_names = getattr(dataset, "column_names", None)
-        if column_names is not None and _TASK_ID_COLUMN in column_names:
+        if dataset is not None and column_names is not None and _TASK_ID_COLUMN in column_names:
             from .multitask_data import MultiTaskSampler
 
             task_ids = [int(task_id) for task_id in dataset[_TASK_ID_COLUMN]]
@@ -272,24 +283,43 @@ class JDTrainer(Trainer):
         inputs: dict[str, Tensor | Any],
         num_items_in_batch: Tensor | int | None = None,
     ) -> Tensor:
-        """One micro-batch of Jacobian descent; returns the detached mean loss (scaled like the Trainer's)."""
+        """One micro-batch of Jacobian descent: forward, then the aggregated update added to ``.grad``.
+
+        Parameters
+        ----------
+        model
+            The model being trained (possibly wrapped by accelerate).
+        inputs
+            The micro-batch.
+        num_items_in_batch
+            Not used: the losses are per-micro-batch means (see the class notes).
+
+        Returns
+        -------
+        Tensor
+            The detached mean of the losses, divided by the number of accumulated micro-batches as the
+            Trainer's own loss is.
+        """
         cp_context, inputs = self._prepare_context_parallel_inputs(model, inputs)
         with cp_context(), _compiled_backward_keeps_buffers():
             model.train()
-            if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
-                self.optimizer.train()
+            optimizer_train = getattr(self.optimizer, "train", None)  # schedule-free optimizers
+            if callable(optimizer_train):
+                optimizer_train()
             inputs = self._model_inputs(model, self._prepare_inputs(inputs))
             unwrapped = self.accelerator.unwrap_model(model)
             self.jd_step.setup(unwrapped)
 
             scale = 1.0
             if not self.loss_is_scaled_for_ga:
-                micro_batches = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+                micro_batches = getattr(
+                    self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps
+                )
                 scale = 1.0 / micro_batches
 
-            def forward() -> tuple[Tensor, Any]:
+            def forward(batch: dict[str, Any] = inputs) -> tuple[Tensor, Any]:
                 with self.compute_loss_context_manager():
-                    return self._loss_collector(model, unwrapped, inputs)
+                    return self._loss_collector(model, unwrapped, batch)
 
             result = self.jd_step.run(
                 forward,
@@ -302,7 +332,7 @@ class JDTrainer(Trainer):
                 no_sync=lambda: self.accelerator.no_sync(model),
             )
             self._warn_if_single_row(result.losses, inputs)
-            del inputs
+            del forward, inputs  # the batch is no longer referenced (forward holds it as its default)
             # As Trainer.training_step does (it is replaced here): free the accelerator's cached memory.
             empty_cache_steps = self.args.torch_empty_cache_steps
             if empty_cache_steps is not None and self.state.global_step % empty_cache_steps == 0:
@@ -353,9 +383,10 @@ class JDTrainer(Trainer):
         if self.args.jd_mode != "iwmtl" or not names:
             return None
         labels = [inputs.get(f"labels_{name}") for name in names]
-        if not all(isinstance(label, Tensor) and label.dim() > 0 for label in labels):
+        tensors = [label for label in labels if isinstance(label, Tensor) and label.dim() > 0]
+        if len(tensors) != len(labels):
             return None
-        return [_labelled_examples(label, label.shape[0]) for label in labels]
+        return [_labelled_examples(label, label.shape[0]) for label in tensors]
 
     def _direct_grad_factor(self) -> float:
         """What ``accelerator.backward`` multiplies a loss by (fp16 loss scale, accelerate's own accumulation)."""
@@ -371,7 +402,15 @@ class JDTrainer(Trainer):
 
     # ------------------------------------------------------------------ logging
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Merge the JD statistics averaged over the logging interval into the training logs."""
+        """Merge the JD statistics averaged over the logging interval into the training logs.
+
+        Parameters
+        ----------
+        logs
+            The logs to record; training logs (with ``loss``) get the ``jd/*`` and ``loss_<task>`` entries.
+        start_time
+            As for :meth:`transformers.Trainer.log`.
+        """
         if "loss" in logs and not any(key.startswith("eval_") for key in logs):
             if self.jd_step.stats:
                 logs.update(self.jd_step.stats.pop_means())
@@ -388,7 +427,29 @@ class JDTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: Tensor | int | None = None,
     ) -> Tensor | tuple[Tensor, Any]:
-        """The evaluation loss (training uses :meth:`training_step`); records per-task losses."""
+        """The evaluation loss (training uses :meth:`training_step`); records per-task losses.
+
+        Parameters
+        ----------
+        model
+            The model being evaluated.
+        inputs
+            The batch.
+        return_outputs
+            Whether to return the model outputs too.
+        num_items_in_batch
+            Passed on to the Trainer's ``compute_loss`` when the model computes its own loss.
+
+        Returns
+        -------
+        Tensor or tuple of (Tensor, Any)
+            The scalar loss (see ``eval_loss`` in the class notes), with the outputs if ``return_outputs``.
+
+        Raises
+        ------
+        ValueError
+            If a multi-task model's output carries no ``losses``.
+        """
         inputs = self._model_inputs(model, inputs)
         with self.jd_step.engine_disabled():
             if self.compute_losses is None and self.args.jd_mode == "iwrm":
@@ -410,9 +471,8 @@ class JDTrainer(Trainer):
             else:
                 outputs = model(**inputs)
                 task_losses = self._task_means(self._output_losses(outputs), self._label_counts(inputs))
-                loss = outputs.get("loss") if isinstance(outputs, dict) else getattr(outputs, "loss", None)
-                if loss is None:
-                    loss = torch.stack(list(task_losses.values())).mean()
+                model_loss = outputs.get("loss") if isinstance(outputs, dict) else getattr(outputs, "loss", None)
+                loss = torch.stack(list(task_losses.values())).mean() if model_loss is None else model_loss
         self._record_eval_task_losses(task_losses, inputs)
         return (loss, outputs) if return_outputs else loss
 
@@ -489,6 +549,22 @@ class JDTrainer(Trainer):
         Without it, this is the Trainer's own ``prediction_step``. With it, the loss is the mean of the
         losses that ``compute_losses`` returns, the predictions are its outputs (tensors, minus
         ``ignore_keys``) and the labels are the ``label_names`` inputs, if any.
+
+        Parameters
+        ----------
+        model
+            The model being evaluated.
+        inputs
+            The batch.
+        prediction_loss_only
+            Whether to return the loss only (predictions and labels ``None``).
+        ignore_keys
+            Keys of a dict output left out of the predictions.
+
+        Returns
+        -------
+        tuple of (Tensor or None, Any, Any)
+            The loss, the predictions and the labels.
         """
         if self.compute_losses is None:
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
@@ -520,7 +596,18 @@ class JDTrainer(Trainer):
         ignore_keys: list[str] | None = None,
         metric_key_prefix: str = "eval",
     ) -> EvalLoopOutput:
-        """The Trainer's loop, engine disabled, plus ``<prefix>_loss_<task>`` for multi-task models."""
+        """The Trainer's loop, engine disabled, plus ``<prefix>_loss_<task>`` for multi-task models.
+
+        Parameters
+        ----------
+        dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
+            As for :meth:`transformers.Trainer.evaluation_loop`.
+
+        Returns
+        -------
+        EvalLoopOutput
+            The Trainer's output; its metrics also hold the example-weighted mean loss of each task.
+        """
         self._eval_task_losses = {}
         try:
             with self.jd_step.engine_disabled():

@@ -95,7 +95,7 @@ def test_upgrad_on_tiny_bert_per_example() -> None:
 
 
 def test_gramian_path_equals_aggregating_the_concatenation() -> None:
-    model, params = _mlp_with_jac()
+    _model, params = _mlp_with_jac()
     aggregator = GramianWeightedAggregator(_SoftmaxOfDiagonal())
     full = _full_jacobian(params)
     expected_weights = torch.softmax(torch.diagonal(full @ full.T), dim=0)
@@ -107,7 +107,7 @@ def test_gramian_path_equals_aggregating_the_concatenation() -> None:
 
 
 def test_other_aggregator_gets_columns_in_parameter_order() -> None:
-    model, params = _mlp_with_jac()
+    _model, params = _mlp_with_jac()
     order = list(reversed(params))
     full_in_order = _full_jacobian(order)
     expected = _ColumnScaledSum()(full_in_order)
@@ -119,7 +119,7 @@ def test_other_aggregator_gets_columns_in_parameter_order() -> None:
 
 
 def test_adds_to_existing_grad_and_retain_jac() -> None:
-    model, params = _mlp_with_jac()
+    _model, params = _mlp_with_jac()
     for param in params:
         param.grad = torch.full_like(param, 0.5)
     full = _full_jacobian(params)
@@ -142,7 +142,7 @@ def test_low_precision_jacobians_use_a_float32_gramian() -> None:
 
 
 def test_missing_jac_raises() -> None:
-    model, params = _mlp_with_jac()
+    _model, params = _mlp_with_jac()
     extra = torch.randn(2, requires_grad=True)
     with pytest.raises(ValueError, match="has no .jac"):
         jac_to_grad([*params, extra], _ColumnScaledSum())
@@ -212,7 +212,7 @@ def test_non_finite_jacobian_raises() -> None:
 def test_registered_aggregators_match_the_explicit_jacobian(name: str, kwargs: dict) -> None:
     from hf_jd.aggregation import get_aggregator
 
-    model, params = _mlp_with_jac(batch=5)
+    _model, params = _mlp_with_jac(batch=5)
     full = _full_jacobian(params)
     expected = get_aggregator(name, **kwargs)(full)
     jac_to_grad(params, get_aggregator(name, **kwargs))

@@ -341,7 +341,9 @@ def _single_process_run(tmp_path, initial, **arguments):
 
 def _assert_same_parameters(model, state, what):
     for name, value in model.state_dict().items():
-        torch.testing.assert_close(state[name], value, atol=1e-5, rtol=0, msg=lambda text: f"{what}, {name}: {text}")
+        torch.testing.assert_close(
+            state[name], value, atol=1e-5, rtol=0, msg=lambda text, name=name: f"{what}, {name}: {text}"
+        )
 
 
 def _logged(run, key):
@@ -443,7 +445,9 @@ def test_trainer_iwrm_local_is_mean_of_local_updates(trainer_runs):
         assert _logged(run, "jd/weight_mean") == pytest.approx([float(weights.mean())], rel=1e-3)
     expected = (updates[0] + updates[1]) / 2  # DDP averages the processes' aggregated local Jacobians
     for rank, run in enumerate(ranks):
-        torch.testing.assert_close(run["grads"][0], expected, atol=1e-4, rtol=1e-3, msg=lambda t: f"rank {rank}: {t}")
+        torch.testing.assert_close(
+            run["grads"][0], expected, atol=1e-4, rtol=1e-3, msg=lambda t, rank=rank: f"rank {rank}: {t}"
+        )
         assert run["ddp_backwards"] == 1  # the weighted backward synchronised once
         assert _logged(run, "jd/comm_bytes") == [2.0]  # only the two 1-byte finiteness agreements
 
@@ -458,7 +462,9 @@ def test_trainer_iwrm_local_grad_accumulation(trainer_runs):
         for micro in range(2):
             expected = expected + 0.5 * _micro_batch_by_hand(run, micro)[1] / 2
     for rank, run in enumerate(ranks):
-        torch.testing.assert_close(run["grads"][0], expected, atol=1e-4, rtol=1e-3, msg=lambda t: f"rank {rank}: {t}")
+        torch.testing.assert_close(
+            run["grads"][0], expected, atol=1e-4, rtol=1e-3, msg=lambda t, rank=rank: f"rank {rank}: {t}"
+        )
         # Accelerate runs the first micro-batch under no_sync: one all-reduce per optimizer step.
         assert run["ddp_backwards_at_step"] == [1]
 

@@ -28,7 +28,9 @@ def _lora_classifier():
 
 
 @pytest.mark.parametrize(
-    "options", [{}, {"jd_single_backward": True}, {"jd_engine": "autojac"}], ids=["autogram", "single-backward", "autojac"]
+    "options",
+    [{}, {"jd_single_backward": True}, {"jd_engine": "autojac"}],
+    ids=["autogram", "single-backward", "autojac"],
 )
 def test_lora_first_step_equals_hand_computation(tmp_path, options):
     torch.manual_seed(0)
@@ -51,7 +53,8 @@ def test_lora_first_step_equals_hand_computation(tmp_path, options):
 
 def test_lora_causal_lm_trains(tmp_path):
     base = AutoModelForCausalLM.from_config(tiny_config("llama"))
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    model = get_peft_model(base, lora)
     before = snapshot(model)
     trainer, logs = train(tmp_path, model, text_dataset("causal"), max_steps=3, jd_single_backward=True)
     assert trainer.jd_step.engine_kind == "autogram"

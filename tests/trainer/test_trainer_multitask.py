@@ -27,10 +27,10 @@ def _multitask_dataset():
     score = _data(6, 1)
     datasets = {
         "topic": Dataset.from_dict({"input_ids": topic["input_ids"], "attention_mask": topic["attention_mask"],
-                                    "label": topic["x0"]}),  # fmt: skip
+                                    "label": topic["x0"]}),
         "score": Dataset.from_dict({"input_ids": score["input_ids"], "attention_mask": score["attention_mask"],
-                                    "label": score["x1"]}),  # fmt: skip
-    }
+                                    "label": score["x1"]}),
+    }  # fmt: skip
     return build_multitask_dataset(datasets, label_kinds={"topic": "classification", "score": "regression"})
 
 

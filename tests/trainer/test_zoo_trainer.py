@@ -388,8 +388,8 @@ def _bert():
         ({"eval_strategy": "steps", "eval_steps": 1}, 2),
     ],
     ids=["autojac", "batch1", "batch3", "ga3", "last-small-batch", "last-small-batch-reuse", "reuse2",
-         "modules-classifier", "eval-steps"],  # fmt: skip
-)
+         "modules-classifier", "eval-steps"],
+)  # fmt: skip
 def test_training_options(tmp_path, options, steps):
     model = _bert()
     before = snapshot(model)

@@ -82,15 +82,20 @@ def torchrun(script: Path, args: list[str], *, nproc: int = 2, timeout: float = 
             # exit. Retried once, on a new port, with a warning that carries the output; a second hang raises.
             if attempt == 1:
                 raise
-            output = expired.stdout.decode(errors="replace") if isinstance(expired.stdout, bytes) else (expired.stdout or "")
-            warnings.warn(f"torchrun did not finish within {timeout:.0f} s; retrying. stdout:\n{output[-3000:]}")
+            stdout = expired.stdout
+            output = stdout.decode(errors="replace") if isinstance(stdout, bytes) else (stdout or "")
+            warnings.warn(
+                f"torchrun did not finish within {timeout:.0f} s; retrying. stdout:\n{output[-3000:]}", stacklevel=2
+            )
             continue
         if result.returncode == 0:
             return result
         if attempt == 0:
             first_failure = result.stderr[-6000:]
             if not any(text in result.stderr for text in PORT_TAKEN):
-                warnings.warn(f"torchrun failed once (code {result.returncode}); retrying. stderr:\n{first_failure}")
+                warnings.warn(
+                    f"torchrun failed once (code {result.returncode}); retrying. stderr:\n{first_failure}", stacklevel=2
+                )
     raise RuntimeError(
         f"torchrun failed twice, with code {result.returncode}.\n"
         f"stdout:\n{result.stdout[-4000:]}\nstderr:\n{result.stderr[-6000:]}\nfirst stderr:\n{first_failure}"

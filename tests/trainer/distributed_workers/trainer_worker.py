@@ -18,10 +18,10 @@ from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/trainer, for jd_trainer_helpers
 
-from jd_trainer_helpers import TASKS, TwoTaskNet, make_args, tiny_bert, token_dataset, two_task_dataset  # noqa: E402
+from jd_trainer_helpers import TASKS, TwoTaskNet, make_args, tiny_bert, token_dataset, two_task_dataset
 
-from hf_jd import JDTrainer  # noqa: E402
-from hf_jd.trainer._distributed import DDPCommunicationTracker, distributed_rank  # noqa: E402
+from hf_jd import JDTrainer
+from hf_jd.trainer._distributed import DDPCommunicationTracker, distributed_rank
 
 
 class Recorder(TrainerCallback):
