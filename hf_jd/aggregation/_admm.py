@@ -131,18 +131,19 @@ def _iterate(
     return t
 
 
-def estimate_smallest_eigenvalue(matrix: Tensor) -> float:
+def estimate_smallest_eigenvalue(matrix: Tensor, factor: Tensor | None = None) -> float:
     """Estimate the smallest eigenvalue of a symmetric positive definite ``matrix`` (from above).
 
     A few steps of inverse iteration (``v ← M⁻¹ v`` with one Cholesky factorisation) on a small
     block of fixed pseudo-random vectors, then the smallest Rayleigh quotient ``vᵀMv / vᵀv``:
     an upper bound of ``λ_min`` that is within about 20% of it after four steps on the
     matrices of the benchmarks, which is all that the choice of ``ρ`` needs (and far cheaper
-    than an eigendecomposition).
+    than an eigendecomposition). ``factor``: the lower Cholesky factor of ``matrix`` if known.
     """
-    factor, info = torch.linalg.cholesky_ex(matrix)
-    if int(info) != 0:
-        raise RuntimeError("The matrix is not positive definite; regularise it first.")
+    if factor is None:
+        factor, info = torch.linalg.cholesky_ex(matrix)
+        if int(info) != 0:
+            raise RuntimeError("The matrix is not positive definite; regularise it first.")
     generator = torch.Generator().manual_seed(0)
     vectors = torch.randn(
         matrix.shape[0], _INVERSE_VECTORS, generator=generator, dtype=matrix.dtype

@@ -5,6 +5,11 @@ A *weighting* maps the Gramian ``G = J Jᵀ`` (shape ``[m, m]``) of a Jacobian `
 update vector (shape ``[n]``). Every aggregator whose weights depend on ``J`` only through its
 Gramian is a :class:`GramianWeightedAggregator`: its update is ``wᵀ J`` and it exposes its
 weighting as ``.weighting``, which is what the autogram engine uses without ever forming ``J``.
+
+Weightings that solve a problem on the Gramian (UPGrad, DualProj, MGDA) are
+:class:`ArrayWeighting` subclasses: one conversion of the Gramian to a float64 NumPy array, checked
+in one fused pass, then NumPy only. At the small ``m`` of a training step, where each operation
+costs mostly its call overhead, that is what keeps their latency low.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -21,11 +27,22 @@ __all__ = [
     "GramianWeightedAggregator",
     "check_matrix",
     "check_gramian",
+    "ArrayWeighting",
+    "checked_gramian_array",
+    "float64_array",
+    "weights_tensor",
 ]
 
 
 def check_matrix(matrix: Tensor, what: str = "matrix") -> None:
     """Raise ``ValueError`` unless ``matrix`` is a non-empty, finite, floating 2-D tensor."""
+    _check_matrix_layout(matrix, what)
+    if not bool(torch.isfinite(matrix).all()):
+        raise ValueError(_non_finite_message(what))
+
+
+def _check_matrix_layout(matrix: Tensor, what: str) -> None:
+    """The checks of :func:`check_matrix` that need no pass over the entries."""
     if not isinstance(matrix, Tensor):
         raise TypeError(f"The {what} must be a torch.Tensor, got {type(matrix).__name__}.")
     if matrix.dim() != 2:
@@ -37,11 +54,13 @@ def check_matrix(matrix: Tensor, what: str = "matrix") -> None:
         raise ValueError(f"The {what} is empty (shape {tuple(matrix.shape)}): it needs at least one row.")
     if not matrix.is_floating_point():
         raise ValueError(f"The {what} must have a floating dtype, got {matrix.dtype}.")
-    if not bool(torch.isfinite(matrix).all()):
-        raise ValueError(
-            f"The {what} has non-finite entries (inf or nan): check the losses and gradients "
-            "that produced it."
-        )
+
+
+def _non_finite_message(what: str) -> str:
+    return (
+        f"The {what} has non-finite entries (inf or nan): check the losses and gradients "
+        "that produced it."
+    )
 
 
 def check_gramian(gramian: Tensor) -> None:
@@ -53,35 +72,109 @@ def check_gramian(gramian: Tensor) -> None:
     both up to a relative ``max(1e-3, 100·eps)`` of ``sqrt(Gᵢᵢ Gⱼⱼ)`` (``eps`` of its dtype) plus
     ``1e-6`` of the largest diagonal entry.
     """
-    check_matrix(gramian, "Gramian")
+    checked_gramian_array(gramian)
+
+
+def checked_gramian_array(gramian: Tensor) -> np.ndarray:
+    """Check ``gramian`` as :func:`check_gramian` does and return it as a new float64 array.
+
+    The Gramian is converted once (:func:`float64_array`) and checked in NumPy: a valid Gramian
+    costs one fused pass (finiteness, sign of the diagonal, symmetry and Cauchy–Schwarz together);
+    only when that pass fails are the checks run one by one, to raise the error that names the
+    problem.
+
+    Returns
+    -------
+    numpy.ndarray
+        The Gramian, float64, C-contiguous, owned by the caller (it may be overwritten).
+    """
+    _check_matrix_layout(gramian, "Gramian")
+    array = float64_array(gramian)
+    tol = _gramian_rtol(gramian.dtype)
+    if not (array.shape[0] == array.shape[1] and _passes_gramian_checks(array, tol)):
+        _raise_unless_gramian(array, tol)
+    return array
+
+
+def float64_array(tensor: Tensor) -> np.ndarray:
+    """Return the values of ``tensor`` as a new C-contiguous float64 NumPy array on the CPU.
+
+    One conversion: a CPU float16/32/64 tensor through a NumPy view (no PyTorch operation), any
+    other through one ``Tensor.to``.
+    """
+    if tensor.requires_grad:
+        tensor = tensor.detach()
+    if tensor.is_cpu and tensor.dtype in _NUMPY_DTYPES:
+        return tensor.numpy().astype(np.float64, order="C")
+    return np.ascontiguousarray(tensor.to(device="cpu", dtype=torch.float64).numpy())
+
+
+def weights_tensor(weights: np.ndarray, like: Tensor) -> Tensor:
+    """Return float64 ``weights`` (a new array, which the result may share) as a tensor with the
+    dtype and device of ``like``."""
+    dtype = like.dtype
+    if dtype == torch.float64:
+        result = torch.from_numpy(weights)
+    elif dtype == torch.float32:
+        result = torch.from_numpy(weights.astype(np.float32))
+    else:
+        result = torch.from_numpy(weights).to(dtype)
+    return result if like.is_cpu else result.to(like.device)
+
+
+def _passes_gramian_checks(gramian: np.ndarray, tol: float) -> bool:
+    """Whether a square float64 ``gramian`` passes every check of :func:`check_gramian`, in one pass.
+
+    Entries finite (below ``1e300`` in magnitude: nothing can overflow), a non-negative diagonal,
+    then ``max(|Gᵢⱼ − Gⱼᵢ|, |Gᵢⱼ| · tol / (1 + tol)) ≤ tol · bᵢⱼ`` with ``bᵢⱼ = sqrt(Gᵢᵢ Gⱼⱼ)``:
+    the symmetry and Cauchy–Schwarz checks without their absolute tolerance (so stricter).
+    ``False`` can be a false alarm (rounding around a zero row, a slightly negative diagonal
+    within tolerance, huge entries): the caller then runs the exact checks one by one.
+    """
+    absolute = np.abs(gramian)
+    if not absolute.max() < 1e300:  # also false for nan
+        return False
+    diagonal = gramian.diagonal()
+    if not diagonal.min() >= 0:
+        return False
+    excess = np.subtract(gramian, gramian.T)
+    np.abs(excess, out=excess)
+    absolute *= tol / (1.0 + tol)
+    np.maximum(excess, absolute, out=excess)
+    norms = np.sqrt(diagonal * tol)
+    excess -= norms[:, None] * norms
+    return bool(excess.max() <= 0)
+
+
+def _raise_unless_gramian(gramian: np.ndarray, tol: float) -> None:
+    """The checks of :func:`check_gramian` one by one, each with its own error (``float64``)."""
+    if not np.isfinite(gramian).all():
+        raise ValueError(_non_finite_message("Gramian"))
     if gramian.shape[0] != gramian.shape[1]:
         raise ValueError(
             f"The Gramian must be square (shape [m, m]), got shape {tuple(gramian.shape)}. "
             "Pass J @ J.T, not the Jacobian J itself."
         )
-    work = gramian.detach()
-    if work.dtype in (torch.float16, torch.bfloat16):
-        work = work.float()
-    diagonal = work.diagonal()
-    largest = float(diagonal.abs().max())
+    diagonal = gramian.diagonal()
+    largest = float(np.abs(diagonal).max())
     if bool((diagonal < -1e-5 * largest).any()):
         raise ValueError(
             f"The Gramian has negative diagonal entries (min {float(diagonal.min()):.3g}), so it is not J @ J.T "
             "of any matrix J. Pass the Gramian of the Jacobian."
         )
-    if work.shape[0] > 1:
-        _check_symmetric_and_cauchy_schwarz(work, diagonal, largest, torch.finfo(gramian.dtype).eps)
+    if gramian.shape[0] > 1:
+        with np.errstate(over="ignore", invalid="ignore"):  # huge entries: inf compares as it should
+            _check_symmetric_and_cauchy_schwarz(gramian, diagonal, largest, tol)
 
 
 def _check_symmetric_and_cauchy_schwarz(
-    gramian: Tensor, diagonal: Tensor, largest: float, eps: float
+    gramian: np.ndarray, diagonal: np.ndarray, largest: float, tol: float
 ) -> None:
-    """The structural part of :func:`check_gramian` (``gramian``: float32 or float64)."""
-    norms = diagonal.clamp_min(0.0).sqrt()
-    bound = norms.unsqueeze(1) * norms.unsqueeze(0)
-    tol = max(_GRAMIAN_RTOL, 100.0 * eps)
-    allowed = bound.mul(tol).add_(_GRAMIAN_ATOL * largest)
-    asymmetry = (gramian - gramian.T).abs_().sub_(allowed)
+    """The structural part of :func:`check_gramian` (``gramian``: float64, finite)."""
+    norms = np.sqrt(np.maximum(diagonal, 0.0))
+    bound = norms[:, None] * norms
+    allowed = bound * tol + _GRAMIAN_ATOL * largest
+    asymmetry = np.abs(gramian - gramian.T) - allowed
     if bool((asymmetry > 0).any()):
         i, j = divmod(int(asymmetry.argmax()), gramian.shape[0])
         raise ValueError(
@@ -89,20 +182,34 @@ def _check_symmetric_and_cauchy_schwarz(
             f"G[{j}, {i}] = {float(gramian[j, i]):.4g}), so it is not J @ J.T of any matrix J. "
             "Pass the Gramian of the Jacobian, J @ J.T."
         )
-    excess = gramian.abs().sub_(bound).sub_(allowed)
+    excess = np.abs(gramian) - bound - allowed
     if bool((excess > 0).any()):
         i, j = divmod(int(excess.argmax()), gramian.shape[0])
         raise ValueError(
-            f"The Gramian is not positive semi-definite: |G[{i}, {j}]| = {float(gramian[i, j].abs()):.4g} "
+            f"The Gramian is not positive semi-definite: |G[{i}, {j}]| = {float(abs(gramian[i, j])):.4g} "
             f"exceeds sqrt(G[{i}, {i}] G[{j}, {j}]) = {float(bound[i, j]):.4g} (Cauchy-Schwarz), so it is "
             "not J @ J.T of any matrix J. Pass the Gramian of the Jacobian, J @ J.T."
         )
+
+
+def _gramian_rtol(dtype: torch.dtype) -> float:
+    """Relative tolerance of the structural checks for a Gramian of ``dtype``."""
+    tol = _GRAMIAN_RTOLS.get(dtype)
+    if tol is None:
+        tol = max(_GRAMIAN_RTOL, 100.0 * torch.finfo(dtype).eps)
+    return tol
 
 
 # Tolerances of check_gramian's symmetry and Cauchy–Schwarz checks: relative to sqrt(Gᵢᵢ Gⱼⱼ)
 # (at least 100 eps of the dtype) and to the largest diagonal entry.
 _GRAMIAN_RTOL = 1e-3
 _GRAMIAN_ATOL = 1e-6
+_GRAMIAN_RTOLS = {
+    dtype: max(_GRAMIAN_RTOL, 100.0 * torch.finfo(dtype).eps)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+}
+# Dtypes whose CPU tensors convert to NumPy without a PyTorch operation.
+_NUMPY_DTYPES = (torch.float16, torch.float32, torch.float64)
 # Largest diagonal entry below which a float32 Gramian is recomputed in float64.
 _FLOAT32_GRAMIAN_FLOOR = 1e-30
 
@@ -148,6 +255,30 @@ class Weighting(_Stateful, ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+class ArrayWeighting(Weighting):
+    """A weighting computed in float64 NumPy, from one conversion of the Gramian.
+
+    Calling it converts the Gramian once and checks it in that array
+    (:func:`checked_gramian_array`), then :meth:`compute_array` works on the same array: no further
+    PyTorch operations or conversions. At small ``m`` every operation is per-call overhead, all
+    the more right after a training step's forward and backward passes have evicted the CPU
+    caches, so this is what keeps the weighting's latency in a step low.
+    """
+
+    def __call__(self, gramian: Tensor) -> Tensor:
+        return weights_tensor(self.compute_array(checked_gramian_array(gramian)), gramian)
+
+    def compute(self, gramian: Tensor) -> Tensor:
+        return weights_tensor(self.compute_array(float64_array(gramian)), gramian)
+
+    @abstractmethod
+    def compute_array(self, gramian: np.ndarray) -> np.ndarray:
+        """Return the weights (a new float64 array, shape ``[m]``) for a valid float64 Gramian.
+
+        ``gramian`` (C-contiguous, shape ``[m, m]``) belongs to the call: it may be overwritten.
+        """
 
 
 class Aggregator(_Stateful, ABC):

@@ -31,6 +31,16 @@ the constraints then hold as ``(G v)ᵢ ≥ −m · reg_eps · Gᵢᵢ vᵢ``, a
 however its norm compares with the others' (a common ridge lets the projection conflict with rows
 much smaller than the largest: cosine −0.17 with a row 100 times larger), and the regularised problem
 scales with the rows, which keeps UPGrad exactly linear under positive scaling of the rows.
+
+Latency
+-------
+The weightings run inside every training step, where ``m`` (the batch size, or the number of
+tasks) is often small and each operation costs mostly call overhead, several times more right
+after the forward and backward passes have evicted the CPU caches. So they work on one float64
+NumPy copy of the Gramian, made and validated once (:class:`~hf_jd.aggregation._base.ArrayWeighting`);
+the Cholesky factorisation that decides the regularisation is the only factorisation before the
+solver, which reuses it for large ``m``; at small ``m`` UPGrad's right-hand sides are the rows of
+the unit-diagonal Gramian itself (:func:`_project_diagonal`).
 """
 
 from __future__ import annotations
@@ -41,9 +51,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._base import GramianWeightedAggregator, Weighting
-from ._lcp import DEFAULT_TOL, few_threads, solve_lcp_unchecked
-from ._preference import check_pref_vector, resolve_pref_vector
+from ._base import ArrayWeighting, GramianWeightedAggregator
+from ._lcp import DEFAULT_TOL, few_threads, solve_lcp_unchecked, uses_small_solver
+from ._lcp_small import solve_small, solve_unit_rows
+from ._preference import check_pref_vector, resolve_pref_array
 
 __all__ = [
     "add_relative_ridge",
@@ -77,26 +88,38 @@ def regularize_gramian(gramian: Tensor, reg_eps: float = 0.0) -> Tensor:
     reg_eps = check_non_negative_number(reg_eps, "reg_eps")
     with few_threads(gramian.shape[0] ** 3):
         array = gramian.detach().to(device="cpu", dtype=torch.float64).numpy()
-        return torch.from_numpy(_regularize(array, reg_eps)).to(gramian.device)
+        return torch.from_numpy(_regularize(array, reg_eps)[0]).to(gramian.device)
 
 
-def _regularize(gramian: np.ndarray, reg_eps: float) -> np.ndarray:
-    """NumPy implementation of :func:`regularize_gramian` (float64 in, new float64 array out)."""
-    matrix = (gramian + gramian.T) / 2
+def _regularize(gramian: np.ndarray, reg_eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """NumPy implementation of :func:`regularize_gramian` (float64 in, new float64 array out),
+    with the Cholesky factor of the result."""
+    matrix = gramian + gramian.T
+    matrix *= 0.5
+    return _make_definite(matrix, reg_eps)
+
+
+def _make_definite(matrix: np.ndarray, reg_eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_regularize` of a symmetric ``matrix`` (float64, C-contiguous), which it returns
+    itself when ``reg_eps`` is ``0`` and it is positive definite (it never modifies it), and the
+    lower Cholesky factor of the result (reused by the solvers of large problems)."""
+    regularized = matrix
+    if reg_eps > 0:
+        regularized = matrix.copy()
+        _diagonal_view(regularized)[...] += reg_eps
+    factor = _definite_factor(regularized)
+    if factor is not None:
+        return regularized, factor
     m = matrix.shape[0]
-    diagonal = np.diag_indices(m)
-    regularized = matrix.copy()
-    regularized[diagonal] += reg_eps
-    if _is_positive_definite(regularized):
-        return regularized
-    mean_diagonal = float(np.trace(matrix)) / m
+    mean_diagonal = float(matrix.trace()) / m
     scale = mean_diagonal if mean_diagonal > 0 else 1.0
     delta = max(1e-12 * scale, 10.0 * reg_eps)
     for _ in range(40):
         regularized = matrix.copy()
-        regularized[diagonal] += delta
-        if _is_positive_definite(regularized):
-            return regularized
+        _diagonal_view(regularized)[...] += delta
+        factor = _definite_factor(regularized)
+        if factor is not None:
+            return regularized, factor
         delta *= 10.0
     raise RuntimeError(
         "Could not make the Gramian positive definite by adding a multiple of the identity; "
@@ -104,17 +127,29 @@ def _regularize(gramian: np.ndarray, reg_eps: float) -> np.ndarray:
     )
 
 
+def _diagonal_view(matrix: np.ndarray) -> np.ndarray:
+    """A writable view of the diagonal of a C-contiguous square ``matrix``."""
+    return matrix.reshape(-1)[:: matrix.shape[0] + 1]
+
+
 def _is_positive_definite(matrix: np.ndarray) -> bool:
     """Cholesky succeeds and no row is within ~1e-5 radians of the span of the previous ones."""
-    diagonal = np.diag(matrix)
-    if not bool((diagonal > 0).all()):
-        return False
+    return _definite_factor(matrix) is not None
+
+
+def _definite_factor(matrix: np.ndarray) -> np.ndarray | None:
+    """The lower Cholesky factor of ``matrix`` if it is numerically positive definite (see
+    :func:`_is_positive_definite`), else ``None``."""
+    diagonal = matrix.diagonal()
+    if not diagonal.min() > 0:
+        return None
     factor = _cholesky(matrix)
     if factor is None:
-        return False
+        return None
     # factor[i, i]² / matrix[i, i] is the squared sine of the angle between row i and the span
     # of the previous rows (scale-invariant): near zero means numerically singular.
-    return bool((np.diag(factor) ** 2 >= _PIVOT_RATIO * diagonal).all())
+    pivots = factor.diagonal()
+    return factor if (pivots * pivots / diagonal).min() >= _PIVOT_RATIO else None
 
 
 def _cholesky(matrix: np.ndarray) -> np.ndarray | None:
@@ -123,12 +158,14 @@ def _cholesky(matrix: np.ndarray) -> np.ndarray | None:
     NumPy for small matrices (less call overhead); PyTorch for larger ones, whose thread
     settings apply (NumPy's BLAS threads would spin-wait beside the single-thread solver).
     """
-    if matrix.shape[0] <= _NUMPY_MAX_SIZE:
+    m = matrix.shape[0]
+    if m <= _NUMPY_MAX_SIZE:
         try:
             return np.linalg.cholesky(matrix)
         except np.linalg.LinAlgError:
             return None
-    factor, info = torch.linalg.cholesky_ex(torch.from_numpy(matrix))
+    with few_threads(m**3):
+        factor, info = torch.linalg.cholesky_ex(torch.from_numpy(matrix))
     return factor.numpy() if int(info) == 0 else None
 
 
@@ -173,26 +210,90 @@ def project_weights(
     reg_eps = check_non_negative_number(reg_eps, "reg_eps")
     squeeze = targets.dim() == 1
     u = targets.reshape(1, -1) if squeeze else targets
-    m = gramian.shape[0]
-    with few_threads(m * m * u.shape[0]):
-        u64 = u.detach().to(device="cpu", dtype=torch.float64)
-        gramian64 = gramian.detach().to(device="cpu", dtype=torch.float64)
-        v = _project(u64, gramian64, reg_eps, tol, max_iters)
+    u64 = u.detach().to(device="cpu", dtype=torch.float64).numpy()
+    gramian64 = gramian.detach().to(device="cpu", dtype=torch.float64).numpy()
+    matrix, factor = _regularize(gramian64, reg_eps)
+    # Rows (G u)ᵀ, G symmetric. UPGrad's targets are a diagonal matrix: scaling the rows of G
+    # gives the same numbers as the product, for a fraction of its cost.
+    if u64.shape[0] == u64.shape[1] and np.array_equal(u64, np.diag(u64.diagonal())):
+        q = matrix * u64.diagonal()[:, None]
+    else:
+        q = u64 @ matrix
+    v = torch.from_numpy(u64 + _solve(matrix, q, tol, max_iters, factor))
     v = v.to(dtype=targets.dtype, device=targets.device)
     return v.reshape(-1) if squeeze else v
 
 
-def _project(u: Tensor, gramian: Tensor, reg_eps: float, tol: float, max_iters: int) -> Tensor:
-    """:func:`project_weights` on validated float64 CPU inputs (``u`` of shape ``[k, m]``)."""
-    matrix = torch.from_numpy(_regularize(gramian.numpy(), reg_eps))
-    # Rows (G u)ᵀ, G symmetric. UPGrad's targets are a diagonal matrix: scaling the rows of G
-    # gives the same numbers as the product, for a fraction of its cost.
-    diagonal = u.diagonal() if u.shape[0] == u.shape[1] else None
-    if diagonal is not None and torch.equal(u, torch.diag(diagonal)):
-        q = matrix * diagonal.unsqueeze(1)
+def _solve(
+    matrix: np.ndarray, q: np.ndarray, tol: float, max_iters: int, factor: np.ndarray | None = None
+) -> np.ndarray:
+    """:func:`~hf_jd.aggregation._lcp.solve_lcp` of float64 arrays (``matrix`` positive definite,
+    ``factor`` its lower Cholesky factor if known): in NumPy where that solver would use its NumPy
+    path, else through it on one thread."""
+    k, m = q.shape
+    if uses_small_solver(k, m):
+        return solve_small(matrix, q, tol)
+    with few_threads(m * m * k):
+        return _solve_torch(matrix, q, tol, max_iters, factor).numpy()
+
+
+def _solve_torch(
+    matrix: np.ndarray, q: np.ndarray, tol: float, max_iters: int, factor: np.ndarray | None
+) -> Tensor:
+    """:func:`~hf_jd.aggregation._lcp.solve_lcp_unchecked` of float64 arrays."""
+    return solve_lcp_unchecked(
+        torch.from_numpy(matrix),
+        torch.from_numpy(q),
+        tol,
+        max_iters,
+        factor=None if factor is None else torch.from_numpy(factor),
+    )
+
+
+def _project_diagonal(
+    matrix: np.ndarray,
+    pref: np.ndarray,
+    tol: float,
+    max_iters: int,
+    *,
+    uniform: bool = False,
+    factor: np.ndarray | None = None,
+) -> np.ndarray:
+    """``Σᵢ vᵢ`` over the projections ``vᵢ`` of the targets ``pᵢ eᵢ`` (``pᵢ > 0``): UPGrad's weights.
+
+    ``uniform`` says that every ``pᵢ`` is positive (skips looking for zeros); ``factor`` is the
+    lower Cholesky factor of ``matrix`` if known (reused by the solver of large problems).
+
+    ``matrix`` is positive definite. With ``M`` scaled to unit diagonal (``S = D⁻¹ M D⁻¹``), the
+    right-hand side of target ``pᵢ eᵢ`` is ``pᵢ dᵢ`` times row ``i`` of ``S``: the rows of ``S``
+    are solved as they are, and the answers scaled (the solution is positively homogeneous in
+    ``q``). Rows of ``S`` without a negative entry (nothing conflicts with that row) need nothing.
+    """
+    m = matrix.shape[0]
+    support = None if uniform else pref > 0
+    k = m if support is None else int(np.count_nonzero(support))
+    if not uses_small_solver(k, m):
+        q = matrix * pref[:, None] if support is None else matrix[support] * pref[support, None]
+        with few_threads(m * m * k):
+            z = _solve_torch(matrix, q, tol, max_iters, factor)
+        return pref + z.sum(dim=0).numpy()
+    d = np.sqrt(matrix.diagonal())
+    scaled = matrix / (d[:, None] * d)
+    conflicted = (scaled < 0).any(axis=1)
+    if support is not None:
+        conflicted &= support
+    count = np.count_nonzero(conflicted)
+    if count == 0:
+        return pref.copy()
+    # The rows of the unit-diagonal, positive definite ``scaled`` have unit max-norm.
+    if count == m:  # typical of per-example gradients: no indexing needed
+        total = (pref * d) @ solve_unit_rows(scaled, scaled, tol, unit=True)
     else:
-        q = u @ matrix
-    return u + solve_lcp_unchecked(matrix, q, tol, max_iters)
+        todo = np.flatnonzero(conflicted)
+        total = (pref[todo] * d[todo]) @ solve_unit_rows(scaled, scaled[todo], tol, unit=True)
+    total /= d
+    total += pref
+    return total
 
 
 def _check_inputs(targets: Tensor, gramian: Tensor) -> None:
@@ -243,6 +344,20 @@ def add_relative_ridge(gramian: Tensor, reg_eps: float) -> Tensor:
     return gramian + torch.diag(reg_eps * m * ridge)
 
 
+def _add_relative_ridge(matrix: np.ndarray, reg_eps: float, *, inplace: bool) -> np.ndarray:
+    """NumPy :func:`add_relative_ridge` (``reg_eps > 0``) of a C-contiguous float64 ``matrix``;
+    ``inplace`` overwrites and returns ``matrix``, else a new array."""
+    result = matrix if inplace else matrix.copy()
+    diagonal = _diagonal_view(result)
+    m = diagonal.shape[0]
+    if diagonal.min() > 0:
+        diagonal *= 1.0 + reg_eps * m
+    else:
+        mean = float(diagonal.sum()) / m
+        diagonal += np.where(diagonal > 0, diagonal, mean if mean > 0 else 1.0) * (reg_eps * m)
+    return result
+
+
 def check_non_negative_number(value: object, name: str) -> float:
     """Return ``value`` as a float, or raise ``ValueError`` unless it is a finite number ``≥ 0``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -252,10 +367,10 @@ def check_non_negative_number(value: object, name: str) -> float:
     return float(value)
 
 
-class DualConeWeighting(Weighting):
+class DualConeWeighting(ArrayWeighting):
     """Shared parameters of the weightings that project onto the dual cone (UPGrad, DualProj).
 
-    Subclasses implement :meth:`compute` with :meth:`_preference` and :meth:`_project`.
+    Subclasses implement :meth:`compute_array` with :meth:`_preference` and :meth:`_definite`.
 
     Parameters
     ----------
@@ -287,33 +402,36 @@ class DualConeWeighting(Weighting):
         """The preference vector (float64), or ``None`` for uniform weights."""
         return None if self._pref_vector is None else self._pref_vector.clone()
 
-    def _preference(self, m: int) -> Tensor:
-        """The float64 preference weights for ``m`` objectives."""
-        return resolve_pref_vector(self._pref_vector, m, 1.0 / m)
+    def _preference(self, m: int) -> np.ndarray:
+        """The float64 preference weights for ``m`` objectives (a new array)."""
+        return resolve_pref_array(self._pref_vector, m, 1.0 / m)
 
-    def __call__(self, gramian: Tensor) -> Tensor:
-        # Small problems run on one thread, validation included (see few_threads).
-        square = isinstance(gramian, Tensor) and gramian.dim() == 2
-        with few_threads(gramian.numel() * gramian.shape[0] if square else 0):
-            return super().__call__(gramian)
-
-    def _project(self, targets: Tensor, gramian: Tensor) -> Tensor:
-        """Project the rows of ``targets`` (float64 CPU, ``[k, m]``) onto the dual cone of the
-        normalised Gramian."""
-        normalized = normalize_gramian(
-            gramian.detach().to(device="cpu", dtype=torch.float64), self.norm_eps
-        )
-        matrix = add_relative_ridge(normalized, self.reg_eps)
-        if self.reg_eps == 0 and not _is_positive_definite(matrix.numpy()):
-            # Singular Gramian and no regularisation asked for: the smallest relative ridge that makes it
-            # numerically definite (an absolute one would swamp the rows of small norm).
-            ridge = 1e-10
-            while ridge < 1.0:
-                matrix = add_relative_ridge(normalized, ridge)
-                if _is_positive_definite(matrix.numpy()):
-                    break
-                ridge *= 10.0
-        return _project(targets, matrix, 0.0, DEFAULT_TOL, _MAX_ITERS)
+    def _definite(self, gramian: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The symmetrised Gramian divided by its trace (zeros if that is at most ``norm_eps``),
+        with the relative ridge, made numerically positive definite (float64), and its lower
+        Cholesky factor."""
+        trace = float(gramian.trace())
+        if trace <= self.norm_eps:
+            normalized = np.zeros_like(gramian)
+        else:
+            normalized = gramian / (2.0 * trace)
+            normalized += normalized.T
+        if self.reg_eps > 0:
+            return _make_definite(_add_relative_ridge(normalized, self.reg_eps, inplace=True), 0.0)
+        factor = _definite_factor(normalized)
+        if factor is not None:
+            return normalized, factor
+        # Singular Gramian and no regularisation asked for: the smallest relative ridge that
+        # makes it numerically definite (an absolute one would swamp the rows of small norm).
+        matrix = normalized
+        ridge = 1e-10
+        while ridge < 1.0:
+            matrix = _add_relative_ridge(normalized, ridge, inplace=False)
+            factor = _definite_factor(matrix)
+            if factor is not None:
+                return matrix, factor
+            ridge *= 10.0
+        return _make_definite(matrix, 0.0)
 
     def __repr__(self) -> str:
         pref = None if self._pref_vector is None else self._pref_vector.tolist()

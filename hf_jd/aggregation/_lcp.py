@@ -73,7 +73,7 @@ from ._admm import admm_free_sets, estimate_smallest_eigenvalue
 from ._lcp_small import DEFAULT_TOL, polish, quadprog_rows, solve_small
 from ._masked_cg import SpectralPreconditioner, masked_cg
 
-__all__ = ["solve_lcp", "solve_lcp_unchecked", "few_threads", "DEFAULT_TOL"]
+__all__ = ["solve_lcp", "solve_lcp_unchecked", "uses_small_solver", "few_threads", "DEFAULT_TOL"]
 
 # Below this many multiply-adds per iteration, batched direct factorisation beats CG; so it does
 # for a few rows of moderate size (the CG path's set-up, an m × m inverse, would dominate).
@@ -155,10 +155,22 @@ def few_threads(work: int) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def solve_lcp_unchecked(matrix: Tensor, q: Tensor, tol: float, max_iters: int) -> Tensor:
-    """:func:`solve_lcp` without the input checks (float64 CPU, positive definite ``matrix``)."""
+def uses_small_solver(k: int, m: int) -> bool:
+    """Whether :func:`solve_lcp` solves ``k`` rows of size ``m`` with the NumPy solver
+    (:func:`hf_jd.aggregation._lcp_small.solve_small`) rather than the batched PyTorch ones."""
+    return m <= _SMALL_MAX_M or k * m**3 <= _SMALL_COST_LIMIT
+
+
+def solve_lcp_unchecked(
+    matrix: Tensor, q: Tensor, tol: float, max_iters: int, factor: Tensor | None = None
+) -> Tensor:
+    """:func:`solve_lcp` without the input checks (float64 CPU, positive definite ``matrix``).
+
+    ``factor``: the lower Cholesky factor of ``matrix``, if the caller has it (the regularisation
+    computes it); the conjugate-gradient path then factorises nothing but ``M + ρI``.
+    """
     k, m = q.shape
-    if m <= _SMALL_MAX_M or k * m**3 <= _SMALL_COST_LIMIT:
+    if uses_small_solver(k, m):
         return torch.from_numpy(solve_small(matrix.numpy(), q.numpy(), tol))
     d = matrix.diagonal().sqrt()
     scaled = matrix / d.unsqueeze(1) / d.unsqueeze(0)
@@ -176,9 +188,11 @@ def solve_lcp_unchecked(matrix: Tensor, q: Tensor, tol: float, max_iters: int) -
     if rows * m**3 <= _DIRECT_COST_LIMIT or few_rows:
         zt, ok = _pivoting(scaled, qt, _direct_solver(scaled), tol, max_iters)
     else:
-        preconditioner = SpectralPreconditioner.build(scaled, qt.shape[0])
+        # The factor of D⁻¹ M D⁻¹ is D⁻¹ L.
+        scaled_factor = None if factor is None else factor / d.unsqueeze(1)
+        preconditioner = SpectralPreconditioner.build(scaled, qt.shape[0], factor=scaled_factor)
         if preconditioner is None:
-            smallest = estimate_smallest_eigenvalue(scaled)
+            smallest = estimate_smallest_eigenvalue(scaled, factor=scaled_factor)
         else:
             smallest = preconditioner.smallest_eigenvalue
         start = admm_free_sets(scaled, qt, smallest)

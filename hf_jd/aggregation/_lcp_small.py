@@ -6,7 +6,7 @@ dominated by per-call overheads, so everything here works on whole NumPy arrays:
 
 * :func:`solve_small` rescales ``M`` to unit diagonal and each row to unit max-norm, then runs
   block principal pivoting (Júdice & Pires 1994; Kim & Park 2011) on all rows at once, each
-  iteration solving every row's free-set system exactly with one batched
+  iteration solving the free-set system of every row not yet finished exactly with one batched
   ``numpy.linalg.solve`` of the masked matrices ``D M D + (I − D)``. Rows not solved in
   ``_SMALL_PIVOT_ITERS`` iterations (cycling is possible without the backup rule) go to
   quadprog.
@@ -19,61 +19,125 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["DEFAULT_TOL", "solve_small", "polish", "quadprog_rows"]
+__all__ = ["DEFAULT_TOL", "solve_small", "solve_unit_rows", "polish", "quadprog_rows"]
 
 DEFAULT_TOL = 1e-10
 # Pivoting iterations of solve_small before the remaining rows go to quadprog.
 _SMALL_PIVOT_ITERS = 12
 
 
-def solve_small(matrix: np.ndarray, q: np.ndarray, tol: float) -> np.ndarray:
+def solve_small(
+    matrix: np.ndarray, q: np.ndarray, tol: float, free: np.ndarray | None = None
+) -> np.ndarray:
     """Solve the LCP of every row of ``q`` (``[k, m]``) for a small positive definite ``matrix``.
 
     Returns ``z`` (``[k, m]``, ``z ≥ 0``) satisfying the KKT conditions to the relative
-    tolerance ``tol`` in the unit-diagonal scaling of ``matrix``.
+    tolerance ``tol`` in the unit-diagonal scaling of ``matrix``. ``free`` (boolean, ``[k, m]``)
+    is a guess of the variables that are positive at the solution (default: ``q < 0``).
     """
-    d = np.sqrt(np.diag(matrix))
-    scaled = matrix / np.outer(d, d)
+    d = np.sqrt(matrix.diagonal())
+    scaled = matrix / (d[:, None] * d)
     q_scaled = q / d
     z = np.zeros_like(q_scaled)
     todo = np.flatnonzero((q_scaled < 0).any(axis=1))
     if todo.size > 0:
-        row_scale = np.abs(q_scaled[todo]).max(axis=1, keepdims=True)
-        qt = q_scaled[todo] / row_scale
-        zt, done = _pivoting(scaled, qt, tol)
-        if not done.all():
-            bad = np.flatnonzero(~done)
-            zt[bad] = polish(scaled, qt[bad], quadprog_rows(scaled, qt[bad]), tol)
-        z[todo] = zt * row_scale
-    return z / d
+        z[todo] = solve_unit_rows(scaled, q_scaled[todo], tol, free=None if free is None else free[todo])
+    z /= d
+    return z
 
 
-def _pivoting(matrix: np.ndarray, q: np.ndarray, tol: float) -> tuple[np.ndarray, np.ndarray]:
-    """Block principal pivoting on all rows at once with exact solves; returns ``z`` and ``done``."""
+def solve_unit_rows(
+    scaled: np.ndarray, q: np.ndarray, tol: float, *, unit: bool = False, free: np.ndarray | None = None
+) -> np.ndarray:
+    """:func:`solve_small` for a unit-diagonal ``scaled`` and rows ``q`` that each have a negative
+    entry (so a non-zero answer): pivoting on rows of unit max-norm, quadprog for the rest.
+
+    ``unit`` says that the rows of ``q`` already have unit max-norm (up to rounding), e.g. rows
+    of ``scaled`` itself, whose diagonal is 1 and off-diagonal entries below 1 in magnitude.
+    ``free``: the first free sets (default: ``q < 0``). Returns a new array.
+    """
+    if unit:
+        row_scale, qt = None, q
+    else:
+        row_scale = np.abs(q).max(axis=1, keepdims=True)
+        qt = q / row_scale
+    zt, done = _pivoting(scaled, qt, tol, free)
+    if done is not None:
+        bad = np.flatnonzero(~done)
+        zt[bad] = polish(scaled, qt[bad], quadprog_rows(scaled, qt[bad]), tol)
+    if row_scale is not None:
+        zt *= row_scale
+    return zt
+
+
+def _pivoting(
+    matrix: np.ndarray, q: np.ndarray, tol: float, free: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Block principal pivoting on all rows of ``q`` (unit max-norm) at once, with exact solves.
+
+    Each iteration solves the free-set systems of the rows not yet finished (one batched
+    ``numpy.linalg.solve`` of ``D M D + (I − D)``), then keeps only the rows that still have an
+    infeasible variable or an inaccurate solve, with those variables exchanged. Returns ``z`` and
+    ``None`` when every row finished, else ``z`` and the flags of the finished rows. ``free``:
+    the first free sets (default: ``q < 0``).
+    """
     k, m = q.shape
-    free = q < 0
-    z = np.zeros_like(q)
-    done = np.zeros(k, dtype=bool)
-    eye = np.eye(m, dtype=bool)
+    eye = _identity(m)
+    if free is None:
+        free = q < 0
+    neg_q = -q
+    z: np.ndarray | None = None
+    done: np.ndarray | None = None
+    rows = None
     for _ in range(_SMALL_PIVOT_ITERS):
-        both = free[:, :, None] & free[:, None, :]
-        system = np.where(both, matrix, 0.0) + (eye & ~free[:, :, None])
+        # Rows and columns off the free set are those of the identity: z = 0 there.
+        system = np.where(free[:, :, None] & free[:, None, :], matrix, eye)
         try:
-            solution = np.linalg.solve(system, np.where(free, -q, 0.0)[:, :, None])[:, :, 0]
+            solution = np.linalg.solve(system, (neg_q * free)[:, :, None])[:, :, 0]
         except np.linalg.LinAlgError:
             break
-        w = solution @ matrix + q
-        scale = tol * (np.abs(q).max(axis=1) + np.abs(solution).max(axis=1))[:, None]
-        infeasible = np.where(free, solution < -scale, w < -scale)
+        w = solution @ matrix
+        w -= neg_q
+        # KKT tolerance of each row (its q has unit max-norm); inf or nan for a non-finite solution.
+        scale = np.abs(solution).max(axis=1)
+        scale += 1.0
+        scale *= tol
+        unfinished = ~(scale < np.inf)
+        scale = scale[:, None]
+        infeasible = np.where(free, solution, w) < -scale
         # The exact solve must also make w vanish on the free set (it does unless singular).
-        accurate = ~(free & (np.abs(w) > scale)).any(axis=1) & np.isfinite(solution).all(axis=1)
-        finished = ~done & accurate & ~infeasible.any(axis=1)
-        z[finished] = np.maximum(solution[finished], 0.0)
-        done |= finished
-        if done.all():
-            break
-        free = np.where(done[:, None], free, free ^ infeasible)
+        unfinished |= (infeasible | (free & (np.abs(w) > scale))).any(axis=1)
+        if z is None:
+            if not unfinished.any():
+                return np.maximum(solution, 0.0, out=solution), None
+            z = np.zeros_like(q)
+            done = np.zeros(k, dtype=bool)
+            rows = np.arange(k)
+        finished = ~unfinished
+        z[rows[finished]] = np.maximum(solution[finished], 0.0)
+        done[rows[finished]] = True
+        if not unfinished.any():
+            return z, None
+        rows = rows[unfinished]
+        free = (free ^ infeasible)[unfinished]
+        neg_q = neg_q[unfinished]
+    if z is None:
+        return np.zeros_like(q), np.zeros(k, dtype=bool)
     return z, done
+
+
+def _identity(m: int) -> np.ndarray:
+    """The ``m × m`` identity (float64), cached: read only."""
+    eye = _IDENTITIES.get(m)
+    if eye is None:
+        eye = np.eye(m)
+        eye.flags.writeable = False
+        if m <= 64:
+            _IDENTITIES[m] = eye
+    return eye
+
+
+_IDENTITIES: dict[int, np.ndarray] = {}
 
 
 def polish(matrix: np.ndarray, q: np.ndarray, z: np.ndarray, tol: float) -> np.ndarray:

@@ -208,14 +208,19 @@ class SpectralPreconditioner:
         self._stale = torch.ones(rows, dtype=torch.bool)
 
     @classmethod
-    def build(cls, matrix: Tensor, rows: int) -> SpectralPreconditioner | None:
+    def build(
+        cls, matrix: Tensor, rows: int, factor: Tensor | None = None
+    ) -> SpectralPreconditioner | None:
         """Return the preconditioner of a unit-diagonal ``matrix``, or ``None`` if not worth it.
 
         ``None`` when the matrix is well conditioned (no small Cholesky pivot), when its
         eigenvalues are within ``_TARGET_CONDITION`` of the smallest one, or when more than
-        ``_MAX_RANK`` of them are far from it.
+        ``_MAX_RANK`` of them are far from it. ``factor``: the lower Cholesky factor of
+        ``matrix`` if known (else it is computed).
         """
-        factor, info = torch.linalg.cholesky_ex(matrix)
+        info = 0
+        if factor is None:
+            factor, info = torch.linalg.cholesky_ex(matrix)
         if int(info) == 0 and float(factor.diagonal().square().min()) >= _PIVOT_THRESHOLD:
             return None
         eigenvalues, eigenvectors = torch.linalg.eigh(matrix.float())

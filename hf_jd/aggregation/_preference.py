@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["check_vector", "check_pref_vector", "resolve_pref_vector"]
+__all__ = ["check_vector", "check_pref_vector", "resolve_pref_vector", "resolve_pref_array"]
 
 
 def check_vector(value: object, name: str) -> Tensor:
@@ -98,3 +99,16 @@ def resolve_pref_vector(pref_vector: Tensor | None, m: int, default: float) -> T
             "(objectives): give one preference weight per objective."
         )
     return pref_vector.clone()
+
+
+def resolve_pref_array(pref_vector: Tensor | None, m: int, default: float) -> np.ndarray:
+    """:func:`resolve_pref_vector` as a new float64 NumPy array.
+
+    Raises
+    ------
+    ValueError
+        If ``pref_vector`` does not have ``m`` entries.
+    """
+    if pref_vector is None:
+        return np.full(m, default)
+    return resolve_pref_vector(pref_vector, m, default).numpy()

@@ -10,9 +10,9 @@ the projection of a mean gradient onto the dual cone goes back to GEM (Lopez-Paz
 
 from __future__ import annotations
 
-from torch import Tensor
+import numpy as np
 
-from ._dual_cone import DualConeAggregator, DualConeWeighting
+from ._dual_cone import _MAX_ITERS, DEFAULT_TOL, DualConeAggregator, DualConeWeighting, _solve
 
 __all__ = ["DualProj", "DualProjWeighting"]
 
@@ -35,9 +35,10 @@ class DualProjWeighting(DualConeWeighting):
         exact projection).
     """
 
-    def compute(self, gramian: Tensor) -> Tensor:
-        projected = self._project(self._preference(gramian.shape[0]).unsqueeze(0), gramian)
-        return projected[0].to(dtype=gramian.dtype, device=gramian.device)
+    def compute_array(self, gramian: np.ndarray) -> np.ndarray:
+        pref = self._preference(gramian.shape[0])
+        matrix, factor = self._definite(gramian)
+        return pref + _solve(matrix, (pref @ matrix)[None, :], DEFAULT_TOL, _MAX_ITERS, factor)[0]
 
 
 class DualProj(DualConeAggregator):

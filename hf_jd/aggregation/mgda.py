@@ -10,7 +10,9 @@ Solver: the simplex QP is solved *exactly* (no Frank-Wolfe). Its KKT conditions
 ``G w = μ 1 + λ, λ ≥ 0, λᵀ w = 0, μ = wᵀ G w`` are, with ``v = w / μ``, those of the linear
 complementarity problem ``G v - 1 ≥ 0, v ≥ 0, vᵀ(G v - 1) = 0`` (the non-negative minimiser of
 ``½ vᵀ G v - 1ᵀ v``), which is solved by the active-set solver of
-:func:`hf_jd.aggregation._lcp.solve_lcp`; then ``w = v / Σ v``. When ``0`` lies in the
+:func:`hf_jd.aggregation._lcp.solve_lcp`; then ``w = v / Σ v``. Up to ``m ≈ 50`` it first tries
+``v = G⁻¹ 1``, the answer whenever every row is in the support (as for the Gramians of
+per-example BERT gradients measured), and otherwise pivots from that solution's support. When ``0`` lies in the
 convex hull (``G`` singular), the Gramian is regularised by a tiny multiple of the identity
 (:func:`~hf_jd.aggregation._dual_cone.regularize_gramian`) and ``w`` is the limit point.
 
@@ -23,17 +25,17 @@ that tolerance, or compute the Jacobian in float64.
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+import numpy as np
 
-from ._base import GramianWeightedAggregator, Weighting
-from ._dual_cone import check_non_negative_number, normalize_gramian, regularize_gramian
-from ._lcp import solve_lcp
+from ._base import ArrayWeighting, GramianWeightedAggregator
+from ._dual_cone import _make_definite, _solve, check_non_negative_number
+from ._lcp import uses_small_solver
+from ._lcp_small import solve_small
 
 __all__ = ["MGDA", "MGDAWeighting"]
 
 
-class MGDAWeighting(Weighting):
+class MGDAWeighting(ArrayWeighting):
     """Weighting of :class:`MGDA`: the convex weights of the minimum-norm point of the rows' hull.
 
     The result ``d = wᵀ J`` satisfies ``⟨gᵢ, d⟩ ≥ ‖d‖² ≥ 0`` for every row ``gᵢ``.
@@ -62,17 +64,50 @@ class MGDAWeighting(Weighting):
             raise ValueError(f"max_iters must be a positive integer, got {max_iters!r}.")
         self.max_iters = max_iters
 
-    def compute(self, gramian: Tensor) -> Tensor:
+    def compute_array(self, gramian: np.ndarray) -> np.ndarray:
         m = gramian.shape[0]
-        normalized = normalize_gramian(gramian.detach().to(device="cpu", dtype=torch.float64), 0.0)
-        matrix = regularize_gramian(normalized, 0.0)
-        q = -torch.ones(1, m, dtype=torch.float64)
-        v = solve_lcp(matrix, q, tol=self.epsilon, max_iters=self.max_iters)[0]
-        weights = v / v.sum()
-        return weights.to(dtype=gramian.dtype, device=gramian.device)
+        # Divided by its trace (zeros for a zero Gramian), symmetrised, made positive definite.
+        trace = float(gramian.trace())
+        if trace > 0:
+            normalized = gramian / (2.0 * trace)
+            normalized += normalized.T
+        else:
+            normalized = np.zeros_like(gramian)
+        matrix, factor = _make_definite(normalized, 0.0)
+        q = np.full((1, m), -1.0)
+        if uses_small_solver(1, m):
+            v, interior = _interior_solution(matrix, self.epsilon)
+            if not interior:
+                # Pivoting from the support of the interior solution (its first step would
+                # solve the same system).
+                v = solve_small(matrix, q, self.epsilon, free=(v > 0)[None, :])[0]
+        else:
+            v = _solve(matrix, q, self.epsilon, self.max_iters, factor)[0]
+        v /= v.sum()
+        return v
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(epsilon={self.epsilon}, max_iters={self.max_iters})"
+
+
+def _interior_solution(matrix: np.ndarray, tol: float) -> tuple[np.ndarray, bool]:
+    """``v = M⁻¹ 1`` and whether it is positive and satisfies the LCP's KKT conditions to ``tol``.
+
+    When every row is in the support of the minimum-norm point (the usual case for per-example
+    gradients) that is the LCP's solution, found by one linear solve instead of the pivoting
+    (whose first iteration solves the same system). The tolerance is the pivoting's: with ``M``
+    scaled to unit diagonal (``S = D⁻¹ M D⁻¹``) and the right-hand side ``−D⁻¹ 1`` to unit
+    max-norm (a factor ``c = min dᵢ``), ``|c D⁻¹ (M v − 1)| ≤ tol · (1 + c ‖D v‖∞)``.
+    """
+    v = np.linalg.solve(matrix, np.ones(matrix.shape[0]))
+    if not v.min() > 0:
+        return v, False
+    d = np.sqrt(matrix.diagonal())
+    c = d.min()
+    residual = matrix @ v
+    residual -= 1.0
+    residual /= d
+    return v, bool(c * np.abs(residual).max() <= tol * (1.0 + c * (d * v).max()))
 
 
 class MGDA(GramianWeightedAggregator):

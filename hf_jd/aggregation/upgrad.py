@@ -12,10 +12,9 @@ computed in weight space from the Gramian only (:mod:`hf_jd.aggregation._dual_co
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+import numpy as np
 
-from ._dual_cone import DualConeAggregator, DualConeWeighting
+from ._dual_cone import _MAX_ITERS, DEFAULT_TOL, DualConeAggregator, DualConeWeighting, _project_diagonal
 
 __all__ = ["UPGrad", "UPGradWeighting"]
 
@@ -43,12 +42,12 @@ class UPGradWeighting(DualConeWeighting):
         exact projection).
     """
 
-    def compute(self, gramian: Tensor) -> Tensor:
+    def compute_array(self, gramian: np.ndarray) -> np.ndarray:
         pref = self._preference(gramian.shape[0])
         # Rows with pᵢ = 0 project to 0: only the others are solved.
-        targets = torch.diag(pref) if self._pref_vector is None else torch.diag(pref)[pref > 0]
-        projected = self._project(targets, gramian)
-        return projected.sum(dim=0).to(dtype=gramian.dtype, device=gramian.device)
+        matrix, factor = self._definite(gramian)
+        uniform = self._pref_vector is None
+        return _project_diagonal(matrix, pref, DEFAULT_TOL, _MAX_ITERS, uniform=uniform, factor=factor)
 
 
 class UPGrad(DualConeAggregator):

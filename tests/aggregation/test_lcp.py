@@ -183,7 +183,7 @@ def test_ill_conditioned_per_example_gradients_use_preconditioner(
     monkeypatch.setattr(
         _lcp.SpectralPreconditioner,
         "build",
-        lambda matrix, rows: built.append(original(matrix, rows)) or built[-1],
+        lambda matrix, rows, **kwargs: built.append(original(matrix, rows, **kwargs)) or built[-1],
     )
     targets = torch.eye(m, dtype=DT) / m
     result = project_weights(targets, regularized)

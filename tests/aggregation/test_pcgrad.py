@@ -171,3 +171,21 @@ def test_many_rows_match_direct_implementation() -> None:
     orders = [list(rng.permutation([j for j in range(40) if j != i])) for i in range(40)]
     weights = pcgrad_weights((matrix @ matrix.T).numpy(), orders)
     torch.testing.assert_close(torch.from_numpy(weights) @ matrix, _direct_pcgrad(matrix, orders))
+
+
+def test_in_place_update_of_many_rows_matches_direct_implementation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The update used from m = 512 rows (gather into a buffer, index_add_), forced at m = 40: the
+    same weights as the direct algorithm, and bit for bit those of the NumPy update."""
+    from hf_jd.aggregation import pcgrad
+
+    generator = torch.Generator().manual_seed(3)
+    matrix = torch.randn(40, 12, generator=generator, dtype=torch.float64)
+    matrix[5] = 0.0  # a zero row: never projected on
+    rng = np.random.default_rng(1)
+    orders = [list(rng.permutation([j for j in range(40) if j != i])) for i in range(40)]
+    gramian = (matrix @ matrix.T).numpy()
+    expected = pcgrad_weights(gramian, orders)
+    monkeypatch.setattr(pcgrad, "_IN_PLACE_MIN_ROWS", 2)
+    weights = pcgrad_weights(gramian, orders)
+    np.testing.assert_array_equal(weights, expected)
+    torch.testing.assert_close(torch.from_numpy(weights) @ matrix, _direct_pcgrad(matrix, orders))

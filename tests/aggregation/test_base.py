@@ -1,0 +1,198 @@
+"""Tests of the Gramian checks and conversions of hf_jd.aggregation._base.
+
+``checked_gramian_array`` validates a Gramian with one fused NumPy pass and falls back to the
+checks one by one when that pass fails: its verdict must be exactly the documented rule of
+``check_gramian``, which ``documented_verdict`` below implements independently (PyTorch, float64,
+each condition as the docstring states it).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from hf_jd.aggregation import MGDAWeighting, UPGradWeighting, check_gramian
+from hf_jd.aggregation._base import checked_gramian_array, float64_array, weights_tensor
+
+DT = torch.float64
+EPS = {torch.float16: 9.765625e-04, torch.bfloat16: 7.8125e-03, torch.float32: 1.1920929e-07, torch.float64: 2.22e-16}
+
+
+def documented_verdict(gramian: torch.Tensor) -> str | None:
+    """The first problem ``check_gramian``'s docstring names for ``gramian``, or ``None``."""
+    work = gramian.double()
+    if not bool(torch.isfinite(work).all()):
+        return "non-finite"
+    if work.shape[0] != work.shape[1]:
+        return "square"
+    diagonal = work.diagonal()
+    largest = float(diagonal.abs().max())
+    if bool((diagonal < -1e-5 * largest).any()):
+        return "negative diagonal"
+    norms = diagonal.clamp_min(0).sqrt()
+    bound = torch.outer(norms, norms)
+    allowed = max(1e-3, 100 * EPS[gramian.dtype]) * bound + 1e-6 * largest
+    if bool(((work - work.T).abs() > allowed).any()):
+        return "not symmetric"
+    if bool((work.abs() > bound + allowed).any()):
+        return "not positive semi-definite"
+    return None
+
+
+def verdict(gramian: torch.Tensor) -> str | None:
+    try:
+        checked_gramian_array(gramian)
+    except ValueError as error:
+        for name in ("non-finite", "square", "negative diagonal", "not symmetric", "not positive semi-definite"):
+            if name in str(error):
+                return name
+        raise
+    return None
+
+
+def gramian_of(m: int, n: int, seed: int, dtype: torch.dtype = DT) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    jac = torch.randn(m, n, generator=generator, dtype=DT)
+    return (jac @ jac.T).to(dtype)
+
+
+def perturbed_cases() -> list[tuple[str, torch.Tensor]]:
+    """Gramians on both sides of every tolerance, zero rows, non-finite entries, low precision."""
+    cases: list[tuple[str, torch.Tensor]] = []
+    base = gramian_of(6, 4, seed=0)  # rank 4: singular, |Gᵢⱼ| close to the bound for some pairs
+    norms = base.diagonal().sqrt()
+    bound = torch.outer(norms, norms)
+    largest = float(base.diagonal().max())
+    for factor in (0.5, 0.99, 1.01, 2.0):
+        # Asymmetry at `factor` times the allowed amount, on one pair.
+        skew = base.clone()
+        allowed = 1e-3 * float(bound[1, 3]) + 1e-6 * largest
+        skew[1, 3] += factor * allowed
+        cases.append((f"asymmetry x{factor}", skew))
+        # Cauchy–Schwarz excess at `factor` times the allowed amount, symmetric.
+        excess = base.clone()
+        allowed = 1e-3 * float(bound[2, 4]) + 1e-6 * largest
+        value = (float(bound[2, 4]) + factor * allowed) * (1 if float(base[2, 4]) >= 0 else -1)
+        excess[2, 4] = excess[4, 2] = value
+        cases.append((f"Cauchy-Schwarz x{factor}", excess))
+        # Slightly negative diagonal entry, relative to the largest one.
+        negative = base.clone()
+        negative[5, 5] = -factor * 1e-5 * largest
+        negative[5, :5] = negative[:5, 5] = 0.0
+        cases.append((f"negative diagonal x{factor}", negative))
+        # |G55| ≤ 1e-6 max Gᵢᵢ passes Cauchy–Schwarz on the diagonal itself (rounding of a zero row).
+        rounding = negative.clone()
+        rounding[5, 5] = -factor * 1e-6 * largest
+        cases.append((f"rounding-size negative diagonal x{factor}", rounding))
+        # A zero row with inner products of rounding size (only the absolute tolerance allows them).
+        orphan = base.clone()
+        orphan[0, :] = orphan[:, 0] = 0.0
+        orphan[0, 2] = orphan[2, 0] = factor * 1e-6 * float(orphan.diagonal().max())
+        cases.append((f"zero row x{factor}", orphan))
+    for name, position in (("nan", (0, 0)), ("nan", (1, 2)), ("inf", (3, 3)), ("-inf", (4, 1))):
+        bad = base.clone()
+        bad[position] = float(name)
+        cases.append((f"{name} at {position}", bad))
+    cases.append(("non-square", torch.ones(3, 4, dtype=DT)))
+    nan_rectangle = torch.ones(3, 4, dtype=DT)
+    nan_rectangle[0, 0] = float("nan")
+    cases.append(("non-square with nan", nan_rectangle))  # non-finite is reported first
+    cases.append(("zero", torch.zeros(4, 4, dtype=DT)))
+    cases.append(("one by one", torch.tensor([[2.0]], dtype=DT)))
+    cases.append(("one by one negative", torch.tensor([[-2.0]], dtype=DT)))
+    cases.append(("huge", base * 1e300))  # beyond the fused pass's range: checked one by one
+    huge_skew = base * (1.5e308 / float(base.abs().max()))
+    huge_skew[0, 1] = -huge_skew[0, 1]  # |G01 − G10| overflows float64
+    cases.append(("huge asymmetric", huge_skew))
+    cases.append(("tiny", base * 1e-300))
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        low = gramian_of(5, 40, seed=1, dtype=dtype)
+        cases.append((f"{dtype} rounded", low))
+        skewed = low.clone()
+        skewed[0, 1] = skewed[0, 1] * 1.6 + 0.2 * float(low.diagonal().max())
+        cases.append((f"{dtype} skewed", skewed))
+    return cases
+
+
+@pytest.mark.parametrize(("name", "gramian"), perturbed_cases(), ids=[name for name, _ in perturbed_cases()])
+def test_verdict_is_the_documented_rule(name: str, gramian: torch.Tensor) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no RuntimeWarning from inf or huge entries either
+        assert verdict(gramian) == documented_verdict(gramian)
+
+
+def test_the_cases_exercise_every_verdict() -> None:
+    """Guards the test above: each outcome occurs (else a broken case generator could hide bugs)."""
+    verdicts = {documented_verdict(gramian) for _, gramian in perturbed_cases()}
+    assert verdicts == {None, "non-finite", "square", "negative diagonal", "not symmetric", "not positive semi-definite"}
+
+
+def test_random_gramians_and_random_corruptions_agree_with_the_rule() -> None:
+    generator = torch.Generator().manual_seed(5)
+    for trial in range(200):
+        m = int(torch.randint(1, 9, (1,), generator=generator))
+        gramian = gramian_of(m, int(torch.randint(1, 12, (1,), generator=generator)), seed=trial)
+        if trial % 2:  # corrupt one entry by a random relative amount around the tolerance
+            i, j = (int(x) for x in torch.randint(0, m, (2,), generator=generator))
+            gramian[i, j] *= 1 + float(10 ** (-4 + 3 * torch.rand(1, generator=generator)))
+        assert verdict(gramian) == documented_verdict(gramian), trial
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_checked_array_is_a_float64_copy(dtype: torch.dtype) -> None:
+    gramian = gramian_of(5, 7, seed=2).to(dtype)
+    array = checked_gramian_array(gramian)
+    assert array.dtype == np.float64 and array.flags.c_contiguous and array.flags.writeable
+    np.testing.assert_array_equal(array, gramian.double().numpy())
+    array[:] = 0.0  # owned by the caller: the tensor is untouched
+    assert bool((gramian.double() == gramian_of(5, 7, seed=2).to(dtype).double()).all())
+
+
+def test_float64_array_of_transposed_and_grad_tensors() -> None:
+    gramian = gramian_of(4, 6, seed=3).requires_grad_()
+    transposed = gramian.T  # not contiguous, and part of an autograd graph
+    array = float64_array(transposed)
+    assert array.flags.c_contiguous
+    np.testing.assert_array_equal(array, transposed.detach().numpy())
+    check_gramian(transposed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_weights_tensor_takes_the_dtype_of_the_gramian(dtype: torch.dtype) -> None:
+    weights = np.array([0.25, 0.75, 1.0 / 3.0])
+    result = weights_tensor(weights, torch.zeros(3, 3, dtype=dtype))
+    assert result.dtype == dtype and result.device.type == "cpu"
+    torch.testing.assert_close(result, torch.from_numpy(weights).to(dtype), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("bad", "error", "match"),
+    [
+        ([[1.0, 0.0], [0.0, 1.0]], TypeError, "must be a torch.Tensor"),
+        (torch.ones(2, 2, 2), ValueError, "must be 2-D"),
+        (torch.ones(0, 0), ValueError, "is empty"),
+        (torch.ones(2, 2, dtype=torch.long), ValueError, "floating dtype"),
+        (torch.ones(2, 3), ValueError, "must be square"),
+        (torch.tensor([[1.0, float("nan")], [float("nan"), 1.0]]), ValueError, "non-finite"),
+    ],
+)
+@pytest.mark.parametrize("weighting", [UPGradWeighting(), MGDAWeighting()], ids=["upgrad", "mgda"])
+def test_layout_errors_name_the_problem(bad: object, error: type, match: str, weighting: object) -> None:
+    with pytest.raises(error, match=match):
+        check_gramian(bad)  # type: ignore[arg-type]
+    with pytest.raises(error, match=match):
+        weighting(bad)  # type: ignore[operator]
+
+
+@pytest.mark.parametrize("weighting", [UPGradWeighting(), MGDAWeighting()], ids=["upgrad", "mgda"])
+def test_compute_without_validation_equals_the_call_and_leaves_the_input_alone(weighting: object) -> None:
+    gramian = gramian_of(6, 9, seed=4)
+    original = gramian.clone()
+    called = weighting(gramian)  # type: ignore[operator]
+    computed = weighting.compute(gramian)  # type: ignore[attr-defined]
+    torch.testing.assert_close(computed, called, rtol=0, atol=0)
+    assert torch.equal(gramian, original)
+    assert called.dtype == DT
