@@ -458,7 +458,9 @@ class Engine:
         coincident = layout.batch_dim is not None and any(
             _coincident_sizes(record, layout.batch_dim, layout.num_examples) for record in records
         )
-        shareable = layout.num_tasks == 1 and not batched and not coincident
+        # Once the model's [B, T, d] calls are verified batch-major, a [1, T, d] table with T = B (BERT's position
+        # embeddings) is broadcast over the batch like any other table.
+        shareable = layout.num_tasks == 1 and not batched and (not coincident or self._batch_major_verified)
         if unaligned and shareable and not capture.unaligned_besides(unaligned):
             # Outputs shared by all examples and only broadcast over the batch further on (T5's
             # relative-position bias): per-example gradients from the ordinary pass.
@@ -523,7 +525,9 @@ class Engine:
                 if verify_layout:
                     # The layout is the model's: remember it (failed modules keep the exact paths).
                     capture.mark_unaligned(failed)
-                    self._batch_major_verified = not failed
+                    # (Failures of calls not split along batch_dim, checked along another dimension, say
+                    # nothing about the layout of those that are.)
+                    self._batch_major_verified = not any(record.batched for record in failed)
                 unaligned += failed
                 if failed and plans:
                     # Some calls are not split by example (e.g. a contrastive loss mixes the examples): the
@@ -538,7 +542,7 @@ class Engine:
                 failed = grads_verified(losses, layout, records, accumulator, add=False, rtol=identity_rtol)
                 if verify_layout:
                     capture.mark_unaligned(failed)
-                    self._batch_major_verified = not failed
+                    self._batch_major_verified = not any(record.batched for record in failed)
                 records = [record for record in records if all(record is not other for other in failed)]
                 unaligned += failed
             if unaligned:

@@ -124,3 +124,31 @@ def test_a_dimension_of_the_batch_size_that_is_not_the_batch_is_not_taken_for_it
         losses = model(torch.randn(3, 4)).squeeze(1) ** 2
         assert_exact_step(engine, losses, trainable(model), single_backward)
         engine.remove()
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_bert_with_length_equal_to_batch_from_the_first_step_broadcasts_its_positions_later(
+    single_backward: bool, per_row_calls: list[str]
+) -> None:
+    """[1, T, d] position embeddings with T = B look like a time-major [T = 1, B, d] call: the first step takes
+    the exact per-row path for them; once the other calls are verified batch-major, later steps broadcast them
+    over the batch (they took the per-row path on every step, ~25x a plain step at B = T = 32)."""
+    torch.manual_seed(4)
+    config = tf.BertConfig(
+        vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=16, num_labels=3,
+    )
+    model = tf.BertForSequenceClassification(config).train()
+    engine = Engine(model, single_backward=single_backward)
+    params = trainable(model)
+    for step in range(3):
+        for param in params:
+            param.grad = None
+        generator = torch.Generator().manual_seed(step)
+        ids = torch.randint(0, 40, (5, 5), generator=generator)
+        labels = torch.randint(0, 3, (5,), generator=generator)
+        losses = nn.functional.cross_entropy(model(input_ids=ids).logits, labels, reduction="none")
+        assert_exact_step(engine, losses, params, single_backward)
+        if step == 0:
+            assert per_row_calls == ["bert.embeddings.position_embeddings"]
+    assert per_row_calls == ["bert.embeddings.position_embeddings"]
