@@ -24,6 +24,8 @@ computation is then verified on every step, and the failures take the exact per-
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -32,7 +34,7 @@ from ._batched_grad import batched_grad
 from ._layout import RowLayout
 from ._record import Record, split_by_record
 
-__all__ = ["frontier", "grads_verified"]
+__all__ = ["frontier", "grads_verified", "regrouping_structure"]
 
 # Largest deviation from the identity, relative to the largest weighted output gradient, that is
 # taken for float rounding (a wrong grouping deviates by about the gradient's own magnitude).
@@ -50,6 +52,8 @@ def grads_verified(
     accumulator: Accumulator,
     add: bool = True,
     rtol: float = IDENTITY_RTOL,
+    trusted: Sequence[bool] | None = None,
+    chosen: list[bool] | None = None,
 ) -> list[Record]:
     """Add the records whose per-example grouping the identity confirms; return the others.
 
@@ -60,6 +64,11 @@ def grads_verified(
     still be mixed further on, e.g. by a layer applied across the batch); records with
     ``groups = k`` are checked for the batch-major grouping and regrouped. Adding needs per-example
     losses ``[B]`` (``layout.num_tasks == 1``); ``batch_dim`` must be set. The graph is retained.
+
+    ``chosen``, when given, receives for each record whether it was split along its other batch
+    dimension (see :attr:`Record.other_batch_dim`). ``trusted``, when given, is such a list from an
+    earlier step of the same computation in which every record passed: the records are then added
+    that way without the check, from a backward pass over the plain vector alone.
     """
     assert layout.batch_dim is not None and (layout.num_tasks == 1 or not add)
     bd = layout.batch_dim
@@ -69,26 +78,33 @@ def grads_verified(
         device=losses.device, dtype=losses.dtype
     )
     per_row = weights.reshape(-1, *([1] * (losses.dim() - 1))).expand_as(losses)  # the same for every task
-    vectors = torch.stack([torch.ones_like(losses), per_row])
+    vectors = torch.stack([torch.ones_like(losses), per_row])[: 1 if trusted is not None else 2]
     edges = [edge for record in records for edge in record.edges]
     if not edges:  # e.g. every trainable call is not split by example: nothing to verify
         return []
     grads = batched_grad(losses, edges, vectors)
     failed: list[Record] = []
-    for record, record_grads in split_by_record(grads, records):
+    for index, (record, record_grads) in enumerate(split_by_record(grads, records)):
         record_grads = record.to_view_shapes(record_grads)
-        if all(grad is None for grad in record_grads):
-            continue  # the losses do not depend on this call
         other = record.other_batch_dim
-        # Split by example along another dimension (time-major), else grouped along batch_dim.
-        use_other = other is not None and all(
-            grad is None or _grouped_by_example(grad, weights, other, rtol) for grad in record_grads
-        )
-        if not use_other and not all(
-            grad is None or _grouped_by_example(grad, weights, bd, rtol) for grad in record_grads
-        ):
-            failed.append(record)
-            continue
+        if all(grad is None for grad in record_grads):
+            if chosen is not None:
+                chosen.append(False)
+            continue  # the losses do not depend on this call
+        if trusted is not None:
+            use_other = trusted[index] and other is not None
+        else:
+            # Split by example along another dimension (time-major), else grouped along batch_dim.
+            use_other = other is not None and all(
+                grad is None or _grouped_by_example(grad, weights, other, rtol) for grad in record_grads
+            )
+            if not use_other and not all(
+                grad is None or _grouped_by_example(grad, weights, bd, rtol) for grad in record_grads
+            ):
+                failed.append(record)
+                continue
+        if chosen is not None:
+            chosen.append(use_other)
         if not add:
             continue
         plain = [None if grad is None else grad[0] for grad in record_grads]
@@ -135,6 +151,28 @@ def frontier(losses: Tensor, records: list[Record]) -> tuple[list[Record], tuple
         structure.append(type(node).__name__)
         stack.extend(next_node for next_node, _ in node.next_functions)
     return list(found.values()), tuple(structure)
+
+
+# Autograd nodes of operations whose rows depend on the data (indexing, gathering, scattering, sorting):
+# with one of them in the graph, a grouping verified once may not hold in the next step.
+DATA_DEPENDENT_NODES = frozenset({
+    "GatherBackward0", "IndexBackward0", "IndexSelectBackward0", "TakeAlongDimBackward0", "TakeBackward0",
+    "MaskedSelectBackward0", "IndexPutBackward0", "IndexAddBackward0", "IndexCopyBackward0", "IndexFillBackward0",
+    "ScatterBackward0", "ScatterBackward1", "ScatterAddBackward0", "ScatterReduceBackward0", "MaskedScatterBackward0",
+    "SortBackward0", "TopkBackward0", "KthvalueBackward0", "MedianBackward1", "ModeBackward0",
+    "MaxBackward0", "MinBackward0", "NonzeroBackward0", "RepeatInterleaveBackward0",
+})
+
+
+def regrouping_structure(nodes: list[object], records: list[Record]) -> tuple[str, ...] | None:
+    """The structure of a forward pass whose calls' grouping by example was verified: the types of all
+    its autograd nodes and the names of the checked calls, in order (the same code on the same modules
+    gives the same structure, hence the same reshapes). ``None`` when a node selects rows by the data
+    (an index, a sort): such a pass is verified on every step."""
+    names = [type(node).__name__ for node in nodes]
+    if any(name in DATA_DEPENDENT_NODES for name in names):
+        return None
+    return (*names, *("@" + record.module_name for record in records))
 
 
 def _grouped_by_example(grad: Tensor, weights: Tensor, batch_dim: int, rtol: float) -> bool:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import warnings
 import weakref
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -46,7 +46,7 @@ from ._layer_norm import INPUT_PARAMETER
 from ._layout import RowLayout, layout_of_losses
 from ._param_uses import uses_outside_calls
 from ._record import Record
-from ._regroup import IDENTITY_RTOL, LOW_PRECISION_IDENTITY_RTOL, frontier, grads_verified
+from ._regroup import IDENTITY_RTOL, LOW_PRECISION_IDENTITY_RTOL, frontier, grads_verified, regrouping_structure
 
 __all__ = ["Engine"]
 
@@ -157,8 +157,10 @@ class Engine:
       rows belong to one example each (batch-major), else take the per-row pass. So do the calls
       whose tensors have the batch size along exactly one other dimension (time-major ``[T, B, d]``
       layouts: XLNet, ``nn.TransformerEncoder`` or ``nn.LSTM`` without ``batch_first``), checked
-      along that dimension and then handled in their own layout. A module once seen not split by
-      example along ``batch_dim`` is checked again in every later step.
+      along that dimension and then handled in their own layout. A later forward pass of the same
+      structure (the same autograd node types and calls) reuses the verified grouping without the
+      check, unless some operation selects rows by the data (indexing, gathering, sorting:
+      mixture-of-experts tokens), in which case every step is checked.
     * Losses that mix the examples (an in-batch contrastive loss, losses divided by their batch
       sum) are detected where they reach the module calls closest to them (two backward passes
       through the loss computation, once per structure of its autograd graph): the calls are then
@@ -229,6 +231,9 @@ class Engine:
         # Whether the examples were found mixed, by structure of the loss computation (the autograd graph
         # between the losses and the calls closest to them, see _regroup.loss_computation).
         self._loss_computations: dict[tuple[str, ...], bool] = {}
+        # Per structure of a forward pass whose calls not split along batch_dim all passed the grouping check:
+        # whether each checked call was split along its other batch dimension (see _regroup.regrouping_structure).
+        self._verified_groupings: dict[tuple[str, ...], tuple[bool, ...]] = {}
         self._low_precision = False  # whether the last Gramian came from bf16/fp16 products
 
     def _warn_unattributed(self, params: list[Tensor]) -> None:
@@ -521,7 +526,22 @@ class Engine:
                 checked += [record for record in unaligned if record.groups or record.other_batch_dim is not None]
                 records = [record for record in records if id(record) in planned]
                 unaligned = [record for record in unaligned if not record.groups and record.other_batch_dim is None]
-                failed = grads_verified(losses, layout, checked, accumulator, rtol=identity_rtol)
+                # A pass of the same structure as one verified earlier (OPT's reshapes to [B * T, d] rows, time-major
+                # layers) has the same grouping: added from one plain backward pass, unchecked, unless rows are
+                # selected by the data somewhere (mixture-of-experts tokens), or some call takes the per-row path.
+                pass_structure = (
+                    regrouping_structure(nodes, checked) if not (verify_layout or mixed or unaligned or plans) else None
+                )
+                trusted = None if pass_structure is None else self._verified_groupings.get(pass_structure)
+                chosen: list[bool] = []
+                with one_vector_at_a_time(True) if trusted is not None else nullcontext():
+                    failed = grads_verified(
+                        losses, layout, checked, accumulator, rtol=identity_rtol, trusted=trusted, chosen=chosen
+                    )
+                if pass_structure is not None and trusted is None and not failed:
+                    if len(self._verified_groupings) >= MAX_LOSS_COMPUTATIONS:
+                        self._verified_groupings.clear()
+                    self._verified_groupings[pass_structure] = tuple(chosen)
                 if verify_layout:
                     # The layout is the model's: remember it (failed modules keep the exact paths).
                     capture.mark_unaligned(failed)

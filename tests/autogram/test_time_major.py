@@ -152,3 +152,77 @@ def test_bert_with_length_equal_to_batch_from_the_first_step_broadcasts_its_posi
         if step == 0:
             assert per_row_calls == ["bert.embeddings.position_embeddings"]
     assert per_row_calls == ["bert.embeddings.position_embeddings"]
+
+
+class _Regrouped(nn.Module):
+    """Rows [B * T, d] for the middle Linear layer: batch-major (reshape), or picked by an index."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(3, 5)
+        self.middle = nn.Linear(5, 5)
+        self.last = nn.Linear(5, 1)
+        self.order: Tensor | None = None  # an attribute: an input would be taken for a batch of its size
+
+    def forward(self, x: Tensor) -> Tensor:  # x [B, T, 3]
+        batch, length = x.shape[:2]
+        order = self.order
+        rows = torch.tanh(self.first(x)).reshape(batch * length, 5)
+        if order is not None:
+            rows = rows[order]
+        rows = torch.tanh(self.middle(rows))
+        if order is not None:
+            rows = rows[torch.argsort(order)]
+        return self.last(rows.reshape(batch, length, 5)).sum(dim=(1, 2))
+
+
+@pytest.fixture
+def identity_checks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    from hf_jd.autogram import _regroup
+
+    checks: list[int] = []
+    original = _regroup._grouped_by_example
+
+    def counting(*args: object) -> bool:
+        checks.append(1)
+        return original(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_regroup, "_grouped_by_example", counting)
+    return checks
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_a_verified_regrouping_is_trusted_in_later_steps_of_the_same_structure(
+    single_backward: bool, identity_checks: list[int]
+) -> None:
+    torch.manual_seed(5)
+    model = _Regrouped()
+    engine = Engine(model, single_backward=single_backward)
+    params = trainable(model)
+    counts = []
+    for step in range(3):
+        for param in params:
+            param.grad = None
+        losses = model(torch.randn(4, 3, 3)) ** 2
+        assert_exact_step(engine, losses, params, single_backward)
+        counts.append(len(identity_checks))
+    assert counts[0] > 0 and counts[2] == counts[1] == counts[0]  # checked on the first step only
+
+
+def test_rows_picked_by_an_index_are_verified_on_every_step(identity_checks: list[int]) -> None:
+    """The first step's index keeps the examples' rows in order (the grouping holds), the second mixes them:
+    a grouping verified once must not be trusted there."""
+    torch.manual_seed(6)
+    model = _Regrouped()
+    engine = Engine(model)
+    params = trainable(model)
+    orders = [torch.arange(12), torch.randperm(12, generator=torch.Generator().manual_seed(0))]
+    counts = []
+    for order in orders:
+        for param in params:
+            param.grad = None
+        model.order = order
+        losses = model(torch.randn(4, 3, 3)) ** 2
+        assert_exact_step(engine, losses, params, False)
+        counts.append(len(identity_checks))
+    assert counts[1] > counts[0]
