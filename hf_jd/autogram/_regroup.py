@@ -172,7 +172,13 @@ def regrouping_structure(nodes: list[object], records: list[Record]) -> tuple[st
     names = [type(node).__name__ for node in nodes]
     if any(name in DATA_DEPENDENT_NODES for name in names):
         return None
-    return (*names, *("@" + record.module_name for record in records))
+    # Rows picked one by one (``torch.stack([h[i] for i in order])``): the picked positions are part of it.
+    picked = [
+        f"{node._saved_dim}:{node._saved_index}"  # type: ignore[attr-defined]
+        for node, name in zip(nodes, names)
+        if name == "SelectBackward0"
+    ]
+    return (*names, *picked, *("@" + record.module_name for record in records))
 
 
 def _grouped_by_example(grad: Tensor, weights: Tensor, batch_dim: int, rtol: float) -> bool:

@@ -226,3 +226,28 @@ def test_rows_picked_by_an_index_are_verified_on_every_step(identity_checks: lis
         assert_exact_step(engine, losses, params, False)
         counts.append(len(identity_checks))
     assert counts[1] > counts[0]
+
+
+def test_rows_picked_one_by_one_in_another_order_are_verified_again(identity_checks: list[int]) -> None:
+    """``torch.stack([rows[i] for i in order])`` with Python ints: the same node types in every step, but the
+    picked positions are part of the structure, so a new order is checked (and the Gramian stays exact)."""
+
+    class Picked(_Regrouped):
+        def forward(self, x: Tensor) -> Tensor:
+            batch, length = x.shape[:2]
+            rows = torch.tanh(self.first(x)).reshape(batch * length, 5)
+            order = self.order.tolist() if self.order is not None else list(range(batch * length))
+            rows = torch.tanh(self.middle(torch.stack([rows[i] for i in order])))
+            inverse = sorted(range(len(order)), key=order.__getitem__)
+            rows = torch.stack([rows[i] for i in inverse])
+            return self.last(rows.reshape(batch, length, 5)).sum(dim=(1, 2))
+
+    torch.manual_seed(7)
+    model = Picked()
+    engine = Engine(model)
+    params = trainable(model)
+    for order in (torch.arange(12), torch.arange(12), torch.randperm(12, generator=torch.Generator().manual_seed(1))):
+        for param in params:
+            param.grad = None
+        model.order = order
+        assert_exact_step(engine, model(torch.randn(4, 3, 3)) ** 2, params, False)
