@@ -129,7 +129,8 @@ def frontier(losses: Tensor, records: list[Record]) -> tuple[list[Record], tuple
     (a walk of the autograd graph from ``losses`` that stops at every record's output nodes), and the
     structure of that loss computation: the types of the nodes walked through and the names of the
     modules reached, in walk order (the same code computing the losses from the same modules gives the
-    same structure, whatever the values and sizes)."""
+    same structure, whatever the values and sizes), with the positions of rows picked one by one; a
+    ``"?"`` entry marks an operation that selects rows by the data (an index, a sort)."""
     at_node: dict[object, list[Record]] = {}
     for record in records:
         for edge in record.edges:
@@ -148,7 +149,12 @@ def frontier(losses: Tensor, records: list[Record]) -> tuple[list[Record], tuple
             structure.extend("@" + record.module_name for record in reached)
             found.update((id(record), record) for record in reached)
             continue
-        structure.append(type(node).__name__)
+        name = type(node).__name__
+        structure.append(name)
+        if name == "SelectBackward0":  # positions picked one by one are part of the computation
+            structure.append(f"{node._saved_dim}:{node._saved_index}")  # type: ignore[attr-defined]
+        elif name in DATA_DEPENDENT_NODES:
+            structure.append("?")  # rows picked by the data: the structure does not fix the mixing
         stack.extend(next_node for next_node, _ in node.next_functions)
     return list(found.values()), tuple(structure)
 

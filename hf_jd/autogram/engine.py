@@ -515,7 +515,9 @@ class Engine:
                     unplanned = [record for record in reached if id(record) not in planned]
                     with one_vector_at_a_time(True):
                         failed = grads_verified(losses, layout, unplanned, accumulator, add=False, rtol=identity_rtol)
-                    known = self._remember_loss_computation(structure, bool(failed))
+                    known = bool(failed)
+                    if known or "?" not in structure:  # rows picked by the data (mined pairs): checked every step
+                        self._remember_loss_computation(structure, known)
                 mixed = known
             if (unaligned or verify_layout or mixed) and layout.num_tasks == 1:
                 # Tensors not split by example: the model moves examples around, so every call

@@ -151,3 +151,21 @@ def test_bf16_autocast_rounding_is_not_taken_for_mixing() -> None:
     expected = jac @ jac.T
     assert (gramian - expected).abs().max() <= 5e-2 * expected.abs().max()
 
+
+
+def test_pairs_picked_by_the_data_are_checked_on_every_step() -> None:
+    """losses_i = |e_i - e_{pair(i)}|²: the first step's pairing is the identity (no mixing), the second is not; a
+    loss computation that picks rows by an index is checked on every step, so the second is exact too."""
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    engine = Engine(model)
+    params = trainable(model)
+    x = torch.randn(4, 3)
+    for pairing in (torch.arange(4), torch.tensor([1, 0, 3, 2])):
+        for param in params:
+            param.grad = None
+        embeddings = model(x)
+        losses = (embeddings - embeddings[pairing]).pow(2).sum(1) + embeddings.pow(2).sum(1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            assert_exact_step(engine, losses, params, False)
