@@ -159,11 +159,32 @@ def make_classification_text_dataset(
     data does not teach. Averaging per-example losses tends to neglect that minority, which is what
     instance-wise risk minimisation with Jacobian descent is meant to address.
 
+    Parameters
+    ----------
+    num_train, num_eval
+        Number of training and evaluation examples.
+    vocab_size
+        Vocabulary size of the model that will read the ids (at least 8).
+    min_length, max_length
+        Range of sequence lengths, the leading token included.
+    hard_fraction
+        Fraction of the examples labelled by the minority rule, in ``[0, 1)``.
+    pad
+        Pad every sequence to ``max_length`` (id :data:`PAD_ID`, attention mask 0).
+    seed
+        Seed of the sequences, the labels and the split.
+
     Returns
     -------
     DatasetDict
         Splits ``train`` and ``eval`` with columns ``input_ids``, ``attention_mask``, ``labels``
         and ``is_hard`` (whether the example follows the minority rule).
+
+    Raises
+    ------
+    ValueError
+        If ``hard_fraction`` is outside ``[0, 1)``, ``vocab_size < 8`` or the lengths are not
+        ``2 ≤ min_length ≤ max_length``.
     """
     if not 0.0 <= hard_fraction < 1.0:
         raise ValueError(f"hard_fraction must be in [0, 1), got {hard_fraction}.")
@@ -223,6 +244,12 @@ def make_markov_text_dataset(
     -------
     DatasetDict
         Splits ``train`` and ``eval`` with columns ``input_ids`` and ``attention_mask``.
+
+    Raises
+    ------
+    ValueError
+        If ``vocab_size < 8``, ``successors`` is outside ``[1, vocab_size - 2]`` or the lengths are
+        not ``2 ≤ min_length ≤ max_length``.
     """
     _groups(vocab_size)  # validates vocab_size
     content = np.arange(2, vocab_size)

@@ -139,6 +139,23 @@ def estimate_smallest_eigenvalue(matrix: Tensor, factor: Tensor | None = None) -
     an upper bound of ``λ_min`` that is within about 20% of it after four steps on the
     matrices of the benchmarks, which is all that the choice of ``ρ`` needs (and far cheaper
     than an eigendecomposition). ``factor``: the lower Cholesky factor of ``matrix`` if known.
+
+    Parameters
+    ----------
+    matrix
+        Symmetric positive definite matrix, shape ``[m, m]``.
+    factor
+        Its lower Cholesky factor, or ``None`` to compute it.
+
+    Returns
+    -------
+    float
+        An upper bound of the smallest eigenvalue.
+
+    Raises
+    ------
+    RuntimeError
+        If ``factor`` is ``None`` and ``matrix`` is not positive definite.
     """
     if factor is None:
         factor, info = torch.linalg.cholesky_ex(matrix)

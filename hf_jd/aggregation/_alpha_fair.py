@@ -148,6 +148,11 @@ def solve_alpha_fair(
         in conflict (no solution) when the min-norm point of the unit rows has squared norm at
         most ``max(1e-10, 10·precision)``. (A threshold growing as ``100·m·precision`` once
         declared every float32 batch of ``m ≥ 300`` independent rows in conflict.)
+
+    Returns
+    -------
+    numpy.ndarray or None
+        The weights, float64, shape ``[m]``; ``None`` when the rows are in conflict (no solution).
     """
     active = nonzero_rows(gramian)
     if not active.any():

@@ -35,7 +35,22 @@ __all__ = [
 
 
 def check_matrix(matrix: Tensor, what: str = "matrix") -> None:
-    """Raise ``ValueError`` unless ``matrix`` is a non-empty, finite, floating 2-D tensor."""
+    """Raise ``ValueError`` unless ``matrix`` is a non-empty, finite, floating 2-D tensor.
+
+    Parameters
+    ----------
+    matrix
+        The matrix to check (one row per objective).
+    what
+        How to call it in the error messages.
+
+    Raises
+    ------
+    TypeError
+        If ``matrix`` is not a tensor.
+    ValueError
+        If it is not 2-D, has no row, has a non-floating dtype or non-finite entries.
+    """
     _check_matrix_layout(matrix, what)
     if not bool(torch.isfinite(matrix).all()):
         raise ValueError(_non_finite_message(what))
@@ -71,6 +86,18 @@ def check_gramian(gramian: Tensor) -> None:
     ``|Gᵢⱼ| ≤ sqrt(Gᵢᵢ Gⱼⱼ)`` (necessary for positive semi-definiteness, ``O(m²)`` to check),
     both up to a relative ``max(1e-3, 100·eps)`` of ``sqrt(Gᵢᵢ Gⱼⱼ)`` (``eps`` of its dtype) plus
     ``1e-6`` of the largest diagonal entry.
+
+    Parameters
+    ----------
+    gramian
+        The matrix to check, shape ``[m, m]``.
+
+    Raises
+    ------
+    TypeError
+        If ``gramian`` is not a tensor.
+    ValueError
+        If it fails one of the checks above (the message names which).
     """
     checked_gramian_array(gramian)
 
@@ -83,10 +110,20 @@ def checked_gramian_array(gramian: Tensor) -> np.ndarray:
     only when that pass fails are the checks run one by one, to raise the error that names the
     problem.
 
+    Parameters
+    ----------
+    gramian
+        The matrix to check and convert, shape ``[m, m]``.
+
     Returns
     -------
     numpy.ndarray
         The Gramian, float64, C-contiguous, owned by the caller (it may be overwritten).
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :func:`check_gramian`.
     """
     _check_matrix_layout(gramian, "Gramian")
     array = float64_array(gramian)
@@ -101,6 +138,16 @@ def float64_array(tensor: Tensor) -> np.ndarray:
 
     One conversion: a CPU float16/32/64 tensor through a NumPy view (no PyTorch operation), any
     other through one ``Tensor.to``.
+
+    Parameters
+    ----------
+    tensor
+        Any real tensor (detached first if it requires grad).
+
+    Returns
+    -------
+    numpy.ndarray
+        A new float64 array with the values and shape of ``tensor``.
     """
     if tensor.requires_grad:
         tensor = tensor.detach()
@@ -111,7 +158,20 @@ def float64_array(tensor: Tensor) -> np.ndarray:
 
 def weights_tensor(weights: np.ndarray, like: Tensor) -> Tensor:
     """Return float64 ``weights`` (a new array, which the result may share) as a tensor with the
-    dtype and device of ``like``."""
+    dtype and device of ``like``.
+
+    Parameters
+    ----------
+    weights
+        Float64 weights, shape ``[m]``.
+    like
+        Tensor whose dtype and device the result takes.
+
+    Returns
+    -------
+    Tensor
+        The weights, shape ``[m]``.
+    """
     dtype = like.dtype
     if dtype == torch.float64:
         result = torch.from_numpy(weights)
@@ -251,7 +311,18 @@ class Weighting(_Stateful, ABC):
 
     @abstractmethod
     def compute(self, gramian: Tensor) -> Tensor:
-        """Return the weights for a validated Gramian (same dtype and device)."""
+        """Return the weights for a validated Gramian (same dtype and device).
+
+        Parameters
+        ----------
+        gramian
+            A Gramian ``J Jᵀ`` of shape ``[m, m]`` that passed :func:`check_gramian`.
+
+        Returns
+        -------
+        Tensor
+            The weights, shape ``[m]``.
+        """
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -271,6 +342,18 @@ class ArrayWeighting(Weighting):
         return weights_tensor(self.compute_array(checked_gramian_array(gramian)), gramian)
 
     def compute(self, gramian: Tensor) -> Tensor:
+        """Return :meth:`compute_array` of the Gramian converted to float64, as a tensor.
+
+        Parameters
+        ----------
+        gramian
+            A Gramian of shape ``[m, m]`` that passed :func:`check_gramian`.
+
+        Returns
+        -------
+        Tensor
+            The weights, shape ``[m]``, with the dtype and device of ``gramian``.
+        """
         return weights_tensor(self.compute_array(float64_array(gramian)), gramian)
 
     @abstractmethod
@@ -278,6 +361,16 @@ class ArrayWeighting(Weighting):
         """Return the weights (a new float64 array, shape ``[m]``) for a valid float64 Gramian.
 
         ``gramian`` (C-contiguous, shape ``[m, m]``) belongs to the call: it may be overwritten.
+
+        Parameters
+        ----------
+        gramian
+            The Gramian, float64, shape ``[m, m]``.
+
+        Returns
+        -------
+        numpy.ndarray
+            The weights, float64, shape ``[m]``.
         """
 
 
@@ -293,7 +386,18 @@ class Aggregator(_Stateful, ABC):
 
     @abstractmethod
     def aggregate(self, matrix: Tensor) -> Tensor:
-        """Return the update vector for a validated matrix (same dtype and device)."""
+        """Return the update vector for a validated matrix (same dtype and device).
+
+        Parameters
+        ----------
+        matrix
+            A Jacobian of shape ``[m, n]`` that passed :func:`check_matrix`.
+
+        Returns
+        -------
+        Tensor
+            The update, shape ``[n]``.
+        """
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -311,6 +415,11 @@ class GramianWeightedAggregator(Aggregator):
     ----------
     weighting
         The weighting applied to the Gramian of the matrix.
+
+    Raises
+    ------
+    TypeError
+        If ``weighting`` is not a :class:`Weighting`.
     """
 
     def __init__(self, weighting: Weighting) -> None:
@@ -324,25 +433,69 @@ class GramianWeightedAggregator(Aggregator):
         return self._weighting
 
     def weights(self, matrix: Tensor) -> Tensor:
-        """Return the weights this aggregator gives to the rows of ``matrix`` (in its dtype)."""
+        """Return the weights this aggregator gives to the rows of ``matrix`` (in its dtype).
+
+        Parameters
+        ----------
+        matrix
+            The Jacobian, shape ``[m, n]``.
+
+        Returns
+        -------
+        Tensor
+            The weights ``w``, shape ``[m]``.
+
+        Raises
+        ------
+        TypeError, ValueError
+            If ``matrix`` fails :func:`check_matrix` or its Gramian fails :func:`check_gramian`.
+        """
         check_matrix(matrix)
         return self._weighting(compute_gramian(matrix)).to(matrix.dtype)
 
     def aggregate(self, matrix: Tensor) -> Tensor:
+        """Return ``wᵀ J`` with ``w`` the weighting of ``J Jᵀ``.
+
+        Parameters
+        ----------
+        matrix
+            A Jacobian ``J`` of shape ``[m, n]`` that passed :func:`check_matrix`.
+
+        Returns
+        -------
+        Tensor
+            The update, shape ``[n]``, in the dtype of ``matrix``.
+        """
         weights = self._weighting(compute_gramian(matrix))
         return weights.to(matrix.dtype) @ matrix
 
     def reset(self) -> None:
+        """Reset the weighting's state (see :meth:`Weighting.reset`)."""
         self._weighting.reset()
 
     def state_dict(self) -> dict[str, Any]:
+        """The state of the weighting.
+
+        Returns
+        -------
+        dict
+            What the weighting's ``state_dict`` returns (empty for a stateless one).
+        """
         return self._weighting.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the weighting's state.
+
+        Parameters
+        ----------
+        state
+            A dictionary returned by :meth:`state_dict`.
+        """
         self._weighting.load_state_dict(state)
 
     @property
     def is_stateful(self) -> bool:
+        """Whether the weighting keeps state across calls."""
         return self._weighting.is_stateful
 
     def __repr__(self) -> str:
@@ -357,6 +510,16 @@ def compute_gramian(matrix: Tensor) -> Tensor:
     weightings a Gramian accurate to only two or three digits. A float32 Gramian that overflows,
     or whose largest entry is below ``1e-30`` (subnormal or zero) for a non-zero matrix, is
     computed in float64 instead.
+
+    Parameters
+    ----------
+    matrix
+        The Jacobian, shape ``[m, n]``.
+
+    Returns
+    -------
+    Tensor
+        The Gramian, shape ``[m, m]``: in the dtype of ``matrix``, float32 or float64 as above.
 
     Raises
     ------

@@ -84,6 +84,11 @@ def regularize_gramian(gramian: Tensor, reg_eps: float = 0.0) -> Tensor:
         Symmetric positive semi-definite matrix of shape ``[m, m]``.
     reg_eps
         Non-negative amount added to the diagonal in any case.
+
+    Returns
+    -------
+    Tensor
+        The regularised Gramian, float64, shape ``[m, m]``.
     """
     reg_eps = check_non_negative_number(reg_eps, "reg_eps")
     with few_threads(gramian.shape[0] ** 3):
@@ -201,6 +206,14 @@ def project_weights(
     -------
     Tensor
         The projected weights ``v``, same shape, dtype and device as ``targets``.
+
+    Raises
+    ------
+    ValueError
+        If the shapes do not match, ``tol`` is not in ``(0, 1)``, ``max_iters`` is not a positive
+        integer or ``reg_eps`` is negative or not finite.
+    TypeError
+        If ``reg_eps`` is not a number.
     """
     _check_inputs(targets, gramian)
     if not isinstance(tol, (int, float)) or not 0 < tol < 1:
@@ -319,6 +332,18 @@ def normalize_gramian(gramian: Tensor, norm_eps: float) -> Tensor:
 
     The dual-cone projection is invariant to this scaling; it keeps the numbers of the projection
     problems of order one whatever the size of the Jacobian (Quinton & Rey 2024).
+
+    Parameters
+    ----------
+    gramian
+        The Gramian ``J Jᵀ``, shape ``[m, m]``.
+    norm_eps
+        Threshold on the trace at or below which the Gramian is treated as zero.
+
+    Returns
+    -------
+    Tensor
+        ``G / trace(G)``, or zeros, with the shape, dtype and device of ``gramian``.
     """
     trace = gramian.diagonal().sum()
     if float(trace) <= norm_eps:
@@ -334,6 +359,18 @@ def add_relative_ridge(gramian: Tensor, reg_eps: float) -> Tensor:
     times smaller in norm gets a ridge ``c²`` times smaller, so that the slack of its constraint,
     ``(G v)ᵢ ≥ −m · reg_eps · Gᵢᵢ vᵢ``, stays relative to its own norm. Rows of norm zero (which no
     update can conflict with) get the average ridge.
+
+    Parameters
+    ----------
+    gramian
+        The (trace-normalised) Gramian, shape ``[m, m]``.
+    reg_eps
+        Relative ridge, ``≥ 0``; ``0`` returns ``gramian`` itself.
+
+    Returns
+    -------
+    Tensor
+        The Gramian with its diagonal scaled, shape ``[m, m]``.
     """
     if reg_eps == 0:
         return gramian
@@ -359,7 +396,27 @@ def _add_relative_ridge(matrix: np.ndarray, reg_eps: float, *, inplace: bool) ->
 
 
 def check_non_negative_number(value: object, name: str) -> float:
-    """Return ``value`` as a float, or raise ``ValueError`` unless it is a finite number ``≥ 0``."""
+    """Return ``value`` as a float, or raise ``ValueError`` unless it is a finite number ``≥ 0``.
+
+    Parameters
+    ----------
+    value
+        The value to check.
+    name
+        Its name, for the error messages.
+
+    Returns
+    -------
+    float
+        ``value`` as a float.
+
+    Raises
+    ------
+    TypeError
+        If ``value`` is not an ``int`` or ``float`` (``bool`` excluded).
+    ValueError
+        If it is negative, infinite or nan.
+    """
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}.")
     if not np.isfinite(value) or value < 0:
@@ -445,6 +502,11 @@ class DualConeAggregator(GramianWeightedAggregator):
     """Shared constructor of the aggregators built on a :class:`DualConeWeighting`.
 
     Subclasses set ``weighting_class``; the parameters are those of that weighting.
+
+    Parameters
+    ----------
+    pref_vector, norm_eps, reg_eps
+        Passed to ``weighting_class`` (see :class:`DualConeWeighting`).
     """
 
     weighting_class: type[DualConeWeighting]

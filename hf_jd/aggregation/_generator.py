@@ -17,7 +17,25 @@ __all__ = ["SeededGenerator", "SeededStateMixin", "check_seed", "random_orders"]
 
 
 def check_seed(seed: int | None) -> int:
-    """Return ``seed``, or a fresh seed from the global generator if it is ``None``."""
+    """Return ``seed``, or a fresh seed from the global generator if it is ``None``.
+
+    Parameters
+    ----------
+    seed
+        A non-negative ``int``, or ``None``.
+
+    Returns
+    -------
+    int
+        The seed.
+
+    Raises
+    ------
+    TypeError
+        If ``seed`` is neither an ``int`` (``bool`` excluded) nor ``None``.
+    ValueError
+        If it is negative.
+    """
     if seed is None:
         return int(torch.randint(0, 2**62, (1,)).item())
     if isinstance(seed, bool) or not isinstance(seed, int):
@@ -31,6 +49,18 @@ def random_orders(m: int, generator: torch.Generator) -> np.ndarray:
     """For each ``i < m``, the other indices in a random order (one ``torch.randperm`` each).
 
     Returns an integer array of shape ``[m, m - 1]`` whose row ``i`` is row ``i``'s order.
+
+    Parameters
+    ----------
+    m
+        Number of indices.
+    generator
+        Source of the permutations (CPU).
+
+    Returns
+    -------
+    numpy.ndarray
+        Integer array of shape ``[m, m - 1]``.
     """
     permutations = torch.stack(
         [torch.randperm(max(m - 1, 0), generator=generator) for _ in range(m)]
@@ -43,6 +73,11 @@ class SeededGenerator:
     """A ``torch.Generator`` created lazily on the device it is used on, seeded with ``seed``.
 
     If it is later used on another device, a new generator is created there from the same seed.
+
+    Parameters
+    ----------
+    seed
+        Seed of the generator; ``None`` draws one (see :func:`check_seed`).
     """
 
     def __init__(self, seed: int | None) -> None:
@@ -51,7 +86,18 @@ class SeededGenerator:
         self._pending: tuple[str, Tensor] | None = None
 
     def get(self, device: torch.device | str = "cpu") -> torch.Generator:
-        """Return the generator for ``device``, creating it if needed."""
+        """Return the generator for ``device``, creating it if needed.
+
+        Parameters
+        ----------
+        device
+            Device the random numbers are drawn on (``"cuda"`` means the current CUDA device).
+
+        Returns
+        -------
+        torch.Generator
+            The generator, seeded with ``seed`` (or restored from a loaded state) when created.
+        """
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
@@ -72,7 +118,13 @@ class SeededGenerator:
         self._pending = None
 
     def state_dict(self) -> dict[str, Any]:
-        """Return the seed, the generator's device and its state (``None`` before first use)."""
+        """Return the seed, the generator's device and its state (``None`` before first use).
+
+        Returns
+        -------
+        dict
+            Keys ``"seed"``, ``"device"`` and ``"generator_state"``.
+        """
         if self._generator is not None:
             return {
                 "seed": self.seed,
@@ -88,7 +140,19 @@ class SeededGenerator:
         return {"seed": self.seed, "device": None, "generator_state": None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a state produced by :meth:`state_dict`."""
+        """Restore a state produced by :meth:`state_dict`.
+
+        Parameters
+        ----------
+        state
+            A dictionary returned by :meth:`state_dict`.
+
+        Raises
+        ------
+        ValueError
+            If ``state`` does not have exactly the keys of :meth:`state_dict`, its seed is not an
+            ``int``, or only one of its device and generator state is set.
+        """
         if not isinstance(state, dict) or set(state) != {"seed", "device", "generator_state"}:
             keys = sorted(state) if isinstance(state, dict) else type(state).__name__
             raise ValueError(
@@ -111,7 +175,7 @@ class SeededGenerator:
             )
         self.seed = seed
         self._generator = None
-        self._pending = None if device is None else (str(device), generator_state.clone())
+        self._pending = None if generator_state is None else (str(device), generator_state.clone())
 
 
 class SeededStateMixin:
@@ -134,9 +198,21 @@ class SeededStateMixin:
         self._generator.reset()
 
     def state_dict(self) -> dict[str, Any]:
-        """Return the generator's seed, device and state."""
+        """Return the generator's seed, device and state.
+
+        Returns
+        -------
+        dict
+            What :meth:`SeededGenerator.state_dict` returns.
+        """
         return self._generator.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a state produced by :meth:`state_dict`."""
+        """Restore a state produced by :meth:`state_dict`.
+
+        Parameters
+        ----------
+        state
+            A dictionary returned by :meth:`state_dict`.
+        """
         self._generator.load_state_dict(state)

@@ -118,6 +118,12 @@ def solve_lcp(
     -------
     Tensor
         ``z`` of shape ``[k, m]``, float64, with ``z ≥ 0`` exactly.
+
+    Raises
+    ------
+    ValueError
+        If the shapes do not match, the tensors are not float64 on the CPU, or the diagonal of
+        ``matrix`` is not positive.
     """
     square = matrix.dim() == 2 and matrix.shape[0] == matrix.shape[1]
     if not square or q.dim() != 2 or q.shape[1] != matrix.shape[0]:
@@ -143,6 +149,16 @@ def few_threads(work: int) -> Iterator[None]:
     The solver's operations act on at most a few hundred thousand numbers; splitting them over
     threads gains little and, on a busy machine, the thread hand-offs cost far more than the
     work (measured: 50x slower with 2 threads under load). The previous setting is restored.
+
+    Parameters
+    ----------
+    work
+        Size of the work (number of multiply-adds, roughly): above a threshold nothing changes.
+
+    Yields
+    ------
+    None
+        Within the block, PyTorch uses one intra-op thread.
     """
     threads = torch.get_num_threads()
     if threads == 1 or work > _SINGLE_THREAD_WORK:
@@ -157,7 +173,18 @@ def few_threads(work: int) -> Iterator[None]:
 
 def uses_small_solver(k: int, m: int) -> bool:
     """Whether :func:`solve_lcp` solves ``k`` rows of size ``m`` with the NumPy solver
-    (:func:`hf_jd.aggregation._lcp_small.solve_small`) rather than the batched PyTorch ones."""
+    (:func:`hf_jd.aggregation._lcp_small.solve_small`) rather than the batched PyTorch ones.
+
+    Parameters
+    ----------
+    k, m
+        Number of right-hand sides and size of the matrix.
+
+    Returns
+    -------
+    bool
+        ``True`` for the NumPy solver.
+    """
     return m <= _SMALL_MAX_M or k * m**3 <= _SMALL_COST_LIMIT
 
 
@@ -168,6 +195,18 @@ def solve_lcp_unchecked(
 
     ``factor``: the lower Cholesky factor of ``matrix``, if the caller has it (the regularisation
     computes it); the conjugate-gradient path then factorises nothing but ``M + ρI``.
+
+    Parameters
+    ----------
+    matrix, q, tol, max_iters
+        As :func:`solve_lcp`.
+    factor
+        Lower Cholesky factor of ``matrix``, or ``None``.
+
+    Returns
+    -------
+    Tensor
+        ``z`` of shape ``[k, m]``, float64.
     """
     k, m = q.shape
     if uses_small_solver(k, m):

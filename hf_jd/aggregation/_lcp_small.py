@@ -34,6 +34,22 @@ def solve_small(
     Returns ``z`` (``[k, m]``, ``z ≥ 0``) satisfying the KKT conditions to the relative
     tolerance ``tol`` in the unit-diagonal scaling of ``matrix``. ``free`` (boolean, ``[k, m]``)
     is a guess of the variables that are positive at the solution (default: ``q < 0``).
+
+    Parameters
+    ----------
+    matrix
+        Symmetric positive definite float64 array, shape ``[m, m]``.
+    q
+        Right-hand sides, float64, shape ``[k, m]``.
+    tol
+        Relative KKT tolerance.
+    free
+        Guessed free sets, boolean, shape ``[k, m]``, or ``None``.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``z``, float64, shape ``[k, m]``.
     """
     d = np.sqrt(matrix.diagonal())
     scaled = matrix / (d[:, None] * d)
@@ -55,6 +71,24 @@ def solve_unit_rows(
     ``unit`` says that the rows of ``q`` already have unit max-norm (up to rounding), e.g. rows
     of ``scaled`` itself, whose diagonal is 1 and off-diagonal entries below 1 in magnitude.
     ``free``: the first free sets (default: ``q < 0``). Returns a new array.
+
+    Parameters
+    ----------
+    scaled
+        Unit-diagonal positive definite float64 array, shape ``[m, m]``.
+    q
+        Right-hand sides, each with a negative entry, shape ``[k, m]``.
+    tol
+        Relative KKT tolerance.
+    unit
+        Whether the rows of ``q`` already have unit max-norm.
+    free
+        First free sets, boolean, shape ``[k, m]``, or ``None``.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``z``, float64, shape ``[k, m]``.
     """
     if unit:
         row_scale, qt = None, q
@@ -87,8 +121,9 @@ def _pivoting(
         free = q < 0
     neg_q = -q
     z: np.ndarray | None = None
-    done: np.ndarray | None = None
-    rows = None
+    # Set with z, on the first iteration that leaves rows unfinished.
+    done: np.ndarray
+    rows: np.ndarray
     for _ in range(_SMALL_PIVOT_ITERS):
         # Rows and columns off the free set are those of the identity: z = 0 there.
         system = np.where(free[:, :, None] & free[:, None, :], matrix, eye)
@@ -147,6 +182,22 @@ def polish(matrix: np.ndarray, q: np.ndarray, z: np.ndarray, tol: float) -> np.n
     set it found (``z > w``) removes that error whenever the free set is right (the re-solved
     row is kept only if it satisfies the KKT conditions to ``tol``). Rows that already satisfy
     them to the default tolerance are kept as they are.
+
+    Parameters
+    ----------
+    matrix
+        Symmetric positive definite float64 array, shape ``[m, m]``.
+    q
+        Right-hand sides, shape ``[k, m]``.
+    z
+        Approximate solutions, shape ``[k, m]`` (not modified).
+    tol
+        Relative KKT tolerance a re-solved row must satisfy.
+
+    Returns
+    -------
+    numpy.ndarray
+        A new array of solutions, shape ``[k, m]``.
     """
     z = z.copy()
     w = z @ matrix + q
@@ -168,7 +219,20 @@ def polish(matrix: np.ndarray, q: np.ndarray, z: np.ndarray, tol: float) -> np.n
 
 
 def quadprog_rows(matrix: np.ndarray, q: np.ndarray) -> np.ndarray:
-    """Solve ``min ½ zᵀMz + qᵀz, z ≥ 0`` per row with quadprog, sharing one factorisation."""
+    """Solve ``min ½ zᵀMz + qᵀz, z ≥ 0`` per row with quadprog, sharing one factorisation.
+
+    Parameters
+    ----------
+    matrix
+        Symmetric positive definite float64 array, shape ``[m, m]``.
+    q
+        Right-hand sides, shape ``[k, m]``.
+
+    Returns
+    -------
+    numpy.ndarray
+        The minimisers, clipped at ``0``, shape ``[k, m]``.
+    """
     import quadprog
 
     m = matrix.shape[0]

@@ -77,6 +77,11 @@ def masked_cg(
         Maximum number of iterations.
     preconditioner
         Applies ``P_FF⁻¹`` to a batch of residuals (symmetric positive definite on each mask).
+
+    Returns
+    -------
+    tuple of Tensor
+        ``x`` (shape ``[k, m]``) and the boolean converged flags (shape ``[k]``).
     """
     k = rhs.shape[0]
     out, converged_out = x, torch.zeros(k, dtype=torch.bool)
@@ -106,7 +111,7 @@ def masked_cg(
             mask, threshold, rz = mask[keep], threshold[keep], rz[keep]
             product = torch.empty_like(direction)
             converged = converged[keep]
-            if preconditioner is not None:
+            if isinstance(preconditioner, RestrictedPreconditioner):  # else None (compactable)
                 preconditioner = preconditioner.subset(keep)
         torch.mm(direction, matrix, out=product)
         product.mul_(mask)
@@ -131,6 +136,17 @@ class RestrictedPreconditioner:
 
     Calling it on residuals ``[k, m]`` (zero off each row's mask) returns the preconditioned
     residuals; :meth:`subset` gives the same preconditioner for some of the rows.
+
+    Parameters
+    ----------
+    preconditioner
+        The :class:`SpectralPreconditioner` it restricts.
+    inverses
+        The rows' ``C_F⁻¹``, shape ``[k, r, r]``.
+    built
+        The masks the ``inverses`` were computed for, shape ``[k, m]``.
+    mask
+        The rows' current masks, shape ``[k, m]``.
     """
 
     def __init__(
@@ -154,7 +170,18 @@ class RestrictedPreconditioner:
         return residual.sub(correction.mul_(self._built)).mul_(self._mask).mul_(scale)
 
     def subset(self, keep: Tensor) -> RestrictedPreconditioner:
-        """The preconditioner of the rows selected by the boolean ``keep``."""
+        """The preconditioner of the rows selected by the boolean ``keep``.
+
+        Parameters
+        ----------
+        keep
+            Boolean, shape ``[k]``.
+
+        Returns
+        -------
+        RestrictedPreconditioner
+            The preconditioner of the kept rows.
+        """
         return RestrictedPreconditioner(
             self._parent, self._inverses[keep], self._built[keep], self._mask[keep]
         )
@@ -217,6 +244,20 @@ class SpectralPreconditioner:
         eigenvalues are within ``_TARGET_CONDITION`` of the smallest one, or when more than
         ``_MAX_RANK`` of them are far from it. ``factor``: the lower Cholesky factor of
         ``matrix`` if known (else it is computed).
+
+        Parameters
+        ----------
+        matrix
+            Unit-diagonal symmetric positive definite matrix, shape ``[m, m]``.
+        rows
+            Number ``k`` of rows of the problem (the per-row ``C_F⁻¹`` are allocated for them).
+        factor
+            Lower Cholesky factor of ``matrix``, or ``None``.
+
+        Returns
+        -------
+        SpectralPreconditioner or None
+            The preconditioner, or ``None`` as above.
         """
         info = 0
         if factor is None:
@@ -236,7 +277,20 @@ class SpectralPreconditioner:
         return cls(vectors, shifted, sigma, rows, largest / smallest, smallest)
 
     def restrict(self, rows: Tensor, mask: Tensor) -> RestrictedPreconditioner:
-        """The preconditioner ``P_FF⁻¹`` of the given rows for their float32 masks ``[len(rows), m]``."""
+        """The preconditioner ``P_FF⁻¹`` of the given rows for their float32 masks ``[len(rows), m]``.
+
+        Parameters
+        ----------
+        rows
+            Indices of the rows among the ``k`` of :meth:`build`, shape ``[n]``.
+        mask
+            Their current masks, float32, shape ``[n, m]``.
+
+        Returns
+        -------
+        RestrictedPreconditioner
+            The preconditioner of these rows.
+        """
         stale = self._stale[rows]
         if not bool(stale.all()):
             stale = stale | ((mask != self._masks[rows]).sum(dim=1) > _STALE_ENTRIES)

@@ -25,6 +25,11 @@ def check_vector(value: object, name: str) -> Tensor:
     name
         The parameter's name, used in the error messages.
 
+    Returns
+    -------
+    Tensor
+        The vector, float64, on the CPU, shape ``[m]``.
+
     Raises
     ------
     TypeError
@@ -64,6 +69,11 @@ def check_pref_vector(
         Also require every entry to be ``≥ 0`` and at least one to be positive (the weights of
         the projections of UPGrad and DualProj).
 
+    Returns
+    -------
+    Tensor or None
+        The preference vector, float64, on the CPU, or ``None``.
+
     Raises
     ------
     TypeError
@@ -86,6 +96,20 @@ def check_pref_vector(
 def resolve_pref_vector(pref_vector: Tensor | None, m: int, default: float) -> Tensor:
     """Return the float64 preference weights for ``m`` objectives (``default`` each when ``None``).
 
+    Parameters
+    ----------
+    pref_vector
+        Checked preference weights (see :func:`check_pref_vector`), or ``None``.
+    m
+        Number of objectives.
+    default
+        Weight of each objective when ``pref_vector`` is ``None``.
+
+    Returns
+    -------
+    Tensor
+        The weights, float64, shape ``[m]``.
+
     Raises
     ------
     ValueError
@@ -103,6 +127,16 @@ def resolve_pref_vector(pref_vector: Tensor | None, m: int, default: float) -> T
 
 def resolve_pref_array(pref_vector: Tensor | None, m: int, default: float) -> np.ndarray:
     """:func:`resolve_pref_vector` as a new float64 NumPy array.
+
+    Parameters
+    ----------
+    pref_vector, m, default
+        As :func:`resolve_pref_vector`.
+
+    Returns
+    -------
+    numpy.ndarray
+        The weights, float64, shape ``[m]``.
 
     Raises
     ------

@@ -56,12 +56,24 @@ REGISTRY: dict[str, AggregatorSpec] = {
 
 
 def available_aggregators() -> list[str]:
-    """Return the registered aggregator names, sorted."""
+    """Return the registered aggregator names, sorted.
+
+    Returns
+    -------
+    list of str
+        The names accepted by :func:`get_aggregator`.
+    """
     return sorted(REGISTRY)
 
 
 def available_weightings() -> list[str]:
-    """Return the names of the aggregators that have a Gramian weighting, sorted."""
+    """Return the names of the aggregators that have a Gramian weighting, sorted.
+
+    Returns
+    -------
+    list of str
+        The names accepted by :func:`get_weighting`.
+    """
     return sorted(name for name, spec in REGISTRY.items() if spec.weighting is not None)
 
 
@@ -81,18 +93,66 @@ def _load(module: str, attribute: str) -> type:
 
 
 def is_gramian_based(name: str) -> bool:
-    """Whether the named aggregator's weights depend only on the Gramian."""
+    """Whether the named aggregator's weights depend only on the Gramian.
+
+    Parameters
+    ----------
+    name
+        A registered aggregator name.
+
+    Returns
+    -------
+    bool
+        ``True`` when the aggregator has a weighting (usable with the autogram engine).
+
+    Raises
+    ------
+    ValueError
+        If ``name`` is not registered.
+    """
     return _spec(name).weighting is not None
 
 
 def get_aggregator_class(name: str) -> type[Aggregator]:
-    """Return the aggregator class registered under ``name``."""
+    """Return the aggregator class registered under ``name``.
+
+    Parameters
+    ----------
+    name
+        A registered aggregator name.
+
+    Returns
+    -------
+    type
+        The :class:`Aggregator` subclass.
+
+    Raises
+    ------
+    ValueError
+        If ``name`` is not registered.
+    """
     spec = _spec(name)
     return _load(spec.module, spec.aggregator)
 
 
 def get_weighting_class(name: str) -> type[Weighting]:
-    """Return the weighting class registered under ``name`` (Gramian-based aggregators only)."""
+    """Return the weighting class registered under ``name`` (Gramian-based aggregators only).
+
+    Parameters
+    ----------
+    name
+        A registered aggregator name.
+
+    Returns
+    -------
+    type
+        The :class:`Weighting` subclass.
+
+    Raises
+    ------
+    ValueError
+        If ``name`` is not registered or the aggregator is not Gramian-based.
+    """
     spec = _spec(name)
     if spec.weighting is None:
         raise ValueError(
@@ -102,7 +162,7 @@ def get_weighting_class(name: str) -> type[Weighting]:
     return _load(spec.module, spec.weighting)
 
 
-def _instantiate(cls: type, name: str, kwargs: dict[str, Any]) -> Any:
+def _instantiate(cls: type[Aggregator] | type[Weighting], name: str, kwargs: dict[str, Any]) -> Any:
     parameters = inspect.signature(cls.__init__).parameters
     accepts_var_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
     if not accepts_var_kwargs:
@@ -119,6 +179,18 @@ def _instantiate(cls: type, name: str, kwargs: dict[str, Any]) -> Any:
 def get_aggregator(name: str, **kwargs: Any) -> Aggregator:
     """Build the aggregator registered under ``name`` with the given constructor arguments.
 
+    Parameters
+    ----------
+    name
+        A registered aggregator name (see :func:`available_aggregators`).
+    **kwargs
+        Keyword arguments of the aggregator's constructor.
+
+    Returns
+    -------
+    Aggregator
+        The new aggregator.
+
     Raises
     ------
     ValueError
@@ -130,5 +202,25 @@ def get_aggregator(name: str, **kwargs: Any) -> Aggregator:
 
 
 def get_weighting(name: str, **kwargs: Any) -> Weighting:
-    """Build the weighting of the Gramian-based aggregator registered under ``name``."""
+    """Build the weighting of the Gramian-based aggregator registered under ``name``.
+
+    Parameters
+    ----------
+    name
+        A registered Gramian-based aggregator name (see :func:`available_weightings`).
+    **kwargs
+        Keyword arguments of the weighting's constructor.
+
+    Returns
+    -------
+    Weighting
+        The new weighting.
+
+    Raises
+    ------
+    ValueError
+        If ``name`` is not registered or the aggregator is not Gramian-based.
+    TypeError
+        If a keyword argument is not accepted by the weighting (the message names it).
+    """
     return _instantiate(get_weighting_class(name), name, kwargs)

@@ -32,6 +32,16 @@ __all__ = [
 def gramian_to_numpy(gramian: Tensor) -> np.ndarray:
     """Return the symmetrised Gramian as a float64 NumPy array (detached, on the CPU).
 
+    Parameters
+    ----------
+    gramian
+        The Gramian, shape ``[m, m]``.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(G + Gᵀ) / 2``, float64.
+
     Raises
     ------
     ValueError
@@ -48,7 +58,20 @@ def gramian_to_numpy(gramian: Tensor) -> np.ndarray:
 
 
 def weights_to_tensor(weights: np.ndarray, like: Tensor) -> Tensor:
-    """Return ``weights`` as a tensor with the dtype and device of ``like``."""
+    """Return ``weights`` as a tensor with the dtype and device of ``like``.
+
+    Parameters
+    ----------
+    weights
+        The weights, shape ``[m]``.
+    like
+        Tensor whose dtype and device the result takes.
+
+    Returns
+    -------
+    Tensor
+        The weights, shape ``[m]``.
+    """
     return torch.as_tensor(np.ascontiguousarray(weights), dtype=like.dtype, device=like.device)
 
 
@@ -58,7 +81,18 @@ ZERO_ROW_RTOL = 1e-24
 
 def nonzero_rows(gramian: np.ndarray) -> np.ndarray:
     """Return the boolean mask of the rows whose squared norm exceeds ``ZERO_ROW_RTOL`` times the
-    largest one (all ``False`` if every row is zero)."""
+    largest one (all ``False`` if every row is zero).
+
+    Parameters
+    ----------
+    gramian
+        Float64 Gramian, shape ``[m, m]``.
+
+    Returns
+    -------
+    numpy.ndarray
+        Boolean mask, shape ``[m]``.
+    """
     diagonal = np.diag(gramian)
     largest = float(diagonal.max())
     if not largest > 0:
@@ -69,7 +103,18 @@ def nonzero_rows(gramian: np.ndarray) -> np.ndarray:
 def cosine_matrix(gramian: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Return the row norms ``n = sqrt(diag(G))`` and the cosines ``C = G / (n nᵀ)`` of a Gramian
     without zero rows. ``G = diag(n) C diag(n)``; ``C`` is better conditioned when the norms of the
-    rows differ by orders of magnitude."""
+    rows differ by orders of magnitude.
+
+    Parameters
+    ----------
+    gramian
+        Float64 Gramian without zero rows, shape ``[m, m]``.
+
+    Returns
+    -------
+    tuple of numpy.ndarray
+        The norms (shape ``[m]``) and the cosines (shape ``[m, m]``, unit diagonal).
+    """
     norms = np.sqrt(np.diag(gramian))
     cosines = np.clip(gramian / np.outer(norms, norms), -1.0, 1.0)
     np.fill_diagonal(cosines, 1.0)
@@ -77,14 +122,38 @@ def cosine_matrix(gramian: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def eigh(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Eigenvalues (ascending) and eigenvectors of a symmetric matrix."""
+    """Eigenvalues (ascending) and eigenvectors of a symmetric matrix.
+
+    Parameters
+    ----------
+    matrix
+        Symmetric float64 array, shape ``[m, m]``.
+
+    Returns
+    -------
+    tuple of numpy.ndarray
+        The eigenvalues (shape ``[m]``) and the eigenvectors as columns (shape ``[m, m]``).
+    """
     eigenvalues, eigenvectors = torch.linalg.eigh(torch.from_numpy(np.ascontiguousarray(matrix)))
     return eigenvalues.numpy(), eigenvectors.numpy()
 
 
 def pinv_hermitian(matrix: np.ndarray, rtol: float) -> np.ndarray:
     """Pseudo-inverse of a symmetric matrix (eigenvalues below ``rtol`` times the largest are
-    treated as zero)."""
+    treated as zero).
+
+    Parameters
+    ----------
+    matrix
+        Symmetric float64 array, shape ``[m, m]``.
+    rtol
+        Relative cut-off of the eigenvalues.
+
+    Returns
+    -------
+    numpy.ndarray
+        The pseudo-inverse, shape ``[m, m]``.
+    """
     tensor = torch.from_numpy(np.ascontiguousarray(matrix))
     return torch.linalg.pinv(tensor, rtol=rtol, hermitian=True).numpy()
 
@@ -97,6 +166,20 @@ def spectral_factor(gramian: np.ndarray, rtol: float = 1e-10, atol: float = 0.0)
     If ``gramian = J Jᵀ`` then ``R = J Q`` for an orthonormal basis ``Q`` of the row space of
     ``J``: the rows of ``R`` are the rows of ``J`` written in ``r`` coordinates, so inner products
     and norms of combinations of rows can be computed from ``R`` alone.
+
+    Parameters
+    ----------
+    gramian
+        Symmetric positive semi-definite float64 array, shape ``[m, m]``.
+    rtol
+        Relative cut-off of the eigenvalues.
+    atol
+        Absolute cut-off of the eigenvalues.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``R``, shape ``[m, r]``.
     """
     eigenvalues, eigenvectors = eigh(gramian)
     largest = max(float(eigenvalues[-1]), 0.0)
@@ -115,6 +198,20 @@ def simplex_qp(hessian: np.ndarray, linear: np.ndarray, ridge: float = 1e-12) ->
     have eigenvalues slightly below zero; if ``quadprog`` rejects the matrix, the shift is raised
     to ``-λ_min`` plus ``1e-10`` times the mean diagonal, then multiplied by 100 up to four
     times. The result is clipped at zero and renormalised to remove the solver's rounding.
+
+    Parameters
+    ----------
+    hessian
+        Positive semi-definite float64 array ``H``, shape ``[m, m]``.
+    linear
+        Linear term ``c``, shape ``[m]``.
+    ridge
+        Relative ridge added to the diagonal.
+
+    Returns
+    -------
+    numpy.ndarray
+        The weights ``w`` on the simplex, shape ``[m]``.
 
     Raises
     ------
@@ -152,5 +249,16 @@ def simplex_qp(hessian: np.ndarray, linear: np.ndarray, ridge: float = 1e-12) ->
 
 
 def min_norm_simplex(gramian: np.ndarray) -> np.ndarray:
-    """Return the weights of the minimum-norm point of the convex hull of the rows (MGDA)."""
+    """Return the weights of the minimum-norm point of the convex hull of the rows (MGDA).
+
+    Parameters
+    ----------
+    gramian
+        Positive semi-definite float64 Gramian, shape ``[m, m]``.
+
+    Returns
+    -------
+    numpy.ndarray
+        The convex weights, shape ``[m]``.
+    """
     return simplex_qp(gramian, np.zeros(gramian.shape[0]))

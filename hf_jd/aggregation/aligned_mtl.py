@@ -45,6 +45,18 @@ class AlignedMTLWeighting(Weighting):
         self.pref_vector = check_pref_vector(pref_vector)
 
     def compute(self, gramian: Tensor) -> Tensor:
+        """The Aligned-MTL weights of ``gramian`` (see the class docstring).
+
+        Parameters
+        ----------
+        gramian
+            A Gramian ``J Jᵀ`` of shape ``[m, m]`` that passed :func:`check_gramian`.
+
+        Returns
+        -------
+        Tensor
+            The weights, shape ``[m]``, with the dtype and device of ``gramian``.
+        """
         array = gramian_to_numpy(gramian)
         m = array.shape[0]
         preference = resolve_pref_vector(self.pref_vector, m, 1.0 / m).numpy()

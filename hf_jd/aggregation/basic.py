@@ -56,28 +56,68 @@ class _SizeOnlyAggregator(GramianWeightedAggregator):
 
 
 class MeanWeighting(_SizeOnlyWeighting):
-    """Uniform weights ``1/m``: the mean of the rows."""
+    """Uniform weights ``1/m``: the mean of the rows.
+
+    Reference: none, a baseline without a paper of its own (linear scalarisation of the losses).
+    """
 
     def weights_for(self, m: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """Return ``1/m`` each for ``m`` objectives.
+
+        Parameters
+        ----------
+        m
+            Number of objectives (rows of the Jacobian).
+        dtype, device
+            Those of the result.
+
+        Returns
+        -------
+        Tensor
+            The weights, shape ``[m]``.
+        """
         return torch.full((m,), 1.0 / m, dtype=dtype, device=device)
 
 
 class Mean(_SizeOnlyAggregator):
-    """The mean of the rows (what ordinary gradient descent on the average loss does)."""
+    """The mean of the rows (what ordinary gradient descent on the average loss does).
+
+    Reference: none, a baseline without a paper of its own (linear scalarisation of the losses).
+    """
 
     def __init__(self) -> None:
         super().__init__(MeanWeighting())
 
 
 class SumWeighting(_SizeOnlyWeighting):
-    """Unit weights: the sum of the rows."""
+    """Unit weights: the sum of the rows.
+
+    Reference: none, a baseline without a paper of its own (linear scalarisation of the losses).
+    """
 
     def weights_for(self, m: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """Return ``1`` each for ``m`` objectives.
+
+        Parameters
+        ----------
+        m
+            Number of objectives (rows of the Jacobian).
+        dtype, device
+            Those of the result.
+
+        Returns
+        -------
+        Tensor
+            The weights, shape ``[m]``.
+        """
         return torch.ones(m, dtype=dtype, device=device)
 
 
 class Sum(_SizeOnlyAggregator):
-    """The sum of the rows (gradient descent on the summed loss)."""
+    """The sum of the rows (gradient descent on the summed loss).
+
+    Reference: none, a baseline without a paper of its own (linear scalarisation of the losses).
+    """
 
     def __init__(self) -> None:
         super().__init__(SumWeighting())
@@ -85,6 +125,8 @@ class Sum(_SizeOnlyAggregator):
 
 class ConstantWeighting(_SizeOnlyWeighting):
     """Fixed weights given at construction.
+
+    Reference: none, a baseline without a paper of its own (linear scalarisation of the losses).
 
     Parameters
     ----------
@@ -101,6 +143,25 @@ class ConstantWeighting(_SizeOnlyWeighting):
         return self._weights.clone()
 
     def weights_for(self, m: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """Return the fixed weights for ``m`` objectives.
+
+        Parameters
+        ----------
+        m
+            Number of objectives (rows of the Jacobian).
+        dtype, device
+            Those of the result.
+
+        Returns
+        -------
+        Tensor
+            The weights, shape ``[m]``.
+
+        Raises
+        ------
+        ValueError
+            If ``m`` differs from the number of fixed weights.
+        """
         if m != self._weights.shape[0]:
             raise ValueError(
                 f"ConstantWeighting has {self._weights.shape[0]} weights but the Jacobian has {m} "
@@ -114,6 +175,8 @@ class ConstantWeighting(_SizeOnlyWeighting):
 
 class Constant(_SizeOnlyAggregator):
     """The rows combined with fixed weights ``wᵀ J``.
+
+    Reference: none, a baseline without a paper of its own (linear scalarisation of the losses).
 
     Parameters
     ----------
@@ -146,16 +209,50 @@ class RandomWeighting(_SizeOnlyWeighting):
         self._generator.manual_seed(seed)
 
     def weights_for(self, m: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """Return ``softmax(ξ)`` of a new draw ``ξ ~ N(0, I)`` for ``m`` objectives.
+
+        Parameters
+        ----------
+        m
+            Number of objectives (rows of the Jacobian).
+        dtype, device
+            Those of the result.
+
+        Returns
+        -------
+        Tensor
+            The weights, shape ``[m]``.
+        """
         noise = torch.randn(m, generator=self._generator, dtype=torch.float64)
         return torch.softmax(noise, dim=0).to(dtype=dtype, device=device)
 
     def reset(self) -> None:
+        """Re-seed the generator: the draws start over."""
         self._generator.manual_seed(self.seed)
 
     def state_dict(self) -> dict[str, Any]:
+        """The seed and the state of the generator.
+
+        Returns
+        -------
+        dict
+            Keys ``"seed"`` and ``"generator_state"``.
+        """
         return {"seed": self.seed, "generator_state": self._generator.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a state produced by :meth:`state_dict`.
+
+        Parameters
+        ----------
+        state
+            A dictionary returned by :meth:`state_dict`.
+
+        Raises
+        ------
+        ValueError
+            If a key is missing.
+        """
         missing = {"seed", "generator_state"} - set(state)
         if missing:
             raise ValueError(

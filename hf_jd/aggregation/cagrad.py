@@ -190,6 +190,18 @@ def solve_cagrad_dual(gramian: np.ndarray, c: float) -> np.ndarray:
     a closed form in ``τ`` per support, a few supports; ``O(k³)`` per step for a support of ``k``
     rows), which gives the exact solution whenever the optimal ``g_w`` is not zero; the root
     search is the fallback.
+
+    Parameters
+    ----------
+    gramian
+        Positive semi-definite float64 Gramian, shape ``[m, m]``.
+    c
+        Radius of CAGrad's ball, relative to ``|g₀|`` (``c ≥ 0``).
+
+    Returns
+    -------
+    numpy.ndarray
+        The dual weights ``w`` on the simplex, shape ``[m]``.
     """
     m = gramian.shape[0]
     linear = gramian.sum(axis=1) / m
@@ -292,6 +304,13 @@ class CAGradWeighting(Weighting):
         Radius of the ball around ``g₀``, relative to ``|g₀|`` (``c ≥ 0``).
     norm_eps
         Threshold under which the normalised ``|g_w|`` is treated as zero.
+
+    Raises
+    ------
+    TypeError
+        If ``c`` or ``norm_eps`` is not a number.
+    ValueError
+        If ``c`` is negative or ``norm_eps`` not positive (or either is not finite).
     """
 
     def __init__(self, c: float = 0.5, norm_eps: float = 1e-4) -> None:
@@ -305,6 +324,18 @@ class CAGradWeighting(Weighting):
         self.norm_eps = norm_eps
 
     def compute(self, gramian: Tensor) -> Tensor:
+        """The CAGrad weights of ``gramian``, from :func:`solve_cagrad_dual`.
+
+        Parameters
+        ----------
+        gramian
+            A Gramian ``J Jᵀ`` of shape ``[m, m]`` that passed :func:`check_gramian`.
+
+        Returns
+        -------
+        Tensor
+            The weights, shape ``[m]``, with the dtype and device of ``gramian``.
+        """
         array = gramian_to_numpy(gramian)
         m = array.shape[0]
         mean = np.full(m, 1.0 / m)

@@ -53,6 +53,18 @@ class ConFIGWeighting(Weighting):
         self.pref_vector = check_pref_vector(pref_vector)
 
     def compute(self, gramian: Tensor) -> Tensor:
+        """The ConFIG weights of ``gramian`` (see the class docstring).
+
+        Parameters
+        ----------
+        gramian
+            A Gramian ``J Jᵀ`` of shape ``[m, m]`` that passed :func:`check_gramian`.
+
+        Returns
+        -------
+        Tensor
+            The weights, shape ``[m]``, with the dtype and device of ``gramian``.
+        """
         dtype = gramian.dtype if gramian.dtype in (torch.float32, torch.float64) else torch.float32
         eps = torch.finfo(dtype).eps
         gramian64 = gramian.detach().to(torch.float64)

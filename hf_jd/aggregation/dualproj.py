@@ -23,6 +23,9 @@ class DualProjWeighting(DualConeWeighting):
     The Gramian is divided by its trace (zeros if the trace is at most ``norm_eps``) and each
     diagonal entry multiplied by ``1 + m · reg_eps``, as for :class:`~hf_jd.aggregation.upgrad.UPGradWeighting`.
 
+    Reference: Quinton & Rey, "Jacobian Descent For Multi-Objective Optimization",
+    arXiv:2406.16232 (2024).
+
     Parameters
     ----------
     pref_vector
@@ -36,6 +39,18 @@ class DualProjWeighting(DualConeWeighting):
     """
 
     def compute_array(self, gramian: np.ndarray) -> np.ndarray:
+        """The weights ``argmin_{v ≥ p} vᵀ G v`` of the regularised Gramian.
+
+        Parameters
+        ----------
+        gramian
+            The Gramian, float64, shape ``[m, m]`` (it may be overwritten).
+
+        Returns
+        -------
+        numpy.ndarray
+            The weights, float64, shape ``[m]``.
+        """
         pref = self._preference(gramian.shape[0])
         matrix, factor = self._definite(gramian)
         return pref + _solve(matrix, (pref @ matrix)[None, :], DEFAULT_TOL, _MAX_ITERS, factor)[0]

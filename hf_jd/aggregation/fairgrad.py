@@ -66,6 +66,18 @@ class FairGradWeighting(Weighting):
         self.alpha = _check_alpha(alpha)
 
     def compute(self, gramian: Tensor) -> Tensor:
+        """The α-fair weights of ``gramian``, zeros when the rows are in conflict.
+
+        Parameters
+        ----------
+        gramian
+            A Gramian ``J Jᵀ`` of shape ``[m, m]`` that passed :func:`check_gramian`.
+
+        Returns
+        -------
+        Tensor
+            The weights, shape ``[m]``, with the dtype and device of ``gramian``.
+        """
         precision = torch.finfo(gramian.dtype).eps
         weights = solve_alpha_fair(gramian_to_numpy(gramian), self.alpha, precision=precision)
         if weights is None:

@@ -66,6 +66,24 @@ class GradDrop(SeededStateMixin, Aggregator):
         self._generator = SeededGenerator(seed)
 
     def aggregate(self, matrix: Tensor) -> Tensor:
+        """The GradDrop update of ``matrix``: each coordinate keeps the rows of one sign, drawn at
+        random with the probability given by the purity of the signs.
+
+        Parameters
+        ----------
+        matrix
+            A Jacobian of shape ``[m, n]`` that passed :func:`check_matrix`.
+
+        Returns
+        -------
+        Tensor
+            The update, shape ``[n]``.
+
+        Raises
+        ------
+        ValueError
+            If ``leak`` was given with another number of entries than ``m``.
+        """
         m = matrix.shape[0]
         if self.leak is not None and self.leak.shape[0] != m:
             raise ValueError(

@@ -40,6 +40,24 @@ def gradvac_weights(
     ``Σ_i c_i``. ``sqrt(1-φ̂²)`` is bounded below by ``epsilon``. Pairs where ``g_i'`` or ``g_j``
     is zero are skipped (the cosine is undefined), and their target is unchanged. The rows are
     processed together, keeping ``G c_i`` up to date: ``O(m³)`` operations.
+
+    Parameters
+    ----------
+    gramian
+        Float64 Gramian, shape ``[m, m]``.
+    targets
+        Target cosines ``φ̂``, shape ``[m, m]``.
+    orders
+        Visiting orders, shape ``[m, m - 1]``.
+    beta
+        EMA rate of the targets.
+    epsilon
+        Lower bound on ``sqrt(1 - φ̂²)``.
+
+    Returns
+    -------
+    tuple of numpy.ndarray
+        The weights (shape ``[m]``) and the updated targets (shape ``[m, m]``).
     """
     m = gramian.shape[0]
     order_array = np.asarray(orders, dtype=np.intp).reshape(m, m - 1)
@@ -105,6 +123,13 @@ class GradVacWeighting(Weighting):
         Lower bound on ``sqrt(1 - φ̂²)``, avoiding a division by zero when ``φ̂ = ±1``.
     seed
         Seed of the generator of the orders.
+
+    Raises
+    ------
+    TypeError
+        If ``beta`` or ``epsilon`` is not a number, or ``seed`` neither an ``int`` nor ``None``.
+    ValueError
+        If ``beta`` is outside ``[0, 1]``, ``epsilon`` not finite and positive, or ``seed`` negative.
     """
 
     def __init__(self, beta: float = 0.5, epsilon: float = 1e-8, seed: int | None = None) -> None:
@@ -133,6 +158,23 @@ class GradVacWeighting(Weighting):
         return None if self._targets is None else torch.from_numpy(self._targets.copy())
 
     def compute(self, gramian: Tensor) -> Tensor:
+        """The GradVac weights of ``gramian``; updates the target cosines.
+
+        Parameters
+        ----------
+        gramian
+            A Gramian ``J Jᵀ`` of shape ``[m, m]`` that passed :func:`check_gramian`.
+
+        Returns
+        -------
+        Tensor
+            The weights, shape ``[m]``, with the dtype and device of ``gramian``.
+
+        Raises
+        ------
+        ValueError
+            If the number of rows differs from that of the previous calls (call :meth:`reset` first).
+        """
         m = gramian.shape[0]
         if self._targets is None:
             targets = np.zeros((m, m))
@@ -153,13 +195,33 @@ class GradVacWeighting(Weighting):
         return weights_to_tensor(weights, gramian)
 
     def reset(self) -> None:
+        """Restart the target cosines from 0 and the orders from the seed."""
         self._targets = None
         self._generator.reset()
 
     def state_dict(self) -> dict[str, Any]:
+        """The target cosines and the state of the generator of the orders.
+
+        Returns
+        -------
+        dict
+            Keys ``"targets"`` (a tensor, or ``None`` before the first call) and ``"generator"``.
+        """
         return {"targets": self.targets, "generator": self._generator.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a state produced by :meth:`state_dict`.
+
+        Parameters
+        ----------
+        state
+            A dictionary returned by :meth:`state_dict`.
+
+        Raises
+        ------
+        ValueError
+            If the keys or the targets are not those :meth:`state_dict` produces.
+        """
         if not isinstance(state, dict) or set(state) != {"targets", "generator"}:
             keys = sorted(state) if isinstance(state, dict) else type(state).__name__
             raise ValueError(

@@ -49,6 +49,18 @@ class IMTLGWeighting(Weighting):
     """
 
     def compute(self, gramian: Tensor) -> Tensor:
+        """The IMTL-G weights of ``gramian`` (zero rows get weight 0).
+
+        Parameters
+        ----------
+        gramian
+            A Gramian ``J Jᵀ`` of shape ``[m, m]`` that passed :func:`check_gramian`.
+
+        Returns
+        -------
+        Tensor
+            The weights, shape ``[m]``, with the dtype and device of ``gramian``.
+        """
         array = gramian_to_numpy(gramian)
         m = array.shape[0]
         weights = np.zeros(m)

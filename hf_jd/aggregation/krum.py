@@ -31,6 +31,9 @@ class KrumWeighting(Weighting):
 
     Ties between equal scores are broken by the lower row index.
 
+    Reference: Blanchard, El Mhamdi, Guerraoui & Stainer, "Machine Learning with Adversaries:
+    Byzantine Tolerant Gradient Descent", NeurIPS 2017 (Krum and Multi-Krum).
+
     Parameters
     ----------
     n_byzantine
@@ -44,6 +47,23 @@ class KrumWeighting(Weighting):
         self.n_selected = _check_count(n_selected, "n_selected", 1)
 
     def compute(self, gramian: Tensor) -> Tensor:
+        """The (Multi-)Krum weights of ``gramian``, from the pairwise distances of the rows.
+
+        Parameters
+        ----------
+        gramian
+            A Gramian ``J Jᵀ`` of shape ``[m, m]`` that passed :func:`check_gramian`.
+
+        Returns
+        -------
+        Tensor
+            The weights, shape ``[m]``, with the dtype and device of ``gramian``.
+
+        Raises
+        ------
+        ValueError
+            If ``m ≤ 2·n_byzantine + 2`` or ``n_selected > m``.
+        """
         m = gramian.shape[0]
         f = self.n_byzantine
         if m <= 2 * f + 2:

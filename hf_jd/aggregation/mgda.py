@@ -40,6 +40,9 @@ class MGDAWeighting(ArrayWeighting):
 
     The result ``d = wᵀ J`` satisfies ``⟨gᵢ, d⟩ ≥ ‖d‖² ≥ 0`` for every row ``gᵢ``.
 
+    References: Désidéri (2012), "Multiple-gradient descent algorithm (MGDA) for multiobjective
+    optimization"; Sener & Koltun (2018), "Multi-Task Learning as Multi-Objective Optimization".
+
     Parameters
     ----------
     epsilon
@@ -52,6 +55,13 @@ class MGDAWeighting(ArrayWeighting):
         Beyond ``m ≈ 150``, conjugate gradients stop at this relative residual.
     max_iters
         Maximum number of active-set (pivoting) iterations before falling back to ``quadprog``.
+
+    Raises
+    ------
+    TypeError
+        If ``epsilon`` is not a number.
+    ValueError
+        If ``epsilon`` is not in ``(0, 1)`` or ``max_iters`` is not a positive integer.
     """
 
     def __init__(self, epsilon: float = 1e-5, max_iters: int = 250) -> None:
@@ -65,6 +75,18 @@ class MGDAWeighting(ArrayWeighting):
         self.max_iters = max_iters
 
     def compute_array(self, gramian: np.ndarray) -> np.ndarray:
+        """The convex weights of the minimum-norm point, from the trace-normalised Gramian.
+
+        Parameters
+        ----------
+        gramian
+            The Gramian, float64, shape ``[m, m]`` (it may be overwritten).
+
+        Returns
+        -------
+        numpy.ndarray
+            The weights, float64, shape ``[m]``.
+        """
         m = gramian.shape[0]
         # Divided by its trace (zeros for a zero Gramian), symmetrised, made positive definite.
         trace = float(gramian.trace())

@@ -63,6 +63,14 @@ class NashMTLWeighting(Weighting):
         Recompute the weights every this many calls (``1``: every call).
     optim_niter
         Maximum number of Newton steps per computation.
+
+    Raises
+    ------
+    TypeError
+        If an argument does not have the type given above.
+    ValueError
+        If ``n_tasks``, ``update_weights_every`` or ``optim_niter`` is not positive, or
+        ``max_norm`` not finite and positive.
     """
 
     def __init__(
@@ -95,6 +103,23 @@ class NashMTLWeighting(Weighting):
         self._previous: np.ndarray | None = None
 
     def compute(self, gramian: Tensor) -> Tensor:
+        """The Nash-MTL weights of ``gramian`` (the previous ones between updates).
+
+        Parameters
+        ----------
+        gramian
+            A Gramian ``J Jᵀ`` of shape ``[m, m]`` that passed :func:`check_gramian`.
+
+        Returns
+        -------
+        Tensor
+            The weights, shape ``[m]``, with the dtype and device of ``gramian``.
+
+        Raises
+        ------
+        ValueError
+            If ``m`` differs from ``n_tasks`` or from the number of rows of the previous weights.
+        """
         m = gramian.shape[0]
         if self.n_tasks is not None and m != self.n_tasks:
             raise ValueError(
@@ -122,14 +147,34 @@ class NashMTLWeighting(Weighting):
         return weights_to_tensor(weights, gramian)
 
     def reset(self) -> None:
+        """Forget the previous weights and restart the count of calls."""
         self._step = 0
         self._previous = None
 
     def state_dict(self) -> dict[str, Any]:
+        """The count of calls and the previous weights.
+
+        Returns
+        -------
+        dict
+            Keys ``"step"`` and ``"previous_weights"`` (a tensor, or ``None``).
+        """
         previous = None if self._previous is None else torch.from_numpy(self._previous.copy())
         return {"step": self._step, "previous_weights": previous}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a state produced by :meth:`state_dict`.
+
+        Parameters
+        ----------
+        state
+            A dictionary returned by :meth:`state_dict`.
+
+        Raises
+        ------
+        ValueError
+            If the keys or the values are not those :meth:`state_dict` produces.
+        """
         if set(state) != {"step", "previous_weights"}:
             raise ValueError(
                 "NashMTLWeighting state must have exactly the keys 'previous_weights' and 'step' "

@@ -31,6 +31,18 @@ def pcgrad_weights(
     ``c_i ← c_i - (c_iᵀG e_j / G_jj) e_j`` removes its component along ``g_j``. The weights are
     ``Σ_i c_i``, so that ``weightsᵀJ = Σ_i g_i^PC``. Zero rows ``g_j`` are never projected on.
     The rows are processed together, keeping ``G c_i`` up to date: ``O(m³)`` operations.
+
+    Parameters
+    ----------
+    gramian
+        Float64 Gramian, shape ``[m, m]``.
+    orders
+        Visiting orders, shape ``[m, m - 1]``.
+
+    Returns
+    -------
+    numpy.ndarray
+        The weights, shape ``[m]``.
     """
     m = gramian.shape[0]
     order_array = np.asarray(orders, dtype=np.intp).reshape(m, m - 1)
@@ -112,6 +124,18 @@ class PCGradWeighting(SeededStateMixin, Weighting):
         self._generator = SeededGenerator(seed)
 
     def compute(self, gramian: Tensor) -> Tensor:
+        """The PCGrad weights of ``gramian`` for fresh random orders.
+
+        Parameters
+        ----------
+        gramian
+            A Gramian ``J Jᵀ`` of shape ``[m, m]`` that passed :func:`check_gramian`.
+
+        Returns
+        -------
+        Tensor
+            The weights, shape ``[m]``, with the dtype and device of ``gramian``.
+        """
         m = gramian.shape[0]
         generator = self._generator.get("cpu")
         orders = random_orders(m, generator)

@@ -23,6 +23,13 @@ class TrimmedMean(Aggregator):
     ----------
     trim_number
         Number of values removed at each end of every coordinate; requires ``m > 2·trim_number``.
+
+    Raises
+    ------
+    TypeError
+        If ``trim_number`` is not an integer.
+    ValueError
+        If it is negative.
     """
 
     def __init__(self, trim_number: int) -> None:
@@ -33,6 +40,24 @@ class TrimmedMean(Aggregator):
         self.trim_number = trim_number
 
     def aggregate(self, matrix: Tensor) -> Tensor:
+        """The mean, per coordinate, of the values left once the ``trim_number`` smallest and
+        largest are removed.
+
+        Parameters
+        ----------
+        matrix
+            A Jacobian of shape ``[m, n]`` that passed :func:`check_matrix`.
+
+        Returns
+        -------
+        Tensor
+            The update, shape ``[n]``.
+
+        Raises
+        ------
+        ValueError
+            If ``m ≤ 2·trim_number``.
+        """
         m = matrix.shape[0]
         t = self.trim_number
         if m <= 2 * t:

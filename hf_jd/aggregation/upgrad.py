@@ -25,9 +25,9 @@ class UPGradWeighting(DualConeWeighting):
     The Gramian is first divided by its trace (``‖J‖_F²``; replaced by zeros if the trace is at most
     ``norm_eps``), then each diagonal entry is multiplied by ``1 + m · reg_eps`` so that the projection
     problem has a unique solution (a relative ridge: it keeps the slack of every constraint relative to
-    its own row, and UPGrad linear under scaling of the rows; Quinton & Rey 2024, arXiv:2406.16232). Since the projection is positively
-    homogeneous, ``pᵢ π(gᵢ) = π(pᵢ gᵢ)``: the weights are exact solutions of the dual problems,
-    not approximations.
+    its own row, and UPGrad linear under scaling of the rows; Quinton & Rey 2024, arXiv:2406.16232).
+    Since the projection is positively homogeneous, ``pᵢ π(gᵢ) = π(pᵢ gᵢ)``: the weights are exact
+    solutions of the dual problems, not approximations.
 
     Parameters
     ----------
@@ -43,6 +43,18 @@ class UPGradWeighting(DualConeWeighting):
     """
 
     def compute_array(self, gramian: np.ndarray) -> np.ndarray:
+        """The weights ``Σᵢ pᵢ vᵢ`` of the regularised Gramian.
+
+        Parameters
+        ----------
+        gramian
+            The Gramian, float64, shape ``[m, m]`` (it may be overwritten).
+
+        Returns
+        -------
+        numpy.ndarray
+            The weights, float64, shape ``[m]``.
+        """
         pref = self._preference(gramian.shape[0])
         # Rows with pᵢ = 0 project to 0: only the others are solved.
         matrix, factor = self._definite(gramian)

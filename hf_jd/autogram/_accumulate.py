@@ -9,7 +9,7 @@ then the cross terms of parameters used by several calls.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -37,7 +37,21 @@ MAX_UNATTRIBUTED_ENTRIES = 2**26
 
 
 class Accumulator:
-    """Adds the records' contributions to the Gramian as their output gradients arrive."""
+    """Adds the records' contributions to the Gramian as their output gradients arrive.
+
+    Parameters
+    ----------
+    layout
+        The engine's row layout of the losses.
+    dtype, device
+        Those of the Gramian.
+    counts
+        Number of captured calls that use each parameter (by ``id``): a parameter used once is added
+        as soon as its call is bound, one used several times by :meth:`finish`.
+    keep
+        Single-backward mode: keep each record's per-row gradients (and its uses, in ``uses``) for
+        the weighted gradient.
+    """
 
     def __init__(
         self, layout: RowLayout, dtype: torch.dtype, device: torch.device, counts: dict[int, int], keep: bool
@@ -64,9 +78,18 @@ class Accumulator:
     ) -> None:
         """Bind a record to its batched output gradients and add what can be added now.
 
-        ``layout`` overrides the engine's layout (for records given one gradient per loss row);
-        ``deferred_ok`` adds a record listed in ``deferred`` (from the code collecting its gradients);
-        ``shaped``: the gradients already have the outputs' shapes (not those of base edges).
+        Parameters
+        ----------
+        record
+            The record.
+        grads
+            Its batched output gradients, one per edge (``None`` where the losses do not reach it).
+        layout
+            Overrides the engine's layout (for records given one gradient per loss row).
+        deferred_ok
+            Add a record listed in ``deferred`` (from the code collecting its gradients).
+        shaped
+            The gradients already have the outputs' shapes (not those of base edges).
         """
         if all(grad is None for grad in grads) or (id(record) in self.deferred and not deferred_ok):
             return  # the losses do not depend on this call, or its gradients come per example later
@@ -89,7 +112,13 @@ class Accumulator:
             record.compact()
 
     def finish(self) -> Tensor:
-        """Add the parameters used by several calls and return the symmetrised Gramian."""
+        """Add the parameters used by several calls and return the symmetrised Gramian.
+
+        Returns
+        -------
+        Tensor
+            The Gramian, shape ``[R, R]``.
+        """
         for param_uses in self.shared.values():
             self.gramian += shared_gram(param_uses, self.layout.num_examples, self.dtype)
         self.shared = {}
@@ -104,7 +133,23 @@ def grads_at_once(
     batched: bool,
     retain_graph: bool = True,
 ) -> None:
-    """Back-propagate to all the records' outputs at once, then add their contributions."""
+    """Back-propagate to all the records' outputs at once, then add their contributions.
+
+    Parameters
+    ----------
+    losses
+        The losses.
+    grad_outputs
+        The output gradients of ``losses``: batched (one per row, leading dimension) if ``batched``.
+    records
+        The records to reach.
+    accumulator
+        Receives the records' gradients.
+    batched
+        Back-propagate a batch of vectors (:func:`batched_grad`) instead of one.
+    retain_graph
+        Keep the graph for a later backward pass.
+    """
     edges = [edge for record in records for edge in record.edges]
     if batched:
         grads = batched_grad(losses, edges, grad_outputs, retain_graph=retain_graph)
@@ -123,7 +168,19 @@ def grads_at_once(
 def grads_per_row(losses: Tensor, layout: RowLayout, records: list[Record], accumulator: Accumulator) -> None:
     """Records whose tensors are not split by example: back-propagate each loss row separately
     (one batched backward pass over the ``R`` rows, graph retained) and treat the whole batch as
-    one "example" with ``R`` tasks, which gives the same ``[R, R]`` row order."""
+    one "example" with ``R`` tasks, which gives the same ``[R, R]`` row order.
+
+    Parameters
+    ----------
+    losses
+        The losses, ``R`` entries.
+    layout
+        Their row layout.
+    records
+        The records to reach.
+    accumulator
+        Receives the records' gradients.
+    """
     num_rows = layout.num_rows
     eye = torch.eye(num_rows, dtype=losses.dtype, device=losses.device).view(num_rows, *losses.shape)
     edges = [edge for record in records for edge in record.edges]
@@ -139,7 +196,19 @@ def grads_streamed(
     """Per-example losses: back-propagate once to the outputs of the "source" records (those
     whose inputs do not require grad) and handle every other record as soon as the backward
     pass reaches its output (a hook on its autograd node), so that the output gradients of all
-    layers are never held at once. Records the pass did not reach are done afterwards."""
+    layers are never held at once. Records the pass did not reach are done afterwards.
+
+    Parameters
+    ----------
+    losses
+        The losses.
+    grad_outputs
+        Their output gradient (one vector).
+    records
+        The records to reach.
+    accumulator
+        Receives the records' gradients.
+    """
     streamed = [r for r in records if not r.is_source and not isinstance(r, GenericRecord)]
     direct = [r for r in records if r.is_source or isinstance(r, GenericRecord)]
     if not direct:
@@ -165,7 +234,7 @@ def grads_streamed(
     ]
     try:
         edges = [edge for record in direct for edge in record.edges]
-        grads = list(
+        grads: list[Tensor | None] = list(
             torch.autograd.grad(losses, edges, grad_outputs=grad_outputs, retain_graph=True, allow_unused=True)
         )
     finally:
@@ -185,7 +254,24 @@ def grads_streamed(
 def unattributed_gram(losses: Tensor, num_rows: int, params: list[Tensor], dtype: torch.dtype) -> Tensor:
     """Gram matrix ``[R, R]`` of the per-row gradients of ``params`` computed from the losses directly
     (one batched backward pass over the ``R`` loss rows, graph retained): for parameters that no
-    captured call covers, whose per-row gradients are then rows of the Jacobian like any other."""
+    captured call covers, whose per-row gradients are then rows of the Jacobian like any other.
+
+    Parameters
+    ----------
+    losses
+        The losses, ``R`` entries.
+    num_rows
+        ``R``.
+    params
+        The parameters.
+    dtype
+        Dtype of the result.
+
+    Returns
+    -------
+    Tensor
+        Shape ``[R, R]``.
+    """
     eye = torch.eye(num_rows, dtype=losses.dtype, device=losses.device).view(num_rows, *losses.shape)
     gram = torch.zeros(num_rows, num_rows, dtype=dtype, device=losses.device)
     for rows in batched_grad(losses, params, eye):
@@ -203,8 +289,22 @@ CHECKPOINT_NODES = frozenset({"CheckpointFunctionBackward"})
 def uncovered_parameters(nodes: Iterable[Any], covered: dict[int, nn.Parameter]) -> list[Tensor]:
     """Trainable leaves the losses depend on that the engine did not capture.
 
-    Raises ``RuntimeError`` if the graph holds a reentrant checkpoint, whose module calls are never
-    captured.
+    Parameters
+    ----------
+    nodes
+        The autograd nodes of the losses' graph.
+    covered
+        The parameters of the captured calls, by ``id``.
+
+    Returns
+    -------
+    list of Tensor
+        The leaves that require grad and are not in ``covered``.
+
+    Raises
+    ------
+    RuntimeError
+        If the graph holds a reentrant checkpoint, whose module calls are never captured.
     """
     found: list[Tensor] = []
     for node in nodes:
@@ -223,10 +323,25 @@ def uncovered_parameters(nodes: Iterable[Any], covered: dict[int, nn.Parameter])
     return found
 
 
-def other_uses_of_inputs(nodes: Iterable[Any], leaves: dict[int, Tensor], claimed: set[Any]) -> list[Tensor]:
+def other_uses_of_inputs(nodes: Iterable[Any], leaves: Mapping[int, Tensor], claimed: set[Any]) -> list[Tensor]:
     """Leaves (trainable parameters passed as a module's input, e.g. a table a LayerNorm normalises)
     that the losses also reach through another operation than the ``claimed`` nodes of the records
-    that cover them (those uses would be missing from the Gramian)."""
+    that cover them (those uses would be missing from the Gramian).
+
+    Parameters
+    ----------
+    nodes
+        The autograd nodes of the losses' graph.
+    leaves
+        The parameters passed as inputs, by ``id``.
+    claimed
+        The nodes of the calls that cover them.
+
+    Returns
+    -------
+    list of Tensor
+        The leaves also used elsewhere.
+    """
     found: dict[int, Tensor] = {}
     for node in nodes:
         if node in claimed:

@@ -10,13 +10,14 @@ back-propagated one after the other, which gives the same result for as many bac
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.autograd.graph import GradientEdge
 
 __all__ = ["batched_grad", "explain_donated_buffers", "has_compiled_nodes", "one_vector_at_a_time"]
 
@@ -26,14 +27,35 @@ _COMPILED_NODES = frozenset({"CompiledFunctionBackward"})
 _ONE_AT_A_TIME: ContextVar[bool] = ContextVar("hf_jd_autogram_one_vector_at_a_time", default=False)
 
 
-def has_compiled_nodes(nodes: Iterator[Any]) -> bool:
-    """Whether any of the autograd ``nodes`` comes from ``torch.compile``."""
+def has_compiled_nodes(nodes: Iterable[Any]) -> bool:
+    """Whether any of the autograd ``nodes`` comes from ``torch.compile``.
+
+    Parameters
+    ----------
+    nodes
+        Autograd nodes.
+
+    Returns
+    -------
+    bool
+        ``True`` if one is a ``CompiledFunctionBackward``.
+    """
     return any(type(node).__name__ in _COMPILED_NODES for node in nodes)
 
 
 @contextmanager
 def one_vector_at_a_time(enabled: bool) -> Iterator[None]:
-    """Within the block, :func:`batched_grad` loops over the vectors when ``enabled``."""
+    """Within the block, :func:`batched_grad` loops over the vectors when ``enabled``.
+
+    Parameters
+    ----------
+    enabled
+        Loop over the vectors (``False`` restores the batched pass within the block).
+
+    Yields
+    ------
+    None
+    """
     token = _ONE_AT_A_TIME.set(enabled)
     try:
         yield
@@ -42,8 +64,8 @@ def one_vector_at_a_time(enabled: bool) -> Iterator[None]:
 
 
 def batched_grad(
-    outputs: Tensor | Sequence[Tensor],
-    inputs: Sequence[Tensor],
+    outputs: Tensor | Sequence[Tensor] | Sequence[GradientEdge],
+    inputs: Sequence[Tensor] | Sequence[GradientEdge],
     grad_outputs: Tensor | Sequence[Tensor],
     retain_graph: bool = True,
 ) -> list[Tensor | None]:
@@ -51,6 +73,22 @@ def batched_grad(
 
     ``grad_outputs`` has a leading batch dimension (one vector per entry); so does each returned
     gradient (``None`` for an input the outputs do not depend on).
+
+    Parameters
+    ----------
+    outputs
+        The tensors (or their gradient edges) to differentiate.
+    inputs
+        The tensors (or gradient edges) to differentiate with respect to.
+    grad_outputs
+        One batch of vectors per output, leading dimension ``k``.
+    retain_graph
+        Keep the graph after the pass.
+
+    Returns
+    -------
+    list of Tensor or None
+        Per input, its gradients ``[k, *shape]``, or ``None``.
     """
     if not _ONE_AT_A_TIME.get():
         return list(
@@ -83,13 +121,25 @@ def batched_grad(
         if all(part is None for part in parts):
             grads.append(None)
         else:
-            grads.append(torch.stack([torch.zeros_like(inputs[position]) if p is None else p for p in parts]))
+            # Zeros shaped as a computed part (an input may be a GradientEdge, which has no data).
+            reference = next(part for part in parts if part is not None)
+            grads.append(torch.stack([torch.zeros_like(reference) if p is None else p for p in parts]))
     return grads
 
 
 @contextmanager
 def explain_donated_buffers() -> Iterator[None]:
-    """Re-raise AOTAutograd's "donated buffers" error with what to do about it in the engine's terms."""
+    """Re-raise AOTAutograd's "donated buffers" error with what to do about it in the engine's terms.
+
+    Yields
+    ------
+    None
+
+    Raises
+    ------
+    RuntimeError
+        In place of AOTAutograd's "donated buffer" error (others pass through unchanged).
+    """
     try:
         yield
     except RuntimeError as error:

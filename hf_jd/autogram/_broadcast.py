@@ -69,7 +69,20 @@ def _name(node: Any) -> str:
 
 
 def node_output_shape(node: Any, output_nr: int) -> torch.Size | None:
-    """Shape of a node's forward output ``output_nr`` (the gradient it receives there)."""
+    """Shape of a node's forward output ``output_nr`` (the gradient it receives there).
+
+    Parameters
+    ----------
+    node
+        An autograd node.
+    output_nr
+        Index of the forward output.
+
+    Returns
+    -------
+    torch.Size or None
+        The shape, or ``None`` when the node does not expose it.
+    """
     try:
         return torch.Size(node._input_metadata[output_nr].shape)
     except (AttributeError, IndexError, TypeError):
@@ -152,7 +165,13 @@ class BroadcastPlan:
 
     @contextmanager
     def hooks(self) -> Iterator[None]:
-        """Hooks on the broadcasting nodes that collect the per-example gradients (into ``grads``)."""
+        """Hooks on the broadcasting nodes that collect the per-example gradients (into ``grads``).
+
+        Yields
+        ------
+        None
+            While the hooks are registered (removed on exit).
+        """
 
         def hook_for(steps: list[_Step], node: Any, group: int) -> Any:
             def hook(grad_outputs: tuple[Tensor | None, ...]) -> None:
@@ -204,7 +223,24 @@ def _broadcast_group(name: str, shared: torch.Size, output: torch.Size, batch_di
 def plan_broadcasts(losses: Tensor, records: list[Record], batch_dim: int, batch_size: int) -> list[BroadcastPlan]:
     """One plan per record when every record's single output is shared and only broadcast over the
     batch, else none (all of them then take the exact paths). Only records that can repeat their
-    inputs per example (:meth:`Record.insert_batch`) can be planned."""
+    inputs per example (:meth:`Record.insert_batch`) can be planned.
+
+    Parameters
+    ----------
+    losses
+        The losses.
+    records
+        The captured calls.
+    batch_dim
+        The engine's batch dimension.
+    batch_size
+        Number of examples.
+
+    Returns
+    -------
+    list of BroadcastPlan
+        One per record, or empty.
+    """
     if losses.grad_fn is None or batch_size < 2:
         return []
     if not all(len(r.edges) == 1 and r.can_insert_batch(batch_dim) for r in records):
@@ -221,7 +257,15 @@ def plan_broadcasts(losses: Tensor, records: list[Record], batch_dim: int, batch
 
 def attach_plans(plans: list[BroadcastPlan], accumulator: Accumulator) -> None:
     """Have ``accumulator`` ignore the summed output gradients the pass gives the planned calls and
-    add each call's per-example contribution as soon as its plan is complete."""
+    add each call's per-example contribution as soon as its plan is complete.
+
+    Parameters
+    ----------
+    plans
+        The plans of :func:`plan_broadcasts`.
+    accumulator
+        The accumulator of the pass.
+    """
     accumulator.deferred = {id(plan.record) for plan in plans}
     num_examples = accumulator.layout.num_examples
 

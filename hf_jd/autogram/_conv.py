@@ -17,12 +17,32 @@ from ._layout import RowLayout
 from ._outer import OuterProductRecord, OuterProductRows
 from ._record import Record, compute_dtype
 
-__all__ = ["Conv2dRecord", "PatchConvRecord", "batched_input", "check_samples_first", "is_unfoldable_conv2d", "is_unfoldable_grouped_conv"]
+__all__ = [
+    "Conv2dRecord",
+    "PatchConvRecord",
+    "batched_input",
+    "check_samples_first",
+    "is_unfoldable_conv2d",
+    "is_unfoldable_grouped_conv",
+]
 
 
 def check_samples_first(record: Record, layout: RowLayout) -> None:
     """Raise unless the engine's batch dimension is that of the module's samples (dimension 0, as for
-    convolutions and GroupNorm) or absent."""
+    convolutions and GroupNorm) or absent.
+
+    Parameters
+    ----------
+    record
+        The convolution's or GroupNorm's record.
+    layout
+        The row layout of the losses.
+
+    Raises
+    ------
+    RuntimeError
+        If the layout's batch dimension is another dimension than 0.
+    """
     if layout.batch_dim not in (None, 0):
         raise RuntimeError(
             f"Module {record.describe()} takes its samples along dimension 0 (channels along dimension 1), but "
@@ -32,7 +52,27 @@ def check_samples_first(record: Record, layout: RowLayout) -> None:
 
 
 def batched_input(record: Record, inputs: Tensor, spatial: int) -> Tensor:
-    """The detached input of a convolution call, which must be batched: ``[N, C, *spatial dims]``."""
+    """The detached input of a convolution call, which must be batched: ``[N, C, *spatial dims]``.
+
+    Parameters
+    ----------
+    record
+        The call's record (for the error message).
+    inputs
+        The call's input.
+    spatial
+        Number of spatial dimensions (1 for ``Conv1d``, 2 for ``Conv2d``).
+
+    Returns
+    -------
+    Tensor
+        The input, detached.
+
+    Raises
+    ------
+    RuntimeError
+        If the input does not have ``spatial + 2`` dimensions.
+    """
     if inputs.dim() != spatial + 2:
         raise RuntimeError(
             f"Module {record.describe()} received an input of shape {tuple(inputs.shape)}; the autogram engine "
@@ -42,7 +82,18 @@ def batched_input(record: Record, inputs: Tensor, spatial: int) -> Tensor:
 
 
 def is_unfoldable_conv2d(module: nn.Module) -> bool:
-    """Whether ``module`` is a stock ``nn.Conv2d`` the unfold form handles."""
+    """Whether ``module`` is a stock ``nn.Conv2d`` the unfold form handles.
+
+    Parameters
+    ----------
+    module
+        The module.
+
+    Returns
+    -------
+    bool
+        ``True`` for a stock, ungrouped ``Conv2d`` with zero padding given as numbers.
+    """
     return (
         isinstance(module, nn.Conv2d)
         and type(module).forward is nn.Conv2d.forward
@@ -53,7 +104,21 @@ def is_unfoldable_conv2d(module: nn.Module) -> bool:
 
 
 class Conv2dRecord(OuterProductRecord):
-    """One call of a ``Conv2d`` on a ``[N, C, H, W]`` input."""
+    """One call of a ``Conv2d`` on a ``[N, C, H, W]`` input.
+
+    Parameters
+    ----------
+    module
+        The module that was called.
+    module_name
+        Its qualified name (for error messages).
+    params
+        Its direct trainable parameters at call time, by attribute name.
+    args
+        The call's positional arguments (the input first).
+    output
+        The call's output.
+    """
 
     def __init__(
         self,
@@ -76,8 +141,10 @@ class Conv2dRecord(OuterProductRecord):
         assert isinstance(conv, nn.Conv2d)
         dtype = compute_dtype(conv.weight)
         self.check_batch(self.inputs, layout, "input")
+        padding = conv.padding
+        assert not isinstance(padding, str)  # numbers only (is_unfoldable_conv2d)
         patches = F.unfold(
-            self.inputs, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride
+            self.inputs, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride
         ).transpose(1, 2)  # [N, L, C*kh*kw]
         del self.inputs
         channels = grad.shape[-3]
@@ -93,7 +160,18 @@ class Conv2dRecord(OuterProductRecord):
 
 def is_unfoldable_grouped_conv(module: nn.Module) -> bool:
     """Whether ``module`` is a stock ``nn.Conv1d``, or a stock grouped (e.g. depthwise) ``nn.Conv2d``,
-    with zero padding given as numbers: handled by :class:`PatchConvRecord`."""
+    with zero padding given as numbers: handled by :class:`PatchConvRecord`.
+
+    Parameters
+    ----------
+    module
+        The module.
+
+    Returns
+    -------
+    bool
+        ``True`` when :class:`PatchConvRecord` handles the module.
+    """
     if isinstance(module, nn.Conv1d):
         stock = type(module).forward is nn.Conv1d.forward
     elif isinstance(module, nn.Conv2d):
@@ -106,7 +184,21 @@ def is_unfoldable_grouped_conv(module: nn.Module) -> bool:
 class PatchConvRecord(Record):
     """One call of a ``Conv1d`` (any groups) or grouped ``Conv2d``: per-row weight gradients
     ``Σ_l g_{ekgl} u_{egl}ᵀ`` per group ``g`` of channels, from the unfolded input patches ``u``,
-    materialised (``[R, numel]``, the size of the weight per row: small for depthwise kernels)."""
+    materialised (``[R, numel]``, the size of the weight per row: small for depthwise kernels).
+
+    Parameters
+    ----------
+    module
+        The module that was called.
+    module_name
+        Its qualified name (for error messages).
+    params
+        Its direct trainable parameters at call time, by attribute name.
+    args
+        The call's positional arguments (the input first).
+    output
+        The call's output.
+    """
 
     def __init__(
         self,
@@ -130,12 +222,18 @@ class PatchConvRecord(Record):
         self.check_batch(self.inputs, layout, "input")
         inputs = self.inputs.to(self.product_dtype).to(dtype)
         del self.inputs
+        conv_padding = conv.padding
+        assert not isinstance(conv_padding, str)  # numbers only (is_unfoldable_grouped_conv)
+        kernel: tuple[int, ...]
+        dilation: tuple[int, ...]
+        padding: tuple[int, ...]
+        stride: tuple[int, ...]
         if isinstance(conv, nn.Conv1d):  # as a Conv2d over [N, C, 1, L]
             inputs = inputs.unsqueeze(2)
             kernel, dilation = (1, conv.kernel_size[0]), (1, conv.dilation[0])
-            padding, stride = (0, conv.padding[0]), (1, conv.stride[0])  # type: ignore[index]
+            padding, stride = (0, conv_padding[0]), (1, conv.stride[0])
         else:
-            kernel, dilation, padding, stride = conv.kernel_size, conv.dilation, conv.padding, conv.stride
+            kernel, dilation, padding, stride = conv.kernel_size, conv.dilation, conv_padding, conv.stride
         patches = F.unfold(inputs, kernel, dilation=dilation, padding=padding, stride=stride)  # [N, C*K, L]
         samples, _, positions = patches.shape
         groups = conv.groups
@@ -149,6 +247,18 @@ class PatchConvRecord(Record):
             self.patches = self.patches.unsqueeze(1)  # [E, 1, G, C_in/G * K, L]
 
     def per_row(self, name: str) -> Tensor:
+        """Per-row gradients of ``weight`` (per group, from the patches) or ``bias``.
+
+        Parameters
+        ----------
+        name
+            The parameter's name in ``params``.
+
+        Returns
+        -------
+        Tensor
+            Shape ``[R, numel]``.
+        """
         assert self.layout is not None
         num_rows = self.layout.num_rows
         if name == "bias":
@@ -157,9 +267,11 @@ class PatchConvRecord(Record):
         return torch.einsum("ekngol,engil->ekgoi", self.grads, patches).reshape(num_rows, -1)
 
     def compact(self) -> None:
+        """Drop the factors :meth:`weighted_grad` no longer needs once every parameter's rows are kept."""
         if set(self.kept_rows) >= set(self.params):
             self.grads = self.patches = None  # type: ignore[assignment]
 
     def release(self) -> None:
+        """Drop the factors and the kept rows once the record's contributions are added."""
         super().release()
         self.grads = self.patches = None  # type: ignore[assignment]

@@ -8,29 +8,38 @@ adopt them as ``.grad`` instead of copying them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 __all__ = ["deliver_gradients"]
 
 
 class _Deliver(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, holder: list[list[Tensor]], *params: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, holder: list[list[Tensor]], *params: Tensor) -> Tensor:
         ctx.holder = holder
         return params[0].new_zeros(())
 
     @staticmethod
-    def backward(ctx: Any, _: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, _: Tensor) -> tuple[Tensor | None, ...]:
         grads = ctx.holder.pop()
         ctx.holder = None
         return (None, *grads)
 
 
-def deliver_gradients(params: list[nn.Parameter], grads: list[Tensor]) -> None:
-    """Accumulate ``grads`` into ``params``' ``.grad`` through autograd (the list is emptied)."""
+def deliver_gradients(params: Sequence[Tensor], grads: list[Tensor]) -> None:
+    """Accumulate ``grads`` into ``params``' ``.grad`` through autograd (the list is emptied).
+
+    Parameters
+    ----------
+    params
+        The parameters (leaves that require grad).
+    grads
+        One gradient per parameter, of its shape.
+    """
     holder = [list(grads)]
     grads.clear()
     with torch.enable_grad():

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import Enum
+from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ._conv import Conv2dRecord, PatchConvRecord, is_unfoldable_conv2d, is_unfoldable_grouped_conv
@@ -36,7 +38,10 @@ class Kind(Enum):
         return self in (Kind.RMS_NORM, Kind.GENERIC)
 
 
-_CLASSES: dict[Kind, type[Record]] = {
+# The constructor of a closed-form record: (module, module_name, params, args, output).
+RecordFactory = Callable[[nn.Module, str, dict[str, nn.Parameter], tuple[Any, ...], Tensor], Record]
+
+_CLASSES: dict[Kind, RecordFactory] = {
     Kind.LINEAR: LinearRecord,
     Kind.EMBEDDING: EmbeddingRecord,
     Kind.CONV2D: Conv2dRecord,
@@ -49,13 +54,35 @@ _CLASSES: dict[Kind, type[Record]] = {
 def closed_form_parameters(module: nn.Module) -> bool:
     """Whether the module's direct parameters are the ``weight`` and ``bias`` its stock forward uses
     as they are (not an older ``weight_norm``'s ``weight_g``/``weight_v``, an extra parameter, or a
-    parametrisation computing ``weight``), which the closed forms assume."""
+    parametrisation computing ``weight``), which the closed forms assume.
+
+    Parameters
+    ----------
+    module
+        The module.
+
+    Returns
+    -------
+    bool
+        ``True`` when a closed form may apply.
+    """
     names = {name for name, param in module._parameters.items() if param is not None}
     return names <= {"weight", "bias"} and not parametrize.is_parametrized(module)
 
 
 def kind_of(module: nn.Module) -> Kind:
-    """The handler of a module that has direct parameters."""
+    """The handler of a module that has direct parameters.
+
+    Parameters
+    ----------
+    module
+        The module.
+
+    Returns
+    -------
+    Kind
+        The handler.
+    """
     if not closed_form_parameters(module):
         return Kind.RMS_NORM if is_rms_norm_like(module) else Kind.GENERIC
     if is_linear(module) or is_conv1d(module):
@@ -75,13 +102,35 @@ def kind_of(module: nn.Module) -> Kind:
     return Kind.GENERIC
 
 
-def record_class(kind: Kind) -> type[Record]:
-    """The record class of a non-generic kind."""
+def record_class(kind: Kind) -> RecordFactory:
+    """The record class of a closed-form kind.
+
+    Parameters
+    ----------
+    kind
+        Any kind but ``Kind.GENERIC`` and ``Kind.RMS_NORM`` (generic records).
+
+    Returns
+    -------
+    RecordFactory
+        The :class:`Record` subclass, called as ``(module, module_name, params, args, output)``.
+    """
     return _CLASSES[kind]
 
 
 def mixes_examples(module: nn.Module) -> bool:
-    """Whether the module, in its current mode, computes statistics across the batch."""
+    """Whether the module, in its current mode, computes statistics across the batch.
+
+    Parameters
+    ----------
+    module
+        The module.
+
+    Returns
+    -------
+    bool
+        ``True`` for a batch norm in training mode or without running statistics.
+    """
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return module.training or not module.track_running_stats
     return False

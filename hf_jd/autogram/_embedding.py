@@ -22,7 +22,14 @@ from torch import Tensor, nn
 from ._layout import RowLayout
 from ._record import Record, compute_dtype
 
-__all__ = ["EmbeddingRecord", "Tokens", "embedding_gram", "embedding_scale", "is_embedding", "is_embedding_subclass"]
+__all__ = [
+    "EmbeddingRecord",
+    "Tokens",
+    "embedding_gram",
+    "embedding_scale",
+    "is_embedding",
+    "is_embedding_subclass",
+]
 
 
 class Tokens(NamedTuple):
@@ -34,11 +41,38 @@ class Tokens(NamedTuple):
 
     @staticmethod
     def cat(parts: list[Tokens]) -> Tokens:
+        """Concatenate the tokens of several calls.
+
+        Parameters
+        ----------
+        parts
+            The tokens of each call (same number of tasks and embedding size).
+
+        Returns
+        -------
+        Tokens
+            All the tokens, in the order of ``parts``.
+        """
         return Tokens(*(torch.cat(tensors) for tensors in zip(*parts)))
 
 
 def embedding_gram(tokens: Tokens, num_examples: int, vocab: int) -> Tensor:
-    """Gram matrix ``[E m, E m]`` of the per-row gradients of an embedding table."""
+    """Gram matrix ``[E m, E m]`` of the per-row gradients of an embedding table.
+
+    Parameters
+    ----------
+    tokens
+        The looked-up tokens.
+    num_examples
+        ``E``.
+    vocab
+        Number of rows of the table (ids are below it).
+
+    Returns
+    -------
+    Tensor
+        Shape ``[E m, E m]``.
+    """
     num_tasks, dim = tokens.grads.shape[1:]
     key = tokens.example * vocab + tokens.ids
     pair_key, inverse = torch.unique(key, return_inverse=True)
@@ -68,14 +102,36 @@ def embedding_gram(tokens: Tokens, num_examples: int, vocab: int) -> Tensor:
 
 
 def is_embedding(module: nn.Module) -> bool:
-    """Whether ``module`` is an ``nn.Embedding`` with the stock forward."""
+    """Whether ``module`` is an ``nn.Embedding`` with the stock forward.
+
+    Parameters
+    ----------
+    module
+        The module.
+
+    Returns
+    -------
+    bool
+        ``True`` for a stock ``nn.Embedding``.
+    """
     return isinstance(module, nn.Embedding) and type(module).forward is nn.Embedding.forward
 
 
 def is_embedding_subclass(module: nn.Module) -> bool:
     """Whether ``module`` is an ``nn.Embedding`` subclass with a forward of its own (e.g. BART's and
     Gemma's scaled word embeddings, ``W[ids] · c``): a candidate for the closed form, verified on its
-    first call by :func:`embedding_scale`."""
+    first call by :func:`embedding_scale`.
+
+    Parameters
+    ----------
+    module
+        The module.
+
+    Returns
+    -------
+    bool
+        ``True`` for a candidate subclass.
+    """
     return (
         isinstance(module, nn.Embedding)
         and type(module).forward is not nn.Embedding.forward
@@ -87,7 +143,24 @@ def is_embedding_subclass(module: nn.Module) -> bool:
 def embedding_scale(module: nn.Module, args: tuple[Any, ...], output: Any, table: Tensor) -> float | None:
     """``c`` when a call's output is ``W[ids] · c`` for its first input ``ids`` and a scalar ``c``
     (checked on the values, and, when padding tokens occur, on the gradient the padding row gets from
-    the call's graph through ``table``, the weight as the call used it); else ``None``."""
+    the call's graph through ``table``, the weight as the call used it); else ``None``.
+
+    Parameters
+    ----------
+    module
+        The ``nn.Embedding`` (subclass) that was called.
+    args
+        The call's positional arguments.
+    output
+        The call's output.
+    table
+        The weight as the call used it.
+
+    Returns
+    -------
+    float or None
+        ``c``, or ``None`` when the output is not of that form.
+    """
     assert isinstance(module, nn.Embedding)
     if len(args) != 1 or not isinstance(args[0], Tensor) or not isinstance(output, Tensor):
         return None
@@ -114,7 +187,28 @@ def embedding_scale(module: nn.Module, args: tuple[Any, ...], output: Any, table
 
 
 class EmbeddingRecord(Record):
-    """One lookup ``y = W[ids]`` of an ``nn.Embedding``."""
+    """One lookup ``y = W[ids]`` of an ``nn.Embedding``.
+
+    Parameters
+    ----------
+    module
+        The module that was called.
+    module_name
+        Its qualified name (for error messages).
+    params
+        Its direct trainable parameters at call time, by attribute name.
+    args
+        The call's positional arguments (the input first).
+    output
+        The call's output.
+
+    Raises
+    ------
+    RuntimeError
+        If the embedding has ``scale_grad_by_freq=True``.
+    """
+
+    module: nn.Embedding  # checked in __init__
 
     def __init__(
         self,
@@ -141,9 +235,30 @@ class EmbeddingRecord(Record):
         self.scale = 1.0
 
     def can_insert_batch(self, batch_dim: int) -> bool:
+        """Whether :meth:`insert_batch` can give the captured ids a batch dimension at ``batch_dim``.
+
+        Parameters
+        ----------
+        batch_dim
+            Where the batch dimension would go.
+
+        Returns
+        -------
+        bool
+            ``True`` while the ids are held and have at least ``batch_dim`` dimensions.
+        """
         return isinstance(getattr(self, "ids", None), Tensor) and batch_dim <= self.ids.dim()
 
     def insert_batch(self, num_examples: int, batch_dim: int) -> None:
+        """Repeat the captured ids once per example along a new ``batch_dim``.
+
+        Parameters
+        ----------
+        num_examples
+            Number of examples.
+        batch_dim
+            Position of the new dimension.
+        """
         shape = list(self.ids.shape)
         shape.insert(batch_dim, num_examples)
         self.ids = self.ids.unsqueeze(batch_dim).expand(shape)
@@ -161,7 +276,7 @@ class EmbeddingRecord(Record):
         if self.scale != 1.0:
             rows = rows * self.scale
         del self.ids
-        padding_idx = self.module.padding_idx  # type: ignore[union-attr]
+        padding_idx = self.module.padding_idx
         self.token_ids = self.token_example = self.token_grads = None
         if num_examples == 1 or ids.stride(0) == 0:
             # The same ids for every example (position or token-type ids broadcast over the batch,
@@ -187,6 +302,18 @@ class EmbeddingRecord(Record):
         self.token_grads = token_grads  # [N, m, d]
 
     def gram(self, name: str) -> Tensor:
+        """Gram matrix ``[R, R]`` of the per-row gradients of parameter ``name``.
+
+        Parameters
+        ----------
+        name
+            The parameter's name in ``params``.
+
+        Returns
+        -------
+        Tensor
+            Shape ``[R, R]``.
+        """
         assert self.layout is not None
         if self.common_ids is not None:
             rows = self._common_rows()
@@ -207,12 +334,19 @@ class EmbeddingRecord(Record):
         return summed.reshape(num_rows, -1)
 
     def release(self) -> None:
+        """Drop the factors and the kept rows once the record's contributions are added."""
         super().release()
         self.token_ids = self.token_example = self.token_grads = None
         self.common_ids = self.common_grads = None
 
     def tokens(self) -> Tokens:
-        """The (id, example, gradient) triples of the non-padding tokens."""
+        """The (id, example, gradient) triples of the non-padding tokens.
+
+        Returns
+        -------
+        Tokens
+            ``N`` tokens: ids ``[N]``, examples ``[N]``, gradients ``[N, m, d]``.
+        """
         if self.common_ids is not None:
             assert self.common_grads is not None
             num_examples, num_tasks, length, dim = self.common_grads.shape
@@ -226,6 +360,18 @@ class EmbeddingRecord(Record):
         return Tokens(self.token_ids, self.token_example, self.token_grads)
 
     def per_row(self, name: str) -> Tensor:
+        """Per-row gradients of the table, materialised (``[R, V d]``: for small tables).
+
+        Parameters
+        ----------
+        name
+            The parameter's name in ``params``.
+
+        Returns
+        -------
+        Tensor
+            Shape ``[R, numel]``.
+        """
         assert self.layout is not None
         num_tasks = self.layout.num_tasks
         vocab, dim = self.module.weight.shape
@@ -237,6 +383,21 @@ class EmbeddingRecord(Record):
         return rows.view(self.layout.num_rows, vocab * dim)
 
     def weighted_grad(self, name: str, weights: Tensor) -> Tensor:
+        """Gradient of ``Σ_r w_r L_r`` w.r.t. the table, scattered from the tokens (sparse for a
+        ``sparse=True`` embedding, as the ordinary backward).
+
+        Parameters
+        ----------
+        name
+            The parameter's name in ``params``.
+        weights
+            The loss weights, shaped ``[E, m]`` in this record's layout.
+
+        Returns
+        -------
+        Tensor
+            Shaped as the parameter.
+        """
         if self.common_ids is not None:
             assert self.common_grads is not None
             combined = torch.einsum("ek,ektd->td", weights.to(self.common_grads.dtype), self.common_grads)

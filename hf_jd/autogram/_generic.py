@@ -10,7 +10,7 @@ parameters are swapped for per-call aliases (``p.view_as(p)``) during its forwar
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 from torch import Tensor, nn
@@ -35,7 +35,18 @@ __all__ = [
 
 
 def tensors_in(output: Any) -> list[Tensor]:
-    """The tensors of a module output (a tensor, or tuples / lists / dicts of them)."""
+    """The tensors of a module output (a tensor, or tuples / lists / dicts of them).
+
+    Parameters
+    ----------
+    output
+        A module output.
+
+    Returns
+    -------
+    list of Tensor
+        Its tensors, in order.
+    """
     if isinstance(output, Tensor):
         return [output]
     if isinstance(output, Mapping):
@@ -51,6 +62,16 @@ def alias_outputs(output: Any) -> Any:
     When a module returns several tensors, one may be computed from another inside the module;
     the gradient reaching the returned views is then only the one from outside the module, so that
     a vector-Jacobian product from all outputs counts each path once.
+
+    Parameters
+    ----------
+    output
+        A module output (tensors, or tuples / lists / dicts of them).
+
+    Returns
+    -------
+    Any
+        The same structure with the aliases (a dict subclass is modified in place).
     """
     if isinstance(output, Tensor):
         return output.view_as(output) if output.requires_grad else output
@@ -71,9 +92,22 @@ def borrowed_submodules(module: nn.Module) -> dict[str, nn.Module]:
     """Submodules whose parameters ``module`` uses directly instead of calling them: parameter
     containers (``nn.ParameterDict`` / ``nn.ParameterList``, which cannot be called: PEFT keeps the
     adapters of IA3, AdaLoRA, LoHa, LoKr, VeRA and of LoRA on embeddings in them) and
-    ``nn.MultiheadAttention``'s output projection."""
+    ``nn.MultiheadAttention``'s output projection.
+
+    Parameters
+    ----------
+    module
+        The module.
+
+    Returns
+    -------
+    dict
+        The borrowed submodules, by attribute name.
+    """
     borrowed: dict[str, nn.Module] = {
-        name: child for name, child in module.named_children() if isinstance(child, (nn.ParameterDict, nn.ParameterList))
+        name: child
+        for name, child in module.named_children()
+        if isinstance(child, (nn.ParameterDict, nn.ParameterList))
     }
     if isinstance(module, nn.MultiheadAttention):
         borrowed["out_proj"] = module.out_proj  # used through F.multi_head_attention_forward
@@ -83,9 +117,22 @@ def borrowed_submodules(module: nn.Module) -> dict[str, nn.Module]:
 def direct_parameters(module: nn.Module, borrowed: dict[str, nn.Module]) -> dict[str, nn.Parameter]:
     """Trainable parameters the module uses directly, by (qualified) name: leaves only (a tensor computed
     from a parameter and swapped in by ``torch.func.functional_call`` is not one; the parameter it comes
-    from is then used outside the module's call)."""
+    from is then used outside the module's call).
 
-    def trainable(tensor: Tensor | None) -> bool:
+    Parameters
+    ----------
+    module
+        The module.
+    borrowed
+        Its borrowed submodules (see :func:`borrowed_submodules`).
+
+    Returns
+    -------
+    dict
+        The parameters, by name (``prefix.name`` for those of borrowed submodules).
+    """
+
+    def trainable(tensor: nn.Parameter | None) -> TypeGuard[nn.Parameter]:
         return tensor is not None and tensor.requires_grad and tensor.is_leaf
 
     params = {n: p for n, p in module._parameters.items() if trainable(p)}
@@ -100,7 +147,20 @@ def _owner(module: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 
 def install_aliases(module: nn.Module, params: dict[str, nn.Parameter]) -> dict[str, Tensor]:
-    """Replace the given (qualified) parameters of ``module`` by differentiable aliases for one call."""
+    """Replace the given (qualified) parameters of ``module`` by differentiable aliases for one call.
+
+    Parameters
+    ----------
+    module
+        The module.
+    params
+        The parameters to replace, by qualified name.
+
+    Returns
+    -------
+    dict
+        The aliases, by qualified name.
+    """
     aliases = {name: param.view_as(param) for name, param in params.items()}
     for name, alias in aliases.items():
         owner, attribute = _owner(module, name)
@@ -109,14 +169,36 @@ def install_aliases(module: nn.Module, params: dict[str, nn.Parameter]) -> dict[
 
 
 def restore_parameters(module: nn.Module, params: dict[str, nn.Parameter]) -> None:
-    """Undo :func:`install_aliases`."""
+    """Undo :func:`install_aliases`.
+
+    Parameters
+    ----------
+    module
+        The module.
+    params
+        The original parameters, by qualified name.
+    """
     for name, param in params.items():
         owner, attribute = _owner(module, name)
         owner._parameters[attribute] = param
 
 
 class GenericRecord(Record):
-    """One call of a module handled through batched vector-Jacobian products."""
+    """One call of a module handled through batched vector-Jacobian products.
+
+    Parameters
+    ----------
+    module
+        The module that was called.
+    module_name
+        Its qualified name (for error messages).
+    params
+        Its direct trainable parameters at call time, by qualified name.
+    aliases
+        The aliases the call used in place of ``params`` (see :func:`install_aliases`).
+    outputs
+        The tensors of the call's output.
+    """
 
     def __init__(
         self,
@@ -140,7 +222,13 @@ class GenericRecord(Record):
         self._versions = [out._version for out in self.outputs]
 
     def check_not_modified(self) -> None:
-        """Raise if an aliased output was modified in place after the call."""
+        """Raise if an aliased output was modified in place after the call.
+
+        Raises
+        ------
+        RuntimeError
+            If one was (its vector-Jacobian products would be wrong).
+        """
         if self._versions is None or not hasattr(self, "outputs"):
             return
         for out, version in zip(self.outputs, self._versions):
@@ -203,12 +291,37 @@ class GenericRecord(Record):
         return [slice(start, min(start + size, num_examples)) for start in range(0, num_examples, size)]
 
     def per_row(self, name: str) -> Tensor:
+        """Per-row gradients of parameter ``name``, from batched vector-Jacobian products.
+
+        Parameters
+        ----------
+        name
+            The parameter's name in ``params``.
+
+        Returns
+        -------
+        Tensor
+            Shape ``[R, numel]``.
+        """
         return self._all_rows()[name]
 
     def reaches(self, name: str) -> bool:
+        """Whether the call's outputs depend on parameter ``name`` (after :meth:`per_row`).
+
+        Parameters
+        ----------
+        name
+            The parameter's name in ``params``.
+
+        Returns
+        -------
+        bool
+            ``False`` when its vector-Jacobian products were all ``None``.
+        """
         return name not in self.unused
 
     def release(self) -> None:
+        """Drop the factors and the kept rows once the record's contributions are added."""
         super().release()
         self._rows = None
         self.aliases = {}

@@ -13,7 +13,7 @@ normalised entries), so that parameter is covered too (under the name :data:`INP
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -22,20 +22,49 @@ from torch import Tensor, nn
 from ._layout import RowLayout
 from ._record import Record, compute_dtype
 
-__all__ = ["INPUT_PARAMETER", "LayerNormRecord", "computes_layer_norm", "epsilon_of", "is_layer_norm", "is_layer_norm_like"]
+__all__ = [
+    "INPUT_PARAMETER",
+    "LayerNormRecord",
+    "computes_layer_norm",
+    "epsilon_of",
+    "is_layer_norm",
+    "is_layer_norm_like",
+]
 
 # Name, in a record's ``params``, of a trainable parameter passed as the layer norm's input.
 INPUT_PARAMETER = "<input>"
 
 
 def is_layer_norm(module: nn.Module) -> bool:
-    """Whether ``module`` is an ``nn.LayerNorm`` with the stock forward."""
+    """Whether ``module`` is an ``nn.LayerNorm`` with the stock forward.
+
+    Parameters
+    ----------
+    module
+        The module.
+
+    Returns
+    -------
+    bool
+        ``True`` for a stock ``nn.LayerNorm``.
+    """
     return isinstance(module, nn.LayerNorm) and type(module).forward is nn.LayerNorm.forward
 
 
 def epsilon_of(module: nn.Module) -> float | None:
     """A norm module's epsilon, from the first float among its attributes ``variance_epsilon``,
-    ``eps`` and ``epsilon``, or ``None``."""
+    ``eps`` and ``epsilon``, or ``None``.
+
+    Parameters
+    ----------
+    module
+        The norm module.
+
+    Returns
+    -------
+    float or None
+        The epsilon.
+    """
     for attribute in ("variance_epsilon", "eps", "epsilon"):
         value = getattr(module, attribute, None)
         if isinstance(value, float):
@@ -47,7 +76,18 @@ def is_layer_norm_like(module: nn.Module) -> bool:
     """Whether ``module`` may be a layer norm over its last dimension without being a stock
     ``nn.LayerNorm`` (a subclass with its own forward, ConvNeXt's ``ConvNextLayerNorm``): a norm by its
     name, 1-D ``weight`` and ``bias`` of one size, an epsilon. A candidate verified by
-    :func:`computes_layer_norm` on its first call."""
+    :func:`computes_layer_norm` on its first call.
+
+    Parameters
+    ----------
+    module
+        The module.
+
+    Returns
+    -------
+    bool
+        ``True`` for a candidate.
+    """
     if is_layer_norm(module) or "norm" not in type(module).__name__.lower() or epsilon_of(module) is None:
         return False
     params = dict(module.named_parameters(recurse=False))
@@ -59,10 +99,27 @@ def is_layer_norm_like(module: nn.Module) -> bool:
 
 
 def computes_layer_norm(module: nn.Module, args: tuple[Any, ...], output: Any) -> bool:
-    """Whether a call's output is the layer norm of its first input over the last dimension."""
+    """Whether a call's output is the layer norm of its first input over the last dimension.
+
+    Parameters
+    ----------
+    module
+        The module that was called.
+    args
+        The call's positional arguments.
+    output
+        The call's output.
+
+    Returns
+    -------
+    bool
+        ``True`` when the output matches ``F.layer_norm`` (relative tolerance ``1e-4``).
+    """
     if len(args) != 1 or not isinstance(args[0], Tensor) or not isinstance(output, Tensor):
         return False
     inputs, weight, bias, eps = args[0], module.weight, module.bias, epsilon_of(module)
+    if not isinstance(weight, Tensor) or not isinstance(bias, Tensor):
+        return False
     if eps is None or inputs.shape != output.shape or inputs.dim() < 1 or inputs.shape[-1] != weight.shape[0]:
         return False
     with torch.no_grad():
@@ -71,7 +128,21 @@ def computes_layer_norm(module: nn.Module, args: tuple[Any, ...], output: Any) -
 
 
 class LayerNormRecord(Record):
-    """One call of an ``nn.LayerNorm``."""
+    """One call of an ``nn.LayerNorm``.
+
+    Parameters
+    ----------
+    module
+        The module that was called.
+    module_name
+        Its qualified name (for error messages).
+    params
+        Its direct trainable parameters at call time, by attribute name.
+    args
+        The call's positional arguments (the input first).
+    output
+        The call's output.
+    """
 
     inverse_std: Tensor | None = None  # [E, 1, N, 1], only when the input is a trainable parameter
 
@@ -96,7 +167,10 @@ class LayerNormRecord(Record):
         assert grad is not None
         norm = self.module
         # A look-alike verified by computes_layer_norm normalises its last dimension.
-        shape = tuple(norm.normalized_shape) if isinstance(norm, nn.LayerNorm) else tuple(norm.weight.shape)
+        if isinstance(norm, nn.LayerNorm):
+            shape = tuple(norm.normalized_shape)
+        else:
+            shape = tuple(cast(Tensor, norm.weight).shape)
         eps = norm.eps if isinstance(norm, nn.LayerNorm) else epsilon_of(norm)
         assert eps is not None
         dtype = compute_dtype(next(iter(self.params.values())))
@@ -114,20 +188,36 @@ class LayerNormRecord(Record):
         self.rows = rows.reshape(layout.num_examples, layout.num_tasks, -1, size)
 
     def compact(self) -> None:
+        """Drop the factors :meth:`weighted_grad` no longer needs once every parameter's rows are kept."""
         if set(self.kept_rows) >= set(self.params):  # weighted_grad uses the kept [R, d] rows
             self.rows = self.normalised = self.inverse_std = None  # type: ignore[assignment]
 
     def release(self) -> None:
+        """Drop the factors and the kept rows once the record's contributions are added."""
         super().release()
         self.rows = self.normalised = self.inverse_std = None  # type: ignore[assignment]
 
     def per_row(self, name: str) -> Tensor:
+        """Per-row gradients of ``weight`` (``Σ_t g ⊙ x̂``), ``bias`` (``Σ_t g``) or of the input
+        parameter (:data:`INPUT_PARAMETER`).
+
+        Parameters
+        ----------
+        name
+            The parameter's name in ``params``.
+
+        Returns
+        -------
+        Tensor
+            Shape ``[R, numel]``.
+        """
         num_rows = self.rows.shape[0] * self.rows.shape[1]
         if name == INPUT_PARAMETER:
-            weight = self.params.get("weight", self.module.weight)
+            weight = self.params.get("weight", cast("Tensor | None", self.module.weight))
             scaled = self.rows if weight is None else self.rows * weight.detach().to(self.rows.dtype).reshape(-1)
             normalised = self.normalised.unsqueeze(1)
             centred = scaled - scaled.mean(dim=-1, keepdim=True)
+            assert self.inverse_std is not None  # set by _bind when INPUT_PARAMETER is a parameter
             grads = self.inverse_std * (centred - normalised * (scaled * normalised).mean(dim=-1, keepdim=True))
             return grads.reshape(num_rows, -1)
         if name == "weight":

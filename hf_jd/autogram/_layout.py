@@ -52,13 +52,35 @@ class RowLayout:
         return self.batch_dim is not None
 
     def input_to_rows(self, tensor: Tensor) -> Tensor:
-        """Move the batch dimension of a captured module tensor to the front: ``[E, *rest]``."""
+        """Move the batch dimension of a captured module tensor to the front: ``[E, *rest]``.
+
+        Parameters
+        ----------
+        tensor
+            A captured tensor, batch dimension at ``batch_dim`` (none if ``batch_dim`` is ``None``).
+
+        Returns
+        -------
+        Tensor
+            ``[E, *rest]`` (``E = 1`` without batch dimension).
+        """
         if self.batch_dim is None:
             return tensor.unsqueeze(0)
         return tensor.movedim(self.batch_dim, 0)
 
     def grad_to_rows(self, grad: Tensor) -> Tensor:
-        """Bring a batched output gradient ``[m, *shape]`` to ``[E, m, *rest]``."""
+        """Bring a batched output gradient ``[m, *shape]`` to ``[E, m, *rest]``.
+
+        Parameters
+        ----------
+        grad
+            A batched output gradient, shape ``[m, *shape]``.
+
+        Returns
+        -------
+        Tensor
+            ``[E, m, *rest]``.
+        """
         if self.batch_dim is None:
             return grad.unsqueeze(0)
         return grad.movedim(self.batch_dim + 1, 0)
@@ -69,6 +91,18 @@ class RowLayout:
         Row ``(e, k)`` holds task ``k``'s gradient restricted to example ``e`` (zero elsewhere),
         which is what a batched vector-Jacobian product needs to give per-row parameter gradients.
         With ``examples``, only the rows of those examples are built.
+
+        Parameters
+        ----------
+        grad_rows
+            Output gradients ``[E, m, *rest]`` (see :meth:`grad_to_rows`).
+        examples
+            The examples whose rows to build (default: all).
+
+        Returns
+        -------
+        Tensor
+            ``[E' * m, *shape]`` for the ``E'`` examples built.
         """
         if self.batch_dim is None:
             return grad_rows[0]
@@ -87,6 +121,18 @@ class RowLayout:
         """Output gradient of the weighted loss ``Σ_r w_r L_r`` in the module's own layout.
 
         ``weights`` has shape ``[E, m]``.
+
+        Parameters
+        ----------
+        grad_rows
+            Output gradients ``[E, m, *rest]``.
+        weights
+            The loss weights, shape ``[E, m]``.
+
+        Returns
+        -------
+        Tensor
+            The weighted output gradient, in the module output's shape.
         """
         shape = (*weights.shape, *([1] * (grad_rows.dim() - 2)))
         combined = (grad_rows * weights.view(shape).to(grad_rows.dtype)).sum(1)  # [E, *rest]
@@ -103,6 +149,30 @@ def layout_of_losses(
 
     ``batch_size`` is the number of examples the forward pass saw (0 if unknown), in
     ``batch_source``.
+
+    Parameters
+    ----------
+    losses
+        The losses: ``[m]`` (tasks) without batch dimension, else ``[E]`` or ``[E, m]``.
+    batch_dim
+        The engine's batch dimension, or ``None``.
+    batch_size
+        Number of examples of the forward pass, 0 if unknown.
+    batch_source
+        Where ``batch_size`` comes from (for the error messages).
+
+    Returns
+    -------
+    tuple
+        The :class:`RowLayout`, the vectors to back-propagate, and whether they are batched.
+
+    Raises
+    ------
+    TypeError
+        If ``losses`` is not a tensor.
+    ValueError
+        If the losses are not floating, do not require grad, or their shape does not match
+        ``batch_dim`` and ``batch_size``.
     """
     if not isinstance(losses, Tensor):
         raise TypeError(f"losses must be a torch.Tensor, got {type(losses).__name__}.")

@@ -72,10 +72,17 @@ class OuterProductRows:
 
     @property
     def num_rows(self) -> int:
+        """Number ``R = E m`` of rows."""
         return self.grads.shape[0] * self.grads.shape[1]
 
     def prefers_ghost(self) -> bool:
-        """Whether the ghost form needs fewer flops than materialising per-row gradients."""
+        """Whether the ghost form needs fewer flops than materialising per-row gradients.
+
+        Returns
+        -------
+        bool
+            ``True`` for the ghost form.
+        """
         num_examples, num_tasks, length, d_out = self.grads.shape
         d_in = self.inputs.shape[-1]
         rows = num_examples * num_tasks
@@ -98,7 +105,20 @@ class OuterProductRows:
 
     def weight_rows(self, keep: bool = False, part: slice | None = None) -> Tensor:
         """Materialised per-row weight gradients, ``[R, numel]`` in the weight's layout (of the
-        ``part`` of its first dimension only, when given)."""
+        ``part`` of its first dimension only, when given).
+
+        Parameters
+        ----------
+        keep
+            Keep the result for :meth:`weighted_weight_grad`.
+        part
+            A slice of the weight's first dimension, or ``None`` for all of it.
+
+        Returns
+        -------
+        Tensor
+            Shape ``[R, numel]`` (of the part).
+        """
         if self._rows is not None and part is None:
             return self._rows
         if self.transposed:
@@ -118,6 +138,16 @@ class OuterProductRows:
         With ``keep_rows``, materialised per-row gradients are kept for
         :meth:`weighted_weight_grad` when they are no larger than the output gradients they replace
         (see :meth:`compact`), so that keeping them costs no memory.
+
+        Parameters
+        ----------
+        keep_rows
+            Keep materialised per-row gradients (see above).
+
+        Returns
+        -------
+        Tensor
+            Shape ``[R, R]``.
         """
         if self._rows is None and self.prefers_ghost():
             return self.cross_gram(self)
@@ -141,7 +171,20 @@ class OuterProductRows:
     def cross_gram(self, other: OuterProductRows, force_ghost: bool = False) -> Tensor:
         """``[R, R]`` matrix of inner products between this object's per-row gradients and
         ``other``'s (two uses of the same weight; ``other`` may be ``self``), in ghost form when
-        cheaper for both (or when ``force_ghost``), else materialised chunk by chunk."""
+        cheaper for both (or when ``force_ghost``), else materialised chunk by chunk.
+
+        Parameters
+        ----------
+        other
+            The factors of another use of the same weight (same rows).
+        force_ghost
+            Use the ghost form whatever its cost.
+
+        Returns
+        -------
+        Tensor
+            Shape ``[R, R]``.
+        """
         if not force_ghost and not (self.prefers_ghost() and other.prefers_ghost()):
             chunks = self._chunks() if len(self._chunks()) >= len(other._chunks()) else other._chunks()
             gram = self.grads.new_zeros(self.num_rows, self.num_rows)
@@ -179,11 +222,28 @@ class OuterProductRows:
             self.inputs = self.grads = None  # type: ignore[assignment]
 
     def bias_rows(self) -> Tensor:
-        """Per-row bias gradients ``Σ_t g_{ekt}``, shape ``[R, d_out]``."""
+        """Per-row bias gradients ``Σ_t g_{ekt}``, shape ``[R, d_out]``.
+
+        Returns
+        -------
+        Tensor
+            Shape ``[R, d_out]``.
+        """
         return self.grads.sum(dim=2).reshape(self.num_rows, -1)
 
     def weighted_weight_grad(self, weights: Tensor) -> Tensor:
-        """``Σ_r w_r (Σ_t g_{rt} a_{rt}ᵀ)``, flattened in the weight's layout (``weights`` ``[E, m]``)."""
+        """``Σ_r w_r (Σ_t g_{rt} a_{rt}ᵀ)``, flattened in the weight's layout (``weights`` ``[E, m]``).
+
+        Parameters
+        ----------
+        weights
+            The loss weights, shape ``[E, m]``.
+
+        Returns
+        -------
+        Tensor
+            The weighted gradient, flattened, shape ``[numel]``.
+        """
         if self._rows is not None:
             return weights.reshape(-1).to(self._rows.dtype) @ self._rows
         weights = weights.to(self.grads.dtype)
@@ -208,27 +268,67 @@ class OuterProductRecord(Record):
     factors: OuterProductRows | None = None
 
     def release(self) -> None:
+        """Drop the factors and the kept rows once the record's contributions are added."""
         super().release()
         self.factors = None
 
     def compact(self) -> None:
+        """Drop the factors :meth:`weighted_grad` no longer needs once every parameter's rows are kept."""
         super().compact()
         if self.factors is not None and set(self.kept_rows) >= set(self.params) - {"weight"}:
             self.factors.compact()
 
     def per_row(self, name: str) -> Tensor:
+        """Per-row gradients of ``weight`` (materialised from the factors) or ``bias``.
+
+        Parameters
+        ----------
+        name
+            The parameter's name in ``params``.
+
+        Returns
+        -------
+        Tensor
+            Shape ``[R, numel]``.
+        """
         assert self.factors is not None
         if name == "weight":
             return self.factors.weight_rows()
         return self.factors.bias_rows()
 
     def gram(self, name: str) -> Tensor:
+        """Gram matrix ``[R, R]`` of parameter ``name``: ghost or materialised for ``weight``.
+
+        Parameters
+        ----------
+        name
+            The parameter's name in ``params``.
+
+        Returns
+        -------
+        Tensor
+            Shape ``[R, R]``.
+        """
         assert self.factors is not None
         if name == "weight":
             return self.factors.weight_gram(keep_rows=self.keep_rows)
         return super().gram(name)
 
     def weighted_grad(self, name: str, weights: Tensor) -> Tensor:
+        """Gradient of ``Σ_r w_r L_r`` w.r.t. parameter ``name`` (from the factors for ``weight``).
+
+        Parameters
+        ----------
+        name
+            The parameter's name in ``params``.
+        weights
+            The loss weights, shaped ``[E, m]`` in this record's layout.
+
+        Returns
+        -------
+        Tensor
+            Shaped as the parameter.
+        """
         assert self.factors is not None
         if name == "weight":
             return self.factors.weighted_weight_grad(weights).view(self.params[name].shape)

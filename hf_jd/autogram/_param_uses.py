@@ -30,12 +30,24 @@ _AUTOCAST_CASTS = frozenset({"ToCopyBackward0"})
 
 def next_sequence_number() -> int | None:
     """The sequence number autograd gives to the next node created on this thread (``None`` if this
-    torch does not expose it; the check is then skipped)."""
+    torch does not expose it; the check is then skipped).
+
+    Returns
+    -------
+    int or None
+        The sequence number.
+    """
     return None if _get_sequence_nr is None else int(_get_sequence_nr())
 
 
 def autocast_enabled() -> bool:
-    """Whether autocast is on for the CPU or CUDA (where the device-type query exists)."""
+    """Whether autocast is on for the CPU or CUDA (where the device-type query exists).
+
+    Returns
+    -------
+    bool
+        ``True`` if autocast is on for either device type.
+    """
     try:
         return bool(torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"))
     except TypeError:  # pragma: no cover - torch < 2.4 has no device-type argument
@@ -45,7 +57,20 @@ def autocast_enabled() -> bool:
 def uses_outside_calls(nodes: Iterable[Any], records: list[Record]) -> list[tuple[nn.Parameter, bool]]:
     """Covered parameters that some node of ``nodes`` (the losses' graph) uses outside every captured call
     covering them, each once, with whether that use predates all the captured calls (an earlier forward
-    pass)."""
+    pass).
+
+    Parameters
+    ----------
+    nodes
+        The autograd nodes of the losses' graph.
+    records
+        The captured calls.
+
+    Returns
+    -------
+    list of tuple
+        ``(parameter, predates)`` pairs.
+    """
     ranges: dict[int, list[range]] = {}
     params: dict[int, nn.Parameter] = {}
     first = None

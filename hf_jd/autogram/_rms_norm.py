@@ -24,7 +24,18 @@ __all__ = ["RMSNormRecord", "is_rms_norm_like"]
 
 
 def is_rms_norm_like(module: nn.Module) -> bool:
-    """Whether the module may be an RMSNorm: a norm by its name, one 1-D ``weight``, an epsilon."""
+    """Whether the module may be an RMSNorm: a norm by its name, one 1-D ``weight``, an epsilon.
+
+    Parameters
+    ----------
+    module
+        The module.
+
+    Returns
+    -------
+    bool
+        ``True`` for a candidate.
+    """
     params = dict(module.named_parameters(recurse=False))
     return (
         "norm" in type(module).__name__.lower()
@@ -35,7 +46,23 @@ def is_rms_norm_like(module: nn.Module) -> bool:
 
 
 class RMSNormRecord(GenericRecord):
-    """One call of an RMSNorm-like module: closed form when verified, else generic."""
+    """One call of an RMSNorm-like module: closed form when verified, else generic.
+
+    Parameters
+    ----------
+    module
+        The module that was called.
+    module_name
+        Its qualified name (for error messages).
+    params
+        Its direct trainable parameters at call time, by name.
+    aliases
+        The aliases the call used in place of ``params``.
+    outputs
+        The tensors of the call's output.
+    args
+        The call's positional arguments (the input first).
+    """
 
     def __init__(
         self,
@@ -84,15 +111,29 @@ class RMSNormRecord(GenericRecord):
         del self.grad_rows
 
     def per_row(self, name: str) -> Tensor:
+        """Per-row gradients of ``weight``: closed form ``Σ_t g ⊙ x̂`` when verified, else generic.
+
+        Parameters
+        ----------
+        name
+            The parameter's name in ``params``.
+
+        Returns
+        -------
+        Tensor
+            Shape ``[R, numel]``.
+        """
         if not self.closed_form:
             return super().per_row(name)
         num_rows = self.rows.shape[0] * self.rows.shape[1]
         return (self.rows * self.normalised.unsqueeze(1)).sum(dim=2).reshape(num_rows, -1)
 
     def compact(self) -> None:
+        """Drop the factors :meth:`weighted_grad` no longer needs once every parameter's rows are kept."""
         if self.closed_form and set(self.kept_rows) >= set(self.params):
             self.rows = self.normalised = None  # type: ignore[assignment]
 
     def release(self) -> None:
+        """Drop the factors and the kept rows once the record's contributions are added."""
         super().release()
         self.rows = self.normalised = None  # type: ignore[assignment]

@@ -25,7 +25,22 @@ __all__ = ["shared_gram"]
 
 
 def shared_gram(uses: list[tuple[Record, str]], num_examples: int, dtype: torch.dtype) -> Tensor:
-    """Gram matrix ``[R, R]`` of the summed per-row gradients of one parameter's uses."""
+    """Gram matrix ``[R, R]`` of the summed per-row gradients of one parameter's uses.
+
+    Parameters
+    ----------
+    uses
+        The ``(record, parameter name)`` of each use.
+    num_examples
+        ``E`` of the engine's layout (the uses' own layout takes precedence when set).
+    dtype
+        Dtype of the result.
+
+    Returns
+    -------
+    Tensor
+        Shape ``[R, R]``.
+    """
     embeddings = [record for record, _ in uses if isinstance(record, EmbeddingRecord)]
     outers = [
         record.factors

@@ -127,7 +127,8 @@ def test_verdict_is_the_documented_rule(name: str, gramian: torch.Tensor) -> Non
 def test_the_cases_exercise_every_verdict() -> None:
     """Guards the test above: each outcome occurs (else a broken case generator could hide bugs)."""
     verdicts = {documented_verdict(gramian) for _, gramian in perturbed_cases()}
-    assert verdicts == {None, "non-finite", "square", "negative diagonal", "not symmetric", "not positive semi-definite"}
+    expected = {None, "non-finite", "square", "negative diagonal", "not symmetric", "not positive semi-definite"}
+    assert verdicts == expected
 
 
 def test_random_gramians_and_random_corruptions_agree_with_the_rule() -> None:

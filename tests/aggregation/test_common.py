@@ -133,7 +133,7 @@ def test_matrices_that_are_no_gramian_are_rejected(name: str, case: str) -> None
     """A non-symmetric matrix, or one violating |Gᵢⱼ| ≤ sqrt(Gᵢᵢ Gⱼⱼ) (Cauchy–Schwarz), is J Jᵀ of
     no matrix J: every weighting raises a ValueError saying so (they silently returned weights)."""
     weighting = build(name).weighting
-    with pytest.raises(ValueError, match="not J @ J.T"):
+    with pytest.raises(ValueError, match=r"not J @ J\.T"):
         weighting(_not_gramians()[case])
 
 
@@ -202,7 +202,7 @@ def test_float32_jacobians_whose_gramian_leaves_float32_range(name: str, scale: 
 
 
 def test_gramian_overflowing_float64_is_a_clear_error() -> None:
-    with pytest.raises(ValueError, match="overflows torch.float64.*scale the losses down"):
+    with pytest.raises(ValueError, match=r"overflows torch.float64.*scale the losses down"):
         build("upgrad")(jacobian(torch.float64) * 1e160)
 
 

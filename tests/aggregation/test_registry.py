@@ -63,7 +63,7 @@ def test_non_string_name() -> None:
 
 
 def test_bad_keyword_is_named() -> None:
-    with pytest.raises(TypeError, match="'bogus'.*upgrad.*pref_vector, norm_eps, reg_eps"):
+    with pytest.raises(TypeError, match=r"'bogus'.*upgrad.*pref_vector, norm_eps, reg_eps"):
         get_aggregator("upgrad", bogus=1)
     with pytest.raises(TypeError, match="'bogus'"):
         get_weighting("mgda", bogus=1)

@@ -162,7 +162,8 @@ def test_mgda_matches_quadprog_and_kkt(m: int, case: str) -> None:
     matrix = (gramian + gramian.T) / (2 * np.trace(gramian))
     assert_simplex_kkt(matrix, weights, tol=1e-6)
     expected = min_norm_weights(matrix)
-    np.testing.assert_allclose(weights @ jac.numpy(), expected @ jac.numpy(), rtol=1e-5, atol=1e-8 * float(jac.abs().max()))
+    atol = 1e-8 * float(jac.abs().max())
+    np.testing.assert_allclose(weights @ jac.numpy(), expected @ jac.numpy(), rtol=1e-5, atol=atol)
 
 
 def test_mgda_cases_cover_interior_and_boundary_solutions() -> None:
