@@ -2,7 +2,8 @@
 
 For each number of objectives ``m`` and each kind of Jacobian, it builds ``J`` (``m × n``), its
 Gramian ``G = J Jᵀ``, and times ``UPGradWeighting()(G)`` and ``DualProjWeighting()(G)`` (median
-of several calls); ``--weightings`` also takes ``MGDA`` and ``PCGrad`` (hf_jd only, no reference). Where ``torchjd`` can be imported (benchmark only; install it with
+of several calls); ``--weightings`` also takes ``MGDA`` and ``PCGrad`` (hf_jd only, no reference).
+Where ``torchjd`` can be imported (benchmark only; install it with
 ``pip install --no-deps torchjd``; its default projector also needs ``qpsolvers``), the same
 Gramians go through torchjd's weightings: the table gives their time, the speed-up and the largest
 relative difference of the weights, ``max|w − w_torchjd| / max|w_torchjd|``.
@@ -226,7 +227,7 @@ def main() -> None:
                 gramian = make_gramian(kind, m, args.n, seed=m)
                 weighting = weighting_class()
                 ours_s, ours_cpu, weights = median_time(
-                    lambda: weighting(gramian), args.repeats, args.budget, flush
+                    lambda weighting=weighting, gramian=gramian: weighting(gramian), args.repeats, args.budget, flush
                 )
                 row = (
                     f"{name:<9} {kind:<8} {m:>4} {conflict_fraction(gramian):>8.2f} "
@@ -235,7 +236,9 @@ def main() -> None:
                 if torchjd is not None and name in torchjd:
                     reference_weighting = torchjd[name]()
                     theirs_s, _, reference = median_time(
-                        lambda: reference_weighting(gramian), args.torchjd_repeats, args.budget
+                        lambda reference_weighting=reference_weighting, gramian=gramian: reference_weighting(gramian),
+                        args.torchjd_repeats,
+                        args.budget,
                     )
                     difference = float((weights - reference).abs().max() / reference.abs().max())
                     row += f" {theirs_s * 1e3:>11.2f} {theirs_s / ours_s:>8.1f}x {difference:>13.1e}"

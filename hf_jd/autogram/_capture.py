@@ -42,7 +42,13 @@ __all__ = ["Capture", "describe"]
 
 def in_backward_pass() -> bool:
     """Whether this thread is running a backward pass (autograd graph task): a module forward then
-    recomputes activations of a non-reentrant checkpointed block."""
+    recomputes activations of a non-reentrant checkpointed block.
+
+    Returns
+    -------
+    bool
+        ``True`` inside a backward pass.
+    """
     return torch._C._current_graph_task_id() != -1
 
 
@@ -56,14 +62,26 @@ def _saved_tensors_hooks() -> tuple[Callable[..., Any], Callable[..., Any]] | No
 
 def recomputing_checkpoint() -> bool:
     """Whether this is torch.utils.checkpoint re-running a non-reentrant checkpointed block (in a
-    backward pass, to recompute the tensors its autograd nodes saved)."""
+    backward pass, to recompute the tensors its autograd nodes saved).
+
+    Returns
+    -------
+    bool
+        ``True`` during a checkpoint recomputation.
+    """
     hooks = _saved_tensors_hooks()
     return hooks is not None and getattr(hooks[0], "__qualname__", "").startswith("_recomputation_hook.")
 
 
 def saved_tensors_hooked() -> bool:
     """Whether saved-tensor hooks are active (e.g. inside a non-reentrant checkpointed block, whose
-    autograd nodes' saved tensors can then be unpacked only once per backward pass)."""
+    autograd nodes' saved tensors can then be unpacked only once per backward pass).
+
+    Returns
+    -------
+    bool
+        ``True`` when some saved-tensor hooks are active.
+    """
     return _saved_tensors_hooks() is not None
 
 
@@ -81,7 +99,20 @@ _RECOMPUTED = object()
 
 
 def describe(name: str, module: nn.Module) -> str:
-    """``name (Type)`` of a module, for error messages."""
+    """``name (Type)`` of a module, for error messages.
+
+    Parameters
+    ----------
+    name
+        The module's qualified name (empty for a root module).
+    module
+        The module.
+
+    Returns
+    -------
+    str
+        The description.
+    """
     return f"{name} ({type(module).__name__})" if name else f"{type(module).__name__} (a module given to the engine)"
 
 
@@ -267,7 +298,12 @@ class Capture:
     @contextmanager
     def backpropagating(self) -> Iterator[None]:
         """Mark the engine's own backward passes: a module forward inside one is an error (gradient
-        checkpointing re-running the model)."""
+        checkpointing re-running the model).
+
+        Yields
+        ------
+        None
+        """
         self.computing = True
         try:
             yield
@@ -276,7 +312,13 @@ class Capture:
 
     def mark_unaligned(self, records: list[Any]) -> None:
         """Remember that the modules of ``records`` have tensors not split by example along
-        ``batch_dim`` (their later calls take the exact paths)."""
+        ``batch_dim`` (their later calls take the exact paths).
+
+        Parameters
+        ----------
+        records
+            The records of the modules.
+        """
         for record in records:
             info = self.infos.get(id(record.module))
             if info is not None:
@@ -284,12 +326,29 @@ class Capture:
 
     def unaligned_besides(self, records: list[Any]) -> bool:
         """Whether a module other than those of ``records`` was ever seen with tensors not split by
-        example along ``batch_dim`` (e.g. a time-major layout): then batch sizes are ambiguous."""
+        example along ``batch_dim`` (e.g. a time-major layout): then batch sizes are ambiguous.
+
+        Parameters
+        ----------
+        records
+            The records whose modules are excluded.
+
+        Returns
+        -------
+        bool
+            ``True`` if another module was seen unaligned.
+        """
         modules = {id(record.module) for record in records}
         return any(info.unaligned and id(info.module) not in modules for info in self.infos.values())
 
     def parameters(self) -> list[nn.Parameter]:
-        """The trainable parameters of the hooked modules, each once, in module order."""
+        """The trainable parameters of the hooked modules, each once, in module order.
+
+        Returns
+        -------
+        list of nn.Parameter
+            The parameters.
+        """
         seen: set[int] = set()
         params: list[nn.Parameter] = []
         for module in self.modules:
@@ -319,7 +378,8 @@ class Capture:
                     continue
                 # A module reading parameters from containers it owns (PEFT's IA3, LoHa, ... layers) is
                 # handled generically, its own parameters and the containers' together.
-                info = _ModuleInfo(module=module, name=prefix + name, kind=Kind.GENERIC if containers else kind_of(module))
+                kind = Kind.GENERIC if containers else kind_of(module)
+                info = _ModuleInfo(module=module, name=prefix + name, kind=kind)
                 if info.kind is Kind.GENERIC and not containers and closed_form_parameters(module):
                     if is_linear_subclass(module):
                         info.candidate = Kind.LINEAR
@@ -331,12 +391,14 @@ class Capture:
                     info.borrowed = borrowed
                     # Submodules used directly by this module or by a descendant (nn.MultiheadAttention's
                     # out_proj, also under a parent with parameters of its own) are not called.
-                    borrowed = [id(sub) for owner in module.modules() for sub in borrowed_submodules(owner).values()]
+                    borrowed_ids = {
+                        id(sub) for owner in module.modules() for sub in borrowed_submodules(owner).values()
+                    }
                     info.trainable_descendants = [
                         sub
                         for sub in module.modules()
                         if sub is not module
-                        and id(sub) not in borrowed
+                        and id(sub) not in borrowed_ids
                         and any(True for _ in sub.parameters(recurse=False))
                     ]
                 self.infos[id(module)] = info
@@ -355,13 +417,29 @@ class Capture:
             self.handles.append(root.register_forward_hook(self._root_hook, always_call=True))
 
     def capturing(self) -> bool:
-        """Whether hooks capture now: enabled and in grad mode."""
+        """Whether hooks capture now: enabled and in grad mode.
+
+        Returns
+        -------
+        bool
+            ``True`` when the hooks record calls.
+        """
         return self.enabled and torch.is_grad_enabled()
 
     def note_batch(self, tensor: Any, source: str, from_root: bool = False) -> None:
         """Track the batch size: the largest size along ``batch_dim`` among the inputs of the
         root modules; only when those have none, among the tensors of parametrised modules
-        (whose inputs may legitimately be regrouped, e.g. ``[B * heads, T, d]``)."""
+        (whose inputs may legitimately be regrouped, e.g. ``[B * heads, T, d]``).
+
+        Parameters
+        ----------
+        tensor
+            A tensor a hook saw (anything else is ignored).
+        source
+            Where it comes from, for error messages.
+        from_root
+            Whether it is an input of a root module.
+        """
         bd = self.batch_dim
         if self.batch_from_root and not from_root:
             return
@@ -556,9 +634,9 @@ class Capture:
         kind, info.candidate = info.candidate, None
         if kwargs:
             return
-        if kind is Kind.LINEAR and computes_linear(module, args, output):
-            info.kind = kind
-        elif kind is Kind.LAYER_NORM and computes_layer_norm(module, args, output):
+        if (kind is Kind.LINEAR and computes_linear(module, args, output)) or (
+            kind is Kind.LAYER_NORM and computes_layer_norm(module, args, output)
+        ):
             info.kind = kind
         elif kind is Kind.EMBEDDING and aliases is not None and "weight" in aliases:
             scale = embedding_scale(module, args, output, aliases["weight"])

@@ -22,7 +22,18 @@ __all__ = ["Record", "compute_dtype"]
 
 
 def compute_dtype(param: Tensor) -> torch.dtype:
-    """Dtype in which a parameter's Gramian contribution is computed (float64 stays float64)."""
+    """Dtype in which a parameter's Gramian contribution is computed (float64 stays float64).
+
+    Parameters
+    ----------
+    param
+        The parameter.
+
+    Returns
+    -------
+    torch.dtype
+        ``float64`` for a float64 parameter, else ``float32``.
+    """
     return torch.float64 if param.dtype == torch.float64 else torch.float32
 
 
@@ -79,7 +90,13 @@ class Record(ABC):
         self.autocast = False
 
     def describe(self) -> str:
-        """Human-readable name of the module, for error messages."""
+        """Human-readable name of the module, for error messages.
+
+        Returns
+        -------
+        str
+            ``name (Type)``.
+        """
         return f"{self.module_name or '<root>'} ({type(self.module).__name__})"
 
     def bind(self, grads: list[Tensor | None], layout: RowLayout, shaped: bool = False) -> bool:
@@ -87,6 +104,20 @@ class Record(ABC):
         (reshaped to the outputs' shapes here, see :meth:`to_view_shapes`) unless ``shaped``.
 
         Returns ``False`` when the losses do not depend on this call's outputs.
+
+        Parameters
+        ----------
+        grads
+            One batched gradient per edge (``None`` where the losses do not reach it).
+        layout
+            The row layout of the gradients.
+        shaped
+            The gradients already have the outputs' shapes.
+
+        Returns
+        -------
+        bool
+            Whether the record was bound.
         """
         if all(grad is None for grad in grads):
             return False
@@ -96,7 +127,18 @@ class Record(ABC):
 
     def to_view_shapes(self, grads: list[Tensor | None]) -> list[Tensor | None]:
         """Gradients received at base edges (leading batch or task dimensions, then the base's shape)
-        reshaped to the outputs' own shapes; others are returned as they are."""
+        reshaped to the outputs' own shapes; others are returned as they are.
+
+        Parameters
+        ----------
+        grads
+            One gradient per edge.
+
+        Returns
+        -------
+        list of Tensor or None
+            The gradients, in the outputs' shapes.
+        """
         if not self.edge_views:
             return grads
         shaped: list[Tensor | None] = []
@@ -110,7 +152,13 @@ class Record(ABC):
         return shaped
 
     def shape_edges(self) -> list[GradientEdge]:
-        """The edges of the outputs as the module returned them (for reading their shapes and uses)."""
+        """The edges of the outputs as the module returned them (for reading their shapes and uses).
+
+        Returns
+        -------
+        list of GradientEdge
+            One per output.
+        """
         return self.view_edges or self.edges
 
     @abstractmethod
@@ -119,10 +167,32 @@ class Record(ABC):
 
     @abstractmethod
     def per_row(self, name: str) -> Tensor:
-        """Per-row gradients of parameter ``name``, shape ``[R, numel]``."""
+        """Per-row gradients of parameter ``name``, shape ``[R, numel]``.
+
+        Parameters
+        ----------
+        name
+            The parameter's name in ``params``.
+
+        Returns
+        -------
+        Tensor
+            Shape ``[R, numel]``.
+        """
 
     def gram(self, name: str) -> Tensor:
-        """Gram matrix ``[R, R]`` of the per-row gradients of parameter ``name``."""
+        """Gram matrix ``[R, R]`` of the per-row gradients of parameter ``name``.
+
+        Parameters
+        ----------
+        name
+            The parameter's name in ``params``.
+
+        Returns
+        -------
+        Tensor
+            Shape ``[R, R]``.
+        """
         rows = self.per_row(name)
         if self.keep_rows:
             self.kept_rows[name] = rows
@@ -130,7 +200,20 @@ class Record(ABC):
 
     def split_batch(self, num_examples: int, batch_dim: int) -> None:
         """Regroup the captured input ``[..., E * k, ...]`` into ``[..., E, k, ...]`` along
-        ``batch_dim`` (position-wise records with a verified batch-major grouping only)."""
+        ``batch_dim`` (position-wise records with a verified batch-major grouping only).
+
+        Parameters
+        ----------
+        num_examples
+            ``E``.
+        batch_dim
+            The engine's batch dimension.
+
+        Raises
+        ------
+        TypeError
+            If the record holds no captured ``inputs`` tensor.
+        """
         inputs = getattr(self, "inputs", None)
         if not isinstance(inputs, Tensor):
             raise TypeError(f"{type(self).__name__} cannot regroup its captured tensors by example.")
@@ -139,13 +222,37 @@ class Record(ABC):
     def can_insert_batch(self, batch_dim: int) -> bool:
         """Whether :meth:`insert_batch` can give this call's captured tensors a batch dimension
         (records whose contribution depends on the captured ``inputs`` and the output gradients
-        only, which set :attr:`inserts_batch`)."""
+        only, which set :attr:`inserts_batch`).
+
+        Parameters
+        ----------
+        batch_dim
+            Where the batch dimension would go.
+
+        Returns
+        -------
+        bool
+            ``True`` when :meth:`insert_batch` applies.
+        """
         inputs = getattr(self, "inputs", None)
         return self.inserts_batch and isinstance(inputs, Tensor) and batch_dim <= inputs.dim()
 
     def insert_batch(self, num_examples: int, batch_dim: int) -> None:
         """Repeat the captured tensors of a call whose output all examples share, once per example
-        along a new ``batch_dim`` (its per-example output gradients then come with that dimension)."""
+        along a new ``batch_dim`` (its per-example output gradients then come with that dimension).
+
+        Parameters
+        ----------
+        num_examples
+            Number of examples.
+        batch_dim
+            Position of the new dimension.
+
+        Raises
+        ------
+        TypeError
+            If the record holds no captured ``inputs`` tensor.
+        """
         inputs = getattr(self, "inputs", None)
         if not isinstance(inputs, Tensor):
             raise TypeError(f"{type(self).__name__} cannot repeat its captured tensors per example.")
@@ -156,24 +263,59 @@ class Record(ABC):
     def reaches(self, name: str) -> bool:
         """Whether the call's outputs depend on parameter ``name`` (known once its per-row gradients
         are computed; an ordinary backward pass leaves the ``.grad`` of a parameter it does not
-        reach untouched, and so does :meth:`Engine.backward`)."""
+        reach untouched, and so does :meth:`Engine.backward`).
+
+        Parameters
+        ----------
+        name
+            The parameter's name in ``params``.
+
+        Returns
+        -------
+        bool
+            ``True`` unless the outputs are known not to depend on it.
+        """
         return True
 
     def weights_table(self, weights: Tensor) -> Tensor:
-        """The loss weights ``[R]`` (or ``[E, m]``) as the ``[E, m]`` table of this record's layout."""
+        """The loss weights ``[R]`` (or ``[E, m]``) as the ``[E, m]`` table of this record's layout.
+
+        Parameters
+        ----------
+        weights
+            The loss weights, ``[R]`` or ``[E, m]``.
+
+        Returns
+        -------
+        Tensor
+            Shape ``[E, m]``.
+        """
         assert self.layout is not None
         return weights.reshape(self.layout.num_examples, self.layout.num_tasks)
 
     def weighted_grad(self, name: str, weights: Tensor) -> Tensor:
         """Gradient of ``Σ_r w_r L_r`` w.r.t. parameter ``name`` (``weights`` shaped ``[E, m]``
-        in this record's layout, see :meth:`weights_table`)."""
+        in this record's layout, see :meth:`weights_table`).
+
+        Parameters
+        ----------
+        name
+            The parameter's name in ``params``.
+        weights
+            The loss weights, ``[E, m]``.
+
+        Returns
+        -------
+        Tensor
+            Shaped as the parameter.
+        """
         rows = self.kept_rows.get(name)
         if rows is None:
             rows = self.per_row(name)
         param = self.params[name]
         return (weights.reshape(-1).to(rows.dtype) @ rows).view(param.shape)
 
-    def compact(self) -> None:
+    def compact(self) -> None:  # noqa: B027 - a no-op by default, not abstract
         """Single-backward mode, after the Gramian contributions: drop what :meth:`weighted_grad`
         no longer needs (the factors of parameters whose per-row gradients are kept)."""
 
@@ -182,7 +324,22 @@ class Record(ABC):
         self.kept_rows = {}
 
     def check_batch(self, tensor: Tensor, layout: RowLayout, what: str) -> None:
-        """Raise if a captured tensor's batch size does not match the losses."""
+        """Raise if a captured tensor's batch size does not match the losses.
+
+        Parameters
+        ----------
+        tensor
+            A captured tensor.
+        layout
+            The row layout of the losses.
+        what
+            What the tensor is, for the error message.
+
+        Raises
+        ------
+        RuntimeError
+            If its size along ``batch_dim`` is not the number of examples.
+        """
         if layout.batch_dim is None:
             return
         if tensor.dim() <= layout.batch_dim or tensor.shape[layout.batch_dim] != layout.num_examples:
@@ -202,6 +359,18 @@ def split_by_record(
     ``grads`` holds the gradients w.r.t. the concatenated edges of ``records``; each slice's
     references are dropped from ``grads`` as it is handed out, so that a consumer that releases
     its slice frees the memory before the next record is processed.
+
+    Parameters
+    ----------
+    grads
+        One gradient per edge, the edges of ``records`` in order.
+    records
+        The records.
+
+    Yields
+    ------
+    tuple
+        Each record and its gradients.
     """
     offset = 0
     for record in records:

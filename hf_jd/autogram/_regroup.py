@@ -69,6 +69,30 @@ def grads_verified(
     dimension (see :attr:`Record.other_batch_dim`). ``trusted``, when given, is such a list from an
     earlier step of the same computation in which every record passed: the records are then added
     that way without the check, from a backward pass over the plain vector alone.
+
+    Parameters
+    ----------
+    losses
+        The per-example losses, ``[B]`` or ``[B, m]``.
+    layout
+        Their row layout (``batch_dim`` set).
+    records
+        The records to check.
+    accumulator
+        Receives the confirmed records' contributions (when ``add``).
+    add
+        Add the confirmed records (else only check them).
+    rtol
+        Relative tolerance of the identity.
+    trusted
+        Per record, the split of an earlier step that passed (see above), or ``None``.
+    chosen
+        Receives, per record, whether it was split along its other batch dimension.
+
+    Returns
+    -------
+    list of Record
+        The records the identity did not confirm.
     """
     assert layout.batch_dim is not None and (layout.num_tasks == 1 or not add)
     bd = layout.batch_dim
@@ -130,7 +154,20 @@ def frontier(losses: Tensor, records: list[Record]) -> tuple[list[Record], tuple
     structure of that loss computation: the types of the nodes walked through and the names of the
     modules reached, in walk order (the same code computing the losses from the same modules gives the
     same structure, whatever the values and sizes), with the positions of rows picked one by one; a
-    ``"?"`` entry marks an operation that selects rows by the data (an index, a sort)."""
+    ``"?"`` entry marks an operation that selects rows by the data (an index, a sort).
+
+    Parameters
+    ----------
+    losses
+        The losses.
+    records
+        The captured calls.
+
+    Returns
+    -------
+    tuple
+        The frontier records, and the structure (a tuple of strings).
+    """
     at_node: dict[object, list[Record]] = {}
     for record in records:
         for edge in record.edges:
@@ -174,7 +211,20 @@ def regrouping_structure(nodes: list[object], records: list[Record]) -> tuple[st
     """The structure of a forward pass whose calls' grouping by example was verified: the types of all
     its autograd nodes and the names of the checked calls, in order (the same code on the same modules
     gives the same structure, hence the same reshapes). ``None`` when a node selects rows by the data
-    (an index, a sort): such a pass is verified on every step."""
+    (an index, a sort): such a pass is verified on every step.
+
+    Parameters
+    ----------
+    nodes
+        The autograd nodes of the forward pass, in order.
+    records
+        The checked calls.
+
+    Returns
+    -------
+    tuple of str or None
+        The structure, or ``None``.
+    """
     names = [type(node).__name__ for node in nodes]
     if any(name in DATA_DEPENDENT_NODES for name in names):
         return None

@@ -5,8 +5,9 @@ Algorithm 3 of Quinton & Rey, "Jacobian Descent For Multi-Objective Optimization
 module saw (its input, its output's gradient edge); :meth:`Engine.compute_gramian` back-propagates
 the losses to those module outputs only (no parameter gradient is computed) and adds each
 parameter's contribution in closed form (Linear, Conv1D, Conv2d including grouped and depthwise
-ones, Conv1d, Embedding, RMSNorm, LayerNorm, GroupNorm; subclasses of Linear and Embedding with a forward of their own, and RMS norms
-by any name, once their first call verifies the closed form on its tensors) or by batched
+ones, Conv1d, Embedding, RMSNorm, LayerNorm, GroupNorm; subclasses of Linear and Embedding with a
+forward of their own, and RMS norms by any name, once their first call verifies the closed form on
+its tensors) or by batched
 vector-Jacobian products on the existing graph (any other module).
 Parameters used by several modules (tied embeddings) get their cross terms. Tables looked up once
 for all examples and broadcast over the batch later (T5's relative-position bias) get per-example
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -124,6 +125,13 @@ class Engine:
         Per-example weight gradients materialised for the Gramian are kept when they are no
         larger than the output gradients they replace (keeping all of them, ``R`` times each
         layer's size, measured no faster on CPU: the fresh memory costs page faults).
+
+    Raises
+    ------
+    ValueError
+        If no module is given or ``batch_dim`` is not a non-negative int or ``None``.
+    TypeError
+        If an argument of ``*modules`` is not an ``nn.Module``.
 
     Notes
     -----
@@ -271,7 +279,7 @@ class Engine:
         )
         return mixed
 
-    def _qualified_names(self, params: list[Tensor]) -> list[str]:
+    def _qualified_names(self, params: Sequence[Tensor]) -> list[str]:
         """Qualified names of parameters of the engine's modules, for error messages."""
         ids = {id(p) for p in params}
         roots = self._capture.roots
@@ -282,7 +290,7 @@ class Engine:
             if id(p) in ids
         ]
 
-    def _names_of(self, params: list[Tensor]) -> str:
+    def _names_of(self, params: Sequence[Tensor]) -> str:
         """The first qualified names of some parameters of the engine's modules, for error messages."""
         names = self._qualified_names(params)
         return f"{names[:4]}{' …' if len(names) > 4 else ''}"
@@ -309,7 +317,13 @@ class Engine:
 
     @contextmanager
     def disabled(self) -> Iterator[None]:
-        """Context manager disabling the engine, restoring the previous state on exit."""
+        """Context manager disabling the engine, restoring the previous state on exit.
+
+        Yields
+        ------
+        None
+            With the engine disabled.
+        """
         previous = self.enabled
         self.enabled = False
         try:
@@ -318,7 +332,13 @@ class Engine:
             self.enabled = previous
 
     def parameters(self) -> list[nn.Parameter]:
-        """The trainable parameters covered by the engine, each once, in module order."""
+        """The trainable parameters covered by the engine, each once, in module order.
+
+        Returns
+        -------
+        list of nn.Parameter
+            The parameters.
+        """
         return self._capture.parameters()
 
     def reset(self) -> None:
@@ -354,6 +374,14 @@ class Engine:
         Tensor
             The ``[R, R]`` Gramian with ``R = losses.numel()``, in float32 (float64 when the
             parameters are float64).
+
+        Raises
+        ------
+        RuntimeError
+            If no module call was captured, the captures were already used, the losses depend on none
+            of them, or they use parameters of the engine's modules outside the captured calls.
+        ValueError
+            If ``retain_graph=False`` without ``single_backward=True``.
         """
         capture = self._capture
         layout, grad_outputs, batched = layout_of_losses(
@@ -604,9 +632,9 @@ class Engine:
                 if engine is not self and engine.enabled
                 for p in engine.parameters()
             }
-            outside = [param for param in uncovered if id(param) not in others]
+            not_covered = [param for param in uncovered if id(param) not in others]
             self._bound = _Bound(
-                layout, losses.shape, losses if retain else None, accumulator.uses, accumulator.params, outside
+                layout, losses.shape, losses if retain else None, accumulator.uses, accumulator.params, not_covered
             )
         return gramian
 
@@ -705,6 +733,15 @@ class Engine:
         ----------
         weights
             Shape ``[R]`` (as returned by a weighting) or the shape of the losses.
+
+        Raises
+        ------
+        RuntimeError
+            Without ``single_backward=True``, or without a preceding :meth:`compute_gramian`.
+        TypeError
+            If ``weights`` is not a tensor.
+        ValueError
+            If ``weights`` has neither shape ``[R]`` nor the losses' shape.
         """
         if not self._single_backward:
             raise RuntimeError(

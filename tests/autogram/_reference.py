@@ -45,7 +45,9 @@ def assert_gramian_matches(gramian: Tensor, jac: Tensor, rtol: float = 1e-4, ato
 
 
 def grads_of(params: list[nn.Parameter]) -> Tensor:
-    return torch.cat([torch.zeros(p.numel(), device=p.device) if p.grad is None else p.grad.reshape(-1) for p in params])
+    return torch.cat(
+        [torch.zeros(p.numel(), device=p.device) if p.grad is None else p.grad.reshape(-1) for p in params]
+    )
 
 
 def assert_exact_step(

@@ -268,7 +268,9 @@ def test_shared_table_beside_a_regrouped_call(monkeypatch: pytest.MonkeyPatch, s
 
     per_row: list[int] = []
     original = engine_module.grads_per_row
-    monkeypatch.setattr(engine_module, "grads_per_row", lambda *args: (per_row.append(len(args[2])), original(*args))[1])
+    monkeypatch.setattr(
+        engine_module, "grads_per_row", lambda *args: (per_row.append(len(args[2])), original(*args))[1]
+    )
     torch.manual_seed(0)
     model = _BiasThenFlatten()
     engine = Engine(model, single_backward=single_backward)
@@ -287,10 +289,22 @@ def test_clip_contrastive_losses_mix_the_examples(single_backward: bool) -> None
 
     torch.manual_seed(0)
     config = tf.CLIPConfig(
-        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=50,
-                         max_position_embeddings=16),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=16,
-                           patch_size=8),
+        text_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            vocab_size=50,
+            max_position_embeddings=16,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=16,
+            patch_size=8,
+        ),
         projection_dim=16,
     )
     model = tf.CLIPModel(config).train()

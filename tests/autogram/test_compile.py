@@ -60,10 +60,8 @@ def test_donated_buffers_error_says_what_to_do() -> None:
         "and retain_graph=False. Please keep backward(create_graph=False, retain_graph=False) across all "
         "backward() function calls, or set torch._functorch.config.donated_buffer=False to disable donated buffer."
     )
-    with pytest.raises(RuntimeError, match="donated_buffer = False") as info:
-        with explain_donated_buffers():
-            raise RuntimeError(torch_message)
+    with pytest.raises(RuntimeError, match="donated_buffer = False") as info, explain_donated_buffers():
+        raise RuntimeError(torch_message)
     assert "Gramian pass keeps the graph" in str(info.value)
-    with pytest.raises(RuntimeError, match="^something else$"):
-        with explain_donated_buffers():
-            raise RuntimeError("something else")
+    with pytest.raises(RuntimeError, match="^something else$"), explain_donated_buffers():
+        raise RuntimeError("something else")

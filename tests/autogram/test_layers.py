@@ -148,7 +148,9 @@ def test_embedding_with_ids_common_to_all_examples(
     if expanded:
         common = common.expand(4, -1)  # stride 0 along the batch, as HF's token_type_ids buffer
     out = model(ids, common)
-    losses = out.pow(2).mean((1, 2)) if num_tasks == 1 else torch.stack([out.pow(2).mean((1, 2)), out[..., 0].sum(1)], 1)
+    losses = (
+        out.pow(2).mean((1, 2)) if num_tasks == 1 else torch.stack([out.pow(2).mean((1, 2)), out[..., 0].sum(1)], 1)
+    )
     params = trainable(model)
     jac = jacobian(losses, params)
     assert_gramian_matches(engine.compute_gramian(losses), jac)
@@ -538,7 +540,9 @@ class _DoubledLinear(nn.Linear):
 
 @pytest.mark.parametrize("single_backward", [False, True])
 @pytest.mark.parametrize(("layer", "closed_form"), [(_MatmulLinear, True), (_DoubledLinear, False)])
-def test_linear_subclass_with_its_own_forward_is_verified(layer: type, closed_form: bool, single_backward: bool) -> None:
+def test_linear_subclass_with_its_own_forward_is_verified(
+    layer: type, closed_form: bool, single_backward: bool
+) -> None:
     from hf_jd.autogram._dispatch import Kind
 
     from ._reference import assert_exact_step
@@ -571,7 +575,9 @@ class _PaddingBlindEmbedding(nn.Embedding):
 
 @pytest.mark.parametrize("single_backward", [False, True])
 @pytest.mark.parametrize(("layer", "closed_form"), [(_ScaledEmbedding, True), (_PaddingBlindEmbedding, False)])
-def test_embedding_subclass_with_its_own_forward_is_verified(layer: type, closed_form: bool, single_backward: bool) -> None:
+def test_embedding_subclass_with_its_own_forward_is_verified(
+    layer: type, closed_form: bool, single_backward: bool
+) -> None:
     from hf_jd.autogram._dispatch import Kind
 
     from ._reference import assert_exact_step
@@ -626,7 +632,9 @@ def test_conv1d_and_grouped_conv2d_closed_form(single_backward: bool) -> None:
     torch.manual_seed(0)
     audio = nn.Sequential(nn.Conv1d(2, 4, 3, stride=2, padding=1), nn.GELU(), nn.Conv1d(4, 4, 3, dilation=2, groups=2),
                           nn.Tanh(), nn.Conv1d(4, 3, 1, bias=False))
-    image = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.ReLU(), nn.Conv2d(4, 6, (3, 2), stride=2, groups=2))
+    image = nn.Sequential(
+        nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.ReLU(), nn.Conv2d(4, 6, (3, 2), stride=2, groups=2)
+    )
     for model, x in ((audio, torch.randn(3, 2, 11)), (image, torch.randn(3, 4, 7, 7))):
         for batch_dim in (0, None):
             engine = Engine(model, batch_dim=batch_dim, single_backward=single_backward)

@@ -107,8 +107,16 @@ def test_ordinary_per_example_losses_raise_no_warning() -> None:
 
 
 def _tiny_causal_lm(model_type: str) -> nn.Module:
-    settings = dict(vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=16,
-                    bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    settings = dict(
+        vocab_size=30,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
     if model_type == "opt":
         settings.update(ffn_dim=32, word_embed_proj_dim=16)
     config = tf.AutoConfig.for_model(model_type, **settings)

@@ -18,7 +18,8 @@ BASES = {
     "bert": (lambda: tf.BertForSequenceClassification(tf.BertConfig(
         vocab_size=V, max_position_embeddings=16, num_labels=2, **ENC)), ["query", "value"], False),
     "llama": (lambda: tf.LlamaForCausalLM(tf.LlamaConfig(
-        vocab_size=V, max_position_embeddings=16, num_key_value_heads=1, **ENC)), ["q_proj", "v_proj", "down_proj"], False),
+        vocab_size=V, max_position_embeddings=16, num_key_value_heads=1, **ENC)),
+        ["q_proj", "v_proj", "down_proj"], False),
     # GPT-2's Conv1D stores its weight [d_in, d_out]: LoRA needs fan_in_fan_out there.
     "gpt2": (lambda: tf.GPT2LMHeadModel(tf.GPT2Config(
         vocab_size=V, n_positions=16, n_embd=16, n_layer=2, n_head=2)), ["c_attn"], True),
@@ -61,7 +62,9 @@ def test_prompt_learning(method: str, single_backward: bool) -> None:
     from peft import PromptEncoderConfig, PromptTuningConfig, TaskType
 
     torch.manual_seed(0)
-    base = tf.BertForSequenceClassification(tf.BertConfig(vocab_size=V, max_position_embeddings=32, num_labels=2, **ENC))
+    base = tf.BertForSequenceClassification(
+        tf.BertConfig(vocab_size=V, max_position_embeddings=32, num_labels=2, **ENC)
+    )
     if method == "prompt":
         config = PromptTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=4)
     else:
@@ -93,7 +96,9 @@ def _container_adapter_config(method: str):  # noqa: ANN202 - PEFT config classe
 def test_adapters_kept_in_parameter_dicts(method: str, single_backward: bool) -> None:
     """The layer reading a ParameterDict it owns is handled generically, with those parameters."""
     torch.manual_seed(0)
-    base = tf.BertForSequenceClassification(tf.BertConfig(vocab_size=V, max_position_embeddings=16, num_labels=2, **ENC))
+    base = tf.BertForSequenceClassification(
+        tf.BertConfig(vocab_size=V, max_position_embeddings=16, num_labels=2, **ENC)
+    )
     model = get_peft_model(base, _container_adapter_config(method)).train()
     for param in model.parameters():
         if param.requires_grad:  # PEFT starts some adapters at zero or one: make every one matter

@@ -243,7 +243,9 @@ def test_losses_of_a_forward_pass_the_engine_did_not_capture_are_rejected() -> N
     x = torch.randn(3, 4)
     first = model(x).pow(2).sum(1)
     model(x)  # a second forward pass replaces the captures
-    with pytest.raises(RuntimeError, match="outside the module calls the engine captured: the losses come from several"):
+    with pytest.raises(
+        RuntimeError, match="outside the module calls the engine captured: the losses come from several"
+    ):
         engine.compute_gramian(first)
     model(x)
     with engine.disabled():
@@ -263,7 +265,9 @@ def test_too_large_unattributed_parameter_is_rejected(monkeypatch: pytest.Monkey
     model = _Borrower()
     engine = Engine(model)
     losses = model(torch.randn(4, 4)).pow(2).sum(1)
-    with pytest.raises(RuntimeError, match=r"\['child.weight'\].*outside the forward pass of the module that owns them"):
+    with pytest.raises(
+        RuntimeError, match=r"\['child.weight'\].*outside the forward pass of the module that owns them"
+    ):
         engine.compute_gramian(losses)
 
 
@@ -290,7 +294,8 @@ def test_check_gramian_tolerates_bf16_rounding() -> None:
 
     for seed in range(3):
         torch.manual_seed(seed)
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=2, n_head=2)).to(torch.bfloat16)
+        config = GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=2, n_head=2)
+        model = GPT2LMHeadModel(config).to(torch.bfloat16)
         engine = Engine(model)
         ids = torch.randint(0, 50, (4, 8))
         logits = model(input_ids=ids).logits.float()

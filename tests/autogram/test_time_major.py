@@ -200,7 +200,7 @@ def test_a_verified_regrouping_is_trusted_in_later_steps_of_the_same_structure(
     engine = Engine(model, single_backward=single_backward)
     params = trainable(model)
     counts = []
-    for step in range(3):
+    for _ in range(3):
         for param in params:
             param.grad = None
         losses = model(torch.randn(4, 3, 3)) ** 2

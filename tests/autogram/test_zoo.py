@@ -124,7 +124,8 @@ ZOO: dict[str, tuple[Callable[[], nn.Module], Inputs]] = {
         image_size=8, patch_size=2, num_channels=3, embed_dim=8, depths=[1, 1], num_heads=[1, 2], window_size=2,
         num_labels=3)), _pixels),
     "gemma3": (lambda: tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(
-        vocab_size=V, max_position_embeddings=16, num_key_value_heads=1, head_dim=8, sliding_window=4, **ENC)), _text()),
+        vocab_size=V, max_position_embeddings=16, num_key_value_heads=1, head_dim=8, sliding_window=4, **ENC)),
+        _text()),
     "qwen3": (lambda: tf.Qwen3ForCausalLM(tf.Qwen3Config(
         vocab_size=V, max_position_embeddings=16, num_key_value_heads=1, head_dim=8, **ENC)), _text()),
     "modernbert": (lambda: tf.ModernBertForSequenceClassification(tf.ModernBertConfig(

@@ -9,6 +9,7 @@ outputs, losses that decrease where a few steps reliably decrease them, plots th
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import math
 import sys
 from pathlib import Path
@@ -67,7 +68,7 @@ def test_demo_end_to_end(demo: ModuleType, tmp_path: Path, capsys: pytest.Captur
     heads = results["heads"]
     runs = results["runs"]
     assert list(runs) == ["upgrad", "mean"]
-    for method, run in runs.items():
+    for run in runs.values():
         for split in ("train", "eval"):
             for task, spec in heads.items():
                 values = run[split][task]
@@ -210,7 +211,7 @@ def _word_tokenizer() -> Any:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = "good bad movie film great awful plot actor boring fun".split()
+    words = ["good", "bad", "movie", "film", "great", "awful", "plot", "actor", "boring", "fun"]
     vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, **{word: i + 4 for i, word in enumerate(words)}}
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -422,7 +423,7 @@ def test_markov_dataset_follows_a_sparse_chain() -> None:
             assert len(row["input_ids"]) == 12 and 6 <= len(ids) <= 12
             assert set(row["input_ids"][len(ids):]) <= {PAD_ID}
             assert ids[0] == CLS_ID and all(2 <= t < 32 for t in ids[1:])
-            for current, following in zip(ids[1:], ids[2:]):
+            for current, following in itertools.pairwise(ids[1:]):
                 successors.setdefault(current, set()).add(following)
     # Every token is followed by at most 3 distinct tokens across the whole dataset (both splits share the chain).
     assert max(len(values) for values in successors.values()) == 3
