@@ -170,12 +170,14 @@ class Engine:
       check, unless some operation selects rows by the data (indexing, gathering, sorting:
       mixture-of-experts tokens), in which case every step is checked.
     * Losses that mix the examples (an in-batch contrastive loss, losses divided by their batch
-      sum) are detected where they reach the module calls closest to them (two backward passes
-      through the loss computation, once per structure of its autograd graph): the calls are then
-      checked and those whose examples are mixed take the exact per-row path (a ``RuntimeWarning``
-      says so once per engine).
-    * Not detected without :meth:`check_gramian`: examples mixed by parameter-free operations
-      between two parametrised calls that are both shaped ``[B, ...]``, a time-major layout
+      sum, mined pairs) are detected where they reach the module calls closest to them, and
+      examples mixed by a parameter-free operation between two layers (centring over the batch)
+      where they reach the model's first calls: on the first step of each structure of the loss
+      computation (two backward passes; every step, at the closest calls only, when the loss
+      computation picks rows by the data). The calls are then checked on every step and those
+      whose examples are mixed take the exact per-row path (a ``RuntimeWarning`` says so once per
+      engine).
+    * Not detected without :meth:`check_gramian`: a time-major layout
       whose length equals the batch size in the very first step, losses that contain gradients of
       the model (``create_graph=True`` penalties: autograd numbers those nodes like the forward
       nodes they differentiate), and a user's forward pre-hook using its module's parameters.
@@ -239,6 +241,8 @@ class Engine:
         # Whether the examples were found mixed, by structure of the loss computation (the autograd graph
         # between the losses and the calls closest to them, see _regroup.loss_computation).
         self._loss_computations: dict[tuple[str, ...], bool] = {}
+        # Loss computations on whose first step the model's first calls were checked too.
+        self._sources_checked: set[tuple[str, ...]] = set()
         # Per structure of a forward pass whose calls not split along batch_dim all passed the grouping check:
         # whether each checked call was split along its other batch dimension (see _regroup.regrouping_structure).
         self._verified_groupings: dict[tuple[str, ...], tuple[bool, ...]] = {}
@@ -540,9 +544,22 @@ class Engine:
                 reached, structure = frontier(losses, records)
                 known = self._loss_computations.get(structure)
                 if known is None:
-                    unplanned = [record for record in reached if id(record) not in planned]
+                    checked = [record for record in reached if id(record) not in planned]
+                    if structure not in self._sources_checked:
+                        # Once per loss computation, the first calls of the model too (those whose inputs do not
+                        # require grad): examples mixed anywhere downstream, between two layers as well as in the
+                        # losses, show in their output gradients (two full backward passes, the first step only).
+                        if len(self._sources_checked) >= MAX_LOSS_COMPUTATIONS:
+                            self._sources_checked.clear()
+                        self._sources_checked.add(structure)
+                        reached_ids = {id(record) for record in checked}
+                        checked += [
+                            record
+                            for record in records
+                            if record.is_source and id(record) not in planned and id(record) not in reached_ids
+                        ]
                     with one_vector_at_a_time(True):
-                        failed = grads_verified(losses, layout, unplanned, accumulator, add=False, rtol=identity_rtol)
+                        failed = grads_verified(losses, layout, checked, accumulator, add=False, rtol=identity_rtol)
                     known = bool(failed)
                     if known or "?" not in structure:  # rows picked by the data (mined pairs): checked every step
                         self._remember_loss_computation(structure, known)

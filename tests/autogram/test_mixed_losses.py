@@ -177,3 +177,29 @@ def test_pairs_picked_by_the_data_are_checked_on_every_step() -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             assert_exact_step(engine, losses, params, False)
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_examples_mixed_between_two_layers_are_exact(single_backward: bool) -> None:
+    """A parameter-free operation across the batch between two Linear layers (centring over the batch) shows in
+    the first layer's output gradients: checked on the first step, then exact on every step."""
+
+    class Centred(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first = nn.Linear(3, 5)
+            self.second = nn.Linear(5, 1)
+
+        def forward(self, x: Tensor) -> Tensor:
+            hidden = torch.tanh(self.first(x))
+            return self.second(hidden - hidden.mean(0, keepdim=True))
+
+    torch.manual_seed(9)
+    model = Centred()
+    engine = Engine(model, single_backward=single_backward)
+    params = trainable(model)
+    with pytest.warns(RuntimeWarning, match="mix the examples"):
+        for _ in range(2):
+            for param in params:
+                param.grad = None
+            assert_exact_step(engine, model(torch.randn(5, 3)).squeeze(1) ** 2, params, single_backward)

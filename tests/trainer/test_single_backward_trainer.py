@@ -78,19 +78,21 @@ def test_arguments_reject_single_backward_without_autogram(tmp_path):
         make_args(tmp_path, jd_mode="iwrm", jd_single_backward="yes")
 
 
-class _MixingNet(nn.Module):
-    """Returns ``loss`` per example; a parameter-free operation mixes the examples of the batch (every
-    parametrised call is still shaped [B, ...]): only the first-step check finds the wrong Gramian."""
+class _PreHookNet(nn.Module):
+    """Returns ``loss`` per example; a user's forward pre-hook on ``child`` uses the child's own bias, a use the
+    autogram engine does not see (it is not in the child's captured call): only the first-step check finds the
+    wrong Gramian. (Examples mixed between two layers, the earlier case here, are now handled by the engine.)"""
 
     def __init__(self) -> None:
         super().__init__()
         self.first = nn.Linear(6, 8)
         self.child = nn.Linear(8, 8)
         self.head = nn.Linear(8, 1)
+        self.child.register_forward_pre_hook(lambda module, args: (args[0] * (1 + 5 * module.bias.sum()),))
 
     def forward(self, x: Tensor, labels_a: Tensor | None = None, labels_b: Tensor | None = None) -> dict[str, Tensor]:
         hidden = torch.tanh(self.first(x))
-        hidden = torch.tanh(self.child(hidden - hidden.mean(0, keepdim=True)))
+        hidden = torch.tanh(self.child(hidden))
         pred = self.head(hidden).squeeze(-1)
         out = {"logits": pred}
         if labels_a is not None:
@@ -108,7 +110,7 @@ def test_first_step_check_detects_a_wrong_gramian(tmp_path, single_backward):
     dataset = two_task_dataset().remove_columns(["labels_b"])
     args = make_args(tmp_path, jd_mode="iwrm", jd_single_backward=single_backward, max_steps=1,
                      label_names=["labels_a"])  # fmt: skip
-    trainer = JDTrainer(model=_MixingNet(), args=args, train_dataset=dataset, compute_losses=_per_example_losses)
+    trainer = JDTrainer(model=_PreHookNet(), args=args, train_dataset=dataset, compute_losses=_per_example_losses)
     with pytest.raises(RuntimeError, match="does not account for all uses(.|\n)*jd_engine='autojac'"):
         trainer.train()
 
