@@ -247,4 +247,6 @@ def _grouped_by_example(grad: Tensor, weights: Tensor, batch_dim: int, rtol: flo
     shape[batch_dim] = plain.shape[batch_dim]
     scale = weights.to(plain.dtype).repeat_interleave(groups).view(shape)
     deviation = (weighted - scale * plain).abs().max()
-    return bool(deviation <= rtol * weighted.abs().max())
+    # Non-finite gradients (a NaN loss) say nothing about the grouping: not taken for mixed examples (the
+    # Gramian then holds the NaN, which the weightings reject with a clear error).
+    return not bool(deviation > rtol * weighted.abs().max())

@@ -203,3 +203,20 @@ def test_examples_mixed_between_two_layers_are_exact(single_backward: bool) -> N
             for param in params:
                 param.grad = None
             assert_exact_step(engine, model(torch.randn(5, 3)).squeeze(1) ** 2, params, single_backward)
+
+
+def test_a_nan_loss_is_not_taken_for_mixed_examples() -> None:
+    """The grouping check cannot judge non-finite gradients: no mixing warning; the NaN reaches the Gramian, which
+    the weightings reject."""
+    from hf_jd.aggregation import UPGradWeighting
+
+    torch.manual_seed(10)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 1))
+    engine = Engine(model)
+    losses = model(torch.randn(3, 4)).squeeze(1) ** 2 * torch.tensor([1.0, float("nan"), 1.0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        gramian = engine.compute_gramian(losses)
+    assert torch.isnan(gramian).any()
+    with pytest.raises(ValueError, match="(?i)finite|nan"):
+        UPGradWeighting()(gramian)
