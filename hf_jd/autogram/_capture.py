@@ -675,7 +675,11 @@ class Capture:
         tensors), if there is one, the same for all: a candidate batch dimension for this call, which
         the engine verifies before relying on it; else ``None``."""
         bd, size = self.batch_dim, self.batch_size
-        if bd is None or size <= 1:
+        # Convolutions and GroupNorm mix positions (or channels) within a sample: their closed forms need the
+        # samples along batch_dim. Position-wise closed forms and the generic path (whose vector-Jacobian
+        # products are exact whenever the grouping holds) can take another dimension.
+        position_wise = kind.is_generic or kind in (Kind.LINEAR, Kind.LAYER_NORM, Kind.EMBEDDING)
+        if bd is None or size <= 1 or not position_wise:
             return None
         tensors = [t for t in tensors_in(output) if t.requires_grad]
         if not kind.is_generic:

@@ -176,7 +176,9 @@ class Engine:
       computation (two backward passes; every step, at the closest calls only, when the loss
       computation picks rows by the data). The calls are then checked on every step and those
       whose examples are mixed take the exact per-row path (a ``RuntimeWarning`` says so once per
-      engine).
+      engine). Not detected: mixing that appears later in a loss computation of the same structure
+      (its presence depends on the data, e.g. negatives masked by labels), and under bf16/fp16 a
+      mixing weaker than the low-precision tolerance (5e-2 relative).
     * Not detected without :meth:`check_gramian`: a time-major layout
       whose length equals the batch size in the very first step, losses that contain gradients of
       the model (``create_graph=True`` penalties: autograd numbers those nodes like the forward

@@ -251,3 +251,27 @@ def test_rows_picked_one_by_one_in_another_order_are_verified_again(identity_che
             param.grad = None
         model.order = order
         assert_exact_step(engine, model(torch.randn(4, 3, 3)) ** 2, params, False)
+
+
+@pytest.mark.parametrize("kind", ["groupnorm", "depthwise_conv"])
+def test_channels_of_the_batch_size_are_not_taken_for_the_batch(kind: str) -> None:
+    """A GroupNorm or depthwise convolution on [1, C, L] with C = B, loss j reading channel j: the channel
+    dimension passes the grouping identity, but these closed forms need their samples along batch_dim; the exact
+    per-row path is taken (it raised that the engine had batch_dim=1)."""
+
+    class Channels(nn.Module):
+        def __init__(self, batch: int) -> None:
+            super().__init__()
+            self.first = nn.Linear(3, 3)
+            self.conv = nn.Conv1d(3, batch, 1)
+            depthwise = nn.Conv1d(batch, batch, 3, padding=1, groups=batch)
+            self.norm = nn.GroupNorm(batch, batch) if kind == "groupnorm" else depthwise
+
+        def forward(self, x: Tensor) -> Tensor:  # x [B, 3]
+            return self.norm(self.conv(self.first(x).T.unsqueeze(0)))[0].pow(2).mean(1)
+
+    torch.manual_seed(11)
+    model = Channels(4).double()  # a per-channel norm over 4 positions: float32 rounding shows in its gradients
+    engine = Engine(model)
+    weights = torch.linspace(0.5, 1.5, 4, dtype=torch.float64)
+    assert_exact_step(engine, model(torch.randn(4, 3, dtype=torch.float64)), trainable(model), False, weights)
