@@ -241,7 +241,7 @@ class Engine:
         self._warned_unattributed = False
         self._warned_mixed = False
         # Whether the examples were found mixed, by structure of the loss computation (the autograd graph
-        # between the losses and the calls closest to them, see _regroup.loss_computation).
+        # between the losses and the calls closest to them, see _regroup.frontier).
         self._loss_computations: dict[tuple[str, ...], bool] = {}
         # Loss computations on whose first step the model's first calls were checked too.
         self._sources_checked: set[tuple[str, ...]] = set()
@@ -275,8 +275,9 @@ class Engine:
         self._warned_mixed = True
         warnings.warn(
             "hf_jd.autogram: the per-example losses mix the examples of the batch (a loss depends on other "
-            "examples' module outputs, e.g. an in-batch contrastive loss or losses divided by their batch sum), so "
-            "the per-example gradients of the module calls are not those of the losses. Every call is then verified "
+            "examples' module outputs: an in-batch contrastive loss, losses divided by their batch sum, or an "
+            "operation across the batch between two layers, such as centring or reordering the batch), so the "
+            "per-example gradients of some module calls are not those of the losses. Every call is then verified "
             "on each step of this loss computation, and those whose examples are mixed get one output gradient per "
             "loss row from a batched backward pass: exact, but up to one backward pass per loss row. This warning "
             "is shown once per engine.",
@@ -537,10 +538,10 @@ class Engine:
         identity_rtol = LOW_PRECISION_IDENTITY_RTOL if self._low_precision else IDENTITY_RTOL
         with backpropagating(), explain_donated_buffers():
             verify_layout = coincident and not self._batch_major_verified
-            # Losses that mix the examples (an in-batch contrastive loss) show where they reach the calls
-            # closest to them: checked there on the first step of each loss computation (two ordinary backward
-            # passes through it; a vmapped pass falls back to slow loops for some loss kernels). A computation
-            # found mixing them has every call verified on every step.
+            # Losses that mix the examples (an in-batch contrastive loss) show where they reach the calls closest
+            # to them, operations that mix them between layers at the model's first calls: both checked on the
+            # first step of each loss computation (two ordinary backward passes; a vmapped pass falls back to slow
+            # loops for some loss kernels). A computation found mixing them has every call verified on every step.
             mixed = False
             if not (unaligned or verify_layout) and layout.batch_dim is not None and layout.num_examples > 1:
                 reached, structure = frontier(losses, records)
