@@ -31,6 +31,7 @@ from torch import Tensor
 
 from ._accumulate import Accumulator
 from ._batched_grad import batched_grad
+from ._capture import GATHER_NODES
 from ._layout import RowLayout
 from ._record import Record, split_by_record
 
@@ -186,25 +187,31 @@ def frontier(losses: Tensor, records: list[Record]) -> tuple[list[Record], tuple
             structure.extend("@" + record.module_name for record in reached)
             found.update((id(record), record) for record in reached)
             continue
-        name = type(node).__name__
-        structure.append(name)
-        if name == "SelectBackward0":  # positions picked one by one are part of the computation
-            structure.append(f"{node._saved_dim}:{node._saved_index}")  # type: ignore[attr-defined]
-        elif name in DATA_DEPENDENT_NODES:
-            structure.append("?")  # rows picked by the data: the structure does not fix the mixing
+        structure.extend(_described(node))
         stack.extend(next_node for next_node, _ in node.next_functions)
     return list(found.values()), tuple(structure)
 
 
 # Autograd nodes of operations whose rows depend on the data (indexing, gathering, scattering, sorting):
 # with one of them in the graph, a grouping verified once may not hold in the next step.
-DATA_DEPENDENT_NODES = frozenset({
-    "GatherBackward0", "IndexBackward0", "IndexSelectBackward0", "TakeAlongDimBackward0", "TakeBackward0",
+DATA_DEPENDENT_NODES = GATHER_NODES | frozenset({
     "MaskedSelectBackward0", "IndexPutBackward0", "IndexAddBackward0", "IndexCopyBackward0", "IndexFillBackward0",
     "ScatterBackward0", "ScatterBackward1", "ScatterAddBackward0", "ScatterReduceBackward0", "MaskedScatterBackward0",
     "SortBackward0", "TopkBackward0", "KthvalueBackward0", "MedianBackward1", "ModeBackward0",
     "MaxBackward0", "MinBackward0", "NonzeroBackward0", "RepeatInterleaveBackward0",
 })
+
+
+def _described(node: object) -> tuple[str, ...]:
+    """A node's entries in a structure: its type, then the position it picks (``SelectBackward0``: rows
+    picked one by one, ``torch.stack([h[i] for i in order])``, are part of the structure), or ``"?"`` for
+    an operation that selects rows by the data (the structure does not fix them)."""
+    name = type(node).__name__
+    if name == "SelectBackward0":
+        return name, f"{node._saved_dim}:{node._saved_index}"  # type: ignore[attr-defined]
+    if name in DATA_DEPENDENT_NODES:
+        return name, "?"
+    return (name,)
 
 
 def regrouping_structure(nodes: list[object], records: list[Record]) -> tuple[str, ...] | None:
@@ -225,16 +232,10 @@ def regrouping_structure(nodes: list[object], records: list[Record]) -> tuple[st
     tuple of str or None
         The structure, or ``None``.
     """
-    names = [type(node).__name__ for node in nodes]
-    if any(name in DATA_DEPENDENT_NODES for name in names):
+    entries = [entry for node in nodes for entry in _described(node)]
+    if "?" in entries:
         return None
-    # Rows picked one by one (``torch.stack([h[i] for i in order])``): the picked positions are part of it.
-    picked = [
-        f"{node._saved_dim}:{node._saved_index}"  # type: ignore[attr-defined]
-        for node, name in zip(nodes, names)
-        if name == "SelectBackward0"
-    ]
-    return (*names, *picked, *("@" + record.module_name for record in records))
+    return (*entries, *("@" + record.module_name for record in records))
 
 
 def _grouped_by_example(grad: Tensor, weights: Tensor, batch_dim: int, rtol: float) -> bool:

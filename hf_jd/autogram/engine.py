@@ -265,13 +265,13 @@ class Engine:
             stacklevel=3,
         )
 
-    def _remember_loss_computation(self, structure: tuple[str, ...], mixed: bool) -> bool:
-        """Remember whether this loss computation mixes the examples (and return it); warn once if so."""
+    def _remember_loss_computation(self, structure: tuple[str, ...], mixed: bool) -> None:
+        """Remember whether this loss computation mixes the examples; warn once if so."""
         if len(self._loss_computations) >= MAX_LOSS_COMPUTATIONS:
             self._loss_computations.clear()
         self._loss_computations[structure] = mixed
         if not mixed or self._warned_mixed:
-            return mixed
+            return
         self._warned_mixed = True
         warnings.warn(
             "hf_jd.autogram: the per-example losses mix the examples of the batch (a loss depends on other "
@@ -284,7 +284,6 @@ class Engine:
             RuntimeWarning,
             stacklevel=3,
         )
-        return mixed
 
     def _qualified_names(self, params: Sequence[Tensor]) -> list[str]:
         """Qualified names of parameters of the engine's modules, for error messages."""
