@@ -532,9 +532,10 @@ class JDStep:
                 raise
             raise RuntimeError(
                 f"{error}\nWith JDTrainer: the autojac engine computes the Jacobian with torch.autograd.grad, which "
-                "reentrant checkpointing rejects. Enable checkpointing non-reentrant: gradient_checkpointing_kwargs="
-                "{'use_reentrant': False} (transformers' default), or "
-                "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})."
+                "reentrant checkpointing rejects. Enable checkpointing non-reentrant: activation_checkpointing_kwargs="
+                "{'use_reentrant': False} (gradient_checkpointing_kwargs before transformers 5; non-reentrant is "
+                "transformers' default), or model.activation_checkpointing_enable(activation_checkpointing_kwargs="
+                "{'use_reentrant': False})."
             ) from error
         jacobians = [p.jac for p in params]  # type: ignore[attr-defined]
         if not all(bool(torch.isfinite(j).all()) for j in jacobians):

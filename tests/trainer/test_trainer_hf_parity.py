@@ -256,7 +256,8 @@ def test_manual_reentrant_checkpointing_with_autojac_suggests_non_reentrant(tmp_
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     args = make_args(tmp_path, max_steps=1, jd_engine="autojac")
     trainer = JDTrainer(model=model, args=args, train_dataset=token_dataset(n=4))
-    with pytest.raises(RuntimeError, match="reentrant checkpointing rejects(.|\n)*'use_reentrant': False"):
+    suggestion = r"activation_checkpointing_enable\(activation_checkpointing_kwargs=\{'use_reentrant': False\}\)"
+    with pytest.raises(RuntimeError, match=r"reentrant checkpointing rejects(.|\n)*" + suggestion):
         trainer.train()
 
 
