@@ -407,7 +407,9 @@ class EmbeddingRecord(Record):
             combined = (weights.to(tokens.grads.dtype)[tokens.example].unsqueeze(-1) * tokens.grads).sum(1)
             ids = tokens.ids
         if getattr(self.module, "sparse", False):  # as the ordinary backward: a sparse gradient (SparseAdam)
-            return torch.sparse_coo_tensor(ids.unsqueeze(0), combined, self.module.weight.shape).coalesce()
+            return torch.sparse_coo_tensor(
+                ids.unsqueeze(0), combined, self.module.weight.shape, check_invariants=True
+            ).coalesce()
         grad = combined.new_zeros(self.module.weight.shape)
         grad.index_add_(0, ids, combined)
         return grad

@@ -198,6 +198,17 @@ class Record(ABC):
             self.kept_rows[name] = rows
         return rows @ rows.T
 
+    def can_split_batch(self) -> bool:
+        """Whether :meth:`split_batch` can regroup this record (it holds a captured ``inputs`` tensor).
+
+        Returns
+        -------
+        bool
+            ``True`` for position-wise closed forms (Linear, LayerNorm, ...), ``False`` for others (the
+            generic path's batched vector-Jacobian products).
+        """
+        return isinstance(getattr(self, "inputs", None), Tensor)
+
     def split_batch(self, num_examples: int, batch_dim: int) -> None:
         """Regroup the captured input ``[..., E * k, ...]`` into ``[..., E, k, ...]`` along
         ``batch_dim`` (position-wise records with a verified batch-major grouping only).

@@ -240,6 +240,8 @@ class Engine:
         self._capture = Capture(list(modules), batch_dim, on_new_forward=self.reset)
         self._warned_unattributed = False
         self._warned_mixed = False
+        self._warned_per_row = False
+        self._per_row_before: set[str] = set()  # modules that took the per-row path on an earlier step
         # Whether the examples were found mixed, by structure of the loss computation (the autograd graph
         # between the losses and the calls closest to them, see _regroup.frontier).
         self._loss_computations: dict[tuple[str, ...], bool] = {}
@@ -261,6 +263,31 @@ class Engine:
             "calling F.linear(x, self.child.weight)). Their per-row gradients are computed by a batched backward "
             "pass from the losses: exact, but up to one backward pass per loss row. Let the owning module use them "
             "(self.child(x)) for the engine's closed forms. This warning is shown once per engine.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+    def _warn_per_row(self, records: Sequence[Record], layout: RowLayout) -> None:
+        """Warn once per engine that some modules take the per-row backward pass on every step (silent slowness
+        otherwise); not for a first step's one-time checks (a [1, T, d] table with T = B before the layout is
+        verified): only for a module that took that path on an earlier step too."""
+        if self._warned_per_row:
+            return
+        described = list(dict.fromkeys(record.describe() for record in records))
+        names = [name for name in described if name in self._per_row_before]
+        self._per_row_before.update(described)
+        if not names:
+            return
+        self._warned_per_row = True
+        shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        warnings.warn(
+            f"hf_jd.autogram: {len(names)} module(s) of the engine ({shown}) have captured tensors that are not "
+            f"split by example along batch_dim={layout.batch_dim} (e.g. a weight-normalised convolution, a table "
+            "shared by the examples and used otherwise than broadcast over the batch, or examples regrouped by the "
+            "model), so the engine's closed forms do not apply to them: their per-row gradients come from a batched "
+            f"backward pass over the {layout.num_rows} loss rows, exact but costing up to one backward pass per row. "
+            "If their parameters need not be in the Jacobian, leave these modules out of the engine (JDTrainer: "
+            "jd_modules) or freeze them. This warning is shown once per engine.",
             RuntimeWarning,
             stacklevel=3,
         )
@@ -616,6 +643,8 @@ class Engine:
                 unaligned += failed
             if unaligned:
                 grads_per_row(losses, layout, unaligned, accumulator)
+                if not mixed:  # (losses that mix the examples have their own warning)
+                    self._warn_per_row(unaligned, layout)
             with ExitStack() as stack:
                 for plan in plans:
                     stack.enter_context(plan.hooks())
@@ -628,6 +657,7 @@ class Engine:
         if failed:  # a broadcasting node did not give per-example gradients: the exact per-row path
             with backpropagating():
                 grads_per_row(losses, layout, failed, accumulator)
+            self._warn_per_row(failed, layout)
         if unattributed:
             self._warn_unattributed(unattributed)
             with backpropagating():

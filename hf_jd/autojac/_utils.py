@@ -268,6 +268,8 @@ def find_leaves(roots: Sequence[Tensor], stop_at: Sequence[Tensor] = ()) -> tupl
 
 
 def _grad_state(tensor: Tensor) -> tuple[int, int] | None:
+    if not (tensor.is_leaf or tensor.retains_grad):
+        return None  # autograd writes no .grad there (and reading it warns)
     grad = tensor.grad
     return None if grad is None else (id(grad), grad._version)
 

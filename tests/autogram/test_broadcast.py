@@ -4,6 +4,8 @@ instead of one backward pass per example, exact against the explicit Jacobian.""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import transformers as tf
@@ -314,3 +316,42 @@ def test_clip_contrastive_losses_mix_the_examples(single_backward: bool) -> None
     losses = 0.5 * (nn.functional.cross_entropy(out.logits_per_image, targets, reduction="none")
                     + nn.functional.cross_entropy(out.logits_per_text, targets, reduction="none"))
     assert_exact_step(engine, losses, trainable(model), single_backward)
+
+
+def _per_row_warnings(records: list[warnings.WarningMessage]) -> list[str]:
+    return [str(record.message) for record in records if "per-row gradients come from a batched" in str(record.message)]
+
+
+def test_a_module_on_the_per_row_path_every_step_is_named_in_one_warning_from_the_second_step() -> None:
+    torch.manual_seed(0)
+    model = SharedBias("nonlinear")  # the shared table's output is used otherwise than broadcast: per-row path
+    engine = Engine(model)
+    seen = []
+    for _ in range(3):
+        with warnings.catch_warnings(record=True) as records:
+            warnings.simplefilter("always")
+            losses = _losses(model)
+            gramian = engine.compute_gramian(losses)
+        assert_gramian_matches(gramian, jacobian(losses, trainable(model)))
+        seen.append(_per_row_warnings(records))
+    assert seen[0] == [] and seen[2] == []  # not on a first step (which may be a one-time check), then once
+    (message,) = seen[1]
+    assert "table (Embedding)" in message and "batch_dim=0" in message and "4 loss rows" in message
+    assert "jd_modules" in message
+
+
+def test_a_first_step_check_of_a_position_table_with_as_many_positions_as_examples_does_not_warn() -> None:
+    # BERT's [1, T, d] position embeddings with T = B: per-row on the first step only, until the layout is verified.
+    torch.manual_seed(0)
+    config = tf.BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                           intermediate_size=16, max_position_embeddings=8, num_labels=2)
+    model = tf.BertForSequenceClassification(config)
+    engine = Engine(model)
+    ids, labels = torch.randint(0, 30, (4, 4)), torch.tensor([0, 1, 1, 0])
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            logits = model(input_ids=ids).logits
+            losses = nn.functional.cross_entropy(logits, labels, reduction="none")
+            assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, trainable(model)))
+    assert _per_row_warnings(records) == []

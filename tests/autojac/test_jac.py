@@ -94,7 +94,9 @@ def test_non_leaf_inputs_like_autograd_grad() -> None:
     inputs = torch.randn(4, 5)
     hidden = model[1](model[0](inputs))
     outputs = model[2:](hidden).sum(dim=1)
-    (result,) = jac(outputs, hidden)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. no "the .grad attribute of a Tensor that is not a leaf" warning
+        (result,) = jac(outputs, hidden)
     expected = jacrev(lambda h: model[2:](h).sum(dim=1))(hidden.detach())
     assert result.shape == (4, 4, 7)
     assert_close(result, expected)
