@@ -606,7 +606,7 @@ class Capture:
         if frame.first_node is not None and end_node is not None:
             record.nodes = range(frame.first_node, end_node)
         record.autocast = frame.autocast
-        if not batched and info.kind in (Kind.LINEAR, Kind.LAYER_NORM):
+        if not batched and info.kind in (Kind.LINEAR, Kind.LAYER_NORM, Kind.GENERIC):
             record.groups = self._groups(args, kwargs, expanded)
         if not batched:
             record.other_batch_dim = self._other_batch_dim(info.kind, args, kwargs, expanded)
@@ -698,16 +698,18 @@ class Capture:
             found.add(dims[0])
         return found.pop() if len(found) == 1 else None
 
-    def _groups(self, args: tuple[Any, ...], kwargs: dict[str, Any], output: Tensor) -> int:
-        """``k`` when a position-wise call's input and output have ``k * batch_size`` entries along
-        ``batch_dim`` (e.g. OPT's ``[B * T, d]`` rows, Swin's ``[B * windows, ...]``): a candidate
-        for the batch-major grouping, which the engine verifies before relying on it; else 0."""
+    def _groups(self, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> int:
+        """``k`` when a call's first input and its outputs that require grad have ``k * batch_size``
+        entries along ``batch_dim`` (e.g. OPT's ``[B * T, d]`` rows, Swin's ``[B * windows, ...]``, the
+        ``[B * T, d]`` tokens of transformers' fused mixture-of-experts layers and their routers): a
+        candidate for the batch-major grouping, which the engine verifies before relying on it; else 0."""
         bd, size = self.batch_dim, self.batch_size
         inputs = tensors_in(args) or tensors_in(kwargs)
-        if bd is None or size <= 0 or not inputs or output.dim() <= bd or inputs[0].dim() <= bd:
+        outputs = [tensor for tensor in tensors_in(output) if tensor.requires_grad]
+        if bd is None or size <= 0 or not inputs or not outputs or inputs[0].dim() <= bd:
             return 0
-        count = int(output.shape[bd])
-        if count != inputs[0].shape[bd] or count % size:
+        count = int(inputs[0].shape[bd])
+        if count % size or any(tensor.dim() <= bd or tensor.shape[bd] != count for tensor in outputs):
             return 0
         return count // size
 

@@ -215,6 +215,33 @@ class GenericRecord(Record):
         self._rows: dict[str, Tensor] | None = None
         self._versions: list[int] | None = None
         self.unused: set[str] = set()  # parameters the call's outputs do not depend on
+        # Set by split_batch: the outputs' E * k entries along this dimension are k consecutive ones per example.
+        self._grouped_dim: int | None = None
+
+    def can_split_batch(self) -> bool:
+        """Whether :meth:`split_batch` applies: yes, the products only need the output gradients regrouped.
+
+        Returns
+        -------
+        bool
+            ``True``.
+        """
+        return True
+
+    def split_batch(self, num_examples: int, batch_dim: int) -> None:
+        """Take the outputs' ``E * k`` entries along ``batch_dim`` as ``k`` consecutive ones per example
+        (a batch-major grouping the engine verified, e.g. a fused mixture-of-experts layer on ``[B * T, d]``
+        tokens): the output gradients then come shaped ``[..., E, k, ...]``, and are flattened back to the
+        outputs' shape for the vector-Jacobian products of each example.
+
+        Parameters
+        ----------
+        num_examples
+            ``E``.
+        batch_dim
+            The engine's batch dimension.
+        """
+        self._grouped_dim = batch_dim
 
     def watch_versions(self) -> None:
         """Remember the version counters of the (aliased) outputs: an in-place operation on them
@@ -246,6 +273,8 @@ class GenericRecord(Record):
         for index, (out, grad) in enumerate(zip(self.outputs, grads)):
             if grad is None:
                 continue
+            if self._grouped_dim is not None:
+                out = out.unflatten(self._grouped_dim, (layout.num_examples, -1))
             self.check_batch(out, layout, "output")
             self.grad_rows.append((index, layout.grad_to_rows(grad)))
         self.output_dtypes = [out.dtype for out in self.outputs]
@@ -264,6 +293,8 @@ class GenericRecord(Record):
                 layout.rows_to_grad_outputs(rows, examples).to(self.output_dtypes[index])
                 for index, rows in self.grad_rows
             ]
+            if self._grouped_dim is not None:  # [n, ..., E, k, ...] -> [n, ..., E * k, ...], the outputs' shape
+                grad_outputs = [grad.flatten(self._grouped_dim + 1, self._grouped_dim + 2) for grad in grad_outputs]
             parts.append(tuple(batched_grad(edges, [self.aliases[name] for name in names], grad_outputs)))
         self._rows = {}
         for position, name in enumerate(names):

@@ -128,6 +128,16 @@ class RMSNormRecord(GenericRecord):
         num_rows = self.rows.shape[0] * self.rows.shape[1]
         return (self.rows * self.normalised.unsqueeze(1)).sum(dim=2).reshape(num_rows, -1)
 
+    def can_split_batch(self) -> bool:
+        """Whether :meth:`split_batch` applies: no, the closed form reads its captured tensors per example.
+
+        Returns
+        -------
+        bool
+            ``False`` (such a call not split by example takes the per-row path).
+        """
+        return False
+
     def compact(self) -> None:
         """Drop the factors :meth:`weighted_grad` no longer needs once every parameter's rows are kept."""
         if self.closed_form and set(self.kept_rows) >= set(self.params):
