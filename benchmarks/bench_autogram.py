@@ -234,6 +234,11 @@ def _steps(case: Case, weighting: Callable[[Tensor], Tensor]) -> tuple[dict[str,
         gramian = theirs_engine.compute_gramian(losses)
         losses.backward(weighting(gramian).to(losses.dtype))
 
+    try:  # a model torchjd's engine does not handle is reported, and the others are still timed
+        theirs()
+    except Exception as error:  # noqa: BLE001
+        print(f"  torchjd: failed on this model ({type(error).__name__}: {str(error)[:160]})")
+        return steps, models
     steps["torchjd"] = theirs
     models["torchjd"] = theirs_model
     return steps, models

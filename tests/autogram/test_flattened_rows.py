@@ -44,14 +44,16 @@ def _check_step(engine: Engine, model: nn.Module, losses: Tensor, single_backwar
     torch.testing.assert_close(grads_of(params), weights @ jac, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("implementation", ["grouped_mm", "batched_mm", "eager"])
 @pytest.mark.parametrize("single_backward", [False, True])
-def test_fused_mixture_of_experts_takes_no_per_row_pass(single_backward: bool, monkeypatch) -> None:
+def test_fused_mixture_of_experts_takes_no_per_row_pass(single_backward: bool, implementation: str,
+                                                        monkeypatch) -> None:
     per_row = _count_per_row(monkeypatch)
     torch.manual_seed(0)
     config = tf.MixtralConfig(vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
                               num_attention_heads=2, num_key_value_heads=2, num_local_experts=4,
                               num_experts_per_tok=2, max_position_embeddings=32)
-    model = tf.MixtralForCausalLM(config)
+    model = tf.AutoModelForCausalLM.from_config(config, experts_implementation=implementation)
     engine = Engine(model, single_backward=single_backward)
     with warnings.catch_warnings(record=True) as records:
         warnings.simplefilter("always")
