@@ -33,7 +33,7 @@ from torch import Tensor
 from ._accumulate import Accumulator
 from ._record import Record
 
-__all__ = ["BroadcastPlan", "attach_plans", "node_output_shape", "plan_broadcasts"]
+__all__ = ["BroadcastPlan", "attach_plans", "grouped_paths", "node_output_shape", "plan_broadcasts"]
 
 # Nodes of operations that only move, select or convert entries (their backward is linear and
 # needs no saved tensor), through which a shared output may pass before being broadcast.
@@ -199,10 +199,31 @@ def _reduce(grad: Tensor, shape: torch.Size) -> Tensor:
     return grad.sum_to_size(shape)
 
 
+def grouped_paths(plans: list[BroadcastPlan]) -> list[tuple[Any, int]]:
+    """The broadcasting nodes of ``plans`` whose output has ``k > 1`` entries per example along the batch
+    dimension without a ``repeat`` defining them (a table added to Swin's ``[B * windows, …]`` attention
+    scores), with ``k``: their batch-major grouping is an assumption the engine verifies.
+
+    Parameters
+    ----------
+    plans
+        The plans.
+
+    Returns
+    -------
+    list of tuple
+        ``(node, k)`` pairs.
+    """
+    return [
+        (node, group) for plan in plans for node, _, group in plan.paths if group > 1 and _name(node) != REPEAT_NODE
+    ]
+
+
 def _broadcast_group(name: str, shared: torch.Size, output: torch.Size, batch_dim: int, batch_size: int) -> int:
     """How many entries along ``batch_dim`` each example owns when node ``name`` broadcasts a
-    tensor of shape ``shared`` to ``output``: 1 for a broadcast, ``k`` for a ``repeat`` of a
-    ``[k, …]`` tensor into ``[B k, …]``; 0 when it does not spread it over the batch."""
+    tensor of shape ``shared`` to ``output``: 1 for a broadcast over ``[B, …]``, ``k`` for a
+    broadcast over ``[B k, …]`` (e.g. Swin's windows: a grouping verified by the engine) and for a
+    ``repeat`` of a ``[k, …]`` tensor into ``[B k, …]``; 0 when it does not spread it over the batch."""
     if len(output) <= batch_dim or len(shared) > len(output):
         return 0
     if name == REPEAT_NODE:
@@ -213,11 +234,11 @@ def _broadcast_group(name: str, shared: torch.Size, output: torch.Size, batch_di
         if others_equal and output[batch_dim] == batch_size * shared[batch_dim]:
             return shared[batch_dim]
         return 0
-    if output[batch_dim] != batch_size:
+    if output[batch_dim] % batch_size:
         return 0
     offset = len(output) - len(shared)  # broadcasting aligns trailing dimensions
     index = batch_dim - offset
-    return 1 if index < 0 or shared[index] == 1 else 0
+    return output[batch_dim] // batch_size if index < 0 or shared[index] == 1 else 0
 
 
 def plan_broadcasts(losses: Tensor, records: list[Record], batch_dim: int, batch_size: int) -> list[BroadcastPlan]:

@@ -217,6 +217,38 @@ class GenericRecord(Record):
         self.unused: set[str] = set()  # parameters the call's outputs do not depend on
         # Set by split_batch: the outputs' E * k entries along this dimension are k consecutive ones per example.
         self._grouped_dim: int | None = None
+        # Set by insert_batch: the single output is shared by all examples (a table computed from the parameters
+        # alone, only broadcast over the batch), and each example's output gradient comes from a broadcast plan.
+        self._shared_output = False
+
+    def can_insert_batch(self, batch_dim: int) -> bool:
+        """Whether :meth:`insert_batch` applies: for a call with one output, whose per-example
+        vector-Jacobian products then take one output gradient per example in the output's own shape.
+
+        Parameters
+        ----------
+        batch_dim
+            The engine's batch dimension.
+
+        Returns
+        -------
+        bool
+            ``True`` for a single output.
+        """
+        return len(self.edges) == 1 and self._grouped_dim is None
+
+    def insert_batch(self, num_examples: int, batch_dim: int) -> None:
+        """Take the output gradients as one per example, each of the shared output's shape, stacked along
+        ``batch_dim`` (see :func:`hf_jd.autogram._broadcast.attach_plans`).
+
+        Parameters
+        ----------
+        num_examples
+            Number of examples.
+        batch_dim
+            Where the examples are stacked.
+        """
+        self._shared_output = True
 
     def can_split_batch(self) -> bool:
         """Whether :meth:`split_batch` applies: yes, the products only need the output gradients regrouped.
@@ -275,7 +307,8 @@ class GenericRecord(Record):
                 continue
             if self._grouped_dim is not None:
                 out = out.unflatten(self._grouped_dim, (layout.num_examples, -1))
-            self.check_batch(out, layout, "output")
+            if not self._shared_output:
+                self.check_batch(out, layout, "output")
             self.grad_rows.append((index, layout.grad_to_rows(grad)))
         self.output_dtypes = [out.dtype for out in self.outputs]
         del self.outputs
@@ -289,10 +322,16 @@ class GenericRecord(Record):
         names = list(self.aliases)
         parts: list[tuple[Tensor | None, ...]] = []
         for examples in self._example_chunks():
-            grad_outputs = [
-                layout.rows_to_grad_outputs(rows, examples).to(self.output_dtypes[index])
-                for index, rows in self.grad_rows
-            ]
+            if self._shared_output:  # one gradient per example, already in the output's shape
+                grad_outputs = [
+                    (rows if examples is None else rows[examples]).flatten(0, 1).to(self.output_dtypes[index])
+                    for index, rows in self.grad_rows
+                ]
+            else:
+                grad_outputs = [
+                    layout.rows_to_grad_outputs(rows, examples).to(self.output_dtypes[index])
+                    for index, rows in self.grad_rows
+                ]
             if self._grouped_dim is not None:  # [n, ..., E, k, ...] -> [n, ..., E * k, ...], the outputs' shape
                 grad_outputs = [grad.flatten(self._grouped_dim + 1, self._grouped_dim + 2) for grad in grad_outputs]
             parts.append(tuple(batched_grad(edges, [self.aliases[name] for name in names], grad_outputs)))

@@ -25,9 +25,11 @@ computation is then verified on every step, and the failures take the exact per-
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
+from torch.autograd.graph import GradientEdge
 
 from ._accumulate import Accumulator
 from ._batched_grad import batched_grad
@@ -35,7 +37,7 @@ from ._capture import GATHER_NODES
 from ._layout import RowLayout
 from ._record import Record, split_by_record
 
-__all__ = ["frontier", "grads_verified", "regrouping_structure"]
+__all__ = ["frontier", "grads_verified", "groups_verified", "regrouping_structure"]
 
 # Largest deviation from the identity, relative to the largest weighted output gradient, that is
 # taken for float rounding (a wrong grouping deviates by about the gradient's own magnitude).
@@ -98,12 +100,8 @@ def grads_verified(
     assert layout.batch_dim is not None and (layout.num_tasks == 1 or not add)
     bd = layout.batch_dim
     num_examples = layout.num_examples
-    generator = torch.Generator().manual_seed(_SEED)
-    weights = (1.0 + torch.rand(num_examples, generator=generator, dtype=torch.float64)).to(
-        device=losses.device, dtype=losses.dtype
-    )
-    per_row = weights.reshape(-1, *([1] * (losses.dim() - 1))).expand_as(losses)  # the same for every task
-    vectors = torch.stack([torch.ones_like(losses), per_row])[: 1 if trusted is not None else 2]
+    weights, vectors = _check_vectors(losses, num_examples)
+    vectors = vectors[: 1 if trusted is not None else 2]
     edges = [edge for record in records for edge in record.edges]
     if not edges:  # e.g. every trainable call is not split by example: nothing to verify
         return []
@@ -150,6 +148,52 @@ def grads_verified(
                 shaped=True,
             )
     return failed
+
+
+def _check_vectors(losses: Tensor, num_examples: int) -> tuple[Tensor, Tensor]:
+    """The per-example weights ``w`` of the grouping check and the two vectors ``[1, w]`` (per loss row)
+    back-propagated for it."""
+    generator = torch.Generator().manual_seed(_SEED)
+    weights = (1.0 + torch.rand(num_examples, generator=generator, dtype=torch.float64)).to(
+        device=losses.device, dtype=losses.dtype
+    )
+    per_row = weights.reshape(-1, *([1] * (losses.dim() - 1))).expand_as(losses)  # the same for every task
+    return weights, torch.stack([torch.ones_like(losses), per_row])
+
+
+def groups_verified(
+    losses: Tensor, layout: RowLayout, nodes: list[tuple[Any, int]], rtol: float = IDENTITY_RTOL
+) -> bool:
+    """Whether the gradient w.r.t. the output of each autograd node has its ``k`` entries per example
+    along ``batch_dim`` grouped batch-major (the identity of :func:`grads_verified`, from one backward
+    pass over two vectors).
+
+    Parameters
+    ----------
+    losses
+        The per-example losses.
+    layout
+        Their row layout (``batch_dim`` set).
+    nodes
+        ``(node, k)`` pairs (see :func:`hf_jd.autogram._broadcast.grouped_paths`).
+    rtol
+        Relative tolerance of the identity.
+
+    Returns
+    -------
+    bool
+        ``True`` when every node's gradient is grouped so.
+    """
+    assert layout.batch_dim is not None
+    weights, vectors = _check_vectors(losses, layout.num_examples)
+    edges = [GradientEdge(node, 0) for node, _ in nodes]
+    grads = batched_grad(losses, edges, vectors)
+    bd = layout.batch_dim
+    return all(
+        grad is None
+        or (grad.shape[bd + 1] == group * layout.num_examples and _grouped_by_example(grad, weights, bd, rtol))
+        for grad, (_, group) in zip(grads, nodes)
+    )
 
 
 def frontier(losses: Tensor, records: list[Record]) -> tuple[list[Record], tuple[str, ...]]:

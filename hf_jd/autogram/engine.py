@@ -39,7 +39,7 @@ from ._accumulate import (
 )
 from ..autojac._utils import graph_nodes, no_gradient_writes
 from ._batched_grad import explain_donated_buffers, has_compiled_nodes, one_vector_at_a_time
-from ._broadcast import BroadcastPlan, attach_plans, node_output_shape, plan_broadcasts
+from ._broadcast import BroadcastPlan, attach_plans, grouped_paths, node_output_shape, plan_broadcasts
 from ._capture import Capture
 from ._deliver import deliver_gradients
 from ._generic import GenericRecord
@@ -47,7 +47,14 @@ from ._layer_norm import INPUT_PARAMETER
 from ._layout import RowLayout, layout_of_losses
 from ._param_uses import uses_outside_calls
 from ._record import Record
-from ._regroup import IDENTITY_RTOL, LOW_PRECISION_IDENTITY_RTOL, frontier, grads_verified, regrouping_structure
+from ._regroup import (
+    IDENTITY_RTOL,
+    LOW_PRECISION_IDENTITY_RTOL,
+    frontier,
+    grads_verified,
+    groups_verified,
+    regrouping_structure,
+)
 
 __all__ = ["Engine"]
 
@@ -563,6 +570,14 @@ class Engine:
 
         identity_rtol = LOW_PRECISION_IDENTITY_RTOL if self._low_precision else IDENTITY_RTOL
         with backpropagating(), explain_donated_buffers():
+            grouped = grouped_paths(plans)
+            if grouped and not groups_verified(losses, layout, grouped, identity_rtol):
+                # A shared table broadcast over [B * k, ...] rows (Swin's windows) whose rows are not k consecutive
+                # ones per example: the exact per-row path for the planned calls.
+                unaligned += [plan.record for plan in plans]
+                accumulator.deferred -= planned
+                records = [record for record in records if id(record) not in planned]
+                plans, planned = [], set()
             verify_layout = coincident and not self._batch_major_verified
             # Losses that mix the examples (an in-batch contrastive loss) show where they reach the calls closest
             # to them, operations that mix them between layers at the model's first calls: both checked on the

@@ -355,3 +355,65 @@ def test_a_first_step_check_of_a_position_table_with_as_many_positions_as_exampl
             losses = nn.functional.cross_entropy(logits, labels, reduction="none")
             assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, trainable(model)))
     assert _per_row_warnings(records) == []
+
+
+class FlatBias(nn.Module):
+    """Scores ``x Wᵀ`` flattened to ``[B * T, H]`` rows (batch- or time-major) plus a table shared by all rows
+    (added by broadcasting over the ``B * T`` rows, as Swin adds its relative-position bias to the attention
+    scores of its ``[B * windows, ...]`` windows)."""
+
+    def __init__(self, time_major: bool) -> None:
+        super().__init__()
+        self.time_major = time_major
+        self.table = nn.Embedding(7, HEADS)
+        self.proj = nn.Linear(3, HEADS)
+        self.ids = torch.tensor(4)
+
+    def forward(self, x: Tensor) -> Tensor:  # x: [B, T, 3]
+        batch, length, _ = x.shape
+        scores = self.proj(x)
+        bias = self.table(self.ids)  # [H], shared
+        if self.time_major:
+            rows = scores.transpose(0, 1).reshape(length * batch, HEADS) + bias
+            scores = rows.reshape(length, batch, HEADS).transpose(0, 1)
+        else:
+            scores = (scores.reshape(batch * length, HEADS) + bias).reshape(batch, length, HEADS)
+        return scores.tanh().pow(2).sum((1, 2))
+
+
+@pytest.mark.parametrize("time_major", [False, True])
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_table_broadcast_over_flattened_rows(time_major: bool, single_backward: bool, monkeypatch) -> None:
+    per_row = _count_per_row(monkeypatch)
+    torch.manual_seed(0)
+    model = FlatBias(time_major)
+    engine = Engine(model, single_backward=single_backward)
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        losses = model(torch.randn(B, T, 3))
+        params = trainable(model)
+        jac = jacobian(losses, params)
+        assert_gramian_matches(engine.compute_gramian(losses, retain_graph=True), jac)
+        _assert_weighted_update(engine, losses, params, jac, single_backward)
+    # Batch-major rows: the grouping check confirms the plan (per-example gradients from the ordinary pass);
+    # time-major rows fail it (slicing them by example would be wrong) and take the exact per-row path.
+    assert per_row == ([1, 1] if time_major else [])
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_swin_relative_position_tables_use_the_ordinary_pass(single_backward: bool, monkeypatch) -> None:
+    per_row = _count_per_row(monkeypatch)
+    torch.manual_seed(0)
+    config = tf.SwinConfig(image_size=16, patch_size=4, embed_dim=8, depths=[2], num_heads=[2], window_size=2,
+                           num_labels=3)
+    model = tf.SwinForImageClassification(config)  # shifted windows in the second block: masked scores too
+    engine = Engine(model, single_backward=single_backward)
+    for batch in (3, 2):
+        model.zero_grad(set_to_none=True)
+        images, labels = torch.randn(batch, 3, 16, 16), torch.randint(0, 3, (batch,))
+        losses = nn.functional.cross_entropy(model(pixel_values=images).logits, labels, reduction="none")
+        params = trainable(model)
+        jac = jacobian(losses, params)
+        assert_gramian_matches(engine.compute_gramian(losses, retain_graph=True), jac)
+        _assert_weighted_update(engine, losses, params, jac, single_backward)
+    assert per_row == []  # the tables (generic calls broadcast over [B * windows] scores) were per-row before
