@@ -57,6 +57,7 @@ def grads_verified(
     rtol: float = IDENTITY_RTOL,
     trusted: Sequence[bool] | None = None,
     chosen: list[bool] | None = None,
+    vacuous: list[Record] | None = None,
 ) -> list[Record]:
     """Add the records whose per-example grouping the identity confirms; return the others.
 
@@ -91,6 +92,9 @@ def grads_verified(
         Per record, the split of an earlier step that passed (see above), or ``None``.
     chosen
         Receives, per record, whether it was split along its other batch dimension.
+    vacuous
+        Receives the records that passed a check that could not fail (one example, or all-zero gradients):
+        their grouping must not be remembered for later steps.
 
     Returns
     -------
@@ -129,6 +133,8 @@ def grads_verified(
             ):
                 failed.append(record)
                 continue
+            if vacuous is not None and (num_examples < 2 or _uninformative(record_grads)):
+                vacuous.append(record)
         if chosen is not None:
             chosen.append(use_other)
         if not add:
@@ -153,10 +159,11 @@ def grads_verified(
 def _check_vectors(losses: Tensor, num_examples: int) -> tuple[Tensor, Tensor]:
     """The per-example weights ``w`` of the grouping check and the two vectors ``[1, w]`` (per loss row)
     back-propagated for it."""
+    # Evenly spread over [1, 3] and shuffled: two examples that a wrong grouping confuses have weights at least
+    # 2 / (B - 1) apart (random weights could be arbitrarily close, which hides the error of a small example).
     generator = torch.Generator().manual_seed(_SEED)
-    weights = (1.0 + torch.rand(num_examples, generator=generator, dtype=torch.float64)).to(
-        device=losses.device, dtype=losses.dtype
-    )
+    order = torch.randperm(num_examples, generator=generator).to(torch.float64)
+    weights = (1.0 + 2.0 * order / max(num_examples - 1, 1)).to(device=losses.device, dtype=losses.dtype)
     per_row = weights.reshape(-1, *([1] * (losses.dim() - 1))).expand_as(losses)  # the same for every task
     return weights, torch.stack([torch.ones_like(losses), per_row])
 
@@ -282,19 +289,32 @@ def regrouping_structure(nodes: list[object], records: list[Record]) -> tuple[st
     entries = [entry for node in nodes for entry in _described(node)]
     if "?" in entries:
         return None
-    return (*entries, *("@" + record.module_name for record in records))
+    # With the candidate dimensions each call offered (a batch size that now equals a hidden size or a number of
+    # heads changes them, and with them the choice the check made).
+    return (*entries, *(f"@{record.module_name}:{record.groups}:{record.other_batch_dim}" for record in records))
 
 
 def _grouped_by_example(grad: Tensor, weights: Tensor, batch_dim: int, rtol: float) -> bool:
     """Whether ``grad = [G, G_w]`` satisfies ``G_w[j] = w_{⌊j / k⌋} G[j]`` along ``batch_dim``."""
     plain, weighted = grad[0], grad[1]
-    if plain.dim() <= batch_dim or plain.shape[batch_dim] % weights.numel():
+    num_examples = weights.numel()
+    if plain.dim() <= batch_dim or plain.shape[batch_dim] % num_examples:
         return False
-    groups = plain.shape[batch_dim] // weights.numel()
+    if plain.numel() == 0:
+        return True  # nothing to group (e.g. an expert that received no token)
     shape = [1] * plain.dim()
     shape[batch_dim] = plain.shape[batch_dim]
-    scale = weights.to(plain.dtype).repeat_interleave(groups).view(shape)
-    deviation = (weighted - scale * plain).abs().max()
+    scale = weights.to(plain.dtype).repeat_interleave(plain.shape[batch_dim] // num_examples).view(shape)
+    # Per example (its k entries along batch_dim), relative to that example's own largest entry: an example whose
+    # gradient is much smaller than the others' is checked as strictly as they are.
+    deviation = (weighted - scale * plain).abs().movedim(batch_dim, 0).reshape(num_examples, -1).amax(dim=1)
+    reference = weighted.abs().movedim(batch_dim, 0).reshape(num_examples, -1).amax(dim=1)
     # Non-finite gradients (a NaN loss) say nothing about the grouping: not taken for mixed examples (the
     # Gramian then holds the NaN, which the weightings reject with a clear error).
-    return not bool(deviation > rtol * weighted.abs().max())
+    return not bool((deviation > rtol * reference).any())
+
+
+def _uninformative(grads: list[Tensor | None]) -> bool:
+    """Whether a record's checked gradients ``[G, G_w]`` are all zero (or empty, or not finite): they pass the
+    check whatever the grouping (e.g. the output gradients of a LoRA ``A`` matrix while ``B`` is still zero)."""
+    return all(grad is None or grad.numel() == 0 or not bool(grad[1].abs().amax() > 0) for grad in grads)

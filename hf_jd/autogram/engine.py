@@ -602,10 +602,15 @@ class Engine:
                             for record in records
                             if record.is_source and id(record) not in planned and id(record) not in reached_ids
                         ]
+                    unseen: list[Record] = []  # all-zero output gradients (a LoRA A while B is zero) show no mixing
                     with one_vector_at_a_time(True):
-                        failed = grads_verified(losses, layout, checked, accumulator, add=False, rtol=identity_rtol)
+                        failed = grads_verified(
+                            losses, layout, checked, accumulator, add=False, rtol=identity_rtol, vacuous=unseen
+                        )
                     known = bool(failed)
-                    if known or "?" not in structure:  # rows picked by the data (mined pairs): checked every step
+                    # Rows picked by the data (mined pairs) are checked every step, and so is a computation whose
+                    # check could not see the examples through some call.
+                    if known or ("?" not in structure and not unseen):
                         self._remember_loss_computation(structure, known)
                 mixed = known
             if (unaligned or verify_layout or mixed) and layout.num_tasks == 1:
@@ -625,11 +630,13 @@ class Engine:
                 )
                 trusted = None if pass_structure is None else self._verified_groupings.get(pass_structure)
                 chosen: list[bool] = []
+                vacuous: list[Record] = []  # passed checks that could not fail: nothing to remember from them
                 with one_vector_at_a_time(True) if trusted is not None else nullcontext():
                     failed = grads_verified(
-                        losses, layout, checked, accumulator, rtol=identity_rtol, trusted=trusted, chosen=chosen
+                        losses, layout, checked, accumulator, rtol=identity_rtol, trusted=trusted, chosen=chosen,
+                        vacuous=vacuous,
                     )
-                if pass_structure is not None and trusted is None and not failed:
+                if pass_structure is not None and trusted is None and not failed and not vacuous:
                     if len(self._verified_groupings) >= MAX_LOSS_COMPUTATIONS:
                         self._verified_groupings.clear()
                     self._verified_groupings[pass_structure] = tuple(chosen)
@@ -638,7 +645,7 @@ class Engine:
                     capture.mark_unaligned(failed)
                     # (Failures of calls not split along batch_dim, checked along another dimension, say
                     # nothing about the layout of those that are.)
-                    self._batch_major_verified = not any(record.batched for record in failed)
+                    self._batch_major_verified = not vacuous and not any(record.batched for record in failed)
                 unaligned += failed
                 if failed and plans:
                     # Some calls are not split by example (e.g. a contrastive loss mixes the examples): the
@@ -647,13 +654,18 @@ class Engine:
                     accumulator.deferred -= planned
                     records = []  # the planned calls only, at this point
                     plans = []
-            elif verify_layout or mixed:
+            elif verify_layout or mixed or unaligned:
                 # Per-example task losses [B, m]: the grouping is verified (per-example weights, the
-                # same for every task), then the confirmed calls take the batched pass over the tasks.
-                failed = grads_verified(losses, layout, records, accumulator, add=False, rtol=identity_rtol)
+                # same for every task), then the confirmed calls take the batched pass over the tasks. Also
+                # when some call is not split by example (a shared table): the check for losses that mix the
+                # examples is skipped then, and this one catches them, as for [B] losses.
+                vacuous = []
+                failed = grads_verified(
+                    losses, layout, records, accumulator, add=False, rtol=identity_rtol, vacuous=vacuous
+                )
                 if verify_layout:
                     capture.mark_unaligned(failed)
-                    self._batch_major_verified = not any(record.batched for record in failed)
+                    self._batch_major_verified = not vacuous and not any(record.batched for record in failed)
                 records = [record for record in records if all(record is not other for other in failed)]
                 unaligned += failed
             if unaligned:

@@ -1,0 +1,141 @@
+"""The check of a call's grouping by example (two backward passes, ``G_w[j] = w_e G[j]``) and what the engine
+remembers from it: nothing from a check that could not fail (one example, all-zero gradients), nothing across
+batch sizes that change a call's candidate dimensions; an example with a small gradient is checked as strictly as
+the others; empty calls pass. Each case was a wrong Gramian or a crash found by fuzzing the layouts."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from hf_jd.autogram import Engine
+
+from ._reference import assert_gramian_matches, jacobian, trainable
+
+
+def _check(engine: Engine, model: nn.Module, losses: Tensor) -> None:
+    assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, trainable(model)))
+
+
+class _TimeMajorNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj, self.norm = nn.Linear(3, 3), nn.LayerNorm(3)
+
+    def forward(self, x: Tensor) -> Tensor:  # x: [B, T, 3]
+        hidden = self.norm(self.proj(x).transpose(0, 1))  # LayerNorm on time-major [T, B, 3]
+        return (hidden[..., 0] - 0.3).pow(2).mean(0)
+
+
+def test_steps_with_one_example_do_not_vouch_for_a_grouping() -> None:
+    for last in (2, 5):  # B = 5 does not divide T = 4: the trusted grouping used to crash, B = 2 was 30% off
+        torch.manual_seed(0)
+        model = _TimeMajorNorm()
+        engine = Engine(model)
+        for batch in (1, 1, last):
+            _check(engine, model, model(torch.randn(batch, 4, 3)))
+
+
+class _ZeroInitAdapter(nn.Module):
+    """A LoRA-like adapter (``B`` zero-initialised) whose ``A`` runs on time-major rows ``[T * B, d]``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(3, 4)
+        self.lora_a, self.lora_b = nn.Linear(4, 2, bias=False), nn.Linear(2, 4, bias=False)
+        nn.init.zeros_(self.lora_b.weight)
+
+    def forward(self, x: Tensor) -> Tensor:  # x: [B, T, 3]
+        hidden = torch.tanh(self.proj(x))
+        rows = hidden.transpose(0, 1).reshape(-1, 4)  # the example of row r is r % B
+        low = self.lora_a(rows).reshape(x.shape[1], x.shape[0], 2).transpose(0, 1)
+        return (hidden + self.lora_b(low)).pow(2).mean((1, 2))
+
+
+def test_all_zero_gradients_do_not_vouch_for_a_grouping() -> None:
+    torch.manual_seed(0)
+    model = _ZeroInitAdapter()
+    engine = Engine(model)
+    for _ in range(2):  # step 1: A's output gradients are zero (B = 0); step 2 was 45% off
+        _check(engine, model, model(torch.randn(3, 4, 3)))
+        with torch.no_grad():
+            model.lora_b.weight.normal_()  # as after some training
+
+
+class _PerHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj, self.per_head, self.head = nn.Linear(3, 6), nn.Linear(2, 2), nn.Linear(6, 2)
+
+    def forward(self, x: Tensor) -> Tensor:  # x: [B, T, 3]
+        projected = self.proj(x).transpose(0, 1)
+        length, batch = projected.shape[:2]
+        hidden = self.per_head(projected.reshape(length, batch, 3, 2)).reshape(length, batch, 6).transpose(0, 1)
+        return self.head(hidden).pow(2).mean((1, 2))
+
+
+def test_a_batch_size_that_changes_the_candidate_dimensions_is_checked_again() -> None:
+    torch.manual_seed(0)
+    model = _PerHead()  # a Linear on time-major [T, B, 3 heads, 2]
+    engine = Engine(model)
+    for batch, length in ((2, 4), (2, 4), (3, 6)):  # last step: heads = B (no unique other dimension), T = 2 B
+        _check(engine, model, model(torch.randn(batch, length, 3)))
+
+
+def test_an_example_with_a_small_gradient_is_checked_as_strictly_as_the_others() -> None:
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"lin": nn.Linear(2, 2), "head": nn.Linear(4, 1)})
+    engine = Engine(model)
+
+    def losses_of(x: Tensor, offset: Tensor) -> Tensor:  # x: [B, T, 4] with T = B = 2
+        heads = x.transpose(0, 1).reshape(2, 4, 2)  # time-major heads [T, B * 2, 2]: not grouped by example
+        pred = model["head"](torch.tanh(model["lin"](heads)).reshape(2, 2, 4))[0, :, 0]
+        return 0.5 * (pred - pred.detach() - offset) ** 2
+
+    for offset in ([1.0, 1.0], [1.0, 1e-3]):  # the second example almost fitted: its slice was 12% off
+        _check(engine, model, losses_of(torch.randn(2, 2, 4), torch.tensor(offset)))
+
+
+class _LinearExperts(nn.Module):
+    def __init__(self, dim: int = 2, num_experts: int = 8) -> None:
+        super().__init__()
+        self.proj, self.gate = nn.Linear(3, dim), nn.Linear(dim, num_experts)
+        self.experts = nn.ModuleList(nn.Linear(dim, dim) for _ in range(num_experts))
+
+    def forward(self, x: Tensor) -> Tensor:  # x: time-major [T, B, 3]
+        rows = self.proj(x).flatten(0, 1)
+        weight, index = torch.softmax(self.gate(rows), -1).max(-1)
+        out = torch.zeros_like(rows)
+        for number, expert in enumerate(self.experts):  # every expert, also those no token was routed to
+            (picked,) = torch.where(index == number)
+            out = out.index_add(0, picked, expert(rows[picked]) * weight[picked, None])
+        return out.pow(2).reshape(x.shape[0], x.shape[1], -1).mean((0, 2))
+
+
+def test_an_expert_called_on_no_token_passes_the_check() -> None:
+    torch.manual_seed(0)
+    model = _LinearExperts()
+    engine = Engine(model, batch_dim=1)
+    _check(engine, model, model(torch.randn(3, 2, 3)))  # 6 tokens, 8 experts: used to crash in .max()
+
+
+class _SharedTableTasks(nn.Module):
+    """Per-example task losses ``[B, 2]`` divided by their batch sums (mixing the examples), in a model with a
+    table shared by all examples (a call not split by example)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj, self.head, self.table = nn.Linear(3, 4), nn.Linear(4, 2), nn.Embedding(5, 4)
+
+    def forward(self, x: Tensor) -> Tensor:  # x: [B, 3]
+        hidden = torch.tanh(self.proj(x)) + self.table(torch.arange(5)).sum(0)
+        losses = self.head(hidden).pow(2)
+        return losses / losses.sum(0)
+
+
+def test_task_losses_that_mix_the_examples_beside_a_shared_table_are_caught() -> None:
+    torch.manual_seed(0)
+    model = _SharedTableTasks()
+    engine = Engine(model)
+    for _ in range(2):  # was 91% off: with a shared table, [B, m] losses had no check at all
+        _check(engine, model, model(torch.randn(4, 3)))
