@@ -250,8 +250,13 @@ class GenericRecord(Record):
         """
         self._shared_output = True
 
-    def can_split_batch(self) -> bool:
+    def can_split_batch(self, batch_dim: int) -> bool:
         """Whether :meth:`split_batch` applies: yes, the products only need the output gradients regrouped.
+
+        Parameters
+        ----------
+        batch_dim
+            The engine's batch dimension.
 
         Returns
         -------

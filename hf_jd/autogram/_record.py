@@ -198,16 +198,22 @@ class Record(ABC):
             self.kept_rows[name] = rows
         return rows @ rows.T
 
-    def can_split_batch(self) -> bool:
-        """Whether :meth:`split_batch` can regroup this record (it holds a captured ``inputs`` tensor).
+    def can_split_batch(self, batch_dim: int) -> bool:
+        """Whether :meth:`split_batch` can regroup this record along ``batch_dim``: it holds a captured ``inputs``
+        tensor and ``batch_dim`` is not its last (feature) dimension.
+
+        Parameters
+        ----------
+        batch_dim
+            The engine's batch dimension.
 
         Returns
         -------
         bool
-            ``True`` for position-wise closed forms (Linear, LayerNorm, ...), ``False`` for others (the
-            generic path's batched vector-Jacobian products).
+            ``True`` for position-wise closed forms (Linear, LayerNorm, ...) along a dimension of their rows.
         """
-        return isinstance(getattr(self, "inputs", None), Tensor)
+        inputs = getattr(self, "inputs", None)
+        return isinstance(inputs, Tensor) and batch_dim < inputs.dim() - 1
 
     def split_batch(self, num_examples: int, batch_dim: int) -> None:
         """Regroup the captured input ``[..., E * k, ...]`` into ``[..., E, k, ...]`` along

@@ -128,7 +128,7 @@ def grads_verified(
             # A record not split along batch_dim is regrouped there only if it can be (a generic record whose
             # other candidate dimension, e.g. a hidden size equal to the batch size, failed cannot).
             if not use_other and (
-                not (record.batched or record.can_split_batch())
+                not (record.batched or record.can_split_batch(bd))
                 or not all(grad is None or _grouped_by_example(grad, weights, bd, rtol) for grad in record_grads)
             ):
                 failed.append(record)

@@ -128,8 +128,13 @@ class RMSNormRecord(GenericRecord):
         num_rows = self.rows.shape[0] * self.rows.shape[1]
         return (self.rows * self.normalised.unsqueeze(1)).sum(dim=2).reshape(num_rows, -1)
 
-    def can_split_batch(self) -> bool:
+    def can_split_batch(self, batch_dim: int) -> bool:
         """Whether :meth:`split_batch` applies: no, the closed form reads its captured tensors per example.
+
+        Parameters
+        ----------
+        batch_dim
+            The engine's batch dimension.
 
         Returns
         -------

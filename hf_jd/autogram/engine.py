@@ -83,15 +83,17 @@ class _Bound:
 
 
 def _coincident_sizes(record: Record, batch_dim: int, batch_size: int) -> bool:
-    """Whether an output of the call with at least 3 dimensions (e.g. ``[B, T, d]`` or ``[T, B, d]``)
-    has the batch size along ``batch_dim`` and along another dimension too."""
+    """Whether an output of the call with at least 3 dimensions (e.g. ``[B, T, d]`` or ``[T, B, d]``), or 2 for
+    a call on the generic path (whose tensors may be feature-major ``[d, B]``), has the batch size along
+    ``batch_dim`` and along another dimension too."""
     if batch_size < 2:
         return False
+    min_dims = 2 if isinstance(record, GenericRecord) else 3
     for edge in record.shape_edges():
         shape = node_output_shape(edge.node, edge.output_nr)
         if shape is None:
             continue
-        if len(shape) >= 3 and len(shape) > batch_dim and shape[batch_dim] == batch_size:
+        if len(shape) >= min_dims and len(shape) > batch_dim and shape[batch_dim] == batch_size:
             if any(size == batch_size for i, size in enumerate(shape) if i != batch_dim):
                 return True
     return False

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from hf_jd.autogram import Engine
 
-from ._reference import assert_gramian_matches, jacobian, trainable
+from ._reference import assert_gramian_matches, grads_of, jacobian, trainable
 
 
 def _check(engine: Engine, model: nn.Module, losses: Tensor) -> None:
@@ -139,3 +139,57 @@ def test_task_losses_that_mix_the_examples_beside_a_shared_table_are_caught() ->
     engine = Engine(model)
     for _ in range(2):  # was 91% off: with a shared table, [B, m] losses had no check at all
         _check(engine, model, model(torch.randn(4, 3)))
+
+
+class _TimeMajorExperts(nn.Module):
+    """Top-1 Linear experts on the ``[T * B, d]`` rows of a time-major model (``batch_dim=1``), with ``d = B``."""
+
+    def __init__(self, dim: int = 2, heads: int = 2) -> None:
+        super().__init__()
+        self.proj, self.gate, self.heads = nn.Linear(3, dim), nn.Linear(dim, 3), heads
+        self.norm = nn.LayerNorm(dim // heads)
+        self.experts = nn.ModuleList(nn.Linear(dim, dim) for _ in range(3))
+
+    def forward(self, x: Tensor) -> Tensor:  # x: [T, B, 3]
+        length, batch, _ = x.shape
+        rows = self.proj(x).reshape(length * batch, -1)
+        weight, index = torch.softmax(self.gate(rows), -1).max(-1)
+        out = torch.zeros_like(rows)
+        for number, expert in enumerate(self.experts):
+            (picked,) = torch.where(index == number)
+            if picked.numel():
+                out = out.index_add(0, picked, expert(rows[picked]) * weight[picked, None])
+        hidden = out.reshape(length, batch, self.heads, -1).permute(1, 2, 0, 3).reshape(batch * self.heads, length, -1)
+        return self.norm(hidden).pow(2).reshape(batch, -1).mean(1)
+
+
+def test_rows_are_never_regrouped_along_their_feature_dimension() -> None:
+    torch.manual_seed(0)
+    model = _TimeMajorExperts()
+    engine = Engine(model, batch_dim=1, single_backward=True)
+    losses = model(torch.randn(3, 2, 3))  # T = 3, B = 2 = d
+    jac = jacobian(losses, trainable(model))
+    assert_gramian_matches(engine.compute_gramian(losses), jac)
+    engine.backward(torch.ones(2))  # crashed: a Linear's [N, 2] rows were regrouped along their features
+    torch.testing.assert_close(grads_of(trainable(model)), jac.sum(0), rtol=1e-4, atol=1e-6)
+
+
+class _FeatureMajorScale(nn.Module):
+    """A generic-path module (its own parameter) on a feature-major ``[d, B]`` tensor."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(dim, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.tanh(x * self.weight)
+
+
+def test_a_feature_major_two_dimensional_tensor_with_as_many_features_as_examples_is_checked() -> None:
+    torch.manual_seed(0)
+    proj, scale, head = nn.Linear(3, 4), _FeatureMajorScale(4), nn.Linear(4, 1)
+    model = nn.ModuleList([proj, scale, head])
+    engine = Engine(model)
+    for _ in range(2):  # d = B = 4: taken as split along dim 0 without a check (2.7%, then 15% off)
+        x = torch.randn(4, 3)
+        _check(engine, model, head(scale(proj(x).T).T).squeeze(-1).pow(2))
