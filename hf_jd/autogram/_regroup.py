@@ -265,7 +265,20 @@ def _described(node: object) -> tuple[str, ...]:
         return name, f"{node._saved_dim}:{node._saved_index}"  # type: ignore[attr-defined]
     if name in DATA_DEPENDENT_NODES:
         return name, "?"
+    attributes = _POSITIONAL_ATTRIBUTES.get(name)
+    if attributes:  # where rows move to (a roll by a shift that changes between steps moves them elsewhere)
+        return name, ":".join(str(getattr(node, attribute, "")) for attribute in attributes)
     return (name,)
+
+
+# Saved arguments that fix where an operation moves entries (not the sizes, which may change from batch to batch).
+_POSITIONAL_ATTRIBUTES: dict[str, tuple[str, ...]] = {
+    "RollBackward0": ("_saved_shifts", "_saved_dims"),
+    "SliceBackward0": ("_saved_dim", "_saved_start", "_saved_step"),
+    "FlipBackward0": ("_saved_dims",),
+    "PermuteBackward0": ("_saved_dims",),
+    "TransposeBackward0": ("_saved_dim0", "_saved_dim1"),
+}
 
 
 def regrouping_structure(nodes: list[object], records: list[Record]) -> tuple[str, ...] | None:

@@ -276,11 +276,12 @@ class Engine:
             stacklevel=3,
         )
 
-    def _warn_per_row(self, records: Sequence[Record], layout: RowLayout) -> None:
+    def _warn_per_row(self, records: Sequence[Record], layout: RowLayout, one_time: bool = False) -> None:
         """Warn once per engine that some modules take the per-row backward pass on every step (silent slowness
-        otherwise); not for a first step's one-time checks (a [1, T, d] table with T = B before the layout is
-        verified): only for a module that took that path on an earlier step too."""
-        if self._warned_per_row:
+        otherwise); not for one-time checks (a [1, T, d] table with T = B before the layout is verified, which
+        ``one_time`` marks) nor for steps with a single loss row (where that pass costs nothing): only for a module
+        that took that path on an earlier such step too."""
+        if self._warned_per_row or one_time or layout.num_rows < 2:
             return
         described = list(dict.fromkeys(record.describe() for record in records))
         names = [name for name in described if name in self._per_row_before]
@@ -292,11 +293,14 @@ class Engine:
         warnings.warn(
             f"hf_jd.autogram: {len(names)} module(s) of the engine ({shown}) have captured tensors that are not "
             f"split by example along batch_dim={layout.batch_dim} (e.g. a weight-normalised convolution, a table "
-            "shared by the examples and used otherwise than broadcast over the batch, or examples regrouped by the "
-            "model), so the engine's closed forms do not apply to them: their per-row gradients come from a batched "
-            f"backward pass over the {layout.num_rows} loss rows, exact but costing up to one backward pass per row. "
-            "If their parameters need not be in the Jacobian, leave these modules out of the engine (JDTrainer: "
-            "jd_modules) or freeze them. This warning is shown once per engine.",
+            "shared by the examples and used otherwise than broadcast over the batch, examples regrouped by the "
+            "model, or examples mixed by the model or the losses: contrastive logits computed inside the model, a "
+            "loss term over the whole batch such as a router's auxiliary loss), so the engine's closed forms do not "
+            "apply to them: their per-row gradients come from a batched backward pass over the "
+            f"{layout.num_rows} loss rows, exact but costing up to one backward pass per row. If the examples are "
+            "meant to be independent, look for such mixing; if these parameters need not be in the Jacobian, leave "
+            "their modules out of the engine (JDTrainer: jd_modules) or freeze them. This warning is shown once per "
+            "engine.",
             RuntimeWarning,
             stacklevel=3,
         )
@@ -673,7 +677,7 @@ class Engine:
             if unaligned:
                 grads_per_row(losses, layout, unaligned, accumulator)
                 if not mixed:  # (losses that mix the examples have their own warning)
-                    self._warn_per_row(unaligned, layout)
+                    self._warn_per_row(unaligned, layout, one_time=verify_layout)
             with ExitStack() as stack:
                 for plan in plans:
                     stack.enter_context(plan.hooks())
