@@ -70,7 +70,10 @@ def recomputing_checkpoint() -> bool:
         ``True`` during a checkpoint recomputation.
     """
     hooks = _saved_tensors_hooks()
-    return hooks is not None and getattr(hooks[0], "__qualname__", "").startswith("_recomputation_hook.")
+    name = "" if hooks is None else getattr(hooks[0], "__qualname__", "")
+    # The recomputation of an outer checkpointed block re-runs the checkpointed blocks nested in it (Swin checkpoints
+    # its stages and their layers), whose forward passes then run under their own checkpoint hooks.
+    return name.startswith(("_recomputation_hook.", "_checkpoint_hook."))
 
 
 def saved_tensors_hooked() -> bool:

@@ -19,6 +19,8 @@ from transformers import (
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    SwinConfig,
+    SwinForImageClassification,
     T5Config,
     T5ForConditionalGeneration,
 )
@@ -93,6 +95,23 @@ def test_transformers_gradient_checkpointing_is_exact(name: str, single_backward
     for _ in range(2 if name in ("bert", "gpt2", "llama") else 1):  # re-runs leave nothing for the next step
         model.zero_grad(set_to_none=True)
         losses = losses_of(model, torch.randint(1, V, (B, T)))
+        assert_exact_step(engine, losses, trainable(model), single_backward)
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_nested_checkpointed_blocks_are_exact(single_backward: bool) -> None:
+    # Swin checkpoints its stages and the layers inside them: recomputing a stage re-runs the inner checkpoints'
+    # forward passes under their own hooks, which the engine took for a reversible layer (RuntimeError).
+    torch.manual_seed(0)
+    config = SwinConfig(image_size=16, patch_size=4, embed_dim=8, depths=[2], num_heads=[2], window_size=2,
+                        num_labels=3, drop_path_rate=0.0)
+    model = SwinForImageClassification(config).train()
+    model.activation_checkpointing_enable()
+    engine = Engine(model, single_backward=single_backward)
+    for batch in (3, 2):
+        model.zero_grad(set_to_none=True)
+        images, labels = torch.randn(batch, 3, 16, 16), torch.randint(0, 3, (batch,))
+        losses = nn.functional.cross_entropy(model(pixel_values=images).logits, labels, reduction="none")
         assert_exact_step(engine, losses, trainable(model), single_backward)
 
 
