@@ -610,7 +610,7 @@ class Capture:
             record.nodes = range(frame.first_node, end_node)
         record.autocast = frame.autocast
         if not batched and info.kind in (Kind.LINEAR, Kind.LAYER_NORM, Kind.GENERIC):
-            record.groups = self._groups(args, kwargs, expanded)
+            record.groups = self._groups(args, kwargs, expanded, outputs_only=info.kind is Kind.GENERIC)
         if not batched:
             record.other_batch_dim = self._other_batch_dim(info.kind, args, kwargs, expanded)
         if info.kind.is_generic and aliased:
@@ -701,18 +701,25 @@ class Capture:
             found.add(dims[0])
         return found.pop() if len(found) == 1 else None
 
-    def _groups(self, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> int:
+    def _groups(self, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any, outputs_only: bool = False) -> int:
         """``k`` when a call's first input and its outputs that require grad have ``k * batch_size``
         entries along ``batch_dim`` (e.g. OPT's ``[B * T, d]`` rows, Swin's ``[B * windows, ...]``, the
         ``[B * T, d]`` tokens of transformers' fused mixture-of-experts layers and their routers): a
-        candidate for the batch-major grouping, which the engine verifies before relying on it; else 0."""
+        candidate for the batch-major grouping, which the engine verifies before relying on it; else 0.
+        With ``outputs_only`` (generic calls, whose products need only the output gradients) the outputs
+        alone decide (DeepSeek-style routers flatten their ``[B, T, d]`` input to ``[B * T, d]`` rows)."""
         bd, size = self.batch_dim, self.batch_size
         inputs = tensors_in(args) or tensors_in(kwargs)
         outputs = [tensor for tensor in tensors_in(output) if tensor.requires_grad]
-        if bd is None or size <= 0 or not inputs or not outputs or inputs[0].dim() <= bd:
+        if bd is None or size <= 0 or not outputs or any(tensor.dim() <= bd for tensor in outputs):
             return 0
-        count = int(inputs[0].shape[bd])
-        if count % size or any(tensor.dim() <= bd or tensor.shape[bd] != count for tensor in outputs):
+        if outputs_only:
+            count = int(outputs[0].shape[bd])
+        elif not inputs or inputs[0].dim() <= bd:
+            return 0
+        else:
+            count = int(inputs[0].shape[bd])
+        if count == 0 or count % size or any(tensor.shape[bd] != count for tensor in outputs):
             return 0
         return count // size
 

@@ -121,3 +121,24 @@ def test_generic_module_on_flattened_rows_is_exact(
     # Time-major rows fail the check and take the per-row pass.
     assert ("scale (_Scale)" in on_per_row) == time_major
     assert ("first (Linear)" in on_per_row) == (mode == "centred")
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_router_flattening_its_input_takes_no_per_row_pass(single_backward: bool, monkeypatch) -> None:
+    # DeepSeek-style top-k routers take [B, T, d] and return [B * T, experts] rows: the outputs alone decide the
+    # grouping of a generic call (its products need only their gradients). The router took the per-row pass before.
+    per_row = _count_per_row(monkeypatch)
+    torch.manual_seed(0)
+    config = tf.DeepseekV3Config(vocab_size=50, hidden_size=16, intermediate_size=24, moe_intermediate_size=8,
+                                 num_hidden_layers=2, first_k_dense_replace=1, num_attention_heads=2,
+                                 num_key_value_heads=2, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
+                                 n_group=2, topk_group=1, kv_lora_rank=8, q_lora_rank=8, qk_rope_head_dim=4,
+                                 qk_nope_head_dim=4, v_head_dim=4, max_position_embeddings=32)
+    model = tf.DeepseekV3ForCausalLM(config)
+    engine = Engine(model, single_backward=single_backward)
+    for batch, length in ((4, 6), (3, 5)):
+        ids = torch.randint(0, 50, (batch, length))
+        logits = model(input_ids=ids).logits
+        losses = nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+        _check_step(engine, model, losses.mean(1), single_backward)
+    assert per_row == []
