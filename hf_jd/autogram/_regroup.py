@@ -37,7 +37,7 @@ from ._capture import GATHER_NODES
 from ._layout import RowLayout
 from ._record import Record, split_by_record
 
-__all__ = ["frontier", "grads_verified", "groups_verified", "regrouping_structure"]
+__all__ = ["frontier", "grads_verified", "regrouping_structure"]
 
 # Largest deviation from the identity, relative to the largest weighted output gradient, that is
 # taken for float rounding (a wrong grouping deviates by about the gradient's own magnitude).
@@ -58,6 +58,8 @@ def grads_verified(
     trusted: Sequence[bool] | None = None,
     chosen: list[bool] | None = None,
     vacuous: list[Record] | None = None,
+    nodes: Sequence[tuple[Any, int]] = (),
+    nodes_grouped: list[bool] | None = None,
 ) -> list[Record]:
     """Add the records whose per-example grouping the identity confirms; return the others.
 
@@ -95,6 +97,12 @@ def grads_verified(
     vacuous
         Receives the records that passed a check that could not fail (one example, or all-zero gradients):
         their grouping must not be remembered for later steps.
+    nodes
+        ``(node, k)`` pairs of autograd nodes whose output gradient must have its ``k`` entries per example
+        along ``batch_dim`` grouped batch-major (see :func:`hf_jd.autogram._broadcast.grouped_paths`), checked
+        in the same backward pass.
+    nodes_grouped
+        Receives whether every one of ``nodes`` passed.
 
     Returns
     -------
@@ -104,12 +112,23 @@ def grads_verified(
     assert layout.batch_dim is not None and (layout.num_tasks == 1 or not add)
     bd = layout.batch_dim
     num_examples = layout.num_examples
+    assert trusted is None or not nodes
     weights, vectors = _check_vectors(losses, num_examples)
     vectors = vectors[: 1 if trusted is not None else 2]
     edges = [edge for record in records for edge in record.edges]
-    if not edges:  # e.g. every trainable call is not split by example: nothing to verify
+    node_edges = [GradientEdge(node, 0) for node, _ in nodes]
+    if not edges and not node_edges:  # e.g. every trainable call is not split by example: nothing to verify
         return []
-    grads = batched_grad(losses, edges, vectors)
+    grads = batched_grad(losses, edges + node_edges, vectors)
+    grads, node_grads = grads[: len(edges)], grads[len(edges) :]
+    if nodes_grouped is not None:
+        nodes_grouped.append(
+            all(
+                grad is None
+                or (grad.shape[bd + 1] == group * num_examples and _grouped_by_example(grad, weights, bd, rtol))
+                for grad, (_, group) in zip(node_grads, nodes)
+            )
+        )
     failed: list[Record] = []
     for index, (record, record_grads) in enumerate(split_by_record(grads, records)):
         record_grads = record.to_view_shapes(record_grads)
@@ -166,41 +185,6 @@ def _check_vectors(losses: Tensor, num_examples: int) -> tuple[Tensor, Tensor]:
     weights = (1.0 + 2.0 * order / max(num_examples - 1, 1)).to(device=losses.device, dtype=losses.dtype)
     per_row = weights.reshape(-1, *([1] * (losses.dim() - 1))).expand_as(losses)  # the same for every task
     return weights, torch.stack([torch.ones_like(losses), per_row])
-
-
-def groups_verified(
-    losses: Tensor, layout: RowLayout, nodes: list[tuple[Any, int]], rtol: float = IDENTITY_RTOL
-) -> bool:
-    """Whether the gradient w.r.t. the output of each autograd node has its ``k`` entries per example
-    along ``batch_dim`` grouped batch-major (the identity of :func:`grads_verified`, from one backward
-    pass over two vectors).
-
-    Parameters
-    ----------
-    losses
-        The per-example losses.
-    layout
-        Their row layout (``batch_dim`` set).
-    nodes
-        ``(node, k)`` pairs (see :func:`hf_jd.autogram._broadcast.grouped_paths`).
-    rtol
-        Relative tolerance of the identity.
-
-    Returns
-    -------
-    bool
-        ``True`` when every node's gradient is grouped so.
-    """
-    assert layout.batch_dim is not None
-    weights, vectors = _check_vectors(losses, layout.num_examples)
-    edges = [GradientEdge(node, 0) for node, _ in nodes]
-    grads = batched_grad(losses, edges, vectors)
-    bd = layout.batch_dim
-    return all(
-        grad is None
-        or (grad.shape[bd + 1] == group * layout.num_examples and _grouped_by_example(grad, weights, bd, rtol))
-        for grad, (_, group) in zip(grads, nodes)
-    )
 
 
 def frontier(losses: Tensor, records: list[Record]) -> tuple[list[Record], tuple[str, ...]]:

@@ -52,7 +52,6 @@ from ._regroup import (
     LOW_PRECISION_IDENTITY_RTOL,
     frontier,
     grads_verified,
-    groups_verified,
     regrouping_structure,
 )
 
@@ -576,14 +575,6 @@ class Engine:
 
         identity_rtol = LOW_PRECISION_IDENTITY_RTOL if self._low_precision else IDENTITY_RTOL
         with backpropagating(), explain_donated_buffers():
-            grouped = grouped_paths(plans)
-            if grouped and not groups_verified(losses, layout, grouped, identity_rtol):
-                # A shared table broadcast over [B * k, ...] rows (Swin's windows) whose rows are not k consecutive
-                # ones per example: the exact per-row path for the planned calls.
-                unaligned += [plan.record for plan in plans]
-                accumulator.deferred -= planned
-                records = [record for record in records if id(record) not in planned]
-                plans, planned = [], set()
             verify_layout = coincident and not self._batch_major_verified
             # Losses that mix the examples (an in-batch contrastive loss) show where they reach the calls closest
             # to them, operations that mix them between layers at the model's first calls: both checked on the
@@ -619,7 +610,8 @@ class Engine:
                     if known or ("?" not in structure and not unseen):
                         self._remember_loss_computation(structure, known)
                 mixed = known
-            if (unaligned or verify_layout or mixed) and layout.num_tasks == 1:
+            grouped_nodes = grouped_paths(plans)
+            if (unaligned or verify_layout or mixed or grouped_nodes) and layout.num_tasks == 1:
                 # Tensors not split by example: the model moves examples around, so every call
                 # whose shapes allow a per-example grouping has it verified (one backward pass
                 # over two vectors); the others and the failures take the exact per-row path.
@@ -637,10 +629,13 @@ class Engine:
                 trusted = None if pass_structure is None else self._verified_groupings.get(pass_structure)
                 chosen: list[bool] = []
                 vacuous: list[Record] = []  # passed checks that could not fail: nothing to remember from them
+                # Plans for tables broadcast over [B * k, ...] rows (Swin's windows) assume k consecutive rows per
+                # example: checked in the same pass.
+                grouped: list[bool] = []
                 with one_vector_at_a_time(True) if trusted is not None else nullcontext():
                     failed = grads_verified(
                         losses, layout, checked, accumulator, rtol=identity_rtol, trusted=trusted, chosen=chosen,
-                        vacuous=vacuous,
+                        vacuous=vacuous, nodes=grouped_nodes, nodes_grouped=grouped,
                     )
                 if pass_structure is not None and trusted is None and not failed and not vacuous:
                     if len(self._verified_groupings) >= MAX_LOSS_COMPUTATIONS:
@@ -653,9 +648,10 @@ class Engine:
                     # nothing about the layout of those that are.)
                     self._batch_major_verified = not vacuous and not any(record.batched for record in failed)
                 unaligned += failed
-                if failed and plans:
-                    # Some calls are not split by example (e.g. a contrastive loss mixes the examples): the
-                    # planned tables' per-example gradients, which assume separate examples, take the exact path too.
+                if (failed or not all(grouped)) and plans:
+                    # Some calls are not split by example (e.g. a contrastive loss mixes the examples), or a table's
+                    # [B * k, ...] rows are not grouped by example: the planned tables' per-example gradients, which
+                    # assume separate examples, take the exact path too.
                     unaligned += [plan.record for plan in plans]
                     accumulator.deferred -= planned
                     records = []  # the planned calls only, at this point
