@@ -4,7 +4,8 @@ For each model: a plain mean-loss step, hf_jd's two-pass step and its single-bac
 autogram step for text models, when ``torchjd`` is importable), timed interleaved in one process as in
 ``bench_autogram.py`` (whose ``run`` this script calls), then a summary table of the ratios to the plain
 step. Every model is built from a configuration (hidden size 64, 2 layers, vocabulary 1000; nothing is
-downloaded) and trained on random data with per-example losses (B=16, T=32, or 32-pixel images).
+downloaded) and trained on random data with per-example losses (B=16, T=32, 32-pixel images, or 330 samples of
+audio, 32 frames).
 
 Run: ``python benchmarks/bench_architectures.py [--models llama t5 vit ...] [--repeats 7] [--clock cpu]``.
 """
@@ -78,6 +79,18 @@ def _vision(model_type: str, **config: Any) -> tuple[nn.Module, dict[str, Tensor
     return model, inputs, _class_losses, False
 
 
+def _audio(model_type: str, **config: Any) -> tuple[nn.Module, dict[str, Tensor], Callable[..., Tensor], bool]:
+    """An audio classifier on 330 samples of random audio (about T frames after the tiny feature extractor)."""
+    settings = dict(hidden_size=H, num_hidden_layers=2, num_attention_heads=2, intermediate_size=4 * H,
+                    conv_dim=(32, 32), conv_stride=(5, 2), conv_kernel=(10, 3), num_feat_extract_layers=2,
+                    num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, num_labels=2,
+                    mask_time_prob=0.0)  # SpecAugment draws its masks with NumPy: the variants would differ
+    settings.update(config)
+    model = tf.AutoModelForAudioClassification.from_config(tf.AutoConfig.for_model(model_type, **settings))
+    inputs = {"input_values": torch.randn(B, 330), "labels": torch.randint(0, 2, (B,))}
+    return model, inputs, _class_losses, False
+
+
 ENCODER_LAYERS = dict(encoder_layers=2, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
                       encoder_ffn_dim=4 * H, decoder_ffn_dim=4 * H, max_position_embeddings=128)
 MODELS: dict[str, Callable[[], tuple[nn.Module, dict[str, Tensor], Callable[..., Tensor], bool]]] = {
@@ -111,6 +124,9 @@ MODELS: dict[str, Callable[[], tuple[nn.Module, dict[str, Tensor], Callable[...,
     "bart": lambda: _seq2seq("bart", **ENCODER_LAYERS),
     "vit": lambda: _vision("vit", image_size=32, patch_size=8, hidden_size=H, num_hidden_layers=2,
                            num_attention_heads=2, intermediate_size=4 * H),
+    # weight-normalised positional convolution (a parametrised Conv1d), feature-extractor convolutions
+    "wav2vec2": lambda: _audio("wav2vec2"),
+    "hubert": lambda: _audio("hubert"),
     "convnext": lambda: _vision("convnext", num_channels=3, hidden_sizes=[16, 32], depths=[1, 1], num_stages=2),
 }
 

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
 
-from ._dispatch import Kind, closed_form_parameters, kind_of, mixes_examples, record_class
+from ._dispatch import Kind, closed_form_parameters, kind_of, mixes_examples, parametrized_kind, record_class
 from ._embedding import EmbeddingRecord, embedding_scale, is_embedding_subclass
 from ._layer_norm import computes_layer_norm, is_layer_norm_like
 from ._linear import computes_linear, is_linear_subclass
@@ -34,6 +34,13 @@ from ._generic import (
     tensors_in,
 )
 from ._param_uses import autocast_enabled, next_sequence_number
+from ._parametrized import (
+    ParametrizedTensor,
+    cached_tensor,
+    originals_of,
+    parametrization_lists,
+    parametrized_record,
+)
 from ._record import Record
 from ._rms_norm import RMSNormRecord
 
@@ -99,6 +106,8 @@ def _channels_last(tensor: Tensor) -> bool:
 
 # Frame of a module call that re-runs a captured one inside a backward pass (activation checkpointing).
 _RECOMPUTED = object()
+# Frame of a ParametrizationList call inside a call of its module whose closed form covers its originals.
+_CLAIMED = object()
 
 
 def describe(name: str, module: nn.Module) -> str:
@@ -134,6 +143,10 @@ class _ModuleInfo:
     candidate: Kind | None = None
     embedding_scale: float = 1.0
     broadcast: bool = False  # seen with an output unambiguously broadcast over the batch
+    # A stock Linear / Conv with a parametrised weight (weight norm): its closed form covers the originals,
+    # from the weight its ParametrizationList computes inside the call (see _parametrized).
+    parametrized: bool = False
+    claimed: Tensor | None = None  # the parametrised weight of its last captured call
 
 
 @dataclass
@@ -144,6 +157,8 @@ class _Frame:
     # Autograd sequence number when the call started (nodes it creates get numbers from here on).
     first_node: int | None = None
     autocast: bool = False
+    # Parametrised tensors computed inside the call (by their ParametrizationList), by name.
+    parametrized: dict[str, Tensor] | None = None
 
 
 def _broadcast_over_batch(
@@ -261,6 +276,9 @@ class Capture:
         self.root_sizes: frozenset[int] = frozenset()  # non-batch sizes of the root modules' inputs
         self.completed_roots: set[int] = set()
         self.root_ids: set[int] = {id(root) for root in roots}
+        # ParametrizationList modules (by id) whose calls inside a call of their module that module's closed
+        # form covers: their module's info and the parametrised tensor's name.
+        self.claims: dict[int, tuple[_ModuleInfo, str]] = {}
         # Whether a captured call of this forward pass ran under saved-tensor hooks (checkpointing).
         self.checkpointed = False
         # Whether a captured call had a channels-last input (whose backward kernels vmap rejects).
@@ -375,14 +393,19 @@ class Capture:
                     self.handles.append(module.register_forward_pre_hook(self._batch_norm_pre_hook))
                 borrowed = borrowed_submodules(module)
                 containers = any(isinstance(sub, (nn.ParameterDict, nn.ParameterList)) for sub in borrowed.values())
-                if not any(True for _ in module.parameters(recurse=False)) and not (
-                    containers and any(True for sub in borrowed.values() for _ in sub.parameters(recurse=False))
+                parametrized = parametrized_kind(module) is not None
+                if (
+                    not any(True for _ in module.parameters(recurse=False))
+                    and not (
+                        containers and any(True for sub in borrowed.values() for _ in sub.parameters(recurse=False))
+                    )
+                    and not parametrized
                 ):
                     continue
                 # A module reading parameters from containers it owns (PEFT's IA3, LoHa, ... layers) is
                 # handled generically, its own parameters and the containers' together.
                 kind = Kind.GENERIC if containers else kind_of(module)
-                info = _ModuleInfo(module=module, name=prefix + name, kind=kind)
+                info = _ModuleInfo(module=module, name=prefix + name, kind=kind, parametrized=parametrized)
                 if info.kind is Kind.GENERIC and not containers and closed_form_parameters(module):
                     if is_linear_subclass(module):
                         info.candidate = Kind.LINEAR
@@ -415,6 +438,10 @@ class Capture:
                         self._module_hook, with_kwargs=True, always_call=True, prepend=True
                     )
                 )
+        for info in self.infos.values():
+            if info.parametrized:
+                for tensor_name, plist in parametrization_lists(info.module).items():
+                    self.claims[id(plist)] = (info, tensor_name)
         for root in self.roots:
             self.handles.append(root.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True))
             self.handles.append(root.register_forward_hook(self._root_hook, always_call=True))
@@ -518,11 +545,17 @@ class Capture:
         if not self.capturing():
             info.frames.append(None)
             return
+        claim = self.claims.get(id(module))
+        if claim is not None and claim[0].frames and isinstance(claim[0].frames[-1], _Frame):
+            # The weight of a module whose closed form covers its originals, computed inside its call.
+            info.frames.append(_CLAIMED)
+            return
         params = direct_parameters(module, info.borrowed)
         # A layer norm of a trainable parameter (DeBERTa's relative-position table) covers that
         # parameter, also when its own weight and bias are frozen.
         table = info.kind is Kind.LAYER_NORM and bool(args) and isinstance(args[0], nn.Parameter)
-        if not params and not (table and args[0].requires_grad):
+        originals = info.parametrized and any(originals_of(module, name) for name in parametrization_lists(module))
+        if not params and not (table and args[0].requires_grad) and not originals:
             info.frames.append(None)
             return
         first_node = next_sequence_number()
@@ -535,7 +568,9 @@ class Capture:
         if info.kind.is_generic:
             aliases = install_aliases(module, params)
             calls = [self.calls.get(id(sub), 0) for sub in info.trainable_descendants]
-        info.frames.append(_Frame(params, aliases, calls, first_node, autocast_enabled()))
+        info.frames.append(
+            _Frame(params, aliases, calls, first_node, autocast_enabled(), {} if info.parametrized else None)
+        )
         for value in itertools.chain(args, kwargs.values()):
             self.note_batch(value, f"an input of {describe(info.name, module)}")
             self._note_regrouped(value)
@@ -551,6 +586,13 @@ class Capture:
             # Same output as in the captured call: expanded over the batch if it was then.
             return self._recomputed_output(info, output)
         if frame is None:
+            return None
+        if frame is _CLAIMED:
+            owner, tensor_name = self.claims[id(module)]
+            owner_frame = owner.frames[-1]
+            if output is not None and isinstance(owner_frame, _Frame) and owner_frame.parametrized is not None:
+                owner_frame.parametrized[tensor_name] = output
+            self.calls[id(module)] = self.calls.get(id(module), 0) + 1
             return None
         end_node = next_sequence_number()
         if frame.aliases is not None:
@@ -605,6 +647,10 @@ class Capture:
                 record.view_edges = record.edges
                 record.edges = [get_gradient_edge(base)]
                 record.edge_views = [(expanded.shape, base.shape)]
+            if info.parametrized:
+                record = self._cover_originals(info, frame, record)
+                if not record.params:  # only frozen tensors were used (e.g. a cached weight computed elsewhere)
+                    return expanded if expanded is not output else None
         record.batched = batched
         if frame.first_node is not None and end_node is not None:
             record.nodes = range(frame.first_node, end_node)
@@ -621,6 +667,25 @@ class Capture:
         )
         self.records.append(record)
         return expanded if expanded is not output else None
+
+    @staticmethod
+    def _cover_originals(info: _ModuleInfo, frame: _Frame, record: Record) -> Record:
+        """Have the closed-form record of a call of a module with a parametrised weight cover the weight's
+        originals, when the call computed it (its ParametrizationList ran inside the call), or reused the one an
+        earlier covered call computed (``parametrize.cached()``). A weight computed elsewhere is covered where it
+        was computed (its ParametrizationList's own call), like any tensor shared by the examples."""
+        module = info.module
+        tensors: list[ParametrizedTensor] = []
+        for name in parametrization_lists(module):
+            tensor = None if frame.parametrized is None else frame.parametrized.get(name)
+            if tensor is None:
+                cached = cached_tensor(module, name)
+                tensor = cached if cached is not None and cached is info.claimed else None
+            originals = originals_of(module, name)
+            if tensor is not None and originals:
+                tensors.append(ParametrizedTensor(name, tensor, originals))
+                info.claimed = tensor
+        return parametrized_record(record, tensors) if tensors else record
 
     @staticmethod
     def _settle_candidate(

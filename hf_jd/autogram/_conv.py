@@ -139,7 +139,7 @@ class Conv2dRecord(OuterProductRecord):
         check_samples_first(self, layout)
         conv = self.module
         assert isinstance(conv, nn.Conv2d)
-        dtype = compute_dtype(conv.weight)
+        dtype = compute_dtype(next(iter(self.params.values())))  # not conv.weight: no parametrisation re-run
         self.check_batch(self.inputs, layout, "input")
         padding = conv.padding
         assert not isinstance(padding, str)  # numbers only (is_unfoldable_conv2d)
@@ -218,7 +218,7 @@ class PatchConvRecord(Record):
         check_samples_first(self, layout)
         conv = self.module
         assert isinstance(conv, (nn.Conv1d, nn.Conv2d))
-        dtype = compute_dtype(conv.weight)
+        dtype = compute_dtype(next(iter(self.params.values())))  # not conv.weight: no parametrisation re-run
         self.check_batch(self.inputs, layout, "input")
         inputs = self.inputs.to(self.product_dtype).to(dtype)
         del self.inputs

@@ -17,7 +17,7 @@ from ._linear import LinearRecord, is_conv1d, is_linear
 from ._record import Record
 from ._rms_norm import is_rms_norm_like
 
-__all__ = ["Kind", "closed_form_parameters", "kind_of", "record_class", "mixes_examples"]
+__all__ = ["Kind", "closed_form_parameters", "kind_of", "parametrized_kind", "record_class", "mixes_examples"]
 
 
 class Kind(Enum):
@@ -70,6 +70,34 @@ def closed_form_parameters(module: nn.Module) -> bool:
     return names <= {"weight", "bias"} and not parametrize.is_parametrized(module)
 
 
+def parametrized_kind(module: nn.Module) -> Kind | None:
+    """The closed form of a stock ``Linear`` / ``Conv1d`` / ``Conv2d`` whose ``weight`` (only) is computed by a
+    parametrisation (``torch.nn.utils.parametrizations.weight_norm``, ``spectral_norm``, ...): its per-row
+    weight gradients are those of the closed form, pulled back to the originals (see ``_parametrized``).
+
+    Parameters
+    ----------
+    module
+        The module.
+
+    Returns
+    -------
+    Kind or None
+        ``Kind.LINEAR``, ``Kind.GROUPED_CONV`` or ``Kind.CONV2D``; ``None`` for any other module.
+    """
+    if not parametrize.is_parametrized(module) or set(getattr(module, "parametrizations", {})) != {"weight"}:
+        return None
+    if {name for name, param in module._parameters.items() if param is not None} - {"bias"}:
+        return None
+    if is_linear(module):
+        return Kind.LINEAR
+    if is_unfoldable_conv2d(module):
+        return Kind.CONV2D
+    if is_unfoldable_grouped_conv(module):
+        return Kind.GROUPED_CONV
+    return None
+
+
 def kind_of(module: nn.Module) -> Kind:
     """The handler of a module that has direct parameters.
 
@@ -83,6 +111,9 @@ def kind_of(module: nn.Module) -> Kind:
     Kind
         The handler.
     """
+    parametrized = parametrized_kind(module)
+    if parametrized is not None:
+        return parametrized
     if not closed_form_parameters(module):
         return Kind.RMS_NORM if is_rms_norm_like(module) else Kind.GENERIC
     if is_linear(module) or is_conv1d(module):
