@@ -83,8 +83,7 @@ def _audio(model_type: str, **config: Any) -> tuple[nn.Module, dict[str, Tensor]
     """An audio classifier on 330 samples of random audio (about T frames after the tiny feature extractor)."""
     settings = dict(hidden_size=H, num_hidden_layers=2, num_attention_heads=2, intermediate_size=4 * H,
                     conv_dim=(32, 32), conv_stride=(5, 2), conv_kernel=(10, 3), num_feat_extract_layers=2,
-                    num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, num_labels=2,
-                    mask_time_prob=0.0)  # SpecAugment draws its masks with NumPy: the variants would differ
+                    num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, num_labels=2)  # SpecAugment on
     settings.update(config)
     model = tf.AutoModelForAudioClassification.from_config(tf.AutoConfig.for_model(model_type, **settings))
     inputs = {"input_values": torch.randn(B, 330), "labels": torch.randint(0, 2, (B,))}

@@ -37,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy
 import torch
 from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile
@@ -355,6 +356,7 @@ def _check_same_update(steps: dict[str, Step], models: dict[str, nn.Module]) -> 
         if name == "plain":
             continue
         torch.manual_seed(1)  # same dropout masks for every variant
+        numpy.random.seed(1)  # and SpecAugment masks (Wav2Vec2-family models draw them with NumPy)
         steps[name]()
         grads[name] = torch.cat([p.grad.reshape(-1) for p in models[name].parameters() if p.grad is not None])
     reference = grads["hf_jd"]

@@ -14,7 +14,7 @@ from typing import Any, TypeGuard
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.graph import get_gradient_edge
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from ._batched_grad import batched_grad
 from ._layout import RowLayout
@@ -279,6 +279,33 @@ class GenericRecord(Record):
             The engine's batch dimension.
         """
         self._grouped_dim = batch_dim
+
+    def can_start_at_uses(self) -> bool:
+        """Whether :meth:`start_at` applies: a call with parameters, outputs not regrouped nor shared.
+
+        Returns
+        -------
+        bool
+            ``True`` when the call's products may start at the operations using its parameters.
+        """
+        return bool(self.aliases) and self._grouped_dim is None and not self._shared_output and hasattr(self, "outputs")
+
+    def start_at(self, edges: list[GradientEdge]) -> None:
+        """Take the outputs of the operations that use the parameters (split by example, one output each) as this
+        call's edges: its vector-Jacobian products then start there (see :mod:`._direct_uses`).
+
+        Parameters
+        ----------
+        edges
+            The operations' output edges.
+        """
+        self.edges = list(edges)
+        self.edge_views, self.view_edges = [], []
+        self.outputs = [
+            torch.empty(meta.shape, dtype=meta.dtype, device="meta")
+            for meta in (edge.node._input_metadata[edge.output_nr] for edge in self.edges)
+        ]
+        self._versions = None  # (checked before: the operations' outputs are not the call's)
 
     def watch_versions(self) -> None:
         """Remember the version counters of the (aliased) outputs: an in-place operation on them

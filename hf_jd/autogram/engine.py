@@ -42,6 +42,7 @@ from ._batched_grad import explain_donated_buffers, has_compiled_nodes, one_vect
 from ._broadcast import BroadcastPlan, attach_plans, grouped_paths, node_output_shape, plan_broadcasts
 from ._capture import Capture
 from ._deliver import deliver_gradients
+from ._direct_uses import start_at_uses
 from ._generic import GenericRecord
 from ._layer_norm import INPUT_PARAMETER
 from ._layout import RowLayout, layout_of_losses
@@ -469,6 +470,10 @@ class Engine:
         retain = True
         covered = {id(p): p for record in records for p in record.params.values()}
         nodes = list(graph_nodes([losses.grad_fn]))
+        if layout.batched and layout.batch_dim is not None:
+            # Generic calls whose parameters are used by operations with outputs split by example (a mask
+            # embedding, a class token) back-propagate from those operations instead of their outputs.
+            start_at_uses(records, nodes, layout.batch_dim, layout.num_examples)
         uncovered = uncovered_parameters(nodes, covered)
         own = {id(p) for p in capture.parameters()} if uncovered else set()
         # Parameters of the engine's modules used only outside the calls it captured (a parent calling

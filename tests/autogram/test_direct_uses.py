@@ -1,0 +1,142 @@
+"""Generic calls whose parameters are used by operations with outputs split by example (a container
+module's mask embedding, class token or position table): their per-example products start at those
+operations instead of running back from the call's outputs through everything after the use; exact against
+the explicit Jacobian, also when examples are mixed after the use, with both backward modes."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import transformers as tf
+from torch import Tensor, nn
+
+from hf_jd.autogram import Engine
+
+from ._reference import assert_gramian_matches, grads_of, jacobian, trainable
+
+
+def _exact_step(engine: Engine, model: nn.Module, losses: Tensor, single_backward: bool) -> None:
+    params = trainable(model)
+    jac = jacobian(losses, params)
+    assert_gramian_matches(engine.compute_gramian(losses), jac)
+    weights = torch.linspace(0.5, 1.5, losses.numel())
+    model.zero_grad(set_to_none=True)
+    if single_backward:
+        engine.backward(weights)
+    else:
+        losses.backward(weights.view(losses.shape))
+    torch.testing.assert_close(grads_of(params), weights @ jac, rtol=1e-4, atol=1e-6)
+
+
+class _Container(nn.Module):
+    """A module with a parameter of its own, written into masked positions of its input (as Wav2Vec2's mask
+    embedding) and added to it, before a child layer; ``mix`` mixes the examples after that use."""
+
+    def __init__(self, mix: str = "none", in_place: bool = False, chained: bool = False) -> None:
+        super().__init__()
+        self.chained = chained
+        self.embed = nn.Parameter(torch.randn(6))
+        self.shift = nn.Parameter(torch.randn(6))
+        self.inner = nn.Linear(6, 6)
+        self.mix = mix
+        self.in_place = in_place
+        self.passes = 0  # backward passes through the activation after the parameters' uses
+
+    def _count(self, grad: Tensor) -> None:
+        self.passes += 1
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:  # x: [B, T, 6], a view of [B * T, 6] rows
+        h = x if self.in_place else x.clone()  # in place: written into a view (CopySlices on its base)
+        # Before the write: independent of the embedding (on the [B * T, 6] rows too when those are written).
+        shifted = None if self.chained else (x.reshape(-1, 6) if self.in_place else x) + self.shift
+        h[mask] = self.embed
+        if shifted is None:
+            shifted = h + self.shift  # after the write: the addition reaches the embedding too
+        h = self.inner(h * shifted.view_as(h))
+        if h.requires_grad:
+            h.register_hook(self._count)
+        if self.mix == "center":
+            h = h - h.mean(0, keepdim=True)
+        elif self.mix == "softmax":
+            h = h.softmax(0)
+        return h
+
+
+class _Net(nn.Module):
+    def __init__(self, mix: str = "none", flat: bool = False, chained: bool = False) -> None:
+        super().__init__()
+        self.pre = nn.Linear(3, 6)
+        self.body = _Container(mix, in_place=flat, chained=chained)
+        self.head = nn.Linear(6, 1)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:  # x: [B, T, 3] -> losses [B]
+        # flat: the container writes into the view of the Linear's [B * T, 6] rows, as in Wav2Vec2
+        return self.head(torch.tanh(self.body(self.pre(x), mask))).squeeze(-1).pow(2).mean(1)
+
+
+@pytest.mark.parametrize("chained", [False, True])
+@pytest.mark.parametrize("flat", [False, True])
+def test_products_start_at_the_parameters_uses(flat: bool, chained: bool) -> None:
+    """The per-example products run through the operations using the parameters only: the activations after
+    them see the ordinary backward pass alone (one more pass with the products from the call's outputs). Not
+    when one use reaches another parameter too (``chained``): the products then start at the call's outputs."""
+    torch.manual_seed(0)
+    model = _Net(flat=flat, chained=chained)
+    engine = Engine(model)
+    for step, batch in enumerate((4, 4, 3, 3)):
+        x, mask = torch.randn(batch, 5, 3), torch.rand(batch, 5) > 0.5
+        losses = model(x, mask)
+        jac = jacobian(losses, trainable(model))
+        model.body.passes = 0
+        gramian = engine.compute_gramian(losses)
+        assert_gramian_matches(gramian, jac)
+        if step in (1, 3):  # (the first step of a batch size also checks the grouping or the mixing)
+            assert model.body.passes == (2 if chained else 1)
+
+
+@pytest.mark.parametrize("mix", ["none", "center", "softmax"])
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_examples_mixed_after_the_use_stay_exact(mix: str, single_backward: bool) -> None:
+    torch.manual_seed(1)
+    model = _Net(mix, flat=True)
+    engine = Engine(model, single_backward=single_backward)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # mixed examples: the engine warns and takes the exact paths
+        for batch in (4, 4, 3):
+            _exact_step(engine, model, model(torch.randn(batch, 5, 3), torch.rand(batch, 5) > 0.5), single_backward)
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_wav2vec2_with_spec_augment(single_backward: bool) -> None:
+    """Wav2Vec2 in training mode masks frames with its mask embedding (SpecAugment, drawn with NumPy)."""
+    torch.manual_seed(2)
+    config = tf.Wav2Vec2Config(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, conv_dim=(8, 8),
+        conv_stride=(5, 2), conv_kernel=(10, 3), num_feat_extract_layers=2, num_conv_pos_embeddings=8,
+        num_conv_pos_embedding_groups=4, num_labels=2, mask_time_prob=0.3, mask_time_length=2,
+    )
+    model = tf.Wav2Vec2ForSequenceClassification(config).train()
+    engine = Engine(model, single_backward=single_backward)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no per-row pass
+        for batch in (3, 3, 2):
+            logits = model(input_values=torch.randn(batch, 400)).logits
+            losses = nn.functional.cross_entropy(logits, torch.randint(0, 2, (batch,)), reduction="none")
+            _exact_step(engine, model, losses, single_backward)
+    assert model.wav2vec2.masked_spec_embed.grad is not None
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_vit_class_token_and_position_table(single_backward: bool) -> None:
+    """ViT's embeddings: the class token is concatenated to the patches before the position table is added."""
+    torch.manual_seed(3)
+    config = tf.ViTConfig(image_size=8, patch_size=4, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                          intermediate_size=16, num_labels=2)
+    model = tf.ViTForImageClassification(config).train()
+    engine = Engine(model, single_backward=single_backward)
+    for batch in (3, 3, 2):
+        logits = model(pixel_values=torch.randn(batch, 3, 8, 8)).logits
+        losses = nn.functional.cross_entropy(logits, torch.randint(0, 2, (batch,)), reduction="none")
+        _exact_step(engine, model, losses, single_backward)
