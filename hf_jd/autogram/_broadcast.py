@@ -38,7 +38,7 @@ __all__ = ["BroadcastPlan", "attach_plans", "grouped_paths", "node_output_shape"
 # Nodes of operations that only move, select or convert entries (their backward is linear and
 # needs no saved tensor), through which a shared output may pass before being broadcast.
 SHAPE_NODES = frozenset({
-    "AliasBackward0", "CloneBackward0", "PermuteBackward0", "SliceBackward0", "SqueezeBackward0",
+    "AliasBackward0", "AsStridedBackward0", "CloneBackward0", "PermuteBackward0", "SliceBackward0", "SqueezeBackward0",
     "SqueezeBackward1", "SqueezeBackward2", "TBackward0", "ToCopyBackward0", "TransposeBackward0",
     "TransposeBackward1", "UnsafeViewBackward0", "UnsqueezeBackward0", "ViewBackward0",
 })
@@ -47,6 +47,20 @@ SHAPE_NODES = frozenset({
 ELEMENTWISE_NODES = frozenset({
     "DivBackward0", "MaskedFillBackward0", "MulBackward0", "NegBackward0", "WhereBackward0",
 })
+# Nodes of elementwise functions of one tensor (their backward is a fixed linear map of the gradient on a path that
+# depends on the parameters only, e.g. Swinv2's ``16 * sigmoid(table)``), allowed when shape-preserving.
+UNARY_NODES = frozenset({
+    "AbsBackward0", "CosBackward0", "EluBackward0", "ExpBackward0", "GeluBackward0", "HardtanhBackward0",
+    "LeakyReluBackward0", "LogBackward0", "LogSigmoidBackward0", "LogSoftmaxBackward0", "ReluBackward0",
+    "RsqrtBackward0", "SigmoidBackward0", "SiluBackward0", "SinBackward0", "SoftmaxBackward0", "SoftplusBackward0",
+    "SqrtBackward0", "TanhBackward0",
+})
+# An in-place operation on a view of the shared tensor (e.g. ``ReLU(inplace=True)`` on a Linear's output, a view of
+# its product): allowed when shape-preserving, like the operation it wraps.
+IN_PLACE_NODES = frozenset({"CopySlices"})
+# Selection of entries by an index (``table[relative_position_index]``), allowed when its output has no dimension
+# of the batch size along ``batch_dim`` (an index over the examples would carry them).
+INDEX_NODES = frozenset({"IndexBackward0", "IndexSelectBackward0", "GatherBackward0"})
 # Nodes of elementwise operations that may broadcast a shared input over the batch (e.g. the bias
 # plus a [B, 1, T, T] mask, or where(mask, bias, -inf)): called on the whole gradient, their
 # backward returns each input's gradient before the reduction over broadcast dimensions (the
@@ -291,8 +305,13 @@ def attach_plans(plans: list[BroadcastPlan], accumulator: Accumulator) -> None:
     num_examples = accumulator.layout.num_examples
 
     def add(plan: BroadcastPlan, grads: Tensor) -> None:
-        plan.record.insert_batch(num_examples, plan.batch_dim)
-        accumulator.add(plan.record, [grads.unsqueeze(0)], deferred_ok=True, shaped=True)
+        record = plan.record
+        view = record.edge_views[0] if record.edge_views else None
+        if view is not None and grads.shape[plan.batch_dim + 1 :] != view[0]:
+            # Walked from the base of an output changed in place (see _plan): back to the output's shape.
+            grads = grads.movedim(plan.batch_dim, 0).reshape(num_examples, *view[0]).movedim(0, plan.batch_dim)
+        record.insert_batch(num_examples, plan.batch_dim)
+        accumulator.add(record, [grads.unsqueeze(0)], deferred_ok=True, shaped=True)
 
     for plan in plans:
         plan.on_complete = add
@@ -303,6 +322,10 @@ def _plan(
 ) -> BroadcastPlan | None:
     """The plan of one record, or ``None`` when a use of its output is not a broadcast path."""
     edge = record.shape_edges()[0]
+    if record.edge_views and not any(nr == edge.output_nr for _, _, nr in consumers.get(edge.node, [])):
+        # The output (a view of the product, e.g. a Linear's) was changed in place (Swinv2's ReLU(inplace=True)):
+        # its gradient reaches the product's edge, from which the walk starts.
+        edge = record.edges[0]
     shape = node_output_shape(edge.node, edge.output_nr)
     if shape is None or len(shape) < batch_dim:
         return None
@@ -327,7 +350,12 @@ def _plan(
                 plan.paths.append((consumer, [step, *steps], group))
             elif _output_count(consumer) == 1 and (
                 name in SHAPE_NODES
-                or (name in ELEMENTWISE_NODES and consumer_shape == value_shape)
+                or (name in (ELEMENTWISE_NODES | UNARY_NODES | IN_PLACE_NODES) and consumer_shape == value_shape)
+                or (
+                    name in INDEX_NODES
+                    and slot == 0
+                    and (len(consumer_shape) <= batch_dim or consumer_shape[batch_dim] != batch_size)
+                )
                 or (
                     LINEAR_NODES.get(name) == slot
                     and len(consumer_shape) == len(value_shape)

@@ -9,11 +9,14 @@ operation that uses the parameter (``index_put``, ``expand``, ``+``) is already 
 the ordinary backward pass, when that output is split by example along ``batch_dim``: the call's
 vector-Jacobian products can start there instead, through that one operation.
 
-The calls whose every use of every parameter is such an operation (one output, ``k`` times the batch size
-along ``batch_dim`` and the batch size along no other dimension, the same ``k`` for all), none of which
-reaches a parameter through its other inputs too (a class token concatenated to the patches before the
-position table is added: the products from the addition would count the token's use twice), get those
-operations' outputs as their edges; the others keep their outputs. With ``k > 1`` (rows flattened, e.g.
+The walk follows each parameter forward through the operations on the parameters alone
+(``clamp(logit_scale).exp()`` in Swinv2's attention) to the first operations on every path that take another
+input too; all of them must have outputs split by example (one output, ``k`` times the batch size along
+``batch_dim`` and the batch size along no other dimension, the same ``k`` for all). Each path from a parameter to the losses crosses exactly one of
+them unless one lies upstream of another (a class token concatenated to the patches before the position
+table is added: the products from the addition would count the token's use twice); calls where that holds
+get those operations' outputs as their edges (the products from them are exact whatever lies between the
+parameters and them), the others keep their outputs. With ``k > 1`` (rows flattened, e.g.
 ``[B * T, d]``), the call becomes a candidate for the batch-major grouping, which the engine verifies as for
 any other call on flattened rows. Examples mixed between those operations and the losses show in the
 engine's usual checks.
@@ -48,18 +51,17 @@ def _rows_per_example(node: Any, batch_dim: int, batch_size: int) -> int:
     return int(shape[batch_dim]) // batch_size
 
 
-def _reaches_otherwise(use: Any, aliases: set[Any], call: range | None) -> bool:
-    """Whether an operation using a parameter's alias also reaches an alias through its other inputs (e.g. a
-    class token concatenated to the patches before the position table is added): products from its output
-    would then count that other use a second time. Only nodes created during the call are followed."""
-    stack = [child for child, _ in use.next_functions if child is not None and child not in aliases]
+def _upstream_of(use: Any, others: set[Any], call: range | None) -> bool:
+    """Whether another chosen operation lies upstream of ``use`` (within the call): the paths through both
+    would be counted twice."""
+    stack = [child for child, _ in use.next_functions if child is not None]
     seen: set[Any] = set()
     while stack:
         node = stack.pop()
         if node in seen:
             continue
         seen.add(node)
-        if node in aliases:
+        if node in others:
             return True
         if call is not None and node._sequence_nr() not in call:
             continue
@@ -67,8 +69,42 @@ def _reaches_otherwise(use: Any, aliases: set[Any], call: range | None) -> bool:
     return False
 
 
+def _uses_of(
+    record: GenericRecord, consumers: dict[Any, list[Any]], batch_dim: int, batch_size: int
+) -> tuple[list[Any], int] | None:
+    """The operations where the call's parameters meet the examples, and their rows per example: walking forward
+    from the parameters through the operations on them alone (``clamp(logit_scale).exp()``), the first ones with
+    another input. ``None`` unless all of them are inside the call, split by example, with the same rows per
+    example: a tensor computed from the parameters alone may have the batch size along ``batch_dim`` by
+    coincidence (``heads = B``), so it is never taken for one split by example."""
+    parameters_only = {alias.grad_fn for alias in record.aliases.values() if alias.grad_fn is not None}
+    stack = list(parameters_only)
+    frontier: list[Any] = []
+    while stack:
+        for consumer in consumers.get(stack.pop(), []):
+            if consumer in parameters_only:
+                continue
+            inputs = [child for child, _ in consumer.next_functions if child is not None]
+            if all(child in parameters_only for child in inputs):
+                parameters_only.add(consumer)
+                stack.append(consumer)
+                if consumer in frontier:
+                    frontier.remove(consumer)
+            elif consumer not in frontier:
+                frontier.append(consumer)
+    groups = 0
+    for use in frontier:
+        if record.nodes is not None and use._sequence_nr() not in record.nodes:
+            return None  # (e.g. a parameter returned by the call)
+        rows = _rows_per_example(use, batch_dim, batch_size)
+        if not rows or (groups and rows != groups):
+            return None
+        groups = rows
+    return (frontier, groups) if frontier else None
+
+
 def start_at_uses(records: Iterable[Record], nodes: Iterable[Any], batch_dim: int, batch_size: int) -> list[Record]:
-    """Give the generic calls whose parameters are only used by operations with outputs split by example
+    """Give the generic calls whose parameters reach the losses through operations with outputs split by example
     those outputs as edges (see the module's docstring).
 
     Parameters
@@ -92,35 +128,23 @@ def start_at_uses(records: Iterable[Record], nodes: Iterable[Any], batch_dim: in
     ]
     if not candidates:
         return []
-    owners: dict[Any, GenericRecord] = {}
-    for record in candidates:
-        for alias in record.aliases.values():
-            if alias.grad_fn is not None:
-                owners[alias.grad_fn] = record
-    uses: dict[int, list[Any]] = {}
-    groups: dict[int, int] = {}
-    blocked: set[int] = set()
+    consumers: dict[Any, list[Any]] = {}
     for node in nodes:
         for child, _ in node.next_functions:
-            owner = owners.get(child)
-            if owner is None or id(owner) in blocked:
-                continue
-            inside = owner.nodes is None or node._sequence_nr() in owner.nodes
-            rows = _rows_per_example(node, batch_dim, batch_size) if inside else 0
-            if not rows or groups.setdefault(id(owner), rows) != rows:
-                blocked.add(id(owner))
-            elif node not in uses.setdefault(id(owner), []):
-                uses[id(owner)].append(node)
+            if child is not None:
+                consumers.setdefault(child, []).append(node)
     changed: list[Record] = []
     for record in candidates:
-        if id(record) in blocked or not uses.get(id(record)):
+        found = _uses_of(record, consumers, batch_dim, batch_size)
+        if found is None:
             continue
-        aliases = {alias.grad_fn for alias in record.aliases.values() if alias.grad_fn is not None}
-        if any(_reaches_otherwise(use, aliases, record.nodes) for use in uses[id(record)]):
+        uses, groups = found
+        chosen = set(uses)
+        if any(_upstream_of(use, chosen - {use}, record.nodes) for use in uses):
             continue
-        record.start_at([GradientEdge(node, 0) for node in uses[id(record)]])
-        if groups[id(record)] > 1:  # a candidate batch-major grouping, verified like [B * T, d] rows
+        record.start_at([GradientEdge(node, 0) for node in uses])
+        if groups > 1:  # a candidate batch-major grouping, verified like [B * T, d] rows
             record.batched = False
-            record.groups = groups[id(record)]
+            record.groups = groups
         changed.append(record)
     return changed

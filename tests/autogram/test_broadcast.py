@@ -46,7 +46,7 @@ class SharedBias(nn.Module):
         elif self.mode == "matmul":  # batched product: matmul expands the shared operand over the batch
             combined = scores @ bias.squeeze(0)
         elif self.mode == "nonlinear":  # an operation the planner does not follow: exact per-row path
-            combined = scores + bias.exp()
+            combined = scores + bias.cumsum(-1)
         else:
             raise AssertionError(self.mode)
         return combined.tanh().flatten(1)
@@ -417,3 +417,59 @@ def test_swin_relative_position_tables_use_the_ordinary_pass(single_backward: bo
         assert_gramian_matches(engine.compute_gramian(losses, retain_graph=True), jac)
         _assert_weighted_update(engine, losses, params, jac, single_backward)
     assert per_row == []  # the tables (generic calls broadcast over [B * windows] scores) were per-row before
+
+
+class ContinuousBias(nn.Module):
+    """Swinv2-style continuous position bias: a two-layer MLP (ReLU in place on the first Linear's output, a view of
+    its product) on a table of relative coordinates, picked by a relative-position index, ``16 * sigmoid``, added to
+    the per-example scores: a shared table reached through a Linear, unary functions, an in-place operation and an
+    index selection."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(1, 8), nn.ReLU(inplace=True), nn.Linear(8, HEADS, bias=False))
+        self.proj = nn.Linear(3, HEADS * T)
+        positions = torch.arange(T)
+        self.index = (positions[:, None] - positions[None, :] + T - 1).reshape(-1)  # [T * T] into 2T - 1 rows
+        self.coords = torch.linspace(-1, 1, 2 * T - 1).view(1, 2 * T - 1, 1)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        scores = self.proj(x).view(-1, HEADS, 1, T).expand(-1, HEADS, T, T)  # [B, H, T, T]
+        table = self.mlp(self.coords).view(-1, HEADS)  # [2T - 1, H]
+        bias = table[self.index].view(T, T, HEADS).permute(2, 0, 1).contiguous()
+        return (scores + 16 * torch.sigmoid(bias).unsqueeze(0)).tanh().flatten(1)
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_table_through_unary_functions_in_place_ops_and_an_index(single_backward: bool, monkeypatch) -> None:
+    per_row = _count_per_row(monkeypatch)
+    torch.manual_seed(0)
+    model = ContinuousBias()
+    engine = Engine(model, single_backward=single_backward)
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        losses = _losses(model)
+        params = trainable(model)
+        jac = jacobian(losses, params)
+        assert_gramian_matches(engine.compute_gramian(losses, retain_graph=True), jac)
+        _assert_weighted_update(engine, losses, params, jac, single_backward)
+    assert per_row == []
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_swinv2_continuous_position_bias_uses_the_ordinary_pass(single_backward: bool, monkeypatch) -> None:
+    per_row = _count_per_row(monkeypatch)
+    torch.manual_seed(0)
+    config = tf.Swinv2Config(image_size=16, patch_size=4, embed_dim=8, depths=[2], num_heads=[2], window_size=2,
+                             num_labels=3)
+    model = tf.Swinv2ForImageClassification(config)
+    engine = Engine(model, single_backward=single_backward)
+    for batch in (3, 3, 2):
+        model.zero_grad(set_to_none=True)
+        images, labels = torch.randn(batch, 3, 16, 16), torch.randint(0, 3, (batch,))
+        losses = nn.functional.cross_entropy(model(pixel_values=images).logits, labels, reduction="none")
+        params = trainable(model)
+        jac = jacobian(losses, params)
+        assert_gramian_matches(engine.compute_gramian(losses, retain_graph=True), jac)
+        _assert_weighted_update(engine, losses, params, jac, single_backward)
+    assert per_row == []  # its MLP's tables took the per-row pass on every step before

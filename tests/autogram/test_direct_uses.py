@@ -140,3 +140,34 @@ def test_vit_class_token_and_position_table(single_backward: bool) -> None:
         logits = model(pixel_values=torch.randn(batch, 3, 8, 8)).logits
         losses = nn.functional.cross_entropy(logits, torch.randint(0, 2, (batch,)), reduction="none")
         _exact_step(engine, model, losses, single_backward)
+
+
+class _ScaledScores(nn.Module):
+    """Attention-like scores times a per-head scale computed from a parameter alone (Swinv2's
+    ``clamp(logit_scale).exp()``), with as many heads as examples: the scale ``[H, 1, 1]`` has the batch size
+    along ``batch_dim`` by coincidence and must not be taken for a tensor split by example."""
+
+    def __init__(self, heads: int) -> None:
+        super().__init__()
+        self.qk = nn.Linear(3, 2 * heads * 2)
+        self.logit_scale = nn.Parameter(torch.randn(heads, 1, 1))
+        self.heads = heads
+
+    def forward(self, x: Tensor) -> Tensor:  # x: [B, N, 3] -> losses [B]
+        batch, length, _ = x.shape
+        q, k = self.qk(x).view(batch, length, 2, self.heads, 2).permute(2, 0, 3, 1, 4)  # [B, H, N, 2] each
+        scale = torch.clamp(self.logit_scale, max=2.0).exp()
+        scores = (q @ k.transpose(-1, -2)) * scale  # [B, H, N, N]
+        return scores.softmax(-1).pow(2).flatten(1).mean(1)
+
+
+@pytest.mark.parametrize("heads", [2, 4])
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_parameters_only_tensor_with_the_batch_size_is_not_split(heads: int, single_backward: bool) -> None:
+    torch.manual_seed(5)
+    model = _ScaledScores(heads)
+    engine = Engine(model, single_backward=single_backward)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (taken for one split by example, it looked like examples mixed by the losses)
+        for batch in (4, 4, 3):  # heads = B on the first steps (with 4 heads)
+            _exact_step(engine, model, model(torch.randn(batch, 5, 3)), single_backward)
