@@ -12,14 +12,14 @@ vector-Jacobian products can start there instead, through that one operation.
 The walk follows each parameter forward through the operations on the parameters alone
 (``clamp(logit_scale).exp()`` in Swinv2's attention) to the first operations on every path that take another
 input too; all of them must have outputs split by example (one output, ``k`` times the batch size along
-``batch_dim`` and the batch size along no other dimension, the same ``k`` for all). Each path from a
-parameter to the losses crosses exactly one of them unless one lies upstream of another (a class token concatenated to the patches before the position
-table is added: the products from the addition would count the token's use twice); calls where that holds
-get those operations' outputs as their edges (the products from them are exact whatever lies between the
-parameters and them), the others keep their outputs. With ``k > 1`` (rows flattened, e.g.
-``[B * T, d]``), the call becomes a candidate for the batch-major grouping, which the engine verifies as for
-any other call on flattened rows. Examples mixed between those operations and the losses show in the
-engine's usual checks.
+``batch_dim`` and the batch size along no other dimension, the same ``k`` for all). Each path from a parameter
+to the losses crosses exactly one of them unless one lies upstream of another (a class token concatenated to the
+patches before the position table is added: the products from the addition would count the token's use twice);
+calls where that holds get those operations' outputs as their edges (the products from them are exact whatever
+lies between the parameters and them), the others keep their outputs. With ``k > 1`` (rows flattened, e.g. ``[B
+* T, d]``), the call becomes a candidate for the batch-major grouping, which the engine verifies as for any
+other call on flattened rows. Examples mixed between those operations and the losses show in the engine's usual
+checks.
 """
 
 from __future__ import annotations
