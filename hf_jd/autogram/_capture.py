@@ -137,6 +137,10 @@ class _ModuleInfo:
     trainable_descendants: list[nn.Module] = field(default_factory=list)
     frames: list[Any] = field(default_factory=list)
     unaligned: bool = False  # seen with tensors not split by example along batch_dim
+    # The calls of a forward pass (by index, see Record.call_index) that, split along batch_dim, passed the
+    # batch-major check: only those (a call seen time-major with T = 1 says nothing about its [T, B, d] tensors
+    # when T = B, nor one call of a module about another).
+    batch_major_calls: set[int] = field(default_factory=set)
     # An nn.Linear / nn.Embedding subclass with a forward of its own, or a layer-norm look-alike: handled
     # generically until its first captured call shows that it computes F.linear / a scaled lookup / a
     # layer norm over the last dimension, then by the closed form (this kind).
@@ -264,6 +268,7 @@ class Capture:
         self.calls: dict[int, int] = {}
         self.depth = 0
         self.records: list[Record] = []
+        self.call_counts: dict[int, int] = {}  # captured calls of each module in this forward pass
         self.consumed = False  # whether compute_gramian took this forward pass's records
         self.replaced_forwards = 0
         self.batch_size = 0
@@ -297,6 +302,7 @@ class Capture:
     def reset(self) -> None:
         """Drop the captured records and the batch-size and forward tracking."""
         self.records = []
+        self.call_counts = {}
         self.consumed = False
         # Forward passes whose captures a new forward pass replaced before any compute_gramian.
         self.replaced_forwards = 0
@@ -344,6 +350,39 @@ class Capture:
             info = self.infos.get(id(record.module))
             if info is not None:
                 info.unaligned = True
+
+    def mark_batch_major(self, records: list[Any]) -> None:
+        """Remember that these calls of their modules (by :attr:`Record.call_index`), split along ``batch_dim``,
+        passed the check that their examples are along ``batch_dim`` (not, e.g., a time-major ``[T, B, d]`` layout
+        with ``T = B``).
+
+        Parameters
+        ----------
+        records
+            The records of the calls that passed an informative check.
+        """
+        for record in records:
+            info = self.infos.get(id(record.module))
+            if info is not None:
+                info.batch_major_calls.add(record.call_index)
+
+    def batch_major_verified(self, record: Any) -> bool:
+        """Whether the same call of the same module (its first, second, ... call in the forward pass) was confirmed
+        batch-major on an earlier step (:meth:`mark_batch_major`), and the module never seen with tensors not split
+        by example along ``batch_dim``.
+
+        Parameters
+        ----------
+        record
+            The record of a call.
+
+        Returns
+        -------
+        bool
+            ``True`` if its layout was verified.
+        """
+        info = self.infos.get(id(record.module))
+        return info is not None and record.call_index in info.batch_major_calls and not info.unaligned
 
     def unaligned_besides(self, records: list[Any]) -> bool:
         """Whether a module other than those of ``records`` was ever seen with tensors not split by
@@ -665,6 +704,8 @@ class Capture:
         record.is_source = not any(
             t.requires_grad for t in itertools.chain(tensors_in(args), tensors_in(kwargs))
         )
+        record.call_index = self.call_counts.get(id(module), 0)
+        self.call_counts[id(module)] = record.call_index + 1
         self.records.append(record)
         return expanded if expanded is not output else None
 
@@ -803,6 +844,10 @@ class Capture:
         bd = self.batch_dim
         if bd is None:
             return True
+        if bd != 0 and kind.samples_first:
+            # Convolutions and GroupNorm take their samples along dimension 0: with another batch_dim, the batch
+            # size there (e.g. as many channels as examples, C = B) is a coincidence, never the examples.
+            return False
         size = self.batch_size
 
         def fits(tensor: Tensor, broadcast_ok: bool, min_dims: int = 3) -> bool:

@@ -37,6 +37,12 @@ class Kind(Enum):
         """Whether the module's parameters are aliased per call (generic handling)."""
         return self in (Kind.RMS_NORM, Kind.GENERIC)
 
+    @property
+    def samples_first(self) -> bool:
+        """Whether the closed form needs the call's samples along dimension 0 (``[N, C, *spatial]`` tensors of
+        convolutions and GroupNorm, which mix the positions or channels of a sample)."""
+        return self in (Kind.CONV2D, Kind.GROUPED_CONV, Kind.GROUP_NORM)
+
 
 # The constructor of a closed-form record: (module, module_name, params, args, output).
 RecordFactory = Callable[[nn.Module, str, dict[str, nn.Parameter], tuple[Any, ...], Tensor], Record]

@@ -84,6 +84,9 @@ class Record(ABC):
         # one other dimension (time-major [T, B, d] layouts: XLNet, nn.MultiheadAttention without
         # batch_first): that dimension, a candidate batch dimension verified by the engine; else None.
         self.other_batch_dim: int | None = None
+        # Which call of its module in the forward pass this is (0 for the first): a layout verified for one call
+        # of a module says nothing about another one (a module applied to batch- and time-major tensors).
+        self.call_index = 0
         # Autograd sequence numbers of the nodes created during the call (None: unknown), and whether
         # autocast was on (its cached casts of the parameters may come from an earlier call).
         self.nodes: range | None = None

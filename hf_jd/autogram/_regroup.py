@@ -71,8 +71,8 @@ def grads_verified(
     ``groups = k`` are checked for the batch-major grouping and regrouped. Adding needs per-example
     losses ``[B]`` (``layout.num_tasks == 1``); ``batch_dim`` must be set. The graph is retained.
 
-    ``chosen``, when given, receives for each record whether it was split along its other batch
-    dimension (see :attr:`Record.other_batch_dim`). ``trusted``, when given, is such a list from an
+    ``chosen``, when given, receives for each record (one entry each, in order) whether it was split along its
+    other batch dimension (see :attr:`Record.other_batch_dim`). ``trusted``, when given, is such a list from an
     earlier step of the same computation in which every record passed: the records are then added
     that way without the check, from a backward pass over the plain vector alone.
 
@@ -93,7 +93,7 @@ def grads_verified(
     trusted
         Per record, the split of an earlier step that passed (see above), or ``None``.
     chosen
-        Receives, per record, whether it was split along its other batch dimension.
+        Receives, per record, whether it was split along its other batch dimension (``False`` for a failure).
     vacuous
         Receives the records that passed a check that could not fail (one example, or all-zero gradients):
         their grouping must not be remembered for later steps.
@@ -151,6 +151,8 @@ def grads_verified(
                 or not all(grad is None or _grouped_by_example(grad, weights, bd, rtol) for grad in record_grads)
             ):
                 failed.append(record)
+                if chosen is not None:
+                    chosen.append(False)
                 continue
             if vacuous is not None and (num_examples < 2 or _uninformative(record_grads)):
                 vacuous.append(record)

@@ -99,6 +99,13 @@ def _coincident_sizes(record: Record, batch_dim: int, batch_size: int) -> bool:
     return False
 
 
+def _informative(checked: list[Record], failed: list[Record], vacuous: list[Record]) -> list[Record]:
+    """The calls split along ``batch_dim`` whose grouping check passed and could have failed: verified batch-major
+    (the same calls of the same modules on later steps skip the layout check)."""
+    excluded = {id(record) for record in failed} | {id(record) for record in vacuous}
+    return [record for record in checked if record.batched and id(record) not in excluded]
+
+
 _SEVERAL_FORWARDS = (
     "the losses come from several forward passes of the engine's modules (e.g. one per task): each new "
     "forward pass of a module given to the engine replaces the captures of the previous one, so only the last "
@@ -242,9 +249,6 @@ class Engine:
         self._single_backward = bool(single_backward)
         if self._single_backward:
             _SINGLE_BACKWARD_ENGINES.add(self)
-        # Whether a step whose tensors had the batch size along two dimensions confirmed that every
-        # call is split by example along batch_dim (then later such steps skip the verification).
-        self._batch_major_verified = False
         self._bound: _Bound | None = None
         self._capture = Capture(list(modules), batch_dim, on_new_forward=self.reset)
         self._warned_unattributed = False
@@ -537,13 +541,17 @@ class Engine:
             records = [record for record in records if record.batched]
         plans: list[BroadcastPlan] = []
         # Tensors with the batch size along batch_dim and along another dimension (e.g. [B, T, d] with
-        # T = B) cannot show whether they are batch- or time-major: their grouping is then verified.
-        coincident = layout.batch_dim is not None and any(
-            _coincident_sizes(record, layout.batch_dim, layout.num_examples) for record in records
+        # T = B) cannot show whether they are batch- or time-major: their grouping is then verified, unless each
+        # such call (the same call of the same module) passed that check on an earlier step (a call seen only
+        # time-major with T = 1, or not at all, has not: its [T, B, d] tensors with T = B are checked).
+        verify_layout = layout.batch_dim is not None and any(
+            _coincident_sizes(record, layout.batch_dim, layout.num_examples)
+            and not capture.batch_major_verified(record)
+            for record in records
         )
         # Once the model's [B, T, d] calls are verified batch-major, a [1, T, d] table with T = B (BERT's position
         # embeddings) is broadcast over the batch like any other table.
-        shareable = layout.num_tasks == 1 and not batched and (not coincident or self._batch_major_verified)
+        shareable = layout.num_tasks == 1 and not batched and not verify_layout
         if unaligned and shareable and not capture.unaligned_besides(unaligned):
             # Outputs shared by all examples and only broadcast over the batch further on (T5's
             # relative-position bias): per-example gradients from the ordinary pass.
@@ -580,7 +588,6 @@ class Engine:
 
         identity_rtol = LOW_PRECISION_IDENTITY_RTOL if self._low_precision else IDENTITY_RTOL
         with backpropagating(), explain_donated_buffers():
-            verify_layout = coincident and not self._batch_major_verified
             # Losses that mix the examples (an in-batch contrastive loss) show where they reach the calls closest
             # to them, operations that mix them between layers at the model's first calls: both checked on the
             # first step of each loss computation (two ordinary backward passes; a vmapped pass falls back to slow
@@ -649,9 +656,13 @@ class Engine:
                 if verify_layout:
                     # The layout is the model's: remember it (failed modules keep the exact paths).
                     capture.mark_unaligned(failed)
-                    # (Failures of calls not split along batch_dim, checked along another dimension, say
-                    # nothing about the layout of those that are.)
-                    self._batch_major_verified = not vacuous and not any(record.batched for record in failed)
+                    capture.mark_batch_major(_informative(checked, failed, vacuous))
+                # Calls split by example along another dimension (time-major [T, B, d], also with T = 1) are not
+                # batch-major: later calls of their modules are checked along that dimension, also when T = B.
+                uninformative = {id(record) for record in vacuous}
+                capture.mark_unaligned(
+                    [record for record, other in zip(checked, chosen) if other and id(record) not in uninformative]
+                )
                 unaligned += failed
                 if (failed or not all(grouped)) and plans:
                     # Some calls are not split by example (e.g. a contrastive loss mixes the examples), or a table's
@@ -672,7 +683,7 @@ class Engine:
                 )
                 if verify_layout:
                     capture.mark_unaligned(failed)
-                    self._batch_major_verified = not vacuous and not any(record.batched for record in failed)
+                    capture.mark_batch_major(_informative(records, failed, vacuous))
                 records = [record for record in records if all(record is not other for other in failed)]
                 unaligned += failed
             if unaligned:

@@ -647,11 +647,15 @@ def test_conv1d_and_grouped_conv2d_closed_form(single_backward: bool) -> None:
 
 
 @pytest.mark.parametrize("layer", [nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 1, groups=3), nn.GroupNorm(1, 3)])
-def test_sample_first_layers_reject_another_batch_dim(layer: nn.Module) -> None:
+def test_sample_first_layers_take_the_per_row_path_under_another_batch_dim(layer: nn.Module) -> None:
+    """Convolutions and GroupNorm take their samples along dimension 0: with batch_dim=1, the size of their channels
+    is never taken for the examples' (their closed forms would mix them), also when it equals the batch size; the
+    exact per-row path gives the Gramian instead (it raised)."""
+    torch.manual_seed(0)
     engine = Engine(layer, batch_dim=1)
-    losses = layer(torch.randn(2, 3, 4, 4)).sum((0, 2, 3))  # [3]: one "example" per channel
-    with pytest.raises(RuntimeError, match="takes its samples along dimension 0.*batch_dim=1"):
-        engine.compute_gramian(losses)
+    losses = layer(torch.randn(2, 3, 4, 4)).pow(2).sum((0, 2, 3))  # [3]: one "example" per channel
+    jac = jacobian(losses, trainable(layer))
+    assert_gramian_matches(engine.compute_gramian(losses), jac)
 
 
 class _SwapLastTwo(nn.Module):
