@@ -126,6 +126,11 @@ MODELS: dict[str, Callable[[], tuple[nn.Module, dict[str, Tensor], Callable[...,
     # weight-normalised positional convolution (a parametrised Conv1d), feature-extractor convolutions
     "wav2vec2": lambda: _audio("wav2vec2"),
     "hubert": lambda: _audio("hubert"),
+    # windows: [B * windows, ...] attention with a relative-position table (Swin) or an MLP's continuous one (Swinv2)
+    "swin": lambda: _vision("swin", image_size=32, patch_size=2, embed_dim=24, depths=[1, 1], num_heads=[2, 2],
+                            window_size=8),
+    "swinv2": lambda: _vision("swinv2", image_size=32, patch_size=2, embed_dim=24, depths=[1, 1], num_heads=[2, 2],
+                              window_size=8),
     "convnext": lambda: _vision("convnext", num_channels=3, hidden_sizes=[16, 32], depths=[1, 1], num_stages=2),
 }
 

@@ -110,7 +110,8 @@ def start_at_uses(records: Iterable[Record], nodes: Iterable[Any], batch_dim: in
     Parameters
     ----------
     records
-        The captured calls (only plain :class:`GenericRecord` ones split by example are considered).
+        The captured calls (only plain :class:`GenericRecord` ones are considered, those on time-major tensors
+        excepted).
     nodes
         The autograd nodes of the losses' graph.
     batch_dim, batch_size
@@ -124,7 +125,9 @@ def start_at_uses(records: Iterable[Record], nodes: Iterable[Any], batch_dim: in
     candidates = [
         record
         for record in records
-        if type(record) is GenericRecord and record.batched and record.can_start_at_uses()
+        if type(record) is GenericRecord
+        and (record.batched or record.other_batch_dim is None)
+        and record.can_start_at_uses()
     ]
     if not candidates:
         return []
@@ -143,8 +146,9 @@ def start_at_uses(records: Iterable[Record], nodes: Iterable[Any], batch_dim: in
         if any(_upstream_of(use, chosen - {use}, record.nodes) for use in uses):
             continue
         record.start_at([GradientEdge(node, 0) for node in uses])
-        if groups > 1:  # a candidate batch-major grouping, verified like [B * T, d] rows
-            record.batched = False
-            record.groups = groups
+        # k > 1: a candidate batch-major grouping, verified like [B * T, d] rows (also for a call whose outputs were
+        # regrouped, e.g. Swin's attention on [B * windows, ...] rows).
+        record.batched = groups == 1
+        record.groups = 0 if groups == 1 else groups
         changed.append(record)
     return changed

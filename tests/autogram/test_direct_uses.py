@@ -171,3 +171,56 @@ def test_parameters_only_tensor_with_the_batch_size_is_not_split(heads: int, sin
         warnings.simplefilter("error")  # (taken for one split by example, it looked like examples mixed by the losses)
         for batch in (4, 4, 3):  # heads = B on the first steps (with 4 heads)
             _exact_step(engine, model, model(torch.randn(batch, 5, 3)), single_backward)
+
+
+class _Windows(nn.Module):
+    """A module with a parameter of its own applied to windows of the examples (``[B * windows, size, d]`` rows,
+    as Swin's attention): its calls are regrouped by example, and its products start at the scaling."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.randn(6))
+        self.inner = nn.Linear(6, 6)
+        self.passes = 0
+
+    def _count(self, grad: Tensor) -> None:
+        self.passes += 1
+
+    def forward(self, x: Tensor) -> Tensor:  # [B * windows, 3, 6]
+        h = self.inner(x * self.scale)
+        if h.requires_grad:
+            h.register_hook(self._count)
+        return h.softmax(1)
+
+
+class _WindowNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pre = nn.Linear(2, 6)
+        self.windows = _Windows()
+        self.head = nn.Linear(6, 1)
+
+    def forward(self, x: Tensor) -> Tensor:  # x: [B, 9, 2] -> losses [B]
+        batch = x.shape[0]
+        h = self.windows(self.pre(x).reshape(batch * 3, 3, 6)).reshape(batch, 9, 6)
+        return self.head(h).squeeze(-1).pow(2).mean(1)
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_regrouped_calls_start_at_the_parameters_uses(single_backward: bool) -> None:
+    torch.manual_seed(6)
+    model = _WindowNet()
+    engine = Engine(model, single_backward=single_backward)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for step, batch in enumerate((4, 4, 5, 5)):
+            losses = model(torch.randn(batch, 9, 2))
+            jac = jacobian(losses, trainable(model))
+            model.windows.passes = 0
+            assert_gramian_matches(engine.compute_gramian(losses, retain_graph=True), jac)
+            if step in (1, 3):  # the ordinary pass only (the first step of a batch size also checks the grouping)
+                assert model.windows.passes == 1
+            weights = torch.linspace(0.5, 1.5, batch)
+            model.zero_grad(set_to_none=True)
+            engine.backward(weights) if single_backward else losses.backward(weights)
+            torch.testing.assert_close(grads_of(trainable(model)), weights @ jac, rtol=1e-4, atol=1e-6)
