@@ -72,50 +72,61 @@ def _upstream_of(use: Any, others: set[Any], call: range | None) -> bool:
 def _uses_of(
     record: GenericRecord, consumers: dict[Any, list[Any]], batch_dim: int, batch_size: int
 ) -> tuple[list[Any], int] | None:
-    """The operations where the call's parameters meet the examples, and their rows per example: walking forward
-    from the parameters through the operations on them alone (``clamp(logit_scale).exp()``), the first ones with
-    another input. ``None`` unless all of them are inside the call, split by example, with the same rows per
-    example: a tensor computed from the parameters alone may have the batch size along ``batch_dim`` by
-    coincidence (``heads = B``), so it is never taken for one split by example."""
+    """The first operations split by example on every path from the call's parameters to the losses, and their rows
+    per example; ``None`` when a path leaves the call first, or their rows per example differ.
+
+    The operations on the parameters alone (``clamp(logit_scale).exp()``) are walked through first: a tensor
+    computed from the parameters alone may have the batch size along ``batch_dim`` by coincidence (``heads = B``),
+    so it is never taken for one split by example. Then the walk goes on through the operations that combine them
+    with the examples, until their outputs are split by example (a product on flattened ``[T * B, d]`` rows is
+    passed for the view ``[T, B, n, d]`` of its result)."""
     parameters_only = {alias.grad_fn for alias in record.aliases.values() if alias.grad_fn is not None}
     stack = list(parameters_only)
-    frontier: list[Any] = []
-    while stack:
+    while stack:  # (a node joins once all its inputs have: it is looked at again each time one of them joins)
         for consumer in consumers.get(stack.pop(), []):
-            if consumer in parameters_only:
-                continue
-            inputs = [child for child, _ in consumer.next_functions if child is not None]
-            if all(child in parameters_only for child in inputs):
+            if consumer not in parameters_only and all(
+                child in parameters_only for child, _ in consumer.next_functions if child is not None
+            ):
                 parameters_only.add(consumer)
                 stack.append(consumer)
-                if consumer in frontier:
-                    frontier.remove(consumer)
-            elif consumer not in frontier:
-                frontier.append(consumer)
+    stack = list(parameters_only)
+    walked: set[Any] = set()
+    uses: list[Any] = []
     groups = 0
-    for use in frontier:
-        if record.nodes is not None and use._sequence_nr() not in record.nodes:
-            return None  # (e.g. a parameter returned by the call)
-        rows = _rows_per_example(use, batch_dim, batch_size)
-        if not rows or (groups and rows != groups):
-            return None
-        groups = rows
-    return (frontier, groups) if frontier else None
+    while stack:
+        for consumer in consumers.get(stack.pop(), []):
+            if consumer in parameters_only or consumer in walked:
+                continue
+            walked.add(consumer)
+            if record.nodes is not None and consumer._sequence_nr() not in record.nodes:
+                return None  # (e.g. a parameter returned by the call)
+            rows = _rows_per_example(consumer, batch_dim, batch_size)
+            if not rows:
+                stack.append(consumer)  # not split by example (yet): its products are followed further
+                continue
+            if groups and rows != groups:
+                return None
+            groups = rows
+            uses.append(consumer)
+    return (uses, groups) if uses else None
 
 
-def start_at_uses(records: Iterable[Record], nodes: Iterable[Any], batch_dim: int, batch_size: int) -> list[Record]:
+def start_at_uses(
+    records: Iterable[Record], nodes: Iterable[Any], batch_dim: int, batch_size: int, skip: set[int] | None = None
+) -> list[Record]:
     """Give the generic calls whose parameters reach the losses through operations with outputs split by example
     those outputs as edges (see the module's docstring).
 
     Parameters
     ----------
     records
-        The captured calls (only plain :class:`GenericRecord` ones are considered, those on time-major tensors
-        excepted).
+        The captured calls (only plain :class:`GenericRecord` ones are considered).
     nodes
         The autograd nodes of the losses' graph.
     batch_dim, batch_size
         The engine's batch dimension and the number of examples.
+    skip
+        Ids of modules left as they are (their products from the uses failed a check on an earlier step).
 
     Returns
     -------
@@ -125,9 +136,7 @@ def start_at_uses(records: Iterable[Record], nodes: Iterable[Any], batch_dim: in
     candidates = [
         record
         for record in records
-        if type(record) is GenericRecord
-        and (record.batched or record.other_batch_dim is None)
-        and record.can_start_at_uses()
+        if type(record) is GenericRecord and record.can_start_at_uses() and id(record.module) not in (skip or ())
     ]
     if not candidates:
         return []
@@ -138,17 +147,22 @@ def start_at_uses(records: Iterable[Record], nodes: Iterable[Any], batch_dim: in
                 consumers.setdefault(child, []).append(node)
     changed: list[Record] = []
     for record in candidates:
-        found = _uses_of(record, consumers, batch_dim, batch_size)
-        if found is None:
+        # A time-major call ([T, B, d]: XLNet's attention) has its examples along its other candidate dimension.
+        dim = batch_dim if record.other_batch_dim is None else record.other_batch_dim
+        found = _uses_of(record, consumers, dim, batch_size)
+        if found is None or (dim != batch_dim and found[1] != 1):
             continue
         uses, groups = found
         chosen = set(uses)
         if any(_upstream_of(use, chosen - {use}, record.nodes) for use in uses):
             continue
         record.start_at([GradientEdge(node, 0) for node in uses])
-        # k > 1: a candidate batch-major grouping, verified like [B * T, d] rows (also for a call whose outputs were
-        # regrouped, e.g. Swin's attention on [B * windows, ...] rows).
-        record.batched = groups == 1
-        record.groups = 0 if groups == 1 else groups
+        if dim == batch_dim:
+            # k > 1: a candidate batch-major grouping, verified like [B * T, d] rows (also for a call whose outputs
+            # were regrouped, e.g. Swin's attention on [B * windows, ...] rows).
+            record.batched = groups == 1
+            record.groups = 0 if groups == 1 else groups
+        else:
+            record.groups = 0  # verified along the other dimension only
         changed.append(record)
     return changed

@@ -220,6 +220,7 @@ class GenericRecord(Record):
         # Set by insert_batch: the single output is shared by all examples (a table computed from the parameters
         # alone, only broadcast over the batch), and each example's output gradient comes from a broadcast plan.
         self._shared_output = False
+        self.started_at = False  # set by start_at: the products start at the operations using the parameters
 
     def can_insert_batch(self, batch_dim: int) -> bool:
         """Whether :meth:`insert_batch` applies: for a call with one output, whose per-example
@@ -306,6 +307,7 @@ class GenericRecord(Record):
             for meta in (edge.node._input_metadata[edge.output_nr] for edge in self.edges)
         ]
         self._versions = None  # (checked before: the operations' outputs are not the call's)
+        self.started_at = True
 
     def watch_versions(self) -> None:
         """Remember the version counters of the (aliased) outputs: an in-place operation on them

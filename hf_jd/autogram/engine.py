@@ -252,6 +252,9 @@ class Engine:
         self._bound: _Bound | None = None
         self._capture = Capture(list(modules), batch_dim, on_new_forward=self.reset)
         self._warned_unattributed = False
+        # Modules whose generic products started at their parameters' uses (see _direct_uses) and failed a grouping
+        # check there (e.g. uses on time-major flattened rows): they keep products from their outputs afterwards.
+        self._no_direct_uses: set[int] = set()
         self._warned_mixed = False
         self._warned_per_row = False
         self._per_row_before: set[str] = set()  # modules that took the per-row path on an earlier step
@@ -308,6 +311,13 @@ class Engine:
             RuntimeWarning,
             stacklevel=3,
         )
+
+    def _direct_uses_failed(self, failed: Sequence[Record]) -> bool:
+        """Remember the modules of ``failed`` whose products started at their parameters' uses: they keep
+        products from their outputs on later steps. Returns whether there was one."""
+        modules = {id(record.module) for record in failed if isinstance(record, GenericRecord) and record.started_at}
+        self._no_direct_uses |= modules
+        return bool(modules)
 
     def _remember_loss_computation(self, structure: tuple[str, ...], mixed: bool) -> None:
         """Remember whether this loss computation mixes the examples; warn once if so."""
@@ -477,7 +487,7 @@ class Engine:
         if layout.batched and layout.batch_dim is not None:
             # Generic calls whose parameters are used by operations with outputs split by example (a mask
             # embedding, a class token) back-propagate from those operations instead of their outputs.
-            start_at_uses(records, nodes, layout.batch_dim, layout.num_examples)
+            start_at_uses(records, nodes, layout.batch_dim, layout.num_examples, skip=self._no_direct_uses)
         uncovered = uncovered_parameters(nodes, covered)
         own = {id(p) for p in capture.parameters()} if uncovered else set()
         # Parameters of the engine's modules used only outside the calls it captured (a parent calling
@@ -618,8 +628,9 @@ class Engine:
                         )
                     known = bool(failed)
                     # Rows picked by the data (mined pairs) are checked every step, and so is a computation whose
-                    # check could not see the examples through some call.
-                    if known or ("?" not in structure and not unseen):
+                    # check could not see the examples through some call, or one where products started at the
+                    # uses of some call's parameters fail (checked again next step without that).
+                    if not self._direct_uses_failed(failed) and (known or ("?" not in structure and not unseen)):
                         self._remember_loss_computation(structure, known)
                 mixed = known
             grouped_nodes = grouped_paths(plans)
@@ -649,6 +660,7 @@ class Engine:
                         losses, layout, checked, accumulator, rtol=identity_rtol, trusted=trusted, chosen=chosen,
                         vacuous=vacuous, nodes=grouped_nodes, nodes_grouped=grouped,
                     )
+                self._direct_uses_failed(failed)
                 if pass_structure is not None and trusted is None and not failed and not vacuous:
                     if len(self._verified_groupings) >= MAX_LOSS_COMPUTATIONS:
                         self._verified_groupings.clear()
@@ -681,6 +693,7 @@ class Engine:
                 failed = grads_verified(
                     losses, layout, records, accumulator, add=False, rtol=identity_rtol, vacuous=vacuous
                 )
+                self._direct_uses_failed(failed)
                 if verify_layout:
                     capture.mark_unaligned(failed)
                     capture.mark_batch_major(_informative(records, failed, vacuous))

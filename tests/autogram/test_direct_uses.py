@@ -13,6 +13,7 @@ import transformers as tf
 from torch import Tensor, nn
 
 from hf_jd.autogram import Engine
+from hf_jd.autogram import _accumulate, engine as engine_module
 
 from ._reference import assert_gramian_matches, grads_of, jacobian, trainable
 
@@ -224,3 +225,46 @@ def test_regrouped_calls_start_at_the_parameters_uses(single_backward: bool) -> 
             model.zero_grad(set_to_none=True)
             engine.backward(weights) if single_backward else losses.backward(weights)
             torch.testing.assert_close(grads_of(trainable(model)), weights @ jac, rtol=1e-4, atol=1e-6)
+
+
+class _TimeMajorInside(nn.Module):
+    """A batch-major module that applies its own weight to its input's rows flattened time-major (as
+    ``F.multi_head_attention_forward`` does with ``batch_first`` inputs): those ``[T * B, d]`` rows look like ``k``
+    rows per example but are not grouped by example, which the grouping check finds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(6, 6) / 3)
+
+    def forward(self, x: Tensor) -> Tensor:  # [B, T, 6] -> [B, T, 6]
+        batch, length, _ = x.shape
+        rows = x.transpose(0, 1).reshape(-1, 6) @ self.weight  # [T * B, 6], time-major
+        return torch.tanh(rows).view(length, batch, 6).transpose(0, 1)
+
+
+class _TimeMajorNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pre = nn.Linear(2, 6)
+        self.inside = _TimeMajorInside()
+        self.head = nn.Linear(6, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.inside(self.pre(x))).squeeze(-1).pow(2).mean(1)
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_uses_on_rows_not_grouped_by_example_fall_back_to_the_outputs(single_backward: bool, monkeypatch) -> None:
+    """The products from the uses fail the grouping check once (exact per-row pass on that step); the module then
+    keeps products from its outputs, without the per-row pass."""
+    per_row: list[int] = []
+    original = _accumulate.grads_per_row
+    monkeypatch.setattr(engine_module, "grads_per_row", lambda *a: per_row.append(1) or original(*a))
+    torch.manual_seed(7)
+    model = _TimeMajorNet()
+    engine = Engine(model, single_backward=single_backward)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no per-row warning (a second per-row step), no mixed-losses warning
+        for batch in (4, 4, 3, 3):
+            _exact_step(engine, model, model(torch.randn(batch, 5, 2)), single_backward)
+    assert len(per_row) <= 1
