@@ -28,7 +28,14 @@ from torch.nn.utils import parametrize
 from ._batched_grad import batched_grad
 from ._record import Record, compute_dtype
 
-__all__ = ["ParametrizedTensor", "cached_tensor", "originals_of", "parametrization_lists", "parametrized_record"]
+__all__ = [
+    "ParametrizedTensor",
+    "cached_tensor",
+    "keep_fully_covered",
+    "originals_of",
+    "parametrization_lists",
+    "parametrized_record",
+]
 
 
 def parametrization_lists(module: nn.Module) -> dict[str, nn.Module]:
@@ -237,6 +244,16 @@ class _ParametrizedMixin:
         self._weighted = None
         self.parametrized = {}
 
+    def uncover(self, tensor_name: str) -> None:
+        """Stop covering the originals of a parametrised tensor (the closed form still computes with it)."""
+        tensor = self.parametrized.pop(tensor_name, None)
+        if tensor is None:
+            return
+        for name in tensor.originals:
+            self.params.pop(name, None)
+            self._origin.pop(name, None)
+        self._rows = {}
+
 
 _CLASSES: dict[type, type] = {}
 
@@ -271,3 +288,37 @@ def parametrized_record(record: Record, tensors: list[ParametrizedTensor]) -> Re
     mixed._weighted = None
     mixed.params = {**record.params, **{name: p for tensor in tensors for name, p in tensor.originals.items()}}
     return mixed
+
+
+def keep_fully_covered(records: list[Record], nodes: list[Any]) -> None:
+    """Stop covering the originals of a parametrised tensor that the losses also use outside the calls covering it
+    (under ``parametrize.cached()``, the tensor one call computed is reused as it is: by a tied output projection
+    reading ``module.weight``, a penalty on it): those uses would be missing from the Gramian. The originals are then
+    left to the engine's exact path for parameters used outside captured calls.
+
+    Parameters
+    ----------
+    records
+        The captured calls.
+    nodes
+        The autograd nodes of the losses' graph.
+    """
+    claims: dict[Any, list[tuple[Any, str]]] = {}  # the tensor's node -> (record, tensor name) covering it
+    for record in records:
+        for tensor in getattr(record, "parametrized", {}).values():
+            if tensor.tensor.grad_fn is not None:
+                claims.setdefault(tensor.tensor.grad_fn, []).append((record, tensor.name))
+    if not claims:
+        return
+    outside: set[Any] = set()
+    for node in nodes:
+        for child, _ in node.next_functions:
+            owners = claims.get(child)
+            if owners is None or child in outside:
+                continue
+            number = node._sequence_nr()
+            if not any(record.nodes is not None and number in record.nodes for record, _ in owners):
+                outside.add(child)
+    for child in outside:
+        for record, name in claims[child]:
+            record.uncover(name)

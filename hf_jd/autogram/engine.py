@@ -47,6 +47,7 @@ from ._generic import GenericRecord
 from ._layer_norm import INPUT_PARAMETER
 from ._layout import RowLayout, layout_of_losses
 from ._param_uses import uses_outside_calls
+from ._parametrized import keep_fully_covered
 from ._record import Record
 from ._regroup import (
     IDENTITY_RTOL,
@@ -482,8 +483,10 @@ class Engine:
         dtype = torch.float64 if float64 else torch.float32
         accumulator = Accumulator(layout, dtype, losses.device, counts, self._single_backward)
         retain = True
-        covered = {id(p): p for record in records for p in record.params.values()}
         nodes = list(graph_nodes([losses.grad_fn]))
+        # (a parametrised weight reused outside the calls covering it: its originals take the exact path instead)
+        keep_fully_covered(records, nodes)
+        covered = {id(p): p for record in records for p in record.params.values()}
         if layout.batched and layout.batch_dim is not None:
             # Generic calls whose parameters are used by operations with outputs split by example (a mask
             # embedding, a class token) back-propagate from those operations instead of their outputs.

@@ -188,3 +188,33 @@ def test_wav2vec2_positional_convolution_takes_the_closed_form(single_backward: 
         losses = nn.functional.cross_entropy(logits, labels, reduction="none")
         _exact_step(engine, model, losses, single_backward)
     assert per_row == []
+
+
+class _TiedCached(nn.Module):
+    """A weight-normalised Linear whose weight is read again after its call (a tied output projection, or a penalty
+    on the weight added to every loss): under ``parametrize.cached()`` that is the very tensor the call computed."""
+
+    def __init__(self, penalty: bool) -> None:
+        super().__init__()
+        self.layer = weight_norm(nn.Linear(5, 5))
+        self.penalty = penalty
+
+    def forward(self, x: Tensor) -> Tensor:  # [B, T, 5] -> [B]
+        h = torch.tanh(self.layer(x))
+        if self.penalty:
+            return h.pow(2).mean((1, 2)) + 0.01 * self.layer.weight.pow(2).sum()
+        return nn.functional.linear(h, self.layer.weight).pow(2).mean((1, 2))
+
+
+@pytest.mark.parametrize("penalty", [False, True])
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_cached_weight_also_used_after_the_call(penalty: bool, single_backward: bool) -> None:
+    torch.manual_seed(8)
+    model = _TiedCached(penalty)
+    engine = Engine(model, single_backward=single_backward)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the other use takes the exact path for parameters used outside calls
+        for batch in (4, 3):
+            with parametrize.cached():
+                losses = model(torch.randn(batch, 3, 5))
+            _exact_step(engine, model, losses, single_backward)
