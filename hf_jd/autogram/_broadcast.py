@@ -56,7 +56,7 @@ UNARY_NODES = frozenset({
     "SqrtBackward0", "TanhBackward0",
 })
 # An in-place operation on a view of the shared tensor (e.g. ``ReLU(inplace=True)`` on a Linear's output, a view of
-# its product): allowed when shape-preserving, like the operation it wraps.
+# its product): allowed when shape-preserving and without another differentiable input (a value written in).
 IN_PLACE_NODES = frozenset({"CopySlices"})
 # Selection of entries by an index (``table[relative_position_index]``), allowed when its output has no dimension
 # of the batch size along ``batch_dim`` (an index over the examples would carry them).
@@ -350,7 +350,8 @@ def _plan(
                 plan.paths.append((consumer, [step, *steps], group))
             elif _output_count(consumer) == 1 and (
                 name in SHAPE_NODES
-                or (name in (ELEMENTWISE_NODES | UNARY_NODES | IN_PLACE_NODES) and consumer_shape == value_shape)
+                or (name in (ELEMENTWISE_NODES | UNARY_NODES) and consumer_shape == value_shape)
+                or (name in IN_PLACE_NODES and consumer_shape == value_shape and _writes_nothing_else(consumer, slot))
                 or (
                     name in INDEX_NODES
                     and slot == 0
@@ -368,6 +369,12 @@ def _plan(
         if len(plan.paths) > 64:
             return None
     return plan if plan.paths else None
+
+
+def _writes_nothing_else(node: Any, slot: int) -> bool:
+    """Whether an in-place operation on a view of the shared tensor takes no other differentiable input (e.g. an
+    in-place ReLU, not ``table[0] = x.mean(0)``, which would make the table depend on the examples)."""
+    return all(child is None for index, (child, _) in enumerate(node.next_functions) if index != slot)
 
 
 def _output_count(node: Any) -> int:

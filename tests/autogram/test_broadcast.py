@@ -473,3 +473,41 @@ def test_swinv2_continuous_position_bias_uses_the_ordinary_pass(single_backward:
         assert_gramian_matches(engine.compute_gramian(losses, retain_graph=True), jac)
         _assert_weighted_update(engine, losses, params, jac, single_backward)
     assert per_row == []  # its MLP's tables took the per-row pass on every step before
+
+
+class WrittenTable(nn.Module):
+    """A shared table with a batch statistic written into a copy of it in place (``z[0] = x.mean(0)``, which makes the
+    table depend on the examples) before it is broadcast over the scores; a second table added to the examples."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tab = nn.Embedding(2 * T - 1, HEADS)
+        self.pos = nn.Embedding(T, 6)
+        self.qk = nn.Linear(6, 12)
+        self.out = nn.Linear(6, 2)
+
+    def forward(self, x: Tensor) -> Tensor:  # [B, T, 6] -> [B]
+        batch = x.shape[0]
+        x = x + self.pos(torch.arange(T))[None]
+        q, k = (z.reshape(batch, T, HEADS, -1).transpose(1, 2) for z in self.qk(x).chunk(2, -1))
+        positions = torch.arange(T)
+        table = self.tab(positions[:, None] - positions[None, :] + T - 1).clone()  # [T, T, H]
+        table[0] = 3 * x.mean(0)[:, :HEADS]
+        scores = q @ k.transpose(-1, -2) + table.permute(2, 0, 1).unsqueeze(0)
+        return self.out((scores.softmax(-1) @ x.unsqueeze(1)).mean(1)).pow(2).mean((1, 2))
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_table_with_example_data_written_in_stays_exact(single_backward: bool) -> None:
+    torch.manual_seed(0)
+    model = WrittenTable()
+    engine = Engine(model, single_backward=single_backward)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the per-row path, warned)
+        for batch in (4, 4, 3):
+            model.zero_grad(set_to_none=True)
+            losses = model(torch.randn(batch, T, 6))
+            params = trainable(model)
+            jac = jacobian(losses, params)
+            assert_gramian_matches(engine.compute_gramian(losses, retain_graph=True), jac)
+            _assert_weighted_update(engine, losses, params, jac, single_backward)
