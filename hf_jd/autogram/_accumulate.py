@@ -9,8 +9,8 @@ then the cross terms of parameters used by several calls.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +20,9 @@ from ._generic import GenericRecord
 from ._layout import RowLayout
 from ._record import Record, split_by_record
 from ._shared import shared_gram
+
+if TYPE_CHECKING:  # (_broadcast imports this module)
+    from ._broadcast import BroadcastPlan
 
 __all__ = [
     "MAX_UNATTRIBUTED_ENTRIES",
@@ -132,6 +135,7 @@ def grads_at_once(
     accumulator: Accumulator,
     batched: bool,
     retain_graph: bool = True,
+    plans: Sequence[BroadcastPlan] = (),
 ) -> None:
     """Back-propagate to all the records' outputs at once, then add their contributions.
 
@@ -149,10 +153,21 @@ def grads_at_once(
         Back-propagate a batch of vectors (:func:`batched_grad`) instead of one.
     retain_graph
         Keep the graph for a later backward pass.
+    plans
+        Broadcast plans, with ``batched`` only: the same pass also reaches their broadcasting nodes, whose
+        gradients then give the plans their per-example gradients (:meth:`BroadcastPlan.add_batched`).
     """
     edges = [edge for record in records for edge in record.edges]
+    plan_edges = [plan.edges() for plan in plans]
     if batched:
-        grads = batched_grad(losses, edges, grad_outputs, retain_graph=retain_graph)
+        grads = batched_grad(
+            losses, edges + [edge for group in plan_edges for edge in group], grad_outputs, retain_graph=retain_graph
+        )
+        start = len(edges)
+        for plan, group in zip(plans, plan_edges):
+            plan.add_batched(grads[start : start + len(group)])
+            start += len(group)
+        del grads[len(edges) :]
     else:
         grads = list(
             torch.autograd.grad(
@@ -160,6 +175,7 @@ def grads_at_once(
             )
         )
     if not batched:
+        assert not plans, "a pass over one vector gives the plans their gradients by hooks (BroadcastPlan.hooks)"
         grads = [None if grad is None else grad.unsqueeze(0) for grad in grads]
     for record, record_grads in split_by_record(grads, records):
         accumulator.add(record, record_grads)

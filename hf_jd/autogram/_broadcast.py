@@ -1,5 +1,7 @@
 """Per-example output gradients of calls whose output all examples share (broadcast over the batch).
 
+BERT's and GPT-2's position embeddings are one lookup on ``[1, T]`` position ids whose ``[1, T, d]``
+output is added to the ``[B, T, d]`` word embeddings (the engine's hooks return module outputs unchanged).
 T5's and MPNet's relative-position bias is one embedding lookup on ``[T_q, T_k]`` bucket ids whose
 ``[T_q, T_k, heads]`` output is reshaped (``permute``, ``unsqueeze``) and then broadcast over the
 batch, e.g. ``bias + mask`` with a ``[B, 1, T_q, T_k]`` mask, or ``bias.expand(B, …)``. The output
@@ -18,17 +20,23 @@ batch) and maps each back to the call's output through the reshaping nodes (call
 time: they neither mix entries nor depend on the example), summing over the paths. The call is then treated
 like any other call split by example, with its inputs repeated once per example. Calls with any
 other use of their output keep the exact per-row path of the engine.
+
+With per-example task losses ``[B, m]`` the pass is batched over the tasks (vmapped), whose vectors cannot
+leave it: the pass then returns the gradients of the broadcasting nodes' outputs, and the same per-example
+mapping runs after it, task by task. Under ``torch.compile`` the broadcasting operation may sit inside a
+compiled graph (one autograd node, :data:`COMPILED_NODE`), whose backward is then called once per example.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.autograd.graph import GradientEdge
 
 from ._accumulate import Accumulator
 from ._record import Record
@@ -76,6 +84,17 @@ REPEAT_NODE = "RepeatBackward0"
 # Nodes of matrix products applying a weight to the shared input's last dimension (a Linear layer
 # on a shared table, e.g. DeBERTa's relative embeddings): the input slot that may be followed.
 LINEAR_NODES = {"AddmmBackward0": 1, "MmBackward0": 0}
+# The node of a graph compiled by torch.compile (AOTAutograd), which the engine's hooks end at each module call:
+# the operation that broadcasts a shared output (BERT's position embeddings plus the word embeddings) may sit
+# inside one. It is treated as a broadcasting node when all its outputs have the examples along the batch
+# dimension, and its backward is called once per example (see :func:`_compiled_per_example`).
+COMPILED_NODE = "CompiledFunctionBackward"
+# Compiled graphs' nodes (ids) that a plan differentiates example by example, by backward passes of their own.
+_DIFFERENTIATING: set[int] = set()
+# Nodes whose backward reads no saved tensor: the only ones a plan may call under non-reentrant activation
+# checkpointing, whose saved tensors can be unpacked once per backward pass (BERT's position embeddings are
+# added to the word embeddings outside the checkpointed layers: their plan stays possible).
+STATELESS_NODES = SHAPE_NODES | {"AddBackward0", "NegBackward0", "SubBackward0"}
 
 
 def _name(node: Any) -> str:
@@ -143,39 +162,106 @@ class BroadcastPlan:
     grads: Tensor | None = None  # the per-example gradients summed over the paths fired so far
     failed: bool = False
     fired: set[int] = field(default_factory=set)
-    # Called with the plan and its per-example gradients once every broadcasting node has given its
-    # share exactly once (then ``grads`` is released and ``added`` set).
+    # Called with the plan and its per-example gradients (with a leading dimension of tasks, 1 in the
+    # hooked pass) once every broadcasting node has given its share exactly once (then ``grads`` is
+    # released and ``added`` set).
     on_complete: Callable[[BroadcastPlan, Tensor], None] | None = None
     added: bool = False
 
-    def _add(self, node: Any, steps: list[_Step], group: int, grad_output: Tensor) -> None:
-        if id(node) in self.fired:  # a second pass through the same node would double count
-            self.failed = True
-            return
-        self.fired.add(id(node))
+    def _per_example(
+        self, node: Any, steps: list[_Step], group: int, grad_outputs: Sequence[Tensor | None]
+    ) -> Tensor | None:
+        """The per-example gradients, stacked along ``batch_dim``, that one broadcasting node gives the
+        shared output from the gradients of its own outputs; ``None`` when they are not per example."""
         terminal, *rest = steps
-        if _name(node) in (EXPAND_NODE, REPEAT_NODE):
-            full = grad_output
-        else:
-            grads = node(grad_output)
-            full = grads if isinstance(grads, Tensor) else grads[terminal.slot]
         bd = self.batch_dim
-        if full is None or full.dim() <= bd or full.shape[bd] != self.num_examples * group:
-            self.failed = True  # not the unreduced, per-example gradient expected: exact path instead
-            return
+        if _name(node) == COMPILED_NODE:
+            slices = _compiled_per_example(node, terminal.slot, grad_outputs, bd, self.num_examples)
+            if slices is None:
+                return None
+        else:
+            grad_output = grad_outputs[0]
+            if grad_output is None:
+                return None
+            if _name(node) in (EXPAND_NODE, REPEAT_NODE):
+                full = grad_output
+            else:
+                grads = node(grad_output)
+                full = grads if isinstance(grads, Tensor) else grads[terminal.slot]
+            if full is None or full.dim() <= bd or full.shape[bd] != self.num_examples * group:
+                return None  # not the unreduced, per-example gradient expected: exact path instead
+            slices = [full.narrow(bd, example * group, group) for example in range(self.num_examples)]
         per_example = []
-        for example in range(self.num_examples):
-            grad = _reduce(full.narrow(bd, example * group, group), terminal.shape)
+        for piece in slices:
+            grad = _reduce(piece, terminal.shape)
             for step in rest:
                 grads = step.node(grad)  # a tensor for single-input nodes, else a tuple
                 grad = _reduce(grads if isinstance(grads, Tensor) else grads[step.slot], step.shape)
             per_example.append(grad)
-        stacked = torch.stack(per_example, dim=self.batch_dim)
+        return torch.stack(per_example, dim=bd)
+
+    def _add(self, node: Any, steps: list[_Step], group: int, grad_outputs: Sequence[Tensor | None]) -> None:
+        if id(node) in self.fired:  # a second pass through the same node would double count
+            self.failed = True
+            return
+        self.fired.add(id(node))
+        stacked = self._per_example(node, steps, group, grad_outputs)
+        if stacked is None:
+            self.failed = True
+            return
         self.grads = stacked if self.grads is None else self.grads + stacked
         if len(self.fired) == len(self.paths) and self.on_complete is not None:
-            grads, self.grads = self.grads, None
+            grads, self.grads = self.grads.unsqueeze(0), None
             self.added = True
             self.on_complete(self, grads)  # e.g. add the contribution now and free the gradients
+
+    def edges(self) -> list[GradientEdge]:
+        """The gradient edges of the broadcasting nodes' outputs (for a pass that returns their gradients
+        instead of running :meth:`hooks`, e.g. one batched over tasks, whose vectors cannot leave it).
+
+        Returns
+        -------
+        list of GradientEdge
+            Per path, one per output of its node (several for a compiled graph's node), in the order
+            :meth:`add_batched` expects their gradients.
+        """
+        return [GradientEdge(node, index) for node, _, _ in self.paths for index in range(_used_outputs(node))]
+
+    def add_batched(self, grads: Sequence[Tensor | None]) -> None:
+        """Compute the per-example gradients from the gradients of the broadcasting nodes' outputs, each with
+        a leading dimension of ``m`` vectors (tasks), and hand them to ``on_complete`` with that dimension.
+
+        Parameters
+        ----------
+        grads
+            In the order of :meth:`edges`, the batched gradient of each output of a broadcasting node, or
+            ``None`` when the losses do not reach it.
+        """
+        total: Tensor | None = None
+        start = 0
+        with torch.no_grad():
+            for node, steps, group in self.paths:
+                count = _used_outputs(node)
+                outputs = list(grads[start : start + count])
+                start += count
+                reached = next((grad for grad in outputs if grad is not None), None)
+                if reached is None:
+                    continue
+                rows = []
+                for task in range(reached.shape[0]):
+                    vectors = [None if grad is None else grad[task] for grad in outputs]
+                    rows.append(self._per_example(node, steps, group, vectors))
+                if any(row is None for row in rows):
+                    self.failed = True
+                    return
+                stacked = torch.stack(rows)  # type: ignore[arg-type]
+                total = stacked if total is None else total + stacked
+        if total is None:
+            self.failed = True
+            return
+        self.added = True
+        if self.on_complete is not None:
+            self.on_complete(self, total)
 
     @contextmanager
     def hooks(self) -> Iterator[None]:
@@ -189,9 +275,8 @@ class BroadcastPlan:
 
         def hook_for(steps: list[_Step], node: Any, group: int) -> Any:
             def hook(grad_outputs: tuple[Tensor | None, ...]) -> None:
-                grad = grad_outputs[0]
-                if grad is not None:
-                    self._add(node, steps, group, grad)
+                if id(node) not in _DIFFERENTIATING and any(grad is not None for grad in grad_outputs):
+                    self._add(node, steps, group, grad_outputs)
 
             return hook
 
@@ -201,6 +286,61 @@ class BroadcastPlan:
         finally:
             for handle in handles:
                 handle.remove()
+
+
+def _used_outputs(node: Any) -> int:
+    """How many outputs of a broadcasting node carry the gradient a plan reads: all of a compiled graph's, else
+    the first."""
+    return max(1, _output_count(node)) if _name(node) == COMPILED_NODE else 1
+
+
+def _compiled_per_example(
+    node: Any, slot: int, grad_outputs: Sequence[Tensor | None], batch_dim: int, num_examples: int
+) -> list[Tensor] | None:
+    """Example by example, the gradient that a compiled graph's node gives its input ``slot``: a backward pass
+    through that node alone, from each example's slice of its outputs' gradients (the other slices zero). Every
+    output holds the examples along ``batch_dim`` (see :func:`_compiled_group`), and the backward is linear in
+    them, so the pieces sum to the gradient of the whole batch. (The node's own backward function also returns
+    gradients for its non-tensor inputs, e.g. dynamic sizes, so its results cannot be matched to ``slot``.)
+    ``None`` when an output's gradient is missing."""
+    target, target_nr = node.next_functions[slot]
+    if target is None or any(
+        grad is None or grad.dim() <= batch_dim or grad.shape[batch_dim] != num_examples for grad in grad_outputs
+    ):
+        return None
+    outputs = [GradientEdge(node, index) for index in range(len(grad_outputs))]
+    pieces = []
+    _DIFFERENTIATING.add(id(node))  # the plans' hooks on the node ignore these passes
+    try:
+        for example in range(num_examples):
+            masked = []
+            for grad in grad_outputs:
+                assert grad is not None
+                only = torch.zeros_like(grad)
+                only.narrow(batch_dim, example, 1).copy_(grad.narrow(batch_dim, example, 1))
+                masked.append(only)
+            (piece,) = torch.autograd.grad(
+                outputs, [GradientEdge(target, target_nr)], masked, retain_graph=True, allow_unused=True
+            )
+            if piece is None:
+                return None
+            pieces.append(piece)
+    finally:
+        _DIFFERENTIATING.discard(id(node))
+    return pieces
+
+
+def _compiled_group(node: Any, shared: torch.Size, batch_dim: int, batch_size: int) -> int:
+    """1 when a compiled graph's node takes a tensor of shape ``shared`` without the batch (size 1 or no
+    dimension at ``batch_dim``) and every output it returns has ``batch_size`` examples along ``batch_dim``
+    (the graph then acts as a broadcasting operation for the plan: whatever it computes, each example's
+    outputs are its own, and its backward is called per example); else 0."""
+    if len(shared) > batch_dim and shared[batch_dim] != 1:
+        return 0
+    shapes = [node_output_shape(node, index) for index in range(_output_count(node))]
+    if not shapes or any(shape is None or len(shape) <= batch_dim for shape in shapes):
+        return 0
+    return int(all(shape[batch_dim] == batch_size for shape in shapes))  # type: ignore[index]
 
 
 def _reduce(grad: Tensor, shape: torch.Size) -> Tensor:
@@ -255,7 +395,9 @@ def _broadcast_group(name: str, shared: torch.Size, output: torch.Size, batch_di
     return output[batch_dim] // batch_size if index < 0 or shared[index] == 1 else 0
 
 
-def plan_broadcasts(losses: Tensor, records: list[Record], batch_dim: int, batch_size: int) -> list[BroadcastPlan]:
+def plan_broadcasts(
+    losses: Tensor, records: list[Record], batch_dim: int, batch_size: int, stateless: bool = False
+) -> list[BroadcastPlan]:
     """One plan per record when every record's single output is shared and only broadcast over the
     batch, else none (all of them then take the exact paths). Only records that can repeat their
     inputs per example (:meth:`Record.insert_batch`) can be planned.
@@ -270,6 +412,9 @@ def plan_broadcasts(losses: Tensor, records: list[Record], batch_dim: int, batch
         The engine's batch dimension.
     batch_size
         Number of examples.
+    stateless
+        Plan only paths whose nodes read no saved tensor (:data:`STATELESS_NODES`, ``expand``, ``repeat``),
+        e.g. under activation checkpointing.
 
     Returns
     -------
@@ -283,7 +428,7 @@ def plan_broadcasts(losses: Tensor, records: list[Record], batch_dim: int, batch
     consumers = _consumers(losses.grad_fn)
     plans: list[BroadcastPlan] = []
     for record in records:
-        plan = _plan(record, consumers, batch_dim, batch_size)
+        plan = _plan(record, consumers, batch_dim, batch_size, stateless)
         if plan is None:
             return []
         plans.append(plan)
@@ -304,21 +449,27 @@ def attach_plans(plans: list[BroadcastPlan], accumulator: Accumulator) -> None:
     accumulator.deferred = {id(plan.record) for plan in plans}
     num_examples = accumulator.layout.num_examples
 
-    def add(plan: BroadcastPlan, grads: Tensor) -> None:
+    def add(plan: BroadcastPlan, grads: Tensor) -> None:  # grads: [m, *the output's shape with the batch]
         record = plan.record
         view = record.edge_views[0] if record.edge_views else None
-        if view is not None and grads.shape[plan.batch_dim + 1 :] != view[0]:
+        dim = plan.batch_dim + 1
+        shape = [size for index, size in enumerate(grads.shape) if index not in (0, dim)]  # one example's gradient
+        if view is not None and torch.Size(shape) != view[0] and grads[0].numel() == num_examples * view[0].numel():
             # Walked from the base of an output changed in place (see _plan): back to the output's shape.
-            grads = grads.movedim(plan.batch_dim, 0).reshape(num_examples, *view[0]).movedim(0, plan.batch_dim)
+            grads = grads.movedim(dim, 1).reshape(grads.shape[0], num_examples, *view[0]).movedim(1, dim)
         record.insert_batch(num_examples, plan.batch_dim)
-        accumulator.add(record, [grads.unsqueeze(0)], deferred_ok=True, shaped=True)
+        accumulator.add(record, [grads], deferred_ok=True, shaped=True)
 
     for plan in plans:
         plan.on_complete = add
 
 
 def _plan(
-    record: Record, consumers: dict[Any, list[tuple[Any, int, int]]], batch_dim: int, batch_size: int
+    record: Record,
+    consumers: dict[Any, list[tuple[Any, int, int]]],
+    batch_dim: int,
+    batch_size: int,
+    stateless: bool = False,
 ) -> BroadcastPlan | None:
     """The plan of one record, or ``None`` when a use of its output is not a broadcast path."""
     edge = record.shape_edges()[0]
@@ -344,8 +495,12 @@ def _plan(
             if consumer_shape is None or len(consumer.next_functions) == 0:
                 return None
             group = 0
+            if stateless and name not in STATELESS_NODES and name not in (EXPAND_NODE, REPEAT_NODE):
+                return None
             if name in BROADCAST_NODES or name in (EXPAND_NODE, REPEAT_NODE):
                 group = _broadcast_group(name, value_shape, consumer_shape, batch_dim, batch_size)
+            elif name == COMPILED_NODE:
+                group = _compiled_group(consumer, value_shape, batch_dim, batch_size)
             if group:
                 plan.paths.append((consumer, [step, *steps], group))
             elif _output_count(consumer) == 1 and (

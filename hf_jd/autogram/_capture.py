@@ -2,10 +2,12 @@
 
 Every module with direct parameters gets a pre-hook and a hook. When capturing (engine enabled,
 grad mode on), the hook builds a :class:`~._record.Record` of the call: the tensors its closed form
-needs and the gradient edges of its outputs. The capture also tracks the batch size (to expand
-batch-broadcast outputs, e.g. BERT's position embeddings of shape ``[1, T, d]``), rejects modules
-that mix examples (BatchNorm in training mode) and forward passes re-run inside the engine's own
-backward pass (gradient checkpointing), and signals when a given module starts a new forward.
+needs and the gradient edges of its outputs. It never changes the shapes or values a module
+returns: an output of size 1 along ``batch_dim`` (BERT's ``[1, T, d]`` position embeddings) is a
+table shared by the examples, whose per-example gradients the engine gets otherwise (see
+:mod:`._broadcast`). The capture also tracks the batch size, rejects modules that mix examples
+(BatchNorm in training mode) and forward passes re-run inside the engine's own backward pass
+(gradient checkpointing), and signals when a given module starts a new forward.
 """
 
 from __future__ import annotations
@@ -146,7 +148,6 @@ class _ModuleInfo:
     # layer norm over the last dimension, then by the closed form (this kind).
     candidate: Kind | None = None
     embedding_scale: float = 1.0
-    broadcast: bool = False  # seen with an output unambiguously broadcast over the batch
     # A stock Linear / Conv with a parametrised weight (weight norm): its closed form covers the originals,
     # from the weight its ParametrizationList computes inside the call (see _parametrized).
     parametrized: bool = False
@@ -163,41 +164,6 @@ class _Frame:
     autocast: bool = False
     # Parametrised tensors computed inside the call (by their ParametrizationList), by name.
     parametrized: dict[str, Tensor] | None = None
-
-
-def _broadcast_over_batch(
-    tensor: Tensor,
-    batch_dim: int,
-    batch_size: int,
-    trusted: bool = False,
-    min_dims: int = 3,
-    root_sizes: frozenset[int] = frozenset(),
-) -> bool:
-    """Whether a tensor looks broadcast over the batch: size 1 along ``batch_dim`` and along no
-    other dimension (``[1, T, d]`` position embeddings), with at least ``min_dims`` dimensions (3
-    for outputs: a ``[1, d]`` output may as well be a ``[T, d]`` table with ``T = 1``, added to
-    ``[B, T, d]`` further on, as in Blenderbot; 2 for the ids ``[1, T]`` of an embedding lookup).
-
-    Ambiguous layouts are handled as not split by example (exact, costlier) rather than expanded,
-    because expanding changes the shape the model sees: a size-1 dimension beside it (a
-    ``[T, T, h]`` relative-position table with ``T = 1``), or the batch size along another
-    dimension than the last (a time-major ``[T, B, d]`` tensor with ``T = 1``, as in XLNet or
-    ``nn.Transformer(batch_first=False)``, or ``[1, T, d]`` position embeddings with ``T = B``).
-    ``trusted``: the module's output was seen broadcast over the batch unambiguously in an earlier
-    call, which settles the second kind of ambiguity. ``root_sizes``: the sizes of the non-batch
-    dimensions of the root modules' inputs (e.g. the sequence length); when known, a broadcast
-    tensor must share one of them (position embeddings ``[1, T, d]``), so that other ``[1, k, d]``
-    tables (PEFT's prompt embeddings, repeated over the batch further on) keep their shape.
-    """
-    shape = tensor.shape
-    if len(shape) < min_dims or shape[batch_dim] != 1 or sum(1 for size in shape if size == 1) != 1:
-        return False
-    checked = range(len(shape) - 1) if len(shape) >= 3 else range(len(shape))
-    if root_sizes and not any(shape[dim] in root_sizes for dim in checked if dim != batch_dim):
-        return False
-    if trusted:
-        return True
-    return not any(shape[dim] == batch_size for dim in checked if dim != batch_dim)
 
 
 # Autograd nodes of operations that pick rows by an index tensor (which may reorder the examples).
@@ -274,10 +240,6 @@ class Capture:
         self.batch_size = 0
         self.batch_source = ""
         self.batch_from_root = False  # whether batch_size was read from a root module's inputs
-        # Whether a parametrised call of this forward pass had k * batch_size rows along batch_dim
-        # (k > 1): the model regroups its batch (e.g. [B, choices, T] → [B * choices, T] for multiple
-        # choice), so a [1, …] output may be broadcast over k * B rows, not B: it is not expanded.
-        self.regrouped = False
         self.root_sizes: frozenset[int] = frozenset()  # non-batch sizes of the root modules' inputs
         self.completed_roots: set[int] = set()
         self.root_ids: set[int] = {id(root) for root in roots}
@@ -309,7 +271,6 @@ class Capture:
         self.batch_size = 0
         self.batch_source = ""
         self.batch_from_root = False
-        self.regrouped = False
         self.root_sizes = frozenset()
         self.completed_roots = set()
         self.checkpointed = False
@@ -612,7 +573,6 @@ class Capture:
         )
         for value in itertools.chain(args, kwargs.values()):
             self.note_batch(value, f"an input of {describe(info.name, module)}")
-            self._note_regrouped(value)
 
     def _module_hook(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
@@ -621,10 +581,7 @@ class Capture:
         if info is None or info.module is not module:
             return None
         frame = info.frames.pop() if info.frames else None
-        if frame is _RECOMPUTED:
-            # Same output as in the captured call: expanded over the batch if it was then.
-            return self._recomputed_output(info, output)
-        if frame is None:
+        if frame is None or frame is _RECOMPUTED:  # (a re-run call returns its output unchanged, as captured)
             return None
         if frame is _CLAIMED:
             owner, tensor_name = self.claims[id(module)]
@@ -643,7 +600,7 @@ class Capture:
             self._settle_candidate(info, module, args, kwargs, output, frame.aliases)
         if frame.descendant_calls is not None and info.kind.is_generic:
             self._check_descendants_called(module, info, frame.descendant_calls, output)
-        batched = self._aligned(info.kind, args, kwargs, output, trusted=info.broadcast and not info.unaligned)
+        batched = self._aligned(info.kind, args, kwargs, output)
         # A module once seen with an output whose size along batch_dim is neither the batch size
         # nor 1 keeps the exact paths: that dimension is something else (e.g. time in XLNet's
         # [T, B, d] layout), even in a later batch where its size happens to equal the batch size.
@@ -655,49 +612,47 @@ class Capture:
             # Rows picked by an index (a mixture-of-experts layer's tokens, possibly exactly B of them in
             # another order): their grouping by example is verified rather than assumed.
             batched = False
-        expanded = self._expand_broadcast(output, trusted=info.broadcast) if batched else output
-        if expanded is not output:  # untrusted, only unambiguous shapes are expanded: remember it
-            info.broadcast = True
-        if isinstance(expanded, Tensor) and not expanded.requires_grad:
+        returned = output  # the module's own output (or, for the generic path, aliases of its tensors)
+        if isinstance(returned, Tensor) and not returned.requires_grad:
             return None
         if info.kind.is_generic:
             assert frame.aliases is not None
-            aliased = len(tensors_in(expanded)) > 1
+            aliased = len(tensors_in(returned)) > 1
             if aliased:
-                expanded = alias_outputs(expanded)
-            outputs = tensors_in(expanded)
+                returned = alias_outputs(returned)
+            outputs = tensors_in(returned)
             if info.kind is Kind.RMS_NORM:
                 record: Record = RMSNormRecord(module, info.name, frame.params, frame.aliases, outputs, args)
             else:
                 record = GenericRecord(module, info.name, frame.params, frame.aliases, outputs)
         else:
             inputs = args if args else tuple(kwargs.values())
-            if not isinstance(expanded, Tensor):
+            if not isinstance(returned, Tensor):
                 raise RuntimeError(
                     f"Module {describe(info.name, module)} returned "
-                    f"{type(expanded).__name__}, expected a tensor."
+                    f"{type(returned).__name__}, expected a tensor."
                 )
-            record = record_class(info.kind)(module, info.name, frame.params, inputs, expanded)
+            record = record_class(info.kind)(module, info.name, frame.params, inputs, returned)
             if isinstance(record, EmbeddingRecord):
                 record.scale = info.embedding_scale
-            record.edges = [get_gradient_edge(expanded)]
-            base = _reshaped_base(expanded) if expanded is output else None
+            record.edges = [get_gradient_edge(returned)]
+            base = _reshaped_base(returned) if returned is output else None
             if base is not None:
                 record.view_edges = record.edges
                 record.edges = [get_gradient_edge(base)]
-                record.edge_views = [(expanded.shape, base.shape)]
+                record.edge_views = [(returned.shape, base.shape)]
             if info.parametrized:
                 record = self._cover_originals(info, frame, record)
                 if not record.params:  # only frozen tensors were used (e.g. a cached weight computed elsewhere)
-                    return expanded if expanded is not output else None
+                    return None
         record.batched = batched
         if frame.first_node is not None and end_node is not None:
             record.nodes = range(frame.first_node, end_node)
         record.autocast = frame.autocast
         if not batched and info.kind in (Kind.LINEAR, Kind.LAYER_NORM, Kind.GENERIC):
-            record.groups = self._groups(args, kwargs, expanded, outputs_only=info.kind is Kind.GENERIC)
+            record.groups = self._groups(args, kwargs, returned, outputs_only=info.kind is Kind.GENERIC)
         if not batched:
-            record.other_batch_dim = self._other_batch_dim(info.kind, args, kwargs, expanded)
+            record.other_batch_dim = self._other_batch_dim(info.kind, args, kwargs, returned)
         if info.kind.is_generic and aliased:
             assert isinstance(record, GenericRecord)
             record.watch_versions()
@@ -707,7 +662,7 @@ class Capture:
         record.call_index = self.call_counts.get(id(module), 0)
         self.call_counts[id(module)] = record.call_index + 1
         self.records.append(record)
-        return expanded if expanded is not output else None
+        return returned if returned is not output else None
 
     @staticmethod
     def _cover_originals(info: _ModuleInfo, frame: _Frame, record: Record) -> Record:
@@ -751,24 +706,6 @@ class Capture:
             scale = embedding_scale(module, args, output, aliases["weight"])
             if scale is not None:
                 info.kind, info.embedding_scale = kind, scale
-
-    def _recomputed_output(self, info: _ModuleInfo, output: Any) -> Any:
-        """The output a re-run call must return to match its captured call: expanded over the batch
-        when the captured call's was (checkpointing verifies that recomputed tensors match)."""
-        if not info.broadcast or info.unaligned or self.batch_dim is None:
-            return None
-        expanded = self._expand_broadcast(output, trusted=True)
-        return expanded if expanded is not output else None
-
-    def _note_regrouped(self, value: Any) -> None:
-        """Set :attr:`regrouped` when a tensor has ``k * batch_size`` rows along ``batch_dim``
-        (``k > 1``) while the batch size comes from the root modules' inputs."""
-        bd, size = self.batch_dim, self.batch_size
-        if self.regrouped or bd is None or not self.batch_from_root or size < 1:
-            return
-        if isinstance(value, Tensor) and value.dim() > bd:
-            rows = int(value.shape[bd])
-            self.regrouped = rows > size and rows % size == 0
 
     def _foreign_size(self, output: Any) -> bool:
         """Whether an output's size along ``batch_dim`` is neither the batch size nor 1."""
@@ -829,17 +766,15 @@ class Capture:
             return 0
         return count // size
 
-    def _aligned(
-        self, kind: Kind, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any, trusted: bool = False
-    ) -> bool:
+    def _aligned(self, kind: Kind, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> bool:
         """Whether the tensors the call's contribution is computed from are split by example
-        along ``batch_dim``: size ``batch_size`` there, or size 1 for outputs broadcast over the
-        batch (expanded by the hook) and for the ids of such an embedding lookup.
+        along ``batch_dim``: size ``batch_size`` there.
 
-        Other calls (relative-position tables ``[T, T, h]``, regrouped ``[B * T, d]`` or
-        ``[B * heads, T, d]`` tensors) get per-row output gradients from a batched backward pass
-        (exact, costlier) instead of per-example slices of one output gradient, unless they are
-        Linear or LayerNorm calls whose batch-major grouping the engine verifies (see ``_groups``).
+        Other calls get no per-example slices of one output gradient: tables shared by the examples
+        (BERT's ``[1, T, d]`` position embeddings, T5's ``[T, T, h]`` relative-position tables, which the
+        model broadcasts over the batch further on; the hook never changes an output) and regrouped
+        ``[B * T, d]`` or ``[B * heads, T, d]`` tensors take the engine's exact paths for them (broadcast
+        plans, verified groupings, else per-row output gradients from a batched backward pass).
         """
         bd = self.batch_dim
         if bd is None:
@@ -850,26 +785,18 @@ class Capture:
             return False
         size = self.batch_size
 
-        def fits(tensor: Tensor, broadcast_ok: bool, min_dims: int = 3) -> bool:
-            if tensor.dim() <= bd:
-                return False
-            return tensor.shape[bd] == size or (
-                broadcast_ok and _broadcast_over_batch(tensor, bd, size, trusted, min_dims, self.root_sizes)
-            )
+        def fits(tensor: Tensor) -> bool:
+            return tensor.dim() > bd and tensor.shape[bd] == size
 
         inputs = tensors_in(args) or tensors_in(kwargs)
-        # A size-1 output is expanded only when it is the single output of a call with inputs
-        # (e.g. position ids [1, T]); a module called without tensor inputs (a bias table) may be
-        # broadcast over anything else than the batch.
         outputs = [t for t in tensors_in(output) if t.requires_grad]
-        expandable = bool(inputs) and isinstance(output, Tensor) and not self.regrouped
-        if not all(fits(t, broadcast_ok=expandable) for t in outputs):
+        if not all(fits(t) for t in outputs):
             return False
         if kind is Kind.GENERIC:
             return True
         if not inputs:
             return kind is Kind.RMS_NORM
-        if not fits(inputs[0], broadcast_ok=kind is Kind.EMBEDDING, min_dims=2):
+        if not fits(inputs[0]):
             return False
         ids = inputs[0]
         if kind is Kind.EMBEDDING and self.root_sizes and ids.dim() >= 2 and ids.shape[bd] == size:
@@ -878,22 +805,6 @@ class Capture:
             # size merely equals the batch size does not: it takes the exact paths for shared tables.
             return any(int(ids.shape[dim]) in self.root_sizes for dim in range(ids.dim()) if dim != bd)
         return True
-
-    def _expand_broadcast(self, output: Any, trusted: bool = False) -> Any:
-        """Give a batch-broadcast output (size 1 along ``batch_dim``) one slice per example, so
-        that gradients w.r.t. it are per example; values are unchanged."""
-        bd = self.batch_dim
-        if bd is None or not isinstance(output, Tensor) or output.dim() <= bd:
-            return output
-        if (
-            self.batch_size > 1
-            and not self.regrouped
-            and _broadcast_over_batch(output, bd, self.batch_size, trusted, root_sizes=self.root_sizes)
-        ):
-            shape = list(output.shape)
-            shape[bd] = self.batch_size
-            return output.expand(shape)
-        return output
 
     def _check_descendants_called(
         self, module: nn.Module, info: _ModuleInfo, before: list[int], output: Any

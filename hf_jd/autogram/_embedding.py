@@ -226,10 +226,7 @@ class EmbeddingRecord(Record):
                 "by token frequencies over the whole batch; the autogram engine does not support "
                 "it. Build the embedding with scale_grad_by_freq=False."
             )
-        ids = args[0]
-        if ids.shape != output.shape[:-1]:  # the engine expanded a batch-broadcast output
-            ids = ids.expand(output.shape[:-1])
-        self.ids = ids
+        self.ids = args[0]  # (the output is the module's own: W[ids], shaped [*ids.shape, d])
         # c of a scaled embedding (output W[ids] · c, verified by the capture): the table's
         # gradient is c times the scattered output gradients.
         self.scale = 1.0

@@ -166,13 +166,15 @@ class Engine:
 
     * Requirements: with ``batch_dim`` set, example ``i``'s losses must depend on example ``i``
       only (BatchNorm in training mode raises a ``RuntimeError``). The batch size is read from
-      the inputs of the modules given to the engine. Module outputs of size 1 along ``batch_dim``
-      (and along no other dimension) computed from inputs while the batch is larger (e.g. BERT's
-      default ``position_ids`` of shape ``[1, T]``) are expanded to the batch size by the hook
-      (same values), so that their gradients are per example.
-    * Tensors not split by example: a module call whose tensors do not have the batch size along
-      ``batch_dim`` (relative-position tables of T5, MPNet or DeBERTa-v2, weight-norm
-      parametrisations) gets one output gradient per loss row
+      the inputs of the modules given to the engine. The hooks never change what a module returns:
+      an output of size 1 along ``batch_dim`` while the batch is larger (BERT's ``[1, T, d]`` position
+      embeddings of its default ``position_ids``) is a table shared by the examples (next item).
+    * Tensors not split by example: a module call whose output is shared by the examples and only
+      broadcast (or repeated) over the batch further on (BERT's and GPT-2's position embeddings, the
+      relative-position bias of T5 or MPNet) gets its per-example output gradients from the ordinary
+      backward pass, at the node that broadcasts it. Any other call whose tensors do not have the batch
+      size along ``batch_dim`` (a size-1 output used otherwise, weight-norm parametrisations) gets one
+      output gradient per loss row
       from a batched backward pass over the ``R`` rows: exact, but it costs about ``R`` backward
       passes over the part of the network above that call and holds ``R`` times its output
       gradient. With per-example losses ``[B]``, Linear and LayerNorm calls on ``[k B, ...]``
@@ -564,19 +566,21 @@ class Engine:
         )
         # Once the model's [B, T, d] calls are verified batch-major, a [1, T, d] table with T = B (BERT's position
         # embeddings) is broadcast over the batch like any other table.
-        shareable = layout.num_tasks == 1 and not batched and not verify_layout
+        shareable = not verify_layout
         if unaligned and shareable and not capture.unaligned_besides(unaligned):
-            # Outputs shared by all examples and only broadcast over the batch further on (T5's
-            # relative-position bias): per-example gradients from the ordinary pass.
+            # Outputs shared by all examples and only broadcast over the batch further on (BERT's [1, T, d]
+            # position embeddings, T5's relative-position bias): per-example gradients from the ordinary pass.
             assert layout.batch_dim is not None
-            # Not under activation checkpointing: the plans call autograd nodes, whose checkpointed
-            # saved tensors may be unpacked only once per backward pass.
-            plans = [] if checkpointed else plan_broadcasts(losses, unaligned, layout.batch_dim, layout.num_examples)
+            # Under activation checkpointing, only through nodes that read no saved tensor: the plans call
+            # autograd nodes, whose checkpointed saved tensors may be unpacked only once per backward pass.
+            plans = plan_broadcasts(losses, unaligned, layout.batch_dim, layout.num_examples, checkpointed)
             ungrouped = [record for record in unaligned if not record.groups]
-            if not plans and not checkpointed and len(ungrouped) < len(unaligned):
+            if not plans and len(ungrouped) < len(unaligned):
                 # Else without the calls that have a candidate batch-major grouping (a shared table beside
                 # a Linear layer on flattened [B * T, d] rows), which the verification below then handles.
-                plans = plan_broadcasts(losses, ungrouped, layout.batch_dim, layout.num_examples)
+                plans = plan_broadcasts(losses, ungrouped, layout.batch_dim, layout.num_examples, checkpointed)
+            if layout.num_tasks > 1 and grouped_paths(plans):
+                plans = []  # a table broadcast over [B * k, ...] rows: its grouping is verified for [B] losses only
         planned = {id(plan.record) for plan in plans}
         if plans:
             unaligned = [record for record in unaligned if id(record) not in planned]
@@ -693,13 +697,18 @@ class Engine:
                 # when some call is not split by example (a shared table): the check for losses that mix the
                 # examples is skipped then, and this one catches them, as for [B] losses.
                 vacuous = []
+                checked = [record for record in records if id(record) not in planned]
                 failed = grads_verified(
-                    losses, layout, records, accumulator, add=False, rtol=identity_rtol, vacuous=vacuous
+                    losses, layout, checked, accumulator, add=False, rtol=identity_rtol, vacuous=vacuous
                 )
                 self._direct_uses_failed(failed)
                 if verify_layout:
                     capture.mark_unaligned(failed)
-                    capture.mark_batch_major(_informative(records, failed, vacuous))
+                    capture.mark_batch_major(_informative(checked, failed, vacuous))
+                if failed and plans:  # examples mixed somewhere: the planned tables take the exact path too
+                    failed += [plan.record for plan in plans]
+                    accumulator.deferred -= planned
+                    plans = []
                 records = [record for record in records if all(record is not other for other in failed)]
                 unaligned += failed
             if unaligned:
@@ -707,10 +716,14 @@ class Engine:
                 if not mixed:  # (losses that mix the examples have their own warning)
                     self._warn_per_row(unaligned, layout, one_time=verify_layout)
             with ExitStack() as stack:
-                for plan in plans:
-                    stack.enter_context(plan.hooks())
+                if not batched:  # (a pass batched over tasks gives the plans the gradients of their nodes instead)
+                    for plan in plans:
+                        stack.enter_context(plan.hooks())
                 if records and (batched or not retain):
-                    grads_at_once(losses, grad_outputs, records, accumulator, batched=batched, retain_graph=retain)
+                    grads_at_once(
+                        losses, grad_outputs, records, accumulator, batched=batched, retain_graph=retain,
+                        plans=plans if batched else (),
+                    )
                 elif records:
                     grads_streamed(losses, grad_outputs, records, accumulator)
         accumulator.deferred = set()

@@ -131,8 +131,9 @@ def test_checkpointing_with_per_task_and_per_example_task_losses(single_backward
 
 
 class _PositionScaled(nn.Module):
-    """A block whose position table ``[1, T, d]`` multiplies its input: the engine expands the table over
-    the batch, and the re-run forward pass must return the same (expanded) tensor for checkpointing."""
+    """A block whose position table ``[1, T, d]`` multiplies its input: the table stays shared by the examples
+    (the hooks return it unchanged, also in the forward pass that checkpointing re-runs, whose recomputed
+    tensors must match the captured ones), and its per-example gradients take the exact paths."""
 
     def __init__(self) -> None:
         super().__init__()

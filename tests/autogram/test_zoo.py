@@ -401,18 +401,32 @@ def test_layer_applied_across_the_batch_gives_the_exact_gramian() -> None:
     assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, trainable(model)))
 
 
-def test_single_token_first_step_keeps_closed_forms_later() -> None:
-    """With T = 1 the position embedding output [1, 1, d] is ambiguous and takes the exact per-row
-    path; that must not stick to later steps with T > 1 (where the per-row path would be slow)."""
+def test_single_token_first_step_keeps_closed_forms_later(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With T = 1 the position embedding output [1, 1, d] is ambiguous (a [T, B, d] tensor with T = 1?);
+    whatever path it takes must not stick to later steps with T > 1, where the shared [1, T, d] table gets
+    its per-example gradients from the addition that broadcasts it, not from the (slow) per-row pass."""
+    import hf_jd.autogram.engine as engine_module
+
+    per_row: list[str] = []
+    original = engine_module.grads_per_row
+
+    def recorded(losses: Tensor, layout: Any, records: list[Any], accumulator: Any) -> None:
+        per_row.extend(record.describe() for record in records)
+        original(losses, layout, records, accumulator)
+
+    monkeypatch.setattr(engine_module, "grads_per_row", recorded)
     config = tf.BertConfig(vocab_size=V, max_position_embeddings=16, **ENC)
     model = tf.BertModel(config, add_pooling_layer=False).train()
     engine = Engine(model)
     params = trainable(model)
-    for length, expect_all_batched in ((1, False), (5, True)):
+    for length in (1, 5, 5):
+        per_row.clear()
         out = model(input_ids=torch.randint(3, V, (3, length)))
         losses = per_example_losses(out, 3)
-        assert all(record.batched for record in engine._capture.records) is expect_all_batched
+        assert not all(record.batched for record in engine._capture.records)  # the table is shared, unexpanded
         assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, params))
+        if length > 1:
+            assert per_row == []
 
 
 class _TupleWithBroadcast(nn.Module):
@@ -502,7 +516,7 @@ def test_zoo_length_equal_to_batch_size(name: str, batch: int, monkeypatch: pyte
 @pytest.mark.parametrize("single_backward", [False, True])
 def test_bert_first_step_with_length_equal_to_batch_is_exact(single_backward: bool) -> None:
     """[1, T, d] position embeddings with T = B on the very first step look like a time-major
-    [T, B, d] tensor with T = 1: not expanded (the exact paths), and exact."""
+    [T, B, d] tensor with T = 1: the exact paths, and exact."""
     model = tf.BertForSequenceClassification(tf.BertConfig(vocab_size=V, max_position_embeddings=16, **ENC)).train()
     engine = Engine(model, single_backward=single_backward)
     params = trainable(model)
@@ -513,8 +527,8 @@ def test_bert_first_step_with_length_equal_to_batch_is_exact(single_backward: bo
 
 @pytest.mark.parametrize("single_backward", [False, True])
 def test_time_major_model_with_one_token(single_backward: bool) -> None:
-    """XLNet is time-major: with T = 1 its [1, B, d] tensors must not be taken for outputs
-    broadcast over the batch (expanding them to [B, B, d] broke its forward pass)."""
+    """XLNet is time-major: with T = 1 its [1, B, d] tensors are not outputs broadcast over the batch
+    (expanding them to [B, B, d], as the engine once did, broke its forward pass)."""
     config = tf.XLNetConfig(vocab_size=V, d_model=16, n_layer=2, n_head=2, d_inner=32, num_labels=2)
     model = tf.XLNetForSequenceClassification(config).train()
     engine = Engine(model, single_backward=single_backward)
@@ -527,8 +541,8 @@ def test_time_major_model_with_one_token(single_backward: bool) -> None:
 @pytest.mark.parametrize("single_backward", [False, True])
 def test_multiple_choice_regroups_the_batch(single_backward: bool) -> None:
     """BertForMultipleChoice runs on [B * C, T] rows while its inputs are [B, C, T]: the [1, T, d]
-    position embeddings are broadcast over B * C rows, not B, and must not be expanded to B (that
-    crashed the forward pass); the Gramian is exact."""
+    position embeddings are broadcast over B * C rows, not B (expanding them to B, as the engine once
+    did, crashed the forward pass); the Gramian is exact."""
     model = tf.BertForMultipleChoice(tf.BertConfig(vocab_size=V, max_position_embeddings=16, **ENC)).train()
     engine = Engine(model, single_backward=single_backward)
     ids = torch.randint(3, V, (4, 3, 6))
