@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import pytest
 import torch
 from torch import Tensor, nn
 
@@ -63,3 +64,36 @@ def assert_exact_step(
     else:
         losses.backward(weights.view(losses.shape))
     torch.testing.assert_close(grads_of(params), weights @ jac, rtol=1e-4, atol=1e-6)
+
+
+def assert_exact_step_with_freed_graph(
+    engine: Engine, model: nn.Module, losses: Tensor, single_backward: bool
+) -> None:
+    """As :func:`assert_exact_step`, but ``compute_gramian`` keeps its default ``retain_graph`` (the single backward
+    may free the graph during the Gramian pass): the explicit Jacobian is taken first."""
+    params = trainable(model)
+    jac = jacobian(losses, params)
+    assert_gramian_matches(engine.compute_gramian(losses), jac)
+    weights = torch.linspace(0.5, 1.5, losses.numel())
+    model.zero_grad(set_to_none=True)
+    if single_backward:
+        engine.backward(weights)
+    else:
+        losses.backward(weights.view(losses.shape))
+    torch.testing.assert_close(grads_of(params), weights @ jac, rtol=1e-4, atol=1e-6)
+
+
+def count_per_row(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """Record the calls sent to the engine's per-row pass: one list of module descriptions per pass."""
+    from hf_jd.autogram import _accumulate
+    from hf_jd.autogram import engine as engine_module
+
+    calls: list[list[str]] = []
+    original = _accumulate.grads_per_row
+
+    def counted(*args):  # type: ignore[no-untyped-def]
+        calls.append([record.describe() for record in args[2]])
+        return original(*args)
+
+    monkeypatch.setattr(engine_module, "grads_per_row", counted)
+    return calls

@@ -13,22 +13,15 @@ import transformers as tf
 from torch import Tensor, nn
 
 from hf_jd.autogram import Engine
-from hf_jd.autogram import _accumulate, engine as engine_module
 
-from ._reference import assert_gramian_matches, grads_of, jacobian, trainable
-
-
-def _exact_step(engine: Engine, model: nn.Module, losses: Tensor, single_backward: bool) -> None:
-    params = trainable(model)
-    jac = jacobian(losses, params)
-    assert_gramian_matches(engine.compute_gramian(losses), jac)
-    weights = torch.linspace(0.5, 1.5, losses.numel())
-    model.zero_grad(set_to_none=True)
-    if single_backward:
-        engine.backward(weights)
-    else:
-        losses.backward(weights.view(losses.shape))
-    torch.testing.assert_close(grads_of(params), weights @ jac, rtol=1e-4, atol=1e-6)
+from ._reference import (
+    assert_exact_step_with_freed_graph,
+    assert_gramian_matches,
+    count_per_row,
+    grads_of,
+    jacobian,
+    trainable,
+)
 
 
 class _Container(nn.Module):
@@ -106,7 +99,8 @@ def test_examples_mixed_after_the_use_stay_exact(mix: str, single_backward: bool
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # mixed examples: the engine warns and takes the exact paths
         for batch in (4, 4, 3):
-            _exact_step(engine, model, model(torch.randn(batch, 5, 3), torch.rand(batch, 5) > 0.5), single_backward)
+            losses = model(torch.randn(batch, 5, 3), torch.rand(batch, 5) > 0.5)
+            assert_exact_step_with_freed_graph(engine, model, losses, single_backward)
 
 
 @pytest.mark.parametrize("single_backward", [False, True])
@@ -125,7 +119,7 @@ def test_wav2vec2_with_spec_augment(single_backward: bool) -> None:
         for batch in (3, 3, 2):
             logits = model(input_values=torch.randn(batch, 400)).logits
             losses = nn.functional.cross_entropy(logits, torch.randint(0, 2, (batch,)), reduction="none")
-            _exact_step(engine, model, losses, single_backward)
+            assert_exact_step_with_freed_graph(engine, model, losses, single_backward)
     assert model.wav2vec2.masked_spec_embed.grad is not None
 
 
@@ -140,7 +134,7 @@ def test_vit_class_token_and_position_table(single_backward: bool) -> None:
     for batch in (3, 3, 2):
         logits = model(pixel_values=torch.randn(batch, 3, 8, 8)).logits
         losses = nn.functional.cross_entropy(logits, torch.randint(0, 2, (batch,)), reduction="none")
-        _exact_step(engine, model, losses, single_backward)
+        assert_exact_step_with_freed_graph(engine, model, losses, single_backward)
 
 
 class _ScaledScores(nn.Module):
@@ -171,7 +165,7 @@ def test_parameters_only_tensor_with_the_batch_size_is_not_split(heads: int, sin
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # (taken for one split by example, it looked like examples mixed by the losses)
         for batch in (4, 4, 3):  # heads = B on the first steps (with 4 heads)
-            _exact_step(engine, model, model(torch.randn(batch, 5, 3)), single_backward)
+            assert_exact_step_with_freed_graph(engine, model, model(torch.randn(batch, 5, 3)), single_backward)
 
 
 class _Windows(nn.Module):
@@ -257,14 +251,12 @@ class _TimeMajorNet(nn.Module):
 def test_uses_on_rows_not_grouped_by_example_fall_back_to_the_outputs(single_backward: bool, monkeypatch) -> None:
     """The products from the uses fail the grouping check once (exact per-row pass on that step); the module then
     keeps products from its outputs, without the per-row pass."""
-    per_row: list[int] = []
-    original = _accumulate.grads_per_row
-    monkeypatch.setattr(engine_module, "grads_per_row", lambda *a: per_row.append(1) or original(*a))
+    per_row = count_per_row(monkeypatch)
     torch.manual_seed(7)
     model = _TimeMajorNet()
     engine = Engine(model, single_backward=single_backward)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no per-row warning (a second per-row step), no mixed-losses warning
         for batch in (4, 4, 3, 3):
-            _exact_step(engine, model, model(torch.randn(batch, 5, 2)), single_backward)
+            assert_exact_step_with_freed_graph(engine, model, model(torch.randn(batch, 5, 2)), single_backward)
     assert len(per_row) <= 1

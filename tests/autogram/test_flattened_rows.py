@@ -14,21 +14,8 @@ import transformers as tf
 from torch import Tensor, nn
 
 from hf_jd.autogram import Engine
-from hf_jd.autogram import _accumulate, engine as engine_module
 
-from ._reference import assert_gramian_matches, grads_of, jacobian, trainable
-
-
-def _count_per_row(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
-    calls: list[list[str]] = []
-    original = _accumulate.grads_per_row
-
-    def counted(*args):  # type: ignore[no-untyped-def]
-        calls.append([record.describe() for record in args[2]])
-        return original(*args)
-
-    monkeypatch.setattr(engine_module, "grads_per_row", counted)
-    return calls
+from ._reference import assert_gramian_matches, count_per_row, grads_of, jacobian, trainable
 
 
 def _check_step(engine: Engine, model: nn.Module, losses: Tensor, single_backward: bool) -> None:
@@ -48,7 +35,7 @@ def _check_step(engine: Engine, model: nn.Module, losses: Tensor, single_backwar
 @pytest.mark.parametrize("single_backward", [False, True])
 def test_fused_mixture_of_experts_takes_no_per_row_pass(single_backward: bool, implementation: str,
                                                         monkeypatch) -> None:
-    per_row = _count_per_row(monkeypatch)
+    per_row = count_per_row(monkeypatch)
     torch.manual_seed(0)
     config = tf.MixtralConfig(vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
                               num_attention_heads=2, num_key_value_heads=2, num_local_experts=4,
@@ -109,7 +96,7 @@ class _FlatNet(nn.Module):
 def test_generic_module_on_flattened_rows_is_exact(
     dim: int, mode: str, time_major: bool, single_backward: bool, monkeypatch
 ) -> None:
-    per_row = _count_per_row(monkeypatch)
+    per_row = count_per_row(monkeypatch)
     torch.manual_seed(0)
     model = _FlatNet(dim, mode, time_major)
     engine = Engine(model, single_backward=single_backward)
@@ -127,7 +114,7 @@ def test_generic_module_on_flattened_rows_is_exact(
 def test_router_flattening_its_input_takes_no_per_row_pass(single_backward: bool, monkeypatch) -> None:
     # DeepSeek-style top-k routers take [B, T, d] and return [B * T, experts] rows: the outputs alone decide the
     # grouping of a generic call (its products need only their gradients). The router took the per-row pass before.
-    per_row = _count_per_row(monkeypatch)
+    per_row = count_per_row(monkeypatch)
     torch.manual_seed(0)
     config = tf.DeepseekV3Config(vocab_size=50, hidden_size=16, intermediate_size=24, moe_intermediate_size=8,
                                  num_hidden_layers=2, first_k_dense_replace=1, num_attention_heads=2,

@@ -15,36 +15,8 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm, weight_norm
 
 from hf_jd.autogram import Engine
-from hf_jd.autogram import _accumulate, engine as engine_module
 
-from ._reference import assert_gramian_matches, grads_of, jacobian, trainable
-
-
-def _count_per_row(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
-    calls: list[list[str]] = []
-    original = _accumulate.grads_per_row
-
-    def counted(*args):  # type: ignore[no-untyped-def]
-        calls.append([record.describe() for record in args[2]])
-        return original(*args)
-
-    monkeypatch.setattr(engine_module, "grads_per_row", counted)
-    return calls
-
-
-def _exact_step(engine: Engine, model: nn.Module, losses: Tensor, single_backward: bool) -> None:
-    """Gramian and weighted update against the explicit Jacobian; the single backward with the default
-    ``retain_graph`` (the graph may be freed by the Gramian pass)."""
-    params = trainable(model)
-    jac = jacobian(losses, params)
-    assert_gramian_matches(engine.compute_gramian(losses), jac)
-    weights = torch.linspace(0.5, 1.5, losses.numel())
-    model.zero_grad(set_to_none=True)
-    if single_backward:
-        engine.backward(weights)
-    else:
-        losses.backward(weights.view(losses.shape))
-    torch.testing.assert_close(grads_of(params), weights @ jac, rtol=1e-4, atol=1e-6)
+from ._reference import assert_exact_step_with_freed_graph, count_per_row
 
 
 class _Scaled(nn.Module):
@@ -83,14 +55,14 @@ class _Net(nn.Module):
 @pytest.mark.parametrize("bias", [True, False])
 def test_parametrized_weights_are_exact_without_the_per_row_pass(single_backward: bool, bias: bool,
                                                                  monkeypatch) -> None:
-    per_row = _count_per_row(monkeypatch)
+    per_row = count_per_row(monkeypatch)
     torch.manual_seed(0)
     model = _Net(bias)
     engine = Engine(model, single_backward=single_backward)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no per-row warning either
         for batch, length in ((4, 7), (4, 7), (3, 9)):
-            _exact_step(engine, model, model(torch.randn(batch, 4, length)), single_backward)
+            assert_exact_step_with_freed_graph(engine, model, model(torch.randn(batch, 4, length)), single_backward)
     assert per_row == []
 
 
@@ -102,7 +74,7 @@ def test_frozen_originals_are_left_out() -> None:
     model.proj.parametrizations.weight.original1.requires_grad_(False)  # whole weight frozen, bias trained
     engine = Engine(model)
     for batch in (3, 5):
-        _exact_step(engine, model, model(torch.randn(batch, 4, 6)), single_backward=False)
+        assert_exact_step_with_freed_graph(engine, model, model(torch.randn(batch, 4, 6)), single_backward=False)
 
 
 class _TwoCalls(nn.Module):
@@ -121,7 +93,7 @@ class _TwoCalls(nn.Module):
 def test_weight_used_by_several_calls(cached: bool, single_backward: bool, monkeypatch) -> None:
     """Each call computes its weight, or (``parametrize.cached()``) the second reuses the first's: the
     per-example gradient of the originals is the sum over both uses."""
-    per_row = _count_per_row(monkeypatch)
+    per_row = count_per_row(monkeypatch)
     torch.manual_seed(2)
     model = _TwoCalls()
     engine = Engine(model, single_backward=single_backward)
@@ -132,7 +104,7 @@ def test_weight_used_by_several_calls(cached: bool, single_backward: bool, monke
                 losses = model(x)
         else:
             losses = model(x)
-        _exact_step(engine, model, losses, single_backward)
+        assert_exact_step_with_freed_graph(engine, model, losses, single_backward)
     assert per_row == []
 
 
@@ -167,13 +139,13 @@ def test_weight_also_computed_outside_the_call(cached: bool, single_backward: bo
                     losses = model(x)
             else:
                 losses = model(x)
-            _exact_step(engine, model, losses, single_backward)
+            assert_exact_step_with_freed_graph(engine, model, losses, single_backward)
 
 
 @pytest.mark.parametrize("single_backward", [False, True])
 def test_wav2vec2_positional_convolution_takes_the_closed_form(single_backward: bool, monkeypatch) -> None:
     """Wav2Vec2's weight-normalised positional convolution (it took the per-row pass on every step)."""
-    per_row = _count_per_row(monkeypatch)
+    per_row = count_per_row(monkeypatch)
     torch.manual_seed(4)
     config = tf.Wav2Vec2Config(
         hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, conv_dim=(8, 8),
@@ -186,7 +158,7 @@ def test_wav2vec2_positional_convolution_takes_the_closed_form(single_backward: 
         labels = torch.randint(0, 2, (batch,))
         logits = model(input_values=torch.randn(batch, 400)).logits
         losses = nn.functional.cross_entropy(logits, labels, reduction="none")
-        _exact_step(engine, model, losses, single_backward)
+        assert_exact_step_with_freed_graph(engine, model, losses, single_backward)
     assert per_row == []
 
 
@@ -217,4 +189,4 @@ def test_cached_weight_also_used_after_the_call(penalty: bool, single_backward: 
         for batch in (4, 3):
             with parametrize.cached():
                 losses = model(torch.randn(batch, 3, 5))
-            _exact_step(engine, model, losses, single_backward)
+            assert_exact_step_with_freed_graph(engine, model, losses, single_backward)
