@@ -41,7 +41,14 @@ from torch.autograd.graph import GradientEdge
 from ._accumulate import Accumulator
 from ._record import Record
 
-__all__ = ["BroadcastPlan", "attach_plans", "grouped_paths", "node_output_shape", "plan_broadcasts"]
+__all__ = [
+    "BroadcastPlan",
+    "attach_plans",
+    "grouped_paths",
+    "node_output_shape",
+    "plan_broadcasts",
+    "plan_structure",
+]
 
 # Nodes of operations that only move, select or convert entries (their backward is linear and
 # needs no saved tensor), through which a shared output may pass before being broadcast.
@@ -351,6 +358,37 @@ def _reduce(grad: Tensor, shape: torch.Size) -> Tensor:
     if grad.numel() == shape.numel():
         return grad.reshape(shape)
     return grad.sum_to_size(shape)
+
+
+def plan_structure(plans: list[BroadcastPlan]) -> tuple[Any, ...]:
+    """What decides whether plans succeed: per plan, its call and, per path, the nodes' types and output shapes.
+
+    Parameters
+    ----------
+    plans
+        The plans.
+
+    Returns
+    -------
+    tuple
+        A hashable key.
+    """
+    return tuple(
+        (
+            plan.record.module_name,
+            plan.num_examples,
+            tuple(
+                (
+                    _name(node),
+                    tuple(node_output_shape(node, 0) or ()),
+                    group,
+                    tuple((_name(step.node), step.slot, tuple(step.shape)) for step in steps),
+                )
+                for node, steps, group in plan.paths
+            ),
+        )
+        for plan in plans
+    )
 
 
 def grouped_paths(plans: list[BroadcastPlan]) -> list[tuple[Any, int]]:

@@ -246,3 +246,32 @@ def test_a_disabled_engine_does_not_take_over_other_parameters() -> None:
     weights = torch.linspace(0.5, 1.5, 5)
     engine.backward(weights)
     torch.testing.assert_close(grads_of(params), weights @ jac, rtol=1e-4, atol=1e-6)
+
+
+def test_graph_freed_once_the_position_table_plan_is_known() -> None:
+    """BERT's ``[1, T, d]`` position table is planned at the broadcasting addition. The first step keeps the graph
+    for the exact fallback; once plans of that structure succeeded, the Gramian pass frees the graph as it goes (the
+    peak memory of the single backward), and the steps stay exact."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=16, num_labels=2)
+    model = BertForSequenceClassification(config).train()
+    engine = Engine(model, single_backward=True)
+    params = trainable(model)
+    for step in range(3):
+        ids, labels = torch.randint(1, 50, (3, 6)), torch.randint(0, 2, (3,))
+        losses = nn.functional.cross_entropy(model(input_ids=ids).logits, labels, reduction="none")
+        jac = jacobian(losses, params)
+        assert_gramian_matches(engine.compute_gramian(losses), jac)
+        freed = False
+        try:
+            torch.autograd.grad(losses.sum(), params[0], retain_graph=True)
+        except RuntimeError:
+            freed = True
+        assert freed == (step > 0)
+        weights = torch.linspace(0.5, 1.5, 3)
+        model.zero_grad(set_to_none=True)
+        engine.backward(weights)
+        torch.testing.assert_close(grads_of(params), weights @ jac, rtol=1e-4, atol=1e-6)
