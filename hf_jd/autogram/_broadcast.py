@@ -44,6 +44,7 @@ from ._record import Record
 __all__ = [
     "BroadcastPlan",
     "attach_plans",
+    "broadcast_nodes",
     "grouped_paths",
     "node_output_shape",
     "plan_broadcasts",
@@ -409,6 +410,24 @@ def grouped_paths(plans: list[BroadcastPlan]) -> list[tuple[Any, int]]:
     return [
         (node, group) for plan in plans for node, _, group in plan.paths if group > 1 and _name(node) != REPEAT_NODE
     ]
+
+
+def broadcast_nodes(plans: list[BroadcastPlan]) -> list[tuple[Any, int]]:
+    """All the broadcasting nodes of ``plans`` with their entries per example (see :func:`grouped_paths`), but those
+    of compiled graphs: checked for examples mixed after the broadcast (a batch statistic added to the sum of the
+    examples and the table), which the per-example gradients read at these nodes assume away.
+
+    Parameters
+    ----------
+    plans
+        The plans.
+
+    Returns
+    -------
+    list of tuple
+        ``(node, k)`` pairs.
+    """
+    return [(node, group) for plan in plans for node, _, group in plan.paths if _name(node) != COMPILED_NODE]
 
 
 def _broadcast_group(name: str, shared: torch.Size, output: torch.Size, batch_dim: int, batch_size: int) -> int:

@@ -43,6 +43,7 @@ from ._batched_grad import explain_donated_buffers, has_compiled_nodes, one_vect
 from ._broadcast import (
     BroadcastPlan,
     attach_plans,
+    broadcast_nodes,
     grouped_paths,
     node_output_shape,
     plan_broadcasts,
@@ -649,18 +650,24 @@ class Engine:
                             if record.is_source and id(record) not in planned and id(record) not in reached_ids
                         ]
                     unseen: list[Record] = []  # all-zero output gradients (a LoRA A while B is zero) show no mixing
+                    # Also at the nodes where planned tables meet the examples: examples mixed after them (a batch
+                    # statistic of the sum of the inputs and a position table) show there even without a call before.
+                    plan_nodes = broadcast_nodes(plans)
+                    separate: list[bool] = []
                     with one_vector_at_a_time(True):
                         failed = grads_verified(
-                            losses, layout, checked, accumulator, add=False, rtol=identity_rtol, vacuous=unseen
+                            losses, layout, checked, accumulator, add=False, rtol=identity_rtol, vacuous=unseen,
+                            nodes=plan_nodes, nodes_grouped=separate,
                         )
-                    known = bool(failed)
+                    known = bool(failed) or not all(separate)
                     # Rows picked by the data (mined pairs) are checked every step, and so is a computation whose
                     # check could not see the examples through some call, or one where products started at the
                     # uses of some call's parameters fail (checked again next step without that).
                     if not self._direct_uses_failed(failed) and (known or ("?" not in structure and not unseen)):
                         self._remember_loss_computation(structure, known)
                 mixed = known
-            grouped_nodes = grouped_paths(plans)
+            # (with mixed examples, every planned table's broadcasting node is checked, not only the grouped ones)
+            grouped_nodes = broadcast_nodes(plans) if mixed else grouped_paths(plans)
             if (unaligned or verify_layout or mixed or grouped_nodes) and layout.num_tasks == 1:
                 # Tensors not split by example: the model moves examples around, so every call
                 # whose shapes allow a per-example grouping has it verified (one backward pass

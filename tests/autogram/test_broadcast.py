@@ -511,3 +511,36 @@ def test_table_with_example_data_written_in_stays_exact(single_backward: bool) -
             jac = jacobian(losses, params)
             assert_gramian_matches(engine.compute_gramian(losses, retain_graph=True), jac)
             _assert_weighted_update(engine, losses, params, jac, single_backward)
+
+
+class TableThenMixed(nn.Module):
+    """A position table added to the inputs (no call before it to show anything), then the examples mixed by a batch
+    statistic: the table's per-example gradients read at the addition would carry the other examples' losses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pos = nn.Embedding(T, 6)
+        self.lin = nn.Linear(6, 6)
+        self.out = nn.Linear(6, 2)
+
+    def forward(self, x: Tensor) -> Tensor:  # [B, T, 6] -> [B]
+        h = x + self.pos(torch.arange(T))[None]
+        h = h + 0.5 * h.mean(0, keepdim=True)
+        return self.out(torch.tanh(self.lin(h))).pow(2).mean((1, 2))
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_examples_mixed_after_a_planned_table_are_seen(single_backward: bool) -> None:
+    torch.manual_seed(0)
+    model = TableThenMixed()
+    engine = Engine(model, single_backward=single_backward)
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        for batch in (4, 4, 3):
+            model.zero_grad(set_to_none=True)
+            losses = model(torch.randn(batch, T, 6))
+            params = trainable(model)
+            jac = jacobian(losses, params)
+            assert_gramian_matches(engine.compute_gramian(losses, retain_graph=True), jac)
+            _assert_weighted_update(engine, losses, params, jac, single_backward)
+    assert any("mix the examples" in str(record.message) for record in records)
