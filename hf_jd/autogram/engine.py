@@ -290,10 +290,11 @@ class Engine:
         self._warned_unattributed = True
         warnings.warn(
             f"hf_jd.autogram: the losses use {len(params)} trainable parameter(s) of the engine's modules "
-            f"({self._names_of(params)}) only outside the calls of the modules that own them (e.g. a parent module "
-            "calling F.linear(x, self.child.weight)). Their per-row gradients are computed by a batched backward "
-            "pass from the losses: exact, but up to one backward pass per loss row. Let the owning module use them "
-            "(self.child(x)) for the engine's closed forms. This warning is shown once per engine.",
+            f"({self._names_of(params)}) outside the calls of the modules that own them (e.g. a parent module "
+            "calling F.linear(x, self.child.weight), or, under parametrize.cached(), a parametrised weight read again "
+            "after its module's call). Their per-row gradients are computed by a batched backward pass from the "
+            "losses: exact, but up to one backward pass per loss row. Let the owning module use them (self.child(x)) "
+            "for the engine's closed forms. This warning is shown once per engine.",
             RuntimeWarning,
             stacklevel=3,
         )
