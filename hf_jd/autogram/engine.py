@@ -328,10 +328,6 @@ class Engine:
             stacklevel=3,
         )
 
-    @staticmethod
-    def _names_of_records(records: Sequence[Record]) -> str:
-        return ", ".join(record.describe() for record in records)
-
     def _direct_uses_failed(self, failed: Sequence[Record]) -> bool:
         """Remember the modules of ``failed`` whose products started at their parameters' uses: they keep
         products from their outputs on later steps. Returns whether there was one."""
@@ -572,6 +568,7 @@ class Engine:
         if unaligned:
             records = [record for record in records if record.batched]
         plans: list[BroadcastPlan] = []
+        plans_key: tuple[Any, ...] = ()
         # Tensors with the batch size along batch_dim and along another dimension (e.g. [B, T, d] with
         # T = B) cannot show whether they are batch- or time-major: their grouping is then verified, unless each
         # such call (the same call of the same module) passed that check on an earlier step (a call seen only
@@ -605,7 +602,7 @@ class Engine:
             attach_plans(plans, accumulator)
             # Kept for the exact per-row path, should a plan fail; not in single-backward mode once plans of the same
             # structure succeeded (the failures depend on the nodes and shapes only), so that the pass frees the
-            # activations as it goes (BERT's position table: otherwise 1.4x instead of 1.65x a plain step's memory).
+            # activations as it goes (BERT's position table: 1.44x a plain step's peak memory instead of 1.65x).
             plans_key = plan_structure(plans)
             plans_known = self._single_backward and not retain_graph and not batched and plans_key in self._planned
             retain = retain if plans_known else True
@@ -759,13 +756,13 @@ class Engine:
         if plans and not failed:
             if len(self._planned) >= MAX_LOSS_COMPUTATIONS:
                 self._planned.clear()
-            self._planned.add(plan_structure(plans))
+            self._planned.add(plans_key)  # (plans are only ever dropped after it was computed)
         if failed and not retain:
             raise RuntimeError(
                 "hf_jd.autogram: a table shared by the examples was planned like on an earlier step of the same "
-                f"structure, but the plan failed this time ({self._names_of_records(failed)}), after the graph was "
-                "freed. Call compute_gramian(losses, retain_graph=True) to keep the exact fallback, and please report "
-                "this model."
+                f"structure, but the plan failed this time ({', '.join(r.describe() for r in failed)}), after the "
+                "graph was freed. Call compute_gramian(losses, retain_graph=True) to keep the exact fallback, and "
+                "please report this model."
             )
         if failed:  # a broadcasting node did not give per-example gradients: the exact per-row path
             with backpropagating():
