@@ -13,6 +13,10 @@ import torch
 from torch import Tensor, nn
 from transformers import (
     BertConfig,
+    Swinv2Config,
+    Swinv2ForImageClassification,
+    Wav2Vec2Config,
+    Wav2Vec2ForSequenceClassification,
     BertForSequenceClassification,
     GPT2Config,
     GPT2LMHeadModel,
@@ -92,7 +96,34 @@ def _vit() -> Case:
     return ViTForImageClassification(config).train(), losses
 
 
-CASES = {"bert": _bert, "gpt2": _gpt2, "llama": _llama, "vit": _vit}
+def _wav2vec2() -> Case:
+    """Weight-normalised positional convolution, and SpecAugment's mask embedding (a parameter of the whole model)."""
+    config = Wav2Vec2Config(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, conv_dim=(8, 8),
+        conv_stride=(5, 2), conv_kernel=(10, 3), num_feat_extract_layers=2, num_conv_pos_embeddings=8,
+        num_conv_pos_embedding_groups=4, num_labels=2, mask_time_prob=0.3, mask_time_length=2,
+    )
+    audio, labels = torch.randn(B, 400, device=DEVICE), torch.tensor([0, 1, 1, 0], device=DEVICE)
+
+    def losses(model: nn.Module) -> Tensor:
+        return nn.functional.cross_entropy(model(input_values=audio).logits, labels, reduction="none")
+
+    return Wav2Vec2ForSequenceClassification(config).train(), losses
+
+
+def _swinv2() -> Case:
+    """Continuous position bias (an MLP's output indexed and squashed into a table shared by the windows)."""
+    config = Swinv2Config(image_size=16, patch_size=4, embed_dim=8, depths=[2], num_heads=[2], window_size=2,
+                          num_labels=3)
+    pixels, labels = torch.randn(B, 3, 16, 16, device=DEVICE), torch.tensor([0, 1, 2, 0], device=DEVICE)
+
+    def losses(model: nn.Module) -> Tensor:
+        return nn.functional.cross_entropy(model(pixel_values=pixels).logits, labels, reduction="none")
+
+    return Swinv2ForImageClassification(config).train(), losses
+
+
+CASES = {"bert": _bert, "gpt2": _gpt2, "llama": _llama, "vit": _vit, "wav2vec2": _wav2vec2, "swinv2": _swinv2}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -115,6 +146,28 @@ def test_gramian_and_update_on_cuda(name: str, single_backward: bool) -> None:
     else:
         losses.backward(weights)
     torch.testing.assert_close(grads_of(params), weights @ jac, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_three_steps_on_cuda(name: str, single_backward: bool) -> None:
+    """Later steps take the paths learnt on the first one (shared tables planned, graph freed during the pass)."""
+    torch.manual_seed(1)
+    model, compute_losses = CASES[name]()
+    model.to(DEVICE)
+    engine = Engine(model, single_backward=single_backward)
+    params = trainable(model)
+    for _ in range(3):
+        model.zero_grad(set_to_none=True)
+        losses = compute_losses(model)
+        jac = jacobian(losses, params)
+        assert_gramian_matches(engine.compute_gramian(losses), jac)
+        weights = torch.linspace(0.5, 1.5, B, device=DEVICE)
+        if single_backward:
+            engine.backward(weights)
+        else:
+            losses.backward(weights)
+        torch.testing.assert_close(grads_of(params), weights @ jac, rtol=1e-4, atol=1e-6)
 
 
 def test_bf16_autocast_on_cuda() -> None:
