@@ -18,6 +18,7 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from ._batched_grad import batched_grad
 from ._layout import RowLayout
+from ._matmul_uses import matmul_use_rows
 from ._record import Record, compute_dtype
 
 # Largest number of entries of the per-row masked output gradients built at once.
@@ -352,6 +353,17 @@ class GenericRecord(Record):
             return self._rows
         assert self.layout is not None
         layout = self.layout
+        dtypes = {compute_dtype(param) for param in self.params.values()}
+        found = matmul_use_rows(self, layout, dtypes.pop()) if len(dtypes) == 1 else None
+        if found is not None:  # (e.g. a mixture of experts: per-example sums over its products' rows)
+            self._rows = {}
+            for name, param in self.params.items():
+                if name not in found:
+                    self.unused.add(name)
+                rows = found[name] if name in found else param.new_zeros(layout.num_rows, param.numel())
+                self._rows[name] = rows.to(compute_dtype(param))
+            del self.grad_rows
+            return self._rows
         edges = [self.edges[index] for index, _ in self.grad_rows]
         names = list(self.aliases)
         parts: list[tuple[Tensor | None, ...]] = []

@@ -1,0 +1,176 @@
+"""Generic calls whose weights meet the data in matrix products alone (mixtures of experts): per-example gradients
+from sums over the products' rows, each row's example found from one batched pass through the call."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import transformers as tf
+from torch import Tensor, nn
+
+from hf_jd.autogram import Engine, _generic
+
+from ._reference import assert_exact_step_with_freed_graph, jacobian, trainable
+
+V = 50
+_CE = nn.functional.cross_entropy
+
+
+@pytest.fixture()
+def taken(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, bool]]:
+    """(module class, whether the products' path applied) for each generic call whose rows were computed."""
+    calls: list[tuple[str, bool]] = []
+    original = _generic.matmul_use_rows
+
+    def counted(record, *args):  # type: ignore[no-untyped-def]
+        rows = original(record, *args)
+        calls.append((type(record.module).__name__, rows is not None))
+        return rows
+
+    monkeypatch.setattr(_generic, "matmul_use_rows", counted)
+    return calls
+
+
+def _token_losses(model: nn.Module, ids: Tensor) -> Tensor:
+    labels = ids.clone()
+    labels[0, 2:4] = -100  # tokens without a loss: their rows in the experts get no gradient
+    token = _CE(model(input_ids=ids).logits[:, :-1].transpose(1, 2), labels[:, 1:], reduction="none")
+    return token.sum(1) / (labels[:, 1:] != -100).sum(1)
+
+
+def _mixtral(implementation: str) -> nn.Module:
+    config = tf.MixtralConfig(vocab_size=V, hidden_size=16, intermediate_size=8, num_hidden_layers=2,
+                              num_attention_heads=2, num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2)
+    config._experts_implementation = implementation
+    return tf.MixtralForCausalLM(config)
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+@pytest.mark.parametrize("implementation", ["grouped_mm", "eager", "batched_mm"])
+def test_mixtral_experts(implementation: str, single_backward: bool, taken: list[tuple[str, bool]]) -> None:
+    """transformers' three implementations of the experts: tokens sorted and ``grouped_mm``, one ``W[e]`` product
+    per expert, and ``bmm`` on ``W[ids]`` per token."""
+    torch.manual_seed(0)
+    model = _mixtral(implementation)
+    engine = Engine(model, single_backward=single_backward)
+    for batch in (3, 3, 2, 4):
+        model.zero_grad(set_to_none=True)
+        assert_exact_step_with_freed_graph(engine, model, _token_losses(model, torch.randint(1, V, (batch, 6))),
+                                           single_backward)
+    assert {taken_ for name, taken_ in taken if name == "MixtralExperts"} == {True}
+
+
+_MOE = {
+    "qwen2_moe": dict(moe_intermediate_size=8, shared_expert_intermediate_size=8, num_experts=4, num_experts_per_tok=2,
+                      intermediate_size=16),
+    "olmoe": dict(intermediate_size=8, num_experts=4, num_experts_per_tok=2),
+    # experts with biases (added to the products' rows, gathered per token)
+    "gpt_oss": dict(intermediate_size=8, num_local_experts=4, num_experts_per_tok=2, head_dim=8,
+                    layer_types=["full_attention"]),
+    "deepseek_v3": dict(intermediate_size=16, moe_intermediate_size=8, n_routed_experts=4, num_experts_per_tok=2,
+                        n_shared_experts=1, first_k_dense_replace=0, kv_lora_rank=8, q_lora_rank=8, qk_rope_head_dim=4,
+                        qk_nope_head_dim=4, v_head_dim=8, n_group=1, topk_group=1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_MOE))
+def test_mixture_of_experts_models(name: str, taken: list[tuple[str, bool]]) -> None:
+    torch.manual_seed(1)
+    config = tf.AutoConfig.for_model(name, vocab_size=V, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     num_key_value_heads=1, max_position_embeddings=32, pad_token_id=0, **_MOE[name])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # configuration notes about RoPE scaling of the tiny configurations
+        model = tf.AutoModelForCausalLM.from_config(config)
+    engine = Engine(model)
+    for batch in (3, 2):
+        model.zero_grad(set_to_none=True)
+        assert_exact_step_with_freed_graph(engine, model, _token_losses(model, torch.randint(1, V, (batch, 6))), False)
+    assert {taken_ for module, taken_ in taken if module.endswith("Experts")} == {True}
+
+
+def test_task_losses_without_batch_dim(taken: list[tuple[str, bool]]) -> None:
+    """``[m]`` task losses: each task's rows come from the same batched pass through the call."""
+    torch.manual_seed(3)
+    model = _mixtral("grouped_mm")
+    engine = Engine(model, batch_dim=None)
+    ids = torch.randint(1, V, (3, 6))
+    token = _CE(model(input_ids=ids).logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+    assert_exact_step_with_freed_graph(engine, model, torch.stack([token[0].mean(), token[1:].mean()]), False)
+    assert {taken_ for name, taken_ in taken if name == "MixtralExperts"} == {True}
+
+
+def test_float64(taken: list[tuple[str, bool]]) -> None:
+    torch.manual_seed(4)
+    model = _mixtral("eager").double()  # (grouped_mm has no float64 kernel)
+    engine = Engine(model)
+    losses = _token_losses(model, torch.randint(1, V, (3, 6)))
+    gramian = engine.compute_gramian(losses, retain_graph=True)
+    jac = jacobian(losses, trainable(model))
+    assert gramian.dtype == torch.float64
+    torch.testing.assert_close(gramian, jac @ jac.T, rtol=1e-10, atol=1e-12)
+    assert {taken_ for name, taken_ in taken if name == "MixtralExperts"} == {True}
+
+
+class RoutedBmm(nn.Module):
+    """Each token multiplied by the weight its sign pattern selects (tokens sorted by weight), ``bmm`` with the
+    weight on the left or right."""
+
+    def __init__(self, left: bool, mix: bool = False, extra_use: bool = False) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(3, 5, 4) if left else torch.randn(3, 4, 5))
+        self.left, self.mix, self.extra_use = left, mix, extra_use
+
+    def forward(self, x: Tensor) -> Tensor:  # [B, T, 4] -> [B, T, 5]
+        rows = x.flatten(0, 1)
+        ids = (rows[:, 0] > 0).long() + (rows[:, 1] > 0).long()
+        ids, order = torch.sort(ids, stable=True)  # tokens grouped by weight, as experts do
+        rows = rows[order]
+        if self.left:
+            out = torch.bmm(self.weight[ids], rows.unsqueeze(-1)).squeeze(-1)
+        else:
+            out = torch.bmm(rows.unsqueeze(1), self.weight[ids]).squeeze(1)
+        if self.mix:  # every token's output depends on all of them
+            out = out - out.mean(0, keepdim=True)
+        if self.extra_use:  # a use of the weight that is not a product
+            out = out * self.weight.mean()
+        return out[torch.argsort(order)].view(*x.shape[:2], -1)
+
+
+class _Net(nn.Module):
+    def __init__(self, routed: RoutedBmm) -> None:
+        super().__init__()
+        self.inp, self.routed, self.out = nn.Linear(3, 4), routed, nn.Linear(5, 1)
+
+    def forward(self, x: Tensor) -> Tensor:  # [B, T, 3] -> [B]
+        return self.out(torch.tanh(self.routed(self.inp(x)))).squeeze(-1).pow(2).mean(1)
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+@pytest.mark.parametrize("left", [True, False])
+def test_routed_bmm_on_either_side(left: bool, single_backward: bool, taken: list[tuple[str, bool]]) -> None:
+    torch.manual_seed(5)
+    model = _Net(RoutedBmm(left))
+    engine = Engine(model, single_backward=single_backward)
+    for batch in (4, 4, 3):
+        model.zero_grad(set_to_none=True)
+        assert_exact_step_with_freed_graph(engine, model, model(torch.randn(batch, 5, 3)), single_backward)
+    took = [taken_ for name, taken_ in taken if name == "RoutedBmm"]
+    assert took and all(took[1:])  # (on the first step, the products from the uses are tried first)
+
+
+@pytest.mark.parametrize(("mix", "extra_use"), [(True, False), (False, True)])
+def test_other_cases_keep_the_per_example_products(mix: bool, extra_use: bool, taken: list[tuple[str, bool]]) -> None:
+    """Rows reached by several examples (mixed after the product, inside the call), or a use of the weight that is
+    not a product: the path does not apply, and the Gramian is still exact."""
+    torch.manual_seed(6)
+    model = _Net(RoutedBmm(left=False, mix=mix, extra_use=extra_use))
+    engine = Engine(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # examples mixed inside the call: the engine may say so
+        for batch in (4, 3):
+            model.zero_grad(set_to_none=True)
+            assert_exact_step_with_freed_graph(engine, model, model(torch.randn(batch, 5, 3)), False)
+    assert {taken_ for name, taken_ in taken if name == "RoutedBmm"} == {False}
+
