@@ -7,7 +7,8 @@ step. Every model is built from a configuration (hidden size 64, 2 layers, vocab
 downloaded) and trained on random data with per-example losses (B=16, T=32, 32-pixel images, or 330 samples of
 audio, 32 frames).
 
-Run: ``python benchmarks/bench_architectures.py [--models llama t5 vit ...] [--repeats 7] [--clock cpu]``.
+Run: ``python benchmarks/bench_architectures.py [--models llama t5 vit ...] [--repeats 7] [--clock cpu]
+[--device cuda]``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 import transformers as tf
 from torch import Tensor, nn
 
-from bench_autogram import Case, _weighting, run
+from bench_autogram import Case, _to_device, _weighting, run
 
 B, T, V, H = 16, 32, 1000, 64
 _CE = nn.functional.cross_entropy
@@ -141,6 +142,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--clock", default="cpu", choices=["wall", "cpu"])
+    parser.add_argument("--device", default="cpu", help="e.g. cuda (then time with --clock wall)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
@@ -151,7 +153,7 @@ def main() -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model, inputs, losses, position_ids = MODELS[name]()
-        case = Case(name, model.train(), inputs, losses, torchjd=position_ids)
+        case = _to_device(Case(name, model.train(), inputs, losses, torchjd=position_ids), torch.device(args.device))
         try:
             result = run(case, weighting, args.repeats, args.warmup, clock=clock)
         except Exception as error:  # noqa: BLE001 - a benchmark reports and goes on

@@ -22,6 +22,8 @@ from transformers import (
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
     ViTConfig,
     ViTForImageClassification,
 )
@@ -123,7 +125,22 @@ def _swinv2() -> Case:
     return Swinv2ForImageClassification(config).train(), losses
 
 
-CASES = {"bert": _bert, "gpt2": _gpt2, "llama": _llama, "vit": _vit, "wav2vec2": _wav2vec2, "swinv2": _swinv2}
+def _mixtral(implementation: str | None) -> Callable[[], Case]:
+    """Mixture of experts: the default implementation of the experts, and their loop over ``W[e]`` products."""
+
+    def case() -> Case:
+        config = MixtralConfig(vocab_size=V, max_position_embeddings=16, num_key_value_heads=1, num_local_experts=4,
+                               num_experts_per_tok=2, **SMALL)
+        if implementation is not None:
+            config._experts_implementation = implementation
+        ids = _ids()
+        return MixtralForCausalLM(config), lambda model: _sequence_losses(model(input_ids=ids).logits, ids)
+
+    return case
+
+
+CASES = {"bert": _bert, "gpt2": _gpt2, "llama": _llama, "vit": _vit, "wav2vec2": _wav2vec2, "swinv2": _swinv2,
+         "mixtral": _mixtral(None), "mixtral_eager": _mixtral("eager")}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
