@@ -25,6 +25,7 @@ float64.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +43,9 @@ __all__ = ["matmul_use_rows"]
 
 # Largest number of entries of the per-example operand gradients built for one call (else: the usual path).
 MAX_ENTRIES = 2**26
+# Modules for which the path did not apply once (a use that is not a product, rows of several examples): they keep
+# the usual path on later steps without the walk through their graph or the batched pass being repeated.
+_DECLINED: weakref.WeakSet[Any] = weakref.WeakSet()
 # A row's gradients must satisfy G_w = w_e G to this relative precision (float32; float64 scales with eps).
 _RTOL_FLOAT32 = 3e-5
 
@@ -266,11 +270,21 @@ def matmul_use_rows(record: GenericRecord, layout: RowLayout, dtype: torch.dtype
     dict of str to Tensor, or None
         ``[R, numel]`` per parameter the call uses (absent: not used), or ``None`` when the path does not apply:
         a parameter used otherwise than by a matrix product, a row reached by several examples, low precision,
-        or more memory than :data:`MAX_ENTRIES`.
+        or more memory than :data:`MAX_ENTRIES`. A module for which the path did not apply keeps the usual path on
+        later calls.
     """
     if record.nodes is None or record.started_at or record._shared_output or dtype not in (torch.float32,
                                                                                            torch.float64):
         return None
+    if record.module in _DECLINED:
+        return None
+    rows = _rows_from_uses(record, layout, dtype)
+    if rows is None:
+        _DECLINED.add(record.module)
+    return rows
+
+
+def _rows_from_uses(record: GenericRecord, layout: RowLayout, dtype: torch.dtype) -> dict[str, Tensor] | None:
     uses = _find_uses(record)
     if uses is None:
         return None
