@@ -178,7 +178,20 @@ def grads_at_once(
         assert not plans, "a pass over one vector gives the plans their gradients by hooks (BroadcastPlan.hooks)"
         grads = [None if grad is None else grad.unsqueeze(0) for grad in grads]
     for record, record_grads in split_by_record(grads, records):
-        accumulator.add(record, record_grads)
+        if record.confirmed_grouping is None:
+            accumulator.add(record, record_grads)
+            continue
+        # A grouping confirmed by a [B, m] check: gradients [m, *shape] in the call's flat layout.
+        how, dim = record.confirmed_grouping
+        layout = accumulator.layout
+        shaped = record.to_view_shapes(record_grads)
+        if how == "other":
+            own = RowLayout(dim, layout.num_examples, layout.num_tasks)
+            accumulator.add(record, shaped, own, shaped=True)
+        else:
+            split = (layout.num_examples, -1)
+            accumulator.add(record, [None if grad is None else grad.unflatten(dim + 1, split) for grad in shaped],
+                            shaped=True)
 
 
 def grads_per_row(losses: Tensor, layout: RowLayout, records: list[Record], accumulator: Accumulator) -> None:

@@ -84,6 +84,10 @@ class Record(ABC):
         # one other dimension (time-major [T, B, d] layouts: XLNet, nn.MultiheadAttention without
         # batch_first): that dimension, a candidate batch dimension verified by the engine; else None.
         self.other_batch_dim: int | None = None
+        # Set when a [B, m] grouping check confirmed one of those candidates (the gradients of the later pass
+        # over the tasks come in the call's flat layout): ("split", batch_dim) for k consecutive entries per
+        # example along batch_dim (the record was regrouped), ("other", dim) for examples along another dim.
+        self.confirmed_grouping: tuple[str, int] | None = None
         # Which call of its module in the forward pass this is (0 for the first): a layout verified for one call
         # of a module says nothing about another one (a module applied to batch- and time-major tensors).
         self.call_index = 0

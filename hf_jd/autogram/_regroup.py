@@ -60,11 +60,14 @@ def grads_verified(
     vacuous: list[Record] | None = None,
     nodes: Sequence[tuple[Any, int]] = (),
     nodes_grouped: list[bool] | None = None,
+    confirm: bool = False,
 ) -> list[Record]:
     """Add the records whose per-example grouping the identity confirms; return the others.
 
     With ``add=False`` (per-example task losses ``[B, m]``, whose contributions need one output gradient
-    per task) the confirmed records are only checked, not added.
+    per task) the confirmed records are only checked, not added; with ``confirm``, those confirmed along another
+    dimension or in groups of ``k`` get :attr:`Record.confirmed_grouping` (and the latter are regrouped), which
+    the pass over the tasks (:func:`hf_jd.autogram._accumulate.grads_at_once`) follows.
 
     Records split by example along ``batch_dim`` are checked with ``k = 1`` (their examples may
     still be mixed further on, e.g. by a layer applied across the batch); records with
@@ -103,6 +106,8 @@ def grads_verified(
         in the same backward pass.
     nodes_grouped
         Receives whether every one of ``nodes`` passed.
+    confirm
+        With ``add=False``: record the confirmed groupings in the records (see above).
 
     Returns
     -------
@@ -159,6 +164,14 @@ def grads_verified(
         if chosen is not None:
             chosen.append(use_other)
         if not add:
+            if not confirm:
+                continue
+            if use_other:
+                assert other is not None
+                record.confirmed_grouping = ("other", other)
+            elif not record.batched:
+                record.split_batch(num_examples, bd)
+                record.confirmed_grouping = ("split", bd)
             continue
         plain = [None if grad is None else grad[0] for grad in record_grads]
         if use_other:

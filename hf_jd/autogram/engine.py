@@ -593,8 +593,6 @@ class Engine:
                 # Else without the calls that have a candidate batch-major grouping (a shared table beside
                 # a Linear layer on flattened [B * T, d] rows), which the verification below then handles.
                 plans = plan_broadcasts(losses, ungrouped, layout.batch_dim, layout.num_examples, checkpointed)
-            if layout.num_tasks > 1 and grouped_paths(plans):
-                plans = []  # a table broadcast over [B * k, ...] rows: its grouping is verified for [B] losses only
         planned = {id(plan.record) for plan in plans}
         if plans:
             unaligned = [record for record in unaligned if id(record) not in planned]
@@ -716,21 +714,37 @@ class Engine:
                     accumulator.deferred -= planned
                     records = []  # the planned calls only, at this point
                     plans = []
-            elif verify_layout or mixed or unaligned:
+            elif verify_layout or mixed or unaligned or grouped_nodes:
                 # Per-example task losses [B, m]: the grouping is verified (per-example weights, the
                 # same for every task), then the confirmed calls take the batched pass over the tasks. Also
                 # when some call is not split by example (a shared table): the check for losses that mix the
                 # examples is skipped then, and this one catches them, as for [B] losses.
+                # Calls whose shapes allow a per-example grouping (OPT's [B * T, d] rows, Swin's windows, tokens
+                # routed to experts, time-major layers) are verified in the same pass and then take the pass over
+                # the tasks in that grouping (grads_at_once follows Record.confirmed_grouping).
                 vacuous = []
-                checked = [record for record in records if id(record) not in planned]
+                candidates = {id(record) for record in unaligned if record.groups or record.other_batch_dim is not None}
+                regrouped = [record for record in unaligned if id(record) in candidates]
+                unaligned = [record for record in unaligned if id(record) not in candidates]
+                checked = [record for record in records if id(record) not in planned] + regrouped
+                chosen = []
+                grouped = []
                 failed = grads_verified(
-                    losses, layout, checked, accumulator, add=False, rtol=identity_rtol, vacuous=vacuous
+                    losses, layout, checked, accumulator, add=False, rtol=identity_rtol, vacuous=vacuous,
+                    chosen=chosen, nodes=grouped_nodes, nodes_grouped=grouped, confirm=True,
                 )
                 self._direct_uses_failed(failed)
                 if verify_layout:
                     capture.mark_unaligned(failed)
                     capture.mark_batch_major(_informative(checked, failed, vacuous))
-                if failed and plans:  # examples mixed somewhere: the planned tables take the exact path too
+                uninformative = {id(record) for record in vacuous}
+                capture.mark_unaligned(
+                    [record for record, other in zip(checked, chosen) if other and id(record) not in uninformative]
+                )
+                records = records + [record for record in regrouped if all(record is not other for other in failed)]
+                if (failed or not all(grouped)) and plans:
+                    # Examples mixed somewhere, or a table's [B * k, ...] rows not grouped by example: the planned
+                    # tables take the exact path too.
                     failed += [plan.record for plan in plans]
                     accumulator.deferred -= planned
                     plans = []
