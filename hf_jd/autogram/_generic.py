@@ -18,7 +18,7 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from ._batched_grad import batched_grad
 from ._layout import RowLayout
-from ._matmul_uses import matmul_use_rows
+from ._matmul_uses import MatmulFactors, matmul_factors
 from ._record import Record, compute_dtype
 
 # Largest number of entries of the per-row masked output gradients built at once.
@@ -222,6 +222,8 @@ class GenericRecord(Record):
         # alone, only broadcast over the batch), and each example's output gradient comes from a broadcast plan.
         self._shared_output = False
         self.started_at = False  # set by start_at: the products start at the operations using the parameters
+        # The factors of the call's matrix products (False: not looked at yet; None: they do not apply).
+        self._matmul: MatmulFactors | bool | None = False
 
     def can_insert_batch(self, batch_dim: int) -> bool:
         """Whether :meth:`insert_batch` applies: for a call with one output, whose per-example
@@ -353,16 +355,13 @@ class GenericRecord(Record):
             return self._rows
         assert self.layout is not None
         layout = self.layout
-        dtypes = {compute_dtype(param) for param in self.params.values()}
-        found = matmul_use_rows(self, layout, dtypes.pop()) if len(dtypes) == 1 else None
-        if found is not None:  # (e.g. a mixture of experts: per-example sums over its products' rows)
+        factors = self._matmul_factors()
+        if factors is not None:  # (e.g. a mixture of experts: per-example sums over its products' rows)
+            found = factors.per_row()
             self._rows = {}
             for name, param in self.params.items():
-                if name not in found:
-                    self.unused.add(name)
                 rows = found[name] if name in found else param.new_zeros(layout.num_rows, param.numel())
                 self._rows[name] = rows.to(compute_dtype(param))
-            del self.grad_rows
             return self._rows
         edges = [self.edges[index] for index, _ in self.grad_rows]
         names = list(self.aliases)
@@ -394,6 +393,63 @@ class GenericRecord(Record):
             self._rows[name] = rows.reshape(layout.num_rows, -1).to(compute_dtype(param))
         del self.grad_rows
         return self._rows
+
+    def _matmul_factors(self) -> MatmulFactors | None:
+        """The factors of the call's matrix products (computed once per step), or ``None`` when they do not apply
+        (see :mod:`._matmul_uses`)."""
+        if self._matmul is False:
+            assert self.layout is not None
+            dtypes = {compute_dtype(param) for param in self.params.values()}
+            factors = matmul_factors(self, self.layout, dtypes.pop()) if len(dtypes) == 1 else None
+            self._matmul = factors
+            if factors is not None:
+                self.unused |= set(self.params) - factors.used()
+                del self.grad_rows
+        return self._matmul  # type: ignore[return-value]
+
+    def gram(self, name: str) -> Tensor:
+        """Gram matrix ``[R, R]`` of the per-row gradients of parameter ``name`` (from the call's matrix products,
+        slices at a time, when they apply).
+
+        Parameters
+        ----------
+        name
+            The parameter's name in ``params``.
+
+        Returns
+        -------
+        Tensor
+            Shape ``[R, R]``.
+        """
+        factors = self._matmul_factors() if self._rows is None else None
+        if factors is not None:
+            gramian = factors.gram(name)
+            if gramian is not None:
+                return gramian
+        return super().gram(name)
+
+    def weighted_grad(self, name: str, weights: Tensor) -> Tensor:
+        """Gradient of ``Σ_r w_r L_r`` w.r.t. parameter ``name`` (see :meth:`Record.weighted_grad`); from the call's
+        matrix products when they apply and the per-row gradients were not kept.
+
+        Parameters
+        ----------
+        name
+            The parameter's name in ``params``.
+        weights
+            The loss weights, ``[E, m]``.
+
+        Returns
+        -------
+        Tensor
+            Shaped as the parameter.
+        """
+        factors = self._matmul if name not in self.kept_rows and self._matmul is not False else None
+        if isinstance(factors, MatmulFactors):
+            param = self.params[name]
+            grad = factors.weighted_grad(name, weights)
+            return param.new_zeros(param.shape) if grad is None else grad.to(param.dtype).view(param.shape)
+        return super().weighted_grad(name, weights)
 
     def _example_chunks(self) -> list[slice | None]:
         """Groups of examples whose masked output gradients fit the memory budget."""
@@ -440,4 +496,5 @@ class GenericRecord(Record):
         """Drop the factors and the kept rows once the record's contributions are added."""
         super().release()
         self._rows = None
+        self._matmul = None
         self.aliases = {}

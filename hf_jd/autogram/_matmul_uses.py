@@ -18,6 +18,13 @@ example ``e`` has ``G_w = w_e G`` and ``G_w' = w'_e G`` (up to rounding); a row 
 fails that identity (the difference is linear in the weights) and the call keeps the per-example products.
 The rows' gradients per task come from the same pass. Rows with no gradient contribute nothing.
 
+When the operations between a weight and its products only move entries (``transpose``, a view, one ``select`` per
+product on distinct slices), the weight's Gram contribution is the sum over its slices of the per-example operand
+gradients' Gram, built a few slices at a time: the per-example gradients of the whole weight (``B`` times its size)
+are never held. The weighted gradient of the single-backward mode is a second sum over the rows, each scaled by its
+example's weight. Otherwise (a weight scaled before its products, slices used by several products), the per-example
+gradients of the weight come from one batched product through the operations on the weights.
+
 Only calls whose weights meet the data in matrix products alone take this path (``mm``, ``bmm``,
 ``grouped_mm``, the weight on the right of a row-major product or either side of ``bmm``), in float32 or
 float64.
@@ -39,10 +46,11 @@ from ._layout import RowLayout
 if TYPE_CHECKING:
     from ._generic import GenericRecord
 
-__all__ = ["matmul_use_rows"]
+__all__ = ["MatmulFactors", "matmul_factors"]
 
-# Largest number of entries of the per-example operand gradients built for one call (else: the usual path).
-MAX_ENTRIES = 2**26
+# Largest number of entries of the per-row operand gradients built at once for a Gram contribution (slices at a
+# time beyond that).
+MAX_ENTRIES = 2**24
 # Modules for which the path did not apply once (a use that is not a product, rows of several examples): they keep
 # the usual path on later steps without the walk through their graph or the batched pass being repeated.
 _DECLINED: weakref.WeakSet[Any] = weakref.WeakSet()
@@ -253,8 +261,178 @@ def _factors(use: _Use, grad: Tensor) -> tuple[Tensor, Tensor]:
     return data, grad  # y_s = x_s W_s: the gradient of W_s is x_sᵀ g_s
 
 
-def matmul_use_rows(record: GenericRecord, layout: RowLayout, dtype: torch.dtype) -> dict[str, Tensor] | None:
-    """Per-row gradients of the call's parameters from the matrix products that use them.
+# Node types that move a tensor's entries without changing their values or sums of squares (between a weight's alias
+# and the operand of a product): a Gram matrix is the same on either side of them.
+_ISOMETRIC_NODES = frozenset({
+    "TransposeBackward0", "TBackward0", "PermuteBackward0", "ViewBackward0", "UnsafeViewBackward0", "AliasBackward0",
+})
+
+
+@dataclass
+class _Rows:
+    """A use and what its rows give: each block's example (``-1``: none) and each task's output gradient."""
+
+    use: _Use
+    examples: Tensor
+    grads: Tensor  # [m, blocks, F]: the output gradients of Σ_e L_{e,k}, task by task
+
+
+class MatmulFactors:
+    """What the call's products give, from which its Gramian contributions, per-row gradients and weighted gradients
+    follow (see the module's docstring).
+
+    Parameters
+    ----------
+    record
+        The generic call.
+    layout
+        The rows of the Gramian.
+    dtype
+        The dtype of the computation.
+    rows
+        The call's uses with their rows' examples and gradients.
+    """
+
+    def __init__(self, record: GenericRecord, layout: RowLayout, dtype: torch.dtype, rows: list[_Rows]) -> None:
+        self.aliases = dict(record.aliases)
+        self.layout, self.dtype, self.rows = layout, dtype, rows
+        by_node = {alias.grad_fn: name for name, alias in self.aliases.items() if alias.grad_fn is not None}
+        # The targets each parameter reaches, and the part of the parameter each target is (None: not known).
+        self.targets: dict[str, list[tuple[Any, int]]] = {}
+        self.regions: dict[str, list[tuple[int, int] | None] | None] = {}
+        for target in dict.fromkeys(entry.use.target for entry in rows):
+            found = _region(target, by_node)
+            names = _reached_names(target, by_node) if found is None else [found[0]]
+            for name in names:
+                self.targets.setdefault(name, []).append(target)
+                if found is None or self.regions.get(name, []) is None:
+                    self.regions[name] = None
+                else:
+                    self.regions.setdefault(name, []).append(found[1])  # type: ignore[union-attr]
+
+    def used(self) -> set[str]:
+        """The parameters that some product uses."""
+        return set(self.targets)
+
+    def _operand_grads(self, target: tuple[Any, int], first: int, last: int, table: Tensor | None) -> Tensor:
+        """The target's gradients restricted to its slices ``first .. last - 1``: per row ``[R, count, a, b]``, or,
+        given the loss weights ``table [E, m]``, that of ``Σ w L`` (``[count, a, b]``)."""
+        num_examples, num_tasks = self.layout.num_examples, self.layout.num_tasks
+        count = last - first
+        total: Tensor | None = None
+        for entry in self.rows:
+            use = entry.use
+            if use.target != target:
+                continue
+            slices = torch.zeros_like(entry.examples) if use.slices is None else use.slices
+            inside = (entry.examples >= 0) & (slices >= first) & (slices < last)
+            if table is None:
+                keys = torch.where(inside, entry.examples * count + slices - first, -1)
+                parts = []
+                for task in range(num_tasks):
+                    left, right = _factors(use, entry.grads[task])
+                    sums = _block_sums(left, right, keys, num_examples * count)
+                    parts.append(sums.view(num_examples, count, *sums.shape[1:]))
+                part = torch.stack(parts, 1).flatten(0, 1)  # rows (e, k), e-major
+            else:
+                keys = torch.where(inside, slices - first, -1)
+                scale = table.to(self.dtype)[entry.examples.clamp_min(0)]  # [blocks, m]
+                weighted = (entry.grads * scale.T.reshape(num_tasks, -1, 1)).sum(0)
+                left, right = _factors(use, weighted)
+                part = _block_sums(left, right, keys, count)
+            total = part if total is None else total + part
+        assert total is not None
+        return total
+
+    def _num_slices(self, target: tuple[Any, int]) -> int:
+        return next(entry.use.num_slices for entry in self.rows if entry.use.target == target)
+
+    def _target_shape(self, target: tuple[Any, int]) -> torch.Size:
+        return next(entry.use.target_shape for entry in self.rows if entry.use.target == target)
+
+    def per_row(self) -> dict[str, Tensor]:
+        """``[R, numel]`` per used parameter, through the operations on the weights alone (batched over the rows)."""
+        targets = list(dict.fromkeys(entry.use.target for entry in self.rows))
+        names = list(self.aliases)
+        vectors = [
+            self._operand_grads(target, 0, self._num_slices(target), None)
+            .reshape(self.layout.num_rows, *self._target_shape(target))
+            .to(target[0]._input_metadata[target[1]].dtype)
+            for target in targets
+        ]
+        grads = batched_grad([GradientEdge(*target) for target in targets], [self.aliases[n] for n in names], vectors)
+        return {name: grad.reshape(self.layout.num_rows, -1) for name, grad in zip(names, grads) if grad is not None}
+
+    def gram(self, name: str) -> Tensor | None:
+        """The ``[R, R]`` contribution of parameter ``name``, slices at a time, without its per-row gradients (``None``
+        when its products reach it through other operations than moving entries, or overlapping parts of it)."""
+        regions = self.regions.get(name)
+        if regions is None or (len(regions) > 1 and (None in regions or len(set(regions)) < len(regions)
+                                                     or len({region[0] for region in regions if region}) > 1)):
+            return None
+        num_rows = self.layout.num_rows
+        gramian = torch.zeros(num_rows, num_rows, dtype=self.dtype, device=self.rows[0].grads.device)
+        for target in self.targets[name]:
+            shape = self._target_shape(target)
+            num_slices = self._num_slices(target)
+            per_slice = shape.numel() // num_slices
+            step = max(1, MAX_ENTRIES // max(1, num_rows * per_slice))
+            for first in range(0, num_slices, step):
+                last = min(first + step, num_slices)
+                rows = self._operand_grads(target, first, last, None).reshape(num_rows, -1)
+                gramian += rows @ rows.T
+        return gramian
+
+    def weighted_grad(self, name: str, table: Tensor) -> Tensor | None:
+        """The gradient of ``Σ w L`` for parameter ``name`` (``table [E, m]``), ``None`` if no product uses it."""
+        targets = self.targets.get(name)
+        if not targets:
+            return None
+        vectors = [
+            self._operand_grads(target, 0, self._num_slices(target), table)
+            .reshape(1, *self._target_shape(target))
+            .to(target[0]._input_metadata[target[1]].dtype)
+            for target in targets
+        ]
+        (grad,) = batched_grad([GradientEdge(*target) for target in targets], [self.aliases[name]], vectors)
+        assert grad is not None
+        return grad[0]
+
+
+def _region(target: tuple[Any, int], aliases: dict[Any, str]) -> tuple[str, tuple[int, int] | None] | None:
+    """The parameter a target is, through entry-moving operations and at most one ``select``, and that select's
+    ``(dim, index)``; ``None`` through anything else."""
+    node, region = target[0], None
+    while node not in aliases:
+        name = type(node).__name__
+        if name == "SelectBackward0" and region is None:
+            region = (int(node._saved_dim), int(node._saved_index))
+        elif name not in _ISOMETRIC_NODES:
+            return None
+        children = [child for child, _ in node.next_functions if child is not None]
+        if len(children) != 1:
+            return None
+        node = children[0]
+    return aliases[node], region
+
+
+def _reached_names(target: tuple[Any, int], aliases: dict[Any, str]) -> list[str]:
+    """The parameters whose aliases a target depends on."""
+    found, stack, seen = [], [target[0]], set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node in aliases:
+            found.append(aliases[node])
+            continue
+        stack.extend(child for child, _ in node.next_functions if child is not None)
+    return found
+
+
+def matmul_factors(record: GenericRecord, layout: RowLayout, dtype: torch.dtype) -> MatmulFactors | None:
+    """What the matrix products that use the call's parameters give (see the module's docstring).
 
     Parameters
     ----------
@@ -267,29 +445,25 @@ def matmul_use_rows(record: GenericRecord, layout: RowLayout, dtype: torch.dtype
 
     Returns
     -------
-    dict of str to Tensor, or None
-        ``[R, numel]`` per parameter the call uses (absent: not used), or ``None`` when the path does not apply:
-        a parameter used otherwise than by a matrix product, a row reached by several examples, low precision,
-        or more memory than :data:`MAX_ENTRIES`. A module for which the path did not apply keeps the usual path on
-        later calls.
+    MatmulFactors or None
+        ``None`` when the path does not apply: a parameter used otherwise than by a matrix product, a row reached by
+        several examples, low precision. A module for which the path did not apply keeps the usual path on later
+        calls.
     """
     if record.nodes is None or record.started_at or record._shared_output or dtype not in (torch.float32,
                                                                                            torch.float64):
         return None
     if record.module in _DECLINED:
         return None
-    rows = _rows_from_uses(record, layout, dtype)
-    if rows is None:
+    factors = _factors_from_uses(record, layout, dtype)
+    if factors is None:
         _DECLINED.add(record.module)
-    return rows
+    return factors
 
 
-def _rows_from_uses(record: GenericRecord, layout: RowLayout, dtype: torch.dtype) -> dict[str, Tensor] | None:
+def _factors_from_uses(record: GenericRecord, layout: RowLayout, dtype: torch.dtype) -> MatmulFactors | None:
     uses = _find_uses(record)
     if uses is None:
-        return None
-    num_rows = layout.num_rows
-    if sum(num_rows * use.target_shape.numel() for use in uses) > MAX_ENTRIES:
         return None
     num_examples, num_tasks = layout.num_examples, layout.num_tasks
     generator = torch.Generator().manual_seed(0x5EED)
@@ -314,7 +488,7 @@ def _rows_from_uses(record: GenericRecord, layout: RowLayout, dtype: torch.dtype
         edges.append(record.edges[index])
     use_grads = batched_grad(edges, [GradientEdge(use.node, 0) for use in uses], vectors)
     rtol = _RTOL_FLOAT32 * torch.finfo(dtype).eps / torch.finfo(torch.float32).eps
-    injected: dict[tuple[Any, int], Tensor] = {}
+    found: list[_Rows] = []
     for use, grads in zip(uses, use_grads):
         if grads is None:
             continue
@@ -322,31 +496,16 @@ def _rows_from_uses(record: GenericRecord, layout: RowLayout, dtype: torch.dtype
         examples = torch.full((use.num_blocks,), -1, dtype=torch.long, device=grads.device)
         if layout.batched:
             for task in range(num_tasks):
-                found = _examples_of_rows(grads[task], weights, rtol)
-                if found is None:
+                assigned = _examples_of_rows(grads[task], weights, rtol)
+                if assigned is None:
                     return None
-                clash = (examples >= 0) & (found >= 0) & (examples != found)
+                clash = (examples >= 0) & (assigned >= 0) & (examples != assigned)
                 if bool(clash.any()):
                     return None
-                examples = torch.where(found >= 0, found, examples)
+                examples = torch.where(assigned >= 0, assigned, examples)
         else:
             examples = torch.where((grads[:, 0] != 0).any(2).any(0), 0, -1)
-        slices = torch.zeros_like(examples) if use.slices is None else use.slices
-        keys = torch.where((examples >= 0) & (slices < use.num_slices), examples * use.num_slices + slices, -1)
-        per_task = []
-        for task in range(num_tasks):
-            left, right = _factors(use, grads[task, 0])
-            sums = _block_sums(left, right, keys, num_examples * use.num_slices)
-            per_task.append(sums.view(num_examples, use.num_slices, *sums.shape[1:]))
-        operand = torch.stack(per_task, 1).reshape(num_rows, *use.target_shape)  # rows (e, k), e-major
-        injected[use.target] = injected[use.target] + operand if use.target in injected else operand
-    if not injected:
-        return {}
-    names = list(record.aliases)
-    targets = list(injected)
-    per_parameter = batched_grad(
-        [GradientEdge(node, nr) for node, nr in targets],
-        [record.aliases[name] for name in names],
-        [injected[(node, nr)].to(node._input_metadata[nr].dtype) for node, nr in targets],
-    )
-    return {name: grad.reshape(num_rows, -1) for name, grad in zip(names, per_parameter) if grad is not None}
+        if use.slices is not None:  # (rows past grouped_mm's last offset use no weight)
+            examples = torch.where(use.slices < use.num_slices, examples, -1)
+        found.append(_Rows(use, examples, grads[:, 0]))
+    return MatmulFactors(record, layout, dtype, found)

@@ -22,14 +22,14 @@ _CE = nn.functional.cross_entropy
 def taken(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, bool]]:
     """(module class, whether the products' path applied) for each generic call whose rows were computed."""
     calls: list[tuple[str, bool]] = []
-    original = _generic.matmul_use_rows
+    original = _generic.matmul_factors
 
     def counted(record, *args):  # type: ignore[no-untyped-def]
         rows = original(record, *args)
         calls.append((type(record.module).__name__, rows is not None))
         return rows
 
-    monkeypatch.setattr(_generic, "matmul_use_rows", counted)
+    monkeypatch.setattr(_generic, "matmul_factors", counted)
     return calls
 
 
@@ -117,20 +117,25 @@ class RoutedBmm(nn.Module):
     """Each token multiplied by the weight its sign pattern selects (tokens sorted by weight), ``bmm`` with the
     weight on the left or right."""
 
-    def __init__(self, left: bool, mix: bool = False, extra_use: bool = False) -> None:
+    def __init__(self, left: bool, mix: bool = False, extra_use: bool = False, scaled: bool = False,
+                 twice: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.randn(3, 5, 4) if left else torch.randn(3, 4, 5))
-        self.left, self.mix, self.extra_use = left, mix, extra_use
+        self.left, self.mix, self.extra_use, self.scaled, self.twice = left, mix, extra_use, scaled, twice
 
     def forward(self, x: Tensor) -> Tensor:  # [B, T, 4] -> [B, T, 5]
         rows = x.flatten(0, 1)
         ids = (rows[:, 0] > 0).long() + (rows[:, 1] > 0).long()
         ids, order = torch.sort(ids, stable=True)  # tokens grouped by weight, as experts do
         rows = rows[order]
+        weight = 2 * self.weight if self.scaled else self.weight  # (then not only moved between weight and product)
         if self.left:
-            out = torch.bmm(self.weight[ids], rows.unsqueeze(-1)).squeeze(-1)
+            out = torch.bmm(weight[ids], rows.unsqueeze(-1)).squeeze(-1)
         else:
-            out = torch.bmm(rows.unsqueeze(1), self.weight[ids]).squeeze(1)
+            out = torch.bmm(rows.unsqueeze(1), weight[ids]).squeeze(1)
+        if self.twice:  # a second product on the same slices: cross terms between the two
+            out = out + torch.bmm(rows.unsqueeze(1), weight[2 - ids].mT.mT if not self.left else
+                                  weight[2 - ids].flatten(1).view(-1, 4, 5)).squeeze(1)
         if self.mix:  # every token's output depends on all of them
             out = out - out.mean(0, keepdim=True)
         if self.extra_use:  # a use of the weight that is not a product
@@ -148,10 +153,14 @@ class _Net(nn.Module):
 
 
 @pytest.mark.parametrize("single_backward", [False, True])
-@pytest.mark.parametrize("left", [True, False])
-def test_routed_bmm_on_either_side(left: bool, single_backward: bool, taken: list[tuple[str, bool]]) -> None:
+@pytest.mark.parametrize(("left", "scaled", "twice"), [(True, False, False), (False, False, False),
+                                                       (False, True, False), (False, False, True)])
+def test_routed_bmm(left: bool, scaled: bool, twice: bool, single_backward: bool,
+                    taken: list[tuple[str, bool]]) -> None:
+    """The weight on either side of ``bmm``; a weight scaled before it is selected, and slices used by two products
+    (their Gram contributions then come from the per-row gradients, with the cross terms)."""
     torch.manual_seed(5)
-    model = _Net(RoutedBmm(left))
+    model = _Net(RoutedBmm(left, scaled=scaled, twice=twice))
     engine = Engine(model, single_backward=single_backward)
     for batch in (4, 4, 3):
         model.zero_grad(set_to_none=True)
