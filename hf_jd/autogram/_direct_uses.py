@@ -158,10 +158,11 @@ def start_at_uses(
             continue
         record.start_at([GradientEdge(node, 0) for node in uses])
         if dim == batch_dim:
-            # k > 1: a candidate batch-major grouping, verified like [B * T, d] rows (also for a call whose outputs
-            # were regrouped, e.g. Swin's attention on [B * windows, ...] rows).
-            record.batched = groups == 1
-            record.groups = 0 if groups == 1 else groups
+            # A candidate batch-major grouping of k rows per example, verified like [B * T, d] rows (also for a call
+            # whose outputs were regrouped, e.g. Swin's attention on [B * windows, ...] rows). Also for k = 1: the
+            # batch size along dim 0 may be a coincidence (W @ x.T on [B * T, d] rows, with B output features).
+            record.batched = False
+            record.groups = groups
         else:
             record.groups = 0  # verified along the other dimension only
         changed.append(record)

@@ -260,3 +260,29 @@ def test_uses_on_rows_not_grouped_by_example_fall_back_to_the_outputs(single_bac
         for batch in (4, 4, 3, 3):
             assert_exact_step_with_freed_graph(engine, model, model(torch.randn(batch, 5, 2)), single_backward)
     assert len(per_row) <= 1
+
+
+class _LeftProduct(nn.Module):
+    """``(W @ rows.T).T`` on ``[B * T, d]`` rows: the product's output ``[out, B * T]`` has the examples along dim 1,
+    and its dim 0 equals the batch size when ``out = B``."""
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(features, 4) * 0.5)
+
+    def forward(self, x: Tensor) -> Tensor:  # [B, T, 4] -> [B, T, features]
+        return (self.weight @ x.flatten(0, 1).T).T.reshape(*x.shape[:2], -1)
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+@pytest.mark.parametrize("batches", [(2, 5, 5), (5, 5, 3)])
+def test_batch_size_equal_to_a_product_s_features(batches: tuple[int, ...], single_backward: bool) -> None:
+    """Operations split by example are verified like flattened rows, also with one row per example: here the batch
+    size along dim 0 is a coincidence (it was taken for the examples, ~46% off)."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(3, 4), _LeftProduct(5), nn.Tanh(), nn.Linear(5, 1))
+    engine = Engine(model, single_backward=single_backward)
+    for batch in batches:
+        model.zero_grad(set_to_none=True)
+        losses = model(torch.randn(batch, 4, 3)).squeeze(-1).pow(2).mean(1)
+        assert_exact_step_with_freed_graph(engine, model, losses, single_backward)

@@ -144,7 +144,7 @@ class RoutedBmm(nn.Module):
 
 
 class _Net(nn.Module):
-    def __init__(self, routed: RoutedBmm) -> None:
+    def __init__(self, routed: nn.Module) -> None:
         super().__init__()
         self.inp, self.routed, self.out = nn.Linear(3, 4), routed, nn.Linear(5, 1)
 
@@ -183,3 +183,57 @@ def test_other_cases_keep_the_per_example_products(mix: bool, extra_use: bool, t
             assert_exact_step_with_freed_graph(engine, model, model(torch.randn(batch, 5, 3)), False)
     assert {taken_ for name, taken_ in taken if name == "RoutedBmm"} == {False}
 
+
+
+class SplitExperts(nn.Module):
+    """Tokens sorted by expert, split, one ``F.linear`` per expert; expert 1 never receives a token."""
+
+    def __init__(self, leak: float = 0.0) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(3, 5, 4))
+        self.leak = leak
+
+    def forward(self, x: Tensor) -> Tensor:  # [B, T, 4] -> [B, T, 5]
+        rows = x.flatten(0, 1)
+        ids, order = torch.sort(2 * (rows[:, 0] > 0).long(), stable=True)
+        parts = rows[order].split(torch.bincount(ids, minlength=3).tolist())
+        out = torch.cat([nn.functional.linear(part, self.weight[index]) for index, part in enumerate(parts)])
+        if self.leak:  # every row also gets a little of another token's row (examples mixed inside the call)
+            out = out + self.leak * out.flip(0)
+        return out[torch.argsort(order)].view(*x.shape[:2], -1)
+
+
+class _LinearHead(nn.Module):
+    """A head linear in the experts' output: every row's output gradient is the same vector for all examples."""
+
+    def __init__(self, experts: SplitExperts) -> None:
+        super().__init__()
+        self.inp, self.experts, self.out = nn.Linear(3, 4), experts, nn.Linear(5, 1)
+
+    def forward(self, x: Tensor) -> Tensor:  # [B, T, 3] -> [B]
+        return self.out(self.experts(self.inp(x))).squeeze(-1).mean(1)
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_expert_without_tokens(single_backward: bool, taken: list[tuple[str, bool]]) -> None:
+    torch.manual_seed(8)
+    model = _Net(SplitExperts())
+    engine = Engine(model, single_backward=single_backward)
+    for batch in (3, 2, 3):
+        model.zero_grad(set_to_none=True)
+        assert_exact_step_with_freed_graph(engine, model, model(torch.randn(batch, 4, 3)), single_backward)
+    took = [taken_ for name, taken_ in taken if name == "SplitExperts"]
+    assert took and all(took[1:])
+
+
+@pytest.mark.parametrize("batch", [2, 8])
+def test_rows_mixed_with_parallel_gradients_are_detected(batch: int, taken: list[tuple[str, bool]]) -> None:
+    """A row that two examples reach with parallel output gradients (a head linear in the call's output) scales by a
+    weight between theirs: the path declines, the Gramian stays exact."""
+    torch.manual_seed(9)
+    model = _LinearHead(SplitExperts(leak=1e-3))
+    engine = Engine(model)
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        assert_exact_step_with_freed_graph(engine, model, model(torch.randn(batch, 4, 3)), False)
+    assert not any(taken_ for name, taken_ in taken if name == "SplitExperts")
