@@ -298,12 +298,43 @@ def regrouping_structure(nodes: list[object], records: list[Record]) -> tuple[st
     tuple of str or None
         The structure, or ``None``.
     """
-    entries = [entry for node in nodes for entry in _described(node)]
+    # (an index into a table of parameters, e.g. Swin's relative-position table, moves no example's rows)
+    tables = _parameters_only(nodes)
+    entries = [
+        entry for node in nodes for entry in (_described(node) if node not in tables else (type(node).__name__,))
+    ]
     if "?" in entries:
         return None
     # With the candidate dimensions each call offered (a batch size that now equals a hidden size or a number of
-    # heads changes them, and with them the choice the check made).
-    return (*entries, *(f"@{record.module_name}:{record.groups}:{record.other_batch_dim}" for record in records))
+    # heads changes them, and with them the choice the check made), and the operations its gradients are read at (a
+    # generic call's products may start at other operations when the batch size equals a feature size).
+    return (*entries, *(
+        f"@{record.module_name}:{record.groups}:{record.other_batch_dim}:"
+        + ",".join(type(edge.node).__name__ for edge in record.edges)
+        for record in records
+    ))
+
+
+def _parameters_only(nodes: list[object]) -> set[object]:
+    """The nodes computed from parameters alone (every path down from them ends at a parameter)."""
+    known: dict[object, bool] = {}
+    for root in nodes:
+        stack = [(root, False)]
+        while stack:
+            node, expanded = stack.pop()
+            if node in known:
+                continue
+            children = [child for child, _ in node.next_functions]  # type: ignore[attr-defined]
+            if type(node).__name__ == "AccumulateGrad":
+                known[node] = True
+            elif any(child is None for child in children) or not children:
+                known[node] = False  # (an input that needs no gradient: data, or a constant)
+            elif expanded:
+                known[node] = all(known.get(child, False) for child in children)
+            else:
+                stack.append((node, True))
+                stack.extend((child, False) for child in children if child not in known)
+    return {node for node, alone in known.items() if alone}
 
 
 def _grouped_by_example(grad: Tensor, weights: Tensor, batch_dim: int, rtol: float) -> bool:

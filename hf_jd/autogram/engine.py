@@ -674,10 +674,13 @@ class Engine:
                 records = [record for record in records if id(record) in planned]
                 unaligned = [record for record in unaligned if not record.groups and record.other_batch_dim is None]
                 # A pass of the same structure as one verified earlier (OPT's reshapes to [B * T, d] rows, time-major
-                # layers) has the same grouping: added from one plain backward pass, unchecked, unless rows are
-                # selected by the data somewhere (mixture-of-experts tokens), or some call takes the per-row path.
+                # layers, Swin's windows and the tables broadcast over them) has the same grouping: added from one
+                # plain backward pass, unchecked, unless rows are selected by the data somewhere (mixture-of-experts
+                # tokens), or some call takes the per-row path.
                 pass_structure = (
-                    regrouping_structure(nodes, checked) if not (verify_layout or mixed or unaligned or plans) else None
+                    regrouping_structure(nodes, checked + [plan.record for plan in plans])
+                    if not (verify_layout or mixed or unaligned)
+                    else None
                 )
                 trusted = None if pass_structure is None else self._verified_groupings.get(pass_structure)
                 chosen: list[bool] = []
@@ -688,10 +691,10 @@ class Engine:
                 with one_vector_at_a_time(True) if trusted is not None else nullcontext():
                     failed = grads_verified(
                         losses, layout, checked, accumulator, rtol=identity_rtol, trusted=trusted, chosen=chosen,
-                        vacuous=vacuous, nodes=grouped_nodes, nodes_grouped=grouped,
+                        vacuous=vacuous, nodes=grouped_nodes if trusted is None else (), nodes_grouped=grouped,
                     )
                 self._direct_uses_failed(failed)
-                if pass_structure is not None and trusted is None and not failed and not vacuous:
+                if pass_structure is not None and trusted is None and not failed and not vacuous and all(grouped):
                     if len(self._verified_groupings) >= MAX_LOSS_COMPUTATIONS:
                         self._verified_groupings.clear()
                     self._verified_groupings[pass_structure] = tuple(chosen)

@@ -419,6 +419,38 @@ def test_swin_relative_position_tables_use_the_ordinary_pass(single_backward: bo
     assert per_row == []  # the tables (generic calls broadcast over [B * windows] scores) were per-row before
 
 
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_swin_windows_verified_once_per_structure(single_backward: bool, monkeypatch) -> None:
+    """The grouping of Swin's [B * windows] rows and of the tables broadcast over them is verified on the first step
+    of a forward pass's structure (the index into the relative-position table moves no example's rows), then
+    trusted: the later steps take one plain backward pass for the check."""
+    from hf_jd.autogram import engine as engine_module
+
+    trusted: list[bool] = []
+    original = engine_module.grads_verified
+
+    def recorded(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if kwargs.get("add", True):
+            trusted.append(kwargs.get("trusted") is not None)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "grads_verified", recorded)
+    torch.manual_seed(1)
+    config = tf.SwinConfig(image_size=16, patch_size=4, embed_dim=8, depths=[2], num_heads=[2], window_size=2,
+                           num_labels=3)
+    model = tf.SwinForImageClassification(config)
+    engine = Engine(model, single_backward=single_backward)
+    for batch in (3, 3, 3):
+        model.zero_grad(set_to_none=True)
+        images, labels = torch.randn(batch, 3, 16, 16), torch.randint(0, 3, (batch,))
+        losses = nn.functional.cross_entropy(model(pixel_values=images).logits, labels, reduction="none")
+        params = trainable(model)
+        jac = jacobian(losses, params)
+        assert_gramian_matches(engine.compute_gramian(losses, retain_graph=True), jac)
+        _assert_weighted_update(engine, losses, params, jac, single_backward)
+    assert trusted == [False, True, True]
+
+
 class ContinuousBias(nn.Module):
     """Swinv2-style continuous position bias: a two-layer MLP (ReLU in place on the first Linear's output, a view of
     its product) on a table of relative coordinates, picked by a relative-position index, ``16 * sigmoid``, added to

@@ -286,3 +286,28 @@ def test_batch_size_equal_to_a_product_s_features(batches: tuple[int, ...], sing
         model.zero_grad(set_to_none=True)
         losses = model(torch.randn(batch, 4, 3)).squeeze(-1).pow(2).mean(1)
         assert_exact_step_with_freed_graph(engine, model, losses, single_backward)
+
+
+class _TimeMajorProduct(nn.Module):
+    """``torch.matmul`` of time-major ``[T, B, 4]`` inputs with a ``[4, features]`` weight: a product on ``[T * B, 4]``
+    rows whose features equal the batch size when ``features = B``."""
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, features) * 0.5)
+
+    def forward(self, x: Tensor) -> Tensor:  # [T, B, 4] -> [T, B, features]
+        return torch.matmul(x, self.weight)
+
+
+def test_time_major_product_with_as_many_features_as_examples_after_other_batch_sizes() -> None:
+    """Steps with B = 2, 3 verify the grouping at the reshaped output; with B = 5 the products start at the product
+    itself, whose features were taken for the examples (30% off): a pass verified earlier is trusted only if its
+    products start at the same operations."""
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(3, 4), _TimeMajorProduct(5), nn.Tanh(), nn.Linear(5, 1))
+    engine = Engine(model, batch_dim=1)
+    for batch in (2, 3, 5):
+        model.zero_grad(set_to_none=True)
+        losses = model(torch.randn(4, batch, 3)).squeeze(-1).pow(2).mean(0)
+        assert_exact_step_with_freed_graph(engine, model, losses, False)
