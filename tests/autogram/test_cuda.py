@@ -29,7 +29,7 @@ from transformers import (
 )
 
 from hf_jd.aggregation import UPGradWeighting
-from hf_jd.autogram import Engine
+from hf_jd.autogram import Engine, _matmul_uses
 
 from ._reference import assert_gramian_matches, grads_of, jacobian, trainable
 
@@ -39,6 +39,12 @@ B, T, V = 4, 8, 60
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
 DEVICE = "cuda"
 Case = tuple[nn.Module, Callable[[nn.Module], Tensor]]
+
+
+@pytest.fixture(autouse=True)
+def _products_path_for_few_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The mixture-of-experts cases have few rows: the products' path is tried anyway, so that it runs on the GPU."""
+    monkeypatch.setattr(_matmul_uses, "FEW_ROWS", 0)
 
 
 @pytest.fixture(autouse=True)

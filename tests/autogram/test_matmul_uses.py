@@ -10,7 +10,7 @@ import torch
 import transformers as tf
 from torch import Tensor, nn
 
-from hf_jd.autogram import Engine, _generic
+from hf_jd.autogram import Engine, _generic, _matmul_uses
 
 from ._reference import assert_exact_step_with_freed_graph, jacobian, trainable
 
@@ -20,7 +20,9 @@ _CE = nn.functional.cross_entropy
 
 @pytest.fixture()
 def taken(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, bool]]:
-    """(module class, whether the products' path applied) for each generic call whose rows were computed."""
+    """(module class, whether the products' path applied) for each generic call whose rows were computed; the path
+    is tried whatever the number of rows (the tiny cases here have few)."""
+    monkeypatch.setattr(_matmul_uses, "FEW_ROWS", 0)
     calls: list[tuple[str, bool]] = []
     original = _generic.matmul_factors
 
@@ -237,3 +239,25 @@ def test_rows_mixed_with_parallel_gradients_are_detected(batch: int, taken: list
         model.zero_grad(set_to_none=True)
         assert_exact_step_with_freed_graph(engine, model, model(torch.randn(batch, 4, 3)), False)
     assert not any(taken_ for name, taken_ in taken if name == "SplitExperts")
+
+
+def test_few_rows_of_small_weights_take_one_product_per_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Up to FEW_ROWS loss rows of small weights the usual path is cheaper; beyond, the products' path applies."""
+    calls: list[tuple[int, bool]] = []
+    original = _generic.matmul_factors
+
+    def counted(record, layout, *args):  # type: ignore[no-untyped-def]
+        factors = original(record, layout, *args)
+        if type(record.module).__name__ == "MixtralExperts":
+            calls.append((layout.num_rows, factors is not None))
+        return factors
+
+    monkeypatch.setattr(_generic, "matmul_factors", counted)
+    torch.manual_seed(10)
+    model = _mixtral("grouped_mm")
+    engine = Engine(model)
+    for batch in (3, _matmul_uses.FEW_ROWS + 1):
+        model.zero_grad(set_to_none=True)
+        assert_exact_step_with_freed_graph(engine, model, _token_losses(model, torch.randint(1, V, (batch, 6))), False)
+    assert {taken for rows, taken in calls if rows == 3} == {False}
+    assert {taken for rows, taken in calls if rows > _matmul_uses.FEW_ROWS} == {True}
