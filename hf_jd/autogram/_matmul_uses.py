@@ -13,7 +13,7 @@ per-example gradients follow through the operations on the weights alone (``tran
 
 Which example a row belongs to is not assumed (tokens are routed differently on every step): one batched
 backward pass through the call alone, from its per-example output gradients combined with ``1``, ``w`` and
-``w'`` (random weights per example), gives each row's gradients ``G``, ``G_w`` and ``G_w'``. A row of
+``w'`` (distinct weights per example), gives each row's gradients ``G``, ``G_w`` and ``G_w'``. A row of
 example ``e`` has ``G_w = w_e G`` and ``G_w' = w'_e G`` (up to rounding); a row that two examples reach
 fails that identity (the difference is linear in the weights) and the call keeps the per-example products.
 The rows' gradients per task come from the same pass. Rows with no gradient contribute nothing.
@@ -26,8 +26,9 @@ example's weight. Otherwise (a weight scaled before its products, slices used by
 gradients of the weight come from one batched product through the operations on the weights.
 
 Only calls whose weights meet the data in matrix products alone take this path (``mm``, ``bmm``,
-``grouped_mm``, the weight on the right of a row-major product or either side of ``bmm``), in float32 or
-float64.
+``grouped_mm``, the weight on the right of a row-major product or either side of ``bmm``; biases added to the
+rows, whole or gathered per row), in float32 or float64, with more than :data:`FEW_ROWS` loss rows or large
+weights. The weights ``w`` and ``w'`` are a shuffled even spread over ``(1, 2)`` and its reverse, from a fixed seed.
 """
 
 from __future__ import annotations
