@@ -69,8 +69,9 @@ class _Use:
     (the gradient of the weight-derived operand's slice ``slices[r]``)."""
 
     node: Any
-    data: Tensor | None  # the other operand, as saved by the node (None for an addition)
-    kind: str  # "rows": y = x @ W, one row per block; "left" / "right": W is bmm's self / mat2; "bias": y = x + W
+    data: Tensor | None  # the other operand's blocks [N, features] (None for an addition)
+    kind: str  # "rows": y = x @ W, a block per row of y; "columns": y = W @ x (bmm's self), a block per column of y
+    # (each y_s's column c gets W_s x_s[:, c]); "bias": y = x + W
     slices: Tensor | None  # per block, the slice of ``target`` it uses (None: the whole target)
     num_slices: int
     target: tuple[Any, int]  # the (node, output_nr) of the weight-derived tensor that receives the gradients
@@ -158,22 +159,25 @@ def _use_of(node: Any, closure: set[Any]) -> _Use | None:
         slices = torch.bucketize(rows, offsets.to(rows.dtype), right=True)
         return _Use(node, data, "rows", slices, int(shape[0]), (child, nr), shape)
     if name == "BmmBackward0" and weighted in ([True, False], [False, True]):
+        # Each row of y_s = x_s W_s (each column of y_s = W_s x_s) is a block: the rows of one matrix may belong to
+        # several examples (a whole expert's tokens in one matrix, as Llama 4's experts multiply them).
         side = 0 if weighted[0] else 1
-        data = node._saved_mat2 if side == 0 else node._saved_self
-        if data is None or data.dim() != 3:
+        saved = node._saved_mat2 if side == 0 else node._saved_self
+        if saved is None or saved.dim() != 3:
             return None
         child, nr = operands[side]
-        count = data.shape[0]
+        count, per_matrix = saved.shape[0], saved.shape[2] if side == 0 else saved.shape[1]
+        data = saved.mT.reshape(-1, saved.shape[1]) if side == 0 else saved.reshape(-1, saved.shape[2])
+        kind = "columns" if side == 0 else "rows"
         selected = _selected_slices(child, nr, count)
         if selected is not None:
             ids, num_slices, target, shape = selected
-            return _Use(node, data, "left" if side == 0 else "right", ids, num_slices, target, shape)
+            return _Use(node, data, kind, ids.repeat_interleave(per_matrix), num_slices, target, shape)
         meta = child._input_metadata[nr] if child is not None else None
         if meta is None:
             return None
-        shape = torch.Size(meta.shape)
-        slices = torch.arange(count, device=data.device)
-        return _Use(node, data, "left" if side == 0 else "right", slices, count, (child, nr), shape)
+        slices = torch.arange(count, device=saved.device).repeat_interleave(per_matrix)
+        return _Use(node, data, kind, slices, count, (child, nr), torch.Size(meta.shape))
     if name == "AddBackward0" and sum(weighted) == 1:  # a bias: ``y = x + b`` (b: [out], or gathered [rows, out])
         side = 0 if weighted[0] else 1
         child, nr = operands[side]
@@ -257,17 +261,21 @@ def _block_sums(left: Tensor, right: Tensor, keys: Tensor, num_keys: int) -> Ten
 
 
 def _factors(use: _Use, grad: Tensor) -> tuple[Tensor, Tensor]:
-    """``L [R, n, a]`` and ``R [R, n, b]`` of the use's blocks, from one task's output gradient."""
+    """``L [N, 1, a]`` and ``R [N, 1, b]`` of the use's blocks, from one task's block gradients ``[N, F]``."""
     if use.data is None:  # y = x + b: the gradient of b is Σ_r g_r
         return grad.new_ones(use.num_blocks, 1, 1), use.scale * grad.reshape(use.num_blocks, 1, -1)
-    data = use.data.detach().to(grad.dtype)
+    data = use.data.detach().to(grad.dtype).unsqueeze(1)
+    grad = grad.reshape(use.num_blocks, 1, -1)
     if use.kind == "rows":  # y = x W: the gradient of W is Σ_r x_rᵀ g_r
-        return data.unsqueeze(1), grad.reshape(data.shape[0], 1, -1)
-    if use.kind == "left":  # y_s = W_s x_s ([p, n] = [p, q] @ [q, n]): the gradient of W_s is g_s x_sᵀ
-        grad = grad.reshape(data.shape[0], -1, data.shape[2])
-        return grad.mT, data.mT
-    grad = grad.reshape(data.shape[0], data.shape[1], -1)
-    return data, grad  # y_s = x_s W_s: the gradient of W_s is x_sᵀ g_s
+        return data, grad
+    return grad, data  # y = W x, column by column: the gradient of W is Σ_c g_c x_cᵀ
+
+
+def _block_grads(use: _Use, grads: Tensor) -> Tensor:
+    """The gradients ``[K, *out]`` of the use's output, as ``[K, N, F]`` per block."""
+    if use.kind == "columns":  # y [S, p, n]: one block per column of each matrix
+        return grads.mT.reshape(grads.shape[0], use.num_blocks, -1)
+    return grads.reshape(grads.shape[0], use.num_blocks, -1)
 
 
 # Node types that move a tensor's entries without changing their values or sums of squares (between a weight's alias
@@ -504,7 +512,7 @@ def _factors_from_uses(record: GenericRecord, layout: RowLayout, dtype: torch.dt
     for use, grads in zip(uses, use_grads):
         if grads is None or use.num_blocks == 0:  # (an expert that received no token)
             continue
-        grads = grads.to(dtype).reshape(num_tasks, 3, use.num_blocks, -1)
+        grads = _block_grads(use, grads.to(dtype)).reshape(num_tasks, 3, use.num_blocks, -1)
         examples = torch.full((use.num_blocks,), -1, dtype=torch.long, device=grads.device)
         if layout.batched:
             for task in range(num_tasks):

@@ -74,6 +74,9 @@ _MOE = {
     "deepseek_v3": dict(intermediate_size=16, moe_intermediate_size=8, n_routed_experts=4, num_experts_per_tok=2,
                         n_shared_experts=1, first_k_dense_replace=0, kv_lora_rank=8, q_lora_rank=8, qk_rope_head_dim=4,
                         qk_nope_head_dim=4, v_head_dim=8, n_group=1, topk_group=1),
+    # each expert's tokens multiplied as one matrix (bmm blocks holding several examples' rows)
+    "llama4_text": dict(intermediate_size=8, intermediate_size_mlp=16, num_local_experts=4, num_experts_per_tok=2,
+                        head_dim=8, moe_layers=[0], layer_types=["full_attention"]),
 }
 
 
@@ -86,10 +89,11 @@ def test_mixture_of_experts_models(name: str, taken: list[tuple[str, bool]]) -> 
         warnings.simplefilter("ignore")  # configuration notes about RoPE scaling of the tiny configurations
         model = tf.AutoModelForCausalLM.from_config(config)
     engine = Engine(model)
-    for batch in (3, 2):
+    for batch in (3, 2, 3):
         model.zero_grad(set_to_none=True)
         assert_exact_step_with_freed_graph(engine, model, _token_losses(model, torch.randint(1, V, (batch, 6))), False)
-    assert {taken_ for module, taken_ in taken if module.endswith("Experts")} == {True}
+    took = [taken_ for module, taken_ in taken if module.endswith("Experts")]
+    assert took and all(took[1:])  # (on the first step, products from the uses may be tried first)
 
 
 def test_task_losses_without_batch_dim(taken: list[tuple[str, bool]]) -> None:
