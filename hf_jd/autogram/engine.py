@@ -677,11 +677,13 @@ class Engine:
                 # layers, Swin's windows and the tables broadcast over them) has the same grouping: added from one
                 # plain backward pass, unchecked, unless rows are selected by the data somewhere (mixture-of-experts
                 # tokens), or some call takes the per-row path.
-                pass_structure = (
+                # (also per batch size: a fixed roll along the batch is the identity for some sizes only)
+                shape_free = (
                     regrouping_structure(nodes, checked + [plan.record for plan in plans])
                     if not (verify_layout or mixed or unaligned)
                     else None
                 )
+                pass_structure = None if shape_free is None else (*shape_free, f"B={layout.num_examples}")
                 trusted = None if pass_structure is None else self._verified_groupings.get(pass_structure)
                 chosen: list[bool] = []
                 vacuous: list[Record] = []  # passed checks that could not fail: nothing to remember from them
