@@ -423,12 +423,18 @@ def _region(target: tuple[Any, int], aliases: dict[Any, str]) -> tuple[str, tupl
     node, region = target[0], None
     while node not in aliases:
         name = type(node).__name__
-        if name == "SelectBackward0" and region is None:
-            region = (int(node._saved_dim), int(node._saved_index))
-        elif name not in _ISOMETRIC_NODES:
-            return None
         children = [child for child, _ in node.next_functions if child is not None]
         if len(children) != 1:
+            return None
+        if name == "SelectBackward0" and region is None and children[0] in aliases:
+            # (only a select of the parameter itself says which part of it the target is; autograd keeps a negative
+            # dim or index as an unsigned 64-bit integer)
+            sizes = list(node._saved_self_sym_sizes)
+            dim, index = (int(value) - 2**64 if int(value) >= 2**63 else int(value)
+                          for value in (node._saved_dim, node._saved_index))
+            dim %= len(sizes)
+            region = (dim, index % int(sizes[dim]))
+        elif name not in _ISOMETRIC_NODES:
             return None
         node = children[0]
     return aliases[node], region

@@ -265,3 +265,35 @@ def test_few_rows_of_small_weights_take_one_product_per_row(monkeypatch: pytest.
         assert_exact_step_with_freed_graph(engine, model, _token_losses(model, torch.randint(1, V, (batch, 6))), False)
     assert {taken for rows, taken in calls if rows == 3} == {False}
     assert {taken for rows, taken in calls if rows > _matmul_uses.FEW_ROWS} == {True}
+
+
+class TwoSlices(nn.Module):
+    """Two products on slices of one weight ``[3, 4, 5]`` that overlap although their selects differ: ``W[2]`` and
+    ``W[-1]``, or ``W[1]`` and ``W.view(6, 2, 5)[2]``, which is ``W[1, :2]``."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(3, 4, 5) * 0.5)
+        self.mode = mode
+
+    def forward(self, x: Tensor) -> Tensor:  # [B, T, 4] -> [B, T, 5]
+        rows = x.flatten(0, 1)
+        order = torch.argsort(rows[:, 0])  # (rows reordered: the products' path, not the products from the uses)
+        rows = rows[order]
+        if self.mode == "negative":
+            out = rows @ self.weight[2] + torch.tanh(rows) @ self.weight[-1]
+        else:
+            out = rows @ self.weight[1] + torch.tanh(rows[:, :2]) @ self.weight.view(6, 2, 5)[2]
+        return out[torch.argsort(order)].view(*x.shape[:2], -1)
+
+
+@pytest.mark.parametrize("mode", ["negative", "view"])
+def test_overlapping_slices_keep_their_cross_terms(mode: str, taken: list[tuple[str, bool]]) -> None:
+    """The Gram contribution is summed per slice only for selects of the weight itself on distinct indices (a negative
+    index normalised); otherwise the per-row gradients give the cross terms between the two products."""
+    torch.manual_seed(11)
+    model = _Net(TwoSlices(mode))
+    engine = Engine(model)
+    for batch in (3, 5):
+        model.zero_grad(set_to_none=True)
+        assert_exact_step_with_freed_graph(engine, model, model(torch.randn(batch, 4, 3)), False)
