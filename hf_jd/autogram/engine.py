@@ -629,6 +629,8 @@ class Engine:
             mixed = False
             if not (unaligned or verify_layout) and layout.batch_dim is not None and layout.num_examples > 1:
                 reached, structure = frontier(losses, records)
+                # (per batch size too: a fixed roll along the batch mixes the examples for some sizes only)
+                structure = (*structure, f"B={layout.num_examples}")
                 known = self._loss_computations.get(structure)
                 if known is None:
                     checked = [record for record in reached if id(record) not in planned]
