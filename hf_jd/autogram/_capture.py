@@ -545,6 +545,10 @@ class Capture:
         if not self.capturing():
             info.frames.append(None)
             return
+        if self.consumed and self.depth == 0:
+            # A new forward pass through the modules without their root (a step calling model.transformer and
+            # model.lm_head directly): the batch size and the call counts start again, as a root's call does.
+            self.on_new_forward()
         claim = self.claims.get(id(module))
         if claim is not None and claim[0].frames and isinstance(claim[0].frames[-1], _Frame):
             # The weight of a module whose closed form covers its originals, computed inside its call.

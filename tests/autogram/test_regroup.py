@@ -78,3 +78,16 @@ def test_losses_mixed_by_a_roll_for_some_batch_sizes() -> None:
             model.zero_grad(set_to_none=True)
             token = model(torch.randn(batch, 3, 3)).squeeze(-1).pow(2).mean(1)
             assert_exact_step_with_freed_graph(engine, model, (token + token.roll(2, 0)) / 2, False)
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_submodules_called_without_their_root_with_a_smaller_batch(single_backward: bool) -> None:
+    """A step that calls the model's submodules directly, then a smaller batch (the last of an epoch): the batch size
+    starts again with each forward pass (it was the largest so far: 'the losses have 2 rows but ... 3 examples')."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    engine = Engine(model, single_backward=single_backward)
+    for batch in (2, 3, 2):
+        model.zero_grad(set_to_none=True)
+        hidden = model[1](model[0](torch.randn(batch, 3, 3)))  # the root's forward is not used
+        assert_exact_step_with_freed_graph(engine, model, model[2](hidden).pow(2).mean(1).squeeze(-1), single_backward)
