@@ -400,6 +400,17 @@ def test_table_broadcast_over_flattened_rows(time_major: bool, single_backward: 
     assert per_row == ([1, 1] if time_major else [])
 
 
+def _exact_image_step(model: nn.Module, engine: Engine, batch: int, single_backward: bool) -> None:
+    """One step of a 16-pixel, 3-label image classifier: Gramian and weighted update against the explicit Jacobian."""
+    model.zero_grad(set_to_none=True)
+    images, labels = torch.randn(batch, 3, 16, 16), torch.randint(0, 3, (batch,))
+    losses = nn.functional.cross_entropy(model(pixel_values=images).logits, labels, reduction="none")
+    params = trainable(model)
+    jac = jacobian(losses, params)
+    assert_gramian_matches(engine.compute_gramian(losses, retain_graph=True), jac)
+    _assert_weighted_update(engine, losses, params, jac, single_backward)
+
+
 @pytest.mark.parametrize("single_backward", [False, True])
 def test_swin_relative_position_tables_use_the_ordinary_pass(single_backward: bool, monkeypatch) -> None:
     per_row = _count_per_row(monkeypatch)
@@ -409,13 +420,7 @@ def test_swin_relative_position_tables_use_the_ordinary_pass(single_backward: bo
     model = tf.SwinForImageClassification(config)  # shifted windows in the second block: masked scores too
     engine = Engine(model, single_backward=single_backward)
     for batch in (3, 2):
-        model.zero_grad(set_to_none=True)
-        images, labels = torch.randn(batch, 3, 16, 16), torch.randint(0, 3, (batch,))
-        losses = nn.functional.cross_entropy(model(pixel_values=images).logits, labels, reduction="none")
-        params = trainable(model)
-        jac = jacobian(losses, params)
-        assert_gramian_matches(engine.compute_gramian(losses, retain_graph=True), jac)
-        _assert_weighted_update(engine, losses, params, jac, single_backward)
+        _exact_image_step(model, engine, batch, single_backward)
     assert per_row == []  # the tables (generic calls broadcast over [B * windows] scores) were per-row before
 
 
@@ -441,13 +446,7 @@ def test_swin_windows_verified_once_per_structure(single_backward: bool, monkeyp
     model = tf.SwinForImageClassification(config)
     engine = Engine(model, single_backward=single_backward)
     for batch in (3, 3, 3):
-        model.zero_grad(set_to_none=True)
-        images, labels = torch.randn(batch, 3, 16, 16), torch.randint(0, 3, (batch,))
-        losses = nn.functional.cross_entropy(model(pixel_values=images).logits, labels, reduction="none")
-        params = trainable(model)
-        jac = jacobian(losses, params)
-        assert_gramian_matches(engine.compute_gramian(losses, retain_graph=True), jac)
-        _assert_weighted_update(engine, losses, params, jac, single_backward)
+        _exact_image_step(model, engine, batch, single_backward)
     assert trusted == [False, True, True]
 
 
@@ -497,13 +496,7 @@ def test_swinv2_continuous_position_bias_uses_the_ordinary_pass(single_backward:
     model = tf.Swinv2ForImageClassification(config)
     engine = Engine(model, single_backward=single_backward)
     for batch in (3, 3, 2):
-        model.zero_grad(set_to_none=True)
-        images, labels = torch.randn(batch, 3, 16, 16), torch.randint(0, 3, (batch,))
-        losses = nn.functional.cross_entropy(model(pixel_values=images).logits, labels, reduction="none")
-        params = trainable(model)
-        jac = jacobian(losses, params)
-        assert_gramian_matches(engine.compute_gramian(losses, retain_graph=True), jac)
-        _assert_weighted_update(engine, losses, params, jac, single_backward)
+        _exact_image_step(model, engine, batch, single_backward)
     assert per_row == []  # its MLP's tables took the per-row pass on every step before
 
 
