@@ -31,6 +31,7 @@ import torch
 from torch.autograd.graph import GradientEdge
 
 from ._generic import GenericRecord
+from ._matmul_uses import weights_only
 from ._record import Record
 
 __all__ = ["start_at_uses"]
@@ -80,15 +81,7 @@ def _uses_of(
     so it is never taken for one split by example. Then the walk goes on through the operations that combine them
     with the examples, until their outputs are split by example (a product on flattened ``[T * B, d]`` rows is
     passed for the view ``[T, B, n, d]`` of its result)."""
-    parameters_only = {alias.grad_fn for alias in record.aliases.values() if alias.grad_fn is not None}
-    stack = list(parameters_only)
-    while stack:  # (a node joins once all its inputs have: it is looked at again each time one of them joins)
-        for consumer in consumers.get(stack.pop(), []):
-            if consumer not in parameters_only and all(
-                child in parameters_only for child, _ in consumer.next_functions if child is not None
-            ):
-                parameters_only.add(consumer)
-                stack.append(consumer)
+    parameters_only = weights_only(record, consumers)
     stack = list(parameters_only)
     walked: set[Any] = set()
     uses: list[Any] = []

@@ -444,10 +444,9 @@ class GenericRecord(Record):
         Tensor
             Shaped as the parameter.
         """
-        factors = self._matmul if name not in self.kept_rows and self._matmul is not False else None
-        if isinstance(factors, MatmulFactors):
+        if isinstance(self._matmul, MatmulFactors) and name not in self.kept_rows:
             param = self.params[name]
-            grad = factors.weighted_grad(name, weights)
+            grad = self._matmul.weighted_grad(name, weights)
             return param.new_zeros(param.shape) if grad is None else grad.to(param.dtype).view(param.shape)
         return super().weighted_grad(name, weights)
 

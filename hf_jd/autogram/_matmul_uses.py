@@ -47,7 +47,7 @@ from ._layout import RowLayout
 if TYPE_CHECKING:
     from ._generic import GenericRecord
 
-__all__ = ["MatmulFactors", "matmul_factors"]
+__all__ = ["MatmulFactors", "matmul_factors", "weights_only"]
 
 # Largest number of entries of the per-row operand gradients built at once for a Gram contribution (slices at a
 # time beyond that).
@@ -104,11 +104,25 @@ def _walk_call(record: GenericRecord) -> dict[Any, list[Any]]:
     return consumers
 
 
-def _weights_only(record: GenericRecord, consumers: dict[Any, list[Any]]) -> set[Any]:
-    """The nodes computed from the call's parameters alone (their aliases, ``transpose``, ``W[e]``...)."""
+def weights_only(record: GenericRecord, consumers: dict[Any, list[Any]]) -> set[Any]:
+    """The nodes computed from a generic call's parameters alone (their aliases, ``transpose``, ``W[e]``,
+    ``clamp(logit_scale).exp()``...).
+
+    Parameters
+    ----------
+    record
+        The call.
+    consumers
+        The nodes that take each node's output (at least those of the call's graph).
+
+    Returns
+    -------
+    set
+        The autograd nodes.
+    """
     closure = {alias.grad_fn for alias in record.aliases.values() if alias.grad_fn is not None}
     stack = list(closure)
-    while stack:
+    while stack:  # (a node joins once all its inputs have: it is looked at again each time one of them joins)
         for consumer in consumers.get(stack.pop(), []):
             if consumer not in closure and all(
                 child in closure for child, _ in consumer.next_functions if child is not None
@@ -198,7 +212,7 @@ def _use_of(node: Any, closure: set[Any]) -> _Use | None:
 
 def _find_uses(record: GenericRecord) -> list[_Use] | None:
     consumers = _walk_call(record)
-    closure = _weights_only(record, consumers)
+    closure = weights_only(record, consumers)
     assert record.nodes is not None
     uses: dict[Any, _Use] = {}
     for node in closure:
@@ -384,9 +398,7 @@ class MatmulFactors:
     def gram(self, name: str) -> Tensor | None:
         """The ``[R, R]`` contribution of parameter ``name``, slices at a time, without its per-row gradients (``None``
         when its products reach it through other operations than moving entries, or overlapping parts of it)."""
-        regions = self.regions.get(name)
-        if regions is None or (len(regions) > 1 and (None in regions or len(set(regions)) < len(regions)
-                                                     or len({region[0] for region in regions if region}) > 1)):
+        if not _separate_parts(self.regions.get(name)):
             return None
         num_rows = self.layout.num_rows
         gramian = torch.zeros(num_rows, num_rows, dtype=self.dtype, device=self.rows[0].grads.device)
@@ -415,6 +427,15 @@ class MatmulFactors:
         (grad,) = batched_grad([GradientEdge(*target) for target in targets], [self.aliases[name]], vectors)
         assert grad is not None
         return grad[0]
+
+
+def _separate_parts(regions: list[tuple[int, int] | None] | None) -> bool:
+    """Whether the targets of a parameter are known parts of it that do not overlap: one target, or selects of it
+    along one dimension at distinct indices."""
+    if regions is None or len(regions) == 1:
+        return regions is not None
+    selects = [region for region in regions if region is not None]
+    return len(selects) == len(regions) == len(set(selects)) and len({dim for dim, _ in selects}) == 1
 
 
 def _region(target: tuple[Any, int], aliases: dict[Any, str]) -> tuple[str, tuple[int, int] | None] | None:

@@ -116,6 +116,34 @@ def _informative(checked: list[Record], failed: list[Record], vacuous: list[Reco
     return [record for record in checked if record.batched and id(record) not in excluded]
 
 
+def _regroup_candidates(unaligned: list[Record]) -> tuple[list[Record], list[Record]]:
+    """The calls not split by example along ``batch_dim`` whose shapes offer a per-example grouping (``k`` rows per
+    example, or the examples along another dimension), which the engine verifies; and the others."""
+    candidates = [record for record in unaligned if record.groups or record.other_batch_dim is not None]
+    chosen = {id(record) for record in candidates}
+    return candidates, [record for record in unaligned if id(record) not in chosen]
+
+
+def _remember_layouts(
+    capture: Capture,
+    verify_layout: bool,
+    checked: list[Record],
+    failed: list[Record],
+    vacuous: list[Record],
+    chosen: list[bool],
+) -> None:
+    """After a grouping check: with ``verify_layout``, the model's batch-major calls and the failures; always, the
+    calls split by example along another dimension (time-major ``[T, B, d]``, also with ``T = 1``), which are not
+    batch-major: later calls of their modules are checked along that dimension, also when ``T = B``."""
+    if verify_layout:
+        capture.mark_unaligned(failed)
+        capture.mark_batch_major(_informative(checked, failed, vacuous))
+    uninformative = {id(record) for record in vacuous}
+    capture.mark_unaligned(
+        [record for record, other in zip(checked, chosen) if other and id(record) not in uninformative]
+    )
+
+
 _SEVERAL_FORWARDS = (
     "the losses come from several forward passes of the engine's modules (e.g. one per task): each new "
     "forward pass of a module given to the engine replaces the captures of the previous one, so only the last "
@@ -671,10 +699,9 @@ class Engine:
                 # whose shapes allow a per-example grouping has it verified (one backward pass
                 # over two vectors); the others and the failures take the exact per-row path.
                 # The planned calls get their per-example gradients from the ordinary pass below.
-                checked = [record for record in records if id(record) not in planned]
-                checked += [record for record in unaligned if record.groups or record.other_batch_dim is not None]
+                regrouped, unaligned = _regroup_candidates(unaligned)
+                checked = [record for record in records if id(record) not in planned] + regrouped
                 records = [record for record in records if id(record) in planned]
-                unaligned = [record for record in unaligned if not record.groups and record.other_batch_dim is None]
                 # A pass of the same structure as one verified earlier (OPT's reshapes to [B * T, d] rows, time-major
                 # layers, Swin's windows and the tables broadcast over them) has the same grouping: added from one
                 # plain backward pass, unchecked, unless rows are selected by the data somewhere (mixture-of-experts
@@ -702,16 +729,8 @@ class Engine:
                     if len(self._verified_groupings) >= MAX_LOSS_COMPUTATIONS:
                         self._verified_groupings.clear()
                     self._verified_groupings[pass_structure] = tuple(chosen)
-                if verify_layout:
-                    # The layout is the model's: remember it (failed modules keep the exact paths).
-                    capture.mark_unaligned(failed)
-                    capture.mark_batch_major(_informative(checked, failed, vacuous))
-                # Calls split by example along another dimension (time-major [T, B, d], also with T = 1) are not
-                # batch-major: later calls of their modules are checked along that dimension, also when T = B.
-                uninformative = {id(record) for record in vacuous}
-                capture.mark_unaligned(
-                    [record for record, other in zip(checked, chosen) if other and id(record) not in uninformative]
-                )
+                # (failed modules keep the exact paths)
+                _remember_layouts(capture, verify_layout, checked, failed, vacuous, chosen)
                 unaligned += failed
                 if (failed or not all(grouped)) and plans:
                     # Some calls are not split by example (e.g. a contrastive loss mixes the examples), or a table's
@@ -730,9 +749,7 @@ class Engine:
                 # routed to experts, time-major layers) are verified in the same pass and then take the pass over
                 # the tasks in that grouping (grads_at_once follows Record.confirmed_grouping).
                 vacuous = []
-                candidates = {id(record) for record in unaligned if record.groups or record.other_batch_dim is not None}
-                regrouped = [record for record in unaligned if id(record) in candidates]
-                unaligned = [record for record in unaligned if id(record) not in candidates]
+                regrouped, unaligned = _regroup_candidates(unaligned)
                 checked = [record for record in records if id(record) not in planned] + regrouped
                 chosen = []
                 grouped = []
@@ -741,13 +758,7 @@ class Engine:
                     chosen=chosen, nodes=grouped_nodes, nodes_grouped=grouped, confirm=True,
                 )
                 self._direct_uses_failed(failed)
-                if verify_layout:
-                    capture.mark_unaligned(failed)
-                    capture.mark_batch_major(_informative(checked, failed, vacuous))
-                uninformative = {id(record) for record in vacuous}
-                capture.mark_unaligned(
-                    [record for record, other in zip(checked, chosen) if other and id(record) not in uninformative]
-                )
+                _remember_layouts(capture, verify_layout, checked, failed, vacuous, chosen)
                 records = records + [record for record in regrouped if all(record is not other for other in failed)]
                 if (failed or not all(grouped)) and plans:
                     # Examples mixed somewhere, or a table's [B * k, ...] rows not grouped by example: the planned
