@@ -4,8 +4,9 @@ The engine back-propagates several vectors at once (one per task, or per loss ro
 ``is_grads_batched=True``, which vmaps the backward pass. The backward kernels that
 ``torch.compile`` generates (``CompiledFunctionBackward`` nodes) cannot be vmapped ("Cannot access
 data pointer of Tensor that doesn't have storage"), nor can the forward passes of checkpointed blocks
-that a backward pass re-runs (vmap rejects their dropout); for such graphs the vectors are
-back-propagated one after the other, which gives the same result for as many backward passes as vectors.
+that a backward pass re-runs (vmap rejects their dropout), nor can group norms of channels-last inputs
+("NYI: querying is_contiguous inside of vmap"); for such graphs the vectors are back-propagated one
+after the other, which gives the same result for as many backward passes as vectors.
 """
 
 from __future__ import annotations
@@ -19,10 +20,20 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import GradientEdge
 
-__all__ = ["batched_grad", "explain_donated_buffers", "has_compiled_nodes", "one_vector_at_a_time"]
+__all__ = [
+    "batched_grad",
+    "explain_donated_buffers",
+    "has_compiled_nodes",
+    "one_vector_at_a_time",
+    "vmap_rejects_channels_last",
+]
 
 # Autograd nodes of graphs compiled by torch.compile (AOTAutograd).
 _COMPILED_NODES = frozenset({"CompiledFunctionBackward"})
+# Backward kernels that vmap rejects for channels-last inputs on CPU (they query the memory format). Checked with
+# torch 2.13: convolutions (2-D, 3-D, depthwise, transposed), pooling, interpolation, layer, instance and batch norms
+# pass; GroupNorm (2-D and 3-D) fails.
+_CHANNELS_LAST_VMAP_FAILURES = frozenset({"NativeGroupNormBackward0"})
 
 _ONE_AT_A_TIME: ContextVar[bool] = ContextVar("hf_jd_autogram_one_vector_at_a_time", default=False)
 
@@ -41,6 +52,28 @@ def has_compiled_nodes(nodes: Iterable[Any]) -> bool:
         ``True`` if one is a ``CompiledFunctionBackward``.
     """
     return any(type(node).__name__ in _COMPILED_NODES for node in nodes)
+
+
+def vmap_rejects_channels_last(nodes: Iterable[Any], device: torch.device) -> bool:
+    """Whether a graph with channels-last inputs must be back-propagated one vector at a time.
+
+    Parameters
+    ----------
+    nodes
+        The autograd nodes of the graph.
+    device
+        The device of the losses.
+
+    Returns
+    -------
+    bool
+        On CPU, ``True`` when a node's backward kernel is one that vmap rejects for channels-last inputs
+        (GroupNorm); on other devices, whose kernels for channels-last inputs were not all checked, always
+        ``True``.
+    """
+    if device.type != "cpu":
+        return True
+    return any(type(node).__name__ in _CHANNELS_LAST_VMAP_FAILURES for node in nodes)
 
 
 @contextmanager

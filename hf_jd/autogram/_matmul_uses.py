@@ -69,15 +69,17 @@ class _Use:
     (the gradient of the weight-derived operand's slice ``slices[r]``)."""
 
     node: Any
-    data: Tensor | None  # the other operand's blocks [N, features] (None for an addition)
+    data: Tensor | None  # the other operand's blocks [N, features] ([N, *block]: "elementwise"; None: an addition)
     kind: str  # "rows": y = x @ W, a block per row of y; "columns": y = W @ x (bmm's self), a block per column of y
-    # (each y_s's column c gets W_s x_s[:, c]); "bias": y = x + W
+    # (each y_s's column c gets W_s x_s[:, c]); "bias": y = x + W; "elementwise": y = x * W or x ± W, W broadcast over
+    # y's first dimension (a block per entry of it) and reduced to ``reduced`` within a block
     slices: Tensor | None  # per block, the slice of ``target`` it uses (None: the whole target)
     num_slices: int
     target: tuple[Any, int]  # the (node, output_nr) of the weight-derived tensor that receives the gradients
     target_shape: torch.Size
     num_blocks: int = 0
     scale: float = 1.0  # an addition's alpha
+    reduced: tuple[int, ...] = ()  # "elementwise": the weight-derived operand's shape within a block
 
     def __post_init__(self) -> None:
         if self.data is not None:
@@ -196,18 +198,44 @@ def _use_of(node: Any, closure: set[Any]) -> _Use | None:
         side = 0 if weighted[0] else 1
         child, nr = operands[side]
         out_shape, shape = torch.Size(node._input_metadata[0].shape), torch.Size(child._input_metadata[nr].shape)
-        if len(out_shape) != 2:
-            return None
         scale = float(node._saved_alpha) if side == 1 else 1.0
-        if shape == out_shape:
+        if len(out_shape) == 2 and shape == out_shape:
             selected = _selected_slices(child, nr, out_shape[0])
             if selected is None:
                 return None
             ids, num_slices, target, shape = selected
             return _Use(node, None, "bias", ids, num_slices, target, shape, out_shape[0], scale)
-        if shape in (out_shape[1:], torch.Size([1, out_shape[1]])):
+        if len(out_shape) == 2 and shape in (out_shape[1:], torch.Size([1, out_shape[1]])):
             return _Use(node, None, "bias", None, 1, (child, nr), shape, out_shape[0], scale)
+    if name in ("MulBackward0", "AddBackward0", "SubBackward0") and sum(weighted) == 1:
+        return _elementwise_use(node, name, 0 if weighted[0] else 1, operands)
     return None
+
+
+def _elementwise_use(node: Any, name: str, side: int, operands: list[tuple[Any, int]]) -> _Use | None:
+    """``y = x * W``, ``x + W`` or ``x - W`` (either order) with ``W`` broadcast over ``y``'s first dimension: a block
+    per entry of that dimension, whose gradient for ``W`` is ``g ⊙ x`` (or ``± g``) summed to ``W``'s shape."""
+    child, nr = operands[side]
+    out_shape, shape = torch.Size(node._input_metadata[0].shape), torch.Size(child._input_metadata[nr].shape)
+    if len(out_shape) < 1 or len(shape) > len(out_shape) or out_shape[0] == 0:
+        return None
+    padded = (1,) * (len(out_shape) - len(shape)) + tuple(shape)
+    if padded[0] != 1 or any(size not in (1, full) for size, full in zip(padded, out_shape)):
+        return None  # W varies along the blocks (or does not broadcast to y)
+    data: Tensor | None = None
+    scale = 1.0
+    if name == "MulBackward0":
+        saved = node._saved_other if side == 0 else node._saved_self
+        if saved is None or not saved.is_floating_point():
+            return None
+        try:
+            data = saved.expand(out_shape)
+        except RuntimeError:
+            return None
+    elif side == 1:  # x + alpha W, x - alpha W
+        alpha = float(node._saved_alpha)
+        scale = alpha if name == "AddBackward0" else -alpha
+    return _Use(node, data, "elementwise", None, 1, (child, nr), shape, int(out_shape[0]), scale, padded[1:])
 
 
 def _find_uses(record: GenericRecord) -> list[_Use] | None:
@@ -276,6 +304,14 @@ def _block_sums(left: Tensor, right: Tensor, keys: Tensor, num_keys: int) -> Ten
 
 def _factors(use: _Use, grad: Tensor) -> tuple[Tensor, Tensor]:
     """``L [N, 1, a]`` and ``R [N, 1, b]`` of the use's blocks, from one task's block gradients ``[N, F]``."""
+    if use.kind == "elementwise":  # the gradient of W within a block: g ⊙ x (or ± g) summed to W's shape
+        blocks = grad.reshape(use.num_blocks, *use.data.shape[1:]) if use.data is not None else grad
+        if use.data is not None:
+            blocks = blocks * use.data.detach().to(grad.dtype)
+        else:
+            blocks = blocks.reshape(use.num_blocks, *_block_shape(use))
+        reduced = blocks.sum_to_size(use.num_blocks, *use.reduced) * use.scale
+        return grad.new_ones(use.num_blocks, 1, 1), reduced.reshape(use.num_blocks, 1, -1)
     if use.data is None:  # y = x + b: the gradient of b is Σ_r g_r
         return grad.new_ones(use.num_blocks, 1, 1), use.scale * grad.reshape(use.num_blocks, 1, -1)
     data = use.data.detach().to(grad.dtype).unsqueeze(1)
@@ -283,6 +319,11 @@ def _factors(use: _Use, grad: Tensor) -> tuple[Tensor, Tensor]:
     if use.kind == "rows":  # y = x W: the gradient of W is Σ_r x_rᵀ g_r
         return data, grad
     return grad, data  # y = W x, column by column: the gradient of W is Σ_c g_c x_cᵀ
+
+
+def _block_shape(use: _Use) -> tuple[int, ...]:
+    """The shape of an elementwise use's output within a block (its output's shape without the first dimension)."""
+    return tuple(use.node._input_metadata[0].shape[1:])
 
 
 def _block_grads(use: _Use, grads: Tensor) -> Tensor:
@@ -296,6 +337,7 @@ def _block_grads(use: _Use, grads: Tensor) -> Tensor:
 # and the operand of a product): a Gram matrix is the same on either side of them.
 _ISOMETRIC_NODES = frozenset({
     "TransposeBackward0", "TBackward0", "PermuteBackward0", "ViewBackward0", "UnsafeViewBackward0", "AliasBackward0",
+    "UnsqueezeBackward0", "SqueezeBackward0", "SqueezeBackward1", "ReshapeAliasBackward0",
 })
 
 
@@ -497,6 +539,8 @@ def matmul_factors(record: GenericRecord, layout: RowLayout, dtype: torch.dtype)
     """
     if record.nodes is None or record.started_at or record._shared_output or dtype not in (torch.float32,
                                                                                            torch.float64):
+        return None
+    if not hasattr(record, "grad_rows"):  # a closed form took the output gradients (an RMS norm's)
         return None
     if record.module in _DECLINED:
         return None

@@ -25,6 +25,7 @@ computation is then verified on every step, and the failures take the exact per-
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -32,7 +33,7 @@ from torch import Tensor
 from torch.autograd.graph import GradientEdge
 
 from ._accumulate import Accumulator
-from ._batched_grad import batched_grad
+from ._batched_grad import batched_grad, one_vector_at_a_time
 from ._capture import GATHER_NODES
 from ._layout import RowLayout
 from ._record import Record, split_by_record
@@ -124,7 +125,10 @@ def grads_verified(
     node_edges = [GradientEdge(node, 0) for node, _ in nodes]
     if not edges and not node_edges:  # e.g. every trainable call is not split by example: nothing to verify
         return []
-    grads = batched_grad(losses, edges + node_edges, vectors)
+    # (a trusted grouping needs the plain vector alone: an ordinary backward pass, cheaper than a vmapped one; the
+    # contributions added below keep the caller's mode)
+    with one_vector_at_a_time(True) if trusted is not None else nullcontext():
+        grads = batched_grad(losses, edges + node_edges, vectors)
     grads, node_grads = grads[: len(edges)], grads[len(edges) :]
     if nodes_grouped is not None:
         nodes_grouped.append(

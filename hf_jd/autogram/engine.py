@@ -21,7 +21,7 @@ from __future__ import annotations
 import warnings
 import weakref
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +39,12 @@ from ._accumulate import (
     uncovered_parameters,
 )
 from ..autojac._utils import graph_nodes, no_gradient_writes
-from ._batched_grad import explain_donated_buffers, has_compiled_nodes, one_vector_at_a_time
+from ._batched_grad import (
+    explain_donated_buffers,
+    has_compiled_nodes,
+    one_vector_at_a_time,
+    vmap_rejects_channels_last,
+)
 from ._broadcast import (
     BroadcastPlan,
     attach_plans,
@@ -634,8 +639,12 @@ class Engine:
             retain = retain if plans_known else True
         # Compiled backward kernels cannot be vmapped, nor can the random operations (dropout) of
         # checkpointed blocks re-run inside a vmapped backward pass, nor the backward kernels of
-        # channels-last convolutions and norms: one vector at a time then.
-        one_at_a_time = checkpointed or channels_last or has_compiled_nodes(nodes)
+        # group norms of channels-last inputs: one vector at a time then.
+        one_at_a_time = (
+            checkpointed
+            or (channels_last and vmap_rejects_channels_last(nodes, losses.device))
+            or has_compiled_nodes(nodes)
+        )
         covered_params = list(covered.values())
 
         @contextmanager
@@ -719,11 +728,10 @@ class Engine:
                 # Plans for tables broadcast over [B * k, ...] rows (Swin's windows) assume k consecutive rows per
                 # example: checked in the same pass.
                 grouped: list[bool] = []
-                with one_vector_at_a_time(True) if trusted is not None else nullcontext():
-                    failed = grads_verified(
-                        losses, layout, checked, accumulator, rtol=identity_rtol, trusted=trusted, chosen=chosen,
-                        vacuous=vacuous, nodes=grouped_nodes if trusted is None else (), nodes_grouped=grouped,
-                    )
+                failed = grads_verified(
+                    losses, layout, checked, accumulator, rtol=identity_rtol, trusted=trusted, chosen=chosen,
+                    vacuous=vacuous, nodes=grouped_nodes if trusted is None else (), nodes_grouped=grouped,
+                )
                 self._direct_uses_failed(failed)
                 if pass_structure is not None and trusted is None and not failed and not vacuous and all(grouped):
                     if len(self._verified_groupings) >= MAX_LOSS_COMPUTATIONS:

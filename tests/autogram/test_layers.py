@@ -622,20 +622,28 @@ def test_group_norm_closed_form(single_backward: bool, channels_last: bool) -> N
 
 
 @pytest.mark.parametrize("single_backward", [False, True])
-def test_conv1d_and_grouped_conv2d_closed_form(single_backward: bool) -> None:
+@pytest.mark.parametrize("folded", [False, True])
+def test_conv1d_and_grouped_conv2d_closed_form(
+    single_backward: bool, folded: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Conv1d (any groups, stride, dilation, padding) and grouped / depthwise Conv2d in closed form, for
-    per-example losses and task losses, against the explicit Jacobian."""
+    per-example losses and task losses, against the explicit Jacobian: with the rows folded into the groups of the
+    convolution's weight-gradient kernel, and with the unfolded patches. Also on a channels-last input (ConvNeXt's
+    depthwise convolutions), whose backward pass is vmapped."""
+    from hf_jd.autogram import _conv
     from hf_jd.autogram._dispatch import Kind
 
     from ._reference import assert_exact_step
 
+    monkeypatch.setattr(_conv, "MAX_FOLDED_GROUP_CHANNELS", 10**9 if folded else 0)
     torch.manual_seed(0)
     audio = nn.Sequential(nn.Conv1d(2, 4, 3, stride=2, padding=1), nn.GELU(), nn.Conv1d(4, 4, 3, dilation=2, groups=2),
                           nn.Tanh(), nn.Conv1d(4, 3, 1, bias=False))
     image = nn.Sequential(
         nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.ReLU(), nn.Conv2d(4, 6, (3, 2), stride=2, groups=2)
     )
-    for model, x in ((audio, torch.randn(3, 2, 11)), (image, torch.randn(3, 4, 7, 7))):
+    channels_last = torch.randn(3, 7, 7, 4).permute(0, 3, 1, 2)
+    for model, x in ((audio, torch.randn(3, 2, 11)), (image, torch.randn(3, 4, 7, 7)), (image, channels_last)):
         for batch_dim in (0, None):
             engine = Engine(model, batch_dim=batch_dim, single_backward=single_backward)
             model.zero_grad(set_to_none=True)

@@ -124,10 +124,11 @@ class RoutedBmm(nn.Module):
     weight on the left or right."""
 
     def __init__(self, left: bool, mix: bool = False, extra_use: bool = False, scaled: bool = False,
-                 twice: bool = False) -> None:
+                 twice: bool = False, scale_use: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.randn(3, 5, 4) if left else torch.randn(3, 4, 5))
         self.left, self.mix, self.extra_use, self.scaled, self.twice = left, mix, extra_use, scaled, twice
+        self.scale_use = scale_use
 
     def forward(self, x: Tensor) -> Tensor:  # [B, T, 4] -> [B, T, 5]
         rows = x.flatten(0, 1)
@@ -144,7 +145,9 @@ class RoutedBmm(nn.Module):
                                   weight[2 - ids].flatten(1).view(-1, 4, 5)).squeeze(1)
         if self.mix:  # every token's output depends on all of them
             out = out - out.mean(0, keepdim=True)
-        if self.extra_use:  # a use of the weight that is not a product
+        if self.extra_use:  # a use of the weight that is neither a product nor an elementwise scale or sum
+            out = out / (2 + self.weight.mean())
+        if self.scale_use:  # an elementwise scale by a scalar computed from the weight
             out = out * self.weight.mean()
         return out[torch.argsort(order)].view(*x.shape[:2], -1)
 
@@ -173,6 +176,19 @@ def test_routed_bmm(left: bool, scaled: bool, twice: bool, single_backward: bool
         assert_exact_step_with_freed_graph(engine, model, model(torch.randn(batch, 5, 3)), single_backward)
     took = [taken_ for name, taken_ in taken if name == "RoutedBmm"]
     assert took and all(took[1:])  # (on the first step, the products from the uses are tried first)
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_routed_bmm_scaled_by_its_own_weight(single_backward: bool, taken: list[tuple[str, bool]]) -> None:
+    """The weight also scales the products' output elementwise (through a scalar computed from it): that use is an
+    elementwise one too, with a per-example gradient ``Σ g ⊙ x`` within each row, and the path applies."""
+    torch.manual_seed(7)
+    model = _Net(RoutedBmm(left=False, scale_use=True))
+    engine = Engine(model, single_backward=single_backward)
+    for batch in (4, 3):
+        model.zero_grad(set_to_none=True)
+        assert_exact_step_with_freed_graph(engine, model, model(torch.randn(batch, 5, 3)), single_backward)
+    assert {taken_ for name, taken_ in taken if name == "RoutedBmm"} == {True}
 
 
 @pytest.mark.parametrize(("mix", "extra_use"), [(True, False), (False, True)])

@@ -1,0 +1,95 @@
+"""When the engine back-propagates several vectors in one vmapped pass, and when one vector at a time.
+
+The result is the same either way (checked against the explicit Jacobian); these tests check the choice itself, which
+is only visible in the cost: the engine's products of one generic call over its loss rows must stay batched where
+vmap works, and fall back to a loop only where it does not (compiled graphs, checkpointed blocks, group norms of
+channels-last inputs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+import torch
+import transformers as tf
+from torch import Tensor, nn
+
+from hf_jd.autogram import Engine
+
+from ._reference import assert_gramian_matches, jacobian, trainable
+
+
+@contextmanager
+def counted_passes() -> Iterator[dict[str, int]]:
+    """Count the backward passes over a batch of vectors (``is_grads_batched=True``) and over one vector."""
+    counts = {"batched": 0, "single": 0}
+    original = torch.autograd.grad
+
+    def grad(*args: Any, **kwargs: Any) -> Any:
+        counts["batched" if kwargs.get("is_grads_batched") else "single"] += 1
+        return original(*args, **kwargs)
+
+    torch.autograd.grad = grad
+    try:
+        yield counts
+    finally:
+        torch.autograd.grad = original
+
+
+class _LayerScale(nn.Module):
+    """A direct parameter used on a channels-last tensor (ConvNeXt's layer scale)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.linspace(0.5, 1.5, channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (self.gamma * x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # back to [N, C, H, W], channels-last
+
+
+def _model(norm: nn.Module) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, groups=4), norm, _LayerScale(4), nn.Flatten(1),
+                         nn.Linear(4 * 5 * 5, 3))
+
+
+@pytest.mark.parametrize("group_norm", [False, True])
+def test_channels_last_inputs_are_vmapped_unless_a_group_norm_needs_the_loop(group_norm: bool) -> None:
+    """Channels-last inputs used to send every product through the one-vector loop; only a GroupNorm's backward kernel
+    needs it (vmap rejects its memory-format query), so other channels-last graphs keep their batched passes."""
+    torch.manual_seed(0)
+    model = _model(nn.GroupNorm(2, 4) if group_norm else nn.Tanh())
+    engine = Engine(model)
+    x = torch.randn(5, 5, 5, 4).permute(0, 3, 1, 2)  # channels-last
+    assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    losses = model(x).pow(2).mean(1)
+    jac = jacobian(losses, trainable(model))
+    with counted_passes() as counts:
+        gramian = engine.compute_gramian(losses)
+    assert_gramian_matches(gramian, jac)
+    if group_norm:
+        assert counts["batched"] == 0
+    else:
+        assert counts["batched"] > 0
+
+
+def test_a_trusted_grouping_keeps_the_generic_products_batched() -> None:
+    """On a later step of a model whose grouping was verified (ConvNeXt: its layer scales' products start where the
+    parameters are used, checked on the first step), the pass over the plain vector alone runs as one ordinary
+    backward pass, but the generic calls' products over the loss rows stay batched (they were looped too)."""
+    torch.manual_seed(0)
+    config = tf.ConvNextConfig(num_channels=3, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, patch_size=2,
+                               image_size=8, num_labels=3)
+    model = tf.ConvNextForImageClassification(config)
+    engine = Engine(model)
+    for _ in range(2):
+        losses = model(pixel_values=torch.randn(4, 3, 8, 8)).logits.logsumexp(-1)
+        jac = jacobian(losses, trainable(model))
+        with counted_passes() as counts:
+            gramian = engine.compute_gramian(losses)
+        assert_gramian_matches(gramian, jac)
+        model.zero_grad(set_to_none=True)
+    assert engine._verified_groupings, "the second step did not reuse a verified grouping"
+    assert counts["batched"] > 0

@@ -1,0 +1,133 @@
+"""Generic calls whose parameters meet the data in elementwise scales and sums (layer scales, channels-first norms
+written by hand): per-example gradients ``Σ g ⊙ x`` (or ``Σ ± g``) within each entry of the output's first dimension,
+from the products' path of :mod:`hf_jd.autogram._matmul_uses`, against the explicit Jacobian."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as tf
+from torch import Tensor, nn
+
+from hf_jd.autogram import Engine, _generic, _matmul_uses
+
+from ._reference import assert_exact_step, assert_exact_step_with_freed_graph, trainable
+
+
+@pytest.fixture()
+def taken(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, bool]]:
+    """(module class, whether the products' path applied) per generic call; the path is tried whatever the number of
+    rows."""
+    monkeypatch.setattr(_matmul_uses, "FEW_ROWS", 0)
+    calls: list[tuple[str, bool]] = []
+    original = _generic.matmul_factors
+
+    def counted(record, *args):  # type: ignore[no-untyped-def]
+        found = original(record, *args)
+        calls.append((type(record.module).__name__, found is not None))
+        return found
+
+    monkeypatch.setattr(_generic, "matmul_factors", counted)
+    return calls
+
+
+class ChannelsFirstNorm(nn.Module):
+    """A norm over the channels of ``[N, C, H, W]``, its affine parameters broadcast as ``[C, 1, 1]``; the bias is
+    subtracted (``x - (-b)``) to exercise subtraction."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, channels))
+        self.bias = nn.Parameter(torch.linspace(-0.2, 0.3, channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        centred = x - x.mean(1, keepdim=True)
+        normalised = centred / (centred.pow(2).mean(1, keepdim=True) + 1e-5).sqrt()
+        return self.weight[:, None, None] * normalised - (-self.bias)[:, None, None]
+
+
+class LayerScale(nn.Module):
+    """A residual block's output scaled per channel (channels last), then added to its input."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.inner = nn.Linear(channels, channels)
+        self.gamma = nn.Parameter(torch.full((channels,), 0.7))
+        self.shift = nn.Parameter(torch.zeros(1, 1, channels))
+
+    def forward(self, x: Tensor) -> Tensor:  # [N, H, W, C]
+        return x + self.gamma * torch.tanh(self.inner(x)) + self.shift
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.norm = ChannelsFirstNorm(4)
+        self.scale = LayerScale(4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:  # [N, 2, H, W] -> [N, 3]
+        hidden = self.norm(self.conv(x)).permute(0, 2, 3, 1)
+        return self.head(self.scale(hidden).mean((1, 2)))
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+@pytest.mark.parametrize("tasks", [False, True])
+def test_scales_and_sums_take_the_path(single_backward: bool, tasks: bool, taken: list[tuple[str, bool]]) -> None:
+    torch.manual_seed(0)
+    model = Net()
+    engine = Engine(model, single_backward=single_backward)
+    for batch in (5, 3):
+        model.zero_grad(set_to_none=True)
+        out = model(torch.randn(batch, 2, 4, 4))
+        losses = torch.stack([out.logsumexp(1), out.pow(2).mean(1)], 1) if tasks else out.logsumexp(1)
+        assert_exact_step_with_freed_graph(engine, model, losses, single_backward)
+    assert {name for name, took in taken if took} == {"ChannelsFirstNorm", "LayerScale"}
+    assert all(took for _, took in taken)
+
+
+def test_task_losses_without_batch_dim(taken: list[tuple[str, bool]]) -> None:
+    """``[m]`` task losses (the whole batch one "example"): every block belongs to it."""
+    torch.manual_seed(1)
+    model = Net()
+    engine = Engine(model, batch_dim=None)
+    out = model(torch.randn(4, 2, 4, 4))
+    assert_exact_step(engine, torch.stack([out[:2].logsumexp(1).mean(), out.pow(2).mean()]), trainable(model), False)
+    assert taken and all(took for _, took in taken)
+
+
+class MixingScale(nn.Module):
+    """A parameter scaling a tensor whose first dimension is not the examples' (time-major ``[T, N, C]``): each
+    block holds all the examples, so the path does not apply and the usual one gives the Gramian."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((channels,), 1.3))
+
+    def forward(self, x: Tensor) -> Tensor:  # [N, T, C]
+        return (self.gamma * x.transpose(0, 1).tanh()).transpose(0, 1)
+
+
+def test_blocks_of_several_examples_keep_the_usual_path(taken: list[tuple[str, bool]]) -> None:
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(3, 4), MixingScale(4), nn.Linear(4, 2))
+    engine = Engine(model)
+    losses = model(torch.randn(3, 5, 3)).pow(2).mean((1, 2))
+    assert_exact_step_with_freed_graph(engine, model, losses, False)
+    assert {took for name, took in taken if name == "MixingScale"} == {False}
+
+
+def test_convnext_layer_scales(taken: list[tuple[str, bool]]) -> None:
+    """transformers' ConvNeXt: layer scales on channels-last tensors take the path; exact over steps and batch
+    sizes."""
+    torch.manual_seed(3)
+    config = tf.ConvNextConfig(num_channels=3, hidden_sizes=[8, 16], depths=[2, 1], num_stages=2, patch_size=2,
+                               image_size=8, num_labels=3)
+    model = tf.ConvNextForImageClassification(config)
+    engine = Engine(model)
+    for batch in (4, 4, 3):
+        model.zero_grad(set_to_none=True)
+        losses = model(pixel_values=torch.randn(batch, 3, 8, 8)).logits.logsumexp(-1)
+        assert_exact_step_with_freed_graph(engine, model, losses, False)
+    assert any(took for name, took in taken if name == "ConvNextLayer")
