@@ -24,6 +24,7 @@ from torch.autograd.graph import get_gradient_edge
 
 from ._dispatch import Kind, closed_form_parameters, kind_of, mixes_examples, parametrized_kind, record_class
 from ._embedding import EmbeddingRecord, embedding_scale, is_embedding_subclass
+from ._group_norm import computes_channel_norm
 from ._layer_norm import computes_layer_norm, is_layer_norm_like
 from ._linear import computes_linear, is_linear_subclass
 from ._generic import (
@@ -706,6 +707,8 @@ class Capture:
             kind is Kind.LAYER_NORM and computes_layer_norm(module, args, output)
         ):
             info.kind = kind
+        elif kind is Kind.LAYER_NORM and computes_channel_norm(module, args, output):
+            info.kind = Kind.CHANNEL_NORM
         elif kind is Kind.EMBEDDING and aliases is not None and "weight" in aliases:
             scale = embedding_scale(module, args, output, aliases["weight"])
             if scale is not None:

@@ -29,6 +29,7 @@ class Kind(Enum):
     GROUPED_CONV = "grouped_conv"  # Conv1d, grouped Conv2d
     LAYER_NORM = "layer_norm"
     GROUP_NORM = "group_norm"
+    CHANNEL_NORM = "channel_norm"  # a layer norm over dimension 1 of [N, C, *spatial], verified on the first call
     RMS_NORM = "rms_norm"  # generic, with a verified closed form
     GENERIC = "generic"
 
@@ -41,7 +42,7 @@ class Kind(Enum):
     def samples_first(self) -> bool:
         """Whether the closed form needs the call's samples along dimension 0 (``[N, C, *spatial]`` tensors of
         convolutions and GroupNorm, which mix the positions or channels of a sample)."""
-        return self in (Kind.CONV2D, Kind.GROUPED_CONV, Kind.GROUP_NORM)
+        return self in (Kind.CONV2D, Kind.GROUPED_CONV, Kind.GROUP_NORM, Kind.CHANNEL_NORM)
 
 
 # The constructor of a closed-form record: (module, module_name, params, args, output).
@@ -54,6 +55,7 @@ _CLASSES: dict[Kind, RecordFactory] = {
     Kind.GROUPED_CONV: PatchConvRecord,
     Kind.LAYER_NORM: LayerNormRecord,
     Kind.GROUP_NORM: GroupNormRecord,
+    Kind.CHANNEL_NORM: GroupNormRecord,
 }
 
 

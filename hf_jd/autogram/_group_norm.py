@@ -1,17 +1,19 @@
-"""Record of ``nn.GroupNorm`` calls, in closed form.
+"""Record of ``nn.GroupNorm`` calls, and of layer norms over the channels of ``[N, C, *spatial]`` inputs (ConvNeXt's
+``channels_first`` ``ConvNextLayerNorm``, verified on the module's first call), in closed form.
 
-``y = γ ⊙ x̂ + β`` with ``x̂`` the input normalised per sample and group of channels, and ``γ``, ``β``
-one entry per channel; row ``r = (e, k)`` has gradients ``Σ_s g_{ekcs} x̂_{ecs}`` for ``γ_c`` and
-``Σ_s g_{ekcs}`` for ``β_c`` (sums over the spatial positions ``s``). ``x̂`` is recomputed from the
-captured input (a normalisation only, the module itself is not re-run). This also avoids the batched
-vector-Jacobian products of the generic path, which cost a backward pass per example and which vmap
-does not support for channels-last inputs.
+``y = γ ⊙ x̂ + β`` with ``x̂`` the input normalised per sample and group of channels (GroupNorm), or per sample and
+position over the channels (a channels-first layer norm), and ``γ``, ``β`` one entry per channel; row ``r = (e, k)``
+has gradients ``Σ_s g_{ekcs} x̂_{ecs}`` for ``γ_c`` and ``Σ_s g_{ekcs}`` for ``β_c`` (sums over the spatial positions
+``s``). ``x̂`` is recomputed from the captured input (a normalisation only, the module itself is not re-run). This also
+avoids the batched vector-Jacobian products of the generic path, which cost a backward pass per example and which
+vmap does not support for channels-last inputs (GroupNorm).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -19,7 +21,9 @@ from ._conv import check_samples_first
 from ._layout import RowLayout
 from ._record import Record, compute_dtype
 
-__all__ = ["GroupNormRecord", "is_group_norm"]
+from ._layer_norm import epsilon_of
+
+__all__ = ["GroupNormRecord", "computes_channel_norm", "is_group_norm"]
 
 
 def is_group_norm(module: nn.Module) -> bool:
@@ -38,8 +42,46 @@ def is_group_norm(module: nn.Module) -> bool:
     return isinstance(module, nn.GroupNorm) and type(module).forward is nn.GroupNorm.forward and module.affine
 
 
+def _channel_norm(inputs: Tensor, eps: float) -> Tensor:
+    """``inputs [N, C, *spatial]`` normalised over the channels at each sample and position."""
+    channels = inputs.shape[1]
+    return F.layer_norm(inputs.movedim(1, -1), (channels,), None, None, eps).movedim(-1, 1)
+
+
+def computes_channel_norm(module: nn.Module, args: tuple[Any, ...], output: Any) -> bool:
+    """Whether a call of a layer-norm look-alike normalises dimension 1 (the channels) of its ``[N, C, *spatial]``
+    input and scales and shifts it by its 1-D ``weight`` and ``bias`` (ConvNeXt's ``channels_first`` layer norm).
+
+    Parameters
+    ----------
+    module
+        The module that was called.
+    args
+        The call's positional arguments.
+    output
+        The call's output.
+
+    Returns
+    -------
+    bool
+        ``True`` when the output matches (relative tolerance ``1e-4``).
+    """
+    if len(args) != 1 or not isinstance(args[0], Tensor) or not isinstance(output, Tensor):
+        return False
+    inputs, weight, bias, eps = args[0], module.weight, module.bias, epsilon_of(module)
+    if not isinstance(weight, Tensor) or not isinstance(bias, Tensor) or eps is None:
+        return False
+    channels = (inputs.shape[1],) if inputs.dim() >= 3 else ()
+    if not channels or inputs.shape != output.shape or weight.shape != channels or bias.shape != channels:
+        return False
+    with torch.no_grad():
+        shape = (-1,) + (1,) * (inputs.dim() - 2)
+        expected = _channel_norm(inputs.float(), eps) * weight.float().view(shape) + bias.float().view(shape)
+        return bool(torch.allclose(expected.to(output.dtype), output.detach(), rtol=1e-4, atol=1e-5))
+
+
 class GroupNormRecord(Record):
-    """One call of an ``nn.GroupNorm`` on inputs ``[N, C, *spatial]``.
+    """One call of an ``nn.GroupNorm``, or of a verified channels-first layer norm, on inputs ``[N, C, *spatial]``.
 
     Parameters
     ----------
@@ -70,12 +112,16 @@ class GroupNormRecord(Record):
         (grad,) = grads
         assert grad is not None
         norm = self.module
-        assert isinstance(norm, nn.GroupNorm)
         check_samples_first(self, layout)
         self.check_batch(self.inputs, layout, "input")
         dtype = compute_dtype(next(iter(self.params.values())))
-        channels = norm.num_channels
-        normalised = F.group_norm(self.inputs.to(dtype), norm.num_groups, None, None, norm.eps)
+        channels = self.inputs.shape[1]
+        if isinstance(norm, nn.GroupNorm):
+            normalised = F.group_norm(self.inputs.to(dtype), norm.num_groups, None, None, norm.eps)
+        else:  # a layer norm over the channels (verified by computes_channel_norm)
+            eps = epsilon_of(norm)
+            assert eps is not None
+            normalised = _channel_norm(self.inputs.to(dtype), eps)
         del self.inputs
         # [E, n, C, S]: n samples per row group (1 when split by example), S spatial positions.
         positions = normalised[0, 0].numel()

@@ -689,8 +689,10 @@ class _ChannelsLayerNorm(nn.Module):
 
 
 @pytest.mark.parametrize("single_backward", [False, True])
-@pytest.mark.parametrize(("channels_first", "closed_form"), [(False, True), (True, False)])
-def test_layer_norm_look_alike_is_verified(channels_first: bool, closed_form: bool, single_backward: bool) -> None:
+@pytest.mark.parametrize("channels_first", [False, True])
+def test_layer_norm_look_alike_is_verified(channels_first: bool, single_backward: bool) -> None:
+    """A layer norm by another name, over the last dimension or over dimension 1 (ConvNeXt's channels-first form,
+    handled like a GroupNorm's per-channel affine map): verified on the first call, then in closed form."""
     from hf_jd.autogram._dispatch import Kind
 
     from ._reference import assert_exact_step
@@ -705,4 +707,33 @@ def test_layer_norm_look_alike_is_verified(channels_first: bool, closed_form: bo
         out = model(torch.randn(3, 5, 4))
         losses = torch.stack([out[..., 0].pow(2).mean(1), out[..., 1].tanh().mean(1)], dim=1)
         assert_exact_step(engine, losses, trainable(model), single_backward)
-        assert engine._capture.infos[id(norm)].kind is (Kind.LAYER_NORM if closed_form else Kind.GENERIC)
+        assert engine._capture.infos[id(norm)].kind is (Kind.CHANNEL_NORM if channels_first else Kind.LAYER_NORM)
+
+
+class _OffsetChannelsNorm(_ChannelsLayerNorm):
+    """Normalises dimension 1 like a layer norm but adds 0.1 after the affine map: not a channel norm."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + 0.1
+
+
+@pytest.mark.parametrize("batch_dim", [0, 1])
+def test_channels_first_norm_look_alikes(batch_dim: int) -> None:
+    """A channels-first layer norm on [N, C, H, W] takes the closed form with the examples along dimension 0 and the
+    exact per-row path otherwise (its closed form needs the samples first); a module that only looks like one stays
+    generic. Exact against the explicit Jacobian in each case."""
+    from hf_jd.autogram._dispatch import Kind
+
+    from ._reference import assert_exact_step
+
+    torch.manual_seed(1)
+    for norm_class, kind in ((_ChannelsLayerNorm, Kind.CHANNEL_NORM), (_OffsetChannelsNorm, Kind.GENERIC)):
+        norm = norm_class(3, channels_first=True)
+        model = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), norm, nn.Tanh())
+        engine = Engine(model, batch_dim=batch_dim)
+        out = model(torch.randn(4, 3, 5, 5))
+        # batch_dim=1: one "example" per channel of the [N, C, H, W] tensors (the norm mixes them)
+        losses = out.pow(2).mean((0, 2, 3)) if batch_dim == 1 else out.pow(2).mean((1, 2, 3))
+        assert_exact_step(engine, losses, trainable(model), False)
+        assert engine._capture.infos[id(norm)].kind is kind
+        engine.remove()
