@@ -192,9 +192,12 @@ class PatchConvRecord(Record):
     ``Σ_l g_{ekgl} u_{egl}ᵀ`` per group ``g`` of channels (``u``: the input patches), materialised
     (``[R, numel]``, the size of the weight per row: small for depthwise kernels).
 
-    For narrow groups (depthwise kernels), the rows are folded into the groups (``[1, R · C_in, ...]`` inputs, ``R ·
-    groups`` groups) and the convolution's own weight-gradient kernel gives every row's weight gradient in one call;
-    otherwise they come from the unfolded input patches (im2col), one batched product per row and group.
+    For depthwise kernels (one input channel per group), each row's kernel gradient is the correlation of its input
+    channel with its output gradients: one grouped convolution over all rows, the output gradients as its kernels (as
+    fast as the weight gradient of an ordinary backward pass). For other narrow groups, the rows are folded into the
+    groups (``[1, R · C_in, ...]`` inputs, ``R · groups`` groups) and the convolution's own weight-gradient kernel gives
+    every row's weight gradient in one call; otherwise they come from the unfolded input patches (im2col), one batched
+    product per row and group.
 
     Parameters
     ----------
@@ -277,6 +280,29 @@ class PatchConvRecord(Record):
         )
         return grad_weight.reshape(rows, -1)
 
+    def _weight_rows_depthwise(self) -> Tensor:
+        """``[R, numel]`` of a depthwise convolution (one input channel per group): each row's kernel gradient is the
+        correlation of its input channel with its output gradients, one grouped convolution over all rows and channels
+        at once (the output gradients as its kernels, the stride as its dilation and the dilation as its stride)."""
+        assert self.layout is not None
+        inputs, grads = self.inputs, self.grads
+        num_tasks, samples, channels_out = grads.shape[:3]
+        channels_in = inputs.shape[1]
+        pad_h, pad_w = self.padding
+        padded = F.pad(inputs, (pad_w, pad_w, pad_h, pad_h))
+        pairs = samples * num_tasks  # (sample, task), sample-major
+        folded_inputs = padded.unsqueeze(1).expand(samples, num_tasks, *padded.shape[1:])
+        folded_inputs = folded_inputs.reshape(1, pairs * channels_in, *padded.shape[2:])
+        kernels = grads.transpose(0, 1).reshape(pairs * channels_out, 1, *grads.shape[3:])
+        correlations = F.conv2d(
+            folded_inputs, kernels, stride=self.dilation, dilation=self.stride, groups=pairs * channels_in
+        )  # [1, pairs * C_out, >= kh, >= kw]
+        kernel_h, kernel_w = self.kernel
+        rows = correlations[0, :, :kernel_h, :kernel_w].reshape(samples, num_tasks, -1)
+        if self.layout.batch_dim is None:  # one "example": the samples' gradients add up
+            rows = rows.sum(0, keepdim=True)
+        return rows.reshape(self.layout.num_rows, -1)
+
     def _weight_rows_unfolded(self) -> Tensor:
         """``[R, numel]`` from the unfolded input patches."""
         assert self.layout is not None
@@ -311,6 +337,8 @@ class PatchConvRecord(Record):
             if self.layout.batch_dim is None:
                 return self.grads.sum(dim=(1, 3, 4)).reshape(self.layout.num_rows, -1)
             return self.grads.sum(dim=(3, 4)).transpose(0, 1).reshape(self.layout.num_rows, -1)
+        if self.inputs.shape[1] == self.groups:
+            return self._weight_rows_depthwise()
         return self._weight_rows_folded() if self._folded() else self._weight_rows_unfolded()
 
     def compact(self) -> None:

@@ -643,7 +643,15 @@ def test_conv1d_and_grouped_conv2d_closed_form(
         nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.ReLU(), nn.Conv2d(4, 6, (3, 2), stride=2, groups=2)
     )
     channels_last = torch.randn(3, 7, 7, 4).permute(0, 3, 1, 2)
-    for model, x in ((audio, torch.randn(3, 2, 11)), (image, torch.randn(3, 4, 7, 7)), (image, channels_last)):
+    # depthwise kernels (one input channel per group) with channel multipliers, strides, dilations and paddings
+    depthwise_image = nn.Sequential(
+        nn.Conv2d(4, 8, (3, 2), stride=(2, 1), dilation=(1, 2), padding=(1, 2), groups=4), nn.Tanh(),
+        nn.Conv2d(8, 8, 3, stride=2, groups=8, bias=False),
+    )
+    depthwise_audio = nn.Sequential(nn.Conv1d(3, 6, 3, stride=2, dilation=2, padding=3, groups=3), nn.Tanh(),
+                                    nn.Conv1d(6, 6, 4, groups=6))
+    for model, x in ((audio, torch.randn(3, 2, 11)), (image, torch.randn(3, 4, 7, 7)), (image, channels_last),
+                     (depthwise_image, torch.randn(3, 4, 9, 8)), (depthwise_audio, torch.randn(3, 3, 17))):
         for batch_dim in (0, None):
             engine = Engine(model, batch_dim=batch_dim, single_backward=single_backward)
             model.zero_grad(set_to_none=True)
