@@ -1,4 +1,5 @@
-"""Per-example gradients of a generic call's weights from the matrix products that use them (mixtures of experts).
+"""Per-example gradients of a generic call's weights from the products and elementwise operations that use them (mixtures
+of experts, layer scales).
 
 A generic call's per-example gradients are vector-Jacobian products from its outputs, one per example: for
 a mixture-of-experts layer (transformers' fused experts: 3-D weights ``[experts, out, in]``, tokens sorted
@@ -25,10 +26,15 @@ are never held. The weighted gradient of the single-backward mode is a second su
 example's weight. Otherwise (a weight scaled before its products, slices used by several products), the per-example
 gradients of the weight come from one batched product through the operations on the weights.
 
-Only calls whose weights meet the data in matrix products alone take this path (``mm``, ``bmm``,
+Elementwise uses take the same path: ``x * W``, ``x + W`` and ``x - W`` (either order) with ``W`` broadcast over the
+output's first dimension (layer scales, hand-written channels-first norms, Swinv2's logit scale), each entry of that
+dimension a block whose gradient for ``W`` is ``g ⊙ x`` (or ``± g``) summed to ``W``'s shape. Calls whose products
+start at their parameters' uses (:mod:`._direct_uses`) take it too, from the gradients of those uses.
+
+Only calls whose weights meet the data in these operations alone take this path (``mm``, ``bmm``,
 ``grouped_mm``, the weight on the right of a row-major product or either side of ``bmm``; biases added to the
-rows, whole or gathered per row), in float32 or float64, with more than :data:`FEW_ROWS` loss rows or large
-weights. The weights ``w`` and ``w'`` are a shuffled even spread over ``(1, 2)`` and its reverse, from a fixed seed.
+rows, whole or gathered per row; the elementwise uses above), in float32 or float64, with more than
+:data:`FEW_ROWS` loss rows or large weights. The weights ``w`` and ``w'`` are a shuffled even spread over ``(1, 2)`` and its reverse, from a fixed seed.
 """
 
 from __future__ import annotations
@@ -537,7 +543,7 @@ def matmul_factors(record: GenericRecord, layout: RowLayout, dtype: torch.dtype)
         several examples, low precision. A module for which the path did not apply keeps the usual path on later
         calls.
     """
-    if record.nodes is None or record.started_at or record._shared_output or dtype not in (torch.float32,
+    if record.nodes is None or record._shared_output or dtype not in (torch.float32,
                                                                                            torch.float64):
         return None
     if not hasattr(record, "grad_rows"):  # a closed form took the output gradients (an RMS norm's)

@@ -131,3 +131,21 @@ def test_convnext_layer_scales(taken: list[tuple[str, bool]]) -> None:
         losses = model(pixel_values=torch.randn(batch, 3, 8, 8)).logits.logsumexp(-1)
         assert_exact_step_with_freed_graph(engine, model, losses, False)
     assert any(took for name, took in taken if name == "ConvNextLayer")
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_swinv2_logit_scale_from_its_use(single_backward: bool, taken: list[tuple[str, bool]]) -> None:
+    """Swinv2's attention scales its [B * windows, heads, N, N] scores by ``exp(clamp(logit_scale))``: the products start
+    at that multiplication (the call's outputs are windows), whose blocks are the windows, each found to belong to one
+    example; exact over steps and batch sizes."""
+    torch.manual_seed(4)
+    config = tf.Swinv2Config(image_size=16, patch_size=4, embed_dim=8, depths=[2], num_heads=[2], window_size=2,
+                             num_labels=3)
+    model = tf.Swinv2ForImageClassification(config)
+    engine = Engine(model, single_backward=single_backward)
+    for batch in (3, 3, 2):
+        model.zero_grad(set_to_none=True)
+        losses = model(pixel_values=torch.randn(batch, 3, 16, 16)).logits.logsumexp(-1)
+        assert_exact_step_with_freed_graph(engine, model, losses, single_backward)
+    took = [took for name, took in taken if name == "Swinv2SelfAttention"]
+    assert took and all(took)
