@@ -1,5 +1,5 @@
-"""Per-example gradients of a generic call's weights from the products and elementwise operations that use them (mixtures
-of experts, layer scales).
+"""Per-example gradients of a generic call's weights from the products and elementwise operations that use them
+(mixtures of experts, layer scales).
 
 A generic call's per-example gradients are vector-Jacobian products from its outputs, one per example: for
 a mixture-of-experts layer (transformers' fused experts: 3-D weights ``[experts, out, in]``, tokens sorted
@@ -34,7 +34,8 @@ start at their parameters' uses (:mod:`._direct_uses`) take it too, from the gra
 Only calls whose weights meet the data in these operations alone take this path (``mm``, ``bmm``,
 ``grouped_mm``, the weight on the right of a row-major product or either side of ``bmm``; biases added to the
 rows, whole or gathered per row; the elementwise uses above), in float32 or float64, with more than
-:data:`FEW_ROWS` loss rows or large weights. The weights ``w`` and ``w'`` are a shuffled even spread over ``(1, 2)`` and its reverse, from a fixed seed.
+:data:`FEW_ROWS` loss rows or large weights. The weights ``w`` and ``w'`` are a shuffled even spread over ``(1, 2)``
+and its reverse, from a fixed seed.
 """
 
 from __future__ import annotations

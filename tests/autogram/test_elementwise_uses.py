@@ -135,9 +135,9 @@ def test_convnext_layer_scales(taken: list[tuple[str, bool]]) -> None:
 
 @pytest.mark.parametrize("single_backward", [False, True])
 def test_swinv2_logit_scale_from_its_use(single_backward: bool, taken: list[tuple[str, bool]]) -> None:
-    """Swinv2's attention scales its [B * windows, heads, N, N] scores by ``exp(clamp(logit_scale))``: the products start
-    at that multiplication (the call's outputs are windows), whose blocks are the windows, each found to belong to one
-    example; exact over steps and batch sizes."""
+    """Swinv2's attention scales its [B * windows, heads, N, N] scores by ``exp(clamp(logit_scale))``: the products
+    start at that multiplication (the call's outputs are windows), whose blocks are the windows, each found to belong
+    to one example; exact over steps and batch sizes."""
     torch.manual_seed(4)
     config = tf.Swinv2Config(image_size=16, patch_size=4, embed_dim=8, depths=[2], num_heads=[2], window_size=2,
                              num_labels=3)
