@@ -40,6 +40,7 @@ and its reverse, from a fixed seed.
 
 from __future__ import annotations
 
+import math
 import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -89,7 +90,7 @@ class _Use:
     reduced: tuple[int, ...] = ()  # "elementwise": the weight-derived operand's shape within a block
 
     def __post_init__(self) -> None:
-        if self.data is not None:
+        if self.data is not None and self.kind != "elementwise":  # (elementwise: data shaped as the output)
             self.num_blocks = self.data.shape[0]
 
 
@@ -220,15 +221,19 @@ def _use_of(node: Any, closure: set[Any]) -> _Use | None:
 
 
 def _elementwise_use(node: Any, name: str, side: int, operands: list[tuple[Any, int]]) -> _Use | None:
-    """``y = x * W``, ``x + W`` or ``x - W`` (either order) with ``W`` broadcast over ``y``'s first dimension: a block
-    per entry of that dimension, whose gradient for ``W`` is ``g ⊙ x`` (or ``± g``) summed to ``W``'s shape."""
+    """``y = x * W``, ``x + W`` or ``x - W`` (either order) with ``W`` broadcast over ``y``'s leading dimensions: a block
+    per entry of those dimensions (all but the last at most: ``[B, T]`` positions, or ``[T, B]`` ones of a time-major
+    tensor), whose gradient for ``W`` is ``g ⊙ x`` (or ``± g``) summed to ``W``'s shape."""
     child, nr = operands[side]
     out_shape, shape = torch.Size(node._input_metadata[0].shape), torch.Size(child._input_metadata[nr].shape)
-    if len(out_shape) < 1 or len(shape) > len(out_shape) or out_shape[0] == 0:
+    if len(out_shape) < 1 or len(shape) > len(out_shape) or out_shape.numel() == 0:
         return None
     padded = (1,) * (len(out_shape) - len(shape)) + tuple(shape)
     if padded[0] != 1 or any(size not in (1, full) for size, full in zip(padded, out_shape)):
         return None  # W varies along the blocks (or does not broadcast to y)
+    lead = 1
+    while lead < len(out_shape) - 1 and padded[lead] == 1:
+        lead += 1
     data: Tensor | None = None
     scale = 1.0
     if name == "MulBackward0":
@@ -242,7 +247,8 @@ def _elementwise_use(node: Any, name: str, side: int, operands: list[tuple[Any, 
     elif side == 1:  # x + alpha W, x - alpha W
         alpha = float(node._saved_alpha)
         scale = alpha if name == "AddBackward0" else -alpha
-    return _Use(node, data, "elementwise", None, 1, (child, nr), shape, int(out_shape[0]), scale, padded[1:])
+    blocks = math.prod(out_shape[:lead])
+    return _Use(node, data, "elementwise", None, 1, (child, nr), shape, blocks, scale, padded[lead:])
 
 
 def _find_uses(record: GenericRecord) -> list[_Use] | None:
@@ -312,11 +318,10 @@ def _block_sums(left: Tensor, right: Tensor, keys: Tensor, num_keys: int) -> Ten
 def _factors(use: _Use, grad: Tensor) -> tuple[Tensor, Tensor]:
     """``L [N, 1, a]`` and ``R [N, 1, b]`` of the use's blocks, from one task's block gradients ``[N, F]``."""
     if use.kind == "elementwise":  # the gradient of W within a block: g ⊙ x (or ± g) summed to W's shape
-        blocks = grad.reshape(use.num_blocks, *use.data.shape[1:]) if use.data is not None else grad
+        block_shape = _block_shape(use)
+        blocks = grad.reshape(use.num_blocks, *block_shape)
         if use.data is not None:
-            blocks = blocks * use.data.detach().to(grad.dtype)
-        else:
-            blocks = blocks.reshape(use.num_blocks, *_block_shape(use))
+            blocks = blocks * use.data.detach().to(grad.dtype).reshape(use.num_blocks, *block_shape)
         reduced = blocks.sum_to_size(use.num_blocks, *use.reduced) * use.scale
         return grad.new_ones(use.num_blocks, 1, 1), reduced.reshape(use.num_blocks, 1, -1)
     if use.data is None:  # y = x + b: the gradient of b is Σ_r g_r
@@ -329,8 +334,9 @@ def _factors(use: _Use, grad: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _block_shape(use: _Use) -> tuple[int, ...]:
-    """The shape of an elementwise use's output within a block (its output's shape without the first dimension)."""
-    return tuple(use.node._input_metadata[0].shape[1:])
+    """The shape of an elementwise use's output within a block (its output's shape without the blocks' dimensions)."""
+    shape = tuple(use.node._input_metadata[0].shape)
+    return shape[len(shape) - len(use.reduced):]
 
 
 def _block_grads(use: _Use, grads: Tensor) -> Tensor:

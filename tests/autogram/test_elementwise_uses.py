@@ -97,9 +97,9 @@ def test_task_losses_without_batch_dim(taken: list[tuple[str, bool]]) -> None:
     assert taken and all(took for _, took in taken)
 
 
-class MixingScale(nn.Module):
-    """A parameter scaling a tensor whose first dimension is not the examples' (time-major ``[T, N, C]``): each
-    block holds all the examples, so the path does not apply and the usual one gives the Gramian."""
+class TimeMajorScale(nn.Module):
+    """A parameter scaling a time-major ``[T, N, C]`` tensor: its blocks are the ``(t, n)`` positions, each in one
+    example."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -109,13 +109,29 @@ class MixingScale(nn.Module):
         return (self.gamma * x.transpose(0, 1).tanh()).transpose(0, 1)
 
 
-def test_blocks_of_several_examples_keep_the_usual_path(taken: list[tuple[str, bool]]) -> None:
+class SharedScale(nn.Module):
+    """A parameter scaling a statistic of the batch that every example then uses: each block is reached by all the
+    examples, so the path does not apply and the usual one gives the Gramian."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((channels,), 1.3))
+
+    def forward(self, x: Tensor) -> Tensor:  # [N, T, C]
+        return x + self.gamma * x.mean(0, keepdim=True).tanh()
+
+
+@pytest.mark.parametrize(("scale", "applies"), [(TimeMajorScale, True), (SharedScale, False)])
+def test_blocks_are_positions_of_one_example(scale: type[nn.Module], applies: bool,
+                                             taken: list[tuple[str, bool]]) -> None:
     torch.manual_seed(2)
-    model = nn.Sequential(nn.Linear(3, 4), MixingScale(4), nn.Linear(4, 2))
+    model = nn.Sequential(nn.Linear(3, 4), scale(4), nn.Linear(4, 2))
     engine = Engine(model)
-    losses = model(torch.randn(3, 5, 3)).pow(2).mean((1, 2))
-    assert_exact_step_with_freed_graph(engine, model, losses, False)
-    assert {took for name, took in taken if name == "MixingScale"} == {False}
+    for batch in (3, 4):
+        model.zero_grad(set_to_none=True)
+        losses = model(torch.randn(batch, 5, 3)).pow(2).mean((1, 2))
+        assert_exact_step_with_freed_graph(engine, model, losses, False)
+    assert {took for name, took in taken if name == scale.__name__} == {applies}
 
 
 def test_convnext_layer_scales(taken: list[tuple[str, bool]]) -> None:
