@@ -296,18 +296,24 @@ def _examples_of_rows(grads: Tensor, weights: Tensor, rtol: float) -> Tensor | N
 
 def _block_sums(left: Tensor, right: Tensor, keys: Tensor, num_keys: int) -> Tensor:
     """``Σ_{r: keys[r] = k} left_rᵀ right_r`` for each key ``k`` (``-1``: left out): ``[num_keys, a, b]`` from
-    ``left [R, n, a]`` and ``right [R, n, b]``, as one batched product over the blocks padded per key."""
+    ``left [R, n, a]`` and ``right [R, n, b]``, as one batched product over the blocks grouped (padded if their counts
+    differ) per key."""
     keep = keys >= 0
-    left, right, keys = left[keep], right[keep], keys[keep]
-    out = left.new_zeros(num_keys, left.shape[2], right.shape[2])
+    if not bool(keep.all()):
+        left, right, keys = left[keep], right[keep], keys[keep]
     if keys.numel() == 0:
-        return out
-    keys, order = torch.sort(keys, stable=True)
-    left, right = left[order], right[order]
+        return left.new_zeros(num_keys, left.shape[2], right.shape[2])
+    if keys.numel() > 1 and bool((keys[1:] < keys[:-1]).any()):  # (rows already in key order: no copy)
+        keys, order = torch.sort(keys, stable=True)
+        left, right = left[order], right[order]
     counts = torch.bincount(keys, minlength=num_keys)
+    longest = int(counts.max())
+    if int(counts.min()) == longest:  # as many rows per key (an example's positions): no padding
+        left = left.reshape(num_keys, longest, *left.shape[1:])
+        right = right.reshape(num_keys, longest, *right.shape[1:])
+        return torch.bmm(left.flatten(1, 2).mT, right.flatten(1, 2))
     starts = torch.cumsum(counts, 0) - counts
     positions = torch.arange(keys.numel(), device=keys.device) - starts[keys]
-    longest = int(counts.max())
     padded_left = left.new_zeros(num_keys, longest, *left.shape[1:])
     padded_right = right.new_zeros(num_keys, longest, *right.shape[1:])
     padded_left[keys, positions] = left
