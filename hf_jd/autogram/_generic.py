@@ -23,6 +23,9 @@ from ._record import Record, compute_dtype
 
 # Largest number of entries of the per-row masked output gradients built at once.
 MAX_SPREAD_ENTRIES = 2**24
+# Single-backward mode: per-row gradients of a call's parameters, when given by the factors of its products, are
+# kept for the weighted gradient up to this many entries (a gather then, instead of a pass through the weights).
+MAX_KEPT_ENTRIES = 2**20
 
 __all__ = [
     "GenericRecord",
@@ -422,11 +425,17 @@ class GenericRecord(Record):
             Shape ``[R, R]``.
         """
         factors = self._matmul_factors() if self._rows is None else None
-        if factors is not None:
+        if factors is not None and not (self.keep_rows and self._small()):
             gramian = factors.gram(name)
             if gramian is not None:
                 return gramian
         return super().gram(name)
+
+    def _small(self) -> bool:
+        """Whether the per-row gradients of all the call's parameters are small enough to be kept for the weighted
+        gradient of the single-backward mode (layer scales, biases), rather than recomputed from the factors."""
+        assert self.layout is not None
+        return self.layout.num_rows * sum(param.numel() for param in self.params.values()) <= MAX_KEPT_ENTRIES
 
     def weighted_grad(self, name: str, weights: Tensor) -> Tensor:
         """Gradient of ``Σ_r w_r L_r`` w.r.t. parameter ``name`` (see :meth:`Record.weighted_grad`); from the call's

@@ -72,9 +72,15 @@ class Net(nn.Module):
         return self.head(self.scale(hidden).mean((1, 2)))
 
 
-@pytest.mark.parametrize("single_backward", [False, True])
+@pytest.mark.parametrize(("single_backward", "keep_rows"), [(False, True), (True, True), (True, False)])
 @pytest.mark.parametrize("tasks", [False, True])
-def test_scales_and_sums_take_the_path(single_backward: bool, tasks: bool, taken: list[tuple[str, bool]]) -> None:
+def test_scales_and_sums_take_the_path(
+    single_backward: bool, keep_rows: bool, tasks: bool, taken: list[tuple[str, bool]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Exact Gramian and update; with the single backward, the small parameters' per-row gradients are kept for the
+    weighted gradient, or (``keep_rows=False``) the weighted gradient comes from the factors."""
+    if not keep_rows:
+        monkeypatch.setattr(_generic, "MAX_KEPT_ENTRIES", 0)
     torch.manual_seed(0)
     model = Net()
     engine = Engine(model, single_backward=single_backward)
