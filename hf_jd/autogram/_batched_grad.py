@@ -4,8 +4,8 @@ The engine back-propagates several vectors at once (one per task, or per loss ro
 ``is_grads_batched=True``, which vmaps the backward pass. The backward kernels that
 ``torch.compile`` generates (``CompiledFunctionBackward`` nodes) cannot be vmapped ("Cannot access
 data pointer of Tensor that doesn't have storage"), nor can the forward passes of checkpointed blocks
-that a backward pass re-runs (vmap rejects their dropout), nor can group norms of channels-last inputs
-("NYI: querying is_contiguous inside of vmap"); for such graphs the vectors are back-propagated one
+that a backward pass re-runs (vmap rejects their dropout), nor can group norms and max_unpool of channels-last
+tensors ("NYI: querying is_contiguous inside of vmap"); for such graphs the vectors are back-propagated one
 after the other, which gives the same result for as many backward passes as vectors.
 """
 
@@ -23,19 +23,29 @@ from torch.autograd.graph import GradientEdge
 __all__ = [
     "batched_grad",
     "explain_donated_buffers",
+    "group_norm_guards",
+    "guarding_group_norms",
     "has_compiled_nodes",
+    "is_channels_last",
     "one_vector_at_a_time",
     "vmap_rejects_channels_last",
 ]
 
 # Autograd nodes of graphs compiled by torch.compile (AOTAutograd).
 _COMPILED_NODES = frozenset({"CompiledFunctionBackward"})
-# Backward kernels that vmap rejects for channels-last inputs on CPU (they query the memory format). Checked with
-# torch 2.13: convolutions (2-D, 3-D, depthwise, transposed), pooling, interpolation, layer, instance and batch norms
-# pass; GroupNorm (2-D and 3-D) fails.
-_CHANNELS_LAST_VMAP_FAILURES = frozenset({"NativeGroupNormBackward0"})
+# Backward kernels that vmap rejects for channels-last tensors (they query the memory format), with the saved tensor
+# whose layout decides. Checked on CPU with torch 2.13 over about a hundred backward kernels: GroupNorm's and
+# max_unpool's (2-D and 3-D) fail; convolutions (also transposed, depthwise, 3-D), pooling, interpolation, layer,
+# instance and batch norms pass.
+_CHANNELS_LAST_VMAP_FAILURES = {
+    "NativeGroupNormBackward0": "_saved_input",
+    "MaxUnpool2DBackward0": "_saved_indices",
+    "MaxUnpool3DBackward0": "_saved_indices",
+}
+
 
 _ONE_AT_A_TIME: ContextVar[bool] = ContextVar("hf_jd_autogram_one_vector_at_a_time", default=False)
+_GUARDS: ContextVar[tuple[GradientEdge, ...]] = ContextVar("hf_jd_autogram_group_norm_guards", default=())
 
 
 def has_compiled_nodes(nodes: Iterable[Any]) -> bool:
@@ -54,8 +64,81 @@ def has_compiled_nodes(nodes: Iterable[Any]) -> bool:
     return any(type(node).__name__ in _COMPILED_NODES for node in nodes)
 
 
-def vmap_rejects_channels_last(nodes: Iterable[Any], device: torch.device) -> bool:
-    """Whether a graph with channels-last inputs must be back-propagated one vector at a time.
+def is_channels_last(tensor: Tensor) -> bool:
+    """Whether a 4-D or 5-D tensor is laid out channels-last (and not also contiguous).
+
+    Parameters
+    ----------
+    tensor
+        A tensor.
+
+    Returns
+    -------
+    bool
+        ``True`` for a channels-last (or channels-last-3d) layout.
+    """
+    if tensor.dim() == 4:
+        return tensor.is_contiguous(memory_format=torch.channels_last) and not tensor.is_contiguous()
+    if tensor.dim() == 5:
+        return tensor.is_contiguous(memory_format=torch.channels_last_3d) and not tensor.is_contiguous()
+    return False
+
+
+def group_norm_guards(nodes: Iterable[Any]) -> list[GradientEdge]:
+    """The input edges of the graph's group norms of channels-last tensors.
+
+    With torch 2.13 on CPU, the backward kernel of such a group norm crashes the process (a segmentation fault) when
+    its weight's gradient is needed but not its input's (a pass from a generic call's outputs to its own parameter,
+    ``F.group_norm(x, groups, self.weight)``). The engine's passes over one vector at a time also ask for these input
+    edges (see :func:`guarding_group_norms`), which makes the kernel compute both.
+
+    Parameters
+    ----------
+    nodes
+        The autograd nodes of the graph.
+
+    Returns
+    -------
+    list of GradientEdge
+        One per such group norm whose input requires grad.
+    """
+    guards = []
+    for node in nodes:
+        if type(node).__name__ != "NativeGroupNormBackward0":
+            continue
+        try:
+            saved = node._saved_input
+        except RuntimeError:  # (freed)
+            continue
+        child, output_nr = node.next_functions[0]
+        if isinstance(saved, Tensor) and is_channels_last(saved) and child is not None:
+            guards.append(GradientEdge(child, output_nr))
+    return guards
+
+
+@contextmanager
+def guarding_group_norms(guards: Sequence[GradientEdge]) -> Iterator[None]:
+    """Within the block, the passes of :func:`batched_grad` over one vector at a time also ask for the gradients at
+    ``guards`` (see :func:`group_norm_guards`), then drop them.
+
+    Parameters
+    ----------
+    guards
+        The input edges of the graph's group norms of channels-last tensors.
+
+    Yields
+    ------
+    None
+    """
+    token = _GUARDS.set(tuple(guards))
+    try:
+        yield
+    finally:
+        _GUARDS.reset(token)
+
+
+def vmap_rejects_channels_last(nodes: Iterable[Any], device: torch.device, channels_last_inputs: bool) -> bool:
+    """Whether a graph must be back-propagated one vector at a time because of channels-last tensors.
 
     Parameters
     ----------
@@ -63,17 +146,29 @@ def vmap_rejects_channels_last(nodes: Iterable[Any], device: torch.device) -> bo
         The autograd nodes of the graph.
     device
         The device of the losses.
+    channels_last_inputs
+        Whether a captured module call had a channels-last input.
 
     Returns
     -------
     bool
-        On CPU, ``True`` when a node's backward kernel is one that vmap rejects for channels-last inputs
-        (GroupNorm); on other devices, whose kernels for channels-last inputs were not all checked, always
-        ``True``.
+        ``True`` when a node whose backward kernel vmap rejects for channels-last tensors (GroupNorm, max_unpool) saved
+        one, whether or not a module call received it; and, on other devices than the CPU (whose kernels for
+        channels-last tensors were not all checked), whenever a module call had a channels-last input.
     """
-    if device.type != "cpu":
+    if channels_last_inputs and device.type != "cpu":
         return True
-    return any(type(node).__name__ in _CHANNELS_LAST_VMAP_FAILURES for node in nodes)
+    for node in nodes:
+        attribute = _CHANNELS_LAST_VMAP_FAILURES.get(type(node).__name__)
+        if attribute is None:
+            continue
+        try:
+            saved = getattr(node, attribute)
+        except RuntimeError:  # (freed: the layout is unknown)
+            return True
+        if not isinstance(saved, Tensor) or is_channels_last(saved):
+            return True
+    return False
 
 
 @contextmanager
@@ -136,17 +231,18 @@ def batched_grad(
         )
     vectors = [grad_outputs] if isinstance(grad_outputs, Tensor) else list(grad_outputs)
     count = vectors[0].shape[0]
+    guards = list(_GUARDS.get())
     rows = []
     for index in range(count):
         row_vectors = [vector[index] for vector in vectors]
         rows.append(
             torch.autograd.grad(
                 outputs,
-                inputs,
+                [*inputs, *guards],  # (tensors and edges mixed: autograd takes both)
                 grad_outputs=row_vectors[0] if isinstance(grad_outputs, Tensor) else row_vectors,
                 retain_graph=retain_graph or index < count - 1,
                 allow_unused=True,
-            )
+            )[: len(inputs)]
         )
     grads: list[Tensor | None] = []
     for position in range(len(inputs)):

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
 
+from ._batched_grad import is_channels_last
 from ._dispatch import Kind, closed_form_parameters, kind_of, mixes_examples, parametrized_kind, record_class
 from ._embedding import EmbeddingRecord, embedding_scale, is_embedding_subclass
 from ._group_norm import computes_channel_norm
@@ -96,15 +97,6 @@ def saved_tensors_hooked() -> bool:
         ``True`` when some saved-tensor hooks are active.
     """
     return _saved_tensors_hooks() is not None
-
-
-def _channels_last(tensor: Tensor) -> bool:
-    """Whether a 4-D or 5-D tensor is laid out channels-last (and not also contiguous)."""
-    if tensor.dim() == 4:
-        return tensor.is_contiguous(memory_format=torch.channels_last) and not tensor.is_contiguous()
-    if tensor.dim() == 5:
-        return tensor.is_contiguous(memory_format=torch.channels_last_3d) and not tensor.is_contiguous()
-    return False
 
 
 # Frame of a module call that re-runs a captured one inside a backward pass (activation checkpointing).
@@ -567,7 +559,7 @@ class Capture:
         if not self.checkpointed:
             self.checkpointed = saved_tensors_hooked()
         if not self.channels_last:
-            self.channels_last = any(_channels_last(tensor) for tensor in tensors_in(args))
+            self.channels_last = any(is_channels_last(tensor) for tensor in tensors_in(args))
         aliases = None
         calls = None
         if info.kind.is_generic:

@@ -7,6 +7,8 @@ gradients are ``Σ_l g_{ekl} u_{el}ᵀ`` with ``u`` the unfolded patches ``[E, L
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -181,6 +183,30 @@ def is_unfoldable_grouped_conv(module: nn.Module) -> bool:
     return stock and module.padding_mode == "zeros" and not isinstance(module.padding, str)
 
 
+@contextmanager
+def _full_precision_convolutions(device: torch.device) -> Iterator[None]:
+    """cuDNN convolutions in full float32 precision within the block (they default to TF32 on recent GPUs, about
+    1e-3 relative error: the per-row gradients computed by convolutions must match the exact Gramian)."""
+    if device.type != "cuda":
+        yield
+        return
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):
+        previous = conv.fp32_precision
+        conv.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            conv.fp32_precision = previous
+        return
+    allowed = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = allowed
+
+
 # Largest (C_in / groups) · (C_out / groups) for which a grouped convolution's per-row weight gradients come from the
 # convolution's weight-gradient kernel run over all rows at once (the rows folded into the groups): faster and
 # lighter than the unfolded patches for depthwise and narrow groups (1.5-4x on CPU), slower for wide ones.
@@ -274,10 +300,11 @@ class PatchConvRecord(Record):
         folded_grads = per_row_grads.reshape(batch, rows * channels_out, *grads.shape[3:])
         # (the kernel reads only the weight's shape)
         weight = inputs.new_zeros(1, 1, 1, 1).expand(rows * channels_out, channels_in // self.groups, *self.kernel)
-        _, grad_weight, _ = torch.ops.aten.convolution_backward(
-            folded_grads, folded_inputs, weight, None, list(self.stride), list(self.padding), list(self.dilation),
-            False, [0, 0], rows * self.groups, [False, True, False],
-        )
+        with _full_precision_convolutions(inputs.device):
+            _, grad_weight, _ = torch.ops.aten.convolution_backward(
+                folded_grads, folded_inputs, weight, None, list(self.stride), list(self.padding), list(self.dilation),
+                False, [0, 0], rows * self.groups, [False, True, False],
+            )
         return grad_weight.reshape(rows, -1)
 
     def _weight_rows_depthwise(self) -> Tensor:
@@ -294,9 +321,10 @@ class PatchConvRecord(Record):
         folded_inputs = padded.unsqueeze(1).expand(samples, num_tasks, *padded.shape[1:])
         folded_inputs = folded_inputs.reshape(1, pairs * channels_in, *padded.shape[2:])
         kernels = grads.transpose(0, 1).reshape(pairs * channels_out, 1, *grads.shape[3:])
-        correlations = F.conv2d(
-            folded_inputs, kernels, stride=self.dilation, dilation=self.stride, groups=pairs * channels_in
-        )  # [1, pairs * C_out, >= kh, >= kw]
+        with _full_precision_convolutions(inputs.device):
+            correlations = F.conv2d(
+                folded_inputs, kernels, stride=self.dilation, dilation=self.stride, groups=pairs * channels_in
+            )  # [1, pairs * C_out, >= kh, >= kw]
         kernel_h, kernel_w = self.kernel
         rows = correlations[0, :, :kernel_h, :kernel_w].reshape(samples, num_tasks, -1)
         if self.layout.batch_dim is None:  # one "example": the samples' gradients add up

@@ -34,8 +34,8 @@ start at their parameters' uses (:mod:`._direct_uses`) take it too, from the gra
 Only calls whose weights meet the data in these operations alone take this path (``mm``, ``bmm``,
 ``grouped_mm``, the weight on the right of a row-major product or either side of ``bmm``; biases added to the
 rows, whole or gathered per row; the elementwise uses above), in float32 or float64, with more than
-:data:`FEW_ROWS` loss rows or large weights. The weights ``w`` and ``w'`` are a shuffled even spread over ``(1, 2)``
-and its reverse, from a fixed seed.
+:data:`FEW_ROWS` loss rows or large weights. The weights ``w`` and ``w'`` are drawn independently in ``(1, 2)``, one
+slot of width ``1 / E`` per example at an irregular offset, from a fixed seed (see :func:`_check_weights`).
 """
 
 from __future__ import annotations
@@ -221,9 +221,9 @@ def _use_of(node: Any, closure: set[Any]) -> _Use | None:
 
 
 def _elementwise_use(node: Any, name: str, side: int, operands: list[tuple[Any, int]]) -> _Use | None:
-    """``y = x * W``, ``x + W`` or ``x - W`` (either order) with ``W`` broadcast over ``y``'s leading dimensions: a block
-    per entry of those dimensions (all but the last at most: ``[B, T]`` positions, or ``[T, B]`` ones of a time-major
-    tensor), whose gradient for ``W`` is ``g ⊙ x`` (or ``± g``) summed to ``W``'s shape."""
+    """``y = x * W``, ``x + W`` or ``x - W`` (either order) with ``W`` broadcast over ``y``'s leading dimensions: a
+    block per entry of those dimensions (all but the last at most: ``[B, T]`` positions, or ``[T, B]`` ones of a
+    time-major tensor), whose gradient for ``W`` is ``g ⊙ x`` (or ``± g``) summed to ``W``'s shape."""
     child, nr = operands[side]
     out_shape, shape = torch.Size(node._input_metadata[0].shape), torch.Size(child._input_metadata[nr].shape)
     if len(out_shape) < 1 or len(shape) > len(out_shape) or out_shape.numel() == 0:
@@ -269,6 +269,22 @@ def _find_uses(record: GenericRecord) -> list[_Use] | None:
     return list(uses.values()) or None
 
 
+def _check_weights(num_examples: int) -> Tensor:
+    """The weights ``w`` and ``w'`` (``[2, E]``, float64) of the check of the rows' examples: each example gets a slot
+    of width ``1 / E`` in ``(1, 2)``, shuffled, at an irregular offset inside it (between 0.2 and 0.8 of the slot),
+    drawn independently for ``w`` and ``w'`` from a fixed seed. The weights of two examples differ by at least
+    ``0.4 / E``; an average of several examples' weights (a row that they all reach) is no example's in both ``w`` and
+    ``w'``, as it could be with evenly spaced weights (the middle example's, for a row reached by all)."""
+    generator = torch.Generator().manual_seed(0x5EED)
+    size = max(num_examples, 1)
+    rows = []
+    for _ in range(2):
+        slots = torch.randperm(num_examples, generator=generator).double()
+        offsets = 0.2 + 0.6 * torch.rand(num_examples, generator=generator, dtype=torch.float64)
+        rows.append(1.0 + (slots + offsets) / size)
+    return torch.stack(rows)
+
+
 def _examples_of_rows(grads: Tensor, weights: Tensor, rtol: float) -> Tensor | None:
     """Example of each row block from its gradients ``[3, R, F]`` under the weights ``1, w, w'`` (``[2, E]``);
     ``-1`` for blocks with no gradient; ``None`` if a block is reached by several examples."""
@@ -287,7 +303,8 @@ def _examples_of_rows(grads: Tensor, weights: Tensor, rtol: float) -> Tensor | N
     distance = (ratios.unsqueeze(2) - weights.unsqueeze(1)).abs()  # [2, R, E]
     closest, examples = distance.min(2)
     # To rounding only: a row that several examples reach with parallel gradients (a loss linear in the call's
-    # output) has a ratio between their weights, off by at least its smaller share times their spacing (1 / E).
+    # output) has ratios that average their weights, which match no single example's in both w and w' (see
+    # _check_weights).
     fits = closest <= rtol * weights.abs().amax()
     if bool((~fits[:, ~zero]).any()) or bool((examples[0] != examples[1])[~zero].any()):
         return None
@@ -576,10 +593,8 @@ def _factors_from_uses(record: GenericRecord, layout: RowLayout, dtype: torch.dt
     if uses is None:
         return None
     num_examples, num_tasks = layout.num_examples, layout.num_tasks
-    generator = torch.Generator().manual_seed(0x5EED)
-    spread = (torch.randperm(num_examples, generator=generator).double() + 0.5) / max(num_examples, 1)
     device = uses[0].node._input_metadata[0].device
-    weights = torch.stack([1.0 + spread, 1.0 + spread.flip(0)]).to(dtype=dtype, device=device)
+    weights = _check_weights(num_examples).to(dtype=dtype, device=device)
     # Output gradients of Σ_e c_e L_{e,k} for each task k and c in (1, w, w').
     coefficients = torch.cat([torch.ones_like(weights[:1]), weights])  # [3, E]
     vectors: list[Tensor] = []

@@ -41,6 +41,8 @@ from ._accumulate import (
 from ..autojac._utils import graph_nodes, no_gradient_writes
 from ._batched_grad import (
     explain_donated_buffers,
+    group_norm_guards,
+    guarding_group_norms,
     has_compiled_nodes,
     one_vector_at_a_time,
     vmap_rejects_channels_last,
@@ -639,13 +641,14 @@ class Engine:
             retain = retain if plans_known else True
         # Compiled backward kernels cannot be vmapped, nor can the random operations (dropout) of
         # checkpointed blocks re-run inside a vmapped backward pass, nor the backward kernels of
-        # group norms of channels-last inputs: one vector at a time then.
+        # group norms and max_unpool of channels-last tensors: one vector at a time then.
         one_at_a_time = (
             checkpointed
-            or (channels_last and vmap_rejects_channels_last(nodes, losses.device))
+            or vmap_rejects_channels_last(nodes, losses.device, channels_last)
             or has_compiled_nodes(nodes)
         )
         covered_params = list(covered.values())
+        guards = group_norm_guards(nodes) if one_at_a_time else []
 
         @contextmanager
         def backpropagating() -> Iterator[None]:
@@ -654,6 +657,7 @@ class Engine:
                 no_gradient_writes(covered_params, lambda index: self._name_of(covered_params[index])),
                 capture.backpropagating(),
                 one_vector_at_a_time(one_at_a_time),
+                guarding_group_norms(guards),
             ):
                 yield
 

@@ -93,3 +93,52 @@ def test_a_trusted_grouping_keeps_the_generic_products_batched() -> None:
         model.zero_grad(set_to_none=True)
     assert engine._verified_groupings, "the second step did not reuse a verified grouping"
     assert counts["batched"] > 0
+
+
+class _Unpooled(nn.Module):
+    """max_pool then max_unpool of channels-last features (the unpooling's backward kernel vmap rejects for them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Linear(4 * 4 * 4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        pooled, indices = nn.functional.max_pool2d(torch.tanh(self.conv(x)), 2, return_indices=True)
+        return self.head(nn.functional.max_unpool2d(pooled, indices, 2).flatten(1))
+
+
+class _FunctionalGroupNorm(nn.Module):
+    """``F.group_norm`` inside a forward, on a tensor no module call receives: channels-last only because the model's
+    convolution weights are (``model.to(memory_format=torch.channels_last)``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.affine = nn.Parameter(torch.linspace(0.5, 1.5, 4))
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        normalised = nn.functional.group_norm(self.conv(x), 2, self.affine)
+        return self.head(normalised.mean((2, 3)))
+
+
+@pytest.mark.parametrize("model_class", [_Unpooled, _FunctionalGroupNorm])
+def test_channels_last_tensors_seen_in_the_graph_loop(model_class: type[nn.Module]) -> None:
+    """Whether vmap rejects a backward kernel is read from the graph's nodes (the layout of the tensor they saved), also
+    when no module call received a channels-last input: the pass loops over the vectors and stays exact."""
+    torch.manual_seed(0)
+    model = model_class()
+    x = torch.randn(3, 3, 4, 4)
+    if model_class is _Unpooled:
+        x = x.contiguous(memory_format=torch.channels_last)
+    else:
+        model = model.to(memory_format=torch.channels_last)
+    engine = Engine(model)
+    out = model(x)
+    losses = torch.stack([out.logsumexp(1), out.pow(2).mean(1)], 1)  # [B, 2]
+    jac = jacobian(losses, trainable(model))
+    with counted_passes() as counts:
+        gramian = engine.compute_gramian(losses)
+    assert_gramian_matches(gramian, jac)
+    assert counts["batched"] == 0

@@ -13,6 +13,8 @@ import torch
 from torch import Tensor, nn
 from transformers import (
     BertConfig,
+    ConvNextConfig,
+    ConvNextForImageClassification,
     Swinv2Config,
     Swinv2ForImageClassification,
     Wav2Vec2Config,
@@ -145,8 +147,21 @@ def _mixtral(implementation: str | None) -> Callable[[], Case]:
     return case
 
 
+def _convnext() -> Case:
+    """Depthwise convolutions (per-row kernels from a cuDNN convolution, in full float32 precision), channels-first
+    layer norms, layer scales."""
+    config = ConvNextConfig(num_channels=3, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, patch_size=2,
+                            image_size=8, num_labels=3)
+    pixels, labels = torch.randn(B, 3, 8, 8, device=DEVICE), torch.tensor([0, 1, 2, 0], device=DEVICE)
+
+    def losses(model: nn.Module) -> Tensor:
+        return nn.functional.cross_entropy(model(pixel_values=pixels).logits, labels, reduction="none")
+
+    return ConvNextForImageClassification(config).train(), losses
+
+
 CASES = {"bert": _bert, "gpt2": _gpt2, "llama": _llama, "vit": _vit, "wav2vec2": _wav2vec2, "swinv2": _swinv2,
-         "mixtral": _mixtral(None), "mixtral_eager": _mixtral("eager")}
+         "mixtral": _mixtral(None), "mixtral_eager": _mixtral("eager"), "convnext": _convnext}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

@@ -171,3 +171,32 @@ def test_swinv2_logit_scale_from_its_use(single_backward: bool, taken: list[tupl
         assert_exact_step_with_freed_graph(engine, model, losses, single_backward)
     took = [took for name, took in taken if name == "Swinv2SelfAttention"]
     assert took and all(took)
+
+
+class _MixAfterUse(nn.Module):
+    """``y = h @ W`` or ``h * w``, then the examples mixed (flipped in, or pooled over the batch)."""
+
+    def __init__(self, product: bool, mix: str) -> None:
+        super().__init__()
+        self.product, self.mix = product, mix
+        self.weight = nn.Parameter(torch.randn(4, 4) / 2 if product else torch.linspace(0.5, 1.5, 4))
+
+    def forward(self, h: Tensor) -> Tensor:
+        y = h @ self.weight if self.product else h * self.weight
+        return y + y.flip(0) if self.mix == "flip" else y.sum(0, keepdim=True).expand_as(y).clone()
+
+
+@pytest.mark.parametrize("product", [False, True])
+@pytest.mark.parametrize("mix", ["flip", "pool"])
+def test_rows_of_several_examples_under_linear_losses(product: bool, mix: str, taken: list[tuple[str, bool]]) -> None:
+    """Losses linear in a call's output, the examples mixed inside the call after the use: each row's gradients under
+    the check's weights average those of the examples that reach it, which must match no single example's (with evenly
+    spaced weights, the average of all of them is the middle example's, and a flip of three examples maps the middle
+    one to itself: the rows were all given to one example)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), _MixAfterUse(product, mix), nn.Linear(4, 3))
+    engine = Engine(model)
+    with pytest.warns(RuntimeWarning, match="mix the examples"):
+        for batch in (3, 3, 7, 7):
+            model.zero_grad(set_to_none=True)
+            assert_exact_step_with_freed_graph(engine, model, model(torch.randn(batch, 3)), False)

@@ -745,3 +745,17 @@ def test_channels_first_norm_look_alikes(batch_dim: int) -> None:
         assert_exact_step(engine, losses, trainable(model), False)
         assert engine._capture.infos[id(norm)].kind is kind
         engine.remove()
+
+
+def test_per_row_convolutions_run_in_full_precision_on_cuda() -> None:
+    """cuDNN convolutions default to TF32 on recent GPUs (about 1e-3 relative error): the convolutions that give the
+    per-row kernel gradients switch it off for CUDA tensors, and leave the setting as it was."""
+    from hf_jd.autogram._conv import _full_precision_convolutions
+
+    settings = torch.backends.cudnn.conv
+    before = settings.fp32_precision
+    with _full_precision_convolutions(torch.device("cuda")):
+        assert settings.fp32_precision == "ieee"
+    assert settings.fp32_precision == before
+    with _full_precision_convolutions(torch.device("cpu")):
+        assert settings.fp32_precision == before
