@@ -808,7 +808,11 @@ class Capture:
     def _check_descendants_called(
         self, module: nn.Module, info: _ModuleInfo, before: list[int], output: Any
     ) -> None:
-        """Raise if the module's outputs depend on parameters of a submodule it did not call."""
+        """Borrow the submodules whose parameters the module's outputs depend on without the module calling them
+        (Mamba's mixers pass their ``conv1d.weight`` to a convolution function): from the next call on, those
+        parameters are aliased with the module's own and covered by its generic record. In this call they were
+        used as they are: the engine finds them uncovered and gives them the exact per-row pass of parameters used
+        outside the captured calls."""
         uncalled = [
             (sub, p)
             for sub, count in zip(info.trainable_descendants, before)
@@ -826,16 +830,12 @@ class Capture:
             retain_graph=True,
             allow_unused=True,
         )
-        for (sub, _), grad in zip(uncalled, grads):
-            if grad is not None:
-                name = next((n for n, m in module.named_modules() if m is sub), "?")
-                raise RuntimeError(
-                    f"Module {describe(info.name, module)} has parameters of its own and uses those "
-                    f"of its submodule {name!r} ({type(sub).__name__}) without calling it; the "
-                    "autogram engine cannot attribute them. Freeze that submodule, leave this module out "
-                    "of the engine (Engine(...) on other modules, or jd_modules in JDTrainer), or use the "
-                    "autojac engine (hf_jd.autojac, jd_engine='autojac'), which handles any module."
-                )
+        used = {id(sub): sub for (sub, _), grad in zip(uncalled, grads) if grad is not None}
+        if not used:
+            return
+        names = {id(m): n for n, m in module.named_modules()}
+        info.borrowed = {**info.borrowed, **{names[key]: sub for key, sub in used.items()}}
+        info.trainable_descendants = [sub for sub in info.trainable_descendants if id(sub) not in used]
 
 
 def _run_eagerly_under_torch_compile(*functions: Callable[..., Any]) -> None:

@@ -257,15 +257,18 @@ class Engine:
       (whose forward passes run without gradients) are rejected.
     * Not supported, with a ``RuntimeError`` naming the cause: reversible layers (Reformer), which
       re-run forward passes in the backward pass outside ``torch.utils.checkpoint`` and write the
-      parameters' gradients themselves, ``Embedding(scale_grad_by_freq=True)``, a
-      module with parameters of its own that uses a submodule's parameters without calling it
-      (``nn.MultiheadAttention`` is handled), and trainable parameters used both inside and
-      outside the captured calls of the modules that own them (a parent slicing a child's weights
+      parameters' gradients themselves, ``Embedding(scale_grad_by_freq=True)``, and trainable
+      parameters used both inside and outside the captured calls of the modules that own them (a
+      parent slicing a child's weights
       and passing the slices to it, a tied embedding looked up by the user, or losses that also
       depend on an earlier forward pass, whose captures a new forward pass replaced): the autograd
       nodes that use a parameter must have been created during a captured call of its module
       (autograd numbers its nodes in order), except autocast's cached casts, which are created
       once per autocast region.
+    * A module with parameters of its own that uses a submodule's parameters without calling it (Mamba's
+      mixers pass ``conv1d.weight`` to a convolution function) borrows the submodule after its first call:
+      its generic record then covers the submodule's parameters with its own (on the first step, they take
+      the per-row pass below).
     * A parameter of the engine's modules used *only* outside their captured calls (a parent
       calling ``F.linear(x, self.child.weight)`` without calling the child; DeBERTa-v2's
       relative-position table with ``norm_rel_ebd="none"``) gets its per-row gradients from a

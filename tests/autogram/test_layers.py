@@ -401,11 +401,21 @@ class _DirectUse(nn.Module):
         return x @ self.child.weight.T if use_child else x
 
 
-def test_direct_use_of_an_uncalled_child_is_rejected() -> None:
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_direct_use_of_an_uncalled_child_is_borrowed(single_backward: bool) -> None:
+    """A module with parameters of its own that uses its child's weight without calling the child (it raised): on the
+    first step the child's weight takes the per-row pass of parameters used outside the captured calls; from then on
+    the module borrows the child, whose weight its generic record covers with its own. Exact on every step."""
+    from ._reference import assert_exact_step_with_freed_graph
+
+    torch.manual_seed(0)
     model = _DirectUse()
-    Engine(model)
-    with pytest.raises(RuntimeError, match="'child' \\(Linear\\) without calling it"):
-        model(torch.randn(2, 4))
+    engine = Engine(model, single_backward=single_backward)
+    for batch in (2, 3, 3):
+        model.zero_grad(set_to_none=True)
+        losses = model(torch.randn(batch, 4)).pow(2).sum(1)
+        assert_exact_step_with_freed_graph(engine, model, losses, single_backward)
+    assert engine._capture.infos[id(model)].borrowed == {"child": model.child}
 
 
 def test_uncalled_unused_child_is_fine() -> None:

@@ -7,12 +7,14 @@ DeBERTa-v2, Swin), regrouped ``[B * T, d]`` / ``[B * windows, ...]`` tensors (OP
 decoders with shared embeddings (T5, BART, Marian, Whisper), alibi (Bloom, Falcon), rotary and
 parallel residuals (GPT-J, GPT-NeoX, Phi), convolutional feature extractors with GroupNorm and
 weight normalisation (Wav2Vec2), LayerNorm2d / depthwise convolutions / layer scale (ConvNeXt),
-NoNorm (MobileBERT), pooling between blocks (Funnel), experts fed tokens of several examples (Mixtral) and
+NoNorm (MobileBERT), pooling between blocks (Funnel), experts fed tokens of several examples (Mixtral), state-space
+mixers passing their convolution's weight to a function (Mamba, Mamba2) and
 hierarchical vision encoders (SegFormer, DINOv2).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -24,7 +26,14 @@ from torch import Tensor, nn
 from hf_jd.autogram import Engine
 from hf_jd.autogram._dispatch import Kind
 
-from ._reference import assert_exact_step, assert_gramian_matches, grads_of, jacobian, trainable
+from ._reference import (
+    assert_exact_step,
+    assert_exact_step_with_freed_graph,
+    assert_gramian_matches,
+    grads_of,
+    jacobian,
+    trainable,
+)
 
 V = 40
 ENC = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
@@ -467,12 +476,22 @@ def test_zoo_batch_norm_model_is_rejected() -> None:
         model(**_pixels(3, 0, False))
 
 
-def test_zoo_mamba_functional_use_of_a_submodule_is_rejected() -> None:
-    model = tf.MambaForCausalLM(tf.MambaConfig(
-        vocab_size=V, hidden_size=16, state_size=4, num_hidden_layers=1, expand=2, conv_kernel=3, use_mambapy=True))
-    Engine(model)
-    with pytest.raises(RuntimeError, match=r"MambaMixer.*'conv1d'.*without calling it.*autojac"):
-        model(**_text()(2, 5, False))
+@pytest.mark.parametrize("name", ["mamba", "mamba2"])
+def test_zoo_mamba_mixers_borrow_their_convolution(name: str) -> None:
+    """Mamba's mixers pass their ``conv1d.weight`` to a convolution function instead of calling ``conv1d`` (this
+    raised): the mixer borrows it after the first step. Exact over steps of different batch sizes."""
+    torch.manual_seed(0)
+    config = tf.AutoConfig.for_model(name, vocab_size=V, hidden_size=16, state_size=4, num_hidden_layers=1, expand=2,
+                                     conv_kernel=3, time_step_rank=4, num_heads=4, head_dim=8, n_groups=1,
+                                     chunk_size=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the reference PyTorch kernels are used (mamba_ssm is not installed)
+        model = tf.AutoModelForCausalLM.from_config(config)
+    engine = Engine(model)
+    for batch in (2, 3, 3):
+        model.zero_grad(set_to_none=True)
+        losses = per_example_losses(model(**_text()(batch, 5, False)), batch)
+        assert_exact_step_with_freed_graph(engine, model, losses, False)
 
 
 def _time_major_or_batch_major_lm(name: str) -> nn.Module:
