@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from typing import Any
 
 import pytest
@@ -203,13 +204,23 @@ def _modernbert() -> nn.Module:
         max_position_embeddings=64, pad_token_id=0, num_labels=NUM_LABELS))
 
 
+def _mamba() -> nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the reference PyTorch kernels are used (mamba_ssm is not installed)
+        return transformers.MambaForCausalLM(transformers.MambaConfig(
+            vocab_size=VOCAB, hidden_size=32, state_size=4, num_hidden_layers=2, expand=2, conv_kernel=3,
+            pad_token_id=0))
+
+
 @pytest.mark.parametrize(
     ("build", "labels", "single_backward"),
-    [(_mixtral, "causal", False), (_mixtral, "causal", True), (_modernbert, "single", False)],
-    ids=["mixtral-moe", "mixtral-moe-single-backward", "modernbert"],
+    [(_mixtral, "causal", False), (_mixtral, "causal", True), (_modernbert, "single", False),
+     (_mamba, "causal", True)],
+    ids=["mixtral-moe", "mixtral-moe-single-backward", "modernbert", "mamba-single-backward"],
 )
 def test_newer_architectures_train(tmp_path, build, labels, single_backward):
-    """A mixture of experts (tokens of several examples routed to the same expert) and ModernBERT."""
+    """A mixture of experts (tokens of several examples routed to the same expert), ModernBERT and Mamba (whose mixers
+    use their convolution's weight without calling it)."""
     model = build()
     before = snapshot(model)
     trainer, logs = train(tmp_path, model, text_dataset(labels), jd_single_backward=single_backward)
