@@ -243,6 +243,8 @@ class Capture:
         self.checkpointed = False
         # Whether a captured call had a channels-last input (whose backward kernels vmap rejects).
         self.channels_last = False
+        # Parameters (ids) of the submodules a module borrowed in this forward pass (see _check_descendants_called).
+        self.borrowed_now: set[int] = set()
         self._register()
         self.module_ids: set[int] = {id(module) for module in self.modules}
 
@@ -268,6 +270,7 @@ class Capture:
         self.completed_roots = set()
         self.checkpointed = False
         self.channels_last = False
+        self.borrowed_now = set()
 
     def remove(self) -> None:
         """Remove all hooks."""
@@ -836,6 +839,7 @@ class Capture:
         names = {id(m): n for n, m in module.named_modules()}
         info.borrowed = {**info.borrowed, **{names[key]: sub for key, sub in used.items()}}
         info.trainable_descendants = [sub for sub in info.trainable_descendants if id(sub) not in used]
+        self.borrowed_now |= {id(p) for sub in used.values() for p in sub.parameters(recurse=False)}
 
 
 def _run_eagerly_under_torch_compile(*functions: Callable[..., Any]) -> None:

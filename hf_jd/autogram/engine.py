@@ -816,7 +816,10 @@ class Engine:
                 grads_per_row(losses, layout, failed, accumulator)
             self._warn_per_row(failed, layout)
         if unattributed:
-            self._warn_unattributed(unattributed)
+            # (not for the parameters of submodules borrowed in this forward pass: covered from the next one on)
+            lasting = [param for param in unattributed if id(param) not in capture.borrowed_now]
+            if lasting:
+                self._warn_unattributed(lasting)
             with backpropagating():
                 accumulator.gramian += unattributed_gram(losses, layout.num_rows, unattributed, dtype)
         del records
