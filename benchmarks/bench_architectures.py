@@ -5,7 +5,8 @@ autogram step for text models, when ``torchjd`` is importable), timed interleave
 ``bench_autogram.py`` (whose ``run`` this script calls), then a summary table of the ratios to the plain
 step. Every model is built from a configuration (hidden size 64, 2 layers, vocabulary 1000; nothing is
 downloaded) and trained on random data with per-example losses (B=16, T=32, 32-pixel images, or 330 samples of
-audio, 32 frames).
+audio, 32 frames). Not run unless named in ``--models``: ``convnext-mid`` and ``convnextv2-mid`` (64-pixel images,
+stages of 48 and 96 channels), ``beit`` and ``dinov2`` (layer scales).
 
 Run: ``python benchmarks/bench_architectures.py [--models llama t5 vit ...] [--repeats 7] [--clock cpu]
 [--device cuda]``.
@@ -74,9 +75,11 @@ def _seq2seq(model_type: str, **config: Any) -> tuple[nn.Module, dict[str, Tenso
     return model, inputs, _seq2seq_losses, False
 
 
-def _vision(model_type: str, **config: Any) -> tuple[nn.Module, dict[str, Tensor], Callable[..., Tensor], bool]:
+def _vision(
+    model_type: str, pixels: int = 32, **config: Any
+) -> tuple[nn.Module, dict[str, Tensor], Callable[..., Tensor], bool]:
     model = tf.AutoModelForImageClassification.from_config(tf.AutoConfig.for_model(model_type, num_labels=2, **config))
-    inputs = {"pixel_values": torch.randn(B, 3, 32, 32), "labels": torch.randint(0, 2, (B,))}
+    inputs = {"pixel_values": torch.randn(B, 3, pixels, pixels), "labels": torch.randint(0, 2, (B,))}
     return model, inputs, _class_losses, False
 
 
@@ -135,10 +138,25 @@ MODELS: dict[str, Callable[[], tuple[nn.Module, dict[str, Tensor], Callable[...,
     "convnext": lambda: _vision("convnext", num_channels=3, hidden_sizes=[16, 32], depths=[1, 1], num_stages=2),
 }
 
+# Not run by default: larger vision models (64-pixel images, stages of 48 and 96 channels) and other vision models with
+# layer scales.
+EXTRA: dict[str, Callable[[], tuple[nn.Module, dict[str, Tensor], Callable[..., Tensor], bool]]] = {
+    "convnext-mid": lambda: _vision("convnext", pixels=64, num_channels=3, hidden_sizes=[48, 96], depths=[2, 2],
+                                    num_stages=2, image_size=64),
+    "convnextv2-mid": lambda: _vision("convnextv2", pixels=64, num_channels=3, hidden_sizes=[48, 96], depths=[2, 2],
+                                      num_stages=2, image_size=64),
+    "beit": lambda: _vision("beit", image_size=32, patch_size=4, hidden_size=H, num_hidden_layers=2,
+                            num_attention_heads=2, intermediate_size=2 * H, layer_scale_init_value=0.5,
+                            use_relative_position_bias=True),
+    "dinov2": lambda: _vision("dinov2", image_size=32, patch_size=4, hidden_size=H, num_hidden_layers=2,
+                              num_attention_heads=2, intermediate_size=2 * H, layerscale_value=0.5),
+}
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS) + list(EXTRA),
+                        help="default: all but " + ", ".join(EXTRA))
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--clock", default="cpu", choices=["wall", "cpu"])
@@ -152,7 +170,7 @@ def main() -> None:
         torch.manual_seed(0)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model, inputs, losses, position_ids = MODELS[name]()
+            model, inputs, losses, position_ids = {**MODELS, **EXTRA}[name]()
         case = _to_device(Case(name, model.train(), inputs, losses, torchjd=position_ids), torch.device(args.device))
         try:
             result = run(case, weighting, args.repeats, args.warmup, clock=clock)
