@@ -21,7 +21,7 @@ from ._conv import check_samples_first
 from ._layout import RowLayout
 from ._record import Record, compute_dtype
 
-from ._layer_norm import epsilon_of
+from ._layer_norm import epsilon_of, norm_call_parts
 
 __all__ = ["GroupNormRecord", "computes_channel_norm", "is_group_norm"]
 
@@ -66,13 +66,12 @@ def computes_channel_norm(module: nn.Module, args: tuple[Any, ...], output: Any)
     bool
         ``True`` when the output matches (relative tolerance ``1e-4``).
     """
-    if len(args) != 1 or not isinstance(args[0], Tensor) or not isinstance(output, Tensor):
+    parts = norm_call_parts(module, args, output)
+    if parts is None:
         return False
-    inputs, weight, bias, eps = args[0], module.weight, module.bias, epsilon_of(module)
-    if not isinstance(weight, Tensor) or not isinstance(bias, Tensor) or eps is None:
-        return False
+    inputs, weight, bias, eps = parts
     channels = (inputs.shape[1],) if inputs.dim() >= 3 else ()
-    if not channels or inputs.shape != output.shape or weight.shape != channels or bias.shape != channels:
+    if not channels or weight.shape != channels or bias.shape != channels:
         return False
     with torch.no_grad():
         shape = (-1,) + (1,) * (inputs.dim() - 2)

@@ -29,6 +29,7 @@ __all__ = [
     "epsilon_of",
     "is_layer_norm",
     "is_layer_norm_like",
+    "norm_call_parts",
 ]
 
 # Name, in a record's ``params``, of a trainable parameter passed as the layer norm's input.
@@ -98,6 +99,34 @@ def is_layer_norm_like(module: nn.Module) -> bool:
     )
 
 
+def norm_call_parts(
+    module: nn.Module, args: tuple[Any, ...], output: Any
+) -> tuple[Tensor, Tensor, Tensor, float] | None:
+    """The input, ``weight``, ``bias`` and epsilon of a call of a norm look-alike with one tensor input and output of
+    the same shape, or ``None`` when the call is not of that form.
+
+    Parameters
+    ----------
+    module
+        The module that was called.
+    args
+        The call's positional arguments.
+    output
+        The call's output.
+
+    Returns
+    -------
+    tuple or None
+        ``(inputs, weight, bias, eps)``.
+    """
+    if len(args) != 1 or not isinstance(args[0], Tensor) or not isinstance(output, Tensor):
+        return None
+    inputs, weight, bias, eps = args[0], module.weight, module.bias, epsilon_of(module)
+    if not isinstance(weight, Tensor) or not isinstance(bias, Tensor) or eps is None or inputs.shape != output.shape:
+        return None
+    return inputs, weight, bias, eps
+
+
 def computes_layer_norm(module: nn.Module, args: tuple[Any, ...], output: Any) -> bool:
     """Whether a call's output is the layer norm of its first input over the last dimension.
 
@@ -115,12 +144,11 @@ def computes_layer_norm(module: nn.Module, args: tuple[Any, ...], output: Any) -
     bool
         ``True`` when the output matches ``F.layer_norm`` (relative tolerance ``1e-4``).
     """
-    if len(args) != 1 or not isinstance(args[0], Tensor) or not isinstance(output, Tensor):
+    parts = norm_call_parts(module, args, output)
+    if parts is None:
         return False
-    inputs, weight, bias, eps = args[0], module.weight, module.bias, epsilon_of(module)
-    if not isinstance(weight, Tensor) or not isinstance(bias, Tensor):
-        return False
-    if eps is None or inputs.shape != output.shape or inputs.dim() < 1 or inputs.shape[-1] != weight.shape[0]:
+    inputs, weight, bias, eps = parts
+    if inputs.dim() < 1 or inputs.shape[-1] != weight.shape[0]:
         return False
     with torch.no_grad():
         expected = F.layer_norm(inputs.float(), weight.shape, weight.float(), bias.float(), eps).to(output.dtype)

@@ -1,5 +1,5 @@
 """Generic calls whose parameters meet the data in elementwise scales and sums (layer scales, channels-first norms
-written by hand): per-example gradients ``Σ g ⊙ x`` (or ``Σ ± g``) within each entry of the output's first dimension,
+written by hand): per-example gradients ``Σ g ⊙ x`` (or ``Σ ± g``) within each entry of the output's leading dimensions,
 from the products' path of :mod:`hf_jd.autogram._matmul_uses`, against the explicit Jacobian."""
 
 from __future__ import annotations
@@ -9,26 +9,9 @@ import torch
 import transformers as tf
 from torch import Tensor, nn
 
-from hf_jd.autogram import Engine, _generic, _matmul_uses
+from hf_jd.autogram import Engine, _generic
 
 from ._reference import assert_exact_step, assert_exact_step_with_freed_graph, trainable
-
-
-@pytest.fixture()
-def taken(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, bool]]:
-    """(module class, whether the products' path applied) per generic call; the path is tried whatever the number of
-    rows."""
-    monkeypatch.setattr(_matmul_uses, "FEW_ROWS", 0)
-    calls: list[tuple[str, bool]] = []
-    original = _generic.matmul_factors
-
-    def counted(record, *args):  # type: ignore[no-untyped-def]
-        found = original(record, *args)
-        calls.append((type(record.module).__name__, found is not None))
-        return found
-
-    monkeypatch.setattr(_generic, "matmul_factors", counted)
-    return calls
 
 
 class ChannelsFirstNorm(nn.Module):

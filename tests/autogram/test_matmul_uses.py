@@ -18,23 +18,6 @@ V = 50
 _CE = nn.functional.cross_entropy
 
 
-@pytest.fixture()
-def taken(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, bool]]:
-    """(module class, whether the products' path applied) for each generic call whose rows were computed; the path
-    is tried whatever the number of rows (the tiny cases here have few)."""
-    monkeypatch.setattr(_matmul_uses, "FEW_ROWS", 0)
-    calls: list[tuple[str, bool]] = []
-    original = _generic.matmul_factors
-
-    def counted(record, *args):  # type: ignore[no-untyped-def]
-        rows = original(record, *args)
-        calls.append((type(record.module).__name__, rows is not None))
-        return rows
-
-    monkeypatch.setattr(_generic, "matmul_factors", counted)
-    return calls
-
-
 def _token_losses(model: nn.Module, ids: Tensor) -> Tensor:
     labels = ids.clone()
     labels[0, 2:4] = -100  # tokens without a loss: their rows in the experts get no gradient
