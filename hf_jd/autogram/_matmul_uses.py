@@ -26,9 +26,10 @@ are never held. The weighted gradient of the single-backward mode is a second su
 example's weight. Otherwise (a weight scaled before its products, slices used by several products), the per-example
 gradients of the weight come from one batched product through the operations on the weights.
 
-Elementwise uses take the same path: ``x * W``, ``x + W`` and ``x - W`` (either order) with ``W`` broadcast over the
-output's first dimension (layer scales, hand-written channels-first norms, Swinv2's logit scale), each entry of that
-dimension a block whose gradient for ``W`` is ``g ⊙ x`` (or ``± g``) summed to ``W``'s shape. Calls whose products
+Elementwise uses take the same path: ``x * W``, ``x / W``, ``x + W`` and ``x - W`` (either order) with ``W`` broadcast
+over the output's leading dimensions (layer scales, hand-written channels-first norms, Swinv2's logit scale, learned
+temperatures), each entry of those dimensions a block whose gradient for ``W`` is ``g ⊙ ∂y/∂W`` summed to ``W``'s
+shape. Calls whose products
 start at their parameters' uses (:mod:`._direct_uses`) take it too, from the gradients of those uses.
 
 Only calls whose weights meet the data in these operations alone take this path (``mm``, ``bmm``,
@@ -215,15 +216,16 @@ def _use_of(node: Any, closure: set[Any]) -> _Use | None:
             return _Use(node, None, "bias", ids, num_slices, target, shape, out_shape[0], scale)
         if len(out_shape) == 2 and shape in (out_shape[1:], torch.Size([1, out_shape[1]])):
             return _Use(node, None, "bias", None, 1, (child, nr), shape, out_shape[0], scale)
-    if name in ("MulBackward0", "AddBackward0", "SubBackward0") and sum(weighted) == 1:
+    if name in ("MulBackward0", "DivBackward0", "AddBackward0", "SubBackward0") and sum(weighted) == 1:
         return _elementwise_use(node, name, 0 if weighted[0] else 1, operands)
     return None
 
 
 def _elementwise_use(node: Any, name: str, side: int, operands: list[tuple[Any, int]]) -> _Use | None:
-    """``y = x * W``, ``x + W`` or ``x - W`` (either order) with ``W`` broadcast over ``y``'s leading dimensions: a
-    block per entry of those dimensions (all but the last at most: ``[B, T]`` positions, or ``[T, B]`` ones of a
-    time-major tensor), whose gradient for ``W`` is ``g ⊙ x`` (or ``± g``) summed to ``W``'s shape."""
+    """``y = x * W``, ``x / W``, ``x + W`` or ``x - W`` (either order) with ``W`` broadcast over ``y``'s leading
+    dimensions: a block per entry of those dimensions (all but the last at most: ``[B, T]`` positions, or ``[T, B]``
+    ones of a time-major tensor), whose gradient for ``W`` is ``g ⊙ ∂y/∂W`` (``x``, ``-x / W²``, ``1 / x``, ``± 1``)
+    summed to ``W``'s shape."""
     child, nr = operands[side]
     out_shape, shape = torch.Size(node._input_metadata[0].shape), torch.Size(child._input_metadata[nr].shape)
     if len(out_shape) < 1 or len(shape) > len(out_shape) or out_shape.numel() == 0:
@@ -236,8 +238,15 @@ def _elementwise_use(node: Any, name: str, side: int, operands: list[tuple[Any, 
         lead += 1
     data: Tensor | None = None
     scale = 1.0
-    if name == "MulBackward0":
-        saved = node._saved_other if side == 0 else node._saved_self
+    if name in ("MulBackward0", "DivBackward0"):
+        # (the factor of g in W's gradient: x for x * W, 1 / x for W / x, -x / W² for x / W)
+        self_saved, other_saved = node._saved_self, node._saved_other
+        if name == "MulBackward0":
+            saved = other_saved if side == 0 else self_saved
+        elif self_saved is None or other_saved is None:
+            return None
+        else:  # y = a / b: ∂y/∂a = 1 / b, ∂y/∂b = -a / b²
+            saved = 1 / other_saved if side == 0 else -self_saved / other_saved.square()
         if saved is None or not saved.is_floating_point():
             return None
         try:

@@ -42,17 +42,30 @@ class LayerScale(nn.Module):
         return x + self.gamma * torch.tanh(self.inner(x)) + self.shift
 
 
+class Temperatures(nn.Module):
+    """Divisions by a learned temperature per channel, and of a learned numerator by the data."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.temperature = nn.Parameter(torch.linspace(0.8, 1.6, channels))
+        self.numerator = nn.Parameter(torch.full((channels,), 0.5))
+
+    def forward(self, x: Tensor) -> Tensor:  # [N, C]
+        return x / self.temperature + self.numerator / (2 + x.tanh())
+
+
 class Net(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(2, 4, 3, padding=1)
         self.norm = ChannelsFirstNorm(4)
         self.scale = LayerScale(4)
+        self.temperatures = Temperatures(4)
         self.head = nn.Linear(4, 3)
 
     def forward(self, x: Tensor) -> Tensor:  # [N, 2, H, W] -> [N, 3]
         hidden = self.norm(self.conv(x)).permute(0, 2, 3, 1)
-        return self.head(self.scale(hidden).mean((1, 2)))
+        return self.head(self.temperatures(self.scale(hidden).mean((1, 2))))
 
 
 @pytest.mark.parametrize(("single_backward", "keep_rows"), [(False, True), (True, True), (True, False)])
@@ -72,7 +85,7 @@ def test_scales_and_sums_take_the_path(
         out = model(torch.randn(batch, 2, 4, 4))
         losses = torch.stack([out.logsumexp(1), out.pow(2).mean(1)], 1) if tasks else out.logsumexp(1)
         assert_exact_step_with_freed_graph(engine, model, losses, single_backward)
-    assert {name for name, took in taken if took} == {"ChannelsFirstNorm", "LayerScale"}
+    assert {name for name, took in taken if took} == {"ChannelsFirstNorm", "LayerScale", "Temperatures"}
     assert all(took for _, took in taken)
 
 

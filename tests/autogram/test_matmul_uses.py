@@ -129,7 +129,7 @@ class RoutedBmm(nn.Module):
         if self.mix:  # every token's output depends on all of them
             out = out - out.mean(0, keepdim=True)
         if self.extra_use:  # a use of the weight that is neither a product nor an elementwise scale or sum
-            out = out / (2 + self.weight.mean())
+            out = torch.maximum(out, self.weight.mean() - 1)
         if self.scale_use:  # an elementwise scale by a scalar computed from the weight
             out = out * self.weight.mean()
         return out[torch.argsort(order)].view(*x.shape[:2], -1)
