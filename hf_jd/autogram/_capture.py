@@ -241,7 +241,7 @@ class Capture:
         self.claims: dict[int, tuple[_ModuleInfo, str]] = {}
         # Whether a captured call of this forward pass ran under saved-tensor hooks (checkpointing).
         self.checkpointed = False
-        # Whether a captured call had a channels-last input (whose backward kernels vmap rejects).
+        # Whether a captured call had a channels-last input (see _batched_grad.vmap_rejects_channels_last).
         self.channels_last = False
         # Parameters (ids) of the submodules a module borrowed in this forward pass (see _check_descendants_called).
         self.borrowed_now: set[int] = set()

@@ -259,9 +259,9 @@ class Engine:
       re-run forward passes in the backward pass outside ``torch.utils.checkpoint`` and write the
       parameters' gradients themselves, ``Embedding(scale_grad_by_freq=True)``, and trainable
       parameters used both inside and outside the captured calls of the modules that own them (a
-      parent slicing a child's weights
-      and passing the slices to it, a tied embedding looked up by the user, or losses that also
-      depend on an earlier forward pass, whose captures a new forward pass replaced): the autograd
+      parent slicing a child's weights and passing the slices to it, a tied embedding looked up by
+      the user, or losses that also depend on an earlier forward pass, whose captures a new
+      forward pass replaced): the autograd
       nodes that use a parameter must have been created during a captured call of its module
       (autograd numbers its nodes in order), except autocast's cached casts, which are created
       once per autocast region.
