@@ -20,10 +20,13 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import GradientEdge
 
+from ..autojac._utils import graph_nodes
+
 __all__ = [
     "batched_grad",
     "explain_donated_buffers",
     "group_norm_guards",
+    "guarded_grad",
     "guarding_group_norms",
     "has_compiled_nodes",
     "is_channels_last",
@@ -114,6 +117,32 @@ def group_norm_guards(nodes: Iterable[Any]) -> list[GradientEdge]:
         if isinstance(saved, Tensor) and is_channels_last(saved) and child is not None:
             guards.append(GradientEdge(child, output_nr))
     return guards
+
+
+def guarded_grad(outputs: Sequence[Tensor], inputs: Sequence[Tensor], **kwargs: Any) -> tuple[Tensor | None, ...]:
+    """``torch.autograd.grad(outputs, inputs, **kwargs)``, also asking for the input gradients of the graph's group
+    norms of channels-last tensors (see :func:`group_norm_guards`), which it drops.
+
+    Parameters
+    ----------
+    outputs
+        The tensors to differentiate.
+    inputs
+        The tensors to differentiate with respect to.
+    **kwargs
+        Passed to ``torch.autograd.grad`` (``allow_unused`` is set when guards are added).
+
+    Returns
+    -------
+    tuple
+        Per input, its gradient (or ``None``).
+    """
+    guards = group_norm_guards(graph_nodes(output.grad_fn for output in outputs))
+    if not guards:
+        return tuple(torch.autograd.grad(outputs, inputs, **kwargs))
+    kwargs["allow_unused"] = True
+    mixed = [*inputs, *guards]  # (tensors and edges: autograd takes both)
+    return tuple(torch.autograd.grad(outputs, mixed, **kwargs))[: len(inputs)]  # type: ignore[arg-type]
 
 
 @contextmanager

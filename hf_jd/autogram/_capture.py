@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
 
-from ._batched_grad import is_channels_last
+from ._batched_grad import guarded_grad, is_channels_last
 from ._dispatch import Kind, closed_form_parameters, kind_of, mixes_examples, parametrized_kind, record_class
 from ._embedding import EmbeddingRecord, embedding_scale, is_embedding_subclass
 from ._group_norm import computes_channel_norm
@@ -140,6 +140,8 @@ class _ModuleInfo:
     # generically until its first captured call shows that it computes F.linear / a scaled lookup / a
     # layer norm over the last dimension, then by the closed form (this kind).
     candidate: Kind | None = None
+    # A norm look-alike (not a stock module) in a closed form: its form is verified again on every call.
+    look_alike: bool = False
     embedding_scale: float = 1.0
     # A stock Linear / Conv with a parametrised weight (weight norm): its closed form covers the originals,
     # from the weight its ParametrizationList computes inside the call (see _parametrized).
@@ -243,8 +245,12 @@ class Capture:
         self.checkpointed = False
         # Whether a captured call had a channels-last input (see _batched_grad.vmap_rejects_channels_last).
         self.channels_last = False
-        # Parameters (ids) of the submodules a module borrowed in this forward pass (see _check_descendants_called).
-        self.borrowed_now: set[int] = set()
+        # Parameters (ids) whose handling changes from the next forward pass on (those of a submodule borrowed in
+        # this one, see _check_descendants_called, or of a norm look-alike whose call broke its form): their uses in
+        # this one take the per-row pass of uncovered parameters, without the warning about it.
+        self.switched_now: set[int] = set()
+        # Modules (ids) captured no more in this forward pass: a call of a norm look-alike broke its form.
+        self.paused: set[int] = set()
         self._register()
         self.module_ids: set[int] = {id(module) for module in self.modules}
 
@@ -270,7 +276,8 @@ class Capture:
         self.completed_roots = set()
         self.checkpointed = False
         self.channels_last = False
-        self.borrowed_now = set()
+        self.switched_now = set()
+        self.paused = set()
 
     def remove(self) -> None:
         """Remove all hooks."""
@@ -538,7 +545,7 @@ class Capture:
             # original call was captured, this one is not.
             info.frames.append(_RECOMPUTED)
             return
-        if not self.capturing():
+        if not self.capturing() or id(module) in self.paused:
             info.frames.append(None)
             return
         if self.consumed and self.depth == 0:
@@ -598,6 +605,19 @@ class Capture:
         self.calls[id(module)] = self.calls.get(id(module), 0) + 1
         if info.candidate is not None:
             self._settle_candidate(info, module, args, kwargs, output, frame.aliases)
+            if info.look_alike and not self._look_alike_holds(info, module, args, kwargs, output):
+                info.kind, info.look_alike = Kind.GENERIC, False  # (its aliases are installed: generic from now)
+        elif info.look_alike and not self._look_alike_holds(info, module, args, kwargs, output):
+            # A later call of a verified norm look-alike that computes something else (a flag, another input
+            # layout, an input scale that shows its epsilon differs), or a channels-first norm whose samples are not
+            # the examples: generic from the next forward pass on. In this one, its calls are not captured (those
+            # captured already are dropped), so its parameters take the exact per-row pass of parameters used
+            # outside the captured calls.
+            info.kind, info.look_alike = Kind.GENERIC, False
+            self.paused.add(id(module))
+            self.switched_now |= {id(p) for p in module.parameters(recurse=False)}
+            self.records = [record for record in self.records if record.module is not module]
+            return None
         if frame.descendant_calls is not None and info.kind.is_generic:
             self._check_descendants_called(module, info, frame.descendant_calls, output)
         batched = self._aligned(info.kind, args, kwargs, output)
@@ -698,16 +718,30 @@ class Capture:
         kind, info.candidate = info.candidate, None
         if kwargs:
             return
-        if (kind is Kind.LINEAR and computes_linear(module, args, output)) or (
-            kind is Kind.LAYER_NORM and computes_layer_norm(module, args, output)
-        ):
+        if kind is Kind.LINEAR and computes_linear(module, args, output):
             info.kind = kind
+        elif kind is Kind.LAYER_NORM and computes_layer_norm(module, args, output):
+            info.kind, info.look_alike = kind, True
         elif kind is Kind.LAYER_NORM and computes_channel_norm(module, args, output):
-            info.kind = Kind.CHANNEL_NORM
+            info.kind, info.look_alike = Kind.CHANNEL_NORM, True
         elif kind is Kind.EMBEDDING and aliases is not None and "weight" in aliases:
             scale = embedding_scale(module, args, output, aliases["weight"])
             if scale is not None:
                 info.kind, info.embedding_scale = kind, scale
+
+    def _look_alike_holds(
+        self, info: _ModuleInfo, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+    ) -> bool:
+        """Whether a call of a norm look-alike computes the closed form its module was given (a layer norm over the
+        last dimension, or over the channels of ``[N, C, *spatial]`` samples that are the examples)."""
+        if kwargs:
+            return False
+        if info.kind is Kind.LAYER_NORM:
+            return computes_layer_norm(module, args, output)
+        samples_are_examples = self.batch_dim is None or (
+            self.batch_dim == 0 and isinstance(args[0], Tensor) and args[0].shape[0] == self.batch_size
+        )
+        return samples_are_examples and computes_channel_norm(module, args, output)
 
     def _foreign_size(self, output: Any) -> bool:
         """Whether an output's size along ``batch_dim`` is neither the batch size nor 1."""
@@ -826,7 +860,7 @@ class Capture:
         outputs = [t for t in tensors_in(output) if t.requires_grad]
         if not uncalled or not outputs:
             return
-        grads = torch.autograd.grad(
+        grads = guarded_grad(
             outputs,
             [p for _, p in uncalled],
             grad_outputs=[torch.ones_like(t) for t in outputs],
@@ -839,7 +873,7 @@ class Capture:
         names = {id(m): n for n, m in module.named_modules()}
         info.borrowed = {**info.borrowed, **{names[key]: sub for key, sub in used.items()}}
         info.trainable_descendants = [sub for sub in info.trainable_descendants if id(sub) not in used]
-        self.borrowed_now |= {id(p) for sub in used.values() for p in sub.parameters(recurse=False)}
+        self.switched_now |= {id(p) for sub in used.values() for p in sub.parameters(recurse=False)}
 
 
 def _run_eagerly_under_torch_compile(*functions: Callable[..., Any]) -> None:

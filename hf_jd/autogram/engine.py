@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge
 
 from ._accumulate import (
     MAX_UNATTRIBUTED_ENTRIES,
@@ -42,6 +43,7 @@ from ..autojac._utils import graph_nodes, no_gradient_writes
 from ._batched_grad import (
     explain_donated_buffers,
     group_norm_guards,
+    guarded_grad,
     guarding_group_norms,
     has_compiled_nodes,
     one_vector_at_a_time,
@@ -97,6 +99,7 @@ class _Bound:
     uses: dict[int, list[tuple[Record, str]]]
     params: dict[int, nn.Parameter]
     uncovered: list[Tensor]
+    guards: list[GradientEdge]  # see _batched_grad.group_norm_guards
 
 
 def _coincident_sizes(record: Record, batch_dim: int, batch_size: int) -> bool:
@@ -816,8 +819,8 @@ class Engine:
                 grads_per_row(losses, layout, failed, accumulator)
             self._warn_per_row(failed, layout)
         if unattributed:
-            # (not for the parameters of submodules borrowed in this forward pass: covered from the next one on)
-            lasting = [param for param in unattributed if id(param) not in capture.borrowed_now]
+            # (not for parameters whose handling changes from the next forward pass on, see Capture.switched_now)
+            lasting = [param for param in unattributed if id(param) not in capture.switched_now]
             if lasting:
                 self._warn_unattributed(lasting)
             with backpropagating():
@@ -843,7 +846,8 @@ class Engine:
             }
             not_covered = [param for param in uncovered if id(param) not in others]
             self._bound = _Bound(
-                layout, losses.shape, losses if retain else None, accumulator.uses, accumulator.params, not_covered
+                layout, losses.shape, losses if retain else None, accumulator.uses, accumulator.params, not_covered,
+                group_norm_guards(nodes) if not_covered and retain else [],
             )
         return gramian
 
@@ -907,7 +911,7 @@ class Engine:
         was_enabled = self.enabled
         self.enabled = False  # a forward re-run inside this backward must not be captured
         try:
-            grads = torch.autograd.grad(weighted, params, retain_graph=True, allow_unused=True)
+            grads = guarded_grad([weighted], params, retain_graph=True, allow_unused=True)
         finally:
             self.enabled = was_enabled
         actual = sum(float(g.double().pow(2).sum()) for g in grads if g is not None)
@@ -999,7 +1003,8 @@ class Engine:
             assert bound.losses is not None
             torch.autograd.backward(
                 bound.losses, weights.detach().reshape(bound.losses.shape).to(bound.losses.dtype),
-                inputs=bound.uncovered,
+                # (the guards' gradients are not kept: they are not leaves)
+                inputs=[*bound.uncovered, *bound.guards],  # type: ignore[arg-type]
             )
         if params:
             deliver_gradients(params, grads)

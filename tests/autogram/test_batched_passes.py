@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from hf_jd.autogram import Engine
 
-from ._reference import assert_gramian_matches, jacobian, trainable
+from ._reference import assert_gramian_matches, grads_of, jacobian, trainable
 
 
 @contextmanager
@@ -142,3 +142,58 @@ def test_channels_last_tensors_seen_in_the_graph_loop(model_class: type[nn.Modul
         gramian = engine.compute_gramian(losses)
     assert_gramian_matches(gramian, jac)
     assert counts["batched"] == 0
+
+
+class _GroupNormNet(nn.Module):
+    """A channels-last stem, a group norm (called, or its parameters passed to ``F.group_norm`` by a parent with a
+    parameter of its own), a head."""
+
+    def __init__(self, functional: bool) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.gn = nn.GroupNorm(2, 4)
+        self.head = nn.Linear(4, 2)
+        self.scale = nn.Parameter(torch.tensor(1.5)) if functional else None
+        self.functional = functional
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.stem(x.contiguous(memory_format=torch.channels_last))
+        if self.functional:
+            assert self.scale is not None
+            h = nn.functional.group_norm(h, 2, self.gn.weight, self.gn.bias) * self.scale
+        else:
+            h = self.gn(h)
+        return self.head(torch.tanh(h).mean((2, 3)))
+
+
+@pytest.mark.parametrize("case", ["norm_outside_engine", "functional_in_parent", "check_gramian"])
+def test_passes_that_ask_a_channels_last_group_norm_for_its_weight_only(case: str) -> None:
+    """torch 2.13 crashes the process (a segmentation fault) when a channels-last group norm's backward is asked for
+    its weight's gradient but not its input's: the single backward's pass for parameters outside the engine, the pass
+    of a parent's generic check, and check_gramian's pass ask for the group norm's input gradient too."""
+    torch.manual_seed(0)
+    model = _GroupNormNet(functional=case == "functional_in_parent")
+    if case == "norm_outside_engine":
+        engine = Engine(model.stem, model.head, single_backward=True)
+    elif case == "check_gramian":
+        model.gn.requires_grad_(True)
+        engine = Engine(model.gn, model.head)
+    else:
+        engine = Engine(model, single_backward=True)
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        out = model(torch.randn(3, 3, 4, 4))
+        losses = out.logsumexp(1)
+        params = trainable(model)
+        jac = jacobian(losses, params)  # (all of them: asking for some only would crash torch here too)
+        covered = {id(p) for p in trainable(*engine._capture.roots)}
+        columns = torch.cat([torch.full((p.numel(),), id(p) in covered) for p in params])
+        gramian = engine.compute_gramian(losses, retain_graph=True)
+        assert_gramian_matches(gramian, jac[:, columns])
+        weights = torch.linspace(0.5, 1.5, 3)
+        if case == "check_gramian":
+            engine.check_gramian(losses, gramian, weights)
+            losses.backward(weights)
+        else:
+            engine.backward(weights)
+        torch.testing.assert_close(grads_of(params), weights @ jac, rtol=1e-4, atol=1e-6)

@@ -3,6 +3,8 @@ Conv2d, LayerNorm, the generic path and tied parameters."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -737,9 +739,9 @@ class _OffsetChannelsNorm(_ChannelsLayerNorm):
 
 @pytest.mark.parametrize("batch_dim", [0, 1])
 def test_channels_first_norm_look_alikes(batch_dim: int) -> None:
-    """A channels-first layer norm on [N, C, H, W] takes the closed form with the examples along dimension 0 and the
-    exact per-row path otherwise (its closed form needs the samples first); a module that only looks like one stays
-    generic. Exact against the explicit Jacobian in each case."""
+    """A channels-first layer norm on [N, C, H, W] takes the closed form when its samples are the examples (along
+    dimension 0) and stays generic otherwise (its closed form needs the samples first), as does a module that only
+    looks like one. Exact against the explicit Jacobian in each case."""
     from hf_jd.autogram._dispatch import Kind
 
     from ._reference import assert_exact_step
@@ -753,7 +755,7 @@ def test_channels_first_norm_look_alikes(batch_dim: int) -> None:
         # batch_dim=1: one "example" per channel of the [N, C, H, W] tensors (the norm mixes them)
         losses = out.pow(2).mean((0, 2, 3)) if batch_dim == 1 else out.pow(2).mean((1, 2, 3))
         assert_exact_step(engine, losses, trainable(model), False)
-        assert engine._capture.infos[id(norm)].kind is kind
+        assert engine._capture.infos[id(norm)].kind is (kind if batch_dim == 0 else Kind.GENERIC)
         engine.remove()
 
 
@@ -769,3 +771,83 @@ def test_per_row_convolutions_run_in_full_precision_on_cuda() -> None:
     assert settings.fp32_precision == before
     with _full_precision_convolutions(torch.device("cpu")):
         assert settings.fp32_precision == before
+
+
+class _SwitchingNorm(nn.Module):
+    """A layer-norm look-alike whose later calls may compute something else: a flag doubles its weight, a keyword
+    normalises over the channels of [N, C, T] instead of the last dimension."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, size))
+        self.bias = nn.Parameter(torch.linspace(-0.3, 0.3, size))
+        self.eps = 1e-6
+        self.doubled = False
+
+    def forward(self, x: torch.Tensor, channels_first: bool = False) -> torch.Tensor:
+        weight = 2 * self.weight if self.doubled else self.weight
+        if channels_first:
+            return nn.functional.layer_norm(x.movedim(1, -1), (x.shape[1],), weight, self.bias, self.eps).movedim(-1, 1)
+        return nn.functional.layer_norm(x, (x.shape[-1],), weight, self.bias, self.eps)
+
+
+@pytest.mark.parametrize("switch", ["flag", "keyword"])
+def test_norm_look_alike_verified_on_every_call(switch: str) -> None:
+    """A look-alike verified on its first call, then called again in the same forward pass computing something else:
+    that call breaks the form, the module is captured no more in that pass (its parameters take the exact per-row pass
+    of uncovered parameters) and is generic from the next pass on. Exact on every step (it was silently wrong)."""
+    from hf_jd.autogram._dispatch import Kind
+
+    from ._reference import assert_exact_step_with_freed_graph
+
+    torch.manual_seed(2)
+    norm = _SwitchingNorm(4)
+    head = nn.Linear(4, 2)
+    model = nn.ModuleDict({"norm": norm, "head": head})
+    engine = Engine(model)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        first = norm(x)
+        if switch == "flag":
+            norm.doubled = True
+            second = norm(x.tanh())
+            norm.doubled = False
+        else:
+            second = norm(x.tanh().transpose(1, 2), channels_first=True).transpose(1, 2)
+        return head(first + second).pow(2).mean((1, 2))
+
+    for _ in range(3):
+        model.zero_grad(set_to_none=True)
+        assert_exact_step_with_freed_graph(engine, model, forward(torch.randn(3, 4, 4)), False)
+        assert engine._capture.infos[id(norm)].kind is Kind.GENERIC
+
+
+def test_channels_first_norm_on_samples_that_are_not_the_examples() -> None:
+    """A channels-first layer norm on [B * k, C, H, W] samples (frames folded into the batch) stays generic, whose
+    verified grouping handles it, instead of a closed form that would need the per-row pass (convolutions on such
+    samples still do)."""
+    from hf_jd.autogram._dispatch import Kind
+
+    from ._reference import assert_exact_step_with_freed_graph
+
+    torch.manual_seed(3)
+    model = _Clips()
+    engine = Engine(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # (no per-row pass)
+        for batch in (3, 3):
+            model.zero_grad(set_to_none=True)
+            losses = model(torch.randn(batch, 2, 2, 4, 4)).pow(2).mean((1, 2, 3, 4))
+            assert_exact_step_with_freed_graph(engine, model, losses, False)
+    assert engine._capture.infos[id(model.frames[1])].kind is Kind.GENERIC
+
+
+class _Clips(nn.Module):
+    """Clips ``[B, k, C, H, W]`` whose frames a channels-first norm processes as ``[B * k, ...]``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.frames = nn.Sequential(nn.Tanh(), _ChannelsLayerNorm(2, channels_first=True), nn.Tanh())
+
+    def forward(self, clips: torch.Tensor) -> torch.Tensor:
+        return self.frames(clips.flatten(0, 1)).unflatten(0, clips.shape[:2])
