@@ -733,15 +733,18 @@ class Capture:
         self, info: _ModuleInfo, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
     ) -> bool:
         """Whether a call of a norm look-alike computes the closed form its module was given (a layer norm over the
-        last dimension, or over the channels of ``[N, C, *spatial]`` samples that are the examples)."""
-        if kwargs:
+        last dimension, or over the channels of ``[N, C, *spatial]`` samples that are the examples), checked on the
+        first entry along dimension 0 (a call computing something else shows there, at a fraction of the cost)."""
+        if kwargs or len(args) != 1 or not isinstance(args[0], Tensor) or not isinstance(output, Tensor):
             return False
+        inputs = args[0]
+        if inputs.dim() == 0 or inputs.shape != output.shape:
+            return False
+        first = (inputs[:1],)
         if info.kind is Kind.LAYER_NORM:
-            return computes_layer_norm(module, args, output)
-        samples_are_examples = self.batch_dim is None or (
-            self.batch_dim == 0 and isinstance(args[0], Tensor) and args[0].shape[0] == self.batch_size
-        )
-        return samples_are_examples and computes_channel_norm(module, args, output)
+            return computes_layer_norm(module, first, output[:1])
+        samples_are_examples = self.batch_dim is None or (self.batch_dim == 0 and inputs.shape[0] == self.batch_size)
+        return samples_are_examples and computes_channel_norm(module, first, output[:1])
 
     def _foreign_size(self, output: Any) -> bool:
         """Whether an output's size along ``batch_dim`` is neither the batch size nor 1."""
