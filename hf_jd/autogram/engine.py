@@ -654,7 +654,8 @@ class Engine:
             or has_compiled_nodes(nodes)
         )
         covered_params = list(covered.values())
-        guards = group_norm_guards(nodes) if one_at_a_time else []
+        # (also asked for by the single backward's pass for uncovered parameters, see _Bound)
+        guards = group_norm_guards(nodes)
 
         @contextmanager
         def backpropagating() -> Iterator[None]:
@@ -847,7 +848,7 @@ class Engine:
             not_covered = [param for param in uncovered if id(param) not in others]
             self._bound = _Bound(
                 layout, losses.shape, losses if retain else None, accumulator.uses, accumulator.params, not_covered,
-                group_norm_guards(nodes) if not_covered and retain else [],
+                guards if not_covered and retain else [],
             )
         return gramian
 
