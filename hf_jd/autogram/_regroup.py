@@ -284,7 +284,9 @@ _POSITIONAL_ATTRIBUTES: dict[str, tuple[str, ...]] = {
 }
 
 
-def regrouping_structure(nodes: list[object], records: list[Record]) -> tuple[str, ...] | None:
+def regrouping_structure(
+    nodes: list[object], records: list[Record], constant_storages: frozenset[int] = frozenset()
+) -> tuple[str, ...] | None:
     """The structure of a forward pass whose calls' grouping by example was verified: the types of all
     its autograd nodes and the names of the checked calls, in order (the same code on the same modules
     gives the same structure, hence the same reshapes). ``None`` when a node selects rows by the data
@@ -296,6 +298,9 @@ def regrouping_structure(nodes: list[object], records: list[Record]) -> tuple[st
         The autograd nodes of the forward pass, in order.
     records
         The checked calls.
+    constant_storages
+        Storage addresses of the modules' buffers: lookups of parameters at indices read from them
+        (BERT's position ids, Swin's relative-position index) are the same on every step.
 
     Returns
     -------
@@ -303,7 +308,7 @@ def regrouping_structure(nodes: list[object], records: list[Record]) -> tuple[st
         The structure, or ``None``.
     """
     # (an index into a table of parameters, e.g. Swin's relative-position table, moves no example's rows)
-    tables = _parameters_only(nodes)
+    tables = _parameters_only(nodes, constant_storages)
     entries = [
         entry for node in nodes for entry in (_described(node) if node not in tables else (type(node).__name__,))
     ]
@@ -319,8 +324,10 @@ def regrouping_structure(nodes: list[object], records: list[Record]) -> tuple[st
     ))
 
 
-def _parameters_only(nodes: list[object]) -> set[object]:
-    """The nodes computed from parameters alone (every path down from them ends at a parameter)."""
+def _parameters_only(nodes: list[object], constant_storages: frozenset[int] = frozenset()) -> set[object]:
+    """The nodes computed from parameters alone (every path down from them ends at a parameter), and
+    from no data: a lookup of parameters at indices that are not a buffer of the modules (token ids, a
+    sort order), which autograd does not show as an input, counts as data."""
     known: dict[object, bool] = {}
     for root in nodes:
         stack = [(root, False)]
@@ -333,12 +340,43 @@ def _parameters_only(nodes: list[object]) -> set[object]:
                 known[node] = True
             elif any(child is None for child in children) or not children:
                 known[node] = False  # (an input that needs no gradient: data, or a constant)
+            elif _looks_up_data(node, constant_storages):
+                known[node] = False
             elif expanded:
                 known[node] = all(known.get(child, False) for child in children)
             else:
                 stack.append((node, True))
                 stack.extend((child, False) for child in children if child not in known)
     return {node for node, alone in known.items() if alone}
+
+
+# Nodes whose operations read integer or boolean tensors that autograd does not list as inputs.
+_LOOKUP_NODES = DATA_DEPENDENT_NODES | frozenset({
+    "EmbeddingBackward0", "EmbeddingBagBackward0", "EmbeddingDenseBackward0", "MaskedFillBackward0",
+    "MaskedFillBackward1", "WhereBackward0",
+})
+
+
+def _looks_up_data(node: object, constant_storages: frozenset[int]) -> bool:
+    """Whether a node picks or masks entries with integer or boolean tensors other than views of the
+    modules' buffers (unreadable saved tensors count as data)."""
+    if type(node).__name__ not in _LOOKUP_NODES:
+        return False
+    for attribute in dir(node):
+        if not attribute.startswith("_saved_"):
+            continue
+        try:
+            value = getattr(node, attribute)
+        except RuntimeError:  # (freed by an earlier backward pass)
+            return True
+        for tensor in value if isinstance(value, (list, tuple)) else (value,):
+            if (
+                isinstance(tensor, Tensor)
+                and not (tensor.is_floating_point() or tensor.is_complex())
+                and tensor.untyped_storage().data_ptr() not in constant_storages
+            ):
+                return True
+    return False
 
 
 def _grouped_by_example(grad: Tensor, weights: Tensor, batch_dim: int, rtol: float) -> bool:

@@ -119,6 +119,29 @@ def _coincident_sizes(record: Record, batch_dim: int, batch_size: int) -> bool:
     return False
 
 
+def _check_finite(losses: Tensor) -> None:
+    """Raise if a loss is inf or nan: its row and column of the Gramian would be too, and every weighting fails on
+    it (the rows are named, in the flattened order of ``compute_gramian``)."""
+    finite = torch.isfinite(losses.detach()).reshape(-1)
+    if bool(finite.all()):
+        return
+    rows = (~finite).nonzero().flatten().tolist()
+    shown = ", ".join(str(row) for row in rows[:10]) + (", ..." if len(rows) > 10 else "")
+    raise ValueError(
+        f"{len(rows)} of the {finite.numel()} losses are inf or nan (rows {shown} of the flattened losses; row "
+        "i * m + k is task k of example i for [B, m] losses), so their Gramian would be too. Find what makes them "
+        "non-finite (an empty label set, a division by zero, a diverging learning rate), or drop or mask those "
+        "rows before compute_gramian; JDTrainer skips such steps with jd_nonfinite='skip'."
+    )
+
+
+def _buffer_storages(capture: Capture) -> frozenset[int]:
+    """Storage addresses of the buffers of the engine's modules (see :func:`._regroup.regrouping_structure`)."""
+    return frozenset(
+        buffer.untyped_storage().data_ptr() for root in capture.roots for buffer in root.buffers() if buffer.numel()
+    )
+
+
 def _informative(checked: list[Record], failed: list[Record], vacuous: list[Record]) -> list[Record]:
     """The calls split along ``batch_dim`` whose grouping check passed and could have failed: verified batch-major
     (the same calls of the same modules on later steps skip the layout check)."""
@@ -498,12 +521,13 @@ class Engine:
             If no module call was captured, the captures were already used, the losses depend on none
             of them, or they use parameters of the engine's modules outside the captured calls.
         ValueError
-            If ``retain_graph=False`` without ``single_backward=True``.
+            If ``retain_graph=False`` without ``single_backward=True``, or if a loss is inf or nan.
         """
         capture = self._capture
         layout, grad_outputs, batched = layout_of_losses(
             losses, capture.batch_dim, capture.batch_size, capture.batch_source
         )
+        _check_finite(losses)
         records = [record for record in capture.records if record.edges]
         if not records:
             if capture.consumed:
@@ -728,7 +752,7 @@ class Engine:
                 # tokens), or some call takes the per-row path.
                 # (also per batch size: a fixed roll along the batch is the identity for some sizes only)
                 shape_free = (
-                    regrouping_structure(nodes, checked + [plan.record for plan in plans])
+                    regrouping_structure(nodes, checked + [plan.record for plan in plans], _buffer_storages(capture))
                     if not (verify_layout or mixed or unaligned)
                     else None
                 )

@@ -205,18 +205,17 @@ def test_examples_mixed_between_two_layers_are_exact(single_backward: bool) -> N
             assert_exact_step(engine, model(torch.randn(5, 3)).squeeze(1) ** 2, params, single_backward)
 
 
-def test_a_nan_loss_is_not_taken_for_mixed_examples() -> None:
-    """The grouping check cannot judge non-finite gradients: no mixing warning; the NaN reaches the Gramian, which
-    the weightings reject."""
-    from hf_jd.aggregation import UPGradWeighting
-
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_loss_is_rejected_with_its_row(bad: float) -> None:
+    """The grouping check cannot judge non-finite gradients, and every weighting fails on the Gramian: the engine
+    names the rows instead of warning that the examples are mixed (it returned a non-finite Gramian)."""
     torch.manual_seed(10)
-    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 1))
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2))
     engine = Engine(model)
-    losses = model(torch.randn(3, 4)).squeeze(1) ** 2 * torch.tensor([1.0, float("nan"), 1.0])
+    losses = model(torch.randn(3, 4)) ** 2 * torch.tensor([[1.0, 1.0], [1.0, bad], [1.0, 1.0]])
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
-        gramian = engine.compute_gramian(losses)
-    assert torch.isnan(gramian).any()
-    with pytest.raises(ValueError, match="(?i)finite|nan"):
-        UPGradWeighting()(gramian)
+        with pytest.raises(ValueError, match=r"1 of the 6 losses are inf or nan \(rows 3 of the flattened"):
+            engine.compute_gramian(losses)
+    losses = model(torch.randn(3, 4)) ** 2  # the captures are kept: a new forward pass works as usual
+    assert torch.isfinite(engine.compute_gramian(losses)).all()
