@@ -49,7 +49,8 @@ def check_matrix(matrix: Tensor, what: str = "matrix") -> None:
     TypeError
         If ``matrix`` is not a tensor.
     ValueError
-        If it is not 2-D, has no row, has a non-floating dtype or non-finite entries.
+        If it is not 2-D, has no row, has a non-floating dtype, is on the meta device or has non-finite
+        entries.
     """
     _check_matrix_layout(matrix, what)
     if not bool(torch.isfinite(matrix).all()):
@@ -69,6 +70,11 @@ def _check_matrix_layout(matrix: Tensor, what: str) -> None:
         raise ValueError(f"The {what} is empty (shape {tuple(matrix.shape)}): it needs at least one row.")
     if not matrix.is_floating_point():
         raise ValueError(f"The {what} must have a floating dtype, got {matrix.dtype}.")
+    if matrix.is_meta:
+        raise ValueError(
+            f"The {what} is on the meta device, which holds shapes but no values: aggregate tensors with values "
+            "(materialise the model, e.g. with to_empty() and a checkpoint, before computing gradients)."
+        )
 
 
 def _non_finite_message(what: str) -> str:

@@ -74,6 +74,17 @@ def test_bad_input_raises_value_error(name: str, bad: torch.Tensor) -> None:
         build(name)(bad)
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_meta_device_input_is_a_clear_error(name: str) -> None:
+    """Tensors without values (raw torch errors about copying out of meta tensors before)."""
+    with pytest.raises(ValueError, match="meta device"):
+        build(name)(torch.empty(N_ROWS, 8, device="meta"))
+    aggregator = build(name)
+    if isinstance(aggregator, GramianWeightedAggregator):
+        with pytest.raises(ValueError, match="meta device"):
+            aggregator.weighting(torch.empty(N_ROWS, N_ROWS, device="meta"))
+
+
 @pytest.mark.parametrize("name", available_weightings())
 def test_gramian_based_equals_weighting_of_gramian(name: str) -> None:
     for seed in (1, 2):
