@@ -239,3 +239,18 @@ def test_steps_with_one_example_do_not_count_towards_the_per_row_warning() -> No
             losses = nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none").mean(1)
             engine.compute_gramian(losses)
     assert not [record for record in records if "per-row gradients come from" in str(record.message)]
+
+
+def test_subnormal_output_gradients_are_not_taken_for_mixed_examples() -> None:
+    """Gradients that vanish into float32's subnormal range (tiny weights above a layer, as HF's small init of
+    frozen-BatchNorm vision models gives) keep a few bits: their rounding failed the grouping check, which sent
+    the layer to the per-row path with a warning that the losses mix the examples."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), *[nn.Linear(8, 8) for _ in range(3)], nn.Linear(8, 1))
+    with torch.no_grad():
+        for layer in list(model)[2:5]:
+            layer.weight.mul_(1e-14)  # the first layer's output gradients: about 1e-42
+    engine = Engine(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        _check(engine, model, model(torch.randn(3, 4)).squeeze(1) ** 2)
