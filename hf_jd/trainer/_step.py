@@ -462,10 +462,10 @@ class JDStep:
                 return StepResult(losses.detach(), outputs, None, True)
         if check:
             # First JD step: verify ‖Jᵀw‖² = wᵀGw with one extra backward, so that a parameter used where
-            # the engine cannot see it (outside its module's forward) raises instead of training wrongly.
+            # the engine cannot see it (outside its module's forward) raises instead of training wrongly. A batch
+            # whose per-example gradients cancel to rounding cannot tell: checked again on the next step.
             with _autojac_hint(self.mode, global_step):
-                self.engine.check_gramian(losses, gramian, rtol=self.check_rtol)
-            self._gramian_checked = True
+                self._gramian_checked = self.engine.check_gramian(losses, gramian, rtol=self.check_rtol)
         if gramian.dtype != torch.float64:
             gramian = gramian.float()
         with _rows_hint(self.mode):

@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from hf_jd.autogram import Engine
 
@@ -109,8 +109,8 @@ def test_check_passes_on_correct_gramian(single_backward: bool) -> None:
     losses = F.cross_entropy(logits.transpose(1, 2), ids, reduction="none").mean(1)
     jac = jacobian(losses, trainable(model))
     gramian = engine.compute_gramian(losses, retain_graph=True)
-    engine.check_gramian(losses, gramian)
-    engine.check_gramian(losses, gramian, weights=torch.tensor([1.0, 0.0, 2.0]))
+    assert engine.check_gramian(losses, gramian) is True
+    assert engine.check_gramian(losses, gramian, weights=torch.tensor([1.0, 0.0, 2.0])) is True
     weights = torch.tensor([0.2, 0.3, 0.5])
     if single_backward:
         engine.backward(weights)
@@ -126,6 +126,34 @@ def test_check_gramian_detects_a_wrong_gramian() -> None:
     engine = Engine(model)
     losses = model(torch.randn(3, 5)).pow(2).sum(1)
     gramian = engine.compute_gramian(losses)
+    with pytest.raises(RuntimeError, match="does not account"):
+        engine.check_gramian(losses, gramian * 0.9)
+
+
+def _identical_choices(model: nn.Module) -> Tensor:
+    """Multiple-choice losses whose choices are the same text: every example's gradient cancels to rounding."""
+    ids = torch.randint(1, 50, (6, 1, 7)).repeat(1, 3, 1)
+    return F.cross_entropy(model(input_ids=ids).logits, torch.arange(6) % 3, reduction="none")
+
+
+def test_check_gramian_cannot_tell_on_gradients_that_cancel() -> None:
+    """Both sides are float32 rounding there (1e-13 against 1e-7): the check says it cannot tell instead of raising
+    that a parameter is used outside its module, and still raises on a wrong Gramian of another batch."""
+    from transformers import BertConfig, BertForMultipleChoice
+
+    torch.manual_seed(0)
+    config = BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                        vocab_size=50, max_position_embeddings=32, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)  # fmt: skip
+    model = BertForMultipleChoice(config)
+    engine = Engine(model)
+    losses = _identical_choices(model)
+    gramian = engine.compute_gramian(losses, retain_graph=True)
+    assert engine.check_gramian(losses, gramian) is False
+    losses = F.cross_entropy(model(input_ids=torch.randint(1, 50, (6, 3, 7))).logits, torch.arange(6) % 3,
+                             reduction="none")  # fmt: skip
+    gramian = engine.compute_gramian(losses, retain_graph=True)
+    assert engine.check_gramian(losses, gramian) is True
     with pytest.raises(RuntimeError, match="does not account"):
         engine.check_gramian(losses, gramian * 0.9)
 

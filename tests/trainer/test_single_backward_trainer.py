@@ -121,9 +121,9 @@ def test_first_step_check_passes_and_runs_once(tmp_path, monkeypatch):
     calls: list[int] = []
     original = Engine.check_gramian
 
-    def counting(self, *args: Any, **kwargs: Any) -> None:
+    def counting(self, *args: Any, **kwargs: Any) -> bool:
         calls.append(1)
-        original(self, *args, **kwargs)
+        return original(self, *args, **kwargs)
 
     monkeypatch.setattr(Engine, "check_gramian", counting)
     args = make_args(tmp_path, jd_mode="iwrm", jd_single_backward=True, max_steps=3)
@@ -184,3 +184,25 @@ def test_ddp_single_backward_equals_two_pass(tmp_path):
     torch.testing.assert_close(two_pass[0], two_pass[1])
     torch.testing.assert_close(single[0], single[1], rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(single[0], two_pass[0], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_self_check_runs_again_after_a_batch_that_cannot_tell(tmp_path, monkeypatch, single_backward):
+    """Engine.check_gramian returns False on a batch whose per-example gradients cancel to rounding (it raised that
+    a parameter is used outside its module): JDTrainer checks the next batch instead, once."""
+    from hf_jd.autogram import Engine
+
+    answers = iter([False, True])
+    calls: list[int] = []
+    original = Engine.check_gramian
+
+    def check(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        assert original(self, *args, **kwargs)
+        return next(answers)
+
+    monkeypatch.setattr(Engine, "check_gramian", check)
+    args = make_args(tmp_path, jd_mode="iwrm", jd_single_backward=single_backward, max_steps=3)
+    trainer = JDTrainer(model=tiny_bert(), args=args, train_dataset=token_dataset())
+    trainer.train()
+    assert len(calls) == 2 and trainer.jd_step._gramian_checked
