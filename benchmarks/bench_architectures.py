@@ -150,7 +150,12 @@ EXTRA: dict[str, Callable[[], tuple[nn.Module, dict[str, Tensor], Callable[..., 
                             use_relative_position_bias=True),
     "dinov2": lambda: _vision("dinov2", image_size=32, patch_size=4, hidden_size=H, num_hidden_layers=2,
                               num_attention_heads=2, intermediate_size=2 * H, layerscale_value=0.5),
+    # fine-tuned with its batch norms' statistics frozen (evaluation mode; in training mode they mix the examples)
+    "resnet-frozen-bn": lambda: _vision("resnet", pixels=64, embedding_size=16, hidden_sizes=[16, 32, 64],
+                                        depths=[1, 1, 1]),
 }
+# Models trained with their batch norms in evaluation mode (statistics frozen; in training mode they mix the examples).
+FROZEN_BATCH_NORMS = {"resnet-frozen-bn"}
 
 
 def main() -> None:
@@ -171,7 +176,12 @@ def main() -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model, inputs, losses, position_ids = {**MODELS, **EXTRA}[name]()
-        case = _to_device(Case(name, model.train(), inputs, losses, torchjd=position_ids), torch.device(args.device))
+        model.train()
+        if name in FROZEN_BATCH_NORMS:
+            for module in model.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        case = _to_device(Case(name, model, inputs, losses, torchjd=position_ids), torch.device(args.device))
         try:
             result = run(case, weighting, args.repeats, args.warmup, clock=clock)
         except Exception as error:  # noqa: BLE001 - a benchmark reports and goes on

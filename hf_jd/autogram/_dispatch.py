@@ -11,7 +11,7 @@ from torch.nn.utils import parametrize
 
 from ._conv import Conv2dRecord, PatchConvRecord, is_unfoldable_conv2d, is_unfoldable_grouped_conv
 from ._embedding import EmbeddingRecord, is_embedding
-from ._group_norm import GroupNormRecord, is_group_norm
+from ._group_norm import GroupNormRecord, is_batch_norm, is_group_norm
 from ._layer_norm import LayerNormRecord, is_layer_norm
 from ._linear import LinearRecord, is_conv1d, is_linear
 from ._record import Record
@@ -29,6 +29,7 @@ class Kind(Enum):
     GROUPED_CONV = "grouped_conv"  # Conv1d, grouped Conv2d
     LAYER_NORM = "layer_norm"
     GROUP_NORM = "group_norm"
+    BATCH_NORM = "batch_norm"  # evaluation mode (running statistics), or training mode with batch_dim=None
     CHANNEL_NORM = "channel_norm"  # a layer norm over dimension 1 of [N, C, *spatial], verified on the first call
     RMS_NORM = "rms_norm"  # generic, with a verified closed form
     GENERIC = "generic"
@@ -42,7 +43,7 @@ class Kind(Enum):
     def samples_first(self) -> bool:
         """Whether the closed form needs the call's samples along dimension 0 (``[N, C, *spatial]`` tensors of
         convolutions and GroupNorm, which mix the positions or channels of a sample)."""
-        return self in (Kind.CONV2D, Kind.GROUPED_CONV, Kind.GROUP_NORM, Kind.CHANNEL_NORM)
+        return self in (Kind.CONV2D, Kind.GROUPED_CONV, Kind.GROUP_NORM, Kind.BATCH_NORM, Kind.CHANNEL_NORM)
 
 
 # The constructor of a closed-form record: (module, module_name, params, args, output).
@@ -55,6 +56,7 @@ _CLASSES: dict[Kind, RecordFactory] = {
     Kind.GROUPED_CONV: PatchConvRecord,
     Kind.LAYER_NORM: LayerNormRecord,
     Kind.GROUP_NORM: GroupNormRecord,
+    Kind.BATCH_NORM: GroupNormRecord,
     Kind.CHANNEL_NORM: GroupNormRecord,
 }
 
@@ -136,6 +138,8 @@ def kind_of(module: nn.Module) -> Kind:
         return Kind.LAYER_NORM
     if is_group_norm(module):
         return Kind.GROUP_NORM
+    if is_batch_norm(module):
+        return Kind.BATCH_NORM
     if is_rms_norm_like(module):
         return Kind.RMS_NORM
     return Kind.GENERIC

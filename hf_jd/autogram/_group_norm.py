@@ -1,8 +1,11 @@
-"""Record of ``nn.GroupNorm`` calls, and of layer norms over the channels of ``[N, C, *spatial]`` inputs (ConvNeXt's
-``channels_first`` ``ConvNextLayerNorm``, verified on the module's first call), in closed form.
+"""Record of ``nn.GroupNorm`` and ``nn.BatchNorm1d/2d/3d`` calls, and of layer norms over the channels of
+``[N, C, *spatial]`` inputs (ConvNeXt's ``channels_first`` ``ConvNextLayerNorm``, verified on the module's first call),
+in closed form.
 
-``y = γ ⊙ x̂ + β`` with ``x̂`` the input normalised per sample and group of channels (GroupNorm), or per sample and
-position over the channels (a channels-first layer norm), and ``γ``, ``β`` one entry per channel; row ``r = (e, k)``
+``y = γ ⊙ x̂ + β`` with ``x̂`` the input normalised per sample and group of channels (GroupNorm), per sample and
+position over the channels (a channels-first layer norm), or per channel with the running statistics (a batch norm in
+evaluation mode, as when fine-tuning a convolutional backbone; in training mode, allowed with ``batch_dim=None`` only,
+with the batch's statistics), and ``γ``, ``β`` one entry per channel; row ``r = (e, k)``
 has gradients ``Σ_s g_{ekcs} x̂_{ecs}`` for ``γ_c`` and ``Σ_s g_{ekcs}`` for ``β_c`` (sums over the spatial positions
 ``s``). ``x̂`` is recomputed from the captured input (a normalisation only, the module itself is not re-run). This also
 avoids the batched vector-Jacobian products of the generic path, which cost a backward pass per example and which
@@ -23,7 +26,7 @@ from ._record import Record, compute_dtype
 
 from ._layer_norm import epsilon_of, norm_call_parts
 
-__all__ = ["GroupNormRecord", "computes_channel_norm", "is_group_norm"]
+__all__ = ["GroupNormRecord", "computes_channel_norm", "is_batch_norm", "is_group_norm"]
 
 
 def is_group_norm(module: nn.Module) -> bool:
@@ -40,6 +43,24 @@ def is_group_norm(module: nn.Module) -> bool:
         ``True`` for a stock affine ``nn.GroupNorm``.
     """
     return isinstance(module, nn.GroupNorm) and type(module).forward is nn.GroupNorm.forward and module.affine
+
+
+def is_batch_norm(module: nn.Module) -> bool:
+    """Whether ``module`` is an affine ``nn.BatchNorm1d``, ``2d`` or ``3d`` with the stock forward (not
+    ``SyncBatchNorm``, whose forward gathers statistics across processes).
+
+    Parameters
+    ----------
+    module
+        The module.
+
+    Returns
+    -------
+    bool
+        ``True`` for a stock affine batch norm.
+    """
+    stock = nn.modules.batchnorm._BatchNorm
+    return isinstance(module, stock) and type(module).forward is stock.forward and module.affine
 
 
 def _channel_norm(inputs: Tensor, eps: float) -> Tensor:
@@ -80,7 +101,8 @@ def computes_channel_norm(module: nn.Module, args: tuple[Any, ...], output: Any)
 
 
 class GroupNormRecord(Record):
-    """One call of an ``nn.GroupNorm``, or of a verified channels-first layer norm, on inputs ``[N, C, *spatial]``.
+    """One call of an ``nn.GroupNorm``, a batch norm, or a verified channels-first layer norm, on inputs
+    ``[N, C, *spatial]`` (``[N, C]`` for a batch norm too).
 
     Parameters
     ----------
@@ -106,6 +128,13 @@ class GroupNormRecord(Record):
     ) -> None:
         super().__init__(module, module_name, params)
         self.inputs = args[0].detach()
+        # A batch norm's statistics as its forward used them: the running ones (evaluation mode), copied at call
+        # time, or None for the batch's own (training mode, or no running statistics kept).
+        self.running: tuple[Tensor, Tensor] | None = None
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.training:
+            mean, var = module.running_mean, module.running_var
+            if mean is not None and var is not None:
+                self.running = (mean.detach().clone(), var.detach().clone())
 
     def _bind(self, grads: list[Tensor | None], layout: RowLayout) -> None:
         (grad,) = grads
@@ -117,6 +146,13 @@ class GroupNormRecord(Record):
         channels = self.inputs.shape[1]
         if isinstance(norm, nn.GroupNorm):
             normalised = F.group_norm(self.inputs.to(dtype), norm.num_groups, None, None, norm.eps)
+        elif isinstance(norm, nn.modules.batchnorm._BatchNorm):
+            if self.running is None:  # the batch's statistics (batch_dim=None: mixing samples is allowed)
+                normalised = F.batch_norm(self.inputs.to(dtype), None, None, training=True, eps=norm.eps)
+            else:
+                shape = (1, channels) + (1,) * (self.inputs.dim() - 2)
+                mean, var = (stat.to(dtype).view(shape) for stat in self.running)
+                normalised = (self.inputs.to(dtype) - mean) * torch.rsqrt(var + norm.eps)
         else:  # a layer norm over the channels (verified by computes_channel_norm)
             eps = epsilon_of(norm)
             assert eps is not None

@@ -633,6 +633,52 @@ def test_group_norm_closed_form(single_backward: bool, channels_last: bool) -> N
             engine.remove()
 
 
+def _with_running_statistics(model: nn.Module) -> nn.Module:
+    """The model's batch norms given running statistics away from 0 and 1 and put in evaluation mode."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            with torch.no_grad():
+                module.running_mean.uniform_(-1.0, 1.0)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.5, 0.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_batch_norm_in_evaluation_mode_closed_form(single_backward: bool, channels_last: bool) -> None:
+    """Batch norms in evaluation mode (a convolutional backbone fine-tuned with its statistics frozen) in closed form,
+    from the running statistics (the generic path cost a backward pass per example: ResNet 6x a plain step), on
+    [N, C, H, W], [N, C, L] and [N, C] inputs, per-example and per-task losses; with batch_dim=None also in training
+    mode, from the batch's statistics (which do not update the running ones a second time)."""
+    from hf_jd.autogram._dispatch import Kind
+
+    from ._reference import assert_exact_step
+
+    torch.manual_seed(0)
+    image = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 4, 3), nn.BatchNorm2d(4))
+    sequence = nn.Sequential(nn.Conv1d(2, 4, 3), nn.BatchNorm1d(4), nn.GELU(), nn.Flatten(), nn.Linear(28, 5),
+                             nn.BatchNorm1d(5))  # fmt: skip
+    for model, x in ((image, torch.randn(3, 3, 7, 7)), (sequence, torch.randn(3, 2, 9))):
+        if channels_last and x.dim() == 4:
+            model, x = model.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+        for batch_dim, training in ((0, False), (None, False), (None, True)):
+            model = _with_running_statistics(model).train(training)
+            engine = Engine(model, batch_dim=batch_dim, single_backward=single_backward)
+            model.zero_grad(set_to_none=True)
+            norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+            running = [norm.running_mean.clone() for norm in norms]
+            out = model(x).flatten(1)
+            losses = torch.stack([out.pow(2).mean(1), out.tanh().mean(1)], dim=1)  # [B, 2]
+            assert_exact_step(engine, losses if batch_dim == 0 else losses.sum(0), trainable(model), single_backward)
+            kinds = {info.kind for info in engine._capture.infos.values() if "BatchNorm" in type(info.module).__name__}
+            assert kinds == {Kind.BATCH_NORM}
+            # (training: updated once, by the forward pass)
+            assert all(torch.equal(a, norm.running_mean) for a, norm in zip(running, norms)) != training
+            engine.remove()
+
+
 @pytest.mark.parametrize("single_backward", [False, True])
 @pytest.mark.parametrize("folded", [False, True])
 def test_conv1d_and_grouped_conv2d_closed_form(
@@ -674,11 +720,13 @@ def test_conv1d_and_grouped_conv2d_closed_form(
             engine.remove()
 
 
-@pytest.mark.parametrize("layer", [nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 1, groups=3), nn.GroupNorm(1, 3)])
+@pytest.mark.parametrize(
+    "layer", [nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 1, groups=3), nn.GroupNorm(1, 3), nn.BatchNorm2d(3).eval()]
+)
 def test_sample_first_layers_take_the_per_row_path_under_another_batch_dim(layer: nn.Module) -> None:
-    """Convolutions and GroupNorm take their samples along dimension 0: with batch_dim=1, the size of their channels
-    is never taken for the examples' (their closed forms would mix them), also when it equals the batch size; the
-    exact per-row path gives the Gramian instead (it raised)."""
+    """Convolutions, GroupNorm and batch norms take their samples along dimension 0: with batch_dim=1, the size of
+    their channels is never taken for the examples' (their closed forms would mix them), also when it equals the batch
+    size; the exact per-row path gives the Gramian instead (it raised)."""
     torch.manual_seed(0)
     engine = Engine(layer, batch_dim=1)
     losses = layer(torch.randn(2, 3, 4, 4)).pow(2).sum((0, 2, 3))  # [3]: one "example" per channel

@@ -476,6 +476,26 @@ def test_zoo_batch_norm_model_is_rejected() -> None:
         model(**_pixels(3, 0, False))
 
 
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_zoo_batch_norm_model_with_frozen_statistics(single_backward: bool) -> None:
+    """ResNet fine-tuned with its batch norms in evaluation mode (the usual way, and the rejection's advice): their
+    affine parameters take the closed form from the running statistics (the generic path was 6x a plain step)."""
+    from hf_jd.autogram._dispatch import Kind
+
+    torch.manual_seed(0)
+    model = tf.ResNetForImageClassification(tf.ResNetConfig(
+        embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3)).train()
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            with torch.no_grad():
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+            module.eval()
+    _check(model, _pixels(3, 0, False), 3, single_backward)
+    kinds = {info.kind for info in Engine(model)._capture.infos.values() if isinstance(info.module, nn.BatchNorm2d)}
+    assert kinds == {Kind.BATCH_NORM}
+
+
 @pytest.mark.parametrize("name", ["mamba", "mamba2"])
 def test_zoo_mamba_mixers_borrow_their_convolution(name: str) -> None:
     """Mamba's mixers pass their ``conv1d.weight`` to a convolution function instead of calling ``conv1d`` (this
