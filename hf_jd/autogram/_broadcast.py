@@ -453,11 +453,17 @@ def _broadcast_group(name: str, shared: torch.Size, output: torch.Size, batch_di
 
 
 def plan_broadcasts(
-    losses: Tensor, records: list[Record], batch_dim: int, batch_size: int, stateless: bool = False
+    losses: Tensor,
+    records: list[Record],
+    batch_dim: int,
+    batch_size: int,
+    stateless: bool = False,
+    partial: bool = False,
 ) -> list[BroadcastPlan]:
     """One plan per record when every record's single output is shared and only broadcast over the
-    batch, else none (all of them then take the exact paths). Only records that can repeat their
-    inputs per example (:meth:`Record.insert_batch`) can be planned.
+    batch, else none (all of them then take the exact paths); with ``partial``, one plan per record
+    that can be planned. Only records that can repeat their inputs per example
+    (:meth:`Record.insert_batch`) can be planned.
 
     Parameters
     ----------
@@ -472,23 +478,27 @@ def plan_broadcasts(
     stateless
         Plan only paths whose nodes read no saved tensor (:data:`STATELESS_NODES`, ``expand``, ``repeat``),
         e.g. under activation checkpointing.
+    partial
+        Plan the records that can be planned, whatever the others.
 
     Returns
     -------
     list of BroadcastPlan
-        One per record, or empty.
+        One per record (per plannable record with ``partial``), or empty.
     """
     if losses.grad_fn is None or batch_size < 2:
         return []
-    if not all(len(r.edges) == 1 and r.can_insert_batch(batch_dim) for r in records):
+    plannable = [r for r in records if len(r.edges) == 1 and r.can_insert_batch(batch_dim)]
+    if not plannable or (len(plannable) < len(records) and not partial):
         return []
     consumers = _consumers(losses.grad_fn)
     plans: list[BroadcastPlan] = []
-    for record in records:
+    for record in plannable:
         plan = _plan(record, consumers, batch_dim, batch_size, stateless)
-        if plan is None:
+        if plan is None and not partial:
             return []
-        plans.append(plan)
+        if plan is not None:
+            plans.append(plan)
     return plans
 
 

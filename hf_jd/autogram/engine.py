@@ -638,6 +638,7 @@ class Engine:
             records = [record for record in records if record.batched]
         plans: list[BroadcastPlan] = []
         plans_key: tuple[Any, ...] = ()
+        partial_plans = False
         # Tensors with the batch size along batch_dim and along another dimension (e.g. [B, T, d] with
         # T = B) cannot show whether they are batch- or time-major: their grouping is then verified, unless each
         # such call (the same call of the same module) passed that check on an earlier step (a call seen only
@@ -657,11 +658,17 @@ class Engine:
             # Under activation checkpointing, only through nodes that read no saved tensor: the plans call
             # autograd nodes, whose checkpointed saved tensors may be unpacked only once per backward pass.
             plans = plan_broadcasts(losses, unaligned, layout.batch_dim, layout.num_examples, checkpointed)
-            ungrouped = [record for record in unaligned if not record.groups]
-            if not plans and len(ungrouped) < len(unaligned):
-                # Else without the calls that have a candidate batch-major grouping (a shared table beside
-                # a Linear layer on flattened [B * T, d] rows), which the verification below then handles.
-                plans = plan_broadcasts(losses, ungrouped, layout.batch_dim, layout.num_examples, checkpointed)
+            if not plans and len(unaligned) > 1:
+                # Else the calls that can be planned (a shared table beside a Linear layer on flattened [B * T, d]
+                # rows or beside time-major calls; also a table whose length happens to be a multiple of the batch
+                # size, e.g. LED's [T, d] position tables, which would otherwise be taken for regrouped rows and
+                # fail their check); the others take the verification or the per-row path below.
+                plans = plan_broadcasts(
+                    losses, unaligned, layout.batch_dim, layout.num_examples, checkpointed, partial=True
+                )
+                # (a call left unplanned may be a table that carries a batch statistic to the examples, which
+                # would reach the planned tables' broadcasting nodes: they are checked as for mixed examples)
+                partial_plans = bool(plans)
         planned = {id(plan.record) for plan in plans}
         if plans:
             unaligned = [record for record in unaligned if id(record) not in planned]
@@ -741,7 +748,7 @@ class Engine:
                         self._remember_loss_computation(structure, known)
                 mixed = known
             # (with mixed examples, every planned table's broadcasting node is checked, not only the grouped ones)
-            grouped_nodes = broadcast_nodes(plans) if mixed else grouped_paths(plans)
+            grouped_nodes = broadcast_nodes(plans) if mixed or partial_plans else grouped_paths(plans)
             if (unaligned or verify_layout or mixed or grouped_nodes) and layout.num_tasks == 1:
                 # Tensors not split by example: the model moves examples around, so every call
                 # whose shapes allow a per-example grouping has it verified (one backward pass

@@ -484,7 +484,7 @@ def test_table_through_unary_functions_in_place_ops_and_an_index(single_backward
         jac = jacobian(losses, params)
         assert_gramian_matches(engine.compute_gramian(losses, retain_graph=True), jac)
         _assert_weighted_update(engine, losses, params, jac, single_backward)
-    assert per_row == []
+    assert per_row == []  # (on the last step)
 
 
 @pytest.mark.parametrize("single_backward", [False, True])
@@ -569,3 +569,28 @@ def test_examples_mixed_after_a_planned_table_are_seen(single_backward: bool) ->
             assert_gramian_matches(engine.compute_gramian(losses, retain_graph=True), jac)
             _assert_weighted_update(engine, losses, params, jac, single_backward)
     assert any("mix the examples" in str(record.message) for record in records)
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_led_position_tables_are_planned_beside_time_major_calls(single_backward: bool, monkeypatch) -> None:
+    """LED's [T, d] position tables (T a multiple of the batch size) sit beside its time-major Longformer attention:
+    planning was all or nothing, so the tables took the per-row pass on every step (8x a plain step against BART's
+    2.5x); now each table that can be planned is, and the plans' broadcasting nodes are checked."""
+    per_row = _count_per_row(monkeypatch)
+    torch.manual_seed(0)
+    config = tf.LEDConfig(vocab_size=40, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                          decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, attention_window=4,
+                          max_encoder_position_embeddings=32, max_decoder_position_embeddings=16)  # fmt: skip
+    model = tf.LEDForConditionalGeneration(config).train()
+    engine = Engine(model, single_backward=single_backward)
+    for _ in range(3):
+        per_row.clear()
+        model.zero_grad(set_to_none=True)
+        ids, decoder = torch.randint(3, 40, (4, 16)), torch.randint(3, 40, (4, 5))
+        logits = model(input_ids=ids, decoder_input_ids=decoder[:, :-1]).logits
+        losses = nn.functional.cross_entropy(logits.transpose(1, 2), decoder[:, 1:], reduction="none").mean(1)
+        params = trainable(model)
+        jac = jacobian(losses, params)
+        assert_gramian_matches(engine.compute_gramian(losses, retain_graph=True), jac)
+        _assert_weighted_update(engine, losses, params, jac, single_backward)
+    assert per_row == []  # (on the last step)
