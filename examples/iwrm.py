@@ -5,14 +5,32 @@ Empirical risk minimisation (ERM) averages the per-example losses. IWRM with Jac
 treats each example's loss as an objective of its own and aggregates their gradients with UPGrad,
 computed through the autogram engine (the Gramian of the B per-example gradients, never the
 Jacobian). The data, from :func:`hf_jd.synthetic.make_classification_text_dataset`, hold a minority
-of "hard" examples that follow another rule, which averaging tends to neglect.
+(15%) of "hard" examples that follow another rule. By default each hard example starts with a marker
+token instead of ``[CLS]``, so that the model can tell which rule applies: the minority's rule is
+learnable, but averaging gives it little weight.
 
 The script trains a tiny BERT classifier both ways (ERM is the ``mean`` aggregator in IWRM mode, so
 both runs share everything but the aggregation) and tracks, on a fixed probe set of training
 examples, the mean, 90th percentile and maximum of the per-example losses, plus the mean loss of the
 hard examples. It prints the final values and plots the distribution over training.
 
-Run: ``python examples/iwrm.py [--max_steps 100] [--output_dir out/iwrm]``.
+What it shows at the defaults (checked with seeds 0 to 5; about 30 s on one CPU thread): UPGrad ends
+with a much lower mean loss of the hard examples (0.00 to 0.03, against 0.24 to 0.87 with ERM) and a
+lower 90th percentile (at most 1e-4, against 0.04 to 0.23); its mean is lower in 5 of the 6 seeds
+(0.0884 against 0.0876 in the sixth). Its maximum is lower in 4 of the 6 seeds. In the other two, a single
+borderline example of the majority rule (as many group-A tokens as group-B ones, or one more) ends
+with a loss of 8.8 and 10.7 under UPGrad, where ERM fits it (0.27 and 0.03), while ERM leaves more
+probe examples above a loss of 0.5 (9 and 3, against 1 and 2). UPGrad does not increase the loss of
+any example of the current batch (to first order), but the updates of the batches an example is not
+in can.
+
+With ``--mark_hard false`` the hard examples look like the others and, on about half of them, their
+label contradicts the majority rule. Then UPGrad, which does not lower some examples' losses at the
+expense of others, fits them less than ERM: at 300 steps their mean loss is 2.5 to 3.6 against 1.2 to
+1.4 with ERM (seeds 0 to 2), and the mean and the maximum are larger too. Jacobian descent does not sacrifice the
+majority to a contradicting minority either.
+
+Run: ``python examples/iwrm.py [--max_steps 300] [--mark_hard false] [--output_dir out/iwrm]``.
 """
 
 from __future__ import annotations
@@ -39,6 +57,8 @@ from hf_jd.trainer.losses import per_example_losses
 
 VOCAB_SIZE = 64
 MAX_LENGTH = 24
+# The token groups of hf_jd.synthetic use the ids 2 .. 61 of a vocabulary of 64: the last id is free.
+MARKER_ID = VOCAB_SIZE - 1
 
 
 @dataclass
@@ -47,13 +67,20 @@ class IWRMArguments:
 
     output_dir: str = field(default="out/iwrm", metadata={"help": "Where runs and the plot go."})
     aggregator: str = field(default="upgrad", metadata={"help": "Aggregator of the per-example Jacobian."})
-    max_steps: int = field(default=100, metadata={"help": "Optimizer steps of each run."})
+    max_steps: int = field(default=300, metadata={"help": "Optimizer steps of each run."})
     batch_size: int = field(default=32, metadata={"help": "Examples per step (= rows of the Jacobian)."})
     learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate."})
     probe_every: int = field(default=10, metadata={"help": "Measure the loss distribution every this many steps."})
     probe_size: int = field(default=128, metadata={"help": "Training examples of the fixed probe set."})
     num_train: int = field(default=1024, metadata={"help": "Generated training examples."})
     hard_fraction: float = field(default=0.15, metadata={"help": "Fraction of minority-rule examples."})
+    mark_hard: bool = field(
+        default=True,
+        metadata={
+            "help": "Start each hard example with a marker token instead of [CLS] (its rule is then learnable); "
+            "without it the hard examples look like the others and about half contradict the majority rule."
+        },
+    )
     hidden_size: int = field(default=64, metadata={"help": "Width of the BERT classifier (two attention heads)."})
     seed: int = field(default=0, metadata={"help": "Seed of initialisation and data order."})
     cpu_threads: int = field(
@@ -202,10 +229,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(previous_threads)
 
 
-def run(args: IWRMArguments) -> dict[str, Any]:
-    """Everything :func:`main` does, with parsed arguments."""
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+def training_set(args: IWRMArguments) -> Any:
+    """The generated training examples (with ``is_hard``); with ``mark_hard`` the hard ones start with
+    :data:`MARKER_ID` instead of ``[CLS]``."""
     train = make_classification_text_dataset(
         args.num_train,
         1,
@@ -214,6 +240,22 @@ def run(args: IWRMArguments) -> dict[str, Any]:
         vocab_size=VOCAB_SIZE,
         seed=args.seed,
     )["train"]
+    if not args.mark_hard:
+        return train
+
+    def mark(example: dict[str, Any]) -> dict[str, Any]:
+        if example["is_hard"]:
+            example["input_ids"] = [MARKER_ID, *example["input_ids"][1:]]
+        return example
+
+    return train.map(mark)
+
+
+def run(args: IWRMArguments) -> dict[str, Any]:
+    """Everything :func:`main` does, with parsed arguments."""
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    train = training_set(args)
     probe_rows = train.select(range(min(args.probe_size, len(train))))
     hard = torch.tensor(probe_rows["is_hard"], dtype=torch.bool)
     probe = default_data_collator(list(probe_rows.remove_columns("is_hard")))

@@ -32,7 +32,7 @@ from typing import Any
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from transformers import BertConfig, HfArgumentParser
+from transformers import BertConfig, HfArgumentParser, set_seed
 
 from hf_jd import JDTrainer, JDTrainingArguments, MultiHeadModel
 from hf_jd.synthetic import MULTITASK_TASKS, make_multitask_text_dataset
@@ -98,6 +98,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         print(f"{world_size} process(es), jd_mode={args.jd_mode}, jd_ddp_gramian={setting}, "
               f"global batch {global_batch}")  # fmt: skip
 
+    # Seed before building the model (its initial weights), as the Trainer itself seeds only later,
+    # so that two runs of the same command give the same results.
+    set_seed(args.seed)
     vocab_size = 64
     data = make_multitask_text_dataset(script.num_train, script.num_eval, vocab_size=vocab_size, seed=args.seed)
     trainer = JDTrainer(model=_model(script, vocab_size), args=args, train_dataset=data["train"],

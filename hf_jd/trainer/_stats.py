@@ -3,13 +3,18 @@
 Everything here works on small detached tensors (the weights, the losses and the ``[r, r]``
 Gramian of the ``r`` Jacobian rows); values are accumulated on their device and turned into
 Python floats only when the Trainer logs, so no step waits on a device synchronisation.
+
+With several processes (DDP) :meth:`StatsAccumulator.pop_means` averages every statistic over
+the processes as well (one ``all_gather_object`` per logging step), like the Trainer's ``loss``;
+see its docstring for what each logged value then means.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 __all__ = ["gramian_stats", "weight_stats", "loss_stats", "StatsAccumulator"]
@@ -151,15 +156,77 @@ class StatsAccumulator:
     def __bool__(self) -> bool:
         return bool(self._sums)
 
-    def pop_means(self) -> dict[str, float]:
+    def pop_means(
+        self,
+        across_processes: bool = False,
+        gather: Callable[[object], list[object]] | None = None,
+    ) -> dict[str, float]:
         """Return the mean of every statistic since the last call, and start a new interval.
+
+        With ``across_processes`` (several processes, DDP) the means are taken over the observations
+        of every process: the ``(sum, count)`` of each statistic are gathered from all processes in
+        one collective (``torch.distributed.all_gather_object``) and each mean is the total sum over
+        the total count, the same on every process. With equal counts (the usual case: every process
+        runs the same steps) this is the mean over the processes of each process's interval mean,
+        as the Trainer's ``loss`` is. It is a collective: every process must call it at the same
+        logging step, also one that recorded nothing (the Trainer logs at the same steps on every
+        process, after gathering ``loss``). What the logged values then mean, with ``JDTrainer``:
+
+        - ``loss_<task>``: each process's task loss is on its local batch; logged is its mean over
+          the processes (and the interval). For ``mtl`` with equal local batches and mean-reduced
+          task losses this is the task loss of the global batch (the losses whose Jacobian gives
+          the weights with ``jd_ddp_gramian="global"``). ``iwmtl``: the mean, over the processes
+          (and micro-batches) holding some label of the task, of their label-count-normalised losses.
+        - ``jd/weight_*``, ``jd/conflicting_pairs``, ``jd/min_cosine`` with ``"global"``: computed
+          from the global Gramian, identical on every process, so the mean leaves them unchanged
+          (exactly: the sum of ``P`` copies of a float32 in float64 is exact). With ``"local"``:
+          each process's values on its own batch (its own weights and Gramian), averaged over the
+          processes as over the micro-batches of gradient accumulation: ``jd/weight_min`` is the mean
+          of the processes' minimums, ``jd/conflicting_pairs`` counts pairs within a process only.
+        - ``jd/min_cosine`` and ``iwmtl``'s ``loss_<task>`` are absent from some observations (no
+          pair of non-zero rows, no label of the task); their mean is over the observations that
+          have them, on whichever processes.
+
+        Parameters
+        ----------
+        across_processes
+            Average over the processes of the default ``torch.distributed`` group too (nothing more
+            without an initialised group of several processes).
+        gather
+            Replaces the collective (for tests): maps this process's ``{name: (sum, count)}`` to the
+            list of every process's.
 
         Returns
         -------
         dict[str, float]
             Name -> mean over the observations of the interval.
         """
-        means = {name: float(total.item()) / self._counts[name] for name, total in self._sums.items()}
+        names = list(self._sums)
+        sums: list[float] = []
+        if names:
+            device = self._sums[names[0]].device
+            # One device synchronisation for all the statistics.
+            sums = torch.stack([self._sums[name].to(device) for name in names]).double().tolist()
+        local = {name: (total, self._counts[name]) for name, total in zip(names, sums)}
         self._sums.clear()
         self._counts.clear()
-        return means
+        if not across_processes:
+            return {name: total / count for name, (total, count) in local.items()}
+        if gather is None:
+            gather = _all_gather_object
+        totals: dict[str, list[float]] = {}
+        for process in gather(local):
+            for name, (total, count) in process.items():  # type: ignore[attr-defined]
+                entry = totals.setdefault(name, [0.0, 0])
+                entry[0] += total
+                entry[1] += count
+        return {name: total / count for name, (total, count) in totals.items() if count > 0}
+
+
+def _all_gather_object(value: object) -> list[object]:
+    """``value`` of every process of the default group (``[value]`` without one)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [value]
+    gathered: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered

@@ -88,7 +88,14 @@ class JDTrainer(Trainer):
     - The logged ``loss`` is the mean of the losses. With ``jd_log_weights``, the logs also hold
       ``jd/weight_*``, ``loss_<task>``, ``jd/conflicting_pairs`` and ``jd/min_cosine`` averaged over
       the logging interval, and always ``jd/skipped_steps`` (micro-batches skipped so far because of
-      non-finite values, with ``jd_nonfinite="skip"``).
+      non-finite values, with ``jd_nonfinite="skip"``). With several processes these statistics are
+      also averaged over the processes, like ``loss`` (one collective per logging step): ``loss_<task>``
+      is then the mean of the processes' local task losses (for ``mtl`` with equal local batches, the
+      task loss of the global batch); with ``jd_ddp_gramian="global"`` the weights and conflict
+      statistics come from the global Gramian and are the same on every process; with ``"local"``
+      they are each process's own, averaged over the processes as over accumulated micro-batches
+      (see :meth:`hf_jd.trainer._stats.StatsAccumulator.pop_means`). ``jd/skipped_steps`` is the same
+      on every process (they skip together).
     - ``eval_loss`` is the model's own loss when it returns one (``iwrm``: when its forward declares
       every label input, e.g. ``labels``), otherwise the mean of the losses training uses (the
       per-example losses with ``iwrm``, e.g. for ``label_names=["my_labels"]``). Evaluation reports
@@ -110,8 +117,9 @@ class JDTrainer(Trainer):
       (default for ``mtl``) the task Jacobians are all-reduced and every process writes the update
       of one process on the global batch (no DDP gradient all-reduce on those steps); with
       ``"local"`` (default for ``iwrm``/``iwmtl``) each process weights its own examples and DDP
-      averages the updates. ``jd/comm_bytes`` logs the bytes sent so far by JD's own collectives
-      (DDP's excluded). See :mod:`hf_jd.trainer._distributed`.
+      averages the updates. ``jd/comm_bytes`` logs the bytes sent so far by this process to JD's own
+      collectives of the training step (not counted: DDP's, and the logging's all-gather). See
+      :mod:`hf_jd.trainer._distributed`.
     - ``torch_compile=True`` (or a compiled model) works: the step differentiates the compiled graph
       more than once, so AOTAutograd's buffer donation is turned off inside the training step.
     - Not supported: DeepSpeed, FSDP, SageMaker model parallelism, ``torch.nn.DataParallel``
@@ -412,7 +420,11 @@ class JDTrainer(Trainer):
             As for :meth:`transformers.Trainer.log`.
         """
         if "loss" in logs and not any(key.startswith("eval_") for key in logs):
-            if self.jd_step.stats:
+            if self.args.world_size > 1 and self.jd_step.log_stats:
+                # Averaged over the processes like `loss`, in one collective: every process logs at the
+                # same steps (the Trainer's _maybe_log_save_evaluate gathers `loss` just before).
+                logs.update(self.jd_step.stats.pop_means(across_processes=True))
+            elif self.jd_step.stats:
                 logs.update(self.jd_step.stats.pop_means())
             logs["jd/skipped_steps"] = float(self.jd_step.skipped_steps)
             if self.args.world_size > 1:

@@ -322,6 +322,18 @@ def test_iwrm_end_to_end(iwrm: ModuleType, tmp_path: Path, capsys: pytest.Captur
     assert results["plot"] in last_printed_line(out)
 
 
+def test_iwrm_marks_exactly_the_hard_examples(iwrm: ModuleType) -> None:
+    arguments = dict(num_train=64, hard_fraction=0.3, seed=1)
+    marked = iwrm.training_set(iwrm.IWRMArguments(**arguments))
+    plain = iwrm.training_set(iwrm.IWRMArguments(mark_hard=False, **arguments))
+    assert 0 < sum(plain["is_hard"]) < len(plain)
+    for row, original in zip(marked, plain):
+        assert row["input_ids"][0] == (iwrm.MARKER_ID if original["is_hard"] else original["input_ids"][0])
+        assert row["input_ids"][1:] == original["input_ids"][1:] and row["labels"] == original["labels"]
+    # The marker is no token of the generated sequences themselves.
+    assert all(iwrm.MARKER_ID not in ids for ids in plain["input_ids"])
+
+
 def test_iwrm_tracker_matches_per_example_cross_entropy(iwrm: ModuleType) -> None:
     from transformers import BertConfig, BertForSequenceClassification
 

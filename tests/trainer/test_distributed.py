@@ -35,6 +35,7 @@ from hf_jd.trainer._distributed import (
     global_mtl_jacobian,
     resolve_ddp_gramian,
 )
+from hf_jd.trainer._stats import StatsAccumulator
 from jd_trainer_helpers import (
     TASKS,
     TwoTaskNet,
@@ -312,13 +313,30 @@ def test_agreement_across_processes(core):
         assert (result["one_false"], result["all_true"], result["bytes"]) == (False, True, 2)
 
 
+def test_stats_means_over_processes_with_differing_names():
+    """``pop_means(across_processes=True)``: total sum over total count of every name any process has."""
+    accumulator = StatsAccumulator()
+    accumulator.add({"x": torch.tensor(1.0), "y": torch.tensor(2.0)})
+    accumulator.add({"x": torch.tensor(3.0)})
+    other = {"x": (10.0, 2), "z": (6.0, 3)}  # another process: two observations of x, none of y
+    seen = []
+    means = accumulator.pop_means(across_processes=True, gather=lambda local: seen.append(local) or [local, other])
+    assert seen == [{"x": (4.0, 2), "y": (2.0, 1)}]
+    assert means == {"x": 14.0 / 4, "y": 2.0, "z": 2.0}
+    assert not accumulator
+    # Without a process group (one process) it is the plain mean.
+    accumulator.add({"x": torch.tensor(1.0)})
+    accumulator.add({"x": torch.tensor(2.0)})
+    assert accumulator.pop_means(across_processes=True) == {"x": 1.5}
+
+
 # ---------------------------------------------------------------------- 2 processes, JDTrainer
 @pytest.fixture(scope="module")
 def trainer_runs(tmp_path_factory):
     """The scenarios of ``trainer_worker.py`` under ``torchrun --nproc_per_node 2``: {name: [rank0, rank1]}."""
     out = tmp_path_factory.mktemp("trainer_runs")
     names = ["mtl_global", "mtl_global_ga2", "mtl_global_modules", "mtl_global_reuse", "iwrm_local", "iwrm_local_ga2",
-             "nonfinite_skip"]  # fmt: skip
+             "nonfinite_skip", "mtl_local_stats"]  # fmt: skip
     torchrun(WORKERS / "trainer_worker.py", [str(out), *names], timeout=300.0)
     runs = {
         name: [torch.load(out / f"{name}_rank{rank}.pt", weights_only=False) for rank in range(2)] for name in names
@@ -368,6 +386,53 @@ def test_trainer_mtl_global_equals_single_process_on_global_batch(trainer_runs, 
         assert run["ddp_backwards"] == 0
         assert run["jd_bytes"] > 0
         assert _logged(run, "jd/comm_bytes") == [float(run["jd_bytes"])]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_trainer_mtl_global_logs_the_task_losses_of_the_global_batch(trainer_runs, tmp_path):
+    """``loss_<task>`` is averaged over the processes like ``loss`` (it used to be rank 0's half only)."""
+    ranks = trainer_runs["mtl_global"]
+    halves = []
+    for run in ranks:  # each process's task losses on its own half, by hand
+        model = TwoTaskNet()
+        model.load_state_dict(run["initial"])
+        with torch.no_grad():
+            halves.append({task: float(loss) for task, loss in model(**run["inputs"][0])["losses"].items()})
+    _, trainer = _single_process_run(tmp_path, ranks[0]["initial"], max_steps=1, per_device_train_batch_size=8)
+    for task in TASKS:
+        assert halves[0][task] != pytest.approx(halves[1][task], rel=1e-2)  # rank 0's half alone would be wrong
+        mean = (halves[0][task] + halves[1][task]) / 2
+        # Equal halves and mean-reduced task losses: the mean of the halves is the loss of the global batch.
+        assert _logged({"log_history": trainer.state.log_history}, f"loss_{task}") == pytest.approx([mean], rel=1e-5)
+        for rank, run in enumerate(ranks):
+            assert _logged(run, f"loss_{task}") == pytest.approx([mean], rel=1e-5), f"rank {rank}, task {task}"
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_trainer_local_statistics_are_averaged_over_processes(trainer_runs):
+    """With "local" weights every logged statistic is the mean over the processes of each one's own values; a
+    statistic that one process lacks at a step (``jd/min_cosine`` with a zero Jacobian row) is the mean over the
+    processes that have it, and the logging collective does not hang on the differing names."""
+    ranks = trainer_runs["mtl_local_stats"]
+    local = [run["local_stats"] for run in ranks]  # [rank][step] -> {name: value}
+    assert [len(steps) for steps in local] == [2, 2]
+    assert "jd/min_cosine" in local[0][1] and "jd/min_cosine" not in local[1][1]
+    assert local[0][0]["jd/weight_a"] != pytest.approx(local[1][0]["jd/weight_a"], rel=1e-3)  # the processes differ
+    for step in range(2):
+        names = set(local[0][step]) | set(local[1][step])
+        expected = {}
+        for name in names:
+            values = [steps[step][name] for steps in local if name in steps[step]]
+            expected[name] = sum(values) / len(values)
+        for rank, run in enumerate(ranks):
+            logged = [entry for entry in run["log_history"] if "loss" in entry][step]
+            assert {name: logged.get(name) for name in names} == pytest.approx(expected, rel=1e-6, abs=1e-7), (
+                f"rank {rank}, step {step}"
+            )
+    assert local[1][1]["loss_a"] == 0.0
+    assert _logged(ranks[0], "loss_a")[1] == pytest.approx(local[0][1]["loss_a"] / 2, rel=1e-6)
 
 
 @pytest.mark.multiprocess
@@ -435,16 +500,18 @@ def _micro_batch_by_hand(run, micro):
 def test_trainer_iwrm_local_is_mean_of_local_updates(trainer_runs):
     ranks = trainer_runs["iwrm_local"]
     assert all(run["ddp_gramian"] == "local" for run in ranks)
-    updates = []
+    updates, local_weights = [], []
     for run in ranks:
         weights, update = _micro_batch_by_hand(run, 0)
         updates.append(update)
-        # The logged weights are this process's own (local) weights (to the dual solver's tolerance).
-        assert _logged(run, "jd/weight_min") == pytest.approx([float(weights.min())], rel=1e-3)
-        assert _logged(run, "jd/weight_max") == pytest.approx([float(weights.max())], rel=1e-3)
-        assert _logged(run, "jd/weight_mean") == pytest.approx([float(weights.mean())], rel=1e-3)
+        local_weights.append(weights)
     expected = (updates[0] + updates[1]) / 2  # DDP averages the processes' aggregated local Jacobians
     for rank, run in enumerate(ranks):
+        # Every process logs the mean over the processes of each one's own (local) weight statistics
+        # (to the dual solver's tolerance).
+        for key, reduce in (("jd/weight_min", torch.min), ("jd/weight_max", torch.max), ("jd/weight_mean", torch.mean)):
+            mean = sum(float(reduce(weights)) for weights in local_weights) / 2
+            assert _logged(run, key) == pytest.approx([mean], rel=1e-3), key
         torch.testing.assert_close(
             run["grads"][0], expected, atol=1e-4, rtol=1e-3, msg=lambda t, rank=rank: f"rank {rank}: {t}"
         )

@@ -46,6 +46,20 @@ class Recorder(TrainerCallback):
         self.ddp_backwards_at_step.append(self.tracker.backwards)
 
 
+def _record_local_stats(trainer: JDTrainer) -> list[dict[str, float]]:
+    """The statistics this process records at each micro-batch, before any averaging over processes."""
+    recorded: list[dict[str, float]] = []
+    accumulator = trainer.jd_step.stats
+    add = accumulator.add
+
+    def recording_add(stats: dict[str, torch.Tensor]) -> None:
+        recorded.append({name: float(value) for name, value in stats.items()})
+        add(stats)
+
+    accumulator.add = recording_add
+    return recorded
+
+
 def _run(
     out_dir: Path, name: str, model: torch.nn.Module, dataset: Any, trainer_kwargs: dict[str, Any] | None = None,
     **arguments: Any,
@@ -61,6 +75,7 @@ def _run(
     args = make_args(out_dir / name, optim="sgd", **arguments)
     trainer = JDTrainer(model=model, args=args, train_dataset=dataset, callbacks=[recorder], **(trainer_kwargs or {}))
     recorder.trainer = trainer
+    local_stats = _record_local_stats(trainer)
     trainer.train()
     communication = getattr(trainer.jd_step, "communication", None)
     torch.save(
@@ -78,6 +93,7 @@ def _run(
             "jd_bytes": None if communication is None else communication.payload_bytes,
             "ddp_gramian": getattr(trainer.jd_step, "ddp_gramian", None),
             "skipped_steps": trainer.jd_step.skipped_steps,
+            "local_stats": local_stats,
         },
         out_dir / f"{name}_rank{distributed_rank()}.pt",
     )
@@ -137,6 +153,25 @@ def nonfinite_skip(out_dir: Path) -> None:
          trainer_kwargs={"compute_losses": compute_losses})  # fmt: skip
 
 
+def mtl_local_stats(out_dir: Path) -> None:
+    """``"local"`` MTL over 2 steps; at step 2 rank 1's task ``a`` loss is multiplied by 0 (loss 0, zero
+    Jacobian row), so that rank records no ``jd/min_cosine`` then while rank 0 does."""
+    calls = [0]
+
+    def compute_losses(model: torch.nn.Module, inputs: dict[str, Any]) -> tuple[torch.Tensor, Any]:
+        outputs = model(**inputs)
+        losses = torch.stack([outputs["losses"][task] for task in TASKS])
+        calls[0] += 1
+        if distributed_rank() == 1 and calls[0] == 2:
+            losses = losses * torch.tensor([0.0, 1.0])
+        return losses, outputs
+
+    torch.manual_seed(0)
+    _run(out_dir, "mtl_local_stats", TwoTaskNet(), two_task_dataset(16), jd_mode="mtl", jd_task_names=TASKS,
+         jd_ddp_gramian="local", max_steps=2, per_device_train_batch_size=4,
+         trainer_kwargs={"compute_losses": compute_losses})  # fmt: skip
+
+
 SCENARIOS = {
     "mtl_global": mtl_global,
     "mtl_global_ga2": mtl_global_ga2,
@@ -145,6 +180,7 @@ SCENARIOS = {
     "iwrm_local": iwrm_local,
     "iwrm_local_ga2": iwrm_local_ga2,
     "nonfinite_skip": nonfinite_skip,
+    "mtl_local_stats": mtl_local_stats,
 }
 
 if __name__ == "__main__":
