@@ -621,6 +621,7 @@ class Capture:
         if frame.descendant_calls is not None and info.kind.is_generic:
             self._check_descendants_called(module, info, frame.descendant_calls, output)
         batched = self._aligned(info.kind, args, kwargs, output)
+        unclear = batched and self._unclear_ids(info.kind, args, kwargs)
         # A module once seen with an output whose size along batch_dim is neither the batch size
         # nor 1 keeps the exact paths: that dimension is something else (e.g. time in XLNet's
         # [T, B, d] layout), even in a later batch where its size happens to equal the batch size.
@@ -666,6 +667,7 @@ class Capture:
                 if not record.params:  # only frozen tensors were used (e.g. a cached weight computed elsewhere)
                     return None
         record.batched = batched
+        record.layout_unclear = unclear and batched
         if frame.first_node is not None and end_node is not None:
             record.nodes = range(frame.first_node, end_node)
         record.autocast = frame.autocast
@@ -835,15 +837,21 @@ class Capture:
             return True
         if not inputs:
             return kind is Kind.RMS_NORM
-        if not fits(inputs[0]):
+        return fits(inputs[0])
+
+    def _unclear_ids(self, kind: Kind, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        """Whether an embedding call of ``[B, L, ...]`` ids taken as split by example has no size beside the batch
+        size in common with the root inputs: ids padded inside the model (Longformer, LED, BigBird pad their
+        ``[B, T]`` ids to a multiple of a window), or a table of ids computed inside the model whose first size
+        merely equals the batch size (LongT5's ``[block_len, 3 block_len]`` relative buckets). Per-example ids
+        share a length with the root inputs ([B, T] tokens or positions) otherwise."""
+        if kind is not Kind.EMBEDDING or self.batch_dim is None or not self.root_sizes:
             return False
-        ids = inputs[0]
-        if kind is Kind.EMBEDDING and self.root_sizes and ids.dim() >= 2 and ids.shape[bd] == size:
-            # Per-example ids share a length with the root inputs ([B, T] tokens or positions); a table of
-            # ids computed inside the model (LongT5's [block_len, 3 block_len] relative buckets) whose first
-            # size merely equals the batch size does not: it takes the exact paths for shared tables.
-            return any(int(ids.shape[dim]) in self.root_sizes for dim in range(ids.dim()) if dim != bd)
-        return True
+        inputs = tensors_in(args) or tensors_in(kwargs)
+        ids, bd = inputs[0], self.batch_dim
+        if ids.dim() < 2:
+            return False
+        return not any(int(ids.shape[dim]) in self.root_sizes for dim in range(ids.dim()) if dim != bd)
 
     def _check_descendants_called(
         self, module: nn.Module, info: _ModuleInfo, before: list[int], output: Any

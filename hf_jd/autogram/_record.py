@@ -88,6 +88,10 @@ class Record(ABC):
         # over the tasks come in the call's flat layout): ("split", batch_dim) for k consecutive entries per
         # example along batch_dim (the record was regrouped), ("other", dim) for examples along another dim.
         self.confirmed_grouping: tuple[str, int] | None = None
+        # Whether the call's shapes cannot show that it is split by example although it is taken to be (an
+        # embedding of [B, L] ids whose length L matches no input of the model: ids padded inside the model, as
+        # Longformer's, or a table of ids whose first size happens to be B): verified as for coincident sizes.
+        self.layout_unclear = False
         # Which call of its module in the forward pass this is (0 for the first): a layout verified for one call
         # of a module says nothing about another one (a module applied to batch- and time-major tensors).
         self.call_index = 0

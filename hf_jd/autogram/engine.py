@@ -644,7 +644,7 @@ class Engine:
         # such call (the same call of the same module) passed that check on an earlier step (a call seen only
         # time-major with T = 1, or not at all, has not: its [T, B, d] tensors with T = B are checked).
         verify_layout = layout.batch_dim is not None and any(
-            _coincident_sizes(record, layout.batch_dim, layout.num_examples)
+            (record.layout_unclear or _coincident_sizes(record, layout.batch_dim, layout.num_examples))
             and not capture.batch_major_verified(record)
             for record in records
         )

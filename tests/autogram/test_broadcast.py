@@ -594,3 +594,29 @@ def test_led_position_tables_are_planned_beside_time_major_calls(single_backward
         assert_gramian_matches(engine.compute_gramian(losses, retain_graph=True), jac)
         _assert_weighted_update(engine, losses, params, jac, single_backward)
     assert per_row == []  # (on the last step)
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_ids_padded_inside_the_model_keep_the_closed_forms(single_backward: bool, monkeypatch) -> None:
+    """Longformer pads its [B, T] ids to a multiple of its attention window inside the model: the embeddings' [B, T']
+    ids share no length with the model's inputs, so they were taken for tables shared by the examples and took the
+    per-row pass on every step (12x a plain step); now their split by example is verified on the first step."""
+    per_row = _count_per_row(monkeypatch)
+    torch.manual_seed(0)
+    config = tf.LongformerConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=32, attention_window=4, max_position_embeddings=40, pad_token_id=1,
+                                 num_labels=2)  # fmt: skip
+    model = tf.LongformerForSequenceClassification(config).train()
+    engine = Engine(model, single_backward=single_backward)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (transformers says it pads)
+        for length in (10, 10, 7):
+            per_row.clear()
+            model.zero_grad(set_to_none=True)
+            logits = model(input_ids=torch.randint(3, 40, (3, length))).logits
+            losses = nn.functional.cross_entropy(logits, torch.tensor([0, 1, 1]), reduction="none")
+            params = trainable(model)
+            jac = jacobian(losses, params)
+            assert_gramian_matches(engine.compute_gramian(losses, retain_graph=True), jac)
+            _assert_weighted_update(engine, losses, params, jac, single_backward)
+    assert per_row == []  # (on the last step)
