@@ -150,6 +150,13 @@ EXTRA: dict[str, Callable[[], tuple[nn.Module, dict[str, Tensor], Callable[..., 
                             use_relative_position_bias=True),
     "dinov2": lambda: _vision("dinov2", image_size=32, patch_size=4, hidden_size=H, num_hidden_layers=2,
                               num_attention_heads=2, intermediate_size=2 * H, layerscale_value=0.5),
+    # ids padded inside the model to a multiple of the attention window (T = 32 -> 36)
+    "longformer-padded": lambda: _encoder("longformer", attention_window=12, max_position_embeddings=64,
+                                          pad_token_id=1),
+    # Longformer encoder-decoder: [T, d] position tables beside time-major attention
+    "led": lambda: _seq2seq("led", attention_window=8, max_encoder_position_embeddings=64,
+                            max_decoder_position_embeddings=64, **{k: v for k, v in ENCODER_LAYERS.items()
+                                                                    if k != "max_position_embeddings"}),
     # fine-tuned with its batch norms' statistics frozen (evaluation mode; in training mode they mix the examples)
     "resnet-frozen-bn": lambda: _vision("resnet", pixels=64, embedding_size=16, hidden_sizes=[16, 32, 64],
                                         depths=[1, 1, 1]),
