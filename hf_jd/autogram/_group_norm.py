@@ -128,6 +128,7 @@ class GroupNormRecord(Record):
     ) -> None:
         super().__init__(module, module_name, params)
         self.inputs = args[0].detach()
+        self.samples_per_example = 1  # k consecutive samples per example when regrouped (see split_batch)
         # A batch norm's statistics as its forward used them: the running ones (evaluation mode), copied at call
         # time, or None for the batch's own (training mode, or no running statistics kept).
         self.running: tuple[Tensor, Tensor] | None = None
@@ -141,7 +142,8 @@ class GroupNormRecord(Record):
         assert grad is not None
         norm = self.module
         check_samples_first(self, layout)
-        self.check_batch(self.inputs, layout, "input")
+        if self.samples_per_example == 1:
+            self.check_batch(self.inputs, layout, "input")
         dtype = compute_dtype(next(iter(self.params.values())))
         channels = self.inputs.shape[1]
         if isinstance(norm, nn.GroupNorm):
@@ -163,6 +165,35 @@ class GroupNormRecord(Record):
         self.normalised = layout.input_to_rows(normalised).reshape(layout.num_examples, -1, channels, positions)
         rows = layout.grad_to_rows(grad).to(dtype)
         self.rows = rows.reshape(layout.num_examples, layout.num_tasks, -1, channels, self.normalised.shape[-1])
+
+    def can_split_batch(self, batch_dim: int) -> bool:
+        """Whether :meth:`split_batch` applies: along dimension 0, that of the samples.
+
+        Parameters
+        ----------
+        batch_dim
+            The engine's batch dimension.
+
+        Returns
+        -------
+        bool
+            ``True`` for ``batch_dim=0``.
+        """
+        return batch_dim == 0
+
+    def split_batch(self, num_examples: int, batch_dim: int) -> None:
+        """Take the ``E * k`` samples along dimension 0 as ``k`` consecutive ones per example (a batch-major
+        grouping the engine verified: LeViT's batch norms of ``[B * T, C]`` tokens, PatchTST's of
+        ``[B * channels, d, patches]``); the per-row sums then run over each example's ``k`` samples too.
+
+        Parameters
+        ----------
+        num_examples
+            ``E``.
+        batch_dim
+            The engine's batch dimension (0).
+        """
+        self.samples_per_example = self.inputs.shape[0] // num_examples
 
     def release(self) -> None:
         """Drop the factors and the kept rows once the record's contributions are added."""

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from hf_jd.autogram import Engine
@@ -677,6 +677,44 @@ def test_batch_norm_in_evaluation_mode_closed_form(single_backward: bool, channe
             # (training: updated once, by the forward pass)
             assert all(torch.equal(a, norm.running_mean) for a, norm in zip(running, norms)) != training
             engine.remove()
+
+
+class _FlattenedBatchNorms(nn.Module):
+    """Norms of several samples per example: LeViT's batch norms of [B * T, C] tokens, and a GroupNorm and a batch
+    norm of [B * k, C, L] samples (PatchTST's channels)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.tokens = nn.Linear(4, 6), nn.BatchNorm1d(6)
+        self.group, self.channels = nn.GroupNorm(2, 6), nn.BatchNorm1d(6)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x: Tensor) -> Tensor:  # [B, T, 4] -> [B, 2]
+        batch, length, _ = x.shape
+        h = self.tokens(self.first(x).flatten(0, 1)).view(batch, length, 6)
+        samples = h.reshape(batch * 2, length // 2, 6).transpose(1, 2)  # [B * 2, C, T / 2]
+        h = self.channels(self.group(samples).tanh()).transpose(1, 2).reshape(batch, length, 6)
+        return self.head(h).pow(2).mean(1)
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_norms_of_several_samples_per_example_are_regrouped(single_backward: bool, monkeypatch) -> None:
+    """A batch norm (evaluation mode) or GroupNorm whose samples are k per example is verified batch-major and keeps
+    its closed form, for per-example and per-example-per-task losses (it took the per-row pass on every step)."""
+    from ._reference import assert_exact_step, count_per_row
+
+    per_row = count_per_row(monkeypatch)
+    torch.manual_seed(0)
+    model = _with_running_statistics(_FlattenedBatchNorms())
+    engine = Engine(model, single_backward=single_backward)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for per_task in (False, True, False):
+            per_row.clear()
+            model.zero_grad(set_to_none=True)
+            out = model(torch.randn(3, 4, 4))
+            assert_exact_step(engine, out if per_task else out.sum(1), trainable(model), single_backward)
+    assert per_row == []
 
 
 @pytest.mark.parametrize("single_backward", [False, True])
