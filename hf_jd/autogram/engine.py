@@ -188,6 +188,13 @@ _SEVERAL_FORWARDS = (
     "inside the forward pass of one module that is given to the engine."
 )
 
+_EARLIER_USES = (
+    "Here those uses come before the captured calls of this forward pass: before the model was called, or in an "
+    "earlier step, through a tensor kept since (a cache such as LeViT's attention biases in evaluation mode, through "
+    "which a plain training step fails too on its second backward pass: train such a model in training mode, or "
+    "clear the cache before each forward pass)."
+)
+
 
 class Engine:
     """Computes the Gramian of the Jacobian of a vector of losses w.r.t. the trainable parameters
@@ -620,6 +627,8 @@ class Engine:
                 "optimizer's weight_decay; for a tied weight, give the other module to the engine too, e.g. in "
                 "jd_modules), or use the autojac engine (hf_jd.autojac, jd_engine='autojac')."
             )
+            if earlier and not several:
+                cause += f" {_EARLIER_USES}"
             raise RuntimeError(
                 f"The losses use {len(params)} trainable parameter(s) of the engine's modules "
                 f"({self._names_of(params)}) outside the module calls the engine captured: {cause}"

@@ -133,3 +133,31 @@ def test_weight_penalty_added_to_the_losses_is_rejected_with_advice() -> None:
     losses = model(torch.randn(3, 4))[:, 0].pow(2) + 1e-2 * model[2].weight.pow(2).sum()
     with pytest.raises(RuntimeError, match=r"\['2.weight'\].*weight penalty, use the optimizer's weight_decay"):
         engine.compute_gramian(losses)
+
+
+class _CachedBias(nn.Module):
+    """Keeps a tensor computed from its parameter in its first forward pass and reuses it afterwards (LeViT's
+    attention-bias cache in evaluation mode)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(3, 2)
+        self.table = nn.Parameter(torch.randn(2))
+        self.cache: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cache is None:
+            self.cache = self.table * 2.0
+        return self.linear(x) + self.cache
+
+
+def test_tensor_cached_from_an_earlier_step_is_named_in_the_error() -> None:
+    """The second step's losses use a tensor of the first step's graph: the error says that such uses may come from an
+    earlier step (it only listed uses outside the owning module within the step)."""
+    model = _CachedBias()
+    engine = Engine(model)
+    losses = model(torch.randn(3, 3)).pow(2).sum(1)
+    engine.compute_gramian(losses)
+    losses = model(torch.randn(3, 3)).pow(2).sum(1)
+    with pytest.raises(RuntimeError, match=r"\['table'\].*in an earlier step, through a tensor kept since"):
+        engine.compute_gramian(losses)
