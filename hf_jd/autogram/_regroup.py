@@ -340,10 +340,10 @@ def _parameters_only(nodes: list[object], constant_storages: frozenset[int] = fr
                 known[node] = True
             elif any(child is None for child in children) or not children:
                 known[node] = False  # (an input that needs no gradient: data, or a constant)
-            elif _looks_up_data(node, constant_storages):
-                known[node] = False
             elif expanded:
-                known[node] = all(known.get(child, False) for child in children)
+                known[node] = all(known.get(child, False) for child in children) and not _looks_up_data(
+                    node, constant_storages
+                )
             else:
                 stack.append((node, True))
                 stack.extend((child, False) for child in children if child not in known)
