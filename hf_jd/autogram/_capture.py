@@ -520,7 +520,8 @@ class Capture:
                 f"Module {name} ({type(module).__name__}) computes statistics across the batch in "
                 "training mode, so per-example losses are not independent and the per-example "
                 "Gramian is undefined. Replace it (e.g. by GroupNorm or LayerNorm), put it in eval "
-                "mode, or use Engine(..., batch_dim=None) with task losses."
+                "mode (its running statistics then normalise; with JDTrainer, jd_freeze_batch_norm=True keeps "
+                "every batch norm in eval mode while training), or use Engine(..., batch_dim=None) with task losses."
             )
 
     def _named_all(self) -> Iterator[tuple[str, nn.Module]]:

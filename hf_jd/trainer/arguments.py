@@ -237,6 +237,16 @@ class JDTrainingArguments(TrainingArguments):
         },
     )
 
+    jd_freeze_batch_norm: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep every batch norm of the model in evaluation mode while training (running statistics "
+            "frozen and used to normalise), as when fine-tuning a convolutional backbone: the per-example losses of "
+            "iwrm/iwmtl are then independent, which the autogram engine needs (a batch norm in training mode mixes "
+            "the examples and is rejected), and its closed form applies."
+        },
+    )
+
     def __post_init__(self) -> None:
         self._validate_jd_arguments()
         super().__post_init__()
@@ -355,6 +365,8 @@ class JDTrainingArguments(TrainingArguments):
             )
         if not isinstance(self.jd_log_weights, bool):
             raise ValueError(f"jd_log_weights must be a bool, got {self.jd_log_weights!r}.")
+        if not isinstance(self.jd_freeze_batch_norm, bool):
+            raise ValueError(f"jd_freeze_batch_norm must be a bool, got {self.jd_freeze_batch_norm!r}.")
 
     # ------------------------------------------------------------------ helpers
     def _checkpointing_is_reentrant(self) -> bool:

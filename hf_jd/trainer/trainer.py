@@ -311,6 +311,10 @@ class JDTrainer(Trainer):
         cp_context, inputs = self._prepare_context_parallel_inputs(model, inputs)
         with cp_context(), _compiled_backward_keeps_buffers():
             model.train()
+            if self.args.jd_freeze_batch_norm:
+                for module in model.modules():
+                    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                        module.eval()
             optimizer_train = getattr(self.optimizer, "train", None)  # schedule-free optimizers
             if callable(optimizer_train):
                 optimizer_train()

@@ -32,6 +32,7 @@ def test_defaults(tmp_path):
     assert args.jd_log_weights is True
     assert args.jd_ddp_gramian == "auto"
     assert args.jd_modules is None and args.jd_task_names is None
+    assert args.jd_freeze_batch_norm is False
 
 
 def test_every_jd_field_has_help():
@@ -75,6 +76,7 @@ def test_kwargs_json_string_is_parsed(tmp_path):
         ({"jd_update_weights_every": 1.5}, "must be an integer"),
         ({"jd_task_names": ["a", "a"], "jd_mode": "mtl"}, "duplicates"),
         ({"jd_modules": []}, "jd_modules is empty"),
+        ({"jd_freeze_batch_norm": "yes"}, "jd_freeze_batch_norm must be a bool"),
         ({"deepspeed": {"train_batch_size": 8}}, "does not support DeepSpeed"),
         ({"fsdp": "full_shard"}, "does not support FSDP"),
     ],

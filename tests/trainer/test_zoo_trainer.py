@@ -528,3 +528,38 @@ def test_engine_limit_names_the_trainer_option(tmp_path):
     before = snapshot(model)
     _, logs = train(tmp_path / "autojac", model, data, compute_losses=compute_losses, jd_engine="autojac")
     assert_trained(before, model, logs, steps=2)
+
+
+def _resnet() -> nn.Module:
+    config = AutoConfig.for_model("resnet", embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                                  num_labels=NUM_LABELS)
+    return AutoModelForImageClassification.from_config(config)
+
+
+def test_batch_norm_model_is_rejected_without_frozen_statistics(tmp_path):
+    """The Trainer puts the model in training mode at every step, so putting the batch norms in evaluation mode
+    beforehand does not last: the error names the option that does."""
+    model = _resnet()
+    model.eval()
+    with pytest.raises(RuntimeError, match="BatchNorm2d.*jd_freeze_batch_norm=True"):
+        train(tmp_path, model, image_dataset())
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_frozen_batch_norm_statistics_train_and_equal_the_autojac_step(tmp_path, single_backward):
+    """jd_freeze_batch_norm keeps every batch norm in evaluation mode while training: the running statistics stay
+    as they were, and the first update equals the autojac engine's (which differentiates the same frozen norms)."""
+    torch.manual_seed(0)
+    model = _resnet()
+    twin = copy.deepcopy(model)
+    running = [m.running_mean.clone() for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    before = snapshot(model)
+    grads, reference = GradCapture(), GradCapture()
+    _, logs = train(tmp_path / "gram", model, image_dataset(), jd_freeze_batch_norm=True,
+                    jd_single_backward=single_backward, callbacks=[grads])  # fmt: skip
+    assert_trained(before, model, logs, steps=2)
+    after = [m.running_mean for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert all(torch.equal(old, new) for old, new in zip(running, after))
+    train(tmp_path / "jac", twin, image_dataset(), jd_freeze_batch_norm=True, jd_engine="autojac",
+          callbacks=[reference])  # fmt: skip
+    torch.testing.assert_close(grads.grads[0], reference.grads[0], rtol=1e-4, atol=1e-6)
