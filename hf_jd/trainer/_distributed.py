@@ -65,6 +65,7 @@ from torch import Tensor, nn
 __all__ = [
     "CommunicationLog",
     "DDPCommunicationTracker",
+    "all_gather_objects",
     "all_processes_true",
     "all_reduce_jacobians_mean",
     "ddp_gradient_bytes",
@@ -103,6 +104,30 @@ def distributed_world_size(group: Any = None) -> int:
         The number of processes.
     """
     return dist.get_world_size(group) if _initialized() else 1
+
+
+def all_gather_objects(value: object, group: Any = None) -> list[object]:
+    """``value`` of every process of ``group`` (the default group when ``None``), in rank order; ``[value]``
+    with one process. A collective: every process of the group must call it.
+
+    Parameters
+    ----------
+    value
+        A picklable object.
+    group
+        A process group, or ``None`` for the default one.
+
+    Returns
+    -------
+    list
+        One entry per process.
+    """
+    world_size = distributed_world_size(group)
+    if world_size == 1:
+        return [value]
+    gathered: list[object] = [None] * world_size
+    dist.all_gather_object(gathered, value, group=group)
+    return gathered
 
 
 def distributed_rank(group: Any = None) -> int:

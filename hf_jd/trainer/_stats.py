@@ -14,8 +14,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
+
+from ._distributed import all_gather_objects
 
 __all__ = ["gramian_stats", "weight_stats", "loss_stats", "StatsAccumulator"]
 
@@ -213,7 +214,7 @@ class StatsAccumulator:
         if not across_processes:
             return {name: total / count for name, (total, count) in local.items()}
         if gather is None:
-            gather = _all_gather_object
+            gather = all_gather_objects
         totals: dict[str, list[float]] = {}
         for process in gather(local):
             for name, (total, count) in process.items():  # type: ignore[attr-defined]
@@ -222,11 +223,3 @@ class StatsAccumulator:
                 entry[1] += count
         return {name: total / count for name, (total, count) in totals.items() if count > 0}
 
-
-def _all_gather_object(value: object) -> list[object]:
-    """``value`` of every process of the default group (``[value]`` without one)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [value]
-    gathered: list[object] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, value)
-    return gathered
