@@ -5,10 +5,10 @@ Algorithm 3 of Quinton & Rey, "Jacobian Descent For Multi-Objective Optimization
 module saw (its input, its output's gradient edge); :meth:`Engine.compute_gramian` back-propagates
 the losses to those module outputs only (no parameter gradient is computed) and adds each
 parameter's contribution in closed form (Linear, Conv1D, Conv2d including grouped and depthwise
-ones, Conv1d, Embedding, RMSNorm, LayerNorm, GroupNorm; subclasses of Linear and Embedding with a
-forward of their own, and RMS norms by any name, once their first call verifies the closed form on
-its tensors) or by batched
-vector-Jacobian products on the existing graph (any other module).
+ones, Conv1d, Embedding, RMSNorm, LayerNorm, GroupNorm, batch norms in evaluation mode; subclasses of
+Linear and Embedding with a forward of their own, and RMS norms by any name, once their first call
+verifies the closed form on its tensors) or by batched vector-Jacobian products on the existing
+graph (any other module).
 Parameters used by several modules (tied embeddings) get their cross terms. Tables looked up once
 for all examples and broadcast over the batch later (T5's relative-position bias) get per-example
 output gradients at the broadcasting node of the same pass (:mod:`._broadcast`). Other calls whose
