@@ -94,6 +94,34 @@ def _audio(model_type: str, **config: Any) -> tuple[nn.Module, dict[str, Tensor]
     return model, inputs, _class_losses, False
 
 
+class _EncoderTagger(nn.Module):
+    """A tiny BERT encoder under a bidirectional ``nn.LSTM`` and a token classifier (a sequence tagger)."""
+
+    def __init__(self, batch_first: bool) -> None:
+        super().__init__()
+        self.batch_first = batch_first
+        config = tf.BertConfig(vocab_size=V, hidden_size=H, num_hidden_layers=2, num_attention_heads=2,
+                               intermediate_size=4 * H, max_position_embeddings=128)
+        self.encoder = tf.BertModel(config, add_pooling_layer=False)
+        self.lstm = nn.LSTM(H, H // 2, batch_first=batch_first, bidirectional=True)
+        self.tagger = nn.Linear(H, 5)
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        states = self.encoder(input_ids=input_ids).last_hidden_state
+        if self.batch_first:
+            return self.tagger(self.lstm(states)[0])
+        return self.tagger(self.lstm(states.transpose(0, 1))[0].transpose(0, 1))
+
+
+def _tagger_losses(model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
+    return _CE(model(inputs["input_ids"]).transpose(1, 2), inputs["labels"], reduction="none").mean(1)
+
+
+def _tagger(batch_first: bool) -> tuple[nn.Module, dict[str, Tensor], Callable[..., Tensor], bool]:
+    inputs = {"input_ids": torch.randint(1, V, (B, T)), "labels": torch.randint(0, 5, (B, T))}
+    return _EncoderTagger(batch_first), inputs, _tagger_losses, False
+
+
 ENCODER_LAYERS = dict(encoder_layers=2, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
                       encoder_ffn_dim=4 * H, decoder_ffn_dim=4 * H, max_position_embeddings=128)
 MODELS: dict[str, Callable[[], tuple[nn.Module, dict[str, Tensor], Callable[..., Tensor], bool]]] = {
@@ -157,6 +185,9 @@ EXTRA: dict[str, Callable[[], tuple[nn.Module, dict[str, Tensor], Callable[..., 
     "led": lambda: _seq2seq("led", attention_window=8, max_encoder_position_embeddings=64,
                             max_decoder_position_embeddings=64, **{k: v for k, v in ENCODER_LAYERS.items()
                                                                     if k != "max_position_embeddings"}),
+    # a BERT encoder under a bidirectional LSTM (torch's fused recurrent kernel: one product per example)
+    "bert-bilstm": lambda: _tagger(batch_first=True),
+    "bert-bilstm-time-major": lambda: _tagger(batch_first=False),
     # fine-tuned with its batch norms' statistics frozen (evaluation mode; in training mode they mix the examples)
     "resnet-frozen-bn": lambda: _vision("resnet", pixels=64, embedding_size=16, hidden_sizes=[16, 32, 64],
                                         depths=[1, 1, 1]),

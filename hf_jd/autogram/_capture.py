@@ -16,7 +16,7 @@ import itertools
 from contextlib import contextmanager
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -172,6 +172,16 @@ _RESHAPE_NODES = frozenset({
     "AliasBackward0", "CloneBackward0", "ReshapeAliasBackward0", "SqueezeBackward0", "SqueezeBackward1",
     "SqueezeBackward2", "ToCopyBackward0", "UnsafeViewBackward0", "UnsqueezeBackward0", "ViewBackward0",
 })
+
+
+# The forward passes of torch's recurrent layers, whose output layout their documentation fixes.
+_RECURRENT_FORWARDS = (nn.RNN.forward, nn.LSTM.forward, nn.GRU.forward)
+
+
+def _stock_recurrent(module: nn.Module) -> bool:
+    """Whether ``module`` is a recurrent layer of torch running its own forward pass (a subclass may return
+    something else)."""
+    return isinstance(module, nn.RNNBase) and type(module).forward in _RECURRENT_FORWARDS
 
 
 def _gathered(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
@@ -621,7 +631,10 @@ class Capture:
             return None
         if frame.descendant_calls is not None and info.kind.is_generic:
             self._check_descendants_called(module, info, frame.descendant_calls, output)
-        batched = self._aligned(info.kind, args, kwargs, output)
+        # (a recurrent layer's documented layout also settles shapes that would fit batch_dim by coincidence, e.g.
+        # [layers, B, h] states with as many layers as examples)
+        output_dims = self._recurrent_output_dims(info.kind, module, output)
+        batched = output_dims is not None or self._aligned(info.kind, args, kwargs, output)
         unclear = batched and self._unclear_ids(info.kind, args, kwargs)
         # A module once seen with an output whose size along batch_dim is neither the batch size
         # nor 1 keeps the exact paths: that dimension is something else (e.g. time in XLNet's
@@ -647,6 +660,10 @@ class Capture:
                 record: Record = RMSNormRecord(module, info.name, frame.params, frame.aliases, outputs, args)
             else:
                 record = GenericRecord(module, info.name, frame.params, frame.aliases, outputs)
+            if output_dims is not None and batched:
+                record.output_batch_dims = [
+                    dim for tensor, dim in zip(tensors_in(output), output_dims) if tensor.requires_grad
+                ]
         else:
             inputs = args if args else tuple(kwargs.values())
             if not isinstance(returned, Tensor):
@@ -839,6 +856,22 @@ class Capture:
         if not inputs:
             return kind is Kind.RMS_NORM
         return fits(inputs[0])
+
+    def _recurrent_output_dims(self, kind: Kind, module: nn.Module, output: Any) -> list[int] | None:
+        """For a call of ``nn.RNN``, ``nn.LSTM`` or ``nn.GRU`` (their own forward) on a batch, the dimension holding
+        the examples in each output tensor, from the layer's documented layout: ``[B, T, h]`` outputs with
+        ``batch_first`` (``[T, B, h]`` without), ``[layers, B, h]`` final states either way; ``None`` for other
+        calls, unbatched or packed sequences, or shapes that do not show the batch size there."""
+        size = self.batch_size
+        if self.batch_dim is None or size < 1 or kind is not Kind.GENERIC or not _stock_recurrent(module):
+            return None
+        tensors = tensors_in(output)
+        if len(tensors) < 2 or any(tensor.dim() != 3 for tensor in tensors):
+            return None  # (a packed sequence's data is [N, h])
+        dims = [0 if cast(nn.RNNBase, module).batch_first else 1] + [1] * (len(tensors) - 1)
+        if any(tensor.shape[dim] != size for tensor, dim in zip(tensors, dims)):
+            return None
+        return dims
 
     def _unclear_ids(self, kind: Kind, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         """Whether an embedding call of ``[B, L, ...]`` ids taken as split by example has no size beside the batch

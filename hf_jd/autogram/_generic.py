@@ -10,6 +10,7 @@ parameters are swapped for per-call aliases (``p.view_as(p)``) during its forwar
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any, TypeGuard
 
 import torch
@@ -242,7 +243,7 @@ class GenericRecord(Record):
         bool
             ``True`` for a single output.
         """
-        return len(self.edges) == 1 and self._grouped_dim is None
+        return len(self.edges) == 1 and self._grouped_dim is None and self.output_batch_dims is None
 
     def insert_batch(self, num_examples: int, batch_dim: int) -> None:
         """Take the output gradients as one per example, each of the shared output's shape, stacked along
@@ -258,7 +259,8 @@ class GenericRecord(Record):
         self._shared_output = True
 
     def can_split_batch(self, batch_dim: int) -> bool:
-        """Whether :meth:`split_batch` applies: yes, the products only need the output gradients regrouped.
+        """Whether :meth:`split_batch` applies: yes, the products only need the output gradients regrouped, unless
+        the outputs hold the examples along dimensions of their own (:attr:`Record.output_batch_dims`).
 
         Parameters
         ----------
@@ -268,9 +270,9 @@ class GenericRecord(Record):
         Returns
         -------
         bool
-            ``True``.
+            ``True`` but for such outputs.
         """
-        return True
+        return self.output_batch_dims is None
 
     def split_batch(self, num_examples: int, batch_dim: int) -> None:
         """Take the outputs' ``E * k`` entries along ``batch_dim`` as ``k`` consecutive ones per example
@@ -295,7 +297,13 @@ class GenericRecord(Record):
         bool
             ``True`` when the call's products may start at the operations using its parameters.
         """
-        return bool(self.aliases) and self._grouped_dim is None and not self._shared_output and hasattr(self, "outputs")
+        return (
+            bool(self.aliases)
+            and self._grouped_dim is None
+            and not self._shared_output
+            and self.output_batch_dims is None
+            and hasattr(self, "outputs")
+        )
 
     def start_at(self, edges: list[GradientEdge]) -> None:
         """Take the outputs of the operations that use the parameters (split by example, one output each) as this
@@ -340,16 +348,24 @@ class GenericRecord(Record):
                     "freeze the module's parameters."
                 )
 
+    def _output_layout(self, index: int, layout: RowLayout) -> RowLayout:
+        """The row layout of output ``index``: ``layout`` with the output's own batch dimension, when the call's
+        outputs hold the examples along different dimensions (see :attr:`Record.output_batch_dims`)."""
+        if self.output_batch_dims is None or layout.batch_dim is None:
+            return layout
+        return replace(layout, batch_dim=self.output_batch_dims[index])
+
     def _bind(self, grads: list[Tensor | None], layout: RowLayout) -> None:
         self.grad_rows: list[tuple[int, Tensor]] = []
         for index, (out, grad) in enumerate(zip(self.outputs, grads)):
             if grad is None:
                 continue
+            own = self._output_layout(index, layout)
             if self._grouped_dim is not None:
                 out = out.unflatten(self._grouped_dim, (layout.num_examples, -1))
             if not self._shared_output:
-                self.check_batch(out, layout, "output")
-            self.grad_rows.append((index, layout.grad_to_rows(grad)))
+                self.check_batch(out, own, "output")
+            self.grad_rows.append((index, own.grad_to_rows(grad)))
         self.output_dtypes = [out.dtype for out in self.outputs]
         del self.outputs
 
@@ -377,7 +393,9 @@ class GenericRecord(Record):
                 ]
             else:
                 grad_outputs = [
-                    layout.rows_to_grad_outputs(rows, examples).to(self.output_dtypes[index])
+                    self._output_layout(index, layout)
+                    .rows_to_grad_outputs(rows, examples)
+                    .to(self.output_dtypes[index])
                     for index, rows in self.grad_rows
                 ]
             if self._grouped_dim is not None:  # [n, ..., E, k, ...] -> [n, ..., E * k, ...], the outputs' shape
@@ -403,7 +421,9 @@ class GenericRecord(Record):
         if self._matmul is False:
             assert self.layout is not None
             dtypes = {compute_dtype(param) for param in self.params.values()}
-            factors = matmul_factors(self, self.layout, dtypes.pop()) if len(dtypes) == 1 else None
+            # (the products' rows are found along the engine's batch dimension: not for outputs laid out otherwise)
+            simple = len(dtypes) == 1 and self.output_batch_dims is None
+            factors = matmul_factors(self, self.layout, dtypes.pop()) if simple else None
             self._matmul = factors
             if factors is not None:
                 self.unused |= set(self.params) - factors.used()

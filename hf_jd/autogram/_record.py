@@ -84,6 +84,10 @@ class Record(ABC):
         # one other dimension (time-major [T, B, d] layouts: XLNet, nn.MultiheadAttention without
         # batch_first): that dimension, a candidate batch dimension verified by the engine; else None.
         self.other_batch_dim: int | None = None
+        # For a call split by example whose outputs hold the examples along different dimensions, known from the
+        # module's documented layout (a batch-first nn.LSTM returns [B, T, h] outputs and [layers, B, h] states):
+        # per edge, that dimension; else None (batch_dim for all).
+        self.output_batch_dims: list[int] | None = None
         # Set when a [B, m] grouping check confirmed one of those candidates (the gradients of the later pass
         # over the tasks come in the call's flat layout): ("split", batch_dim) for k consecutive entries per
         # example along batch_dim (the record was regrouped), ("other", dim) for examples along another dim.
@@ -161,6 +165,21 @@ class Record(ABC):
                     grad = grad.reshape(*grad.shape[:lead], *view_shape)
             shaped.append(grad)
         return shaped
+
+    def example_dims(self, batch_dim: int) -> list[int]:
+        """The dimension holding the examples in each edge's gradient (without its leading row dimension).
+
+        Parameters
+        ----------
+        batch_dim
+            The engine's batch dimension.
+
+        Returns
+        -------
+        list of int
+            One per edge: :attr:`output_batch_dims` when set, else ``batch_dim``.
+        """
+        return list(self.output_batch_dims) if self.output_batch_dims is not None else [batch_dim] * len(self.edges)
 
     def shape_edges(self) -> list[GradientEdge]:
         """The edges of the outputs as the module returned them (for reading their shapes and uses).

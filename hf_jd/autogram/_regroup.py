@@ -157,7 +157,10 @@ def grads_verified(
             # other candidate dimension, e.g. a hidden size equal to the batch size, failed cannot).
             if not use_other and (
                 not (record.batched or record.can_split_batch(bd))
-                or not all(grad is None or _grouped_by_example(grad, weights, bd, rtol) for grad in record_grads)
+                or not all(
+                    grad is None or _grouped_by_example(grad, weights, dim, rtol)
+                    for grad, dim in zip(record_grads, record.example_dims(bd))
+                )
             ):
                 failed.append(record)
                 if chosen is not None:

@@ -110,7 +110,7 @@ def _coincident_sizes(record: Record, batch_dim: int, batch_size: int) -> bool:
     """Whether an output of the call with at least 3 dimensions (e.g. ``[B, T, d]`` or ``[T, B, d]``), or 2 for
     a call on the generic path (whose tensors may be feature-major ``[d, B]``), has the batch size along
     ``batch_dim`` and along another dimension too."""
-    if batch_size < 2:
+    if batch_size < 2 or record.output_batch_dims is not None:  # (those come from the module's documented layout)
         return False
     min_dims = 2 if isinstance(record, GenericRecord) else 3
     for edge in record.shape_edges():
