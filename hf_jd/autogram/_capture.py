@@ -184,6 +184,46 @@ def _stock_recurrent(module: nn.Module) -> bool:
     return isinstance(module, nn.RNNBase) and type(module).forward in _RECURRENT_FORWARDS
 
 
+def _stock_attention(module: nn.Module) -> bool:
+    """Whether ``module`` is torch's ``nn.MultiheadAttention`` running its own forward pass."""
+    return isinstance(module, nn.MultiheadAttention) and type(module).forward is nn.MultiheadAttention.forward
+
+
+def documented_output_dims(module: nn.Module, output: Any) -> list[int] | None:
+    """The dimension holding the batch in each tensor of ``output``, for torch modules whose documentation fixes
+    it differently for different outputs (as found in ``tensors_in(output)``), on 3-D batched inputs:
+
+    - ``nn.RNN``, ``nn.LSTM``, ``nn.GRU``: ``[B, T, h]`` outputs with ``batch_first`` (``[T, B, h]`` without),
+      ``[layers, B, h]`` final states either way;
+    - ``nn.MultiheadAttention`` returning its attention weights: ``[B, T, d]`` outputs with ``batch_first``
+      (``[T, B, d]`` without), ``[B, (heads,) T, S]`` weights either way.
+
+    ``None`` for other calls (subclasses with their own ``forward``, packed sequences, unbatched inputs).
+
+    Parameters
+    ----------
+    module
+        The module called.
+    output
+        What it returned.
+
+    Returns
+    -------
+    list of int or None
+        One dimension per tensor of the output, or ``None``.
+    """
+    tensors = tensors_in(output)
+    if len(tensors) < 2 or tensors[0].dim() != 3:
+        return None  # (a packed sequence's data is [N, h]; unbatched inputs give [T, h])
+    if _stock_recurrent(module):
+        if any(tensor.dim() != 3 for tensor in tensors):
+            return None
+        return [0 if cast(nn.RNNBase, module).batch_first else 1] + [1] * (len(tensors) - 1)
+    if _stock_attention(module) and len(tensors) == 2 and tensors[1].dim() in (3, 4):
+        return [0 if cast(nn.MultiheadAttention, module).batch_first else 1, 0]
+    return None
+
+
 def _gathered(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     """Whether the first tensor input of a call was produced by indexing (``h[idx]``, ``index_select``,
     ``gather``), possibly reshaped afterwards: its rows need not be the examples in order, even when
@@ -631,9 +671,9 @@ class Capture:
             return None
         if frame.descendant_calls is not None and info.kind.is_generic:
             self._check_descendants_called(module, info, frame.descendant_calls, output)
-        # (a recurrent layer's documented layout also settles shapes that would fit batch_dim by coincidence, e.g.
-        # [layers, B, h] states with as many layers as examples)
-        output_dims = self._recurrent_output_dims(info.kind, module, output)
+        # (a module's documented layout, e.g. a recurrent layer's, also settles shapes that would fit batch_dim by
+        # coincidence, e.g. [layers, B, h] states with as many layers as examples)
+        output_dims = self._documented_output_dims(info.kind, module, output)
         batched = output_dims is not None or self._aligned(info.kind, args, kwargs, output)
         unclear = batched and self._unclear_ids(info.kind, args, kwargs)
         # A module once seen with an output whose size along batch_dim is neither the batch size
@@ -857,19 +897,17 @@ class Capture:
             return kind is Kind.RMS_NORM
         return fits(inputs[0])
 
-    def _recurrent_output_dims(self, kind: Kind, module: nn.Module, output: Any) -> list[int] | None:
-        """For a call of ``nn.RNN``, ``nn.LSTM`` or ``nn.GRU`` (their own forward) on a batch, the dimension holding
-        the examples in each output tensor, from the layer's documented layout: ``[B, T, h]`` outputs with
-        ``batch_first`` (``[T, B, h]`` without), ``[layers, B, h]`` final states either way; ``None`` for other
-        calls, unbatched or packed sequences, or shapes that do not show the batch size there."""
-        size = self.batch_size
-        if self.batch_dim is None or size < 1 or kind is not Kind.GENERIC or not _stock_recurrent(module):
+    def _documented_output_dims(self, kind: Kind, module: nn.Module, output: Any) -> list[int] | None:
+        """For a generic call of a torch module whose documentation gives where each output holds the batch
+        (:func:`documented_output_dims`), those dimensions, when they hold the batch size and are not all
+        ``batch_dim`` (calls split by example along ``batch_dim`` alone take the usual paths); else ``None``."""
+        size, bd = self.batch_size, self.batch_dim
+        if bd is None or size < 1 or kind is not Kind.GENERIC:
             return None
-        tensors = tensors_in(output)
-        if len(tensors) < 2 or any(tensor.dim() != 3 for tensor in tensors):
-            return None  # (a packed sequence's data is [N, h])
-        dims = [0 if cast(nn.RNNBase, module).batch_first else 1] + [1] * (len(tensors) - 1)
-        if any(tensor.shape[dim] != size for tensor, dim in zip(tensors, dims)):
+        dims = documented_output_dims(module, output)
+        if dims is None or all(dim == bd for dim in dims):
+            return None
+        if any(tensor.shape[dim] != size for tensor, dim in zip(tensors_in(output), dims)):
             return None
         return dims
 

@@ -348,9 +348,22 @@ class GenericRecord(Record):
                     "freeze the module's parameters."
                 )
 
-    def _output_layout(self, index: int, layout: RowLayout) -> RowLayout:
+    def output_layout(self, index: int, layout: RowLayout) -> RowLayout:
         """The row layout of output ``index``: ``layout`` with the output's own batch dimension, when the call's
-        outputs hold the examples along different dimensions (see :attr:`Record.output_batch_dims`)."""
+        outputs hold the examples along different dimensions (see :attr:`Record.output_batch_dims`).
+
+        Parameters
+        ----------
+        index
+            The output's position in the call's outputs.
+        layout
+            The row layout of the losses.
+
+        Returns
+        -------
+        RowLayout
+            The output's row layout.
+        """
         if self.output_batch_dims is None or layout.batch_dim is None:
             return layout
         return replace(layout, batch_dim=self.output_batch_dims[index])
@@ -360,7 +373,7 @@ class GenericRecord(Record):
         for index, (out, grad) in enumerate(zip(self.outputs, grads)):
             if grad is None:
                 continue
-            own = self._output_layout(index, layout)
+            own = self.output_layout(index, layout)
             if self._grouped_dim is not None:
                 out = out.unflatten(self._grouped_dim, (layout.num_examples, -1))
             if not self._shared_output:
@@ -393,7 +406,7 @@ class GenericRecord(Record):
                 ]
             else:
                 grad_outputs = [
-                    self._output_layout(index, layout)
+                    self.output_layout(index, layout)
                     .rows_to_grad_outputs(rows, examples)
                     .to(self.output_dtypes[index])
                     for index, rows in self.grad_rows
@@ -421,9 +434,7 @@ class GenericRecord(Record):
         if self._matmul is False:
             assert self.layout is not None
             dtypes = {compute_dtype(param) for param in self.params.values()}
-            # (the products' rows are found along the engine's batch dimension: not for outputs laid out otherwise)
-            simple = len(dtypes) == 1 and self.output_batch_dims is None
-            factors = matmul_factors(self, self.layout, dtypes.pop()) if simple else None
+            factors = matmul_factors(self, self.layout, dtypes.pop()) if len(dtypes) == 1 else None
             self._matmul = factors
             if factors is not None:
                 self.unused |= set(self.params) - factors.used()

@@ -614,7 +614,7 @@ def _factors_from_uses(record: GenericRecord, layout: RowLayout, dtype: torch.dt
             for coefficient in coefficients:
                 table = rows.new_zeros(num_examples, num_tasks)
                 table[:, task] = coefficient.to(rows.dtype)
-                grad = layout.weighted_grad_output(rows, table)
+                grad = record.output_layout(index, layout).weighted_grad_output(rows, table)
                 if record._grouped_dim is not None:
                     grad = grad.flatten(record._grouped_dim, record._grouped_dim + 1)
                 per_task.append(grad.to(record.output_dtypes[index]))

@@ -1,7 +1,8 @@
-"""torch's recurrent layers (``nn.RNN``, ``nn.LSTM``, ``nn.GRU``): their outputs hold the examples along the
-dimensions their documentation gives (``[B, T, h]`` outputs with ``batch_first``, ``[T, B, h]`` without,
-``[layers, B, h]`` final states either way), so their calls take the generic path in that layout, without the
-per-row pass or a grouping check on every step."""
+"""torch modules whose outputs hold the batch along different dimensions, as their documentation gives: the
+recurrent layers (``nn.RNN``, ``nn.LSTM``, ``nn.GRU``: ``[B, T, h]`` outputs with ``batch_first``, ``[T, B, h]``
+without, ``[layers, B, h]`` final states either way) and ``nn.MultiheadAttention`` returning its weights
+(``[T, B, d]`` outputs without ``batch_first``, ``[B, (heads,) T, S]`` weights). Their calls take the generic path
+in that layout, without the per-row pass or a grouping check on every step."""
 
 from __future__ import annotations
 
@@ -212,3 +213,36 @@ def test_layer_run_across_the_examples_is_exact(single_backward: bool, embedded:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         _steps(model, engine, [(4, 4), (4, 4), (3, 3)], single_backward)
+
+
+class _Attention(nn.Module):
+    """Ids ``[B, T]`` → time-major ``nn.MultiheadAttention`` that returns its weights → losses from both."""
+
+    def __init__(self, average: bool) -> None:
+        super().__init__()
+        self.average = average
+        self.embedding = nn.Embedding(30, 8)
+        self.attention = nn.MultiheadAttention(8, 2)  # batch_first=False, need_weights=True: the defaults
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        states = self.embedding(ids).transpose(0, 1)
+        outputs, weights = self.attention(states, states, states, average_attn_weights=self.average)
+        if not self.average:
+            weights = weights.mean(1)  # [B, heads, T, S] -> [B, T, S]
+        diagonal = weights.diagonal(dim1=1, dim2=2).pow(2).sum(1)  # per example
+        return self.head(outputs.transpose(0, 1)).squeeze(2).pow(2).mean(1) + diagonal
+
+
+@pytest.mark.parametrize("average", [True, False])
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_time_major_attention_returning_its_weights_is_exact_without_per_row_passes(
+    average: bool, single_backward: bool, per_row_calls: list[str]
+) -> None:
+    torch.manual_seed(7)
+    model = _Attention(average)
+    engine = Engine(model, single_backward=single_backward)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (the per-row path warns)
+        _steps(model, engine, [(3, 5), (4, 4), (2, 6)], single_backward)
+    assert per_row_calls == []
