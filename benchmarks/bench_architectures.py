@@ -122,6 +122,28 @@ def _tagger(batch_first: bool) -> tuple[nn.Module, dict[str, Tensor], Callable[.
     return _EncoderTagger(batch_first), inputs, _tagger_losses, False
 
 
+class _TorchEncoder(nn.Module):
+    """A classifier built from torch's own ``nn.TransformerEncoder`` (its ``nn.MultiheadAttention`` applies the
+    projections' weights functionally)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(V, H)
+        layer = nn.TransformerEncoderLayer(H, 2, 4 * H, dropout=0.1, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(H, 2)
+
+    def forward(self, input_ids: Tensor) -> tf.modeling_outputs.SequenceClassifierOutput:
+        return tf.modeling_outputs.SequenceClassifierOutput(
+            logits=self.head(self.encoder(self.embedding(input_ids)).mean(1))
+        )
+
+
+def _torch_encoder() -> tuple[nn.Module, dict[str, Tensor], Callable[..., Tensor], bool]:
+    inputs = {"input_ids": torch.randint(1, V, (B, T)), "labels": torch.randint(0, 2, (B,))}
+    return _TorchEncoder(), inputs, _class_losses, False
+
+
 ENCODER_LAYERS = dict(encoder_layers=2, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
                       encoder_ffn_dim=4 * H, decoder_ffn_dim=4 * H, max_position_embeddings=128)
 MODELS: dict[str, Callable[[], tuple[nn.Module, dict[str, Tensor], Callable[..., Tensor], bool]]] = {
@@ -185,6 +207,8 @@ EXTRA: dict[str, Callable[[], tuple[nn.Module, dict[str, Tensor], Callable[..., 
     "led": lambda: _seq2seq("led", attention_window=8, max_encoder_position_embeddings=64,
                             max_decoder_position_embeddings=64, **{k: v for k, v in ENCODER_LAYERS.items()
                                                                     if k != "max_position_embeddings"}),
+    # torch's nn.TransformerEncoder (projections applied functionally inside nn.MultiheadAttention)
+    "torch-encoder": _torch_encoder,
     # a BERT encoder under a bidirectional LSTM (torch's fused recurrent kernel: one product per example)
     "bert-bilstm": lambda: _tagger(batch_first=True),
     "bert-bilstm-time-major": lambda: _tagger(batch_first=False),

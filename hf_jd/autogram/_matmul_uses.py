@@ -264,18 +264,44 @@ def _find_uses(record: GenericRecord) -> list[_Use] | None:
     consumers = _walk_call(record)
     closure = weights_only(record, consumers)
     assert record.nodes is not None
-    uses: dict[Any, _Use] = {}
+    uses: dict[Any, list[_Use]] = {}
     for node in closure:
         for consumer in consumers.get(node, []):
             if consumer in closure or consumer in uses:
                 continue
             if consumer._sequence_nr() not in record.nodes:
                 return None  # a weight-derived tensor leaves the call
-            use = _use_of(consumer, closure)
-            if use is None:
-                return None
-            uses[consumer] = use
-    return list(uses.values()) or None
+            found = _addmm_uses(consumer, closure) if type(consumer).__name__ == "AddmmBackward0" else None
+            if found is None:
+                use = _use_of(consumer, closure)
+                if use is None:
+                    return None
+                found = [use]
+            uses[consumer] = found
+    return [use for found in uses.values() for use in found] or None
+
+
+def _addmm_uses(node: Any, closure: set[Any]) -> list[_Use] | None:
+    """``y = b + x @ W`` (``addmm``, as ``F.linear`` computes 2-D inputs): a product whose rows are blocks, and a bias
+    added to every row, each when its operand is weight-derived (the data ``x`` must not be)."""
+    bias, data, weight = (node.next_functions[i] for i in range(3))
+    if data[0] in closure or (bias[0] not in closure and weight[0] not in closure):
+        return None
+    if float(node._saved_alpha) != 1.0 or float(node._saved_beta) != 1.0:
+        return None
+    rows = node._saved_mat1
+    if rows is None or rows.dim() != 2:
+        return None
+    uses = []
+    if weight[0] in closure:
+        uses.append(_Use(node, rows, "rows", None, 1, weight, torch.Size(node._saved_mat2_sym_sizes)))
+    if bias[0] in closure:
+        out_shape = torch.Size(node._input_metadata[0].shape)
+        shape = torch.Size(bias[0]._input_metadata[bias[1]].shape)
+        if shape not in (out_shape[1:], torch.Size([1, out_shape[1]])):
+            return None
+        uses.append(_Use(node, None, "bias", None, 1, bias, shape, out_shape[0]))
+    return uses
 
 
 def _check_weights(num_examples: int) -> Tensor:
@@ -620,7 +646,9 @@ def _factors_from_uses(record: GenericRecord, layout: RowLayout, dtype: torch.dt
                 per_task.append(grad.to(record.output_dtypes[index]))
         vectors.append(torch.stack(per_task))
         edges.append(record.edges[index])
-    use_grads = batched_grad(edges, [GradientEdge(use.node, 0) for use in uses], vectors)
+    nodes = list(dict.fromkeys(use.node for use in uses))  # (addmm: a product and a bias at one node)
+    node_grads = dict(zip(nodes, batched_grad(edges, [GradientEdge(node, 0) for node in nodes], vectors)))
+    use_grads = [node_grads[use.node] for use in uses]
     rtol = _RTOL_FLOAT32 * torch.finfo(dtype).eps / torch.finfo(torch.float32).eps
     found: list[_Rows] = []
     for use, grads in zip(uses, use_grads):

@@ -301,3 +301,76 @@ def test_overlapping_slices_keep_their_cross_terms(mode: str, taken: list[tuple[
     for batch in (3, 5):
         model.zero_grad(set_to_none=True)
         assert_exact_step_with_freed_graph(engine, model, model(torch.randn(batch, 4, 3)), False)
+
+
+class _FunctionalLinear(nn.Module):
+    """A module that applies its own weight and bias with ``F.linear`` on ``[B * T, d]`` rows (``addmm``), or
+    with ``torch.addmm`` and other coefficients."""
+
+    def __init__(self, bias: str, alpha: float = 1.0) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(5, 4) * 0.5)
+        shapes = {"vector": (5,), "row": (1, 5)}
+        self.bias = nn.Parameter(torch.randn(*shapes[bias]) * 0.1) if bias in shapes else None
+        if bias == "frozen":
+            self.register_buffer("fixed", torch.randn(5))
+        self.alpha = alpha
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        bias = self.bias if self.bias is not None else getattr(self, "fixed", None)
+        if self.alpha != 1.0:
+            out = torch.addmm(bias, rows, self.weight.T, alpha=self.alpha)
+        else:
+            out = nn.functional.linear(rows, self.weight, bias)
+        return torch.tanh(out).reshape(*x.shape[:-1], -1)
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+@pytest.mark.parametrize(("bias", "alpha", "path"), [
+    ("vector", 1.0, True), ("row", 1.0, True), ("none", 1.0, True), ("frozen", 1.0, True), ("vector", 2.0, False),
+])
+def test_functional_linear_on_rows(
+    bias: str, alpha: float, path: bool, single_backward: bool, taken: list[tuple[str, bool]]
+) -> None:
+    """``addmm(b, x, Wᵀ)``: the product's rows and the bias added to them are uses of the weight and the bias (other
+    coefficients than 1 keep one product per example)."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(3, 4), _FunctionalLinear(bias, alpha), nn.Linear(5, 1))
+    engine = Engine(model, single_backward=single_backward)
+    for batch in (4, 5):
+        model.zero_grad(set_to_none=True)
+        losses = model(torch.randn(batch, 6, 3)).squeeze(2).pow(2).mean(1)
+        assert_exact_step_with_freed_graph(engine, model, losses, single_backward)
+    assert {taken_ for name, taken_ in taken if name == "_FunctionalLinear"} == {path}
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+@pytest.mark.parametrize(("batch_first", "need_weights"), [(True, False), (False, False), (False, True)])
+def test_torch_multihead_attention(
+    batch_first: bool, need_weights: bool, single_backward: bool, taken: list[tuple[str, bool]]
+) -> None:
+    """``nn.MultiheadAttention`` applies its packed input projection to ``[T, B, d]`` tokens with ``matmul`` and its
+    output projection to ``[T * B, d]`` rows with ``addmm``, as ``nn.TransformerEncoderLayer`` calls it."""
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embedding = nn.Embedding(V, 8)
+            self.attention = nn.MultiheadAttention(8, 2, batch_first=batch_first)
+            self.head = nn.Linear(8, 1)
+
+        def forward(self, ids: Tensor) -> Tensor:
+            states = self.embedding(ids) if batch_first else self.embedding(ids).transpose(0, 1)
+            outputs, _ = self.attention(states, states, states, need_weights=need_weights)
+            outputs = outputs if batch_first else outputs.transpose(0, 1)
+            return self.head(outputs).squeeze(2).pow(2).mean(1)
+
+    torch.manual_seed(4)
+    model = Model()
+    engine = Engine(model, single_backward=single_backward)
+    for batch, length in ((4, 5), (3, 6)):
+        model.zero_grad(set_to_none=True)
+        losses = model(torch.randint(0, V, (batch, length)))
+        assert_exact_step_with_freed_graph(engine, model, losses, single_backward)
+    assert {taken_ for name, taken_ in taken if name == "MultiheadAttention"} == {True}
