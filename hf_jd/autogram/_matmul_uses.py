@@ -33,8 +33,9 @@ shape. Calls whose products
 start at their parameters' uses (:mod:`._direct_uses`) take it too, from the gradients of those uses.
 
 Only calls whose weights meet the data in these operations alone take this path (``mm``, ``bmm``,
-``grouped_mm``, the weight on the right of a row-major product or either side of ``bmm``; biases added to the
-rows, whole or gathered per row; the elementwise uses above), in float32 or float64, with more than
+``grouped_mm``, ``addmm`` with coefficients 1 as ``F.linear`` computes 2-D rows, the weight on the right of a
+row-major product or either side of ``bmm``; biases added to the rows, whole or gathered per row; the elementwise
+uses above), in float32 or float64, with more than
 :data:`FEW_ROWS` loss rows or large weights. The weights ``w`` and ``w'`` are drawn independently in ``(1, 2)``, one
 slot of width ``1 / E`` per example at an irregular offset, from a fixed seed (see :func:`_check_weights`).
 """
