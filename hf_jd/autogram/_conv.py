@@ -83,6 +83,32 @@ def batched_input(record: Record, inputs: Tensor, spatial: int) -> Tensor:
     return inputs.detach()
 
 
+def numeric_padding(conv: nn.Conv1d | nn.Conv2d) -> tuple[int, ...] | None:
+    """The zero padding of each spatial side of ``conv`` as numbers: its own, or that of ``padding="valid"`` (none)
+    or ``padding="same"`` (``dilation * (kernel - 1) / 2`` on each side when that is a whole number; an odd total is
+    padded unevenly by torch, which the unfold form does not do: ``None`` then).
+
+    Parameters
+    ----------
+    conv
+        The convolution.
+
+    Returns
+    -------
+    tuple of int or None
+        One padding per spatial dimension, or ``None``.
+    """
+    padding = conv.padding
+    if not isinstance(padding, str):
+        return tuple(padding)
+    if padding == "valid":
+        return (0,) * len(conv.kernel_size)
+    totals = [dilation * (kernel - 1) for dilation, kernel in zip(conv.dilation, conv.kernel_size)]
+    if padding != "same" or any(total % 2 for total in totals):
+        return None
+    return tuple(total // 2 for total in totals)
+
+
 def is_unfoldable_conv2d(module: nn.Module) -> bool:
     """Whether ``module`` is a stock ``nn.Conv2d`` the unfold form handles.
 
@@ -94,14 +120,14 @@ def is_unfoldable_conv2d(module: nn.Module) -> bool:
     Returns
     -------
     bool
-        ``True`` for a stock, ungrouped ``Conv2d`` with zero padding given as numbers.
+        ``True`` for a stock, ungrouped ``Conv2d`` with zero padding (see :func:`numeric_padding`).
     """
     return (
         isinstance(module, nn.Conv2d)
         and type(module).forward is nn.Conv2d.forward
         and module.groups == 1
         and module.padding_mode == "zeros"
-        and not isinstance(module.padding, str)
+        and numeric_padding(module) is not None
     )
 
 
@@ -143,8 +169,8 @@ class Conv2dRecord(OuterProductRecord):
         assert isinstance(conv, nn.Conv2d)
         dtype = compute_dtype(next(iter(self.params.values())))  # not conv.weight: no parametrisation re-run
         self.check_batch(self.inputs, layout, "input")
-        padding = conv.padding
-        assert not isinstance(padding, str)  # numbers only (is_unfoldable_conv2d)
+        padding = numeric_padding(conv)
+        assert padding is not None  # (is_unfoldable_conv2d)
         patches = F.unfold(
             self.inputs, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride
         ).transpose(1, 2)  # [N, L, C*kh*kw]
@@ -162,7 +188,7 @@ class Conv2dRecord(OuterProductRecord):
 
 def is_unfoldable_grouped_conv(module: nn.Module) -> bool:
     """Whether ``module`` is a stock ``nn.Conv1d``, or a stock grouped (e.g. depthwise) ``nn.Conv2d``,
-    with zero padding given as numbers: handled by :class:`PatchConvRecord`.
+    with zero padding (see :func:`numeric_padding`): handled by :class:`PatchConvRecord`.
 
     Parameters
     ----------
@@ -180,7 +206,7 @@ def is_unfoldable_grouped_conv(module: nn.Module) -> bool:
         stock = type(module).forward is nn.Conv2d.forward and module.groups > 1
     else:
         return False
-    return stock and module.padding_mode == "zeros" and not isinstance(module.padding, str)
+    return stock and module.padding_mode == "zeros" and numeric_padding(module) is not None
 
 
 @contextmanager
@@ -261,8 +287,8 @@ class PatchConvRecord(Record):
         self.check_batch(self.inputs, layout, "input")
         inputs = self.inputs.to(self.product_dtype).to(dtype)
         del self.inputs
-        conv_padding = conv.padding
-        assert not isinstance(conv_padding, str)  # numbers only (is_unfoldable_grouped_conv)
+        conv_padding = numeric_padding(conv)
+        assert conv_padding is not None  # (is_unfoldable_grouped_conv)
         self.kernel: tuple[int, ...]
         self.dilation: tuple[int, ...]
         self.padding: tuple[int, ...]

@@ -299,7 +299,7 @@ def test_cnn_tasks() -> None:
     assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, trainable(model)))
 
 
-def test_grouped_and_1d_convolutions_use_generic_path() -> None:
+def test_grouped_and_1d_convolutions_with_string_padding() -> None:
     model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2, padding="same"), nn.Flatten(1), nn.Unflatten(1, (4, 25)),
                           nn.Conv1d(4, 2, 3), nn.Flatten(1))
     engine = Engine(model)
@@ -937,3 +937,29 @@ class _Clips(nn.Module):
 
     def forward(self, clips: torch.Tensor) -> torch.Tensor:
         return self.frames(clips.flatten(0, 1)).unflatten(0, clips.shape[:2])
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_string_paddings_take_the_closed_forms(single_backward: bool) -> None:
+    """``padding="valid"`` (SigLIP's patch embedding) and ``padding="same"`` with an even total (odd kernels) are
+    zero paddings of known sizes: the closed forms apply. ``"same"`` with an odd total (an even kernel, padded one
+    more on one side by torch) keeps the generic path."""
+    from hf_jd.autogram._dispatch import Kind
+
+    from ._reference import assert_exact_step
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 2, stride=2, padding="valid"), nn.Tanh(),  # closed form
+        nn.Conv2d(4, 4, (3, 5), dilation=(2, 1), padding="same"), nn.Tanh(),  # closed form
+        nn.Conv2d(4, 4, 3, groups=2, padding="same"), nn.Tanh(),  # grouped: closed form
+        nn.Conv2d(4, 2, 2, padding="same"), nn.Flatten(2),  # even kernel: generic
+        nn.Conv1d(2, 3, 5, padding="same"), nn.Tanh(), nn.Conv1d(3, 2, 3, padding="valid"), nn.Flatten(1),
+    )
+    engine = Engine(model, single_backward=single_backward)
+    for batch in (3, 2):
+        model.zero_grad(set_to_none=True)
+        losses = model(torch.randn(batch, 3, 8, 6)).pow(2).mean(1)
+        assert_exact_step(engine, losses, trainable(model), single_backward)
+    kinds = [engine._capture.infos[id(module)].kind for module in model if isinstance(module, (nn.Conv1d, nn.Conv2d))]
+    assert kinds == [Kind.CONV2D, Kind.CONV2D, Kind.GROUPED_CONV, Kind.GENERIC, Kind.GROUPED_CONV, Kind.GROUPED_CONV]
