@@ -11,9 +11,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.conv import _ConvNd
 
 from ._layout import RowLayout
 from ._outer import OuterProductRecord, OuterProductRows
@@ -24,6 +27,7 @@ __all__ = [
     "PatchConvRecord",
     "batched_input",
     "check_samples_first",
+    "is_patch_conv3d",
     "is_unfoldable_conv2d",
     "is_unfoldable_grouped_conv",
 ]
@@ -83,7 +87,7 @@ def batched_input(record: Record, inputs: Tensor, spatial: int) -> Tensor:
     return inputs.detach()
 
 
-def numeric_padding(conv: nn.Conv1d | nn.Conv2d) -> tuple[int, ...] | None:
+def numeric_padding(conv: _ConvNd) -> tuple[int, ...] | None:
     """The zero padding of each spatial side of ``conv`` as numbers: its own, or that of ``padding="valid"`` (none)
     or ``padding="same"`` (``dilation * (kernel - 1) / 2`` on each side when that is a whole number; an odd total is
     padded unevenly by torch, which the unfold form does not do: ``None`` then).
@@ -107,6 +111,47 @@ def numeric_padding(conv: nn.Conv1d | nn.Conv2d) -> tuple[int, ...] | None:
     if padding != "same" or any(total % 2 for total in totals):
         return None
     return tuple(total // 2 for total in totals)
+
+
+def is_patch_conv3d(module: nn.Module) -> bool:
+    """Whether ``module`` is a stock ``nn.Conv3d`` that cuts its input into separate patches (kernel equal to the
+    stride, no padding, no dilation, one group: the patch embeddings of video transformers), which is a Linear
+    layer on the patches: handled by :class:`Conv2dRecord` with the patches cut by reshaping.
+
+    Parameters
+    ----------
+    module
+        The module.
+
+    Returns
+    -------
+    bool
+        ``True`` for such a ``Conv3d``.
+    """
+    return (
+        isinstance(module, nn.Conv3d)
+        and type(module).forward is nn.Conv3d.forward
+        and module.groups == 1
+        and module.padding_mode == "zeros"
+        and numeric_padding(module) == (0, 0, 0)
+        and tuple(module.dilation) == (1, 1, 1)
+        and tuple(module.kernel_size) == tuple(module.stride)
+    )
+
+
+def _patches(inputs: Tensor, kernel: tuple[int, ...]) -> Tensor:
+    """The separate patches ``[N, L, C * k1 * k2 * ...]`` of ``[N, C, *spatial]`` inputs, cut by a kernel equal to
+    its stride (the remainder of each spatial size dropped, as the convolution drops it), in the layout of the
+    convolution's flattened weight ``[C, k1, k2, ...]`` and of its outputs' positions."""
+    num, channels = inputs.shape[:2]
+    counts = [size // k for size, k in zip(inputs.shape[2:], kernel)]
+    index = (slice(None), slice(None), *(slice(0, count * k) for count, k in zip(counts, kernel)))
+    cropped = inputs[index]
+    split = [part for count, k in zip(counts, kernel) for part in (count, k)]
+    grid = cropped.reshape(num, channels, *split)  # [N, C, o1, k1, o2, k2, ...]
+    spatial = len(kernel)
+    order = [0, *(2 + 2 * i for i in range(spatial)), 1, *(3 + 2 * i for i in range(spatial))]
+    return grid.permute(order).reshape(num, math.prod(counts), channels * math.prod(kernel))
 
 
 def is_unfoldable_conv2d(module: nn.Module) -> bool:
@@ -157,7 +202,7 @@ class Conv2dRecord(OuterProductRecord):
         output: Tensor,
     ) -> None:
         super().__init__(module, module_name, params)
-        self.inputs = batched_input(self, args[0], spatial=2)
+        self.inputs = batched_input(self, args[0], spatial=3 if isinstance(module, nn.Conv3d) else 2)
         # Under autocast the product used the inputs cast to the output dtype: mirror it.
         self.product_dtype = output.dtype
 
@@ -166,17 +211,21 @@ class Conv2dRecord(OuterProductRecord):
         assert grad is not None
         check_samples_first(self, layout)
         conv = self.module
-        assert isinstance(conv, nn.Conv2d)
+        assert isinstance(conv, (nn.Conv2d, nn.Conv3d))
         dtype = compute_dtype(next(iter(self.params.values())))  # not conv.weight: no parametrisation re-run
         self.check_batch(self.inputs, layout, "input")
-        padding = numeric_padding(conv)
-        assert padding is not None  # (is_unfoldable_conv2d)
-        patches = F.unfold(
-            self.inputs, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride
-        ).transpose(1, 2)  # [N, L, C*kh*kw]
+        if isinstance(conv, nn.Conv3d):  # separate patches (is_patch_conv3d)
+            patches = _patches(self.inputs, tuple(conv.kernel_size))  # [N, L, C*kd*kh*kw]
+        else:
+            padding = numeric_padding(conv)
+            assert padding is not None  # (is_unfoldable_conv2d)
+            patches = F.unfold(
+                self.inputs, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride
+            ).transpose(1, 2)  # [N, L, C*kh*kw]
         del self.inputs
-        channels = grad.shape[-3]
-        out_rows = grad.flatten(-2).transpose(-1, -2)  # [m, N, L, C_out]
+        spatial = len(conv.kernel_size)
+        channels = grad.shape[-spatial - 1]
+        out_rows = grad.flatten(-spatial).transpose(-1, -2)  # [m, N, L, C_out]
         if layout.batch_dim is None:
             inputs = patches.reshape(1, -1, patches.shape[-1])
             out_rows = out_rows.reshape(1, out_rows.shape[0], -1, channels)

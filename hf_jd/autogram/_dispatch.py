@@ -9,7 +9,7 @@ from typing import Any
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from ._conv import Conv2dRecord, PatchConvRecord, is_unfoldable_conv2d, is_unfoldable_grouped_conv
+from ._conv import Conv2dRecord, PatchConvRecord, is_patch_conv3d, is_unfoldable_conv2d, is_unfoldable_grouped_conv
 from ._embedding import EmbeddingRecord, is_embedding
 from ._group_norm import GroupNormRecord, is_batch_norm, is_group_norm
 from ._layer_norm import LayerNormRecord, is_layer_norm
@@ -25,7 +25,7 @@ class Kind(Enum):
 
     LINEAR = "linear"
     EMBEDDING = "embedding"
-    CONV2D = "conv2d"
+    CONV2D = "conv2d"  # Conv2d (unfold form), and Conv3d patch embeddings (kernel = stride)
     GROUPED_CONV = "grouped_conv"  # Conv1d, grouped Conv2d
     LAYER_NORM = "layer_norm"
     GROUP_NORM = "group_norm"
@@ -101,7 +101,7 @@ def parametrized_kind(module: nn.Module) -> Kind | None:
         return None
     if is_linear(module):
         return Kind.LINEAR
-    if is_unfoldable_conv2d(module):
+    if is_unfoldable_conv2d(module) or is_patch_conv3d(module):
         return Kind.CONV2D
     if is_unfoldable_grouped_conv(module):
         return Kind.GROUPED_CONV
@@ -130,7 +130,7 @@ def kind_of(module: nn.Module) -> Kind:
         return Kind.LINEAR
     if is_embedding(module):
         return Kind.EMBEDDING
-    if is_unfoldable_conv2d(module):
+    if is_unfoldable_conv2d(module) or is_patch_conv3d(module):
         return Kind.CONV2D
     if is_unfoldable_grouped_conv(module):
         return Kind.GROUPED_CONV

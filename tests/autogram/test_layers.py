@@ -963,3 +963,34 @@ def test_string_paddings_take_the_closed_forms(single_backward: bool) -> None:
         assert_exact_step(engine, losses, trainable(model), single_backward)
     kinds = [engine._capture.infos[id(module)].kind for module in model if isinstance(module, (nn.Conv1d, nn.Conv2d))]
     assert kinds == [Kind.CONV2D, Kind.CONV2D, Kind.GROUPED_CONV, Kind.GENERIC, Kind.GROUPED_CONV, Kind.GROUPED_CONV]
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_conv3d_patch_embedding_takes_the_closed_form(single_backward: bool) -> None:
+    """A ``Conv3d`` whose kernel equals its stride (video transformers' tubelet embeddings) is a Linear layer on
+    separate patches, also when the sizes leave a remainder (dropped by the convolution); an overlapping one keeps
+    the generic path."""
+    from hf_jd.autogram._dispatch import Kind
+
+    from ._reference import assert_exact_step
+
+    torch.manual_seed(1)
+    model = nn.Sequential(
+        nn.Conv3d(3, 4, (2, 3, 2), stride=(2, 3, 2)), nn.Tanh(),  # [5, 7, 6] -> [2, 2, 3]: remainders dropped
+        nn.Conv3d(4, 5, 2, stride=2, bias=False, padding="valid"), nn.Tanh(),  # closed form
+        nn.Conv3d(5, 2, 1, padding=(0, 0, 0)), nn.Flatten(1),  # a 1 x 1 x 1 kernel: separate patches too
+    )
+    overlapping = nn.Conv3d(3, 2, 2, stride=1)
+    for batch_dim in (0, None):
+        engine = Engine(model, overlapping, batch_dim=batch_dim, single_backward=single_backward)
+        for batch in (3, 2):
+            model.zero_grad(set_to_none=True)
+            overlapping.zero_grad(set_to_none=True)
+            x = torch.randn(batch, 3, 5, 7, 6)
+            out = torch.cat([model(x), overlapping(x).flatten(1)], dim=1)
+            losses = torch.stack([out.pow(2).mean(1), out.tanh().mean(1)], dim=1)  # [B, 2]
+            params = trainable(model, overlapping)
+            assert_exact_step(engine, losses if batch_dim == 0 else losses.sum(0), params, single_backward)
+        kinds = [engine._capture.infos[id(module)].kind for module in (*model[::2], overlapping)]
+        assert kinds == [Kind.CONV2D, Kind.CONV2D, Kind.CONV2D, Kind.GENERIC]
+        engine.remove()

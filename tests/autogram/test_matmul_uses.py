@@ -374,3 +374,18 @@ def test_torch_multihead_attention(
         losses = model(torch.randint(0, V, (batch, length)))
         assert_exact_step_with_freed_graph(engine, model, losses, single_backward)
     assert {taken_ for name, taken_ in taken if name == "MultiheadAttention"} == {True}
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_siglip_attention_pooling_head(single_backward: bool, taken: list[tuple[str, bool]]) -> None:
+    """SigLIP's vision tower pools its patches with a learned probe and torch's ``nn.MultiheadAttention``."""
+    config = tf.SiglipVisionConfig(image_size=8, patch_size=4, hidden_size=16, num_hidden_layers=1,
+                                   num_attention_heads=2, intermediate_size=32, vision_use_head=True)
+    torch.manual_seed(5)
+    model = tf.SiglipVisionModel(config).train()
+    engine = Engine(model, single_backward=single_backward)
+    for batch in (4, 3):
+        model.zero_grad(set_to_none=True)
+        losses = model(pixel_values=torch.randn(batch, 3, 8, 8)).pooler_output.pow(2).mean(1)
+        assert_exact_step_with_freed_graph(engine, model, losses, single_backward)
+    assert {taken_ for name, taken_ in taken if name == "MultiheadAttention"} == {True}

@@ -65,6 +65,10 @@ def _pixels(batch: int, length: int, pad: bool) -> dict[str, Tensor]:
     return {"pixel_values": torch.randn(batch, 3, 8, 8)}
 
 
+def _video(batch: int, length: int, pad: bool) -> dict[str, Tensor]:
+    return {"pixel_values": torch.randn(batch, 4, 3, 8, 8)}  # [B, frames, C, H, W]
+
+
 def _audio(batch: int, length: int, pad: bool) -> dict[str, Tensor]:
     return {"input_values": torch.randn(batch, 64)}
 
@@ -149,6 +153,12 @@ ZOO: dict[str, tuple[Callable[[], nn.Module], Inputs]] = {
     "segformer": (lambda: tf.SegformerForImageClassification(tf.SegformerConfig(
         num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[8, 16], patch_sizes=[3, 3], strides=[2, 2],
         num_attention_heads=[1, 2], mlp_ratios=[2, 2], num_labels=3)), _pixels),
+    # tubelet embedding: a Conv3d whose kernel is its stride (separate patches)
+    "videomae": (lambda: tf.VideoMAEForVideoClassification(tf.VideoMAEConfig(
+        image_size=8, patch_size=4, num_frames=4, tubelet_size=2, num_labels=3, **ENC)), _video),
+    # padding="valid" patch embedding
+    "siglip_vision": (lambda: tf.SiglipForImageClassification(tf.SiglipConfig(vision_config=dict(
+        image_size=8, patch_size=4, **ENC), text_config=dict(vocab_size=V, **ENC), num_labels=3)), _pixels),
     "convnext": (lambda: tf.ConvNextForImageClassification(tf.ConvNextConfig(
         num_channels=3, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, patch_size=2, image_size=8,
         num_labels=3)), _pixels),
