@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from torch import Tensor
 
 from hf_jd.autogram import _generic, _matmul_uses
+from hf_jd.autogram import engine as engine_module
 
 
 @pytest.fixture()
@@ -22,3 +24,17 @@ def taken(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, bool]]:
 
     monkeypatch.setattr(_generic, "matmul_factors", counted)
     return calls
+
+
+@pytest.fixture
+def per_row_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Names of the module calls that take the exact per-row path."""
+    names: list[str] = []
+    original = engine_module.grads_per_row
+
+    def spy(losses: Tensor, layout: object, records: list, accumulator: object) -> None:
+        names.extend(record.module_name for record in records)
+        original(losses, layout, records, accumulator)
+
+    monkeypatch.setattr(engine_module, "grads_per_row", spy)
+    return names

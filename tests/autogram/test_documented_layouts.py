@@ -40,20 +40,6 @@ class _Tagger(nn.Module):
         return self.tokens(outputs).pow(2).mean((1, 2)) + self.final(hidden[-1]).pow(2).sum(1)
 
 
-@pytest.fixture
-def per_row_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Names of the module calls that take the exact per-row path."""
-    names: list[str] = []
-    original = engine_module.grads_per_row
-
-    def spy(losses: Tensor, layout: object, records: list, accumulator: object) -> None:
-        names.extend(record.module_name for record in records)
-        original(losses, layout, records, accumulator)
-
-    monkeypatch.setattr(engine_module, "grads_per_row", spy)
-    return names
-
-
 def _steps(model: nn.Module, engine: Engine, shapes: list[tuple[int, int]], single_backward: bool) -> None:
     params = trainable(model)
     generator = torch.Generator().manual_seed(0)

@@ -39,22 +39,6 @@ class _Recurrent(nn.Module):
         return self.head(self.rnn(self.embedding(ids.T))[0][-1])
 
 
-@pytest.fixture
-def per_row_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Names of the module calls that take the exact per-row path."""
-    from hf_jd.autogram import engine as engine_module
-
-    names: list[str] = []
-    original = engine_module.grads_per_row
-
-    def spy(losses: Tensor, layout: object, records: list, accumulator: object) -> None:
-        names.extend(record.module_name for record in records)
-        original(losses, layout, records, accumulator)
-
-    monkeypatch.setattr(engine_module, "grads_per_row", spy)
-    return names
-
-
 def _losses(model: nn.Module, batch: int, length: int, seed: int) -> Tensor:
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, 30, (batch, length), generator=generator)
