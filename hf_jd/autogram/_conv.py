@@ -1,17 +1,18 @@
-"""Records of ``nn.Conv2d`` and ``nn.Conv1d`` calls (zero padding), via the unfold (im2col) form.
+"""Records of ``nn.Conv2d`` and ``nn.Conv1d`` calls (zero padding), via the unfold (im2col) form, and of
+``nn.Conv3d`` calls that cut separate patches.
 
 A 2-D convolution is a Linear map applied to every unfolded input patch, so its per-row weight
 gradients are ``Σ_l g_{ekl} u_{el}ᵀ`` with ``u`` the unfolded patches ``[E, L, C·kh·kw]`` and
-``g`` the output gradients ``[E, m, L, C_out]``.
+``g`` the output gradients ``[E, m, L, C_out]``. A convolution whose kernel is its stride (no padding,
+no dilation) needs no unfolding: its patches are a reshaping of the input.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -177,7 +178,8 @@ def is_unfoldable_conv2d(module: nn.Module) -> bool:
 
 
 class Conv2dRecord(OuterProductRecord):
-    """One call of a ``Conv2d`` on a ``[N, C, H, W]`` input.
+    """One call of a ``Conv2d`` on a ``[N, C, H, W]`` input (unfolded patches), or of a ``Conv3d`` that cuts its
+    ``[N, C, D, H, W]`` input into separate patches (:func:`is_patch_conv3d`).
 
     Parameters
     ----------

@@ -290,11 +290,11 @@ def _addmm_uses(node: Any, closure: set[Any]) -> list[_Use] | None:
         return None
     if float(node._saved_alpha) != 1.0 or float(node._saved_beta) != 1.0:
         return None
-    rows = node._saved_mat1
-    if rows is None or rows.dim() != 2:
-        return None
     uses = []
     if weight[0] in closure:
+        rows = node._saved_mat1  # (saved since the weight-derived operand requires grad)
+        if rows is None or rows.dim() != 2:
+            return None
         uses.append(_Use(node, rows, "rows", None, 1, weight, torch.Size(node._saved_mat2_sym_sizes)))
     if bias[0] in closure:
         out_shape = torch.Size(node._input_metadata[0].shape)

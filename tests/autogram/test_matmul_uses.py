@@ -310,8 +310,9 @@ class _FunctionalLinear(nn.Module):
     def __init__(self, bias: str, alpha: float = 1.0) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.randn(5, 4) * 0.5)
-        shapes = {"vector": (5,), "row": (1, 5)}
+        shapes = {"vector": (5,), "row": (1, 5), "frozen weight": (5,)}
         self.bias = nn.Parameter(torch.randn(*shapes[bias]) * 0.1) if bias in shapes else None
+        self.weight.requires_grad_(bias != "frozen weight")  # (then only the bias is a use)
         if bias == "frozen":
             self.register_buffer("fixed", torch.randn(5))
         self.alpha = alpha
@@ -328,7 +329,8 @@ class _FunctionalLinear(nn.Module):
 
 @pytest.mark.parametrize("single_backward", [False, True])
 @pytest.mark.parametrize(("bias", "alpha", "path"), [
-    ("vector", 1.0, True), ("row", 1.0, True), ("none", 1.0, True), ("frozen", 1.0, True), ("vector", 2.0, False),
+    ("vector", 1.0, True), ("row", 1.0, True), ("none", 1.0, True), ("frozen", 1.0, True),
+    ("frozen weight", 1.0, True), ("vector", 2.0, False),
 ])
 def test_functional_linear_on_rows(
     bias: str, alpha: float, path: bool, single_backward: bool, taken: list[tuple[str, bool]]
