@@ -27,8 +27,10 @@ __all__ = [
     "Conv2dRecord",
     "PatchConvRecord",
     "batched_input",
+    "ConvTransposePatchRecord",
     "check_samples_first",
     "is_patch_conv3d",
+    "is_patch_conv_transpose2d",
     "is_unfoldable_conv2d",
     "is_unfoldable_grouped_conv",
 ]
@@ -455,3 +457,114 @@ class PatchConvRecord(Record):
         """Drop the factors and the kept rows once the record's contributions are added."""
         super().release()
         self.grads = self.inputs = None  # type: ignore[assignment]
+
+
+def is_patch_conv_transpose2d(module: nn.Module) -> bool:
+    """Whether ``module`` is a stock ``nn.ConvTranspose2d`` that maps each input position to its own output patch
+    (kernel equal to the stride, no padding, no dilation, one group: the upsampling of segmentation decoders), which
+    is a Linear layer from each position's channels to its patch: handled by :class:`ConvTransposePatchRecord`.
+
+    Parameters
+    ----------
+    module
+        The module.
+
+    Returns
+    -------
+    bool
+        ``True`` for such a ``ConvTranspose2d``.
+    """
+    return (
+        isinstance(module, nn.ConvTranspose2d)
+        and type(module).forward is nn.ConvTranspose2d.forward
+        and module.groups == 1
+        and module.padding_mode == "zeros"
+        and tuple(module.padding) == (0, 0)
+        and tuple(module.dilation) == (1, 1)
+        and tuple(module.output_padding) == (0, 0)
+        and tuple(module.kernel_size) == tuple(module.stride)
+    )
+
+
+class ConvTransposePatchRecord(OuterProductRecord):
+    """One call of a ``ConvTranspose2d`` whose kernel is its stride, on a ``[N, C_in, H, W]`` input: the output patch
+    ``[C_out, kh, kw]`` of each input position is ``Wᵀ x`` with the weight ``[C_in, C_out * kh * kw]`` (stored
+    ``[C_in, C_out, kh, kw]``), so the per-row weight gradients are ``Σ_l x_{el} g_{ekl}ᵀ`` over the positions, with
+    ``g`` the output gradients cut into the positions' patches. Output positions past the patches (an
+    ``output_size`` larger than ``H * kh``) get the bias alone.
+
+    Parameters
+    ----------
+    module
+        The module that was called.
+    module_name
+        Its qualified name (for error messages).
+    params
+        Its direct trainable parameters at call time, by attribute name.
+    args
+        The call's positional arguments (the input first).
+    output
+        The call's output.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        module_name: str,
+        params: dict[str, nn.Parameter],
+        args: tuple[Any, ...],
+        output: Tensor,
+    ) -> None:
+        super().__init__(module, module_name, params)
+        self.inputs = batched_input(self, args[0], spatial=2)
+        # Under autocast the product used the inputs cast to the output dtype: mirror it.
+        self.product_dtype = output.dtype
+        self.bias_grads: Tensor | None = None
+
+    def _bind(self, grads: list[Tensor | None], layout: RowLayout) -> None:
+        (grad,) = grads
+        assert grad is not None
+        check_samples_first(self, layout)
+        conv = self.module
+        assert isinstance(conv, nn.ConvTranspose2d)
+        dtype = compute_dtype(next(iter(self.params.values())))
+        self.check_batch(self.inputs, layout, "input")
+        num, _, height, width = self.inputs.shape
+        kh, kw = conv.kernel_size
+        inputs = self.inputs.flatten(2).transpose(1, 2)  # [N, L, C_in]
+        del self.inputs
+        tasks, channels = grad.shape[0], grad.shape[2]
+        cut = grad[..., : height * kh, : width * kw].unflatten(3, (height, kh)).unflatten(5, (width, kw))
+        out_rows = cut.permute(0, 1, 3, 5, 2, 4, 6).reshape(tasks, num, height * width, channels * kh * kw)
+        bias = grad.sum((3, 4))  # [m, N, C_out]: every output position, those past the patches too
+        if layout.batch_dim is None:
+            inputs = inputs.reshape(1, -1, inputs.shape[-1])
+            out_rows = out_rows.reshape(1, tasks, -1, out_rows.shape[-1])
+            self.bias_grads = bias.sum(1).to(dtype)  # [m, C_out]
+        else:
+            out_rows = out_rows.transpose(0, 1)  # [N, m, L, C_out * kh * kw]
+            self.bias_grads = bias.transpose(0, 1).reshape(num * tasks, channels).to(dtype)
+        self.factors = OuterProductRows(inputs.to(self.product_dtype).to(dtype), out_rows.to(dtype), transposed=True)
+
+    def per_row(self, name: str) -> Tensor:
+        """Per-row gradients of ``weight`` (materialised from the factors) or ``bias`` (summed over the output).
+
+        Parameters
+        ----------
+        name
+            The parameter's name in ``params``.
+
+        Returns
+        -------
+        Tensor
+            Shape ``[R, numel]``.
+        """
+        if name == "weight":
+            return super().per_row(name)
+        assert self.bias_grads is not None
+        return self.bias_grads
+
+    def release(self) -> None:
+        """Drop the factors, the bias rows and the kept rows once the record's contributions are added."""
+        super().release()
+        self.bias_grads = None

@@ -9,7 +9,15 @@ from typing import Any
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from ._conv import Conv2dRecord, PatchConvRecord, is_patch_conv3d, is_unfoldable_conv2d, is_unfoldable_grouped_conv
+from ._conv import (
+    Conv2dRecord,
+    ConvTransposePatchRecord,
+    PatchConvRecord,
+    is_patch_conv3d,
+    is_patch_conv_transpose2d,
+    is_unfoldable_conv2d,
+    is_unfoldable_grouped_conv,
+)
 from ._embedding import EmbeddingRecord, is_embedding
 from ._group_norm import GroupNormRecord, is_batch_norm, is_group_norm
 from ._layer_norm import LayerNormRecord, is_layer_norm
@@ -27,6 +35,7 @@ class Kind(Enum):
     EMBEDDING = "embedding"
     CONV2D = "conv2d"  # Conv2d (unfold form), and Conv3d patch embeddings (kernel = stride)
     GROUPED_CONV = "grouped_conv"  # Conv1d, grouped Conv2d
+    CONV_TRANSPOSE = "conv_transpose"  # ConvTranspose2d with kernel = stride (an output patch per input position)
     LAYER_NORM = "layer_norm"
     GROUP_NORM = "group_norm"
     BATCH_NORM = "batch_norm"  # evaluation mode (running statistics), or training mode with batch_dim=None
@@ -43,7 +52,9 @@ class Kind(Enum):
     def samples_first(self) -> bool:
         """Whether the closed form needs the call's samples along dimension 0 (``[N, C, *spatial]`` tensors of
         convolutions and GroupNorm, which mix the positions or channels of a sample)."""
-        return self in (Kind.CONV2D, Kind.GROUPED_CONV, Kind.GROUP_NORM, Kind.BATCH_NORM, Kind.CHANNEL_NORM)
+        return self in (
+            Kind.CONV2D, Kind.GROUPED_CONV, Kind.CONV_TRANSPOSE, Kind.GROUP_NORM, Kind.BATCH_NORM, Kind.CHANNEL_NORM
+        )
 
 
 # The constructor of a closed-form record: (module, module_name, params, args, output).
@@ -54,6 +65,7 @@ _CLASSES: dict[Kind, RecordFactory] = {
     Kind.EMBEDDING: EmbeddingRecord,
     Kind.CONV2D: Conv2dRecord,
     Kind.GROUPED_CONV: PatchConvRecord,
+    Kind.CONV_TRANSPOSE: ConvTransposePatchRecord,
     Kind.LAYER_NORM: LayerNormRecord,
     Kind.GROUP_NORM: GroupNormRecord,
     Kind.BATCH_NORM: GroupNormRecord,
@@ -134,6 +146,8 @@ def kind_of(module: nn.Module) -> Kind:
         return Kind.CONV2D
     if is_unfoldable_grouped_conv(module):
         return Kind.GROUPED_CONV
+    if is_patch_conv_transpose2d(module):
+        return Kind.CONV_TRANSPOSE
     if is_layer_norm(module):
         return Kind.LAYER_NORM
     if is_group_norm(module):

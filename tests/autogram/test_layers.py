@@ -994,3 +994,40 @@ def test_conv3d_patch_embedding_takes_the_closed_form(single_backward: bool) -> 
         kinds = [engine._capture.infos[id(module)].kind for module in (*model[::2], overlapping)]
         assert kinds == [Kind.CONV2D, Kind.CONV2D, Kind.CONV2D, Kind.GENERIC]
         engine.remove()
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_conv_transpose_patches_take_the_closed_form(single_backward: bool) -> None:
+    """A ``ConvTranspose2d`` whose kernel equals its stride (a decoder's upsampling) maps each input position to its
+    own output patch: a Linear layer per position. Also with an ``output_size`` beyond the patches (positions that
+    get the bias alone), without bias, and for task losses; an overlapping one keeps the generic path."""
+    from hf_jd.autogram._dispatch import Kind
+
+    from ._reference import assert_exact_step
+
+    class Decoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.up = nn.ConvTranspose2d(4, 3, 2, stride=2)
+            self.up_no_bias = nn.ConvTranspose2d(3, 2, (1, 3), stride=(1, 3), bias=False)
+            self.overlapping = nn.ConvTranspose2d(2, 2, 3, stride=2)
+
+        def forward(self, x: Tensor) -> Tensor:
+            h = torch.tanh(self.conv(x))  # [B, 4, 3, 4]
+            h = torch.tanh(self.up(h, output_size=[7, 9]))  # one extra row and column beyond the patches
+            h = torch.tanh(self.up_no_bias(h))
+            return self.overlapping(h).flatten(1)
+
+    torch.manual_seed(2)
+    model = Decoder()
+    for batch_dim in (0, None):
+        engine = Engine(model, batch_dim=batch_dim, single_backward=single_backward)
+        for batch in (3, 2):
+            model.zero_grad(set_to_none=True)
+            out = model(torch.randn(batch, 3, 5, 6))
+            losses = torch.stack([out.pow(2).mean(1), out.tanh().mean(1)], dim=1)  # [B, 2]
+            assert_exact_step(engine, losses if batch_dim == 0 else losses.sum(0), trainable(model), single_backward)
+        kinds = [engine._capture.infos[id(module)].kind for module in (model.up, model.up_no_bias, model.overlapping)]
+        assert kinds == [Kind.CONV_TRANSPOSE, Kind.CONV_TRANSPOSE, Kind.GENERIC]
+        engine.remove()
