@@ -212,14 +212,17 @@ def documented_output_dims(module: nn.Module, output: Any) -> list[int] | None:
     list of int or None
         One dimension per tensor of the output, or ``None``.
     """
+    recurrent = _stock_recurrent(module)
+    if not recurrent and not _stock_attention(module):
+        return None  # (before reading the output: this runs on every generic call of the forward pass)
     tensors = tensors_in(output)
     if len(tensors) < 2 or tensors[0].dim() != 3:
         return None  # (a packed sequence's data is [N, h]; unbatched inputs give [T, h])
-    if _stock_recurrent(module):
+    if recurrent:
         if any(tensor.dim() != 3 for tensor in tensors):
             return None
         return [0 if cast(nn.RNNBase, module).batch_first else 1] + [1] * (len(tensors) - 1)
-    if _stock_attention(module) and len(tensors) == 2 and tensors[1].dim() in (3, 4):
+    if len(tensors) == 2 and tensors[1].dim() in (3, 4):
         return [0 if cast(nn.MultiheadAttention, module).batch_first else 1, 0]
     return None
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -70,7 +70,7 @@ def batched_input(record: Record, inputs: Tensor, spatial: int) -> Tensor:
     inputs
         The call's input.
     spatial
-        Number of spatial dimensions (1 for ``Conv1d``, 2 for ``Conv2d``).
+        Number of spatial dimensions (1 for ``Conv1d``, 2 for ``Conv2d``, 3 for ``Conv3d``).
 
     Returns
     -------
@@ -85,7 +85,7 @@ def batched_input(record: Record, inputs: Tensor, spatial: int) -> Tensor:
     if inputs.dim() != spatial + 2:
         raise RuntimeError(
             f"Module {record.describe()} received an input of shape {tuple(inputs.shape)}; the autogram engine "
-            f"needs batched [N, C, {'L' if spatial == 1 else 'H, W'}] inputs for {type(record.module).__name__}."
+            f"needs batched [N, C, {('L', 'H, W', 'D, H, W')[spatial - 1]}] inputs for {type(record.module).__name__}."
         )
     return inputs.detach()
 
@@ -142,14 +142,15 @@ def is_patch_conv3d(module: nn.Module) -> bool:
     )
 
 
-def _patches(inputs: Tensor, kernel: tuple[int, ...]) -> Tensor:
-    """The separate patches ``[N, L, C * k1 * k2 * ...]`` of ``[N, C, *spatial]`` inputs, cut by a kernel equal to
-    its stride (the remainder of each spatial size dropped, as the convolution drops it), in the layout of the
-    convolution's flattened weight ``[C, k1, k2, ...]`` and of its outputs' positions."""
-    num, channels = inputs.shape[:2]
-    counts = [size // k for size, k in zip(inputs.shape[2:], kernel)]
+def _patches(tensor: Tensor, kernel: tuple[int, ...]) -> Tensor:
+    """The separate patches ``[N, L, C * k1 * k2 * ...]`` of a ``[N, C, *spatial]`` tensor (a convolution's input, or
+    a transposed convolution's output gradient), cut by a kernel equal to its stride (the remainder of each spatial
+    size dropped, as the convolution drops it), in the layout of the convolution's flattened weight
+    ``[C, k1, k2, ...]`` and in the order of the positions."""
+    num, channels = tensor.shape[:2]
+    counts = [size // k for size, k in zip(tensor.shape[2:], kernel)]
     index = (slice(None), slice(None), *(slice(0, count * k) for count, k in zip(counts, kernel)))
-    cropped = inputs[index]
+    cropped = tensor[index]
     split = [part for count, k in zip(counts, kernel) for part in (count, k)]
     grid = cropped.reshape(num, channels, *split)  # [N, C, o1, k1, o2, k2, ...]
     spatial = len(kernel)
@@ -179,9 +180,10 @@ def is_unfoldable_conv2d(module: nn.Module) -> bool:
     )
 
 
-class Conv2dRecord(OuterProductRecord):
-    """One call of a ``Conv2d`` on a ``[N, C, H, W]`` input (unfolded patches), or of a ``Conv3d`` that cuts its
-    ``[N, C, D, H, W]`` input into separate patches (:func:`is_patch_conv3d`).
+class _PatchProductRecord(OuterProductRecord):
+    """A convolution call that is a Linear map between patches of its input and of its output, whose per-row weight
+    gradients are sums over the patches of outer products (see :class:`OuterProductRows`); the call's input is kept
+    until the record is bound.
 
     Parameters
     ----------
@@ -206,9 +208,40 @@ class Conv2dRecord(OuterProductRecord):
         output: Tensor,
     ) -> None:
         super().__init__(module, module_name, params)
-        self.inputs = batched_input(self, args[0], spatial=3 if isinstance(module, nn.Conv3d) else 2)
+        self.inputs = batched_input(self, args[0], spatial=len(cast(_ConvNd, module).kernel_size))
         # Under autocast the product used the inputs cast to the output dtype: mirror it.
         self.product_dtype = output.dtype
+
+    def _set_factors(
+        self, inputs: Tensor, out_rows: Tensor, layout: RowLayout, dtype: torch.dtype, transposed: bool = False
+    ) -> None:
+        """Set the factors from the input patches ``[N, L, d_in]`` and the output gradients ``[m, N, L, d_out]`` of
+        the same ``L`` positions (all of them one "example" without ``batch_dim``)."""
+        if layout.batch_dim is None:
+            inputs = inputs.reshape(1, -1, inputs.shape[-1])
+            out_rows = out_rows.reshape(1, out_rows.shape[0], -1, out_rows.shape[-1])
+        else:
+            out_rows = out_rows.transpose(0, 1)
+        self.factors = OuterProductRows(inputs.to(self.product_dtype).to(dtype), out_rows.to(dtype), transposed)
+
+
+class Conv2dRecord(_PatchProductRecord):
+    """One call of a ``Conv2d`` on a ``[N, C, H, W]`` input (unfolded patches), or of a ``Conv3d`` that cuts its
+    ``[N, C, D, H, W]`` input into separate patches (:func:`is_patch_conv3d`).
+
+    Parameters
+    ----------
+    module
+        The module that was called.
+    module_name
+        Its qualified name (for error messages).
+    params
+        Its direct trainable parameters at call time, by attribute name.
+    args
+        The call's positional arguments (the input first).
+    output
+        The call's output.
+    """
 
     def _bind(self, grads: list[Tensor | None], layout: RowLayout) -> None:
         (grad,) = grads
@@ -227,16 +260,8 @@ class Conv2dRecord(OuterProductRecord):
                 self.inputs, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride
             ).transpose(1, 2)  # [N, L, C*kh*kw]
         del self.inputs
-        spatial = len(conv.kernel_size)
-        channels = grad.shape[-spatial - 1]
-        out_rows = grad.flatten(-spatial).transpose(-1, -2)  # [m, N, L, C_out]
-        if layout.batch_dim is None:
-            inputs = patches.reshape(1, -1, patches.shape[-1])
-            out_rows = out_rows.reshape(1, out_rows.shape[0], -1, channels)
-        else:
-            inputs = patches
-            out_rows = out_rows.transpose(0, 1)
-        self.factors = OuterProductRows(inputs.to(self.product_dtype).to(dtype), out_rows.to(dtype))
+        out_rows = grad.flatten(-len(conv.kernel_size)).transpose(-1, -2)  # [m, N, L, C_out]
+        self._set_factors(patches, out_rows, layout, dtype)
 
 
 def is_unfoldable_grouped_conv(module: nn.Module) -> bool:
@@ -486,7 +511,7 @@ def is_patch_conv_transpose2d(module: nn.Module) -> bool:
     )
 
 
-class ConvTransposePatchRecord(OuterProductRecord):
+class ConvTransposePatchRecord(_PatchProductRecord):
     """One call of a ``ConvTranspose2d`` whose kernel is its stride, on a ``[N, C_in, H, W]`` input: the output patch
     ``[C_out, kh, kw]`` of each input position is ``Wᵀ x`` with the weight ``[C_in, C_out * kh * kw]`` (stored
     ``[C_in, C_out, kh, kw]``), so the per-row weight gradients are ``Σ_l x_{el} g_{ekl}ᵀ`` over the positions, with
@@ -507,19 +532,7 @@ class ConvTransposePatchRecord(OuterProductRecord):
         The call's output.
     """
 
-    def __init__(
-        self,
-        module: nn.Module,
-        module_name: str,
-        params: dict[str, nn.Parameter],
-        args: tuple[Any, ...],
-        output: Tensor,
-    ) -> None:
-        super().__init__(module, module_name, params)
-        self.inputs = batched_input(self, args[0], spatial=2)
-        # Under autocast the product used the inputs cast to the output dtype: mirror it.
-        self.product_dtype = output.dtype
-        self.bias_grads: Tensor | None = None
+    bias_grads: Tensor | None = None
 
     def _bind(self, grads: list[Tensor | None], layout: RowLayout) -> None:
         (grad,) = grads
@@ -529,22 +542,18 @@ class ConvTransposePatchRecord(OuterProductRecord):
         assert isinstance(conv, nn.ConvTranspose2d)
         dtype = compute_dtype(next(iter(self.params.values())))
         self.check_batch(self.inputs, layout, "input")
-        num, _, height, width = self.inputs.shape
-        kh, kw = conv.kernel_size
+        num = self.inputs.shape[0]
         inputs = self.inputs.flatten(2).transpose(1, 2)  # [N, L, C_in]
         del self.inputs
         tasks, channels = grad.shape[0], grad.shape[2]
-        cut = grad[..., : height * kh, : width * kw].unflatten(3, (height, kh)).unflatten(5, (width, kw))
-        out_rows = cut.permute(0, 1, 3, 5, 2, 4, 6).reshape(tasks, num, height * width, channels * kh * kw)
+        # (the output patches of the input positions: the positions past them, which an output_size adds, dropped)
+        patches = _patches(grad.flatten(0, 1), tuple(conv.kernel_size))  # [m * N, L, C_out * kh * kw]
+        self._set_factors(inputs, patches.unflatten(0, (tasks, num)), layout, dtype, transposed=True)
         bias = grad.sum((3, 4))  # [m, N, C_out]: every output position, those past the patches too
         if layout.batch_dim is None:
-            inputs = inputs.reshape(1, -1, inputs.shape[-1])
-            out_rows = out_rows.reshape(1, tasks, -1, out_rows.shape[-1])
             self.bias_grads = bias.sum(1).to(dtype)  # [m, C_out]
         else:
-            out_rows = out_rows.transpose(0, 1)  # [N, m, L, C_out * kh * kw]
             self.bias_grads = bias.transpose(0, 1).reshape(num * tasks, channels).to(dtype)
-        self.factors = OuterProductRows(inputs.to(self.product_dtype).to(dtype), out_rows.to(dtype), transposed=True)
 
     def per_row(self, name: str) -> Tensor:
         """Per-row gradients of ``weight`` (materialised from the factors) or ``bias`` (summed over the output).

@@ -149,12 +149,9 @@ class GroupNormRecord(Record):
         if isinstance(norm, nn.GroupNorm):
             normalised = F.group_norm(self.inputs.to(dtype), norm.num_groups, None, None, norm.eps)
         elif isinstance(norm, nn.modules.batchnorm._BatchNorm):
-            if self.running is None:  # the batch's statistics (batch_dim=None: mixing samples is allowed)
-                normalised = F.batch_norm(self.inputs.to(dtype), None, None, training=True, eps=norm.eps)
-            else:
-                shape = (1, channels) + (1,) * (self.inputs.dim() - 2)
-                mean, var = (stat.to(dtype).view(shape) for stat in self.running)
-                normalised = (self.inputs.to(dtype) - mean) * torch.rsqrt(var + norm.eps)
+            # The running statistics, or the batch's own (batch_dim=None: mixing samples is allowed).
+            mean, var = (None, None) if self.running is None else (stat.to(dtype) for stat in self.running)
+            normalised = F.batch_norm(self.inputs.to(dtype), mean, var, training=self.running is None, eps=norm.eps)
         else:  # a layer norm over the channels (verified by computes_channel_norm)
             eps = epsilon_of(norm)
             assert eps is not None
