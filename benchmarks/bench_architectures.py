@@ -144,6 +144,41 @@ def _torch_encoder() -> tuple[nn.Module, dict[str, Tensor], Callable[..., Tensor
     return _TorchEncoder(), inputs, _class_losses, False
 
 
+class _PooledSiglip(nn.Module):
+    """SigLIP's vision tower with its attention-pooling head (a learned probe and ``nn.MultiheadAttention``) and a
+    linear classifier on the pooled output; its patch embedding is a ``Conv2d`` with ``padding="valid"``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        config = tf.SiglipVisionConfig(hidden_size=H, intermediate_size=2 * H, num_hidden_layers=2,
+                                       num_attention_heads=2, image_size=32, patch_size=4, vision_use_head=True)
+        self.vision = tf.SiglipVisionModel(config)
+        self.head = nn.Linear(H, 2)
+
+    def forward(self, pixel_values: Tensor) -> tf.modeling_outputs.SequenceClassifierOutput:
+        return tf.modeling_outputs.SequenceClassifierOutput(
+            logits=self.head(self.vision(pixel_values=pixel_values).pooler_output)
+        )
+
+
+def _depth_losses(model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
+    depth = model(pixel_values=inputs["pixel_values"]).predicted_depth
+    return (depth - inputs["labels"]).pow(2).flatten(1).mean(1)
+
+
+def _dpt() -> tuple[nn.Module, dict[str, Tensor], Callable[..., Tensor], bool]:
+    """A DPT depth estimator, whose reassemble stage upsamples with ``ConvTranspose2d`` of kernel = stride."""
+    config = tf.DPTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
+                          image_size=32, patch_size=4, backbone_out_indices=[0, 1, 2, 3],
+                          neck_hidden_sizes=[8, 16, 32, 32], fusion_hidden_size=16, reassemble_factors=[4, 2, 1, 0.5],
+                          head_in_index=-1)
+    model = tf.DPTForDepthEstimation(config)
+    pixels = torch.randn(B, 3, 32, 32)
+    with torch.no_grad():
+        target = torch.rand_like(model(pixel_values=pixels).predicted_depth)
+    return model, {"pixel_values": pixels, "labels": target}, _depth_losses, False
+
+
 ENCODER_LAYERS = dict(encoder_layers=2, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
                       encoder_ffn_dim=4 * H, decoder_ffn_dim=4 * H, max_position_embeddings=128)
 MODELS: dict[str, Callable[[], tuple[nn.Module, dict[str, Tensor], Callable[..., Tensor], bool]]] = {
@@ -209,6 +244,16 @@ EXTRA: dict[str, Callable[[], tuple[nn.Module, dict[str, Tensor], Callable[..., 
                                                                     if k != "max_position_embeddings"}),
     # torch's nn.TransformerEncoder (projections applied functionally inside nn.MultiheadAttention)
     "torch-encoder": _torch_encoder,
+    # SigLIP's vision tower pooled by its attention head (padding="valid" patch embedding)
+    "siglip-pooled": lambda: (_PooledSiglip(), {"pixel_values": torch.randn(B, 3, 32, 32),
+                                                "labels": torch.randint(0, 2, (B,))}, _class_losses, False),
+    # a video classifier: a Conv3d tubelet embedding (kernel = stride)
+    "videomae": lambda: (tf.VideoMAEForVideoClassification(tf.VideoMAEConfig(
+        image_size=32, patch_size=8, num_frames=4, tubelet_size=2, hidden_size=H, num_hidden_layers=2,
+        num_attention_heads=2, intermediate_size=2 * H, num_labels=2)),
+        {"pixel_values": torch.randn(B, 4, 3, 32, 32), "labels": torch.randint(0, 2, (B,))}, _class_losses, False),
+    # a depth estimator upsampling with ConvTranspose2d (kernel = stride)
+    "dpt": _dpt,
     # a BERT encoder under a bidirectional LSTM (torch's fused recurrent kernel: one product per example)
     "bert-bilstm": lambda: _tagger(batch_first=True),
     "bert-bilstm-time-major": lambda: _tagger(batch_first=False),
