@@ -5,8 +5,11 @@ The engine back-propagates several vectors at once (one per task, or per loss ro
 ``torch.compile`` generates (``CompiledFunctionBackward`` nodes) cannot be vmapped ("Cannot access
 data pointer of Tensor that doesn't have storage"), nor can the forward passes of checkpointed blocks
 that a backward pass re-runs (vmap rejects their dropout), nor can group norms and max_unpool of channels-last
-tensors ("NYI: querying is_contiguous inside of vmap"); for such graphs the vectors are back-propagated one
-after the other, which gives the same result for as many backward passes as vectors.
+tensors ("NYI: querying is_contiguous inside of vmap"), nor can cuDNN's fused recurrent kernels ("Batching rule not
+implemented for aten::_cudnn_rnn_backward", an H200 with torch 2.11); for such graphs the vectors are back-propagated
+one after the other, which gives the same result for as many backward passes as vectors. Graphs holding a kernel
+that no rule here names are found out when their vmapped pass fails: the pass is then redone one vector at a time
+(the graph is kept for it), and the engine's later steps go that way from the start.
 """
 
 from __future__ import annotations
@@ -23,7 +26,10 @@ from torch.autograd.graph import GradientEdge
 from ..autojac._utils import graph_nodes
 
 __all__ = [
+    "VmapFailure",
     "batched_grad",
+    "has_unbatchable_nodes",
+    "recording_vmap_failures",
     "explain_donated_buffers",
     "group_norm_guards",
     "guarded_grad",
@@ -47,8 +53,60 @@ _CHANNELS_LAST_VMAP_FAILURES = {
 }
 
 
+# Backward kernels that vmap has no batching rule for and cannot fall back on (they return lists of tensors): cuDNN's
+# and MIOpen's fused recurrent layers (nn.RNN, nn.LSTM, nn.GRU on a GPU).
+_UNBATCHABLE_NODES = frozenset({"CudnnRnnBackward0", "MiopenRnnBackward0"})
+# What torch's errors say when a vmapped backward pass meets a kernel it cannot batch.
+_VMAP_FAILURE_MARKERS = ("batching rule", "vmap")
+
+
 _ONE_AT_A_TIME: ContextVar[bool] = ContextVar("hf_jd_autogram_one_vector_at_a_time", default=False)
 _GUARDS: ContextVar[tuple[GradientEdge, ...]] = ContextVar("hf_jd_autogram_group_norm_guards", default=())
+_FAILURES: ContextVar[list[str] | None] = ContextVar("hf_jd_autogram_vmap_failures", default=None)
+
+
+class VmapFailure(RuntimeError):
+    """A vmapped backward pass failed on a kernel that cannot be batched after the pass had freed the graph, so it
+    could not be redone one vector at a time."""
+
+
+def has_unbatchable_nodes(nodes: Iterable[Any]) -> bool:
+    """Whether the graph holds a backward kernel that vmap cannot batch (cuDNN's and MIOpen's recurrent layers).
+
+    Parameters
+    ----------
+    nodes
+        Autograd nodes.
+
+    Returns
+    -------
+    bool
+        ``True`` if one is such a kernel's node.
+    """
+    return any(type(node).__name__ in _UNBATCHABLE_NODES for node in nodes)
+
+
+def _is_vmap_failure(error: RuntimeError) -> bool:
+    text = str(error).lower()
+    return any(marker in text for marker in _VMAP_FAILURE_MARKERS)
+
+
+@contextmanager
+def recording_vmap_failures() -> Iterator[list[str]]:
+    """Within the block, the vmapped passes of :func:`batched_grad` that failed and were redone one vector at a time
+    append torch's message to the yielded list.
+
+    Yields
+    ------
+    list of str
+        The messages, one per failed pass.
+    """
+    failures: list[str] = []
+    token = _FAILURES.set(failures)
+    try:
+        yield failures
+    finally:
+        _FAILURES.reset(token)
 
 
 def has_compiled_nodes(nodes: Iterable[Any]) -> bool:
@@ -246,18 +304,38 @@ def batched_grad(
     -------
     list of Tensor or None
         Per input, its gradients ``[k, *shape]``, or ``None``.
+
+    Raises
+    ------
+    VmapFailure
+        When the vmapped pass fails on a kernel that cannot be batched and ``retain_graph`` is ``False`` (the graph
+        is then partly freed; with ``retain_graph`` the pass is redone one vector at a time instead).
     """
     if not _ONE_AT_A_TIME.get():
-        return list(
-            torch.autograd.grad(
-                outputs,
-                inputs,
-                grad_outputs=grad_outputs,
-                retain_graph=retain_graph,
-                allow_unused=True,
-                is_grads_batched=True,
+        try:
+            return list(
+                torch.autograd.grad(
+                    outputs,
+                    inputs,
+                    grad_outputs=grad_outputs,
+                    retain_graph=retain_graph,
+                    allow_unused=True,
+                    is_grads_batched=True,
+                )
             )
-        )
+        except RuntimeError as error:
+            if not _is_vmap_failure(error):
+                raise
+            if not retain_graph:
+                raise VmapFailure(
+                    "hf_jd.autogram: a backward kernel of this graph cannot be vmapped (torch: "
+                    f"{_first_line(error)}), and the failed pass had already freed the graph, so the step cannot "
+                    "be finished. The engine back-propagates one vector at a time from its next step on: run the "
+                    "step again."
+                ) from error
+            failures = _FAILURES.get()
+            if failures is not None:
+                failures.append(_first_line(error))
     vectors = [grad_outputs] if isinstance(grad_outputs, Tensor) else list(grad_outputs)
     count = vectors[0].shape[0]
     guards = list(_GUARDS.get())
@@ -283,6 +361,11 @@ def batched_grad(
             reference = next(part for part in parts if part is not None)
             grads.append(torch.stack([torch.zeros_like(reference) if p is None else p for p in parts]))
     return grads
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 @contextmanager

@@ -42,12 +42,15 @@ from ._accumulate import (
 )
 from ..autojac._utils import graph_nodes, no_gradient_writes
 from ._batched_grad import (
+    VmapFailure,
     explain_donated_buffers,
     group_norm_guards,
     guarded_grad,
     guarding_group_norms,
     has_compiled_nodes,
+    has_unbatchable_nodes,
     one_vector_at_a_time,
+    recording_vmap_failures,
     vmap_rejects_channels_last,
 )
 from ._broadcast import (
@@ -67,10 +70,12 @@ from ._layer_norm import INPUT_PARAMETER
 from ._layout import RowLayout, layout_of_losses
 from ._param_uses import uses_outside_calls
 from ._parametrized import keep_fully_covered
+from ._precision import tf32_in_graph
 from ._record import Record
 from ._regroup import (
     IDENTITY_RTOL,
     LOW_PRECISION_IDENTITY_RTOL,
+    TF32_IDENTITY_RTOL,
     frontier,
     grads_verified,
     regrouping_structure,
@@ -84,6 +89,8 @@ MAX_LOSS_COMPUTATIONS = 64
 
 # Smallest tolerance of check_gramian for Gramians of bf16/fp16 products.
 LOW_PRECISION_RTOL = 5e-2
+# The same for graphs whose float32 products may run in TF32 (CUDA; see _precision).
+TF32_RTOL = 1e-2
 # check_gramian cannot tell on a batch whose weighted gradient, times the parameters' norm, is below this fraction
 # of the weighted losses (gradients that cancel to rounding).
 INCONCLUSIVE_RATIO = 1e-3
@@ -357,6 +364,25 @@ class Engine:
         # whether each checked call was split along its other batch dimension (see _regroup.regrouping_structure).
         self._verified_groupings: dict[tuple[str, ...], tuple[bool, ...]] = {}
         self._low_precision = False  # whether the last Gramian came from bf16/fp16 products
+        self._tf32 = False  # whether the last Gramian's graph may have run float32 products in TF32 (CUDA)
+        # Whether a vmapped backward pass of this engine failed on a kernel that cannot be batched (found out on a
+        # step, see _batched_grad.batched_grad): the later steps back-propagate one vector at a time from the start.
+        self._vmap_failed = False
+
+    def _note_vmap_failures(self, failures: list[str]) -> None:
+        """Back-propagate one vector at a time from the next step on; warn once per engine."""
+        first = not self._vmap_failed
+        self._vmap_failed = True
+        if not first:
+            return
+        warnings.warn(
+            f"hf_jd.autogram: a vmapped backward pass of the engine failed ({failures[0]}): an operation of the "
+            "model has a backward kernel that vmap cannot batch. The engine back-propagates its vectors one at a "
+            "time instead, on this step and the next ones: the same result, at up to one backward pass per vector "
+            "where the closed forms do not apply. This warning is shown once per engine.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
     def _warn_unattributed(self, params: list[Tensor]) -> None:
         """Warn once per engine that some parameters take the per-row backward pass."""
@@ -575,6 +601,8 @@ class Engine:
         accumulator = Accumulator(layout, dtype, losses.device, counts, self._single_backward)
         retain = True
         nodes = list(graph_nodes([losses.grad_fn]))
+        # TF32 convolutions (cuDNN's default) or matrix products: the checks allow for their rounding.
+        self._tf32 = not self._low_precision and tf32_in_graph(losses.device, nodes)
         # (a parametrised weight reused outside the calls covering it: its originals take the exact path instead)
         keep_fully_covered(records, nodes)
         covered = {id(p): p for record in records for p in record.params.values()}
@@ -691,11 +719,14 @@ class Engine:
             retain = retain if plans_known else True
         # Compiled backward kernels cannot be vmapped, nor can the random operations (dropout) of
         # checkpointed blocks re-run inside a vmapped backward pass, nor the backward kernels of
-        # group norms and max_unpool of channels-last tensors: one vector at a time then.
+        # group norms and max_unpool of channels-last tensors, nor cuDNN's recurrent layers, nor a kernel whose
+        # vmapped pass failed on an earlier step: one vector at a time then.
         one_at_a_time = (
             checkpointed
+            or self._vmap_failed
             or vmap_rejects_channels_last(nodes, losses.device, channels_last)
             or has_compiled_nodes(nodes)
+            or has_unbatchable_nodes(nodes)
         )
         covered_params = list(covered.values())
         # (also asked for by the single backward's pass for uncovered parameters, see _Bound)
@@ -709,10 +740,20 @@ class Engine:
                 capture.backpropagating(),
                 one_vector_at_a_time(one_at_a_time),
                 guarding_group_norms(guards),
+                recording_vmap_failures() as failures,
             ):
-                yield
+                try:
+                    yield
+                except VmapFailure:
+                    self._vmap_failed = True
+                    raise
+                finally:
+                    if failures:
+                        self._note_vmap_failures(failures)
 
-        identity_rtol = LOW_PRECISION_IDENTITY_RTOL if self._low_precision else IDENTITY_RTOL
+        identity_rtol = (
+            LOW_PRECISION_IDENTITY_RTOL if self._low_precision else TF32_IDENTITY_RTOL if self._tf32 else IDENTITY_RTOL
+        )
         with backpropagating(), explain_donated_buffers():
             # Losses that mix the examples (an in-batch contrastive loss) show where they reach the calls closest
             # to them, operations that mix them between layers at the model's first calls: both checked on the
@@ -959,6 +1000,8 @@ class Engine:
             )
         if self._low_precision:
             rtol = max(rtol, LOW_PRECISION_RTOL)
+        elif self._tf32:
+            rtol = max(rtol, TF32_RTOL)
         params = self.parameters()
         flat_weights = weights.detach().reshape(-1)
         weighted = (flat_weights.to(losses.dtype) * losses.reshape(-1)).sum()

@@ -14,6 +14,12 @@ from torch import Tensor, nn
 from transformers import (
     BertConfig,
     ConvNextConfig,
+    DPTConfig,
+    DPTForDepthEstimation,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+    VideoMAEConfig,
+    VideoMAEForVideoClassification,
     ConvNextForImageClassification,
     Swinv2Config,
     Swinv2ForImageClassification,
@@ -34,6 +40,7 @@ from hf_jd.aggregation import UPGradWeighting
 from hf_jd.autogram import Engine, _matmul_uses
 
 from ._reference import assert_gramian_matches, grads_of, jacobian, trainable
+from .test_documented_layouts import _Attention, _Tagger
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -160,8 +167,89 @@ def _convnext() -> Case:
     return ConvNextForImageClassification(config).train(), losses
 
 
+def _tagger(kind: str, batch_first: bool) -> Callable[[], Case]:
+    """cuDNN's fused recurrent kernels in the documented layouts (two bidirectional layers)."""
+
+    def case() -> Case:
+        model = _Tagger(kind, batch_first, num_layers=2, bidirectional=True)
+        ids = torch.randint(0, 30, (B, T), device=DEVICE)
+        return model, lambda model: model(ids)
+
+    return case
+
+
+def _time_major_attention() -> Case:
+    """``nn.MultiheadAttention`` in its default layout, returning per-head weights (an ``addmm`` output projection)."""
+    ids = torch.randint(0, 30, (B, T), device=DEVICE)
+    return _Attention(average=False), lambda model: model(ids)
+
+
+class _TorchEncoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(V, 16)
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.1, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.head(self.encoder(self.embedding(ids)).mean(1))
+
+
+def _torch_encoder() -> Case:
+    ids, labels = _ids(), torch.tensor([0, 2, 1, 1], device=DEVICE)
+    model = _TorchEncoder().train()
+    return model, lambda model: nn.functional.cross_entropy(model(ids), labels, reduction="none")
+
+
+def _videomae() -> Case:
+    """A ``Conv3d`` tubelet embedding whose kernel is its stride."""
+    config = VideoMAEConfig(image_size=8, patch_size=4, num_frames=4, tubelet_size=2, num_labels=3, **SMALL)
+    video, labels = torch.randn(B, 4, 3, 8, 8, device=DEVICE), torch.tensor([0, 1, 2, 0], device=DEVICE)
+
+    def losses(model: nn.Module) -> Tensor:
+        return nn.functional.cross_entropy(model(pixel_values=video).logits, labels, reduction="none")
+
+    return VideoMAEForVideoClassification(config).train(), losses
+
+
+def _dpt() -> Case:
+    """A depth estimator whose reassemble stage upsamples with ``ConvTranspose2d`` of kernel = stride."""
+    config = DPTConfig(hidden_size=16, num_hidden_layers=4, num_attention_heads=2, intermediate_size=32, image_size=16,
+                       patch_size=4, backbone_out_indices=[0, 1, 2, 3], neck_hidden_sizes=[4, 8, 8, 8],
+                       fusion_hidden_size=8, reassemble_factors=[4, 2, 1, 0.5], head_in_index=-1)
+    pixels, target = torch.randn(B, 3, 16, 16, device=DEVICE), torch.rand(B, 64, 64, device=DEVICE)
+
+    def losses(model: nn.Module) -> Tensor:
+        return (model(pixel_values=pixels).predicted_depth - target).pow(2).flatten(1).mean(1)
+
+    return DPTForDepthEstimation(config).train(), losses
+
+
+class _PooledSiglip(nn.Module):
+    """SigLIP's vision tower (``padding="valid"`` patch embedding) pooled by its attention head, then a classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        config = SiglipVisionConfig(image_size=8, patch_size=4, vision_use_head=True, **SMALL)
+        self.vision = SiglipVisionModel(config)
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        return self.head(self.vision(pixel_values=pixels).pooler_output)
+
+
+def _siglip() -> Case:
+    pixels, labels = torch.randn(B, 3, 8, 8, device=DEVICE), torch.tensor([0, 1, 2, 0], device=DEVICE)
+    model = _PooledSiglip().train()
+    return model, lambda model: nn.functional.cross_entropy(model(pixels), labels, reduction="none")
+
+
 CASES = {"bert": _bert, "gpt2": _gpt2, "llama": _llama, "vit": _vit, "wav2vec2": _wav2vec2, "swinv2": _swinv2,
-         "mixtral": _mixtral(None), "mixtral_eager": _mixtral("eager"), "convnext": _convnext}
+         "mixtral": _mixtral(None), "mixtral_eager": _mixtral("eager"), "convnext": _convnext,
+         "lstm": _tagger("LSTM", True), "gru_time_major": _tagger("GRU", False),
+         "mha_time_major": _time_major_attention, "torch_encoder": _torch_encoder, "videomae": _videomae, "dpt": _dpt,
+         "siglip_pooled": _siglip}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -175,10 +263,10 @@ def test_gramian_and_update_on_cuda(name: str, single_backward: bool) -> None:
     params = trainable(model)
     jac = jacobian(losses, params)
     gramian = engine.compute_gramian(losses, retain_graph=True)
-    assert gramian.is_cuda and gramian.dtype == torch.float32
+    assert gramian.device.type == DEVICE and gramian.dtype == torch.float32
     assert_gramian_matches(gramian, jac)
     weights = UPGradWeighting()(gramian)
-    assert weights.is_cuda and weights.shape == (B,)
+    assert weights.device.type == DEVICE and weights.shape == (B,)
     if single_backward:
         engine.backward(weights)
     else:
@@ -236,3 +324,22 @@ def test_disabled_engine_plain_step_on_cuda() -> None:
     compute_losses(model).mean().backward()  # the engine records here, then drops it unused
     torch.testing.assert_close(grads, [p.grad for p in model.parameters() if p.grad is not None])
     assert all(torch.equal(a, b) for a, b in zip(reference, model.parameters()))
+
+
+@pytest.mark.parametrize("name", ["dpt", "convnext", "lstm"])
+def test_tf32_keeps_the_fast_paths_on_cuda(name: str, per_row_calls: list[str]) -> None:
+    """cuDNN's default TF32 convolutions and recurrent layers: the grouping checks allow for their rounding (a tiny
+    DPT took the per-row path for 68 of its calls, 9.6x a plain step, when they did not)."""
+    conv, rnn = torch.backends.cudnn.conv.fp32_precision, torch.backends.cudnn.rnn.fp32_precision
+    torch.backends.cudnn.conv.fp32_precision = torch.backends.cudnn.rnn.fp32_precision = "tf32"
+    try:
+        torch.manual_seed(0)
+        model, compute_losses = CASES[name]()
+        model.to(DEVICE)
+        engine = Engine(model)
+        losses = compute_losses(model)
+        jac = jacobian(losses, trainable(model))
+        assert_gramian_matches(engine.compute_gramian(losses, retain_graph=True), jac, rtol=1e-2)
+        assert engine._tf32 and per_row_calls == []
+    finally:
+        torch.backends.cudnn.conv.fp32_precision, torch.backends.cudnn.rnn.fp32_precision = conv, rnn
