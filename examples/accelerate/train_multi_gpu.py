@@ -113,6 +113,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # interpreter exit occasionally aborts a process ("terminate called without an active exception"),
     # and a process leaving while another still prints or evaluates can leave that one waiting forever.
     trainer.accelerator.wait_for_everyone()
+    # Free the DDP wrapper first. Otherwise its reducer holds the last reference to the gloo group, whose
+    # destructor then runs when the wrapper is freed, holding Python's lock while it waits for the group's
+    # worker threads, one of which may still need that lock to free the barrier's tensors: a deadlock at
+    # exit (seen in about one run in ten on a loaded machine, torch 2.13). Freed by the group's own
+    # Python object in end_training, the group waits without the lock.
+    trainer.model_wrapped = trainer.model
+    trainer.accelerator.free_memory()
     trainer.accelerator.end_training()
     return metrics
 

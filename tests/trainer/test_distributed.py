@@ -12,6 +12,10 @@ Three groups of tests:
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +25,7 @@ from torch.func import functional_call, jacrev
 
 from distributed_workers.core import TASKS as CORE_TASKS
 from distributed_workers.core import TaskNet, batch, run_all
-from distributed_workers.launch import spawn, torchrun
+from distributed_workers.launch import run_in_own_session, spawn, torchrun
 from hf_jd import JDTrainer
 from hf_jd.aggregation import UPGradWeighting
 from hf_jd.trainer._distributed import (
@@ -560,3 +564,28 @@ def test_accelerate_example_runs_and_exits_in_two_processes(tmp_path):
     result = torchrun(script, arguments, timeout=120.0)
     assert "2 process(es)" in result.stdout
     assert result.stdout.count("'eval_loss'") == 1
+
+
+def test_launcher_timeout_kills_the_workers_too(tmp_path):
+    """A launcher that times out is killed with the processes it started (no worker left using the CPU)."""
+    marker = tmp_path / "child.pid"
+    quiet = "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL"  # (the pipes close with the launcher)
+    child = (
+        f"import subprocess, time; pid = subprocess.Popen(['sleep', '60'], {quiet}).pid; "
+        f"open({str(marker)!r}, 'w').write(str(pid)); time.sleep(60)"
+    )
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_in_own_session([sys.executable, "-c", child], dict(os.environ), timeout=3.0)
+    pid = int(marker.read_text())
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline and _alive(pid):
+        time.sleep(0.1)
+    assert not _alive(pid)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split()[2] != "Z"  # (a zombie has exited)
+    except FileNotFoundError:
+        return False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -53,6 +54,22 @@ def spawn(
     return [json.loads((tmp_dir / f"rank{rank}.json").read_text()) for rank in range(world_size)]
 
 
+def run_in_own_session(command: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    """``subprocess.run(command, ...)``, but in a session of its own, killed whole on timeout: killing the launcher
+    alone would leave its worker processes running (and using the CPU) after the test."""
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(REPO),
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        raise subprocess.TimeoutExpired(command, timeout, output=stdout, stderr=stderr) from None
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
 def torchrun(script: Path, args: list[str], *, nproc: int = 2, timeout: float = 240.0) -> subprocess.CompletedProcess:
     """Run ``script`` under ``torch.distributed.run`` with ``nproc`` processes on a free port.
 
@@ -76,7 +93,7 @@ def torchrun(script: Path, args: list[str], *, nproc: int = 2, timeout: float = 
             "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script), *args,
         ]  # fmt: skip
         try:
-            result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=str(REPO))
+            result = run_in_own_session(command, env, timeout)
         except subprocess.TimeoutExpired as expired:
             # Seen rarely on a loaded CI machine: a process that finished its work (metrics printed) does not
             # exit. Retried once, on a new port, with a warning that carries the output; a second hang raises.
