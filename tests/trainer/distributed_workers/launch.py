@@ -78,8 +78,9 @@ def torchrun(script: Path, args: list[str], *, nproc: int = 2, timeout: float = 
     a warning that carries its output (a safety net: the one cause seen, a SIGABRT at interpreter
     exit while the gloo process group was still alive, is avoided by the workers leaving the group
     before they exit); a second failure raises with both outputs. A run that exceeds ``timeout`` is
-    retried once the same way (a process that had finished its work was seen not to exit, rarely,
-    on a loaded machine).
+    killed with its workers and retried once the same way (a safety net too: the one cause seen, a
+    process that had finished its work waiting forever at exit when DDP's reducer freed the gloo
+    group, is avoided by the example freeing its DDP wrapper before it leaves the group).
     """
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([p for p in (env.get("PYTHONPATH"), str(REPO)) if p])
