@@ -28,6 +28,7 @@ from ._embedding import EmbeddingRecord, embedding_scale, is_embedding_subclass
 from ._group_norm import computes_channel_norm
 from ._layer_norm import computes_layer_norm, is_layer_norm_like
 from ._linear import computes_linear, is_linear_subclass
+from ._node_structure import GATHER_NODES
 from ._generic import (
     GenericRecord,
     alias_outputs,
@@ -161,10 +162,6 @@ class _Frame:
     parametrized: dict[str, Tensor] | None = None
 
 
-# Autograd nodes of operations that pick rows by an index tensor (which may reorder the examples).
-GATHER_NODES = frozenset({
-    "GatherBackward0", "IndexBackward0", "IndexSelectBackward0", "TakeAlongDimBackward0", "TakeBackward0",
-})
 
 
 # Nodes of reshaping operations looked through to find such an index (``h[None, idx].reshape(-1, d)``).

@@ -32,6 +32,17 @@ temperatures), each entry of those dimensions a block whose gradient for ``W`` i
 shape. Calls whose products
 start at their parameters' uses (:mod:`._direct_uses`) take it too, from the gradients of those uses.
 
+The rows' examples found for a call are kept, by the structure of the call's graph (its operations in order, where
+they move entries, the shapes of its tensors, the values of the indices of its lookups in the data, digested) and the
+batch size: the same code on the same shapes and indices moves the same rows, so a later call of that structure takes
+them from there and back-propagates the plain vector alone (one ordinary pass instead of the batched pass over three
+vectors and the check of the rows). Lookups in the weights alone (a relative-position table indexed by a buffer) move
+no example's rows and are left out; a call with a sort or a large lookup in the data is not kept, and a module whose
+calls never take kept rows (tokens routed to experts differently on every step) stops keeping them. Blocks that had no
+gradient when the examples were found take the example that the others' pattern gives (blocks ``e``-major or
+``e``-minor), and a later call that finds gradient in a block of no known example, or in a use that had none, finds the
+examples again.
+
 Only calls whose weights meet the data in these operations alone take this path (``mm``, ``bmm``,
 ``grouped_mm``, ``addmm`` with coefficients 1 as ``F.linear`` computes 2-D rows, the weight on the right of a
 row-major product or either side of ``bmm``; biases added to the rows, whole or gathered per row; the elementwise
@@ -42,6 +53,7 @@ slot of width ``1 / E`` per example at an irregular offset, from a fixed seed (s
 
 from __future__ import annotations
 
+import hashlib
 import math
 import weakref
 from dataclasses import dataclass
@@ -51,8 +63,9 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import GradientEdge
 
-from ._batched_grad import batched_grad
+from ._batched_grad import batched_grad, one_vector_at_a_time
 from ._layout import RowLayout
+from ._node_structure import described_node
 
 if TYPE_CHECKING:
     from ._generic import GenericRecord
@@ -69,6 +82,14 @@ FEW_ROWS = 8
 # Modules for which the path did not apply once (a use that is not a product, rows of several examples): they keep
 # the usual path on later steps without the walk through their graph or the batched pass being repeated.
 _DECLINED: weakref.WeakSet[Any] = weakref.WeakSet()
+# Per module, the examples of its uses' rows by structure of the call (see the module's docstring), at most
+# KNOWN_STRUCTURES of them.
+_KNOWN_ROWS: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], list[Tensor | None]]] = weakref.WeakKeyDictionary()
+KNOWN_STRUCTURES = 8
+# Modules whose calls found their rows' examples KNOWN_STRUCTURES times without ever taking remembered ones (tokens
+# routed by the data, which changes the structure's lookups on every step): they stop remembering.
+_UNSTABLE: weakref.WeakSet[Any] = weakref.WeakSet()
+_REMEMBERED: weakref.WeakKeyDictionary[Any, list[int]] = weakref.WeakKeyDictionary()  # [found, taken] per module
 # A row's gradients must satisfy G_w = w_e G to this relative precision (float32; float64 scales with eps).
 _RTOL_FLOAT32 = 3e-5
 
@@ -261,12 +282,16 @@ def _elementwise_use(node: Any, name: str, side: int, operands: list[tuple[Any, 
     return _Use(node, data, "elementwise", None, 1, (child, nr), shape, blocks, scale, padded[lead:])
 
 
-def _find_uses(record: GenericRecord) -> list[_Use] | None:
+def _find_uses(record: GenericRecord) -> tuple[list[_Use], set[Any]] | None:
+    """The uses of the call's weights, and the nodes computed from its weights alone (``None``: a use that is not a
+    product or an elementwise operation, or a weight-derived tensor that leaves the call)."""
     consumers = _walk_call(record)
     closure = weights_only(record, consumers)
     assert record.nodes is not None
     uses: dict[Any, list[_Use]] = {}
-    for node in closure:
+    # (in the order of the walk, the same on every call of the same code: remembered rows are matched by position)
+    order = {node: position for position, node in enumerate(consumers)}
+    for node in sorted(closure, key=lambda node: order.get(node, len(order))):
         for consumer in consumers.get(node, []):
             if consumer in closure or consumer in uses:
                 continue
@@ -279,7 +304,8 @@ def _find_uses(record: GenericRecord) -> list[_Use] | None:
                     return None
                 found = [use]
             uses[consumer] = found
-    return [use for found in uses.values() for use in found] or None
+    found_uses = [use for found in uses.values() for use in found]
+    return (found_uses, closure) if found_uses else None
 
 
 def _addmm_uses(node: Any, closure: set[Any]) -> list[_Use] | None:
@@ -625,16 +651,43 @@ def matmul_factors(record: GenericRecord, layout: RowLayout, dtype: torch.dtype)
 
 
 def _factors_from_uses(record: GenericRecord, layout: RowLayout, dtype: torch.dtype) -> MatmulFactors | None:
-    uses = _find_uses(record)
-    if uses is None:
+    found_uses = _find_uses(record)
+    if found_uses is None:
         return None
+    uses, closure = found_uses
+    module = record.module
+    remember = layout.batched and module not in _UNSTABLE
+    structure = _call_structure(record, uses, closure, layout) if remember else None
+    counts = _REMEMBERED.setdefault(module, [0, 0])
+    known = _KNOWN_ROWS.get(module, {}).get(structure) if structure is not None else None
+    if known is not None:
+        found = _rows_from_known(record, layout, dtype, uses, known)
+        if found is not None:
+            counts[1] += 1
+            return MatmulFactors(record, layout, dtype, found)
+    found_rows = _rows_found(record, layout, dtype, uses)
+    if found_rows is None:
+        return None
+    if structure is not None:
+        remembered = _KNOWN_ROWS.setdefault(module, {})
+        if len(remembered) >= KNOWN_STRUCTURES:
+            remembered.clear()
+        by_use = {id(entry.use): entry.examples for entry in found_rows}
+        remembered[structure] = [  # (one per use, None for a use without gradient)
+            None if id(use) not in by_use else _completed(by_use[id(use)], layout.num_examples) for use in uses
+        ]
+        counts[0] += 1
+        if counts[0] >= KNOWN_STRUCTURES and counts[1] == 0:
+            _UNSTABLE.add(module)
+            _KNOWN_ROWS.pop(module, None)
+    return MatmulFactors(record, layout, dtype, found_rows)
+
+
+def _output_vectors(record: GenericRecord, layout: RowLayout, coefficients: Tensor) -> list[Tensor]:
+    """Per output of the call, the output gradients of ``Σ_e c_e L_{e,k}`` for each task ``k`` and each row ``c`` of
+    ``coefficients`` (``[C, E]``), task-major: ``[m * C, *output]``."""
     num_examples, num_tasks = layout.num_examples, layout.num_tasks
-    device = uses[0].node._input_metadata[0].device
-    weights = _check_weights(num_examples).to(dtype=dtype, device=device)
-    # Output gradients of Σ_e c_e L_{e,k} for each task k and c in (1, w, w').
-    coefficients = torch.cat([torch.ones_like(weights[:1]), weights])  # [3, E]
     vectors: list[Tensor] = []
-    edges = []
     for index, rows in record.grad_rows:
         per_task = []
         for task in range(num_tasks):
@@ -646,10 +699,25 @@ def _factors_from_uses(record: GenericRecord, layout: RowLayout, dtype: torch.dt
                     grad = grad.flatten(record._grouped_dim, record._grouped_dim + 1)
                 per_task.append(grad.to(record.output_dtypes[index]))
         vectors.append(torch.stack(per_task))
-        edges.append(record.edges[index])
+    return vectors
+
+
+def _use_grads(record: GenericRecord, uses: list[_Use], vectors: list[Tensor]) -> list[Tensor | None]:
+    """The gradients at each use's node of the call's outputs under ``vectors`` (one batched pass)."""
+    edges = [record.edges[index] for index, _ in record.grad_rows]
     nodes = list(dict.fromkeys(use.node for use in uses))  # (addmm: a product and a bias at one node)
     node_grads = dict(zip(nodes, batched_grad(edges, [GradientEdge(node, 0) for node in nodes], vectors)))
-    use_grads = [node_grads[use.node] for use in uses]
+    return [node_grads[use.node] for use in uses]
+
+
+def _rows_found(record: GenericRecord, layout: RowLayout, dtype: torch.dtype, uses: list[_Use]) -> list[_Rows] | None:
+    """Each use's rows with their examples, found by the batched pass over ``1, w, w'`` (``None``: a row reached by
+    several examples)."""
+    num_examples, num_tasks = layout.num_examples, layout.num_tasks
+    device = uses[0].node._input_metadata[0].device
+    weights = _check_weights(num_examples).to(dtype=dtype, device=device)
+    coefficients = torch.cat([torch.ones_like(weights[:1]), weights])  # [3, E]
+    use_grads = _use_grads(record, uses, _output_vectors(record, layout, coefficients))
     rtol = _RTOL_FLOAT32 * torch.finfo(dtype).eps / torch.finfo(torch.float32).eps
     found: list[_Rows] = []
     for use, grads in zip(uses, use_grads):
@@ -671,4 +739,109 @@ def _factors_from_uses(record: GenericRecord, layout: RowLayout, dtype: torch.dt
         if use.slices is not None:  # (rows past grouped_mm's last offset use no weight)
             examples = torch.where(use.slices < use.num_slices, examples, -1)
         found.append(_Rows(use, examples, grads[:, 0]))
-    return MatmulFactors(record, layout, dtype, found)
+    return found
+
+
+def _rows_from_known(
+    record: GenericRecord, layout: RowLayout, dtype: torch.dtype, uses: list[_Use], known: list[Tensor | None]
+) -> list[_Rows] | None:
+    """Each use's rows with the examples found on an earlier call of the same structure, from one pass over the plain
+    vector (``None``: a use without gradient then has some now, or a block of no known example has gradient)."""
+    num_tasks = layout.num_tasks
+    device = uses[0].node._input_metadata[0].device
+    ones = torch.ones(1, layout.num_examples, dtype=dtype, device=device)
+    with one_vector_at_a_time(num_tasks == 1):  # (one vector: an ordinary backward pass)
+        use_grads = _use_grads(record, uses, _output_vectors(record, layout, ones))
+    if len(known) != len(uses):
+        return None
+    found: list[_Rows] = []
+    for use, grads, examples in zip(uses, use_grads, known):
+        if grads is None or use.num_blocks == 0:
+            continue
+        if examples is None or examples.shape[0] != use.num_blocks:
+            return None  # (a use without gradient when the rows were found has some now)
+        grads = _block_grads(use, grads.to(dtype)).reshape(num_tasks, use.num_blocks, -1)
+        unknown = examples < 0
+        if bool(unknown.any()) and bool((grads[:, unknown] != 0).any()):
+            return None
+        found.append(_Rows(use, examples, grads))
+    return found
+
+
+def _completed(examples: Tensor, num_examples: int) -> Tensor:
+    """``examples`` with the blocks of no known example (``-1``) given the one that the known blocks' pattern gives:
+    ``e``-major (``k`` consecutive blocks per example) or ``e``-minor (block ``r`` of example ``r mod E``); unchanged
+    when neither fits."""
+    unknown = examples < 0
+    count = examples.shape[0]
+    if not bool(unknown.any()) or bool(unknown.all()) or count % num_examples:
+        return examples
+    positions = torch.arange(count, device=examples.device)
+    for pattern in (positions // (count // num_examples), positions % num_examples):
+        if torch.equal(pattern[~unknown], examples[~unknown]):
+            return pattern
+    return examples
+
+
+# Largest number of entries of the index of a lookup that a structure holds (by a digest of its values; larger ones
+# leave the call without a structure).
+MAX_INDEX_ENTRIES = 2**16
+# Saved index tensors of lookups, by node type.
+_SAVED_INDICES = {"IndexBackward0": "_saved_indices", "IndexSelectBackward0": "_saved_index", "GatherBackward0":
+                  "_saved_index", "TakeAlongDimBackward0": "_saved_indices"}
+
+
+def _digest(tensor: Tensor) -> str:
+    """The shape, dtype and a digest of the values of a small tensor (an index)."""
+    values = tensor.detach().contiguous().cpu().numpy().tobytes()
+    return f"{tuple(tensor.shape)}:{tensor.dtype}:{hashlib.blake2b(values, digest_size=16).hexdigest()}"
+
+
+def _small_index(node: Any) -> str:
+    """The values of a lookup's index (a digest) when it is small, else ``"?"``."""
+    attribute = _SAVED_INDICES.get(type(node).__name__)
+    saved = getattr(node, attribute, None) if attribute is not None else None
+    indices = [saved] if isinstance(saved, Tensor) else list(saved) if isinstance(saved, (tuple, list)) else None
+    if not indices or any(not isinstance(index, Tensor) for index in indices):
+        return "?"  # (also an index of None entries: a[:, idx])
+    if sum(index.numel() for index in indices) > MAX_INDEX_ENTRIES:
+        return "?"
+    return ";".join(_digest(index) for index in indices)
+
+
+def _call_structure(
+    record: GenericRecord, uses: list[_Use], closure: set[Any], layout: RowLayout
+) -> tuple[Any, ...] | None:
+    """The structure of the call's graph (see the module's docstring), or ``None`` when an operation of the call picks
+    entries by the data. Lookups in the weights alone (a relative-position table indexed by a buffer) move no
+    example's rows; a lookup in the data by a small index (XLNet's relative shift, an ``index_select`` of an
+    ``arange``) is part of the structure with its index's values."""
+    assert record.nodes is not None
+    entries: list[Any] = []
+    stack = [edge.node for edge in record.edges]
+    seen: set[Any] = set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if node in closure:
+            entries.append(type(node).__name__)
+        else:
+            described = described_node(node)
+            if "?" in described:
+                described = (described[0], _small_index(node))
+            entries.extend(described)
+        entries.append(tuple(tuple(metadata.shape) for metadata in node._input_metadata))
+        stack.extend(child for child, _ in node.next_functions if child is not None and
+                     child._sequence_nr() in record.nodes)
+    if "?" in entries:
+        return None
+    for use in uses:
+        if use.slices is not None and use.slices.numel() > MAX_INDEX_ENTRIES:
+            return None
+        slices = None if use.slices is None else _digest(use.slices)
+        entries.append((use.kind, use.num_blocks, use.num_slices, tuple(use.target_shape), use.reduced,
+                        type(use.node).__name__, slices))
+    outputs = tuple((index, tuple(rows.shape)) for index, rows in record.grad_rows)
+    return (*entries, outputs, record._grouped_dim, layout.num_examples, layout.num_tasks)

@@ -34,7 +34,7 @@ from torch.autograd.graph import GradientEdge
 
 from ._accumulate import Accumulator
 from ._batched_grad import batched_grad, one_vector_at_a_time
-from ._capture import GATHER_NODES
+from ._node_structure import DATA_DEPENDENT_NODES, described_node
 from ._layout import RowLayout
 from ._record import Record, split_by_record
 
@@ -250,44 +250,9 @@ def frontier(losses: Tensor, records: list[Record]) -> tuple[list[Record], tuple
             structure.extend("@" + record.module_name for record in reached)
             found.update((id(record), record) for record in reached)
             continue
-        structure.extend(_described(node))
+        structure.extend(described_node(node))
         stack.extend(next_node for next_node, _ in node.next_functions)
     return list(found.values()), tuple(structure)
-
-
-# Autograd nodes of operations whose rows depend on the data (indexing, gathering, scattering, sorting):
-# with one of them in the graph, a grouping verified once may not hold in the next step.
-DATA_DEPENDENT_NODES = GATHER_NODES | frozenset({
-    "MaskedSelectBackward0", "IndexPutBackward0", "IndexAddBackward0", "IndexCopyBackward0", "IndexFillBackward0",
-    "ScatterBackward0", "ScatterBackward1", "ScatterAddBackward0", "ScatterReduceBackward0", "MaskedScatterBackward0",
-    "SortBackward0", "TopkBackward0", "KthvalueBackward0", "MedianBackward1", "ModeBackward0",
-    "MaxBackward0", "MinBackward0", "NonzeroBackward0", "RepeatInterleaveBackward0",
-})
-
-
-def _described(node: object) -> tuple[str, ...]:
-    """A node's entries in a structure: its type, then the position it picks (``SelectBackward0``: rows
-    picked one by one, ``torch.stack([h[i] for i in order])``, are part of the structure), or ``"?"`` for
-    an operation that selects rows by the data (the structure does not fix them)."""
-    name = type(node).__name__
-    if name == "SelectBackward0":
-        return name, f"{node._saved_dim}:{node._saved_index}"  # type: ignore[attr-defined]
-    if name in DATA_DEPENDENT_NODES:
-        return name, "?"
-    attributes = _POSITIONAL_ATTRIBUTES.get(name)
-    if attributes:  # where rows move to (a roll by a shift that changes between steps moves them elsewhere)
-        return name, ":".join(str(getattr(node, attribute, "")) for attribute in attributes)
-    return (name,)
-
-
-# Saved arguments that fix where an operation moves entries (not the sizes, which may change from batch to batch).
-_POSITIONAL_ATTRIBUTES: dict[str, tuple[str, ...]] = {
-    "RollBackward0": ("_saved_shifts", "_saved_dims"),
-    "SliceBackward0": ("_saved_dim", "_saved_start", "_saved_step"),
-    "FlipBackward0": ("_saved_dims",),
-    "PermuteBackward0": ("_saved_dims",),
-    "TransposeBackward0": ("_saved_dim0", "_saved_dim1"),
-}
 
 
 def regrouping_structure(
@@ -316,7 +281,7 @@ def regrouping_structure(
     # (an index into a table of parameters, e.g. Swin's relative-position table, moves no example's rows)
     tables = _parameters_only(nodes, constant_storages)
     entries = [
-        entry for node in nodes for entry in (_described(node) if node not in tables else (type(node).__name__,))
+        entry for node in nodes for entry in (described_node(node) if node not in tables else (type(node).__name__,))
     ]
     if "?" in entries:
         return None
