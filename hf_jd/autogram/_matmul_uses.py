@@ -82,8 +82,8 @@ FEW_ROWS = 8
 # Modules for which the path did not apply once (a use that is not a product, rows of several examples): they keep
 # the usual path on later steps without the walk through their graph or the batched pass being repeated.
 _DECLINED: weakref.WeakSet[Any] = weakref.WeakSet()
-# Per module, the examples of its uses' rows by structure of the call (see the module's docstring), at most
-# KNOWN_STRUCTURES of them.
+# Per module, the examples of its uses' rows by structure of the call (see the module's docstring), the last
+# KNOWN_STRUCTURES of them (e.g. one per sequence length under dynamic padding).
 _KNOWN_ROWS: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], list[Tensor | None]]] = weakref.WeakKeyDictionary()
 KNOWN_STRUCTURES = 8
 # Modules whose calls found their rows' examples KNOWN_STRUCTURES times without ever taking remembered ones (tokens
@@ -670,8 +670,8 @@ def _factors_from_uses(record: GenericRecord, layout: RowLayout, dtype: torch.dt
         return None
     if structure is not None:
         remembered = _KNOWN_ROWS.setdefault(module, {})
-        if len(remembered) >= KNOWN_STRUCTURES:
-            remembered.clear()
+        if len(remembered) >= KNOWN_STRUCTURES:  # (the oldest goes)
+            del remembered[next(iter(remembered))]
         by_use = {id(entry.use): entry.examples for entry in found_rows}
         remembered[structure] = [  # (one per use, None for a use without gradient)
             None if id(use) not in by_use else _completed(by_use[id(use)], layout.num_examples) for use in uses

@@ -150,3 +150,18 @@ def test_modules_whose_rows_always_move_stop_remembering(monkeypatch: pytest.Mon
 )
 def test_blocks_without_gradient_take_the_pattern_of_the_others(examples: list[int], completed: list[int]) -> None:
     assert _matmul_uses._completed(torch.tensor(examples), 3).tolist() == completed
+
+
+def test_the_oldest_structure_is_forgotten_first(monkeypatch: pytest.MonkeyPatch, remembered: list[bool]) -> None:
+    """Dynamic padding: one structure per sequence length, the last KNOWN_STRUCTURES of them kept."""
+    monkeypatch.setattr(_matmul_uses, "KNOWN_STRUCTURES", 2)
+    torch.manual_seed(4)
+    model = _Attention()
+    engine = Engine(model)
+    generator = torch.Generator().manual_seed(4)
+    for length in (4, 5, 6, 6, 5, 4):
+        model.zero_grad(set_to_none=True)
+        ids = torch.randint(0, 30, (5, length), generator=generator)
+        losses = model(ids, torch.zeros(5, length, dtype=torch.bool)).sum(1)
+        assert_exact_step(engine, losses, trainable(model), single_backward=False)
+    assert remembered == [False, False, False, True, True, False]
