@@ -86,8 +86,9 @@ _DECLINED: weakref.WeakSet[Any] = weakref.WeakSet()
 # KNOWN_STRUCTURES of them (e.g. one per sequence length under dynamic padding).
 _KNOWN_ROWS: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], list[Tensor | None]]] = weakref.WeakKeyDictionary()
 KNOWN_STRUCTURES = 8
-# Modules whose calls found their rows' examples KNOWN_STRUCTURES times without ever taking remembered ones (tokens
+# Modules whose calls found their rows' examples UNSTABLE_AFTER times without ever taking remembered ones (tokens
 # routed by the data, which changes the structure's lookups on every step): they stop remembering.
+UNSTABLE_AFTER = 32
 _UNSTABLE: weakref.WeakSet[Any] = weakref.WeakSet()
 _REMEMBERED: weakref.WeakKeyDictionary[Any, list[int]] = weakref.WeakKeyDictionary()  # [found, taken] per module
 # A row's gradients must satisfy G_w = w_e G to this relative precision (float32; float64 scales with eps).
@@ -677,7 +678,7 @@ def _factors_from_uses(record: GenericRecord, layout: RowLayout, dtype: torch.dt
             None if id(use) not in by_use else _completed(by_use[id(use)], layout.num_examples) for use in uses
         ]
         counts[0] += 1
-        if counts[0] >= KNOWN_STRUCTURES and counts[1] == 0:
+        if counts[0] >= UNSTABLE_AFTER and counts[1] == 0:
             _UNSTABLE.add(module)
             _KNOWN_ROWS.pop(module, None)
     return MatmulFactors(record, layout, dtype, found_rows)

@@ -127,7 +127,7 @@ def test_rows_without_gradient_then_with_some_are_found_again(single_backward: b
 
 def test_modules_whose_rows_always_move_stop_remembering(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_matmul_uses, "FEW_ROWS", 0)
-    monkeypatch.setattr(_matmul_uses, "KNOWN_STRUCTURES", 3)
+    monkeypatch.setattr(_matmul_uses, "UNSTABLE_AFTER", 3)
     torch.manual_seed(2)
     model = _PermutedNet()
     engine = Engine(model)
