@@ -37,6 +37,7 @@ __all__ = [
     "has_compiled_nodes",
     "is_channels_last",
     "one_vector_at_a_time",
+    "plain_grad",
     "vmap_rejects_channels_last",
 ]
 
@@ -361,6 +362,42 @@ def batched_grad(
             reference = next(part for part in parts if part is not None)
             grads.append(torch.stack([torch.zeros_like(reference) if p is None else p for p in parts]))
     return grads
+
+
+def plain_grad(
+    outputs: Tensor | Sequence[Tensor],
+    inputs: Sequence[Tensor] | Sequence[GradientEdge],
+    grad_outputs: Tensor | Sequence[Tensor],
+) -> list[Tensor | None]:
+    """One ordinary backward pass (graph kept), shaped as :func:`batched_grad`'s over one vector: ``grad_outputs``
+    and the returned gradients have a leading dimension of 1. Unlike ``batched_grad`` inside
+    ``one_vector_at_a_time(True)``, it leaves the mode of the passes that run during it (in hooks) as it was.
+
+    Parameters
+    ----------
+    outputs
+        The tensors to differentiate.
+    inputs
+        The tensors (or gradient edges) to differentiate with respect to.
+    grad_outputs
+        One vector per output, leading dimension 1.
+
+    Returns
+    -------
+    list of Tensor or None
+        Per input, its gradient ``[1, *shape]``, or ``None``.
+    """
+    vectors = [grad_outputs] if isinstance(grad_outputs, Tensor) else list(grad_outputs)
+    assert all(vector.shape[0] == 1 for vector in vectors)
+    guards = list(_GUARDS.get())
+    grads = torch.autograd.grad(
+        outputs,
+        [*inputs, *guards],  # (tensors and edges mixed: autograd takes both)
+        grad_outputs=vectors[0][0] if isinstance(grad_outputs, Tensor) else [vector[0] for vector in vectors],
+        retain_graph=True,
+        allow_unused=True,
+    )[: len(inputs)]
+    return [None if grad is None else grad.unsqueeze(0) for grad in grads]
 
 
 def _first_line(error: BaseException) -> str:

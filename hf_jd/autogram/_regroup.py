@@ -25,7 +25,6 @@ computation is then verified on every step, and the failures take the exact per-
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -33,7 +32,7 @@ from torch import Tensor
 from torch.autograd.graph import GradientEdge
 
 from ._accumulate import Accumulator
-from ._batched_grad import batched_grad, one_vector_at_a_time
+from ._batched_grad import batched_grad, plain_grad
 from ._node_structure import DATA_DEPENDENT_NODES, described_node
 from ._layout import RowLayout
 from ._record import Record, split_by_record
@@ -65,6 +64,7 @@ def grads_verified(
     nodes: Sequence[tuple[Any, int]] = (),
     nodes_grouped: list[bool] | None = None,
     confirm: bool = False,
+    passing: Sequence[GradientEdge] = (),
 ) -> list[Record]:
     """Add the records whose per-example grouping the identity confirms; return the others.
 
@@ -112,6 +112,9 @@ def grads_verified(
         Receives whether every one of ``nodes`` passed.
     confirm
         With ``add=False``: record the confirmed groupings in the records (see above).
+    passing
+        With ``trusted``: edges that the pass must also reach, whose gradients are dropped (planned tables'
+        calls: the caller's hooks on their broadcasting nodes collect what they need from the same pass).
 
     Returns
     -------
@@ -122,17 +125,18 @@ def grads_verified(
     bd = layout.batch_dim
     num_examples = layout.num_examples
     assert trusted is None or not nodes
+    assert trusted is not None or not passing
     weights, vectors = _check_vectors(losses, num_examples)
     vectors = vectors[: 1 if trusted is not None else 2]
     edges = [edge for record in records for edge in record.edges]
     node_edges = [GradientEdge(node, 0) for node, _ in nodes]
-    if not edges and not node_edges:  # e.g. every trainable call is not split by example: nothing to verify
+    if not edges and not node_edges and not passing:  # e.g. every trainable call is not split by example
         return []
     # (a trusted grouping needs the plain vector alone: an ordinary backward pass, cheaper than a vmapped one; the
-    # contributions added below keep the caller's mode)
-    with one_vector_at_a_time(True) if trusted is not None else nullcontext():
-        grads = batched_grad(losses, edges + node_edges, vectors)
-    grads, node_grads = grads[: len(edges)], grads[len(edges) :]
+    # contributions added below, and those that hooks add during the pass, keep the caller's mode)
+    inputs = edges + node_edges + list(passing)
+    grads = batched_grad(losses, inputs, vectors) if trusted is None else plain_grad(losses, inputs, vectors)
+    grads, node_grads = grads[: len(edges)], grads[len(edges) : len(edges) + len(node_edges)]
     if nodes_grouped is not None:
         nodes_grouped.append(
             all(

@@ -824,10 +824,20 @@ class Engine:
                 # Plans for tables broadcast over [B * k, ...] rows (Swin's windows) assume k consecutive rows per
                 # example: checked in the same pass.
                 grouped: list[bool] = []
-                failed = grads_verified(
-                    losses, layout, checked, accumulator, rtol=identity_rtol, trusted=trusted, chosen=chosen,
-                    vacuous=vacuous, nodes=grouped_nodes if trusted is None else (), nodes_grouped=grouped,
-                )
+                # A trusted grouping takes one ordinary pass: the planned tables get their per-example gradients from
+                # that pass too (their hooks on), instead of from a second one below.
+                merged = trusted is not None and bool(plans) and not batched
+                with ExitStack() as stack:
+                    if merged:
+                        for plan in plans:
+                            stack.enter_context(plan.hooks())
+                    failed = grads_verified(
+                        losses, layout, checked, accumulator, rtol=identity_rtol, trusted=trusted, chosen=chosen,
+                        vacuous=vacuous, nodes=grouped_nodes if trusted is None else (), nodes_grouped=grouped,
+                        passing=[edge for record in records for edge in record.edges] if merged else (),
+                    )
+                if merged:
+                    records = []  # (the planned calls: done)
                 self._direct_uses_failed(failed)
                 if pass_structure is not None and trusted is None and not failed and not vacuous and all(grouped):
                     if len(self._verified_groupings) >= MAX_LOSS_COMPUTATIONS:

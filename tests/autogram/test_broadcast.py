@@ -450,6 +450,32 @@ def test_swin_windows_verified_once_per_structure(single_backward: bool, monkeyp
     assert trusted == [False, True, True]
 
 
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_trusted_grouping_and_planned_tables_share_one_pass(single_backward: bool, monkeypatch) -> None:
+    """Once the windows' grouping is trusted, its one plain backward pass also gives the planned tables their
+    per-example gradients: no second pass from the losses for them."""
+    from hf_jd.autogram import engine as engine_module
+
+    passes: list[str] = []
+    for name in ("grads_verified", "grads_streamed", "grads_at_once"):
+        original = getattr(engine_module, name)
+
+        def recorded(*args, _name=name, _original=original, **kwargs):  # type: ignore[no-untyped-def]
+            passes.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(engine_module, name, recorded)
+    torch.manual_seed(2)
+    config = tf.SwinConfig(image_size=16, patch_size=4, embed_dim=8, depths=[2], num_heads=[2], window_size=2,
+                           num_labels=3)
+    model = tf.SwinForImageClassification(config)
+    engine = Engine(model, single_backward=single_backward)
+    _exact_image_step(model, engine, 3, single_backward)  # (checks the grouping, then takes the ordinary pass)
+    passes.clear()
+    _exact_image_step(model, engine, 3, single_backward)
+    assert passes == ["grads_verified"]
+
+
 class ContinuousBias(nn.Module):
     """Swinv2-style continuous position bias: a two-layer MLP (ReLU in place on the first Linear's output, a view of
     its product) on a table of relative coordinates, picked by a relative-position index, ``16 * sigmoid``, added to
