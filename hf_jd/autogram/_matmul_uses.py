@@ -53,7 +53,6 @@ slot of width ``1 / E`` per example at an irregular offset, from a fixed seed (s
 
 from __future__ import annotations
 
-import hashlib
 import math
 import weakref
 from dataclasses import dataclass
@@ -65,7 +64,7 @@ from torch.autograd.graph import GradientEdge
 
 from ._batched_grad import batched_grad, one_vector_at_a_time
 from ._layout import RowLayout
-from ._node_structure import described_node
+from ._node_structure import MAX_INDEX_ENTRIES, described_node, digest, index_digest
 
 if TYPE_CHECKING:
     from ._generic import GenericRecord
@@ -784,32 +783,6 @@ def _completed(examples: Tensor, num_examples: int) -> Tensor:
     return examples
 
 
-# Largest number of entries of the index of a lookup that a structure holds (by a digest of its values; larger ones
-# leave the call without a structure).
-MAX_INDEX_ENTRIES = 2**16
-# Saved index tensors of lookups, by node type.
-_SAVED_INDICES = {"IndexBackward0": "_saved_indices", "IndexSelectBackward0": "_saved_index", "GatherBackward0":
-                  "_saved_index", "TakeAlongDimBackward0": "_saved_indices"}
-
-
-def _digest(tensor: Tensor) -> str:
-    """The shape, dtype and a digest of the values of a small tensor (an index)."""
-    values = tensor.detach().contiguous().cpu().numpy().tobytes()
-    return f"{tuple(tensor.shape)}:{tensor.dtype}:{hashlib.blake2b(values, digest_size=16).hexdigest()}"
-
-
-def _small_index(node: Any) -> str:
-    """The values of a lookup's index (a digest) when it is small, else ``"?"``."""
-    attribute = _SAVED_INDICES.get(type(node).__name__)
-    saved = getattr(node, attribute, None) if attribute is not None else None
-    indices = [saved] if isinstance(saved, Tensor) else list(saved) if isinstance(saved, (tuple, list)) else None
-    if not indices or any(not isinstance(index, Tensor) for index in indices):
-        return "?"  # (also an index of None entries: a[:, idx])
-    if sum(index.numel() for index in indices) > MAX_INDEX_ENTRIES:
-        return "?"
-    return ";".join(_digest(index) for index in indices)
-
-
 def _call_structure(
     record: GenericRecord, uses: list[_Use], closure: set[Any], layout: RowLayout
 ) -> tuple[Any, ...] | None:
@@ -831,7 +804,7 @@ def _call_structure(
         else:
             described = described_node(node)
             if "?" in described:
-                described = (described[0], _small_index(node))
+                described = (described[0], index_digest(node))
             entries.extend(described)
         entries.append(tuple(tuple(metadata.shape) for metadata in node._input_metadata))
         stack.extend(child for child, _ in node.next_functions if child is not None and
@@ -841,7 +814,7 @@ def _call_structure(
     for use in uses:
         if use.slices is not None and use.slices.numel() > MAX_INDEX_ENTRIES:
             return None
-        slices = None if use.slices is None else _digest(use.slices)
+        slices = None if use.slices is None else digest(use.slices)
         entries.append((use.kind, use.num_blocks, use.num_slices, tuple(use.target_shape), use.reduced,
                         type(use.node).__name__, slices))
     outputs = tuple((index, tuple(rows.shape)) for index, rows in record.grad_rows)

@@ -8,7 +8,14 @@ entry is ``"?"``.
 
 from __future__ import annotations
 
-__all__ = ["DATA_DEPENDENT_NODES", "GATHER_NODES", "described_node"]
+import hashlib
+from typing import Any
+
+from torch import Tensor
+
+__all__ = [
+    "DATA_DEPENDENT_NODES", "GATHER_NODES", "MAX_INDEX_ENTRIES", "described_node", "digest", "index_digest",
+]
 
 # Autograd nodes of operations that pick rows by an index tensor (which may reorder the examples).
 GATHER_NODES = frozenset({
@@ -49,3 +56,30 @@ _POSITIONAL_ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "PermuteBackward0": ("_saved_dims",),
     "TransposeBackward0": ("_saved_dim0", "_saved_dim1"),
 }
+
+
+# Largest number of entries of the index of a lookup that a structure holds (by a digest of its values; larger ones
+# leave the call without a structure).
+MAX_INDEX_ENTRIES = 2**16
+# Saved index tensors of lookups, by node type.
+_SAVED_INDICES = {"IndexBackward0": "_saved_indices", "IndexSelectBackward0": "_saved_index", "GatherBackward0":
+                  "_saved_index", "TakeAlongDimBackward0": "_saved_indices"}
+
+
+def digest(tensor: Tensor) -> str:
+    """The shape, dtype and a digest of the values of a small tensor (an index)."""
+    values = tensor.detach().contiguous().cpu().numpy().tobytes()
+    return f"{tuple(tensor.shape)}:{tensor.dtype}:{hashlib.blake2b(values, digest_size=16).hexdigest()}"
+
+
+def index_digest(node: Any) -> str:
+    """The values of a lookup's index (a digest) when it is small, else ``"?"``."""
+    attribute = _SAVED_INDICES.get(type(node).__name__)
+    saved = getattr(node, attribute, None) if attribute is not None else None
+    indices = [saved] if isinstance(saved, Tensor) else list(saved) if isinstance(saved, (tuple, list)) else None
+    tensors = [index for index in indices or () if isinstance(index, Tensor)]
+    if not tensors or any(index is not None and not isinstance(index, Tensor) for index in indices or ()):
+        return "?"
+    if sum(index.numel() for index in tensors) > MAX_INDEX_ENTRIES:
+        return "?"
+    return ";".join("None" if index is None else digest(index) for index in indices or ())  # (a[:, idx]: None first)

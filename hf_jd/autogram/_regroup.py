@@ -33,7 +33,7 @@ from torch.autograd.graph import GradientEdge
 
 from ._accumulate import Accumulator
 from ._batched_grad import batched_grad, plain_grad
-from ._node_structure import DATA_DEPENDENT_NODES, described_node
+from ._node_structure import DATA_DEPENDENT_NODES, described_node, index_digest
 from ._layout import RowLayout
 from ._record import Record, split_by_record
 
@@ -264,8 +264,9 @@ def regrouping_structure(
 ) -> tuple[str, ...] | None:
     """The structure of a forward pass whose calls' grouping by example was verified: the types of all
     its autograd nodes and the names of the checked calls, in order (the same code on the same modules
-    gives the same structure, hence the same reshapes). ``None`` when a node selects rows by the data
-    (an index, a sort): such a pass is verified on every step.
+    gives the same structure, hence the same reshapes), with a digest of the index of each small lookup in the data
+    (XLNet's relative shift, an ``index_select`` of an ``arange``: the same values move the same rows). ``None`` when
+    a node selects rows by the data otherwise (a sort, a large index): such a pass is verified on every step.
 
     Parameters
     ----------
@@ -284,9 +285,12 @@ def regrouping_structure(
     """
     # (an index into a table of parameters, e.g. Swin's relative-position table, moves no example's rows)
     tables = _parameters_only(nodes, constant_storages)
-    entries = [
-        entry for node in nodes for entry in (described_node(node) if node not in tables else (type(node).__name__,))
-    ]
+    entries: list[str] = []
+    for node in nodes:
+        described = described_node(node) if node not in tables else (type(node).__name__,)
+        if "?" in described:
+            described = (described[0], index_digest(node))
+        entries.extend(described)
     if "?" in entries:
         return None
     # With the candidate dimensions each call offered (a batch size that now equals a hidden size or a number of

@@ -212,6 +212,45 @@ def test_rows_picked_by_an_index_are_verified_on_every_step(identity_checks: lis
     assert counts[1] > counts[0]
 
 
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_rows_picked_by_the_same_index_are_trusted_after_one_check(
+    single_backward: bool, identity_checks: list[int]
+) -> None:
+    """An index with the same values on every step (XLNet's relative shift: ``index_select`` of an ``arange``) moves
+    the same rows: the grouping verified on the first step is trusted (its values are part of the structure)."""
+    torch.manual_seed(8)
+    model = _Regrouped()
+    model.order = torch.arange(12)  # (a permutation would mix the examples' rows: checked and failed every step)
+    engine = Engine(model, single_backward=single_backward)
+    params = trainable(model)
+    counts = []
+    for _ in range(3):
+        for param in params:
+            param.grad = None
+        model.order = model.order.clone()  # (a new tensor with the same values)
+        assert_exact_step(engine, model(torch.randn(4, 3, 3)) ** 2, params, single_backward)
+        counts.append(len(identity_checks))
+    assert counts[0] > 0 and counts[2] == counts[1] == counts[0]
+
+
+def test_xlnet_relative_shift_is_checked_once(identity_checks: list[int]) -> None:
+    torch.manual_seed(9)
+    config = tf.XLNetConfig(vocab_size=30, d_model=16, n_layer=2, n_head=2, d_inner=32, num_labels=3)
+    model = tf.XLNetForSequenceClassification(config).train()
+    engine = Engine(model)
+    params = trainable(model)
+    counts = []
+    for step in range(3):
+        for param in params:
+            param.grad = None
+        ids = torch.randint(0, 30, (4, 6), generator=torch.Generator().manual_seed(step))
+        logits = model(input_ids=ids).logits
+        losses = nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2, 0]), reduction="none")
+        assert_exact_step(engine, losses, params, False)
+        counts.append(len(identity_checks))
+    assert counts[0] > 0 and counts[2] == counts[1] == counts[0]
+
+
 def test_rows_picked_one_by_one_in_another_order_are_verified_again(identity_checks: list[int]) -> None:
     """``torch.stack([rows[i] for i in order])`` with Python ints: the same node types in every step, but the
     picked positions are part of the structure, so a new order is checked (and the Gramian stays exact)."""
