@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import math
 import weakref
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -750,7 +751,8 @@ def _rows_from_known(
     num_tasks = layout.num_tasks
     device = uses[0].node._input_metadata[0].device
     ones = torch.ones(1, layout.num_examples, dtype=dtype, device=device)
-    with one_vector_at_a_time(num_tasks == 1):  # (one vector: an ordinary backward pass)
+    # (one vector: an ordinary backward pass; several keep the mode of the engine's passes)
+    with one_vector_at_a_time(True) if num_tasks == 1 else nullcontext():
         use_grads = _use_grads(record, uses, _output_vectors(record, layout, ones))
     if len(known) != len(uses):
         return None
