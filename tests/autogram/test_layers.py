@@ -29,6 +29,25 @@ def test_linear_ghost_and_materialised_forms(length: int, d_in: int, d_out: int)
     assert factors.prefers_ghost() == (length == 2)
 
 
+@pytest.mark.parametrize(
+    ("shape", "ghost"),
+    [
+        ((16, 17, 256, 64), False),  # ViT's MLP at 32-pixel images: rows that stay in the caches (measured 0.32 ms
+        ((16, 17, 128, 128), False),  # materialised against 0.53 ms ghost, one CPU thread)
+        ((16, 24, 384, 96), False),
+        ((16, 17, 256, 128), True),
+        ((16, 8, 256, 256), True),
+        ((16, 10, 768, 768), True),  # large rows: memory-bound (36 ms against 1 ms)
+        ((32, 64, 128, 128), False),  # the issue's BERT at B = 32, T = 64
+    ],
+)
+def test_form_chosen_by_cost(shape: tuple[int, int, int, int], ghost: bool) -> None:
+    """Cases measured both ways on CPU: the cost model picks the faster form."""
+    examples, length, d_in, d_out = shape
+    factors = OuterProductRows(torch.empty(examples, length, d_in), torch.empty(examples, 1, length, d_out))
+    assert factors.prefers_ghost() == ghost
+
+
 @pytest.mark.parametrize(("first_transposed", "second_transposed"), [(False, False), (False, True), (True, True)])
 def test_cross_gram_of_two_uses_in_chunks(
     monkeypatch: pytest.MonkeyPatch, first_transposed: bool, second_transposed: bool
