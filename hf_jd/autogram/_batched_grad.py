@@ -84,7 +84,11 @@ def has_unbatchable_nodes(nodes: Iterable[Any]) -> bool:
     bool
         ``True`` if one is such a kernel's node.
     """
-    return any(type(node).__name__ in _UNBATCHABLE_NODES for node in nodes)
+    return _any_node_of(nodes, _UNBATCHABLE_NODES)
+
+
+def _any_node_of(nodes: Iterable[Any], types: frozenset[str]) -> bool:
+    return any(type(node).__name__ in types for node in nodes)
 
 
 def _is_vmap_failure(error: RuntimeError) -> bool:
@@ -123,7 +127,7 @@ def has_compiled_nodes(nodes: Iterable[Any]) -> bool:
     bool
         ``True`` if one is a ``CompiledFunctionBackward``.
     """
-    return any(type(node).__name__ in _COMPILED_NODES for node in nodes)
+    return _any_node_of(nodes, _COMPILED_NODES)
 
 
 def is_channels_last(tensor: Tensor) -> bool:
