@@ -10,8 +10,6 @@ no dilation) needs no unfolding: its patches are a reshaping of the input.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any, cast
 
 import torch
@@ -21,6 +19,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from ._layout import RowLayout
 from ._outer import OuterProductRecord, OuterProductRows
+from ._precision import full_float32_precision
 from ._record import Record, compute_dtype
 
 __all__ = [
@@ -287,30 +286,6 @@ def is_unfoldable_grouped_conv(module: nn.Module) -> bool:
     return stock and module.padding_mode == "zeros" and numeric_padding(module) is not None
 
 
-@contextmanager
-def _full_precision_convolutions(device: torch.device) -> Iterator[None]:
-    """cuDNN convolutions in full float32 precision within the block (they default to TF32 on recent GPUs, about
-    1e-3 relative error: the per-row gradients computed by convolutions must match the exact Gramian)."""
-    if device.type != "cuda":
-        yield
-        return
-    conv = getattr(torch.backends.cudnn, "conv", None)
-    if conv is not None and hasattr(conv, "fp32_precision"):
-        previous = conv.fp32_precision
-        conv.fp32_precision = "ieee"
-        try:
-            yield
-        finally:
-            conv.fp32_precision = previous
-        return
-    allowed = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32 = allowed
-
-
 # Largest (C_in / groups) · (C_out / groups) for which a grouped convolution's per-row weight gradients come from the
 # convolution's weight-gradient kernel run over all rows at once (the rows folded into the groups): faster and
 # lighter than the unfolded patches for depthwise and narrow groups (1.5-4x on CPU), slower for wide ones.
@@ -404,7 +379,7 @@ class PatchConvRecord(Record):
         folded_grads = per_row_grads.reshape(batch, rows * channels_out, *grads.shape[3:])
         # (the kernel reads only the weight's shape)
         weight = inputs.new_zeros(1, 1, 1, 1).expand(rows * channels_out, channels_in // self.groups, *self.kernel)
-        with _full_precision_convolutions(inputs.device):
+        with full_float32_precision(inputs.device, matmul=False):
             _, grad_weight, _ = torch.ops.aten.convolution_backward(
                 folded_grads, folded_inputs, weight, None, list(self.stride), list(self.padding), list(self.dilation),
                 False, [0, 0], rows * self.groups, [False, True, False],
@@ -425,7 +400,7 @@ class PatchConvRecord(Record):
         folded_inputs = padded.unsqueeze(1).expand(samples, num_tasks, *padded.shape[1:])
         folded_inputs = folded_inputs.reshape(1, pairs * channels_in, *padded.shape[2:])
         kernels = grads.transpose(0, 1).reshape(pairs * channels_out, 1, *grads.shape[3:])
-        with _full_precision_convolutions(inputs.device):
+        with full_float32_precision(inputs.device, matmul=False):
             correlations = F.conv2d(
                 folded_inputs, kernels, stride=self.dilation, dilation=self.stride, groups=pairs * channels_in
             )  # [1, pairs * C_out, >= kh, >= kw]

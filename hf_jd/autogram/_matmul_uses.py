@@ -66,6 +66,7 @@ from torch.autograd.graph import GradientEdge
 from ._batched_grad import batched_grad, one_vector_at_a_time
 from ._layout import RowLayout
 from ._node_structure import MAX_INDEX_ENTRIES, described_node, digest, index_digest
+from ._precision import full_float32_precision
 
 if TYPE_CHECKING:
     from ._generic import GenericRecord
@@ -718,7 +719,9 @@ def _rows_found(record: GenericRecord, layout: RowLayout, dtype: torch.dtype, us
     device = uses[0].node._input_metadata[0].device
     weights = _check_weights(num_examples).to(dtype=dtype, device=device)
     coefficients = torch.cat([torch.ones_like(weights[:1]), weights])  # [3, E]
-    use_grads = _use_grads(record, uses, _output_vectors(record, layout, coefficients))
+    # (in full float32 precision: the rows' check holds to float32's rounding, which TF32 products would exceed)
+    with full_float32_precision(device):
+        use_grads = _use_grads(record, uses, _output_vectors(record, layout, coefficients))
     rtol = _RTOL_FLOAT32 * torch.finfo(dtype).eps / torch.finfo(torch.float32).eps
     found: list[_Rows] = []
     for use, grads in zip(uses, use_grads):

@@ -10,12 +10,13 @@ backward passes of the same graph must then allow for that rounding.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 
-__all__ = ["tf32_in_graph"]
+__all__ = ["full_float32_precision", "tf32_in_graph"]
 
 # Autograd nodes of operations that cuDNN may run in TF32, by the cuDNN flag that governs them.
 _CUDNN_NODES = {"ConvolutionBackward0": "conv", "CudnnRnnBackward0": "rnn"}
@@ -68,3 +69,47 @@ def tf32_in_graph(device: torch.device, nodes: Iterable[Any]) -> bool:
         return True
     kinds = {_CUDNN_NODES.get(type(node).__name__) for node in nodes}
     return any(_cudnn_tf32(kind) for kind in kinds if kind is not None)
+
+
+@contextmanager
+def full_float32_precision(device: torch.device, matmul: bool = True) -> Iterator[None]:
+    """Within the block, float32 convolutions and recurrent layers (cuDNN), and matrix products (cuBLAS) unless
+    ``matmul`` is ``False``, run in full float32 precision on ``device``, whatever the TF32 flags say; the flags are
+    restored on exit. For the engine's own passes whose results are compared at float32's precision (the rows'
+    examples of the products' path) or must match an exact Gramian (per-row gradients from convolutions).
+
+    Parameters
+    ----------
+    device
+        The device of the computation (nothing changes off CUDA).
+    matmul
+        Also the matrix products.
+
+    Yields
+    ------
+    None
+    """
+    if device.type != "cuda":
+        yield
+        return
+    backends = [torch.backends.cudnn.conv, torch.backends.cudnn.rnn] if hasattr(torch.backends.cudnn, "conv") else []
+    if matmul and hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        backends.append(torch.backends.cuda.matmul)
+    if backends:  # (torch >= 2.9: per-operation flags)
+        previous = [backend.fp32_precision for backend in backends]
+        for backend in backends:
+            backend.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            for backend, value in zip(backends, previous):
+                backend.fp32_precision = value
+        return
+    cudnn, products = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    if matmul:
+        torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = cudnn, products

@@ -864,18 +864,31 @@ def test_channels_first_norm_look_alikes(batch_dim: int) -> None:
         engine.remove()
 
 
-def test_per_row_convolutions_run_in_full_precision_on_cuda() -> None:
+@pytest.mark.parametrize(("channels", "groups"), [(3, 3), (4, 2)])
+def test_per_row_convolutions_run_in_full_precision(
+    channels: int, groups: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """cuDNN convolutions default to TF32 on recent GPUs (about 1e-3 relative error): the convolutions that give the
-    per-row kernel gradients switch it off for CUDA tensors, and leave the setting as it was."""
-    from hf_jd.autogram._conv import _full_precision_convolutions
+    per-row kernel gradients (depthwise, or folded groups) run in full float32 precision (the flags themselves:
+    ``tests/autogram/test_tf32.py``)."""
+    from contextlib import contextmanager
 
-    settings = torch.backends.cudnn.conv
-    before = settings.fp32_precision
-    with _full_precision_convolutions(torch.device("cuda")):
-        assert settings.fp32_precision == "ieee"
-    assert settings.fp32_precision == before
-    with _full_precision_convolutions(torch.device("cpu")):
-        assert settings.fp32_precision == before
+    from hf_jd.autogram import _conv
+
+    calls: list[bool] = []
+
+    @contextmanager
+    def spy(device: torch.device, matmul: bool = True):  # type: ignore[no-untyped-def]
+        calls.append(matmul)
+        yield
+
+    monkeypatch.setattr(_conv, "full_float32_precision", spy)
+    torch.manual_seed(0)
+    conv = nn.Conv2d(channels, 2 * channels, 3, padding=1, groups=groups)
+    model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(2 * channels * 25, 1))
+    engine = Engine(model)
+    assert_exact_step(engine, model(torch.randn(4, channels, 5, 5)).squeeze(1).pow(2), trainable(model), False)
+    assert calls and not any(calls)  # (convolutions only: the matrix products keep their setting)
 
 
 class _SwitchingNorm(nn.Module):

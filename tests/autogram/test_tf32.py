@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from hf_jd.autogram import Engine
 from hf_jd.autogram import engine as engine_module
-from hf_jd.autogram._precision import tf32_in_graph
+from hf_jd.autogram._precision import full_float32_precision, tf32_in_graph
 
 from ._reference import assert_gramian_matches, grads_of, jacobian, trainable
 
@@ -121,3 +121,53 @@ def test_rounding_is_not_taken_for_mixed_examples(
         # Checked to float32's precision, the rounding looks like examples mixed: the exact but slow per-row path.
         assert per_row_calls
 
+
+
+@pytest.mark.parametrize("matmul", [True, False])
+def test_full_float32_precision_sets_and_restores_the_flags(flags: None, matmul: bool) -> None:
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    torch.backends.cudnn.conv.fp32_precision = torch.backends.cudnn.rnn.fp32_precision = "tf32"
+    with full_float32_precision(CUDA, matmul=matmul):
+        assert torch.backends.cudnn.conv.fp32_precision == torch.backends.cudnn.rnn.fp32_precision == "ieee"
+        assert torch.backends.cuda.matmul.fp32_precision == ("ieee" if matmul else "tf32")
+    assert torch.backends.cuda.matmul.fp32_precision == torch.backends.cudnn.conv.fp32_precision == "tf32"
+    assert torch.backends.cudnn.rnn.fp32_precision == "tf32"
+    with full_float32_precision(torch.device("cpu")):
+        assert torch.backends.cudnn.conv.fp32_precision == "tf32"  # (nothing changes off CUDA)
+
+
+def test_rows_of_the_products_path_are_found_in_full_precision(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The batched pass whose rows are compared at float32's precision runs with TF32 off (else, under the Trainer's
+    tf32=True, every such call would fail the check and leave the path)."""
+    from contextlib import contextmanager
+
+    from hf_jd.autogram import _matmul_uses
+
+    active: list[bool] = []
+    inside: list[bool] = []
+
+    @contextmanager
+    def spy(device: torch.device, matmul: bool = True) -> Iterator[None]:
+        active.append(True)
+        try:
+            yield
+        finally:
+            active.pop()
+
+    original = _matmul_uses._use_grads
+
+    def use_grads(*args: Any) -> Any:
+        inside.append(bool(active))
+        return original(*args)
+
+    monkeypatch.setattr(_matmul_uses, "full_float32_precision", spy)
+    monkeypatch.setattr(_matmul_uses, "_use_grads", use_grads)
+    monkeypatch.setattr(_matmul_uses, "FEW_ROWS", 0)
+    torch.manual_seed(5)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+    model = nn.Sequential(nn.Embedding(20, 8), layer, nn.Linear(8, 1))
+    engine = Engine(model)
+    ids = torch.randint(0, 20, (4, 5), generator=torch.Generator().manual_seed(5))
+    losses = model(ids).pow(2).mean((1, 2))
+    assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, trainable(model)))
+    assert inside and all(inside)  # (one pass: the rows found on this first call)
