@@ -92,7 +92,8 @@ def full_float32_precision(device: torch.device, matmul: bool = True) -> Iterato
     if device.type != "cuda":
         yield
         return
-    backends = [torch.backends.cudnn.conv, torch.backends.cudnn.rnn] if hasattr(torch.backends.cudnn, "conv") else []
+    cudnn: list[Any] = [getattr(torch.backends.cudnn, kind, None) for kind in ("conv", "rnn")]
+    backends: list[Any] = [backend for backend in cudnn if hasattr(backend, "fp32_precision")]
     if matmul and hasattr(torch.backends.cuda.matmul, "fp32_precision"):
         backends.append(torch.backends.cuda.matmul)
     if backends:  # (torch >= 2.9: per-operation flags)
@@ -105,11 +106,11 @@ def full_float32_precision(device: torch.device, matmul: bool = True) -> Iterato
             for backend, value in zip(backends, previous):
                 backend.fp32_precision = value
         return
-    cudnn, products = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    convolutions, products = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = False
     if matmul:
         torch.backends.cuda.matmul.allow_tf32 = False
     try:
         yield
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = cudnn, products
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = convolutions, products
