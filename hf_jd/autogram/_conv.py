@@ -130,13 +130,19 @@ def is_patch_conv3d(module: nn.Module) -> bool:
     bool
         ``True`` for such a ``Conv3d``.
     """
+    return _cuts_separate_patches(module, nn.Conv3d)
+
+
+def _cuts_separate_patches(module: nn.Module, stock: type[_ConvNd]) -> bool:
+    """Whether ``module`` is a ``stock`` convolution with its own forward pass, one group, no padding and no dilation,
+    whose kernel is its stride: each input (or, transposed, output) position's patch is its own."""
     return (
-        isinstance(module, nn.Conv3d)
-        and type(module).forward is nn.Conv3d.forward
+        isinstance(module, stock)
+        and type(module).forward is stock.forward
         and module.groups == 1
         and module.padding_mode == "zeros"
-        and numeric_padding(module) == (0, 0, 0)
-        and tuple(module.dilation) == (1, 1, 1)
+        and numeric_padding(module) == (0,) * len(module.kernel_size)
+        and all(dilation == 1 for dilation in module.dilation)
         and tuple(module.kernel_size) == tuple(module.stride)
     )
 
@@ -474,16 +480,9 @@ def is_patch_conv_transpose2d(module: nn.Module) -> bool:
     bool
         ``True`` for such a ``ConvTranspose2d``.
     """
-    return (
-        isinstance(module, nn.ConvTranspose2d)
-        and type(module).forward is nn.ConvTranspose2d.forward
-        and module.groups == 1
-        and module.padding_mode == "zeros"
-        and tuple(module.padding) == (0, 0)
-        and tuple(module.dilation) == (1, 1)
-        and tuple(module.output_padding) == (0, 0)
-        and tuple(module.kernel_size) == tuple(module.stride)
-    )
+    return _cuts_separate_patches(module, nn.ConvTranspose2d) and cast(
+        nn.ConvTranspose2d, module
+    ).output_padding == (0, 0)
 
 
 class ConvTransposePatchRecord(_PatchProductRecord):
