@@ -343,19 +343,10 @@ def batched_grad(
                 failures.append(_first_line(error))
     vectors = [grad_outputs] if isinstance(grad_outputs, Tensor) else list(grad_outputs)
     count = vectors[0].shape[0]
-    guards = list(_GUARDS.get())
-    rows = []
-    for index in range(count):
-        row_vectors = [vector[index] for vector in vectors]
-        rows.append(
-            torch.autograd.grad(
-                outputs,
-                [*inputs, *guards],  # (tensors and edges mixed: autograd takes both)
-                grad_outputs=row_vectors[0] if isinstance(grad_outputs, Tensor) else row_vectors,
-                retain_graph=retain_graph or index < count - 1,
-                allow_unused=True,
-            )[: len(inputs)]
-        )
+    rows = [
+        _guarded_pass(outputs, inputs, [vector[index] for vector in vectors], retain_graph or index < count - 1)
+        for index in range(count)
+    ]
     grads: list[Tensor | None] = []
     for position in range(len(inputs)):
         parts = [row[position] for row in rows]
@@ -393,15 +384,26 @@ def plain_grad(
     """
     vectors = [grad_outputs] if isinstance(grad_outputs, Tensor) else list(grad_outputs)
     assert all(vector.shape[0] == 1 for vector in vectors)
-    guards = list(_GUARDS.get())
+    grads = _guarded_pass(outputs, inputs, [vector[0] for vector in vectors], retain_graph=True)
+    return [None if grad is None else grad.unsqueeze(0) for grad in grads]
+
+
+def _guarded_pass(
+    outputs: Tensor | Sequence[Tensor] | Sequence[GradientEdge],
+    inputs: Sequence[Tensor] | Sequence[GradientEdge],
+    vectors: list[Tensor],
+    retain_graph: bool,
+) -> tuple[Tensor | None, ...]:
+    """One ordinary backward pass of one vector per output, also asking for the gradients at the guarded group norms'
+    input edges (see :func:`guarding_group_norms`), which it drops."""
     grads = torch.autograd.grad(
         outputs,
-        [*inputs, *guards],  # (tensors and edges mixed: autograd takes both)
-        grad_outputs=vectors[0][0] if isinstance(grad_outputs, Tensor) else [vector[0] for vector in vectors],
-        retain_graph=True,
+        [*inputs, *_GUARDS.get()],  # (tensors and edges mixed: autograd takes both)
+        grad_outputs=vectors,
+        retain_graph=retain_graph,
         allow_unused=True,
-    )[: len(inputs)]
-    return [None if grad is None else grad.unsqueeze(0) for grad in grads]
+    )
+    return tuple(grads[: len(inputs)])
 
 
 def _first_line(error: BaseException) -> str:
