@@ -56,7 +56,7 @@ from __future__ import annotations
 import math
 import weakref
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -83,17 +83,40 @@ FEW_ROWS = 8
 # Modules for which the path did not apply once (a use that is not a product, rows of several examples): they keep
 # the usual path on later steps without the walk through their graph or the batched pass being repeated.
 _DECLINED: weakref.WeakSet[Any] = weakref.WeakSet()
-# Per module, the examples of its uses' rows by structure of the call (see the module's docstring), the last
-# KNOWN_STRUCTURES of them (e.g. one per sequence length under dynamic padding).
-_KNOWN_ROWS: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], list[Tensor | None]]] = weakref.WeakKeyDictionary()
+# Structures whose rows' examples a module remembers (the last ones: e.g. one per sequence length under dynamic
+# padding).
 KNOWN_STRUCTURES = 8
-# Modules whose calls found their rows' examples UNSTABLE_AFTER times without ever taking remembered ones (tokens
-# routed by the data, which changes the structure's lookups on every step): they stop remembering.
+# A module whose calls found their rows' examples this many times without ever taking remembered ones (tokens routed
+# by the data, which changes the structure's lookups on every step) stops remembering.
 UNSTABLE_AFTER = 32
-_UNSTABLE: weakref.WeakSet[Any] = weakref.WeakSet()
-_REMEMBERED: weakref.WeakKeyDictionary[Any, list[int]] = weakref.WeakKeyDictionary()  # [found, taken] per module
 # A row's gradients must satisfy G_w = w_e G to this relative precision (float32; float64 scales with eps).
 _RTOL_FLOAT32 = 3e-5
+
+
+@dataclass
+class _RowsMemory:
+    """What a module remembers of its calls' rows (see the module's docstring)."""
+
+    structures: dict[tuple[Any, ...], list[Tensor | None]] = field(default_factory=dict)  # examples per use
+    found: int = 0  # calls that found their rows' examples
+    taken: int = 0  # calls that took remembered ones
+
+    @property
+    def unstable(self) -> bool:
+        """Whether the module stopped remembering (see UNSTABLE_AFTER)."""
+        return self.found >= UNSTABLE_AFTER and self.taken == 0
+
+
+_MEMORY: weakref.WeakKeyDictionary[Any, _RowsMemory] = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class _CallGraph:
+    """A generic call's graph, walked from its output edges down to its parameters' aliases."""
+
+    walked: list[Any]  # the call's nodes, in the order of the walk (the same for every call of the same code)
+    consumers: dict[Any, list[Any]]  # the nodes that take each node's output
+    closure: set[Any]  # the nodes computed from the call's weights alone (see weights_only)
 
 
 @dataclass
@@ -119,10 +142,12 @@ class _Use:
             self.num_blocks = self.data.shape[0]
 
 
-def _walk_call(record: GenericRecord) -> dict[Any, list[Any]]:
-    """Consumers of each node of the call's graph (from its output edges down to its parameters' aliases)."""
+def _walk_call(record: GenericRecord) -> tuple[list[Any], dict[Any, list[Any]]]:
+    """The nodes of the call's graph in walk order (from its output edges down to its parameters' aliases), and the
+    consumers of each."""
     assert record.nodes is not None
     consumers: dict[Any, list[Any]] = {}
+    walked: list[Any] = []
     stack = [edge.node for edge in record.edges]
     seen: set[Any] = set()
     while stack:
@@ -130,13 +155,14 @@ def _walk_call(record: GenericRecord) -> dict[Any, list[Any]]:
         if node in seen:
             continue
         seen.add(node)
+        walked.append(node)
         for child, _ in node.next_functions:
             if child is None:
                 continue
             consumers.setdefault(child, []).append(node)
             if child._sequence_nr() in record.nodes:
                 stack.append(child)
-    return consumers
+    return walked, consumers
 
 
 def weights_only(record: GenericRecord, consumers: dict[Any, list[Any]]) -> set[Any]:
@@ -284,10 +310,10 @@ def _elementwise_use(node: Any, name: str, side: int, operands: list[tuple[Any, 
     return _Use(node, data, "elementwise", None, 1, (child, nr), shape, blocks, scale, padded[lead:])
 
 
-def _find_uses(record: GenericRecord) -> tuple[list[_Use], set[Any]] | None:
-    """The uses of the call's weights, and the nodes computed from its weights alone (``None``: a use that is not a
-    product or an elementwise operation, or a weight-derived tensor that leaves the call)."""
-    consumers = _walk_call(record)
+def _find_uses(record: GenericRecord) -> tuple[list[_Use], _CallGraph] | None:
+    """The uses of the call's weights, and the call's graph (``None``: a use that is not a product or an elementwise
+    operation, or a weight-derived tensor that leaves the call)."""
+    walked, consumers = _walk_call(record)
     closure = weights_only(record, consumers)
     assert record.nodes is not None
     uses: dict[Any, list[_Use]] = {}
@@ -307,7 +333,7 @@ def _find_uses(record: GenericRecord) -> tuple[list[_Use], set[Any]] | None:
                 found = [use]
             uses[consumer] = found
     found_uses = [use for found in uses.values() for use in found]
-    return (found_uses, closure) if found_uses else None
+    return (found_uses, _CallGraph(walked, consumers, closure)) if found_uses else None
 
 
 def _addmm_uses(node: Any, closure: set[Any]) -> list[_Use] | None:
@@ -656,32 +682,30 @@ def _factors_from_uses(record: GenericRecord, layout: RowLayout, dtype: torch.dt
     found_uses = _find_uses(record)
     if found_uses is None:
         return None
-    uses, closure = found_uses
-    module = record.module
-    remember = layout.batched and module not in _UNSTABLE
-    structure = _call_structure(record, uses, closure, layout) if remember else None
-    counts = _REMEMBERED.setdefault(module, [0, 0])
-    known = _KNOWN_ROWS.get(module, {}).get(structure) if structure is not None else None
+    uses, graph = found_uses
+    memory = _MEMORY.setdefault(record.module, _RowsMemory())
+    remember = layout.batched and not memory.unstable
+    structure = _call_structure(record, uses, graph, layout) if remember else None
+    known = memory.structures.get(structure) if structure is not None else None
     if known is not None:
         found = _rows_from_known(record, layout, dtype, uses, known)
         if found is not None:
-            counts[1] += 1
+            memory.taken += 1
             return MatmulFactors(record, layout, dtype, found)
     found_rows = _rows_found(record, layout, dtype, uses)
     if found_rows is None:
         return None
     if structure is not None:
-        remembered = _KNOWN_ROWS.setdefault(module, {})
+        remembered = memory.structures
         if len(remembered) >= KNOWN_STRUCTURES:  # (the oldest goes)
             del remembered[next(iter(remembered))]
         by_use = {id(entry.use): entry.examples for entry in found_rows}
         remembered[structure] = [  # (one per use, None for a use without gradient)
             None if id(use) not in by_use else _completed(by_use[id(use)], layout.num_examples) for use in uses
         ]
-        counts[0] += 1
-        if counts[0] >= UNSTABLE_AFTER and counts[1] == 0:
-            _UNSTABLE.add(module)
-            _KNOWN_ROWS.pop(module, None)
+        memory.found += 1
+        if memory.unstable:
+            remembered.clear()
     return MatmulFactors(record, layout, dtype, found_rows)
 
 
@@ -789,22 +813,15 @@ def _completed(examples: Tensor, num_examples: int) -> Tensor:
 
 
 def _call_structure(
-    record: GenericRecord, uses: list[_Use], closure: set[Any], layout: RowLayout
+    record: GenericRecord, uses: list[_Use], graph: _CallGraph, layout: RowLayout
 ) -> tuple[Any, ...] | None:
     """The structure of the call's graph (see the module's docstring), or ``None`` when an operation of the call picks
     entries by the data. Lookups in the weights alone (a relative-position table indexed by a buffer) move no
     example's rows; a lookup in the data by a small index (XLNet's relative shift, an ``index_select`` of an
     ``arange``) is part of the structure with its index's values."""
-    assert record.nodes is not None
     entries: list[Any] = []
-    stack = [edge.node for edge in record.edges]
-    seen: set[Any] = set()
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if node in closure:
+    for node in graph.walked:
+        if node in graph.closure:
             entries.append(type(node).__name__)
         else:
             described = described_node(node)
@@ -812,8 +829,6 @@ def _call_structure(
                 described = (described[0], index_digest(node))
             entries.extend(described)
         entries.append(tuple(tuple(metadata.shape) for metadata in node._input_metadata))
-        stack.extend(child for child, _ in node.next_functions if child is not None and
-                     child._sequence_nr() in record.nodes)
     if "?" in entries:
         return None
     for use in uses:

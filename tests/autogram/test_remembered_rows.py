@@ -135,7 +135,8 @@ def test_modules_whose_rows_always_move_stop_remembering(monkeypatch: pytest.Mon
     for _ in range(4):
         model.zero_grad(set_to_none=True)
         assert_exact_step(engine, model(torch.randn(6, 4, generator=generator)), trainable(model), False)
-    assert model.permuted in _matmul_uses._UNSTABLE and model.permuted not in _matmul_uses._KNOWN_ROWS
+    memory = _matmul_uses._MEMORY[model.permuted]
+    assert memory.unstable and not memory.structures
 
 
 @pytest.mark.parametrize(
