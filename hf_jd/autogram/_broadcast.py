@@ -52,9 +52,12 @@ __all__ = [
 ]
 
 # Nodes of operations that only move, select or convert entries (their backward is linear and
-# needs no saved tensor), through which a shared output may pass before being broadcast.
+# needs no saved tensor), through which a shared output may pass before being broadcast. Constant padding is one:
+# CUDA's memory-efficient attention pads an unaligned ``attn_mask`` (BEiT's ``[1, H, T, T]`` relative-position bias),
+# slices it back and only then expands it over the batch.
 SHAPE_NODES = frozenset({
-    "AliasBackward0", "AsStridedBackward0", "CloneBackward0", "PermuteBackward0", "SliceBackward0", "SqueezeBackward0",
+    "AliasBackward0", "AsStridedBackward0", "CloneBackward0", "ConstantPadNdBackward0", "PermuteBackward0",
+    "SliceBackward0", "SqueezeBackward0",
     "SqueezeBackward1", "SqueezeBackward2", "TBackward0", "ToCopyBackward0", "TransposeBackward0",
     "TransposeBackward1", "UnsafeViewBackward0", "UnsqueezeBackward0", "ViewBackward0",
 })

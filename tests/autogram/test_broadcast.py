@@ -41,6 +41,9 @@ class SharedBias(nn.Module):
         elif self.mode == "expand":  # MPNet: bias.expand(B, ...) then added in each layer
             expanded = bias.expand(x.shape[0], -1, -1, -1).contiguous()
             combined = scores + expanded + expanded * 0.5
+        elif self.mode == "padded_expand":  # CUDA's memory-efficient SDPA: unaligned mask padded, sliced, expanded
+            padded = nn.functional.pad(bias, (0, 8 - T % 8))[..., :T]
+            combined = scores + padded.expand(x.shape[0], -1, -1, -1)
         elif self.mode == "reused":  # the same bias added twice (two layers)
             combined = (scores + bias).tanh() + bias
         elif self.mode == "matmul":  # batched product: matmul expands the shared operand over the batch
@@ -79,7 +82,7 @@ def _count_per_row(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
-@pytest.mark.parametrize("mode", ["add", "mask_then_add", "expand", "reused", "matmul"])
+@pytest.mark.parametrize("mode", ["add", "mask_then_add", "expand", "padded_expand", "reused", "matmul"])
 @pytest.mark.parametrize("single_backward", [False, True])
 def test_broadcast_bias_exact_without_per_row_pass(mode: str, single_backward: bool, monkeypatch) -> None:
     per_row = _count_per_row(monkeypatch)
@@ -640,3 +643,36 @@ def test_ids_padded_inside_the_model_keep_the_closed_forms(single_backward: bool
             losses = nn.functional.cross_entropy(logits, torch.tensor([0, 1, 1]), reduction="none")
             assert_exact_step(engine, losses, trainable(model), single_backward)
     assert per_row == []  # (on the last step)
+
+
+def _sdpa_padding_the_mask_as_cuda_does(original):
+    """``scaled_dot_product_attention`` preceded by what CUDA's memory-efficient kernel does to an unaligned float
+    ``attn_mask`` (pad the last dimension to a multiple of 8, slice it back, expand it over the batch)."""
+
+    def sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None, **kwargs):
+        if attn_mask is not None and attn_mask.is_floating_point():
+            length = attn_mask.shape[-1]
+            padded = nn.functional.pad(attn_mask, (0, 8 - length % 8))[..., :length]
+            attn_mask = padded.expand(query.shape[0], query.shape[1], query.shape[2], key.shape[2])
+        return original(query, key, value, attn_mask=attn_mask, **kwargs)
+
+    return sdpa
+
+
+@pytest.mark.parametrize("cuda_mask", [False, True])
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_beit_relative_position_bias_uses_the_ordinary_pass(cuda_mask: bool, single_backward: bool,
+                                                            monkeypatch) -> None:
+    if cuda_mask:
+        monkeypatch.setattr(nn.functional, "scaled_dot_product_attention",
+                            _sdpa_padding_the_mask_as_cuda_does(nn.functional.scaled_dot_product_attention))
+    per_row = _count_per_row(monkeypatch)
+    torch.manual_seed(0)
+    config = tf.BeitConfig(image_size=16, patch_size=4, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=16, layer_scale_init_value=0.5, use_relative_position_bias=True,
+                           num_labels=3, attn_implementation="sdpa")
+    model = tf.BeitForImageClassification(config)
+    engine = Engine(model, single_backward=single_backward)
+    for batch in (3, 2):
+        _exact_image_step(model, engine, batch, single_backward)
+    assert per_row == []  # the [1, H, T, T] bias of each layer is broadcast over the scores
