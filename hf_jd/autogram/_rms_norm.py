@@ -1,15 +1,17 @@
 """Closed form for RMSNorm-like modules (torch's ``nn.RMSNorm``, LLaMA's / T5's / Mistral's ...).
 
 Such a module computes ``y = w ⊙ x̂`` (or ``(1 + w) ⊙ x̂``, as Gemma's) with
-``x̂ = x / sqrt(mean(x²) + eps)`` (in float32, cast back to the input dtype), so row ``r = (e, k)``
-has the gradient ``Σ_t g_{ekt} ⊙ x̂_{et}`` for ``w`` either way. Since the exact formula of a custom
-class cannot be known from its name (T5's is ``T5LayerNorm``), the record first checks on the
-captured tensors that the output equals one of the two forms; if not, it falls back to the generic
+``x̂ = x / sqrt(mean(x²) + eps)`` (in float32, cast back to the input dtype; for float64 inputs some
+classes compute only the mean square in float32), so row ``r = (e, k)`` has the gradient
+``Σ_t g_{ekt} ⊙ x̂_{et}`` for ``w`` either way. Since the exact formula of a custom class cannot be known from
+its name (T5's is ``T5LayerNorm``), the record first checks on the captured tensors that the output equals
+one of these forms (to float64's precision for float64 outputs); if not, it falls back to the generic
 vector-Jacobian products, which are always exact.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -43,6 +45,17 @@ def is_rms_norm_like(module: nn.Module) -> bool:
         and params["weight"].dim() == 1
         and (epsilon_of(module) is not None or isinstance(module, nn.RMSNorm))
     )
+
+
+def _normalised_candidates(inputs: Tensor, eps: float) -> Iterator[Tensor]:
+    """``x̂`` as RMS norms compute it: in float32 cast back (LLaMA's), then, for float64 inputs, with the mean
+    square in float32 and the product in float64 (T5's, CPM-Ant's), and all in float64 (``nn.RMSNorm``)."""
+    hidden = inputs.float()
+    mean_square = hidden.pow(2).mean(-1, keepdim=True)
+    yield (hidden * torch.rsqrt(mean_square + eps)).to(inputs.dtype)
+    if inputs.dtype == torch.float64:
+        yield inputs * torch.rsqrt(mean_square + eps)
+        yield inputs * torch.rsqrt(inputs.pow(2).mean(-1, keepdim=True) + eps)
 
 
 class RMSNormRecord(GenericRecord):
@@ -90,17 +103,20 @@ class RMSNormRecord(GenericRecord):
         eps = epsilon_of(self.module)
         if eps is None:
             eps = torch.finfo(inputs.dtype).eps
-        hidden = inputs.float()
-        normalised = (hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + eps)).to(inputs.dtype)
         output = outputs[0].detach()
+        # Float64 outputs are compared at float64's precision, so that x̂ is the module's to the last bits.
+        rtol, atol = (1e-10, 1e-12) if output.dtype == torch.float64 else (1e-4, 1e-6)
 
-        def matches(scale: Tensor) -> bool:
+        def matches(normalised: Tensor, scale: Tensor) -> bool:
             expected = scale * normalised
             return expected.shape == output.shape and torch.allclose(
-                expected.to(output.dtype), output, rtol=1e-4, atol=1e-6
+                expected.to(output.dtype), output, rtol=rtol, atol=atol
             )
 
-        if not matches(weight.detach()) and not matches(1.0 + weight.detach().float()):
+        for normalised in _normalised_candidates(inputs, eps):
+            if matches(normalised, weight.detach()) or matches(normalised, 1.0 + weight.detach().float()):
+                break
+        else:
             return
         dtype = compute_dtype(weight)
         size = inputs.shape[-1]

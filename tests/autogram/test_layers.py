@@ -1063,3 +1063,39 @@ def test_conv_transpose_patches_take_the_closed_form(single_backward: bool) -> N
         kinds = [engine._capture.infos[id(module)].kind for module in (model.up, model.up_no_bias, model.overlapping)]
         assert kinds == [Kind.CONV_TRANSPOSE, Kind.CONV_TRANSPOSE, Kind.GENERIC]
         engine.remove()
+
+
+class _MeanSquareInFloat32Norm(nn.Module):
+    """T5's and CPM-Ant's RMS norm: the mean square in float32, the product in the input's dtype."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = 1e-6
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
+        return (x * torch.rsqrt(variance + self.eps)).to(x.dtype) * self.weight
+
+
+class _AllInFloat32Norm(_MeanSquareInFloat32Norm):
+    """LLaMA's RMS norm: everything in float32, cast back to the input's dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = x.to(torch.float32)
+        return self.weight * (hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+@pytest.mark.parametrize("norm_class", [_MeanSquareInFloat32Norm, _AllInFloat32Norm, _T5StyleLayerNorm, nn.RMSNorm])
+def test_rms_norms_of_float64_models_are_exact_to_float64_precision(norm_class: type[nn.Module]) -> None:
+    """A float64 model's Gramian is exact to float64's rounding, whichever precision its norms compute in (the
+    closed form's x̂ computed in float32 for CPM-Ant's norm was off by 1e-9)."""
+    torch.manual_seed(0)
+    norm = norm_class(6)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    model = nn.Sequential(nn.Linear(4, 6), norm, nn.Linear(6, 2)).double()
+    engine = Engine(model)
+    out = model(torch.randn(3, 5, 4, dtype=torch.float64) * 3)
+    losses = out[..., 0].sum(1) + out[..., 1].pow(2).mean(1)
+    assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, trainable(model)), rtol=1e-12, atol=0)
