@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ._conv import check_samples_first
 from ._layout import RowLayout
-from ._record import Record, compute_dtype
+from ._record import Record, compute_dtype, reproduces_output
 
 from ._layer_norm import epsilon_of, norm_call_parts
 
@@ -96,8 +96,9 @@ def computes_channel_norm(module: nn.Module, args: tuple[Any, ...], output: Any)
         return False
     with torch.no_grad():
         shape = (-1,) + (1,) * (inputs.dim() - 2)
-        expected = _channel_norm(inputs.float(), eps) * weight.float().view(shape) + bias.float().view(shape)
-        return bool(torch.allclose(expected.to(output.dtype), output.detach(), rtol=1e-4, atol=1e-5))
+        dtype = torch.promote_types(inputs.dtype, torch.float32)
+        expected = _channel_norm(inputs.to(dtype), eps) * weight.to(dtype).view(shape) + bias.to(dtype).view(shape)
+        return reproduces_output(expected, output)
 
 
 class GroupNormRecord(Record):

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._layout import RowLayout
-from ._record import Record, compute_dtype
+from ._record import Record, compute_dtype, reproduces_output
 
 __all__ = [
     "INPUT_PARAMETER",
@@ -151,8 +151,9 @@ def computes_layer_norm(module: nn.Module, args: tuple[Any, ...], output: Any) -
     if inputs.dim() < 1 or inputs.shape[-1] != weight.shape[0]:
         return False
     with torch.no_grad():
-        expected = F.layer_norm(inputs.float(), weight.shape, weight.float(), bias.float(), eps).to(output.dtype)
-        return bool(torch.allclose(expected, output.detach(), rtol=1e-4, atol=1e-5))
+        dtype = torch.promote_types(inputs.dtype, torch.float32)
+        return reproduces_output(F.layer_norm(inputs.to(dtype), weight.shape, weight.to(dtype), bias.to(dtype), eps),
+                                 output)
 
 
 class LayerNormRecord(Record):

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from ._generic import GenericRecord
 from ._layer_norm import epsilon_of
 from ._layout import RowLayout
-from ._record import compute_dtype
+from ._record import compute_dtype, reproduces_output
 
 __all__ = ["RMSNormRecord", "is_rms_norm_like"]
 
@@ -104,17 +104,10 @@ class RMSNormRecord(GenericRecord):
         if eps is None:
             eps = torch.finfo(inputs.dtype).eps
         output = outputs[0].detach()
-        # Float64 outputs are compared at float64's precision, so that x̂ is the module's to the last bits.
-        rtol, atol = (1e-10, 1e-12) if output.dtype == torch.float64 else (1e-4, 1e-6)
-
-        def matches(normalised: Tensor, scale: Tensor) -> bool:
-            expected = scale * normalised
-            return expected.shape == output.shape and torch.allclose(
-                expected.to(output.dtype), output, rtol=rtol, atol=atol
-            )
-
         for normalised in _normalised_candidates(inputs, eps):
-            if matches(normalised, weight.detach()) or matches(normalised, 1.0 + weight.detach().float()):
+            if reproduces_output(weight.detach() * normalised, output) or reproduces_output(
+                (1.0 + weight.detach().float()) * normalised, output
+            ):
                 break
         else:
             return

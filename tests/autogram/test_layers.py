@@ -1099,3 +1099,33 @@ def test_rms_norms_of_float64_models_are_exact_to_float64_precision(norm_class: 
     out = model(torch.randn(3, 5, 4, dtype=torch.float64) * 3)
     losses = out[..., 0].sum(1) + out[..., 1].pow(2).mean(1)
     assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, trainable(model)), rtol=1e-12, atol=0)
+
+
+class _Float32ChannelsLayerNorm(_ChannelsLayerNorm):
+    """A layer-norm look-alike computing in float32 whatever its input's dtype (as mixed-precision code does)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = x.float().movedim(1, -1) if self.channels_first else x.float()
+        hidden = nn.functional.layer_norm(hidden, self.weight.shape, self.weight.float(), self.bias.float(), self.eps)
+        return (hidden.movedim(-1, 1) if self.channels_first else hidden).to(x.dtype)
+
+
+@pytest.mark.parametrize("channels_first", [False, True])
+@pytest.mark.parametrize("norm_class", [_ChannelsLayerNorm, _Float32ChannelsLayerNorm])
+def test_layer_norm_look_alikes_of_float64_models_are_exact_to_float64_precision(
+    norm_class: type[_ChannelsLayerNorm], channels_first: bool
+) -> None:
+    """In a float64 model a look-alike that computes in float64 keeps its closed form; one that computes in float32
+    is not taken for it (its output differs in the last float32 bits) and stays exact through the generic path."""
+    from hf_jd.autogram._dispatch import Kind
+
+    torch.manual_seed(0)
+    norm = norm_class(4, channels_first)
+    swap = [_SwapLastTwo()] if channels_first else []
+    model = nn.Sequential(nn.Linear(4, 4), *swap, norm, *swap, nn.Tanh(), nn.Linear(4, 2)).double()
+    engine = Engine(model)
+    out = model(torch.randn(3, 5, 4, dtype=torch.float64))
+    losses = out[..., 0].pow(2).mean(1) + out[..., 1].tanh().mean(1)
+    assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, trainable(model)), rtol=1e-12, atol=0)
+    closed_form = Kind.CHANNEL_NORM if channels_first else Kind.LAYER_NORM
+    assert engine._capture.infos[id(norm)].kind is (closed_form if norm_class is _ChannelsLayerNorm else Kind.GENERIC)
