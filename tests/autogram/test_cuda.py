@@ -41,7 +41,7 @@ from transformers import (
 from hf_jd.aggregation import UPGradWeighting
 from hf_jd.autogram import Engine, _matmul_uses
 
-from ._reference import assert_gramian_matches, grads_of, jacobian, trainable
+from ._reference import assert_gramian_matches, jacobian, trainable
 from .test_documented_layouts import _Attention, _Tagger
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -285,7 +285,21 @@ def test_gramian_and_update_on_cuda(name: str, single_backward: bool) -> None:
         engine.backward(weights)
     else:
         losses.backward(weights)
-    torch.testing.assert_close(grads_of(params), weights @ jac, rtol=1e-4, atol=1e-6)
+    _assert_update(params, weights @ jac)
+
+
+def _assert_update(params: list[nn.Parameter], expected: Tensor) -> None:
+    """``.grad`` equals ``wᵀ J``, each parameter to ``1e-4`` relative plus ``1e-5`` of its largest entry: a shared
+    parameter's gradient (BEiT's class token, entries of ~600 in a tiny model) is a sum of large per-example terms,
+    which autograd's weighted backward and ``wᵀ J`` add in different orders (2e-4 apart on the CPU, more on a GPU)."""
+    offset = 0
+    for param in params:
+        size = param.numel()
+        want = expected[offset:offset + size].view_as(param)
+        got = torch.zeros_like(param) if param.grad is None else param.grad
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6 + 1e-5 * float(want.abs().max()))
+        offset += size
+    assert offset == expected.numel()
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -307,7 +321,7 @@ def test_three_steps_on_cuda(name: str, single_backward: bool) -> None:
             engine.backward(weights)
         else:
             losses.backward(weights)
-        torch.testing.assert_close(grads_of(params), weights @ jac, rtol=1e-4, atol=1e-6)
+        _assert_update(params, weights @ jac)
 
 
 def test_bf16_autocast_on_cuda() -> None:
