@@ -164,6 +164,8 @@ def check_model(head: str, model_type: str, dtype: torch.dtype, timing: bool) ->
             return {**result, "status": "forward failed", "error": "the model's losses are not finite"}
         params = [p for p in model.parameters() if p.requires_grad]
         jacobian = _jacobian(losses, params)
+        if not bool(torch.isfinite(jacobian).all()):  # e.g. fully masked attention rows: a plain step's too
+            return {**result, "status": "forward failed", "error": "the model's own gradients are not finite"}
         try:
             gramian = engine.compute_gramian(losses, retain_graph=True)
         except Exception as error:  # noqa: BLE001

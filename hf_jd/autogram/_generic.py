@@ -229,6 +229,11 @@ class GenericRecord(Record):
         # The factors of the call's matrix products (False: not looked at yet; None: they do not apply).
         self._matmul: MatmulFactors | bool | None = False
 
+    def uncover_param(self, name: str) -> None:
+        """Stop covering parameter ``name`` (see :meth:`Record.uncover_param`); its alias leaves the products."""
+        super().uncover_param(name)
+        self.aliases.pop(name, None)
+
     def can_insert_batch(self, batch_dim: int) -> bool:
         """Whether :meth:`insert_batch` applies: for a call with one output, whose per-example
         vector-Jacobian products then take one output gradient per example in the output's own shape.

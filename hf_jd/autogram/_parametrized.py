@@ -244,6 +244,14 @@ class _ParametrizedMixin:
         self._weighted = None
         self.parametrized = {}
 
+    def uncover_param(self, name: str) -> None:
+        """Stop covering parameter ``name``: for an original, every original of its parametrised tensor."""
+        tensor_name = self._origin.get(name)
+        if tensor_name is not None:
+            self.uncover(tensor_name)
+        else:
+            super().uncover_param(name)  # type: ignore[misc]
+
     def uncover(self, tensor_name: str) -> None:
         """Stop covering the originals of a parametrised tensor (the closed form still computes with it)."""
         tensor = self.parametrized.pop(tensor_name, None)

@@ -128,6 +128,17 @@ class Record(ABC):
         self.nodes: range | None = None
         self.autocast = False
 
+    def uncover_param(self, name: str) -> None:
+        """Stop covering parameter ``name``: the engine computes its per-row gradients from the losses instead
+        (it is also used outside the captured calls, so this call holds only part of its gradient).
+
+        Parameters
+        ----------
+        name
+            The parameter's name in ``params``.
+        """
+        self.params.pop(name, None)
+
     def describe(self) -> str:
         """Human-readable name of the module, for error messages.
 

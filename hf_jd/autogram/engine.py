@@ -195,6 +195,21 @@ _SEVERAL_FORWARDS = (
     "inside the forward pass of one module that is given to the engine."
 )
 
+_OUTSIDE_USES = (
+    "they are also used outside the forward passes of the modules that own them (e.g. "
+    "`inputs_embeds=F.embedding(ids, model.get_input_embeddings().weight)` with tied embeddings, "
+    "a parent module slicing a child's weights and passing the slices to it, `module.forward(x)` "
+    "called instead of `module(x)`, a forward hook using them, or a weight tied to a module that is not given to "
+    "the engine). Let the owning module compute them (for a tied weight, give the other module to the engine too, "
+    "e.g. in jd_modules), or use the autojac engine (hf_jd.autojac, jd_engine='autojac')."
+)
+
+_UNCAPTURED_LOSSES = (
+    "no captured call covers any of them. The losses come from a forward pass the engine did not capture (run "
+    "with the engine disabled, or before the captured one): run the forward pass with the engine enabled, then "
+    "call compute_gramian on its losses."
+)
+
 _EARLIER_USES = (
     "Here those uses come before the captured calls of this forward pass: before the model was called, or in an "
     "earlier step, through a tensor kept since (a cache such as LeViT's attention biases in evaluation mode, through "
@@ -384,6 +399,59 @@ class Engine:
             stacklevel=4,
         )
 
+    def _uncover_uses_outside_calls(self, records: list[Record], nodes: list[Any]) -> list[Record]:
+        """The records without the parameters the losses also use outside the captured calls (a tied weight
+        multiplied by a parent, a weight penalty) or through a submodule found uncalled in this pass: those take the
+        exact path of parameters used outside their modules' calls (per-row gradients from the losses, with a
+        warning). Uses that predate the captured calls (several forward passes, a kept cache, ``inputs_embeds``
+        looked up from a tied embedding before the model's call) raise.
+
+        Parameters
+        ----------
+        records
+            The captured calls.
+        nodes
+            The autograd nodes of the losses' graph.
+
+        Returns
+        -------
+        list of Record
+            The records that still cover some parameter.
+
+        Raises
+        ------
+        RuntimeError
+            If some use predates the captured calls.
+        """
+        outside = uses_outside_calls(nodes, records)
+        earlier = [param for param, before in outside if before]
+        if earlier:
+            several = self._capture.replaced_forwards > 0
+            cause = _SEVERAL_FORWARDS if several else f"{_OUTSIDE_USES} {_EARLIER_USES}"
+            raise RuntimeError(
+                f"The losses use {len(earlier)} trainable parameter(s) of the engine's modules "
+                f"({self._names_of(earlier)}) outside the module calls the engine captured: {cause}"
+            )
+        # Parameters of submodules first found used without being called (borrowed from the next call on, see
+        # Capture._check_descendants_called) were used as they are in this pass: a record covering one through a
+        # tie (MobileBERT's head owns the bias its uncalled decoder adds) did not see that use.
+        ids = {id(param) for param, _ in outside} | self._capture.switched_now
+        if not ids:
+            return records
+        kept = [record for record in records if any(id(param) not in ids for param in record.params.values())]
+        if outside and not kept:  # every captured parameter used otherwise: these losses are not of those calls
+            params = [param for param, _ in outside]
+            raise RuntimeError(
+                f"The losses use {len(params)} trainable parameter(s) of the engine's modules "
+                f"({self._names_of(params)}) outside the module calls the engine captured: "
+                f"{_SEVERAL_FORWARDS if self._capture.replaced_forwards else _UNCAPTURED_LOSSES}"
+            )
+        for record in records:
+            for name, param in list(record.params.items()):
+                if id(param) in ids:
+                    record.uncover_param(name)
+        return [record for record in records if record.params]
+
     def _warn_unattributed(self, params: list[Tensor]) -> None:
         """Warn once per engine that some parameters take the per-row backward pass."""
         if self._warned_unattributed:
@@ -392,10 +460,12 @@ class Engine:
         warnings.warn(
             f"hf_jd.autogram: the losses use {len(params)} trainable parameter(s) of the engine's modules "
             f"({self._names_of(params)}) outside the calls of the modules that own them (e.g. a parent module "
-            "calling F.linear(x, self.child.weight), or, under parametrize.cached(), a parametrised weight read again "
-            "after its module's call). Their per-row gradients are computed by a batched backward pass from the "
-            "losses: exact, but up to one backward pass per loss row. Let the owning module use them (self.child(x)) "
-            "for the engine's closed forms. This warning is shown once per engine.",
+            "calling F.linear(x, self.child.weight), a tied weight multiplied by another module than its own (as "
+            "MobileBERT's masked-LM head does), a penalty on a weight added to the losses, or, under "
+            "parametrize.cached(), a parametrised weight read again after its module's call). Their per-row "
+            "gradients are computed by a batched backward pass from the losses: exact, but up to one backward pass "
+            "per loss row. Let the owning module use them (self.child(x)) for the engine's closed forms; for a "
+            "penalty, use the optimizer's weight_decay. This warning is shown once per engine.",
             RuntimeWarning,
             stacklevel=3,
         )
@@ -588,6 +658,10 @@ class Engine:
         for record in records:
             if isinstance(record, GenericRecord):
                 record.check_not_modified()
+        nodes = list(graph_nodes([losses.grad_fn]))
+        # (a parametrised weight reused outside the calls covering it: its originals take the exact path instead)
+        keep_fully_covered(records, nodes)
+        records = self._uncover_uses_outside_calls(records, nodes)
         counts: dict[int, int] = {}
         for record in records:
             for param in record.params.values():
@@ -600,11 +674,8 @@ class Engine:
         dtype = torch.float64 if float64 else torch.float32
         accumulator = Accumulator(layout, dtype, losses.device, counts, self._single_backward)
         retain = True
-        nodes = list(graph_nodes([losses.grad_fn]))
         # TF32 convolutions (cuDNN's default) or matrix products: the checks allow for their rounding.
         self._tf32 = not self._low_precision and tf32_in_graph(losses.device, nodes)
-        # (a parametrised weight reused outside the calls covering it: its originals take the exact path instead)
-        keep_fully_covered(records, nodes)
         covered = {id(p): p for record in records for p in record.params.values()}
         if layout.batched and layout.batch_dim is not None:
             # Generic calls whose parameters are used by operations with outputs split by example (a mask
@@ -637,29 +708,6 @@ class Engine:
             raise RuntimeError(
                 f"The losses depend on {len(missed)} trainable parameter(s) of the engine's modules "
                 f"({self._names_of(missed)}) through no module call the engine captured. Either {causes}"
-            )
-        outside = uses_outside_calls(nodes, records)
-        if outside:
-            earlier = [param for param, before in outside if before]
-            several = bool(earlier) and capture.replaced_forwards > 0
-            params = earlier if several else [param for param, _ in outside]
-            cause = (
-                _SEVERAL_FORWARDS
-                if several
-                else "they are also used outside the forward passes of the modules that own them (e.g. "
-                "`inputs_embeds=F.embedding(ids, model.get_input_embeddings().weight)` with tied embeddings, "
-                "a parent module slicing a child's weights and passing the slices to it, `module.forward(x)` "
-                "called instead of `module(x)`, a forward hook using them, a penalty on the weights added to the "
-                "losses, or a weight tied to a module that is not given to the engine): those uses would be "
-                "missing from the Gramian. Let the owning module compute them (for a weight penalty, use the "
-                "optimizer's weight_decay; for a tied weight, give the other module to the engine too, e.g. in "
-                "jd_modules), or use the autojac engine (hf_jd.autojac, jd_engine='autojac')."
-            )
-            if earlier and not several:
-                cause += f" {_EARLIER_USES}"
-            raise RuntimeError(
-                f"The losses use {len(params)} trainable parameter(s) of the engine's modules "
-                f"({self._names_of(params)}) outside the module calls the engine captured: {cause}"
             )
         if self._single_backward:
             # Generic records run vector-Jacobian products on the graph after the pass.
@@ -922,7 +970,7 @@ class Engine:
             with backpropagating():
                 accumulator.gramian += unattributed_gram(losses, layout.num_rows, unattributed, dtype)
         del records
-        if accumulator.bound == 0:
+        if accumulator.bound == 0 and not unattributed:
             raise RuntimeError(
                 "The losses depend on none of the module calls the engine captured: compute_gramian needs the "
                 "losses of the last forward pass run with the engine enabled (each new forward pass of a module "

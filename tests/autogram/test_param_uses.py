@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel, MobileBertConfig, MobileBertForMaskedLM
 
 from hf_jd.autogram import Engine
 
-from ._reference import assert_gramian_matches, jacobian, trainable
+from ._reference import assert_exact_step, assert_gramian_matches, jacobian, trainable
 
 
 class _SlicedByParent(nn.Module):
@@ -126,13 +126,62 @@ def test_autocast_region_over_several_steps_is_not_a_use_outside() -> None:
     assert torch.isfinite(gramian).all()
 
 
-def test_weight_penalty_added_to_the_losses_is_rejected_with_advice() -> None:
-    """A penalty on a weight added to per-example losses uses it outside every module call."""
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_weight_penalty_added_to_the_losses_is_exact_with_advice(single_backward: bool) -> None:
+    """A penalty on a weight added to per-example losses uses it outside every module call: that weight leaves the
+    closed forms for the per-row path from the losses (it used to be rejected), and the warning gives the advice."""
+    torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 1))
-    engine = Engine(model)
+    engine = Engine(model, single_backward=single_backward)
     losses = model(torch.randn(3, 4))[:, 0].pow(2) + 1e-2 * model[2].weight.pow(2).sum()
-    with pytest.raises(RuntimeError, match=r"\['2.weight'\].*weight penalty, use the optimizer's weight_decay"):
-        engine.compute_gramian(losses)
+    with pytest.warns(RuntimeWarning, match=r"\['2.weight'\].*penalty.*use the optimizer's weight_decay"):
+        assert_exact_step(engine, losses, trainable(model), single_backward)
+
+
+class _TiedHead(nn.Module):
+    """An embedding whose weight a parent also multiplies with, beside a Linear it never calls (MobileBERT's
+    masked-LM head: ``h @ cat([decoder.weight.T, dense.weight])`` with the decoder tied to the embedding)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(11, 4)
+        self.body = nn.Linear(4, 6)
+        self.extra = nn.Linear(6, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        hidden = torch.tanh(self.body(self.embed(ids)))
+        return hidden[..., :4] @ torch.cat([self.embed.weight.T, self.extra.weight[:, :4].T], dim=1)
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_weight_used_by_its_module_and_a_parent_is_exact(single_backward: bool) -> None:
+    torch.manual_seed(0)
+    model = _TiedHead()
+    engine = Engine(model, single_backward=single_backward)
+    ids = torch.randint(0, 11, (3, 5))
+    logits = model(ids)
+    losses = F.cross_entropy(logits[..., :11].transpose(1, 2), ids, reduction="none").mean(1)
+    with pytest.warns(RuntimeWarning, match=r"\['embed.weight', 'extra.weight'\]"):
+        assert_exact_step(engine, losses, trainable(model), single_backward)
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_mobilebert_masked_lm_is_exact(single_backward: bool) -> None:
+    """Its head multiplies by the tied word embeddings (used by the embedding layer too) and by a Linear's weight
+    it never calls. On the first step both take the per-row path from the losses (the tied one was rejected);
+    from the second on, the head's generic record borrows them and the tied weight is shared by two records."""
+    torch.manual_seed(0)
+    config = MobileBertConfig(vocab_size=40, hidden_size=16, embedding_size=8, num_hidden_layers=1,
+                              num_attention_heads=2, intermediate_size=16, intra_bottleneck_size=8,
+                              true_hidden_size=8, num_feedforward_networks=1, max_position_embeddings=16)
+    model = MobileBertForMaskedLM(config).train()
+    engine = Engine(model, single_backward=single_backward)
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        ids = torch.randint(0, 40, (3, 6))
+        logits = model(input_ids=ids).logits
+        losses = F.cross_entropy(logits.transpose(1, 2), ids, reduction="none").mean(1)
+        assert_exact_step(engine, losses, trainable(model), single_backward)
 
 
 class _CachedBias(nn.Module):
@@ -161,3 +210,32 @@ def test_tensor_cached_from_an_earlier_step_is_named_in_the_error() -> None:
     losses = model(torch.randn(3, 3)).pow(2).sum(1)
     with pytest.raises(RuntimeError, match=r"\['table'\].*in an earlier step, through a tensor kept since"):
         engine.compute_gramian(losses)
+
+
+class _HeadWithTiedBias(nn.Module):
+    """Owns a bias that its never-called decoder shares, and adds it through the decoder (MobileBERT's head)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.transform = nn.Linear(4, 4)
+        self.decoder = nn.Linear(4, 7)
+        self.bias = self.decoder.bias
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        scores = torch.tanh(self.transform(hidden)) @ self.decoder.weight.T
+        scores += self.decoder.bias
+        return scores
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_own_parameter_tied_to_an_uncalled_submodule_is_exact_from_the_first_step(single_backward: bool) -> None:
+    """The module's record covered its bias through its own name while the call used it through the decoder, which
+    is only borrowed from the next call on: the first Gramian missed the bias entirely."""
+    torch.manual_seed(0)
+    model = _HeadWithTiedBias()
+    engine = Engine(model, single_backward=single_backward)
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        scores = model(torch.randn(3, 5, 4))
+        losses = F.cross_entropy(scores.transpose(1, 2), torch.randint(0, 7, (3, 5)), reduction="none").mean(1)
+        assert_exact_step(engine, losses, trainable(model), single_backward)

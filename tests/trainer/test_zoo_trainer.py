@@ -504,14 +504,17 @@ def test_encoder_decoder_without_label_shift_is_rejected():
 
 
 class WeightReusedOutside(nn.Module):
-    """``inner.weight`` is also used by the parent's forward (``F.linear``), where no module hook sees it."""
+    """``inner.weight`` is also used by the parent's forward (``F.linear``), where no module hook sees it, and
+    before the inner module's call (as by a user's lookup of ``inputs_embeds`` from a tied embedding), which the
+    engine cannot tell from a use in an earlier forward pass."""
 
     def __init__(self) -> None:
         super().__init__()
         self.inner = nn.Linear(3, 3)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        return {"logits": F.linear(torch.tanh(self.inner(x)), self.inner.weight).sum(dim=-1)}
+        shifted = F.linear(x, self.inner.weight)
+        return {"logits": torch.tanh(self.inner(x) + shifted).sum(dim=-1)}
 
 
 def test_engine_limit_names_the_trainer_option(tmp_path):
