@@ -37,8 +37,8 @@ def compute_dtype(param: Tensor) -> torch.dtype:
     return torch.float64 if param.dtype == torch.float64 else torch.float32
 
 
-def reproduces_output(expected: Tensor, output: Tensor) -> bool:
-    """Whether a closed form's recomputation of a call's output matches it: to ``1e-4`` relative (``1e-5``
+def reproduces_output(expected: Tensor, output: Tensor, atol: float = 1e-5) -> bool:
+    """Whether a closed form's recomputation of a call's output matches it: to ``1e-4`` relative (``atol``
     absolute) for float32 and lower precisions, to float64's precision (``1e-10``, ``1e-12``) for float64
     outputs, so that a float64 model's Gramian is not computed from a form that differs in its last float32 bits
     (e.g. a norm that computes in float32 inside a float64 model; such calls take the exact generic path).
@@ -49,13 +49,15 @@ def reproduces_output(expected: Tensor, output: Tensor) -> bool:
         The recomputed output.
     output
         The call's output.
+    atol
+        The absolute tolerance below float64.
 
     Returns
     -------
     bool
         ``True`` when they have the same shape and match.
     """
-    rtol, atol = (1e-10, 1e-12) if output.dtype == torch.float64 else (1e-4, 1e-5)
+    rtol, atol = (1e-10, 1e-12) if output.dtype == torch.float64 else (1e-4, atol)
     return expected.shape == output.shape and bool(
         torch.allclose(expected.to(output.dtype), output.detach(), rtol=rtol, atol=atol)
     )
