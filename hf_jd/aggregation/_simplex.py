@@ -15,6 +15,10 @@ import quadprog
 import torch
 from torch import Tensor
 
+# A Gramian's eigenvalues up to this many times the magnitude of its most negative one are rounding noise
+# (see rank_cutoff).
+NOISE_MARGIN = 10.0
+
 __all__ = [
     "gramian_to_numpy",
     "weights_to_tensor",
@@ -24,7 +28,9 @@ __all__ = [
     "cosine_matrix",
     "simplex_qp",
     "eigh",
-    "pinv_hermitian",
+    "NOISE_MARGIN",
+    "rank_cutoff",
+    "pinv_psd",
     "min_norm_simplex",
 ]
 
@@ -138,24 +144,53 @@ def eigh(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return eigenvalues.numpy(), eigenvectors.numpy()
 
 
-def pinv_hermitian(matrix: np.ndarray, rtol: float) -> np.ndarray:
-    """Pseudo-inverse of a symmetric matrix (eigenvalues below ``rtol`` times the largest are
-    treated as zero).
+def rank_cutoff(eigenvalues: np.ndarray, rtol: float) -> float:
+    """Eigenvalue of a Gramian (or of its cosine matrix) up to which a direction counts as null.
+
+    ``rtol`` times the largest eigenvalue, raised to :data:`NOISE_MARGIN` times the magnitude of
+    the most negative one: a Gramian is positive semi-definite, so a negative eigenvalue is
+    rounding noise (e.g. a float32 Gramian cast to float64, or one accumulated layer by layer), and
+    positive eigenvalues of that size are indistinguishable from it. Inverting them would blow the
+    noise up into the weights.
+
+    Parameters
+    ----------
+    eigenvalues
+        The eigenvalues, shape ``[m]``.
+    rtol
+        Relative cut-off of the eigenvalues (e.g. ``m·eps`` of the Gramian's dtype).
+
+    Returns
+    -------
+    float
+        The cut-off: eigenvalues at or below it are treated as zero.
+    """
+    largest = max(float(eigenvalues.max()), 0.0)
+    negative = max(-float(eigenvalues.min()), 0.0)
+    return max(rtol * largest, NOISE_MARGIN * negative)
+
+
+def pinv_psd(matrix: np.ndarray, rtol: float) -> np.ndarray:
+    """Pseudo-inverse of a positive semi-definite matrix known up to rounding: eigenvalues at or
+    below :func:`rank_cutoff` (all negative ones among them) are treated as zero.
 
     Parameters
     ----------
     matrix
         Symmetric float64 array, shape ``[m, m]``.
     rtol
-        Relative cut-off of the eigenvalues.
+        Relative cut-off of the eigenvalues (see :func:`rank_cutoff`).
 
     Returns
     -------
     numpy.ndarray
         The pseudo-inverse, shape ``[m, m]``.
     """
-    tensor = torch.from_numpy(np.ascontiguousarray(matrix))
-    return torch.linalg.pinv(tensor, rtol=rtol, hermitian=True).numpy()
+    eigenvalues, eigenvectors = eigh(matrix)
+    keep = eigenvalues > rank_cutoff(eigenvalues, rtol)
+    inverse = np.zeros_like(eigenvalues)
+    inverse[keep] = 1.0 / eigenvalues[keep]
+    return (eigenvectors * inverse) @ eigenvectors.T
 
 
 def spectral_factor(gramian: np.ndarray, rtol: float = 1e-10, atol: float = 0.0) -> np.ndarray:

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ._base import GramianWeightedAggregator, Weighting
 from ._preference import check_pref_vector, resolve_pref_vector
-from ._simplex import eigh, gramian_to_numpy, weights_to_tensor
+from ._simplex import eigh, gramian_to_numpy, rank_cutoff, weights_to_tensor
 
 __all__ = ["AlignedMTLWeighting", "AlignedMTL"]
 
@@ -24,7 +24,8 @@ class AlignedMTLWeighting(Weighting):
 
     Aligned-MTL makes the linear system of the gradients perfectly conditioned before combining
     them. With the eigendecomposition ``G = J Jᵀ = V Λ Vᵀ`` restricted to its ``r`` non-zero
-    eigenvalues (those above ``m·eps`` of the input dtype times the largest) and ``λ_r`` the
+    eigenvalues (those above ``m·eps`` of the input dtype times the largest, and above ten times the
+    magnitude of a negative eigenvalue, which shows the Gramian's rounding noise) and ``λ_r`` the
     smallest of them, the balance transformation is
 
     .. math::  B = \\sqrt{λ_r}\\, V Λ^{-1/2} V^\\top,
@@ -64,7 +65,7 @@ class AlignedMTLWeighting(Weighting):
         largest = float(eigenvalues[-1])
         if not largest > 0:
             return weights_to_tensor(np.zeros(m), gramian)
-        keep = eigenvalues > m * torch.finfo(gramian.dtype).eps * largest
+        keep = eigenvalues > rank_cutoff(eigenvalues, m * torch.finfo(gramian.dtype).eps)
         eigenvalues, eigenvectors = eigenvalues[keep], eigenvectors[:, keep]
         smallest = float(eigenvalues.min())
         # B w = V (sqrt(λ_r/λ) ⊙ (Vᵀ w)): two matrix-vector products.

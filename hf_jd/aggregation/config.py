@@ -13,6 +13,7 @@ from torch import Tensor
 
 from ._base import GramianWeightedAggregator, Weighting
 from ._preference import check_pref_vector, resolve_pref_vector
+from ._simplex import pinv_psd
 
 __all__ = ["ConFIG", "ConFIGWeighting"]
 
@@ -33,10 +34,12 @@ class ConFIGWeighting(Weighting):
     Everything depends on ``J`` only through ``G = J Jᵀ``: with ``N = diag(|g_i|)`` and the cosine
     matrix ``C = U Uᵀ = N⁻¹ G N⁻¹``, ``U⁺ = Uᵀ C⁺``, so ``g_v = Jᵀ b`` with ``b = N⁻¹ C⁺ w``,
     ``|g_v|² = bᵀ G b`` and the update is ``βᵀ J`` with ``β = (1ᵀ G b / bᵀ G b) b``. That is what
-    is computed, in float64, so ConFIG also runs on the autogram engine. ``C⁺`` is
-    ``torch.linalg.pinv(C, hermitian=True)`` with relative tolerance ``m·eps`` (``eps`` of the
-    Gramian's dtype) on the eigenvalues of ``C``, i.e. directions of ``U`` with singular values
-    below ``sqrt(m·eps)`` times the largest are left out.
+    is computed, in float64, so ConFIG also runs on the autogram engine. ``C⁺`` is the
+    pseudo-inverse of ``C`` with relative tolerance ``m·eps`` (``eps`` of the Gramian's dtype) on its
+    eigenvalues, i.e. directions of ``U`` with singular values below ``sqrt(m·eps)`` times the
+    largest are left out; so are those whose eigenvalues are below ten times the magnitude of a
+    negative eigenvalue of ``C`` (a Gramian known up to rounding, e.g. computed in float32 and cast
+    to float64: inverting its noise would swamp the weights).
 
     Zero rows have a zero unit vector (they ask for nothing). A solution of ``U x = w`` has
     ``|x| ≥ |w|/sqrt(m)``; if ``|g_v| ≤ sqrt(eps)·|w|`` no direction meets the preferences at all
@@ -73,7 +76,8 @@ class ConFIGWeighting(Weighting):
         norms = gramian64.diagonal().clamp(min=0.0).sqrt()
         inverse_norms = torch.where(norms > 0, 1.0 / torch.where(norms > 0, norms, 1.0), 0.0)
         cosines = inverse_norms[:, None] * gramian64 * inverse_norms[None, :]
-        coefficients = inverse_norms * (torch.linalg.pinv(cosines, rtol=m * eps, hermitian=True) @ preference)
+        pseudo_inverse = torch.from_numpy(pinv_psd(cosines.cpu().numpy(), m * eps)).to(gramian64.device)
+        coefficients = inverse_norms * (pseudo_inverse @ preference)
         squared_norm = coefficients @ gramian64 @ coefficients  # |g_v|²
         if not bool(squared_norm > eps * preference.dot(preference)):
             return torch.zeros_like(gramian[0])

@@ -15,7 +15,7 @@ from ._simplex import (
     cosine_matrix,
     gramian_to_numpy,
     nonzero_rows,
-    pinv_hermitian,
+    pinv_psd,
     weights_to_tensor,
 )
 
@@ -39,7 +39,8 @@ class IMTLGWeighting(Weighting):
     stays accurate when the row norms differ by orders of magnitude.
 
     Rank deficiency: the pseudo-inverse ``C⁺`` (eigenvalues below ``m·eps`` of the input dtype
-    times the largest are treated as zero) gives the minimum-norm solution; the equal-projection
+    times the largest, or below ten times the magnitude of a negative eigenvalue, which shows the
+    Gramian's rounding noise, are treated as zero) gives the minimum-norm solution; the equal-projection
     property then holds whenever ``1`` is in the range of ``C`` (e.g. duplicated rows, which share
     their weight). Zero rows (see :data:`~hf_jd.aggregation._simplex.ZERO_ROW_RTOL`) get weight
     exactly ``0`` and are left out. If the sum to normalise by is zero (relative to the
@@ -69,7 +70,7 @@ class IMTLGWeighting(Weighting):
             return weights_to_tensor(weights, gramian)
         norms, cosines = cosine_matrix(array[np.ix_(active, active)])
         rtol = m * torch.finfo(gramian.dtype).eps
-        direction = (pinv_hermitian(cosines, rtol) @ np.ones(len(norms))) / norms
+        direction = (pinv_psd(cosines, rtol) @ np.ones(len(norms))) / norms
         total = float(direction.sum())
         if not np.isfinite(total) or abs(total) <= 1e-12 * float(np.abs(direction).sum()):
             return weights_to_tensor(weights, gramian)
