@@ -15,7 +15,8 @@ costs mostly its call overhead, that is what keeps their latency low.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeGuard, TypeVar
 
 import numpy as np
 import torch
@@ -31,6 +32,9 @@ __all__ = [
     "checked_gramian_array",
     "float64_array",
     "weights_tensor",
+    "update_is_weighted_rows",
+    "computes_weighted_rows",
+    "FLOAT32_GRAMIAN_FLOOR",
 ]
 
 
@@ -277,7 +281,7 @@ _GRAMIAN_RTOLS = {
 # Dtypes whose CPU tensors convert to NumPy without a PyTorch operation.
 _NUMPY_DTYPES = (torch.float16, torch.float32, torch.float64)
 # Largest diagonal entry below which a float32 Gramian is recomputed in float64.
-_FLOAT32_GRAMIAN_FLOOR = 1e-30
+FLOAT32_GRAMIAN_FLOOR = 1e-30
 
 
 class _Stateful:
@@ -508,6 +512,56 @@ class GramianWeightedAggregator(Aggregator):
         return f"{type(self).__name__}({self._weighting!r})"
 
 
+# aggregate methods that return wᵀ J (see computes_weighted_rows).
+_WEIGHTED_ROWS_AGGREGATES: set[Callable[..., Tensor]] = {GramianWeightedAggregator.aggregate}
+
+
+_Aggregate = TypeVar("_Aggregate", bound=Callable[..., Tensor])
+
+
+def update_is_weighted_rows(aggregator: Aggregator) -> TypeGuard[GramianWeightedAggregator]:
+    """Whether ``aggregator``'s update is ``wᵀ J`` with ``w`` its weighting of ``J Jᵀ``, so that the
+    weighting alone gives the update (``jac_to_grad``'s block-wise Gramian, the autogram engine).
+
+    That is a :class:`GramianWeightedAggregator` whose subclass does not override ``aggregate``
+    or ``__call__`` (e.g. to clip or rescale the update).
+
+    Parameters
+    ----------
+    aggregator
+        The aggregator.
+
+    Returns
+    -------
+    bool
+        ``True`` when the weights determine the update.
+    """
+    return (
+        isinstance(aggregator, GramianWeightedAggregator)
+        and type(aggregator).aggregate in _WEIGHTED_ROWS_AGGREGATES
+        and type(aggregator).__call__ is Aggregator.__call__
+    )
+
+
+def computes_weighted_rows(aggregate: _Aggregate) -> _Aggregate:
+    """Mark an ``aggregate`` override of a :class:`GramianWeightedAggregator` subclass that still
+    returns ``wᵀ J`` with ``w`` its weighting's (e.g. a shortcut that skips the Gramian), so that
+    :func:`update_is_weighted_rows` holds for the subclass.
+
+    Parameters
+    ----------
+    aggregate
+        The method.
+
+    Returns
+    -------
+    Callable
+        The same method.
+    """
+    _WEIGHTED_ROWS_AGGREGATES.add(aggregate)
+    return aggregate
+
+
 def compute_gramian(matrix: Tensor) -> Tensor:
     """Return ``matrix @ matrix.T``, symmetrised to remove rounding asymmetry.
 
@@ -552,4 +606,4 @@ def _outside_float32_range(gramian: Tensor, matrix: Tensor) -> bool:
     largest = gramian.diagonal().abs().max()
     if not bool(torch.isfinite(largest)):
         return True
-    return bool(largest < _FLOAT32_GRAMIAN_FLOOR) and bool((matrix != 0).any())
+    return bool(largest < FLOAT32_GRAMIAN_FLOOR) and bool((matrix != 0).any())

@@ -22,7 +22,7 @@ def check_seed(seed: int | None) -> int:
     Parameters
     ----------
     seed
-        A non-negative ``int``, or ``None``.
+        An ``int`` in ``[0, 2**64)`` (the range of ``torch.Generator.manual_seed``), or ``None``.
 
     Returns
     -------
@@ -34,7 +34,7 @@ def check_seed(seed: int | None) -> int:
     TypeError
         If ``seed`` is neither an ``int`` (``bool`` excluded) nor ``None``.
     ValueError
-        If it is negative.
+        If it is negative or not below ``2**64``.
     """
     if seed is None:
         return int(torch.randint(0, 2**62, (1,)).item())
@@ -42,6 +42,8 @@ def check_seed(seed: int | None) -> int:
         raise TypeError(f"seed must be an int or None, got {type(seed).__name__}.")
     if seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed}.")
+    if seed >= 2**64:
+        raise ValueError(f"seed must be below 2**64 (a torch.Generator seed), got {seed}.")
     return seed
 
 

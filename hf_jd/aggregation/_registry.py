@@ -163,7 +163,8 @@ def get_weighting_class(name: str) -> type[Weighting]:
 
 
 def _instantiate(cls: type[Aggregator] | type[Weighting], name: str, kwargs: dict[str, Any]) -> Any:
-    parameters = inspect.signature(cls.__init__).parameters
+    # (a class without an __init__ of its own takes no argument: object.__init__'s signature says *args, **kwargs)
+    parameters = {} if cls.__init__ is object.__init__ else inspect.signature(cls.__init__).parameters
     accepts_var_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
     if not accepts_var_kwargs:
         valid = [p for p in parameters if p != "self"]

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import GramianWeightedAggregator, Weighting
+from ._base import GramianWeightedAggregator, Weighting, computes_weighted_rows
 from ._generator import check_seed
 from ._preference import check_vector
 
@@ -46,6 +46,7 @@ class _SizeOnlyWeighting(Weighting):
 class _SizeOnlyAggregator(GramianWeightedAggregator):
     """Aggregator ``wᵀ J`` that computes ``w`` from ``m`` alone, without forming ``J Jᵀ``."""
 
+    @computes_weighted_rows
     def aggregate(self, matrix: Tensor) -> Tensor:
         weighting = self.weighting
         assert isinstance(weighting, _SizeOnlyWeighting)

@@ -7,7 +7,8 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from hf_jd.aggregation import Aggregator, GramianWeightedAggregator
+from hf_jd.aggregation import Aggregator
+from hf_jd.aggregation._base import FLOAT32_GRAMIAN_FLOOR, update_is_weighted_rows
 
 from ._accumulate import accumulate_grad, get_jac
 
@@ -54,6 +55,11 @@ def _checked_params(params: Iterable[Tensor]) -> tuple[tuple[Tensor, ...], list[
             )
         if not isinstance(jacobian, Tensor) or jacobian.dim() == 0:
             raise ValueError(f"params[{index}].jac must be a tensor of shape [m] + param.shape.")
+        if not jacobian.dtype.is_floating_point:
+            raise TypeError(
+                f"params[{index}].jac has dtype {jacobian.dtype}: Jacobians must be floating-point (the weights and "
+                "the update are). Store it in the parameter's dtype."
+            )
         if tuple(jacobian.shape[1:]) != tuple(param.shape):
             raise ValueError(
                 f"params[{index}].jac has shape {tuple(jacobian.shape)}, which is not [m] + "
@@ -75,17 +81,33 @@ def _checked_params(params: Iterable[Tensor]) -> tuple[tuple[Tensor, ...], list[
 
 
 def _gramian(matrices: list[Tensor]) -> Tensor:
-    """Return ``J Jᵀ`` for ``J`` the column-wise concatenation of ``matrices``, without building J."""
-    device = matrices[0].device
+    """Return ``J Jᵀ`` for ``J`` the column-wise concatenation of ``matrices``, without building J.
+
+    In the dtype of the first matrix, at least float32; a float32 Gramian that overflows, or is
+    below ``1e-30`` for a non-zero ``J``, is computed in float64 instead (as
+    :func:`hf_jd.aggregation.compute_gramian` does for a whole matrix)."""
     dtype = matrices[0].dtype
     if dtype in _LOW_PRECISION:
         dtype = torch.float32
+    gramian = _gramian_in(matrices, dtype)
+    if dtype == torch.float32:
+        largest = gramian.diagonal().abs().max()
+        if not bool(torch.isfinite(largest)) or (
+            bool(largest < FLOAT32_GRAMIAN_FLOOR) and any(bool((matrix != 0).any()) for matrix in matrices)
+        ):
+            gramian = _gramian_in(matrices, torch.float64)
+    return (gramian + gramian.T) / 2
+
+
+def _gramian_in(matrices: list[Tensor], dtype: torch.dtype) -> Tensor:
+    """``Σ_p J_p J_pᵀ`` accumulated in ``dtype`` on the first matrix's device."""
+    device = matrices[0].device
     num_rows = matrices[0].shape[0]
     gramian = torch.zeros(num_rows, num_rows, dtype=dtype, device=device)
     for matrix in matrices:
         block = matrix.to(dtype)
         gramian += (block @ block.T).to(device)
-    return (gramian + gramian.T) / 2
+    return gramian
 
 
 def jac_to_grad(
@@ -105,7 +127,9 @@ def jac_to_grad(
     For a :class:`~hf_jd.aggregation.GramianWeightedAggregator` (e.g. ``UPGrad``), :math:`J` is
     never concatenated: the Gramian :math:`J J^\top = \sum_p J_p J_p^\top` is accumulated block by
     block (in float32 at least), the weights :math:`w` come from ``aggregator.weighting`` and each
-    parameter receives :math:`w^\top J_p`. Other aggregators receive the concatenated :math:`J`.
+    parameter receives :math:`w^\top J_p` (float32 Gramians that overflow or underflow are redone in
+    float64). Other aggregators, and subclasses that override ``aggregate``, receive the
+    concatenated :math:`J`.
 
     Parameters
     ----------
@@ -120,7 +144,8 @@ def jac_to_grad(
     Returns
     -------
     Tensor or None
-        The weights ``w`` (shape ``[m]``) for a Gramian-weighted aggregator, else ``None``.
+        The weights ``w`` (shape ``[m]``) for a Gramian-weighted aggregator (whose ``aggregate`` is
+        not overridden), else ``None``.
 
     Raises
     ------
@@ -128,7 +153,8 @@ def jac_to_grad(
         If ``params`` is empty or repeats a tensor, a parameter does not require grad or has no
         ``.jac``, a ``.jac`` has the wrong shape, or the ``.jac`` do not all have ``m`` rows.
     TypeError
-        If ``aggregator`` is not an :class:`~hf_jd.aggregation.Aggregator`.
+        If ``aggregator`` is not an :class:`~hf_jd.aggregation.Aggregator`, or a ``.jac`` is not
+        floating-point.
 
     Examples
     --------
@@ -156,7 +182,7 @@ def jac_to_grad(
     with torch.no_grad():
         matrices = [jacobian.detach().reshape(num_rows, -1) for jacobian in jacobians]
         weights: Tensor | None = None
-        if isinstance(aggregator, GramianWeightedAggregator):
+        if update_is_weighted_rows(aggregator):
             weights = aggregator.weighting(_gramian(matrices))
             updates = [weights.to(matrix) @ matrix for matrix in matrices]
         else:

@@ -147,7 +147,8 @@ def mtl_backward(
     ValueError
         If a loss is not scalar or does not require grad, a feature does not require grad,
         ``tasks_params`` does not have one entry per loss, a parameter is not a leaf requiring
-        grad, no shared parameter is found, or an existing ``.jac`` has a different shape.
+        grad, no shared parameter is found, no loss depends on the features (a task that does not
+        gets a zero row), or an existing ``.jac`` has a different shape.
 
     Notes
     -----
@@ -194,10 +195,12 @@ def mtl_backward(
     feature_grads: list[list[Tensor]] = [[] for _ in feature_tuple]
     head_grads: list[list[Tensor]] = []
     num_features = len(feature_tuple)
+    reached_features = False
     for loss, head in zip(loss_tuple, heads):
         grads = torch.autograd.grad(
             loss, [*feature_tuple, *head], retain_graph=True, allow_unused=True
         )
+        reached_features |= any(grad is not None for grad in grads[:num_features])
         targets = (*feature_tuple, *head)
         filled = [
             torch.zeros_like(target) if grad is None else grad
@@ -207,6 +210,12 @@ def mtl_backward(
             rows.append(grad)
         head_grads.append(filled[num_features:])
 
+    if not reached_features:
+        raise ValueError(
+            "No loss depends on the features: pass the features the heads computed the losses from, in the same "
+            "forward pass (not those of an earlier call of the trunk, nor a detached copy). Otherwise the trunk's "
+            "Jacobian is zero and its parameters are taken for head parameters (plain gradients)."
+        )
     cotangents = [torch.stack(rows) for rows in feature_grads]
     jacobians = batched_vjp(
         feature_tuple,

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from ..aggregation import Aggregator, GramianWeightedAggregator
+from ..aggregation._base import update_is_weighted_rows
 from ._distributed import CommunicationLog, all_processes_true, global_mtl_jacobian
 from ._stats import StatsAccumulator, gramian_stats, loss_stats, weight_stats
 
@@ -222,6 +223,12 @@ class JDStep:
             raise ValueError(
                 f"The autogram engine needs a Gramian-based aggregator, got {type(aggregator).__name__}."
             )
+        if engine == "autogram" and not update_is_weighted_rows(aggregator):
+            raise ValueError(
+                f"{type(aggregator).__name__} overrides aggregate() (or __call__), so its update is not the "
+                "weighted sum of the rows that the autogram engine computes from the weighting: use "
+                "jd_engine='autojac', or move the change into a Weighting."
+            )
         self.aggregator = aggregator
         self.mode = mode
         self.engine_kind = engine
@@ -250,8 +257,8 @@ class JDStep:
     # ------------------------------------------------------------------ set-up
     @property
     def weighting(self) -> Any:
-        """The weighting of a Gramian-based aggregator, else ``None``."""
-        return self.aggregator.weighting if isinstance(self.aggregator, GramianWeightedAggregator) else None
+        """The weighting of a Gramian-based aggregator whose weights define its update, else ``None``."""
+        return self.aggregator.weighting if update_is_weighted_rows(self.aggregator) else None
 
     def setup(self, model: nn.Module) -> None:
         """Select the covered parameters (and build the autogram engine) for ``model``, once.
@@ -292,9 +299,9 @@ class JDStep:
         if self._others and self.weighting is None:
             raise ValueError(
                 f"jd_modules leaves {len(self._others)} trainable parameter tensor(s) outside the Jacobian, and "
-                f"aggregator {type(self.aggregator).__name__} is not Gramian-based, so there are no weights to "
-                "give them a weighted gradient. Cover the whole model (unset jd_modules), freeze the other "
-                "parameters, or use a Gramian-based aggregator."
+                f"aggregator {type(self.aggregator).__name__} is not Gramian-based (or overrides aggregate()), so "
+                "there are no weights to give them a weighted gradient. Cover the whole model (unset jd_modules), "
+                "freeze the other parameters, or use a Gramian-based aggregator."
             )
         self._model = model
 

@@ -116,10 +116,14 @@ def test_dtype_and_shape(dtype: torch.dtype) -> None:
     assert update.dtype == dtype and update.shape == (9,)
 
 
-@pytest.mark.parametrize(("seed", "error"), [(-1, ValueError), (1.5, TypeError), ("1", TypeError)])
+@pytest.mark.parametrize(("seed", "error"), [(-1, ValueError), (1.5, TypeError), ("1", TypeError), (2**64, ValueError)])
 def test_bad_seed(seed: object, error: type) -> None:
     with pytest.raises(error, match="seed"):
         PCGrad(seed=seed)
+
+
+def test_largest_seed_works() -> None:
+    PCGrad(seed=2**64 - 1)(torch.randn(3, 4))
 
 
 def test_bad_state() -> None:

@@ -69,6 +69,13 @@ def test_bad_keyword_is_named() -> None:
         get_weighting("mgda", bogus=1)
 
 
+@pytest.mark.parametrize("name", ["imtl_g", "mean", "sum"])
+def test_bad_keyword_of_a_weighting_without_arguments_is_named(name: str) -> None:
+    # (their classes have no __init__ of their own: object's signature takes *args, **kwargs)
+    with pytest.raises(TypeError, match=rf"'bogus'.*{name}.*Valid keywords: \(none\)"):
+        get_weighting(name, bogus=1)
+
+
 def test_weighting_of_non_gramian_aggregator() -> None:
     with pytest.raises(ValueError, match="not Gramian-based"):
         get_weighting("trimmed_mean")

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from hf_jd.aggregation import Aggregator, GramianWeightedAggregator, Weighting
+from hf_jd.aggregation import MGDA, Aggregator, GramianWeightedAggregator, Mean, UPGrad, Weighting
+from hf_jd.aggregation._base import update_is_weighted_rows
 from hf_jd.autojac import backward, jac_to_grad
 
 from .helpers import (
@@ -234,3 +235,43 @@ def test_update_that_is_a_view_of_the_jacobian_is_copied() -> None:
     jac_to_grad([a], _FirstRow())
     assert_close(a.grad, jacobian[0])
     assert a.grad.untyped_storage().data_ptr() != jacobian.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("scale", [1e21, 1e-22])
+def test_float32_gramian_outside_float32_range_is_redone_in_float64(scale: float) -> None:
+    # Entries of 1e21 overflow a float32 Gramian (1e42), entries of 1e-22 underflow it (1e-44): the
+    # aggregator applied to J directly redoes it in float64, and so must the block-wise Gramian.
+    generator = torch.Generator().manual_seed(0)
+    first = torch.randn(3, 4, requires_grad=True)
+    second = torch.randn(5, requires_grad=True)
+    jacobians = [torch.randn(4, 3, 4, generator=generator) * scale, torch.randn(4, 5, generator=generator) * scale]
+    first.jac, second.jac = jacobians
+    aggregator = MGDA()
+    expected = _split(aggregator(torch.cat([j.reshape(4, -1) for j in jacobians], dim=1)), [first, second])
+    jac_to_grad([first, second], aggregator)
+    for param, update in zip((first, second), expected):
+        torch.testing.assert_close(param.grad / scale, update / scale, rtol=1e-4, atol=1e-6)
+
+
+def test_integer_jacobian_raises() -> None:
+    w = torch.randn(4, requires_grad=True)
+    w.jac = torch.ones(3, 4, dtype=torch.int64)
+    with pytest.raises(TypeError, match="int64.*floating-point"):
+        jac_to_grad([w], UPGrad())
+
+
+class _ClippedUPGrad(UPGrad):
+    """UPGrad whose update is clipped to norm 1: not the weighted sum of the rows any more."""
+
+    def aggregate(self, matrix: Tensor) -> Tensor:
+        update = super().aggregate(matrix)
+        return update / max(1.0, float(update.norm()))
+
+
+def test_overridden_aggregate_of_a_gramian_weighted_aggregator_is_used() -> None:
+    w = torch.zeros(3, requires_grad=True)
+    w.jac = torch.tensor([[10.0, 0.0, 0.0], [10.0, 0.0, 0.0]])
+    assert jac_to_grad([w], _ClippedUPGrad()) is None  # (the weights do not define the update)
+    torch.testing.assert_close(w.grad, torch.tensor([1.0, 0.0, 0.0]))
+    assert update_is_weighted_rows(UPGrad()) and update_is_weighted_rows(Mean())
+    assert not update_is_weighted_rows(_ClippedUPGrad())

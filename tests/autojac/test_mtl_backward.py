@@ -291,3 +291,15 @@ def test_tied_weight_used_through_and_around_the_features_counts_each_path_once(
     jac_to_grad([weight], Sum())
     _, first, second = losses()
     torch.testing.assert_close(weight.grad, torch.autograd.grad(first + second, weight)[0])
+
+
+def test_features_that_no_loss_depends_on_raise_and_write_nothing() -> None:
+    trunk, head_a, head_b = nn.Linear(4, 3), nn.Linear(3, 1), nn.Linear(3, 1)
+    inputs = torch.randn(5, 4)
+    stale = trunk(inputs).tanh()  # an earlier call of the trunk
+    features = trunk(inputs).tanh()
+    losses = [head_a(features).pow(2).mean(), head_b(features).abs().mean()]
+    with pytest.raises(ValueError, match="No loss depends on the features"):
+        mtl_backward(losses, stale)
+    for param in [*trunk.parameters(), *head_a.parameters(), *head_b.parameters()]:
+        assert param.grad is None and not hasattr(param, "jac")

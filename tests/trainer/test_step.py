@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_jd.aggregation import get_aggregator
+from hf_jd.aggregation import UPGrad, get_aggregator
 from hf_jd.trainer._step import JDStep, select_modules
 
 from jd_trainer_helpers import TwoTaskNet
@@ -69,6 +69,24 @@ def test_state_dict_round_trip():
 def test_autogram_needs_gramian_based_aggregator():
     with pytest.raises(ValueError, match="autogram engine needs a Gramian-based aggregator"):
         JDStep(get_aggregator("graddrop"), mode="mtl", engine="autogram", task_names=["a", "b"])
+
+
+class _ClippedUPGrad(UPGrad):
+    """UPGrad whose update is clipped to norm 1: its weights no longer define its update."""
+
+    def aggregate(self, matrix: torch.Tensor) -> torch.Tensor:
+        update = super().aggregate(matrix)
+        return update / max(1.0, float(update.norm()))
+
+
+def test_autogram_rejects_an_aggregator_that_overrides_aggregate():
+    with pytest.raises(ValueError, match="_ClippedUPGrad overrides aggregate.*jd_engine='autojac'"):
+        JDStep(_ClippedUPGrad(), mode="mtl", engine="autogram", task_names=["a", "b"])
+    step = JDStep(_ClippedUPGrad(), mode="mtl", engine="autojac", task_names=["a", "b"])
+    assert step.weighting is None  # (no weights to reuse or to give parameters outside the Jacobian)
+    partial = JDStep(_ClippedUPGrad(), mode="mtl", engine="autojac", task_names=["a", "b"], module_patterns=["encoder"])
+    with pytest.raises(ValueError, match="overrides aggregate"):
+        partial.setup(TwoTaskNet())
 
 
 def test_setup_splits_covered_and_other_parameters():
