@@ -166,10 +166,14 @@ def install_aliases(module: nn.Module, params: dict[str, nn.Parameter]) -> dict[
     dict
         The aliases, by qualified name.
     """
-    aliases = {name: param.view_as(param) for name, param in params.items()}
-    for name, alias in aliases.items():
+    aliases = {}
+    for name, param in params.items():
         owner, attribute = _owner(module, name)
+        # A module with sparse gradients (nn.EmbeddingBag(sparse=True)) gets a copy: the backward of a view cannot
+        # reshape a sparse gradient.
+        alias = param.clone() if getattr(owner, "sparse", False) is True else param.view_as(param)
         owner._parameters[attribute] = alias  # type: ignore[assignment]
+        aliases[name] = alias
     return aliases
 
 
@@ -429,6 +433,8 @@ class GenericRecord(Record):
                 rows = param.new_zeros(layout.num_rows, *param.shape)
             else:
                 rows = torch.cat(chunks)  # type: ignore[arg-type]
+            if rows.layout != torch.strided:  # sparse gradients (nn.EmbeddingBag(sparse=True)): the dense rows
+                rows = rows.to_dense()
             self._rows[name] = rows.reshape(layout.num_rows, -1).to(compute_dtype(param))
         del self.grad_rows
         return self._rows
@@ -492,8 +498,15 @@ class GenericRecord(Record):
         if isinstance(self._matmul, MatmulFactors) and name not in self.kept_rows:
             param = self.params[name]
             grad = self._matmul.weighted_grad(name, weights)
-            return param.new_zeros(param.shape) if grad is None else grad.to(param.dtype).view(param.shape)
-        return super().weighted_grad(name, weights)
+            grad = param.new_zeros(param.shape) if grad is None else grad.to(param.dtype).view(param.shape)
+        else:
+            grad = super().weighted_grad(name, weights)
+        owner, _ = _owner(self.module, name)
+        if getattr(owner, "sparse", False) is True and grad.dim() > 0:
+            # As the ordinary backward of nn.EmbeddingBag(sparse=True): a sparse gradient over the table's rows
+            # (SparseAdam rejects dense ones).
+            return grad.to_sparse(sparse_dim=1).coalesce()
+        return grad
 
     def _example_chunks(self) -> list[slice | None]:
         """Groups of examples whose masked output gradients fit the memory budget."""

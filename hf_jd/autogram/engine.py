@@ -218,6 +218,12 @@ _EARLIER_USES = (
 )
 
 
+def _calls_in_graph(records: Sequence[Record], nodes: list[Any]) -> bool:
+    """Whether the output of some captured call is on the losses' graph (``nodes``)."""
+    graph = set(nodes)
+    return any(edge.node in graph for record in records for edge in record.shape_edges())
+
+
 class Engine:
     """Computes the Gramian of the Jacobian of a vector of losses w.r.t. the trainable parameters
     of the given modules, during a backward pass that never holds the Jacobian.
@@ -439,7 +445,10 @@ class Engine:
         if not ids:
             return records
         kept = [record for record in records if any(id(param) not in ids for param in record.params.values())]
-        if outside and not kept:  # every captured parameter used otherwise: these losses are not of those calls
+        if outside and not kept and not _calls_in_graph(records, nodes):
+            # Every captured parameter used otherwise, and no captured call on the losses' graph: these losses are not
+            # of those calls. (Captured calls on the graph, with every parameter also used after them, e.g. a penalty
+            # on all the weights, take the per-row path below.)
             params = [param for param, _ in outside]
             raise RuntimeError(
                 f"The losses use {len(params)} trainable parameter(s) of the engine's modules "
@@ -639,8 +648,10 @@ class Engine:
         if not records:
             if capture.consumed:
                 raise RuntimeError(
-                    "compute_gramian was already called on the captures of this forward pass (they are "
-                    "used once): run a new forward pass before computing another Gramian."
+                    "The engine has no captures left: compute_gramian was already called on those of the last forward "
+                    "pass run with the engine enabled (they are used once), and no forward pass captured anything "
+                    "since (one run with the engine disabled, e.g. under engine.disabled(), captures nothing). Run a "
+                    "new forward pass with the engine enabled before computing another Gramian."
                 )
             raise RuntimeError(
                 "The engine captured no module call: run the forward pass with the engine enabled, "
@@ -661,6 +672,8 @@ class Engine:
         nodes = list(graph_nodes([losses.grad_fn]))
         # (a parametrised weight reused outside the calls covering it: its originals take the exact path instead)
         keep_fully_covered(records, nodes)
+        # (before parameters leave the records for the per-row path: theirs count too)
+        float64 = any(p.dtype == torch.float64 for record in records for p in record.params.values())
         records = self._uncover_uses_outside_calls(records, nodes)
         counts: dict[int, int] = {}
         for record in records:
@@ -670,7 +683,6 @@ class Engine:
         self._low_precision = any(record.autocast for record in records) or any(
             p.dtype in (torch.bfloat16, torch.float16) for record in records for p in record.params.values()
         )
-        float64 = any(p.dtype == torch.float64 for record in records for p in record.params.values())
         dtype = torch.float64 if float64 else torch.float32
         accumulator = Accumulator(layout, dtype, losses.device, counts, self._single_backward)
         retain = True

@@ -138,6 +138,31 @@ def test_weight_penalty_added_to_the_losses_is_exact_with_advice(single_backward
         assert_exact_step(engine, losses, trainable(model), single_backward)
 
 
+@pytest.mark.parametrize("single_backward", [False, True])
+@pytest.mark.parametrize("batch_dim", [0, None])
+def test_penalty_on_every_covered_parameter_is_exact(single_backward: bool, batch_dim: int | None) -> None:
+    """With every parameter also used outside the calls, no closed form is left: all take the per-row path (this
+    was rejected as losses of an uncaptured forward pass), in the parameters' float64."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 1)).double()
+    engine = Engine(model, batch_dim=batch_dim, single_backward=single_backward)
+    outputs = model(torch.randn(3, 4, dtype=torch.float64))[:, 0].pow(2)
+    penalty = 1e-2 * sum(param.pow(2).sum() for param in model.parameters())
+    losses = outputs + penalty if batch_dim == 0 else torch.stack([outputs.mean(), penalty])
+    params = trainable(model)
+    jac = jacobian(losses, params)
+    with pytest.warns(RuntimeWarning, match=r"\['0.weight', '0.bias', '2.weight', '2.bias'\]"):
+        gramian = engine.compute_gramian(losses, retain_graph=True)
+    assert gramian.dtype == torch.float64
+    torch.testing.assert_close(gramian, jac @ jac.T, rtol=1e-12, atol=1e-14)
+    weights = torch.linspace(0.5, 1.5, losses.numel(), dtype=torch.float64)
+    if single_backward:
+        engine.backward(weights)
+    else:
+        losses.backward(weights)
+    torch.testing.assert_close(torch.cat([p.grad.reshape(-1) for p in params]), weights @ jac, rtol=1e-12, atol=1e-14)
+
+
 class _TiedHead(nn.Module):
     """An embedding whose weight a parent also multiplies with, beside a Linear it never calls (MobileBERT's
     masked-LM head: ``h @ cat([decoder.weight.T, dense.weight])`` with the decoder tied to the embedding)."""

@@ -161,12 +161,50 @@ def test_sparse_embedding_gets_a_sparse_gradient() -> None:
     torch.testing.assert_close(grads, weights @ jac, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_sparse_embedding_bag_is_exact_with_a_sparse_gradient(single_backward: bool) -> None:
+    """nn.EmbeddingBag(sparse=True) takes the generic path: its aliases were views, whose backward cannot reshape
+    a sparse gradient (the weighted backward failed), its per-row gradients were sparse (compute_gramian failed on
+    a vmapped pass's fallback) and Engine.backward wrote a dense .grad (rejected by SparseAdam)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.EmbeddingBag(20, 4, sparse=True), nn.Tanh(), nn.Linear(4, 1))
+    dense = nn.Sequential(nn.EmbeddingBag(20, 4), nn.Tanh(), nn.Linear(4, 1))
+    dense.load_state_dict(model.state_dict())
+    engine = Engine(model, single_backward=single_backward)
+    ids = torch.randint(0, 20, (3, 5))
+    jac = jacobian(dense(ids)[:, 0].pow(2), trainable(dense))
+    for _ in range(2):  # (the second step after the vmapped pass's failure: one vector at a time)
+        model.zero_grad(set_to_none=True)
+        losses = model(ids)[:, 0].pow(2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (the vmapped pass's fallback)
+            gramian = engine.compute_gramian(losses)
+        assert_gramian_matches(gramian, jac)
+        weights = torch.tensor([0.5, 1.0, 1.5])
+        engine.backward(weights) if single_backward else losses.backward(weights)
+        assert model[0].weight.grad.is_sparse
+        grads = torch.cat([p.grad.to_dense().reshape(-1) for p in trainable(model)])
+        torch.testing.assert_close(grads, weights @ jac, rtol=1e-4, atol=1e-6)
+    torch.optim.SparseAdam(list(model[0].parameters())).step()  # accepted
+
+
 def test_second_gramian_on_the_same_forward_pass_is_explained() -> None:
     model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 1))
     engine = Engine(model)
     losses = model(torch.randn(2, 4)).squeeze(1)
     engine.compute_gramian(losses)
-    with pytest.raises(RuntimeError, match="already called on the captures of this forward pass"):
+    with pytest.raises(RuntimeError, match="already called on those of the last forward pass run with the engine"):
+        engine.compute_gramian(losses)
+
+
+def test_forward_pass_with_the_engine_disabled_after_a_step_is_explained() -> None:
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 1))
+    engine = Engine(model)
+    losses = model(torch.randn(2, 4)).squeeze(1)
+    losses.backward(engine.compute_gramian(losses).diagonal())
+    with engine.disabled():
+        losses = model(torch.randn(2, 4)).squeeze(1)
+    with pytest.raises(RuntimeError, match=r"engine disabled, e.g. under engine.disabled\(\), captures nothing"):
         engine.compute_gramian(losses)
 
 
