@@ -112,7 +112,7 @@ def _output_field(outputs: Any, name: str) -> Any:
 
 
 def _decoder_inputs_from_labels(model: nn.Module, inputs: dict[str, Any], labels: Any) -> dict[str, Any]:
-    """Give an encoder-decoder model the decoder inputs it would have built from the removed labels.
+    """Give an encoder-decoder language model the decoder inputs it would have built from the removed labels.
 
     Sequence-to-sequence models (T5, BART, ...) derive ``decoder_input_ids`` from ``labels`` (shifted
     right) only when ``labels`` is passed; IWRM removes the labels, so the shift is done here with the
@@ -169,6 +169,8 @@ class LossCollector:
     compute_losses
         Optional user function ``(model, inputs) -> (losses, outputs)`` that replaces the built-in
         collection; its losses are checked against the mode's shape all the same.
+    label_smoothing
+        ``iwrm``: the label smoothing of the per-example cross-entropies (see ``per_example_losses``).
     """
 
     def __init__(
@@ -177,11 +179,13 @@ class LossCollector:
         task_names: Sequence[str] | None,
         label_names: Sequence[str],
         compute_losses: ComputeLosses | None = None,
+        label_smoothing: float = 0.0,
     ) -> None:
         self.mode = mode
         self.task_names = list(task_names) if task_names else None
         self.label_names = list(label_names) or ["labels"]
         self.compute_losses = compute_losses
+        self.label_smoothing = label_smoothing
 
     def __call__(
         self, model: nn.Module, unwrapped: nn.Module, inputs: dict[str, Any], *, training: bool = True
@@ -243,9 +247,12 @@ class LossCollector:
                 )
             labels = {name: inputs[name] for name in QA_LABEL_NAMES}
         model_inputs = {key: value for key, value in inputs.items() if key not in self.label_names}
-        model_inputs = _decoder_inputs_from_labels(unwrapped, model_inputs, labels)
+        if detect_model_kind(unwrapped) == "seq2seq_lm":
+            # (other encoder-decoder heads, e.g. BART's or T5's sequence classification, build their decoder inputs
+            # from input_ids themselves; their labels are no decoder tokens)
+            model_inputs = _decoder_inputs_from_labels(unwrapped, model_inputs, labels)
         outputs = model(**model_inputs)
-        return per_example_losses(unwrapped, outputs, labels), outputs
+        return per_example_losses(unwrapped, outputs, labels, label_smoothing=self.label_smoothing), outputs
 
     def _stack_task_dict(self, losses: Mapping[str, Tensor], source: str) -> Tensor:
         names = self.task_names

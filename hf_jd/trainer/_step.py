@@ -72,9 +72,10 @@ def _rows_hint(mode: str) -> Iterator[None]:
         if mode == "mtl" or "row" not in str(error):
             raise
         raise ValueError(
-            f"{error}\nWith JDTrainer (jd_mode={mode!r}) the rows are the examples of the batch (times the tasks), "
-            "and the last batch of an epoch may be smaller: set dataloader_drop_last=True (or choose batch sizes "
-            "the aggregator accepts)."
+            f"{error}\nWith JDTrainer (jd_mode={mode!r}) the rows are the examples of the micro-batch (times the "
+            "tasks): choose a per_device_train_batch_size the aggregator accepts (or its settings, e.g. Krum's "
+            "n_byzantine, for that size), and since the last batch of an epoch may be smaller, set "
+            "dataloader_drop_last=True."
         ) from error
 
 

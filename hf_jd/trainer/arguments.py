@@ -291,6 +291,15 @@ class JDTrainingArguments(TrainingArguments):
                 f"{str(error).rstrip('.')}. Fix `jd_aggregator_kwargs`."
             ) from error
 
+        if self.label_smoothing_factor != 0 and self.jd_mode != "iwrm":
+            raise ValueError(
+                f"label_smoothing_factor={self.label_smoothing_factor} cannot apply to the task losses of "
+                f"jd_mode={self.jd_mode!r}, which the model computes and JDTrainer takes as they are: set "
+                "label_smoothing_factor=0 and smooth them where they are computed (e.g. "
+                "F.cross_entropy(..., label_smoothing=0.1, reduction='none') in the heads). With jd_mode='iwrm' and "
+                "the built-in per-example losses, label_smoothing_factor applies to them."
+            )
+
         gramian_based = is_gramian_based(name)
         if self.jd_engine == "autogram" and not gramian_based:
             raise ValueError(
@@ -307,7 +316,7 @@ class JDTrainingArguments(TrainingArguments):
                 "activation_checkpointing_kwargs) does not work with Jacobian descent: the Jacobian is computed "
                 "with torch.autograd.grad, which reentrant checkpointing rejects. Use "
                 "activation_checkpointing_kwargs / gradient_checkpointing_kwargs={'use_reentrant': False} "
-                "(transformers' default) with jd_engine='autojac'."
+                "(transformers' default), which works with both engines."
             )
 
         optimizer = str(getattr(self.optim, "value", self.optim)).lower()

@@ -13,8 +13,10 @@ each example from the logits, with exactly the conventions of the models' own lo
   sequence being clamped and ignored as the models do (the labels are the pair ``start_positions``,
   ``end_positions``);
 * token classification: mean cross-entropy over the tokens of the example whose label is not ``-100``;
-* causal language modelling: logits at position ``t`` predict the label at ``t + 1``; mean over the
-  non-ignored shifted labels of the example;
+* causal language modelling: logits at position ``t`` predict the label at ``t + 1`` (at ``t`` for XLNet
+  and CPM-Ant, as in their losses); mean over the non-ignored shifted labels of the example; a mixture of
+  experts run with ``output_router_logits=True`` adds its load-balancing loss times
+  ``router_aux_loss_coef`` to every example's loss, as its own loss adds it to the batch mean;
 * masked and sequence-to-sequence language modelling (text or speech to text, e.g. Whisper): mean over
   the tokens whose label is not ``-100``.
 
@@ -179,7 +181,7 @@ def _logits_of(outputs: Any) -> Tensor:
     )
 
 
-def _token_losses(logits: Tensor, labels: Tensor) -> Tensor:
+def _token_losses(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0) -> Tensor:
     """Mean cross-entropy over the non-ignored tokens of each example (0 when there is none)."""
     if logits.dim() != 3 or tuple(labels.shape) != tuple(logits.shape[:2]):
         raise ValueError(
@@ -190,7 +192,8 @@ def _token_losses(logits: Tensor, labels: Tensor) -> Tensor:
     vocab = logits.shape[-1]
     # ignore_index gives exactly 0 for ignored tokens, and reshape is a view of contiguous logits (no copy).
     losses = F.cross_entropy(
-        logits.reshape(-1, vocab), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+        logits.reshape(-1, vocab), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none",
+        label_smoothing=label_smoothing,
     ).reshape(labels.shape)
     counts = (labels != IGNORE_INDEX).sum(dim=-1)
     return losses.sum(dim=-1) / counts.clamp(min=1)
@@ -208,10 +211,17 @@ def _problem_type(config: Any, labels: Tensor) -> str:
     return "multi_label_classification"
 
 
-def _sequence_classification_losses(config: Any, logits: Tensor, labels: Tensor) -> Tensor:
+def _sequence_classification_losses(
+    config: Any, logits: Tensor, labels: Tensor, label_smoothing: float = 0.0
+) -> Tensor:
     batch = logits.shape[0]
     logits = logits.reshape(batch, -1)
     problem_type = _problem_type(config, labels)
+    if label_smoothing and problem_type != "single_label_classification":
+        raise ValueError(
+            f"Label smoothing applies to single-label classification, not to {problem_type} (the Trainer's "
+            "LabelSmoother cannot smooth it either): set label_smoothing_factor=0."
+        )
     if problem_type == "single_label_classification":
         labels = labels.reshape(-1).long()
         if labels.shape[0] != batch:
@@ -219,7 +229,9 @@ def _sequence_classification_losses(config: Any, logits: Tensor, labels: Tensor)
                 f"Single-label classification needs one label per example, got labels {list(labels.shape)}."
             )
         valid = labels != IGNORE_INDEX
-        losses = F.cross_entropy(logits, torch.where(valid, labels, 0), reduction="none")
+        losses = F.cross_entropy(
+            logits, torch.where(valid, labels, 0), reduction="none", label_smoothing=label_smoothing
+        )
         return torch.where(valid, losses, torch.zeros_like(losses))
     labels = labels.reshape(batch, -1).to(logits.dtype)
     if labels.shape != logits.shape:
@@ -236,7 +248,7 @@ def _sequence_classification_losses(config: Any, logits: Tensor, labels: Tensor)
     )
 
 
-def _multiple_choice_losses(logits: Tensor, labels: Tensor) -> Tensor:
+def _multiple_choice_losses(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0) -> Tensor:
     """Cross-entropy of the ``[B, C]`` choice scores against the index of the right choice (0 for an
     example labelled -100)."""
     batch = logits.shape[0]
@@ -245,7 +257,7 @@ def _multiple_choice_losses(logits: Tensor, labels: Tensor) -> Tensor:
     if labels.shape[0] != batch:
         raise ValueError(f"Multiple choice needs one label (the right choice) per example, got {list(labels.shape)}.")
     valid = labels != IGNORE_INDEX
-    losses = F.cross_entropy(logits, torch.where(valid, labels, 0), reduction="none")
+    losses = F.cross_entropy(logits, torch.where(valid, labels, 0), reduction="none", label_smoothing=label_smoothing)
     return torch.where(valid, losses, torch.zeros_like(losses))
 
 
@@ -314,7 +326,48 @@ def _question_answering_losses(outputs: Any, labels: Any) -> Tensor:
     return total / count.clamp(min=1)
 
 
-def per_example_losses(model: nn.Module, outputs: Any, labels: Any, kind: str | None = None) -> Tensor:
+# Causal LMs whose own loss compares position t's logits with the label at t (no shift): XLNet's permutation LM and
+# CPM-Ant (found by reading the loss code of every model of transformers' causal-LM mapping).
+_UNSHIFTED_CAUSAL_LMS = frozenset({"XLNetLMHeadModel", "CpmAntForCausalLM"})
+
+
+def _predicts_its_own_position(model: nn.Module) -> bool:
+    """Whether a causal LM's loss takes the labels unshifted (see :data:`_UNSHIFTED_CAUSAL_LMS`)."""
+    return any(cls.__name__ in _UNSHIFTED_CAUSAL_LMS for cls in type(unwrap_model(model)).__mro__)
+
+
+def _router_loss(model: nn.Module, outputs: Any) -> Tensor | None:
+    """The load-balancing term a mixture-of-experts causal LM adds to its loss (``coefficient * aux_loss``, returned
+    when ``output_router_logits=True``), or ``None`` when the outputs hold no ``aux_loss``.
+
+    The term is one number for the whole batch (it balances the routing of all its tokens): every example's loss
+    gets it, so that the mean of the per-example losses is the model's loss again.
+    """
+    aux_loss = outputs.get("aux_loss") if isinstance(outputs, Mapping) else getattr(outputs, "aux_loss", None)
+    if not isinstance(aux_loss, Tensor):
+        return None
+    unwrapped = unwrap_model(model)
+    config = getattr(unwrapped, "config", None)
+    text_config = getattr(config, "text_config", None)
+    for owner, name in (
+        (unwrapped, "router_aux_loss_coef"),
+        (unwrapped, "aux_loss_coef"),  # (JetMoE)
+        (config, "router_aux_loss_coef"),
+        (text_config, "router_aux_loss_coef"),
+    ):
+        coefficient = getattr(owner, name, None)
+        if isinstance(coefficient, (int, float)):
+            return coefficient * aux_loss
+    raise ValueError(
+        f"{type(unwrapped).__name__} returned a router aux_loss (output_router_logits=True), which its own loss adds "
+        "with a coefficient, but hf_jd found no router_aux_loss_coef on the model or its config. Pass "
+        "`compute_losses=` to JDTrainer to add it yourself, or set output_router_logits=False."
+    )
+
+
+def per_example_losses(
+    model: nn.Module, outputs: Any, labels: Any, kind: str | None = None, label_smoothing: float = 0.0
+) -> Tensor:
     """Loss of every example of the batch, computed from the outputs of a Hugging Face task model.
 
     Parameters
@@ -330,10 +383,16 @@ def per_example_losses(model: nn.Module, outputs: Any, labels: Any, kind: str | 
         The labels the model would have taken (``[B]`` or ``[B, num_labels]`` for sequence classification,
         ``[B]`` choice indices for multiple choice, ``[B, T]`` for token-level tasks, ``-100`` marking
         ignored positions). Labels are not shifted for
-        causal LMs: the shift happens here, as in the models. Question answering takes the pair
+        causal LMs: the shift happens here, as in the models (except XLNet and CPM-Ant, whose losses take
+        the labels as given). Question answering takes the pair
         ``(start_positions, end_positions)`` (or a mapping with those keys, or a ``[B, 2]`` tensor).
     kind
         Force the loss: one of :data:`MODEL_KINDS`.
+    label_smoothing
+        Label smoothing ``ε`` of the cross-entropies (the Trainer's ``label_smoothing_factor``): each token's or
+        example's loss is ``(1 - ε)`` times its negative log-likelihood plus ``ε`` times the mean over the classes
+        of ``-log p``, as the Trainer's ``LabelSmoother`` computes it (which also shifts causal LMs' labels).
+        Classification, multiple choice and token-level models only.
 
     Returns
     -------
@@ -350,7 +409,14 @@ def per_example_losses(model: nn.Module, outputs: Any, labels: Any, kind: str | 
         kind = detect_model_kind(model)
     elif kind not in MODEL_KINDS:
         raise ValueError(f"kind must be one of {list(MODEL_KINDS)}, got {kind!r}.")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}.")
     if kind == "question_answering":
+        if label_smoothing:
+            raise ValueError(
+                "Label smoothing does not apply to question answering (the Trainer's LabelSmoother cannot smooth "
+                "start and end positions either): set label_smoothing_factor=0."
+            )
         return _question_answering_losses(outputs, labels)
     if not isinstance(labels, Tensor):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}.")
@@ -359,19 +425,23 @@ def per_example_losses(model: nn.Module, outputs: Any, labels: Any, kind: str | 
     if labels.shape[0] != logits.shape[0]:
         raise ValueError(f"labels have batch size {labels.shape[0]} but the logits have {logits.shape[0]}.")
     if kind == "sequence_classification":
-        return _sequence_classification_losses(getattr(unwrap_model(model), "config", None), logits, labels)
+        config = getattr(unwrap_model(model), "config", None)
+        return _sequence_classification_losses(config, logits, labels, label_smoothing)
     if kind == "multiple_choice":
-        return _multiple_choice_losses(logits, labels)
+        return _multiple_choice_losses(logits, labels, label_smoothing)
     if kind == "causal_lm":
         if logits.dim() != 3 or tuple(labels.shape) != tuple(logits.shape[:2]):
             raise ValueError(
                 f"A causal LM needs logits [B, T, V] and labels [B, T]; got logits {list(logits.shape)} and "
                 f"labels {list(labels.shape)}."
             )
-        # Position t predicts the label at t + 1; the last position predicts nothing (as in ForCausalLMLoss).
-        shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-        return _token_losses(logits, shifted)
-    return _token_losses(logits, labels)
+        if not _predicts_its_own_position(model):
+            # Position t predicts the label at t + 1; the last position predicts nothing (as in ForCausalLMLoss).
+            labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+        losses = _token_losses(logits, labels, label_smoothing)
+        router_loss = _router_loss(model, outputs)
+        return losses if router_loss is None else losses + router_loss.to(losses)
+    return _token_losses(logits, labels, label_smoothing)
 
 
 __all__ = ["MODEL_KINDS", "QA_LABEL_NAMES", "detect_model_kind", "per_example_losses", "unwrap_model"]

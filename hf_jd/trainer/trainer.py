@@ -24,6 +24,7 @@ from transformers.utils import is_sagemaker_mp_enabled
 from ..aggregation import Aggregator, get_aggregator
 from ._collect import ComputeLosses, LossCollector, forward_accepts, forward_declares
 from ._distributed import resolve_ddp_gramian
+from ._stats import loss_stats
 from ._step import JDStep, select_modules
 from .arguments import JDTrainingArguments, _parse_kwargs
 
@@ -60,7 +61,8 @@ class JDTrainer(Trainer):
     TypeError
         If ``args`` is not :class:`JDTrainingArguments` or ``compute_losses`` is not callable.
     ValueError
-        If ``compute_loss_func`` or ``label_smoothing_factor != 0`` is given, the ``jd_*`` arguments are
+        If ``compute_loss_func`` is given, ``label_smoothing_factor != 0`` with losses other than the
+        built-in per-example losses of ``iwrm``, the ``jd_*`` arguments are
         invalid, a ``jd_modules`` pattern matches no module, or the parallelism is not supported
         (DeepSpeed, FSDP, SageMaker model parallelism, ``DataParallel``, several processes with autojac).
 
@@ -156,10 +158,13 @@ class JDTrainer(Trainer):
                 "JDTrainer does not use compute_loss_func (it reduces the outputs to one loss). Pass "
                 "compute_losses=callable(model, inputs) -> (losses, outputs) instead."
             )
-        if args.label_smoothing_factor != 0:
+        if args.label_smoothing_factor != 0 and compute_losses is not None:
+            # (jd_mode 'mtl' and 'iwmtl' are rejected by JDTrainingArguments)
             raise ValueError(
-                "JDTrainer does not support label_smoothing_factor != 0: the per-example and per-task losses are "
-                "computed without it. Set label_smoothing_factor=0 or pass compute_losses=."
+                f"label_smoothing_factor={args.label_smoothing_factor} cannot apply to the losses of compute_losses, "
+                "which JDTrainer takes as they are: set label_smoothing_factor=0 and smooth them in compute_losses "
+                "(e.g. F.cross_entropy(..., label_smoothing=0.1, reduction='none')). Without compute_losses, "
+                "label_smoothing_factor applies to the built-in per-example losses of jd_mode='iwrm'."
             )
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
         self.args: JDTrainingArguments
@@ -183,7 +188,9 @@ class JDTrainer(Trainer):
         )
         assert self.model is not None  # Trainer.__init__ raises without a model or model_init
         select_modules(self.model, self.args.jd_modules)  # fail early on a pattern that matches nothing
-        self._loss_collector = LossCollector(self.args.jd_mode, task_names, self.label_names, compute_losses)
+        self._loss_collector = LossCollector(
+            self.args.jd_mode, task_names, self.label_names, compute_losses, label_smoothing=args.label_smoothing_factor
+        )
         self._eval_task_losses: dict[str, list[float]] | None = None
         self._warned_single_row = False
         self._warn_if_compute_loss_overridden()
@@ -333,6 +340,7 @@ class JDTrainer(Trainer):
                 with self.compute_loss_context_manager():
                     return self._loss_collector(model, unwrapped, batch)
 
+            label_counts = self._label_counts(inputs)
             result = self.jd_step.run(
                 forward,
                 self.accelerator.backward,
@@ -340,7 +348,7 @@ class JDTrainer(Trainer):
                 global_step=self.state.global_step,
                 grad_factor=scale * self._direct_grad_factor(),
                 world_size=self.args.world_size,
-                label_counts=self._label_counts(inputs),
+                label_counts=label_counts,
                 no_sync=lambda: self.accelerator.no_sync(model),
             )
             self._warn_if_single_row(result.losses, inputs)
@@ -351,7 +359,18 @@ class JDTrainer(Trainer):
                 clear_device_cache()
                 if torch.backends.mps.is_available() and hasattr(torch.mps, "clear_graph_cache"):
                     torch.mps.clear_graph_cache()
-            return (result.losses.mean() * scale).detach()
+            return (self._logged_loss(result.losses, label_counts) * scale).detach()
+
+    def _logged_loss(self, losses: Tensor, label_counts: list[int] | None) -> Tensor:
+        """The training ``loss``: the mean of the losses, except in ``iwmtl`` with per-task label counts, where it is
+        the mean of the logged ``loss_<task>`` (the placeholders 0 of examples without a task's label would
+        otherwise pull it down, e.g. to a third with three tasks from three datasets, below ``eval_loss``)."""
+        if label_counts is None or not self.args.jd_task_names:
+            return losses.detach().float().mean()
+        per_task = loss_stats(losses, "iwmtl", self.args.jd_task_names, label_counts)
+        if not per_task:
+            return losses.detach().float().mean()
+        return torch.stack(list(per_task.values())).mean()
 
     def _warn_if_single_row(self, losses: Tensor, inputs: dict[str, Any]) -> None:
         """Warn once when a per-example mode gets one example per micro-batch (no per-example Jacobian descent)."""

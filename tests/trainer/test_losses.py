@@ -4,6 +4,8 @@ import pytest
 import torch
 from transformers import (
     BertConfig,
+    CpmAntConfig,
+    CpmAntForCausalLM,
     BertForMaskedLM,
     BertForMultipleChoice,
     BertForSequenceClassification,
@@ -11,12 +13,16 @@ from transformers import (
     BertModel,
     GPT2Config,
     GPT2LMHeadModel,
+    MixtralConfig,
+    MixtralForCausalLM,
     T5Config,
     T5ForConditionalGeneration,
     ViTConfig,
     ViTForImageClassification,
     XLMConfig,
     XLMWithLMHeadModel,
+    XLNetConfig,
+    XLNetLMHeadModel,
 )
 
 from hf_jd.trainer.losses import detect_model_kind, per_example_losses, unwrap_model
@@ -145,6 +151,48 @@ def test_causal_lm_with_padding_and_an_empty_example():
     result = per_example_losses(model, out, empty)
     assert result[2].item() == 0.0
     torch.testing.assert_close(result[:2], losses[:2])
+
+
+def _xlnet() -> XLNetLMHeadModel:
+    return XLNetLMHeadModel(XLNetConfig(vocab_size=100, d_model=32, n_layer=2, n_head=2, d_inner=64))
+
+
+def _cpmant() -> CpmAntForCausalLM:
+    return CpmAntForCausalLM(CpmAntConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, dim_head=16, dim_ff=64,
+        prompt_length=4, prompt_types=3, segment_types=3, position_bias_num_buckets=8, position_bias_max_distance=32,
+    ))  # fmt: skip
+
+
+@pytest.mark.parametrize("build", [_xlnet, _cpmant], ids=["xlnet", "cpmant"])
+def test_causal_lms_whose_own_loss_does_not_shift_the_labels(build):
+    """XLNet's and CPM-Ant's losses compare position t with label t: shifting gave another objective (XLNet's
+    per-example mean 4.63 against its own loss 3.98)."""
+    torch.manual_seed(0)
+    model = build()
+    assert detect_model_kind(model) == "causal_lm"
+    input_ids = torch.randint(5, 90, (3, 7))
+    check_against_model(model, {"input_ids": input_ids}, input_ids, equal_counts=True)
+
+
+def test_mixture_of_experts_router_loss_is_added_to_every_example():
+    """With output_router_logits=True, Mixtral's loss adds router_aux_loss_coef times its load-balancing loss (one
+    number for the batch): every example's loss gets it, so that their mean is the model's loss (it was left out)."""
+    torch.manual_seed(0)
+    config = MixtralConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        intermediate_size=64, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
+        output_router_logits=True, router_aux_loss_coef=0.5,
+    )  # fmt: skip
+    model = MixtralForCausalLM(config).eval()
+    input_ids = torch.randint(5, 100, (3, 7))
+    outputs = model(input_ids=input_ids)
+    losses = per_example_losses(model, outputs, input_ids)
+    expected = model(input_ids=input_ids, labels=input_ids)
+    assert float(expected.aux_loss) > 0.1  # (the term is not negligible)
+    torch.testing.assert_close(losses.mean(), expected.loss, rtol=1e-5, atol=1e-6)
+    without = per_example_losses(model, {"logits": outputs.logits}, input_ids)
+    torch.testing.assert_close(losses - without, torch.full((3,), 0.5 * float(outputs.aux_loss)), rtol=1e-5, atol=1e-6)
 
 
 def test_causal_lm_rows_are_the_gradients_of_single_example_losses():

@@ -42,9 +42,14 @@ def test_non_callable_compute_losses_is_rejected(tmp_path):
         JDTrainer(model=TwoTaskNet(), args=make_args(tmp_path), compute_losses="mean")
 
 
-def test_label_smoothing_is_rejected(tmp_path):
-    with pytest.raises(ValueError, match="label_smoothing_factor"):
-        JDTrainer(model=TwoTaskNet(), args=make_args(tmp_path, label_smoothing_factor=0.1))
+def test_label_smoothing_of_losses_jd_does_not_compute_is_rejected(tmp_path):
+    """It applies to the built-in per-example losses of iwrm only (see test_trainer_hf_parity)."""
+    with pytest.raises(ValueError, match="label_smoothing_factor=0.1 cannot apply to the task losses of jd_mode='mtl'"):
+        make_args(tmp_path, label_smoothing_factor=0.1, jd_mode="mtl", jd_task_names=TASKS)
+    with pytest.raises(ValueError, match="cannot apply to the losses of compute_losses"):
+        JDTrainer(
+            model=tiny_bert(), args=make_args(tmp_path, label_smoothing_factor=0.1), compute_losses=lambda m, i: None
+        )
 
 
 def test_jd_modules_pattern_matching_nothing(tmp_path):
@@ -54,7 +59,7 @@ def test_jd_modules_pattern_matching_nothing(tmp_path):
 
 
 def test_partial_jd_modules_need_a_gramian_based_aggregator(tmp_path):
-    with pytest.raises(ValueError, match="not Gramian-based, so there are no weights"):
+    with pytest.raises(ValueError, match=r"not Gramian-based \(or overrides aggregate\(\)\), so there are no weights"):
         _train(tmp_path, jd_modules=["encoder"], jd_aggregator="graddrop")
 
 

@@ -8,11 +8,13 @@
 - the ``Seq2SeqTrainer`` mixin trains by JD and predicts with ``generate``;
 - ``iwmtl`` passes ``loss_reduction="none"`` only to a forward that declares it;
 - gradient checkpointing errors name the configuration that works (autojac, non-reentrant);
-- the ``task_id`` sampler's override of ``train_sampling_strategy`` and iterable datasets are warned about.
+- the ``task_id`` sampler's override of ``train_sampling_strategy`` and iterable datasets are warned about;
+- ``label_smoothing_factor`` smooths the per-example losses of ``iwrm`` as the Trainer's ``LabelSmoother`` does.
 """
 
 from __future__ import annotations
 
+import copy
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -26,8 +28,11 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
     DataCollatorWithFlattening,
+    AutoModelForSequenceClassification,
     Seq2SeqTrainer,
     Seq2SeqTrainingArguments,
+    Trainer,
+    TrainingArguments,
 )
 
 import hf_jd.trainer.trainer as trainer_module
@@ -296,3 +301,53 @@ def test_loss_reduction_is_passed_through_compile_and_peft_wrappers() -> None:
     assert takes_loss_reduction(model)
     assert takes_loss_reduction(torch.compile(model))  # compiled lazily: nothing runs here
     assert not takes_loss_reduction(torch.compile(nn.Linear(2, 2)))
+
+
+def _sgd_options() -> dict[str, Any]:
+    return {"max_steps": 1, "per_device_train_batch_size": 4, "learning_rate": 1.0, "optim": "sgd",
+            "max_grad_norm": 0.0, "lr_scheduler_type": "constant", "report_to": "none", "use_cpu": True,
+            "save_strategy": "no", "disable_tqdm": True, "train_sampling_strategy": "sequential"}  # fmt: skip
+
+
+def _jd_update(tmp_path, model: nn.Module, dataset: Dataset, smoothing: float) -> torch.Tensor:
+    """The first update of JDTrainer with the mean (SGD, learning rate 1)."""
+    start = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    args = JDTrainingArguments(
+        str(tmp_path / f"jd-{smoothing}"), label_smoothing_factor=smoothing, jd_aggregator="mean", **_sgd_options()
+    )
+    JDTrainer(model=model, args=args, train_dataset=dataset).train()
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]) - start
+
+
+def test_label_smoothing_gives_the_plain_trainers_update_with_the_mean(tmp_path):
+    """Sequence classification: with jd_aggregator='mean', one SGD step of JDTrainer equals the plain Trainer's with
+    the same smoothing (its LabelSmoother), and differs from the unsmoothed step."""
+    torch.manual_seed(0)
+    initial = AutoModelForSequenceClassification.from_config(tiny_config("bert", num_labels=3))
+    dataset = text_dataset("single", n=4)
+    smoothed = _jd_update(tmp_path, copy.deepcopy(initial), dataset, 0.2)
+    model = copy.deepcopy(initial)
+    start = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    args = TrainingArguments(str(tmp_path / "plain"), label_smoothing_factor=0.2, **_sgd_options())
+    Trainer(model=model, args=args, train_dataset=dataset).train()
+    plain = torch.cat([p.detach().reshape(-1) for p in model.parameters()]) - start
+    torch.testing.assert_close(smoothed, plain, rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(smoothed, _jd_update(tmp_path, copy.deepcopy(initial), dataset, 0.0), atol=1e-4)
+
+
+def test_label_smoothing_of_a_causal_lm_equals_the_hand_computation(tmp_path):
+    """Causal LM: the smoothed cross-entropy of the shifted labels, (1 - ε) NLL + ε mean over the vocabulary of
+    -log p per token (the plain Trainer divides its sum by the unshifted token count instead, 0.875 of it here)."""
+    torch.manual_seed(0)
+    initial = AutoModelForCausalLM.from_config(tiny_config("gpt2"))
+    dataset = text_dataset("causal", n=4)
+    update = _jd_update(tmp_path, copy.deepcopy(initial), dataset, 0.2)
+    reference = copy.deepcopy(initial).train()
+    batch = collate(dataset, 0, 4)
+    logits = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    log_probs = torch.log_softmax(logits, dim=-1)
+    targets = batch["labels"][:, 1:]
+    nll = -log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    loss = (0.8 * nll - 0.2 * log_probs.mean(dim=-1)).mean()
+    grads = torch.autograd.grad(loss, list(reference.parameters()))
+    torch.testing.assert_close(update, -torch.cat([g.reshape(-1) for g in grads]), rtol=1e-4, atol=1e-6)

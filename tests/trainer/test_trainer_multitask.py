@@ -93,3 +93,18 @@ def test_evaluation_task_losses_count_only_labelled_examples(tmp_path):
             out = model(input_ids=torch.tensor(rows["input_ids"]), attention_mask=torch.tensor(rows["attention_mask"]),
                         **{f"labels_{task}": torch.tensor(rows[f"labels_{task}"])})  # fmt: skip
         assert metrics[f"eval_loss_{task}"] == pytest.approx(out.losses[task].item(), rel=1e-4)
+
+
+def test_iwmtl_training_loss_is_the_mean_of_the_task_losses(tmp_path):
+    """On merged datasets every example lacks the other task's label (a placeholder loss 0): the logged loss is the
+    mean of loss_<task> (over the examples carrying each label), as in mtl, not the mean of the [B, m] matrix (about
+    half of it here)."""
+    logs = {}
+    for mode in ("mtl", "iwmtl"):
+        args = make_args(tmp_path / mode, jd_mode=mode, jd_task_names=TASKS, max_steps=1, jd_aggregator="mean")
+        trainer = JDTrainer(model=_model(), args=args, train_dataset=_multitask_dataset())
+        trainer.train()
+        logs[mode] = next(log for log in trainer.state.log_history if "loss" in log)
+    for mode, log in logs.items():
+        assert log["loss"] == pytest.approx((log["loss_topic"] + log["loss_score"]) / 2, rel=1e-4), mode
+    assert logs["iwmtl"]["loss"] == pytest.approx(logs["mtl"]["loss"], rel=1e-4)

@@ -267,6 +267,46 @@ def test_first_step_equals_hand_computation(tmp_path, auto_class, model_type, la
     torch.testing.assert_close(capture.grads[0], expected, rtol=1e-4, atol=1e-6)
 
 
+def test_mixture_of_experts_router_loss_first_step_equals_hand_computation(tmp_path):
+    """With output_router_logits=True, every example's loss includes the batch's load-balancing term (which mixes the
+    examples: the engine checks that and takes its exact path)."""
+    model = _mixtral()
+    model.config.output_router_logits = True
+    model.router_aux_loss_coef = model.config.router_aux_loss_coef = 0.5
+    reference = copy.deepcopy(model)
+    dataset = text_dataset("causal")
+    capture = GradCapture()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the engine's note on the per-row path)
+        train(tmp_path, model, dataset, max_steps=1, callbacks=[capture])
+
+    reference.train()
+    batch = collate(dataset, 0, 4)
+    outputs = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    targets = batch["labels"][:, 1:]
+    lm_losses = F.cross_entropy(outputs.logits[:, :-1].transpose(1, 2), targets, reduction="none").mean(dim=1)
+    jacobian = explicit_jacobian(lm_losses + 0.5 * outputs.aux_loss, trainable(reference))
+    torch.testing.assert_close(capture.grads[0], get_aggregator("upgrad")(jacobian), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("model_type", ["bart", "t5"])
+def test_encoder_decoder_sequence_classifier_first_step_equals_hand_computation(tmp_path, model_type):
+    """BART's and T5's classification heads build their decoder inputs from input_ids: the class labels must not be
+    turned into decoder inputs (that failed, as for seq2seq LMs whose labels are decoder tokens)."""
+    model = AutoModelForSequenceClassification.from_config(tiny_config(model_type, num_labels=NUM_LABELS))
+    reference = copy.deepcopy(model)
+    eos = model.config.eos_token_id
+    dataset = text_dataset("single").map(lambda row: {"input_ids": [*row["input_ids"][:-1], eos]})
+    capture = GradCapture()
+    train(tmp_path, model, dataset, max_steps=1, callbacks=[capture])
+
+    reference.train()
+    batch = collate(dataset, 0, 4)
+    logits = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    jacobian = explicit_jacobian(F.cross_entropy(logits, batch["labels"], reduction="none"), trainable(reference))
+    torch.testing.assert_close(capture.grads[0], get_aggregator("upgrad")(jacobian), rtol=1e-4, atol=1e-6)
+
+
 def _choice_dataset(n: int = 8, choices: int = 3) -> Dataset:
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(3, VOCAB, (n, choices, LENGTH), generator=generator)
@@ -491,13 +531,13 @@ def test_encoder_decoder_without_label_shift_is_rejected():
 
     from hf_jd.trainer._collect import LossCollector
 
-    class EncoderDecoder(nn.Module):
+    class EncoderDecoderForCausalLM(nn.Module):  # (a sequence-to-sequence LM by its name and configuration)
         config = SimpleNamespace(is_encoder_decoder=True)
 
         def forward(self, input_ids, decoder_input_ids=None):  # noqa: ANN001, ANN201
             raise AssertionError("not reached")
 
-    model = EncoderDecoder()
+    model = EncoderDecoderForCausalLM()
     inputs = {"input_ids": torch.ones(2, 3, dtype=torch.long), "labels": torch.ones(2, 3, dtype=torch.long)}
     with pytest.raises(ValueError, match="decoder_input_ids"):
         LossCollector("iwrm", None, ["labels"])(model, model, inputs)
