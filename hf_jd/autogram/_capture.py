@@ -741,6 +741,8 @@ class Capture:
         )
         record.call_index = self.call_counts.get(id(module), 0)
         self.call_counts[id(module)] = record.call_index + 1
+        # (their versions now, right after the call: an in-place change later on is checked before they are used)
+        record.watch_captured()
         self.records.append(record)
         return returned if returned is not output else None
 

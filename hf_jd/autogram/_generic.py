@@ -450,6 +450,11 @@ class GenericRecord(Record):
             if factors is not None:
                 self.unused |= set(self.params) - factors.used()
                 del self.grad_rows
+                # The products' data operands, saved by autograd (which checked them when the factors unpacked them),
+                # are read again by the weighted gradient of Engine.backward.
+                for entry in factors.rows:
+                    if entry.use.data is not None:
+                        self.watch("an operand of its matrix products", entry.use.data)
         return self._matmul  # type: ignore[return-value]
 
     def gram(self, name: str) -> Tensor:

@@ -5,12 +5,19 @@ gradient edges of the module's outputs, and, once the engine has back-propagated
 outputs, the per-row output gradients. From these it yields, for each of the module's direct
 trainable parameters, the per-row gradients ``[R, numel]``, their Gram matrix ``[R, R]`` and the
 gradient of the weighted loss (used by the single-backward mode).
+
+A record also remembers the version counter of each forward tensor it keeps (see :meth:`Record.watch`) and checks it
+before using the tensor (:meth:`Record.check_unmodified`): an in-place operation on a module's input after the call
+(``x.mul_(2)``) would otherwise go unnoticed, where autograd raises for the tensors it saved.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
+import weakref
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -18,7 +25,35 @@ from torch.autograd.graph import GradientEdge
 
 from ._layout import RowLayout
 
-__all__ = ["Record", "compute_dtype", "reproduces_output"]
+__all__ = ["INPUT_FREE_PARAMETERS", "Record", "compute_dtype", "reproduces_output"]
+
+# Parameters whose per-row gradients read no captured forward tensor (a bias's are sums of output gradients). A record
+# covering only those does not check its captured tensors, as autograd does not for a Linear layer whose weight is
+# frozen (it saves the input only for the weight's gradient): BitFit may change such inputs in place.
+INPUT_FREE_PARAMETERS = frozenset({"bias"})
+
+
+@dataclass(eq=False)
+class _Watched:
+    """A forward tensor a record keeps, with its version counter when the record captured it."""
+
+    what: str  # how error messages name it ("its input")
+    # A weak reference: a tensor nothing else holds any more (the record computed its factors from a float32 copy, or
+    # dropped them) cannot reach the record's results, and watching it must not keep its memory.
+    tensor: weakref.ref[Tensor]
+    version: int
+    # One of the call's captured tensors: read for the parameters not in INPUT_FREE_PARAMETERS only.
+    captured: bool
+
+
+def _version(tensor: Tensor) -> int | None:
+    """A tensor's version counter, or ``None`` where it has none (inference tensors)."""
+    if tensor.is_inference():
+        return None
+    try:
+        return int(tensor._version)
+    except RuntimeError:  # pragma: no cover - tensor subclasses without a version counter
+        return None
 
 
 def compute_dtype(param: Tensor) -> torch.dtype:
@@ -80,11 +115,15 @@ class Record(ABC):
     """
 
     inserts_batch = False
+    # The attributes holding the call's captured tensors (set by the subclasses), and how error messages name them.
+    captured_attributes: ClassVar[dict[str, str]] = {"inputs": "its input", "ids": "its input ids"}
 
     def __init__(self, module: nn.Module, module_name: str, params: dict[str, nn.Parameter]) -> None:
         self.module = module
         self.module_name = module_name
         self.params = params
+        # The forward tensors the record keeps, with their versions at capture time (see watch).
+        self._watched: list[_Watched] = []
         self.edges: list[GradientEdge] = []
         # Per edge, ``(view_shape, base_shape)`` when the edge is that of the base of an output that
         # is a reshaping view of it (a Linear on [B, T, d] inputs returns a view of its [B * T, d]
@@ -151,6 +190,65 @@ class Record(ABC):
         """
         return f"{self.module_name or '<root>'} ({type(self.module).__name__})"
 
+    def watch(self, what: str, tensor: Tensor, captured: bool = False) -> None:
+        """Remember the version counter of a forward tensor the record keeps, to check before using it (see
+        :meth:`check_unmodified`). Views share their base's counter, so an in-place change of the base (or of another
+        view of it) shows too, as it does to autograd.
+
+        Parameters
+        ----------
+        what
+            How error messages name the tensor (``"its input"``).
+        tensor
+            The tensor (watched through a weak reference: once nothing holds it, its changes cannot reach the
+            record's results, and it is not checked).
+        captured
+            Whether it is one of the call's captured tensors (see :attr:`captured_attributes`), which only the
+            parameters not in :data:`INPUT_FREE_PARAMETERS` read.
+        """
+        version = _version(tensor)
+        if version is not None:
+            self._watched.append(_Watched(what, weakref.ref(tensor), version, captured))
+
+    def watch_captured(self) -> None:
+        """Watch the call's captured tensors (the attributes named by :attr:`captured_attributes`), once the
+        capture built the record."""
+        for attribute, what in self.captured_attributes.items():
+            tensor = getattr(self, attribute, None)
+            if isinstance(tensor, Tensor):
+                self.watch(what, tensor, captured=True)
+
+    def check_unmodified(self) -> None:
+        """Raise if a forward tensor the record keeps was modified in place since the call, as autograd raises for
+        the tensors it saved: the Gramian and gradients computed from it would silently be wrong. Called before the
+        record uses them (when it is bound to its output gradients in ``compute_gramian``, and before each weighted
+        gradient of ``Engine.backward``).
+
+        Raises
+        ------
+        RuntimeError
+            If a watched tensor's version counter changed.
+        """
+        reads_captured = any(name not in INPUT_FREE_PARAMETERS for name in self.params)
+        for watched in self._watched:
+            if watched.captured and not reads_captured:
+                continue  # (e.g. only a Linear's bias: its gradients read no input, autograd's would not either)
+            tensor = watched.tensor()
+            version = None if tensor is None else _version(tensor)
+            if tensor is None or version is None or version == watched.version:
+                continue
+            call = f" (call {self.call_index + 1} of the module in the forward pass)" if self.call_index else ""
+            raise RuntimeError(
+                f"Module {self.describe()}{call}: {watched.what}, a {tensor.dtype} tensor of shape "
+                f"{tuple(tensor.shape)}, was modified by an in-place operation after the call (it is at version "
+                f"{version}; the engine captured it at version {watched.version}). The autogram engine computes the "
+                "Gramian and the gradients from the tensors of the call, which would now be wrong (autograd raises "
+                "'one of the variables needed for gradient computation has been modified by an inplace operation' for "
+                "the same reason). Avoid the in-place operation (e.g. `x = x * 2` instead of `x.mul_(2)`, "
+                "`ids = ids + 1` instead of `ids.add_(1)`), or clone the tensor before modifying it "
+                "(`x = x.clone(); x.mul_(2)`)."
+            )
+
     def bind(self, grads: list[Tensor | None], layout: RowLayout, shaped: bool = False) -> bool:
         """Store the batched output gradients ``[m, *shape]`` (one per edge), received at the edges
         (reshaped to the outputs' shapes here, see :meth:`to_view_shapes`) unless ``shaped``.
@@ -170,9 +268,16 @@ class Record(ABC):
         -------
         bool
             Whether the record was bound.
+
+        Raises
+        ------
+        RuntimeError
+            If a forward tensor the record keeps was modified in place since the call (see
+            :meth:`check_unmodified`).
         """
         if all(grad is None for grad in grads):
-            return False
+            return False  # (its captured tensors are not used: as autograd, which runs no node of it, no check)
+        self.check_unmodified()
         self.layout = layout
         self._bind(grads if shaped else self.to_view_shapes(grads), layout)
         return True
@@ -406,6 +511,7 @@ class Record(ABC):
     def release(self) -> None:
         """Drop the factors once the record's contributions are no longer needed."""
         self.kept_rows = {}
+        self._watched = []
 
     def check_batch(self, tensor: Tensor, layout: RowLayout, what: str) -> None:
         """Raise if a captured tensor's batch size does not match the losses.

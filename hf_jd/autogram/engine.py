@@ -330,6 +330,10 @@ class Engine:
       nodes that use a parameter must have been created during a captured call of its module
       (autograd numbers its nodes in order), except autocast's cached casts, which are created
       once per autocast region.
+    * In-place changes of the tensors a captured call keeps (a Linear layer's input, an embedding's
+      ids) after the call (``x.mul_(2)`` after ``self.linear(x)``) raise a ``RuntimeError`` naming the
+      module, when :meth:`compute_gramian` or :meth:`backward` is about to use them, as autograd raises for
+      the tensors it saved: they are detected by the tensors' version counters, without copies.
     * A module with parameters of its own that uses a submodule's parameters without calling it (Mamba's
       mixers pass ``conv1d.weight`` to a convolution function) borrows the submodule after its first call:
       its generic record then covers the submodule's parameters with its own (on the first step, they take
@@ -635,7 +639,8 @@ class Engine:
         ------
         RuntimeError
             If no module call was captured, the captures were already used, the losses depend on none
-            of them, or they use parameters of the engine's modules outside the captured calls.
+            of them, they use parameters of the engine's modules outside the captured calls, or a tensor a
+            captured call keeps (its input) was modified in place after the call.
         ValueError
             If ``retain_graph=False`` without ``single_backward=True``, or if a loss is inf or nan.
         """
@@ -670,6 +675,13 @@ class Engine:
             if isinstance(record, GenericRecord):
                 record.check_not_modified()
         nodes = list(graph_nodes([losses.grad_fn]))
+        in_graph = set(nodes)
+        for record in records:
+            # Tensors changed in place since the call (also checked when a record is bound): before the engine's own
+            # passes, which would meet autograd's error on them naming no module. As autograd, which runs none of
+            # their nodes, calls that the losses do not reach are not checked.
+            if any(edge.node in in_graph for edge in record.edges):
+                record.check_unmodified()
         # (a parametrised weight reused outside the calls covering it: its originals take the exact path instead)
         keep_fully_covered(records, nodes)
         # (before parameters leave the records for the per-row path: theirs count too)
@@ -1122,7 +1134,8 @@ class Engine:
         Raises
         ------
         RuntimeError
-            Without ``single_backward=True``, or without a preceding :meth:`compute_gramian`.
+            Without ``single_backward=True``, or without a preceding :meth:`compute_gramian`, or if a
+            tensor a captured call keeps was modified in place since the call.
         TypeError
             If ``weights`` is not a tensor.
         ValueError
@@ -1148,6 +1161,11 @@ class Engine:
                 f"{tuple(bound.shape)}, got {tuple(weights.shape)}."
             )
         table = weights.detach().reshape(layout.num_examples, layout.num_tasks)
+        # A forward tensor the records still read changed in place since compute_gramian: raise as autograd would,
+        # before any gradient is computed or written.
+        for param_uses in bound.uses.values():
+            for record, _ in param_uses:
+                record.check_unmodified()
         self._bound = None
         remaining: dict[int, int] = {}  # uses left per record, to release its factors early
         for param_uses in bound.uses.values():
