@@ -13,6 +13,7 @@ table shared by the examples, whose per-example gradients the engine gets otherw
 from __future__ import annotations
 
 import itertools
+import warnings
 from contextlib import contextmanager
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -148,6 +149,32 @@ class _ModuleInfo:
     # from the weight its ParametrizationList computes inside the call (see _parametrized).
     parametrized: bool = False
     claimed: Tensor | None = None  # the parametrised weight of its last captured call
+    hook_id: int | None = None  # the id of the engine's forward hook on the module (first of its forward hooks)
+
+
+def _note_descendants(info: _ModuleInfo) -> None:
+    """For a module on the generic path: the submodules it uses without calling them (borrowed) and its trainable
+    descendants, whose calls it checks."""
+    module = info.module
+    info.borrowed = borrowed_submodules(module)
+    # Submodules used directly by this module or by a descendant (nn.MultiheadAttention's out_proj, also under a
+    # parent with parameters of its own) are not called.
+    borrowed_ids = {id(sub) for owner in module.modules() for sub in borrowed_submodules(owner).values()}
+    info.trainable_descendants = [
+        sub
+        for sub in module.modules()
+        if sub is not module and id(sub) not in borrowed_ids and any(True for _ in sub.parameters(recurse=False))
+    ]
+
+
+def _hooks_run_before_the_engines(info: _ModuleInfo) -> bool:
+    """Whether forward hooks that may change a module's output run before the engine's hook sees it: global ones
+    (``nn.modules.module.register_module_forward_hook``, which always run first) or the module's own registered with
+    ``prepend=True`` after the engine's."""
+    if nn.modules.module._global_forward_hooks:
+        return True
+    hooks = info.module._forward_hooks
+    return bool(hooks) and next(iter(hooks)) != info.hook_id
 
 
 @dataclass
@@ -276,6 +303,7 @@ class Capture:
         self.infos: dict[int, _ModuleInfo] = {}
         self.modules: list[nn.Module] = []
         self.handles: list[Any] = []
+        self.warned_hooks = False  # (see _leave_closed_form)
         self.calls: dict[int, int] = {}
         self.depth = 0
         self.records: list[Record] = []
@@ -467,30 +495,18 @@ class Capture:
                     elif is_layer_norm_like(module):
                         info.candidate = Kind.LAYER_NORM
                 if info.kind.is_generic:
-                    info.borrowed = borrowed
-                    # Submodules used directly by this module or by a descendant (nn.MultiheadAttention's
-                    # out_proj, also under a parent with parameters of its own) are not called.
-                    borrowed_ids = {
-                        id(sub) for owner in module.modules() for sub in borrowed_submodules(owner).values()
-                    }
-                    info.trainable_descendants = [
-                        sub
-                        for sub in module.modules()
-                        if sub is not module
-                        and id(sub) not in borrowed_ids
-                        and any(True for _ in sub.parameters(recurse=False))
-                    ]
+                    _note_descendants(info)
                 self.infos[id(module)] = info
                 # Prepended: the engine sees the module's own output before any user hook changes it,
                 # and installs its aliases before user pre-hooks compute from the parameters.
                 self.handles.append(
                     module.register_forward_pre_hook(self._module_pre_hook, with_kwargs=True, prepend=True)
                 )
-                self.handles.append(
-                    module.register_forward_hook(
-                        self._module_hook, with_kwargs=True, always_call=True, prepend=True
-                    )
+                handle = module.register_forward_hook(
+                    self._module_hook, with_kwargs=True, always_call=True, prepend=True
                 )
+                info.hook_id = handle.id
+                self.handles.append(handle)
         for info in self.infos.values():
             if info.parametrized:
                 for tensor_name, plist in parametrization_lists(info.module).items():
@@ -608,6 +624,8 @@ class Capture:
             # The weight of a module whose closed form covers its originals, computed inside its call.
             info.frames.append(_CLAIMED)
             return
+        if not info.kind.is_generic and _hooks_run_before_the_engines(info):
+            self._leave_closed_form(info)
         params = direct_parameters(module, info.borrowed)
         # A layer norm of a trainable parameter (DeBERTa's relative-position table) covers that
         # parameter, also when its own weight and bias are frozen.
@@ -631,6 +649,34 @@ class Capture:
         )
         for value in itertools.chain(args, kwargs.values()):
             self.note_batch(value, f"an input of {describe(info.name, module)}")
+
+    def _leave_closed_form(self, info: _ModuleInfo) -> None:
+        """A module whose output other forward hooks may change before the engine's hook sees it: its closed form,
+        which assumes the module's own output, gives way to the generic path (vector-Jacobian products from the
+        output the model goes on with, through aliases of the parameters: exact whatever the hooks do), with a
+        warning once per engine."""
+        described = describe(info.name, info.module)
+        if info.parametrized:
+            raise RuntimeError(
+                f"Module {described} has a parametrised weight and forward hooks that run before the engine's (global "
+                "hooks from torch.nn.modules.module.register_module_forward_hook, or hooks registered with "
+                "prepend=True after the engine was created), which may change its output: the engine cannot follow "
+                "it. Register such hooks on the module without prepend=True, or remove them while training."
+            )
+        info.kind, info.candidate, info.look_alike = Kind.GENERIC, None, False
+        _note_descendants(info)
+        if not self.warned_hooks:
+            self.warned_hooks = True
+            warnings.warn(
+                f"hf_jd.autogram: module {described} has forward hooks that run before the engine's (global hooks "
+                "from torch.nn.modules.module.register_module_forward_hook, or hooks registered with prepend=True "
+                "after the engine was created) and may change its output, which the engine's closed forms assume "
+                "is the module's own: it takes the generic path from now on (exact, slower), and so does any other "
+                "such module. Register hooks on the module without prepend=True to keep the closed forms. This "
+                "warning is shown once per engine.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
     def _module_hook(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
