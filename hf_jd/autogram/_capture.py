@@ -775,7 +775,9 @@ class Capture:
         if frame.first_node is not None and end_node is not None:
             record.nodes = range(frame.first_node, end_node)
         record.autocast = frame.autocast
-        if not batched and info.kind in (Kind.LINEAR, Kind.LAYER_NORM, Kind.GENERIC, Kind.GROUP_NORM, Kind.BATCH_NORM):
+        if not batched and info.kind in (
+            Kind.LINEAR, Kind.LAYER_NORM, Kind.GENERIC, Kind.GROUP_NORM, Kind.BATCH_NORM, Kind.EMBEDDING
+        ):
             record.groups = self._groups(args, kwargs, returned, outputs_only=info.kind is Kind.GENERIC)
         if not batched:
             record.other_batch_dim = self._other_batch_dim(info.kind, args, kwargs, returned)

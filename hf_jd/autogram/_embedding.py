@@ -260,6 +260,35 @@ class EmbeddingRecord(Record):
         shape.insert(batch_dim, num_examples)
         self.ids = self.ids.unsqueeze(batch_dim).expand(shape)
 
+    def can_split_batch(self, batch_dim: int) -> bool:
+        """Whether :meth:`split_batch` can regroup the captured ids along ``batch_dim`` (e.g. the ``[B·C, T]`` ids of
+        a multiple-choice model, ``C`` rows per example).
+
+        Parameters
+        ----------
+        batch_dim
+            The engine's batch dimension.
+
+        Returns
+        -------
+        bool
+            ``True`` while the ids are held and have a dimension ``batch_dim``.
+        """
+        return isinstance(getattr(self, "ids", None), Tensor) and batch_dim < self.ids.dim()
+
+    def split_batch(self, num_examples: int, batch_dim: int) -> None:
+        """Regroup the captured ids ``[..., E·k, ...]`` into ``[..., E, k, ...]`` along ``batch_dim`` (a verified
+        batch-major grouping: the ``k`` consecutive rows of each example).
+
+        Parameters
+        ----------
+        num_examples
+            ``E``.
+        batch_dim
+            The engine's batch dimension.
+        """
+        self.ids = self.ids.unflatten(batch_dim, (num_examples, -1))
+
     def _bind(self, grads: list[Tensor | None], layout: RowLayout) -> None:
         (grad,) = grads
         assert grad is not None

@@ -30,6 +30,7 @@ from ._reference import (
     assert_exact_step,
     assert_exact_step_with_freed_graph,
     assert_gramian_matches,
+    count_per_row,
     grads_of,
     jacobian,
     trainable,
@@ -591,15 +592,21 @@ def test_time_major_model_with_one_token(single_backward: bool) -> None:
 
 
 @pytest.mark.parametrize("single_backward", [False, True])
-def test_multiple_choice_regroups_the_batch(single_backward: bool) -> None:
+def test_multiple_choice_regroups_the_batch(single_backward: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """BertForMultipleChoice runs on [B * C, T] rows while its inputs are [B, C, T]: the [1, T, d]
     position embeddings are broadcast over B * C rows, not B (expanding them to B, as the engine once
     did, crashed the forward pass); the Gramian is exact."""
     model = tf.BertForMultipleChoice(tf.BertConfig(vocab_size=V, max_position_embeddings=16, **ENC)).train()
     engine = Engine(model, single_backward=single_backward)
-    ids = torch.randint(3, V, (4, 3, 6))
-    losses = nn.functional.cross_entropy(model(input_ids=ids).logits, torch.tensor([0, 1, 2, 0]), reduction="none")
-    assert_exact_step(engine, losses, trainable(model), single_backward)
+    per_row = count_per_row(monkeypatch)
+    for _ in range(2):  # (the grouping is verified on the first step, then trusted)
+        model.zero_grad(set_to_none=True)
+        ids = torch.randint(3, V, (4, 3, 6))
+        logits = model(input_ids=ids, token_type_ids=torch.zeros_like(ids)).logits
+        losses = nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2, 0]), reduction="none")
+        assert_exact_step(engine, losses, trainable(model), single_backward)
+    # The word and token-type embeddings' [B * C, T] ids are regrouped by example too (they took the per-row path).
+    assert per_row == []
 
 
 @pytest.mark.parametrize("single_backward", [False, True])
