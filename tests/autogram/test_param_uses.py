@@ -62,6 +62,16 @@ def test_tied_embedding_looked_up_by_the_user_is_rejected() -> None:
         engine.compute_gramian(losses)
 
 
+def test_tied_head_without_its_embedding_names_the_missing_module() -> None:
+    """The engine has the output head but not the embedding it is tied to, whose lookup comes first."""
+    model = _tiny_gpt2()
+    engine = Engine(model.lm_head)
+    ids = torch.randint(0, 30, (3, 5))
+    losses = F.cross_entropy(model(ids).logits.transpose(1, 2), ids, reduction="none").mean(1)
+    with pytest.raises(RuntimeError, match="tied input embeddings when the engine has the output head only"):
+        engine.compute_gramian(losses)
+
+
 class _Encoder(nn.Module):
     def __init__(self) -> None:
         super().__init__()
