@@ -27,6 +27,8 @@ from hf_jd.aggregation import available_weightings, is_gramian_based
 from hf_jd.synthetic import PAD_ID, make_markov_text_dataset
 
 VOCAB_SIZE = 64
+#: Length of the shortest generated sequence (make_markov_text_dataset's min_length).
+MIN_LENGTH = 8
 
 
 @dataclass
@@ -58,6 +60,10 @@ class CausalLMArguments:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
         if self.hidden_size % 2:
             raise ValueError(f"--hidden_size must be even (two attention heads), got {self.hidden_size}.")
+        if self.max_length < MIN_LENGTH:
+            raise ValueError(
+                f"--max_length must be at least {MIN_LENGTH} (the shortest generated sequence), got {self.max_length}."
+            )
         if not is_gramian_based(self.aggregator):  # also rejects unknown names, before any data is made
             raise ValueError(
                 f"--aggregator {self.aggregator} is not Gramian-based, and this example trains with the autogram "
@@ -72,6 +78,7 @@ def language_modelling_data(args: CausalLMArguments) -> tuple[Dataset, Dataset]:
         args.num_eval,
         vocab_size=VOCAB_SIZE,
         successors=args.successors,
+        min_length=MIN_LENGTH,
         max_length=args.max_length,
         seed=args.seed,
     )

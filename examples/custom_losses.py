@@ -110,9 +110,14 @@ class CustomArguments:
                 raise TypeError(f"a JSON object is needed, got {type(kwargs).__name__}")
             get_aggregator(self.aggregator, **kwargs)
         except (TypeError, ValueError) as error:
+            hint = (
+                " Give the aggregator's keyword arguments with --aggregator_kwargs (JSON)."
+                if self.aggregator_kwargs.strip() in ("", "{}")
+                else ""
+            )
             raise ValueError(
-                f"--aggregator {self.aggregator} --aggregator_kwargs {self.aggregator_kwargs!r}: {error} "
-                "Give the aggregator's keyword arguments with --aggregator_kwargs (JSON)."
+                f"--aggregator {self.aggregator} --aggregator_kwargs {self.aggregator_kwargs!r}: "
+                f"{str(error).rstrip('.')}.{hint}"
             ) from error
 
 

@@ -77,8 +77,9 @@ class IWRMArguments:
     mark_hard: bool = field(
         default=True,
         metadata={
-            "help": "Start each hard example with a marker token instead of [CLS] (its rule is then learnable); "
-            "without it the hard examples look like the others and about half contradict the majority rule."
+            "help": "Whether each hard example starts with a marker token instead of [CLS] (its rule is then "
+            "learnable). Default: yes; with --no_mark_hard (or --mark_hard false) the hard examples look like the "
+            "others and about half contradict the majority rule."
         },
     )
     hidden_size: int = field(default=64, metadata={"help": "Width of the BERT classifier (two attention heads)."})
@@ -177,6 +178,9 @@ def train_one(
         save_strategy="no",
         report_to="none",
         dataloader_pin_memory=torch.cuda.is_available(),
+        # Every step has --batch_size rows: aggregators that keep per-row state (nash_mtl, gradvac) or take a fixed
+        # number of rows refuse the short last batch of an epoch.
+        dataloader_drop_last=True,
     )
     trainer = JDTrainer(
         model=model,

@@ -21,6 +21,7 @@ Run: ``python examples/multi_head_finetune.py [--max_steps 300] [--output_dir ou
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -35,7 +36,7 @@ from datasets import Dataset, DatasetDict
 from transformers import BertConfig, HfArgumentParser, default_data_collator, set_seed
 
 from hf_jd import JDTrainer, JDTrainingArguments, MultiHeadModel
-from hf_jd.aggregation import available_aggregators, is_gramian_based
+from hf_jd.aggregation import available_aggregators, get_aggregator, is_gramian_based
 from hf_jd.synthetic import MULTITASK_TASKS, make_multitask_text_dataset
 from hf_jd.trainer.multi_head import POOLINGS
 
@@ -53,6 +54,13 @@ class DemoArguments:
     output_dir: str = field(default="out/multi_head_demo", metadata={"help": "Where runs, table and plot go."})
     aggregator: str = field(default="upgrad", metadata={"help": "Aggregator of the Jacobian-descent run."})
     baseline: str = field(default="mean", metadata={"help": "Aggregator of the baseline run."})
+    aggregator_kwargs: str | None = field(
+        default=None,
+        metadata={"help": "Keyword arguments of --aggregator as a JSON object, e.g. '{\"n_byzantine\": 1}' for krum."},
+    )
+    baseline_kwargs: str | None = field(
+        default=None, metadata={"help": "Keyword arguments of --baseline as a JSON object."}
+    )
     max_steps: int = field(default=300, metadata={"help": "Optimizer steps of each run."})
     batch_size: int = field(default=32, metadata={"help": "Examples per step."})
     learning_rate: float = field(default=3e-3, metadata={"help": "Peak AdamW learning rate (linear decay)."})
@@ -107,6 +115,17 @@ class DemoArguments:
             raise ValueError(
                 f"--aggregator and --baseline are both {self.aggregator!r}: compare two different aggregators."
             )
+        for name in ("aggregator", "baseline"):
+            aggregator, kwargs = getattr(self, name), aggregator_kwargs(getattr(self, f"{name}_kwargs"), name)
+            try:
+                get_aggregator(aggregator, **kwargs)
+            except (TypeError, ValueError) as error:
+                raise ValueError(
+                    f"--{name} {aggregator!r} cannot be built with --{name}_kwargs {kwargs}: "
+                    f"{str(error).rstrip('.')}. Give its "
+                    f"keyword arguments with --{name}_kwargs (the multi-task runs have {len(MULTITASK_TASKS)} tasks "
+                    "with the generated data: e.g. constant's weights need that many entries)."
+                ) from None
         if self.model_name_or_path is not None and self.dataset_name is None:
             raise ValueError(
                 "--model_name_or_path needs --dataset_name (and --task_columns): the generated data are ids of "
@@ -117,6 +136,21 @@ class DemoArguments:
                 raise ValueError("--dataset_name needs --task_columns, e.g. 'label:classification:2,score:regression'.")
             if self.model_name_or_path is None:
                 raise ValueError("--dataset_name needs --model_name_or_path (its tokenizer encodes the text).")
+
+
+def aggregator_kwargs(text: str | None, name: str) -> dict[str, Any]:
+    """The keyword arguments given as a JSON object by ``--{name}_kwargs`` (``{}`` when not given)."""
+    if text is None:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"--{name}_kwargs is not valid JSON ({error}): give an object, e.g. '{{\"epsilon\": 0.1}}'."
+        ) from None
+    if not isinstance(value, dict):
+        raise ValueError(f"--{name}_kwargs must be a JSON object (keyword -> value), got {text!r}.")
+    return value
 
 
 def parse_demo_args(argv: list[str] | None = None) -> tuple[DemoArguments]:
@@ -257,14 +291,19 @@ def evaluate_tasks(model: MultiHeadModel, dataset: Dataset, heads: HeadSpecs, ba
     return {task: {key: value / count for key, value in values.items()} for task, values in sums.items()}
 
 
-def train_one(args: DemoArguments, method: str, data: DatasetDict, heads: HeadSpecs, vocab_size: int) -> dict[str, Any]:
-    """Train one model with ``method`` as aggregator; return its log history, timing and metrics."""
+def train_one(
+    args: DemoArguments, role: str, data: DatasetDict, heads: HeadSpecs, vocab_size: int
+) -> dict[str, Any]:
+    """Train one model with the aggregator of ``role`` (``"aggregator"`` or ``"baseline"``); return its log history,
+    timing and metrics."""
+    method = getattr(args, role)
     model = build_model(args, heads, vocab_size)
     tasks = list(heads)
     training_args = JDTrainingArguments(
         output_dir=str(Path(args.output_dir) / method),
         jd_mode="mtl",
         jd_aggregator=method,
+        jd_aggregator_kwargs=aggregator_kwargs(getattr(args, f"{role}_kwargs"), role),
         jd_task_names=tasks,
         max_steps=args.max_steps,
         per_device_train_batch_size=args.batch_size,
@@ -321,13 +360,27 @@ def conflict_summary(history: list[dict[str, float]]) -> tuple[float, float]:
     return mean_cosine, conflicting
 
 
+#: Aggregators whose weights do not depend on the Gramian: JDTrainer computes it for the logged statistics only.
+FIXED_WEIGHTS = frozenset({"mean", "sum", "constant", "random"})
+
+
+def how_computed(method: str) -> str:
+    """How JDTrainer computes a step of ``method`` (for the table's seconds per step)."""
+    if method in FIXED_WEIGHTS:
+        return "Gramian computed for the logged statistics only"
+    if is_gramian_based(method):
+        return "weights from the Gramian of the task gradients"
+    return "explicit Jacobian, autojac engine"
+
+
 def print_table(runs: dict[str, dict[str, Any]], heads: HeadSpecs, args: DemoArguments, improvement: float) -> None:
     """The per-task final losses and metrics of both runs, seconds per step and Δm%."""
     methods = list(runs)
     columns = [f"{method} {split}" for method in methods for split in ("train", "eval")]
-    width = 20 + 14 * len(columns)
+    cell = max(14, *(len(column) + 2 for column in columns))  # (long aggregator names keep a gap)
+    width = 22 + cell * len(columns)
     print("\n" + "=" * width)
-    print(f"{'task':<10}{'value':<10}" + "".join(f"{column:>14}" for column in columns))
+    print(f"{'task':<10}{'value':<12}" + "".join(f"{column:>{cell}}" for column in columns))
     print("-" * width)
     for task, spec in heads.items():
         metric = "accuracy" if spec["kind"] == "classification" else "MSE"
@@ -336,16 +389,11 @@ def print_table(runs: dict[str, dict[str, Any]], heads: HeadSpecs, args: DemoArg
                 continue  # the regression loss is its MSE
             cells = [runs[method][split][task][key] for method in methods for split in ("train", "eval")]
             name = f"{label} (MSE)" if spec["kind"] == "regression" else label
-            print(f"{task:<10}{name:<10}" + "".join(f"{cell:>14.4f}" for cell in cells))
+            print(f"{task:<10}{name:<12}" + "".join(f"{value:>{cell}.4f}" for value in cells))
     print("-" * width)
     print(
         "seconds per step: "
-        + ", ".join(f"{method} {runs[method]['seconds_per_step']:.3f}" for method in methods)
-        + (
-            " (both compute the Gramian of the task gradients; the baseline uses it only for the logged statistics)"
-            if is_gramian_based(args.aggregator)
-            else f" ({args.aggregator} aggregates the explicit Jacobian: autojac engine)"
-        )
+        + ", ".join(f"{method} {runs[method]['seconds_per_step']:.3f} ({how_computed(method)})" for method in methods)
     )
     cosine, share = conflict_summary(runs[args.aggregator]["history"])
     if math.isnan(cosine) or math.isnan(share):
@@ -384,17 +432,17 @@ def plot(runs: dict[str, dict[str, Any]], heads: HeadSpecs, args: DemoArguments)
         colour = colours[index % len(colours)]
         for method, style in styles.items():
             losses_axis.plot(*series(method, f"loss_{task}"), style, color=colour, label=f"{task} ({method})")
-        weights_axis.plot(*series(args.aggregator, f"jd/weight_{task}"), color=colour, label=task)
-    uniform = f"{args.baseline}: 1/{len(heads)}"
-    weights_axis.axhline(1 / len(heads), color="grey", linestyle="--", linewidth=1, label=uniform)
+        for method, style in styles.items():  # (a non-Gramian aggregator logs no weights: nothing to draw)
+            weights_axis.plot(*series(method, f"jd/weight_{task}"), style, color=colour, label=f"{task} ({method})")
     for method, style in styles.items():
         cosine_axis.plot(*series(method, "jd/min_cosine"), style, color="black", label=method)
     cosine_axis.axhline(0.0, color="grey", linewidth=1)
     losses_axis.set(yscale="log", xlabel="step", ylabel="training loss", title="Per-task training losses")
-    weights_axis.set(xlabel="step", ylabel="weight", title=f"Task weights chosen by {args.aggregator}")
-    if not is_gramian_based(args.aggregator):
+    weights_axis.set(xlabel="step", ylabel="weight", title="Task weights chosen by each aggregator")
+    unweighted = [method for method in styles if not is_gramian_based(method)]
+    if unweighted:
         weights_axis.text(
-            0.5, 0.5, f"{args.aggregator} has no task weights\n(it is not Gramian-based)",
+            0.5, 0.5, f"{' and '.join(unweighted)}: no task weights\n(not Gramian-based)",
             transform=weights_axis.transAxes, ha="center", va="center",
         )
     cosine_axis.set(xlabel="step", ylabel="min cosine", title="Conflict: min cosine between task gradients")
@@ -425,13 +473,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
         data, heads, vocab_size = load_data(args)
-        runs = {method: train_one(args, method, data, heads, vocab_size) for method in (args.aggregator, args.baseline)}
+        runs = {
+            getattr(args, role): train_one(args, role, data, heads, vocab_size) for role in ("aggregator", "baseline")
+        }
     finally:
         torch.set_num_threads(previous_threads)
     improvement = delta_m(runs[args.aggregator]["eval"], runs[args.baseline]["eval"], heads)
     print_table(runs, heads, args, improvement)
     path = plot(runs, heads, args)
-    print(f"Plot of the per-task training losses and of the {args.aggregator} weights: {path}")
+    logged = any(run["history"] for run in runs.values())
+    empty = "" if logged else f" (empty: nothing was logged, --max_steps {args.max_steps} < --logging_steps)"
+    print(f"Plot of the per-task training losses, task weights and gradient conflicts: {path}{empty}")
     return {"heads": heads, "runs": runs, "delta_m": improvement, "plot": str(path)}
 
 

@@ -103,13 +103,51 @@ def test_demo_end_to_end(demo: ModuleType, tmp_path: Path, capsys: pytest.Captur
     assert str(plot) in last_printed_line(out)
 
 
+def test_demo_table_keeps_long_aggregator_names_apart(
+    demo: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each value sits right under its column label, also for names longer than the default column (they ran
+    together: 'aligned_mtl trainaligned_mtl eval...'), and each method's seconds per step says how it was computed."""
+    (args,) = demo.parse_demo_args(
+        ["--aggregator", "aligned_mtl", "--baseline", "graddrop", "--output_dir", str(tmp_path)]
+    )
+    heads = demo.generated_heads()
+    metrics = {task: {"loss": 0.123456 * (i + 1), "metric": 0.5} for i, task in enumerate(heads)}
+    run = {"history": [], "seconds_per_step": 0.01, "train": metrics, "eval": metrics}
+    demo.print_table({"aligned_mtl": run, "graddrop": run}, heads, args, improvement=1.0)
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if line.startswith("task"))
+    labels = ["aligned_mtl train", "aligned_mtl eval", "graddrop train", "graddrop eval"]
+    ends = [header.index(label) + len(label) for label in labels]
+    assert all(header[header.index(label) - 1] == " " for label in labels)
+    for line in lines:
+        if line.startswith(tuple(heads)):
+            values = line.split()[-4:]
+            assert [line.index(value, end - len(value)) + len(value) for value, end in zip(values, ends)] == ends
+    seconds = next(line for line in lines if line.startswith("seconds per step"))
+    assert "aligned_mtl 0.010 (weights from the Gramian" in seconds
+    assert "graddrop 0.010 (explicit Jacobian, autojac engine)" in seconds
+    assert demo.how_computed("mean") == "Gramian computed for the logged statistics only"
+
+
+def test_demo_aggregator_kwargs_reach_the_run(demo: ModuleType, tmp_path: Path) -> None:
+    (args,) = demo.parse_demo_args(
+        [*DEMO_TINY, "--max_steps", "2", "--aggregator", "krum", "--aggregator_kwargs", '{"n_byzantine": 0}',
+         "--output_dir", str(tmp_path)]
+    )  # fmt: skip
+    data, heads, vocab_size = demo.load_data(args)
+    run = demo.train_one(args, "aggregator", data, heads, vocab_size)
+    assert run["history"] and all(math.isfinite(value["metric"]) for value in run["eval"].values())
+
+
 def test_demo_mean_baseline_is_the_plain_trainer(demo: ModuleType, tmp_path: Path) -> None:
     """JD with the mean aggregator must train exactly like transformers.Trainer on the model's mean loss."""
     from transformers import Trainer, TrainingArguments
 
     (args,) = demo.parse_demo_args([*DEMO_TINY, "--max_steps", "6", "--output_dir", str(tmp_path)])
     data, heads, vocab_size = demo.load_data(args)
-    jd_mean = demo.train_one(args, "mean", data, heads, vocab_size)["eval"]
+    assert args.baseline == "mean"
+    jd_mean = demo.train_one(args, "baseline", data, heads, vocab_size)["eval"]
     model = demo.build_model(args, heads, vocab_size)
     plain_args = TrainingArguments(
         output_dir=str(tmp_path / "plain"), max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
@@ -197,6 +235,10 @@ def test_parse_task_columns_rejects_bad_specs(demo: ModuleType, spec: str, messa
         (["--cpu_threads", "0"], "cpu_threads"),
         (["--hidden_size", "40"], "multiple of 16"),
         (["--aggregator", "no_such_aggregator"], "no_such_aggregator"),
+        (["--aggregator", "krum"], r"krum.*n_byzantine.*--aggregator_kwargs"),
+        (["--baseline", "sum", "--baseline_kwargs", '{"bogus": 1}'], r"--baseline 'sum'.*'bogus'"),
+        (["--aggregator_kwargs", "[1]"], "must be a JSON object"),
+        (["--aggregator_kwargs", "{bad"], "not valid JSON"),
     ],
 )
 def test_demo_rejects_bad_arguments_before_training(
@@ -366,6 +408,18 @@ def test_iwrm_tracker_matches_per_example_cross_entropy(iwrm: ModuleType) -> Non
     assert record["hard_mean"] == pytest.approx(float(losses[:5].mean()), rel=1e-5)
 
 
+def test_iwrm_stateful_aggregator_crosses_an_epoch_with_a_short_last_batch(iwrm: ModuleType, tmp_path: Path) -> None:
+    """20 examples in batches of 8: the short last batch (4 rows) is dropped, which NashMTL's per-row state needs
+    (it raised there)."""
+    argv = [
+        "--max_steps", "3", "--batch_size", "8", "--num_train", "20", "--probe_size", "8", "--probe_every", "3",
+        "--hidden_size", "32", "--aggregator", "nash_mtl", "--output_dir", str(tmp_path),
+    ]  # fmt: skip
+    results = iwrm.main(argv)
+    assert [record["step"] for record in results["runs"]["IWRM nash_mtl"]] == [0, 3]
+
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [(["--probe_every", "0"], "probe_every"), (["--hard_fraction", "1.5"], "hard_fraction"),
@@ -472,6 +526,9 @@ def test_causal_lm_rejects_bad_arguments(causal_lm: ModuleType, tmp_path: Path) 
     # This example trains with the autogram engine: a non-Gramian aggregator is named before any data is made.
     with pytest.raises(ValueError, match="graddrop is not Gramian-based.*use one of .*upgrad"):
         causal_lm.main(["--aggregator", "graddrop", "--output_dir", str(tmp_path)])
+    # (it named make_markov_text_dataset's min_length, which the example has no option for)
+    with pytest.raises(ValueError, match="--max_length must be at least 8"):
+        causal_lm.main(["--max_length", "2", "--output_dir", str(tmp_path)])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -526,3 +583,7 @@ def test_custom_losses_rejects_bad_arguments(custom: ModuleType, tmp_path: Path)
         custom.main(["--aggregator", "trimmed_mean", "--output_dir", str(tmp_path)])
     with pytest.raises(ValueError, match="JSON object"):
         custom.main(["--aggregator_kwargs", "[1]", "--output_dir", str(tmp_path)])
+    # Keyword arguments given but wrong: the message has no hint to give them.
+    with pytest.raises(ValueError, match=r"reg_eps.*\.$") as raised:
+        custom.main(["--aggregator_kwargs", '{"reg_eps": -1}', "--output_dir", str(tmp_path)])
+    assert "Give the aggregator's keyword arguments" not in str(raised.value)
