@@ -432,8 +432,10 @@ def plot(runs: dict[str, dict[str, Any]], heads: HeadSpecs, args: DemoArguments)
         colour = colours[index % len(colours)]
         for method, style in styles.items():
             losses_axis.plot(*series(method, f"loss_{task}"), style, color=colour, label=f"{task} ({method})")
-        for method, style in styles.items():  # (a non-Gramian aggregator logs no weights: nothing to draw)
-            weights_axis.plot(*series(method, f"jd/weight_{task}"), style, color=colour, label=f"{task} ({method})")
+        for method, style in styles.items():
+            steps, weights = series(method, f"jd/weight_{task}")
+            if steps:  # (a non-Gramian aggregator logs no weights)
+                weights_axis.plot(steps, weights, style, color=colour, label=f"{task} ({method})")
     for method, style in styles.items():
         cosine_axis.plot(*series(method, "jd/min_cosine"), style, color="black", label=method)
     cosine_axis.axhline(0.0, color="grey", linewidth=1)
@@ -442,12 +444,13 @@ def plot(runs: dict[str, dict[str, Any]], heads: HeadSpecs, args: DemoArguments)
     unweighted = [method for method in styles if not is_gramian_based(method)]
     if unweighted:
         weights_axis.text(
-            0.5, 0.5, f"{' and '.join(unweighted)}: no task weights\n(not Gramian-based)",
-            transform=weights_axis.transAxes, ha="center", va="center",
+            0.5, 0.95, f"{' and '.join(unweighted)}: no task weights (not Gramian-based)",
+            transform=weights_axis.transAxes, ha="center", va="top", fontsize=9,
         )
     cosine_axis.set(xlabel="step", ylabel="min cosine", title="Conflict: min cosine between task gradients")
     for axis in (losses_axis, weights_axis, cosine_axis):
-        axis.legend(fontsize=8)
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=8)
         axis.grid(alpha=0.3)
     figure.tight_layout()
     path = Path(args.output_dir) / "multi_head_demo.png"
