@@ -37,11 +37,12 @@ import argparse
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
+from _cli import non_negative_float, positive_int, torchjd_skipped
 from hf_jd.aggregation import DualProjWeighting, MGDAWeighting, PCGradWeighting, UPGradWeighting
 from hf_jd.aggregation._dual_cone import add_relative_ridge, normalize_gramian, regularize_gramian
 
@@ -164,45 +165,59 @@ class CacheFlush:
 
 
 def load_torchjd() -> tuple[dict[str, Callable[[], object]] | None, str]:
-    """Return torchjd's weighting constructors, or None and the reason they are unavailable."""
+    """Return torchjd's weighting constructors, or None and the line saying why they are unavailable."""
     try:
         from torchjd.aggregation import DualProjWeighting as TorchjdDualProj
         from torchjd.aggregation import UPGradWeighting as TorchjdUPGrad
-
+    except ImportError as error:
+        return None, torchjd_skipped(error)
+    try:
         TorchjdUPGrad()  # its default projector may need optional dependencies
     except Exception as error:  # noqa: BLE001 - any failure just disables the comparison
-        return None, f"{type(error).__name__}: {error}"
+        return None, torchjd_skipped(f"torchjd's UPGradWeighting cannot be built ({type(error).__name__}: {error})")
     return {"UPGrad": TorchjdUPGrad, "DualProj": TorchjdDualProj}, ""
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--sizes", type=int, nargs="+", default=[2, 8, 32, 128, 256])
-    parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
-    parser.add_argument(
-        "--weightings", nargs="+", default=["UPGrad", "DualProj"], choices=list(WEIGHTINGS)
-    )
-    parser.add_argument("--n", type=int, default=2000, help="number of columns of the Jacobians")
-    parser.add_argument("--repeats", type=int, default=9, help="timed calls of hf_jd (median)")
-    parser.add_argument("--torchjd-repeats", type=int, default=3, help="timed calls of torchjd")
-    parser.add_argument("--budget", type=float, default=20.0, help="max seconds of timed calls per cell")
-    parser.add_argument(
-        "--threads", type=int, default=None, help="torch.set_num_threads (default: unchanged)"
-    )
-    parser.add_argument("--no-torchjd", action="store_true", help="skip the torchjd comparison")
-    parser.add_argument(
-        "--check", action="store_true", help="compare every answer with quadprog (slow)"
-    )
-    parser.add_argument(
-        "--cold", action="store_true", help="flush the CPU caches before each timed hf_jd call"
-    )
-    args = parser.parse_args()
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser of this benchmark.
 
+    Returns
+    -------
+    argparse.ArgumentParser
+        The parser; its numeric options reject out-of-range values.
+    """
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--sizes", type=positive_int, nargs="+", default=[2, 8, 32, 128, 256], metavar="M",
+        help="numbers of objectives m (rows of the Jacobians)",
+    )
+    parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
+    parser.add_argument("--weightings", nargs="+", default=["UPGrad", "DualProj"], choices=list(WEIGHTINGS))
+    parser.add_argument("--n", type=positive_int, default=2000, help="number of columns of the Jacobians")
+    parser.add_argument("--repeats", type=positive_int, default=9, help="timed calls of hf_jd (median)")
+    parser.add_argument("--torchjd-repeats", type=positive_int, default=3, help="timed calls of torchjd")
+    parser.add_argument(
+        "--budget", type=non_negative_float, default=20.0,
+        help="max seconds of timed calls per cell (at least one timed call is made: 0 means exactly one)",
+    )
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch.set_num_threads (default: unchanged)")
+    parser.add_argument("--no-torchjd", action="store_true", help="skip the torchjd comparison")
+    parser.add_argument("--check", action="store_true", help="compare every answer with quadprog (slow)")
+    parser.add_argument("--cold", action="store_true", help="flush the CPU caches before each timed hf_jd call")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse the command line (``sys.argv[1:]`` when ``argv`` is None); exit with a usage error on a bad value."""
+    return build_parser().parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run the benchmark and print its table (``argv``: the command line, ``sys.argv[1:]`` when None)."""
+    args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    torchjd, reason = (None, "disabled by --no-torchjd") if args.no_torchjd else load_torchjd()
+    torchjd, skipped = (None, torchjd_skipped("disabled by --no-torchjd")) if args.no_torchjd else load_torchjd()
     ours = {name: WEIGHTINGS[name] for name in args.weightings}
 
     flush = CacheFlush() if args.cold else None
@@ -213,7 +228,7 @@ def main() -> None:
         + ("; hf_jd timed with cold caches" if args.cold else "")
     )
     if torchjd is None:
-        print(f"torchjd comparison unavailable: {reason}")
+        print(skipped)
     header = (
         f"{'weighting':<9} {'kind':<8} {'m':>4} {'conflict':>8} {'hf_jd ms':>9} {'(cpu ms)':>9} "
         f"{'torchjd ms':>11} {'speed-up':>9} {'max rel diff':>13}"

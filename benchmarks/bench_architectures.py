@@ -18,14 +18,15 @@ import argparse
 import inspect
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import transformers as tf
 from torch import Tensor, nn
 
-from bench_autogram import Case, _to_device, _weighting, run
+from _cli import non_negative_int, positive_int
+from bench_autogram import Case, _to_device, _weighting, run, torchjd_unavailable
 
 B, T, V, H = 16, 32, 1000, 64
 _CE = nn.functional.cross_entropy
@@ -265,18 +266,60 @@ EXTRA: dict[str, Callable[[], tuple[nn.Module, dict[str, Tensor], Callable[..., 
 FROZEN_BATCH_NORMS = {"resnet-frozen-bn"}
 
 
-def main() -> None:
+def summary_table(summary: list[tuple[str, dict[str, float]]]) -> list[str]:
+    """The lines of the summary table, its first column as wide as the longest model name.
+
+    Parameters
+    ----------
+    summary : list[tuple[str, dict[str, float]]]
+        Per model, its name and the ratio of each variant's median time to the plain step's (``hf_jd`` and
+        ``hf_jd-1bw`` always, ``torchjd`` when it ran).
+
+    Returns
+    -------
+    list[str]
+        The header line, then one line per model.
+    """
+    width = max([len("model"), *(len(name) for name, _ in summary)]) + 2
+    lines = [f"{'model':<{width}}{'hf_jd':>8}{'1bw':>8}{'torchjd':>9}"]
+    for name, ratios in summary:
+        torchjd = f"{ratios['torchjd']:.2f}" if "torchjd" in ratios else "-"
+        lines.append(f"{name:<{width}}{ratios['hf_jd']:>8.2f}{ratios['hf_jd-1bw']:>8.2f}{torchjd:>9}")
+    return lines
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser of this benchmark.
+
+    Returns
+    -------
+    argparse.ArgumentParser
+        The parser; its numeric options reject out-of-range values.
+    """
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS) + list(EXTRA),
                         help="default: all but " + ", ".join(EXTRA))
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=positive_int, default=7, help="timed steps per variant (median)")
+    parser.add_argument("--warmup", type=non_negative_int, default=2, help="untimed steps per variant first")
     parser.add_argument("--clock", default="cpu", choices=["wall", "cpu"])
     parser.add_argument("--device", default="cpu", help="e.g. cuda (then time with --clock wall)")
-    args = parser.parse_args()
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse the command line (``sys.argv[1:]`` when ``argv`` is None); exit with a usage error on a bad value."""
+    return build_parser().parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run the benchmark and print the summary table (``argv``: the command line, ``sys.argv[1:]`` when None)."""
+    args = parse_args(argv)
     torch.set_num_threads(1)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     _, weighting = _weighting()
+    skipped = torchjd_unavailable()
+    if skipped is not None:
+        print(skipped)
     summary: list[tuple[str, dict[str, float]]] = []
     for name in args.models:
         torch.manual_seed(0)
@@ -297,10 +340,7 @@ def main() -> None:
         plain = result["times"]["plain"]
         summary.append((name, {variant: value / plain for variant, value in result["times"].items()}))
     print("\nratios to the plain step (median time)")
-    print(f"{'model':<12}{'hf_jd':>8}{'1bw':>8}{'torchjd':>9}")
-    for name, ratios in summary:
-        torchjd = f"{ratios['torchjd']:.2f}" if "torchjd" in ratios else "-"
-        print(f"{name:<12}{ratios['hf_jd']:>8.2f}{ratios['hf_jd-1bw']:>8.2f}{torchjd:>9}")
+    print("\n".join(summary_table(summary)))
 
 
 if __name__ == "__main__":

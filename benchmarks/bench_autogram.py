@@ -33,7 +33,7 @@ import gc
 import statistics
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,21 +42,10 @@ import torch
 from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
-    DebertaV2Config,
-    DebertaV2ForSequenceClassification,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    T5Config,
-    T5ForConditionalGeneration,
-)
 
-from hf_jd.autogram import Engine
+from _cli import int_in_range, non_negative_int, positive_int, torchjd_skipped
 
+# transformers' models and hf_jd.autogram are imported where they are used: building the parser stays cheap.
 Step = Callable[[], None]
 Losses = Callable[[nn.Module, dict[str, Tensor]], Tensor]  # per-example losses [B] of a model on a batch
 
@@ -116,6 +105,8 @@ def _language_model_batch(batch: int, length: int, vocab: int) -> tuple[dict[str
 
 
 def _bert_case(batch: int, length: int, vocab: int, hidden: int = 128, layers: int = 2) -> Case:
+    from transformers import BertConfig, BertForSequenceClassification
+
     config = BertConfig(
         vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=max(2, hidden // 64),
         intermediate_size=4 * hidden, max_position_embeddings=max(512, length), num_labels=2,
@@ -127,6 +118,8 @@ def _bert_case(batch: int, length: int, vocab: int, hidden: int = 128, layers: i
 
 
 def _gpt2_case(batch: int, length: int, vocab: int, hidden: int = 128, layers: int = 2) -> Case:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
     config = GPT2Config(
         vocab_size=vocab, n_positions=max(512, length), n_embd=hidden, n_layer=layers, n_head=max(2, hidden // 64),
         bos_token_id=0, eos_token_id=0,
@@ -138,6 +131,8 @@ def _gpt2_case(batch: int, length: int, vocab: int, hidden: int = 128, layers: i
 
 
 def _llama_case(batch: int, length: int, vocab: int) -> Case:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     config = LlamaConfig(
         vocab_size=vocab, hidden_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
         intermediate_size=512, max_position_embeddings=max(512, length), bos_token_id=0, eos_token_id=0,
@@ -148,6 +143,8 @@ def _llama_case(batch: int, length: int, vocab: int) -> Case:
 
 
 def _t5_case(batch: int, length: int, vocab: int) -> Case:
+    from transformers import T5Config, T5ForConditionalGeneration
+
     config = T5Config(
         vocab_size=vocab, d_model=128, d_kv=64, d_ff=512, num_layers=2, num_heads=2, decoder_start_token_id=0,
     )
@@ -166,6 +163,8 @@ def _t5_case(batch: int, length: int, vocab: int) -> Case:
 
 def _deberta_case(batch: int, length: int, vocab: int) -> Case:
     """DeBERTa-v3's configuration at BERT-tiny's size (relative embeddings, shared attention keys)."""
+    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
+
     config = DebertaV2Config(
         vocab_size=vocab, hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512,
         max_position_embeddings=512, relative_attention=True, position_buckets=256, max_relative_positions=-1,
@@ -180,6 +179,8 @@ def _deberta_case(batch: int, length: int, vocab: int) -> Case:
 
 def _steps(case: Case, weighting: Callable[[Tensor], Tensor]) -> tuple[dict[str, Step], dict[str, nn.Module]]:
     """The step of each variant, and the model it trains."""
+    from hf_jd.autogram import Engine
+
     steps: dict[str, Step] = {}
     plain_model = case.model
 
@@ -286,6 +287,12 @@ def _with_lora(case: Case, rank: int) -> Case:
     """The case's model with LoRA adapters of rank ``rank`` on its attention projections (PEFT): only
     the adapters are trained, the rest is frozen (the usual way to fine-tune a large model)."""
     from peft import LoraConfig, get_peft_model
+    from transformers import (
+        BertForSequenceClassification,
+        DebertaV2ForSequenceClassification,
+        GPT2LMHeadModel,
+        T5ForConditionalGeneration,
+    )
 
     gpt2 = isinstance(case.model, GPT2LMHeadModel)
     if gpt2:
@@ -459,15 +466,34 @@ def run(
     return {"times": medians, "memory": memory}
 
 
-def main() -> None:
+def torchjd_unavailable() -> str | None:
+    """The line saying why the torchjd variant is left out (its autogram engine does not import), or None."""
+    try:
+        from torchjd.autogram import Engine as TorchJDEngine  # noqa: F401 - only whether it imports
+    except ImportError as error:
+        return torchjd_skipped(error)
+    return None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser of this benchmark.
+
+    Returns
+    -------
+    argparse.ArgumentParser
+        The parser; its numeric options reject out-of-range values.
+    """
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=positive_int, default=15, help="timed steps per variant (median)")
+    parser.add_argument("--warmup", type=non_negative_int, default=3, help="untimed steps per variant first")
     parser.add_argument(
-        "--threads", type=int, default=1,
+        "--threads", type=positive_int, default=1,
         help="torch threads (1 by default: on shared CPUs, more threads mostly add contention noise)",
     )
-    parser.add_argument("--vocab", type=int, default=30522)
+    parser.add_argument(
+        "--vocab", type=int_in_range(2), default=30522,
+        help="vocabulary of bert, gpt2, llama and deberta (at least 2: the classifiers draw ids from 1 to vocab - 1)",
+    )
     parser.add_argument(
         "--models", nargs="+", default=["bert", "gpt2"],
         choices=["bert", "gpt2", "llama", "t5", "deberta", "bert-small", "bert-base", "gpt2-small"],
@@ -486,14 +512,25 @@ def main() -> None:
     )
     parser.add_argument("--device", default="cpu", help="'cpu' or 'cuda'")
     parser.add_argument(
-        "--lora", type=int, default=0, metavar="RANK",
-        help="train LoRA adapters of this rank on the attention projections instead of the whole model (needs peft)",
+        "--lora", type=non_negative_int, default=0, metavar="RANK",
+        help="train LoRA adapters of this rank on the attention projections instead of the whole model (needs peft); "
+        "0 (the default): no LoRA, the whole model is trained",
     )
     parser.add_argument(
         "--floor", action="store_true",
         help="also time the Linear layers' Gram contributions alone (a lower bound of the Gramian pass's cost)",
     )
-    args = parser.parse_args()
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse the command line (``sys.argv[1:]`` when ``argv`` is None); exit with a usage error on a bad value."""
+    return build_parser().parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run the benchmark and print one table per case (``argv``: the command line, ``sys.argv[1:]`` when None)."""
+    args = parse_args(argv)
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -504,6 +541,10 @@ def main() -> None:
         f"{args.threads} threads, {args.repeats} repeats, {args.clock} clock, "
         f"weighting: {name}"
     )
+    if args.variants is None or "torchjd" in args.variants:
+        skipped = torchjd_unavailable()
+        if skipped is not None:
+            print(skipped)
     cases = []
     if "bert" in args.models:
         cases += [_bert_case(16, 32, args.vocab), _bert_case(32, 64, args.vocab)]

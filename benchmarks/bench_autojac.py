@@ -17,10 +17,14 @@ import argparse
 import statistics
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
+
+from _cli import int_in_range, non_negative_int, positive_int, torchjd_skipped
+
+MAX_LENGTH = 128  # the model's max_position_embeddings
 
 
 def build_model(hidden: int, layers: int, attn: str) -> nn.Module:
@@ -32,7 +36,7 @@ def build_model(hidden: int, layers: int, attn: str) -> nn.Module:
         num_attention_heads=max(1, hidden // 32),
         intermediate_size=4 * hidden,
         vocab_size=1000,
-        max_position_embeddings=128,
+        max_position_embeddings=MAX_LENGTH,
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
         num_labels=2,
@@ -55,13 +59,14 @@ def zero_grads(params: list[Tensor]) -> None:
 
 def make_torchjd_step(
     model: nn.Module, params: list[Tensor], batch: dict[str, Tensor]
-) -> Callable[[], None] | None:
-    """Return a TorchJD step on the same model, whatever the installed TorchJD API, or None."""
+) -> tuple[Callable[[], None] | None, str]:
+    """Return a TorchJD step on the same model, whatever the installed TorchJD API, or None and the line saying why
+    there is none."""
     try:
         import torchjd
         from torchjd.aggregation import UPGrad as TorchJDUPGrad
-    except Exception:  # noqa: BLE001 - torchjd is optional
-        return None
+    except Exception as error:  # noqa: BLE001 - torchjd is optional
+        return None, torchjd_skipped(error)
     aggregator = TorchJDUPGrad()
     autojac = getattr(torchjd, "autojac", None)
     new_backward = getattr(autojac, "backward", None)
@@ -72,34 +77,96 @@ def make_torchjd_step(
             new_backward(per_example_losses(model, batch), inputs=params)
             new_jac_to_grad(params, aggregator)
 
-        return step
+        return step, ""
     old_backward = getattr(torchjd, "backward", None) or getattr(autojac, "backward", None)
     if old_backward is None:
-        return None
+        return None, torchjd_skipped("the installed torchjd has neither autojac.backward nor backward")
 
     def old_step() -> None:
         old_backward(per_example_losses(model, batch), aggregator, inputs=params)
 
-    return old_step
+    return old_step, ""
 
 
-def main() -> None:
+def chunk_sizes(text: str) -> list[int | None]:
+    """The ``--chunks`` value: comma-separated ``parallel_chunk_size`` values, each a positive integer or ``none``.
+
+    Parameters
+    ----------
+    text : str
+        The command-line value, e.g. ``"none,1,4"``.
+
+    Returns
+    -------
+    list[int | None]
+        The chunk sizes, None for ``none`` (all rows at once).
+
+    Raises
+    ------
+    argparse.ArgumentTypeError
+        If an item is neither ``none`` nor a positive integer.
+    """
+    sizes: list[int | None] = []
+    for item in text.split(","):
+        if item.strip().lower() == "none":
+            sizes.append(None)
+            continue
+        try:
+            sizes.append(positive_int(item.strip()))
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(
+                f"must be comma-separated positive integers or 'none', got {text!r}"
+            ) from None
+    return sizes
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser of this benchmark.
+
+    Returns
+    -------
+    argparse.ArgumentParser
+        The parser; its numeric options reject out-of-range values.
+    """
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--length", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument(
+        "--hidden", type=positive_int, default=128,
+        help="hidden size, with hidden // 32 attention heads (at least 1) that must divide it",
+    )
+    parser.add_argument("--layers", type=positive_int, default=2)
+    parser.add_argument("--batch", type=positive_int, default=16)
+    parser.add_argument(
+        "--length", type=int_in_range(1, MAX_LENGTH), default=32,
+        help=f"tokens per example (at most {MAX_LENGTH}, the model's position embeddings)",
+    )
+    parser.add_argument("--threads", type=positive_int, default=1)
+    parser.add_argument("--repeats", type=positive_int, default=15)
+    parser.add_argument("--warmup", type=non_negative_int, default=2, help="untimed rounds before the timed ones")
     parser.add_argument("--attn", choices=["sdpa", "eager"], default="eager")
     parser.add_argument(
         "--chunks",
+        type=chunk_sizes,
         default="none,1",
-        help="comma-separated parallel_chunk_size values for hf_jd ('none': all rows at once)",
+        help="comma-separated parallel_chunk_size values for hf_jd (positive integers, or 'none': all rows at once)",
     )
     parser.add_argument("--aggregator", default="upgrad", help="name for get_aggregator")
-    args = parser.parse_args()
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse the command line (``sys.argv[1:]`` when ``argv`` is None); exit with a usage error on a bad value."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    heads = max(1, args.hidden // 32)
+    if args.hidden % heads:
+        parser.error(f"--hidden must be a multiple of its number of attention heads (hidden // 32 = {heads}), "
+                     f"got {args.hidden}")  # fmt: skip
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run the benchmark and print its medians (``argv``: the command line, ``sys.argv[1:]`` when None)."""
+    args = parse_args(argv)
 
     from hf_jd.aggregation import get_aggregator
     from hf_jd.autojac import backward, jac_to_grad
@@ -116,7 +183,7 @@ def main() -> None:
     }
     batch["attention_mask"][: args.batch // 2, args.length // 2 :] = 0
     aggregator = get_aggregator(args.aggregator)
-    chunks = [None if c.strip().lower() == "none" else int(c) for c in args.chunks.split(",")]
+    chunks: list[int | None] = args.chunks
     split: dict[str, list[float]] = {}
 
     def plain() -> None:
@@ -140,7 +207,7 @@ def main() -> None:
 
     variants: dict[str, Callable[[], None]] = {"plain": plain}
     variants.update(make_ours(chunk) for chunk in chunks)
-    torchjd_step = make_torchjd_step(model, params, batch)
+    torchjd_step, torchjd_skip = make_torchjd_step(model, params, batch)
     if torchjd_step is not None:
         variants["torchjd"] = torchjd_step
 
@@ -173,7 +240,7 @@ def main() -> None:
         for name in ours:
             print(f"  ratio {name} / torchjd: {medians[name] / medians['torchjd']:.2f}")
     else:
-        print("  torchjd not importable: no comparison")
+        print(f"  {torchjd_skip}")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
-"""Peak memory of a training step with and without activation checkpointing, plain and with the
-autogram engine (IWRM step: per-example losses, UPGrad weights; two-pass and single backward).
+"""Peak memory of a training step with and without activation checkpointing, plain and with the autogram engine.
 
-The engine keeps the inputs of the parametrised calls it captures until the Gramian is computed, so
-checkpointing (non-reentrant, transformers' default) saves less memory with it than in a plain step;
-this script measures how much. Peak memory is measured as in ``bench_autogram.py`` (bytes allocated
-above the start of the step, sampled after every aten operation; CUDA: ``max_memory_allocated``).
+The steps: a plain mean-loss step, and the IWRM step (per-example losses, UPGrad weights) with the engine, two-pass
+and single backward. The engine keeps the inputs of the parametrised calls it captures until the Gramian is
+computed, so checkpointing (non-reentrant, transformers' default) saves less memory with it than in a plain step;
+this script measures how much. Peak memory is measured as in ``bench_autogram.py`` (bytes allocated above the start
+of the step, sampled after every aten operation; CUDA: ``max_memory_allocated``).
 
 Run: ``python benchmarks/bench_checkpointing.py [--batch 32] [--length 128] [--hidden 256] [--layers 4]
 [--device cuda]``.
@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+from collections.abc import Sequence
 
 import torch
 
+from _cli import int_in_range, positive_int
 from bench_autogram import Case, Step, _bert_case, _cuda_peak_memory, _peak_memory, _to_device
 from hf_jd.aggregation import UPGradWeighting
-from hf_jd.autogram import Engine
 
 VARIANTS = ("plain", "hf_jd", "hf_jd-1bw")
 
@@ -35,6 +36,8 @@ def _step(case: Case, variant: str, checkpointing: bool) -> tuple[Step, torch.nn
             case.losses(model, case.inputs).mean().backward()
 
         return plain, model
+    from hf_jd.autogram import Engine  # imported here: building the parser stays cheap
+
     engine = Engine(model, single_backward=variant == "hf_jd-1bw")
     weighting = UPGradWeighting()
 
@@ -50,16 +53,44 @@ def _step(case: Case, variant: str, checkpointing: bool) -> tuple[Step, torch.nn
     return jd, model
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--length", type=int, default=128)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=1000)
-    parser.add_argument("--threads", type=int, default=1)
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser of this benchmark.
+
+    Returns
+    -------
+    argparse.ArgumentParser
+        The parser; its numeric options reject out-of-range values.
+    """
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=positive_int, default=32)
+    parser.add_argument("--length", type=positive_int, default=128)
+    parser.add_argument(
+        "--hidden", type=positive_int, default=256,
+        help="hidden size, with max(2, hidden // 64) attention heads that must divide it",
+    )
+    parser.add_argument("--layers", type=positive_int, default=4)
+    parser.add_argument(
+        "--vocab", type=int_in_range(2), default=1000, help="at least 2: token ids are drawn from 1 to vocab - 1"
+    )
+    parser.add_argument("--threads", type=positive_int, default=1)
     parser.add_argument("--device", default="cpu")
-    args = parser.parse_args()
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse the command line (``sys.argv[1:]`` when ``argv`` is None); exit with a usage error on a bad value."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    heads = max(2, args.hidden // 64)
+    if args.hidden % heads:
+        parser.error(f"--hidden must be a multiple of its number of attention heads (max(2, hidden // 64) = {heads}), "
+                     f"got {args.hidden}")  # fmt: skip
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Measure and print the peak memory of each variant (``argv``: the command line, ``sys.argv[1:]`` when None)."""
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import difflib
 import json
 import os
 import re
@@ -38,11 +39,14 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from _cli import positive_float
 
 ROOT = Path(__file__).resolve().parent.parent
 B, T, V = 4, 8, 64
@@ -244,16 +248,64 @@ def _run_worker(head: str, model_type: str, dtype: str, args: argparse.Namespace
     return json.loads(lines[-1])
 
 
-def main() -> None:
+def known_model_type(text: str) -> str:
+    """The ``--models`` type of a model type that transformers knows (a key of its configuration mapping).
+
+    Parameters
+    ----------
+    text : str
+        The command-line value, e.g. ``llama``.
+
+    Returns
+    -------
+    str
+        The model type.
+
+    Raises
+    ------
+    argparse.ArgumentTypeError
+        If transformers has no configuration of that type; the message lists the closest known types.
+    """
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    if text in CONFIG_MAPPING_NAMES:
+        return text
+    close = difflib.get_close_matches(text, list(CONFIG_MAPPING_NAMES), n=5)
+    hint = f"close matches: {', '.join(close)}" if close else "no close match"
+    raise argparse.ArgumentTypeError(f"unknown model type {text!r} for transformers ({hint})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser of this benchmark.
+
+    Returns
+    -------
+    argparse.ArgumentParser
+        The parser; ``--timeout`` must be positive and ``--models`` known to transformers.
+    """
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--heads", nargs="+", default=list(HEADS), choices=list(HEADS))
-    parser.add_argument("--models", nargs="+", help="model types (default: all registered for each head)")
+    parser.add_argument(
+        "--models", nargs="+", type=known_model_type,
+        help="model types, as transformers names them (default: all registered for each head)",
+    )
     parser.add_argument("--dtype", default="float64", choices=list(TOLERANCE))
     parser.add_argument("--timing", action="store_true", help="also time the two-pass step against a plain one")
-    parser.add_argument("--timeout", type=float, default=180.0, help="seconds per model")
+    parser.add_argument("--timeout", type=positive_float, default=180.0, help="seconds per model")
     parser.add_argument("--output", help="also write one JSON line per model to this file")
     parser.add_argument("--worker", nargs=2, metavar=("HEAD", "MODEL_TYPE"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse the command line (``sys.argv[1:]`` when ``argv`` is None); exit with a usage error on a bad value."""
+    return build_parser().parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Check every model and print its outcome, then a summary (``argv``: the command line, ``sys.argv[1:]`` when
+    None)."""
+    args = parse_args(argv)
     torch.set_num_threads(1)
     if args.worker:
         warnings.filterwarnings("ignore", module="transformers")

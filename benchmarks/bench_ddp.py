@@ -33,10 +33,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import statistics
 import tempfile
 import time
+from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -46,8 +48,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor, nn
 
+from _cli import int_in_range, positive_int
+
 TASKS = ("topic", "sentiment", "score")
 SETTINGS = ("local", "global", "global-ddp")
+QUALITY_PARTS = (1, 2, 4)  # part 2: numbers of processes the global batch is split between
+QUALITY_MULTIPLE = math.lcm(*QUALITY_PARTS)  # part 2's global batch splits into any of them in equal parts
 
 
 def _bert_config(vocab: int, length: int) -> Any:
@@ -245,21 +251,51 @@ def local_quality(parts_list: list[int], batch: int, length: int, vocab: int, re
               f"{mean[4]:>21.4f}{mean[5]:>10.4f}")  # fmt: skip
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser of this benchmark.
+
+    Returns
+    -------
+    argparse.ArgumentParser
+        The parser; its numeric options reject out-of-range values.
+    """
+    parts = ", ".join(str(p) for p in QUALITY_PARTS)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=8, help="local batch size per process (part 1)")
-    parser.add_argument("--length", type=int, default=64)
-    parser.add_argument("--vocab", type=int, default=30522)
-    parser.add_argument("--quality-batch", type=int, default=16, help="global batch of part 2")
-    parser.add_argument("--quality-vocab", type=int, default=1000)
-    parser.add_argument("--quality-length", type=int, default=16)
-    parser.add_argument("--quality-repeats", type=int, default=3)
-    parser.add_argument("--skip-quality", action="store_true")
-    args = parser.parse_args()
+    parser.add_argument("--steps", type=positive_int, default=3, help="optimizer steps per setting (part 1)")
+    parser.add_argument("--batch", type=positive_int, default=8, help="local batch size per process (part 1)")
+    parser.add_argument("--length", type=positive_int, default=64, help="tokens per example (part 1)")
+    parser.add_argument(
+        "--vocab", type=int_in_range(2), default=30522, help="vocabulary (part 1; at least 2: ids are drawn from 1)"
+    )
+    parser.add_argument(
+        "--quality-batch", type=positive_int, default=16,
+        help=f"global batch of part 2, split into {parts} equal parts: a multiple of {QUALITY_MULTIPLE}",
+    )
+    parser.add_argument("--quality-vocab", type=int_in_range(2), default=1000, help="vocabulary of part 2 (at least 2)")
+    parser.add_argument("--quality-length", type=positive_int, default=16, help="tokens per example (part 2)")
+    parser.add_argument("--quality-repeats", type=positive_int, default=3, help="batches averaged over (part 2)")
+    parser.add_argument("--skip-quality", action="store_true", help="run part 1 only")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse the command line (``sys.argv[1:]`` when ``argv`` is None); exit with a usage error on a bad value."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.quality_batch % QUALITY_MULTIPLE:
+        parser.error(f"--quality-batch must be a multiple of {QUALITY_MULTIPLE} (it is split into "
+                     f"{', '.join(str(p) for p in QUALITY_PARTS)} equal parts), got {args.quality_batch}")  # fmt: skip
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run parts 1 and 2 and print their tables (``argv``: the command line, ``sys.argv[1:]`` when None)."""
+    args = parse_args(argv)
     communication(args.steps, args.batch, args.length, args.vocab)
     if not args.skip_quality:
-        local_quality([1, 2, 4], args.quality_batch, args.quality_length, args.quality_vocab, args.quality_repeats)
+        local_quality(
+            list(QUALITY_PARTS), args.quality_batch, args.quality_length, args.quality_vocab, args.quality_repeats
+        )
 
 
 if __name__ == "__main__":
