@@ -213,9 +213,9 @@ _UNCAPTURED_LOSSES = (
 _EARLIER_USES = (
     "Here those uses come before the captured calls of this forward pass: by a module not given to the engine that "
     "shares the weight (tied input embeddings when the engine has the output head only: give it the embedding "
-    "module too), before the model was called, or in an earlier step, through a tensor kept since (a cache such as LeViT's attention biases in evaluation mode, through "
-    "which a plain training step fails too on its second backward pass: train such a model in training mode, or "
-    "clear the cache before each forward pass)."
+    "module too), before the model was called, or in an earlier step, through a tensor kept since (a cache such "
+    "as LeViT's attention biases in evaluation mode, through which a plain training step fails too on its second "
+    "backward pass: train such a model in training mode, or clear the cache before each forward pass)."
 )
 
 

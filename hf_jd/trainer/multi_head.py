@@ -81,6 +81,16 @@ def label_key(task: str) -> str:
     return f"{LABEL_PREFIX}{task}"
 
 
+def _check_not_encoder_decoder(config: PreTrainedConfig) -> None:
+    """Raise for an encoder-decoder backbone (T5, BART): its decoder needs decoder inputs the heads do not give."""
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(
+            f"The backbone configuration ({type(config).__name__}) is an encoder-decoder: AutoModel builds both "
+            "halves, and the decoder needs decoder inputs that MultiHeadModel does not pass. Use its encoder as the "
+            "backbone, e.g. MultiHeadModel.from_backbone(T5EncoderModel(config), heads)."
+        )
+
+
 def normalize_head_spec(task: str, spec: Mapping[str, Any]) -> dict[str, Any]:
     """Validate one head specification and fill in its defaults.
 
@@ -116,7 +126,7 @@ def normalize_head_spec(task: str, spec: Mapping[str, Any]) -> dict[str, Any]:
             f"The head of task {task!r} must be a dict like {{'kind': 'classification', 'num_labels': 3}}, "
             f"got {type(spec).__name__}."
         )
-    if hasattr(nn.ModuleDict, task):
+    if hasattr(nn.ModuleDict, task) or hasattr(nn.ModuleDict(), task):  # (also instance attributes: training, ...)
         raise ValueError(f"Task name {task!r} clashes with an attribute of torch.nn.ModuleDict; choose another name.")
     unknown = set(spec) - _SPEC_KEYS
     if unknown:
@@ -428,9 +438,17 @@ class MultiHeadModel(PreTrainedModel):
                 raise ValueError("A backbone config dict needs a 'model_type' key (e.g. 'bert').")
             backbone = AutoConfig.for_model(spec.pop("model_type"), **spec)
         if isinstance(backbone, PreTrainedModel):
+            if backbone.base_model is not backbone:
+                raise ValueError(
+                    f"The backbone {type(backbone).__name__} is a task model with a head of its own, whose first "
+                    "output is not the hidden states the task heads read: pass its base model "
+                    f"(`model.base_model`, a {type(backbone.base_model).__name__}) instead."
+                )
+            _check_not_encoder_decoder(backbone.config)
             config = MultiHeadConfig(backbone_config=backbone.config, heads=dict(heads))
             return cls(config, backbone=backbone)
         if isinstance(backbone, PreTrainedConfig):
+            _check_not_encoder_decoder(backbone)
             return cls(MultiHeadConfig(backbone_config=backbone, heads=dict(heads)))
         raise TypeError(
             "from_backbone expects a PreTrainedModel, a PreTrainedConfig, a config dict or a model name, "

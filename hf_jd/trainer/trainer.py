@@ -9,6 +9,7 @@ Reference: Quinton & Rey, "Jacobian Descent For Multi-Objective Optimization", a
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import warnings
 from typing import Any
@@ -279,6 +280,12 @@ class JDTrainer(Trainer):
             # does not take it (a plain nn.Module), and the Trainer would drop the column.
             extra = [_TASK_ID_COLUMN, "labels", *self.label_names]
             extra += [f"labels_{name}" for name in self.args.jd_task_names or []]
+            # A MultiHeadModel passes its **kwargs to the backbone: the backbone's inputs (a ViT's pixel_values, an
+            # audio model's input_values) are columns of the model too.
+            backbone = getattr(self.accelerator.unwrap_model(self.model), "backbone", None)
+            if isinstance(backbone, nn.Module):
+                with contextlib.suppress(TypeError, ValueError):  # (a forward without a readable signature)
+                    extra += list(inspect.signature(backbone.forward).parameters)
             columns.extend([name for name in extra if name not in columns])
 
     def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler | None:

@@ -12,6 +12,8 @@ from transformers import (
     BertForTokenClassification,
     DistilBertConfig,
     GPT2Config,
+    T5Config,
+    T5EncoderModel,
     Trainer,
     TrainingArguments,
 )
@@ -388,6 +390,26 @@ def test_bad_constructor_arguments_raise():
         MultiHeadModel.from_backbone({"hidden_size": 32}, {"a": {"kind": "regression"}})
     with pytest.raises(TypeError, match="only used when the backbone is a name"):
         MultiHeadModel.from_backbone(bert_config(), {"a": {"kind": "regression"}}, revision="main")
+
+
+def test_backbones_the_heads_cannot_read_are_rejected():
+    """A task model's first output is its logits (the heads failed on a shape error), and AutoModel builds an
+    encoder-decoder's decoder, which wants decoder inputs (it failed on every forward)."""
+    heads = {"a": {"kind": "regression"}}
+    with pytest.raises(ValueError, match=r"task model with a head of its own.*model.base_model.*BertModel"):
+        MultiHeadModel.from_backbone(BertForSequenceClassification(bert_config()), heads)
+    t5 = T5Config(vocab_size=50, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
+    with pytest.raises(ValueError, match=r"encoder-decoder.*T5EncoderModel\(config\)"):
+        MultiHeadModel.from_backbone(t5, heads)
+    model = MultiHeadModel.from_backbone(T5EncoderModel(t5), heads)  # (its encoder works)
+    assert model(input_ids=torch.randint(0, 50, (2, 5)), labels_a=torch.randn(2)).losses["a"].isfinite()
+
+
+@pytest.mark.parametrize("task", ["training", "_modules", "_parameters"])
+def test_task_names_clashing_with_module_instance_attributes_are_rejected(task):
+    # (they passed the check, which looked at the class only, then failed with "attribute 'training' already exists")
+    with pytest.raises(ValueError, match=f"Task name '{task}' clashes"):
+        normalize_head_spec(task, {"kind": "regression"})
 
 
 def test_task_order_survives_save_and_load(tmp_path):

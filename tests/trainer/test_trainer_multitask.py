@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from datasets import Dataset
@@ -108,3 +110,33 @@ def test_iwmtl_training_loss_is_the_mean_of_the_task_losses(tmp_path):
     for mode, log in logs.items():
         assert log["loss"] == pytest.approx((log["loss_topic"] + log["loss_score"]) / 2, rel=1e-4), mode
     assert logs["iwmtl"]["loss"] == pytest.approx(logs["mtl"]["loss"], rel=1e-4)
+
+
+def test_backbone_inputs_of_a_multi_head_vision_model_are_kept(tmp_path):
+    """MultiHeadModel passes pixel_values to its ViT backbone through **kwargs: the Trainer's column filter
+    (remove_unused_columns=True, the default) dropped them and the forward failed."""
+    from transformers import ViTConfig
+
+    generator = torch.Generator().manual_seed(0)
+
+    def images(n: int, labels: list) -> Dataset:
+        pixels = torch.randn(n, 3, 8, 8, generator=generator)
+        return Dataset.from_dict({"pixel_values": pixels.tolist(), "label": labels})
+
+    dataset = build_multitask_dataset(
+        {"topic": images(6, [0, 1, 0, 1, 1, 0]), "score": images(4, [0.5, -1.0, 2.0, 0.0])},
+        label_kinds={"topic": "classification", "score": "regression"},
+        length_column="pixel_values",
+    )
+    torch.manual_seed(0)
+    backbone = ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                         image_size=8, patch_size=4, num_channels=3)  # fmt: skip
+    model = MultiHeadModel.from_backbone(
+        backbone, {"topic": {"kind": "classification", "num_labels": 2}, "score": {"kind": "regression"}}
+    )
+    args = make_args(tmp_path, jd_mode="iwmtl", jd_task_names=TASKS, max_steps=2)
+    assert args.remove_unused_columns
+    trainer = JDTrainer(model=model, args=args, train_dataset=dataset, eval_dataset=dataset)
+    trainer.train()
+    metrics = trainer.evaluate()
+    assert all(math.isfinite(metrics[f"eval_loss_{task}"]) for task in TASKS)
