@@ -574,6 +574,7 @@ class MultiHeadModel(PreTrainedModel):
         outputs = self.backbone(**backbone_inputs)
         hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
         pooler_output = getattr(outputs, "pooler_output", None)
+        attention_mask = self._mask_of_positions(attention_mask, hidden)
 
         logits: dict[str, Tensor] = {}
         for task in self.task_names:
@@ -646,6 +647,21 @@ class MultiHeadModel(PreTrainedModel):
                 f"{sorted(dropped)}; these inputs are ignored."
             )
         return inputs
+
+    def _mask_of_positions(self, attention_mask: Tensor | None, hidden: Tensor) -> Tensor | None:
+        """The attention mask over the backbone's output positions: audio backbones (Wav2Vec2, HuBERT) take a mask
+        over the input samples and output fewer frames, whose mask their ``_get_feature_vector_attention_mask``
+        gives."""
+        if attention_mask is None or attention_mask.dim() != 2 or attention_mask.shape[1] == hidden.shape[1]:
+            return attention_mask
+        to_frames = getattr(self.backbone, "_get_feature_vector_attention_mask", None)
+        if callable(to_frames):
+            return to_frames(hidden.shape[1], attention_mask)
+        raise ValueError(
+            f"The attention mask has {attention_mask.shape[1]} positions but the backbone outputs {hidden.shape[1]}: "
+            "'mean' and 'last' pooling and token heads need a mask over the output positions. Use pooling 'first' "
+            "or 'pooler', or pass a mask of the outputs' length."
+        )
 
     @staticmethod
     def _pool(

@@ -482,3 +482,28 @@ def test_minus_100_is_a_valid_regression_target_but_missing_for_multilabel():
     want = F.binary_cross_entropy_with_logits(m[0, 1], torch.tensor(1.0))
     torch.testing.assert_close(out.losses["m"][0].detach(), want)
     assert out.losses["m"][1].item() == 0.0
+
+
+@pytest.mark.parametrize("pooling", ["mean", "last"])
+def test_audio_backbone_pools_over_its_frames(pooling):
+    """Wav2Vec2 takes a mask over the input samples and outputs fewer frames: the heads pool with the frames' mask
+    (the samples' mask failed with a size mismatch)."""
+    from transformers import Wav2Vec2Config
+
+    torch.manual_seed(0)
+    config = Wav2Vec2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                            conv_dim=(8, 8), conv_stride=(4, 2), conv_kernel=(8, 3), num_conv_pos_embeddings=4,
+                            num_conv_pos_embedding_groups=2, feat_extract_norm="layer")  # fmt: skip
+    model = MultiHeadModel.from_backbone(config, {"a": {"kind": "regression", "pooling": pooling}}).eval()
+    values = torch.randn(2, 96)
+    mask = torch.ones(2, 96, dtype=torch.long)
+    mask[1, 60:] = 0
+    logits = model(input_values=values, attention_mask=mask).logits["a"]
+    hidden = model.backbone(input_values=values, attention_mask=mask).last_hidden_state
+    frames = model.backbone._get_feature_vector_attention_mask(hidden.shape[1], mask).float()
+    assert frames[1].sum() < frames[0].sum()  # (the padded example has fewer frames)
+    if pooling == "mean":
+        pooled = (hidden * frames.unsqueeze(-1)).sum(1) / frames.sum(1, keepdim=True)
+    else:
+        pooled = hidden[torch.arange(2), frames.sum(1).long() - 1]
+    torch.testing.assert_close(logits, model.heads["a"](pooled))
