@@ -102,9 +102,11 @@ class JDTrainer(Trainer):
     - ``eval_loss`` is the model's own loss when it returns one (``iwrm``: when its forward declares
       every label input, e.g. ``labels``), otherwise the mean of the losses training uses (the
       per-example losses with ``iwrm``, e.g. for ``label_names=["my_labels"]``). Evaluation reports
-      ``eval_loss_<task>`` for multi-task models. The autogram hooks capture nothing outside the
-      training step. A subclass's ``compute_loss`` override is used by evaluation only (a warning
-      says so): training losses come from ``compute_losses`` or the model.
+      ``eval_loss_<task>`` for multi-task models (each over the examples carrying the task's label);
+      when some examples lack some task's label (merged datasets), ``eval_loss`` is the mean of these,
+      independent of the evaluation batch size. The autogram hooks capture nothing outside the
+      training step. A subclass's ``compute_loss`` override is used by evaluation only (a warning says
+      so): training losses come from ``compute_losses`` or the model.
     - ``iwrm``/``iwmtl`` with one example per micro-batch (``per_device_train_batch_size=1``, or a
       packing collator such as ``DataCollatorWithFlattening``) warn once: the Jacobian then has one
       row per task only.
@@ -193,6 +195,7 @@ class JDTrainer(Trainer):
             self.args.jd_mode, task_names, self.label_names, compute_losses, label_smoothing=args.label_smoothing_factor
         )
         self._eval_task_losses: dict[str, list[float]] | None = None
+        self._eval_labels_partial = False  # whether an evaluated batch lacked some task's label for some example
         self._warned_single_row = False
         self._warn_if_compute_loss_overridden()
         self._warn_about_task_sampling()
@@ -573,6 +576,7 @@ class JDTrainer(Trainer):
         batch_size = next((v.shape[0] for v in inputs.values() if isinstance(v, Tensor) and v.dim() > 0), 1)
         for name, value in task_losses.items():
             count = _labelled_examples(inputs.get(f"labels_{name}"), batch_size)
+            self._eval_labels_partial |= count < batch_size
             if count == 0:
                 continue  # no example of this task in the batch: its loss there is a placeholder
             total = self._eval_task_losses.setdefault(name, [0.0, 0.0])
@@ -651,6 +655,7 @@ class JDTrainer(Trainer):
             The Trainer's output; its metrics also hold the example-weighted mean loss of each task.
         """
         self._eval_task_losses = {}
+        self._eval_labels_partial = False
         try:
             with self.jd_step.engine_disabled():
                 output = super().evaluation_loop(
@@ -662,8 +667,15 @@ class JDTrainer(Trainer):
         if self.args.world_size > 1 and self.args.jd_task_names:
             totals = self._sum_over_processes(totals, self.args.jd_task_names)
         if totals and output.metrics is not None:
-            for name, (total, count) in totals.items():
-                output.metrics[f"{metric_key_prefix}_loss_{name}"] = total / max(count, 1.0)
+            task_means = {name: total / max(count, 1.0) for name, (total, count) in totals.items()}
+            for name, value in task_means.items():
+                output.metrics[f"{metric_key_prefix}_loss_{name}"] = value
+            if f"{metric_key_prefix}_loss" in output.metrics and self._eval_labels_partial:
+                # Some examples lack some task's label (merged datasets): the mean of the task losses, each over the
+                # examples that carry its label. The Trainer's average of per-batch losses would depend on which
+                # tasks each batch holds, hence on the evaluation batch size. (With every label present the two
+                # agree, and the Trainer's own value is kept.)
+                output.metrics[f"{metric_key_prefix}_loss"] = sum(task_means.values()) / len(task_means)
         return output
 
     def _sum_over_processes(self, totals: dict[str, list[float]], names: list[str]) -> dict[str, list[float]]:
