@@ -29,6 +29,8 @@ from torch.utils.data import Sampler
 LABEL_KINDS: tuple[str, ...] = ("classification", "regression", "token_classification", "multilabel")
 TASK_ID_COLUMN = "task_id"
 LABEL_PREFIX = "labels_"
+# Class label of an example (or token) without one.
+IGNORE_LABEL = -100
 _INT_DTYPES = {"int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "bool"}
 _FLOAT_DTYPES = {"float16", "float32", "float64", "bfloat16"}
 
@@ -163,7 +165,12 @@ def build_multitask_dataset(
         if len(dataset) == 0:
             raise ValueError(f"The dataset of task {task!r} is empty.")
         column = label_columns.get(task)
-        if column is None or column not in dataset.column_names:
+        if column is None:
+            raise ValueError(
+                f"label_column gives no label column for task {task!r} (it names {sorted(label_columns)}): add "
+                f"{task!r} to the mapping."
+            )
+        if column not in dataset.column_names:
             raise ValueError(
                 f"The dataset of task {task!r} has no label column {column!r}; its columns are "
                 f"{dataset.column_names}. Set label_column."
@@ -199,7 +206,7 @@ def build_multitask_dataset(
         # Re-adding the column with its feature converts it without a (noisy, slower) dataset cast.
         values = list(datasets[task][label_columns[task]])
         if kinds[task] in ("classification", "token_classification"):
-            _check_class_indices(values, task, kinds[task])
+            values = _checked_class_indices(values, task, kinds[task])
         dataset = datasets[task].remove_columns(label_columns[task])
         try:
             dataset = dataset.add_column(own, values, feature=label_features[task])
@@ -240,16 +247,36 @@ def _label_width(dataset: hf_datasets.Dataset, column: str, kind: str, task: str
     return None
 
 
-def _check_class_indices(values: list[Any], task: str, kind: str) -> None:
-    """Class labels must be integers (pyarrow would silently truncate 0.5 to 0)."""
+def _checked_class_indices(values: list[Any], task: str, kind: str) -> list[Any]:
+    """Class labels, checked: integers (pyarrow would silently truncate 0.5 to 0) that are class indices (``>= 0``) or
+    ``-100`` (ignored), one per example for classification and one list per example for token classification.
+    Booleans become 0 and 1."""
+    if kind == "token_classification":
+        scalar = next((row for row in values if not isinstance(row, (list, tuple))), None)
+        if scalar is not None:
+            raise ValueError(
+                f"The labels of task {task!r} do not fit the label kind 'token_classification': it needs one list of "
+                f"class indices per example, got {type(scalar).__name__} {scalar!r}. Fix the labels or label_kinds."
+            )
     flat = [x for row in values for x in row] if kind == "token_classification" else values
     array = np.asarray(flat)
-    if array.size and not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.bool_)):
+    if array.size and np.issubdtype(array.dtype, np.bool_):
+        if kind == "token_classification":
+            return [[int(x) for x in row] for row in values]
+        return array.astype(int).tolist()
+    if array.size and not np.issubdtype(array.dtype, np.integer):
         if not np.issubdtype(array.dtype, np.floating) or not np.all(np.mod(array, 1) == 0):
             raise ValueError(
                 f"The labels of task {task!r} do not fit the label kind {kind!r}: class indices must be integers "
                 "(-100 for an ignored label). Fix the labels or label_kinds."
             )
+    negative = (array < 0) & (array != IGNORE_LABEL) if array.size else np.zeros(0, dtype=bool)
+    if negative.any():
+        raise ValueError(
+            f"The labels of task {task!r} hold the negative class index {int(array[negative][0])}: class indices are "
+            f"0, 1, ... and {IGNORE_LABEL} marks an ignored label."
+        )
+    return values
 
 
 def _target_feature(kind: str, width: int | None) -> Any:

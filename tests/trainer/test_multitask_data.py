@@ -123,6 +123,25 @@ def test_build_errors():
         build_multitask_dataset({"tags": ragged}, label_kinds={"tags": "multilabel"})
 
 
+def test_class_label_checks():
+    """Errors that came late or in pyarrow's words: a label_column mapping without the task ('no label column
+    None'), scalar labels for token classification (a raw TypeError), booleans (rejected as 'not an integer' though
+    the kind was inferred), and negative classes other than -100 (accepted, failing at the forward pass)."""
+    parts = task_datasets()
+    with pytest.raises(ValueError, match=r"label_column gives no label column for task 'score'.*add 'score'"):
+        build_multitask_dataset({"topic": parts["topic"], "score": parts["score"]}, label_column={"topic": "label"})
+    with pytest.raises(ValueError, match="one list of class indices per example, got int 0"):
+        build_multitask_dataset({"topic": parts["topic"]}, label_kinds={"topic": "token_classification"})
+    ids = {"input_ids": [[1, 2], [3, 4]]}
+    flags = build_multitask_dataset({"flag": datasets.Dataset.from_dict({**ids, "label": [True, False]})})
+    assert flags["labels_flag"] == [1, 0]
+    negative = datasets.Dataset.from_dict({**ids, "label": [1, -1]})
+    with pytest.raises(ValueError, match="negative class index -1.*-100 marks an ignored label"):
+        build_multitask_dataset({"topic": negative})
+    ignored = build_multitask_dataset({"topic": datasets.Dataset.from_dict({**ids, "label": [1, -100]})})
+    assert ignored["labels_topic"] == [1, -100]
+
+
 def test_feature_types_are_aligned_on_the_first_task():
     def features(ids: str, label: str) -> datasets.Features:
         return datasets.Features({"input_ids": datasets.List(datasets.Value(ids)), "label": datasets.Value(label)})
