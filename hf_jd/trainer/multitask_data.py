@@ -207,6 +207,10 @@ def build_multitask_dataset(
         values = list(datasets[task][label_columns[task]])
         if kinds[task] in ("classification", "token_classification"):
             values = _checked_class_indices(values, task, kinds[task])
+        if kinds[task] == "token_classification" and length_column in datasets[task].column_names:
+            _check_token_label_lengths(values, datasets[task][length_column], task, length_column)
+        if kinds[task] == "multilabel":
+            _check_multilabel_targets(values, task)
         dataset = datasets[task].remove_columns(label_columns[task])
         try:
             dataset = dataset.add_column(own, values, feature=label_features[task])
@@ -286,6 +290,28 @@ def _target_feature(kind: str, width: int | None) -> Any:
     if width is None:
         return hf_datasets.Value("float32")
     return hf_datasets.List(hf_datasets.Value("float32"), length=width)
+
+
+def _check_token_label_lengths(values: list[Any], sequences: list[Any], task: str, length_column: str) -> None:
+    """Each example's token labels must be as long as its sequence (else they fail later, in the collator or the
+    loss)."""
+    for index, (labels, sequence) in enumerate(zip(values, sequences)):
+        if len(labels) != len(sequence):
+            raise ValueError(
+                f"Example {index} of task {task!r} has {len(labels)} token labels for {len(sequence)} positions of "
+                f"{length_column!r}: give one label per position ({IGNORE_LABEL} for positions without one)."
+            )
+
+
+def _check_multilabel_targets(values: list[Any], task: str) -> None:
+    """Multilabel targets are probabilities in [0, 1], or missing (NaN or -100)."""
+    array = np.asarray(values, dtype=np.float64)
+    valid = np.isnan(array) | (array == IGNORE_LABEL) | ((array >= 0) & (array <= 1))
+    if not valid.all():
+        raise ValueError(
+            f"The multilabel targets of task {task!r} must be in [0, 1] (NaN or {IGNORE_LABEL} when missing), got "
+            f"{array[~valid][0]:g}."
+        )
 
 
 def _missing_labels(kind: str, width: int | None, dataset: hf_datasets.Dataset, length_column: str, size: int) -> list:

@@ -140,6 +140,14 @@ def test_class_label_checks():
         build_multitask_dataset({"topic": negative})
     ignored = build_multitask_dataset({"topic": datasets.Dataset.from_dict({**ids, "label": [1, -100]})})
     assert ignored["labels_topic"] == [1, -100]
+    long_tags = datasets.Dataset.from_dict({**ids, "label": [[0, 1, 1], [1, 0]]})
+    with pytest.raises(ValueError, match="Example 0 of task 'ner' has 3 token labels for 2 positions of 'input_ids'"):
+        build_multitask_dataset({"ner": long_tags})
+    scores = datasets.Dataset.from_dict({**ids, "label": [[1.0, 0.0], [2.0, NAN]]})
+    with pytest.raises(ValueError, match=r"multilabel targets of task 'tags' must be in \[0, 1\].*got 2"):
+        build_multitask_dataset({"tags": scores}, label_kinds={"tags": "multilabel"})
+    missing = datasets.Dataset.from_dict({**ids, "label": [[1.0, -100.0], [0.5, NAN]]})
+    assert len(build_multitask_dataset({"tags": missing}, label_kinds={"tags": "multilabel"})) == 2
 
 
 def test_feature_types_are_aligned_on_the_first_task():
