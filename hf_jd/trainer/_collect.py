@@ -247,12 +247,13 @@ class LossCollector:
                 )
             labels = {name: inputs[name] for name in QA_LABEL_NAMES}
         model_inputs = {key: value for key, value in inputs.items() if key not in self.label_names}
-        if detect_model_kind(unwrapped) == "seq2seq_lm":
+        kind = detect_model_kind(unwrapped)
+        if kind == "seq2seq_lm":
             # (other encoder-decoder heads, e.g. BART's or T5's sequence classification, build their decoder inputs
             # from input_ids themselves; their labels are no decoder tokens)
             model_inputs = _decoder_inputs_from_labels(unwrapped, model_inputs, labels)
         outputs = model(**model_inputs)
-        return per_example_losses(unwrapped, outputs, labels, label_smoothing=self.label_smoothing), outputs
+        return per_example_losses(unwrapped, outputs, labels, kind=kind, label_smoothing=self.label_smoothing), outputs
 
     def _stack_task_dict(self, losses: Mapping[str, Tensor], source: str) -> Tensor:
         names = self.task_names
