@@ -38,6 +38,7 @@ labelled tokens. This choice keeps ``"mean"`` equal to the average of the ``"non
 examples that carry the label.
 """
 
+import importlib
 import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -50,6 +51,7 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedModel
 from transformers.configuration_utils import SubConfigSpec
 from transformers.modeling_outputs import ModelOutput
+from transformers.models.auto import modeling_auto
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
@@ -91,6 +93,83 @@ def _check_not_encoder_decoder(config: PreTrainedConfig) -> None:
         )
 
 
+def backbone_class_name(backbone: nn.Module) -> str:
+    """The name under which :class:`MultiHeadConfig` saves the class of a backbone.
+
+    A class of ``transformers`` is saved by its name (``"T5EncoderModel"``), any other class as
+    ``"module:QualifiedName"``, so that :meth:`MultiHeadModel.from_pretrained` rebuilds the same class.
+    """
+    cls = type(backbone)
+    import transformers
+
+    if getattr(transformers, cls.__name__, None) is cls:
+        return cls.__name__
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def resolve_backbone_class(name: str) -> type[PreTrainedModel]:
+    """The backbone class saved as ``name`` by :func:`backbone_class_name`.
+
+    Raises
+    ------
+    ValueError
+        If the class cannot be imported or is not a ``PreTrainedModel``; the message says to pass the
+        backbone itself (``MultiHeadModel.from_pretrained(path, backbone=...)``).
+    """
+    module_name, _, qualname = name.rpartition(":") if ":" in name else ("transformers", ":", name)
+    try:
+        found: Any = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            found = getattr(found, part)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(
+            f"The saved backbone class {name!r} cannot be imported ({error}). Import the module that defines it "
+            "first, or build the backbone yourself and pass it: MultiHeadModel.from_pretrained(path, backbone=...)."
+        ) from error
+    if not (isinstance(found, type) and issubclass(found, PreTrainedModel)):
+        raise ValueError(f"The saved backbone class {name!r} is not a transformers PreTrainedModel.")
+    return found
+
+
+def backbone_init_kwargs(backbone: nn.Module) -> dict[str, Any]:
+    """Constructor arguments of ``backbone`` beyond its configuration that change its parameters.
+
+    Only arguments that can be read back from the built model are recorded: ``add_pooling_layer``
+    (BERT-like models built without their pooler) and ``use_mask_token`` (ViT-like models).
+    """
+    accepted = inspect.signature(type(backbone).__init__).parameters
+    kwargs: dict[str, Any] = {}
+    if "add_pooling_layer" in accepted:
+        kwargs["add_pooling_layer"] = getattr(backbone, "pooler", None) is not None
+    if "use_mask_token" in accepted:
+        embeddings = getattr(backbone, "embeddings", None)
+        kwargs["use_mask_token"] = getattr(embeddings, "mask_token", None) is not None
+    return kwargs
+
+
+def _model_types_of(mapping_name: str) -> set[str]:
+    return set(getattr(modeling_auto, mapping_name, {}))
+
+
+def default_pooling(backbone: PreTrainedModel) -> str:
+    """What ``pooling="auto"`` pools when the backbone returns no ``pooler_output``.
+
+    ``"last"`` (the last position the attention mask keeps) for decoder-only backbones, whose positions
+    only see the ones before them (GPT-2, LLaMA, Mamba, and any model with causal attention); ``"mean"``
+    over the frames for audio backbones (inputs ``input_values`` or ``input_features``), as the
+    ``transformers`` audio classifiers do; ``"first"`` (the ``[CLS]`` token) otherwise.
+    """
+    if getattr(backbone, "main_input_name", None) in ("input_values", "input_features"):
+        return "mean"
+    if any(getattr(module, "is_causal", None) is True for module in backbone.modules()):
+        return "last"
+    model_type = getattr(backbone.config, "model_type", None)
+    causal = model_type in _model_types_of("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES")
+    if causal and model_type not in _model_types_of("MODEL_FOR_MASKED_LM_MAPPING_NAMES"):
+        return "last"
+    return "first"
+
+
 def normalize_head_spec(task: str, spec: Mapping[str, Any]) -> dict[str, Any]:
     """Validate one head specification and fill in its defaults.
 
@@ -103,8 +182,9 @@ def normalize_head_spec(task: str, spec: Mapping[str, Any]) -> dict[str, Any]:
         Mapping with ``"kind"`` (one of :data:`HEAD_KINDS`) and, depending on the kind, ``"num_labels"``
         (classification, token classification, multilabel) or ``"num_outputs"`` (regression, default 1).
         Optional: ``"pooling"`` (one of :data:`POOLINGS`, default ``"auto"``: the backbone's pooler output
-        when it has one, otherwise the first token) and ``"dropout"`` (default: the backbone's classifier or
-        hidden dropout).
+        when it has one, otherwise what :func:`default_pooling` chooses for the backbone: the last kept
+        position for decoder-only models, the mean for audio models, the first token for the others) and
+        ``"dropout"`` (default: the backbone's classifier or hidden dropout).
 
     Returns
     -------
@@ -192,6 +272,13 @@ class MultiHeadConfig(PreTrainedConfig):
     initializer_range
         Standard deviation of the normal initialisation of the heads; ``None`` takes the backbone's
         ``initializer_range`` (or 0.02).
+    backbone_class
+        The backbone's class, set when the model is built (see :func:`backbone_class_name`), so that
+        loading rebuilds the same class (e.g. ``T5EncoderModel`` rather than what ``AutoModel`` builds);
+        ``None`` builds ``AutoModel.from_config(backbone_config)``.
+    backbone_kwargs
+        Constructor arguments of the backbone beyond its configuration, set when the model is built (see
+        :func:`backbone_init_kwargs`), e.g. ``{"add_pooling_layer": False}``.
     """
 
     model_type = "hf_jd_multi_head"
@@ -205,6 +292,8 @@ class MultiHeadConfig(PreTrainedConfig):
     heads: dict | None = None
     task_names: list[str] | None = None
     initializer_range: float | None = None
+    backbone_class: str | None = None
+    backbone_kwargs: dict | None = None
 
     def __post_init__(self, **kwargs: Any) -> None:
         heads = {} if self.heads is None else self.heads
@@ -373,9 +462,15 @@ class MultiHeadModel(PreTrainedModel):
             config.backbone_config = backbone.config
         super().__init__(config)
 
-        self.backbone = backbone if backbone is not None else AutoModel.from_config(config.backbone_config)
+        if backbone is None:
+            backbone = self._build_backbone(config)
+        self.backbone = backbone
         # Keep a single backbone configuration object, so that changes (e.g. resized embeddings) are saved.
         self.config.backbone_config = self.backbone.config
+        # Saved, so that loading rebuilds the same backbone (class, pooler) and not what AutoModel would build.
+        self.config.backbone_class = backbone_class_name(self.backbone)
+        self.config.backbone_kwargs = backbone_init_kwargs(self.backbone)
+        self._auto_pooling = default_pooling(self.backbone)
 
         hidden_size = self._hidden_size()
         self.heads = nn.ModuleDict()
@@ -454,6 +549,14 @@ class MultiHeadModel(PreTrainedModel):
             "from_backbone expects a PreTrainedModel, a PreTrainedConfig, a config dict or a model name, "
             f"got {type(backbone).__name__}."
         )
+
+    @staticmethod
+    def _build_backbone(config: MultiHeadConfig) -> PreTrainedModel:
+        kwargs = dict(config.backbone_kwargs or {})
+        if config.backbone_class is None:
+            return AutoModel.from_config(config.backbone_config, **kwargs)
+        backbone_class = resolve_backbone_class(config.backbone_class)
+        return backbone_class._from_config(config.backbone_config, **kwargs)
 
     def _hidden_size(self) -> int:
         backbone_config = self.backbone.config
@@ -582,7 +685,10 @@ class MultiHeadModel(PreTrainedModel):
             if spec["kind"] == "token_classification":
                 features = hidden
             else:
-                features = self._pool(hidden, pooler_output, attention_mask, spec["pooling"], task)
+                pooling = spec["pooling"]
+                if pooling == "auto":
+                    pooling = "pooler" if pooler_output is not None else self._auto_pooling
+                features = self._pool(hidden, pooler_output, attention_mask, pooling, task)
             logits[task] = self.heads[task](features)
 
         loss = None
@@ -667,14 +773,14 @@ class MultiHeadModel(PreTrainedModel):
     def _pool(
         hidden: Tensor, pooler_output: Tensor | None, attention_mask: Tensor | None, pooling: str, task: str
     ) -> Tensor:
-        if pooling in ("auto", "pooler") and pooler_output is not None:
+        if pooling == "pooler" and pooler_output is not None:
             return pooler_output
         if pooling == "pooler":
             raise ValueError(
                 f"Task {task!r} uses pooling='pooler' but the backbone returns no pooler_output; "
                 "use 'first', 'last' or 'mean'."
             )
-        if pooling in ("auto", "first"):
+        if pooling == "first":
             return hidden[:, 0]
         if attention_mask is None:
             return hidden[:, -1] if pooling == "last" else hidden.mean(dim=1)

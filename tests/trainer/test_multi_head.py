@@ -8,17 +8,21 @@ import torch.nn.functional as F
 from transformers import (
     AutoModel,
     BertConfig,
+    BertModel,
+    BloomConfig,
     BertForSequenceClassification,
     BertForTokenClassification,
     DistilBertConfig,
     GPT2Config,
+    LlamaConfig,
     T5Config,
     T5EncoderModel,
     Trainer,
     TrainingArguments,
+    Wav2Vec2Config,
 )
 
-from hf_jd.trainer.multi_head import MultiHeadConfig, MultiHeadModel, normalize_head_spec
+from hf_jd.trainer.multi_head import MultiHeadConfig, MultiHeadModel, default_pooling, normalize_head_spec
 
 NAN = float("nan")
 
@@ -206,10 +210,11 @@ def test_pooling_modes():
     torch.testing.assert_close(out.logits["last"], lin["last"](torch.stack([hidden[0, 2], hidden[1, 4]])))
     means = torch.stack([hidden[0, :3].mean(0), hidden[1, 1:].mean(0)])
     torch.testing.assert_close(out.logits["mean"], lin["mean"](means))
-    # GPT-2 has no pooler: "auto" falls back to the first token, "pooler" is an error
+    # GPT-2 has no pooler and causal attention: "auto" takes the last kept position, "pooler" is an error
     auto = MultiHeadModel.from_backbone(gpt2, {"a": {"kind": "regression"}}).eval()
-    hidden = auto.backbone(input_ids=input_ids).last_hidden_state
-    torch.testing.assert_close(auto(input_ids=input_ids).logits["a"], auto.heads["a"][1](hidden[:, 0]))
+    hidden = auto.backbone(input_ids=input_ids, attention_mask=mask).last_hidden_state
+    expected = auto.heads["a"][1](torch.stack([hidden[0, 2], hidden[1, 4]]))
+    torch.testing.assert_close(auto(input_ids=input_ids, attention_mask=mask).logits["a"], expected)
     pooler = MultiHeadModel.from_backbone(gpt2, {"a": {"kind": "regression", "pooling": "pooler"}})
     with pytest.raises(ValueError, match="pooler_output"):
         pooler(input_ids=input_ids)
@@ -507,3 +512,69 @@ def test_audio_backbone_pools_over_its_frames(pooling):
     else:
         pooled = hidden[torch.arange(2), frames.sum(1).long() - 1]
     torch.testing.assert_close(logits, model.heads["a"](pooled))
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        (GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=100, n_positions=32), "last"),
+        (LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                     num_key_value_heads=2, vocab_size=100), "last"),
+        (BloomConfig(hidden_size=32, n_layer=1, n_head=2, vocab_size=100), "last"),  # no is_causal attribute
+        (bert_config(is_decoder=True), "last"),
+        (DistilBertConfig(dim=32, n_layers=1, n_heads=2, hidden_dim=64, vocab_size=100), "first"),
+        (Wav2Vec2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                        conv_dim=(8, 8), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=16,
+                        num_conv_pos_embedding_groups=2), "mean"),
+    ],
+    ids=["gpt2", "llama", "bloom", "bert-decoder", "distilbert", "wav2vec2"],
+)
+def test_auto_pooling_suits_the_backbone(config, expected):
+    model = MultiHeadModel.from_backbone(config, {"a": {"kind": "regression"}})
+    assert default_pooling(model.backbone) == expected
+
+
+def test_auto_pooling_of_a_backbone_with_a_pooler_is_its_pooler_output(model, batch):
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    pooled = model.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).pooler_output
+    torch.testing.assert_close(out.logits["topic"], model.heads["topic"][1](pooled))
+
+
+def _t5_encoder() -> T5EncoderModel:
+    return T5EncoderModel(T5Config(d_model=32, d_kv=16, d_ff=64, num_layers=1, num_heads=2, vocab_size=100))
+
+
+@pytest.mark.parametrize(
+    "make_backbone",
+    [lambda: AutoModel.from_config(bert_config(), add_pooling_layer=False), _t5_encoder],
+    ids=["bert-without-pooler", "t5-encoder"],
+)
+def test_a_given_backbone_is_rebuilt_alike_when_loaded(tmp_path, make_backbone):
+    model = MultiHeadModel.from_backbone(make_backbone(), {"a": {"kind": "classification", "num_labels": 3}})
+    model.eval().save_pretrained(tmp_path)
+    loaded = MultiHeadModel.from_pretrained(tmp_path).eval()
+    assert type(loaded.backbone) is type(model.backbone)
+    assert {name for name, _ in loaded.named_parameters()} == {name for name, _ in model.named_parameters()}
+    input_ids = torch.randint(1, 100, (2, 5))
+    torch.testing.assert_close(loaded(input_ids=input_ids).logits["a"], model(input_ids=input_ids).logits["a"])
+
+
+class _CustomBackbone(BertModel):
+    pass
+
+
+def test_a_backbone_class_outside_transformers_is_saved_by_module_path(tmp_path):
+    model = MultiHeadModel.from_backbone(_CustomBackbone(bert_config()), {"a": {"kind": "regression"}})
+    assert model.config.backbone_class == f"{__name__}:_CustomBackbone"
+    model.save_pretrained(tmp_path)
+    assert type(MultiHeadModel.from_pretrained(tmp_path).backbone) is _CustomBackbone
+
+
+def test_a_saved_backbone_class_that_cannot_be_imported_is_a_clear_error(tmp_path, model):
+    model.config.backbone_class = "no_such_module_xyz:Backbone"
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="cannot be imported.*backbone="):
+        MultiHeadModel.from_pretrained(tmp_path)
+    # the documented way out: build the backbone and pass it
+    loaded = MultiHeadModel.from_pretrained(tmp_path, backbone=AutoModel.from_config(bert_config()))
+    assert type(loaded.backbone).__name__ == "BertModel"
