@@ -199,6 +199,13 @@ def _token_losses(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0) 
     return losses.sum(dim=-1) / counts.clamp(min=1)
 
 
+def _masked_cross_entropy(logits: Tensor, labels: Tensor, label_smoothing: float) -> Tensor:
+    """Cross-entropy of each row of ``[B, C]`` logits against its class index; 0 for a row labelled -100."""
+    valid = labels != IGNORE_INDEX
+    losses = F.cross_entropy(logits, torch.where(valid, labels, 0), reduction="none", label_smoothing=label_smoothing)
+    return torch.where(valid, losses, torch.zeros_like(losses))
+
+
 def _problem_type(config: Any, labels: Tensor) -> str:
     problem_type = getattr(config, "problem_type", None)
     if problem_type is not None:
@@ -228,11 +235,7 @@ def _sequence_classification_losses(
             raise ValueError(
                 f"Single-label classification needs one label per example, got labels {list(labels.shape)}."
             )
-        valid = labels != IGNORE_INDEX
-        losses = F.cross_entropy(
-            logits, torch.where(valid, labels, 0), reduction="none", label_smoothing=label_smoothing
-        )
-        return torch.where(valid, losses, torch.zeros_like(losses))
+        return _masked_cross_entropy(logits, labels, label_smoothing)
     labels = labels.reshape(batch, -1).to(logits.dtype)
     if labels.shape != logits.shape:
         raise ValueError(
@@ -256,9 +259,7 @@ def _multiple_choice_losses(logits: Tensor, labels: Tensor, label_smoothing: flo
     labels = labels.reshape(-1).long()
     if labels.shape[0] != batch:
         raise ValueError(f"Multiple choice needs one label (the right choice) per example, got {list(labels.shape)}.")
-    valid = labels != IGNORE_INDEX
-    losses = F.cross_entropy(logits, torch.where(valid, labels, 0), reduction="none", label_smoothing=label_smoothing)
-    return torch.where(valid, losses, torch.zeros_like(losses))
+    return _masked_cross_entropy(logits, labels, label_smoothing)
 
 
 #: The label inputs of extractive question answering, in the order of a ``[B, 2]`` labels tensor.
