@@ -25,7 +25,7 @@ from torch.autograd.graph import get_gradient_edge
 
 from ._batched_grad import guarded_grad, is_channels_last
 from ._dispatch import Kind, closed_form_parameters, kind_of, mixes_examples, parametrized_kind, record_class
-from ._embedding import EmbeddingRecord, embedding_scale, is_embedding_subclass
+from ._embedding import EmbeddingRecord, computes_scaled_lookup, embedding_scale, is_embedding_subclass
 from ._group_norm import computes_channel_norm
 from ._layer_norm import computes_layer_norm, is_layer_norm_like
 from ._linear import computes_linear, is_linear_subclass
@@ -304,6 +304,7 @@ class Capture:
         self.modules: list[nn.Module] = []
         self.handles: list[Any] = []
         self.warned_hooks = False  # (see _leave_closed_form)
+        self.warned_forward = False  # (see _leave_closed_form_for_instance_forward)
         self.calls: dict[int, int] = {}
         self.depth = 0
         self.records: list[Record] = []
@@ -469,6 +470,13 @@ class Capture:
                 if id(module) in seen:
                     continue
                 seen.add(id(module))
+                if isinstance(module, torch.jit.ScriptModule):
+                    raise TypeError(
+                        f"Module {describe(prefix + name, module)} is a TorchScript module (torch.jit.script or "
+                        "torch.jit.trace), which takes no forward hooks, and the autogram engine needs them: use the "
+                        "eager module (torch.compile is supported), or the autojac engine (hf_jd.autojac, "
+                        "jd_engine='autojac')."
+                    )
                 self.modules.append(module)
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     self.handles.append(module.register_forward_pre_hook(self._batch_norm_pre_hook))
@@ -512,7 +520,8 @@ class Capture:
                 for tensor_name, plist in parametrization_lists(info.module).items():
                     self.claims[id(plist)] = (info, tensor_name)
         for root in self.roots:
-            self.handles.append(root.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True))
+            # (prepended: a new forward pass starts before a root's own module pre-hook reads the pass's state)
+            self.handles.append(root.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True, prepend=True))
             self.handles.append(root.register_forward_hook(self._root_hook, always_call=True))
 
     def capturing(self) -> bool:
@@ -551,18 +560,43 @@ class Capture:
                 self.batch_size = size
                 self.batch_source = f"{source}, of shape {tuple(tensor.shape)}"
 
+    def _check_no_new_modules(self) -> None:
+        """Raise if a module with trainable parameters joined the roots' module trees after the engine hooked them
+        (a replaced head, ``get_peft_model``, ``resize_token_embeddings``, a parametrisation registered later):
+        it has no hooks, so its parameters would be silently missing from the Gramian."""
+        for root in self.roots:
+            for name, module in root.named_modules():
+                if id(module) in self.infos or not module._parameters:
+                    continue
+                if any(p is not None and p.requires_grad for p in module._parameters.values()):
+                    raise RuntimeError(
+                        f"Module {describe(name, module)} has trainable parameters but joined the model after the "
+                        "autogram Engine was created (a replaced or added module, get_peft_model, "
+                        "resize_token_embeddings, a parametrisation registered later): the engine has no hooks on it, "
+                        "so its parameters would be missing from the Gramian. Create the Engine after changing the "
+                        "model (call remove() on the old one first)."
+                    )
+
     def _root_pre_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if id(module) not in self.root_ids:  # a copy of a hooked model (copy.deepcopy)
             return
         if self.depth == 0 and self.capturing() and not self.computing and not in_backward_pass():
+            self._check_no_new_modules()
             if id(module) in self.completed_roots:
                 replaced = bool(self.records)
                 self.on_new_forward()
                 if replaced:
                     self.replaced_forwards += 1
+            bd = self.batch_dim
+            # A first positional tensor split along batch_dim gives the batch size (the examples, as in
+            # model(x, mask=...) with a [T, T] mask larger than the batch); otherwise the largest size among the
+            # inputs does (model(**batch): ids, masks, and tables such as [1, T] position ids).
+            first = args[0] if args and isinstance(args[0], Tensor) else None
+            leads = first is not None and bd is not None and first.dim() > bd and first.shape[bd] > 1
             for value in itertools.chain(args, kwargs.values()):
                 for tensor in tensors_in(value):
-                    self.note_batch(tensor, f"an input of {type(module).__name__}", from_root=True)
+                    if not leads or tensor is first:
+                        self.note_batch(tensor, f"an input of {type(module).__name__}", from_root=True)
                     if self.batch_dim is not None and tensor.dim() > self.batch_dim:
                         sizes = {int(size) for dim, size in enumerate(tensor.shape) if dim != self.batch_dim}
                         self.root_sizes = self.root_sizes | sizes
@@ -582,12 +616,19 @@ class Capture:
             return  # a checkpointed block re-run to recompute saved tensors (checked when captured)
         if self.capturing() and self.batch_dim is not None and mixes_examples(module):
             name = next((n for n, m in self._named_all() if m is module), "?")
+            if module.training:
+                why = "in training mode"
+                fix = (
+                    "put it in eval mode (its running statistics then normalise; with JDTrainer, "
+                    "jd_freeze_batch_norm=True keeps every batch norm in eval mode while training)"
+                )
+            else:
+                why = "also in eval mode, since it keeps no running statistics (track_running_stats=False)"
+                fix = "build it with track_running_stats=True and put it in eval mode"
             raise RuntimeError(
-                f"Module {name} ({type(module).__name__}) computes statistics across the batch in "
-                "training mode, so per-example losses are not independent and the per-example "
-                "Gramian is undefined. Replace it (e.g. by GroupNorm or LayerNorm), put it in eval "
-                "mode (its running statistics then normalise; with JDTrainer, jd_freeze_batch_norm=True keeps "
-                "every batch norm in eval mode while training), or use Engine(..., batch_dim=None) with task losses."
+                f"Module {name} ({type(module).__name__}) computes statistics across the batch {why}, so per-example "
+                "losses are not independent and the per-example Gramian is undefined. Replace it (e.g. by GroupNorm "
+                f"or LayerNorm), {fix}, or use Engine(..., batch_dim=None) with task losses."
             )
 
     def _named_all(self) -> Iterator[tuple[str, nn.Module]]:
@@ -626,6 +667,13 @@ class Capture:
             return
         if not info.kind.is_generic and _hooks_run_before_the_engines(info):
             self._leave_closed_form(info)
+        elif not info.kind.is_generic and "forward" in module.__dict__:
+            self._leave_closed_form_for_instance_forward(info)
+        elif not info.kind.is_generic and not info.parametrized and not closed_form_parameters(module):
+            # Its parameters changed since it was registered (torch.nn.utils.prune's weight_orig, with a forward
+            # pre-hook computing weight): the closed form no longer applies; the generic path is exact.
+            info.kind, info.candidate, info.look_alike = Kind.GENERIC, None, False
+            _note_descendants(info)
         params = direct_parameters(module, info.borrowed)
         # A layer norm of a trainable parameter (DeBERTa's relative-position table) covers that
         # parameter, also when its own weight and bias are frozen.
@@ -649,6 +697,29 @@ class Capture:
         )
         for value in itertools.chain(args, kwargs.values()):
             self.note_batch(value, f"an input of {describe(info.name, module)}")
+
+    def _leave_closed_form_for_instance_forward(self, info: _ModuleInfo) -> None:
+        """A module whose ``forward`` was replaced on the instance (``module.forward = ...``, e.g. a weight mask, or
+        a wrapper such as accelerate's device hooks): the closed form of its class need not hold; the generic path
+        is exact whatever the forward computes. Warned once per engine, since it is slower."""
+        described = describe(info.name, info.module)
+        if info.parametrized:
+            raise RuntimeError(
+                f"Module {described} has a parametrised weight and a forward replaced on the instance "
+                "(module.forward = ...): the engine cannot follow it. Subclass the module instead, or remove the "
+                "replacement while training."
+            )
+        info.kind, info.candidate, info.look_alike = Kind.GENERIC, None, False
+        _note_descendants(info)
+        if not self.warned_forward:
+            self.warned_forward = True
+            warnings.warn(
+                f"hf_jd.autogram: module {described} has a forward replaced on the instance (module.forward = ...), "
+                f"which may compute something else than {type(info.module).__name__}.forward: it takes the generic "
+                "path (exact, slower), and so does any other such module. This warning is shown once per engine.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
     def _leave_closed_form(self, info: _ModuleInfo) -> None:
         """A module whose output other forward hooks may change before the engine's hook sees it: its closed form,
@@ -828,26 +899,35 @@ class Capture:
         kind, info.candidate = info.candidate, None
         if kwargs:
             return
-        if kind is Kind.LINEAR and computes_linear(module, args, output):
-            info.kind = kind
-        elif kind is Kind.LAYER_NORM and computes_layer_norm(module, args, output):
+        if (kind is Kind.LINEAR and computes_linear(module, args, output)) or (
+            kind is Kind.LAYER_NORM and computes_layer_norm(module, args, output)
+        ):
             info.kind, info.look_alike = kind, True
         elif kind is Kind.LAYER_NORM and computes_channel_norm(module, args, output):
             info.kind, info.look_alike = Kind.CHANNEL_NORM, True
         elif kind is Kind.EMBEDDING and aliases is not None and "weight" in aliases:
             scale = embedding_scale(module, args, output, aliases["weight"])
             if scale is not None:
-                info.kind, info.embedding_scale = kind, scale
+                info.kind, info.embedding_scale, info.look_alike = kind, scale, True
 
     def _look_alike_holds(
         self, info: _ModuleInfo, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
     ) -> bool:
-        """Whether a call of a norm look-alike computes the closed form its module was given (a layer norm over the
-        last dimension, or over the channels of ``[N, C, *spatial]`` samples that are the examples), checked on the
-        first entry along dimension 0 (a call computing something else shows there, at a fraction of the cost)."""
+        """Whether a call of a look-alike computes the closed form its module was given (a Linear or Embedding
+        subclass with a forward of its own: ``F.linear`` of its input, or a scaled lookup, e.g. until a mask it
+        applies to its weight changes; a layer norm over the last dimension, or over the channels of
+        ``[N, C, *spatial]`` samples that are the examples), checked on the first entry along dimension 0 (a call
+        computing something else shows there, at a fraction of the cost); a lookup on all the ids (as cheap)."""
         if kwargs or len(args) != 1 or not isinstance(args[0], Tensor) or not isinstance(output, Tensor):
             return False
         inputs = args[0]
+        if info.kind is Kind.LINEAR:
+            sliced = inputs.dim() > 1 and output.dim() > 1 and inputs.shape[0] == output.shape[0]
+            if sliced:
+                return computes_linear(module, (inputs[:1],), output[:1])
+            return computes_linear(module, args, output)
+        if info.kind is Kind.EMBEDDING:  # (all the ids: the first example may not use the rows that changed)
+            return computes_scaled_lookup(module, inputs, output, info.embedding_scale)
         if inputs.dim() == 0 or inputs.shape != output.shape:
             return False
         first = (inputs[:1],)

@@ -140,6 +140,35 @@ def is_embedding_subclass(module: nn.Module) -> bool:
     )
 
 
+def computes_scaled_lookup(module: nn.Module, ids: Tensor, output: Tensor, scale: float) -> bool:
+    """Whether ``output`` is ``W[ids] · scale`` for the module's weight ``W`` (the check of a later call of an
+    ``nn.Embedding`` subclass whose first call :func:`embedding_scale` verified).
+
+    Parameters
+    ----------
+    module
+        The ``nn.Embedding`` (subclass).
+    ids
+        The ids of the call (or a slice of them).
+    output
+        The matching output (or slice).
+    scale
+        The scale found on the first call.
+
+    Returns
+    -------
+    bool
+        ``True`` when the output matches (relative tolerance ``1e-4``).
+    """
+    assert isinstance(module, nn.Embedding)
+    if ids.dtype not in (torch.int32, torch.int64) or output.shape != (*ids.shape, module.weight.shape[1]):
+        return False
+    with torch.no_grad():
+        expected = nn.functional.embedding(ids, module.weight).to(output.dtype) * scale
+        tolerance = 1e-5 * max(float(expected.abs().max()) if expected.numel() else 0.0, 1e-12)
+        return bool(torch.allclose(expected, output.detach(), rtol=1e-4, atol=tolerance))
+
+
 def embedding_scale(module: nn.Module, args: tuple[Any, ...], output: Any, table: Tensor) -> float | None:
     """``c`` when a call's output is ``W[ids] · c`` for its first input ``ids`` and a scalar ``c``
     (checked on the values, and, when padding tokens occur, on the gradient the padding row gets from

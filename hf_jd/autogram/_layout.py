@@ -204,7 +204,10 @@ def layout_of_losses(
             f"The losses have {num_examples} rows but the forward pass saw a batch of "
             f"{batch_size} examples along batch_dim={bd} (in {batch_source}); pass "
             "one loss per example, or use batch_dim=None if the modules' tensors are not split by "
-            "example along that dimension."
+            "example along that dimension. The batch size is read from the inputs of the modules given to the "
+            "engine (their first positional tensor, else the largest size along batch_dim): if those inputs are "
+            "not split by example (e.g. a flat list of token ids with offsets for nn.EmbeddingBag), pass them "
+            "split by example (for nn.EmbeddingBag, [B, L] ids padded with its padding_idx)."
         )
     if losses.dim() == 1:
         return RowLayout(bd, num_examples, 1), torch.ones_like(losses), False

@@ -213,7 +213,9 @@ _UNCAPTURED_LOSSES = (
 _EARLIER_USES = (
     "Here those uses come before the captured calls of this forward pass: by a module not given to the engine that "
     "shares the weight (tied input embeddings when the engine has the output head only: give it the embedding "
-    "module too), before the model was called, or in an earlier step, through a tensor kept since (a cache such "
+    "module too), before the model was called (a penalty on the weights added to the losses: compute it after the "
+    "forward pass, which the engine handles exactly, or use the optimizer's weight_decay), or in an earlier step, "
+    "through a tensor kept since (a cache such "
     "as LeViT's attention biases in evaluation mode, through which a plain training step fails too on its second "
     "backward pass: train such a model in training mode, or clear the cache before each forward pass)."
 )
@@ -415,7 +417,7 @@ class Engine:
         multiplied by a parent, a weight penalty) or through a submodule found uncalled in this pass: those take the
         exact path of parameters used outside their modules' calls (per-row gradients from the losses, with a
         warning). Uses that predate the captured calls (several forward passes, a kept cache, ``inputs_embeds``
-        looked up from a tied embedding before the model's call) raise.
+        looked up from a tied embedding before the model's call, a penalty computed before the forward pass) raise.
 
         Parameters
         ----------
@@ -1192,10 +1194,21 @@ class Engine:
         bound.uses.clear()
         if bound.uncovered:
             assert bound.losses is not None
+            # Other engines bound to the same losses (one engine per sub-model) whose backward is still to come: the
+            # parameters none of them covers get their gradient here, once, and the graph stays for those engines.
+            pending = [
+                engine._bound
+                for engine in _SINGLE_BACKWARD_ENGINES
+                if engine is not self and engine._bound is not None and engine._bound.losses is bound.losses
+            ]
             torch.autograd.backward(
                 bound.losses, weights.detach().reshape(bound.losses.shape).to(bound.losses.dtype),
                 # (the guards' gradients are not kept: they are not leaves)
                 inputs=[*bound.uncovered, *bound.guards],  # type: ignore[arg-type]
+                retain_graph=bool(pending),
             )
+            done = {id(param) for param in bound.uncovered}
+            for other in pending:
+                other.uncovered = [param for param in other.uncovered if id(param) not in done]
         if params:
             deliver_gradients(params, grads)
