@@ -162,6 +162,10 @@ def get_weighting_class(name: str) -> type[Weighting]:
     return _load(spec.module, spec.weighting)
 
 
+def _kind_of(cls: type[Aggregator] | type[Weighting]) -> str:
+    return "weighting" if issubclass(cls, Weighting) else "aggregator"
+
+
 def _instantiate(cls: type[Aggregator] | type[Weighting], name: str, kwargs: dict[str, Any]) -> Any:
     # (a class without an __init__ of its own takes no argument: object.__init__'s signature says *args, **kwargs)
     parameters = {} if cls.__init__ is object.__init__ else inspect.signature(cls.__init__).parameters
@@ -171,7 +175,7 @@ def _instantiate(cls: type[Aggregator] | type[Weighting], name: str, kwargs: dic
         unknown = sorted(set(kwargs) - set(valid))
         if unknown:
             raise TypeError(
-                f"Unknown keyword argument(s) {', '.join(map(repr, unknown))} for aggregator "
+                f"Unknown keyword argument(s) {', '.join(map(repr, unknown))} for {_kind_of(cls)} "
                 f"{name!r}. Valid keywords: {', '.join(valid) if valid else '(none)'}."
             )
     return cls(**kwargs)

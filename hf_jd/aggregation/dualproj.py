@@ -10,7 +10,10 @@ the projection of a mean gradient onto the dual cone goes back to GEM (Lopez-Paz
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
+from torch import Tensor
 
 from ._dual_cone import _MAX_ITERS, DEFAULT_TOL, DualConeAggregator, DualConeWeighting, _solve
 
@@ -69,3 +72,12 @@ class DualProj(DualConeAggregator):
     """
 
     weighting_class = DualProjWeighting
+
+    # (its own constructor, so that a misspelt argument is reported for DualProj, not for the shared base class)
+    def __init__(
+        self,
+        pref_vector: Tensor | Sequence[float] | None = None,
+        norm_eps: float = 0.0,
+        reg_eps: float = 1e-4,
+    ) -> None:
+        super().__init__(pref_vector, norm_eps, reg_eps)

@@ -12,7 +12,10 @@ computed in weight space from the Gramian only (:mod:`hf_jd.aggregation._dual_co
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
+from torch import Tensor
 
 from ._dual_cone import _MAX_ITERS, DEFAULT_TOL, DualConeAggregator, DualConeWeighting, _project_diagonal
 
@@ -70,7 +73,8 @@ class UPGrad(DualConeAggregator):
     norm) and equals the weighted mean when no two rows conflict. The slack matters for degenerate
     Jacobians only: when the rows (nearly) positively span a subspace the exact projection is (nearly)
     zero, while the regularised one can stay as large as the mean (rows ``(1, 0)``, ``(−1, 0.01)``,
-    ``(0, −1)``: norm 0.29 by default, 2e-6 with ``reg_eps=0``). Reference: Quinton & Rey, "Jacobian
+    ``(0, −1)``: norm 0.29 by default; with ``reg_eps=0``, 2e-6 in float64, about 5e-5 in float32 from
+    rounding). Reference: Quinton & Rey, "Jacobian
     Descent For Multi-Objective Optimization", arXiv:2406.16232 (2024).
 
     Parameters
@@ -80,3 +84,12 @@ class UPGrad(DualConeAggregator):
     """
 
     weighting_class = UPGradWeighting
+
+    # (its own constructor, so that a misspelt argument is reported for UPGrad, not for the shared base class)
+    def __init__(
+        self,
+        pref_vector: Tensor | Sequence[float] | None = None,
+        norm_eps: float = 0.0,
+        reg_eps: float = 1e-4,
+    ) -> None:
+        super().__init__(pref_vector, norm_eps, reg_eps)

@@ -65,6 +65,11 @@ def _checked_params(params: Iterable[Tensor]) -> tuple[tuple[Tensor, ...], list[
                 f"params[{index}].jac has shape {tuple(jacobian.shape)}, which is not [m] + "
                 f"{tuple(param.shape)} (the parameter's shape)."
             )
+        if not bool(torch.isfinite(jacobian).all()):
+            raise ValueError(
+                f"params[{index}] (shape {tuple(param.shape)}) has a .jac with non-finite entries (inf or nan): a loss "
+                "or its gradient is not finite. Check the losses (and the learning rate) before the backward pass."
+            )
         if num_rows is None:
             num_rows = jacobian.shape[0]
         elif jacobian.shape[0] != num_rows:
@@ -173,6 +178,11 @@ def jac_to_grad(
     >>> hasattr(w, "jac")
     False
     """
+    if isinstance(aggregator, type) and issubclass(aggregator, Aggregator):
+        raise TypeError(
+            f"aggregator is the class {aggregator.__name__}, not an aggregator: pass an instance, e.g. "
+            f"{aggregator.__name__}()."
+        )
     if not isinstance(aggregator, Aggregator):
         raise TypeError(
             "aggregator must be an hf_jd.aggregation.Aggregator (e.g. UPGrad()), got "

@@ -65,8 +65,15 @@ def test_non_string_name() -> None:
 def test_bad_keyword_is_named() -> None:
     with pytest.raises(TypeError, match=r"'bogus'.*upgrad.*pref_vector, norm_eps, reg_eps"):
         get_aggregator("upgrad", bogus=1)
-    with pytest.raises(TypeError, match="'bogus'"):
+    with pytest.raises(TypeError, match="'bogus' for weighting 'mgda'"):
         get_weighting("mgda", bogus=1)
+
+
+@pytest.mark.parametrize("name", ["UPGrad", "DualProj"])
+def test_a_misspelt_constructor_argument_is_reported_for_the_class_itself(name: str) -> None:
+    # (they share their base class's constructor arguments; Python names the class whose __init__ ran)
+    with pytest.raises(TypeError, match=rf"^{name}\.__init__\(\) got an unexpected keyword argument 'reg_epss'"):
+        getattr(aggregation, name)(reg_epss=0)
 
 
 @pytest.mark.parametrize("name", ["imtl_g", "mean", "sum"])

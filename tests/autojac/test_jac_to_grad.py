@@ -188,13 +188,24 @@ def test_non_aggregator_raises() -> None:
         jac_to_grad([a], lambda matrix: matrix.mean(0))  # type: ignore[arg-type]
 
 
+def test_an_aggregator_class_instead_of_an_instance_is_explained() -> None:
+    a = torch.randn(3, requires_grad=True)
+    a.jac = torch.randn(2, 3)
+    with pytest.raises(TypeError, match=r"the class UPGrad, not an aggregator: pass an instance, e.g. UPGrad\(\)"):
+        jac_to_grad([a], UPGrad)  # type: ignore[arg-type]
+
+
 def test_non_finite_jacobian_raises() -> None:
+    b = torch.randn(2, requires_grad=True)
+    b.jac = torch.ones(2, 2)
     a = torch.randn(3, requires_grad=True)
     a.jac = torch.tensor([[1.0, float("nan"), 0.0], [0.0, 1.0, 2.0]])
-    with pytest.raises(ValueError, match="non-finite"):
-        jac_to_grad([a], _ColumnScaledSum())
-    with pytest.raises(ValueError, match="non-finite"):
-        jac_to_grad([a], GramianWeightedAggregator(_SoftmaxOfDiagonal()))
+    # (the parameter is named, and the message does not speak of a Gramian the user never passed)
+    named = r"params\[1\] \(shape \(3,\)\) has a .jac with non-finite entries"
+    with pytest.raises(ValueError, match=named):
+        jac_to_grad([b, a], _ColumnScaledSum())
+    with pytest.raises(ValueError, match=named):
+        jac_to_grad([b, a], GramianWeightedAggregator(_SoftmaxOfDiagonal()))
 
 
 @pytest.mark.parametrize(
