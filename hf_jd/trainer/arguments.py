@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from transformers import TrainingArguments
 
-from ..aggregation import available_aggregators, get_aggregator, is_gramian_based
+from ..aggregation import available_aggregators, check_fits_rows, get_aggregator, is_gramian_based
 from ._distributed import resolve_ddp_gramian
 
 __all__ = ["JDTrainingArguments", "JD_MODES", "JD_ENGINES", "JD_NONFINITE", "JD_DDP_GRAMIAN"]
@@ -47,6 +47,8 @@ def _did_you_mean(value: Any, choices: tuple[str, ...] | list[str]) -> str:
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    if isinstance(value, str) and value.strip().lower() in choices:  # (any case, as aggregator names)
+        return value.strip().lower()
     if not isinstance(value, str) or value not in choices:
         raise ValueError(
             f"{name}={value!r} is not valid: choose one of {', '.join(map(repr, choices))}."
@@ -247,6 +249,15 @@ class JDTrainingArguments(TrainingArguments):
         },
     )
 
+    jd_reset_aggregator_state: bool = field(
+        default=False,
+        metadata={
+            "help": "When resuming from a checkpoint, start the aggregator from its initial state instead of the "
+            "one saved in the checkpoint: to switch aggregators on purpose, or to resume a checkpoint saved without "
+            "JDTrainer with a stateful aggregator (pcgrad, gradvac, nash_mtl, graddrop, random)."
+        },
+    )
+
     def __post_init__(self) -> None:
         self._validate_jd_arguments()
         super().__post_init__()
@@ -284,7 +295,8 @@ class JDTrainingArguments(TrainingArguments):
         self.jd_aggregator = name
         self.jd_aggregator_kwargs = _parse_kwargs(self.jd_aggregator_kwargs)
         try:
-            get_aggregator(name, **self.jd_aggregator_kwargs)
+            with torch.random.fork_rng(devices=[]):  # (a seedless aggregator draws its seed: not the user's stream)
+                get_aggregator(name, **self.jd_aggregator_kwargs)
         except (TypeError, ValueError) as error:
             raise ValueError(
                 f"jd_aggregator_kwargs={self.jd_aggregator_kwargs!r} are not valid for aggregator {name!r}: "
@@ -337,6 +349,8 @@ class JDTrainingArguments(TrainingArguments):
                 f"jd_mode={self.jd_mode!r} needs jd_task_names (the tasks in the order of the Jacobian's rows), "
                 "e.g. jd_task_names=['a', 'b'] or `--jd_task_names a b`."
             )
+        if self.jd_mode == "mtl" and self.jd_task_names:
+            self._check_aggregator_fits_tasks(name, len(self.jd_task_names))
         if self.jd_mode == "iwrm" and self.jd_task_names:
             warnings.warn(
                 f"jd_task_names={self.jd_task_names} is ignored with jd_mode='iwrm' (one loss per example). For "
@@ -376,8 +390,24 @@ class JDTrainingArguments(TrainingArguments):
             raise ValueError(f"jd_log_weights must be a bool, got {self.jd_log_weights!r}.")
         if not isinstance(self.jd_freeze_batch_norm, bool):
             raise ValueError(f"jd_freeze_batch_norm must be a bool, got {self.jd_freeze_batch_norm!r}.")
+        if not isinstance(self.jd_reset_aggregator_state, bool):
+            raise ValueError(f"jd_reset_aggregator_state must be a bool, got {self.jd_reset_aggregator_state!r}.")
 
     # ------------------------------------------------------------------ helpers
+    def _check_aggregator_fits_tasks(self, name: str, num_tasks: int) -> None:
+        """With ``jd_mode="mtl"`` the Jacobian has one row per task: an aggregator whose arguments need another
+        number of rows (constant weights, a preference vector, Krum's ``n_byzantine``) fails now, not at the first
+        step. Checked on a random Jacobian, without touching the global random state."""
+        with torch.random.fork_rng(devices=[]):
+            aggregator = get_aggregator(name, **_parse_kwargs(self.jd_aggregator_kwargs))
+        try:
+            check_fits_rows(aggregator, num_tasks)
+        except ValueError as error:
+            raise ValueError(
+                f"jd_aggregator={name!r} with jd_aggregator_kwargs={self.jd_aggregator_kwargs!r} does not fit the "
+                f"{num_tasks} tasks of jd_task_names {self.jd_task_names} (one row each with jd_mode='mtl'): {error}"
+            ) from error
+
     def _checkpointing_is_reentrant(self) -> bool:
         """Whether the checkpointing kwargs ask for ``use_reentrant=True`` (given as a dict or a JSON string)."""
         for name in ("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs"):

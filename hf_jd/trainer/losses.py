@@ -212,10 +212,15 @@ def _problem_type(config: Any, labels: Tensor) -> str:
         return problem_type
     num_labels = getattr(config, "num_labels", None)
     if num_labels == 1:
-        return "regression"
-    if labels.dtype in (torch.long, torch.int):
-        return "single_label_classification"
-    return "multi_label_classification"
+        problem_type = "regression"
+    elif labels.dtype in (torch.long, torch.int):
+        problem_type = "single_label_classification"
+    else:
+        problem_type = "multi_label_classification"
+    if config is not None and hasattr(config, "problem_type"):
+        # Recorded, as the models' own loss does: a saved model then keeps it (pipelines read it).
+        config.problem_type = problem_type
+    return problem_type
 
 
 def _sequence_classification_losses(

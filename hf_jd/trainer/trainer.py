@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from transformers import Trainer
 from transformers.trainer_pt_utils import nested_detach
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput
-from transformers.utils import is_sagemaker_mp_enabled
+from transformers.utils import is_sagemaker_mp_enabled, logging
 
 from ..aggregation import Aggregator, get_aggregator
 from ._collect import ComputeLosses, LossCollector, forward_accepts, forward_declares
@@ -28,6 +28,8 @@ from ._distributed import resolve_ddp_gramian
 from ._stats import loss_stats
 from ._step import JDStep, select_modules
 from .arguments import JDTrainingArguments, _parse_kwargs
+
+logger = logging.get_logger(__name__)
 
 __all__ = ["JDTrainer", "JD_STATE_NAME"]
 
@@ -173,6 +175,8 @@ class JDTrainer(Trainer):
         self.args: JDTrainingArguments
         self._check_parallelism()
         self.compute_losses: ComputeLosses | None = compute_losses
+        # The label columns the user or the model's forward declares (not those JDTrainer infers below).
+        self._declared_label_names = list(self.label_names or [])
         task_names = self.args.jd_task_names
         if not self.label_names and task_names and self.args.jd_mode in ("mtl", "iwmtl"):
             self.label_names = [f"labels_{name}" for name in task_names]
@@ -191,8 +195,10 @@ class JDTrainer(Trainer):
         )
         assert self.model is not None  # Trainer.__init__ raises without a model or model_init
         select_modules(self.model, self.args.jd_modules)  # fail early on a pattern that matches nothing
+        # (the Trainer disables label smoothing for a multi-label classifier, with a warning: so does JD training)
+        label_smoothing = args.label_smoothing_factor if self.label_smoother is not None else 0.0
         self._loss_collector = LossCollector(
-            self.args.jd_mode, task_names, self.label_names, compute_losses, label_smoothing=args.label_smoothing_factor
+            self.args.jd_mode, task_names, self.label_names, compute_losses, label_smoothing=label_smoothing
         )
         self._eval_task_losses: dict[str, list[float]] | None = None
         self._eval_labels_partial = False  # whether an evaluated batch lacked some task's label for some example
@@ -298,7 +304,9 @@ class JDTrainer(Trainer):
             from .multitask_data import MultiTaskSampler
 
             task_ids = [int(task_id) for task_id in dataset[_TASK_ID_COLUMN]]
-            return MultiTaskSampler(task_ids, batch_size=self._train_batch_size, seed=self.args.seed)
+            # (data_seed, when set, orders the data, as in the Trainer's own sampler)
+            seed = self.args.seed if self.args.data_seed is None else self.args.data_seed
+            return MultiTaskSampler(task_ids, batch_size=self._train_batch_size, seed=seed)
         return super()._get_train_sampler(train_dataset)
 
     # ------------------------------------------------------------------ training
@@ -592,9 +600,11 @@ class JDTrainer(Trainer):
     ) -> tuple[Tensor | None, Any, Any]:
         """With ``compute_losses``, evaluate through it (the model may not take the label columns).
 
-        Without it, this is the Trainer's own ``prediction_step``. With it, the loss is the mean of the
-        losses that ``compute_losses`` returns, the predictions are its outputs (tensors, minus
-        ``ignore_keys``) and the labels are the ``label_names`` inputs, if any.
+        Without it, or on a batch without any of the label inputs that ``label_names`` or the model's
+        ``forward`` declares (``predict`` on a test set), this is the Trainer's own ``prediction_step``.
+        With it, the loss is the mean of the losses that ``compute_losses`` returns, the predictions are its
+        outputs (tensors, minus ``ignore_keys`` and the ``"loss"`` entry) and the labels are the
+        ``label_names`` inputs, if any.
 
         Parameters
         ----------
@@ -612,7 +622,9 @@ class JDTrainer(Trainer):
         tuple of (Tensor or None, Any, Any)
             The loss, the predictions and the labels.
         """
-        if self.compute_losses is None:
+        declared = self._declared_label_names
+        if self.compute_losses is None or (declared and all(inputs.get(name) is None for name in declared)):
+            # (without labels, e.g. predict() on a test set, the Trainer's own step runs the model and gives no loss)
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
         inputs = self._prepare_inputs(inputs)
         # The labels are read before the forward pass, as the Trainer's own prediction_step does.
@@ -626,7 +638,7 @@ class JDTrainer(Trainer):
         loss = loss.detach().mean()
         if prediction_loss_only:
             return loss, None, None
-        ignored = set(ignore_keys or ())
+        ignored = {*(ignore_keys or ()), "loss"}  # (the batch loss is not a prediction, as in the Trainer)
         if isinstance(outputs, dict):
             outputs = tuple(value for key, value in outputs.items() if key not in ignored and isinstance(value, Tensor))
         logits = nested_detach(outputs) if outputs is not None else None
@@ -701,6 +713,9 @@ class JDTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         path = os.path.join(resume_from_checkpoint, JD_STATE_NAME)
+        if self.args.jd_reset_aggregator_state:
+            logger.info("jd_reset_aggregator_state=True: the aggregator starts from its initial state.")
+            return
         if os.path.isfile(path):
             # Our own file: it may hold aggregator states that are not plain tensors.
             state = torch.load(path, map_location="cpu", weights_only=False)
@@ -709,7 +724,8 @@ class JDTrainer(Trainer):
         elif self.aggregator.is_stateful:
             raise FileNotFoundError(
                 f"{resume_from_checkpoint} has no {JD_STATE_NAME}, but aggregator {self.args.jd_aggregator!r} is "
-                "stateful, so resuming would not continue the same run. Resume from a checkpoint saved by JDTrainer."
+                "stateful, so resuming would not continue the same run. Resume from a checkpoint saved by JDTrainer, "
+                "or set jd_reset_aggregator_state=True to start the aggregator from its initial state."
             )
 
     def _check_saved_aggregator(self, state: dict[str, Any], path: str) -> None:
@@ -724,8 +740,8 @@ class JDTrainer(Trainer):
         raise ValueError(
             f"The checkpoint {path} was saved with jd_aggregator={saved_name!r} ({saved_class}), but this run uses "
             f"jd_aggregator={self.args.jd_aggregator!r} ({current_class}). Resume with jd_aggregator={saved_name!r}, "
-            f"or, to switch aggregators on purpose, delete {JD_STATE_NAME} from the checkpoint (the aggregator then "
-            "starts from its initial state)."
+            "or, to switch aggregators on purpose, set jd_reset_aggregator_state=True (the aggregator then starts "
+            "from its initial state)."
         )
 
 

@@ -101,11 +101,10 @@ def test_unknown_aggregator_lists_valid_names(tmp_path):
         ({"jd_aggregator": "pc_grad"}, "Did you mean 'pcgrad'?"),
         ({"jd_aggregator": "nashmtl"}, "Did you mean 'nash_mtl'?"),
         ({"jd_aggregator": "IMTL-G2"}, "Did you mean 'imtl_g'?"),
-        ({"jd_mode": "IWRM"}, "Did you mean 'iwrm'?"),
         ({"jd_mode": "iwmt"}, "Did you mean 'iwmtl'?"),
         ({"jd_engine": "autograd"}, "Did you mean 'autogram'?"),
         ({"jd_nonfinite": "skipp"}, "Did you mean 'skip'?"),
-        ({"jd_ddp_gramian": "Local"}, "Did you mean 'local'?"),
+        ({"jd_ddp_gramian": "lcal"}, "Did you mean 'local'?"),
     ],
 )
 def test_misspelled_names_get_a_suggestion(tmp_path, kwargs, suggestion):
@@ -272,3 +271,34 @@ def test_non_reentrant_checkpointing_is_accepted_with_both_engines(tmp_path):
     for engine in ("autogram", "autojac"):
         args = make(tmp_path, jd_engine=engine, activation_checkpointing=True)
         assert args.jd_resolved_engine == engine
+
+
+def test_choices_are_accepted_in_any_case_like_aggregator_names(tmp_path):
+    args = make(tmp_path, jd_mode="IWRM", jd_engine="Autogram", jd_nonfinite="Skip", jd_ddp_gramian="Local",
+                jd_aggregator="UPGrad")  # fmt: skip
+    assert (args.jd_mode, args.jd_engine, args.jd_nonfinite, args.jd_ddp_gramian, args.jd_aggregator) == (
+        "iwrm", "autogram", "skip", "local", "upgrad"
+    )
+
+
+@pytest.mark.parametrize(
+    ("aggregator", "kwargs", "message"),
+    [
+        ("constant", {"weights": [0.5, 0.3, 0.2]}, "does not fit the 2 tasks of jd_task_names"),
+        ("upgrad", {"pref_vector": [1.0, 1.0, 1.0]}, "does not fit the 2 tasks"),
+        ("krum", {"n_byzantine": 1}, "does not fit the 2 tasks"),
+    ],
+)
+def test_an_aggregator_that_cannot_take_the_number_of_tasks_fails_when_the_arguments_are_built(
+    tmp_path, aggregator, kwargs, message
+):
+    with pytest.raises(ValueError, match=message):
+        make(tmp_path, jd_mode="mtl", jd_task_names=["a", "b"], jd_aggregator=aggregator, jd_aggregator_kwargs=kwargs)
+
+
+def test_checking_the_aggregator_against_the_tasks_leaves_the_random_state_alone(tmp_path):
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    make(tmp_path, jd_mode="mtl", jd_task_names=["a", "b"], jd_aggregator="random")
+    torch.testing.assert_close(torch.rand(3), expected)

@@ -103,6 +103,24 @@ def test_sequence_classification_regression(num_labels):
     check_against_model(model, inputs, labels, equal_counts=True)
 
 
+@pytest.mark.parametrize(
+    ("num_labels", "labels", "expected"),
+    [
+        (3, torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]), "multi_label_classification"),
+        (1, torch.tensor([0.5, -1.0]), "regression"),
+        (3, torch.tensor([0, 2]), "single_label_classification"),
+    ],
+)
+def test_the_inferred_problem_type_is_recorded_in_the_config_as_the_models_own_loss_does(num_labels, labels, expected):
+    model = BertForSequenceClassification(bert_config(num_labels=num_labels))
+    outputs = model(input_ids=torch.randint(1, 100, (2, 4)))
+    per_example_losses(model, outputs, labels)
+    assert model.config.problem_type == expected  # (saved with the model: pipelines read it)
+    reference = BertForSequenceClassification(bert_config(num_labels=num_labels))
+    reference(input_ids=torch.randint(1, 100, (2, 4)), labels=labels)
+    assert reference.config.problem_type == expected
+
+
 def test_problem_type_of_config_wins_over_label_dtype():
     model = BertForSequenceClassification(bert_config(num_labels=2, problem_type="multi_label_classification")).eval()
     outputs = model(input_ids=torch.randint(1, 100, (2, 4)))

@@ -159,9 +159,30 @@ def test_resume_with_another_aggregator_names_both(tmp_path):
     assert state["aggregator_name"] == "random" and state["aggregator_class"] == "Random"
     args = make_args(tmp_path / "b", jd_mode="mtl", jd_task_names=TASKS, jd_aggregator="upgrad", max_steps=2)
     trainer = JDTrainer(model=TwoTaskNet(), args=args, train_dataset=two_task_dataset())
-    with pytest.raises(ValueError, match="saved with jd_aggregator='random' \\(Random\\), but this run uses "
-                                         "jd_aggregator='upgrad' \\(UPGrad\\).*delete"):  # fmt: skip
+    message = "saved with jd_aggregator='random' \\(Random\\), but this run uses jd_aggregator='upgrad' \\(UPGrad\\)"
+    with pytest.raises(ValueError, match=message + ".*jd_reset_aggregator_state=True"):
         trainer.train(resume_from_checkpoint=checkpoint)
+
+
+@pytest.mark.parametrize("aggregator", ["pcgrad", "upgrad"])
+def test_switching_aggregators_on_resume_with_a_reset_state(tmp_path, aggregator):
+    """The advice of the error above works, also towards a stateful aggregator (PCGrad's generator)."""
+    checkpoint = _save_random_checkpoint(tmp_path)
+    args = make_args(tmp_path / "b", jd_mode="mtl", jd_task_names=TASKS, jd_aggregator=aggregator, max_steps=2,
+                     jd_reset_aggregator_state=True)  # fmt: skip
+    trainer = JDTrainer(model=TwoTaskNet(), args=args, train_dataset=two_task_dataset())
+    trainer.train(resume_from_checkpoint=checkpoint)
+    assert trainer.state.global_step == 2
+
+
+def test_a_checkpoint_without_state_file_resumes_a_stateful_aggregator_with_a_reset_state(tmp_path):
+    checkpoint = _save_random_checkpoint(tmp_path)
+    os.remove(os.path.join(checkpoint, JD_STATE_NAME))
+    args = make_args(tmp_path / "b", jd_mode="mtl", jd_task_names=TASKS, jd_aggregator="random",
+                     jd_aggregator_kwargs={"seed": 0}, max_steps=2, jd_reset_aggregator_state=True)  # fmt: skip
+    trainer = JDTrainer(model=TwoTaskNet(), args=args, train_dataset=two_task_dataset())
+    trainer.train(resume_from_checkpoint=checkpoint)
+    assert trainer.state.global_step == 2
 
 
 def test_resume_from_a_state_file_without_the_aggregator_name(tmp_path):

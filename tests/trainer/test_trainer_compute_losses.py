@@ -214,3 +214,58 @@ def test_compute_losses_gets_a_copy_of_the_same_mapping_type() -> None:
     losses, _ = LossCollector("iwrm", None, ["labels"], compute_losses)(model, model, batch)
     assert seen == [BatchEncoding] and losses.shape == (4,)
     assert set(batch.keys()) == {"x", "labels"}
+
+
+class _Classifier(nn.Module):
+    """Takes the labels and returns its batch loss with the logits, as Hugging Face models do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(2, 3)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        logits = self.linear(x)
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = nn.functional.cross_entropy(logits, labels)
+        return out
+
+
+def _classifier_trainer(tmp_path, compute) -> JDTrainer:
+    data = Dataset.from_dict({"x": [[1.0, 2.0], [0.5, -1.0], [0.0, 1.0]] * 4, "labels": [0, 1, 2] * 4})
+    args = JDTrainingArguments(
+        output_dir=str(tmp_path), jd_mode="iwrm", max_steps=1, report_to="none", use_cpu=True,
+        per_device_train_batch_size=4, per_device_eval_batch_size=4,
+    )
+    return JDTrainer(model=_Classifier(), args=args, train_dataset=data, compute_losses=compute)
+
+
+def _losses_with_labels_kept(model, inputs):
+    outputs = model(**inputs)  # (the labels stay in the inputs: the model also returns its batch loss)
+    return nn.functional.cross_entropy(outputs["logits"], inputs["labels"], reduction="none"), outputs
+
+
+def _losses_with_labels_popped(model, inputs):
+    labels = inputs.pop("labels")
+    outputs = model(**inputs)
+    return nn.functional.cross_entropy(outputs["logits"], labels, reduction="none"), outputs
+
+
+def test_the_batch_loss_of_the_outputs_is_not_a_prediction(tmp_path) -> None:
+    trainer = _classifier_trainer(tmp_path, _losses_with_labels_kept)
+    trainer.train()
+    prediction = trainer.predict(trainer.train_dataset)
+    assert prediction.predictions.shape == (12, 3)  # the logits alone, as the Trainer gives
+    assert prediction.label_ids.tolist() == [0, 1, 2] * 4
+
+
+def test_predict_on_a_test_set_without_labels_runs_the_model(tmp_path) -> None:
+    trainer = _classifier_trainer(tmp_path, _losses_with_labels_popped)
+    trainer.train()
+    test_set = trainer.train_dataset.remove_columns("labels")
+    prediction = trainer.predict(test_set)
+    x = torch.tensor(test_set["x"])
+    with torch.no_grad():
+        expected = trainer.model(x)["logits"]
+    torch.testing.assert_close(torch.as_tensor(prediction.predictions), expected)
+    assert prediction.label_ids is None and "test_loss" not in prediction.metrics

@@ -335,6 +335,24 @@ def test_label_smoothing_gives_the_plain_trainers_update_with_the_mean(tmp_path)
     assert not torch.allclose(smoothed, _jd_update(tmp_path, copy.deepcopy(initial), dataset, 0.0), atol=1e-4)
 
 
+def test_label_smoothing_is_disabled_for_a_multi_label_classifier_as_the_trainer_does(tmp_path):
+    """The Trainer warns that it disables label smoothing for a multi-label classifier and trains without it: so does
+    JDTrainer (it failed at the first step), with the plain Trainer's update under the mean."""
+    torch.manual_seed(0)
+    config = tiny_config("bert", num_labels=3, problem_type="multi_label_classification")
+    initial = AutoModelForSequenceClassification.from_config(config)
+    dataset = text_dataset("multi", n=4)
+    with pytest.warns(UserWarning, match="Disabling label smoothing"):
+        jd = _jd_update(tmp_path, copy.deepcopy(initial), dataset, 0.2)
+    model = copy.deepcopy(initial)
+    start = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    args = TrainingArguments(str(tmp_path / "plain"), label_smoothing_factor=0.2, **_sgd_options())
+    with pytest.warns(UserWarning, match="Disabling label smoothing"):
+        Trainer(model=model, args=args, train_dataset=dataset).train()
+    plain = torch.cat([p.detach().reshape(-1) for p in model.parameters()]) - start
+    torch.testing.assert_close(jd, plain, rtol=1e-4, atol=1e-6)
+
+
 def test_label_smoothing_of_a_causal_lm_equals_the_hand_computation(tmp_path):
     """Causal LM: the smoothed cross-entropy of the shifted labels, (1 - ε) NLL + ε mean over the vocabulary of
     -log p per token (the plain Trainer divides its sum by the unshifted token count instead, 0.875 of it here)."""

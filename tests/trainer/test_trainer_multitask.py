@@ -155,3 +155,17 @@ def test_eval_loss_on_merged_datasets_does_not_depend_on_the_batch_size(tmp_path
     for metrics in results:
         assert metrics["eval_loss"] == pytest.approx((metrics["eval_loss_topic"] + metrics["eval_loss_score"]) / 2)
         assert metrics["eval_loss"] == pytest.approx(results[0]["eval_loss"], rel=1e-5)
+
+
+def test_data_seed_orders_the_multi_task_batches(tmp_path):
+    dataset = _multitask_dataset()
+    orders = []
+    for data_seed in (None, 1, 2):
+        args = make_args(tmp_path, jd_mode="mtl", jd_task_names=TASKS, data_seed=data_seed, seed=0)
+        sampler = JDTrainer(model=_model(), args=args, train_dataset=dataset)._get_train_sampler()
+        assert isinstance(sampler, MultiTaskSampler)
+        orders.append(list(sampler))
+    assert orders[1] != orders[2]  # (it was seeded with `seed` alone: data_seed changed nothing)
+    args = make_args(tmp_path, jd_mode="mtl", jd_task_names=TASKS, data_seed=0, seed=5)
+    sampler = JDTrainer(model=_model(), args=args, train_dataset=dataset)._get_train_sampler()
+    assert list(sampler) == orders[0]  # data_seed=0 orders as seed=0 did
