@@ -13,6 +13,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _TRAINER_NAMES = {"JDTrainer", "JDTrainingArguments", "MultiHeadModel", "NonFiniteLossError"}
+_SUBPACKAGES = {"aggregation", "autojac", "autogram", "trainer"}
 
 
 def __getattr__(name: str) -> Any:
@@ -20,7 +21,15 @@ def __getattr__(name: str) -> Any:
         from . import trainer
 
         return getattr(trainer, name)
+    if name in _SUBPACKAGES:  # (hf_jd.autojac works after a bare ``import hf_jd``, as the README writes it)
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_TRAINER_NAMES, *_SUBPACKAGES})
 
 
 __all__ = ["__version__", *sorted(_TRAINER_NAMES)]

@@ -21,3 +21,22 @@ def test_typing_marker_is_shipped() -> None:
     assert importlib.resources.files("hf_jd").joinpath("py.typed").is_file()
     pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
     assert 'hf_jd = ["py.typed"]' in pyproject
+
+
+def test_subpackages_are_reachable_from_a_bare_import() -> None:
+    """``import hf_jd`` then ``hf_jd.autojac.jac``, as the README writes them."""
+    import subprocess
+    import sys
+
+    code = (
+        "import hf_jd; print(hf_jd.autojac.jac.__name__, hf_jd.aggregation.UPGrad.__name__, 'JDTrainer' in dir(hf_jd))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["jac", "UPGrad", "True"]
+
+
+def test_dir_lists_the_lazy_names() -> None:
+    import hf_jd.aggregation
+
+    assert {"UPGrad", "UPGradWeighting", "canonical_name"} <= set(dir(hf_jd.aggregation))
+    assert {"autogram", "trainer", "JDTrainer", "__version__"} <= set(dir(hf_jd))

@@ -14,6 +14,8 @@ from ._registry import (
     REGISTRY,
     available_aggregators,
     available_weightings,
+    canonical_name,
+    check_fits_rows,
     get_aggregator,
     get_aggregator_class,
     get_weighting,
@@ -39,6 +41,10 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
+
 __all__ = [
     "Aggregator",
     "GramianWeightedAggregator",
@@ -47,6 +53,8 @@ __all__ = [
     "check_matrix",
     "available_aggregators",
     "available_weightings",
+    "canonical_name",
+    "check_fits_rows",
     "get_aggregator",
     "get_aggregator_class",
     "get_weighting",

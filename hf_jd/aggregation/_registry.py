@@ -10,6 +10,8 @@ import importlib
 import inspect
 from typing import Any, NamedTuple
 
+import torch
+
 from ._base import Aggregator, Weighting
 
 __all__ = [
@@ -86,6 +88,52 @@ def _spec(name: str) -> AggregatorSpec:
             f"Unknown aggregator {name!r}. Valid names are: {', '.join(available_aggregators())}."
         )
     return REGISTRY[key]
+
+
+def canonical_name(name: str) -> str:
+    """The registry name of an aggregator written in any case (``"UPGrad"``, ``" Nash-MTL"``).
+
+    Parameters
+    ----------
+    name
+        An aggregator name: surrounding spaces are dropped, case is ignored and ``-`` reads as ``_``.
+
+    Returns
+    -------
+    str
+        The name as :func:`available_aggregators` lists it.
+
+    Raises
+    ------
+    TypeError
+        If ``name`` is not a string.
+    ValueError
+        If no aggregator has that name (the message lists the valid names).
+    """
+    _spec(name)  # (raises for a non-string or unknown name)
+    return name.strip().lower().replace("-", "_")
+
+
+def check_fits_rows(aggregator: Aggregator, num_rows: int) -> None:
+    """Aggregate a random Jacobian of ``num_rows`` rows, to find before training an aggregator whose arguments
+    need another number of rows (``Constant``'s weights, a preference vector, ``Krum``'s ``n_byzantine``).
+
+    The global random state is left as it was (a random aggregator draws from it).
+
+    Parameters
+    ----------
+    aggregator
+        The aggregator (a fresh one: a stateful aggregator's state moves on).
+    num_rows
+        The number of rows of the Jacobians it will aggregate.
+
+    Raises
+    ------
+    ValueError
+        The aggregator's own error, when it cannot aggregate ``num_rows`` rows.
+    """
+    with torch.random.fork_rng(devices=[]):
+        aggregator(torch.randn(num_rows, 4, generator=torch.Generator().manual_seed(0)))
 
 
 def _load(module: str, attribute: str) -> type:

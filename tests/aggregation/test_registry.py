@@ -91,3 +91,30 @@ def test_weighting_of_non_gramian_aggregator() -> None:
 def test_my_aggregators_are_registered() -> None:
     for name in ["upgrad", "dualproj", "mgda", "mean", "sum", "constant", "random", "krum", "trimmed_mean"]:
         assert name in NAMES
+
+
+@pytest.mark.parametrize(("written", "name"), [("UPGrad", "upgrad"), (" Nash-MTL ", "nash_mtl"), ("imtl_g", "imtl_g")])
+def test_canonical_name_reads_names_as_the_registry_does(written: str, name: str) -> None:
+    assert aggregation.canonical_name(written) == name
+    assert type(get_aggregator(written)) is type(get_aggregator(name))
+
+
+def test_canonical_name_of_an_unknown_name_lists_the_valid_ones() -> None:
+    with pytest.raises(ValueError, match="Unknown aggregator 'nope'. Valid names are: .*upgrad"):
+        aggregation.canonical_name("nope")
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [
+        ("constant", {"weights": [0.5, 0.5, 0.0]}),
+        ("upgrad", {"pref_vector": [1.0, 2.0, 3.0]}),
+        ("krum", {"n_byzantine": 1}),
+    ],
+)
+def test_check_fits_rows_finds_arguments_made_for_another_number_of_rows(name: str, kwargs: dict) -> None:
+    aggregator = get_aggregator(name, **kwargs)
+    with pytest.raises(ValueError):
+        aggregation.check_fits_rows(aggregator, 2)
+    aggregation.check_fits_rows(get_aggregator(name, **kwargs), 3 if name != "krum" else 5)
+
