@@ -177,6 +177,23 @@ def _hooks_run_before_the_engines(info: _ModuleInfo) -> bool:
     return bool(hooks) and next(iter(hooks)) != info.hook_id
 
 
+# Why a module leaves its closed form for the generic path (see Capture._leave_closed_form): the cause, as
+# "module X has <cause>", and what to do about it.
+_LEAVING: dict[str, tuple[str, str]] = {
+    "hooks": (
+        "forward hooks that run before the engine's (global hooks from "
+        "torch.nn.modules.module.register_module_forward_hook, or hooks registered with prepend=True after the engine "
+        "was created)",
+        "Register such hooks on the module without prepend=True to keep the closed forms, or remove them while "
+        "training.",
+    ),
+    "forward": (
+        "a forward replaced on the instance (module.forward = ...)",
+        "To keep the closed form, restore the class's forward (del module.forward) while training.",
+    ),
+}
+
+
 @dataclass
 class _Frame:
     params: dict[str, nn.Parameter]
@@ -303,8 +320,7 @@ class Capture:
         self.infos: dict[int, _ModuleInfo] = {}
         self.modules: list[nn.Module] = []
         self.handles: list[Any] = []
-        self.warned_hooks = False  # (see _leave_closed_form)
-        self.warned_forward = False  # (see _leave_closed_form_for_instance_forward)
+        self.warned_leaving: set[str] = set()  # (see _leave_closed_form)
         self.calls: dict[int, int] = {}
         self.depth = 0
         self.records: list[Record] = []
@@ -565,10 +581,11 @@ class Capture:
         (a replaced head, ``get_peft_model``, ``resize_token_embeddings``, a parametrisation registered later):
         it has no hooks, so its parameters would be silently missing from the Gramian."""
         for root in self.roots:
-            for name, module in root.named_modules():
+            for module in root.modules():  # (names only for the error: this runs on every captured forward pass)
                 if id(module) in self.infos or not module._parameters:
                     continue
                 if any(p is not None and p.requires_grad for p in module._parameters.values()):
+                    name = next(n for n, m in root.named_modules() if m is module)
                     raise RuntimeError(
                         f"Module {describe(name, module)} has trainable parameters but joined the model after the "
                         "autogram Engine was created (a replaced or added module, get_peft_model, "
@@ -666,9 +683,9 @@ class Capture:
             info.frames.append(_CLAIMED)
             return
         if not info.kind.is_generic and _hooks_run_before_the_engines(info):
-            self._leave_closed_form(info)
+            self._leave_closed_form(info, "hooks")
         elif not info.kind.is_generic and "forward" in module.__dict__:
-            self._leave_closed_form_for_instance_forward(info)
+            self._leave_closed_form(info, "forward")
         elif not info.kind.is_generic and not info.parametrized and not closed_form_parameters(module):
             # Its parameters changed since it was registered (torch.nn.utils.prune's weight_orig, with a forward
             # pre-hook computing weight): the closed form no longer applies; the generic path is exact.
@@ -698,53 +715,27 @@ class Capture:
         for value in itertools.chain(args, kwargs.values()):
             self.note_batch(value, f"an input of {describe(info.name, module)}")
 
-    def _leave_closed_form_for_instance_forward(self, info: _ModuleInfo) -> None:
-        """A module whose ``forward`` was replaced on the instance (``module.forward = ...``, e.g. a weight mask, or
-        a wrapper such as accelerate's device hooks): the closed form of its class need not hold; the generic path
-        is exact whatever the forward computes. Warned once per engine, since it is slower."""
+    def _leave_closed_form(self, info: _ModuleInfo, reason: str) -> None:
+        """A module that may compute something else than its closed form assumes, for ``reason`` (a key of
+        :data:`_LEAVING`: forward hooks that run before the engine's and may change its output, or a forward replaced
+        on the instance): the generic path takes over (vector-Jacobian products from the output the model goes on
+        with, through aliases of the parameters: exact whatever the module computes), with a warning once per engine
+        and reason, since it is slower. A module with a parametrised weight cannot take it and is rejected."""
         described = describe(info.name, info.module)
+        cause, fix = _LEAVING[reason]
         if info.parametrized:
             raise RuntimeError(
-                f"Module {described} has a parametrised weight and a forward replaced on the instance "
-                "(module.forward = ...): the engine cannot follow it. Subclass the module instead, or remove the "
-                "replacement while training."
+                f"Module {described} has a parametrised weight and {cause}, which may change what it computes: the "
+                f"engine cannot follow it. {fix}"
             )
         info.kind, info.candidate, info.look_alike = Kind.GENERIC, None, False
         _note_descendants(info)
-        if not self.warned_forward:
-            self.warned_forward = True
+        if reason not in self.warned_leaving:
+            self.warned_leaving.add(reason)
             warnings.warn(
-                f"hf_jd.autogram: module {described} has a forward replaced on the instance (module.forward = ...), "
-                f"which may compute something else than {type(info.module).__name__}.forward: it takes the generic "
-                "path (exact, slower), and so does any other such module. This warning is shown once per engine.",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-
-    def _leave_closed_form(self, info: _ModuleInfo) -> None:
-        """A module whose output other forward hooks may change before the engine's hook sees it: its closed form,
-        which assumes the module's own output, gives way to the generic path (vector-Jacobian products from the
-        output the model goes on with, through aliases of the parameters: exact whatever the hooks do), with a
-        warning once per engine."""
-        described = describe(info.name, info.module)
-        if info.parametrized:
-            raise RuntimeError(
-                f"Module {described} has a parametrised weight and forward hooks that run before the engine's (global "
-                "hooks from torch.nn.modules.module.register_module_forward_hook, or hooks registered with "
-                "prepend=True after the engine was created), which may change its output: the engine cannot follow "
-                "it. Register such hooks on the module without prepend=True, or remove them while training."
-            )
-        info.kind, info.candidate, info.look_alike = Kind.GENERIC, None, False
-        _note_descendants(info)
-        if not self.warned_hooks:
-            self.warned_hooks = True
-            warnings.warn(
-                f"hf_jd.autogram: module {described} has forward hooks that run before the engine's (global hooks "
-                "from torch.nn.modules.module.register_module_forward_hook, or hooks registered with prepend=True "
-                "after the engine was created) and may change its output, which the engine's closed forms assume "
-                "is the module's own: it takes the generic path from now on (exact, slower), and so does any other "
-                "such module. Register hooks on the module without prepend=True to keep the closed forms. This "
-                "warning is shown once per engine.",
+                f"hf_jd.autogram: module {described} has {cause}, which may make it compute something else than the "
+                f"engine's closed form for {type(info.module).__name__} assumes: it takes the generic path from now on "
+                f"(exact, slower), and so does any other such module. {fix} This warning is shown once per engine.",
                 RuntimeWarning,
                 stacklevel=4,
             )
