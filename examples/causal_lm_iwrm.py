@@ -13,6 +13,7 @@ Run: ``python examples/causal_lm_iwrm.py [--max_steps 50] [--aggregator upgrad]`
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from dataclasses import dataclass, field
@@ -23,7 +24,14 @@ from datasets import Dataset
 from transformers import GPT2Config, GPT2LMHeadModel, HfArgumentParser, default_data_collator, set_seed
 
 from hf_jd import JDTrainer, JDTrainingArguments
-from hf_jd.aggregation import available_weightings, is_gramian_based
+from hf_jd.aggregation import (
+    available_aggregators,
+    available_weightings,
+    canonical_name,
+    check_fits_rows,
+    get_aggregator,
+    is_gramian_based,
+)
 from hf_jd.synthetic import PAD_ID, make_markov_text_dataset
 
 VOCAB_SIZE = 64
@@ -36,7 +44,16 @@ class CausalLMArguments:
     """Options of the example."""
 
     output_dir: str = field(default="out/causal_lm_iwrm", metadata={"help": "Output folder."})
-    aggregator: str = field(default="upgrad", metadata={"help": "Gramian-based aggregator of the sequence losses."})
+    aggregator: str = field(
+        default="upgrad", metadata={"help": "Gramian-based aggregator of the sequence losses (any case)."}
+    )
+    aggregator_kwargs: str | None = field(
+        default=None,
+        metadata={
+            "help": "Keyword arguments of --aggregator as a JSON object, e.g. '{\"n_byzantine\": 0}' for krum "
+            "(checked on a Jacobian of --batch_size rows before training)."
+        },
+    )
     max_steps: int = field(default=50, metadata={"help": "Optimizer steps."})
     batch_size: int = field(default=16, metadata={"help": "Sequences per step (= rows of the Jacobian)."})
     learning_rate: float = field(default=5e-3, metadata={"help": "AdamW learning rate."})
@@ -64,11 +81,98 @@ class CausalLMArguments:
             raise ValueError(
                 f"--max_length must be at least {MIN_LENGTH} (the shortest generated sequence), got {self.max_length}."
             )
-        if not is_gramian_based(self.aggregator):  # also rejects unknown names, before any data is made
+        self.aggregator = canonical_aggregator(self.aggregator)  # rejects unknown names, before any data is made
+        if not is_gramian_based(self.aggregator):
             raise ValueError(
                 f"--aggregator {self.aggregator} is not Gramian-based, and this example trains with the autogram "
                 f"engine: use one of {', '.join(available_weightings())}."
             )
+        check_aggregator(self.aggregator, aggregator_kwargs(self.aggregator_kwargs), self.batch_size)
+
+
+def canonical_aggregator(name: str) -> str:
+    """Return the registry name of the aggregator ``name``, written in any case.
+
+    :func:`hf_jd.aggregation.canonical_name` reads it (surrounding spaces dropped, lower case, ``-`` read as
+    ``_``), so that ``--aggregator UPGrad`` means ``upgrad``.
+
+    Parameters
+    ----------
+    name
+        The name given with ``--aggregator``.
+
+    Returns
+    -------
+    str
+        The name as listed by :func:`hf_jd.aggregation.available_aggregators`.
+
+    Raises
+    ------
+    ValueError
+        If no aggregator has that name.
+    """
+    try:
+        return canonical_name(name)
+    except ValueError:
+        names = ", ".join(available_aggregators())
+        raise ValueError(f"Unknown --aggregator {name!r}: choose one of {names} (any case).") from None
+
+
+def aggregator_kwargs(text: str | None) -> dict[str, Any]:
+    """The keyword arguments given as a JSON object by ``--aggregator_kwargs`` (``{}`` when not given).
+
+    Raises
+    ------
+    ValueError
+        If ``text`` is not valid JSON or not a JSON object.
+    """
+    if text is None:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"--aggregator_kwargs is not valid JSON ({error}): give an object, e.g. '{{\"n_byzantine\": 0}}'."
+        ) from None
+    if not isinstance(value, dict):
+        raise ValueError(f"--aggregator_kwargs must be a JSON object (keyword -> value), got {text!r}.")
+    return value
+
+
+def check_aggregator(name: str, kwargs: dict[str, Any], rows: int) -> None:
+    """Build the aggregator and aggregate a random Jacobian of ``rows`` rows, before any training.
+
+    Some keyword arguments only fail on a Jacobian of the wrong height (Krum's ``n_byzantine``,
+    Constant's ``weights``), which would otherwise stop the run at its first step.
+
+    Parameters
+    ----------
+    name
+        A registry name of an aggregator.
+    kwargs
+        The keyword arguments of ``--aggregator_kwargs``.
+    rows
+        Rows of the Jacobian of every step: one per sequence (``--batch_size``).
+
+    Raises
+    ------
+    ValueError
+        If the aggregator cannot be built with ``kwargs`` or cannot aggregate ``rows`` rows.
+    """
+    try:
+        aggregator = get_aggregator(name, **kwargs)
+    except (TypeError, ValueError) as error:
+        raise ValueError(
+            f"--aggregator {name!r} cannot be built with --aggregator_kwargs {kwargs}: {str(error).rstrip('.')}. "
+            "Give its keyword arguments with --aggregator_kwargs (JSON)."
+        ) from None
+    try:
+        check_fits_rows(aggregator, rows)
+    except (RuntimeError, ValueError) as error:
+        raise ValueError(
+            f"--aggregator {name!r} with --aggregator_kwargs {kwargs} cannot aggregate the {rows} sequence losses "
+            f"of a step (--batch_size): {str(error).rstrip('.')}. Change --aggregator_kwargs or --batch_size."
+        ) from None
 
 
 def language_modelling_data(args: CausalLMArguments) -> tuple[Dataset, Dataset]:
@@ -170,6 +274,7 @@ def run(args: CausalLMArguments) -> dict[str, Any]:
         output_dir=args.output_dir,
         jd_mode="iwrm",
         jd_aggregator=args.aggregator,
+        jd_aggregator_kwargs=aggregator_kwargs(args.aggregator_kwargs),
         jd_engine="autogram",
         max_steps=args.max_steps,
         per_device_train_batch_size=args.batch_size,

@@ -35,6 +35,7 @@ Run: ``python examples/iwrm.py [--max_steps 300] [--mark_hard false] [--output_d
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ from transformers import (
 )
 
 from hf_jd import JDTrainer, JDTrainingArguments
+from hf_jd.aggregation import available_aggregators, canonical_name, check_fits_rows, get_aggregator
 from hf_jd.synthetic import make_classification_text_dataset
 from hf_jd.trainer.losses import per_example_losses
 
@@ -66,7 +68,16 @@ class IWRMArguments:
     """Options of the example."""
 
     output_dir: str = field(default="out/iwrm", metadata={"help": "Where runs and the plot go."})
-    aggregator: str = field(default="upgrad", metadata={"help": "Aggregator of the per-example Jacobian."})
+    aggregator: str = field(
+        default="upgrad", metadata={"help": "Aggregator of the per-example Jacobian (a registry name, any case)."}
+    )
+    aggregator_kwargs: str | None = field(
+        default=None,
+        metadata={
+            "help": "Keyword arguments of --aggregator as a JSON object, e.g. '{\"n_byzantine\": 0}' for krum "
+            "(checked on a Jacobian of --batch_size rows before training)."
+        },
+    )
     max_steps: int = field(default=300, metadata={"help": "Optimizer steps of each run."})
     batch_size: int = field(default=32, metadata={"help": "Examples per step (= rows of the Jacobian)."})
     learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate."})
@@ -95,10 +106,97 @@ class IWRMArguments:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
         if not 0.0 <= self.hard_fraction < 1.0:
             raise ValueError(f"--hard_fraction must be in [0, 1), got {self.hard_fraction}.")
+        self.aggregator = canonical_aggregator(self.aggregator)
         if self.aggregator == "mean":
             raise ValueError("--aggregator mean is ERM itself, the baseline: choose another aggregator (e.g. upgrad).")
         if self.hidden_size % 2:
             raise ValueError(f"--hidden_size must be even (two attention heads), got {self.hidden_size}.")
+        check_aggregator(self.aggregator, aggregator_kwargs(self.aggregator_kwargs), self.batch_size)
+
+
+def canonical_aggregator(name: str) -> str:
+    """Return the registry name of the aggregator ``name``, written in any case.
+
+    :func:`hf_jd.aggregation.canonical_name` reads it (surrounding spaces dropped, lower case, ``-`` read as
+    ``_``), so that ``--aggregator UPGrad`` means ``upgrad``.
+
+    Parameters
+    ----------
+    name
+        The name given with ``--aggregator``.
+
+    Returns
+    -------
+    str
+        The name as listed by :func:`hf_jd.aggregation.available_aggregators`.
+
+    Raises
+    ------
+    ValueError
+        If no aggregator has that name.
+    """
+    try:
+        return canonical_name(name)
+    except ValueError:
+        names = ", ".join(available_aggregators())
+        raise ValueError(f"Unknown --aggregator {name!r}: choose one of {names} (any case).") from None
+
+
+def aggregator_kwargs(text: str | None) -> dict[str, Any]:
+    """The keyword arguments given as a JSON object by ``--aggregator_kwargs`` (``{}`` when not given).
+
+    Raises
+    ------
+    ValueError
+        If ``text`` is not valid JSON or not a JSON object.
+    """
+    if text is None:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"--aggregator_kwargs is not valid JSON ({error}): give an object, e.g. '{{\"n_byzantine\": 0}}'."
+        ) from None
+    if not isinstance(value, dict):
+        raise ValueError(f"--aggregator_kwargs must be a JSON object (keyword -> value), got {text!r}.")
+    return value
+
+
+def check_aggregator(name: str, kwargs: dict[str, Any], rows: int) -> None:
+    """Build the aggregator and aggregate a random Jacobian of ``rows`` rows, before any training.
+
+    Some keyword arguments only fail on a Jacobian of the wrong height (Krum's ``n_byzantine``,
+    Constant's ``weights``), which would otherwise stop the run at its first step.
+
+    Parameters
+    ----------
+    name
+        A registry name of an aggregator.
+    kwargs
+        The keyword arguments of ``--aggregator_kwargs``.
+    rows
+        Rows of the Jacobian of every step: one per example (``--batch_size``).
+
+    Raises
+    ------
+    ValueError
+        If the aggregator cannot be built with ``kwargs`` or cannot aggregate ``rows`` rows.
+    """
+    try:
+        aggregator = get_aggregator(name, **kwargs)
+    except (TypeError, ValueError) as error:
+        raise ValueError(
+            f"--aggregator {name!r} cannot be built with --aggregator_kwargs {kwargs}: {str(error).rstrip('.')}. "
+            "Give its keyword arguments with --aggregator_kwargs (JSON)."
+        ) from None
+    try:
+        check_fits_rows(aggregator, rows)
+    except (RuntimeError, ValueError) as error:
+        raise ValueError(
+            f"--aggregator {name!r} with --aggregator_kwargs {kwargs} cannot aggregate the {rows} example losses "
+            f"of a step (--batch_size): {str(error).rstrip('.')}. Change --aggregator_kwargs or --batch_size."
+        ) from None
 
 
 class LossDistributionTracker(TrainerCallback):
@@ -150,9 +248,15 @@ class LossDistributionTracker(TrainerCallback):
 
 
 def train_one(
-    args: IWRMArguments, aggregator: str, data: Any, probe: dict[str, torch.Tensor], hard: torch.Tensor
+    args: IWRMArguments,
+    aggregator: str,
+    data: Any,
+    probe: dict[str, torch.Tensor],
+    hard: torch.Tensor,
+    kwargs: dict[str, Any] | None = None,
 ) -> list[dict[str, float]]:
-    """Train a fresh classifier (same seed every time) by IWRM with ``aggregator``; return the records."""
+    """Train a fresh classifier (same seed every time) by IWRM with ``aggregator`` built with ``kwargs``; return the
+    records."""
     set_seed(args.seed)
     config = BertConfig(
         vocab_size=VOCAB_SIZE,
@@ -169,6 +273,7 @@ def train_one(
         output_dir=str(Path(args.output_dir) / aggregator),
         jd_mode="iwrm",
         jd_aggregator=aggregator,
+        jd_aggregator_kwargs=kwargs,
         max_steps=args.max_steps,
         per_device_train_batch_size=args.batch_size,
         learning_rate=args.learning_rate,
@@ -265,7 +370,9 @@ def run(args: IWRMArguments) -> dict[str, Any]:
     probe = default_data_collator(list(probe_rows.remove_columns("is_hard")))
     data = train.remove_columns("is_hard")
     runs = {
-        f"IWRM {args.aggregator}": train_one(args, args.aggregator, data, probe, hard),
+        f"IWRM {args.aggregator}": train_one(
+            args, args.aggregator, data, probe, hard, aggregator_kwargs(args.aggregator_kwargs)
+        ),
         "ERM (mean)": train_one(args, "mean", data, probe, hard),
     }
     print(

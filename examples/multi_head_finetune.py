@@ -6,7 +6,8 @@ and initial weights: once with ``jd_aggregator="upgrad"`` (UPGrad, Quinton & Rey
 For Multi-Objective Optimization", arXiv 2406.16232) and once with ``jd_aggregator="mean"``, the usual
 average of the task losses (step for step what ``transformers.Trainer`` does with the model's mean
 loss; a test checks it). At the end it prints a table of the per-task train and eval losses and
-metrics, the relative multi-task improvement Δm% of UPGrad over the baseline (Maninis et al., CVPR
+metrics (train: on the first training examples, as many as the evaluation set holds, not on all of
+them), the relative multi-task improvement Δm% of UPGrad over the baseline (Maninis et al., CVPR
 2019) and the seconds per step, and saves a plot of the training losses, of the weights UPGrad chose
 and of the conflict between the task gradients; the last printed line names the plot.
 
@@ -25,18 +26,20 @@ import json
 import math
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 from datasets import Dataset, DatasetDict
+from huggingface_hub.errors import HFValidationError
 from transformers import BertConfig, HfArgumentParser, default_data_collator, set_seed
 
 from hf_jd import JDTrainer, JDTrainingArguments, MultiHeadModel
-from hf_jd.aggregation import available_aggregators, get_aggregator, is_gramian_based
+from hf_jd.aggregation import available_aggregators, canonical_name, check_fits_rows, get_aggregator, is_gramian_based
 from hf_jd.synthetic import MULTITASK_TASKS, make_multitask_text_dataset
 from hf_jd.trainer.multi_head import POOLINGS
 
@@ -45,6 +48,52 @@ GENERATED_VOCAB_SIZE = 64
 
 HeadSpecs = dict[str, dict[str, Any]]
 Metrics = dict[str, dict[str, float]]
+Loaded = TypeVar("Loaded")
+
+
+class HubLoadError(RuntimeError):
+    """A pretrained model, its tokenizer or a dataset could not be loaded (from the hub or a local path)."""
+
+
+def load_or_explain(what: str, flag: str, name: str, load: Callable[[], Loaded]) -> Loaded:
+    """Call ``load()``; turn its failure to find or download ``name`` into a short :class:`HubLoadError`.
+
+    Without network, transformers and datasets retry for about a minute and then raise an ``OSError``
+    (or huggingface_hub's ``HFValidationError`` for a name that is neither a directory nor a hub id)
+    under a long chained traceback; the message of this error says what to do instead.
+
+    Parameters
+    ----------
+    what
+        What is loaded (``"tokenizer"``, ``"backbone"``, ``"dataset"``), for the message.
+    flag
+        The option that named it (``"--model_name_or_path"``, ``"--dataset_name"``).
+    name
+        The value of that option.
+    load
+        Loads and returns the object.
+
+    Returns
+    -------
+    object
+        What ``load()`` returned.
+
+    Raises
+    ------
+    HubLoadError
+        If ``load()`` raised ``OSError`` or ``HFValidationError``.
+    """
+    try:
+        return load()
+    except (OSError, HFValidationError) as error:
+        lines = str(error).strip().splitlines()
+        reason = lines[0] if lines else type(error).__name__
+        raise HubLoadError(
+            f"Could not load the {what} of {flag} {name!r}: {reason}\n"
+            f"Give a local directory in {flag} (e.g. one written by save_pretrained), or check the network "
+            "connection. If the files are already in the Hugging Face cache, set HF_HUB_OFFLINE=1 to use them "
+            "without the minute of connection retries."
+        ) from error
 
 
 @dataclass
@@ -52,11 +101,17 @@ class DemoArguments:
     """Options of the demo; the defaults run offline in well under a minute on two idle CPU cores."""
 
     output_dir: str = field(default="out/multi_head_demo", metadata={"help": "Where runs, table and plot go."})
-    aggregator: str = field(default="upgrad", metadata={"help": "Aggregator of the Jacobian-descent run."})
-    baseline: str = field(default="mean", metadata={"help": "Aggregator of the baseline run."})
+    aggregator: str = field(
+        default="upgrad", metadata={"help": "Aggregator of the Jacobian-descent run (a registry name, any case)."}
+    )
+    baseline: str = field(default="mean", metadata={"help": "Aggregator of the baseline run (any case)."})
     aggregator_kwargs: str | None = field(
         default=None,
-        metadata={"help": "Keyword arguments of --aggregator as a JSON object, e.g. '{\"n_byzantine\": 1}' for krum."},
+        metadata={
+            "help": "Keyword arguments of --aggregator as a JSON object, e.g. '{\"n_byzantine\": 0}' for krum (Krum "
+            "needs more than 2*n_byzantine+2 tasks: with the 3 generated tasks only 0 works). Checked on a "
+            "Jacobian with one row per task before training."
+        },
     )
     baseline_kwargs: str | None = field(
         default=None, metadata={"help": "Keyword arguments of --baseline as a JSON object."}
@@ -70,7 +125,13 @@ class DemoArguments:
     num_eval: int = field(default=512, metadata={"help": "Generated evaluation examples."})
     score_scale: float = field(default=10.0, metadata={"help": "Scale of the generated regression target."})
     generated_max_length: int = field(default=16, metadata={"help": "Length of the generated sequences."})
-    hidden_size: int = field(default=64, metadata={"help": "Hidden size of the generated BERT encoder."})
+    hidden_size: int = field(
+        default=64,
+        metadata={
+            "help": "Hidden size of the generated BERT encoder; a multiple of 16, the size of each attention head "
+            "(hidden_size // 16 heads)."
+        },
+    )
     num_layers: int = field(default=2, metadata={"help": "Layers of the generated BERT encoder."})
     pooling: str = field(
         default="mean",
@@ -106,26 +167,15 @@ class DemoArguments:
         if self.pooling not in POOLINGS:
             raise ValueError(f"Unknown --pooling {self.pooling!r}: choose one of {', '.join(POOLINGS)}.")
         if self.hidden_size % 16:
-            raise ValueError(f"--hidden_size must be a multiple of 16 (attention heads of 16), got {self.hidden_size}.")
+            raise ValueError(
+                f"--hidden_size must be a multiple of 16 (the size of each attention head), got {self.hidden_size}."
+            )
         for name in ("aggregator", "baseline"):
-            value = getattr(self, name)
-            if value not in available_aggregators():
-                raise ValueError(f"Unknown --{name} {value!r}: choose one of {', '.join(available_aggregators())}.")
+            setattr(self, name, canonical_aggregator(getattr(self, name), name))
         if self.aggregator == self.baseline:
             raise ValueError(
                 f"--aggregator and --baseline are both {self.aggregator!r}: compare two different aggregators."
             )
-        for name in ("aggregator", "baseline"):
-            aggregator, kwargs = getattr(self, name), aggregator_kwargs(getattr(self, f"{name}_kwargs"), name)
-            try:
-                get_aggregator(aggregator, **kwargs)
-            except (TypeError, ValueError) as error:
-                raise ValueError(
-                    f"--{name} {aggregator!r} cannot be built with --{name}_kwargs {kwargs}: "
-                    f"{str(error).rstrip('.')}. Give its "
-                    f"keyword arguments with --{name}_kwargs (the multi-task runs have {len(MULTITASK_TASKS)} tasks "
-                    "with the generated data: e.g. constant's weights need that many entries)."
-                ) from None
         if self.model_name_or_path is not None and self.dataset_name is None:
             raise ValueError(
                 "--model_name_or_path needs --dataset_name (and --task_columns): the generated data are ids of "
@@ -136,6 +186,79 @@ class DemoArguments:
                 raise ValueError("--dataset_name needs --task_columns, e.g. 'label:classification:2,score:regression'.")
             if self.model_name_or_path is None:
                 raise ValueError("--dataset_name needs --model_name_or_path (its tokenizer encodes the text).")
+        num_tasks = len(MULTITASK_TASKS) if self.task_columns is None else len(parse_task_columns(self.task_columns))
+        for name in ("aggregator", "baseline"):
+            kwargs = aggregator_kwargs(getattr(self, f"{name}_kwargs"), name)
+            check_aggregator(getattr(self, name), kwargs, name, num_tasks)
+
+
+def canonical_aggregator(name: str, flag: str) -> str:
+    """Return the registry name of the aggregator ``name``, written in any case.
+
+    :func:`hf_jd.aggregation.canonical_name` reads it (surrounding spaces dropped, lower case, ``-`` read as
+    ``_``), so that ``--aggregator UPGrad`` means ``upgrad``.
+
+    Parameters
+    ----------
+    name
+        The name given on the command line.
+    flag
+        The option that gave it (``"aggregator"`` or ``"baseline"``), for the error message.
+
+    Returns
+    -------
+    str
+        The name as listed by :func:`hf_jd.aggregation.available_aggregators`.
+
+    Raises
+    ------
+    ValueError
+        If no aggregator has that name.
+    """
+    try:
+        return canonical_name(name)
+    except ValueError:
+        names = ", ".join(available_aggregators())
+        raise ValueError(f"Unknown --{flag} {name!r}: choose one of {names} (any case).") from None
+
+
+def check_aggregator(name: str, kwargs: dict[str, Any], flag: str, num_tasks: int) -> None:
+    """Build the aggregator of ``--{flag}`` and aggregate a random Jacobian with one row per task.
+
+    Some keyword arguments only fail on a Jacobian of the wrong height (Krum's ``n_byzantine``,
+    Constant's ``weights``), which would otherwise stop the run at its first step.
+
+    Parameters
+    ----------
+    name
+        A registry name of an aggregator.
+    kwargs
+        The keyword arguments given with ``--{flag}_kwargs``.
+    flag
+        ``"aggregator"`` or ``"baseline"``, for the error message.
+    num_tasks
+        Rows of the Jacobian of every training step.
+
+    Raises
+    ------
+    ValueError
+        If the aggregator cannot be built with ``kwargs`` or cannot aggregate ``num_tasks`` rows.
+    """
+    try:
+        aggregator = get_aggregator(name, **kwargs)
+    except (TypeError, ValueError) as error:
+        raise ValueError(
+            f"--{flag} {name!r} cannot be built with --{flag}_kwargs {kwargs}: {str(error).rstrip('.')}. Give its "
+            f"keyword arguments with --{flag}_kwargs (this run has {num_tasks} tasks: e.g. constant's weights need "
+            "that many entries)."
+        ) from None
+    try:
+        check_fits_rows(aggregator, num_tasks)
+    except (RuntimeError, ValueError) as error:
+        raise ValueError(
+            f"--{flag} {name!r} with --{flag}_kwargs {kwargs} cannot aggregate the {num_tasks} task losses of "
+            f"this run: {str(error).rstrip('.')}. Change --{flag}_kwargs (or the aggregator)."
+        ) from None
 
 
 def aggregator_kwargs(text: str | None, name: str) -> dict[str, Any]:
@@ -204,8 +327,13 @@ def load_hub_data(args: DemoArguments, heads: HeadSpecs) -> DatasetDict:
     from transformers import AutoTokenizer
 
     assert args.dataset_name is not None and args.model_name_or_path is not None
-    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
-    raw = load_dataset(args.dataset_name, args.dataset_config_name)
+    model_name, dataset_name = args.model_name_or_path, args.dataset_name
+    tokenizer = load_or_explain(
+        "tokenizer", "--model_name_or_path", model_name, lambda: AutoTokenizer.from_pretrained(model_name)
+    )
+    raw = load_or_explain(
+        "dataset", "--dataset_name", dataset_name, lambda: load_dataset(dataset_name, args.dataset_config_name)
+    )
     if "validation" in raw:
         train, evaluation = raw["train"], raw["validation"]
     elif "test" in raw:
@@ -251,8 +379,11 @@ def build_model(args: DemoArguments, heads: HeadSpecs, vocab_size: int) -> Multi
     """A fresh model from the seed of the run, so that both methods start from the same weights."""
     set_seed(args.seed)
     heads = with_pooling(heads, args.pooling)
-    if args.model_name_or_path is not None:
-        return MultiHeadModel.from_backbone(args.model_name_or_path, heads)
+    name = args.model_name_or_path
+    if name is not None:
+        return load_or_explain(
+            "backbone", "--model_name_or_path", name, lambda: MultiHeadModel.from_backbone(name, heads)
+        )
     backbone = BertConfig(
         vocab_size=vocab_size,
         hidden_size=args.hidden_size,
@@ -295,7 +426,10 @@ def train_one(
     args: DemoArguments, role: str, data: DatasetDict, heads: HeadSpecs, vocab_size: int
 ) -> dict[str, Any]:
     """Train one model with the aggregator of ``role`` (``"aggregator"`` or ``"baseline"``); return its log history,
-    timing and metrics."""
+    timing and metrics.
+
+    The ``train`` metrics are measured on the first ``len(data["eval"])`` training examples (``train_examples``
+    says how many), which keeps the final evaluation as cheap as that of the eval split."""
     method = getattr(args, role)
     model = build_model(args, heads, vocab_size)
     tasks = list(heads)
@@ -329,6 +463,8 @@ def train_one(
     return {
         "history": history,
         "seconds_per_step": result.metrics["train_runtime"] / max(1, trainer.state.global_step),
+        "train_examples": len(train_subset),
+        "eval_examples": len(data["eval"]),
         "train": evaluate_tasks(model, train_subset, heads, 4 * args.batch_size),
         "eval": evaluate_tasks(model, data["eval"], heads, 4 * args.batch_size),
     }
@@ -379,7 +515,12 @@ def print_table(runs: dict[str, dict[str, Any]], heads: HeadSpecs, args: DemoArg
     columns = [f"{method} {split}" for method in methods for split in ("train", "eval")]
     cell = max(14, *(len(column) + 2 for column in columns))  # (long aggregator names keep a gap)
     width = 22 + cell * len(columns)
+    first = runs[methods[0]]
     print("\n" + "=" * width)
+    print(
+        f"Final losses and metrics. train: the first {first['train_examples']} training examples (as many as the "
+        f"eval split), not the whole training set; eval: the {first['eval_examples']} evaluation examples."
+    )
     print(f"{'task':<10}{'value':<12}" + "".join(f"{column:>{cell}}" for column in columns))
     print("-" * width)
     for task, spec in heads.items():
@@ -466,7 +607,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     -------
     dict
         ``heads`` (task → head specification), ``runs`` (method → ``history``, ``seconds_per_step``,
-        ``train`` and ``eval`` metrics), ``delta_m`` (Δm% on eval metrics) and ``plot`` (PNG path).
+        ``train`` and ``eval`` metrics, the ``train_examples`` and ``eval_examples`` they were measured on),
+        ``delta_m`` (Δm% on eval metrics) and ``plot`` (PNG path).
     """
     (args,) = parse_demo_args(argv)
     threads = args.cpu_threads if args.cpu_threads is not None else (1 if args.model_name_or_path is None else None)
@@ -491,4 +633,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except HubLoadError as error:
+        sys.exit(f"error: {error}")

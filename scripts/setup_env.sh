@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Create (or reuse) the virtual environment .venv and install hf_jd with its test extra.
-# The CPU build of torch is installed first, so that no CUDA build is pulled in.
+# torch is installed first, on its own, when the venv has none: `pip install torch==2.13.0` takes whatever build
+# the configured package index and find-links offer (a CPU wheel on a machine whose find-links hold one; from
+# PyPI on Linux that is the CUDA build), and the editable install below then keeps that torch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

@@ -18,9 +18,13 @@ On CPU only (2 processes, gloo; ``--use_cpu`` is required, otherwise each proces
     torchrun --nproc_per_node 2 examples/accelerate/train_multi_gpu.py --output_dir out/multi_cpu --use_cpu
 
 Every ``JDTrainingArguments`` flag works (``--jd_aggregator``, ``--jd_ddp_gramian local``,
-``--per_device_train_batch_size``, ``--bf16``...). The data are generated
-(:mod:`hf_jd.synthetic`) and the encoder is a small BERT built from a config, so nothing is
-downloaded; ``--model_name_or_path`` loads a pretrained backbone instead.
+``--per_device_train_batch_size``, ``--bf16``...); ``--dataloader_pin_memory`` defaults to true only
+when CUDA is available (pinned memory needs an accelerator, and torch warns without one). The data are
+generated (:mod:`hf_jd.synthetic`: token ids of a 64-token vocabulary) and the encoder is a small BERT
+built from a config, so nothing is downloaded. A pretrained backbone would make no sense on those ids,
+so ``--model_name_or_path`` is rejected: fine-tune one on a real dataset with
+``examples/multi_head_finetune.py --model_name_or_path ... --dataset_name ... --task_columns ...``, or
+replace :func:`hf_jd.synthetic.make_multitask_text_dataset` below by your tokenised dataset.
 """
 
 from __future__ import annotations
@@ -32,11 +36,15 @@ from typing import Any
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import torch
 from transformers import BertConfig, HfArgumentParser, set_seed
 
 from hf_jd import JDTrainer, JDTrainingArguments, MultiHeadModel
 from hf_jd.synthetic import MULTITASK_TASKS, make_multitask_text_dataset
 from hf_jd.trainer._distributed import distributed_rank, distributed_world_size, resolve_ddp_gramian
+
+#: Vocabulary of the generated token ids (and of the BERT built for them).
+GENERATED_VOCAB_SIZE = 64
 
 
 @dataclass
@@ -44,7 +52,11 @@ class ScriptArguments:
     """Options of this script (the training options are those of ``JDTrainingArguments``)."""
 
     model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Pretrained backbone (hub name or directory); default: a small BERT."}
+        default=None,
+        metadata={
+            "help": "Not supported here: the data are generated token ids, meaningless to a pretrained backbone. "
+            "Use examples/multi_head_finetune.py with --dataset_name for a pretrained backbone on real data."
+        },
     )
     hidden_size: int = field(default=64, metadata={"help": "Hidden size of the small BERT built from a config."})
     num_layers: int = field(default=2, metadata={"help": "Layers of the small BERT."})
@@ -55,6 +67,17 @@ class ScriptArguments:
         metadata={"help": "Fail unless this many processes joined (guards against silently training alone)."},
     )
 
+    def __post_init__(self) -> None:
+        if self.model_name_or_path is not None:
+            raise ValueError(
+                f"--model_name_or_path {self.model_name_or_path!r} is not supported by this example: it trains on "
+                f"generated token ids of its own {GENERATED_VOCAB_SIZE}-token vocabulary, which a pretrained "
+                "backbone cannot read (an IndexError for a smaller vocabulary, meaningless training otherwise). "
+                "Drop the option to train the small BERT built from a config; for a pretrained backbone on a real "
+                "dataset use examples/multi_head_finetune.py --model_name_or_path ... --dataset_name ... "
+                "--task_columns ..., or replace make_multitask_text_dataset in this script by your tokenised data."
+            )
+
 
 def _heads() -> dict[str, dict[str, Any]]:
     return {
@@ -64,8 +87,6 @@ def _heads() -> dict[str, dict[str, Any]]:
 
 
 def _model(script: ScriptArguments, vocab_size: int) -> MultiHeadModel:
-    if script.model_name_or_path is not None:
-        return MultiHeadModel.from_backbone(script.model_name_or_path, _heads())
     backbone = BertConfig(
         vocab_size=vocab_size, hidden_size=script.hidden_size, num_hidden_layers=script.num_layers,
         num_attention_heads=max(1, script.hidden_size // 32), intermediate_size=4 * script.hidden_size,
@@ -78,7 +99,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = HfArgumentParser((ScriptArguments, JDTrainingArguments))
     defaults = ["--jd_mode", "mtl", "--jd_task_names", *MULTITASK_TASKS, "--report_to", "none",
                 "--max_steps", "50", "--per_device_train_batch_size", "16", "--learning_rate", "1e-3",
-                "--logging_steps", "10", "--save_strategy", "no"]  # fmt: skip
+                "--logging_steps", "10", "--save_strategy", "no",
+                # Pinned memory needs an accelerator: on CPU torch warns at every dataloader (a later flag wins).
+                "--dataloader_pin_memory", "true" if torch.cuda.is_available() else "false"]  # fmt: skip
     script, args = parser.parse_args_into_dataclasses(args=defaults + list(sys.argv[1:] if argv is None else argv))
     world_size = distributed_world_size()  # the process group exists once the TrainingArguments do
     if args.world_size != world_size or int(os.environ.get("WORLD_SIZE", "1")) != world_size:
@@ -101,9 +124,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # Seed before building the model (its initial weights), as the Trainer itself seeds only later,
     # so that two runs of the same command give the same results.
     set_seed(args.seed)
-    vocab_size = 64
-    data = make_multitask_text_dataset(script.num_train, script.num_eval, vocab_size=vocab_size, seed=args.seed)
-    trainer = JDTrainer(model=_model(script, vocab_size), args=args, train_dataset=data["train"],
+    data = make_multitask_text_dataset(
+        script.num_train, script.num_eval, vocab_size=GENERATED_VOCAB_SIZE, seed=args.seed
+    )
+    trainer = JDTrainer(model=_model(script, GENERATED_VOCAB_SIZE), args=args, train_dataset=data["train"],
                         eval_dataset=data["eval"])  # fmt: skip
     trainer.train()
     metrics = trainer.evaluate()

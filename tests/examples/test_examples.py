@@ -11,7 +11,10 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import math
+import os
+import subprocess
 import sys
+import warnings
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -25,8 +28,9 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def load_example(name: str) -> ModuleType:
-    """Import ``examples/<name>.py`` as module ``examples_<name>`` (registered, for dataclass type hints)."""
-    module_name = f"examples_{name}"
+    """Import ``examples/<name>.py`` as module ``examples_<name>`` (registered, for dataclass type hints); ``name`` may
+    name a subfolder, e.g. ``accelerate/train_multi_gpu``."""
+    module_name = f"examples_{name.replace('/', '_')}"
     if module_name in sys.modules:
         return sys.modules[module_name]
     spec = importlib.util.spec_from_file_location(module_name, EXAMPLES / f"{name}.py")
@@ -76,6 +80,8 @@ def test_demo_end_to_end(demo: ModuleType, tmp_path: Path, capsys: pytest.Captur
                 if spec["kind"] == "classification":
                     assert 0.0 <= values["metric"] <= 1.0
         assert run["seconds_per_step"] > 0
+        # The train columns are measured on the first len(eval) training examples, and the table says so.
+        assert (run["train_examples"], run["eval_examples"]) == (16, 16)
         logged = [entry for entry in run["history"] if "jd/weight_balance" in entry]
         assert [entry["step"] for entry in logged] == [2, 4]
         assert all("jd/min_cosine" in entry and "jd/conflicting_pairs" in entry for entry in logged)
@@ -113,7 +119,8 @@ def test_demo_table_keeps_long_aggregator_names_apart(
     )
     heads = demo.generated_heads()
     metrics = {task: {"loss": 0.123456 * (i + 1), "metric": 0.5} for i, task in enumerate(heads)}
-    run = {"history": [], "seconds_per_step": 0.01, "train": metrics, "eval": metrics}
+    run = {"history": [], "seconds_per_step": 0.01, "train": metrics, "eval": metrics, "train_examples": 512,
+           "eval_examples": 512}  # fmt: skip
     demo.print_table({"aligned_mtl": run, "graddrop": run}, heads, args, improvement=1.0)
     lines = capsys.readouterr().out.splitlines()
     header = next(line for line in lines if line.startswith("task"))
@@ -128,6 +135,102 @@ def test_demo_table_keeps_long_aggregator_names_apart(
     assert "aligned_mtl 0.010 (weights from the Gramian" in seconds
     assert "graddrop 0.010 (explicit Jacobian, autojac engine)" in seconds
     assert demo.how_computed("mean") == "Gramian computed for the logged statistics only"
+
+
+def test_demo_table_says_which_training_examples_it_scores(
+    demo: ModuleType, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The train columns are measured on the first len(eval) training examples, not the whole training set: the
+    table says so (it read as if it were the final loss on all of them)."""
+    (args,) = demo.parse_demo_args(["--output_dir", "unused"])
+    heads = demo.generated_heads()
+    metrics = {task: {"loss": 0.5, "metric": 0.5} for task in heads}
+    run = {"history": [], "seconds_per_step": 0.01, "train": metrics, "eval": metrics, "train_examples": 40,
+           "eval_examples": 40}  # fmt: skip
+    demo.print_table({"upgrad": run, "mean": run}, heads, args, improvement=0.0)
+    out = capsys.readouterr().out
+    assert "train: the first 40 training examples" in out and "not the whole training set" in out
+    assert "eval: the 40 evaluation examples" in out
+
+
+def test_demo_help_suggests_krum_kwargs_that_work(demo: ModuleType, tmp_path: Path) -> None:
+    """--help suggested '{"n_byzantine": 1}' for krum, which failed at the first step with the 3 generated tasks."""
+    from transformers import HfArgumentParser
+
+    text = " ".join(HfArgumentParser(demo.DemoArguments).format_help().split())
+    assert '\'{"n_byzantine": 0}\' for krum' in text and '"n_byzantine": 1' not in text
+    (args,) = demo.parse_demo_args(["--aggregator", "krum", "--aggregator_kwargs", '{"n_byzantine": 0}',
+                                    "--output_dir", str(tmp_path)])  # fmt: skip
+    assert args.aggregator == "krum"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--aggregator", "krum", "--aggregator_kwargs", '{"n_byzantine": 1}'],
+         r"--aggregator 'krum' with --aggregator_kwargs \{'n_byzantine': 1\} cannot aggregate the 3 task losses"),
+        (["--baseline", "constant", "--baseline_kwargs", '{"weights": [1, 2]}'],
+         r"--baseline 'constant'.*cannot aggregate the 3 task losses.*2 weights"),
+        (["--dataset_name", "d", "--model_name_or_path", "m", "--task_columns", "a:regression,b:regression",
+          "--aggregator", "trimmed_mean", "--aggregator_kwargs", '{"trim_number": 1}'],
+         r"trimmed_mean.*cannot aggregate the 2 task losses"),
+    ],
+)  # fmt: skip
+def test_demo_checks_aggregator_kwargs_against_the_number_of_tasks(
+    demo: ModuleType, tmp_path: Path, argv: list[str], message: str
+) -> None:
+    """Keyword arguments that only fail on a Jacobian of the run's height fail when the arguments are parsed (they
+    failed at the first training step, after the data and the model were made)."""
+    with pytest.raises(ValueError, match=message):
+        demo.main([*DEMO_TINY, *argv, "--output_dir", str(tmp_path)])
+
+
+def test_demo_accepts_aggregator_names_in_any_case(demo: ModuleType, tmp_path: Path) -> None:
+    """hf_jd.aggregation.get_aggregator("UPGrad") works; the demo rejected --aggregator UPGrad as unknown."""
+    (args,) = demo.parse_demo_args(["--aggregator", "UPGrad", "--baseline", " MEAN ", "--output_dir", str(tmp_path)])
+    assert (args.aggregator, args.baseline) == ("upgrad", "mean")
+    (args,) = demo.parse_demo_args(["--aggregator", "Aligned-MTL", "--output_dir", str(tmp_path)])
+    assert args.aggregator == "aligned_mtl"
+    with pytest.raises(ValueError, match="both 'mean'"):
+        demo.parse_demo_args(["--aggregator", "Mean", "--output_dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="Unknown --aggregator 'UPGrade'"):
+        demo.parse_demo_args(["--aggregator", "UPGrade", "--output_dir", str(tmp_path)])
+
+
+def test_demo_hub_failure_is_a_short_message(tmp_path: Path) -> None:
+    """A backbone that is neither a local directory nor reachable on the hub ends the script with a short message
+    that says what to do, not a long chained traceback. HF_HUB_OFFLINE=1 makes the loading fail at once (without it,
+    with no network, transformers retries for about a minute first)."""
+    command = [
+        sys.executable, str(EXAMPLES / "multi_head_finetune.py"), "--model_name_or_path", "no-such-org/no-such-model",
+        "--dataset_name", "no-such-org/no-such-data", "--task_columns", "label:classification:2",
+        "--output_dir", str(tmp_path),
+    ]  # fmt: skip
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=120, cwd=tmp_path)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "Could not load the tokenizer of --model_name_or_path 'no-such-org/no-such-model'" in result.stderr
+    assert "local directory" in result.stderr and "HF_HUB_OFFLINE=1" in result.stderr
+    assert len(result.stderr.strip().splitlines()) <= 5, result.stderr
+
+
+def test_demo_load_errors_name_the_option(demo: ModuleType) -> None:
+    """An OSError or HFValidationError of a loader becomes a HubLoadError naming the option; other errors pass."""
+    from huggingface_hub.errors import HFValidationError
+
+    def fail(error: Exception) -> Any:
+        raise error
+
+    with pytest.raises(demo.HubLoadError) as raised:
+        demo.load_or_explain("backbone", "--model_name_or_path", "x", lambda: fail(OSError("no connection\nmore")))
+    first_line = str(raised.value).splitlines()[0]
+    assert first_line == "Could not load the backbone of --model_name_or_path 'x': no connection"
+    with pytest.raises(demo.HubLoadError, match="dataset of --dataset_name"):
+        demo.load_or_explain("dataset", "--dataset_name", "/a//b", lambda: fail(HFValidationError("bad id")))
+    with pytest.raises(KeyError):
+        demo.load_or_explain("dataset", "--dataset_name", "d", lambda: fail(KeyError("a bug, not a load failure")))
+    assert demo.load_or_explain("dataset", "--dataset_name", "d", lambda: 3) == 3
 
 
 def test_demo_aggregator_kwargs_reach_the_run(demo: ModuleType, tmp_path: Path) -> None:
@@ -420,6 +523,39 @@ def test_iwrm_stateful_aggregator_crosses_an_epoch_with_a_short_last_batch(iwrm:
 
 
 
+IWRM_TINY = [
+    "--max_steps", "2", "--batch_size", "8", "--num_train", "32", "--probe_size", "8", "--probe_every", "2",
+    "--hidden_size", "32",
+]  # fmt: skip
+
+
+def test_iwrm_aggregator_kwargs_and_any_case(iwrm: ModuleType, tmp_path: Path) -> None:
+    """--aggregator_kwargs reaches the IWRM run (krum cannot be built without n_byzantine), and the name is read in
+    any case (the example had no --aggregator_kwargs and rejected 'KRUM')."""
+    results = iwrm.main([*IWRM_TINY, "--aggregator", "KRUM", "--aggregator_kwargs", '{"n_byzantine": 1}',
+                         "--output_dir", str(tmp_path)])  # fmt: skip
+    assert list(results["runs"]) == ["IWRM krum", "ERM (mean)"]
+    assert [record["step"] for record in results["runs"]["IWRM krum"]] == [0, 2]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--aggregator", "krum"], r"'krum' cannot be built.*n_byzantine.*--aggregator_kwargs"),
+        (["--aggregator", "krum", "--aggregator_kwargs", '{"n_byzantine": 3}'],
+         r"cannot aggregate the 8 example losses of a step \(--batch_size\)"),
+        (["--aggregator_kwargs", "[1]"], "must be a JSON object"),
+        (["--aggregator_kwargs", "{bad"], "not valid JSON"),
+        (["--aggregator", "MEAN"], "ERM"),
+    ],
+)  # fmt: skip
+def test_iwrm_checks_the_aggregator_before_training(
+    iwrm: ModuleType, tmp_path: Path, argv: list[str], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        iwrm.main([*IWRM_TINY, *argv, "--output_dir", str(tmp_path)])
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [(["--probe_every", "0"], "probe_every"), (["--hard_fraction", "1.5"], "hard_fraction"),
@@ -531,6 +667,37 @@ def test_causal_lm_rejects_bad_arguments(causal_lm: ModuleType, tmp_path: Path) 
         causal_lm.main(["--max_length", "2", "--output_dir", str(tmp_path)])
 
 
+CAUSAL_TINY = [
+    "--max_steps", "2", "--batch_size", "8", "--num_train", "16", "--num_eval", "8", "--hidden_size", "16",
+    "--num_layers", "1", "--logging_steps", "1",
+]  # fmt: skip
+
+
+def test_causal_lm_aggregator_kwargs_and_any_case(causal_lm: ModuleType, tmp_path: Path) -> None:
+    """--aggregator_kwargs reaches the run (krum cannot be built without n_byzantine), and the name is read in any
+    case (the example had no --aggregator_kwargs and rejected 'Krum')."""
+    results = causal_lm.main([*CAUSAL_TINY, "--aggregator", "Krum", "--aggregator_kwargs", '{"n_byzantine": 1}',
+                              "--output_dir", str(tmp_path)])  # fmt: skip
+    assert math.isfinite(results["after"])
+    assert any("jd/weight_mean" in entry for entry in results["history"])
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--aggregator", "krum"], r"'krum' cannot be built.*n_byzantine.*--aggregator_kwargs"),
+        (["--aggregator", "krum", "--aggregator_kwargs", '{"n_byzantine": 3}'], "cannot aggregate the 8 sequence"),
+        (["--aggregator", "GradDrop"], "graddrop is not Gramian-based"),
+        (["--aggregator_kwargs", '{"n_byzantine": 0}'], r"'upgrad' cannot be built.*n_byzantine"),
+    ],
+)  # fmt: skip
+def test_causal_lm_checks_the_aggregator_before_training(
+    causal_lm: ModuleType, tmp_path: Path, argv: list[str], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        causal_lm.main([*CAUSAL_TINY, *argv, "--output_dir", str(tmp_path)])
+
+
 # ---------------------------------------------------------------------------------------------------------
 # examples/custom_losses.py
 
@@ -587,3 +754,39 @@ def test_custom_losses_rejects_bad_arguments(custom: ModuleType, tmp_path: Path)
     with pytest.raises(ValueError, match=r"reg_eps.*\.$") as raised:
         custom.main(["--aggregator_kwargs", '{"reg_eps": -1}', "--output_dir", str(tmp_path)])
     assert "Give the aggregator's keyword arguments" not in str(raised.value)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# examples/accelerate/train_multi_gpu.py (in one process here; tests/trainer/test_distributed.py runs it in two)
+
+
+@pytest.fixture(scope="module")
+def multi_gpu() -> ModuleType:
+    return load_example("accelerate/train_multi_gpu")
+
+
+def test_multi_gpu_rejects_a_pretrained_backbone_on_generated_data(multi_gpu: ModuleType, tmp_path: Path) -> None:
+    """Its data are ids of a 64-token vocabulary: a local backbone with a smaller vocabulary crashed with an
+    IndexError at the first step (and a real one trained on meaningless ids)."""
+    from transformers import BertConfig, BertModel
+
+    backbone = tmp_path / "bert"
+    BertModel(BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32, max_position_embeddings=32)).save_pretrained(backbone)  # fmt: skip
+    argv = ["--output_dir", str(tmp_path / "out"), "--max_steps", "1", "--num_train", "32", "--num_eval", "16",
+            "--model_name_or_path", str(backbone)]  # fmt: skip
+    with pytest.raises(ValueError, match=r"--model_name_or_path .* is not supported.*64-token.*multi_head_finetune"):
+        multi_gpu.main(argv)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="pinned memory is used, and wanted, with CUDA")
+def test_multi_gpu_on_cpu_trains_without_the_pin_memory_warning(multi_gpu: ModuleType, tmp_path: Path) -> None:
+    """On CPU the dataloaders do not pin memory (torch warned "'pin_memory' argument is set as true but no
+    accelerator is found" at every dataloader)."""
+    argv = ["--output_dir", str(tmp_path), "--max_steps", "1", "--num_train", "32", "--num_eval", "16",
+            "--hidden_size", "32", "--num_layers", "1", "--disable_tqdm", "true"]  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        metrics = multi_gpu.main(argv)
+    assert not [str(warning.message) for warning in caught if "pin_memory" in str(warning.message)]
+    assert math.isfinite(metrics["eval_loss"])
