@@ -13,7 +13,6 @@ Run: ``python examples/causal_lm_iwrm.py [--max_steps 50] [--aggregator upgrad]`
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from dataclasses import dataclass, field
@@ -23,13 +22,11 @@ import torch
 from datasets import Dataset
 from transformers import GPT2Config, GPT2LMHeadModel, HfArgumentParser, default_data_collator, set_seed
 
+from _aggregator_options import aggregator_kwargs, canonical_aggregator, check_aggregator
+
 from hf_jd import JDTrainer, JDTrainingArguments
 from hf_jd.aggregation import (
-    available_aggregators,
     available_weightings,
-    canonical_name,
-    check_fits_rows,
-    get_aggregator,
     is_gramian_based,
 )
 from hf_jd.synthetic import PAD_ID, make_markov_text_dataset
@@ -87,92 +84,13 @@ class CausalLMArguments:
                 f"--aggregator {self.aggregator} is not Gramian-based, and this example trains with the autogram "
                 f"engine: use one of {', '.join(available_weightings())}."
             )
-        check_aggregator(self.aggregator, aggregator_kwargs(self.aggregator_kwargs), self.batch_size)
+        check_aggregator(
+            self.aggregator, aggregator_kwargs(self.aggregator_kwargs), self.batch_size,
+            f"the {self.batch_size} sequence losses of a step (--batch_size)",
+        )
 
 
-def canonical_aggregator(name: str) -> str:
-    """Return the registry name of the aggregator ``name``, written in any case.
 
-    :func:`hf_jd.aggregation.canonical_name` reads it (surrounding spaces dropped, lower case, ``-`` read as
-    ``_``), so that ``--aggregator UPGrad`` means ``upgrad``.
-
-    Parameters
-    ----------
-    name
-        The name given with ``--aggregator``.
-
-    Returns
-    -------
-    str
-        The name as listed by :func:`hf_jd.aggregation.available_aggregators`.
-
-    Raises
-    ------
-    ValueError
-        If no aggregator has that name.
-    """
-    try:
-        return canonical_name(name)
-    except ValueError:
-        names = ", ".join(available_aggregators())
-        raise ValueError(f"Unknown --aggregator {name!r}: choose one of {names} (any case).") from None
-
-
-def aggregator_kwargs(text: str | None) -> dict[str, Any]:
-    """The keyword arguments given as a JSON object by ``--aggregator_kwargs`` (``{}`` when not given).
-
-    Raises
-    ------
-    ValueError
-        If ``text`` is not valid JSON or not a JSON object.
-    """
-    if text is None:
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ValueError(
-            f"--aggregator_kwargs is not valid JSON ({error}): give an object, e.g. '{{\"n_byzantine\": 0}}'."
-        ) from None
-    if not isinstance(value, dict):
-        raise ValueError(f"--aggregator_kwargs must be a JSON object (keyword -> value), got {text!r}.")
-    return value
-
-
-def check_aggregator(name: str, kwargs: dict[str, Any], rows: int) -> None:
-    """Build the aggregator and aggregate a random Jacobian of ``rows`` rows, before any training.
-
-    Some keyword arguments only fail on a Jacobian of the wrong height (Krum's ``n_byzantine``,
-    Constant's ``weights``), which would otherwise stop the run at its first step.
-
-    Parameters
-    ----------
-    name
-        A registry name of an aggregator.
-    kwargs
-        The keyword arguments of ``--aggregator_kwargs``.
-    rows
-        Rows of the Jacobian of every step: one per sequence (``--batch_size``).
-
-    Raises
-    ------
-    ValueError
-        If the aggregator cannot be built with ``kwargs`` or cannot aggregate ``rows`` rows.
-    """
-    try:
-        aggregator = get_aggregator(name, **kwargs)
-    except (TypeError, ValueError) as error:
-        raise ValueError(
-            f"--aggregator {name!r} cannot be built with --aggregator_kwargs {kwargs}: {str(error).rstrip('.')}. "
-            "Give its keyword arguments with --aggregator_kwargs (JSON)."
-        ) from None
-    try:
-        check_fits_rows(aggregator, rows)
-    except (RuntimeError, ValueError) as error:
-        raise ValueError(
-            f"--aggregator {name!r} with --aggregator_kwargs {kwargs} cannot aggregate the {rows} sequence losses "
-            f"of a step (--batch_size): {str(error).rstrip('.')}. Change --aggregator_kwargs or --batch_size."
-        ) from None
 
 
 def language_modelling_data(args: CausalLMArguments) -> tuple[Dataset, Dataset]:

@@ -22,7 +22,6 @@ Run: ``python examples/multi_head_finetune.py [--max_steps 300] [--output_dir ou
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -38,8 +37,10 @@ from datasets import Dataset, DatasetDict
 from huggingface_hub.errors import HFValidationError
 from transformers import BertConfig, HfArgumentParser, default_data_collator, set_seed
 
+from _aggregator_options import aggregator_kwargs, canonical_aggregator, check_aggregator
+
 from hf_jd import JDTrainer, JDTrainingArguments, MultiHeadModel
-from hf_jd.aggregation import available_aggregators, canonical_name, check_fits_rows, get_aggregator, is_gramian_based
+from hf_jd.aggregation import is_gramian_based
 from hf_jd.synthetic import MULTITASK_TASKS, make_multitask_text_dataset
 from hf_jd.trainer.multi_head import POOLINGS
 
@@ -189,91 +190,12 @@ class DemoArguments:
         num_tasks = len(MULTITASK_TASKS) if self.task_columns is None else len(parse_task_columns(self.task_columns))
         for name in ("aggregator", "baseline"):
             kwargs = aggregator_kwargs(getattr(self, f"{name}_kwargs"), name)
-            check_aggregator(getattr(self, name), kwargs, name, num_tasks)
+            check_aggregator(
+                getattr(self, name), kwargs, num_tasks, f"the {num_tasks} task losses of this run", flag=name
+            )
 
 
-def canonical_aggregator(name: str, flag: str) -> str:
-    """Return the registry name of the aggregator ``name``, written in any case.
 
-    :func:`hf_jd.aggregation.canonical_name` reads it (surrounding spaces dropped, lower case, ``-`` read as
-    ``_``), so that ``--aggregator UPGrad`` means ``upgrad``.
-
-    Parameters
-    ----------
-    name
-        The name given on the command line.
-    flag
-        The option that gave it (``"aggregator"`` or ``"baseline"``), for the error message.
-
-    Returns
-    -------
-    str
-        The name as listed by :func:`hf_jd.aggregation.available_aggregators`.
-
-    Raises
-    ------
-    ValueError
-        If no aggregator has that name.
-    """
-    try:
-        return canonical_name(name)
-    except ValueError:
-        names = ", ".join(available_aggregators())
-        raise ValueError(f"Unknown --{flag} {name!r}: choose one of {names} (any case).") from None
-
-
-def check_aggregator(name: str, kwargs: dict[str, Any], flag: str, num_tasks: int) -> None:
-    """Build the aggregator of ``--{flag}`` and aggregate a random Jacobian with one row per task.
-
-    Some keyword arguments only fail on a Jacobian of the wrong height (Krum's ``n_byzantine``,
-    Constant's ``weights``), which would otherwise stop the run at its first step.
-
-    Parameters
-    ----------
-    name
-        A registry name of an aggregator.
-    kwargs
-        The keyword arguments given with ``--{flag}_kwargs``.
-    flag
-        ``"aggregator"`` or ``"baseline"``, for the error message.
-    num_tasks
-        Rows of the Jacobian of every training step.
-
-    Raises
-    ------
-    ValueError
-        If the aggregator cannot be built with ``kwargs`` or cannot aggregate ``num_tasks`` rows.
-    """
-    try:
-        aggregator = get_aggregator(name, **kwargs)
-    except (TypeError, ValueError) as error:
-        raise ValueError(
-            f"--{flag} {name!r} cannot be built with --{flag}_kwargs {kwargs}: {str(error).rstrip('.')}. Give its "
-            f"keyword arguments with --{flag}_kwargs (this run has {num_tasks} tasks: e.g. constant's weights need "
-            "that many entries)."
-        ) from None
-    try:
-        check_fits_rows(aggregator, num_tasks)
-    except (RuntimeError, ValueError) as error:
-        raise ValueError(
-            f"--{flag} {name!r} with --{flag}_kwargs {kwargs} cannot aggregate the {num_tasks} task losses of "
-            f"this run: {str(error).rstrip('.')}. Change --{flag}_kwargs (or the aggregator)."
-        ) from None
-
-
-def aggregator_kwargs(text: str | None, name: str) -> dict[str, Any]:
-    """The keyword arguments given as a JSON object by ``--{name}_kwargs`` (``{}`` when not given)."""
-    if text is None:
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ValueError(
-            f"--{name}_kwargs is not valid JSON ({error}): give an object, e.g. '{{\"epsilon\": 0.1}}'."
-        ) from None
-    if not isinstance(value, dict):
-        raise ValueError(f"--{name}_kwargs must be a JSON object (keyword -> value), got {text!r}.")
-    return value
 
 
 def parse_demo_args(argv: list[str] | None = None) -> tuple[DemoArguments]:

@@ -24,6 +24,9 @@ import torch
 from transformers import default_data_collator
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+# (as when an example runs as a script: its folder is on sys.path, for the helpers it shares with the others)
+if str(EXAMPLES) not in sys.path:
+    sys.path.insert(0, str(EXAMPLES))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
