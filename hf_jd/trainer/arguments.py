@@ -349,8 +349,7 @@ class JDTrainingArguments(TrainingArguments):
                 f"jd_mode={self.jd_mode!r} needs jd_task_names (the tasks in the order of the Jacobian's rows), "
                 "e.g. jd_task_names=['a', 'b'] or `--jd_task_names a b`."
             )
-        if self.jd_mode == "mtl" and self.jd_task_names:
-            self._check_aggregator_fits_tasks(name, len(self.jd_task_names))
+        self._check_aggregator_fits_rows(name)
         if self.jd_mode == "iwrm" and self.jd_task_names:
             warnings.warn(
                 f"jd_task_names={self.jd_task_names} is ignored with jd_mode='iwrm' (one loss per example). For "
@@ -394,18 +393,32 @@ class JDTrainingArguments(TrainingArguments):
             raise ValueError(f"jd_reset_aggregator_state must be a bool, got {self.jd_reset_aggregator_state!r}.")
 
     # ------------------------------------------------------------------ helpers
-    def _check_aggregator_fits_tasks(self, name: str, num_tasks: int) -> None:
-        """With ``jd_mode="mtl"`` the Jacobian has one row per task: an aggregator whose arguments need another
-        number of rows (constant weights, a preference vector, Krum's ``n_byzantine``) fails now, not at the first
-        step. Checked on a random Jacobian, without touching the global random state."""
+    def _check_aggregator_fits_rows(self, name: str) -> None:
+        """An aggregator whose arguments need another number of rows than the Jacobian of a step has (constant
+        weights, a preference vector, Krum's ``n_byzantine``) fails now, not at the first step: one row per task
+        (``mtl``), per example of a full batch (``iwrm``) or both (``iwmtl``). Checked on a random Jacobian, without
+        touching the global random state; not with ``auto_find_batch_size`` (the batch size may change)."""
+        tasks = len(self.jd_task_names or ())
+        batch = self.per_device_train_batch_size
+        if self.jd_mode != "mtl" and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
+            return  # (the Trainer reports a bad batch size)
+        if self.jd_mode == "mtl" and tasks:
+            rows, what = tasks, f"the {tasks} tasks of jd_task_names {self.jd_task_names} (one row each)"
+        elif self.jd_mode == "iwrm" and not self.auto_find_batch_size:
+            rows, what = batch, f"the {batch} examples of a batch (per_device_train_batch_size, one row each)"
+        elif self.jd_mode == "iwmtl" and tasks and not self.auto_find_batch_size:
+            rows = batch * tasks
+            what = f"the {batch} examples x {tasks} tasks of a batch (per_device_train_batch_size, jd_task_names)"
+        else:
+            return
         with torch.random.fork_rng(devices=[]):
             aggregator = get_aggregator(name, **_parse_kwargs(self.jd_aggregator_kwargs))
         try:
-            check_fits_rows(aggregator, num_tasks)
+            check_fits_rows(aggregator, rows)
         except ValueError as error:
             raise ValueError(
-                f"jd_aggregator={name!r} with jd_aggregator_kwargs={self.jd_aggregator_kwargs!r} does not fit the "
-                f"{num_tasks} tasks of jd_task_names {self.jd_task_names} (one row each with jd_mode='mtl'): {error}"
+                f"jd_aggregator={name!r} with jd_aggregator_kwargs={self.jd_aggregator_kwargs!r} does not fit "
+                f"{what} with jd_mode={self.jd_mode!r}: {error}"
             ) from error
 
     def _checkpointing_is_reentrant(self) -> bool:

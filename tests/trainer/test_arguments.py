@@ -246,7 +246,8 @@ def test_tensor_and_numpy_aggregator_kwargs_serialise(tmp_path):
     assert type(args.jd_aggregator_kwargs["norm_eps"]) is float
     as_json = json.loads(args.to_json_string())  # what the TensorBoard callback calls
     assert as_json["jd_aggregator_kwargs"] == {"pref_vector": [1.0, 2.0], "norm_eps": 1e-4}
-    nested = make(tmp_path, jd_aggregator="constant", jd_aggregator_kwargs={"weights": np.array([0.5, 1.5])})
+    nested = make(tmp_path, jd_mode="mtl", jd_task_names=["a", "b"], jd_aggregator="constant",
+                  jd_aggregator_kwargs={"weights": np.array([0.5, 1.5])})  # fmt: skip
     assert nested.jd_aggregator_kwargs == {"weights": [0.5, 1.5]}
 
 
@@ -302,3 +303,24 @@ def test_checking_the_aggregator_against_the_tasks_leaves_the_random_state_alone
     torch.manual_seed(0)
     make(tmp_path, jd_mode="mtl", jd_task_names=["a", "b"], jd_aggregator="random")
     torch.testing.assert_close(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize(
+    ("mode", "kwargs", "message"),
+    [
+        ("iwrm", {"weights": [0.5, 0.5]}, "does not fit the 4 examples of a batch"),
+        ("iwmtl", {"weights": [0.25] * 4}, "does not fit the 4 examples x 2 tasks of a batch"),
+    ],
+)
+def test_an_aggregator_that_cannot_take_a_full_batch_fails_when_the_arguments_are_built(
+    tmp_path, mode, kwargs, message
+):
+    names = {"jd_task_names": ["a", "b"]} if mode == "iwmtl" else {}
+    with pytest.raises(ValueError, match=message):
+        make(tmp_path, jd_mode=mode, jd_aggregator="constant", jd_aggregator_kwargs=kwargs,
+             per_device_train_batch_size=4, **names)  # fmt: skip
+    make(tmp_path, jd_mode=mode, jd_aggregator="constant", jd_aggregator_kwargs=kwargs,
+         per_device_train_batch_size=4, auto_find_batch_size=True, **names)  # fmt: skip  (the size may change)
+    weights = [0.25] * 4 if mode == "iwrm" else [0.125] * 8
+    make(tmp_path, jd_mode=mode, jd_aggregator="constant", jd_aggregator_kwargs={"weights": weights},
+         per_device_train_batch_size=4, **names)  # fmt: skip
