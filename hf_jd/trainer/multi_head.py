@@ -402,13 +402,21 @@ class MultiHeadModel(PreTrainedModel):
 
     Examples
     --------
+    >>> import torch
     >>> from transformers import BertConfig
     >>> bert = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
     ...                   vocab_size=100, max_position_embeddings=64)
     >>> model = MultiHeadModel.from_backbone(bert, {"topic": {"kind": "classification", "num_labels": 4},
     ...                                              "score": {"kind": "regression"}})
+    >>> input_ids = torch.randint(1, 100, (3, 8))
+    >>> mask = torch.ones_like(input_ids)
+    >>> topic = torch.tensor([0, 3, -100])  # -100: the third example has no topic label
+    >>> score = torch.tensor([0.5, float("nan"), 1.0])  # NaN: the second one has no score
     >>> out = model(input_ids, attention_mask=mask, labels_topic=topic, labels_score=score)
-    >>> out.losses  # {"topic": tensor(...), "score": tensor(...)}
+    >>> sorted(out.losses), out.losses["topic"].shape
+    (['score', 'topic'], torch.Size([]))
+    >>> out.logits["topic"].shape
+    torch.Size([3, 4])
     """
 
     config_class = MultiHeadConfig

@@ -578,3 +578,12 @@ def test_a_saved_backbone_class_that_cannot_be_imported_is_a_clear_error(tmp_pat
     # the documented way out: build the backbone and pass it
     loaded = MultiHeadModel.from_pretrained(tmp_path, backbone=AutoModel.from_config(bert_config()))
     assert type(loaded.backbone).__name__ == "BertModel"
+
+
+def test_the_docstring_example_runs() -> None:
+    import doctest
+
+    import hf_jd.trainer.multi_head as multi_head
+
+    result = doctest.testmod(multi_head, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0
