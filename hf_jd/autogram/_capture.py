@@ -167,6 +167,14 @@ def _note_descendants(info: _ModuleInfo) -> None:
     ]
 
 
+def _unbatched_convolution(module: nn.Module, args: tuple[Any, ...]) -> bool:
+    """Whether a convolution is called on an unbatched input (``[C, L]`` for a Conv1d: one dimension per kernel
+    dimension, plus the channels)."""
+    kernel = getattr(module, "kernel_size", None)
+    inputs = args[0] if args else None
+    return isinstance(kernel, tuple) and isinstance(inputs, Tensor) and inputs.dim() == len(kernel) + 1
+
+
 def _hooks_run_before_the_engines(info: _ModuleInfo) -> bool:
     """Whether forward hooks that may change a module's output run before the engine's hook sees it: global ones
     (``nn.modules.module.register_module_forward_hook``, which always run first) or the module's own registered with
@@ -183,15 +191,24 @@ _LEAVING: dict[str, tuple[str, str]] = {
     "hooks": (
         "forward hooks that run before the engine's (global hooks from "
         "torch.nn.modules.module.register_module_forward_hook, or hooks registered with prepend=True after the engine "
-        "was created)",
+        "was created), which may change its output from the module's own that the closed forms assume",
         "Register such hooks on the module without prepend=True to keep the closed forms, or remove them while "
         "training.",
     ),
     "forward": (
-        "a forward replaced on the instance (module.forward = ...)",
+        "a forward replaced on the instance (module.forward = ...), which may compute something else than the "
+        "class's forward that the closed forms assume",
         "To keep the closed form, restore the class's forward (del module.forward) while training.",
     ),
+    "unbatched": (
+        "an unbatched input (no sample dimension, e.g. [C, L] for a Conv1d), which the closed forms of convolutions "
+        "do not take",
+        "Pass batched inputs ([1, C, L] for one sample) to keep the closed form.",
+    ),
 }
+
+# Convolution kinds, whose inputs have a sample dimension, channels, then one dimension per kernel dimension.
+_CONVOLUTIONS = frozenset({Kind.CONV2D, Kind.GROUPED_CONV, Kind.CONV_TRANSPOSE})
 
 
 @dataclass
@@ -686,6 +703,8 @@ class Capture:
             self._leave_closed_form(info, "hooks")
         elif not info.kind.is_generic and "forward" in module.__dict__:
             self._leave_closed_form(info, "forward")
+        elif info.kind in _CONVOLUTIONS and _unbatched_convolution(module, args):
+            self._leave_closed_form(info, "unbatched")
         elif not info.kind.is_generic and not info.parametrized and not closed_form_parameters(module):
             # Its parameters changed since it was registered (torch.nn.utils.prune's weight_orig, with a forward
             # pre-hook computing weight): the closed form no longer applies; the generic path is exact.
@@ -725,17 +744,15 @@ class Capture:
         cause, fix = _LEAVING[reason]
         if info.parametrized:
             raise RuntimeError(
-                f"Module {described} has a parametrised weight and {cause}, which may change what it computes: the "
-                f"engine cannot follow it. {fix}"
+                f"Module {described} has a parametrised weight and {cause}: the engine cannot follow it. {fix}"
             )
         info.kind, info.candidate, info.look_alike = Kind.GENERIC, None, False
         _note_descendants(info)
         if reason not in self.warned_leaving:
             self.warned_leaving.add(reason)
             warnings.warn(
-                f"hf_jd.autogram: module {described} has {cause}, which may make it compute something else than the "
-                f"engine's closed form for {type(info.module).__name__} assumes: it takes the generic path from now on "
-                f"(exact, slower), and so does any other such module. {fix} This warning is shown once per engine.",
+                f"hf_jd.autogram: module {described} has {cause}: it takes the generic path from now on (exact, "
+                f"slower), and so does any other such module. {fix} This warning is shown once per engine.",
                 RuntimeWarning,
                 stacklevel=4,
             )

@@ -1129,3 +1129,14 @@ def test_layer_norm_look_alikes_of_float64_models_are_exact_to_float64_precision
     assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, trainable(model)), rtol=1e-12, atol=0)
     closed_form = Kind.CHANNEL_NORM if channels_first else Kind.LAYER_NORM
     assert engine._capture.infos[id(norm)].kind is (closed_form if norm_class is _ChannelsLayerNorm else Kind.GENERIC)
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_an_unbatched_convolution_takes_the_exact_generic_path(single_backward: bool) -> None:
+    """A Conv1d called on one [C, L] sample (no sample dimension): it was rejected during the forward pass."""
+    torch.manual_seed(0)
+    conv, head = nn.Conv1d(3, 4, 3), nn.Linear(4 * 6, 2)
+    engine = Engine(conv, head, batch_dim=None, single_backward=single_backward)
+    with pytest.warns(RuntimeWarning, match=r"an unbatched input .* Pass batched inputs"):
+        losses = head(torch.tanh(conv(torch.randn(3, 8))).flatten()).pow(2)
+    assert_exact_step(engine, losses, trainable(conv, head), single_backward)
