@@ -94,6 +94,10 @@ TF32_RTOL = 1e-2
 # check_gramian cannot tell on a batch whose weighted gradient, times the parameters' norm, is below this fraction
 # of the weighted losses (gradients that cancel to rounding).
 INCONCLUSIVE_RATIO = 1e-3
+# check_gramian's allowance for rounding: this many ε of the products' precision times (Σ |w_i| ‖g_i‖)²; and the ε
+# of TF32 products (10 explicit mantissa bits).
+ROUNDING_FACTOR = 64
+TF32_EPSILON = 2.0**-10
 
 # Live engines with single_backward=True: each one's backward() writes the gradients of the parameters
 # it covers, so none writes those of the others (also when their losses are summed or stacked).
@@ -1099,7 +1103,14 @@ class Engine:
         actual = sum(float(g.double().pow(2).sum()) for g in grads if g is not None)
         w64 = flat_weights.double().to(gramian.device)
         expected = float(w64 @ gramian.double() @ w64)
-        if abs(actual - expected) <= rtol * max(abs(actual), abs(expected)) + 1e-30:
+        # The rounding of both sides, which weights whose weighted gradient nearly cancels (wᵀ G w far below the
+        # Gramian's scale) can make larger than rtol of them: each entry G_ij is a sum of per-layer terms bounded by
+        # sqrt(G_ii G_jj) in all, so wᵀ G w is off by at most a few ε (per layer) of (Σ |w_i| sqrt(G_ii))².
+        precision = torch.bfloat16 if self._low_precision else gramian.dtype
+        epsilon = TF32_EPSILON if self._tf32 and not self._low_precision else torch.finfo(precision).eps
+        diagonal = gramian.double().diagonal().clamp(min=0).sqrt()
+        rounding = ROUNDING_FACTOR * epsilon * float(w64.abs() @ diagonal) ** 2
+        if abs(actual - expected) <= rtol * max(abs(actual), abs(expected)) + rounding + 1e-30:
             return True
         norm = math.sqrt(sum(float(param.detach().double().pow(2).sum()) for param in params))
         loss_scale = float((flat_weights.double().abs() * losses.detach().reshape(-1).double().abs()).sum())

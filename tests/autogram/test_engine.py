@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from hf_jd.autogram import Engine
@@ -391,3 +392,27 @@ def test_reset_drops_captures() -> None:
     engine.reset()
     with pytest.raises(RuntimeError, match="captured no module call"):
         engine.compute_gramian(losses)
+
+
+def test_check_gramian_allows_for_rounding_when_the_weighted_gradient_nearly_cancels() -> None:
+    """Labels [1, 0, 0, 1] on this batch make Σ w_i g_i nearly cancel under the check's weights linspace(0.5, 1.5):
+    wᵀ G w is 1.4e6 times below (Σ |w_i| ‖g_i‖)², so the float32 rounding of the (exact) Gramian is 2% of it. The
+    check raised that a parameter was used outside its module, and JDTrainer refused to train on this batch."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from hf_jd.synthetic import make_classification_text_dataset
+
+    torch.manual_seed(0)
+    config = BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                        vocab_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0, num_labels=2)  # fmt: skip
+    model = BertForSequenceClassification(config)
+    data = make_classification_text_dataset(num_train=10, num_eval=12, vocab_size=64, max_length=12, seed=1)
+    batch = data["train"].select([4, 5, 6, 7])
+    ids, mask, labels = (torch.tensor(batch[key]) for key in ("input_ids", "attention_mask", "labels"))
+    assert labels.tolist() == [1, 0, 0, 1]
+    engine = Engine(model)
+    losses = F.cross_entropy(model(input_ids=ids, attention_mask=mask).logits, labels, reduction="none")
+    gramian = engine.compute_gramian(losses)
+    assert_gramian_matches(gramian, jacobian(losses, trainable(model)))
+    assert engine.check_gramian(losses, gramian)
