@@ -701,18 +701,25 @@ class JDTrainer(Trainer):
     # ------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         super()._save_checkpoint(model, trial)
-        if self.args.should_save:
-            checkpoint = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            folder = os.path.join(self._get_output_dir(trial=trial), checkpoint)
-            if os.path.isdir(folder):
-                state = self.jd_step.state_dict()
-                state["aggregator_name"] = self.args.jd_aggregator
-                state["aggregator_class"] = type(self.aggregator).__name__
-                torch.save(state, os.path.join(folder, JD_STATE_NAME))
+        checkpoint = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        folder = os.path.join(self._get_output_dir(trial=trial), checkpoint)
+        state = self.jd_step.state_dict()
+        state["aggregator_name"] = self.args.jd_aggregator
+        state["aggregator_class"] = type(self.aggregator).__name__
+        if self.args.should_save and os.path.isdir(folder):
+            torch.save(state, os.path.join(folder, JD_STATE_NAME))
+        if self.args.world_size > 1:
+            # Each process's own state too, as the Trainer saves each one's random state: with per-process weights
+            # (jd_ddp_gramian='local') the aggregators' states differ (GradVac's targets, reused weights).
+            os.makedirs(folder, exist_ok=True)
+            torch.save(state, os.path.join(folder, _process_state_name(self.args.process_index)))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         path = os.path.join(resume_from_checkpoint, JD_STATE_NAME)
+        own = os.path.join(resume_from_checkpoint, _process_state_name(self.args.process_index))
+        if self.args.world_size > 1 and os.path.isfile(own):
+            path = own
         if self.args.jd_reset_aggregator_state:
             logger.info("jd_reset_aggregator_state=True: the aggregator starts from its initial state.")
             return
@@ -743,6 +750,11 @@ class JDTrainer(Trainer):
             "or, to switch aggregators on purpose, set jd_reset_aggregator_state=True (the aggregator then starts "
             "from its initial state)."
         )
+
+
+def _process_state_name(process_index: int) -> str:
+    """The file of one process's aggregator state in a checkpoint of a multi-process run."""
+    return JD_STATE_NAME.replace(".pt", f"_{process_index}.pt")
 
 
 def _is_iterable_dataset(dataset: Any) -> bool:

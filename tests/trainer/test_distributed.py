@@ -340,8 +340,9 @@ def trainer_runs(tmp_path_factory):
     """The scenarios of ``trainer_worker.py`` under ``torchrun --nproc_per_node 2``: {name: [rank0, rank1]}."""
     out = tmp_path_factory.mktemp("trainer_runs")
     names = ["mtl_global", "mtl_global_ga2", "mtl_global_modules", "mtl_global_reuse", "iwrm_local", "iwrm_local_ga2",
-             "nonfinite_skip", "mtl_local_stats"]  # fmt: skip
+             "nonfinite_skip", "mtl_local_stats", "mtl_local_gradvac"]  # fmt: skip
     torchrun(WORKERS / "trainer_worker.py", [str(out), *names], timeout=300.0)
+    names.append("mtl_local_gradvac_resumed")  # (run by the mtl_local_gradvac scenario)
     runs = {
         name: [torch.load(out / f"{name}_rank{rank}.pt", weights_only=False) for rank in range(2)] for name in names
     }
@@ -589,3 +590,14 @@ def _alive(pid: int) -> bool:
             return stat.read().split()[2] != "Z"  # (a zombie has exited)
     except FileNotFoundError:
         return False
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_trainer_resumes_each_processs_own_aggregator_state(trainer_runs):
+    """With per-process weights each rank's GradVac has its own targets: the checkpoint keeps each one (it kept rank
+    0's, which rank 1 then resumed with), so that the resumed run ends where the uninterrupted one does."""
+    for rank in range(2):
+        full, resumed = trainer_runs["mtl_local_gradvac"][rank], trainer_runs["mtl_local_gradvac_resumed"][rank]
+        for name, value in full["final"].items():
+            torch.testing.assert_close(resumed["final"][name], value, atol=1e-6, rtol=0)

@@ -62,7 +62,7 @@ def _record_local_stats(trainer: JDTrainer) -> list[dict[str, float]]:
 
 def _run(
     out_dir: Path, name: str, model: torch.nn.Module, dataset: Any, trainer_kwargs: dict[str, Any] | None = None,
-    **arguments: Any,
+    resume: Path | None = None, **arguments: Any,
 ) -> None:
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     inputs_seen: list[dict[str, torch.Tensor]] = []
@@ -76,7 +76,7 @@ def _run(
     trainer = JDTrainer(model=model, args=args, train_dataset=dataset, callbacks=[recorder], **(trainer_kwargs or {}))
     recorder.trainer = trainer
     local_stats = _record_local_stats(trainer)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=None if resume is None else str(resume))
     communication = getattr(trainer.jd_step, "communication", None)
     torch.save(
         {
@@ -172,6 +172,19 @@ def mtl_local_stats(out_dir: Path) -> None:
          trainer_kwargs={"compute_losses": compute_losses})  # fmt: skip
 
 
+def mtl_local_gradvac(out_dir: Path) -> None:
+    """GradVac with per-process weights (``"local"``): each rank's aggregator state (its targets) is its own. Four
+    steps saved at step 2, then a run resumed from that checkpoint."""
+    torch.manual_seed(0)
+    _run(out_dir, "mtl_local_gradvac", TwoTaskNet(), two_task_dataset(32), jd_mode="mtl", jd_task_names=TASKS,
+         jd_aggregator="gradvac", jd_ddp_gramian="local", max_steps=4, per_device_train_batch_size=4,
+         save_strategy="steps", save_steps=2)  # fmt: skip
+    torch.manual_seed(0)
+    _run(out_dir, "mtl_local_gradvac_resumed", TwoTaskNet(), two_task_dataset(32), jd_mode="mtl",
+         jd_task_names=TASKS, jd_aggregator="gradvac", jd_ddp_gramian="local", max_steps=4,
+         per_device_train_batch_size=4, resume=out_dir / "mtl_local_gradvac" / "checkpoint-2")  # fmt: skip
+
+
 SCENARIOS = {
     "mtl_global": mtl_global,
     "mtl_global_ga2": mtl_global_ga2,
@@ -181,6 +194,7 @@ SCENARIOS = {
     "iwrm_local_ga2": iwrm_local_ga2,
     "nonfinite_skip": nonfinite_skip,
     "mtl_local_stats": mtl_local_stats,
+    "mtl_local_gradvac": mtl_local_gradvac,
 }
 
 if __name__ == "__main__":
