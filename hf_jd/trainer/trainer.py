@@ -116,9 +116,10 @@ class JDTrainer(Trainer):
       :class:`hf_jd.trainer.multitask_data.MultiTaskSampler`, which replaces
       ``train_sampling_strategy``; an iterable one is not task-balanced (both warned about).
     - Checkpoints hold ``jd_aggregator_state.pt`` (aggregator state such as a random generator,
-      the cached weights of ``jd_update_weights_every``, the aggregator's name and class); resuming
-      restores it, so a resumed run gives the same weights as an uninterrupted one, and resuming
-      with another ``jd_aggregator`` raises an error naming both.
+      the cached weights of ``jd_update_weights_every``, the aggregator's name and class), and with
+      several processes each one's own (``jd_aggregator_state_<process>.pt``); resuming restores it,
+      so a resumed run gives the same weights as an uninterrupted one, and resuming with another
+      ``jd_aggregator`` raises an error naming both (``jd_reset_aggregator_state=True`` switches).
     - ``torch_empty_cache_steps`` clears the device cache as the Trainer's own step does.
     - Several processes (``accelerate launch`` / ``torchrun``, DDP): with ``jd_ddp_gramian="global"``
       (default for ``mtl``) the task Jacobians are all-reduced and every process writes the update
