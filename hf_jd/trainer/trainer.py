@@ -516,19 +516,38 @@ class JDTrainer(Trainer):
                 )
                 loss = losses.mean()
                 return (loss, outputs) if return_outputs else loss
-            if self.compute_losses is not None:
-                losses, outputs = self._loss_collector(
-                    model, self.accelerator.unwrap_model(model), inputs, training=False
-                )
-                task_losses = self._task_means(losses, self._label_counts(inputs))
-                loss = losses.mean()
-            else:
-                outputs = model(**inputs)
-                task_losses = self._task_means(self._output_losses(outputs), self._label_counts(inputs))
-                model_loss = outputs.get("loss") if isinstance(outputs, dict) else getattr(outputs, "loss", None)
-                loss = torch.stack(list(task_losses.values())).mean() if model_loss is None else model_loss
+            loss, outputs, task_losses = self._eval_task_step(model, inputs)
+            batch_size = _batch_size(inputs)
+            kept = self._examples_kept(batch_size)
+            if kept < batch_size:
+                # The last batch of a multi-process evaluation, padded with examples from the start of the data
+                # (accelerate's even batches), which the Trainer drops from its metrics: the task losses are those
+                # of the real examples alone.
+                inputs = _first_examples(inputs, kept, batch_size)
+                task_losses = self._eval_task_step(model, inputs)[2] if kept else {}
         self._record_eval_task_losses(task_losses, inputs)
         return (loss, outputs) if return_outputs else loss
+
+    def _eval_task_step(self, model: nn.Module, inputs: dict[str, Any]) -> tuple[Tensor, Any, dict[str, Tensor]]:
+        """Multi-task evaluation of a batch: the loss, the outputs and each task's mean loss."""
+        if self.compute_losses is not None:
+            losses, outputs = self._loss_collector(model, self.accelerator.unwrap_model(model), inputs, training=False)
+            return losses.mean(), outputs, self._task_means(losses, self._label_counts(inputs))
+        outputs = model(**inputs)
+        task_losses = self._task_means(self._output_losses(outputs), self._label_counts(inputs))
+        model_loss = outputs.get("loss") if isinstance(outputs, dict) else getattr(outputs, "loss", None)
+        loss = torch.stack(list(task_losses.values())).mean() if model_loss is None else model_loss
+        return loss, outputs, task_losses
+
+    def _examples_kept(self, batch_size: int) -> int:
+        """How many examples of this process's batch count in a multi-process evaluation: all but those that pad the
+        last batch (accelerate repeats the first examples so that every process has a full batch; its
+        ``gather_for_metrics`` keeps the first ``remainder`` of the gathered batch, which holds the processes'
+        batches in order)."""
+        state = self.accelerator.gradient_state
+        if self.args.world_size <= 1 or not state.end_of_dataloader or state.remainder <= 0:
+            return batch_size
+        return max(0, min(batch_size, state.remainder - self.args.process_index * batch_size))
 
     def _model_takes_labels(self, model: nn.Module, inputs: dict[str, Any]) -> bool:
         """``iwrm``: whether the model computes its own loss, i.e. its forward declares every label input present."""
@@ -582,7 +601,7 @@ class JDTrainer(Trainer):
         """Accumulate each task's mean loss, weighted by the number of examples that carry its label."""
         if self._eval_task_losses is None or not task_losses:
             return
-        batch_size = next((v.shape[0] for v in inputs.values() if isinstance(v, Tensor) and v.dim() > 0), 1)
+        batch_size = _batch_size(inputs)
         for name, value in task_losses.items():
             count = _labelled_examples(inputs.get(f"labels_{name}"), batch_size)
             self._eval_labels_partial |= count < batch_size
@@ -796,6 +815,19 @@ def _compiled_backward_keeps_buffers() -> contextlib.AbstractContextManager[Any]
     if not hasattr(functorch_config, "donated_buffer"):
         return contextlib.nullcontext()
     return functorch_config.patch(donated_buffer=False)
+
+
+def _batch_size(inputs: dict[str, Any]) -> int:
+    """The batch size of a batch: the first dimension of its first tensor with one."""
+    return next((v.shape[0] for v in inputs.values() if isinstance(v, Tensor) and v.dim() > 0), 1)
+
+
+def _first_examples(inputs: dict[str, Any], count: int, batch_size: int) -> dict[str, Any]:
+    """The batch cut to its first ``count`` examples (tensors of ``batch_size`` rows; the rest as they are)."""
+    return {
+        key: value[:count] if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == batch_size else value
+        for key, value in inputs.items()
+    }
 
 
 def _labelled_examples(labels: Any, batch_size: int) -> int:

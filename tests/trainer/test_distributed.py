@@ -340,17 +340,18 @@ def trainer_runs(tmp_path_factory):
     """The scenarios of ``trainer_worker.py`` under ``torchrun --nproc_per_node 2``: {name: [rank0, rank1]}."""
     out = tmp_path_factory.mktemp("trainer_runs")
     names = ["mtl_global", "mtl_global_ga2", "mtl_global_modules", "mtl_global_reuse", "iwrm_local", "iwrm_local_ga2",
-             "nonfinite_skip", "mtl_local_stats", "mtl_local_gradvac"]  # fmt: skip
+             "nonfinite_skip", "mtl_local_stats", "mtl_local_gradvac", "mtl_eval_uneven"]  # fmt: skip
     torchrun(WORKERS / "trainer_worker.py", [str(out), *names], timeout=300.0)
     names.append("mtl_local_gradvac_resumed")  # (run by the mtl_local_gradvac scenario)
     runs = {
         name: [torch.load(out / f"{name}_rank{rank}.pt", weights_only=False) for rank in range(2)] for name in names
     }
+    evaluations = {name: runs.pop(name) for name in ["mtl_eval_uneven"]}
     for name, ranks in runs.items():
         for rank, run in enumerate(ranks):
             assert run["world_size"] == 2, f"{name} rank {rank}: the processes did not form one group"
             assert run["ddp_wrapped"], f"{name} rank {rank}: the model was not wrapped in DDP"
-    return runs
+    return {**runs, **evaluations}
 
 
 def _single_process_run(tmp_path, initial, **arguments):
@@ -601,3 +602,19 @@ def test_trainer_resumes_each_processs_own_aggregator_state(trainer_runs):
         full, resumed = trainer_runs["mtl_local_gradvac"][rank], trainer_runs["mtl_local_gradvac_resumed"][rank]
         for name, value in full["final"].items():
             torch.testing.assert_close(resumed["final"][name], value, atol=1e-6, rtol=0)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_task_losses_of_an_uneven_evaluation_leave_out_the_padding(trainer_runs, tmp_path):
+    """12 examples in global batches of 8: accelerate pads rank 1's last batch with the first examples, which the
+    per-task losses counted (eval_loss_a was the mean over 16 examples). They equal one process's evaluation now."""
+    model = TwoTaskNet()
+    model.load_state_dict(trainer_runs["mtl_eval_uneven"][0]["model"])
+    args = make_args(tmp_path, jd_mode="mtl", jd_task_names=TASKS, per_device_eval_batch_size=4)
+    trainer = JDTrainer(model=model, args=args, train_dataset=two_task_dataset(16))
+    single = trainer.evaluate(two_task_dataset(12, seed=5))
+    for rank in range(2):
+        metrics = trainer_runs["mtl_eval_uneven"][rank]["metrics"]
+        for key in ("eval_loss", "eval_loss_a", "eval_loss_b"):
+            assert metrics[key] == pytest.approx(single[key], rel=1e-5), (rank, key)

@@ -185,6 +185,18 @@ def mtl_local_gradvac(out_dir: Path) -> None:
          per_device_train_batch_size=4, resume=out_dir / "mtl_local_gradvac" / "checkpoint-2")  # fmt: skip
 
 
+def mtl_eval_uneven(out_dir: Path) -> None:
+    """Evaluation of 12 examples in batches of 4 on 2 processes: the second global batch holds 4 real examples, rank
+    1's half of it is padding (the first examples again)."""
+    torch.manual_seed(0)
+    model = TwoTaskNet()
+    args = make_args(out_dir / "mtl_eval_uneven", jd_mode="mtl", jd_task_names=TASKS, per_device_eval_batch_size=4)
+    trainer = JDTrainer(model=model, args=args, train_dataset=two_task_dataset(16))
+    metrics = trainer.evaluate(two_task_dataset(12, seed=5))
+    target = out_dir / f"mtl_eval_uneven_rank{distributed_rank()}.pt"
+    torch.save({"metrics": metrics, "model": model.state_dict()}, target)
+
+
 SCENARIOS = {
     "mtl_global": mtl_global,
     "mtl_global_ga2": mtl_global_ga2,
@@ -195,6 +207,7 @@ SCENARIOS = {
     "nonfinite_skip": nonfinite_skip,
     "mtl_local_stats": mtl_local_stats,
     "mtl_local_gradvac": mtl_local_gradvac,
+    "mtl_eval_uneven": mtl_eval_uneven,
 }
 
 if __name__ == "__main__":
