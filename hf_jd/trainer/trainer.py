@@ -492,7 +492,7 @@ class JDTrainer(Trainer):
         return_outputs
             Whether to return the model outputs too.
         num_items_in_batch
-            Passed on to the Trainer's ``compute_loss`` when the model computes its own loss.
+            Not used: the loss of a batch is its mean, also on several processes.
 
         Returns
         -------
@@ -508,7 +508,10 @@ class JDTrainer(Trainer):
         with self.jd_step.engine_disabled():
             if self.compute_losses is None and self.args.jd_mode == "iwrm":
                 if self._model_takes_labels(model, inputs):
-                    return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+                    # The model's own mean loss of the batch. (With a token count, the Trainer multiplies the loss by
+                    # the number of processes, which doubles it on 2 processes for the models that accept the count
+                    # but do not divide by it, as BERT's classifiers.)
+                    return super().compute_loss(model, inputs, return_outputs, None)
                 # The labels reach the model only through **kwargs (or not at all): evaluate the mean of the
                 # per-example losses that training uses.
                 losses, outputs = self._loss_collector(

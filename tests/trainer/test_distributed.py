@@ -340,13 +340,13 @@ def trainer_runs(tmp_path_factory):
     """The scenarios of ``trainer_worker.py`` under ``torchrun --nproc_per_node 2``: {name: [rank0, rank1]}."""
     out = tmp_path_factory.mktemp("trainer_runs")
     names = ["mtl_global", "mtl_global_ga2", "mtl_global_modules", "mtl_global_reuse", "iwrm_local", "iwrm_local_ga2",
-             "nonfinite_skip", "mtl_local_stats", "mtl_local_gradvac", "mtl_eval_uneven"]  # fmt: skip
+             "nonfinite_skip", "mtl_local_stats", "mtl_local_gradvac", "mtl_eval_uneven", "iwrm_eval"]  # fmt: skip
     torchrun(WORKERS / "trainer_worker.py", [str(out), *names], timeout=300.0)
     names.append("mtl_local_gradvac_resumed")  # (run by the mtl_local_gradvac scenario)
     runs = {
         name: [torch.load(out / f"{name}_rank{rank}.pt", weights_only=False) for rank in range(2)] for name in names
     }
-    evaluations = {name: runs.pop(name) for name in ["mtl_eval_uneven"]}
+    evaluations = {name: runs.pop(name) for name in ["mtl_eval_uneven", "iwrm_eval"]}
     for name, ranks in runs.items():
         for rank, run in enumerate(ranks):
             assert run["world_size"] == 2, f"{name} rank {rank}: the processes did not form one group"
@@ -618,3 +618,16 @@ def test_task_losses_of_an_uneven_evaluation_leave_out_the_padding(trainer_runs,
         metrics = trainer_runs["mtl_eval_uneven"][rank]["metrics"]
         for key in ("eval_loss", "eval_loss_a", "eval_loss_b"):
             assert metrics[key] == pytest.approx(single[key], rel=1e-5), (rank, key)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_eval_loss_of_a_model_that_ignores_the_token_count_is_not_multiplied_by_the_processes(trainer_runs, tmp_path):
+    """BERT's classifier accepts the Trainer's num_items_in_batch and ignores it; the Trainer then multiplies its loss
+    by the number of processes (eval_loss was twice the loss on 2 processes)."""
+    model = tiny_bert()
+    model.load_state_dict(trainer_runs["iwrm_eval"][0]["model"])
+    args = make_args(tmp_path, jd_mode="iwrm", per_device_eval_batch_size=4)
+    single = JDTrainer(model=model, args=args, train_dataset=token_dataset(16)).evaluate(token_dataset(16, seed=3))
+    for rank in range(2):
+        assert trainer_runs["iwrm_eval"][rank]["metrics"]["eval_loss"] == pytest.approx(single["eval_loss"], rel=1e-5)

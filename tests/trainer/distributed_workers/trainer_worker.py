@@ -197,6 +197,15 @@ def mtl_eval_uneven(out_dir: Path) -> None:
     torch.save({"metrics": metrics, "model": model.state_dict()}, target)
 
 
+def iwrm_eval(out_dir: Path) -> None:
+    """Evaluation of a BERT classifier, whose forward accepts the Trainer's token count but does not use it."""
+    torch.manual_seed(0)
+    model = tiny_bert()
+    args = make_args(out_dir / "iwrm_eval", jd_mode="iwrm", per_device_eval_batch_size=4)
+    metrics = JDTrainer(model=model, args=args, train_dataset=token_dataset(16)).evaluate(token_dataset(16, seed=3))
+    torch.save({"metrics": metrics, "model": model.state_dict()}, out_dir / f"iwrm_eval_rank{distributed_rank()}.pt")
+
+
 SCENARIOS = {
     "mtl_global": mtl_global,
     "mtl_global_ga2": mtl_global_ga2,
@@ -208,6 +217,7 @@ SCENARIOS = {
     "mtl_local_stats": mtl_local_stats,
     "mtl_local_gradvac": mtl_local_gradvac,
     "mtl_eval_uneven": mtl_eval_uneven,
+    "iwrm_eval": iwrm_eval,
 }
 
 if __name__ == "__main__":
