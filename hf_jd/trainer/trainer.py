@@ -28,6 +28,7 @@ from ._distributed import resolve_ddp_gramian
 from ._stats import loss_stats
 from ._step import JDStep, select_modules
 from .arguments import JDTrainingArguments, _parse_kwargs
+from .multi_head import MultiHeadModel
 
 logger = logging.get_logger(__name__)
 
@@ -355,9 +356,14 @@ class JDTrainer(Trainer):
                 )
                 scale = 1.0 / micro_batches
 
+            count_weighted = self._global_task_means_of_labelled_examples(unwrapped, inputs)
+
             def forward(batch: dict[str, Any] = inputs) -> tuple[Tensor, Any]:
                 with self.compute_loss_context_manager():
-                    return self._loss_collector(model, unwrapped, batch)
+                    losses, outputs = self._loss_collector(model, unwrapped, batch)
+                if count_weighted:
+                    losses = losses * self._label_count_scale(batch, losses)
+                return losses, outputs
 
             label_counts = self._label_counts(inputs)
             result = self.jd_step.run(
@@ -426,6 +432,35 @@ class JDTrainer(Trainer):
             UserWarning,
             stacklevel=2,
         )
+
+    def _global_task_means_of_labelled_examples(self, unwrapped: nn.Module, inputs: dict[str, Any]) -> bool:
+        """Whether the task losses of this step must be weighted by the processes' label counts: a
+        :class:`MultiHeadModel` (whose task loss is the mean over the examples that carry the task's label) in
+        ``mtl`` with the global Gramian on several processes, the batch holding every ``labels_<task>``."""
+        return (
+            self.args.jd_mode == "mtl"
+            and self.args.world_size > 1
+            and self.compute_losses is None
+            and self.jd_step.ddp_gramian == "global"
+            and isinstance(unwrapped, MultiHeadModel)
+            and bool(self.args.jd_task_names)
+            and all(isinstance(inputs.get(f"labels_{name}"), Tensor) for name in self.args.jd_task_names or ())
+        )
+
+    def _label_count_scale(self, inputs: dict[str, Any], losses: Tensor) -> Tensor:
+        """``P n_p / N`` per task, for ``n_p`` the examples of this process's batch that carry the task's label, ``N``
+        their sum over the ``P`` processes (1 where no process has any): the global step averages the processes'
+        task losses, which this turns into the mean over all the labelled examples of the global batch, as one
+        process computes it on that batch (each process's mean counted equally, a process without any label of a
+        task halved the task's loss and gradient)."""
+        names = self.args.jd_task_names or []
+        local = torch.tensor(
+            [float(_labelled_examples(inputs[f"labels_{name}"], _batch_size(inputs))) for name in names],
+            dtype=torch.float64, device=self.accelerator.device,
+        )
+        total = self.accelerator.reduce(local.clone(), reduction="sum")
+        scale = torch.where(total > 0, local * self.args.world_size / total.clamp(min=1), torch.ones_like(local))
+        return scale.to(device=losses.device, dtype=losses.dtype)
 
     def _label_counts(self, inputs: dict[str, Any]) -> list[int] | None:
         """``iwmtl`` with ``labels_<task>`` inputs: how many examples carry each task's label."""

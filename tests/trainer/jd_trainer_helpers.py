@@ -145,3 +145,32 @@ def collate(dataset: Dataset, start: int, stop: int) -> dict[str, Tensor]:
     for key, values in rows.items():
         batch[key] = torch.tensor(values)
     return batch
+
+
+def multi_head_model() -> torch.nn.Module:
+    """A MultiHeadModel with tasks ``a`` (3 classes) and ``b`` (regression) on a tiny BERT without dropout."""
+    from transformers import BertConfig
+
+    from hf_jd import MultiHeadModel
+
+    torch.manual_seed(0)
+    config = BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                        vocab_size=50, max_position_embeddings=16, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)  # fmt: skip
+    heads = {"a": {"kind": "classification", "num_labels": 3, "dropout": 0.0}, "b": {"kind": "regression"}}
+    return MultiHeadModel.from_backbone(config, heads)
+
+
+def missing_labels_dataset() -> Any:
+    """16 examples; in the first global batch of 8, rank 0's half (0-3) has 4 labels of ``b`` and 2 of ``a``, rank
+    1's half (4-7) no label of ``b`` and 4 of ``a``."""
+    from datasets import Dataset
+
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(1, 50, (16, 6), generator=generator)
+    labels_a = input_ids[:, 1] % 3
+    labels_a[[0, 1]] = -100
+    labels_b = input_ids[:, 2].float() / 50
+    labels_b[4:8] = float("nan")
+    return Dataset.from_dict({"input_ids": input_ids.tolist(), "labels_a": labels_a.tolist(),
+                              "labels_b": labels_b.tolist()})  # fmt: skip

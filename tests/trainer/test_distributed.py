@@ -45,6 +45,8 @@ from jd_trainer_helpers import (
     TwoTaskNet,
     explicit_jacobian,
     make_args,
+    missing_labels_dataset,
+    multi_head_model,
     tiny_bert,
     token_dataset,
     two_task_dataset,
@@ -340,7 +342,8 @@ def trainer_runs(tmp_path_factory):
     """The scenarios of ``trainer_worker.py`` under ``torchrun --nproc_per_node 2``: {name: [rank0, rank1]}."""
     out = tmp_path_factory.mktemp("trainer_runs")
     names = ["mtl_global", "mtl_global_ga2", "mtl_global_modules", "mtl_global_reuse", "iwrm_local", "iwrm_local_ga2",
-             "nonfinite_skip", "mtl_local_stats", "mtl_local_gradvac", "mtl_eval_uneven", "iwrm_eval"]  # fmt: skip
+             "nonfinite_skip", "mtl_local_stats", "mtl_local_gradvac", "mtl_eval_uneven", "iwrm_eval",
+             "mtl_global_missing_labels"]  # fmt: skip
     torchrun(WORKERS / "trainer_worker.py", [str(out), *names], timeout=300.0)
     names.append("mtl_local_gradvac_resumed")  # (run by the mtl_local_gradvac scenario)
     runs = {
@@ -631,3 +634,22 @@ def test_eval_loss_of_a_model_that_ignores_the_token_count_is_not_multiplied_by_
     single = JDTrainer(model=model, args=args, train_dataset=token_dataset(16)).evaluate(token_dataset(16, seed=3))
     for rank in range(2):
         assert trainer_runs["iwrm_eval"][rank]["metrics"]["eval_loss"] == pytest.approx(single["eval_loss"], rel=1e-5)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_trainer_mtl_global_with_missing_labels_equals_single_process_on_global_batch(trainer_runs, tmp_path):
+    """A MultiHeadModel's task loss is the mean over the examples carrying the task's label: the global step weights
+    each process's by its label count (rank 1 carries no label of task b, which halved b's loss and gradient)."""
+    ranks = trainer_runs["mtl_global_missing_labels"]
+    model = multi_head_model()
+    model.load_state_dict(ranks[0]["initial"])
+    args = make_args(tmp_path, optim="sgd", jd_mode="mtl", jd_task_names=TASKS, label_names=["labels_a", "labels_b"],
+                     max_steps=1, per_device_train_batch_size=8, train_sampling_strategy="sequential")  # fmt: skip
+    trainer = JDTrainer(model=model, args=args, train_dataset=missing_labels_dataset())
+    trainer.train()
+    for rank, run in enumerate(ranks):
+        _assert_same_parameters(model, run["final"], f"rank {rank} after one step")
+        for task in TASKS:
+            expected = _logged({"log_history": trainer.state.log_history}, f"loss_{task}")
+            assert _logged(run, f"loss_{task}") == pytest.approx(expected, rel=1e-5)

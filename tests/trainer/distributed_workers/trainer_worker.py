@@ -18,7 +18,16 @@ from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/trainer, for jd_trainer_helpers
 
-from jd_trainer_helpers import TASKS, TwoTaskNet, make_args, tiny_bert, token_dataset, two_task_dataset
+from jd_trainer_helpers import (
+    TASKS,
+    TwoTaskNet,
+    make_args,
+    missing_labels_dataset,
+    multi_head_model,
+    tiny_bert,
+    token_dataset,
+    two_task_dataset,
+)
 
 from hf_jd import JDTrainer
 from hf_jd.trainer._distributed import DDPCommunicationTracker, distributed_rank
@@ -206,6 +215,12 @@ def iwrm_eval(out_dir: Path) -> None:
     torch.save({"metrics": metrics, "model": model.state_dict()}, out_dir / f"iwrm_eval_rank{distributed_rank()}.pt")
 
 
+def mtl_global_missing_labels(out_dir: Path) -> None:
+    _run(out_dir, "mtl_global_missing_labels", multi_head_model(), missing_labels_dataset(), jd_mode="mtl",
+         jd_task_names=TASKS, label_names=["labels_a", "labels_b"], max_steps=1, per_device_train_batch_size=4,
+         train_sampling_strategy="sequential")  # fmt: skip
+
+
 SCENARIOS = {
     "mtl_global": mtl_global,
     "mtl_global_ga2": mtl_global_ga2,
@@ -218,6 +233,7 @@ SCENARIOS = {
     "mtl_local_gradvac": mtl_local_gradvac,
     "mtl_eval_uneven": mtl_eval_uneven,
     "iwrm_eval": iwrm_eval,
+    "mtl_global_missing_labels": mtl_global_missing_labels,
 }
 
 if __name__ == "__main__":
