@@ -384,6 +384,10 @@ class JDTrainer(Trainer):
                 clear_device_cache()
                 if torch.backends.mps.is_available() and hasattr(torch.mps, "clear_graph_cache"):
                     torch.mps.clear_graph_cache()
+            if result.skipped:
+                # Not finite on some process: every process skipped it, and reports it as not finite, so that the
+                # Trainer's logging (logging_nan_inf_filter) treats the step alike on all of them.
+                return torch.full((), float("nan"), device=result.losses.device)
             return (self._logged_loss(result.losses, label_counts) * scale).detach()
 
     def _logged_loss(self, losses: Tensor, label_counts: list[int] | None) -> Tensor:

@@ -556,6 +556,9 @@ def test_trainer_nonfinite_loss_on_one_process_skips_on_all(trainer_runs):
     torch.testing.assert_close(ranks[0]["grads"][0], torch.zeros_like(ranks[0]["grads"][0]))
     for name, value in ranks[0]["final"].items():
         torch.testing.assert_close(ranks[1]["final"][name], value, atol=0, rtol=0)
+    # The skipped step's loss is filtered alike on both (the Trainer's logging_nan_inf_filter): one process logged its
+    # finite loss, the other nothing, and their average was half a loss.
+    assert _logged(ranks[0], "loss")[0] == _logged(ranks[1], "loss")[0] == 0.0
 
 
 @pytest.mark.multiprocess
