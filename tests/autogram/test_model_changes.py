@@ -236,3 +236,17 @@ def test_a_flat_root_input_that_is_not_the_batch_is_explained() -> None:
     losses = model(torch.randint(0, 20, (11,)), torch.tensor([0, 3, 7])).pow(2)
     with pytest.raises(ValueError, match=r"for nn.EmbeddingBag, \[B, L\] ids padded with its padding_idx"):
         engine.compute_gramian(losses)
+
+
+def test_get_peft_model_after_the_engine_is_rejected_by_name() -> None:
+    """LoRA adapters added by PEFT after the engine was created have no hooks: their parameters would be missing."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                        vocab_size=50, max_position_embeddings=32, num_labels=2)  # fmt: skip
+    bert = BertForSequenceClassification(config)
+    Engine(bert)
+    model = get_peft_model(bert, LoraConfig(r=4, target_modules=["query", "value"]))
+    with pytest.raises(RuntimeError, match=r"query\.lora_A\.default \(Linear\) has trainable parameters but joined"):
+        model(input_ids=torch.randint(0, 50, (4, 7)))
