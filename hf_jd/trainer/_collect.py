@@ -232,10 +232,21 @@ class LossCollector:
         from .losses import QA_LABEL_NAMES, detect_model_kind, per_example_losses
 
         present = [name for name in self.label_names if inputs.get(name) is not None]
+        from .multi_head import MultiHeadModel
+
+        task_labels = sorted(name for name in inputs if name.startswith("labels_"))
+        if not task_labels and isinstance(unwrapped, MultiHeadModel):
+            task_labels = unwrapped.label_names  # (dropped from the batch as columns its forward does not declare)
+        hint = (
+            f" The model or batch has task labels {task_labels}: for a multi-task model (e.g. MultiHeadModel) use "
+            "jd_mode='iwmtl' (one loss per example and task) or 'mtl' (one per task), with jd_task_names."
+            if task_labels
+            else ""
+        )
         if not present:
             raise ValueError(
                 "jd_mode='iwrm' computes one loss per example from the labels, but the batch has no "
-                f"{self.label_names or ['labels']} entry. Add labels to the dataset or pass `compute_losses=`."
+                f"{self.label_names or ['labels']} entry. Add labels to the dataset or pass `compute_losses=`.{hint}"
             )
         labels: Any = inputs[present[0]]
         if len(present) > 1:
@@ -243,7 +254,7 @@ class LossCollector:
                 raise ValueError(
                     f"jd_mode='iwrm' supports models with one label input (or start_positions and end_positions "
                     f"for question answering), got {present}. Pass `compute_losses=` to JDTrainer to compute "
-                    "per-example losses for this model."
+                    f"per-example losses for this model.{hint}"
                 )
             labels = {name: inputs[name] for name in QA_LABEL_NAMES}
         model_inputs = {key: value for key, value in inputs.items() if key not in self.label_names}

@@ -136,6 +136,19 @@ def test_iwrm_without_labels(tmp_path):
         _train(tmp_path, model=tiny_bert(), dataset=dataset, jd_mode="iwrm", jd_task_names=None)
 
 
+def test_iwrm_on_task_labels_suggests_the_multi_task_modes(tmp_path):
+    """A multi-task model's data with jd_mode='iwrm' (the default): the message points at iwmtl and mtl."""
+    with pytest.raises(ValueError, match=r"task labels \['labels_a', 'labels_b'\]: .* jd_mode='iwmtl'"):
+        _train(tmp_path, model=TwoTaskNet(), dataset=two_task_dataset(), jd_mode="iwrm", jd_task_names=None)
+    # (a MultiHeadModel takes them through **kwargs: the Trainer's label_names stay ['labels'])
+    from hf_jd import MultiHeadModel
+
+    model = MultiHeadModel.from_backbone(tiny_bert().config, {"a": {"kind": "regression"}})
+    dataset = token_dataset().rename_column("labels", "labels_a")
+    with pytest.raises(ValueError, match=r"no \['labels'\] entry.*task labels \['labels_a'\]: .* jd_mode='iwmtl'"):
+        _train(tmp_path, model=model, dataset=dataset, jd_mode="iwrm", jd_task_names=None)
+
+
 def _nan_on_call(call_to_break: int, task: str):
     calls = {"n": 0}
 
