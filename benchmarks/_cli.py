@@ -12,21 +12,26 @@ import math
 from collections.abc import Callable
 
 
-def _parse_int(text: str, description: str) -> int:
-    """``text`` as an integer, or an :class:`argparse.ArgumentTypeError` saying what was expected."""
+def _bounded_int(text: str, description: str, minimum: int, maximum: int | None = None) -> int:
+    """``text`` as an integer from ``minimum`` to ``maximum`` (no upper bound if None), or an
+    :class:`argparse.ArgumentTypeError` saying what was expected (``description``)."""
     try:
-        return int(text)
+        value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be {description}, got {text!r}") from None
+    if value < minimum or (maximum is not None and value > maximum):
+        raise argparse.ArgumentTypeError(f"must be {description}, got {value}")
+    return value
 
 
-def _parse_float(text: str, description: str) -> float:
-    """``text`` as a finite float, or an :class:`argparse.ArgumentTypeError` saying what was expected."""
+def _bounded_float(text: str, description: str, strictly_positive: bool) -> float:
+    """``text`` as a finite float ``> 0`` (``strictly_positive``) or ``>= 0``, or an :class:`argparse.ArgumentTypeError`
+    saying what was expected (``description``)."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be {description}, got {text!r}") from None
-    if not math.isfinite(value):
+    if not math.isfinite(value) or value < 0 or (strictly_positive and value == 0):
         raise argparse.ArgumentTypeError(f"must be {description}, got {text}")
     return value
 
@@ -49,10 +54,7 @@ def positive_int(text: str) -> int:
     argparse.ArgumentTypeError
         If ``text`` is not an integer or is below 1.
     """
-    value = _parse_int(text, "a positive integer")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+    return _bounded_int(text, "a positive integer", 1)
 
 
 def non_negative_int(text: str) -> int:
@@ -73,10 +75,7 @@ def non_negative_int(text: str) -> int:
     argparse.ArgumentTypeError
         If ``text`` is not an integer or is negative.
     """
-    value = _parse_int(text, "a non-negative integer")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {value}")
-    return value
+    return _bounded_int(text, "a non-negative integer", 0)
 
 
 def int_in_range(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
@@ -99,10 +98,7 @@ def int_in_range(minimum: int, maximum: int | None = None) -> Callable[[str], in
     description = f"an integer >= {minimum}" if maximum is None else f"an integer from {minimum} to {maximum}"
 
     def integer(text: str) -> int:
-        value = _parse_int(text, description)
-        if value < minimum or (maximum is not None and value > maximum):
-            raise argparse.ArgumentTypeError(f"must be {description}, got {value}")
-        return value
+        return _bounded_int(text, description, minimum, maximum)
 
     integer.__name__ = f"int_in_range({minimum}, {maximum})"
     return integer
@@ -126,10 +122,7 @@ def positive_float(text: str) -> float:
     argparse.ArgumentTypeError
         If ``text`` is not a finite number or is not above 0.
     """
-    value = _parse_float(text, "a positive number")
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
+    return _bounded_float(text, "a positive number", strictly_positive=True)
 
 
 def non_negative_float(text: str) -> float:
@@ -150,10 +143,7 @@ def non_negative_float(text: str) -> float:
     argparse.ArgumentTypeError
         If ``text`` is not a finite number or is negative.
     """
-    value = _parse_float(text, "a non-negative number")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative number, got {text}")
-    return value
+    return _bounded_float(text, "a non-negative number", strictly_positive=False)
 
 
 def torchjd_skipped(reason: str | BaseException) -> str:
