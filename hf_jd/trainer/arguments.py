@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from transformers import TrainingArguments
 
-from ..aggregation import available_aggregators, check_fits_rows, get_aggregator, is_gramian_based
+from ..aggregation import Aggregator, available_aggregators, check_fits_rows, get_aggregator, is_gramian_based
 from ._distributed import resolve_ddp_gramian
 
 __all__ = ["JDTrainingArguments", "JD_MODES", "JD_ENGINES", "JD_NONFINITE", "JD_DDP_GRAMIAN"]
@@ -296,7 +296,7 @@ class JDTrainingArguments(TrainingArguments):
         self.jd_aggregator_kwargs = _parse_kwargs(self.jd_aggregator_kwargs)
         try:
             with torch.random.fork_rng(devices=[]):  # (a seedless aggregator draws its seed: not the user's stream)
-                get_aggregator(name, **self.jd_aggregator_kwargs)
+                aggregator = get_aggregator(name, **self.jd_aggregator_kwargs)
         except (TypeError, ValueError) as error:
             raise ValueError(
                 f"jd_aggregator_kwargs={self.jd_aggregator_kwargs!r} are not valid for aggregator {name!r}: "
@@ -349,7 +349,7 @@ class JDTrainingArguments(TrainingArguments):
                 f"jd_mode={self.jd_mode!r} needs jd_task_names (the tasks in the order of the Jacobian's rows), "
                 "e.g. jd_task_names=['a', 'b'] or `--jd_task_names a b`."
             )
-        self._check_aggregator_fits_rows(name)
+        self._check_aggregator_fits_rows(name, aggregator)
         if self.jd_mode == "iwrm" and self.jd_task_names:
             warnings.warn(
                 f"jd_task_names={self.jd_task_names} is ignored with jd_mode='iwrm' (one loss per example). For "
@@ -393,11 +393,12 @@ class JDTrainingArguments(TrainingArguments):
             raise ValueError(f"jd_reset_aggregator_state must be a bool, got {self.jd_reset_aggregator_state!r}.")
 
     # ------------------------------------------------------------------ helpers
-    def _check_aggregator_fits_rows(self, name: str) -> None:
+    def _check_aggregator_fits_rows(self, name: str, aggregator: Aggregator) -> None:
         """An aggregator whose arguments need another number of rows than the Jacobian of a step has (constant
         weights, a preference vector, Krum's ``n_byzantine``) fails now, not at the first step: one row per task
         (``mtl``), per example of a full batch (``iwrm``) or both (``iwmtl``). Checked on a random Jacobian, without
-        touching the global random state; not with ``auto_find_batch_size`` (the batch size may change)."""
+        touching the global random state; not with ``auto_find_batch_size`` (the batch size may change). ``aggregator``
+        is the one built to check the arguments, used only here."""
         tasks = len(self.jd_task_names or ())
         batch = self.per_device_train_batch_size
         if self.jd_mode != "mtl" and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
@@ -411,8 +412,6 @@ class JDTrainingArguments(TrainingArguments):
             what = f"the {batch} examples x {tasks} tasks of a batch (per_device_train_batch_size, jd_task_names)"
         else:
             return
-        with torch.random.fork_rng(devices=[]):
-            aggregator = get_aggregator(name, **_parse_kwargs(self.jd_aggregator_kwargs))
         try:
             check_fits_rows(aggregator, rows)
         except ValueError as error:
