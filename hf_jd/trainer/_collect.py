@@ -111,6 +111,22 @@ def _output_field(outputs: Any, name: str) -> Any:
     return getattr(outputs, name, None)
 
 
+def _task_labels_hint(inputs: Mapping[str, Any], unwrapped: nn.Module) -> str:
+    """For an iwrm error: the advice to use a multi-task mode when the batch holds ``labels_<task>`` inputs or the model
+    is a :class:`MultiHeadModel` (whose task labels the Trainer drops, its forward not declaring them); else ``""``."""
+    from .multi_head import MultiHeadModel
+
+    task_labels = sorted(name for name in inputs if name.startswith("labels_"))
+    if not task_labels and isinstance(unwrapped, MultiHeadModel):
+        task_labels = unwrapped.label_names
+    if not task_labels:
+        return ""
+    return (
+        f" The model or batch has task labels {task_labels}: for a multi-task model (e.g. MultiHeadModel) use "
+        "jd_mode='iwmtl' (one loss per example and task) or 'mtl' (one per task), with jd_task_names."
+    )
+
+
 def _decoder_inputs_from_labels(model: nn.Module, inputs: dict[str, Any], labels: Any) -> dict[str, Any]:
     """Give an encoder-decoder language model the decoder inputs it would have built from the removed labels.
 
@@ -232,21 +248,11 @@ class LossCollector:
         from .losses import QA_LABEL_NAMES, detect_model_kind, per_example_losses
 
         present = [name for name in self.label_names if inputs.get(name) is not None]
-        from .multi_head import MultiHeadModel
-
-        task_labels = sorted(name for name in inputs if name.startswith("labels_"))
-        if not task_labels and isinstance(unwrapped, MultiHeadModel):
-            task_labels = unwrapped.label_names  # (dropped from the batch as columns its forward does not declare)
-        hint = (
-            f" The model or batch has task labels {task_labels}: for a multi-task model (e.g. MultiHeadModel) use "
-            "jd_mode='iwmtl' (one loss per example and task) or 'mtl' (one per task), with jd_task_names."
-            if task_labels
-            else ""
-        )
         if not present:
             raise ValueError(
                 "jd_mode='iwrm' computes one loss per example from the labels, but the batch has no "
-                f"{self.label_names or ['labels']} entry. Add labels to the dataset or pass `compute_losses=`.{hint}"
+                f"{self.label_names or ['labels']} entry. Add labels to the dataset or pass `compute_losses=`."
+                + _task_labels_hint(inputs, unwrapped)
             )
         labels: Any = inputs[present[0]]
         if len(present) > 1:
@@ -254,7 +260,7 @@ class LossCollector:
                 raise ValueError(
                     f"jd_mode='iwrm' supports models with one label input (or start_positions and end_positions "
                     f"for question answering), got {present}. Pass `compute_losses=` to JDTrainer to compute "
-                    f"per-example losses for this model.{hint}"
+                    "per-example losses for this model." + _task_labels_hint(inputs, unwrapped)
                 )
             labels = {name: inputs[name] for name in QA_LABEL_NAMES}
         model_inputs = {key: value for key, value in inputs.items() if key not in self.label_names}
