@@ -167,6 +167,13 @@ def _note_descendants(info: _ModuleInfo) -> None:
     ]
 
 
+def _make_generic(info: _ModuleInfo) -> None:
+    """Switch a module from its closed form to the generic path, from its next call on (see
+    Capture._leave_closed_form)."""
+    info.kind, info.candidate, info.look_alike = Kind.GENERIC, None, False
+    _note_descendants(info)
+
+
 def _unbatched_convolution(module: nn.Module, args: tuple[Any, ...]) -> bool:
     """Whether a convolution is called on an unbatched input (``[C, L]`` for a Conv1d: one dimension per kernel
     dimension, plus the channels)."""
@@ -708,8 +715,7 @@ class Capture:
         elif not info.kind.is_generic and not info.parametrized and not closed_form_parameters(module):
             # Its parameters changed since it was registered (torch.nn.utils.prune's weight_orig, with a forward
             # pre-hook computing weight): the closed form no longer applies; the generic path is exact.
-            info.kind, info.candidate, info.look_alike = Kind.GENERIC, None, False
-            _note_descendants(info)
+            _make_generic(info)
         params = direct_parameters(module, info.borrowed)
         # A layer norm of a trainable parameter (DeBERTa's relative-position table) covers that
         # parameter, also when its own weight and bias are frozen.
@@ -736,18 +742,18 @@ class Capture:
 
     def _leave_closed_form(self, info: _ModuleInfo, reason: str) -> None:
         """A module that may compute something else than its closed form assumes, for ``reason`` (a key of
-        :data:`_LEAVING`: forward hooks that run before the engine's and may change its output, or a forward replaced
-        on the instance): the generic path takes over (vector-Jacobian products from the output the model goes on
-        with, through aliases of the parameters: exact whatever the module computes), with a warning once per engine
-        and reason, since it is slower. A module with a parametrised weight cannot take it and is rejected."""
+        :data:`_LEAVING`: forward hooks that run before the engine's and may change its output, a forward replaced
+        on the instance, or an unbatched convolution input): the generic path takes over (vector-Jacobian products
+        from the output the model goes on with, through aliases of the parameters: exact whatever the module
+        computes), with a warning once per engine and reason, since it is slower. A module with a parametrised weight
+        cannot take it and is rejected."""
         described = describe(info.name, info.module)
         cause, fix = _LEAVING[reason]
         if info.parametrized:
             raise RuntimeError(
                 f"Module {described} has a parametrised weight and {cause}: the engine cannot follow it. {fix}"
             )
-        info.kind, info.candidate, info.look_alike = Kind.GENERIC, None, False
-        _note_descendants(info)
+        _make_generic(info)
         if reason not in self.warned_leaving:
             self.warned_leaving.add(reason)
             warnings.warn(
