@@ -356,13 +356,13 @@ class JDTrainer(Trainer):
                 )
                 scale = 1.0 / micro_batches
 
-            count_weighted = self._global_task_means_of_labelled_examples(unwrapped, inputs)
+            global_counts = self._global_label_counts(unwrapped, inputs)
 
             def forward(batch: dict[str, Any] = inputs) -> tuple[Tensor, Any]:
                 with self.compute_loss_context_manager():
                     losses, outputs = self._loss_collector(model, unwrapped, batch)
-                if count_weighted:
-                    losses = losses * self._label_count_scale(batch, losses)
+                if global_counts is not None:
+                    losses = losses * self._label_count_scale(global_counts, losses)
                 return losses, outputs
 
             label_counts = self._label_counts(inputs)
@@ -437,45 +437,33 @@ class JDTrainer(Trainer):
             stacklevel=2,
         )
 
-    def _global_task_means_of_labelled_examples(self, unwrapped: nn.Module, inputs: dict[str, Any]) -> bool:
-        """Whether the task losses of this step must be weighted by the processes' label counts: a
-        :class:`MultiHeadModel` (whose task loss is the mean over the examples that carry the task's label) in
+    def _global_label_counts(self, unwrapped: nn.Module, inputs: dict[str, Any]) -> list[int] | None:
+        """The label counts by which the task losses of this step must be weighted over the processes, or ``None``:
+        a :class:`MultiHeadModel` (whose task loss is the mean over the examples that carry the task's label) in
         ``mtl`` with the global Gramian on several processes, the batch holding every ``labels_<task>``."""
-        return (
+        applies = (
             self.args.jd_mode == "mtl"
             and self.args.world_size > 1
             and self.compute_losses is None
             and self.jd_step.ddp_gramian == "global"
             and isinstance(unwrapped, MultiHeadModel)
-            and bool(self.args.jd_task_names)
-            and all(isinstance(inputs.get(f"labels_{name}"), Tensor) for name in self.args.jd_task_names or ())
         )
+        return _task_label_counts(inputs, self.args.jd_task_names) if applies else None
 
-    def _label_count_scale(self, inputs: dict[str, Any], losses: Tensor) -> Tensor:
+    def _label_count_scale(self, counts: list[int], losses: Tensor) -> Tensor:
         """``P n_p / N`` per task, for ``n_p`` the examples of this process's batch that carry the task's label, ``N``
         their sum over the ``P`` processes (1 where no process has any): the global step averages the processes'
         task losses, which this turns into the mean over all the labelled examples of the global batch, as one
         process computes it on that batch (each process's mean counted equally, a process without any label of a
         task halved the task's loss and gradient)."""
-        names = self.args.jd_task_names or []
-        local = torch.tensor(
-            [float(_labelled_examples(inputs[f"labels_{name}"], _batch_size(inputs))) for name in names],
-            dtype=torch.float64, device=self.accelerator.device,
-        )
+        local = torch.tensor(counts, dtype=torch.float64, device=self.accelerator.device)
         total = self.accelerator.reduce(local.clone(), reduction="sum")
         scale = torch.where(total > 0, local * self.args.world_size / total.clamp(min=1), torch.ones_like(local))
         return scale.to(device=losses.device, dtype=losses.dtype)
 
     def _label_counts(self, inputs: dict[str, Any]) -> list[int] | None:
         """``iwmtl`` with ``labels_<task>`` inputs: how many examples carry each task's label."""
-        names = self.args.jd_task_names
-        if self.args.jd_mode != "iwmtl" or not names:
-            return None
-        labels = [inputs.get(f"labels_{name}") for name in names]
-        tensors = [label for label in labels if isinstance(label, Tensor) and label.dim() > 0]
-        if len(tensors) != len(labels):
-            return None
-        return [_labelled_examples(label, label.shape[0]) for label in tensors]
+        return _task_label_counts(inputs, self.args.jd_task_names) if self.args.jd_mode == "iwmtl" else None
 
     def _direct_grad_factor(self) -> float:
         """What ``accelerator.backward`` multiplies a loss by (fp16 loss scale, accelerate's own accumulation)."""
@@ -870,6 +858,18 @@ def _first_examples(inputs: dict[str, Any], count: int, batch_size: int) -> dict
         key: value[:count] if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == batch_size else value
         for key, value in inputs.items()
     }
+
+
+def _task_label_counts(inputs: dict[str, Any], names: list[str] | None) -> list[int] | None:
+    """How many examples of the batch carry each task's label, when the batch has a ``labels_<task>`` tensor for every
+    task; else ``None``."""
+    if not names:
+        return None
+    labels = [inputs.get(f"labels_{name}") for name in names]
+    tensors = [label for label in labels if isinstance(label, Tensor) and label.dim() > 0]
+    if len(tensors) != len(labels):
+        return None
+    return [_labelled_examples(label, label.shape[0]) for label in tensors]
 
 
 def _labelled_examples(labels: Any, batch_size: int) -> int:
