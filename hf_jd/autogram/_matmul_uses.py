@@ -187,10 +187,23 @@ def weights_only(record: GenericRecord, consumers: dict[Any, list[Any]]) -> set[
         for consumer in consumers.get(stack.pop(), []):
             if consumer not in closure and all(
                 child in closure for child, _ in consumer.next_functions if child is not None
-            ):
+            ) and not _meets_untracked_data(consumer):
                 closure.add(consumer)
                 stack.append(consumer)
     return closure
+
+
+def _meets_untracked_data(node: Any) -> bool:
+    """Whether ``node`` combines its weight-derived inputs with a tensor that autograd does not track (an input that
+    requires no gradient, such as continuous features fed to the first layer) into an output larger than each of
+    them: ``x @ W`` or ``x * W`` with ``x`` of the data. Such a node is a use of the weights, not an operation on them
+    alone; one that keeps a weight-derived input's shape (``W * mask`` with a constant mask) stays one."""
+    if all(child is not None for child, _ in node.next_functions) or not node._input_metadata:
+        return False
+    out = node._input_metadata[0].shape
+    return all(
+        tuple(child._input_metadata[nr].shape) != tuple(out) for child, nr in node.next_functions if child is not None
+    )
 
 
 def _selected_slices(producer: Any, output_nr: int, count: int) -> tuple[Tensor, int, tuple[Any, int],

@@ -391,3 +391,39 @@ def test_siglip_attention_pooling_head(single_backward: bool, taken: list[tuple[
         losses = model(pixel_values=torch.randn(batch, 3, 8, 8)).pooler_output.pow(2).mean(1)
         assert_exact_step_with_freed_graph(engine, model, losses, single_backward)
     assert {taken_ for name, taken_ in taken if name == "MultiheadAttention"} == {True}
+
+
+class _MaskedWeight(nn.Module):
+    """A weight multiplied by a constant mask (an operation on the weight alone, though the mask is untracked), then
+    applied to the rows of its input, which requires no gradient when the module comes first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 3))
+        self.register_buffer("mask", (torch.rand(4, 3) > 0.3).float())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x @ (self.weight * self.mask)
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+@pytest.mark.parametrize("first", ["encoder", "masked weight"])
+def test_untracked_inputs_to_the_first_call(first: str, single_backward: bool, taken: list[tuple[str, bool]]) -> None:
+    """A generic call on inputs that require no gradient (continuous features fed to ``nn.TransformerEncoder``): its
+    products with the data are uses of its weights, not operations on the weights alone, which would leave the call and
+    send it to one product per example."""
+    torch.manual_seed(6)
+    if first == "encoder":
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        body: nn.Module = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        width, name = 8, "MultiheadAttention"
+    else:
+        body, width, name = _MaskedWeight(), 3, "_MaskedWeight"
+    model = nn.Sequential(body, nn.Linear(width, 1))
+    engine = Engine(model, single_backward=single_backward)
+    for batch in (4, 3):
+        model.zero_grad(set_to_none=True)
+        features = torch.randn(batch, 5, 8 if first == "encoder" else 4)
+        losses = model(features).squeeze(2).pow(2).mean(1)
+        assert_exact_step_with_freed_graph(engine, model, losses, single_backward)
+    assert {taken_ for module, taken_ in taken if module == name} == {True}
