@@ -55,6 +55,36 @@ def _products(rows: Tensor, other_rows: Tensor, symmetric: bool) -> Tensor:
     return out
 
 
+def _ghost(left: Tensor, right: Tensor, other_left: Tensor, other_right: Tensor, symmetric: bool) -> Tensor:
+    """``[E, m, E', m']`` sums ``Σ_{t,s} ⟨left_{ekt}, other_left_{fls}⟩ ⟨right_{ekt}, other_right_{fls}⟩`` of factors
+    ``[E, m or 1, T, ·]`` and ``[E', m' or 1, T', ·]``, a chunk of examples at a time (``symmetric``: the two sides are
+    the same tensors)."""
+    num_examples = left.shape[0]
+    num_tasks = max(left.shape[1], right.shape[1])
+    other_tasks = max(other_left.shape[1], other_right.shape[1])
+    length = left.shape[2]
+    other_flat_left = other_left.reshape(-1, other_left.shape[-1])
+    other_flat_right = other_right.reshape(-1, other_right.shape[-1])
+    other_shape = tuple(other_left.shape[:3])
+    other_right_shape = tuple(other_right.shape[:3])
+    per_example = num_tasks * length * other_flat_left.shape[0] * other_tasks
+    chunk = max(1, MAX_GHOST_BLOCK // max(1, per_example))
+    blocks = []
+    for start in range(0, num_examples, chunk):
+        part_left, part_right = left[start : start + chunk], right[start : start + chunk]
+        count = part_left.shape[0]
+        whole = symmetric and count == num_examples  # products of a matrix with itself
+        left_products = _products(part_left.reshape(-1, left.shape[-1]), other_flat_left, whole).view(
+            count, part_left.shape[1], length, *other_shape
+        )
+        right_products = _products(part_right.reshape(-1, right.shape[-1]), other_flat_right, whole).view(
+            count, part_right.shape[1], length, *other_right_shape
+        )
+        block = (left_products * right_products).sum(dim=(2, 5))  # [count, m, E', m']
+        blocks.append(block.expand(count, num_tasks, other_shape[0], other_tasks))
+    return torch.cat(blocks)
+
+
 class OuterProductRows:
     """Per-row gradients ``Σ_t g_{ekt} a_{et}ᵀ`` given by their factors.
 
@@ -197,30 +227,33 @@ class OuterProductRows:
             for part in chunks:
                 gram += self.weight_rows(part=part) @ other.weight_rows(part=part).T
             return gram
-        left, right = self._factors()
-        other_left, other_right = other._factors()
-        num_examples, num_tasks = self.grads.shape[:2]
-        length = left.shape[2]
-        other_flat_left = other_left.reshape(-1, other_left.shape[-1])
-        other_flat_right = other_right.reshape(-1, other_right.shape[-1])
-        other_shape = (other_left.shape[0], other_left.shape[1], other_left.shape[2])
-        other_right_shape = (other_right.shape[0], other_right.shape[1], other_right.shape[2])
-        per_example = num_tasks * length * other_flat_left.shape[0] * num_tasks
-        chunk = max(1, MAX_GHOST_BLOCK // max(1, per_example))
+        parts = self._ghost_parts()
+        other_parts = parts if other is self else other._ghost_parts()
         blocks = []
-        for start in range(0, num_examples, chunk):
-            part_left, part_right = left[start : start + chunk], right[start : start + chunk]
-            count = part_left.shape[0]
-            whole = other is self and count == num_examples  # products of a matrix with itself
-            left_products = _products(part_left.reshape(-1, left.shape[-1]), other_flat_left, whole).view(
-                count, part_left.shape[1], length, *other_shape
-            )
-            right_products = _products(part_right.reshape(-1, right.shape[-1]), other_flat_right, whole).view(
-                count, part_right.shape[1], length, *other_right_shape
-            )
-            block = (left_products * right_products).sum(dim=(2, 5))  # [count, m, E, m]
-            blocks.append(block.expand(count, num_tasks, num_examples, num_tasks))
-        return torch.cat(blocks).reshape(self.num_rows, self.num_rows)
+        for index, (left, right) in enumerate(parts):
+            for other_index, (other_left, other_right) in enumerate(other_parts):
+                if other is self and other_index < index:
+                    continue  # (the transpose of a pair already added)
+                same = other is self and other_index == index
+                block = _ghost(left, right, other_left, other_right, same).reshape(self.num_rows, other.num_rows)
+                blocks.append(block if same or other is not self else block + block.T)
+        return torch.stack(blocks).sum(dim=0) if len(blocks) > 1 else blocks[0]
+
+    def _ghost_parts(self) -> list[tuple[Tensor, Tensor]]:
+        """``(left, right)`` factor pairs, each ``[E, m or 1, T', dim]`` in the weight's layout, whose ghost sums add up
+        to the per-row gradients: ``Σ_t g_t ⊗ a_t = (Σ_t g_t) ⊗ ā + Σ_t g_t ⊗ (a_t - ā)`` with ``ā`` the mean of the
+        example's inputs. The two forms are equal; the centred one keeps the terms of the ghost sum about as large as
+        its result when the inputs share a large component and the gradients nearly cancel over the positions (the
+        choices of a multiple-choice head, whose softmax gradients sum to zero, on nearly equal pooled inputs): there
+        the terms ``⟨a_t, a_s⟩ ⟨g_t, g_s⟩`` are many orders of magnitude larger than their sum, whose float32 rounding
+        then swamps it."""
+        inputs = self.inputs.unsqueeze(1)
+        if inputs.shape[2] < 2:
+            pairs = [(inputs, self.grads)]
+        else:
+            mean = inputs.mean(dim=2, keepdim=True)
+            pairs = [(inputs - mean, self.grads), (mean, self.grads.sum(dim=2, keepdim=True))]
+        return pairs if self.transposed else [(grads, inputs) for inputs, grads in pairs]
 
     def compact(self) -> None:
         """Drop the factors once the per-row weight gradients are kept (single-backward mode)."""

@@ -29,6 +29,28 @@ def test_linear_ghost_and_materialised_forms(length: int, d_in: int, d_out: int)
     assert factors.prefers_ghost() == (length == 2)
 
 
+@pytest.mark.parametrize("transposed", [False, True])
+def test_ghost_form_of_cancelling_gradients_on_nearly_equal_inputs(transposed: bool) -> None:
+    """A multiple-choice head: per example, nearly equal inputs (the pooled context shared by the choices) and output
+    gradients that sum to zero over the positions (a softmax over the choices). The ghost form's terms are then about
+    10⁸ times larger than their sum; it must still match the per-row gradients' Gram computed in float64."""
+    torch.manual_seed(0)
+    examples, length, width = 4, 3, 16
+    common = torch.randn(examples, 1, width, dtype=torch.float64)
+    inputs = common + 1e-4 * torch.randn(examples, length, width, dtype=torch.float64)
+    coefficients = torch.randn(examples, 1, length, 1, dtype=torch.float64)
+    coefficients = coefficients - coefficients.mean(dim=2, keepdim=True)
+    grads = coefficients * torch.randn(examples, 1, 1, width, dtype=torch.float64)
+    inputs, grads = inputs.float().double(), grads.float().double()  # (the truth of the float32 factors)
+    pattern = "ekto,eti->ekio" if transposed else "ekto,eti->ekoi"
+    rows = torch.einsum(pattern, grads, inputs).reshape(examples, -1)
+    expected = rows @ rows.T
+    factors = OuterProductRows(inputs.float(), grads.float(), transposed)
+    assert factors.prefers_ghost()
+    gram = factors.cross_gram(factors, force_ghost=True).double()
+    torch.testing.assert_close(gram, expected, rtol=0, atol=1e-4 * expected.abs().max().item())
+
+
 @pytest.mark.parametrize(
     ("shape", "ghost"),
     [

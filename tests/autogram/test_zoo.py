@@ -609,6 +609,26 @@ def test_multiple_choice_regroups_the_batch(single_backward: bool, monkeypatch: 
     assert per_row == []
 
 
+def test_multiple_choice_with_a_context_shared_by_the_choices() -> None:
+    """The usual multiple-choice layout: every choice repeats the example's context, so the pooler sees nearly equal
+    inputs per example while the softmax over the choices makes its output gradients sum to zero. The Gramian of the
+    float32 model must match the float64 model's Jacobian (its ghost form lost the entries to float32 rounding)."""
+    torch.manual_seed(0)
+    config = tf.BertConfig(vocab_size=V, max_position_embeddings=32, hidden_size=16, num_hidden_layers=1,
+                           num_attention_heads=2, intermediate_size=32, hidden_dropout_prob=0.0,
+                           attention_probs_dropout_prob=0.0)
+    model = tf.BertForMultipleChoice(config).eval()
+    reference = tf.BertForMultipleChoice(config).double().eval()
+    reference.load_state_dict(model.state_dict())
+    context = torch.randint(5, V, (4, 1, 19)).expand(4, 3, 19)
+    ids = torch.cat([context, torch.randint(5, V, (4, 3, 4))], dim=-1)
+    labels = torch.tensor([0, 1, 2, 0])
+    engine = Engine(model)
+    gramian = engine.compute_gramian(nn.functional.cross_entropy(model(input_ids=ids).logits, labels, reduction="none"))
+    losses = nn.functional.cross_entropy(reference(input_ids=ids).logits, labels, reduction="none")
+    assert_gramian_matches(gramian.double(), jacobian(losses, trainable(reference)), rtol=1e-3, atol=0.0)
+
+
 @pytest.mark.parametrize("single_backward", [False, True])
 def test_wav2vec2_with_padding_mask_and_spec_augment(single_backward: bool) -> None:
     """Wav2Vec2 zeroes the padded frames of a Linear projection's output in place and SpecAugment
