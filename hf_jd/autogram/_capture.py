@@ -260,8 +260,8 @@ def documented_output_dims(module: nn.Module, output: Any) -> list[int] | None:
 
     - ``nn.RNN``, ``nn.LSTM``, ``nn.GRU``: ``[B, T, h]`` outputs with ``batch_first`` (``[T, B, h]`` without),
       ``[layers, B, h]`` final states either way;
-    - ``nn.MultiheadAttention`` returning its attention weights: ``[B, T, d]`` outputs with ``batch_first``
-      (``[T, B, d]`` without), ``[B, (heads,) T, S]`` weights either way.
+    - ``nn.MultiheadAttention``: ``[B, T, d]`` outputs with ``batch_first`` (``[T, B, d]`` without), and
+      ``[B, (heads,) T, S]`` attention weights either way when it returns them.
 
     ``None`` for other calls (subclasses with their own ``forward``, packed sequences, unbatched inputs).
 
@@ -281,14 +281,17 @@ def documented_output_dims(module: nn.Module, output: Any) -> list[int] | None:
     if not recurrent and not _stock_attention(module):
         return None  # (before reading the output: this runs on every generic call of the forward pass)
     tensors = tensors_in(output)
-    if len(tensors) < 2 or tensors[0].dim() != 3:
+    if not tensors or tensors[0].dim() != 3:
         return None  # (a packed sequence's data is [N, h]; unbatched inputs give [T, h])
     if recurrent:
-        if any(tensor.dim() != 3 for tensor in tensors):
+        if len(tensors) < 2 or any(tensor.dim() != 3 for tensor in tensors):
             return None
         return [0 if cast(nn.RNNBase, module).batch_first else 1] + [1] * (len(tensors) - 1)
+    batch = 0 if cast(nn.MultiheadAttention, module).batch_first else 1
+    if len(tensors) == 1:  # (need_weights=False: the weights are None)
+        return [batch]
     if len(tensors) == 2 and tensors[1].dim() in (3, 4):
-        return [0 if cast(nn.MultiheadAttention, module).batch_first else 1, 0]
+        return [batch, 0]
     return None
 
 

@@ -232,3 +232,34 @@ def test_time_major_attention_returning_its_weights_is_exact_without_per_row_pas
         warnings.simplefilter("error")  # (the per-row path warns)
         _steps(model, engine, [(3, 5), (4, 4), (2, 6)], single_backward)
     assert per_row_calls == []
+
+
+class _TimeMajorEncoder(nn.Module):
+    """Ids ``[B, T]`` → ``nn.TransformerEncoder`` in its default time-major layout (its attention called with
+    ``need_weights=False``, returning ``[T, B, d]`` outputs and no weights) → per-example losses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(30, 8)
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0)
+        self.encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        states = self.encoder(self.embedding(ids).transpose(0, 1))
+        return self.head(states.transpose(0, 1)).squeeze(2).pow(2).mean(1)
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_time_major_attention_without_weights_when_the_batch_size_equals_the_width(
+    single_backward: bool, per_row_calls: list[str]
+) -> None:
+    """``[T, B, d]`` attention outputs with ``B = d``: the documented layout settles which dimension holds the
+    examples (the sizes alone do not; every step took the per-row pass, 70 times a plain step)."""
+    torch.manual_seed(8)
+    model = _TimeMajorEncoder()
+    engine = Engine(model, single_backward=single_backward)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (the per-row path warns)
+        _steps(model, engine, [(8, 5), (8, 3), (3, 5)], single_backward)
+    assert per_row_calls == []
