@@ -95,7 +95,12 @@ class RMSNormRecord(GenericRecord):
         outputs = self.outputs
         super()._bind(grads, layout)
         inputs, self.inputs = self.inputs, None
-        if inputs is None or len(outputs) != 1 or outputs[0].shape != inputs.shape or len(self.grad_rows) != 1:
+        if inputs is None or len(outputs) != 1 or len(self.grad_rows) != 1:
+            return
+        output = outputs[0].detach()
+        if self._grouped_dim is not None:  # (regrouped [..., E, k, ...] as the inputs: see split_batch)
+            output = output.unflatten(self._grouped_dim, (layout.num_examples, -1))
+        if output.shape != inputs.shape:
             return
         weight = self.params.get("weight")
         if weight is None or weight.shape[0] != inputs.shape[-1]:
@@ -103,7 +108,6 @@ class RMSNormRecord(GenericRecord):
         eps = epsilon_of(self.module)
         if eps is None:
             eps = torch.finfo(inputs.dtype).eps
-        output = outputs[0].detach()
         for normalised in _normalised_candidates(inputs, eps):
             if reproduces_output(weight.detach() * normalised, output, atol=1e-6) or reproduces_output(
                 (1.0 + weight.detach().float()) * normalised, output, atol=1e-6
@@ -138,7 +142,8 @@ class RMSNormRecord(GenericRecord):
         return (self.rows * self.normalised.unsqueeze(1)).sum(dim=2).reshape(num_rows, -1)
 
     def can_split_batch(self, batch_dim: int) -> bool:
-        """Whether :meth:`split_batch` applies: no, the closed form reads its captured tensors per example.
+        """Whether :meth:`split_batch` applies: along a dimension of the rows, not the normalised features (a
+        multiple-choice model's ``[B * C, T, d]`` hidden states).
 
         Parameters
         ----------
@@ -148,9 +153,27 @@ class RMSNormRecord(GenericRecord):
         Returns
         -------
         bool
-            ``False`` (such a call not split by example takes the per-row path).
+            ``True`` when the call's outputs can be regrouped (see :meth:`GenericRecord.can_split_batch`) and
+            ``batch_dim`` is not the captured input's last dimension.
         """
-        return False
+        inputs = self.inputs
+        return super().can_split_batch(batch_dim) and (inputs is None or batch_dim < inputs.dim() - 1)
+
+    def split_batch(self, num_examples: int, batch_dim: int) -> None:
+        """Take the ``E * k`` entries along ``batch_dim`` as ``k`` consecutive ones per example (a batch-major
+        grouping the engine verified), in the captured input as in the output gradients, so that the closed form
+        sums each example's ``k`` rows.
+
+        Parameters
+        ----------
+        num_examples
+            ``E``.
+        batch_dim
+            The engine's batch dimension.
+        """
+        super().split_batch(num_examples, batch_dim)
+        if self.inputs is not None:
+            self.inputs = self.inputs.unflatten(batch_dim, (num_examples, -1))
 
     def compact(self) -> None:
         """Drop the factors :meth:`weighted_grad` no longer needs once every parameter's rows are kept."""

@@ -758,6 +758,60 @@ def test_norms_of_several_samples_per_example_are_regrouped(single_backward: boo
     assert per_row == []
 
 
+class _ChoicesThroughAnRMSNorm(nn.Module):
+    """A multiple-choice layout: ``[B, C, T, 4]`` features folded into ``[B * C, T, d]`` rows, normalised by an
+    RMSNorm, one score per choice."""
+
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        self.first, self.norm, self.head = nn.Linear(4, 6), norm, nn.Linear(6, 1)
+
+    def forward(self, x: Tensor) -> Tensor:  # [B, C, T, 4] -> [B, C]
+        batch, choices, length, _ = x.shape
+        h = self.norm(self.first(x.reshape(batch * choices, length, 4)))
+        return self.head(torch.tanh(h)).mean(dim=(1, 2)).view(batch, choices)
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+@pytest.mark.parametrize("norm", ["torch", "llama"])
+def test_rms_norm_on_rows_of_several_samples_per_example_is_regrouped(
+    single_backward: bool, norm: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An RMSNorm on ``[B * C, T, d]`` rows is verified batch-major and keeps its closed form, as LayerNorm does, for
+    per-example and per-example-per-task losses (it took the per-row pass on every step)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from hf_jd.autogram._rms_norm import RMSNormRecord
+
+    from ._reference import assert_exact_step, count_per_row
+
+    per_row = count_per_row(monkeypatch)
+    closed_forms: list[bool] = []
+    original = RMSNormRecord._bind
+
+    def bind(self, *args):  # type: ignore[no-untyped-def]
+        original(self, *args)
+        closed_forms.append(self.closed_form)
+
+    monkeypatch.setattr(RMSNormRecord, "_bind", bind)
+    torch.manual_seed(0)
+    module = nn.RMSNorm(6, eps=1e-6) if norm == "torch" else LlamaRMSNorm(6)
+    with torch.no_grad():
+        module.weight.uniform_(0.5, 1.5)
+    model = _ChoicesThroughAnRMSNorm(module)
+    engine = Engine(model, single_backward=single_backward)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for per_task in (False, True, False):
+            model.zero_grad(set_to_none=True)
+            scores = model(torch.randn(3, 2, 5, 4))
+            losses = scores.pow(2) if per_task else nn.functional.cross_entropy(scores, torch.tensor([0, 1, 1]),
+                                                                                 reduction="none")
+            assert_exact_step(engine, losses, trainable(model), single_backward)
+    assert per_row == []
+    assert closed_forms and all(closed_forms)
+
+
 @pytest.mark.parametrize("single_backward", [False, True])
 @pytest.mark.parametrize("folded", [False, True])
 def test_conv1d_and_grouped_conv2d_closed_form(
