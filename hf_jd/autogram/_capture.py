@@ -868,7 +868,9 @@ class Capture:
         ):
             record.groups = self._groups(args, kwargs, returned, outputs_only=info.kind is Kind.GENERIC)
         if not batched:
-            record.other_batch_dim = self._other_batch_dim(info.kind, args, kwargs, returned)
+            candidates = self._other_batch_dims(info.kind, args, kwargs, returned)
+            record.other_batch_dim = candidates[0] if candidates else None
+            record.other_batch_dims = candidates if len(candidates) > 1 else ()
         if info.kind.is_generic and aliased:
             assert isinstance(record, GenericRecord)
             record.watch_versions()
@@ -961,34 +963,38 @@ class Capture:
             t.dim() <= bd or t.shape[bd] not in (1, self.batch_size) for t in tensors_in(output) if t.requires_grad
         )
 
-    def _other_batch_dim(self, kind: Kind, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> int | None:
-        """The one dimension other than ``batch_dim`` along which every output requiring grad (and, for
-        the closed forms, which read it, the first input) has the batch size (time-major ``[T, B, d]``
+    def _other_batch_dims(
+        self, kind: Kind, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+    ) -> tuple[int, ...]:
+        """The dimension other than ``batch_dim`` along which every output requiring grad (and, for the
+        closed forms, which read it, the first input) has the batch size (time-major ``[T, B, d]``
         tensors), if there is one, the same for all: a candidate batch dimension for this call, which
-        the engine verifies before relying on it; else ``None``."""
+        the engine verifies before relying on it. A generic call may offer several, all of its tensors having
+        the batch size along each (``[T, B, d]`` with ``d = B``): the check tries them in order. Empty when there
+        is none."""
         bd, size = self.batch_dim, self.batch_size
         # Convolutions and GroupNorm mix positions (or channels) within a sample: their closed forms need the
         # samples along batch_dim. Position-wise closed forms and the generic path (whose vector-Jacobian
         # products are exact whenever the grouping holds) can take another dimension.
         position_wise = kind.is_generic or kind in (Kind.LINEAR, Kind.LAYER_NORM, Kind.EMBEDDING)
         if bd is None or size <= 1 or not position_wise:
-            return None
+            return ()
         tensors = [t for t in tensors_in(output) if t.requires_grad]
         if not kind.is_generic:
             inputs = tensors_in(args) or tensors_in(kwargs)
             if not inputs:
-                return None
+                return ()
             tensors.append(inputs[0])
         # The last dimension of a closed form's tensors is its features (ids excepted), never the batch.
         features = not kind.is_generic and kind is not Kind.EMBEDDING
-        found: set[int] = set()
+        common: list[int] | None = None
         for tensor in tensors:
             last = tensor.dim() - 1 if features and tensor.is_floating_point() else tensor.dim()
             dims = [dim for dim in range(last) if dim != bd and tensor.shape[dim] == size]
-            if len(dims) != 1:
-                return None
-            found.add(dims[0])
-        return found.pop() if len(found) == 1 else None
+            if len(dims) != 1 and not kind.is_generic:
+                return ()
+            common = dims if common is None else [dim for dim in common if dim in dims]
+        return tuple(common or ())
 
     def _groups(self, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any, outputs_only: bool = False) -> int:
         """``k`` when a call's first input and its outputs that require grad have ``k * batch_size``

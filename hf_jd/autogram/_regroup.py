@@ -156,10 +156,14 @@ def grads_verified(
         if trusted is not None:
             use_other = trusted[index] and other is not None
         else:
-            # Split by example along another dimension (time-major), else grouped along batch_dim.
-            use_other = other is not None and all(
-                grad is None or _grouped_by_example(grad, weights, other, rtol) for grad in record_grads
-            )
+            # Split by example along another dimension (time-major; the first of several candidates that passes),
+            # else grouped along batch_dim.
+            use_other = False
+            for candidate in record.other_batch_dims or (() if other is None else (other,)):
+                if all(grad is None or _grouped_by_example(grad, weights, candidate, rtol) for grad in record_grads):
+                    record.other_batch_dim = other = candidate
+                    use_other = True
+                    break
             # A record not split along batch_dim is regrouped there only if it can be (a generic record whose
             # other candidate dimension, e.g. a hidden size equal to the batch size, failed cannot).
             if not use_other and (
@@ -291,8 +295,8 @@ def regrouping_structure(
         if "?" in described:
             described = (described[0], index_digest(node))
         entries.extend(described)
-    if "?" in entries:
-        return None
+    if "?" in entries or any(record.other_batch_dims for record in records):
+        return None  # (a call with several candidate dimensions is checked on every step: see Record.other_batch_dims)
     # With the candidate dimensions each call offered (a batch size that now equals a hidden size or a number of
     # heads changes them, and with them the choice the check made), and the operations its gradients are read at (a
     # generic call's products may start at other operations when the batch size equals a feature size).

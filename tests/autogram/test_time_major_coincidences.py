@@ -10,6 +10,9 @@ its choice of the batched closed forms must not be fooled by them (exact Gramian
 
 from __future__ import annotations
 
+import warnings
+
+import pytest
 import torch
 from torch import Tensor, nn
 
@@ -134,3 +137,47 @@ def test_module_shared_by_a_batch_major_and_a_time_major_call() -> None:
     engine = Engine(model)
     for length in (1, 1, 2):  # T = 1, then T = B
         _assert_exact(engine, model(torch.randn(2, length, 3, dtype=torch.float64)), model)
+
+
+class _FeatureScale(nn.Module):
+    """A generic call: a learned scale of the features (no closed form)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, width))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.scale
+
+
+class _TimeMajorGeneric(nn.Module):
+    """Batch-major features → time-major ``[T, B, d]`` generic calls (a feature scale, PReLU, an RMSNorm) → losses."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.proj, self.head = nn.Linear(3, width), nn.Linear(width, 1)
+        self.scale, self.act, self.norm = _FeatureScale(width), nn.PReLU(), nn.RMSNorm(width)
+
+    def forward(self, x: Tensor) -> Tensor:  # x: [B, T, 3]
+        h = self.norm(self.act(self.scale(self.proj(x).transpose(0, 1))))  # [T, B, d]
+        return self.head(h.transpose(0, 1)).squeeze(-1).pow(2).mean(1)
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_generic_time_major_calls_whose_width_equals_the_batch_size(
+    single_backward: bool, per_row_calls: list[str]
+) -> None:
+    """``[T, B, d]`` generic calls with ``d = B``: both dimensions offer the batch size; the grouping check tries each
+    and keeps the one that holds the examples (every step took the per-row pass: XLNet with ``B = d_model`` at 35 times
+    a plain step). The Gramian and the update stay exact, with ``d = B`` and without."""
+    from ._reference import assert_exact_step
+
+    torch.manual_seed(0)
+    model = _TimeMajorGeneric(width=4)
+    engine = Engine(model, single_backward=single_backward)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # (the per-row path warns)
+        for batch, length in [(4, 3), (4, 5), (3, 3), (4, 3)]:
+            model.zero_grad(set_to_none=True)
+            assert_exact_step(engine, model(torch.randn(batch, length, 3)), trainable(model), single_backward)
+    assert per_row_calls == []
