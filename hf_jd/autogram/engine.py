@@ -1124,7 +1124,9 @@ class Engine:
             "calling F.linear(x, self.child.weight) instead of self.child(x)), which the engine cannot "
             "attribute. Call the owning module instead, freeze that parameter, or leave its module out of "
             "the engine (jd_modules), or use the autojac engine. Also check that per-example task losses "
-            "are shaped [B, m] (examples first), not [m, B]."
+            "are shaped [B, m] (examples first), not [m, B]. If the per-example gradients are tiny or nearly cancel "
+            f"(‖Jᵀw‖² = {actual:.3g} here), float32 rounding may explain the difference instead: the same check on "
+            "a float64 copy of the model (model.double()) then passes."
         )
 
     def backward(self, weights: Tensor) -> None:
