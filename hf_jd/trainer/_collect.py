@@ -245,7 +245,7 @@ class LossCollector:
 
     # ------------------------------------------------------------------ modes
     def _iwrm(self, model: nn.Module, unwrapped: nn.Module, inputs: dict[str, Any]) -> tuple[Tensor, Any]:
-        from .losses import QA_LABEL_NAMES, detect_model_kind, per_example_losses
+        from .losses import QA_LABEL_NAMES, ctc_logit_lengths, detect_model_kind, per_example_losses
 
         present = [name for name in self.label_names if inputs.get(name) is not None]
         if not present:
@@ -270,7 +270,11 @@ class LossCollector:
             # from input_ids themselves; their labels are no decoder tokens)
             model_inputs = _decoder_inputs_from_labels(unwrapped, model_inputs, labels)
         outputs = model(**model_inputs)
-        return per_example_losses(unwrapped, outputs, labels, kind=kind, label_smoothing=self.label_smoothing), outputs
+        lengths = ctc_logit_lengths(unwrapped, model_inputs) if kind == "ctc" else None
+        losses = per_example_losses(
+            unwrapped, outputs, labels, kind=kind, label_smoothing=self.label_smoothing, logit_lengths=lengths
+        )
+        return losses, outputs
 
     def _stack_task_dict(self, losses: Mapping[str, Tensor], source: str) -> Tensor:
         names = self.task_names

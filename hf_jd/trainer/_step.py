@@ -308,9 +308,14 @@ class JDStep:
 
     def close(self) -> None:
         """Remove the engine's hooks (a later :meth:`setup` builds a new engine)."""
+        self.detach()
+        self.engine = None
+
+    def detach(self) -> None:
+        """Take the engine's hooks off the model at the end of training; the engine stays readable (its covered
+        parameters, its mode) and a later :meth:`setup` builds a new one."""
         if self.engine is not None:
             self.engine.remove()
-        self.engine = None
         self._model = None
 
     @contextlib.contextmanager

@@ -18,7 +18,11 @@ each example from the logits, with exactly the conventions of the models' own lo
   experts run with ``output_router_logits=True`` adds its load-balancing loss times
   ``router_aux_loss_coef`` to every example's loss, as its own loss adds it to the batch mean;
 * masked and sequence-to-sequence language modelling (text or speech to text, e.g. Whisper): mean over
-  the tokens whose label is not ``-100``.
+  the tokens whose label is not ``-100``;
+* CTC speech recognition (``Wav2Vec2ForCTC`` and the like): the connectionist temporal classification loss of the
+  example's transcript (labels ``>= 0``) over its valid frames, divided by the transcript's length when
+  ``config.ctc_loss_reduction == "mean"`` and times the batch size when it is ``"sum"``, so that the mean over the
+  examples is the model's loss in both cases.
 
 An example without any valid label gets the loss 0 (its row of the Jacobian is zero). When every example has
 the same number of valid targets, the mean of the per-example losses equals the model's own loss.
@@ -43,6 +47,7 @@ ModelKind = Literal[
     "causal_lm",
     "masked_lm",
     "seq2seq_lm",
+    "ctc",
 ]
 MODEL_KINDS: tuple[str, ...] = (
     "sequence_classification",
@@ -52,6 +57,7 @@ MODEL_KINDS: tuple[str, ...] = (
     "causal_lm",
     "masked_lm",
     "seq2seq_lm",
+    "ctc",
 )
 IGNORE_INDEX = -100
 
@@ -65,9 +71,16 @@ _MAPPINGS: dict[str, tuple[str, ...]] = {
     "multiple_choice": ("MODEL_FOR_MULTIPLE_CHOICE_MAPPING_NAMES",),
     "question_answering": ("MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES",),
     "token_classification": ("MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES",),
-    "causal_lm": ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",),
+    # (image- and audio-to-text models: decoder-only ones take the causal LM's shifted loss; encoder-decoder ones, such
+    # as VisionEncoderDecoderModel, the seq2seq loss, by the rule on config.is_encoder_decoder)
+    "causal_lm": (
+        "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+        "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES",
+        "MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES",
+    ),
     "masked_lm": ("MODEL_FOR_MASKED_LM_MAPPING_NAMES",),
     "seq2seq_lm": ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES"),
+    "ctc": ("MODEL_FOR_CTC_MAPPING_NAMES",),
 }
 _SUFFIXES: tuple[tuple[str, str], ...] = (
     ("ForSequenceClassification", "sequence_classification"),
@@ -79,6 +92,7 @@ _SUFFIXES: tuple[tuple[str, str], ...] = (
     ("ForTokenClassification", "token_classification"),
     ("ForCausalLM", "causal_lm"),
     ("ForMaskedLM", "masked_lm"),
+    ("ForCTC", "ctc"),
 )
 
 
@@ -155,13 +169,15 @@ def detect_model_kind(model: nn.Module) -> str:
             return kinds.pop()
         if len(kinds) > 1:
             raise ValueError(
-                f"Cannot tell which loss {name} computes: it is registered as {sorted(kinds)}. Pass "
-                "kind=... to per_example_losses, or a `compute_losses` callable to JDTrainer."
+                f"Cannot tell which loss {name} computes: it is registered as {sorted(kinds)}. Pass a "
+                "`compute_losses(model, inputs) -> (losses, outputs)` callable to JDTrainer (or, when calling "
+                "per_example_losses yourself, kind=...)."
             )
     raise ValueError(
         f"per_example_losses does not know the loss of {type(model).__name__}: supported are the standard "
-        f"Hugging Face task models of kinds {list(MODEL_KINDS)}. Pass a `compute_losses(model, inputs) -> "
-        "(losses, outputs)` callable to JDTrainer, or kind=... to per_example_losses."
+        f"Hugging Face task models of kinds {list(MODEL_KINDS)} (and image- or audio-to-text models that compute "
+        "one of these losses). Pass a `compute_losses(model, inputs) -> (losses, outputs)` callable to JDTrainer "
+        "that returns one loss per example (or, when calling per_example_losses yourself, kind=...)."
     )
 
 
@@ -371,8 +387,83 @@ def _router_loss(model: nn.Module, outputs: Any) -> Tensor | None:
     )
 
 
+def ctc_logit_lengths(model: nn.Module, inputs: Mapping[str, Any]) -> Tensor | None:
+    """Number of valid frames of each example's CTC logits, from the ``attention_mask`` of the model's inputs (the
+    samples' mask, mapped to frames by the model's own ``_get_feat_extract_output_lengths``, as its loss does).
+
+    Parameters
+    ----------
+    model
+        The CTC model, possibly wrapped.
+    inputs
+        The model's inputs.
+
+    Returns
+    -------
+    Tensor or None
+        ``[B]`` frame counts, or ``None`` without an attention mask (every frame is valid).
+
+    Raises
+    ------
+    ValueError
+        When the inputs have an attention mask that the model gives no way to map to frames.
+    """
+    mask = inputs.get("attention_mask")
+    if mask is None:
+        return None
+    unwrapped = unwrap_model(model)
+    lengths_of = getattr(unwrapped, "_get_feat_extract_output_lengths", None)
+    if not callable(lengths_of):
+        raise ValueError(
+            f"{type(unwrapped).__name__} has no _get_feat_extract_output_lengths to map the attention mask of its "
+            "inputs to valid frames of its CTC logits. Pass `compute_losses=` to JDTrainer, computing "
+            "F.ctc_loss(..., reduction='none') with the model's input lengths."
+        )
+    return lengths_of(mask.sum(-1)).to(torch.long)
+
+
+def _ctc_losses(model: nn.Module, logits: Tensor, labels: Tensor, logit_lengths: Tensor | None) -> Tensor:
+    if logits.dim() != 3 or labels.dim() != 2:
+        raise ValueError(
+            f"A CTC model needs logits [B, frames, V] and labels [B, L]; got logits {list(logits.shape)} and labels "
+            f"{list(labels.shape)}."
+        )
+    config = getattr(unwrap_model(model), "config", None)
+    vocab = logits.shape[-1]
+    if labels.numel() and int(labels.max()) >= vocab:
+        raise ValueError(f"CTC labels must be below the vocabulary size {vocab}, got {int(labels.max())}.")
+    blank = getattr(config, "pad_token_id", None)
+    reduction = getattr(config, "ctc_loss_reduction", "mean")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"config.ctc_loss_reduction must be 'mean' or 'sum', got {reduction!r}.")
+    batch, frames = logits.shape[:2]
+    if logit_lengths is None:
+        logit_lengths = torch.full((batch,), frames, dtype=torch.long, device=logits.device)
+    valid = labels >= 0
+    target_lengths = valid.sum(-1)
+    log_probs = F.log_softmax(logits, dim=-1, dtype=torch.float32).transpose(0, 1)
+    with torch.backends.cudnn.flags(enabled=False):  # (as the models' loss: cuDNN's CTC has other constraints)
+        losses = F.ctc_loss(
+            log_probs,
+            labels.masked_select(valid),
+            logit_lengths.to(device=logits.device, dtype=torch.long),
+            target_lengths,
+            blank=0 if blank is None else int(blank),
+            reduction="none",
+            zero_infinity=bool(getattr(config, "ctc_zero_infinity", False)),
+        )
+    if reduction == "mean":  # (torch's mean: each loss over its transcript's length, then the batch mean)
+        return losses / target_lengths.clamp(min=1)
+    return losses * batch
+
+
 def per_example_losses(
-    model: nn.Module, outputs: Any, labels: Any, kind: str | None = None, label_smoothing: float = 0.0
+    model: nn.Module,
+    outputs: Any,
+    labels: Any,
+    kind: str | None = None,
+    label_smoothing: float = 0.0,
+    logit_lengths: Tensor | None = None,
 ) -> Tensor:
     """Loss of every example of the batch, computed from the outputs of a Hugging Face task model.
 
@@ -399,6 +490,8 @@ def per_example_losses(
         example's loss is ``(1 - ε)`` times its negative log-likelihood plus ``ε`` times the mean over the classes
         of ``-log p``, as the Trainer's ``LabelSmoother`` computes it (which also shifts causal LMs' labels).
         Classification, multiple choice and token-level models only.
+    logit_lengths
+        CTC only: the number of valid frames of each example's logits (:func:`ctc_logit_lengths`); by default all.
 
     Returns
     -------
@@ -430,6 +523,10 @@ def per_example_losses(
     labels = labels.to(logits.device)
     if labels.shape[0] != logits.shape[0]:
         raise ValueError(f"labels have batch size {labels.shape[0]} but the logits have {logits.shape[0]}.")
+    if kind == "ctc":
+        if label_smoothing:
+            raise ValueError("Label smoothing does not apply to the CTC loss: set label_smoothing_factor=0.")
+        return _ctc_losses(model, logits, labels, logit_lengths)
     if kind == "sequence_classification":
         config = getattr(unwrap_model(model), "config", None)
         return _sequence_classification_losses(config, logits, labels, label_smoothing)
@@ -450,4 +547,6 @@ def per_example_losses(
     return _token_losses(logits, labels, label_smoothing)
 
 
-__all__ = ["MODEL_KINDS", "QA_LABEL_NAMES", "detect_model_kind", "per_example_losses", "unwrap_model"]
+__all__ = [
+    "MODEL_KINDS", "QA_LABEL_NAMES", "ctc_logit_lengths", "detect_model_kind", "per_example_losses", "unwrap_model",
+]

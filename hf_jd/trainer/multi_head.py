@@ -379,7 +379,10 @@ class MultiHeadModel(PreTrainedModel):
     ``MultiHeadModel(backbone_config_or_model, heads)``), or from a :class:`MultiHeadConfig`. It saves and
     loads with ``save_pretrained`` / ``from_pretrained`` and works in the ``transformers.Trainer``: set
     ``label_names=model.label_names`` in the training arguments so that the ``labels_<task>`` columns are
-    kept and evaluation reports a loss.
+    kept and evaluation reports a loss. The backbone's inputs other than the text ones named in :meth:`forward`
+    (``pixel_values`` of a vision backbone, ``input_values`` of an audio one) reach it through ``**kwargs``, which
+    the plain Trainer's ``remove_unused_columns`` does not see: set ``remove_unused_columns=False`` there
+    (:class:`~hf_jd.JDTrainer` keeps the backbone's input columns itself).
 
     Parameters
     ----------

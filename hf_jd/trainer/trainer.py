@@ -131,8 +131,11 @@ class JDTrainer(Trainer):
       :mod:`hf_jd.trainer._distributed`.
     - ``torch_compile=True`` (or a compiled model) works: the step differentiates the compiled graph
       more than once, so AOTAutograd's buffer donation is turned off inside the training step.
+    - ``label_smoothing_factor`` smooths the built-in per-example cross-entropies of ``jd_mode="iwrm"`` as the
+      Trainer's ``LabelSmoother`` does; losses JD does not compute itself (the task losses of ``mtl``/``iwmtl``,
+      ``compute_losses``) are rejected with it: smooth them where they are computed.
     - Not supported: DeepSpeed, FSDP, SageMaker model parallelism, ``torch.nn.DataParallel``
-      (several GPUs in one process), label smoothing, ``compute_loss_func``, the LOMO/AdaLomo
+      (several GPUs in one process), ``compute_loss_func``, the LOMO/AdaLomo
       optimizers, reentrant gradient checkpointing, and multi-process training with the autojac
       engine.
     """
@@ -312,6 +315,28 @@ class JDTrainer(Trainer):
         return super()._get_train_sampler(train_dataset)
 
     # ------------------------------------------------------------------ training
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """:meth:`transformers.Trainer.train`, after which the autogram engine's hooks are taken off the model.
+
+        The engine is built on the first training step; leaving its hooks on the model after training would make every
+        later forward pass (evaluation, ``generate``, a new trainer on the same model) call them. ``jd_step.engine``
+        stays readable; a later ``train()`` builds a new engine.
+
+        Parameters
+        ----------
+        *args, **kwargs
+            Those of :meth:`transformers.Trainer.train`.
+
+        Returns
+        -------
+        transformers.trainer_utils.TrainOutput
+            What :meth:`transformers.Trainer.train` returns.
+        """
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self.jd_step.detach()
+
     def training_step(
         self,
         model: nn.Module,

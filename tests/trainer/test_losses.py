@@ -249,6 +249,47 @@ def test_seq2seq_lm():
     )
 
 
+def test_vision_encoder_decoder_takes_the_seq2seq_loss():
+    """Image captioning / OCR (ViT encoder, GPT-2 decoder): an image-to-text model registered beside the decoder-only
+    vision-language models, whose encoder-decoder config gives it the seq2seq loss (labels not shifted here)."""
+    from transformers import VisionEncoderDecoderConfig, VisionEncoderDecoderModel
+
+    encoder = ViTConfig(image_size=8, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=1,
+                        num_attention_heads=2, intermediate_size=32)
+    decoder = GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=16, add_cross_attention=True,
+                         is_decoder=True)
+    config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
+    config.decoder_start_token_id, config.pad_token_id = 0, 0
+    model = VisionEncoderDecoderModel(config=config)
+    assert detect_model_kind(model) == "seq2seq_lm"
+    labels = torch.randint(1, 50, (3, 5))
+    labels[1, 3:] = -100
+    decoder_input_ids = torch.cat([torch.zeros(3, 1, dtype=torch.long), labels[:, :-1].clamp(min=0)], dim=1)
+    check_against_model(model, {"pixel_values": torch.randn(3, 3, 8, 8)}, labels, equal_counts=False,
+                        decoder_input_ids=decoder_input_ids)
+
+
+def test_vision_language_models_take_the_causal_lm_loss():
+    """Decoder-only image-text-to-text models (LLaVA-style ``...ForConditionalGeneration``) compute the causal LM's
+    shifted loss over their ``[B, T, V]`` logits."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    vision = CLIPVisionConfig(image_size=8, patch_size=4, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                              num_attention_heads=2, projection_dim=16)
+    text = LlamaConfig(vocab_size=60, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                       num_key_value_heads=1, max_position_embeddings=32)
+    model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, image_token_id=59,
+                                                      vision_feature_select_strategy="default"))
+    assert detect_model_kind(model) == "causal_lm"
+    image_tokens = (8 // 4) ** 2
+    input_ids = torch.cat([torch.full((3, image_tokens), 59), torch.randint(1, 50, (3, 6))], dim=1)
+    labels = input_ids.clone()
+    labels[:, :image_tokens] = -100
+    labels[2, -2:] = -100
+    check_against_model(model, {"input_ids": input_ids, "pixel_values": torch.randn(3, 3, 8, 8)}, labels,
+                        equal_counts=False)
+
+
 def test_image_classification_uses_the_sequence_classification_rules():
     config = ViTConfig(
         image_size=8, patch_size=4, num_channels=1, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
@@ -334,3 +375,41 @@ def test_bad_arguments_raise():
     out = regression(input_ids=torch.randint(1, 100, (2, 4)))
     with pytest.raises(ValueError, match="one per output"):
         per_example_losses(regression, out, torch.randn(2, 3))
+
+
+def _wav2vec2_ctc(reduction: str):
+    from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
+
+    config = Wav2Vec2Config(
+        vocab_size=12, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        conv_dim=(8, 8), conv_stride=(4, 2), conv_kernel=(8, 3), num_conv_pos_embeddings=4,
+        num_conv_pos_embedding_groups=2, feat_extract_norm="layer", do_stable_layer_norm=True, mask_time_prob=0.0,
+        pad_token_id=0, ctc_loss_reduction=reduction, ctc_zero_infinity=True,
+    )  # fmt: skip
+    return Wav2Vec2ForCTC(config).eval()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_ctc_speech_recognition(reduction):
+    """Wav2Vec2ForCTC: each row is the CTC loss of the example's transcript over its valid frames (from the attention
+    mask of its padded audio), scaled so that the mean of the rows is the model's loss for either reduction."""
+    from hf_jd.trainer.losses import ctc_logit_lengths
+
+    model = _wav2vec2_ctc(reduction)
+    assert detect_model_kind(model) == "ctc"
+    audio = torch.randn(3, 160)
+    mask = torch.ones(3, 160, dtype=torch.long)
+    mask[1, 100:] = 0
+    audio[1, 100:] = 0.0
+    labels = torch.tensor([[3, 4, 5, 4], [6, 7, -100, -100], [8, 8, 9, -100]])
+    inputs = {"input_values": audio, "attention_mask": mask}
+    lengths = ctc_logit_lengths(model, inputs)
+    assert lengths is not None and lengths[1] < lengths[0]
+    losses = per_example_losses(model, model(**inputs), labels, logit_lengths=lengths)
+    scale = 3.0 if reduction == "sum" else 1.0
+    for i in range(3):
+        alone = model(input_values=audio[i : i + 1], attention_mask=mask[i : i + 1], labels=labels[i : i + 1]).loss
+        torch.testing.assert_close(losses[i], scale * alone, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(losses.mean(), model(**inputs, labels=labels).loss, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="Label smoothing"):
+        per_example_losses(model, model(**inputs), labels, label_smoothing=0.1)

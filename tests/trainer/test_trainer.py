@@ -215,3 +215,36 @@ def test_activation_checkpointing_gives_the_exact_step(tmp_path, engine):
 
     expected = _expected_first_step(reference, dataset, 4, 1, "upgrad", losses_fn)
     torch.testing.assert_close(capture.grads[0], expected, rtol=1e-4, atol=1e-6)
+
+
+def _hook_counts(model: torch.nn.Module) -> list[int]:
+    return [
+        len(getattr(module, name))
+        for module in model.modules()
+        for name in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    ]
+
+
+def test_training_leaves_no_hooks_on_the_model(tmp_path):
+    """Training with the autogram engine takes its hooks off the model at the end (they stacked up, one set per
+    trainer, on a model trained again or evaluated by other trainers); training again builds a new engine and still
+    gives the Jacobian-descent step."""
+    torch.manual_seed(0)
+    model = tiny_bert()
+    before = _hook_counts(model)
+    dataset = token_dataset()
+    capture = GradCapture()
+    args = make_args(tmp_path, jd_mode="iwrm", jd_engine="autogram", max_steps=1)
+    trainer = JDTrainer(model=model, args=args, train_dataset=dataset, callbacks=[capture])
+    trainer.train()
+    assert _hook_counts(model) == before
+    reference = copy.deepcopy(model)
+    trainer.train()  # (a second run, from the trained weights)
+    assert _hook_counts(model) == before
+
+    def losses_fn(m, batch):
+        logits = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return F.cross_entropy(logits, batch["labels"], reduction="none")
+
+    expected = _expected_first_step(reference, dataset, 4, 1, "upgrad", losses_fn)
+    torch.testing.assert_close(capture.grads[-1], expected, rtol=1e-4, atol=1e-6)

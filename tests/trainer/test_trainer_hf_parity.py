@@ -369,3 +369,52 @@ def test_label_smoothing_of_a_causal_lm_equals_the_hand_computation(tmp_path):
     loss = (0.8 * nll - 0.2 * log_probs.mean(dim=-1)).mean()
     grads = torch.autograd.grad(loss, list(reference.parameters()))
     torch.testing.assert_close(update, -torch.cat([g.reshape(-1) for g in grads]), rtol=1e-4, atol=1e-6)
+
+
+def test_ctc_speech_recognition_gives_the_plain_trainers_update_with_the_mean(tmp_path):
+    """Wav2Vec2ForCTC on padded audio (its default summed CTC loss): with jd_aggregator='mean', one SGD step of
+    JDTrainer in iwrm equals the plain Trainer's, and with UPGrad it is UPGrad of the explicit per-example Jacobian."""
+    from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
+
+    config = Wav2Vec2Config(
+        vocab_size=12, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        conv_dim=(8, 8), conv_stride=(4, 2), conv_kernel=(8, 3), num_conv_pos_embeddings=4,
+        num_conv_pos_embedding_groups=2, feat_extract_norm="layer", do_stable_layer_norm=True, mask_time_prob=0.0,
+        pad_token_id=0, hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0,
+        final_dropout=0.0, layerdrop=0.0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    initial = Wav2Vec2ForCTC(config)
+    audio = torch.randn(4, 160)
+    mask = torch.ones(4, 160, dtype=torch.long)
+    mask[2, 96:] = 0
+    audio[2, 96:] = 0.0
+    labels = torch.tensor([[3, 4, 5, 4], [6, 7, -100, -100], [8, 8, 9, -100], [2, 5, 11, 1]])
+    dataset = Dataset.from_dict(
+        {"input_values": audio.tolist(), "attention_mask": mask.tolist(), "labels": labels.tolist()}
+    ).with_format("torch")
+    jd = _jd_update(tmp_path, copy.deepcopy(initial), dataset, 0.0)
+    model = copy.deepcopy(initial)
+    start = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    args = TrainingArguments(str(tmp_path / "plain"), **_sgd_options())
+    Trainer(model=model, args=args, train_dataset=dataset).train()
+    plain = torch.cat([p.detach().reshape(-1) for p in model.parameters()]) - start
+    torch.testing.assert_close(jd, plain, rtol=1e-4, atol=1e-6)
+    # UPGrad: the update is UPGrad of the explicit Jacobian of the per-example CTC losses.
+    from hf_jd.aggregation import UPGrad
+    from hf_jd.trainer.losses import ctc_logit_lengths, per_example_losses
+
+    reference = copy.deepcopy(initial)
+    inputs = {"input_values": audio, "attention_mask": mask}
+    losses = per_example_losses(reference, reference(**inputs), labels,
+                                logit_lengths=ctc_logit_lengths(reference, inputs))
+    params = [p for p in reference.parameters() if p.requires_grad]
+    jacobian = torch.stack([
+        torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params, retain_graph=True)]) for loss in losses
+    ])
+    model = copy.deepcopy(initial)
+    start = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    args = JDTrainingArguments(str(tmp_path / "upgrad"), jd_aggregator="upgrad", **_sgd_options())
+    JDTrainer(model=model, args=args, train_dataset=dataset).train()
+    update = torch.cat([p.detach().reshape(-1) for p in model.parameters()]) - start
+    torch.testing.assert_close(update, -UPGrad()(jacobian), rtol=1e-3, atol=1e-6)
