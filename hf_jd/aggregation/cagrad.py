@@ -292,8 +292,10 @@ class CAGradWeighting(Weighting):
     ``c = 0`` gives the mean.
 
     The Gramian is first divided by its mean diagonal (the weights are invariant to this). If
-    the rows are all zero, or the optimal ``|g_w|`` is below ``norm_eps`` in these normalised
-    units (then ``d`` is not determined by the dual), the weights are the mean ``1/m``. When ``0``
+    the rows are all zero, or the optimal ``g_w`` cancels, ``|g_w| ≤ norm_eps · Σ_i w_i |g_i|`` (then its
+    direction, hence ``d``, is rounding), the weights are the mean ``1/m``. A small ``g_w`` made of small
+    rows (the dual picking a nearly converged task's gradient) is not a cancellation: its direction is
+    well determined, and so is ``d``. When ``0``
     lies in the convex hull of the rows (no direction improves every objective) the optimal ``|g_w|``
     is in general not zero, and the update is the paper's: the ``d`` of the ball with the least bad
     worst objective.
@@ -303,7 +305,7 @@ class CAGradWeighting(Weighting):
     c
         Radius of the ball around ``g₀``, relative to ``|g₀|`` (``c ≥ 0``).
     norm_eps
-        Threshold under which the normalised ``|g_w|`` is treated as zero.
+        Threshold under which ``|g_w|``, relative to ``Σ_i w_i |g_i|``, is treated as zero.
 
     Raises
     ------
@@ -345,7 +347,10 @@ class CAGradWeighting(Weighting):
         array = array / scale
         dual = solve_cagrad_dual(array, self.c)
         g_w_norm = math.sqrt(max(float(dual @ array @ dual), 0.0))
-        if g_w_norm < self.norm_eps:
+        # (relative to Σ_i w_i |g_i|, the size of the rows g_w combines: a small row that the dual picks, such as a
+        # nearly converged task's, gives a small but well-determined g_w)
+        combined = float(dual @ np.sqrt(np.clip(np.diag(array), 0.0, None)))
+        if g_w_norm <= self.norm_eps * combined:
             return weights_to_tensor(mean, gramian)
         sqrt_phi = self.c * math.sqrt(max(float(array.sum()) / m**2, 0.0))
         return weights_to_tensor(mean + (sqrt_phi / g_w_norm) * dual, gramian)

@@ -80,6 +80,20 @@ def test_update_solves_primal_problem(m: int) -> None:
     np.testing.assert_allclose(update, reference, atol=1e-5)
 
 
+@pytest.mark.parametrize("scale", [1e-3, 1e-5, 1e-7])
+def test_a_small_row_picked_by_the_dual_is_not_a_cancellation(scale: float) -> None:
+    """One objective with a tiny gradient (a nearly converged task): the dual puts its weight there, so ``|g_w|`` is
+    tiny, but its direction is well determined and the update is still the primal solution (below 1e-4 of the rows'
+    size, it was taken for a cancellation and the update was the mean, which conflicts with a row)."""
+    generator = torch.Generator().manual_seed(0)
+    matrix = torch.randn(4, 10, generator=generator, dtype=torch.float64)
+    matrix[3] *= scale
+    update = CAGrad(c=0.5)(matrix).numpy()
+    reference = _scipy_primal(matrix.numpy(), 0.5)
+    np.testing.assert_allclose(update, reference, atol=1e-5)
+    assert not np.allclose(update, matrix.mean(dim=0).numpy())
+
+
 @pytest.mark.parametrize(
     "rows",
     [
