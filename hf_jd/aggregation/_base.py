@@ -443,7 +443,8 @@ class GramianWeightedAggregator(Aggregator):
         return self._weighting
 
     def weights(self, matrix: Tensor) -> Tensor:
-        """Return the weights this aggregator gives to the rows of ``matrix`` (in its dtype).
+        """Return the weights this aggregator gives to the rows of ``matrix`` (in its dtype; float32 for a float16 or
+        bfloat16 matrix, whose range the weights may exceed).
 
         Parameters
         ----------
@@ -461,7 +462,8 @@ class GramianWeightedAggregator(Aggregator):
             If ``matrix`` fails :func:`check_matrix` or its Gramian fails :func:`check_gramian`.
         """
         check_matrix(matrix)
-        return self._weighting(compute_gramian(matrix)).to(matrix.dtype)
+        low_precision = matrix.dtype in (torch.float16, torch.bfloat16)
+        return self._weighting(compute_gramian(matrix)).to(torch.float32 if low_precision else matrix.dtype)
 
     def aggregate(self, matrix: Tensor) -> Tensor:
         """Return ``wᵀ J`` with ``w`` the weighting of ``J Jᵀ``.
@@ -476,8 +478,7 @@ class GramianWeightedAggregator(Aggregator):
         Tensor
             The update, shape ``[n]``, in the dtype of ``matrix``.
         """
-        weights = self._weighting(compute_gramian(matrix))
-        return weights.to(matrix.dtype) @ matrix
+        return weighted_rows(self._weighting(compute_gramian(matrix)), matrix)
 
     def reset(self) -> None:
         """Reset the weighting's state (see :meth:`Weighting.reset`)."""
@@ -560,6 +561,40 @@ def computes_weighted_rows(aggregate: _Aggregate) -> _Aggregate:
     """
     _WEIGHTED_ROWS_AGGREGATES.add(aggregate)
     return aggregate
+
+
+def weighted_rows(weights: Tensor, matrix: Tensor) -> Tensor:
+    """Return ``wᵀ J`` in the dtype of ``matrix``, the product taken in float32 for a float16 or bfloat16 ``matrix``.
+
+    Weights are computed in float32 or float64 and may exceed float16's range (UPGrad's weight of a row 10⁵ times
+    smaller than another, Nash-MTL's ``1 / |g_i|``) where their products with the rows do not.
+
+    Parameters
+    ----------
+    weights
+        The weights ``w``, shape ``[m]``.
+    matrix
+        The Jacobian ``J``, shape ``[m, n]``.
+
+    Returns
+    -------
+    Tensor
+        Shape ``[n]``, in the dtype of ``matrix``.
+
+    Raises
+    ------
+    ValueError
+        If the update of a finite low-precision matrix is not finite in its dtype (it overflows it).
+    """
+    if matrix.dtype not in (torch.float16, torch.bfloat16):
+        return weights.to(matrix.dtype) @ matrix
+    update = (weights.float() @ matrix.float()).to(matrix.dtype)
+    if not bool(torch.isfinite(update).all()):
+        raise ValueError(
+            f"The update does not fit {matrix.dtype} (its largest entry overflows it): aggregate a float32 Jacobian "
+            "(e.g. keep the parameters in float32 and train under autocast)."
+        )
+    return update
 
 
 def compute_gramian(matrix: Tensor) -> Tensor:

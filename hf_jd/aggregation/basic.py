@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import GramianWeightedAggregator, Weighting, computes_weighted_rows
+from ._base import GramianWeightedAggregator, Weighting, computes_weighted_rows, weighted_rows
 from ._generator import check_seed
 from ._preference import check_vector
 
@@ -50,7 +50,7 @@ class _SizeOnlyAggregator(GramianWeightedAggregator):
     def aggregate(self, matrix: Tensor) -> Tensor:
         weighting = self.weighting
         assert isinstance(weighting, _SizeOnlyWeighting)
-        return weighting.weights_for(matrix.shape[0], matrix.dtype, matrix.device) @ matrix
+        return weighted_rows(weighting.weights_for(matrix.shape[0], matrix.dtype, matrix.device), matrix)
 
     def __repr__(self) -> str:
         return repr(self.weighting).replace(type(self.weighting).__name__, type(self).__name__, 1)

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from hf_jd.aggregation import Aggregator
-from hf_jd.aggregation._base import FLOAT32_GRAMIAN_FLOOR, update_is_weighted_rows
+from hf_jd.aggregation._base import FLOAT32_GRAMIAN_FLOOR, update_is_weighted_rows, weighted_rows
 
 from ._accumulate import accumulate_grad, get_jac
 
@@ -194,7 +194,7 @@ def jac_to_grad(
         weights: Tensor | None = None
         if update_is_weighted_rows(aggregator):
             weights = aggregator.weighting(_gramian(matrices))
-            updates = [weights.to(matrix) @ matrix for matrix in matrices]
+            updates = [weighted_rows(weights, matrix) for matrix in matrices]
         else:
             matrix = matrices[0] if len(matrices) == 1 else torch.cat(matrices, dim=1)
             update = aggregator(matrix)

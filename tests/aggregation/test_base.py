@@ -197,3 +197,29 @@ def test_compute_without_validation_equals_the_call_and_leaves_the_input_alone(w
     torch.testing.assert_close(computed, called, rtol=0, atol=0)
     assert torch.equal(gramian, original)
     assert called.dtype == DT
+
+
+@pytest.mark.parametrize("name", ["upgrad", "dualproj", "pcgrad", "config", "nash_mtl", "fairgrad"])
+def test_float16_jacobian_whose_weights_exceed_its_range(name: str) -> None:
+    """Weights beyond float16's range (a row 10⁵ times smaller than another; Nash-MTL's and FairGrad's ``1 / |g_i|``)
+    whose products with the rows fit it: the update is the float32 Jacobian's, rounded, not inf or NaN."""
+    from hf_jd.aggregation import get_aggregator
+
+    if name in ("nash_mtl", "fairgrad"):
+        matrix = torch.randn(3, 8, generator=torch.Generator().manual_seed(0)) * 1e-6
+    else:
+        matrix = torch.tensor([[10.0, 0.0, 0.0, 0.0], [-3e-5, 3e-5, 0.0, 0.0]])
+    half = matrix.half()
+    update = get_aggregator(name)(half)
+    expected = get_aggregator(name)(half.float())
+    assert update.dtype == torch.float16
+    torch.testing.assert_close(update.float(), expected, rtol=2e-3, atol=1e-3 * float(expected.abs().max()))
+    weights = get_aggregator(name).weights(half)
+    assert weights.dtype == torch.float32 and bool(torch.isfinite(weights).all())
+
+
+def test_float16_update_that_overflows_is_an_error() -> None:
+    from hf_jd.aggregation import Sum
+
+    with pytest.raises(ValueError, match="does not fit torch.float16"):
+        Sum()(torch.full((2, 3), 60000.0, dtype=torch.float16))

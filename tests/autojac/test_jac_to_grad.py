@@ -286,3 +286,14 @@ def test_overridden_aggregate_of_a_gramian_weighted_aggregator_is_used() -> None
     torch.testing.assert_close(w.grad, torch.tensor([1.0, 0.0, 0.0]))
     assert update_is_weighted_rows(UPGrad()) and update_is_weighted_rows(Mean())
     assert not update_is_weighted_rows(_ClippedUPGrad())
+
+
+def test_float16_jacobian_with_weights_beyond_its_range_gives_a_finite_grad() -> None:
+    """UPGrad's weight of a row 10⁵ times smaller than the other exceeds float16's range; the ``.grad`` written is the
+    float32 Jacobian's update, rounded (it was NaN)."""
+    param = torch.zeros(4, dtype=torch.float16, requires_grad=True)
+    matrix = torch.tensor([[10.0, 0.0, 0.0, 0.0], [-3e-5, 3e-5, 0.0, 0.0]])
+    param.jac = matrix.half()
+    jac_to_grad([param], UPGrad())
+    assert param.grad is not None and param.grad.dtype == torch.float16
+    torch.testing.assert_close(param.grad.float(), UPGrad()(matrix.half().float()), rtol=2e-3, atol=1e-2)
