@@ -66,6 +66,11 @@ class AlignedMTLWeighting(Weighting):
         if not largest > 0:
             return weights_to_tensor(np.zeros(m), gramian)
         keep = eigenvalues > rank_cutoff(eigenvalues, m * torch.finfo(gramian.dtype).eps)
+        if not keep.any():  # (a negative eigenvalue of at least a tenth of the largest: not rounding)
+            raise ValueError(
+                f"The Gramian is not positive semi-definite (an eigenvalue of {float(eigenvalues[0]):.3g} against a "
+                f"largest of {largest:.3g}): it is no J Jᵀ. Pass the Gramian of a Jacobian (e.g. compute_gramian(J))."
+            )
         eigenvalues, eigenvectors = eigenvalues[keep], eigenvectors[:, keep]
         smallest = float(eigenvalues.min())
         # B w = V (sqrt(λ_r/λ) ⊙ (Vᵀ w)): two matrix-vector products.

@@ -105,3 +105,11 @@ def test_repr() -> None:
 def test_negative_diagonal_is_not_a_gramian() -> None:
     with pytest.raises(ValueError, match="negative diagonal"):
         AlignedMTLWeighting()(torch.tensor([[1.0, 0.0], [0.0, -1.0]]))
+
+
+def test_indefinite_symmetric_matrix_is_not_a_gramian() -> None:
+    """A symmetric matrix that passes the cheap checks (non-negative diagonal, Cauchy–Schwarz) but has an eigenvalue far
+    below zero is no Gramian: a clear error, not NumPy's reduction error from an empty set of kept directions."""
+    matrix = torch.full((3, 3), -0.9, dtype=torch.float64).fill_diagonal_(1.0)
+    with pytest.raises(ValueError, match="not positive semi-definite"):
+        AlignedMTLWeighting()(matrix)
