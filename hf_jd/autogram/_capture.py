@@ -638,9 +638,11 @@ class Capture:
             first = args[0] if args and isinstance(args[0], Tensor) else None
             leads = first is not None and bd is not None and first.dim() > bd and first.shape[bd] > 1
             for value in itertools.chain(args, kwargs.values()):
+                # (a list of per-example tensors, as TimesFM's past_values, holds no batch dimension)
+                source = "an element of a list" if isinstance(value, (list, tuple)) else "an input"
                 for tensor in tensors_in(value):
                     if not leads or tensor is first:
-                        self.note_batch(tensor, f"an input of {type(module).__name__}", from_root=True)
+                        self.note_batch(tensor, f"{source} of {type(module).__name__}", from_root=True)
                     if self.batch_dim is not None and tensor.dim() > self.batch_dim:
                         sizes = {int(size) for dim, size in enumerate(tensor.shape) if dim != self.batch_dim}
                         self.root_sizes = self.root_sizes | sizes

@@ -208,6 +208,12 @@ def layout_of_losses(
             "engine (their first positional tensor, else the largest size along batch_dim): if those inputs are "
             "not split by example (e.g. a flat list of token ids with offsets for nn.EmbeddingBag), pass them "
             "split by example (for nn.EmbeddingBag, [B, L] ids padded with its padding_idx)."
+            + (
+                " Here the size comes from a tensor in a list: give the model its examples stacked into one "
+                "[B, ...] tensor instead of a list of per-example tensors (TimesFM's past_values takes either)."
+                if batch_source.startswith("an element of a list")
+                else ""
+            )
         )
     if losses.dim() == 1:
         return RowLayout(bd, num_examples, 1), torch.ones_like(losses), False

@@ -330,3 +330,23 @@ def test_check_gramian_tolerates_bf16_rounding() -> None:
         gramian = engine.compute_gramian(losses)
         engine.check_gramian(losses, gramian)  # rtol=1e-3 asked, 5e-2 applied
         engine.remove()
+
+
+def test_a_list_of_per_example_tensors_gets_the_advice_to_stack_them() -> None:
+    """A model taking a list of per-example series (TimesFM's ``past_values``): the engine reads the batch size from
+    the first tensor it sees, a series, and its error says to give the examples stacked into one tensor."""
+
+    class Series(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(5, 1)
+
+        def forward(self, series: list[Tensor] | Tensor) -> Tensor:
+            return self.linear(torch.stack(series) if isinstance(series, list) else series).squeeze(1)
+
+    model = Series()
+    engine = Engine(model)
+    losses = model([torch.randn(5) for _ in range(3)]).pow(2)
+    with pytest.raises(ValueError, match="saw a batch of 5 examples(.|\\n)*stacked into one"):
+        engine.compute_gramian(losses)
+    assert engine.compute_gramian(model(torch.randn(3, 5)).pow(2)).shape == (3, 3)  # (the same series, stacked)
