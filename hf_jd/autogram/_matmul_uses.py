@@ -566,6 +566,8 @@ class MatmulFactors:
     def per_row(self) -> dict[str, Tensor]:
         """``[R, numel]`` per used parameter, through the operations on the weights alone (batched over the rows)."""
         targets = list(self.at_target)
+        if not targets:
+            return {}  # (no use of the weights has gradient: the losses do not depend on them, e.g. an unused output)
         names = list(self.aliases)
         vectors = [
             self._operand_grads(target, 0, self._num_slices(target), None)

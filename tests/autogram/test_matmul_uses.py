@@ -427,3 +427,29 @@ def test_untracked_inputs_to_the_first_call(first: str, single_backward: bool, t
         losses = model(features).squeeze(2).pow(2).mean(1)
         assert_exact_step_with_freed_graph(engine, model, losses, single_backward)
     assert {taken_ for module, taken_ in taken if module == name} == {True}
+
+
+class _UnusedScaledOutput(nn.Module):
+    """A module's own parameter used only in an output that the losses do not use (CLIPModel's ``logit_scale`` when
+    the losses read the embeddings alone)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = nn.Linear(8, 4), nn.Linear(8, 4)
+        self.logit_scale = nn.Parameter(torch.tensor(2.0))
+
+    def forward(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        first, second = self.first(x), self.second(y)
+        return first, second, first * self.logit_scale
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_parameter_used_only_in_an_unused_output(single_backward: bool, taken: list[tuple[str, bool]]) -> None:
+    """Its products receive no gradient: its rows are zero (an IndexError from an empty batched pass before)."""
+    torch.manual_seed(8)
+    model = _UnusedScaledOutput()
+    engine = Engine(model, single_backward=single_backward)
+    for batch in (9, 4):
+        model.zero_grad(set_to_none=True)
+        first, second, _ = model(torch.randn(batch, 8), torch.randn(batch, 8))
+        assert_exact_step_with_freed_graph(engine, model, (first - second).pow(2).sum(1), single_backward)
