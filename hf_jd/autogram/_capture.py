@@ -295,6 +295,11 @@ def documented_output_dims(module: nn.Module, output: Any) -> list[int] | None:
     return None
 
 
+# The keyword inputs of transformers models that hold one row per example, in order of precedence: when a root
+# module is called with keywords only, the first one present gives the batch size.
+_MAIN_INPUTS = ("input_ids", "inputs_embeds", "input_values", "input_features", "past_values")
+
+
 def _gathered(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     """Whether the first tensor input of a call was produced by indexing (``h[idx]``, ``index_select``,
     ``gather``), possibly reshaped afterwards: its rows need not be the examples in order, even when
@@ -637,6 +642,11 @@ class Capture:
             # inputs does (model(**batch): ids, masks, and tables such as [1, T] position ids).
             first = args[0] if args and isinstance(args[0], Tensor) else None
             leads = first is not None and bd is not None and first.dim() > bd and first.shape[bd] > 1
+            if first is None and bd is not None:
+                # Called with keywords (model(**batch)): the model's main input gives the batch size, not the largest
+                # input (a vision-language model's pixel_values hold one row per image or per patch).
+                first = next((kwargs[name] for name in _MAIN_INPUTS if isinstance(kwargs.get(name), Tensor)), None)
+                leads = first is not None and first.dim() > bd
             for value in itertools.chain(args, kwargs.values()):
                 # (a list of per-example tensors, as TimesFM's past_values, holds no batch dimension)
                 source = "an element of a list" if isinstance(value, (list, tuple)) else "an input"

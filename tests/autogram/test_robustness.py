@@ -350,3 +350,25 @@ def test_a_list_of_per_example_tensors_gets_the_advice_to_stack_them() -> None:
     with pytest.raises(ValueError, match="saw a batch of 5 examples(.|\\n)*stacked into one"):
         engine.compute_gramian(losses)
     assert engine.compute_gramian(model(torch.randn(3, 5)).pow(2)).shape == (3, 3)  # (the same series, stacked)
+
+
+def test_keyword_call_takes_the_batch_size_from_input_ids_not_from_more_images() -> None:
+    """``model(**batch)`` of a vision-language model whose ``pixel_values`` hold more rows than examples (two images
+    per example): the batch size comes from ``input_ids``, not from the largest input (the losses were rejected)."""
+
+    class TwoImagesPerExample(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embedding, self.vision, self.head = nn.Embedding(20, 6), nn.Linear(5, 6), nn.Linear(6, 1)
+
+        def forward(self, input_ids: Tensor, pixel_values: Tensor) -> Tensor:
+            images = self.vision(pixel_values).view(input_ids.shape[0], 2, 6).mean(1)
+            return self.head(torch.tanh(self.embedding(input_ids).mean(1) + images)).squeeze(1)
+
+    torch.manual_seed(0)
+    model = TwoImagesPerExample()
+    engine = Engine(model)
+    for batch in (3, 4):
+        model.zero_grad(set_to_none=True)
+        losses = model(input_ids=torch.randint(0, 20, (batch, 5)), pixel_values=torch.randn(2 * batch, 5)).pow(2)
+        assert_exact_step(engine, losses, trainable(model), False)
