@@ -33,6 +33,9 @@ SMALL_MEMORY_WEIGHT = 30
 CACHED_ENTRIES = 2**20
 # Largest [chunk, R*T] block of the ghost form held at once.
 MAX_GHOST_BLOCK = 2**24
+# Ratio of the energy of an example's mean input to that of its inputs' deviations from it above which the ghost form
+# centres the inputs (see OuterProductRows._ghost_parts).
+CENTRING_RATIO = 100.0
 # Products of a matrix with itself at least this large are computed block-triangularly.
 SYMMETRIC_MIN_ROWS = 256
 SYMMETRIC_MIN_INNER = 1024
@@ -246,13 +249,19 @@ class OuterProductRows:
         its result when the inputs share a large component and the gradients nearly cancel over the positions (the
         choices of a multiple-choice head, whose softmax gradients sum to zero, on nearly equal pooled inputs): there
         the terms ``⟨a_t, a_s⟩ ⟨g_t, g_s⟩`` are many orders of magnitude larger than their sum, whose float32 rounding
-        then swamps it."""
+        then swamps it. The centred form is used when some example's inputs are nearly equal (see
+        :data:`CENTRING_RATIO`), the plain one ``[(g, a)]`` otherwise."""
         inputs = self.inputs.unsqueeze(1)
-        if inputs.shape[2] < 2:
-            pairs = [(inputs, self.grads)]
-        else:
+        pairs = [(inputs, self.grads)]
+        if inputs.shape[2] > 1:
             mean = inputs.mean(dim=2, keepdim=True)
-            pairs = [(inputs - mean, self.grads), (mean, self.grads.sum(dim=2, keepdim=True))]
+            deviations = inputs - mean
+            # Centred only where an example's inputs are nearly equal (their common part's energy above
+            # CENTRING_RATIO times that of their deviations): elsewhere the terms cannot cancel by more than about
+            # that ratio, and the summed output gradients would cost another pass over them (GPT-2's [B, T, V]).
+            common = mean.square().sum(dim=(2, 3)) * inputs.shape[2]
+            if bool((common > CENTRING_RATIO * deviations.square().sum(dim=(2, 3))).any()):
+                pairs = [(deviations, self.grads), (mean, self.grads.sum(dim=2, keepdim=True))]
         return pairs if self.transposed else [(grads, inputs) for inputs, grads in pairs]
 
     def compact(self) -> None:

@@ -49,6 +49,9 @@ def test_ghost_form_of_cancelling_gradients_on_nearly_equal_inputs(transposed: b
     assert factors.prefers_ghost()
     gram = factors.cross_gram(factors, force_ghost=True).double()
     torch.testing.assert_close(gram, expected, rtol=0, atol=1e-4 * expected.abs().max().item())
+    # Diverse inputs keep the plain form (centring would cost another pass over the output gradients).
+    assert len(factors._ghost_parts()) == 2
+    assert len(OuterProductRows(torch.randn(examples, length, width), grads.float(), transposed)._ghost_parts()) == 1
 
 
 @pytest.mark.parametrize(
