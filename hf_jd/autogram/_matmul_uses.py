@@ -193,11 +193,20 @@ def weights_only(record: GenericRecord, consumers: dict[Any, list[Any]]) -> set[
     return closure
 
 
+# The operations that may use a weight with data (products and the elementwise uses, see _use_of).
+_USE_NODES = frozenset({
+    "MmBackward0", "AddmmBackward0", "BmmBackward0", "GroupedMmBackward0", "MulBackward0", "DivBackward0",
+    "AddBackward0", "SubBackward0",
+})
+
+
 def _meets_untracked_data(node: Any) -> bool:
     """Whether ``node`` combines its weight-derived inputs with a tensor that autograd does not track (an input that
     requires no gradient, such as continuous features fed to the first layer) into an output larger than each of
     them: ``x @ W`` or ``x * W`` with ``x`` of the data. Such a node is a use of the weights, not an operation on them
     alone; one that keeps a weight-derived input's shape (``W * mask`` with a constant mask) stays one."""
+    if type(node).__name__ not in _USE_NODES:
+        return False  # (e.g. a table concatenated with a constant stays an operation on the weights)
     if all(child is not None for child, _ in node.next_functions) or not node._input_metadata:
         return False
     out = node._input_metadata[0].shape
