@@ -381,6 +381,11 @@ def _grouped_by_example(grad: Tensor, weights: Tensor, batch_dim: int, rtol: flo
     # their steps is rounding, not mixing (their products underflow in the Gramian anyway).
     info = torch.finfo(plain.dtype)
     floor = SUBNORMAL_STEPS * info.tiny * info.eps
+    # An example whose gradient here is only rounding noise beside the others' (its losses do not depend on this call,
+    # analytically, but the two passes round differently) tells nothing either: deviations within a few rounding steps
+    # of the largest gradient of the batch are not taken for mixing (they would move the Gramian by as little).
+    if reference.numel() and bool(torch.isfinite(reference).all()):
+        floor = max(floor, ROUNDING_STEPS * info.eps * float(reference.max()))
     # Non-finite gradients (a NaN loss) say nothing about the grouping: not taken for mixed examples (the
     # Gramian then holds the NaN, which the weightings reject with a clear error).
     return not bool((deviation > rtol * reference + floor).any())
@@ -388,6 +393,9 @@ def _grouped_by_example(grad: Tensor, weights: Tensor, batch_dim: int, rtol: flo
 
 # Steps of the smallest subnormal number that a deviation from the grouping may reach and still count as rounding.
 SUBNORMAL_STEPS = 64
+# Rounding steps (of the dtype's epsilon times the batch's largest gradient) that a deviation may reach and still count
+# as rounding.
+ROUNDING_STEPS = 64
 
 
 def _uninformative(grads: list[Tensor | None]) -> bool:

@@ -254,3 +254,19 @@ def test_subnormal_output_gradients_are_not_taken_for_mixed_examples() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         _check(engine, model, model(torch.randn(3, 4)).squeeze(1) ** 2)
+
+
+def test_an_example_whose_gradient_is_only_rounding_noise_does_not_fail_the_check() -> None:
+    """An example whose gradient at a call is float32 rounding noise (1e-9 beside 1: its loss does not depend on the
+    call, but the two passes round differently) says nothing about the grouping; a deviation well above rounding (a
+    real mixing, even of a small gradient) still fails it. (CLIP's text projections for a matched-pair loss were taken
+    for mixed, then took the per-row pass on every step.)"""
+    from hf_jd.autogram._regroup import _grouped_by_example
+
+    weights = torch.tensor([1.3, 2.7])
+    plain = torch.randn(2, 5, 4)
+    weighted = weights.view(2, 1, 1) * plain
+    plain[1], weighted[1] = 1e-9 * torch.randn(5, 4), 1e-9 * torch.randn(5, 4)  # rounding noise, unrelated
+    assert _grouped_by_example(torch.stack([plain, weighted]), weights, 0, 1e-4)
+    weighted[1] = weights[1] * plain[1] + 1e-4 * torch.randn(5, 4)  # another example's gradient leaks in
+    assert not _grouped_by_example(torch.stack([plain, weighted]), weights, 0, 1e-4)
