@@ -282,6 +282,8 @@ _GRAMIAN_RTOLS = {
 _NUMPY_DTYPES = (torch.float16, torch.float32, torch.float64)
 # Largest diagonal entry below which a float32 Gramian is recomputed in float64.
 FLOAT32_GRAMIAN_FLOOR = 1e-30
+# Dtypes whose Gramians and weighted rows are computed in float32 (their range and 8 to 11 bits do not hold them).
+LOW_PRECISION_DTYPES = (torch.float16, torch.bfloat16)
 
 
 class _Stateful:
@@ -462,8 +464,8 @@ class GramianWeightedAggregator(Aggregator):
             If ``matrix`` fails :func:`check_matrix` or its Gramian fails :func:`check_gramian`.
         """
         check_matrix(matrix)
-        low_precision = matrix.dtype in (torch.float16, torch.bfloat16)
-        return self._weighting(compute_gramian(matrix)).to(torch.float32 if low_precision else matrix.dtype)
+        dtype = torch.float32 if matrix.dtype in LOW_PRECISION_DTYPES else matrix.dtype
+        return self._weighting(compute_gramian(matrix)).to(dtype)
 
     def aggregate(self, matrix: Tensor) -> Tensor:
         """Return ``wᵀ J`` with ``w`` the weighting of ``J Jᵀ``.
@@ -586,7 +588,7 @@ def weighted_rows(weights: Tensor, matrix: Tensor) -> Tensor:
     ValueError
         If the update of a finite low-precision matrix is not finite in its dtype (it overflows it).
     """
-    if matrix.dtype not in (torch.float16, torch.bfloat16):
+    if matrix.dtype not in LOW_PRECISION_DTYPES:
         return weights.to(matrix.dtype) @ matrix
     update = (weights.float() @ matrix.float()).to(matrix.dtype)
     if not bool(torch.isfinite(update).all()):
@@ -621,7 +623,7 @@ def compute_gramian(matrix: Tensor) -> Tensor:
     ValueError
         If the Gramian overflows even float64.
     """
-    work = matrix.float() if matrix.dtype in (torch.float16, torch.bfloat16) else matrix
+    work = matrix.float() if matrix.dtype in LOW_PRECISION_DTYPES else matrix
     gramian = work @ work.T
     if work.dtype == torch.float32 and _outside_float32_range(gramian, work):
         # Products of rows that overflow float32 (entries above ~1e19) or underflow it (below

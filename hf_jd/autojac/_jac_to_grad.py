@@ -8,13 +8,16 @@ import torch
 from torch import Tensor
 
 from hf_jd.aggregation import Aggregator
-from hf_jd.aggregation._base import FLOAT32_GRAMIAN_FLOOR, update_is_weighted_rows, weighted_rows
+from hf_jd.aggregation._base import (
+    FLOAT32_GRAMIAN_FLOOR,
+    LOW_PRECISION_DTYPES,
+    update_is_weighted_rows,
+    weighted_rows,
+)
 
 from ._accumulate import accumulate_grad, get_jac
 
 __all__ = ["jac_to_grad"]
-
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def _checked_params(params: Iterable[Tensor]) -> tuple[tuple[Tensor, ...], list[Tensor], int]:
@@ -92,7 +95,7 @@ def _gramian(matrices: list[Tensor]) -> Tensor:
     below ``1e-30`` for a non-zero ``J``, is computed in float64 instead (as
     :func:`hf_jd.aggregation.compute_gramian` does for a whole matrix)."""
     dtype = matrices[0].dtype
-    if dtype in _LOW_PRECISION:
+    if dtype in LOW_PRECISION_DTYPES:
         dtype = torch.float32
     gramian = _gramian_in(matrices, dtype)
     if dtype == torch.float32:
