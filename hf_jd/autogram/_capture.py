@@ -880,9 +880,8 @@ class Capture:
         ):
             record.groups = self._groups(args, kwargs, returned, outputs_only=info.kind is Kind.GENERIC)
         if not batched:
-            candidates = self._other_batch_dims(info.kind, args, kwargs, returned)
-            record.other_batch_dim = candidates[0] if candidates else None
-            record.other_batch_dims = candidates if len(candidates) > 1 else ()
+            record.other_batch_dims = self._other_batch_dims(info.kind, args, kwargs, returned)
+            record.other_batch_dim = record.other_batch_dims[0] if record.other_batch_dims else None
         if info.kind.is_generic and aliased:
             assert isinstance(record, GenericRecord)
             record.watch_versions()

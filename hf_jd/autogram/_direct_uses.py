@@ -140,7 +140,7 @@ def start_at_uses(
                 consumers.setdefault(child, []).append(node)
     changed: list[Record] = []
     for record in candidates:
-        if record.other_batch_dims:
+        if len(record.other_batch_dims) > 1:
             continue  # (several candidate dimensions: the check picks one, on the call's outputs)
         # A time-major call ([T, B, d]: XLNet's attention) has its examples along its other candidate dimension.
         dim = batch_dim if record.other_batch_dim is None else record.other_batch_dim

@@ -149,9 +149,9 @@ class Record(ABC):
         # one other dimension (time-major [T, B, d] layouts: XLNet, nn.MultiheadAttention without
         # batch_first): that dimension, a candidate batch dimension verified by the engine; else None.
         self.other_batch_dim: int | None = None
-        # For a generic call whose tensors have the batch size along several such dimensions ([T, B, d] with
-        # d = B): all of them, tried in order by the engine's check, which sets other_batch_dim to the one that
-        # holds the examples (the check runs on every step then); else empty.
+        # The candidates for other_batch_dim, in order: one, or, for a generic call whose tensors have the batch size
+        # along several such dimensions ([T, B, d] with d = B), all of them, which the engine's check tries in turn,
+        # setting other_batch_dim to the one that holds the examples (the check then runs on every step).
         self.other_batch_dims: tuple[int, ...] = ()
         # For a call split by example whose outputs hold the examples along different dimensions, known from the
         # module's documented layout (a batch-first nn.LSTM returns [B, T, h] outputs and [layers, B, h] states):

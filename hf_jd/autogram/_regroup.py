@@ -159,7 +159,7 @@ def grads_verified(
             # Split by example along another dimension (time-major; the first of several candidates that passes),
             # else grouped along batch_dim.
             use_other = False
-            for candidate in record.other_batch_dims or (() if other is None else (other,)):
+            for candidate in record.other_batch_dims:
                 if all(grad is None or _grouped_by_example(grad, weights, candidate, rtol) for grad in record_grads):
                     record.other_batch_dim = other = candidate
                     use_other = True
@@ -295,7 +295,7 @@ def regrouping_structure(
         if "?" in described:
             described = (described[0], index_digest(node))
         entries.extend(described)
-    if "?" in entries or any(record.other_batch_dims for record in records):
+    if "?" in entries or any(len(record.other_batch_dims) > 1 for record in records):
         return None  # (a call with several candidate dimensions is checked on every step: see Record.other_batch_dims)
     # With the candidate dimensions each call offered (a batch size that now equals a hidden size or a number of
     # heads changes them, and with them the choice the check made), and the operations its gradients are read at (a
