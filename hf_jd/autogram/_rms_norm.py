@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from ._generic import GenericRecord
 from ._layer_norm import epsilon_of
 from ._layout import RowLayout
-from ._record import compute_dtype, reproduces_output
+from ._record import Record, compute_dtype, reproduces_output
 
 __all__ = ["RMSNormRecord", "is_rms_norm_like"]
 
@@ -156,8 +156,8 @@ class RMSNormRecord(GenericRecord):
             ``True`` when the call's outputs can be regrouped (see :meth:`GenericRecord.can_split_batch`) and
             ``batch_dim`` is not the captured input's last dimension.
         """
-        inputs = self.inputs
-        return super().can_split_batch(batch_dim) and (inputs is None or batch_dim < inputs.dim() - 1)
+        # (the outputs' condition, GenericRecord's; the captured input's, that of the position-wise closed forms)
+        return super().can_split_batch(batch_dim) and (self.inputs is None or Record.can_split_batch(self, batch_dim))
 
     def split_batch(self, num_examples: int, batch_dim: int) -> None:
         """Take the ``E * k`` entries along ``batch_dim`` as ``k`` consecutive ones per example (a batch-major
@@ -171,9 +171,9 @@ class RMSNormRecord(GenericRecord):
         batch_dim
             The engine's batch dimension.
         """
-        super().split_batch(num_examples, batch_dim)
+        super().split_batch(num_examples, batch_dim)  # (the outputs: GenericRecord's)
         if self.inputs is not None:
-            self.inputs = self.inputs.unflatten(batch_dim, (num_examples, -1))
+            Record.split_batch(self, num_examples, batch_dim)  # (the captured input, as the position-wise closed forms)
 
     def compact(self) -> None:
         """Drop the factors :meth:`weighted_grad` no longer needs once every parameter's rows are kept."""
