@@ -12,14 +12,24 @@ vector-Jacobian products can start there instead, through that one operation.
 The walk follows each parameter forward through the operations on the parameters alone
 (``clamp(logit_scale).exp()`` in Swinv2's attention) to the first operations on every path that take another
 input too; all of them must have outputs split by example (one output, ``k`` times the batch size along
-``batch_dim`` and the batch size along no other dimension, the same ``k`` for all). Each path from a parameter
-to the losses crosses exactly one of them unless one lies upstream of another (a class token concatenated to the
-patches before the position table is added: the products from the addition would count the token's use twice);
-calls where that holds get those operations' outputs as their edges (the products from them are exact whatever
-lies between the parameters and them), the others keep their outputs. With ``k > 1`` (rows flattened, e.g. ``[B
-* T, d]``), the call becomes a candidate for the batch-major grouping, which the engine verifies as for any
-other call on flattened rows. Examples mixed between those operations and the losses show in the engine's usual
-checks.
+``batch_dim`` and the batch size along no other dimension). The products of each parameter then start at its own
+uses. Each path from a parameter to the losses must cross exactly one of its uses, so none of them may lie
+upstream of another of the same parameter.
+
+Uses with different ``k`` (a Mamba mixer's ``dt_proj.weight @ x`` on ``[B * T, r]`` rows beside its ``x * D`` on
+``[B, d, T]``), or a use of one parameter upstream of a use of another (a class token concatenated to the patches
+before the position table is added; a Mamba mixer's convolution before its product with the time-step weights),
+are taken when some use is neither a product nor an elementwise operation; with nested uses, each parameter's
+products run from its own uses, separately. When all of them are products or elementwise operations, such a call
+keeps the products' path from its outputs (:mod:`._matmul_uses`), which needs no grouping of the uses' rows: a
+mixture of experts' products have rows sorted by expert, as many as a grouping by example would have, and the
+check would reject them only after the fact, the step then taking the per-row pass.
+
+Calls where all this holds get those operations' outputs as their edges (the products from them are exact
+whatever lies between the parameters and them), the others keep their outputs. With ``k > 1`` (rows flattened,
+e.g. ``[B * T, d]``), the call becomes a candidate for the batch-major grouping, which the engine verifies as for
+any other call on flattened rows. Examples mixed between those operations and the losses show in the engine's
+usual checks.
 """
 
 from __future__ import annotations
@@ -31,7 +41,7 @@ import torch
 from torch.autograd.graph import GradientEdge
 
 from ._generic import GenericRecord
-from ._matmul_uses import weights_only
+from ._matmul_uses import USE_NODES, weights_only
 from ._record import Record
 
 __all__ = ["start_at_uses"]
@@ -52,29 +62,35 @@ def _rows_per_example(node: Any, batch_dim: int, batch_size: int) -> int:
     return int(shape[batch_dim]) // batch_size
 
 
-def _upstream_of(use: Any, others: set[Any], call: range | None) -> bool:
-    """Whether another chosen operation lies upstream of ``use`` (within the call): the paths through both
-    would be counted twice."""
-    stack = [child for child, _ in use.next_functions if child is not None]
-    seen: set[Any] = set()
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        if node in others:
-            return True
-        if call is not None and node._sequence_nr() not in call:
-            continue
-        stack.extend(child for child, _ in node.next_functions if child is not None)
-    return False
+def _upstream_uses(uses: list[Any], call: range | None) -> list[frozenset[int]]:
+    """Per chosen operation, the positions of the others that lie upstream of it (within the call): the products
+    from both at once would count the paths through both twice."""
+    position = {node: index for index, node in enumerate(uses)}
+    found: list[frozenset[int]] = []
+    for use in uses:
+        stack = [child for child, _ in use.next_functions if child is not None]
+        seen: set[Any] = set()
+        upstream: set[int] = set()
+        while stack:
+            node = stack.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            if node in position:
+                upstream.add(position[node])
+            if call is not None and node._sequence_nr() not in call:
+                continue
+            stack.extend(child for child, _ in node.next_functions if child is not None)
+        found.append(frozenset(upstream))
+    return found
 
 
 def _uses_of(
     record: GenericRecord, consumers: dict[Any, list[Any]], batch_dim: int, batch_size: int
-) -> tuple[list[Any], int] | None:
-    """The first operations split by example on every path from the call's parameters to the losses, and their rows
-    per example; ``None`` when a path leaves the call first, or their rows per example differ.
+) -> tuple[dict[str, list[Any]], set[int], bool] | None:
+    """Per parameter, the first operations split by example on every path from it to the losses, their numbers of
+    rows per example, and whether the operations that first take the parameters with other inputs are all
+    products or elementwise operations; ``None`` when a path leaves the call first.
 
     The operations on the parameters alone (``clamp(logit_scale).exp()``) are walked through first: a tensor
     computed from the parameters alone may have the batch size along ``batch_dim`` by coincidence (``heads = B``),
@@ -82,26 +98,35 @@ def _uses_of(
     with the examples, until their outputs are split by example (a product on flattened ``[T * B, d]`` rows is
     passed for the view ``[T, B, n, d]`` of its result)."""
     parameters_only = weights_only(record, consumers)
-    stack = list(parameters_only)
-    walked: set[Any] = set()
-    uses: list[Any] = []
-    groups = 0
-    while stack:
-        for consumer in consumers.get(stack.pop(), []):
-            if consumer in parameters_only or consumer in walked:
-                continue
-            walked.add(consumer)
-            if record.nodes is not None and consumer._sequence_nr() not in record.nodes:
-                return None  # (e.g. a parameter returned by the call)
-            rows = _rows_per_example(consumer, batch_dim, batch_size)
-            if not rows:
-                stack.append(consumer)  # not split by example (yet): its products are followed further
-                continue
-            if groups and rows != groups:
-                return None
-            groups = rows
-            uses.append(consumer)
-    return (uses, groups) if uses else None
+    found: dict[str, list[Any]] = {}
+    counts: set[int] = set()
+    products_only = True
+    for name, alias in record.aliases.items():
+        uses: list[Any] = []
+        walked: set[Any] = set()
+        stack = [] if alias.grad_fn is None else [alias.grad_fn]
+        while stack:
+            node = stack.pop()
+            for consumer in consumers.get(node, []):
+                if consumer in walked:
+                    continue
+                walked.add(consumer)
+                if consumer in parameters_only:
+                    stack.append(consumer)
+                    continue
+                if (node is alias.grad_fn or node in parameters_only) and type(consumer).__name__ not in USE_NODES:
+                    products_only = False  # (e.g. a convolution through the weight)
+                if record.nodes is not None and consumer._sequence_nr() not in record.nodes:
+                    return None  # (e.g. a parameter returned by the call)
+                rows = _rows_per_example(consumer, batch_dim, batch_size)
+                if not rows:
+                    stack.append(consumer)  # not split by example (yet): its products are followed further
+                    continue
+                counts.add(rows)
+                uses.append(consumer)
+        if uses:
+            found[name] = uses
+    return (found, counts, products_only) if found else None
 
 
 def start_at_uses(
@@ -145,19 +170,36 @@ def start_at_uses(
         # A time-major call ([T, B, d]: XLNet's attention) has its examples along its other candidate dimension.
         dim = batch_dim if record.other_batch_dim is None else record.other_batch_dim
         found = _uses_of(record, consumers, dim, batch_size)
-        if found is None or (dim != batch_dim and found[1] != 1):
+        if found is None:
             continue
-        uses, groups = found
-        chosen = set(uses)
-        if any(_upstream_of(use, chosen - {use}, record.nodes) for use in uses):
+        by_name, counts, products_only = found
+        if dim != batch_dim and counts != {1}:
             continue
-        record.start_at([GradientEdge(node, 0) for node in uses])
+        nodes_used = list(dict.fromkeys(use for uses in by_name.values() for use in uses))
+        upstream = _upstream_uses(nodes_used, record.nodes)
+        position = {node: index for index, node in enumerate(nodes_used)}
+        own = [{position[use] for use in uses} for uses in by_name.values()]
+        if any(upstream[index] & indices for indices in own for index in indices):
+            continue  # (a parameter whose products would count a path twice)
+        nested = any(upstream)
+        if (nested or len(counts) > 1) and products_only:
+            # The products' path from the call's outputs applies (see _matmul_uses): kept, as the uses' rows may have
+            # the count of a grouping by example without its order (a mixture of experts' tokens sorted by expert),
+            # which the check would find only after the fact, making the step take the per-row pass.
+            continue
+        record.start_at(
+            [GradientEdge(node, 0) for node in nodes_used],
+            # (nested uses of different parameters: each parameter's products run from its own uses only)
+            [frozenset(name for name, uses in by_name.items() if node in uses) for node in nodes_used]
+            if nested
+            else None,
+        )
         if dim == batch_dim:
             # A candidate batch-major grouping of k rows per example, verified like [B * T, d] rows (also for a call
             # whose outputs were regrouped, e.g. Swin's attention on [B * windows, ...] rows). Also for k = 1: the
             # batch size along dim 0 may be a coincidence (W @ x.T on [B * T, d] rows, with B output features).
             record.batched = False
-            record.groups = groups
+            record.groups = max(counts)
         else:
             record.groups = 0  # verified along the other dimension only
         changed.append(record)

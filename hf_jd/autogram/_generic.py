@@ -232,6 +232,8 @@ class GenericRecord(Record):
         self.started_at = False  # set by start_at: the products start at the operations using the parameters
         # The factors of the call's matrix products (False: not looked at yet; None: they do not apply).
         self._matmul: MatmulFactors | bool | None = False
+        # Set by start_at for nested uses: per edge, the parameters whose products start there (None: all of them).
+        self.serves: list[frozenset[str]] | None = None
 
     def uncover_param(self, name: str) -> None:
         """Stop covering parameter ``name`` (see :meth:`Record.uncover_param`); its alias leaves the products."""
@@ -314,7 +316,7 @@ class GenericRecord(Record):
             and hasattr(self, "outputs")
         )
 
-    def start_at(self, edges: list[GradientEdge]) -> None:
+    def start_at(self, edges: list[GradientEdge], serves: list[frozenset[str]] | None = None) -> None:
         """Take the outputs of the operations that use the parameters (split by example, one output each) as this
         call's edges: its vector-Jacobian products then start there (see :mod:`._direct_uses`).
 
@@ -322,7 +324,12 @@ class GenericRecord(Record):
         ----------
         edges
             The operations' output edges.
+        serves
+            Per edge, the parameters it uses, when some edges lie upstream of others: the products of each
+            parameter then run from its own edges only (from all of them at once, one path would count twice).
+            ``None``: every edge serves every parameter.
         """
+        self.serves = serves
         self.edges = list(edges)
         self.edge_views, self.view_edges = [], []
         self.outputs = [
@@ -405,8 +412,16 @@ class GenericRecord(Record):
                 self._rows[name] = rows.to(compute_dtype(param))
             return self._rows
         edges = [self.edges[index] for index, _ in self.grad_rows]
-        names = list(self.aliases)
-        parts: list[tuple[Tensor | None, ...]] = []
+        # The parameters by the edges their products start from (all of them but for nested uses, see start_at).
+        by_edges: dict[tuple[int, ...], list[str]] = {}
+        for name in self.aliases:
+            serving = tuple(
+                position
+                for position, (index, _) in enumerate(self.grad_rows)
+                if self.serves is None or name in self.serves[index]
+            )
+            by_edges.setdefault(serving, []).append(name)
+        chunks_of: dict[str, list[Tensor | None]] = {name: [] for name in self.aliases}
         for examples in self._example_chunks():
             if self._shared_output:  # one gradient per example, already in the output's shape
                 grad_outputs = [
@@ -422,11 +437,21 @@ class GenericRecord(Record):
                 ]
             if self._grouped_dim is not None:  # [n, ..., E, k, ...] -> [n, ..., E * k, ...], the outputs' shape
                 grad_outputs = [grad.flatten(self._grouped_dim + 1, self._grouped_dim + 2) for grad in grad_outputs]
-            parts.append(tuple(batched_grad(edges, [self.aliases[name] for name in names], grad_outputs)))
+            for serving, names in by_edges.items():
+                products: list[Tensor | None] = (
+                    list(batched_grad(
+                        [edges[position] for position in serving],
+                        [self.aliases[name] for name in names],
+                        [grad_outputs[position] for position in serving],
+                    ))
+                    if serving
+                    else [None] * len(names)
+                )
+                for name, chunk in zip(names, products):
+                    chunks_of[name].append(chunk)
         self._rows = {}
-        for position, name in enumerate(names):
+        for name, chunks in chunks_of.items():
             param = self.params[name]
-            chunks = [part[position] for part in parts]
             if all(chunk is None for chunk in chunks):
                 self.unused.add(name)  # e.g. Wav2Vec2's mask embedding when nothing is masked
             if any(chunk is None for chunk in chunks):

@@ -194,7 +194,7 @@ def weights_only(record: GenericRecord, consumers: dict[Any, list[Any]]) -> set[
 
 
 # The operations that may use a weight with data (products and the elementwise uses, see _use_of).
-_USE_NODES = frozenset({
+USE_NODES = frozenset({
     "MmBackward0", "AddmmBackward0", "BmmBackward0", "GroupedMmBackward0", "MulBackward0", "DivBackward0",
     "AddBackward0", "SubBackward0",
 })
@@ -205,7 +205,7 @@ def _meets_untracked_data(node: Any) -> bool:
     requires no gradient, such as continuous features fed to the first layer) into an output larger than each of
     them: ``x @ W`` or ``x * W`` with ``x`` of the data. Such a node is a use of the weights, not an operation on them
     alone; one that keeps a weight-derived input's shape (``W * mask`` with a constant mask) stays one."""
-    if type(node).__name__ not in _USE_NODES:
+    if type(node).__name__ not in USE_NODES:
         return False  # (e.g. a table concatenated with a constant stays an operation on the weights)
     if all(child is not None for child, _ in node.next_functions) or not node._input_metadata:
         return False
@@ -687,8 +687,9 @@ def matmul_factors(record: GenericRecord, layout: RowLayout, dtype: torch.dtype)
         several examples, low precision. A module for which the path did not apply keeps the usual path on later
         calls.
     """
-    if record.nodes is None or record._shared_output or dtype not in (torch.float32,
-                                                                                           torch.float64):
+    if record.nodes is None or record._shared_output or dtype not in (torch.float32, torch.float64):
+        return None
+    if record.serves is not None:  # (products from nested uses: the gradient at one would count another's twice)
         return None
     if not hasattr(record, "grad_rows"):  # a closed form took the output gradients (an RMS norm's)
         return None

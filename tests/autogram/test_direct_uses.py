@@ -17,6 +17,7 @@ from hf_jd.autogram import Engine
 from ._reference import (
     assert_exact_step_with_freed_graph,
     assert_gramian_matches,
+    assert_update_matches,
     count_per_row,
     grads_of,
     jacobian,
@@ -28,9 +29,9 @@ class _Container(nn.Module):
     """A module with a parameter of its own, written into masked positions of its input (as Wav2Vec2's mask
     embedding) and added to it, before a child layer; ``mix`` mixes the examples after that use."""
 
-    def __init__(self, mix: str = "none", in_place: bool = False, chained: bool = False) -> None:
+    def __init__(self, mix: str = "none", in_place: bool = False, chained: str = "") -> None:
         super().__init__()
-        self.chained = chained
+        self.chained = chained  # "other": a use of another parameter after the write; "same": of the embedding too
         self.embed = nn.Parameter(torch.randn(6))
         self.shift = nn.Parameter(torch.randn(6))
         self.inner = nn.Linear(6, 6)
@@ -46,8 +47,10 @@ class _Container(nn.Module):
         # Before the write: independent of the embedding (on the [B * T, 6] rows too when those are written).
         shifted = None if self.chained else (x.reshape(-1, 6) if self.in_place else x) + self.shift
         h[mask] = self.embed
-        if shifted is None:
+        if self.chained == "other":
             shifted = h + self.shift  # after the write: the addition reaches the embedding too
+        elif self.chained == "same":
+            shifted = h + self.shift * self.embed  # ... and uses it again
         h = self.inner(h * shifted.view_as(h))
         if h.requires_grad:
             h.register_hook(self._count)
@@ -59,7 +62,7 @@ class _Container(nn.Module):
 
 
 class _Net(nn.Module):
-    def __init__(self, mix: str = "none", flat: bool = False, chained: bool = False) -> None:
+    def __init__(self, mix: str = "none", flat: bool = False, chained: str = "") -> None:
         super().__init__()
         self.pre = nn.Linear(3, 6)
         self.body = _Container(mix, in_place=flat, chained=chained)
@@ -70,12 +73,13 @@ class _Net(nn.Module):
         return self.head(torch.tanh(self.body(self.pre(x), mask))).squeeze(-1).pow(2).mean(1)
 
 
-@pytest.mark.parametrize("chained", [False, True])
+@pytest.mark.parametrize("chained", ["", "other", "same"])
 @pytest.mark.parametrize("flat", [False, True])
-def test_products_start_at_the_parameters_uses(flat: bool, chained: bool) -> None:
+def test_products_start_at_the_parameters_uses(flat: bool, chained: str) -> None:
     """The per-example products run through the operations using the parameters only: the activations after
-    them see the ordinary backward pass alone (one more pass with the products from the call's outputs). Not
-    when one use reaches another parameter too (``chained``): the products then start at the call's outputs."""
+    them see the ordinary backward pass alone (one more pass with the products from the call's outputs). Also when
+    the use of one parameter lies upstream of another's (``other``: each parameter's products then run from its own
+    uses); not when a parameter's own uses are nested (``same``): the products then start at the call's outputs."""
     torch.manual_seed(0)
     model = _Net(flat=flat, chained=chained)
     engine = Engine(model)
@@ -87,7 +91,75 @@ def test_products_start_at_the_parameters_uses(flat: bool, chained: bool) -> Non
         gramian = engine.compute_gramian(losses)
         assert_gramian_matches(gramian, jac)
         if step in (1, 3):  # (the first step of a batch size also checks the grouping or the mixing)
-            assert model.body.passes == (2 if chained else 1)
+            assert model.body.passes == (2 if chained == "same" else 1)
+
+
+class _MixerLike(nn.Module):
+    """As a Mamba mixer: a depthwise convolution through a child's weight on ``[B, d, T]``, then a product with
+    another child's weight on the ``[B * T, r]`` rows of a called projection, and elementwise parameters, all used
+    by operations split by example (``k = 1`` and ``k = T`` rows per example), the convolution's upstream of the
+    product's."""
+
+    def __init__(self, width: int = 6, rank: int = 2) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(width, width, 3, groups=width, padding=2)  # never called: its weight is borrowed
+        self.x_proj = nn.Linear(width, rank, bias=False)
+        self.dt_proj = nn.Linear(rank, width)  # never called either
+        self.A_log = nn.Parameter(torch.randn(width) * 0.3)
+        self.D = nn.Parameter(torch.randn(width))
+        self.passes = 0  # backward passes through the activation after the mixer
+
+    def _count(self, grad: Tensor) -> None:
+        self.passes += 1
+
+    def forward(self, x: Tensor) -> Tensor:  # [B, T, d] -> [B, T, d]
+        length, width = x.shape[1], x.shape[2]
+        h = nn.functional.conv1d(x.transpose(1, 2), self.conv.weight, self.conv.bias, padding=2, groups=width)
+        h = nn.functional.silu(h[..., :length])  # [B, d, T]
+        step = self.dt_proj.weight @ self.x_proj(h.transpose(1, 2)).transpose(1, 2)  # [B, d, T]
+        step = nn.functional.softplus(step + self.dt_proj.bias[:, None])
+        decay = torch.exp(-torch.exp(self.A_log)[None, :, None] * step)
+        out = (decay * h + h * self.D[None, :, None]).transpose(1, 2)
+        if out.requires_grad:
+            out.register_hook(self._count)
+        return out
+
+
+class _MixerNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pre = nn.Linear(3, 6)
+        self.mixer = _MixerLike()
+        self.head = nn.Linear(6, 1)
+
+    def forward(self, x: Tensor) -> Tensor:  # [B, T, 3] -> losses [B]
+        return self.head(torch.tanh(self.mixer(self.pre(x)))).squeeze(-1).pow(2).mean(1)
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_uses_with_different_rows_per_example_and_nested(single_backward: bool) -> None:
+    """A call whose parameters are used with one row per example and with ``T`` rows per example (flattened), one
+    use upstream of another: its products start at the uses (the activation after the call sees the ordinary
+    backward pass only), exact over steps of several batch sizes."""
+    torch.manual_seed(4)
+    model = _MixerNet()
+    engine = Engine(model, single_backward=single_backward)
+    for step, batch in enumerate((4, 4, 4, 3, 3)):
+        model.zero_grad(set_to_none=True)
+        losses = model(torch.randn(batch, 5, 3))
+        params = trainable(model)
+        jac = jacobian(losses, params)
+        model.mixer.passes = 0
+        assert_gramian_matches(engine.compute_gramian(losses), jac)
+        if step in (2, 4):  # (after the first step: the borrowed weights; the first of a batch size: the check)
+            assert model.mixer.passes == 1
+        weights = torch.linspace(0.5, 1.5, batch)
+        model.zero_grad(set_to_none=True)
+        if single_backward:
+            engine.backward(weights)
+        else:
+            losses.backward(weights)
+        assert_update_matches(grads_of(params), weights @ jac)
 
 
 @pytest.mark.parametrize("mix", ["none", "center", "softmax"])

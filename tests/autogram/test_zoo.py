@@ -507,11 +507,27 @@ def test_zoo_batch_norm_model_with_frozen_statistics(single_backward: bool) -> N
     assert kinds == {Kind.BATCH_NORM}
 
 
+@pytest.mark.parametrize("single_backward", [False, True])
 @pytest.mark.parametrize("name", ["mamba", "mamba2"])
-def test_zoo_mamba_mixers_borrow_their_convolution(name: str) -> None:
+def test_zoo_mamba_mixers_borrow_their_convolution(
+    name: str, single_backward: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Mamba's mixers pass their ``conv1d.weight`` to a convolution function instead of calling ``conv1d`` (this
     raised): the mixer borrows it after the first step, without a warning. Exact over steps of different batch
-    sizes."""
+    sizes. Their products then start at the operations using their parameters (the convolution, Mamba's product
+    with ``dt_proj.weight`` on ``[B * T, r]`` rows, the elementwise ``A_log``, ``D`` and biases), not back through
+    the selective scan."""
+    from hf_jd.autogram import engine as engine_module
+
+    started: list[list[str]] = []
+    original = engine_module.start_at_uses
+
+    def spied(*args, **kwargs):  # type: ignore[no-untyped-def]
+        changed = original(*args, **kwargs)
+        started.append([record.module_name for record in changed])
+        return changed
+
+    monkeypatch.setattr(engine_module, "start_at_uses", spied)
     torch.manual_seed(0)
     config = tf.AutoConfig.for_model(name, vocab_size=V, hidden_size=16, state_size=4, num_hidden_layers=1, expand=2,
                                      conv_kernel=3, time_step_rank=4, num_heads=4, head_dim=8, n_groups=1,
@@ -519,13 +535,14 @@ def test_zoo_mamba_mixers_borrow_their_convolution(name: str) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the reference PyTorch kernels are used (mamba_ssm is not installed)
         model = tf.AutoModelForCausalLM.from_config(config)
-    engine = Engine(model)
+    engine = Engine(model, single_backward=single_backward)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # (no warning about parameters used outside their calls)
         for batch in (2, 3, 3):
             model.zero_grad(set_to_none=True)
             losses = per_example_losses(model(**_text()(batch, 5, False)), batch)
-            assert_exact_step_with_freed_graph(engine, model, losses, False)
+            assert_exact_step_with_freed_graph(engine, model, losses, single_backward)
+    assert started[-1] == ["backbone.layers.0.mixer"]
 
 
 def _time_major_or_batch_major_lm(name: str) -> nn.Module:
