@@ -6,7 +6,8 @@ autogram step for text models, when ``torchjd`` is importable), timed interleave
 step. Every model is built from a configuration (hidden size 64, 2 layers, vocabulary 1000; nothing is
 downloaded) and trained on random data with per-example losses (B=16, T=32, 32-pixel images, or 330 samples of
 audio, 32 frames). Not run unless named in ``--models``: ``convnext-mid`` and ``convnextv2-mid`` (64-pixel images,
-stages of 48 and 96 channels), ``beit`` and ``dinov2`` (layer scales).
+stages of 48 and 96 channels), ``beit`` and ``dinov2`` (layer scales), and the others listed in ``EXTRA`` (state-space
+models, padded Longformer and LED, torch's encoder, ...).
 
 Run: ``python benchmarks/bench_architectures.py [--models llama t5 vit ...] [--repeats 7] [--clock cpu]
 [--device cuda]``.
@@ -258,6 +259,21 @@ EXTRA: dict[str, Callable[[], tuple[nn.Module, dict[str, Tensor], Callable[..., 
     # a BERT encoder under a bidirectional LSTM (torch's fused recurrent kernel: one product per example)
     "bert-bilstm": lambda: _tagger(batch_first=True),
     "bert-bilstm-time-major": lambda: _tagger(batch_first=False),
+    # state-space mixers (reference PyTorch kernels: mamba_ssm is not installed) with their own A_log, D and time-step
+    # weights, and hybrids of them with attention (and, for Jamba, experts)
+    "mamba": lambda: _causal("mamba", state_size=8, expand=2, conv_kernel=4, time_step_rank=8),
+    "mamba2": lambda: _causal("mamba2", state_size=8, expand=2, conv_kernel=4, num_heads=4, head_dim=32, n_groups=1,
+                              chunk_size=8),
+    "jamba": lambda: _causal("jamba", intermediate_size=2 * H, num_key_value_heads=1, num_experts=4,
+                             num_experts_per_tok=2, expert_layer_period=2, expert_layer_offset=1, attn_layer_period=2,
+                             attn_layer_offset=1, mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=8),
+    "zamba2": lambda: _causal("zamba2", intermediate_size=2 * H, num_hidden_layers=3, num_key_value_heads=2,
+                              mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, n_mamba_heads=2, mamba_headdim=64,
+                              hybrid_layer_ids=[1], layer_types=["mamba", "hybrid", "mamba"],
+                              use_shared_attention_adapter=True, adapter_rank=4),
+    "bamba": lambda: _causal("bamba", intermediate_size=2 * H, num_key_value_heads=1, mamba_n_heads=4,
+                             mamba_d_head=32, mamba_n_groups=1, mamba_d_state=8, mamba_d_conv=4, mamba_expand=2,
+                             attn_layer_indices=[1], mamba_chunk_size=8),
     # fine-tuned with its batch norms' statistics frozen (evaluation mode; in training mode they mix the examples)
     "resnet-frozen-bn": lambda: _vision("resnet", pixels=64, embedding_size=16, hidden_sizes=[16, 32, 64],
                                         depths=[1, 1, 1]),
