@@ -379,6 +379,11 @@ class Capture:
         # Modules (ids) captured no more in this forward pass: a call of a norm look-alike broke its form.
         self.paused: set[int] = set()
         self._register()
+        try:
+            self.check_alone()
+        except RuntimeError:
+            self.remove()
+            raise
         self.module_ids: set[int] = {id(module) for module in self.modules}
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Capture:
@@ -405,6 +410,45 @@ class Capture:
         self.channels_last = False
         self.switched_now = set()
         self.paused = set()
+
+    def check_alone(self) -> None:
+        """Raise if another enabled engine captures one of this capture's modules.
+
+        Raises
+        ------
+        RuntimeError
+            Naming the module: both engines would capture its forward passes and swap its parameters.
+        """
+        for info in self.infos.values():
+            module = info.module
+            for hook in (*module._forward_pre_hooks.values(), *module._forward_hooks.values()):
+                owner = getattr(hook, "__self__", None)
+                if isinstance(owner, Capture) and owner is not self and owner.enabled and owner.hooks(module):
+                    raise RuntimeError(
+                        f"Module {describe(info.name, module)} is also given to another autogram Engine, which is "
+                        "enabled: two enabled engines on the same modules would each capture its forward passes and "
+                        "swap its parameters. Call remove() on the other engine (e.g. one created by an earlier run "
+                        "of a notebook cell), or disable it (engine.enabled = False) while this one is enabled."
+                    )
+
+    def hooks(self, module: nn.Module) -> bool:
+        """Whether this capture's module hooks are on ``module`` itself (a copy of a hooked model has copies of the
+        hooks, which ignore it).
+
+        Parameters
+        ----------
+        module
+            A module.
+
+        Returns
+        -------
+        bool
+            ``True`` for a module with parameters the capture registered its hooks on and has not removed them from.
+        """
+        if not self.handles:
+            return False
+        info = self.infos.get(id(module))
+        return info is not None and info.module is module
 
     def remove(self) -> None:
         """Remove all hooks."""
@@ -1013,18 +1057,23 @@ class Capture:
         ``[B * T, d]`` tokens of transformers' fused mixture-of-experts layers and their routers): a
         candidate for the batch-major grouping, which the engine verifies before relying on it; else 0.
         With ``outputs_only`` (generic calls, whose products need only the output gradients) the outputs
-        alone decide (DeepSeek-style routers flatten their ``[B, T, d]`` input to ``[B * T, d]`` rows)."""
+        alone decide (DeepSeek-style routers flatten their ``[B, T, d]`` input to ``[B * T, d]`` rows), each with its
+        own ``k`` (the largest is returned)."""
         bd, size = self.batch_dim, self.batch_size
         inputs = tensors_in(args) or tensors_in(kwargs)
         outputs = [tensor for tensor in tensors_in(output) if tensor.requires_grad]
         if bd is None or size <= 0 or not outputs or any(tensor.dim() <= bd for tensor in outputs):
             return 0
         if outputs_only:
-            count = int(outputs[0].shape[bd])
-        elif not inputs or inputs[0].dim() <= bd:
+            # (each output may have its own k: WavLM's attention returns its [B, T, d] states beside the [B * heads, T,
+            # T] position bias it passes on; each output's gradient is checked and regrouped with its own)
+            counts = {int(tensor.shape[bd]) for tensor in outputs}
+            if any(count == 0 or count % size for count in counts):
+                return 0
+            return max(counts) // size
+        if not inputs or inputs[0].dim() <= bd:
             return 0
-        else:
-            count = int(inputs[0].shape[bd])
+        count = int(inputs[0].shape[bd])
         if count == 0 or count % size or any(tensor.shape[bd] != count for tensor in outputs):
             return 0
         return count // size

@@ -575,6 +575,8 @@ class Engine:
 
     @enabled.setter
     def enabled(self, value: bool) -> None:
+        if value and not self._capture.enabled:
+            self._capture.check_alone()  # (another engine enabled on the same modules meanwhile)
         self._capture.enabled = bool(value)
 
     @property

@@ -298,6 +298,30 @@ def test_remove_detaches_hooks() -> None:
     assert engine._capture.records == []
 
 
+@pytest.mark.parametrize("part", [False, True])
+def test_two_enabled_engines_on_the_same_modules_are_rejected(part: bool) -> None:
+    """A second engine on modules that another enabled engine hooks (a notebook cell run again) would capture every
+    forward pass twice: a clear error naming the module, and the earlier engine keeps working. Beside a disabled
+    engine it may be created, and that one then cannot be enabled while the new one is; once one is removed, the
+    other may be enabled."""
+    model = _mlp()
+    engine = Engine(model)
+    with pytest.raises(RuntimeError, match=r"also given to another autogram Engine, which is enabled.*remove\(\)"):
+        Engine(model[2] if part else model)
+    losses = model(torch.randn(4, 5)).sum(1)
+    assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, trainable(model)))
+    # (leaving engine.disabled() would enable it again beside the second engine)
+    with pytest.raises(RuntimeError, match="also given to another autogram Engine"), engine.disabled():
+        second = Engine(model[2] if part else model)
+    assert not engine.enabled
+    with pytest.raises(RuntimeError, match="also given to another autogram Engine"):
+        engine.enabled = True
+    second.remove()
+    engine.enabled = True
+    losses = model(torch.randn(4, 5)).sum(1)
+    assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, trainable(model)))
+
+
 @pytest.mark.parametrize("batch_dim", [-1, 1.5, True])
 def test_invalid_batch_dim(batch_dim: object) -> None:
     with pytest.raises(ValueError, match="batch_dim"):

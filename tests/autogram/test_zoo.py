@@ -181,7 +181,8 @@ def per_example_losses(out: Any, batch: int) -> Tensor:
     return scores.logsumexp(-1).reshape(batch, -1).mean(1)
 
 
-def _check(model: nn.Module, inputs: dict[str, Tensor], batch: int, single_backward: bool = False) -> None:
+def _check(model: nn.Module, inputs: dict[str, Tensor], batch: int, single_backward: bool = False) -> Engine:
+    """One exact step of a fresh engine on ``model`` (returned, still hooked)."""
     engine = Engine(model, single_backward=single_backward)
     losses = per_example_losses(model(**inputs), batch)
     params = trainable(model)
@@ -194,6 +195,7 @@ def _check(model: nn.Module, inputs: dict[str, Tensor], batch: int, single_backw
     else:
         losses.backward(weights)
     torch.testing.assert_close(grads_of(params), weights @ jac, rtol=1e-4, atol=1e-6)
+    return engine
 
 
 @pytest.mark.parametrize("name", list(ZOO))
@@ -502,8 +504,8 @@ def test_zoo_batch_norm_model_with_frozen_statistics(single_backward: bool) -> N
                 module.running_mean.uniform_(-0.5, 0.5)
                 module.running_var.uniform_(0.5, 2.0)
             module.eval()
-    _check(model, _pixels(3, 0, False), 3, single_backward)
-    kinds = {info.kind for info in Engine(model)._capture.infos.values() if isinstance(info.module, nn.BatchNorm2d)}
+    engine = _check(model, _pixels(3, 0, False), 3, single_backward)
+    kinds = {info.kind for info in engine._capture.infos.values() if isinstance(info.module, nn.BatchNorm2d)}
     assert kinds == {Kind.BATCH_NORM}
 
 
@@ -659,6 +661,33 @@ def test_wav2vec2_with_padding_mask_and_spec_augment(single_backward: bool) -> N
     mask = torch.ones(3, 96, dtype=torch.long)
     mask[0, 60:] = 0
     _check(model, {"input_values": torch.randn(3, 96), "attention_mask": mask}, 3, single_backward)
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_wavlm_gated_relative_attention_takes_no_per_row_pass(
+    single_backward: bool, per_row_calls: list[str]
+) -> None:
+    """WavLM's attention passes its q/k/v/out weights to ``F.multi_head_attention_forward`` (time-major ``[T * B,
+    d]`` rows) and returns its ``[B, T, d]`` states beside the ``[B * heads, T, T]`` position bias it hands to the
+    next layer: a generic call whose outputs have different rows per example. Its grouping by example is verified
+    (it took the per-row pass, a batched backward over all loss rows, on every step before): exact, and after the
+    steps that find its borrowed weights, no per-row pass."""
+    torch.manual_seed(0)
+    config = tf.WavLMConfig(
+        vocab_size=V, conv_dim=(8, 8), conv_stride=(4, 2), conv_kernel=(8, 3), feat_extract_norm="layer",
+        num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2, mask_time_prob=0.0, num_labels=3,
+        classifier_proj_size=8, num_buckets=8, max_bucket_distance=16, **ENC)  # fmt: skip
+    model = tf.WavLMForSequenceClassification(config).train()
+    engine = Engine(model, single_backward=single_backward)
+    mask = torch.ones(10, 96, dtype=torch.long)
+    mask[0, 60:] = 0
+    for _ in range(4):
+        per_row_calls.clear()
+        model.zero_grad(set_to_none=True)
+        logits = model(input_values=torch.randn(10, 96), attention_mask=mask).logits
+        losses = nn.functional.cross_entropy(logits, torch.arange(10) % 3, reduction="none")
+        assert_exact_step_with_freed_graph(engine, model, losses, single_backward)
+    assert per_row_calls == []
 
 
 @pytest.mark.parametrize("single_backward", [False, True])
