@@ -27,7 +27,9 @@ if TYPE_CHECKING:  # (_broadcast imports this module)
 __all__ = [
     "MAX_UNATTRIBUTED_ENTRIES",
     "Accumulator",
+    "empty_call",
     "grads_at_once",
+    "grads_per_row",
     "grads_streamed",
     "other_uses_of_inputs",
     "unattributed_gram",
@@ -197,7 +199,8 @@ def grads_at_once(
 def grads_per_row(losses: Tensor, layout: RowLayout, records: list[Record], accumulator: Accumulator) -> None:
     """Records whose tensors are not split by example: back-propagate each loss row separately
     (one batched backward pass over the ``R`` rows, graph retained) and treat the whole batch as
-    one "example" with ``R`` tasks, which gives the same ``[R, R]`` row order.
+    one "example" with ``R`` tasks, which gives the same ``[R, R]`` row order. Calls on no example
+    (:func:`empty_call`) get their empty gradients without that pass.
 
     Parameters
     ----------
@@ -211,12 +214,40 @@ def grads_per_row(losses: Tensor, layout: RowLayout, records: list[Record], accu
         Receives the records' gradients.
     """
     num_rows = layout.num_rows
+    whole = RowLayout(None, 1, num_rows)
+    for record in records:
+        if empty_call(record):  # (its output gradients have no entry: nothing to back-propagate)
+            metadata = [edge.node._input_metadata[edge.output_nr] for edge in record.edges]
+            zeros = [losses.new_zeros(num_rows, *meta.shape, dtype=meta.dtype) for meta in metadata]
+            accumulator.add(record, list(zeros), whole)
+    records = [record for record in records if not empty_call(record)]
+    if not records:
+        return
     eye = torch.eye(num_rows, dtype=losses.dtype, device=losses.device).view(num_rows, *losses.shape)
     edges = [edge for record in records for edge in record.edges]
     grads = batched_grad(losses, edges, eye)
-    whole = RowLayout(None, 1, num_rows)
     for record, record_grads in split_by_record(grads, records):
         accumulator.add(record, record_grads, whole)
+
+
+def empty_call(record: Record) -> bool:
+    """Whether every output of a call has no entry: a module called on no example (X-MOD's adapter of a language
+    absent from the batch, an expert that received no token), whose output gradients are empty without a backward
+    pass.
+
+    Parameters
+    ----------
+    record
+        The call.
+
+    Returns
+    -------
+    bool
+        ``True`` when it has outputs and none has an entry.
+    """
+    return bool(record.edges) and all(
+        torch.Size(edge.node._input_metadata[edge.output_nr].shape).numel() == 0 for edge in record.edges
+    )
 
 
 def grads_streamed(

@@ -48,7 +48,7 @@ Only calls whose weights meet the data in these operations alone take this path 
 row-major product or either side of ``bmm``; biases added to the rows, whole or gathered per row; the elementwise
 uses above), in float32 or float64, with more than
 :data:`FEW_ROWS` loss rows or large weights. The weights ``w`` and ``w'`` are drawn independently in ``(1, 2)``, one
-slot of width ``1 / E`` per example at an irregular offset, from a fixed seed (see :func:`_check_weights`).
+slot of width ``1 / E`` per example at an irregular offset, from a fixed seed (see :func:`check_weights`).
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ from ._precision import full_float32_precision
 if TYPE_CHECKING:
     from ._generic import GenericRecord
 
-__all__ = ["MatmulFactors", "matmul_factors", "weights_only"]
+__all__ = ["RTOL_FLOAT32", "MatmulFactors", "check_weights", "examples_of_rows", "matmul_factors", "weights_only"]
 
 # Largest number of entries of the per-row operand gradients built at once for a Gram contribution (slices at a
 # time beyond that).
@@ -90,7 +90,7 @@ KNOWN_STRUCTURES = 8
 # by the data, which changes the structure's lookups on every step) stops remembering.
 UNSTABLE_AFTER = 32
 # A row's gradients must satisfy G_w = w_e G to this relative precision (float32; float64 scales with eps).
-_RTOL_FLOAT32 = 3e-5
+RTOL_FLOAT32 = 3e-5
 
 
 @dataclass
@@ -381,7 +381,7 @@ def _addmm_uses(node: Any, closure: set[Any]) -> list[_Use] | None:
     return uses
 
 
-def _check_weights(num_examples: int) -> Tensor:
+def check_weights(num_examples: int) -> Tensor:
     """The weights ``w`` and ``w'`` (``[2, E]``, float64) of the check of the rows' examples: each example gets a slot
     of width ``1 / E`` in ``(1, 2)``, shuffled, at an irregular offset inside it (between 0.2 and 0.8 of the slot),
     drawn independently for ``w`` and ``w'`` from a fixed seed. The weights of two examples differ by at least
@@ -397,7 +397,7 @@ def _check_weights(num_examples: int) -> Tensor:
     return torch.stack(rows)
 
 
-def _examples_of_rows(grads: Tensor, weights: Tensor, rtol: float) -> Tensor | None:
+def examples_of_rows(grads: Tensor, weights: Tensor, rtol: float) -> Tensor | None:
     """Example of each row block from its gradients ``[3, R, F]`` under the weights ``1, w, w'`` (``[2, E]``);
     ``-1`` for blocks with no gradient; ``None`` if a block is reached by several examples."""
     plain, scaled = grads[0], grads[1:]
@@ -416,7 +416,7 @@ def _examples_of_rows(grads: Tensor, weights: Tensor, rtol: float) -> Tensor | N
     closest, examples = distance.min(2)
     # To rounding only: a row that several examples reach with parallel gradients (a loss linear in the call's
     # output) has ratios that average their weights, which match no single example's in both w and w' (see
-    # _check_weights).
+    # check_weights).
     fits = closest <= rtol * weights.abs().amax()
     if bool((~fits[:, ~zero]).any()) or bool((examples[0] != examples[1])[~zero].any()):
         return None
@@ -766,12 +766,12 @@ def _rows_found(record: GenericRecord, layout: RowLayout, dtype: torch.dtype, us
     several examples)."""
     num_examples, num_tasks = layout.num_examples, layout.num_tasks
     device = uses[0].node._input_metadata[0].device
-    weights = _check_weights(num_examples).to(dtype=dtype, device=device)
+    weights = check_weights(num_examples).to(dtype=dtype, device=device)
     coefficients = torch.cat([torch.ones_like(weights[:1]), weights])  # [3, E]
     # (in full float32 precision: the rows' check holds to float32's rounding, which TF32 products would exceed)
     with full_float32_precision(device):
         use_grads = _use_grads(record, uses, _output_vectors(record, layout, coefficients))
-    rtol = _RTOL_FLOAT32 * torch.finfo(dtype).eps / torch.finfo(torch.float32).eps
+    rtol = RTOL_FLOAT32 * torch.finfo(dtype).eps / torch.finfo(torch.float32).eps
     found: list[_Rows] = []
     for use, grads in zip(uses, use_grads):
         if grads is None or use.num_blocks == 0:  # (an expert that received no token)
@@ -780,7 +780,7 @@ def _rows_found(record: GenericRecord, layout: RowLayout, dtype: torch.dtype, us
         examples = torch.full((use.num_blocks,), -1, dtype=torch.long, device=grads.device)
         if layout.batched:
             for task in range(num_tasks):
-                assigned = _examples_of_rows(grads[task], weights, rtol)
+                assigned = examples_of_rows(grads[task], weights, rtol)
                 if assigned is None:
                     return None
                 clash = (examples >= 0) & (assigned >= 0) & (examples != assigned)

@@ -33,6 +33,7 @@ from torch.autograd.graph import GradientEdge
 from ._accumulate import (
     MAX_UNATTRIBUTED_ENTRIES,
     Accumulator,
+    empty_call,
     grads_at_once,
     grads_per_row,
     grads_streamed,
@@ -65,6 +66,7 @@ from ._broadcast import (
 from ._capture import Capture
 from ._deliver import deliver_gradients
 from ._direct_uses import start_at_uses
+from ._gathered import add_gathered
 from ._generic import GenericRecord
 from ._layer_norm import INPUT_PARAMETER
 from ._layout import RowLayout, layout_of_losses
@@ -497,7 +499,8 @@ class Engine:
         that took that path on an earlier such step too."""
         if self._warned_per_row or one_time or layout.num_rows < 2:
             return
-        described = list(dict.fromkeys(record.describe() for record in records))
+        # (a call on no example costs no pass)
+        described = list(dict.fromkeys(record.describe() for record in records if not empty_call(record)))
         names = [name for name in described if name in self._per_row_before]
         self._per_row_before.update(described)
         if not names:
@@ -926,6 +929,10 @@ class Engine:
                     self._verified_groupings[pass_structure] = tuple(chosen)
                 # (failed modules keep the exact paths)
                 _remember_layouts(capture, verify_layout, checked, failed, vacuous, chosen)
+                if failed and not mixed:
+                    # Rows picked by the data, each of one example (tokens routed to experts): no mixed examples,
+                    # so the planned tables keep their plans.
+                    failed = add_gathered(losses, layout, failed, accumulator)
                 unaligned += failed
                 if (failed or not all(grouped)) and plans:
                     # Some calls are not split by example (e.g. a contrastive loss mixes the examples), or a table's
@@ -963,6 +970,10 @@ class Engine:
                     plans = []
                 records = [record for record in records if all(record is not other for other in failed)]
                 unaligned += failed
+            if unaligned and not mixed:
+                # Linear calls on rows the data picks from the examples (adapters per language, experts): each row's
+                # example found from gradients, they join the calls split by example.
+                unaligned = add_gathered(losses, layout, unaligned, accumulator)
             if unaligned:
                 grads_per_row(losses, layout, unaligned, accumulator)
                 if not mixed:  # (losses that mix the examples have their own warning)

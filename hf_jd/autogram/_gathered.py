@@ -1,0 +1,105 @@
+"""Linear calls on rows that the data picks from the examples: each row's example, found from gradients.
+
+A module called on a subset of the batch chosen by the data — X-MOD's adapter of one language on
+``hidden[lang_ids == k]``, an expert of a mixture on the tokens routed to it, a projection of the non-padded
+tokens ``hidden[mask]`` — captures tensors whose rows along ``batch_dim`` are not the examples: neither
+``B`` of them nor ``k`` consecutive ones per example. The engine's fallback for such calls back-propagates
+every loss row separately (a batched backward pass over the ``R`` rows). But when each row of the call's
+output belongs to one example, the gradients of three weighted sums of the losses (weights ``1``, ``w``
+and ``w'`` per example, as in :mod:`._matmul_uses`) tell which: a row of example ``e`` gets ``w_e`` and
+``w'_e`` times its plain gradient. With each row's example known, the call's inputs and plain output
+gradients are scattered into a ``[B, L, ...]`` layout (``L`` the most rows of any example, the others
+padded with zeros, which add nothing), and the call is then an ordinary call split by example: its closed
+form gives the exact per-example gradients. A row reached by several examples (examples mixed further on)
+makes the call keep the per-row pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ._accumulate import empty_call
+from ._batched_grad import batched_grad
+from ._layout import RowLayout
+from ._linear import LinearRecord
+from ._matmul_uses import RTOL_FLOAT32, check_weights, examples_of_rows
+from ._precision import full_float32_precision
+from ._record import Record
+
+__all__ = ["add_gathered"]
+
+# Below this many examples the per-row pass (one vector per loss row) costs no more than the three vectors here.
+MIN_EXAMPLES = 4
+
+
+def _gatherable(record: Record) -> bool:
+    """A plain Linear call with one output, on at least one row (its rows along dimension 0)."""
+    return (
+        type(record) is LinearRecord
+        and len(record.edges) == 1
+        and hasattr(record, "inputs")
+        and not empty_call(record)
+    )
+
+
+def _padded(rows: Tensor, examples: Tensor, num_examples: int) -> Tensor:
+    """``rows [N, ...]`` scattered into ``[E, L, ...]`` by their examples (``-1``: left out), zeros elsewhere."""
+    keep = examples >= 0
+    rows, examples = rows[keep], examples[keep]
+    counts = torch.bincount(examples, minlength=num_examples)
+    longest = max(int(counts.max()), 1) if examples.numel() else 1
+    order = torch.argsort(examples, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    slots = torch.arange(examples.numel(), device=rows.device) - starts[examples[order]]
+    padded = rows.new_zeros(num_examples, longest, *rows.shape[1:])
+    padded[examples[order], slots] = rows[order]
+    return padded
+
+
+def add_gathered(losses: Tensor, layout: RowLayout, records: Sequence[Record], accumulator: object) -> list[Record]:
+    """Add the Linear calls among ``records`` whose output rows each belong to one example (found by one batched
+    backward pass over three vectors), as calls split by example; return the others (for the per-row pass).
+
+    Parameters
+    ----------
+    losses
+        The per-example losses ``[B]`` (graph retained).
+    layout
+        Their row layout (``batch_dim`` 0, one task).
+    records
+        Calls not split by example along ``batch_dim``.
+    accumulator
+        Receives the contributions of the calls it takes (an :class:`~._accumulate.Accumulator`).
+
+    Returns
+    -------
+    list of Record
+        The calls not taken.
+    """
+    num_examples = layout.num_examples
+    candidates = [record for record in records if _gatherable(record)]
+    if layout.batch_dim != 0 or layout.num_tasks != 1 or num_examples < MIN_EXAMPLES or not candidates:
+        return list(records)
+    weights = check_weights(num_examples).to(dtype=losses.dtype, device=losses.device)  # [2, E]
+    vectors = torch.cat([torch.ones_like(weights[:1]), weights]).view(3, *losses.shape)
+    with full_float32_precision(losses.device):
+        grads = batched_grad(losses, [record.edges[0] for record in candidates], vectors)
+    taken: set[int] = set()
+    for record, base_grad in zip(candidates, grads):
+        (grad,) = record.to_view_shapes([base_grad])  # ([3, *output shape])
+        if grad is None or grad.dim() < 2:
+            continue
+        dtype = grad.dtype
+        rtol = RTOL_FLOAT32 * torch.finfo(dtype).eps / torch.finfo(torch.float32).eps
+        examples = examples_of_rows(grad.flatten(2), weights.to(dtype), rtol)
+        if examples is None:
+            continue  # (a row reached by several examples)
+        assert isinstance(record, LinearRecord)
+        record.inputs = _padded(record.inputs, examples, num_examples)
+        plain = _padded(grad[0], examples, num_examples)
+        accumulator.add(record, [plain.unsqueeze(0)], shaped=True)  # type: ignore[attr-defined]
+        taken.add(id(record))
+    return [record for record in records if id(record) not in taken]

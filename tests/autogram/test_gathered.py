@@ -1,0 +1,163 @@
+"""Linear calls on rows that the data picks from the examples (adapters per language, experts of a mixture, packed
+non-padded tokens): each row's example is found from gradients and the call joins those split by example, instead
+of the per-row pass; calls on no example cost no pass; rows reached by several examples keep the per-row pass.
+Exact against the explicit Jacobian, with both backward modes."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import transformers as tf
+from torch import Tensor, nn
+
+from hf_jd.autogram import Engine
+from hf_jd.autogram import engine as engine_module
+from hf_jd.autogram._accumulate import empty_call
+
+from ._reference import assert_exact_step_with_freed_graph
+
+
+@pytest.fixture
+def passes(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """The calls of each per-row pass (a batched backward over the loss rows), calls on no example left out."""
+    calls: list[list[str]] = []
+    original = engine_module.grads_per_row
+
+    def spy(losses: Tensor, layout: object, records: list, accumulator: object) -> None:
+        names = [record.module_name for record in records if not empty_call(record)]
+        if names:
+            calls.append(names)
+        original(losses, layout, records, accumulator)
+
+    monkeypatch.setattr(engine_module, "grads_per_row", spy)
+    return calls
+
+
+class _Adapters(nn.Module):
+    """X-MOD's pattern: one adapter per language, called on the examples of that language only."""
+
+    def __init__(self, mix: bool = False) -> None:
+        super().__init__()
+        self.inp = nn.Linear(3, 8)
+        self.adapters = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+        self.head = nn.Linear(8, 1)
+        self.mix = mix
+
+    def forward(self, x: Tensor, lang: Tensor) -> Tensor:  # [B, T, 3], [B] -> [B]
+        h = torch.tanh(self.inp(x))
+        new = torch.zeros_like(h)
+        for k, adapter in enumerate(self.adapters):
+            chosen = lang == k
+            out = adapter(h[chosen])
+            if self.mix and out.shape[0]:
+                out = out + out.mean(0, keepdim=True)  # every chosen example's rows reach the others'
+            new[chosen] = out
+        return self.head(torch.tanh(h + new)).squeeze(-1).pow(2).mean(1)
+
+
+class _Experts(nn.Module):
+    """A top-1 mixture of experts as separate Linear modules, each on the tokens routed to it ([N, d] rows)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(3, 8)
+        self.router = nn.Linear(8, 3)
+        self.experts = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, x: Tensor) -> Tensor:  # [B, T, 3] -> [B]
+        h = torch.tanh(self.inp(x))
+        tokens = h.reshape(-1, 8)
+        gates = self.router(tokens).softmax(-1)
+        top, choice = gates.max(-1)
+        out = torch.zeros_like(tokens)
+        for k, expert in enumerate(self.experts):
+            picked = (choice == k).nonzero().squeeze(1)
+            out = out.index_add(0, picked, expert(tokens[picked]) * top[picked, None])
+        return self.head(torch.tanh(out.view_as(h) + h)).squeeze(-1).pow(2).mean(1)
+
+
+class _Packed(nn.Module):
+    """A projection of the non-padded tokens only (``hidden[mask]``), scattered back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(3, 8)
+        self.proj = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:  # [B, T, 3], [B, T] -> [B]
+        h = torch.tanh(self.inp(x))
+        out = torch.zeros_like(h)
+        out[mask] = self.proj(h[mask])
+        return self.head(torch.tanh(out + h)).squeeze(-1).pow(2).mean(1)
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_adapters_on_the_examples_of_their_language(single_backward: bool, passes: list[list[str]]) -> None:
+    torch.manual_seed(0)
+    model = _Adapters()
+    engine = Engine(model, single_backward=single_backward)
+    languages = [torch.zeros(6, dtype=torch.long), torch.arange(6) % 2, torch.tensor([2, 0, 2, 2, 1, 0])]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # (no per-row pass to warn about)
+        for lang in languages * 2:
+            model.zero_grad(set_to_none=True)
+            assert_exact_step_with_freed_graph(engine, model, model(torch.randn(6, 4, 3), lang), single_backward)
+    assert passes == []
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_experts_on_their_routed_tokens(single_backward: bool, passes: list[list[str]]) -> None:
+    torch.manual_seed(1)
+    model = _Experts()
+    engine = Engine(model, single_backward=single_backward)
+    for batch in (5, 5, 7):
+        model.zero_grad(set_to_none=True)
+        assert_exact_step_with_freed_graph(engine, model, model(torch.randn(batch, 4, 3)), single_backward)
+    assert passes == []
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_projection_of_the_packed_tokens(single_backward: bool, passes: list[list[str]]) -> None:
+    torch.manual_seed(2)
+    model = _Packed()
+    engine = Engine(model, single_backward=single_backward)
+    for batch in (5, 6):
+        lengths = torch.randint(1, 5, (batch,))
+        mask = torch.arange(4)[None, :] < lengths[:, None]
+        model.zero_grad(set_to_none=True)
+        assert_exact_step_with_freed_graph(engine, model, model(torch.randn(batch, 4, 3), mask), single_backward)
+    assert passes == []
+
+
+def test_rows_reached_by_several_examples_keep_the_per_row_pass(passes: list[list[str]]) -> None:
+    torch.manual_seed(3)
+    model = _Adapters(mix=True)
+    engine = Engine(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for _ in range(2):
+            lang = torch.tensor([0, 1, 0, 0, 1, 2])
+            assert_exact_step_with_freed_graph(engine, model, model(torch.randn(6, 4, 3), lang), False)
+    assert passes and all("adapters.0" in names for names in passes)
+
+
+def test_switch_transformers_experts(passes: list[list[str]]) -> None:
+    """Switch Transformers' experts are Linear modules called on the tokens routed to them."""
+    torch.manual_seed(4)
+    config = tf.SwitchTransformersConfig(
+        vocab_size=40, d_model=16, d_kv=8, d_ff=16, expert_capacity=64, num_layers=2, num_sparse_encoder_layers=1,
+        num_decoder_layers=1, num_sparse_decoder_layers=1, num_heads=2, num_experts=4, router_jitter_noise=0.0,
+        decoder_start_token_id=0, pad_token_id=0,
+    )
+    model = tf.SwitchTransformersForConditionalGeneration(config).train()
+    engine = Engine(model)
+    for _ in range(2):
+        ids, labels = torch.randint(1, 40, (5, 6)), torch.randint(1, 40, (5, 3))
+        logits = model(input_ids=ids, labels=labels).logits
+        losses = nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none").mean(1)
+        assert_exact_step_with_freed_graph(engine, model, losses, False)
+    assert passes == []
