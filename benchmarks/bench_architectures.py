@@ -77,6 +77,16 @@ def _seq2seq(model_type: str, **config: Any) -> tuple[nn.Module, dict[str, Tenso
     return model, inputs, _seq2seq_losses, False
 
 
+def _xmod(languages: int) -> tuple[nn.Module, dict[str, Tensor], Callable[..., Tensor], bool]:
+    """X-MOD with one adapter per language, the examples of ``languages`` of them in each batch."""
+    model, inputs, losses, position_ids = _encoder(
+        "xmod", languages=["en_XX", "de_DE", "fr_XX"], default_language="en_XX", adapter_reduction_factor=4,
+        max_position_embeddings=130, pad_token_id=1,
+    )
+    inputs["lang_ids"] = torch.arange(B) % languages
+    return model, inputs, losses, position_ids
+
+
 def _vision(
     model_type: str, pixels: int = 32, **config: Any
 ) -> tuple[nn.Module, dict[str, Tensor], Callable[..., Tensor], bool]:
@@ -274,6 +284,14 @@ EXTRA: dict[str, Callable[[], tuple[nn.Module, dict[str, Tensor], Callable[..., 
     "bamba": lambda: _causal("bamba", intermediate_size=2 * H, num_key_value_heads=1, mamba_n_heads=4,
                              mamba_d_head=32, mamba_n_groups=1, mamba_d_state=8, mamba_d_conv=4, mamba_expand=2,
                              attn_layer_indices=[1], mamba_chunk_size=8),
+    # modules called on the rows the data picks from the examples: adapters per language, experts on their tokens
+    "xmod-1-language": lambda: _xmod(1),
+    "xmod-3-languages": lambda: _xmod(3),
+    "switch": lambda: _seq2seq("switch_transformers", d_kv=32, d_ff=4 * H, expert_capacity=64, num_layers=2,
+                               num_sparse_encoder_layers=1, num_decoder_layers=2, num_sparse_decoder_layers=1,
+                               num_heads=2, num_experts=4),
+    "nllb-moe": lambda: _seq2seq("nllb-moe", num_experts=4, expert_capacity=64, encoder_sparse_step=2,
+                                 decoder_sparse_step=2, **ENCODER_LAYERS),
     # fine-tuned with its batch norms' statistics frozen (evaluation mode; in training mode they mix the examples)
     "resnet-frozen-bn": lambda: _vision("resnet", pixels=64, embedding_size=16, hidden_sizes=[16, 32, 64],
                                         depths=[1, 1, 1]),
