@@ -136,6 +136,15 @@ def _coincident_sizes(record: Record, batch_dim: int, batch_size: int) -> bool:
     return False
 
 
+def _has_size(record: Record, size: int) -> bool:
+    """Whether an output of the call has ``size`` entries along some dimension (or its shape is unknown)."""
+    for edge in record.shape_edges():
+        shape = node_output_shape(edge.node, edge.output_nr)
+        if shape is None or size in shape:
+            return True
+    return False
+
+
 def _check_finite(losses: Tensor) -> None:
     """Raise if a loss is inf or nan: its row and column of the Gramian would be too, and every weighting fails on
     it (the rows are named, in the flattened order of ``compute_gramian``)."""
@@ -770,26 +779,32 @@ class Engine:
             for record in records
         )
         # Once the model's [B, T, d] calls are verified batch-major, a [1, T, d] table with T = B (BERT's position
-        # embeddings) is broadcast over the batch like any other table.
-        shareable = not verify_layout
-        if unaligned and shareable and not capture.unaligned_besides(unaligned):
+        # embeddings) is broadcast over the batch like any other table. Before, only the calls with no size equal to
+        # the batch size may be planned (LED's [T, d] position tables beside the embedding of the ids it pads inside
+        # the model, whose gradients are zero, so that its layout check never tells).
+        tables = (
+            unaligned
+            if not verify_layout
+            else [record for record in unaligned if not _has_size(record, layout.num_examples)]
+        )
+        if tables and not capture.unaligned_besides(unaligned):
             # Outputs shared by all examples and only broadcast over the batch further on (BERT's [1, T, d]
             # position embeddings, T5's relative-position bias): per-example gradients from the ordinary pass.
             assert layout.batch_dim is not None
             # Under activation checkpointing, only through nodes that read no saved tensor: the plans call
             # autograd nodes, whose checkpointed saved tensors may be unpacked only once per backward pass.
-            plans = plan_broadcasts(losses, unaligned, layout.batch_dim, layout.num_examples, checkpointed)
-            if not plans and len(unaligned) > 1:
+            plans = plan_broadcasts(losses, tables, layout.batch_dim, layout.num_examples, checkpointed)
+            if not plans and len(tables) > 1:
                 # Else the calls that can be planned (a shared table beside a Linear layer on flattened [B * T, d]
                 # rows or beside time-major calls; also a table whose length happens to be a multiple of the batch
                 # size, e.g. LED's [T, d] position tables, which would otherwise be taken for regrouped rows and
                 # fail their check); the others take the verification or the per-row path below.
                 plans = plan_broadcasts(
-                    losses, unaligned, layout.batch_dim, layout.num_examples, checkpointed, partial=True
+                    losses, tables, layout.batch_dim, layout.num_examples, checkpointed, partial=True
                 )
-                # (a call left unplanned may be a table that carries a batch statistic to the examples, which
-                # would reach the planned tables' broadcasting nodes: they are checked as for mixed examples)
-                partial_plans = bool(plans)
+            # (a call left unplanned may be a table that carries a batch statistic to the examples, which
+            # would reach the planned tables' broadcasting nodes: they are checked as for mixed examples)
+            partial_plans = bool(plans) and len(plans) < len(unaligned)
         planned = {id(plan.record) for plan in plans}
         if plans:
             unaligned = [record for record in unaligned if id(record) not in planned]

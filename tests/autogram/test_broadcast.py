@@ -623,6 +623,30 @@ def test_led_position_tables_are_planned_beside_time_major_calls(single_backward
 
 
 @pytest.mark.parametrize("single_backward", [False, True])
+def test_led_position_tables_are_planned_when_led_pads_the_ids(single_backward: bool, monkeypatch) -> None:
+    """With ids not a multiple of its attention window, LED pads them inside the model and embeds the padding ids in
+    a call of their own, whose gradients are zero (masked): its layout check never tells, and the position tables
+    (no size equal to the batch size) took the per-row pass on every step. They are planned now."""
+    per_row = _count_per_row(monkeypatch)
+    torch.manual_seed(1)
+    config = tf.LEDConfig(vocab_size=40, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                          decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, attention_window=4,
+                          max_encoder_position_embeddings=32, max_decoder_position_embeddings=16)  # fmt: skip
+    model = tf.LEDForConditionalGeneration(config).train()
+    engine = Engine(model, single_backward=single_backward)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (transformers says it pads)
+        for _ in range(3):
+            per_row.clear()
+            model.zero_grad(set_to_none=True)
+            ids, decoder = torch.randint(3, 40, (6, 10)), torch.randint(3, 40, (6, 5))
+            logits = model(input_ids=ids, decoder_input_ids=decoder[:, :-1]).logits
+            losses = nn.functional.cross_entropy(logits.transpose(1, 2), decoder[:, 1:], reduction="none").mean(1)
+            assert_exact_step(engine, losses, trainable(model), single_backward)
+    assert per_row == []  # (on the last step)
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
 def test_ids_padded_inside_the_model_keep_the_closed_forms(single_backward: bool, monkeypatch) -> None:
     """Longformer pads its [B, T] ids to a multiple of its attention window inside the model: the embeddings' [B, T']
     ids share no length with the model's inputs, so they were taken for tables shared by the examples and took the
