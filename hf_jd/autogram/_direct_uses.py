@@ -19,11 +19,12 @@ upstream of another of the same parameter.
 Uses with different ``k`` (a Mamba mixer's ``dt_proj.weight @ x`` on ``[B * T, r]`` rows beside its ``x * D`` on
 ``[B, d, T]``), or a use of one parameter upstream of a use of another (a class token concatenated to the patches
 before the position table is added; a Mamba mixer's convolution before its product with the time-step weights),
-are taken when some use is neither a product nor an elementwise operation; with nested uses, each parameter's
-products run from its own uses, separately. When all of them are products or elementwise operations, such a call
-keeps the products' path from its outputs (:mod:`._matmul_uses`), which needs no grouping of the uses' rows: a
-mixture of experts' products have rows sorted by expert, as many as a grouping by example would have, and the
-check would reject them only after the fact, the step then taking the per-row pass.
+are taken too (a parent adding a child's query table and a parameter of its own to its states, as Deformable DETR's
+model does); with nested uses, each parameter's products run from its own uses, separately. But when all the uses
+are products or elementwise operations and one with ``k > 1`` takes rows picked by the data (a mixture of experts'
+tokens gathered by expert: as many rows as a grouping by example would have, in another order, which the check would
+reject only after the fact, the step then taking the per-row pass), such a call keeps the products' path from its
+outputs (:mod:`._matmul_uses`), which needs no grouping of the uses' rows.
 
 Calls where all this holds get those operations' outputs as their edges (the products from them are exact
 whatever lies between the parameters and them), the others keep their outputs. With ``k > 1`` (rows flattened,
@@ -42,6 +43,7 @@ from torch.autograd.graph import GradientEdge
 
 from ._generic import GenericRecord
 from ._matmul_uses import USE_NODES, weights_only
+from ._node_structure import DATA_DEPENDENT_NODES
 from ._record import Record
 
 __all__ = ["start_at_uses"]
@@ -85,12 +87,32 @@ def _upstream_uses(uses: list[Any], call: range | None) -> list[frozenset[int]]:
     return found
 
 
+# How far down a use's other operands are followed (through operations of one input) for a lookup in the data.
+_PICKED_DEPTH = 8
+
+
+def _picked_by_the_data(node: Any) -> bool:
+    """Whether ``node`` or the operations of one input below it (views, casts) pick rows by the data (an index, a
+    sort): a mixture of experts' tokens gathered by expert."""
+    for _ in range(_PICKED_DEPTH):
+        if node is None:
+            return False
+        if type(node).__name__ in DATA_DEPENDENT_NODES:
+            return True
+        children = [child for child, _ in node.next_functions if child is not None]
+        if len(children) != 1:
+            return False
+        node = children[0]
+    return False
+
+
 def _uses_of(
     record: GenericRecord, consumers: dict[Any, list[Any]], batch_dim: int, batch_size: int
 ) -> tuple[dict[str, list[Any]], set[int], bool] | None:
     """Per parameter, the first operations split by example on every path from it to the losses, their numbers of
     rows per example, and whether the operations that first take the parameters with other inputs are all
-    products or elementwise operations; ``None`` when a path leaves the call first.
+    products or elementwise operations taking rows picked by the data (see :func:`_picked_by_the_data`) where they
+    have several rows per example; ``None`` when a path leaves the call first.
 
     The operations on the parameters alone (``clamp(logit_scale).exp()``) are walked through first: a tensor
     computed from the parameters alone may have the batch size along ``batch_dim`` by coincidence (``heads = B``),
@@ -101,6 +123,7 @@ def _uses_of(
     found: dict[str, list[Any]] = {}
     counts: set[int] = set()
     products_only = True
+    picked = False
     for name, alias in record.aliases.items():
         uses: list[Any] = []
         walked: set[Any] = set()
@@ -124,9 +147,15 @@ def _uses_of(
                     continue
                 counts.add(rows)
                 uses.append(consumer)
+                if rows > 1 and not picked:
+                    picked = any(
+                        _picked_by_the_data(child)
+                        for child, _ in consumer.next_functions
+                        if child is not None and child not in parameters_only and child is not alias.grad_fn
+                    )
         if uses:
             found[name] = uses
-    return (found, counts, products_only) if found else None
+    return (found, counts, products_only and picked) if found else None
 
 
 def start_at_uses(
@@ -172,7 +201,7 @@ def start_at_uses(
         found = _uses_of(record, consumers, dim, batch_size)
         if found is None:
             continue
-        by_name, counts, products_only = found
+        by_name, counts, picked_products = found
         if dim != batch_dim and counts != {1}:
             continue
         nodes_used = list(dict.fromkeys(use for uses in by_name.values() for use in uses))
@@ -182,7 +211,7 @@ def start_at_uses(
         if any(upstream[index] & indices for indices in own for index in indices):
             continue  # (a parameter whose products would count a path twice)
         nested = any(upstream)
-        if (nested or len(counts) > 1) and products_only:
+        if (nested or len(counts) > 1) and picked_products:
             # The products' path from the call's outputs applies (see _matmul_uses): kept, as the uses' rows may have
             # the count of a grouping by example without its order (a mixture of experts' tokens sorted by expert),
             # which the check would find only after the fact, making the step take the per-row pass.
@@ -193,6 +222,7 @@ def start_at_uses(
             [frozenset(name for name, uses in by_name.items() if node in uses) for node in nodes_used]
             if nested
             else None,
+            upstream if nested else None,
         )
         if dim == batch_dim:
             # A candidate batch-major grouping of k rows per example, verified like [B * T, d] rows (also for a call

@@ -234,6 +234,7 @@ class GenericRecord(Record):
         self._matmul: MatmulFactors | bool | None = False
         # Set by start_at for nested uses: per edge, the parameters whose products start there (None: all of them).
         self.serves: list[frozenset[str]] | None = None
+        self.upstream: list[frozenset[int]] | None = None  # (with serves: per edge, the edges upstream of it)
 
     def uncover_param(self, name: str) -> None:
         """Stop covering parameter ``name`` (see :meth:`Record.uncover_param`); its alias leaves the products."""
@@ -316,7 +317,12 @@ class GenericRecord(Record):
             and hasattr(self, "outputs")
         )
 
-    def start_at(self, edges: list[GradientEdge], serves: list[frozenset[str]] | None = None) -> None:
+    def start_at(
+        self,
+        edges: list[GradientEdge],
+        serves: list[frozenset[str]] | None = None,
+        upstream: list[frozenset[int]] | None = None,
+    ) -> None:
         """Take the outputs of the operations that use the parameters (split by example, one output each) as this
         call's edges: its vector-Jacobian products then start there (see :mod:`._direct_uses`).
 
@@ -328,8 +334,11 @@ class GenericRecord(Record):
             Per edge, the parameters it uses, when some edges lie upstream of others: the products of each
             parameter then run from its own edges only (from all of them at once, one path would count twice).
             ``None``: every edge serves every parameter.
+        upstream
+            With ``serves``: per edge, the indices of the edges upstream of it.
         """
         self.serves = serves
+        self.upstream = upstream
         self.edges = list(edges)
         self.edge_views, self.view_edges = [], []
         self.outputs = [

@@ -689,8 +689,6 @@ def matmul_factors(record: GenericRecord, layout: RowLayout, dtype: torch.dtype)
     """
     if record.nodes is None or record._shared_output or dtype not in (torch.float32, torch.float64):
         return None
-    if record.serves is not None:  # (products from nested uses: the gradient at one would count another's twice)
-        return None
     if not hasattr(record, "grad_rows"):  # a closed form took the output gradients (an RMS norm's)
         return None
     if record.module in _DECLINED:
@@ -708,6 +706,8 @@ def _factors_from_uses(record: GenericRecord, layout: RowLayout, dtype: torch.dt
     if found_uses is None:
         return None
     uses, graph = found_uses
+    if record.serves is not None and _use_edges(record, uses) is None:
+        return None  # (nested uses whose gradients cannot be told apart: see _use_grads)
     memory = _MEMORY.setdefault(record.module, _RowsMemory())
     remember = layout.batched and not memory.unstable
     structure = _call_structure(record, uses, graph, layout) if remember else None
@@ -753,11 +753,55 @@ def _output_vectors(record: GenericRecord, layout: RowLayout, coefficients: Tens
     return vectors
 
 
+def _use_edges(record: GenericRecord, uses: list[_Use]) -> dict[Any, frozenset[int]] | None:
+    """For a call whose products start at nested uses (:attr:`GenericRecord.serves`): per use node, the indices of the
+    call's edges its gradient comes from: the edge at the node itself, else those serving the parameters its
+    weight-derived operand comes from; ``None`` when one of those lies upstream of another (the products from both
+    would count a path twice)."""
+    assert record.serves is not None and record.upstream is not None
+    alias_names = {alias.grad_fn: name for name, alias in record.aliases.items() if alias.grad_fn is not None}
+    at_node = {edge.node: index for index, edge in enumerate(record.edges)}
+    found: dict[Any, frozenset[int]] = {}
+    for use in uses:
+        if use.node in at_node:  # (its gradient is that edge's)
+            found[use.node] = frozenset({at_node[use.node]})
+            continue
+        names = set(_reached_names(use.target, alias_names))
+        served = found.get(use.node, frozenset()) | {
+            index for index, names_at in enumerate(record.serves) if names & names_at
+        }
+        if any(record.upstream[index] & served for index in served):
+            return None
+        found[use.node] = served
+    return found
+
+
 def _use_grads(record: GenericRecord, uses: list[_Use], vectors: list[Tensor]) -> list[Tensor | None]:
-    """The gradients at each use's node of the call's outputs under ``vectors`` (one batched pass)."""
+    """The gradients at each use's node of the call's outputs under ``vectors`` (one batched pass; for a call whose
+    products start at nested uses, one per group of edges: a pass from all of them at once would add a later use's
+    gradient to an earlier one's, see :meth:`GenericRecord.start_at`)."""
     edges = [record.edges[index] for index, _ in record.grad_rows]
-    nodes = list(dict.fromkeys(use.node for use in uses))  # (addmm: a product and a bias at one node)
-    node_grads = dict(zip(nodes, batched_grad(edges, [GradientEdge(node, 0) for node in nodes], vectors)))
+    if record.serves is None:
+        groups = {tuple(range(len(edges))): [use.node for use in uses]}
+    else:
+        serving = _use_edges(record, uses)
+        assert serving is not None
+        positions = {index: position for position, (index, _) in enumerate(record.grad_rows)}
+        groups = {}
+        for node, indices in serving.items():
+            key = tuple(positions[index] for index in sorted(indices) if index in positions)
+            groups.setdefault(key, []).append(node)
+    node_grads: dict[Any, Tensor | None] = {}
+    for key, group in groups.items():
+        nodes = list(dict.fromkeys(group))  # (addmm: a product and a bias at one node)
+        if not key:  # (no gradient reaches the edges of these uses)
+            node_grads.update((node, None) for node in nodes)
+            continue
+        node_grads.update(zip(nodes, batched_grad(
+            [edges[position] for position in key],
+            [GradientEdge(node, 0) for node in nodes],
+            [vectors[position] for position in key],
+        )))
     return [node_grads[use.node] for use in uses]
 
 

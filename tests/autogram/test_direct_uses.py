@@ -162,6 +162,56 @@ def test_uses_with_different_rows_per_example_and_nested(single_backward: bool) 
         assert_update_matches(grads_of(params), weights @ jac)
 
 
+class _QueryParent(nn.Module):
+    """As Deformable DETR's model: a parent that owns a parameter (``level_embed``) and reads a child's table without
+    calling the child (``query.weight``, expanded over the batch), both added to its ``[B, ...]`` states, the query
+    table's use upstream of the level embedding's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.level_embed = nn.Parameter(torch.randn(3, 6))
+        self.query = nn.Embedding(5, 6)  # never called
+        self.inp = nn.Linear(3, 6)
+        self.blocks = nn.ModuleList(nn.Linear(6, 6) for _ in range(2))
+
+    def forward(self, x: Tensor) -> Tensor:  # [B, 5, 3] -> [B, 5, 6]
+        h = self.inp(x) + self.query.weight.unsqueeze(0).expand(x.shape[0], -1, -1)
+        h = h + self.level_embed[1].view(1, 1, -1)
+        for block in self.blocks:
+            h = torch.tanh(block(h))
+        return h
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_parent_table_and_own_parameter_added_to_the_states(
+    single_backward: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The parent's generic call (its own parameter and the borrowed table, both used by additions with one row per
+    example, one upstream of the other) starts its products at the additions once it borrows the table (after the
+    first step), not back through its whole body; exact."""
+    from hf_jd.autogram import engine as engine_module
+
+    started: list[list[str]] = []
+    original = engine_module.start_at_uses
+
+    def spied(*args, **kwargs):  # type: ignore[no-untyped-def]
+        changed = original(*args, **kwargs)
+        started.append([record.module_name for record in changed])
+        return changed
+
+    monkeypatch.setattr(engine_module, "start_at_uses", spied)
+    torch.manual_seed(5)
+    model = nn.Sequential(_QueryParent(), nn.Linear(6, 1))
+    engine = Engine(model, single_backward=single_backward)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # (the first step: the table used outside the calls)
+        for batch in (4, 4, 3):
+            model.zero_grad(set_to_none=True)
+            losses = model(torch.randn(batch, 5, 3)).squeeze(-1).pow(2).mean(1)
+            assert_exact_step_with_freed_graph(engine, model, losses, single_backward)
+    assert started[-1] == ["0"]
+
+
 @pytest.mark.parametrize("mix", ["none", "center", "softmax"])
 @pytest.mark.parametrize("single_backward", [False, True])
 def test_examples_mixed_after_the_use_stay_exact(mix: str, single_backward: bool) -> None:
