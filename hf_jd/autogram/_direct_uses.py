@@ -20,7 +20,8 @@ Uses with different ``k`` (a Mamba mixer's ``dt_proj.weight @ x`` on ``[B * T, r
 ``[B, d, T]``), or a use of one parameter upstream of a use of another (a class token concatenated to the patches
 before the position table is added; a Mamba mixer's convolution before its product with the time-step weights),
 are taken too (a parent adding a child's query table and a parameter of its own to its states, as Deformable DETR's
-model does); with nested uses, each parameter's products run from its own uses, separately. But when all the uses
+model does) when the call goes on for a while after them (:data:`MIN_SKIPPED_NODES`); with nested uses, each
+parameter's products run from its own uses, separately. But when all the uses
 are products or elementwise operations and one with ``k > 1`` takes rows picked by the data (a mixture of experts'
 tokens gathered by expert: as many rows as a grouping by example would have, in another order, which the check would
 reject only after the fact, the step then taking the per-row pass), such a call keeps the products' path from its
@@ -104,6 +105,19 @@ def _picked_by_the_data(node: Any) -> bool:
             return False
         node = children[0]
     return False
+
+
+# Nested uses, or uses with different rows per example, are taken only when the products from them skip at least
+# this many autograd nodes of the call (those after the first use): the verification of their grouping may cost a
+# backward pass on every step (rows picked by the data), which a short call (ViLT's embeddings) does not repay.
+MIN_SKIPPED_NODES = 16
+
+
+def _skips_enough(record: GenericRecord, uses: list[Any]) -> bool:
+    """Whether the call has at least :data:`MIN_SKIPPED_NODES` autograd nodes after its first use."""
+    if record.nodes is None:
+        return True
+    return record.nodes.stop - min(use._sequence_nr() for use in uses) >= MIN_SKIPPED_NODES
 
 
 def _uses_of(
@@ -211,7 +225,7 @@ def start_at_uses(
         if any(upstream[index] & indices for indices in own for index in indices):
             continue  # (a parameter whose products would count a path twice)
         nested = any(upstream)
-        if (nested or len(counts) > 1) and picked_products:
+        if (nested or len(counts) > 1) and (picked_products or not _skips_enough(record, nodes_used)):
             # The products' path from the call's outputs applies (see _matmul_uses): kept, as the uses' rows may have
             # the count of a grouping by example without its order (a mixture of experts' tokens sorted by expert),
             # which the check would find only after the fact, making the step take the per-row pass.

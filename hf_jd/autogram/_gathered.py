@@ -59,7 +59,9 @@ def _padded(rows: Tensor, examples: Tensor, num_examples: int) -> Tensor:
     return padded
 
 
-def add_gathered(losses: Tensor, layout: RowLayout, records: Sequence[Record], accumulator: object) -> list[Record]:
+def add_gathered(
+    losses: Tensor, layout: RowLayout, records: Sequence[Record], accumulator: object, declined: set[int]
+) -> list[Record]:
     """Add the Linear calls among ``records`` whose output rows each belong to one example (found by one batched
     backward pass over three vectors), as calls split by example; return the others (for the per-row pass).
 
@@ -73,6 +75,9 @@ def add_gathered(losses: Tensor, layout: RowLayout, records: Sequence[Record], a
         Calls not split by example along ``batch_dim``.
     accumulator
         Receives the contributions of the calls it takes (an :class:`~._accumulate.Accumulator`).
+    declined
+        Ids of modules whose rows were reached by several examples on an earlier step (the examples are mixed after
+        them, e.g. by an in-batch contrastive loss): not tried again. Those found so now are added to it.
 
     Returns
     -------
@@ -80,7 +85,7 @@ def add_gathered(losses: Tensor, layout: RowLayout, records: Sequence[Record], a
         The calls not taken.
     """
     num_examples = layout.num_examples
-    candidates = [record for record in records if _gatherable(record)]
+    candidates = [record for record in records if _gatherable(record) and id(record.module) not in declined]
     if layout.batch_dim != 0 or layout.num_tasks != 1 or num_examples < MIN_EXAMPLES or not candidates:
         return list(records)
     weights = check_weights(num_examples).to(dtype=losses.dtype, device=losses.device)  # [2, E]
@@ -96,7 +101,8 @@ def add_gathered(losses: Tensor, layout: RowLayout, records: Sequence[Record], a
         rtol = RTOL_FLOAT32 * torch.finfo(dtype).eps / torch.finfo(torch.float32).eps
         examples = examples_of_rows(grad.flatten(2), weights.to(dtype), rtol)
         if examples is None:
-            continue  # (a row reached by several examples)
+            declined.add(id(record.module))  # (a row reached by several examples)
+            continue
         assert isinstance(record, LinearRecord)
         record.inputs = _padded(record.inputs, examples, num_examples)
         plain = _padded(grad[0], examples, num_examples)

@@ -392,6 +392,8 @@ class Engine:
         # Modules whose generic products started at their parameters' uses (see _direct_uses) and failed a grouping
         # check there (e.g. uses on time-major flattened rows): they keep products from their outputs afterwards.
         self._no_direct_uses: set[int] = set()
+        # Modules whose Linear calls on rows picked by the data had rows reached by several examples (see _gathered).
+        self._not_gathered: set[int] = set()
         # Structures of broadcast plans (see plan_structure) that succeeded: single-backward passes with them free the
         # graph as they go.
         self._planned: set[tuple[Any, ...]] = set()
@@ -947,7 +949,7 @@ class Engine:
                 if failed and not mixed:
                     # Rows picked by the data, each of one example (tokens routed to experts): no mixed examples,
                     # so the planned tables keep their plans.
-                    failed = add_gathered(losses, layout, failed, accumulator)
+                    failed = add_gathered(losses, layout, failed, accumulator, self._not_gathered)
                 unaligned += failed
                 if (failed or not all(grouped)) and plans:
                     # Some calls are not split by example (e.g. a contrastive loss mixes the examples), or a table's
@@ -988,7 +990,7 @@ class Engine:
             if unaligned and not mixed:
                 # Linear calls on rows the data picks from the examples (adapters per language, experts): each row's
                 # example found from gradients, they join the calls split by example.
-                unaligned = add_gathered(losses, layout, unaligned, accumulator)
+                unaligned = add_gathered(losses, layout, unaligned, accumulator, self._not_gathered)
             if unaligned:
                 grads_per_row(losses, layout, unaligned, accumulator)
                 if not mixed:  # (losses that mix the examples have their own warning)

@@ -29,8 +29,9 @@ class _Container(nn.Module):
     """A module with a parameter of its own, written into masked positions of its input (as Wav2Vec2's mask
     embedding) and added to it, before a child layer; ``mix`` mixes the examples after that use."""
 
-    def __init__(self, mix: str = "none", in_place: bool = False, chained: str = "") -> None:
+    def __init__(self, mix: str = "none", in_place: bool = False, chained: str = "", depth: int = 1) -> None:
         super().__init__()
+        self.depth = depth  # (applications of the inner layer after the uses)
         self.chained = chained  # "other": a use of another parameter after the write; "same": of the embedding too
         self.embed = nn.Parameter(torch.randn(6))
         self.shift = nn.Parameter(torch.randn(6))
@@ -52,6 +53,8 @@ class _Container(nn.Module):
         elif self.chained == "same":
             shifted = h + self.shift * self.embed  # ... and uses it again
         h = self.inner(h * shifted.view_as(h))
+        for _ in range(self.depth - 1):
+            h = self.inner(torch.tanh(h))
         if h.requires_grad:
             h.register_hook(self._count)
         if self.mix == "center":
@@ -62,10 +65,10 @@ class _Container(nn.Module):
 
 
 class _Net(nn.Module):
-    def __init__(self, mix: str = "none", flat: bool = False, chained: str = "") -> None:
+    def __init__(self, mix: str = "none", flat: bool = False, chained: str = "", depth: int = 1) -> None:
         super().__init__()
         self.pre = nn.Linear(3, 6)
-        self.body = _Container(mix, in_place=flat, chained=chained)
+        self.body = _Container(mix, in_place=flat, chained=chained, depth=depth)
         self.head = nn.Linear(6, 1)
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:  # x: [B, T, 3] -> losses [B]
@@ -79,9 +82,10 @@ def test_products_start_at_the_parameters_uses(flat: bool, chained: str) -> None
     """The per-example products run through the operations using the parameters only: the activations after
     them see the ordinary backward pass alone (one more pass with the products from the call's outputs). Also when
     the use of one parameter lies upstream of another's (``other``: each parameter's products then run from its own
-    uses); not when a parameter's own uses are nested (``same``): the products then start at the call's outputs."""
+    uses, in a call that goes on for a while after them); not when a parameter's own uses are nested (``same``): the
+    products then start at the call's outputs."""
     torch.manual_seed(0)
-    model = _Net(flat=flat, chained=chained)
+    model = _Net(flat=flat, chained=chained, depth=4)
     engine = Engine(model)
     for step, batch in enumerate((4, 4, 3, 3)):
         x, mask = torch.randn(batch, 5, 3), torch.rand(batch, 5) > 0.5
@@ -92,6 +96,29 @@ def test_products_start_at_the_parameters_uses(flat: bool, chained: str) -> None
         assert_gramian_matches(gramian, jac)
         if step in (1, 3):  # (the first step of a batch size also checks the grouping or the mixing)
             assert model.body.passes == (2 if chained == "same" else 1)
+
+
+def test_nested_uses_in_a_short_call_keep_the_products_from_its_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nested uses in a call with little after them (as ViLT's embeddings): starting there would save little and its
+    grouping check may cost a pass on every step, so the products start at the call's outputs (exact either way)."""
+    from hf_jd.autogram import engine as engine_module
+
+    started: list[list[str]] = []
+    original = engine_module.start_at_uses
+
+    def spied(*args, **kwargs):  # type: ignore[no-untyped-def]
+        changed = original(*args, **kwargs)
+        started.append([record.module_name for record in changed])
+        return changed
+
+    monkeypatch.setattr(engine_module, "start_at_uses", spied)
+    torch.manual_seed(0)
+    model = _Net(chained="other")
+    engine = Engine(model)
+    for batch in (4, 4):
+        losses = model(torch.randn(batch, 5, 3), torch.rand(batch, 5) > 0.5)
+        assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, trainable(model)))
+    assert started == [[], []]
 
 
 class _MixerLike(nn.Module):
@@ -172,7 +199,7 @@ class _QueryParent(nn.Module):
         self.level_embed = nn.Parameter(torch.randn(3, 6))
         self.query = nn.Embedding(5, 6)  # never called
         self.inp = nn.Linear(3, 6)
-        self.blocks = nn.ModuleList(nn.Linear(6, 6) for _ in range(2))
+        self.blocks = nn.ModuleList(nn.Linear(6, 6) for _ in range(4))
 
     def forward(self, x: Tensor) -> Tensor:  # [B, 5, 3] -> [B, 5, 6]
         h = self.inp(x) + self.query.weight.unsqueeze(0).expand(x.shape[0], -1, -1)
