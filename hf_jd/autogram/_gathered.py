@@ -95,8 +95,8 @@ def add_gathered(
     taken: set[int] = set()
     for record, base_grad in zip(candidates, grads):
         (grad,) = record.to_view_shapes([base_grad])  # ([3, *output shape])
-        if grad is None or grad.dim() < 2:
-            continue
+        if grad is None or grad.dim() < 2 or grad.dtype not in (torch.float32, torch.float64):
+            continue  # (low precision: its rounding would hide rows of several examples; the per-row pass then)
         dtype = grad.dtype
         rtol = RTOL_FLOAT32 * torch.finfo(dtype).eps / torch.finfo(torch.float32).eps
         examples = examples_of_rows(grad.flatten(2), weights.to(dtype), rtol)
