@@ -113,7 +113,7 @@ def describe(name: str, module: nn.Module) -> str:
     Parameters
     ----------
     name
-        The module's qualified name (empty for a root module).
+        The module's qualified name (empty for a root module; ``"k."`` for the ``k``-th of several roots).
     module
         The module.
 
@@ -122,7 +122,11 @@ def describe(name: str, module: nn.Module) -> str:
     str
         The description.
     """
-    return f"{name} ({type(module).__name__})" if name else f"{type(module).__name__} (a module given to the engine)"
+    if not name:
+        return f"{type(module).__name__} (a module given to the engine)"
+    if name.endswith(".") and name[:-1].isdigit():
+        return f"{type(module).__name__} (module {name[:-1]} of those given to the engine)"
+    return f"{name} ({type(module).__name__})"
 
 
 @dataclass

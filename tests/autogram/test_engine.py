@@ -322,6 +322,14 @@ def test_two_enabled_engines_on_the_same_modules_are_rejected(part: bool) -> Non
     assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, trainable(model)))
 
 
+def test_errors_name_a_root_among_several_by_its_position() -> None:
+    model = _mlp()
+    engine = Engine(model[0])
+    with pytest.raises(RuntimeError, match=r"Module Linear \(module 1 of those given to the engine\) is also given"):
+        Engine(model[4], model[0])
+    engine.remove()
+
+
 @pytest.mark.parametrize("batch_dim", [-1, 1.5, True])
 def test_invalid_batch_dim(batch_dim: object) -> None:
     with pytest.raises(ValueError, match="batch_dim"):
