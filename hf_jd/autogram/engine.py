@@ -276,6 +276,10 @@ class Engine:
         If no module is given or ``batch_dim`` is not a non-negative int or ``None``.
     TypeError
         If an argument of ``*modules`` is not an ``nn.Module``.
+    RuntimeError
+        If another enabled engine hooks one of the modules (one created earlier and not removed, e.g. by a notebook
+        cell run again): call ``remove()`` on it, or disable it. Enabling an engine beside another enabled one on the
+        same modules raises the same error.
 
     Notes
     -----
@@ -355,7 +359,11 @@ class Engine:
     * A module with parameters of its own that uses a submodule's parameters without calling it (Mamba's
       mixers pass ``conv1d.weight`` to a convolution function) borrows the submodule after its first call:
       its generic record then covers the submodule's parameters with its own (on the first step, they take
-      the per-row pass below).
+      the per-row pass below). Its per-example products start at the operations that use the parameters
+      when those split the examples (not back through the rest of the module, e.g. a selective scan).
+    * A Linear module called on rows that the data picks from the examples (adapters per language, experts on
+      their routed tokens, ``proj(h[mask])``) finds each row's example from one batched backward pass over
+      three weighted sums of the losses and keeps its closed form; a call on no example costs nothing.
     * A parameter of the engine's modules used *only* outside their captured calls (a parent
       calling ``F.linear(x, self.child.weight)`` without calling the child; DeBERTa-v2's
       relative-position table with ``norm_rel_ebd="none"``) gets its per-row gradients from a
