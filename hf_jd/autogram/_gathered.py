@@ -68,9 +68,9 @@ def add_gathered(
     Parameters
     ----------
     losses
-        The per-example losses ``[B]`` (graph retained).
+        The per-example losses ``[B]`` or ``[B, m]`` (graph retained).
     layout
-        Their row layout (``batch_dim`` 0, one task).
+        Their row layout (``batch_dim`` 0).
     records
         Calls not split by example along ``batch_dim``.
     accumulator
@@ -84,28 +84,36 @@ def add_gathered(
     list of Record
         The calls not taken.
     """
-    num_examples = layout.num_examples
+    num_examples, num_tasks = layout.num_examples, layout.num_tasks
     candidates = [record for record in records if _gatherable(record) and id(record.module) not in declined]
-    if layout.batch_dim != 0 or layout.num_tasks != 1 or num_examples < MIN_EXAMPLES or not candidates:
+    if layout.batch_dim != 0 or num_examples < MIN_EXAMPLES or not candidates:
         return list(records)
     weights = check_weights(num_examples).to(dtype=losses.dtype, device=losses.device)  # [2, E]
-    vectors = torch.cat([torch.ones_like(weights[:1]), weights]).view(3, *losses.shape)
+    # The check's three weighted sums (each example's weight on all its tasks), then for [B, m] losses one vector per
+    # task (the rows' gradients of each task).
+    scales = torch.cat([torch.ones_like(weights[:1]), weights])  # [3, E]
+    vectors = scales.view(3, num_examples, 1).expand(3, num_examples, num_tasks)
+    if num_tasks > 1:
+        tasks = torch.eye(num_tasks, dtype=losses.dtype, device=losses.device)
+        vectors = torch.cat([vectors, tasks.view(num_tasks, 1, num_tasks).expand(num_tasks, num_examples, num_tasks)])
+    vectors = vectors.reshape(vectors.shape[0], *losses.shape)
     with full_float32_precision(losses.device):
         grads = batched_grad(losses, [record.edges[0] for record in candidates], vectors)
     taken: set[int] = set()
     for record, base_grad in zip(candidates, grads):
-        (grad,) = record.to_view_shapes([base_grad])  # ([3, *output shape])
+        (grad,) = record.to_view_shapes([base_grad])  # ([3 (+ m), *output shape])
         if grad is None or grad.dim() < 2 or grad.dtype not in (torch.float32, torch.float64):
             continue  # (low precision: its rounding would hide rows of several examples; the per-row pass then)
         dtype = grad.dtype
         rtol = RTOL_FLOAT32 * torch.finfo(dtype).eps / torch.finfo(torch.float32).eps
-        examples = examples_of_rows(grad.flatten(2), weights.to(dtype), rtol)
+        examples = examples_of_rows(grad[:3].flatten(2), weights.to(dtype), rtol)
         if examples is None:
             declined.add(id(record.module))  # (a row reached by several examples)
             continue
         assert isinstance(record, LinearRecord)
         record.inputs = _padded(record.inputs, examples, num_examples)
-        plain = _padded(grad[0], examples, num_examples)
-        accumulator.add(record, [plain.unsqueeze(0)], shaped=True)  # type: ignore[attr-defined]
+        rows = grad[:1] if num_tasks == 1 else grad[3:]  # [m, *output shape]
+        per_task = torch.stack([_padded(task_rows, examples, num_examples) for task_rows in rows])
+        accumulator.add(record, [per_task], shaped=True)  # type: ignore[attr-defined]
         taken.add(id(record))
     return [record for record in records if id(record) not in taken]

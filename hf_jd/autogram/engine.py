@@ -987,13 +987,22 @@ class Engine:
                 self._direct_uses_failed(failed)
                 _remember_layouts(capture, verify_layout, checked, failed, vacuous, chosen)
                 records = records + [record for record in regrouped if all(record is not other for other in failed)]
+                left = failed
+                if failed and not mixed:  # (rows picked by the data, each of one example: as for [B] losses)
+                    left = add_gathered(losses, layout, failed, accumulator, self._not_gathered)
+                gathered = {id(record) for record in failed} - {id(record) for record in left}
+                failed = left
                 if (failed or not all(grouped)) and plans:
                     # Examples mixed somewhere, or a table's [B * k, ...] rows not grouped by example: the planned
                     # tables take the exact path too.
                     failed += [plan.record for plan in plans]
                     accumulator.deferred -= planned
                     plans = []
-                records = [record for record in records if all(record is not other for other in failed)]
+                records = [
+                    record
+                    for record in records
+                    if all(record is not other for other in failed) and id(record) not in gathered
+                ]
                 unaligned += failed
             if unaligned and not mixed:
                 # Linear calls on rows the data picks from the examples (adapters per language, experts): each row's

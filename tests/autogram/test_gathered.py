@@ -194,3 +194,20 @@ def test_low_precision_gradients_keep_the_per_row_pass() -> None:
     jac = jacobian(losses.float(), trainable(model))
     reference = jac @ jac.T
     assert float((gramian - reference).abs().max() / reference.abs().max()) < 0.03
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+@pytest.mark.parametrize("kind", ["experts", "adapters"])
+def test_per_example_task_losses(kind: str, single_backward: bool, passes: list[list[str]]) -> None:
+    """``[B, m]`` losses: the rows' examples are found as for ``[B]`` losses (each example's weight on all its tasks),
+    and each task's gradients of the rows follow from the same batched pass."""
+    torch.manual_seed(6)
+    model = _Experts() if kind == "experts" else _Adapters()
+    engine = Engine(model, single_backward=single_backward)
+    for batch in (5, 5, 6):
+        model.zero_grad(set_to_none=True)
+        x = torch.randn(batch, 4, 3)
+        out = model(x) if kind == "experts" else model(x, torch.arange(batch) % 3)
+        losses = torch.stack([out, (out + 1).log()], dim=1)  # [B, 2]
+        assert_exact_step_with_freed_graph(engine, model, losses, single_backward)
+    assert passes == []
