@@ -90,6 +90,22 @@ def assert_exact_step_with_freed_graph(
     assert_update_matches(grads_of(params), weights @ jac)
 
 
+def count_started_at_uses(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """Record, on each step, the generic calls whose products start at their parameters' uses (module names)."""
+    from hf_jd.autogram import engine as engine_module
+
+    started: list[list[str]] = []
+    original = engine_module.start_at_uses
+
+    def spied(*args, **kwargs):  # type: ignore[no-untyped-def]
+        changed = original(*args, **kwargs)
+        started.append([record.module_name for record in changed])
+        return changed
+
+    monkeypatch.setattr(engine_module, "start_at_uses", spied)
+    return started
+
+
 def count_per_row(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
     """Record the calls sent to the engine's per-row pass: one list of module descriptions per pass."""
     from hf_jd.autogram import _accumulate

@@ -19,6 +19,7 @@ from ._reference import (
     assert_gramian_matches,
     assert_update_matches,
     count_per_row,
+    count_started_at_uses,
     grads_of,
     jacobian,
     trainable,
@@ -101,17 +102,7 @@ def test_products_start_at_the_parameters_uses(flat: bool, chained: str) -> None
 def test_nested_uses_in_a_short_call_keep_the_products_from_its_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
     """Nested uses in a call with little after them (as ViLT's embeddings): starting there would save little and its
     grouping check may cost a pass on every step, so the products start at the call's outputs (exact either way)."""
-    from hf_jd.autogram import engine as engine_module
-
-    started: list[list[str]] = []
-    original = engine_module.start_at_uses
-
-    def spied(*args, **kwargs):  # type: ignore[no-untyped-def]
-        changed = original(*args, **kwargs)
-        started.append([record.module_name for record in changed])
-        return changed
-
-    monkeypatch.setattr(engine_module, "start_at_uses", spied)
+    started = count_started_at_uses(monkeypatch)
     torch.manual_seed(0)
     model = _Net(chained="other")
     engine = Engine(model)
@@ -216,17 +207,7 @@ def test_parent_table_and_own_parameter_added_to_the_states(
     """The parent's generic call (its own parameter and the borrowed table, both used by additions with one row per
     example, one upstream of the other) starts its products at the additions once it borrows the table (after the
     first step), not back through its whole body; exact."""
-    from hf_jd.autogram import engine as engine_module
-
-    started: list[list[str]] = []
-    original = engine_module.start_at_uses
-
-    def spied(*args, **kwargs):  # type: ignore[no-untyped-def]
-        changed = original(*args, **kwargs)
-        started.append([record.module_name for record in changed])
-        return changed
-
-    monkeypatch.setattr(engine_module, "start_at_uses", spied)
+    started = count_started_at_uses(monkeypatch)
     torch.manual_seed(5)
     model = nn.Sequential(_QueryParent(), nn.Linear(6, 1))
     engine = Engine(model, single_backward=single_backward)

@@ -31,6 +31,7 @@ from ._reference import (
     assert_exact_step_with_freed_graph,
     assert_gramian_matches,
     count_per_row,
+    count_started_at_uses,
     grads_of,
     jacobian,
     trainable,
@@ -519,17 +520,7 @@ def test_zoo_mamba_mixers_borrow_their_convolution(
     sizes. Their products then start at the operations using their parameters (the convolution, Mamba's product
     with ``dt_proj.weight`` on ``[B * T, r]`` rows, the elementwise ``A_log``, ``D`` and biases), not back through
     the selective scan."""
-    from hf_jd.autogram import engine as engine_module
-
-    started: list[list[str]] = []
-    original = engine_module.start_at_uses
-
-    def spied(*args, **kwargs):  # type: ignore[no-untyped-def]
-        changed = original(*args, **kwargs)
-        started.append([record.module_name for record in changed])
-        return changed
-
-    monkeypatch.setattr(engine_module, "start_at_uses", spied)
+    started = count_started_at_uses(monkeypatch)
     torch.manual_seed(0)
     config = tf.AutoConfig.for_model(name, vocab_size=V, hidden_size=16, state_size=4, num_hidden_layers=1, expand=2,
                                      conv_kernel=3, time_step_rank=4, num_heads=4, head_dim=8, n_groups=1,
