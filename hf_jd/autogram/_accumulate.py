@@ -215,12 +215,15 @@ def grads_per_row(losses: Tensor, layout: RowLayout, records: list[Record], accu
     """
     num_rows = layout.num_rows
     whole = RowLayout(None, 1, num_rows)
+    passed = []
     for record in records:
-        if empty_call(record):  # (its output gradients have no entry: nothing to back-propagate)
-            metadata = [edge.node._input_metadata[edge.output_nr] for edge in record.edges]
-            zeros = [losses.new_zeros(num_rows, *meta.shape, dtype=meta.dtype) for meta in metadata]
-            accumulator.add(record, list(zeros), whole)
-    records = [record for record in records if not empty_call(record)]
+        if not empty_call(record):
+            passed.append(record)
+            continue
+        # (its output gradients have no entry: nothing to back-propagate)
+        metadata = [edge.node._input_metadata[edge.output_nr] for edge in record.edges]
+        accumulator.add(record, [losses.new_zeros(num_rows, *meta.shape, dtype=meta.dtype) for meta in metadata], whole)
+    records = passed
     if not records:
         return
     eye = torch.eye(num_rows, dtype=losses.dtype, device=losses.device).view(num_rows, *losses.shape)

@@ -226,9 +226,9 @@ def start_at_uses(
             continue  # (a parameter whose products would count a path twice)
         nested = any(upstream)
         if (nested or len(counts) > 1) and (picked_products or not _skips_enough(record, nodes_used)):
-            # The products' path from the call's outputs applies (see _matmul_uses): kept, as the uses' rows may have
-            # the count of a grouping by example without its order (a mixture of experts' tokens sorted by expert),
-            # which the check would find only after the fact, making the step take the per-row pass.
+            # Kept from the outputs (see the module's docstring): products on rows picked by the data (a mixture of
+            # experts' tokens, in another order than a grouping by example, which the check would find only after the
+            # fact), or a short call, where little is skipped for a check that may cost a pass on every step.
             continue
         record.start_at(
             [GradientEdge(node, 0) for node in nodes_used],

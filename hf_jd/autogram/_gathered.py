@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._accumulate import empty_call
+from ._accumulate import Accumulator, empty_call
 from ._batched_grad import batched_grad
 from ._layout import RowLayout
 from ._linear import LinearRecord
@@ -60,7 +60,7 @@ def _padded(rows: Tensor, examples: Tensor, num_examples: int) -> Tensor:
 
 
 def add_gathered(
-    losses: Tensor, layout: RowLayout, records: Sequence[Record], accumulator: object, declined: set[int]
+    losses: Tensor, layout: RowLayout, records: Sequence[Record], accumulator: Accumulator, declined: set[int]
 ) -> list[Record]:
     """Add the Linear calls among ``records`` whose output rows each belong to one example (found by one batched
     backward pass over three vectors), as calls split by example; return the others (for the per-row pass).
@@ -74,7 +74,7 @@ def add_gathered(
     records
         Calls not split by example along ``batch_dim``.
     accumulator
-        Receives the contributions of the calls it takes (an :class:`~._accumulate.Accumulator`).
+        Receives the contributions of the calls it takes.
     declined
         Ids of modules whose rows were reached by several examples on an earlier step (the examples are mixed after
         them, e.g. by an in-batch contrastive loss): not tried again. Those found so now are added to it.
@@ -114,6 +114,6 @@ def add_gathered(
         record.inputs = _padded(record.inputs, examples, num_examples)
         rows = grad[:1] if num_tasks == 1 else grad[3:]  # [m, *output shape]
         per_task = torch.stack([_padded(task_rows, examples, num_examples) for task_rows in rows])
-        accumulator.add(record, [per_task], shaped=True)  # type: ignore[attr-defined]
+        accumulator.add(record, [per_task], shaped=True)
         taken.add(id(record))
     return [record for record in records if id(record) not in taken]

@@ -541,6 +541,17 @@ class Engine:
             stacklevel=3,
         )
 
+    def _gathered(
+        self, losses: Tensor, layout: RowLayout, failed: list[Record], unaligned: list[Record], accumulator: Accumulator
+    ) -> tuple[list[Record], list[Record]]:
+        """Add the calls among ``failed`` and ``unaligned`` whose rows each belong to one example (see
+        :func:`._gathered.add_gathered`, one batched pass for all of them); return the two lists without them."""
+        if not failed and not unaligned:
+            return failed, unaligned
+        left = add_gathered(losses, layout, failed + unaligned, accumulator, self._not_gathered)
+        kept = {id(record) for record in left}
+        return [r for r in failed if id(r) in kept], [r for r in unaligned if id(r) in kept]
+
     def _direct_uses_failed(self, failed: Sequence[Record]) -> bool:
         """Remember the modules of ``failed`` whose products started at their parameters' uses: they keep
         products from their outputs on later steps. Returns whether there was one."""
@@ -954,10 +965,11 @@ class Engine:
                     self._verified_groupings[pass_structure] = tuple(chosen)
                 # (failed modules keep the exact paths)
                 _remember_layouts(capture, verify_layout, checked, failed, vacuous, chosen)
-                if failed and not mixed:
-                    # Rows picked by the data, each of one example (tokens routed to experts): no mixed examples,
-                    # so the planned tables keep their plans.
-                    failed = add_gathered(losses, layout, failed, accumulator, self._not_gathered)
+                if not mixed:
+                    # Linear calls on rows the data picks from the examples (adapters per language, experts): each
+                    # row's example found from gradients, they join the calls split by example (and a failure of that
+                    # kind leaves the planned tables their plans).
+                    failed, unaligned = self._gathered(losses, layout, failed, unaligned, accumulator)
                 unaligned += failed
                 if (failed or not all(grouped)) and plans:
                     # Some calls are not split by example (e.g. a contrastive loss mixes the examples), or a table's
@@ -987,11 +999,10 @@ class Engine:
                 self._direct_uses_failed(failed)
                 _remember_layouts(capture, verify_layout, checked, failed, vacuous, chosen)
                 records = records + [record for record in regrouped if all(record is not other for other in failed)]
-                left = failed
-                if failed and not mixed:  # (rows picked by the data, each of one example: as for [B] losses)
-                    left = add_gathered(losses, layout, failed, accumulator, self._not_gathered)
-                gathered = {id(record) for record in failed} - {id(record) for record in left}
-                failed = left
+                gathered = {id(record) for record in failed}
+                if not mixed:  # (rows picked by the data, each of one example: as for [B] losses)
+                    failed, unaligned = self._gathered(losses, layout, failed, unaligned, accumulator)
+                gathered -= {id(record) for record in failed}
                 if (failed or not all(grouped)) and plans:
                     # Examples mixed somewhere, or a table's [B * k, ...] rows not grouped by example: the planned
                     # tables take the exact path too.
@@ -1004,10 +1015,6 @@ class Engine:
                     if all(record is not other for other in failed) and id(record) not in gathered
                 ]
                 unaligned += failed
-            if unaligned and not mixed:
-                # Linear calls on rows the data picks from the examples (adapters per language, experts): each row's
-                # example found from gradients, they join the calls split by example.
-                unaligned = add_gathered(losses, layout, unaligned, accumulator, self._not_gathered)
             if unaligned:
                 grads_per_row(losses, layout, unaligned, accumulator)
                 if not mixed:  # (losses that mix the examples have their own warning)
