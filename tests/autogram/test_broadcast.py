@@ -600,26 +600,34 @@ def test_examples_mixed_after_a_planned_table_are_seen(single_backward: bool) ->
     assert any("mix the examples" in str(record.message) for record in records)
 
 
-@pytest.mark.parametrize("single_backward", [False, True])
-def test_led_position_tables_are_planned_beside_time_major_calls(single_backward: bool, monkeypatch) -> None:
-    """LED's [T, d] position tables (T a multiple of the batch size) sit beside its time-major Longformer attention:
-    planning was all or nothing, so the tables took the per-row pass on every step (8x a plain step against BART's
-    2.5x); now each table that can be planned is, and the plans' broadcasting nodes are checked."""
+def _led_steps(single_backward: bool, monkeypatch, seed: int, batch: int, length: int) -> list:
+    """Three exact steps of a tiny LED (attention window 4) on ``[batch, length]`` ids; the calls that took the
+    per-row pass on the last one."""
     per_row = _count_per_row(monkeypatch)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     config = tf.LEDConfig(vocab_size=40, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
                           decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, attention_window=4,
                           max_encoder_position_embeddings=32, max_decoder_position_embeddings=16)  # fmt: skip
     model = tf.LEDForConditionalGeneration(config).train()
     engine = Engine(model, single_backward=single_backward)
-    for _ in range(3):
-        per_row.clear()
-        model.zero_grad(set_to_none=True)
-        ids, decoder = torch.randint(3, 40, (4, 16)), torch.randint(3, 40, (4, 5))
-        logits = model(input_ids=ids, decoder_input_ids=decoder[:, :-1]).logits
-        losses = nn.functional.cross_entropy(logits.transpose(1, 2), decoder[:, 1:], reduction="none").mean(1)
-        assert_exact_step(engine, losses, trainable(model), single_backward)
-    assert per_row == []  # (on the last step)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (transformers says when it pads)
+        for _ in range(3):
+            per_row.clear()
+            model.zero_grad(set_to_none=True)
+            ids, decoder = torch.randint(3, 40, (batch, length)), torch.randint(3, 40, (batch, 5))
+            logits = model(input_ids=ids, decoder_input_ids=decoder[:, :-1]).logits
+            losses = nn.functional.cross_entropy(logits.transpose(1, 2), decoder[:, 1:], reduction="none").mean(1)
+            assert_exact_step(engine, losses, trainable(model), single_backward)
+    return per_row
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_led_position_tables_are_planned_beside_time_major_calls(single_backward: bool, monkeypatch) -> None:
+    """LED's [T, d] position tables (T a multiple of the batch size) sit beside its time-major Longformer attention:
+    planning was all or nothing, so the tables took the per-row pass on every step (8x a plain step against BART's
+    2.5x); now each table that can be planned is, and the plans' broadcasting nodes are checked."""
+    assert _led_steps(single_backward, monkeypatch, seed=0, batch=4, length=16) == []  # (on the last step)
 
 
 @pytest.mark.parametrize("single_backward", [False, True])
@@ -627,23 +635,7 @@ def test_led_position_tables_are_planned_when_led_pads_the_ids(single_backward: 
     """With ids not a multiple of its attention window, LED pads them inside the model and embeds the padding ids in
     a call of their own, whose gradients are zero (masked): its layout check never tells, and the position tables
     (no size equal to the batch size) took the per-row pass on every step. They are planned now."""
-    per_row = _count_per_row(monkeypatch)
-    torch.manual_seed(1)
-    config = tf.LEDConfig(vocab_size=40, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-                          decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, attention_window=4,
-                          max_encoder_position_embeddings=32, max_decoder_position_embeddings=16)  # fmt: skip
-    model = tf.LEDForConditionalGeneration(config).train()
-    engine = Engine(model, single_backward=single_backward)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # (transformers says it pads)
-        for _ in range(3):
-            per_row.clear()
-            model.zero_grad(set_to_none=True)
-            ids, decoder = torch.randint(3, 40, (6, 10)), torch.randint(3, 40, (6, 5))
-            logits = model(input_ids=ids, decoder_input_ids=decoder[:, :-1]).logits
-            losses = nn.functional.cross_entropy(logits.transpose(1, 2), decoder[:, 1:], reduction="none").mean(1)
-            assert_exact_step(engine, losses, trainable(model), single_backward)
-    assert per_row == []  # (on the last step)
+    assert _led_steps(single_backward, monkeypatch, seed=1, batch=6, length=10) == []  # (on the last step)
 
 
 @pytest.mark.parametrize("single_backward", [False, True])
