@@ -292,6 +292,9 @@ EXTRA: dict[str, Callable[[], tuple[nn.Module, dict[str, Tensor], Callable[..., 
                                num_heads=2, num_experts=4),
     "nllb-moe": lambda: _seq2seq("nllb-moe", num_experts=4, expert_capacity=64, encoder_sparse_step=2,
                                  decoder_sparse_step=2, **ENCODER_LAYERS),
+    # DeBERTa (v1): its relative-position table read without calling its embedding, projected and broadcast
+    "deberta-v1": lambda: _encoder("deberta", relative_attention=True, max_relative_positions=32,
+                                   pos_att_type=["c2p", "p2c"]),
     # fine-tuned with its batch norms' statistics frozen (evaluation mode; in training mode they mix the examples)
     "resnet-frozen-bn": lambda: _vision("resnet", pixels=64, embedding_size=16, hidden_sizes=[16, 32, 64],
                                         depths=[1, 1, 1]),

@@ -272,8 +272,13 @@ def grads_streamed(
     accumulator
         Receives the records' gradients.
     """
-    streamed = [r for r in records if not r.is_source and not isinstance(r, GenericRecord)]
-    direct = [r for r in records if r.is_source or isinstance(r, GenericRecord)]
+    # (planned tables are asked for too, whatever their inputs: their broadcasting nodes compute their share only on a
+    # path the pass follows, which, for a table computed from a parameter alone, leads to no source's output)
+    direct_ids = {
+        id(r) for r in records if r.is_source or isinstance(r, GenericRecord) or id(r) in accumulator.deferred
+    }
+    streamed = [r for r in records if id(r) not in direct_ids]
+    direct = [r for r in records if id(r) in direct_ids]
     if not direct:
         grads_at_once(losses, grad_outputs, records, accumulator, batched=False)
         return

@@ -67,10 +67,12 @@ ELEMENTWISE_NODES = frozenset({
     "DivBackward0", "MaskedFillBackward0", "MulBackward0", "NegBackward0", "WhereBackward0",
 })
 # Nodes of elementwise functions of one tensor (their backward is a fixed linear map of the gradient on a path that
-# depends on the parameters only, e.g. Swinv2's ``16 * sigmoid(table)``), allowed when shape-preserving.
+# depends on the parameters only, e.g. Swinv2's ``16 * sigmoid(table)``), allowed when shape-preserving. Dropout on a
+# shared table draws one mask for all the examples (``native_dropout`` is what CUDA runs, a product on CPU).
 UNARY_NODES = frozenset({
     "AbsBackward0", "CosBackward0", "EluBackward0", "ExpBackward0", "GeluBackward0", "HardtanhBackward0",
-    "LeakyReluBackward0", "LogBackward0", "LogSigmoidBackward0", "LogSoftmaxBackward0", "ReluBackward0",
+    "LeakyReluBackward0", "LogBackward0", "LogSigmoidBackward0", "LogSoftmaxBackward0", "NativeDropoutBackward0",
+    "ReluBackward0",
     "RsqrtBackward0", "SigmoidBackward0", "SiluBackward0", "SinBackward0", "SoftmaxBackward0", "SoftplusBackward0",
     "SqrtBackward0", "TanhBackward0",
 })

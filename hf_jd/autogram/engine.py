@@ -71,6 +71,7 @@ from ._generic import GenericRecord
 from ._layer_norm import INPUT_PARAMETER
 from ._layout import RowLayout, layout_of_losses
 from ._param_uses import uses_outside_calls
+from ._parameter_record import ParameterRecord
 from ._parametrized import keep_fully_covered
 from ._precision import tf32_in_graph
 from ._record import Record
@@ -493,6 +494,29 @@ class Engine:
                     record.uncover_param(name)
         return [record for record in records if record.params]
 
+    def _plan_parameters(
+        self, losses: Tensor, layout: RowLayout, params: list[Tensor], checkpointed: bool
+    ) -> list[BroadcastPlan]:
+        """Broadcast plans for parameters of the engine's modules read outside their calls (``params``) whose
+        every use is broadcast over the batch further on (DeBERTa's relative-position table, sliced, dropped out and
+        projected by Linear layers whose outputs meet the examples in the attention scores): their per-example
+        gradients then come from the ordinary pass (see :mod:`._parameter_record`), not from a batched pass over the
+        loss rows. The others (a tied weight multiplied by another module than its own) keep that per-row path."""
+        if not params or layout.batch_dim is None or layout.num_examples < 2:
+            return []
+        ids = {id(param) for param in params}
+        roots = self._capture.roots
+        candidates: dict[int, ParameterRecord] = {}
+        for index, root in enumerate(roots):
+            prefix = f"modules[{index}]." if len(roots) > 1 else ""
+            for module_name, module in root.named_modules(prefix=prefix.rstrip(".")):
+                for name, param in module._parameters.items():
+                    if param is not None and id(param) in ids and id(param) not in candidates:
+                        candidates[id(param)] = ParameterRecord(module, module_name, name, param)
+        return plan_broadcasts(
+            losses, list(candidates.values()), layout.batch_dim, layout.num_examples, checkpointed, partial=True
+        )
+
     def _warn_unattributed(self, params: list[Tensor]) -> None:
         """Warn once per engine that some parameters take the per-row backward pass."""
         if self._warned_unattributed:
@@ -754,6 +778,15 @@ class Engine:
         unattributed = [p for p in uncovered if id(p) in own]
         missed = [p for p in unattributed if layout.num_rows * p.numel() > MAX_UNATTRIBUTED_ENTRIES]
         unattributed = [p for p in unattributed if layout.num_rows * p.numel() <= MAX_UNATTRIBUTED_ENTRIES]
+        # Those only broadcast over the batch further on (DeBERTa's relative-position table, read without calling its
+        # embedding) get their per-example gradients from the ordinary pass, as the shared tables below.
+        parameter_plans = self._plan_parameters(losses, layout, unattributed, checkpointed)
+        planned_params = {id(p): p for plan in parameter_plans for p in plan.record.params.values()}
+        if planned_params:
+            unattributed = [p for p in unattributed if id(p) not in planned_params]
+            uncovered = [p for p in uncovered if id(p) not in planned_params]
+            covered.update(planned_params)
+            counts.update(dict.fromkeys(planned_params, 1))
         inputs = {id(p): p for record in records for name, p in record.params.items() if name == INPUT_PARAMETER}
         if inputs:  # a parameter covered through the module it is passed to must have no other use
             claimed = {edge.node for record in records if INPUT_PARAMETER in record.params for edge in record.edges}
@@ -826,6 +859,7 @@ class Engine:
             # (a call left unplanned may be a table that carries a batch statistic to the examples, which
             # would reach the planned tables' broadcasting nodes: they are checked as for mixed examples)
             partial_plans = bool(plans) and len(plans) < len(unaligned)
+        plans += parameter_plans
         planned = {id(plan.record) for plan in plans}
         if plans:
             unaligned = [record for record in unaligned if id(record) not in planned]

@@ -684,11 +684,13 @@ def test_wavlm_gated_relative_attention_takes_no_per_row_pass(
 @pytest.mark.parametrize("single_backward", [False, True])
 def test_deberta_v2_relative_table_used_without_its_module(single_backward: bool) -> None:
     """With norm_rel_ebd='none' DeBERTa-v2 uses rel_embeddings.weight directly (dropout, then the
-    projections), which no record covers: its per-row gradients come from the losses (with a warning)."""
+    projections), which no record covers: its per-example gradients come from the ordinary pass, at the operations
+    that broadcast its projections over the batch (see test_parameter_record.py), without a warning."""
     model = tf.DebertaV2ForSequenceClassification(tf.DebertaV2Config(
         vocab_size=V, max_position_embeddings=16, relative_attention=True, position_buckets=4,
         max_relative_positions=8, pos_att_type=["p2c", "c2p"], num_labels=2, norm_rel_ebd="none", **ENC)).train()
-    with pytest.warns(RuntimeWarning, match=r"rel_embeddings.weight.*outside the calls"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         _check(model, _text()(3, 6, True), 3, single_backward)
 
 
