@@ -43,6 +43,7 @@ from ._record import Record
 
 __all__ = [
     "BroadcastPlan",
+    "GraphConsumers",
     "attach_plans",
     "broadcast_nodes",
     "grouped_paths",
@@ -133,6 +134,33 @@ def node_output_shape(node: Any, output_nr: int) -> torch.Size | None:
         return torch.Size(node._input_metadata[output_nr].shape)
     except (AttributeError, IndexError, TypeError):
         return None
+
+
+class GraphConsumers:
+    """The consumers of every node of the losses' graph (see :func:`_consumers`), walked once, when first asked for.
+
+    Parameters
+    ----------
+    losses
+        The losses.
+    """
+
+    def __init__(self, losses: Tensor) -> None:
+        self.losses = losses
+        self._consumers: dict[Any, list[tuple[Any, int, int]]] | None = None
+
+    def get(self) -> dict[Any, list[tuple[Any, int, int]]]:
+        """The consumers of each node: ``(consumer, input slot of the consumer, output number of the node)``.
+
+        Returns
+        -------
+        dict
+            By node (empty when the losses have no graph).
+        """
+        if self._consumers is None:
+            grad_fn = self.losses.grad_fn
+            self._consumers = {} if grad_fn is None else _consumers(grad_fn)
+        return self._consumers
 
 
 def _consumers(root: Any) -> dict[Any, list[tuple[Any, int, int]]]:
@@ -464,6 +492,7 @@ def plan_broadcasts(
     batch_size: int,
     stateless: bool = False,
     partial: bool = False,
+    consumers: dict[Any, list[tuple[Any, int, int]]] | None = None,
 ) -> list[BroadcastPlan]:
     """One plan per record when every record's single output is shared and only broadcast over the
     batch, else none (all of them then take the exact paths); with ``partial``, one plan per record
@@ -485,6 +514,8 @@ def plan_broadcasts(
         e.g. under activation checkpointing.
     partial
         Plan the records that can be planned, whatever the others.
+    consumers
+        The consumers of the graph's nodes (:class:`GraphConsumers`), when already walked.
 
     Returns
     -------
@@ -496,7 +527,8 @@ def plan_broadcasts(
     plannable = [r for r in records if len(r.edges) == 1 and r.can_insert_batch(batch_dim)]
     if not plannable or (len(plannable) < len(records) and not partial):
         return []
-    consumers = _consumers(losses.grad_fn)
+    if consumers is None:
+        consumers = _consumers(losses.grad_fn)
     plans: list[BroadcastPlan] = []
     for record in plannable:
         plan = _plan(record, consumers, batch_dim, batch_size, stateless)

@@ -56,6 +56,7 @@ from ._batched_grad import (
 )
 from ._broadcast import (
     BroadcastPlan,
+    GraphConsumers,
     attach_plans,
     broadcast_nodes,
     grouped_paths,
@@ -65,6 +66,7 @@ from ._broadcast import (
 )
 from ._capture import Capture
 from ._deliver import deliver_gradients
+from ._escapes import escaping_calls
 from ._direct_uses import start_at_uses
 from ._gathered import add_gathered
 from ._generic import GenericRecord
@@ -495,7 +497,7 @@ class Engine:
         return [record for record in records if record.params]
 
     def _plan_parameters(
-        self, losses: Tensor, layout: RowLayout, params: list[Tensor], checkpointed: bool
+        self, layout: RowLayout, params: list[Tensor], checkpointed: bool, consumers: GraphConsumers
     ) -> list[BroadcastPlan]:
         """Broadcast plans for parameters of the engine's modules read outside their calls (``params``) whose
         every use is broadcast over the batch further on (DeBERTa's relative-position table, sliced, dropped out and
@@ -514,7 +516,8 @@ class Engine:
                     if param is not None and id(param) in ids and id(param) not in candidates:
                         candidates[id(param)] = ParameterRecord(module, module_name, name, param)
         return plan_broadcasts(
-            losses, list(candidates.values()), layout.batch_dim, layout.num_examples, checkpointed, partial=True
+            consumers.losses, list(candidates.values()), layout.batch_dim, layout.num_examples, checkpointed,
+            partial=True, consumers=consumers.get(),
         )
 
     def _warn_unattributed(self, params: list[Tensor]) -> None:
@@ -526,8 +529,10 @@ class Engine:
             f"hf_jd.autogram: the losses use {len(params)} trainable parameter(s) of the engine's modules "
             f"({self._names_of(params)}) outside the calls of the modules that own them (e.g. a parent module "
             "calling F.linear(x, self.child.weight), a tied weight multiplied by another module than its own (as "
-            "MobileBERT's masked-LM head does), a penalty on a weight added to the losses, or, under "
-            "parametrize.cached(), a parametrised weight read again after its module's call). Their per-row "
+            "MobileBERT's masked-LM head does), a penalty on a weight added to the losses, under "
+            "parametrize.cached(), a parametrised weight read again after its module's call, or a parameter used "
+            "before a tensor that leaves its module's call otherwise than through its outputs, e.g. router logits "
+            "that a forward hook records for a load-balancing loss). Their per-row "
             "gradients are computed by a batched backward pass from the losses: exact, but up to one backward pass "
             "per loss row. Let the owning module use them (self.child(x)) for the engine's closed forms; for a "
             "penalty, use the optimizer's weight_decay. This warning is shown once per engine.",
@@ -753,6 +758,7 @@ class Engine:
         # (before parameters leave the records for the per-row path: theirs count too)
         float64 = any(p.dtype == torch.float64 for record in records for p in record.params.values())
         records = self._uncover_uses_outside_calls(records, nodes)
+        consumers = GraphConsumers(losses)
         counts: dict[int, int] = {}
         for record in records:
             for param in record.params.values():
@@ -771,6 +777,17 @@ class Engine:
             # Generic calls whose parameters are used by operations with outputs split by example (a mask
             # embedding, a class token) back-propagate from those operations instead of their outputs.
             start_at_uses(records, nodes, layout.batch_dim, layout.num_examples, skip=self._no_direct_uses)
+        # Generic calls whose products start at their outputs, from whose inside a tensor reaches the losses another way
+        # (a hook keeping a child's output, as transformers records router logits for the load-balancing loss): their
+        # parameters are taken from the losses directly (the products from the outputs would miss that path).
+        from_outputs = [record for record in records if isinstance(record, GenericRecord) and not record.started_at]
+        escaping = escaping_calls(from_outputs, nodes) if from_outputs else []
+        for record in escaping:
+            for name, param in list(record.params.items()):
+                record.uncover_param(name)
+                covered.pop(id(param), None)
+        if escaping:
+            records = [record for record in records if record.params]
         uncovered = uncovered_parameters(nodes, covered)
         own = {id(p) for p in capture.parameters()} if uncovered else set()
         # Parameters of the engine's modules used only outside the calls it captured (a parent calling
@@ -780,7 +797,7 @@ class Engine:
         unattributed = [p for p in unattributed if layout.num_rows * p.numel() <= MAX_UNATTRIBUTED_ENTRIES]
         # Those only broadcast over the batch further on (DeBERTa's relative-position table, read without calling its
         # embedding) get their per-example gradients from the ordinary pass, as the shared tables below.
-        parameter_plans = self._plan_parameters(losses, layout, unattributed, checkpointed)
+        parameter_plans = self._plan_parameters(layout, unattributed, checkpointed, consumers)
         planned_params = {id(p): p for plan in parameter_plans for p in plan.record.params.values()}
         if planned_params:
             unattributed = [p for p in unattributed if id(p) not in planned_params]
@@ -847,14 +864,17 @@ class Engine:
             assert layout.batch_dim is not None
             # Under activation checkpointing, only through nodes that read no saved tensor: the plans call
             # autograd nodes, whose checkpointed saved tensors may be unpacked only once per backward pass.
-            plans = plan_broadcasts(losses, tables, layout.batch_dim, layout.num_examples, checkpointed)
+            plans = plan_broadcasts(
+                losses, tables, layout.batch_dim, layout.num_examples, checkpointed, consumers=consumers.get()
+            )
             if not plans and len(tables) > 1:
                 # Else the calls that can be planned (a shared table beside a Linear layer on flattened [B * T, d]
                 # rows or beside time-major calls; also a table whose length happens to be a multiple of the batch
                 # size, e.g. LED's [T, d] position tables, which would otherwise be taken for regrouped rows and
                 # fail their check); the others take the verification or the per-row path below.
                 plans = plan_broadcasts(
-                    losses, tables, layout.batch_dim, layout.num_examples, checkpointed, partial=True
+                    losses, tables, layout.batch_dim, layout.num_examples, checkpointed, partial=True,
+                    consumers=consumers.get(),
                 )
             # (a call left unplanned may be a table that carries a batch statistic to the examples, which
             # would reach the planned tables' broadcasting nodes: they are checked as for mixed examples)
