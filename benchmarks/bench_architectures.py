@@ -264,6 +264,11 @@ EXTRA: dict[str, Callable[[], tuple[nn.Module, dict[str, Tensor], Callable[..., 
         image_size=32, patch_size=8, num_frames=4, tubelet_size=2, hidden_size=H, num_hidden_layers=2,
         num_attention_heads=2, intermediate_size=2 * H, num_labels=2)),
         {"pixel_values": torch.randn(B, 4, 3, 32, 32), "labels": torch.randint(0, 2, (B,))}, _class_losses, False),
+    # a video classifier whose patch embedding runs on the frames folded into the batch ([B * frames, 3, H, W])
+    "timesformer": lambda: (tf.TimesformerForVideoClassification(tf.TimesformerConfig(
+        image_size=32, patch_size=8, num_frames=4, hidden_size=H, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=2 * H, num_labels=2)),
+        {"pixel_values": torch.randn(B, 4, 3, 32, 32), "labels": torch.randint(0, 2, (B,))}, _class_losses, False),
     # a depth estimator upsampling with ConvTranspose2d (kernel = stride)
     "dpt": _dpt,
     # a BERT encoder under a bidirectional LSTM (torch's fused recurrent kernel: one product per example)

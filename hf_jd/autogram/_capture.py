@@ -924,7 +924,8 @@ class Capture:
             record.nodes = range(frame.first_node, end_node)
         record.autocast = frame.autocast
         if not batched and info.kind in (
-            Kind.LINEAR, Kind.LAYER_NORM, Kind.RMS_NORM, Kind.GENERIC, Kind.GROUP_NORM, Kind.BATCH_NORM, Kind.EMBEDDING
+            Kind.LINEAR, Kind.LAYER_NORM, Kind.RMS_NORM, Kind.GENERIC, Kind.GROUP_NORM, Kind.BATCH_NORM, Kind.EMBEDDING,
+            Kind.CONV2D,
         ):
             record.groups = self._groups(args, kwargs, returned, outputs_only=info.kind is Kind.GENERIC)
         if not batched:

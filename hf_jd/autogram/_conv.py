@@ -248,6 +248,38 @@ class Conv2dRecord(_PatchProductRecord):
         The call's output.
     """
 
+    # Samples per example when the call's samples are the examples' frames or images, regrouped as ``[E * k, C, H,
+    # W]`` (a video model's frames, an image pair), a grouping the engine verified (see :meth:`split_batch`); else 1.
+    group = 1
+
+    def can_split_batch(self, batch_dim: int) -> bool:
+        """Whether :meth:`split_batch` applies: along the samples' dimension 0.
+
+        Parameters
+        ----------
+        batch_dim
+            The engine's batch dimension.
+
+        Returns
+        -------
+        bool
+            ``True`` for ``batch_dim=0`` while the input is held.
+        """
+        return batch_dim == 0 and isinstance(getattr(self, "inputs", None), Tensor)
+
+    def split_batch(self, num_examples: int, batch_dim: int) -> None:
+        """Take the samples ``[E * k, C, H, W]`` as ``k`` consecutive samples per example (a grouping the engine
+        verified): each example's patches are those of its ``k`` samples.
+
+        Parameters
+        ----------
+        num_examples
+            ``E``.
+        batch_dim
+            The engine's batch dimension (0).
+        """
+        self.group = self.inputs.shape[0] // num_examples
+
     def _bind(self, grads: list[Tensor | None], layout: RowLayout) -> None:
         (grad,) = grads
         assert grad is not None
@@ -255,7 +287,10 @@ class Conv2dRecord(_PatchProductRecord):
         conv = self.module
         assert isinstance(conv, (nn.Conv2d, nn.Conv3d))
         dtype = compute_dtype(next(iter(self.params.values())))  # not conv.weight: no parametrisation re-run
-        self.check_batch(self.inputs, layout, "input")
+        if self.group > 1:  # [m, E, k, C_out, ...] gradients of [E * k, C, ...] samples
+            grad = grad.flatten(1, 2)
+        else:
+            self.check_batch(self.inputs, layout, "input")
         if isinstance(conv, nn.Conv3d):  # separate patches (is_patch_conv3d)
             patches = _patches(self.inputs, tuple(conv.kernel_size))  # [N, L, C*kd*kh*kw]
         else:
@@ -266,6 +301,9 @@ class Conv2dRecord(_PatchProductRecord):
             ).transpose(1, 2)  # [N, L, C*kh*kw]
         del self.inputs
         out_rows = grad.flatten(-len(conv.kernel_size)).transpose(-1, -2)  # [m, N, L, C_out]
+        if self.group > 1:  # an example's patches: those of its k samples
+            patches = patches.reshape(-1, self.group * patches.shape[1], patches.shape[2])
+            out_rows = out_rows.reshape(out_rows.shape[0], -1, self.group * out_rows.shape[2], out_rows.shape[3])
         self._set_factors(patches, out_rows, layout, dtype)
 
 

@@ -761,6 +761,64 @@ def test_norms_of_several_samples_per_example_are_regrouped(single_backward: boo
     assert per_row == []
 
 
+class _Frames(nn.Module):
+    """A video-like layout: ``[B, k, C, H, W]`` frames folded into ``[B * k, C, H, W]`` samples for a patch convolution
+    and a padded 3x3 convolution, then unfolded back per example (``interleaved``: folded frame-major, so that the
+    samples of an example are not consecutive)."""
+
+    def __init__(self, interleaved: bool = False) -> None:
+        super().__init__()
+        self.patches = nn.Conv2d(3, 6, 2, stride=2)
+        self.mix = nn.Conv2d(6, 5, 3, padding=1)
+        self.head = nn.Linear(5, 2)
+        self.interleaved = interleaved
+
+    def forward(self, x: Tensor) -> Tensor:  # [B, k, 3, 4, 4] -> [B, 2]
+        batch, frames = x.shape[:2]
+        if self.interleaved:
+            samples = x.transpose(0, 1).reshape(frames * batch, *x.shape[2:])
+        else:
+            samples = x.reshape(batch * frames, *x.shape[2:])
+        h = self.mix(self.patches(samples).tanh())  # [B * k, 5, 2, 2]
+        h = h.view(frames, batch, -1) if self.interleaved else h.view(batch, frames, -1)
+        h = h.transpose(0, 1) if self.interleaved else h
+        return self.head(h.reshape(batch, frames, 5, -1).mean(dim=(1, 3)))
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_convolutions_on_several_samples_per_example_are_regrouped(single_backward: bool, monkeypatch) -> None:
+    """Convolutions on ``[B * k, C, H, W]`` samples (a video model's frames) are verified batch-major and keep their
+    closed form, for per-example and per-example-per-task losses (they took the per-row pass on every step)."""
+    from ._reference import count_per_row
+
+    per_row = count_per_row(monkeypatch)
+    torch.manual_seed(0)
+    model = _Frames()
+    engine = Engine(model, single_backward=single_backward)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for per_task in (False, True, False):
+            per_row.clear()
+            model.zero_grad(set_to_none=True)
+            out = model(torch.randn(3, 4, 3, 4, 4))
+            assert_exact_step(engine, out if per_task else out.sum(1), trainable(model), single_backward)
+    assert per_row == []
+
+
+def test_convolutions_on_samples_of_interleaved_examples_stay_exact(monkeypatch) -> None:
+    """Frames folded frame-major: the samples of an example are not consecutive, the check finds it and the
+    convolutions take the exact per-row path."""
+    from ._reference import count_per_row
+
+    per_row = count_per_row(monkeypatch)
+    torch.manual_seed(0)
+    model = _Frames(interleaved=True)
+    engine = Engine(model)
+    out = model(torch.randn(3, 4, 3, 4, 4))
+    assert_exact_step(engine, out.sum(1), trainable(model), False)
+    assert per_row
+
+
 class _ChoicesThroughAnRMSNorm(nn.Module):
     """A multiple-choice layout: ``[B, C, T, 4]`` features folded into ``[B * C, T, d]`` rows, normalised by an
     RMSNorm, one score per choice."""
