@@ -270,3 +270,59 @@ def test_an_example_whose_gradient_is_only_rounding_noise_does_not_fail_the_chec
     assert _grouped_by_example(torch.stack([plain, weighted]), weights, 0, 1e-4)
     weighted[1] = weights[1] * plain[1] + 1e-4 * torch.randn(5, 4)  # another example's gradient leaks in
     assert not _grouped_by_example(torch.stack([plain, weighted]), weights, 0, 1e-4)
+
+
+def _check_inputs(relative: float, mixing: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``[G, G_w]`` of 4 examples, whose weighted gradients carry rounding of ``relative`` size (as gradients computed
+    with heavy cancellation do) and, with ``mixing``, another example's gradient; and the gradient of the pass over
+    the plain vector scaled by NOISE_SCALE, with rounding of the same size."""
+    from hf_jd.autogram._regroup import NOISE_SCALE
+
+    generator = torch.Generator().manual_seed(0)
+    plain = torch.randn(4, 6, generator=generator)
+    weights = torch.tensor([1.0, 2.5, 1.5, 3.0])
+    weighted = weights[:, None] * plain + relative * torch.randn(4, 6, generator=generator)
+    weighted[1] += mixing * plain[2]
+    rounding = NOISE_SCALE * plain + relative * torch.randn(4, 6, generator=generator)
+    return torch.stack([plain, weighted]), weights, rounding.unsqueeze(0)
+
+
+def test_a_check_failed_by_rounding_passes_against_the_rounding_of_its_pass() -> None:
+    from hf_jd.autogram._regroup import IDENTITY_RTOL, _grouped_by_example
+
+    grad, weights, rounding = _check_inputs(relative=1e-3, mixing=0.0)
+    assert not _grouped_by_example(grad, weights, 0, IDENTITY_RTOL)
+    assert _grouped_by_example(grad, weights, 0, IDENTITY_RTOL, rounding)
+    # Mixed examples deviate by far more than the pass's rounding: they still fail.
+    grad, weights, rounding = _check_inputs(relative=1e-5, mixing=0.05)
+    assert not _grouped_by_example(grad, weights, 0, IDENTITY_RTOL, rounding)
+
+
+def test_gated_delta_rule_gates_keep_their_products_from_their_uses(monkeypatch) -> None:
+    """Qwen3-Next's linear attention computes the gradients of its decay gates with heavy cancellation (entries around
+    1e-7 from far larger terms): its grouping check failed by about 1e-2 relative on every first step, and its module
+    fell back to products through the whole chunked attention (about 11x a plain step instead of 4x at B=16)."""
+    from hf_jd.autogram import _regroup
+
+    measured: list[int] = []
+    original = _regroup.plain_grad
+    monkeypatch.setattr(_regroup, "plain_grad", lambda *a: measured.append(1) or original(*a))
+    torch.manual_seed(0)
+    config = tf.Qwen3NextConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        num_key_value_heads=1, head_dim=16, linear_conv_kernel_dim=4, linear_key_head_dim=8,
+        linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4, num_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=32, shared_expert_intermediate_size=32,
+        layer_types=["linear_attention", "full_attention"],
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (transformers: the reference kernels of the linear attention)
+        model = tf.Qwen3NextForCausalLM(config).train()
+    engine = Engine(model)
+    ids = torch.randint(3, 64, (8, 16))
+    for _ in range(2):
+        logits = model(input_ids=ids).logits[:, :-1]
+        losses = nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none").view(8, -1)
+        _check(engine, model, losses.mean(1))
+    assert engine._no_direct_uses == set()
+    assert measured  # (the rounding was measured)
