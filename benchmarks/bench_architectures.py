@@ -289,6 +289,15 @@ EXTRA: dict[str, Callable[[], tuple[nn.Module, dict[str, Tensor], Callable[..., 
     "bamba": lambda: _causal("bamba", intermediate_size=2 * H, num_key_value_heads=1, mamba_n_heads=4,
                              mamba_d_head=32, mamba_n_groups=1, mamba_d_state=8, mamba_d_conv=4, mamba_expand=2,
                              attn_layer_indices=[1], mamba_chunk_size=8),
+    # a hybrid of chunked linear attention (gated delta rule, whose gates' gradients come with heavy cancellation) and
+    # softmax attention, with routed experts
+    # (hidden size 32 and heads of 8: sizes at which those gradients hold the grouping check to 1e-2 relative only)
+    "qwen3-next": lambda: _causal("qwen3_next", hidden_size=32, intermediate_size=64, num_key_value_heads=1,
+                                  head_dim=16, linear_conv_kernel_dim=4, linear_key_head_dim=8,
+                                  linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4,
+                                  num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                  shared_expert_intermediate_size=32,
+                                  layer_types=["linear_attention", "full_attention"]),
     # modules called on the rows the data picks from the examples: adapters per language, experts on their tokens
     "xmod-1-language": lambda: _xmod(1),
     "xmod-3-languages": lambda: _xmod(3),
