@@ -1,5 +1,5 @@
-"""Records of ``nn.Conv2d`` and ``nn.Conv1d`` calls (zero padding), via the unfold (im2col) form, and of
-``nn.Conv3d`` calls that cut separate patches.
+"""Records of ``nn.Conv2d`` and ``nn.Conv1d`` calls (any padding mode: other than zeros, the captured input is padded
+as the module pads it), via the unfold (im2col) form, and of ``nn.Conv3d`` calls that cut separate patches.
 
 A 2-D convolution is a Linear map applied to every unfolded input patch, so its per-row weight
 gradients are ``Σ_l g_{ekl} u_{el}ᵀ`` with ``u`` the unfolded patches ``[E, L, C·kh·kw]`` and
@@ -115,6 +115,35 @@ def numeric_padding(conv: _ConvNd) -> tuple[int, ...] | None:
     return tuple(total // 2 for total in totals)
 
 
+def padded_input(conv: _ConvNd, inputs: Tensor) -> tuple[Tensor, tuple[int, ...] | None]:
+    """The input as the convolution pads it, and the zero padding left to apply: for ``padding_mode`` other than
+    ``"zeros"`` (``"reflect"``, ``"replicate"``, ``"circular"``: HiFi-GAN-style vocoders), the input padded that way
+    first, as ``nn.Conv1d``/``nn.Conv2d`` do, and no padding left; else the input and :func:`numeric_padding`.
+
+    Parameters
+    ----------
+    conv
+        The convolution.
+    inputs
+        Its ``[N, C, ...]`` input.
+
+    Returns
+    -------
+    tuple
+        The input and the zero padding of each spatial dimension (``None`` as :func:`numeric_padding`).
+    """
+    if conv.padding_mode == "zeros":
+        return inputs, numeric_padding(conv)
+    padded = F.pad(inputs, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
+    return padded, (0,) * len(conv.kernel_size)
+
+
+def _pads_supported(conv: _ConvNd) -> bool:
+    """Whether the records can pad like ``conv``: zero padding they can express, or another padding mode, which they
+    apply to the input (see :func:`padded_input`)."""
+    return conv.padding_mode != "zeros" or numeric_padding(conv) is not None
+
+
 def is_patch_conv3d(module: nn.Module) -> bool:
     """Whether ``module`` is a stock ``nn.Conv3d`` that cuts its input into separate patches (kernel equal to the
     stride, no padding, no dilation, one group: the patch embeddings of video transformers), which is a Linear
@@ -174,14 +203,13 @@ def is_unfoldable_conv2d(module: nn.Module) -> bool:
     Returns
     -------
     bool
-        ``True`` for a stock, ungrouped ``Conv2d`` with zero padding (see :func:`numeric_padding`).
+        ``True`` for a stock, ungrouped ``Conv2d`` whose padding the records reproduce (see :func:`padded_input`).
     """
     return (
         isinstance(module, nn.Conv2d)
         and type(module).forward is nn.Conv2d.forward
         and module.groups == 1
-        and module.padding_mode == "zeros"
-        and numeric_padding(module) is not None
+        and _pads_supported(module)
     )
 
 
@@ -294,10 +322,10 @@ class Conv2dRecord(_PatchProductRecord):
         if isinstance(conv, nn.Conv3d):  # separate patches (is_patch_conv3d)
             patches = _patches(self.inputs, tuple(conv.kernel_size))  # [N, L, C*kd*kh*kw]
         else:
-            padding = numeric_padding(conv)
+            inputs, padding = padded_input(conv, self.inputs)
             assert padding is not None  # (is_unfoldable_conv2d)
             patches = F.unfold(
-                self.inputs, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride
+                inputs, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride
             ).transpose(1, 2)  # [N, L, C*kh*kw]
         del self.inputs
         out_rows = grad.flatten(-len(conv.kernel_size)).transpose(-1, -2)  # [m, N, L, C_out]
@@ -309,7 +337,7 @@ class Conv2dRecord(_PatchProductRecord):
 
 def is_unfoldable_grouped_conv(module: nn.Module) -> bool:
     """Whether ``module`` is a stock ``nn.Conv1d``, or a stock grouped (e.g. depthwise) ``nn.Conv2d``,
-    with zero padding (see :func:`numeric_padding`): handled by :class:`PatchConvRecord`.
+    whose padding the records reproduce (see :func:`padded_input`): handled by :class:`PatchConvRecord`.
 
     Parameters
     ----------
@@ -327,7 +355,7 @@ def is_unfoldable_grouped_conv(module: nn.Module) -> bool:
         stock = type(module).forward is nn.Conv2d.forward and module.groups > 1
     else:
         return False
-    return stock and module.padding_mode == "zeros" and numeric_padding(module) is not None
+    return stock and _pads_supported(module)
 
 
 # Largest (C_in / groups) · (C_out / groups) for which a grouped convolution's per-row weight gradients come from the
@@ -382,9 +410,8 @@ class PatchConvRecord(Record):
         assert isinstance(conv, (nn.Conv1d, nn.Conv2d))
         dtype = compute_dtype(next(iter(self.params.values())))  # not conv.weight: no parametrisation re-run
         self.check_batch(self.inputs, layout, "input")
-        inputs = self.inputs.to(self.product_dtype).to(dtype)
+        inputs, conv_padding = padded_input(conv, self.inputs.to(self.product_dtype).to(dtype))
         del self.inputs
-        conv_padding = numeric_padding(conv)
         assert conv_padding is not None  # (is_unfoldable_grouped_conv)
         self.kernel: tuple[int, ...]
         self.dilation: tuple[int, ...]

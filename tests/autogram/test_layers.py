@@ -914,6 +914,43 @@ def test_conv1d_and_grouped_conv2d_closed_form(
             engine.remove()
 
 
+@pytest.mark.parametrize("single_backward", [False, True])
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_convolutions_padded_otherwise_than_with_zeros_keep_their_closed_forms(
+    single_backward: bool, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Conv1d and Conv2d with ``padding_mode`` other than ``"zeros"`` (HiFi-GAN-style vocoders pad by reflection), also
+    grouped, weight-normalised, and with ``padding="same"`` on an even kernel (padded unevenly): their closed forms pad
+    the captured input the same way (they took the per-row pass on every step)."""
+    from hf_jd.autogram._dispatch import Kind
+
+    from ._reference import count_per_row
+
+    per_row = count_per_row(monkeypatch)
+    torch.manual_seed(0)
+    audio = nn.Sequential(
+        nn.utils.parametrizations.weight_norm(nn.Conv1d(2, 4, 5, padding=2, padding_mode=mode)), nn.Tanh(),
+        nn.Conv1d(4, 4, 4, padding="same", dilation=1, groups=2, padding_mode=mode), nn.Tanh(),
+        nn.Conv1d(4, 3, 3, stride=2, padding=1, padding_mode=mode),
+    )
+    image = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode=mode), nn.Tanh(),
+                          nn.Conv2d(4, 4, (2, 3), padding="same", groups=4, padding_mode=mode))
+    for model, x in ((audio, torch.randn(3, 2, 12)), (image, torch.randn(3, 3, 6, 5))):
+        engine = Engine(model, single_backward=single_backward)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            for per_task in (False, True):
+                model.zero_grad(set_to_none=True)
+                out = model(x).flatten(1)
+                losses = torch.stack([out.pow(2).mean(1), out.tanh().mean(1)], dim=1)
+                assert_exact_step(engine, losses if per_task else losses.sum(1), trainable(model), single_backward)
+        infos = engine._capture.infos.values()
+        kinds = [info.kind for info in infos if isinstance(info.module, (nn.Conv1d, nn.Conv2d))]
+        assert kinds and set(kinds) <= {Kind.GROUPED_CONV, Kind.CONV2D}
+        engine.remove()
+    assert per_row == []
+
+
 @pytest.mark.parametrize(
     "layer", [nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 1, groups=3), nn.GroupNorm(1, 3), nn.BatchNorm2d(3).eval()]
 )
