@@ -71,6 +71,7 @@ from ._direct_uses import start_at_uses
 from ._gathered import add_gathered
 from ._generic import GenericRecord
 from ._layer_norm import INPUT_PARAMETER
+from ._leaf_uses import record_of_uses
 from ._layout import RowLayout, layout_of_losses
 from ._param_uses import uses_outside_calls
 from ._parameter_record import ParameterRecord
@@ -496,6 +497,34 @@ class Engine:
                     record.uncover_param(name)
         return [record for record in records if record.params]
 
+    def _owners(self, params: list[Tensor]) -> dict[int, tuple[nn.Module, str, str, nn.Parameter]]:
+        """By id, the module owning each of ``params`` (parameters of the engine's modules), its qualified name, the
+        parameter's attribute name, and the parameter."""
+        ids = {id(param) for param in params}
+        roots = self._capture.roots
+        owners: dict[int, tuple[nn.Module, str, str, nn.Parameter]] = {}
+        for index, root in enumerate(roots):
+            prefix = f"modules[{index}]." if len(roots) > 1 else ""
+            for module_name, module in root.named_modules(prefix=prefix.rstrip(".")):
+                for name, param in module._parameters.items():
+                    if param is not None and id(param) in ids and id(param) not in owners:
+                        owners[id(param)] = (module, module_name, name, param)
+        return owners
+
+    def _records_of_uses(
+        self, layout: RowLayout, params: list[Tensor], consumers: GraphConsumers
+    ) -> list[GenericRecord]:
+        """Generic records of parameters read outside their calls (``params``) whose every use is an operation with
+        an output split by example (LFM2's short convolutions pass ``self.conv.weight`` to ``F.conv1d``): their
+        products start at those uses (see :mod:`._leaf_uses`) instead of a batched pass over the loss rows."""
+        if not params or layout.batch_dim is None or layout.num_examples < 2:
+            return []
+        records = (
+            record_of_uses(module, module_name, name, param, consumers.get(), layout.batch_dim, layout.num_examples)
+            for module, module_name, name, param in self._owners(params).values()
+        )
+        return [record for record in records if record is not None]
+
     def _plan_parameters(
         self, layout: RowLayout, params: list[Tensor], checkpointed: bool, consumers: GraphConsumers
     ) -> list[BroadcastPlan]:
@@ -506,15 +535,10 @@ class Engine:
         loss rows. The others (a tied weight multiplied by another module than its own) keep that per-row path."""
         if not params or layout.batch_dim is None or layout.num_examples < 2:
             return []
-        ids = {id(param) for param in params}
-        roots = self._capture.roots
-        candidates: dict[int, ParameterRecord] = {}
-        for index, root in enumerate(roots):
-            prefix = f"modules[{index}]." if len(roots) > 1 else ""
-            for module_name, module in root.named_modules(prefix=prefix.rstrip(".")):
-                for name, param in module._parameters.items():
-                    if param is not None and id(param) in ids and id(param) not in candidates:
-                        candidates[id(param)] = ParameterRecord(module, module_name, name, param)
+        candidates = {
+            key: ParameterRecord(module, module_name, name, param)
+            for key, (module, module_name, name, param) in self._owners(params).items()
+        }
         return plan_broadcasts(
             consumers.losses, list(candidates.values()), layout.batch_dim, layout.num_examples, checkpointed,
             partial=True, consumers=consumers.get(),
@@ -804,6 +828,16 @@ class Engine:
             uncovered = [p for p in uncovered if id(p) not in planned_params]
             covered.update(planned_params)
             counts.update(dict.fromkeys(planned_params, 1))
+        # The others, used first by operations split by example (a convolution's weight passed to F.conv1d by its
+        # parent): products from those operations, verified like a call's uses.
+        used = self._records_of_uses(layout, unattributed, consumers)
+        if used:
+            used_params = {id(p): p for record in used for p in record.params.values()}
+            unattributed = [p for p in unattributed if id(p) not in used_params]
+            uncovered = [p for p in uncovered if id(p) not in used_params]
+            covered.update(used_params)
+            counts.update(dict.fromkeys(used_params, 1))
+            records = records + list(used)
         inputs = {id(p): p for record in records for name, p in record.params.items() if name == INPUT_PARAMETER}
         if inputs:  # a parameter covered through the module it is passed to must have no other use
             claimed = {edge.node for record in records if INPUT_PARAMETER in record.params for edge in record.edges}

@@ -70,19 +70,18 @@ def test_copy_of_engine_model_can_get_its_own_engine() -> None:
 
 
 @pytest.mark.parametrize("single_backward", [False, True])
-def test_borrowed_parameter_and_a_partial_use_take_the_per_row_pass(single_backward: bool) -> None:
+def test_borrowed_parameter_and_a_partial_use_take_the_products_from_their_uses(single_backward: bool) -> None:
     """A child's weight used only by its parent (the child never called) is found in the losses' graph
-    without any record covering it: its per-row gradients come from a batched backward pass from the
-    losses (exact, with a warning; it used to be left out silently, then rejected). A weight used both
-    by its module and outside it (after the module's call) leaves its module's closed form for the same pass (it
-    used to be rejected)."""
+    without any record covering it (it used to be left out silently, then rejected, then taken from a batched backward
+    pass from the losses with a warning). A weight used both by its module and outside it (after the module's call)
+    leaves its module's closed form (it used to be rejected). Both are used first by operations split by example:
+    their products start there (see test_leaf_uses.py), exact and without a warning."""
     model = _Borrower()
     engine = Engine(model, single_backward=single_backward)
     losses = model(torch.randn(4, 4)).pow(2).sum(1)
-    with pytest.warns(RuntimeWarning, match=r"\(\['child.weight'\]\) outside the calls of the modules that own"):
-        assert_exact_step(engine, losses, trainable(model), single_backward)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # once per engine
+        warnings.simplefilter("error")
+        assert_exact_step(engine, losses, trainable(model), single_backward)
         engine.compute_gramian(model(torch.randn(4, 4)).pow(2).sum(1))
 
     model = _Borrower()
@@ -91,7 +90,8 @@ def test_borrowed_parameter_and_a_partial_use_take_the_per_row_pass(single_backw
     losses = model.head(torch.tanh(model.child(hidden) + F.linear(hidden, model.child.weight))).pow(2).sum(1)
     # Also used by its module, hence covered, but the use outside it would be missing from the closed form:
     # compute_gramian finds it from the autograd nodes created outside the captured calls.
-    with pytest.warns(RuntimeWarning, match=r"\(\['child.weight'\]\) outside the calls of the modules that own"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         assert_exact_step(engine, losses, trainable(model), single_backward)
 
 
