@@ -277,8 +277,9 @@ class Conv2dRecord(_PatchProductRecord):
     """
 
     # Samples per example when the call's samples are the examples' frames or images, regrouped as ``[E * k, C, H,
-    # W]`` (a video model's frames, an image pair), a grouping the engine verified (see :meth:`split_batch`); else 1.
-    group = 1
+    # W]`` (a video model's frames, an image pair), a grouping the engine verified (see :meth:`split_batch`), whose
+    # gradients then come as ``[m, E, k, C_out, ...]`` (also with k = 1); else None.
+    group: int | None = None
 
     def can_split_batch(self, batch_dim: int) -> bool:
         """Whether :meth:`split_batch` applies: along the samples' dimension 0.
@@ -315,7 +316,7 @@ class Conv2dRecord(_PatchProductRecord):
         conv = self.module
         assert isinstance(conv, (nn.Conv2d, nn.Conv3d))
         dtype = compute_dtype(next(iter(self.params.values())))  # not conv.weight: no parametrisation re-run
-        if self.group > 1:  # [m, E, k, C_out, ...] gradients of [E * k, C, ...] samples
+        if self.group is not None:  # [m, E, k, C_out, ...] gradients of [E * k, C, ...] samples
             grad = grad.flatten(1, 2)
         else:
             self.check_batch(self.inputs, layout, "input")
@@ -329,7 +330,7 @@ class Conv2dRecord(_PatchProductRecord):
             ).transpose(1, 2)  # [N, L, C*kh*kw]
         del self.inputs
         out_rows = grad.flatten(-len(conv.kernel_size)).transpose(-1, -2)  # [m, N, L, C_out]
-        if self.group > 1:  # an example's patches: those of its k samples
+        if self.group is not None and self.group > 1:  # an example's patches: those of its k samples
             patches = patches.reshape(-1, self.group * patches.shape[1], patches.shape[2])
             out_rows = out_rows.reshape(out_rows.shape[0], -1, self.group * out_rows.shape[2], out_rows.shape[3])
         self._set_factors(patches, out_rows, layout, dtype)

@@ -25,7 +25,7 @@ computation is then verified on every step, and the failures take the exact per-
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -76,6 +76,7 @@ def grads_verified(
     nodes_grouped: list[bool] | None = None,
     confirm: bool = False,
     passing: Sequence[GradientEdge] = (),
+    measure_rounding: bool = True,
 ) -> list[Record]:
     """Add the records whose per-example grouping the identity confirms; return the others.
 
@@ -126,6 +127,9 @@ def grads_verified(
     passing
         With ``trusted``: edges that the pass must also reach, whose gradients are dropped (planned tables'
         calls: the caller's hooks on their broadcasting nodes collect what they need from the same pass).
+    measure_rounding
+        Measure the rounding of the pass for checks that fail by little (see :data:`NEAR_MISS_RTOL`); not for a
+        loss computation already found to mix the examples (in-batch contrastive losses), whose checks fail anyway.
 
     Returns
     -------
@@ -148,28 +152,39 @@ def grads_verified(
     inputs = edges + node_edges + list(passing)
     grads = batched_grad(losses, inputs, vectors) if trusted is None else plain_grad(losses, inputs, vectors)
     grads, node_grads = grads[: len(edges)], grads[len(edges) : len(edges) + len(node_edges)]
-    # Checks that fail by little (see NEAR_MISS_RTOL) are measured against the rounding of the same pass, from one
-    # more ordinary backward pass over the plain vector scaled by NOISE_SCALE (run only then).
-    noise: list[Tensor | None] = [None] * len(inputs)
-    if trusted is None and _near_misses(grads, records, node_grads, weights, bd, rtol):
-        noise = plain_grad(losses, inputs, NOISE_SCALE * vectors[:1])
-    record_noise = list(_slices(noise[: len(edges)], records))
-    node_noise = noise[len(edges) : len(edges) + len(node_edges)]
+    # A check that fails by little (see NEAR_MISS_RTOL) is measured against the rounding of the same pass, from one
+    # more ordinary backward pass over the plain vector scaled by NOISE_SCALE, run at the first such failure.
+    measured: list[list[Tensor | None]] = []
+
+    def grouped(grad: Tensor, dim: int, rounding: Callable[[], Tensor | None]) -> bool:
+        if _grouped_by_example(grad, weights, dim, rtol):
+            return True
+        if not measure_rounding or not _grouped_by_example(grad, weights, dim, NEAR_MISS_RTOL):
+            return False
+        if not measured:
+            measured.append(plain_grad(losses, inputs, NOISE_SCALE * vectors[:1]))
+        return _grouped_by_example(grad, weights, dim, rtol, rounding())
+
     if nodes_grouped is not None:
         nodes_grouped.append(
             all(
                 grad is None
                 or (
                     grad.shape[bd + 1] == group * num_examples
-                    and _grouped_by_example(grad, weights, bd, rtol, rounding)
+                    and grouped(grad, bd, _entry(measured, position))
                 )
-                for grad, rounding, (_, group) in zip(node_grads, node_noise, nodes)
+                for position, (grad, (_, group)) in enumerate(zip(node_grads, nodes), start=len(edges))
             )
         )
     failed: list[Record] = []
+    offset = 0
     for index, (record, record_grads) in enumerate(split_by_record(grads, records)):
         record_grads = record.to_view_shapes(record_grads)
-        roundings = record.to_view_shapes(record_noise[index])
+        start, offset = offset, offset + len(record.edges)
+
+        def rounding_of(edge: int, record: Record = record, start: int = start) -> Callable[[], Tensor | None]:
+            return lambda: record.to_view_shapes(measured[0][start : start + len(record.edges)])[edge]
+
         other = record.other_batch_dim
         if all(grad is None for grad in record_grads):
             if chosen is not None:
@@ -183,8 +198,8 @@ def grads_verified(
             use_other = False
             for candidate in record.other_batch_dims:
                 if all(
-                    grad is None or _grouped_by_example(grad, weights, candidate, rtol, rounding)
-                    for grad, rounding in zip(record_grads, roundings)
+                    grad is None or grouped(grad, candidate, rounding_of(edge))
+                    for edge, grad in enumerate(record_grads)
                 ):
                     record.other_batch_dim = other = candidate
                     use_other = True
@@ -194,8 +209,8 @@ def grads_verified(
             if not use_other and (
                 not (record.batched or record.can_split_batch(bd))
                 or not all(
-                    grad is None or _grouped_by_example(grad, weights, dim, rtol, rounding)
-                    for grad, dim, rounding in zip(record_grads, record.example_dims(bd), roundings)
+                    grad is None or grouped(grad, dim, rounding_of(edge))
+                    for edge, (grad, dim) in enumerate(zip(record_grads, record.example_dims(bd)))
                 )
             ):
                 failed.append(record)
@@ -387,33 +402,9 @@ def _looks_up_data(node: object, constant_storages: frozenset[int]) -> bool:
     return False
 
 
-def _slices(grads: list[Tensor | None], records: list[Record]) -> Iterator[list[Tensor | None]]:
-    """Each record's slice of ``grads`` (one entry per edge, in ``records`` order), leaving ``grads`` as it is."""
-    offset = 0
-    for record in records:
-        yield grads[offset : offset + len(record.edges)]
-        offset += len(record.edges)
-
-
-def _near_misses(
-    grads: list[Tensor | None],
-    records: list[Record],
-    node_grads: list[Tensor | None],
-    weights: Tensor,
-    batch_dim: int,
-    rtol: float,
-) -> bool:
-    """Whether some check fails by less than :data:`NEAR_MISS_RTOL` (along a dimension it may pass along)."""
-    candidates: list[tuple[Tensor, int]] = [(grad, batch_dim) for grad in node_grads if grad is not None]
-    for record, record_grads in zip(records, _slices(grads, records)):
-        for grad, dim in zip(record.to_view_shapes(record_grads), record.example_dims(batch_dim)):
-            if grad is not None:
-                candidates += [(grad, dim), *((grad, other) for other in record.other_batch_dims)]
-    return any(
-        not _grouped_by_example(grad, weights, dim, rtol) and _grouped_by_example(grad, weights, dim, NEAR_MISS_RTOL)
-        for grad, dim in candidates
-        if grad.dim() > dim + 1
-    )
+def _entry(measured: list[list[Tensor | None]], position: int) -> Callable[[], Tensor | None]:
+    """Entry ``position`` of the gradients of the rounding pass, once it has run."""
+    return lambda: measured[0][position]
 
 
 def _grouped_by_example(

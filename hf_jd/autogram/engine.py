@@ -1043,6 +1043,7 @@ class Engine:
                         losses, layout, checked, accumulator, rtol=identity_rtol, trusted=trusted, chosen=chosen,
                         vacuous=vacuous, nodes=grouped_nodes if trusted is None else (), nodes_grouped=grouped,
                         passing=[edge for record in records for edge in record.edges] if merged else (),
+                        measure_rounding=not mixed,
                     )
                 if merged:
                     records = []  # (the planned calls: done)
@@ -1083,6 +1084,7 @@ class Engine:
                 failed = grads_verified(
                     losses, layout, checked, accumulator, add=False, rtol=identity_rtol, vacuous=vacuous,
                     chosen=chosen, nodes=grouped_nodes, nodes_grouped=grouped, confirm=True,
+                    measure_rounding=not mixed,
                 )
                 self._direct_uses_failed(failed)
                 _remember_layouts(capture, verify_layout, checked, failed, vacuous, chosen)

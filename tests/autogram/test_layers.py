@@ -805,6 +805,19 @@ def test_convolutions_on_several_samples_per_example_are_regrouped(single_backwa
     assert per_row == []
 
 
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_convolutions_on_one_sample_per_example_after_several(single_backward: bool) -> None:
+    """A step with one frame per example after steps with several: the call, verified with k = 1 (its module was seen
+    regrouped), gets its gradients with a grouping axis of 1 (it crashed on their five dimensions; vision-language
+    models with one image per example after a batch with several)."""
+    torch.manual_seed(0)
+    model = _Frames()
+    engine = Engine(model, single_backward=single_backward)
+    for frames in (4, 1, 2, 1):
+        model.zero_grad(set_to_none=True)
+        assert_exact_step(engine, model(torch.randn(3, frames, 3, 4, 4)).sum(1), trainable(model), single_backward)
+
+
 def test_convolutions_on_samples_of_interleaved_examples_stay_exact(monkeypatch) -> None:
     """Frames folded frame-major: the samples of an example are not consecutive, the check finds it and the
     convolutions take the exact per-row path."""
