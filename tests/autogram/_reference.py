@@ -106,6 +106,21 @@ def count_started_at_uses(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
     return started
 
 
+def count_unattributed(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record the engine's batched passes over the loss rows for parameters used outside their modules' calls."""
+    from hf_jd.autogram import engine as engine_module
+
+    calls: list[int] = []
+    original = engine_module.unattributed_gram
+
+    def counted(*args):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(engine_module, "unattributed_gram", counted)
+    return calls
+
+
 def count_per_row(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
     """Record the calls sent to the engine's per-row pass: one list of module descriptions per pass."""
     from hf_jd.autogram import _accumulate

@@ -11,16 +11,8 @@ import transformers as tf
 from torch import Tensor, nn
 
 from hf_jd.autogram import Engine
-from hf_jd.autogram import engine as engine_module
 
-from ._reference import assert_exact_step, trainable
-
-
-def _count_unattributed(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    calls: list[int] = []
-    original = engine_module.unattributed_gram
-    monkeypatch.setattr(engine_module, "unattributed_gram", lambda *a: calls.append(1) or original(*a))
-    return calls
+from ._reference import assert_exact_step, count_unattributed, trainable
 
 
 class _ShortConv(nn.Module):
@@ -44,7 +36,7 @@ class _ShortConv(nn.Module):
 
 @pytest.mark.parametrize("single_backward", [False, True])
 def test_a_weight_passed_to_a_functional_convolution(single_backward: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    unattributed = _count_unattributed(monkeypatch)
+    unattributed = count_unattributed(monkeypatch)
     torch.manual_seed(0)
     model = _ShortConv()
     engine = Engine(model, single_backward=single_backward)
@@ -58,7 +50,7 @@ def test_a_weight_passed_to_a_functional_convolution(single_backward: bool, monk
 
 
 def test_a_weight_also_used_by_a_penalty_keeps_the_per_row_pass(monkeypatch: pytest.MonkeyPatch) -> None:
-    unattributed = _count_unattributed(monkeypatch)
+    unattributed = count_unattributed(monkeypatch)
     torch.manual_seed(0)
     model = _ShortConv(penalised=True)
     engine = Engine(model)
@@ -73,7 +65,7 @@ def test_lfm2_short_convolutions(single_backward: bool, monkeypatch: pytest.Monk
     """LFM2's short-convolution blocks hand ``conv.weight`` to ``causal_conv1d_fn`` (its reference implementation
     without the kernel package): the weight took the batched pass over the loss rows with a warning (about 9x a plain
     step at B=16 instead of 2.5x)."""
-    unattributed = _count_unattributed(monkeypatch)
+    unattributed = count_unattributed(monkeypatch)
     torch.manual_seed(0)
     config = tf.Lfm2Config(
         vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,

@@ -11,19 +11,10 @@ import transformers as tf
 from torch import Tensor, nn
 
 from hf_jd.autogram import Engine
-from hf_jd.autogram import engine as engine_module
 
-from ._reference import assert_gramian_matches, grads_of, jacobian, trainable
+from ._reference import assert_gramian_matches, count_per_row, count_unattributed, grads_of, jacobian, trainable
 
 T, HEADS = 5, 2
-
-
-def _count_unattributed(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Calls of the batched pass over the loss rows for parameters used outside their calls."""
-    calls: list[int] = []
-    original = engine_module.unattributed_gram
-    monkeypatch.setattr(engine_module, "unattributed_gram", lambda *a: calls.append(1) or original(*a))
-    return calls
 
 
 def _assert_step(model: nn.Module, losses_of, single_backward: bool, steps: int = 2) -> None:
@@ -79,7 +70,7 @@ def test_deberta_relative_table_read_outside_its_embedding_uses_the_ordinary_pas
 ) -> None:
     """DeBERTa (v1) reads ``encoder.rel_embeddings.weight`` without calling its Embedding, drops it out and projects
     it in each layer; its per-row gradients came from a batched backward pass over the loss rows (and a warning)."""
-    unattributed = _count_unattributed(monkeypatch)
+    unattributed = count_unattributed(monkeypatch)
     _assert_step(_deberta(), _deberta_losses(batch), single_backward)
     assert unattributed == []
 
@@ -88,7 +79,7 @@ def test_deberta_relative_table_read_outside_its_embedding_uses_the_ordinary_pas
 def test_deberta_v2_relative_table_without_layer_norm(single_backward: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """DeBERTa-v2 with ``norm_rel_ebd="none"`` reads its table the same way, then projects it with the attention's own
     query and key layers (shared keys)."""
-    unattributed = _count_unattributed(monkeypatch)
+    unattributed = count_unattributed(monkeypatch)
     config = tf.DebertaV2Config(
         vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
         max_position_embeddings=16, relative_attention=True, position_buckets=4, max_relative_positions=8,
@@ -103,7 +94,7 @@ def test_deberta_v2_relative_table_without_layer_norm(single_backward: bool, mon
 @pytest.mark.parametrize("single_backward", [False, True])
 def test_deberta_relative_table_with_per_task_losses(single_backward: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """``[B, m]`` losses: the pass is batched over the tasks and the plan maps each task's gradients."""
-    unattributed = _count_unattributed(monkeypatch)
+    unattributed = count_unattributed(monkeypatch)
     _assert_step(_deberta(), _deberta_losses(4, tasks=2), single_backward)
     assert unattributed == []
 
@@ -111,7 +102,7 @@ def test_deberta_relative_table_with_per_task_losses(single_backward: bool, monk
 def test_deberta_relative_table_beside_the_classifier_only(monkeypatch: pytest.MonkeyPatch) -> None:
     """Only the table and the classifier trainable (the engine needs a captured call): the table's part of the Gramian
     is a large share of it, a strict check of its mapped per-example gradients."""
-    unattributed = _count_unattributed(monkeypatch)
+    unattributed = count_unattributed(monkeypatch)
     model = _deberta()
     with torch.no_grad():  # (weights far from the tiny initialisation: gradients of the table well above rounding)
         for name, param in model.named_parameters():
@@ -167,7 +158,7 @@ def _read_table_losses(model: nn.Module) -> Tensor:
 def test_table_read_directly_and_broadcast(
     single_backward: bool, native_dropout: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    unattributed = _count_unattributed(monkeypatch)
+    unattributed = count_unattributed(monkeypatch)
     torch.manual_seed(0)
     _assert_step(_ReadTable(native_dropout=native_dropout), _read_table_losses, single_backward)
     assert unattributed == []
@@ -176,10 +167,8 @@ def test_table_read_directly_and_broadcast(
 def test_table_read_directly_with_another_use_keeps_the_per_row_path(monkeypatch: pytest.MonkeyPatch) -> None:
     """The table takes the batched pass over the loss rows; the Linear layer that projects it is still planned (its
     broadcasting node computes its share in the ordinary pass, although the projection's input is no data)."""
-    unattributed = _count_unattributed(monkeypatch)
-    per_row: list[int] = []
-    original = engine_module.grads_per_row
-    monkeypatch.setattr(engine_module, "grads_per_row", lambda *a: per_row.append(1) or original(*a))
+    unattributed = count_unattributed(monkeypatch)
+    per_row = count_per_row(monkeypatch)
     torch.manual_seed(0)
     model = _ReadTable(other_use=True)
     engine = Engine(model)
