@@ -27,14 +27,32 @@ __all__ = ["record_of_uses"]
 MAX_PARAMETER_STEPS = 16
 
 
+def _on_the_parameter_alone(node: Any, alone: set[Any]) -> bool:
+    """Whether ``node`` computes from the parameter alone: every input autograd tracks is in ``alone``, and an input it
+    does not track (a constant, or data that needs no gradient) leaves the output the shape of a tracked input
+    (``W * 2``, not ``F.conv1d(x, W)`` on raw inputs)."""
+    tracked = [(child, number) for child, number in node.next_functions if child is not None]
+    if not tracked or any(child not in alone for child, _ in tracked):
+        return False
+    if len(tracked) == len(node.next_functions):
+        return True
+    try:
+        out = tuple(node._input_metadata[0].shape)
+        return any(tuple(child._input_metadata[number].shape) == out for child, number in tracked)
+    except (AttributeError, IndexError, RuntimeError):
+        return False
+
+
 def _uses(
     param: Tensor, consumers: dict[Any, list[tuple[Any, int, int]]], batch_dim: int, batch_size: int
-) -> list[Any] | None:
+) -> tuple[list[Any], int] | None:
     """The operations that first combine the parameter with the examples, on every path from it, when each has an
-    output split by example along ``batch_dim`` (one entry per example); ``None`` otherwise."""
+    output with the same ``k`` entries per example along ``batch_dim`` (``k > 1``: flattened ``[B * T, d]`` rows, as a
+    router's ``F.linear`` on the tokens has), with ``k``; ``None`` otherwise."""
     alone = {get_gradient_edge(param).node}
     stack = list(alone)
     uses: list[Any] = []
+    counts: set[int] = set()
     seen: set[Any] = set()
     while stack:
         node = stack.pop()
@@ -42,17 +60,18 @@ def _uses(
             if consumer in seen:
                 continue
             seen.add(consumer)
-            children = [child for child, _ in consumer.next_functions]
-            if children and all(child in alone for child in children):
-                alone.add(consumer)  # (an operation on the parameter alone: a view, a transpose)
+            if _on_the_parameter_alone(consumer, alone):
+                alone.add(consumer)  # (a view, a transpose, a cast, a product with a constant)
                 if len(alone) > MAX_PARAMETER_STEPS:
                     return None
                 stack.append(consumer)
                 continue
-            if _rows_per_example(consumer, batch_dim, batch_size) != 1:
+            rows = _rows_per_example(consumer, batch_dim, batch_size)
+            if not rows:
                 return None
+            counts.add(rows)
             uses.append(consumer)
-    return uses or None
+    return (uses, counts.pop()) if uses and len(counts) == 1 else None
 
 
 def record_of_uses(
@@ -85,14 +104,18 @@ def record_of_uses(
     Returns
     -------
     GenericRecord or None
-        The record, to be verified like a call regrouped ``k = 1`` per example.
+        The record, to be verified like a call regrouped ``k`` per example.
     """
-    uses = _uses(param, consumers, batch_dim, batch_size)
-    if uses is None or (len(uses) > 1 and any(_upstream_uses(uses, None))):
+    found = _uses(param, consumers, batch_dim, batch_size)
+    if found is None:
+        return None
+    uses, rows = found
+    if len(uses) > 1 and any(_upstream_uses(uses, None)):
         return None
     record = GenericRecord(module, module_name, {name: param}, {name: param}, [])
     record.start_at([GradientEdge(use, 0) for use in uses])
-    # (the batch size along batch_dim may be a coincidence: the grouping is verified, as for the calls' uses)
+    # (k consecutive rows per example, a grouping verified as for the calls' uses; also for k = 1, where the batch size
+    # along batch_dim may be a coincidence)
     record.batched = False
-    record.groups = 1
+    record.groups = rows
     return record
