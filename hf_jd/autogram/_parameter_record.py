@@ -108,9 +108,6 @@ class ParameterRecord(Record):
         assert self.rows is not None
         return self.rows
 
-    def compact(self) -> None:
-        """Nothing to drop: the per-row gradients are what :meth:`weighted_grad` reads."""
-
     def release(self) -> None:
         """Drop the per-row gradients once the record's contributions are added."""
         super().release()

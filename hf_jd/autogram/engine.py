@@ -66,8 +66,8 @@ from ._broadcast import (
 )
 from ._capture import Capture
 from ._deliver import deliver_gradients
-from ._escapes import escaping_calls
 from ._direct_uses import start_at_uses
+from ._escapes import escaping_calls
 from ._gathered import add_gathered
 from ._generic import GenericRecord
 from ._layer_norm import INPUT_PARAMETER
@@ -511,38 +511,30 @@ class Engine:
                         owners[id(param)] = (module, module_name, name, param)
         return owners
 
-    def _records_of_uses(
-        self, layout: RowLayout, params: list[Tensor], consumers: GraphConsumers
-    ) -> list[GenericRecord]:
-        """Generic records of parameters read outside their calls (``params``) whose every use is an operation with
-        an output split by example (LFM2's short convolutions pass ``self.conv.weight`` to ``F.conv1d``): their
-        products start at those uses (see :mod:`._leaf_uses`) instead of a batched pass over the loss rows."""
-        if not params or layout.batch_dim is None or layout.num_examples < 2:
-            return []
-        records = (
-            record_of_uses(module, module_name, name, param, consumers.get(), layout.batch_dim, layout.num_examples)
-            for module, module_name, name, param in self._owners(params).values()
-        )
-        return [record for record in records if record is not None]
-
-    def _plan_parameters(
+    def _cover_read_parameters(
         self, layout: RowLayout, params: list[Tensor], checkpointed: bool, consumers: GraphConsumers
-    ) -> list[BroadcastPlan]:
-        """Broadcast plans for parameters of the engine's modules read outside their calls (``params``) whose
-        every use is broadcast over the batch further on (DeBERTa's relative-position table, sliced, dropped out and
-        projected by Linear layers whose outputs meet the examples in the attention scores): their per-example
-        gradients then come from the ordinary pass (see :mod:`._parameter_record`), not from a batched pass over the
-        loss rows. The others (a tied weight multiplied by another module than its own) keep that per-row path."""
+    ) -> tuple[list[BroadcastPlan], list[GenericRecord]]:
+        """For parameters of the engine's modules read outside their calls (``params``), instead of a batched pass over
+        the loss rows: broadcast plans for those whose every use is broadcast over the batch further on (DeBERTa's
+        relative-position table, sliced, dropped out and projected by Linear layers whose outputs meet the examples in
+        the attention scores; see :mod:`._parameter_record`), whose per-example gradients then come from the ordinary
+        pass; then generic records for the others whose every use is an operation split by example (LFM2's short
+        convolutions pass ``self.conv.weight`` to ``F.conv1d``; see :mod:`._leaf_uses`), whose products start there.
+        The rest (a tied weight multiplied by another module than its own) keep that per-row path."""
         if not params or layout.batch_dim is None or layout.num_examples < 2:
-            return []
-        candidates = {
-            key: ParameterRecord(module, module_name, name, param)
-            for key, (module, module_name, name, param) in self._owners(params).items()
-        }
-        return plan_broadcasts(
-            consumers.losses, list(candidates.values()), layout.batch_dim, layout.num_examples, checkpointed,
-            partial=True, consumers=consumers.get(),
+            return [], []
+        owners = self._owners(params)
+        plans = plan_broadcasts(
+            consumers.losses, [ParameterRecord(*owner) for owner in owners.values()], layout.batch_dim,
+            layout.num_examples, checkpointed, partial=True, consumers=consumers.get(),
         )
+        planned = {id(param) for plan in plans for param in plan.record.params.values()}
+        records = (
+            record_of_uses(*owner, consumers.get(), layout.batch_dim, layout.num_examples)
+            for key, owner in owners.items()
+            if key not in planned
+        )
+        return plans, [record for record in records if record is not None]
 
     def _warn_unattributed(self, params: list[Tensor]) -> None:
         """Warn once per engine that some parameters take the per-row backward pass."""
@@ -820,24 +812,19 @@ class Engine:
         missed = [p for p in unattributed if layout.num_rows * p.numel() > MAX_UNATTRIBUTED_ENTRIES]
         unattributed = [p for p in unattributed if layout.num_rows * p.numel() <= MAX_UNATTRIBUTED_ENTRIES]
         # Those only broadcast over the batch further on (DeBERTa's relative-position table, read without calling its
-        # embedding) get their per-example gradients from the ordinary pass, as the shared tables below.
-        parameter_plans = self._plan_parameters(layout, unattributed, checkpointed, consumers)
-        planned_params = {id(p): p for plan in parameter_plans for p in plan.record.params.values()}
-        if planned_params:
-            unattributed = [p for p in unattributed if id(p) not in planned_params]
-            uncovered = [p for p in uncovered if id(p) not in planned_params]
-            covered.update(planned_params)
-            counts.update(dict.fromkeys(planned_params, 1))
-        # The others, used first by operations split by example (a convolution's weight passed to F.conv1d by its
-        # parent): products from those operations, verified like a call's uses.
-        used = self._records_of_uses(layout, unattributed, consumers)
-        if used:
-            used_params = {id(p): p for record in used for p in record.params.values()}
-            unattributed = [p for p in unattributed if id(p) not in used_params]
-            uncovered = [p for p in uncovered if id(p) not in used_params]
-            covered.update(used_params)
-            counts.update(dict.fromkeys(used_params, 1))
-            records = records + list(used)
+        # embedding) get their per-example gradients from the ordinary pass, as the shared tables below; those used
+        # first by operations split by example (a convolution's weight passed to F.conv1d by its parent), products from
+        # those operations, verified like a call's uses.
+        parameter_plans, used = self._cover_read_parameters(layout, unattributed, checkpointed, consumers)
+        taken = {
+            id(p): p for record in [*(plan.record for plan in parameter_plans), *used] for p in record.params.values()
+        }
+        if taken:
+            unattributed = [p for p in unattributed if id(p) not in taken]
+            uncovered = [p for p in uncovered if id(p) not in taken]
+            covered.update(taken)
+            counts.update(dict.fromkeys(taken, 1))
+            records = [*records, *used]
         inputs = {id(p): p for record in records for name, p in record.params.items() if name == INPUT_PARAMETER}
         if inputs:  # a parameter covered through the module it is passed to must have no other use
             claimed = {edge.node for record in records if INPUT_PARAMETER in record.params for edge in record.edges}

@@ -34,11 +34,33 @@ class _ShortConv(nn.Module):
         return out + self.conv.weight.pow(2).sum() if self.penalised else out
 
 
+class _FlatRouter(nn.Module):
+    """A router that scores the flattened ``[B * T, d]`` tokens with its classifier's weight through ``F.linear`` (as
+    LongCat-Flash's does; the classifier is never called), then weights an MLP's output per token."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 6)
+        self.classifier = nn.Linear(6, 3, bias=False)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x: Tensor) -> Tensor:  # [B, T, 4] -> [B, 2]
+        h = torch.tanh(self.proj(x))
+        scores = nn.functional.linear(h.reshape(-1, 6).float(), self.classifier.weight.float()).softmax(-1)
+        gate = scores.view(*h.shape[:2], 3).max(-1).values.unsqueeze(-1)
+        return self.head(h * gate).mean(1)
+
+
 @pytest.mark.parametrize("single_backward", [False, True])
-def test_a_weight_passed_to_a_functional_convolution(single_backward: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("build", [_ShortConv, _FlatRouter], ids=["convolution", "flattened-tokens"])
+def test_a_weight_used_by_operations_split_by_example(
+    build: type[nn.Module], single_backward: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Uses with one row per example (a convolution of the examples' features), or ``T`` (``[B * T, d]`` tokens, as
+    LongCat-Flash's router has): their grouping by example is verified, then the products start there."""
     unattributed = count_unattributed(monkeypatch)
     torch.manual_seed(0)
-    model = _ShortConv()
+    model = build()
     engine = Engine(model, single_backward=single_backward)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
@@ -82,38 +104,4 @@ def test_lfm2_short_convolutions(single_backward: bool, monkeypatch: pytest.Monk
         logits = model(input_ids=ids).logits[:, :-1]
         losses = nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none").view(4, -1)
         assert_exact_step(engine, losses.mean(1), trainable(model), single_backward)
-    assert unattributed == []
-
-
-class _FlatRouter(nn.Module):
-    """A router that scores the flattened ``[B * T, d]`` tokens with its classifier's weight through ``F.linear`` (as
-    LongCat-Flash's does; the classifier is never called), then weights an MLP's output per token."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.proj = nn.Linear(4, 6)
-        self.classifier = nn.Linear(6, 3, bias=False)
-        self.head = nn.Linear(6, 2)
-
-    def forward(self, x: Tensor) -> Tensor:  # [B, T, 4] -> [B, 2]
-        h = torch.tanh(self.proj(x))
-        scores = nn.functional.linear(h.reshape(-1, 6).float(), self.classifier.weight.float()).softmax(-1)
-        gate = scores.view(*h.shape[:2], 3).max(-1).values.unsqueeze(-1)
-        return self.head(h * gate).mean(1)
-
-
-@pytest.mark.parametrize("single_backward", [False, True])
-def test_a_weight_applied_to_flattened_tokens(single_backward: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Uses with ``T`` rows per example (``[B * T, d]`` tokens): their grouping by example is verified, then the
-    products start there (LongCat-Flash's router: 6.7x a plain step before, 3.9x after, tiny configuration, B=16)."""
-    unattributed = count_unattributed(monkeypatch)
-    torch.manual_seed(0)
-    model = _FlatRouter()
-    engine = Engine(model, single_backward=single_backward)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)
-        for per_task in (False, True, False):
-            model.zero_grad(set_to_none=True)
-            out = model(torch.randn(5, 7, 4))
-            assert_exact_step(engine, out if per_task else out.sum(1), trainable(model), single_backward)
     assert unattributed == []
