@@ -311,6 +311,13 @@ EXTRA: dict[str, Callable[[], tuple[nn.Module, dict[str, Tensor], Callable[..., 
                                    mlp_layer_types=["dense", "sparse"], linear_head_dim=16, linear_num_heads=2,
                                    linear_conv_kernel_dim=4, num_experts_per_tok=2, kv_lora_rank=16, q_lora_rank=16,
                                    qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=16),
+    # experts that process every token, scaled by its router score, laid out expert-major ([E * B * T, d] rows) and
+    # multiplied by 3-D weights with bmm (Llama-4), or sorted by expert (JetMoE's parallel experts, attention and MLP)
+    "llama4": lambda: _causal("llama4_text", intermediate_size=2 * H, intermediate_size_mlp=2 * H,
+                              num_key_value_heads=1, head_dim=32, num_local_experts=4, num_experts_per_tok=1,
+                              interleave_moe_layer_step=1, attention_chunk_size=16, no_rope_layers=[1, 1]),
+    "jetmoe": lambda: _causal("jetmoe", num_key_value_heads=2, kv_channels=16, intermediate_size=2 * H,
+                              num_local_experts=4, num_experts_per_tok=2),
     # modules called on the rows the data picks from the examples: adapters per language, experts on their tokens
     "xmod-1-language": lambda: _xmod(1),
     "xmod-3-languages": lambda: _xmod(3),

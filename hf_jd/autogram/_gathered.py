@@ -1,4 +1,5 @@
-"""Linear calls on rows that the data picks from the examples: each row's example, found from gradients.
+"""Calls on rows that the data picks from the examples, or lays out in another order: each row's example, found
+from gradients.
 
 A module called on a subset of the batch chosen by the data — X-MOD's adapter of one language on
 ``hidden[lang_ids == k]``, an expert of a mixture on the tokens routed to it, a projection of the non-padded
@@ -12,6 +13,11 @@ gradients are scattered into a ``[B, L, ...]`` layout (``L`` the most rows of an
 padded with zeros, which add nothing), and the call is then an ordinary call split by example: its closed
 form gives the exact per-example gradients. A row reached by several examples (examples mixed further on)
 makes the call keep the per-row pass.
+
+Generic calls with one output take the same check on their output's rows along dimension 0 (Llama-4's experts,
+which process every token scaled by its router score, their ``[E * B * T, d]`` rows laid out expert-major): each
+example's products then run from the output gradient of its own rows (see :meth:`GenericRecord.take_row_examples`),
+or from the factors of the call's matrix products when those apply.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from torch import Tensor
 
 from ._accumulate import Accumulator, empty_call
 from ._batched_grad import batched_grad
+from ._generic import GenericRecord
 from ._layout import RowLayout
 from ._linear import LinearRecord
 from ._matmul_uses import RTOL_FLOAT32, check_weights, examples_of_rows
@@ -36,7 +43,10 @@ MIN_EXAMPLES = 4
 
 
 def _gatherable(record: Record) -> bool:
-    """A plain Linear call with one output, on at least one row (its rows along dimension 0)."""
+    """A plain Linear call with one output, on at least one row (its rows along dimension 0), or a generic call with
+    one output on its usual path (see :meth:`GenericRecord.can_take_row_examples`)."""
+    if type(record) is GenericRecord:
+        return record.can_take_row_examples()
     return (
         type(record) is LinearRecord
         and len(record.edges) == 1
@@ -62,8 +72,8 @@ def _padded(rows: Tensor, examples: Tensor, num_examples: int) -> Tensor:
 def add_gathered(
     losses: Tensor, layout: RowLayout, records: Sequence[Record], accumulator: Accumulator, declined: set[int]
 ) -> list[Record]:
-    """Add the Linear calls among ``records`` whose output rows each belong to one example (found by one batched
-    backward pass over three vectors), as calls split by example; return the others (for the per-row pass).
+    """Add the Linear and generic calls among ``records`` whose output rows each belong to one example (found by one
+    batched backward pass over three vectors), as calls split by example; return the others (for the per-row pass).
 
     Parameters
     ----------
@@ -110,9 +120,15 @@ def add_gathered(
         if examples is None:
             declined.add(id(record.module))  # (a row reached by several examples)
             continue
+        rows = grad[:1] if num_tasks == 1 else grad[3:]  # [m, *output shape]
+        if isinstance(record, GenericRecord):
+            # (its products run from the output, each example's from the entries of its rows)
+            record.take_row_examples(examples)
+            accumulator.add(record, [rows], shaped=True)
+            taken.add(id(record))
+            continue
         assert isinstance(record, LinearRecord)
         record.inputs = _padded(record.inputs, examples, num_examples)
-        rows = grad[:1] if num_tasks == 1 else grad[3:]  # [m, *output shape]
         per_task = torch.stack([_padded(task_rows, examples, num_examples) for task_rows in rows])
         accumulator.add(record, [per_task], shaped=True)
         taken.add(id(record))

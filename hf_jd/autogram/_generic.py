@@ -235,6 +235,9 @@ class GenericRecord(Record):
         # Set by start_at for nested uses: per edge, the parameters whose products start there (None: all of them).
         self.serves: list[frozenset[str]] | None = None
         self.upstream: list[frozenset[int]] | None = None  # (with serves: per edge, the edges upstream of it)
+        # Set by take_row_examples: the example of each entry of the output along dimension 0 (-1: none), found from
+        # gradients (rows laid out in any order, e.g. expert-major tokens); the output gradients then come whole.
+        self.row_examples: Tensor | None = None
 
     def uncover_param(self, name: str) -> None:
         """Stop covering parameter ``name`` (see :meth:`Record.uncover_param`); its alias leaves the products."""
@@ -300,6 +303,74 @@ class GenericRecord(Record):
             The engine's batch dimension.
         """
         self._grouped_dim = batch_dim
+
+    def can_take_row_examples(self) -> bool:
+        """Whether :meth:`take_row_examples` applies: a call with one output, on its usual path (products from its
+        output, not regrouped, shared or started at its parameters' uses).
+
+        Returns
+        -------
+        bool
+            ``True`` for such a call.
+        """
+        return (
+            len(self.edges) == 1
+            and self._grouped_dim is None
+            and not self._shared_output
+            and not self.started_at
+            and self.output_batch_dims is None
+            and hasattr(self, "outputs")
+            and self.outputs[0].dim() > 0
+        )
+
+    def take_row_examples(self, examples: Tensor) -> None:
+        """Take the output's entries along dimension 0 as belonging to ``examples`` (``[N]``, ``-1`` for entries of no
+        example), found from gradients (see :mod:`._gathered`): the output gradients then come in the output's own
+        shape, ``[m, *shape]``, and each example's products take the entries of its own rows.
+
+        Parameters
+        ----------
+        examples
+            The example of each entry along dimension 0 of the output.
+        """
+        self.row_examples = examples
+
+    def weighted_output(self, index: int, rows: Tensor, table: Tensor) -> Tensor:
+        """The gradient of ``Σ_{e,k} table[e, k] L_{e,k}`` w.r.t. output ``index``, from its bound gradients ``rows``.
+
+        Parameters
+        ----------
+        index
+            The output's position in the call's outputs.
+        rows
+            Its bound output gradients (``[E, m, *rest]``, or ``[m, *shape]`` with row examples).
+        table
+            The weights, ``[E, m]``.
+
+        Returns
+        -------
+        Tensor
+            In the output's shape.
+        """
+        assert self.layout is not None
+        if self.row_examples is None:
+            return self.output_layout(index, self.layout).weighted_grad_output(rows, table)
+        # rows [m, N, ...]: each entry scaled by its example's weight of each task (0 for entries of no example)
+        padded = torch.cat([table.to(rows.dtype), table.new_zeros(1, table.shape[1]).to(rows.dtype)])
+        scales = padded[self.row_examples].T  # [m, N] (index -1: the zero row)
+        return (rows * scales.view(*scales.shape, *([1] * (rows.dim() - 2)))).sum(0)
+
+    def _spread_output(self, index: int, rows: Tensor, examples: slice | None) -> Tensor:
+        """Per-row output gradients ``[n * m, *shape]`` of output ``index`` for the examples of ``examples`` (all when
+        ``None``), example-major."""
+        assert self.layout is not None
+        if self.row_examples is None:
+            return self.output_layout(index, self.layout).rows_to_grad_outputs(rows, examples)
+        num_examples = self.layout.num_examples
+        chosen = torch.arange(num_examples, device=rows.device)[examples if examples is not None else slice(None)]
+        mask = (self.row_examples.unsqueeze(0) == chosen.unsqueeze(1)).to(rows.dtype)  # [n, N]
+        spread = rows.unsqueeze(0) * mask.view(mask.shape[0], 1, mask.shape[1], *([1] * (rows.dim() - 2)))
+        return spread.flatten(0, 1)  # [n * m, N, ...]
 
     def can_start_at_uses(self) -> bool:
         """Whether :meth:`start_at` applies: a call with parameters, outputs not regrouped nor shared.
@@ -398,6 +469,9 @@ class GenericRecord(Record):
         for index, (out, grad) in enumerate(zip(self.outputs, grads)):
             if grad is None:
                 continue
+            if self.row_examples is not None:  # (the output gradients in the output's shape, [m, *shape])
+                self.grad_rows.append((index, grad))
+                continue
             own = self.output_layout(index, layout)
             if self._grouped_dim is not None:
                 out = out.unflatten(self._grouped_dim, (layout.num_examples, -1))
@@ -439,9 +513,7 @@ class GenericRecord(Record):
                 ]
             else:
                 grad_outputs = [
-                    self.output_layout(index, layout)
-                    .rows_to_grad_outputs(rows, examples)
-                    .to(self.output_dtypes[index])
+                    self._spread_output(index, rows, examples).to(self.output_dtypes[index])
                     for index, rows in self.grad_rows
                 ]
             if self._grouped_dim is not None:  # [n, ..., E, k, ...] -> [n, ..., E * k, ...], the outputs' shape
@@ -553,8 +625,12 @@ class GenericRecord(Record):
         if not self.layout.batched:
             return [None]
         num_examples = self.layout.num_examples
-        # One example's rows ([m, *rest] each) spread over all examples.
-        per_example = sum(rows[0].numel() * num_examples for _, rows in self.grad_rows)
+        # One example's rows ([m, *rest] each) spread over all examples (with row examples, one whole output gradient
+        # per task).
+        if self.row_examples is not None:
+            per_example = sum(rows.numel() for _, rows in self.grad_rows)
+        else:
+            per_example = sum(rows[0].numel() * num_examples for _, rows in self.grad_rows)
         size = max(1, MAX_SPREAD_ENTRIES // max(1, per_example))
         return [slice(start, min(start + size, num_examples)) for start in range(0, num_examples, size)]
 

@@ -745,7 +745,7 @@ def _output_vectors(record: GenericRecord, layout: RowLayout, coefficients: Tens
             for coefficient in coefficients:
                 table = rows.new_zeros(num_examples, num_tasks)
                 table[:, task] = coefficient.to(rows.dtype)
-                grad = record.output_layout(index, layout).weighted_grad_output(rows, table)
+                grad = record.weighted_output(index, rows, table)
                 if record._grouped_dim is not None:
                     grad = grad.flatten(record._grouped_dim, record._grouped_dim + 1)
                 per_task.append(grad.to(record.output_dtypes[index]))
@@ -907,4 +907,5 @@ def _call_structure(
         entries.append((use.kind, use.num_blocks, use.num_slices, tuple(use.target_shape), use.reduced,
                         type(use.node).__name__, slices))
     outputs = tuple((index, tuple(rows.shape)) for index, rows in record.grad_rows)
-    return (*entries, outputs, record._grouped_dim, layout.num_examples, layout.num_tasks)
+    rows_found = record.row_examples is not None
+    return (*entries, outputs, record._grouped_dim, rows_found, layout.num_examples, layout.num_tasks)

@@ -211,3 +211,151 @@ def test_per_example_task_losses(kind: str, single_backward: bool, passes: list[
         losses = torch.stack([out, (out + 1).log()], dim=1)  # [B, 2]
         assert_exact_step_with_freed_graph(engine, model, losses, single_backward)
     assert passes == []
+
+
+class _DenseExperts(nn.Module):
+    """Llama-4's pattern: every token goes through every expert, scaled by its router score, the tokens laid out
+    expert-major (``[E * N, d]`` rows, ``N = B * T``) and multiplied by 3-D weights with ``bmm``: a generic call whose
+    rows are not grouped by example."""
+
+    def __init__(self, num_experts: int = 3, dim: int = 6) -> None:
+        super().__init__()
+        self.gate_up = nn.Parameter(torch.randn(num_experts, dim, 2 * dim) / dim**0.5)
+        self.down = nn.Parameter(torch.randn(num_experts, dim, dim) / dim**0.5)
+
+    def forward(self, routed: Tensor) -> Tensor:  # [E * N, d] -> [E * N, d]
+        hidden = routed.view(self.gate_up.shape[0], -1, routed.shape[-1])
+        gate, up = torch.bmm(hidden, self.gate_up).chunk(2, dim=-1)
+        return torch.bmm(up * nn.functional.silu(gate), self.down).view(-1, routed.shape[-1])
+
+
+class _DenseMixture(nn.Module):
+    def __init__(self, mix: bool = False) -> None:
+        super().__init__()
+        self.inp = nn.Linear(3, 6)
+        self.router = nn.Linear(6, 3)
+        self.experts = _DenseExperts()
+        self.head = nn.Linear(6, 1)
+        self.mix = mix
+
+    def forward(self, x: Tensor) -> Tensor:  # [B, T, 3] -> [B]
+        h = torch.tanh(self.inp(x))
+        tokens = h.reshape(-1, h.shape[-1])
+        scores = self.router(tokens).sigmoid()  # [N, E]
+        routed = tokens.repeat(scores.shape[1], 1) * scores.T.reshape(-1, 1)
+        out = self.experts(routed)
+        if self.mix:
+            out = out + out.mean(0, keepdim=True)  # every row reaches every example
+        summed = out.view(scores.shape[1], -1, out.shape[-1]).sum(0).view_as(h)
+        return self.head(torch.tanh(summed + h)).squeeze(-1).pow(2).mean(1)
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+@pytest.mark.parametrize("batch", [5, 12])
+def test_generic_call_on_expert_major_rows(
+    batch: int, single_backward: bool, passes: list[list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A generic call whose rows each belong to one example in another order than batch-major (Llama-4's experts):
+    the rows' examples are found from gradients and each example's products take its own rows (vector-Jacobian
+    products from the masked output gradients for a few rows, the factors of its matrix products for more); after the
+    first step (where the products are first tried from the weights' uses), no per-row pass."""
+    from hf_jd.autogram import _generic
+
+    factors: list[bool] = []
+    original = _generic.matmul_factors
+
+    def spied(*args):  # type: ignore[no-untyped-def]
+        found = original(*args)
+        if args[0].row_examples is not None:
+            factors.append(found is not None)
+        return found
+
+    monkeypatch.setattr(_generic, "matmul_factors", spied)
+    torch.manual_seed(7)
+    model = _DenseMixture()
+    engine = Engine(model, single_backward=single_backward)
+    per_step = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for size in (batch, batch, batch + 1, batch):
+            model.zero_grad(set_to_none=True)
+            assert_exact_step_with_freed_graph(engine, model, model(torch.randn(size, 4, 3)), single_backward)
+            per_step.append(len(passes))
+    assert per_step[-1] == per_step[0] <= 1
+    assert factors and any(factors) == (batch > 8)
+
+
+def test_generic_call_on_rows_reached_by_several_examples_keeps_the_per_row_pass(passes: list[list[str]]) -> None:
+    torch.manual_seed(8)
+    model = _DenseMixture(mix=True)
+    engine = Engine(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for _ in range(3):
+            model.zero_grad(set_to_none=True)
+            assert_exact_step_with_freed_graph(engine, model, model(torch.randn(5, 4, 3)), False)
+    assert len(passes) == 3 and all("experts" in names for names in passes)
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_generic_call_on_expert_major_rows_with_task_losses(single_backward: bool, passes: list[list[str]]) -> None:
+    torch.manual_seed(9)
+    model = _DenseMixture()
+    engine = Engine(model, single_backward=single_backward)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for batch in (5, 6, 6):
+            model.zero_grad(set_to_none=True)
+            out = model(torch.randn(batch, 4, 3))
+            losses = torch.stack([out, (out + 1).log()], dim=1)  # [B, 2]
+            assert_exact_step_with_freed_graph(engine, model, losses, single_backward)
+    assert len(passes) <= 1
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_llama4_experts(single_backward: bool, passes: list[list[str]]) -> None:
+    """Llama-4's text experts (every token through every expert, expert-major, scores as weights): exact, and on
+    the rows found from gradients from the second step on (they took the per-row pass on every step, 14-33x)."""
+    torch.manual_seed(10)
+    config = tf.Llama4TextConfig(
+        vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=16,
+        intermediate_size_mlp=16, max_position_embeddings=32, num_key_value_heads=1, head_dim=8, num_local_experts=3,
+        num_experts_per_tok=1, interleave_moe_layer_step=1, attention_chunk_size=8, no_rope_layers=[1, 1],
+        pad_token_id=0,
+    )
+    model = tf.Llama4ForCausalLM(config).train()
+    engine = Engine(model, single_backward=single_backward)
+    per_step = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for _ in range(3):
+            ids = torch.randint(1, 40, (5, 6))
+            logits = model(input_ids=ids).logits[:, :-1]
+            losses = nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").mean(1)
+            model.zero_grad(set_to_none=True)
+            assert_exact_step_with_freed_graph(engine, model, losses, single_backward)
+            per_step.append(len(passes))
+    assert per_step[-1] == per_step[0] <= 1
+
+
+def test_jetmoe_parallel_experts(passes: list[list[str]]) -> None:
+    """JetMoE's parallel experts (attention and MLP) take the tokens sorted by expert: exact, and no per-row pass once
+    their rows' examples are found from gradients (they took it on every step)."""
+    torch.manual_seed(11)
+    config = tf.JetMoeConfig(
+        vocab_size=40, hidden_size=16, num_hidden_layers=2, num_key_value_heads=2, kv_channels=4, intermediate_size=16,
+        max_position_embeddings=32, num_local_experts=3, num_experts_per_tok=2, pad_token_id=0,
+    )
+    model = tf.JetMoeForCausalLM(config).train()
+    engine = Engine(model)
+    per_step = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for _ in range(4):
+            ids = torch.randint(1, 40, (5, 6))
+            logits = model(input_ids=ids).logits[:, :-1]
+            losses = nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").mean(1)
+            model.zero_grad(set_to_none=True)
+            assert_exact_step_with_freed_graph(engine, model, losses, False)
+            per_step.append(len(passes))
+    assert per_step[-1] == per_step[1] <= 2
