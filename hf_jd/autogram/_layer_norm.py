@@ -207,11 +207,17 @@ class LayerNormRecord(Record):
         size = math.prod(shape)
         inputs = self.inputs.to(dtype)
         del self.inputs
-        normalised = F.layer_norm(inputs, shape, None, None, eps)
+        # A table shared by all the examples (broadcast over the batch, repeated per example as a stride-0 view, e.g.
+        # DeBERTa's relative-position embeddings): normalised once.
+        bd = layout.batch_dim
+        shared = bd is not None and inputs.shape[bd] > 1 and inputs.stride(bd) == 0
+        table = inputs.narrow(bd, 0, 1) if shared and bd is not None else inputs
+        normalised = F.layer_norm(table, shape, None, None, eps).expand_as(inputs)
         if INPUT_PARAMETER in self.params:  # its per-row gradients need 1/σ of each normalised row
-            inverse_std = torch.rsqrt(inputs.reshape(-1, size).var(dim=-1, unbiased=False) + eps)
+            inverse_std = torch.rsqrt(table.reshape(-1, size).var(dim=-1, unbiased=False) + eps)
             leading = inputs.shape[: inputs.dim() - len(shape)]
-            self.inverse_std = layout.input_to_rows(inverse_std.reshape(leading)).reshape(layout.num_examples, 1, -1, 1)
+            inverse_std = inverse_std.reshape(table.shape[: table.dim() - len(shape)]).expand(leading)
+            self.inverse_std = layout.input_to_rows(inverse_std).reshape(layout.num_examples, 1, -1, 1)
         self.normalised = layout.input_to_rows(normalised).reshape(layout.num_examples, -1, size)
         rows = layout.grad_to_rows(grad).to(dtype)
         self.rows = rows.reshape(layout.num_examples, layout.num_tasks, -1, size)

@@ -107,6 +107,10 @@ class OuterProductRows:
         self.grads = grads
         self.transposed = transposed
         self._rows: Tensor | None = None
+        # Inputs shared by all the examples (a table broadcast over the batch, repeated per example as a stride-0
+        # view, e.g. DeBERTa's relative-position embeddings under the attention's projections): the products take the
+        # table once ([E * d_out, T] @ [T, d_in] instead of E products on copies of it).
+        self.shared: Tensor | None = inputs[0] if inputs.shape[0] > 1 and inputs.stride(0) == 0 else None
 
     @property
     def num_rows(self) -> int:
@@ -128,7 +132,7 @@ class OuterProductRows:
         memory = SMALL_MEMORY_WEIGHT if entries < CACHED_ENTRIES else MEMORY_WEIGHT
         materialise = entries * (length + rows + memory)
         ghost = (num_examples * length) ** 2 * d_in + (rows * length) ** 2 * (d_out + 1)
-        return ghost < materialise
+        return self.shared is None and ghost < materialise
 
     @property
     def _leading(self) -> int:
@@ -160,7 +164,9 @@ class OuterProductRows:
         """
         if self._rows is not None and part is None:
             return self._rows
-        if self.transposed:
+        if self.shared is not None:
+            rows = self._shared_weight_rows(part)
+        elif self.transposed:
             inputs = self.inputs if part is None else self.inputs[..., part]
             rows = inputs.transpose(1, 2).unsqueeze(1) @ self.grads  # [E, m, d_in, d_out]
         else:
@@ -170,6 +176,21 @@ class OuterProductRows:
         if keep and part is None:
             self._rows = rows
         return rows
+
+    def _shared_weight_rows(self, part: slice | None) -> Tensor:
+        """:meth:`weight_rows` of inputs shared by all the examples: batched products with the table as a stride-0
+        operand (no copy of it per example)."""
+        assert self.shared is not None
+        table = self.shared  # [T, d_in]
+        num_rows, length = self.num_rows, table.shape[0]
+        grads = self.grads.reshape(num_rows, length, -1)  # [R, T, d_out]
+        if self.transposed:  # [R, d_in, d_out] rows: tableᵀ @ g of each row
+            table = table if part is None else table[:, part]
+            rows = torch.bmm(table.T.expand(num_rows, -1, -1), grads)
+        else:  # [R, d_out, d_in] rows: gᵀ @ table of each row
+            grads = grads if part is None else grads[..., part]
+            rows = torch.bmm(grads.transpose(1, 2), table.expand(num_rows, -1, -1))
+        return rows.reshape(num_rows, -1)
 
     def weight_gram(self, keep_rows: bool = False) -> Tensor:
         """Gram matrix ``[R, R]`` of the per-row weight gradients.
@@ -267,7 +288,7 @@ class OuterProductRows:
     def compact(self) -> None:
         """Drop the factors once the per-row weight gradients are kept (single-backward mode)."""
         if self._rows is not None:
-            self.inputs = self.grads = None  # type: ignore[assignment]
+            self.inputs = self.grads = self.shared = None  # type: ignore[assignment]
 
     def bias_rows(self) -> Tensor:
         """Per-row bias gradients ``Σ_t g_{ekt}``, shape ``[R, d_out]``.
@@ -296,6 +317,10 @@ class OuterProductRows:
             return weights.reshape(-1).to(self._rows.dtype) @ self._rows
         weights = weights.to(self.grads.dtype)
         grads, inputs = self.grads, self.inputs
+        if self.shared is not None:  # Σ_r w_r g_r first, then one product with the shared table
+            combined = torch.einsum("ek,ektd->td", weights, grads)
+            table = self.shared
+            return (table.T @ combined if self.transposed else combined.T @ table).reshape(-1)
         if grads.shape[1] == 1 and inputs.shape[-1] < grads.shape[-1]:
             # One task: scale the smaller factor (e.g. the inputs of a [V, d] output projection).
             inputs = inputs * weights.view(-1, 1, 1)

@@ -60,15 +60,40 @@ def shared_gram(uses: list[tuple[Record, str]], num_examples: int, dtype: torch.
     if tokens is not None:
         vocab = embeddings[0].module.weight.shape[0]
         gram = gram + embedding_gram(tokens, num_examples, vocab).to(dtype)
+    # Uses whose per-row gradients are materialised (not the ghost form): their sum's Gram at once, each use's rows
+    # computed once (instead of each use's Gram and the cross terms of every pair, each computing the rows again).
+    summed = [outer for outer in outers if not outer.prefers_ghost()] if len(outers) > 1 else []
+    if len(summed) > 1:
+        gram = gram + _summed_rows_gram(summed).to(dtype)
+    in_sum = {id(outer) for outer in summed} if len(summed) > 1 else set()
     for index, outer in enumerate(outers):
-        gram = gram + outer.weight_gram().to(dtype)
+        if id(outer) not in in_sum:
+            gram = gram + outer.weight_gram().to(dtype)
         for other in outers[index + 1 :]:
+            if id(outer) in in_sum and id(other) in in_sum:
+                continue
             cross = outer.cross_gram(other).to(dtype)
             gram = gram + cross + cross.T
         if tokens is not None:
             cross = _outer_embedding_cross(outer, tokens, num_examples).to(dtype)
             gram = gram + cross + cross.T
     assert isinstance(gram, Tensor)
+    return gram
+
+
+def _summed_rows_gram(outers: list[OuterProductRows]) -> Tensor:
+    """Gram matrix of the per-row gradients summed over uses of one weight, materialised a slice of the weight's first
+    dimension at a time when they are large (see :meth:`OuterProductRows.weight_rows`)."""
+    chunks = max((outer._chunks() for outer in outers), key=len)
+    parts: list[slice | None] = list(chunks) if len(chunks) > 1 else [None]
+    gram: Tensor | None = None
+    for part in parts:
+        rows = outers[0].weight_rows(part=part)
+        for outer in outers[1:]:
+            rows = rows + outer.weight_rows(part=part)
+        products = rows @ rows.T
+        gram = products if gram is None else gram + products
+    assert gram is not None
     return gram
 
 

@@ -178,3 +178,32 @@ def test_table_read_directly_with_another_use_keeps_the_per_row_path(monkeypatch
     assert_gramian_matches(gramian, jacobian(losses, trainable(model)))
     assert unattributed == [1]
     assert per_row == []
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_deberta_v3_layer_normalised_table_is_normalised_once(
+    single_backward: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DeBERTa-v3 layer-normalises its relative table (``norm_rel_ebd="layer_norm"``) and projects it with the
+    attention's query and key layers, shared over the batch: exact, with the table normalised once per step and not
+    once per example (its per-example output gradients come with a stride-0 repetition of the table)."""
+    from hf_jd.autogram import _layer_norm
+
+    repeated: list[tuple[int, ...]] = []  # shapes of the normalised tensors that repeat entries (stride 0)
+    original = _layer_norm.F.layer_norm
+
+    def spied(inputs: Tensor, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if any(stride == 0 and size > 1 for size, stride in zip(inputs.shape, inputs.stride())):
+            repeated.append(tuple(inputs.shape))
+        return original(inputs, *args, **kwargs)
+
+    monkeypatch.setattr(_layer_norm.F, "layer_norm", spied)
+    config = tf.DebertaV2Config(
+        vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=16, relative_attention=True, position_buckets=4, max_relative_positions=8,
+        pos_att_type=["p2c", "c2p"], norm_rel_ebd="layer_norm", share_att_key=True, position_biased_input=False,
+        num_labels=3,
+    )
+    torch.manual_seed(0)
+    _assert_step(tf.DebertaV2ForSequenceClassification(config).train(), _deberta_losses(4), single_backward)
+    assert repeated == []
