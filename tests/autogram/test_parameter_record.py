@@ -80,15 +80,21 @@ def test_deberta_v2_relative_table_without_layer_norm(single_backward: bool, mon
     """DeBERTa-v2 with ``norm_rel_ebd="none"`` reads its table the same way, then projects it with the attention's own
     query and key layers (shared keys)."""
     unattributed = count_unattributed(monkeypatch)
+    _assert_step(_deberta_v2("none"), _deberta_losses(4), single_backward)
+    assert unattributed == []
+
+
+def _deberta_v2(norm_rel_ebd: str) -> nn.Module:
+    """A tiny DeBERTa-v2 whose relative table is projected by the attention's own query and key layers (shared
+    keys), layer-normalised or not (``norm_rel_ebd``)."""
     config = tf.DebertaV2Config(
         vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
         max_position_embeddings=16, relative_attention=True, position_buckets=4, max_relative_positions=8,
-        pos_att_type=["p2c", "c2p"], norm_rel_ebd="none", share_att_key=True, position_biased_input=False,
+        pos_att_type=["p2c", "c2p"], norm_rel_ebd=norm_rel_ebd, share_att_key=True, position_biased_input=False,
         num_labels=3,
     )
     torch.manual_seed(0)
-    _assert_step(tf.DebertaV2ForSequenceClassification(config).train(), _deberta_losses(4), single_backward)
-    assert unattributed == []
+    return tf.DebertaV2ForSequenceClassification(config).train()
 
 
 @pytest.mark.parametrize("single_backward", [False, True])
@@ -198,12 +204,5 @@ def test_deberta_v3_layer_normalised_table_is_normalised_once(
         return original(inputs, *args, **kwargs)
 
     monkeypatch.setattr(_layer_norm.F, "layer_norm", spied)
-    config = tf.DebertaV2Config(
-        vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-        max_position_embeddings=16, relative_attention=True, position_buckets=4, max_relative_positions=8,
-        pos_att_type=["p2c", "c2p"], norm_rel_ebd="layer_norm", share_att_key=True, position_biased_input=False,
-        num_labels=3,
-    )
-    torch.manual_seed(0)
-    _assert_step(tf.DebertaV2ForSequenceClassification(config).train(), _deberta_losses(4), single_backward)
+    _assert_step(_deberta_v2("layer_norm"), _deberta_losses(4), single_backward)
     assert repeated == []
