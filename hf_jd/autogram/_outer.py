@@ -104,7 +104,9 @@ class OuterProductRows:
 
     def __init__(self, inputs: Tensor, grads: Tensor, transposed: bool = False) -> None:
         self.inputs = inputs
-        self.grads = grads
+        # Laid out once as the products read them: an output gradient arriving as a permuted view (T5's logits under a
+        # loss on their [B, V, T] transpose) would otherwise be copied by every reshape of it.
+        self.grads = grads.contiguous()
         self.transposed = transposed
         self._rows: Tensor | None = None
         # Inputs shared by all the examples (a table broadcast over the batch, repeated per example as a stride-0

@@ -91,3 +91,15 @@ def test_rows_of_each_use_of_a_shared_weight_are_computed_once(chunked: bool, mo
     gram = _shared.shared_gram([(_Use(use), "weight") for use in uses], 4, torch.float64)
     torch.testing.assert_close(gram, expected @ expected.T)
     assert len(calls) == len(uses) * len(uses[0]._chunks())
+
+
+def test_output_gradients_arriving_as_a_permuted_view_are_laid_out_once() -> None:
+    """An output gradient that arrives as a permuted view (a language model's logits under a loss taken on their
+    ``[B, V, T]`` transpose) is made contiguous once, not copied again by each product reading it."""
+    torch.manual_seed(2)
+    inputs = torch.randn(4, 6, 5)
+    grads = torch.randn(4, 9, 6).transpose(1, 2).unsqueeze(1)  # [E, m, T, d_out], not contiguous
+    factors = OuterProductRows(inputs, grads)
+    assert factors.grads.is_contiguous()
+    expected = _explicit_rows(inputs, grads, False)
+    torch.testing.assert_close(factors.weight_gram(), expected @ expected.T)
