@@ -907,5 +907,12 @@ def _call_structure(
         entries.append((use.kind, use.num_blocks, use.num_slices, tuple(use.target_shape), use.reduced,
                         type(use.node).__name__, slices))
     outputs = tuple((index, tuple(rows.shape)) for index, rows in record.grad_rows)
-    rows_found = record.row_examples is not None
+    # Output rows whose examples were found from gradients (see GenericRecord.take_row_examples): which example each
+    # row belongs to may change from step to step on the same shapes (tokens sorted by a routing key), so it is part of
+    # the structure (a small digest of it; a call with too many rows is not kept).
+    rows_found = None
+    if record.row_examples is not None:
+        if record.row_examples.numel() > MAX_INDEX_ENTRIES:
+            return None
+        rows_found = digest(record.row_examples)
     return (*entries, outputs, record._grouped_dim, rows_found, layout.num_examples, layout.num_tasks)
