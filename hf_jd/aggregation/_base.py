@@ -66,6 +66,11 @@ def _check_matrix_layout(matrix: Tensor, what: str) -> None:
     if not isinstance(matrix, Tensor):
         raise TypeError(f"The {what} must be a torch.Tensor, got {type(matrix).__name__}.")
     if matrix.dim() != 2:
+        if what == "Gramian":
+            raise ValueError(
+                f"The Gramian must be 2-D (shape [m, m]: J @ J.T for a Jacobian J of m rows), got shape "
+                f"{tuple(matrix.shape)}."
+            )
         raise ValueError(
             f"The {what} must be 2-D (shape [m, n]: one row per objective), got shape "
             f"{tuple(matrix.shape)}. Flatten each gradient into one row first."
@@ -94,8 +99,11 @@ def check_gramian(gramian: Tensor) -> None:
     It must be a finite, square, floating 2-D tensor whose diagonal (squared norms of the rows) is
     not negative, which is symmetric and satisfies the Cauchy–Schwarz inequality
     ``|Gᵢⱼ| ≤ sqrt(Gᵢᵢ Gⱼⱼ)`` (necessary for positive semi-definiteness, ``O(m²)`` to check),
-    both up to a relative ``max(1e-3, 100·eps)`` of ``sqrt(Gᵢᵢ Gⱼⱼ)`` (``eps`` of its dtype) plus
-    ``1e-6`` of the largest diagonal entry.
+    both up to a relative ``tol = max(1e-3, 100·eps)`` of ``sqrt(Gᵢᵢ Gⱼⱼ)`` (``eps`` of its dtype) plus
+    ``1e-6`` of the largest diagonal entry. For ``m ≥ 3`` (where those are not sufficient), its smallest eigenvalue
+    must also be at least ``-min(0.1, m·tol)`` times its largest diagonal entry (one Cholesky factorisation, about
+    10 µs for ``m ≤ 32`` and 1.4 ms at ``m = 256``): a loose bound, which rounding never reaches, that catches a
+    matrix that is not a Gramian.
 
     Parameters
     ----------
@@ -140,7 +148,33 @@ def checked_gramian_array(gramian: Tensor) -> np.ndarray:
     tol = _gramian_rtol(gramian.dtype)
     if not (array.shape[0] == array.shape[1] and _passes_gramian_checks(array, tol)):
         _raise_unless_gramian(array, tol)
+    if array.shape[0] > 2:  # (for m ≤ 2, Cauchy–Schwarz and the diagonal's sign are sufficient)
+        _check_semi_definite(array, tol)
     return array
+
+
+def _check_semi_definite(gramian: np.ndarray, tol: float) -> None:
+    """Raise unless the smallest eigenvalue of ``gramian`` (square, float64, passed the structural checks;
+    symmetrised) is at least ``-min(0.1, m·tol)`` times its largest diagonal entry: one Cholesky factorisation of the
+    shifted matrix, the eigenvalues only for the message. Rounding (also of low-precision products) stays far above
+    that bound."""
+    m = gramian.shape[0]
+    largest = float(gramian.diagonal().max())
+    if not largest > 0:
+        return  # (all rows zero: checked by the structural checks)
+    shift = min(_PSD_MAX_RTOL, m * tol) * largest
+    symmetric = (gramian + gramian.T) / 2
+    shifted = symmetric.copy()
+    shifted.flat[:: m + 1] += shift
+    try:
+        np.linalg.cholesky(shifted)
+    except np.linalg.LinAlgError:
+        smallest = float(np.linalg.eigvalsh(symmetric)[0])
+        raise ValueError(
+            f"The Gramian is not positive semi-definite: its smallest eigenvalue is {smallest:.4g}, below -{shift:.3g} "
+            f"({shift / largest:.3g} times its largest diagonal entry, {largest:.4g}, far beyond rounding), so it is "
+            "not J @ J.T of any matrix J. Pass the Gramian of the Jacobian, J @ J.T."
+        ) from None
 
 
 def float64_array(tensor: Tensor) -> np.ndarray:
@@ -274,6 +308,9 @@ def _gramian_rtol(dtype: torch.dtype) -> float:
 # (at least 100 eps of the dtype) and to the largest diagonal entry.
 _GRAMIAN_RTOL = 1e-3
 _GRAMIAN_ATOL = 1e-6
+# Largest tolerance of check_gramian's positive semi-definiteness check, relative to the largest diagonal entry (it is
+# m times the structural checks' relative tolerance below that).
+_PSD_MAX_RTOL = 0.1
 _GRAMIAN_RTOLS = {
     dtype: max(_GRAMIAN_RTOL, 100.0 * torch.finfo(dtype).eps)
     for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -605,8 +642,8 @@ def compute_gramian(matrix: Tensor) -> Tensor:
     A float16 or bfloat16 matrix has its Gramian computed in float32: the products of its rows
     are exact there, whereas rounding them to the matrix's own 8 to 11 bits would leave the
     weightings a Gramian accurate to only two or three digits. A float32 Gramian that overflows,
-    or whose largest entry is below ``1e-30`` (subnormal or zero) for a non-zero matrix, is
-    computed in float64 instead.
+    whose largest entry is below ``1e-30`` (subnormal or zero) for a non-zero matrix, or with a subnormal or zero
+    diagonal entry for a non-zero row, is computed in float64 instead.
 
     Parameters
     ----------
@@ -639,8 +676,14 @@ def compute_gramian(matrix: Tensor) -> Tensor:
 
 
 def _outside_float32_range(gramian: Tensor, matrix: Tensor) -> bool:
-    """Whether a float32 Gramian overflowed, or is below ``1e-30`` for a non-zero matrix."""
-    largest = gramian.diagonal().abs().max()
+    """Whether a float32 Gramian overflowed, is below ``1e-30`` for a non-zero matrix, or has a diagonal entry below
+    float32's smallest normal number for a non-zero row (a row ``1e-25`` times smaller than the others, whose squared
+    norm underflows: taken for a zero row, the update could conflict with it)."""
+    diagonal = gramian.diagonal().abs()
+    largest = diagonal.max()
     if not bool(torch.isfinite(largest)):
         return True
-    return bool(largest < FLOAT32_GRAMIAN_FLOOR) and bool((matrix != 0).any())
+    if bool(largest < FLOAT32_GRAMIAN_FLOOR):
+        return bool((matrix != 0).any())
+    tiny = diagonal < torch.finfo(torch.float32).tiny
+    return bool(tiny.any()) and bool((matrix[tiny] != 0).any())

@@ -226,6 +226,20 @@ def _instantiate(cls: type[Aggregator] | type[Weighting], name: str, kwargs: dic
                 f"Unknown keyword argument(s) {', '.join(map(repr, unknown))} for {_kind_of(cls)} "
                 f"{name!r}. Valid keywords: {', '.join(valid) if valid else '(none)'}."
             )
+    required = [
+        p.name
+        for p in parameters.values()
+        if p.name != "self"
+        and p.default is inspect.Parameter.empty
+        and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    ]
+    missing = [parameter for parameter in required if parameter not in kwargs]
+    if missing:
+        raise TypeError(
+            f"The {_kind_of(cls)} {name!r} needs the keyword argument(s) {', '.join(map(repr, missing))} (no default), "
+            f"e.g. get_{'aggregator' if issubclass(cls, Aggregator) else 'weighting'}({name!r}, "
+            f"{', '.join(f'{parameter}=...' for parameter in missing)})."
+        )
     return cls(**kwargs)
 
 

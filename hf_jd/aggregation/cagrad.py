@@ -13,6 +13,7 @@ from torch import Tensor
 
 from ._base import GramianWeightedAggregator, Weighting
 from ._simplex import gramian_to_numpy, min_norm_simplex, simplex_qp, weights_to_tensor
+from .dualproj import DualProjWeighting
 
 __all__ = ["CAGradWeighting", "CAGrad", "solve_cagrad_dual"]
 
@@ -272,6 +273,20 @@ def _solve_by_root_search(gramian: np.ndarray, linear: np.ndarray, s: float) -> 
     return best
 
 
+def _cancelled(gramian: np.ndarray, mean: np.ndarray, radius: float) -> np.ndarray:
+    """The weights of the update when the dual's optimal ``g_w`` cancels (``0`` in the convex hull of the rows and a
+    ball large enough to reach a point that conflicts with no row): the primal optimum is then ``0``, reached by
+    every point of the ball in the dual cone ``{d : J d ≥ 0}``, and the one closest to ``g₀`` is the projection of
+    ``g₀`` onto that cone (DualProj's update). Should rounding put it outside the ball, the point where the segment
+    from ``g₀`` to it leaves the ball (whose worst objective is still at least ``g₀``'s)."""
+    projected = DualProjWeighting(reg_eps=0.0).compute_array(gramian.copy())
+    step = projected - mean
+    distance = math.sqrt(max(float(step @ gramian @ step), 0.0))
+    if distance <= radius:
+        return projected
+    return mean + (radius / distance) * step
+
+
 class CAGradWeighting(Weighting):
     """Weights of CAGrad (Liu et al., NeurIPS 2021).
 
@@ -292,13 +307,16 @@ class CAGradWeighting(Weighting):
     ``c = 0`` gives the mean.
 
     The Gramian is first divided by its mean diagonal (the weights are invariant to this). If
-    the rows are all zero, or the optimal ``g_w`` cancels, ``|g_w| ≤ norm_eps · Σ_i w_i |g_i|`` (then its
-    direction, hence ``d``, is rounding), the weights are the mean ``1/m``. A small ``g_w`` made of small
+    the rows are all zero, the weights are the mean ``1/m``. A small ``g_w`` made of small
     rows (the dual picking a nearly converged task's gradient) is not a cancellation: its direction is
     well determined, and so is ``d``. When ``0``
     lies in the convex hull of the rows (no direction improves every objective) the optimal ``|g_w|``
     is in general not zero, and the update is the paper's: the ``d`` of the ball with the least bad
-    worst objective.
+    worst objective. When the ball is large enough to hold a point that conflicts with no row, that worst
+    objective is ``0`` and the optimal ``g_w`` cancels, ``|g_w| ≤ norm_eps · Σ_i w_i |g_i|`` (its direction, hence
+    the paper's formula for ``d``, is then rounding): every point of the ball in the dual cone ``{d : J d ≥ 0}`` is
+    optimal, and the update is the one closest to ``g₀``, the projection of ``g₀`` onto that cone (as
+    :class:`~hf_jd.aggregation.DualProj` computes it, without its ridge).
 
     Parameters
     ----------
@@ -350,9 +368,9 @@ class CAGradWeighting(Weighting):
         # (relative to Σ_i w_i |g_i|, the size of the rows g_w combines: a small row that the dual picks, such as a
         # nearly converged task's, gives a small but well-determined g_w)
         combined = float(dual @ np.sqrt(np.clip(np.diag(array), 0.0, None)))
-        if g_w_norm <= self.norm_eps * combined:
-            return weights_to_tensor(mean, gramian)
         sqrt_phi = self.c * math.sqrt(max(float(array.sum()) / m**2, 0.0))
+        if g_w_norm <= self.norm_eps * combined:
+            return weights_to_tensor(_cancelled(array, mean, sqrt_phi), gramian)
         return weights_to_tensor(mean + (sqrt_phi / g_w_norm) * dual, gramian)
 
     def __repr__(self) -> str:

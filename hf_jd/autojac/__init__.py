@@ -9,11 +9,15 @@
 
 A step of Jacobian descent (Quinton & Rey, arXiv:2406.16232) with per-example losses is then::
 
+    params = [p for p in model.parameters() if p.requires_grad]  # (frozen ones have no Jacobian)
     losses = loss_fn(model(inputs), targets)          # shape [B], reduction="none"
-    backward(losses, model.parameters())
-    jac_to_grad(model.parameters(), UPGrad())
+    backward(losses, params)
+    jac_to_grad(params, UPGrad())
     optimizer.step()
     optimizer.zero_grad()
+
+``backward`` gives every tensor of ``params`` a ``.jac`` (zeros for one the losses do not reach), so that
+``jac_to_grad`` finds one on each; a model with frozen parameters needs them left out of ``params``, as above.
 """
 
 from __future__ import annotations

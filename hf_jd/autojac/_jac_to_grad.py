@@ -91,10 +91,11 @@ def _checked_params(params: Iterable[Tensor]) -> tuple[tuple[Tensor, ...], list[
 def _gramian(matrices: list[Tensor]) -> Tensor:
     """Return ``J Jᵀ`` for ``J`` the column-wise concatenation of ``matrices``, without building J.
 
-    In the dtype of the first matrix, at least float32; a float32 Gramian that overflows, or is
+    In the widest dtype of the matrices, at least float32 (parameters of mixed dtypes: the float64 blocks are not
+    rounded to float32, whatever the order of the parameters); a float32 Gramian that overflows, or is
     below ``1e-30`` for a non-zero ``J``, is computed in float64 instead (as
     :func:`hf_jd.aggregation.compute_gramian` does for a whole matrix)."""
-    dtype = matrices[0].dtype
+    dtype = torch.float64 if any(matrix.dtype == torch.float64 for matrix in matrices) else matrices[0].dtype
     if dtype in LOW_PRECISION_DTYPES:
         dtype = torch.float32
     gramian = _gramian_in(matrices, dtype)

@@ -39,6 +39,10 @@ def documented_verdict(gramian: torch.Tensor) -> str | None:
         return "not symmetric"
     if bool((work.abs() > bound + allowed).any()):
         return "not positive semi-definite"
+    m = work.shape[0]
+    tol = max(1e-3, 100 * EPS[gramian.dtype])
+    if m > 2 and largest > 0 and float(torch.linalg.eigvalsh((work + work.T) / 2)[0]) < -min(0.1, m * tol) * largest:
+        return "not positive semi-definite"
     return None
 
 
@@ -223,3 +227,48 @@ def test_float16_update_that_overflows_is_an_error() -> None:
 
     with pytest.raises(ValueError, match="does not fit torch.float16"):
         Sum()(torch.full((2, 3), 60000.0, dtype=torch.float16))
+
+
+@pytest.mark.parametrize("name", ["upgrad", "mgda", "pcgrad", "imtl_g", "nash_mtl", "krum"])
+def test_a_symmetric_matrix_with_a_negative_eigenvalue_is_not_a_gramian(name: str) -> None:
+    """For m ≥ 3 the diagonal's sign, symmetry and Cauchy–Schwarz do not make a Gramian: this matrix passes them
+    with an eigenvalue of -0.8 (the weightings returned weights silently, UPGrad's with wᵀGw = -1.85)."""
+    from hf_jd.aggregation import get_weighting
+
+    matrix = torch.tensor([[1.0, -0.9, -0.9], [-0.9, 1.0, -0.9], [-0.9, -0.9, 1.0]], dtype=torch.float64)
+    kwargs = {"n_byzantine": 0} if name == "krum" else {}
+    with pytest.raises(ValueError, match="not positive semi-definite: its smallest eigenvalue is -0.8"):
+        get_weighting(name, **kwargs)(matrix)
+    with pytest.raises(ValueError, match="smallest eigenvalue"):
+        check_gramian(matrix)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("m", [3, 16, 64])
+def test_rank_deficient_gramians_with_rounding_pass(dtype: torch.dtype, m: int) -> None:
+    """Gramians of Jacobians of rank below m (duplicated and scaled rows), computed in float32 or float64: their
+    smallest eigenvalues are rounding, of either sign, and they pass."""
+    generator = torch.Generator().manual_seed(m)
+    rows = torch.randn(m // 2 + 1, 3000, generator=generator, dtype=dtype)
+    jacobian = torch.cat([rows, 3 * rows[: m - rows.shape[0]]])
+    check_gramian(jacobian @ jacobian.T)
+
+
+def test_a_one_dimensional_gramian_gets_the_gramian_message() -> None:
+    with pytest.raises(ValueError, match=r"The Gramian must be 2-D \(shape \[m, m\]"):
+        check_gramian(torch.ones(3))
+
+
+def test_a_float32_row_whose_squared_norm_underflows_is_not_a_zero_row() -> None:
+    """A row 1e-25 times smaller than another: its squared norm underflows float32, so the Gramian is computed in
+    float64 (it was taken for a zero row, and UPGrad's and MGDA's updates conflicted with it, cosine -0.71)."""
+    from hf_jd.aggregation import MGDA, UPGrad
+    from hf_jd.aggregation._base import compute_gramian
+
+    jacobian = torch.tensor([[1.0, 0.0], [-1e-25, 1e-25]])
+    gramian = compute_gramian(jacobian)
+    assert gramian.dtype == torch.float64 and float(gramian[1, 1]) > 0
+    row = jacobian.double()[1]
+    for aggregator in (UPGrad(), MGDA()):
+        update = aggregator(jacobian).double()
+        assert float(row @ update) / float(row.norm() * update.norm()) >= -1e-3  # (rounding of the float32 update)

@@ -117,6 +117,27 @@ def test_zero_in_convex_hull_still_solves_primal_problem(rows: list | str) -> No
     assert worst > (matrix.numpy() @ matrix.mean(dim=0).numpy()).min() + 1e-3  # better than the mean
 
 
+@pytest.mark.parametrize("c", [0.9, 1.0, 2.0, 5.0])
+@pytest.mark.parametrize(
+    "rows", [[[1.0, 0.0], [-1.0, 0.0], [2.0, 1.0]], "random"]
+)
+def test_a_ball_that_reaches_the_dual_cone(c: float, rows: list | str) -> None:
+    """0 in the convex hull of the rows and a ball reaching points that conflict with no row: the primal optimum is 0
+    and the dual's g_w cancels. The update is the point of the dual cone closest to g0 (in the ball, worst objective
+    0), not the mean (worst objective -2/3 for the first rows, where the optimum is 0)."""
+    if rows == "random":  # (rows around a common direction: 0 in their convex hull for c large enough)
+        generator = torch.Generator().manual_seed(3)
+        matrix = torch.randn(12, 6, generator=generator, dtype=torch.float64) + 0.3
+    else:
+        matrix = torch.tensor(rows, dtype=torch.float64)
+    update = CAGrad(c=c)(matrix).numpy()
+    jacobian = matrix.numpy()
+    g0 = jacobian.mean(axis=0)
+    reference = _scipy_primal(jacobian, c)
+    assert (jacobian @ update).min() >= (jacobian @ reference).min() - 1e-6
+    assert np.linalg.norm(update - g0) <= c * np.linalg.norm(g0) * (1 + 1e-8)
+
+
 def test_weights_formula_and_aggregator_consistency() -> None:
     matrix = _conflicting(4, 10, seed=3)
     gramian = matrix @ matrix.T

@@ -118,3 +118,13 @@ def test_check_fits_rows_finds_arguments_made_for_another_number_of_rows(name: s
         aggregation.check_fits_rows(aggregator, 2)
     aggregation.check_fits_rows(get_aggregator(name, **kwargs), 3 if name != "krum" else 5)
 
+
+
+@pytest.mark.parametrize(("name", "keyword"), [("krum", "n_byzantine"), ("trimmed_mean", "trim_number")])
+def test_a_missing_required_argument_is_named(name: str, keyword: str) -> None:
+    """Krum and TrimmedMean have a required argument: its absence is named with an example call, not Python's raw
+    "missing positional argument"."""
+    from hf_jd.aggregation import get_aggregator
+
+    with pytest.raises(TypeError, match=rf"needs the keyword argument\(s\) '{keyword}'.*get_aggregator\('{name}', "):
+        get_aggregator(name)

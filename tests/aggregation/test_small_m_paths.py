@@ -115,14 +115,15 @@ def test_upgrad_on_a_transposed_gramian(dtype: torch.dtype) -> None:
         torch.testing.assert_close(weighting(view), weighting(view.contiguous()), rtol=0, atol=0)
 
 
-def test_upgrad_on_an_indefinite_gramian_uses_the_documented_ridge() -> None:
-    """Pairwise correlations of −0.6 satisfy Cauchy–Schwarz but no three vectors have them: the
-    relative ridge is not enough, and δ·I is added (δ = 10⁻¹² · trace / m, times 10 until the
-    Cholesky pivots exceed 10⁻¹⁰ of the diagonal)."""
-    gramian = np.full((3, 3), -0.6)
+def test_upgrad_on_a_singular_gramian_without_ridge_uses_the_documented_shift() -> None:
+    """Pairwise correlations of −0.5 between three unit rows (they sum to zero: rank 2) without the relative ridge
+    (``reg_eps=0``): δ·I is added (δ = 10⁻¹² · trace / m, times 10 until the Cholesky pivots exceed 10⁻¹⁰ of the
+    diagonal). (Correlations of −0.6, which satisfy Cauchy–Schwarz but which no three vectors have, are no Gramian:
+    rejected by ``check_gramian``.)"""
+    gramian = np.full((3, 3), -0.5)
     np.fill_diagonal(gramian, 1.0)
-    weights = UPGradWeighting()(torch.from_numpy(gramian))
-    matrix = upgrad_matrix(gramian)
+    weights = UPGradWeighting(reg_eps=0.0)(torch.from_numpy(gramian))
+    matrix = upgrad_matrix(gramian, reg_eps=0.0)
     delta = 1e-12 * np.trace(matrix) / 3
     while True:
         candidate = matrix + delta * np.eye(3)

@@ -297,3 +297,24 @@ def test_float16_jacobian_with_weights_beyond_its_range_gives_a_finite_grad() ->
     jac_to_grad([param], UPGrad())
     assert param.grad is not None and param.grad.dtype == torch.float16
     torch.testing.assert_close(param.grad.float(), UPGrad()(matrix.half().float()), rtol=2e-3, atol=1e-2)
+
+
+def test_mixed_dtypes_accumulate_in_the_widest_whatever_the_order() -> None:
+    """Parameters in float32 and float64: the Gramian is accumulated in float64 whichever comes first (with the float32
+    one first, the float64 block was rounded to float32 and the float64 parameter's gradient depended on the order)."""
+    torch.manual_seed(0)
+    single = torch.randn(3, requires_grad=True)
+    double = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    rows = torch.randn(4, 6, dtype=torch.float64)
+    rows[1] = rows[0] + 1e-6 * torch.randn(6, dtype=torch.float64)  # (nearly parallel: sensitive to rounding)
+
+    def run(order: list) -> tuple:
+        single.jac, double.jac = rows[:, :3].float().clone(), rows[:, 3:].clone()
+        single.grad = double.grad = None
+        weights = jac_to_grad(order, MGDA())
+        return weights, double.grad.clone()
+
+    weights_first, grad_first = run([single, double])
+    weights_second, grad_second = run([double, single])
+    assert weights_first.dtype == weights_second.dtype == torch.float64
+    torch.testing.assert_close(grad_first, grad_second, rtol=0, atol=0)
