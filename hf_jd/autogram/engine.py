@@ -955,6 +955,11 @@ class Engine:
             # first step of each loss computation (two ordinary backward passes; a vmapped pass falls back to slow
             # loops for some loss kernels). A computation found mixing them has every call verified on every step.
             mixed = False
+            # Set when a checked call's output gradients were all zero (a vision tower whose gradients vanish, a LoRA A
+            # while B is zero): examples moved around between it and the losses (a projector on [images, ...] rows
+            # with as many images as examples, not one per example) would not show in its check, so every call's
+            # grouping is verified on this step.
+            unseen_sources = False
             if not (unaligned or verify_layout) and layout.batch_dim is not None and layout.num_examples > 1:
                 reached, structure = frontier(losses, records)
                 # (per batch size too: a fixed roll along the batch mixes the examples for some sizes only)
@@ -989,12 +994,18 @@ class Engine:
                     # Rows picked by the data (mined pairs) are checked every step, and so is a computation whose
                     # check could not see the examples through some call, or one where products started at the
                     # uses of some call's parameters fail (checked again next step without that).
-                    if not self._direct_uses_failed(failed) and (known or ("?" not in structure and not unseen)):
+                    retry = self._direct_uses_failed(failed)
+                    if not retry and (known or ("?" not in structure and not unseen)):
                         self._remember_loss_computation(structure, known)
+                    if retry or unseen:
+                        # (the model's first calls are checked again on the next step of this computation: this check
+                        # could not see through some call, or is redone without the products from the uses)
+                        self._sources_checked.discard(structure)
+                    unseen_sources = bool(unseen) and not known
                 mixed = known
             # (with mixed examples, every planned table's broadcasting node is checked, not only the grouped ones)
             grouped_nodes = broadcast_nodes(plans) if mixed or partial_plans else grouped_paths(plans)
-            if (unaligned or verify_layout or mixed or grouped_nodes) and layout.num_tasks == 1:
+            if (unaligned or verify_layout or mixed or grouped_nodes or unseen_sources) and layout.num_tasks == 1:
                 # Tensors not split by example: the model moves examples around, so every call
                 # whose shapes allow a per-example grouping has it verified (one backward pass
                 # over two vectors); the others and the failures take the exact per-row path.
@@ -1009,7 +1020,7 @@ class Engine:
                 # (also per batch size: a fixed roll along the batch is the identity for some sizes only)
                 shape_free = (
                     regrouping_structure(nodes, checked + [plan.record for plan in plans], _buffer_storages(capture))
-                    if not (verify_layout or mixed or unaligned)
+                    if not (verify_layout or mixed or unaligned or unseen_sources)
                     else None
                 )
                 pass_structure = None if shape_free is None else (*shape_free, f"B={layout.num_examples}")
@@ -1055,7 +1066,7 @@ class Engine:
                     accumulator.deferred -= planned
                     records = []  # the planned calls only, at this point
                     plans = []
-            elif verify_layout or mixed or unaligned or grouped_nodes:
+            elif verify_layout or mixed or unaligned or grouped_nodes or unseen_sources:
                 # Per-example task losses [B, m]: the grouping is verified (per-example weights, the
                 # same for every task), then the confirmed calls take the batched pass over the tasks. Also
                 # when some call is not split by example (a shared table): the check for losses that mix the

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import warnings
 
+import pytest
 import torch
 import transformers as tf
 from torch import Tensor, nn
 
 from hf_jd.autogram import Engine
 
-from ._reference import assert_gramian_matches, grads_of, jacobian, trainable
+from ._reference import assert_exact_step_with_freed_graph, assert_gramian_matches, grads_of, jacobian, trainable
 
 
 def _check(engine: Engine, model: nn.Module, losses: Tensor) -> None:
@@ -326,3 +327,62 @@ def test_gated_delta_rule_gates_keep_their_products_from_their_uses(monkeypatch)
         _check(engine, model, losses.mean(1))
     assert engine._no_direct_uses == set()
     assert measured  # (the rounding was measured)
+
+
+class _VanishingGradient(torch.autograd.Function):
+    """The identity whose backward returns zeros (a vision tower whose gradients vanish, as a tiny random Gemma-3's)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        return torch.zeros_like(grad)
+
+
+class _ImageProjector(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 4) / 2)
+
+    def forward(self, features: Tensor) -> Tensor:
+        return features @ self.weight
+
+
+class _ImagesPerExample(nn.Module):
+    """A vision-language pattern: an encoder and a projector on ``[images, d]`` rows, scattered into the examples'
+    text by an image-to-example index (as many images as examples, but not one per example on some steps)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Linear(3, 4)
+        self.projector = _ImageProjector()
+        self.text = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, text: Tensor, images: Tensor, owner: Tensor) -> Tensor:  # [B, T, 4], [n, 3], [n] -> [B]
+        features = self.projector(_VanishingGradient.apply(torch.tanh(self.encoder(images))))  # [n, 4]
+        hidden = self.text(text)
+        hidden = hidden + torch.zeros_like(hidden[:, 0]).index_add(0, owner, features).unsqueeze(1)
+        return self.head(torch.tanh(hidden)).squeeze(-1).pow(2).mean(1)
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_calls_behind_a_call_whose_check_sees_no_gradient_are_verified(single_backward: bool) -> None:
+    """The model's first call (the encoder) has all-zero output gradients, so its check cannot show that the
+    projector's rows are images, not examples: every call's grouping is then verified on that step (the projector's
+    rows were taken for the examples whenever there were as many images as examples: a tiny Gemma-3 or PaliGemma
+    with two images in the first example and none in the second had its Gramian 20-70% off)."""
+    torch.manual_seed(13)
+    model = _ImagesPerExample()
+    engine = Engine(model, single_backward=single_backward)
+    batch = 12
+    aligned = torch.arange(batch)
+    shifted = torch.cat([torch.tensor([0, 0]), torch.arange(2, batch)])  # two images in example 0, none in 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for owner in (aligned, shifted, aligned, shifted, shifted):
+            model.zero_grad(set_to_none=True)
+            losses = model(torch.randn(batch, 3, 4), torch.randn(batch, 3), owner)
+            assert_exact_step_with_freed_graph(engine, model, losses, single_backward)
