@@ -367,6 +367,9 @@ class Capture:
         self.batch_source = ""
         self.batch_from_root = False  # whether batch_size was read from a root module's inputs
         self.root_sizes: frozenset[int] = frozenset()  # non-batch sizes of the root modules' inputs
+        # Whether a root was given, beside its main input, a floating tensor with the batch size along batch_dim (a
+        # vision-language model's pixel_values with as many images as examples): its rows may be images, not examples.
+        self.secondary_batch_sized = False
         self.completed_roots: set[int] = set()
         self.root_ids: set[int] = {id(root) for root in roots}
         # ParametrizationList modules (by id) whose calls inside a call of their module that module's closed
@@ -409,6 +412,7 @@ class Capture:
         self.batch_source = ""
         self.batch_from_root = False
         self.root_sizes = frozenset()
+        self.secondary_batch_sized = False
         self.completed_roots = set()
         self.checkpointed = False
         self.channels_last = False
@@ -704,6 +708,15 @@ class Capture:
                     if self.batch_dim is not None and tensor.dim() > self.batch_dim:
                         sizes = {int(size) for dim, size in enumerate(tensor.shape) if dim != self.batch_dim}
                         self.root_sizes = self.root_sizes | sizes
+            if leads and bd is not None:
+                self.secondary_batch_sized = self.secondary_batch_sized or any(
+                    tensor is not first
+                    and tensor.is_floating_point()
+                    and tensor.dim() > bd
+                    and int(tensor.shape[bd]) == self.batch_size
+                    for value in itertools.chain(args, kwargs.values())
+                    for tensor in tensors_in(value)
+                )
         self.depth += 1
 
     def _root_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:

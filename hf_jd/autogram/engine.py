@@ -955,11 +955,13 @@ class Engine:
             # first step of each loss computation (two ordinary backward passes; a vmapped pass falls back to slow
             # loops for some loss kernels). A computation found mixing them has every call verified on every step.
             mixed = False
-            # Set when a checked call's output gradients were all zero (a vision tower whose gradients vanish, a LoRA A
-            # while B is zero): examples moved around between it and the losses (a projector on [images, ...] rows
-            # with as many images as examples, not one per example) would not show in its check, so every call's
-            # grouping is verified on this step.
-            unseen_sources = False
+            # Every call's grouping is verified on this step (one pass over two vectors, remembering nothing) when the
+            # model was given, beside its main input, a floating tensor with the batch size along batch_dim (a
+            # vision-language model's pixel_values with as many images as examples: its rows may be images, not
+            # examples, arranged differently from step to step on the same shapes), or when a checked call's output
+            # gradients were all zero (a vision tower whose gradients vanish, a LoRA A while B is zero): examples moved
+            # around between it and the losses would not show in its check.
+            unseen_sources = capture.secondary_batch_sized
             if not (unaligned or verify_layout) and layout.batch_dim is not None and layout.num_examples > 1:
                 reached, structure = frontier(losses, records)
                 # (per batch size too: a fixed roll along the batch mixes the examples for some sizes only)
@@ -1001,7 +1003,7 @@ class Engine:
                         # (the model's first calls are checked again on the next step of this computation: this check
                         # could not see through some call, or is redone without the products from the uses)
                         self._sources_checked.discard(structure)
-                    unseen_sources = bool(unseen) and not known
+                    unseen_sources = unseen_sources or (bool(unseen) and not known)
                 mixed = known
             # (with mixed examples, every planned table's broadcasting node is checked, not only the grouped ones)
             grouped_nodes = broadcast_nodes(plans) if mixed or partial_plans else grouped_paths(plans)

@@ -354,28 +354,33 @@ class _ImagesPerExample(nn.Module):
     """A vision-language pattern: an encoder and a projector on ``[images, d]`` rows, scattered into the examples'
     text by an image-to-example index (as many images as examples, but not one per example on some steps)."""
 
-    def __init__(self) -> None:
+    def __init__(self, vanish: bool) -> None:
         super().__init__()
         self.encoder = nn.Linear(3, 4)
         self.projector = _ImageProjector()
         self.text = nn.Linear(4, 4)
         self.head = nn.Linear(4, 1)
+        self.vanish = vanish
 
     def forward(self, text: Tensor, images: Tensor, owner: Tensor) -> Tensor:  # [B, T, 4], [n, 3], [n] -> [B]
-        features = self.projector(_VanishingGradient.apply(torch.tanh(self.encoder(images))))  # [n, 4]
+        encoded = torch.tanh(self.encoder(images))
+        features = self.projector(_VanishingGradient.apply(encoded) if self.vanish else encoded)  # [n, 4]
         hidden = self.text(text)
         hidden = hidden + torch.zeros_like(hidden[:, 0]).index_add(0, owner, features).unsqueeze(1)
         return self.head(torch.tanh(hidden)).squeeze(-1).pow(2).mean(1)
 
 
 @pytest.mark.parametrize("single_backward", [False, True])
-def test_calls_behind_a_call_whose_check_sees_no_gradient_are_verified(single_backward: bool) -> None:
-    """The model's first call (the encoder) has all-zero output gradients, so its check cannot show that the
-    projector's rows are images, not examples: every call's grouping is then verified on that step (the projector's
-    rows were taken for the examples whenever there were as many images as examples: a tiny Gemma-3 or PaliGemma
-    with two images in the first example and none in the second had its Gramian 20-70% off)."""
+@pytest.mark.parametrize("vanish", [False, True])
+def test_images_as_many_as_the_examples_but_not_one_per_example(vanish: bool, single_backward: bool) -> None:
+    """As many images as examples, not one per example on some steps (two in the first example, none in the second),
+    with the same shapes as on steps with one per example: every call's grouping is verified on each step of a model
+    given such a tensor beside its main input, and on each step where a call's check sees all-zero output gradients
+    (the encoder's with ``vanish``, as a vision tower whose gradients vanish). The encoder's and projector's rows
+    were taken for the examples once a step with one image per example had passed its check: a tiny Gemma-3 or
+    PaliGemma had its Gramian 20-70% off."""
     torch.manual_seed(13)
-    model = _ImagesPerExample()
+    model = _ImagesPerExample(vanish)
     engine = Engine(model, single_backward=single_backward)
     batch = 12
     aligned = torch.arange(batch)
