@@ -163,13 +163,12 @@ def _check_semi_definite(gramian: np.ndarray, tol: float) -> None:
     if not largest > 0:
         return  # (all rows zero: checked by the structural checks)
     shift = min(_PSD_MAX_RTOL, m * tol) * largest
-    symmetric = (gramian + gramian.T) / 2
-    shifted = symmetric.copy()
+    shifted = (gramian + gramian.T) / 2
     shifted.flat[:: m + 1] += shift
     try:
         np.linalg.cholesky(shifted)
     except np.linalg.LinAlgError:
-        smallest = float(np.linalg.eigvalsh(symmetric)[0])
+        smallest = float(np.linalg.eigvalsh(shifted)[0]) - shift
         raise ValueError(
             f"The Gramian is not positive semi-definite: its smallest eigenvalue is {smallest:.4g}, below -{shift:.3g} "
             f"({shift / largest:.3g} times its largest diagonal entry, {largest:.4g}, far beyond rounding), so it is "

@@ -961,7 +961,7 @@ class Engine:
             # examples, arranged differently from step to step on the same shapes), or when a checked call's output
             # gradients were all zero (a vision tower whose gradients vanish, a LoRA A while B is zero): examples moved
             # around between it and the losses would not show in its check.
-            unseen_sources = capture.secondary_batch_sized
+            verify_all = capture.secondary_batch_sized
             if not (unaligned or verify_layout) and layout.batch_dim is not None and layout.num_examples > 1:
                 reached, structure = frontier(losses, records)
                 # (per batch size too: a fixed roll along the batch mixes the examples for some sizes only)
@@ -1003,11 +1003,11 @@ class Engine:
                         # (the model's first calls are checked again on the next step of this computation: this check
                         # could not see through some call, or is redone without the products from the uses)
                         self._sources_checked.discard(structure)
-                    unseen_sources = unseen_sources or (bool(unseen) and not known)
+                    verify_all = verify_all or (bool(unseen) and not known)
                 mixed = known
             # (with mixed examples, every planned table's broadcasting node is checked, not only the grouped ones)
             grouped_nodes = broadcast_nodes(plans) if mixed or partial_plans else grouped_paths(plans)
-            if (unaligned or verify_layout or mixed or grouped_nodes or unseen_sources) and layout.num_tasks == 1:
+            if (unaligned or verify_layout or mixed or grouped_nodes or verify_all) and layout.num_tasks == 1:
                 # Tensors not split by example: the model moves examples around, so every call
                 # whose shapes allow a per-example grouping has it verified (one backward pass
                 # over two vectors); the others and the failures take the exact per-row path.
@@ -1022,7 +1022,7 @@ class Engine:
                 # (also per batch size: a fixed roll along the batch is the identity for some sizes only)
                 shape_free = (
                     regrouping_structure(nodes, checked + [plan.record for plan in plans], _buffer_storages(capture))
-                    if not (verify_layout or mixed or unaligned or unseen_sources)
+                    if not (verify_layout or mixed or unaligned or verify_all)
                     else None
                 )
                 pass_structure = None if shape_free is None else (*shape_free, f"B={layout.num_examples}")
@@ -1068,7 +1068,7 @@ class Engine:
                     accumulator.deferred -= planned
                     records = []  # the planned calls only, at this point
                     plans = []
-            elif verify_layout or mixed or unaligned or grouped_nodes or unseen_sources:
+            elif verify_layout or mixed or unaligned or grouped_nodes or verify_all:
                 # Per-example task losses [B, m]: the grouping is verified (per-example weights, the
                 # same for every task), then the confirmed calls take the batched pass over the tasks. Also
                 # when some call is not split by example (a shared table): the check for losses that mix the
