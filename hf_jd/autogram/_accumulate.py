@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from ._batched_grad import batched_grad
 from ._generic import GenericRecord
 from ._layout import RowLayout
+from ._outer import OuterProductRows
 from ._record import Record, split_by_record
 from ._shared import shared_gram
 
@@ -67,6 +68,10 @@ class Accumulator:
         self.keep = keep
         self.gramian = torch.zeros(layout.num_rows, layout.num_rows, dtype=dtype, device=device)
         self.shared: dict[int, list[tuple[Record, str]]] = {}
+        # A parameter used by several calls, some of whose uses' per-row gradients take less memory than the output
+        # gradients their records hold (the Linear layers on DeBERTa's relative-position table): those uses' per-row
+        # gradients summed as they arrive, their records released (by ``id`` of the parameter).
+        self.summed: dict[int, Tensor] = {}
         self.uses: dict[int, list[tuple[Record, str]]] = {}
         self.params: dict[int, nn.Parameter] = {}
         # Records whose output gradients are collected elsewhere during the pass (ids): ignored here.
@@ -106,6 +111,10 @@ class Accumulator:
             self.params[id(param)] = param
             if self.counts[id(param)] == 1:
                 self.gramian += record.gram(name).to(self.dtype)
+            elif not self.keep and _rows_smaller_than_factors(record, name, param):
+                rows = record.per_row(name).to(self.dtype)
+                summed = self.summed.get(id(param))
+                self.summed[id(param)] = rows if summed is None else summed.add_(rows)
             else:
                 self.shared.setdefault(id(param), []).append((record, name))
                 needed_later = True
@@ -124,10 +133,26 @@ class Accumulator:
         Tensor
             The Gramian, shape ``[R, R]``.
         """
+        for key, summed in self.summed.items():
+            # With the per-row gradients of the uses still held (they are no larger: each of them is the size of the
+            # sum, and a sum was started only where it took less memory than a use's output gradients).
+            for record, name in self.shared.pop(key, []):
+                summed += record.per_row(name).to(self.dtype)
+            self.gramian += summed @ summed.T
+        self.summed = {}
         for param_uses in self.shared.values():
             self.gramian += shared_gram(param_uses, self.layout.num_examples, self.dtype)
         self.shared = {}
         return (self.gramian + self.gramian.T) / 2
+
+
+def _rows_smaller_than_factors(record: Record, name: str, param: nn.Parameter) -> bool:
+    """Whether a Linear-like call's per-row gradients of ``param`` take less memory than the output gradients its
+    record holds (then they can be summed over the parameter's uses as they arrive and the record released)."""
+    factors = getattr(record, "factors", None)
+    if not isinstance(factors, OuterProductRows) or name not in ("weight", "bias"):
+        return False
+    return factors.num_rows * param.numel() < factors.grads.numel()
 
 
 def grads_at_once(

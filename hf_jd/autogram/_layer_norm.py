@@ -248,13 +248,15 @@ class LayerNormRecord(Record):
         """
         num_rows = self.rows.shape[0] * self.rows.shape[1]
         if name == INPUT_PARAMETER:
+            # (1/σ) (ĝ - mean(ĝ) - x̂ mean(ĝ ⊙ x̂)) with ĝ = g ⊙ weight, built in place in one buffer of the rows'
+            # size: a table as large as DeBERTa's relative embeddings otherwise held five such buffers at once.
             weight = self.params.get("weight", cast("Tensor | None", self.module.weight))
-            scaled = self.rows if weight is None else self.rows * weight.detach().to(self.rows.dtype).reshape(-1)
+            grads = self.rows.clone() if weight is None else self.rows * weight.detach().to(self.rows.dtype).reshape(-1)
             normalised = self.normalised.unsqueeze(1)
-            centred = scaled - scaled.mean(dim=-1, keepdim=True)
+            projection = (grads * normalised).mean(dim=-1, keepdim=True)
+            grads.sub_(grads.mean(dim=-1, keepdim=True)).addcmul_(normalised, projection, value=-1)
             assert self.inverse_std is not None  # set by _bind when INPUT_PARAMETER is a parameter
-            grads = self.inverse_std * (centred - normalised * (scaled * normalised).mean(dim=-1, keepdim=True))
-            return grads.reshape(num_rows, -1)
+            return grads.mul_(self.inverse_std).reshape(num_rows, -1)
         if name == "weight":
             return (self.rows * self.normalised.unsqueeze(1)).sum(dim=2).reshape(num_rows, -1)
         return self.rows.sum(dim=2).reshape(num_rows, -1)
