@@ -210,6 +210,7 @@ class JDTrainer(Trainer):
         self._warned_single_row = False
         self._warn_if_compute_loss_overridden()
         self._warn_about_task_sampling()
+        self._check_task_names_of_model()
 
     def _warn_if_compute_loss_overridden(self) -> None:
         if type(self).compute_loss is JDTrainer.compute_loss:
@@ -222,6 +223,37 @@ class JDTrainer(Trainer):
             UserWarning,
             stacklevel=3,
         )
+
+    def _check_task_names_of_model(self) -> None:
+        """Raise for ``jd_task_names`` naming a task a :class:`MultiHeadModel` has no head for (the trainer would look
+        for its label column and drop the others, and the model would get no labels); warn for tasks left out."""
+        names = self.args.jd_task_names
+        model: Any = self.model
+        for attribute in ("_orig_mod", "get_base_model"):  # torch.compile's OptimizedModule; PEFT
+            inner = getattr(model, attribute, None)
+            if inner is not None:
+                model = inner() if callable(inner) and not isinstance(inner, nn.Module) else inner
+        if not names or self.compute_losses is not None or not isinstance(model, MultiHeadModel):
+            return
+        if self.args.jd_mode not in ("mtl", "iwmtl"):
+            return
+        tasks = model.task_names
+        unknown = [name for name in names if name not in tasks]
+        if unknown:
+            raise ValueError(
+                f"jd_task_names {names} names {unknown}, but the MultiHeadModel has heads for the tasks {tasks} "
+                f"only (JDTrainer would pass it the label columns {[f'labels_{n}' for n in names]}). Give "
+                "jd_task_names from the model's tasks, or leave it unset to train them all."
+            )
+        left_out = [task for task in tasks if task not in names]
+        if left_out and not self._declared_label_names:
+            warnings.warn(
+                f"jd_task_names {names} leaves out the MultiHeadModel's tasks {left_out}: their label columns "
+                f"{[f'labels_{t}' for t in left_out]} are not passed to the model, and they are not trained. List "
+                "them in jd_task_names to train them too.",
+                UserWarning,
+                stacklevel=3,
+            )
 
     def _warn_about_task_sampling(self) -> None:
         """Say when the ``task_id`` column changes the sampling, or cannot (iterable datasets)."""

@@ -195,3 +195,23 @@ def test_arguments_changed_after_construction_are_checked_again(tmp_path):
     args.jd_mode = "mtl"  # without jd_task_names
     with pytest.raises(ValueError, match="needs jd_task_names"):
         JDTrainer(model=TwoTaskNet(), args=args)
+
+
+def test_task_names_the_multi_head_model_has_no_head_for(tmp_path):
+    """A typo in jd_task_names: the trainer would pass the model a ``labels_c`` column that does not exist and drop
+    the others; the message names the model's tasks instead of the model's missing losses."""
+    from jd_trainer_helpers import multi_head_model
+
+    dataset = token_dataset().rename_column("labels", "labels_a").add_column("labels_b", [0.5] * 16)
+    with pytest.raises(ValueError, match=r"jd_task_names \['a', 'c'\] names \['c'\], but the MultiHeadModel has "
+                                         r"heads for the tasks \['a', 'b'\] only"):
+        _train(tmp_path, model=multi_head_model(), dataset=dataset, jd_task_names=["a", "c"])
+
+
+def test_task_names_leaving_out_a_task_of_the_multi_head_model(tmp_path):
+    from jd_trainer_helpers import multi_head_model
+
+    dataset = token_dataset().rename_column("labels", "labels_a").add_column("labels_b", [0.5] * 16)
+    with pytest.warns(UserWarning, match=r"leaves out the MultiHeadModel's tasks \['b'\]"):
+        trainer = _train(tmp_path, model=multi_head_model(), dataset=dataset, jd_task_names=["a"])
+    assert trainer.state.global_step == 1  # (task a alone is trained)
