@@ -140,6 +140,11 @@ def is_embedding_subclass(module: nn.Module) -> bool:
     )
 
 
+def _ids_in_range(ids: Tensor, num_embeddings: int) -> bool:
+    """Whether every id indexes a row of a table of ``num_embeddings`` rows (else looking them up raises)."""
+    return ids.numel() == 0 or (int(ids.min()) >= 0 and int(ids.max()) < num_embeddings)
+
+
 def computes_scaled_lookup(module: nn.Module, ids: Tensor, output: Tensor, scale: float) -> bool:
     """Whether ``output`` is ``W[ids] · scale`` for the module's weight ``W`` (the check of a later call of an
     ``nn.Embedding`` subclass whose first call :func:`embedding_scale` verified).
@@ -163,6 +168,8 @@ def computes_scaled_lookup(module: nn.Module, ids: Tensor, output: Tensor, scale
     assert isinstance(module, nn.Embedding)
     if ids.dtype not in (torch.int32, torch.int64) or output.shape != (*ids.shape, module.weight.shape[1]):
         return False
+    if not _ids_in_range(ids, module.weight.shape[0]):
+        return False  # (a subclass looking up something else than its input, e.g. the positions of token ids)
     with torch.no_grad():
         expected = nn.functional.embedding(ids, module.weight).to(output.dtype) * scale
         tolerance = 1e-5 * max(float(expected.abs().max()) if expected.numel() else 0.0, 1e-12)
@@ -196,6 +203,8 @@ def embedding_scale(module: nn.Module, args: tuple[Any, ...], output: Any, table
     ids = args[0]
     if ids.dtype not in (torch.int32, torch.int64) or output.shape != (*ids.shape, module.weight.shape[1]):
         return None
+    if not _ids_in_range(ids, module.weight.shape[0]):
+        return None  # (a subclass looking up something else than its input, e.g. the positions of token ids)
     with torch.no_grad():
         looked_up = nn.functional.embedding(ids, module.weight).to(output.dtype)
         out = output.detach()

@@ -651,6 +651,34 @@ def test_embedding_subclass_with_its_own_forward_is_verified(
         assert engine._capture.infos[id(embedding)].kind is (Kind.EMBEDDING if closed_form else Kind.GENERIC)
 
 
+class _PositionsOfIds(nn.Embedding):
+    """FSMT's positional embedding: it looks up the positions of its input ids, not the ids."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(torch.arange(ids.shape[1]).expand_as(ids))
+
+
+class _ClampedEmbedding(nn.Embedding):
+    """Looks up its ids clamped to the table: the same as the stock lookup while they are all in range."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids.clamp(max=self.num_embeddings - 1))
+
+
+@pytest.mark.parametrize(("layer", "first_highest"), [(_PositionsOfIds, 100), (_ClampedEmbedding, 8)])
+def test_embedding_subclass_given_ids_outside_its_table(layer: type, first_highest: int) -> None:
+    """The check of an Embedding subclass looked its input ids up in its table: ids beyond the table (more tokens
+    than positions) raised an IndexError from the engine's hook, on the first step or on a later one."""
+    torch.manual_seed(0)
+    tokens, positions, head = nn.Embedding(100, 4), layer(8, 4), nn.Linear(4, 1)
+    model = nn.ModuleList([tokens, positions, head])
+    engine = Engine(model)
+    for highest in (first_highest, 100, 100):  # (the clamped lookup's check passes on ids all in its table)
+        ids = torch.randint(0, highest, (3, 6))
+        losses = head(torch.tanh(tokens(ids) + positions(ids))).squeeze(-1).sum(1).pow(2)
+        assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, trainable(model)))
+
+
 @pytest.mark.parametrize("single_backward", [False, True])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_group_norm_closed_form(single_backward: bool, channels_last: bool) -> None:
