@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._shared_term import SharedTerm
+
 __all__ = ["LossCollector", "ComputeLosses", "forward_accepts", "forward_declares", "takes_loss_reduction"]
 
 ComputeLosses = Callable[[nn.Module, dict[str, Any]], tuple[Tensor, Any]]
@@ -202,6 +204,9 @@ class LossCollector:
         self.label_names = list(label_names) or ["labels"]
         self.compute_losses = compute_losses
         self.label_smoothing = label_smoothing
+        # The split of the last call's iwrm losses into the examples' own losses and a term shared by them (a mixture
+        # of experts' load-balancing loss), or None: the JD step gives the engine its per-example rows instead.
+        self.shared_term: SharedTerm | None = None
 
     def __call__(
         self, model: nn.Module, unwrapped: nn.Module, inputs: dict[str, Any], *, training: bool = True
@@ -210,6 +215,7 @@ class LossCollector:
 
         With ``training=False`` (evaluation, under ``torch.no_grad``) the losses need not require grad.
         """
+        self.shared_term = None
         if self.compute_losses is not None:
             source = "compute_losses"
             # A shallow copy (of the same mapping type, e.g. a BatchEncoding): the usual recipe
@@ -245,7 +251,13 @@ class LossCollector:
 
     # ------------------------------------------------------------------ modes
     def _iwrm(self, model: nn.Module, unwrapped: nn.Module, inputs: dict[str, Any]) -> tuple[Tensor, Any]:
-        from .losses import QA_LABEL_NAMES, ctc_logit_lengths, detect_model_kind, per_example_losses
+        from .losses import (
+            QA_LABEL_NAMES,
+            ctc_logit_lengths,
+            detect_model_kind,
+            per_example_losses_and_router_term,
+            router_loss_split,
+        )
 
         present = [name for name in self.label_names if inputs.get(name) is not None]
         if not present:
@@ -271,10 +283,13 @@ class LossCollector:
             model_inputs = _decoder_inputs_from_labels(unwrapped, model_inputs, labels)
         outputs = model(**model_inputs)
         lengths = ctc_logit_lengths(unwrapped, model_inputs) if kind == "ctc" else None
-        losses = per_example_losses(
+        losses, router_term = per_example_losses_and_router_term(
             unwrapped, outputs, labels, kind=kind, label_smoothing=self.label_smoothing, logit_lengths=lengths
         )
-        return losses, outputs
+        if router_term is None:
+            return losses, outputs
+        self.shared_term = router_loss_split(outputs, losses, router_term)
+        return losses + router_term, outputs
 
     def _stack_task_dict(self, losses: Mapping[str, Tensor], source: str) -> Tensor:
         names = self.task_names

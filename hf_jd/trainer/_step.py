@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from ..aggregation import Aggregator, GramianWeightedAggregator
 from ..aggregation._base import update_is_weighted_rows
 from ._distributed import CommunicationLog, all_processes_true, global_mtl_jacobian
+from ._shared_term import SharedTerm
 from ._stats import StatsAccumulator, gramian_stats, loss_stats, weight_stats
 
 __all__ = ["JDStep", "NonFiniteLossError", "select_modules", "StepResult"]
@@ -385,6 +386,7 @@ class JDStep:
         world_size: int = 1,
         label_counts: Sequence[int] | None = None,
         no_sync: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
+        shared_term: Callable[[], SharedTerm | None] | None = None,
     ) -> StepResult:
         """Forward one micro-batch, then write its JD update (times ``scale``) into ``.grad``.
 
@@ -413,6 +415,10 @@ class JDStep:
             Context in which the forward pass does not prepare DDP's gradient all-reduce
             (``accelerator.no_sync(model)``); used by the global MTL step, which writes the same
             update on every process and needs no all-reduce of the gradients.
+        shared_term
+            Called after ``forward``: the split of ``iwrm`` losses into the examples' own losses and a term shared by
+            them, or ``None``. The autogram engine then computes the Gramian from the split's per-example rows
+            (:mod:`hf_jd.trainer._shared_term`) instead of the losses, which mix the examples.
 
         Returns
         -------
@@ -437,6 +443,7 @@ class JDStep:
         hint = _autojac_hint(self.mode, global_step) if self.engine is not None else contextlib.nullcontext()
         with _engine_state(self.engine, recompute and not global_step_direct), sync_context, hint:
             losses, outputs = forward()
+        split = shared_term() if shared_term is not None and self.mode == "iwrm" else None
         if not recompute and self.cached_weights is not None:
             weights = self._reusable_weights(losses)
             if self._skip_if_nonfinite(losses, global_step, backward, world_size):
@@ -450,7 +457,7 @@ class JDStep:
             return self._global(losses, outputs, backward, scale if grad_factor is None else grad_factor, global_step)
         if self.engine_kind == "autogram":
             factor = scale if grad_factor is None else grad_factor
-            return self._autogram(losses, outputs, backward, scale, factor, global_step, world_size)
+            return self._autogram(losses, outputs, backward, scale, factor, global_step, world_size, split)
         return self._autojac(losses, outputs, backward, scale, grad_factor, global_step, world_size)
 
     def _autogram(
@@ -462,14 +469,20 @@ class JDStep:
         grad_factor: float,
         global_step: int,
         world_size: int,
+        split: SharedTerm | None = None,
     ) -> StepResult:
         """Gramian, weights, then the weighted gradient: ``backward((w * L).sum() * scale)`` (through
         ``accelerator.backward``), or with ``single_backward`` the engine's own ``wᵀ J`` written from
         the captured factors, times ``grad_factor`` (what ``accelerator.backward`` would have
-        multiplied the loss by: ``scale``, accelerate's accumulation and the fp16 loss scale)."""
+        multiplied the loss by: ``scale``, accelerate's accumulation and the fp16 loss scale). With ``split``, the
+        Gramian comes from its per-example rows."""
         check = self.check_gramian and not self._gramian_checked
         with _autojac_hint(self.mode, global_step):
-            gramian = self.engine.compute_gramian(losses, retain_graph=True if check else None)
+            if split is None:
+                gramian = self.engine.compute_gramian(losses, retain_graph=True if check else None)
+            else:
+                rows = split.rows()
+                gramian = split.gramian(self.engine.compute_gramian(rows, retain_graph=True if check else None))
         if not self._all_finite(bool(torch.isfinite(gramian).all()), world_size):
             if self._handle_nonfinite("the Gramian of the losses' Jacobian", global_step, backward, world_size):
                 return StepResult(losses.detach(), outputs, None, True)
@@ -489,7 +502,8 @@ class JDStep:
             flat_weights = weights.reshape(-1).to(device=gramian.device, dtype=gramian.dtype)
             self._warn_if_zero_rows_cancel(gramian.diagonal(), flat_weights @ gramian @ flat_weights, global_step)
         if self.single_backward:
-            self.engine.backward(weights * grad_factor)
+            row_weights = weights if split is None else split.row_weights(weights)
+            self.engine.backward(row_weights * grad_factor)
         else:
             backward((weights.to(losses.dtype) * losses).sum() * scale)
         self._record(losses, weights, gramian)

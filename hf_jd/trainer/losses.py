@@ -39,6 +39,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.models.auto import modeling_auto
 
+from ._shared_term import SharedTerm, shared_term
+
 ModelKind = Literal[
     "sequence_classification",
     "multiple_choice",
@@ -504,6 +506,20 @@ def per_example_losses(
     ValueError
         Unknown model kind (pass ``compute_losses`` to JDTrainer), or logits/labels of the wrong shape.
     """
+    own, router_term = per_example_losses_and_router_term(model, outputs, labels, kind, label_smoothing, logit_lengths)
+    return own if router_term is None else own + router_term
+
+
+def per_example_losses_and_router_term(
+    model: nn.Module,
+    outputs: Any,
+    labels: Any,
+    kind: str | None = None,
+    label_smoothing: float = 0.0,
+    logit_lengths: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """:func:`per_example_losses` as the examples' own losses and the load-balancing term a mixture-of-experts causal
+    LM adds to each of them (``None`` for other models, or without ``output_router_logits``)."""
     if kind is None:
         kind = detect_model_kind(model)
     elif kind not in MODEL_KINDS:
@@ -516,7 +532,7 @@ def per_example_losses(
                 "Label smoothing does not apply to question answering (the Trainer's LabelSmoother cannot smooth "
                 "start and end positions either): set label_smoothing_factor=0."
             )
-        return _question_answering_losses(outputs, labels)
+        return _question_answering_losses(outputs, labels), None
     if not isinstance(labels, Tensor):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}.")
     logits = _logits_of(outputs).float()
@@ -526,12 +542,12 @@ def per_example_losses(
     if kind == "ctc":
         if label_smoothing:
             raise ValueError("Label smoothing does not apply to the CTC loss: set label_smoothing_factor=0.")
-        return _ctc_losses(model, logits, labels, logit_lengths)
+        return _ctc_losses(model, logits, labels, logit_lengths), None
     if kind == "sequence_classification":
         config = getattr(unwrap_model(model), "config", None)
-        return _sequence_classification_losses(config, logits, labels, label_smoothing)
+        return _sequence_classification_losses(config, logits, labels, label_smoothing), None
     if kind == "multiple_choice":
-        return _multiple_choice_losses(logits, labels, label_smoothing)
+        return _multiple_choice_losses(logits, labels, label_smoothing), None
     if kind == "causal_lm":
         if logits.dim() != 3 or tuple(labels.shape) != tuple(logits.shape[:2]):
             raise ValueError(
@@ -543,10 +559,26 @@ def per_example_losses(
             labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
         losses = _token_losses(logits, labels, label_smoothing)
         router_loss = _router_loss(model, outputs)
-        return losses if router_loss is None else losses + router_loss.to(losses)
-    return _token_losses(logits, labels, label_smoothing)
+        return losses, None if router_loss is None else router_loss.to(losses)
+    return _token_losses(logits, labels, label_smoothing), None
 
 
-__all__ = [
-    "MODEL_KINDS", "QA_LABEL_NAMES", "ctc_logit_lengths", "detect_model_kind", "per_example_losses", "unwrap_model",
-]
+def router_loss_split(outputs: Any, own: Tensor, term: Tensor) -> SharedTerm | None:
+    """The split of the per-example losses ``own + term`` of a mixture-of-experts causal LM, with ``term`` its
+    load-balancing loss times its coefficient, by the router logits through which alone that term depends on the
+    parameters (see :mod:`hf_jd.trainer._shared_term`), or ``None`` when it depends on them otherwise.
+
+    Parameters
+    ----------
+    outputs
+        The model's outputs (with ``router_logits``).
+    own, term
+        What :func:`per_example_losses_and_router_term` returned for them.
+
+    Returns
+    -------
+    SharedTerm or None
+        The split, or ``None``.
+    """
+    logits = outputs.get("router_logits") if isinstance(outputs, Mapping) else getattr(outputs, "router_logits", None)
+    return shared_term(own, term, [logits])

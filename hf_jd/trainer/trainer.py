@@ -432,6 +432,7 @@ class JDTrainer(Trainer):
                 world_size=self.args.world_size,
                 label_counts=label_counts,
                 no_sync=lambda: self.accelerator.no_sync(model),
+                shared_term=lambda: self._loss_collector.shared_term,
             )
             self._warn_if_single_row(result.losses, inputs)
             del forward, inputs  # the batch is no longer referenced (forward holds it as its default)
