@@ -4,6 +4,7 @@ explicit Jacobian of the losses."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import Tensor, nn
 
@@ -91,3 +92,41 @@ def test_terms_that_cannot_be_split() -> None:
 def test_split_weights_of_a_shared_term() -> None:
     weights = torch.tensor([0.5, 1.0, 2.0])
     torch.testing.assert_close(SharedTerm.row_weights(weights), torch.tensor([[0.5, 3.5], [1.0, 3.5], [2.0, 3.5]]))
+
+
+@pytest.mark.parametrize(
+    ("model_type", "extra"),
+    [
+        ("qwen2_moe", {"moe_intermediate_size": 32, "shared_expert_intermediate_size": 32, "num_experts": 4}),
+        ("granitemoe", {"num_local_experts": 4}),
+    ],
+)
+def test_mixtures_of_experts_router_loss_split(model_type: str, extra: dict, monkeypatch) -> None:
+    """The built-in causal LM losses of other mixtures of experts than Mixtral (tested through the trainer): split,
+    exact, and without the engine's per-row pass."""
+    import transformers
+
+    from hf_jd.autogram import engine as engine_module
+    from hf_jd.trainer.losses import per_example_losses_and_router_term, router_loss_split
+
+    per_row: list[int] = []
+    original = engine_module.grads_per_row
+    monkeypatch.setattr(engine_module, "grads_per_row", lambda *args: per_row.append(1) or original(*args))
+    torch.manual_seed(0)
+    config = transformers.AutoConfig.for_model(
+        model_type, vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+        intermediate_size=64, max_position_embeddings=64, output_router_logits=True, router_aux_loss_coef=0.3,
+        num_experts_per_tok=2, **extra,
+    )
+    model = transformers.AutoModelForCausalLM.from_config(config).train()
+    engine = Engine(model, batch_dim=0)
+    ids = torch.randint(1, 100, (4, 8))
+    outputs = model(input_ids=ids)
+    own, term = per_example_losses_and_router_term(model, outputs, ids)
+    assert term is not None
+    split = router_loss_split(outputs, own, term)
+    assert split is not None
+    jacobian = explicit_jacobian(own + term, trainable(model))
+    gramian = split.gramian(engine.compute_gramian(split.rows()))
+    torch.testing.assert_close(gramian, jacobian @ jacobian.T, rtol=1e-4, atol=1e-5)
+    assert per_row == []
