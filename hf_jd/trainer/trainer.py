@@ -9,9 +9,11 @@ Reference: Quinton & Rey, "Jacobian Descent For Multi-Objective Optimization", a
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import os
 import warnings
+from collections.abc import Sized
 from typing import Any
 
 import torch
@@ -364,10 +366,50 @@ class JDTrainer(Trainer):
         transformers.trainer_utils.TrainOutput
             What :meth:`transformers.Trainer.train` returns.
         """
+        self._check_last_batch_rows()
         try:
             return super().train(*args, **kwargs)
         finally:
             self.jd_step.detach()
+
+    def _check_last_batch_rows(self) -> None:
+        """Raise before training when the last batch of an epoch, smaller than the others, would give the aggregator a
+        number of rows it rejects (weights or a preference vector of fixed length, a state sized on the first batch,
+        Krum's or TrimmedMean's minimum), instead of failing there, at the end of the first epoch."""
+        args = self.args
+        dataset = self.train_dataset
+        if args.jd_mode == "mtl" or args.dataloader_drop_last or args.world_size > 1 or dataset is None:
+            return
+        column_names = getattr(dataset, "column_names", None) or []
+        if _is_iterable_dataset(dataset) or _TASK_ID_COLUMN in column_names:
+            return  # (no length, or batches of the task sampler)
+        if not isinstance(dataset, Sized):
+            return
+        size = len(dataset)
+        batch_size = self._train_batch_size
+        last = size % batch_size
+        batches = -(-size // batch_size)
+        if last == 0 or (args.max_steps > 0 and args.max_steps * args.gradient_accumulation_steps < batches):
+            return  # (no smaller batch, or training stops before it)
+        tasks = 1
+        if args.jd_mode == "iwmtl":
+            if not args.jd_task_names:
+                return
+            tasks = len(args.jd_task_names)
+        probe = copy.deepcopy(self.jd_step.aggregator)
+        try:
+            probe(torch.eye(batch_size * tasks))  # (a state set on the full batches, as in training)
+        except Exception:  # noqa: BLE001 - the probe only looks for the last batch's failure
+            return
+        try:
+            probe(torch.eye(last * tasks))
+        except ValueError as error:
+            raise ValueError(
+                f"The training set has {size} examples, so with a batch size of {batch_size} the last batch of "
+                f"each epoch has {last} examples, that is {last * tasks} rows of the Jacobian (jd_mode="
+                f"{args.jd_mode!r}), which jd_aggregator={args.jd_aggregator!r} rejects: {error}\nSet "
+                f"dataloader_drop_last=True, or a batch size that divides {size}."
+            ) from error
 
     def training_step(
         self,

@@ -345,18 +345,33 @@ def test_multiple_choice_first_step_equals_hand_computation(tmp_path, engine):
 
 @pytest.mark.parametrize("engine", ["autogram", "autojac"])
 def test_fixed_size_weights_and_a_smaller_last_batch(tmp_path, engine):
-    """Constant weights for 4 examples fail on the last batch of 2: the error says why and names
-    dataloader_drop_last, with which the epoch then trains (the same model: the failed step left no
-    .jac behind)."""
+    """Constant weights for 4 examples would fail on the last batch of 2: the error comes before training (it came at
+    the end of the first epoch), says why and names dataloader_drop_last, with which the epoch then trains."""
     options = {"jd_aggregator": "constant", "jd_aggregator_kwargs": {"weights": [0.25] * 4}, "jd_engine": engine,
                "max_steps": -1, "num_train_epochs": 1}  # fmt: skip
     dataset = text_dataset("single", n=10)  # batches of 4, 4 and 2
     model = AutoModelForSequenceClassification.from_config(tiny_config("bert", num_labels=NUM_LABELS))
-    with pytest.raises(ValueError, match=r"(?s)4 weights.*last batch of an epoch may be smaller.*dataloader_drop_last"):
+    before = snapshot(model)
+    message = r"(?s)10 examples.*last batch of each epoch has 2 examples.*4 weights.*dataloader_drop_last=True"
+    with pytest.raises(ValueError, match=message):
         train(tmp_path / "kept", model, dataset, **options)
+    assert all(torch.equal(a, b) for a, b in zip(before, snapshot(model)))  # (no step was taken)
+    # Training stopped before the last batch: nothing to reject.
+    train(tmp_path / "short", model, dataset, **{**options, "max_steps": 2})
     before = snapshot(model)
     _, logs = train(tmp_path / "dropped", model, dataset, dataloader_drop_last=True, **options)
     assert_trained(before, model, logs, steps=2)
+
+
+@pytest.mark.parametrize(("aggregator", "kwargs"), [("gradvac", {}), ("upgrad", {"pref_vector": [1.0, 2.0, 1.0, 1.0]})])
+def test_aggregators_sized_by_the_batch_rejected_before_training(tmp_path, aggregator, kwargs):
+    """GradVac's state is sized on the first batch; a preference vector has the batch's length: both reject the last
+    batch of 2, which the trainer finds before training."""
+    dataset = text_dataset("single", n=10)
+    model = AutoModelForSequenceClassification.from_config(tiny_config("bert", num_labels=NUM_LABELS))
+    options = {"jd_aggregator": aggregator, "jd_aggregator_kwargs": kwargs, "max_steps": -1, "num_train_epochs": 1}
+    with pytest.raises(ValueError, match=rf"(?s)last batch of each epoch has 2 examples.*'{aggregator}' rejects"):
+        train(tmp_path, model, dataset, **options)
 
 
 def _whisper() -> PreTrainedModel:
