@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from ._batched_grad import batched_grad
 from ._generic import GenericRecord
 from ._layout import RowLayout
+from . import _outer
 from ._outer import OuterProductRows
 from ._record import Record, split_by_record
 from ._shared import shared_gram
@@ -148,11 +149,15 @@ class Accumulator:
 
 def _rows_smaller_than_factors(record: Record, name: str, param: nn.Parameter) -> bool:
     """Whether a Linear-like call's per-row gradients of ``param`` take less memory than the output gradients its
-    record holds (then they can be summed over the parameter's uses as they arrive and the record released)."""
+    record holds (then they can be summed over the parameter's uses as they arrive and the record released), and
+    fit the budget of per-row gradients materialised at once (the sum stays until the end of the pass, and the other
+    uses' per-row gradients are then added to it: a large tied embedding, GPT-2's at full size, keeps the forms that
+    never materialise them whole)."""
     factors = getattr(record, "factors", None)
     if not isinstance(factors, OuterProductRows) or name not in ("weight", "bias"):
         return False
-    return factors.num_rows * param.numel() < factors.grads.numel()
+    entries = factors.num_rows * param.numel()
+    return entries < factors.grads.numel() and entries <= _outer.MAX_ROW_ENTRIES
 
 
 def grads_at_once(

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from hf_jd.autogram import Engine, _accumulate
+from hf_jd.autogram import Engine, _accumulate, _outer
 
 from ._memory import peak_held_bytes
 from ._reference import assert_exact_step, assert_gramian_matches, jacobian, trainable
@@ -103,8 +103,12 @@ class _TiedHead(nn.Module):
         return nn.functional.cross_entropy(logits.transpose(1, 2), ids.roll(1, dims=1), reduction="none").mean(1)
 
 
-@pytest.mark.parametrize("length", [3, 40])
-def test_tied_embedding_with_a_summed_head(length: int, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("length", "budget"), [(3, None), (40, None), (40, 100)])
+def test_tied_embedding_with_a_summed_head(length: int, budget: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The head's rows are summed on long sequences only, and only within the budget of rows materialised at once
+    (at GPT-2's full size, the sum and the embedding's rows added to it would take 2 x 2.5 GB at B=16)."""
+    if budget is not None:  # (R numel = 4 x 48 = 192 entries)
+        monkeypatch.setattr(_outer, "MAX_ROW_ENTRIES", budget)
     summed: list[bool] = []
     original = _accumulate._rows_smaller_than_factors
     monkeypatch.setattr(
@@ -115,4 +119,4 @@ def test_tied_embedding_with_a_summed_head(length: int, monkeypatch: pytest.Monk
     engine = Engine(model, batch_dim=0)
     losses = model(torch.randint(0, 6, (EXAMPLES, length)))
     assert_gramian_matches(engine.compute_gramian(losses), jacobian(losses, trainable(model)))
-    assert any(summed) == (length == 40)  # the head's rows summed on long sequences only
+    assert any(summed) == (length == 40 and budget is None)
