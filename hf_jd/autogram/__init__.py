@@ -4,5 +4,6 @@ computed during a backward pass without ever holding ``J`` (Algorithm 3 of Quint
 """
 
 from .engine import Engine
+from .shared_term import SharedTerm, split_shared_term
 
-__all__ = ["Engine"]
+__all__ = ["Engine", "SharedTerm", "split_shared_term"]

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._shared_term import SharedTerm
+from ..autogram.shared_term import SharedTerm
 
 __all__ = ["LossCollector", "ComputeLosses", "forward_accepts", "forward_declares", "takes_loss_reduction"]
 

@@ -33,8 +33,8 @@ from torch import Tensor, nn
 
 from ..aggregation import Aggregator, GramianWeightedAggregator
 from ..aggregation._base import update_is_weighted_rows
+from ..autogram.shared_term import SharedTerm
 from ._distributed import CommunicationLog, all_processes_true, global_mtl_jacobian
-from ._shared_term import SharedTerm
 from ._stats import StatsAccumulator, gramian_stats, loss_stats, weight_stats
 
 __all__ = ["JDStep", "NonFiniteLossError", "select_modules", "StepResult"]
@@ -418,7 +418,7 @@ class JDStep:
         shared_term
             Called after ``forward``: the split of ``iwrm`` losses into the examples' own losses and a term shared by
             them, or ``None``. The autogram engine then computes the Gramian from the split's per-example rows
-            (:mod:`hf_jd.trainer._shared_term`) instead of the losses, which mix the examples.
+            (:mod:`hf_jd.autogram.shared_term`) instead of the losses, which mix the examples.
 
         Returns
         -------

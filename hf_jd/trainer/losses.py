@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.models.auto import modeling_auto
 
-from ._shared_term import SharedTerm, shared_term
+from ..autogram.shared_term import SharedTerm, split_shared_term
 
 ModelKind = Literal[
     "sequence_classification",
@@ -566,7 +566,7 @@ def per_example_losses_and_router_term(
 def router_loss_split(outputs: Any, own: Tensor, term: Tensor) -> SharedTerm | None:
     """The split of the per-example losses ``own + term`` of a mixture-of-experts causal LM, with ``term`` its
     load-balancing loss times its coefficient, by the router logits through which alone that term depends on the
-    parameters (see :mod:`hf_jd.trainer._shared_term`), or ``None`` when it depends on them otherwise.
+    parameters (see :mod:`hf_jd.autogram.shared_term`), or ``None`` when it depends on them otherwise.
 
     Parameters
     ----------
@@ -581,4 +581,4 @@ def router_loss_split(outputs: Any, own: Tensor, term: Tensor) -> SharedTerm | N
         The split, or ``None``.
     """
     logits = outputs.get("router_logits") if isinstance(outputs, Mapping) else getattr(outputs, "router_logits", None)
-    return shared_term(own, term, [logits])
+    return split_shared_term(own, term, [logits])

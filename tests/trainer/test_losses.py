@@ -413,3 +413,44 @@ def test_ctc_speech_recognition(reduction):
     torch.testing.assert_close(losses.mean(), model(**inputs, labels=labels).loss, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="Label smoothing"):
         per_example_losses(model, model(**inputs), labels, label_smoothing=0.1)
+
+
+@pytest.mark.parametrize(
+    ("model_type", "extra"),
+    [
+        ("qwen2_moe", {"moe_intermediate_size": 32, "shared_expert_intermediate_size": 32, "num_experts": 4}),
+        ("granitemoe", {"num_local_experts": 4}),
+    ],
+)
+def test_mixtures_of_experts_router_loss_split(model_type: str, extra: dict, monkeypatch) -> None:
+    """The built-in causal LM losses of mixtures of experts with their load-balancing term (Mixtral's is tested through
+    the trainer) are split by example (:func:`router_loss_split`): the Gramian is exact, without the engine's per-row
+    pass."""
+    import transformers
+    from jd_trainer_helpers import explicit_jacobian, trainable
+
+    from hf_jd.autogram import Engine
+    from hf_jd.autogram import engine as engine_module
+    from hf_jd.trainer.losses import per_example_losses_and_router_term, router_loss_split
+
+    per_row: list[int] = []
+    original = engine_module.grads_per_row
+    monkeypatch.setattr(engine_module, "grads_per_row", lambda *args: per_row.append(1) or original(*args))
+    torch.manual_seed(0)
+    config = transformers.AutoConfig.for_model(
+        model_type, vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+        intermediate_size=64, max_position_embeddings=64, output_router_logits=True, router_aux_loss_coef=0.3,
+        num_experts_per_tok=2, **extra,
+    )
+    model = transformers.AutoModelForCausalLM.from_config(config).train()
+    engine = Engine(model, batch_dim=0)
+    ids = torch.randint(1, 100, (4, 8))
+    outputs = model(input_ids=ids)
+    own, term = per_example_losses_and_router_term(model, outputs, ids)
+    assert term is not None
+    split = router_loss_split(outputs, own, term)
+    assert split is not None
+    jacobian = explicit_jacobian(own + term, trainable(model))
+    gramian = split.gramian(engine.compute_gramian(split.rows()))
+    torch.testing.assert_close(gramian, jacobian @ jacobian.T, rtol=1e-4, atol=1e-5)
+    assert per_row == []

@@ -17,6 +17,19 @@ each of which depends on example ``j`` only. The engine then takes its per-examp
 and ``Σ_i w_i L_i`` has the gradient of the rows weighted by ``w_i`` and ``Σ_i w_i`` (:meth:`SharedTerm.row_weights`).
 Were the rows of the sources not laid out example by example, the pieces would mix examples (the engine's checks then
 take the per-row pass), but their gradients would still sum to ``a``: the Gramian stays exact either way.
+
+Use (JDTrainer does this for its built-in ``iwrm`` losses)::
+
+    outputs = model(input_ids=ids)  # a mixture of experts with output_router_logits=True
+    own = per_token_losses(outputs.logits, labels).mean(dim=1)  # [B]
+    term = model.router_aux_loss_coef * outputs.aux_loss
+    split = split_shared_term(own, term, [outputs.router_logits])
+    if split is None:  # the term depends on the parameters otherwise: the losses as they are
+        gramian = engine.compute_gramian(own + term)
+    else:
+        gramian = split.gramian(engine.compute_gramian(split.rows()))
+    weights = weighting(gramian)
+    (weights * (own + term)).sum().backward()
 """
 
 from __future__ import annotations
@@ -28,7 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["SharedTerm", "shared_term"]
+__all__ = ["SharedTerm", "split_shared_term"]
 
 _LEAF_NODE = "AccumulateGrad"
 
@@ -45,7 +58,7 @@ class SharedTerm:
         The shared term, a scalar.
     sources
         The tensors through which alone the term depends on the parameters, each with ``B·k`` rows, example by
-        example (checked by :func:`shared_term`).
+        example (checked by :func:`split_shared_term`).
     """
 
     own: Tensor
@@ -107,7 +120,7 @@ class SharedTerm:
         return torch.stack([weights, weights.sum().expand_as(weights)], dim=1)
 
 
-def shared_term(own: Tensor, term: Tensor, sources: Sequence[Any]) -> SharedTerm | None:
+def split_shared_term(own: Tensor, term: Tensor, sources: Sequence[Any]) -> SharedTerm | None:
     """The :class:`SharedTerm` of ``own + term``, or ``None`` when the term cannot be split by example: it depends on a
     parameter other than through the floating tensors of ``sources`` that have a multiple of ``B`` rows (or none
     of them requires grad).
