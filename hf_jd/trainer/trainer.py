@@ -478,6 +478,7 @@ class JDTrainer(Trainer):
             )
             self._warn_if_single_row(result.losses, inputs)
             del forward, inputs  # the batch is no longer referenced (forward holds it as its default)
+            self._loss_collector.shared_term = None  # (nor the graph of its losses)
             # As Trainer.training_step does (it is replaced here): free the accelerator's cached memory.
             empty_cache_steps = self.args.torch_empty_cache_steps
             if empty_cache_steps is not None and self.state.global_step % empty_cache_steps == 0:

@@ -284,8 +284,9 @@ def test_mixture_of_experts_router_loss_first_step_equals_hand_computation(tmp_p
     per_row: list[int] = []
     original = engine_module.grads_per_row
     monkeypatch.setattr(engine_module, "grads_per_row", lambda *args: per_row.append(1) or original(*args))
-    train(tmp_path, model, dataset, max_steps=1, callbacks=[capture], jd_single_backward=single_backward)
+    trainer, _ = train(tmp_path, model, dataset, max_steps=1, callbacks=[capture], jd_single_backward=single_backward)
     assert per_row == []
+    assert trainer._loss_collector.shared_term is None  # (the split, holding the step's graph, is not kept)
 
     reference.train()
     batch = collate(dataset, 0, 4)
