@@ -210,10 +210,16 @@ class BroadcastPlan:
     added: bool = False
 
     def _per_example(
-        self, node: Any, steps: list[_Step], group: int, grad_outputs: Sequence[Tensor | None]
+        self,
+        node: Any,
+        steps: list[_Step],
+        group: int,
+        grad_outputs: Sequence[Tensor | None],
+        into: Tensor | None = None,
     ) -> Tensor | None:
         """The per-example gradients, stacked along ``batch_dim``, that one broadcasting node gives the
-        shared output from the gradients of its own outputs; ``None`` when they are not per example."""
+        shared output from the gradients of its own outputs (added to ``into`` when given, another path's, in place);
+        ``None`` when they are not per example."""
         terminal, *rest = steps
         bd = self.batch_dim
         if _name(node) == COMPILED_NODE:
@@ -232,25 +238,34 @@ class BroadcastPlan:
             if full is None or full.dim() <= bd or full.shape[bd] != self.num_examples * group:
                 return None  # not the unreduced, per-example gradient expected: exact path instead
             slices = [full.narrow(bd, example * group, group) for example in range(self.num_examples)]
-        per_example = []
-        for piece in slices:
+        # Each example's gradient written into the stack as it comes (a list of them, then their stack, held two buffers
+        # of the stack's size: DeBERTa's relative-position table is [B, 512, d]).
+        stacked = into
+        for example, piece in enumerate(slices):
             grad = _reduce(piece, terminal.shape)
             for step in rest:
                 grads = step.node(grad)  # a tensor for single-input nodes, else a tuple
                 grad = _reduce(grads if isinstance(grads, Tensor) else grads[step.slot], step.shape)
-            per_example.append(grad)
-        return torch.stack(per_example, dim=bd)
+            if stacked is None:
+                shape = list(grad.shape)
+                shape.insert(bd, len(slices))
+                stacked = grad.new_zeros(shape)
+            target = stacked.select(bd, example)
+            if target.shape != grad.shape:
+                return None
+            target.add_(grad)
+        return stacked
 
     def _add(self, node: Any, steps: list[_Step], group: int, grad_outputs: Sequence[Tensor | None]) -> None:
         if id(node) in self.fired:  # a second pass through the same node would double count
             self.failed = True
             return
         self.fired.add(id(node))
-        stacked = self._per_example(node, steps, group, grad_outputs)
+        stacked = self._per_example(node, steps, group, grad_outputs, into=self.grads)
         if stacked is None:
             self.failed = True
             return
-        self.grads = stacked if self.grads is None else self.grads + stacked
+        self.grads = stacked  # (a later path's gradients added in place to the first's)
         if len(self.fired) == len(self.paths) and self.on_complete is not None:
             grads, self.grads = self.grads.unsqueeze(0), None
             self.added = True

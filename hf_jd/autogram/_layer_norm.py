@@ -253,7 +253,10 @@ class LayerNormRecord(Record):
             weight = self.params.get("weight", cast("Tensor | None", self.module.weight))
             grads = self.rows.clone() if weight is None else self.rows * weight.detach().to(self.rows.dtype).reshape(-1)
             normalised = self.normalised.unsqueeze(1)
-            projection = (grads * normalised).mean(dim=-1, keepdim=True)
+            # (one example at a time: the product of all of them would be another buffer of the rows' size)
+            projection = torch.stack(
+                [(example * table).mean(dim=-1, keepdim=True) for example, table in zip(grads, normalised)]
+            )
             grads.sub_(grads.mean(dim=-1, keepdim=True)).addcmul_(normalised, projection, value=-1)
             assert self.inverse_std is not None  # set by _bind when INPUT_PARAMETER is a parameter
             return grads.mul_(self.inverse_std).reshape(num_rows, -1)
