@@ -244,12 +244,15 @@ class BroadcastPlan:
         for example, piece in enumerate(slices):
             grad = _reduce(piece, terminal.shape)
             for step in rest:
-                grads = step.node(grad)  # a tensor for single-input nodes, else a tuple
+                grads = _call_node(step.node, grad)  # a tensor for single-input nodes, else a tuple
                 grad = _reduce(grads if isinstance(grads, Tensor) else grads[step.slot], step.shape)
             if stacked is None:
                 shape = list(grad.shape)
                 shape.insert(bd, len(slices))
                 stacked = grad.new_zeros(shape)
+            elif stacked.dtype != torch.promote_types(stacked.dtype, grad.dtype):
+                # (paths of several dtypes add up in the wider one, as autograd's sum does)
+                stacked = stacked.to(torch.promote_types(stacked.dtype, grad.dtype))
             target = stacked.select(bd, example)
             if target.shape != grad.shape:
                 return None
@@ -342,6 +345,17 @@ class BroadcastPlan:
         finally:
             for handle in handles:
                 handle.remove()
+
+
+def _call_node(node: Any, grad: Tensor) -> Any:
+    """Call an autograd node on the gradient of its output, cast to that output's dtype first as autograd does (a
+    float32 gradient reaching a bf16 product under autocast, e.g. through a cast of its input)."""
+    metadata = getattr(node, "_input_metadata", None)
+    if metadata:
+        dtype = metadata[0].dtype
+        if grad.dtype != dtype and grad.is_floating_point() and dtype.is_floating_point:
+            grad = grad.to(dtype)
+    return node(grad)
 
 
 def _used_outputs(node: Any) -> int:

@@ -729,3 +729,36 @@ def test_per_example_table_gradients_of_several_paths_in_one_buffer() -> None:
         assert_gramian_matches(gramian, jacobian(losses, trainable(model)))
     stack = examples * positions * 8 * 4  # bytes of the per-example gradients of the projected table
     assert peak <= 3.5 * stack  # (4.25 before)
+
+
+class _NormalisedTableUnderAutocast(nn.Module):
+    """A layer-normalised table of positions (float32 under autocast) broadcast over the batch, also through a Linear
+    layer (a bf16 product under autocast)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.positions = nn.Embedding(8, 8)
+        self.norm = nn.LayerNorm(8)
+        self.linear = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        table = self.norm(self.positions.weight[: inputs.shape[1]]).unsqueeze(0)
+        hidden = self.linear(inputs + table) + inputs * self.linear(table)
+        return self.head(torch.tanh(hidden)).pow(2).mean(dim=1).sum(dim=1)
+
+
+def test_broadcast_path_through_a_bf16_product_under_autocast() -> None:
+    """The plan called the Linear layer's backward node on a float32 gradient while its saved inputs were bf16 (a
+    RuntimeError from the engine); the gradient is now cast to the node's output dtype first, as autograd does."""
+    torch.manual_seed(0)
+    model = _NormalisedTableUnderAutocast()
+    engine = Engine(model, batch_dim=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the table read outside its module's call: from the losses directly)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            losses = model(torch.randn(4, 5, 8))
+        jac = jacobian(losses, trainable(model)).float()
+        gramian = engine.compute_gramian(losses)
+    expected = jac @ jac.T
+    assert float((gramian - expected).abs().max() / expected.abs().max()) < 2e-2  # (bf16 products)
