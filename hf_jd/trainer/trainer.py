@@ -30,6 +30,7 @@ from ._distributed import resolve_ddp_gramian
 from ._stats import loss_stats
 from ._step import JDStep, select_modules
 from .arguments import JDTrainingArguments, _parse_kwargs
+from .losses import unwrap_model
 from .multi_head import MultiHeadModel
 
 logger = logging.get_logger(__name__)
@@ -230,11 +231,8 @@ class JDTrainer(Trainer):
         """Raise for ``jd_task_names`` naming a task a :class:`MultiHeadModel` has no head for (the trainer would look
         for its label column and drop the others, and the model would get no labels); warn for tasks left out."""
         names = self.args.jd_task_names
-        model: Any = self.model
-        for attribute in ("_orig_mod", "get_base_model"):  # torch.compile's OptimizedModule; PEFT
-            inner = getattr(model, attribute, None)
-            if inner is not None:
-                model = inner() if callable(inner) and not isinstance(inner, nn.Module) else inner
+        assert self.model is not None  # Trainer.__init__ raises without a model or model_init
+        model = unwrap_model(self.model)  # (through torch.compile and PEFT)
         if not names or self.compute_losses is not None or not isinstance(model, MultiHeadModel):
             return
         if self.args.jd_mode not in ("mtl", "iwmtl"):
