@@ -116,6 +116,21 @@ class GradCapture(TrainerCallback):
         self.grads.append(flat_grad(model))
 
 
+def count_per_row_passes(monkeypatch: Any) -> list[int]:
+    """A list that gets an entry each time the autogram engine takes its per-row pass (one backward per loss row)."""
+    from hf_jd.autogram import engine as engine_module
+
+    passes: list[int] = []
+    original = engine_module.grads_per_row
+
+    def counted(*args: Any) -> Any:
+        passes.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(engine_module, "grads_per_row", counted)
+    return passes
+
+
 def trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 

@@ -427,15 +427,12 @@ def test_mixtures_of_experts_router_loss_split(model_type: str, extra: dict, mon
     the trainer) are split by example (:func:`router_loss_split`): the Gramian is exact, without the engine's per-row
     pass."""
     import transformers
-    from jd_trainer_helpers import explicit_jacobian, trainable
+    from jd_trainer_helpers import count_per_row_passes, explicit_jacobian, trainable
 
     from hf_jd.autogram import Engine
-    from hf_jd.autogram import engine as engine_module
     from hf_jd.trainer.losses import per_example_losses_and_router_term, router_loss_split
 
-    per_row: list[int] = []
-    original = engine_module.grads_per_row
-    monkeypatch.setattr(engine_module, "grads_per_row", lambda *args: per_row.append(1) or original(*args))
+    per_row = count_per_row_passes(monkeypatch)
     torch.manual_seed(0)
     config = transformers.AutoConfig.for_model(
         model_type, vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,

@@ -33,7 +33,7 @@ from transformers import (
 from hf_jd import JDTrainer, MultiHeadModel
 from hf_jd.aggregation import get_aggregator
 
-from jd_trainer_helpers import GradCapture, collate, explicit_jacobian, make_args, trainable
+from jd_trainer_helpers import GradCapture, collate, count_per_row_passes, explicit_jacobian, make_args, trainable
 
 VOCAB = 100
 LENGTH = 8
@@ -279,11 +279,7 @@ def test_mixture_of_experts_router_loss_first_step_equals_hand_computation(tmp_p
     reference = copy.deepcopy(model)
     dataset = text_dataset("causal")
     capture = GradCapture()
-    from hf_jd.autogram import engine as engine_module
-
-    per_row: list[int] = []
-    original = engine_module.grads_per_row
-    monkeypatch.setattr(engine_module, "grads_per_row", lambda *args: per_row.append(1) or original(*args))
+    per_row = count_per_row_passes(monkeypatch)
     trainer, _ = train(tmp_path, model, dataset, max_steps=1, callbacks=[capture], jd_single_backward=single_backward)
     assert per_row == []
     assert trainer._loss_collector.shared_term is None  # (the split, holding the step's graph, is not kept)
