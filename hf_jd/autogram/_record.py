@@ -93,9 +93,16 @@ def reproduces_output(expected: Tensor, output: Tensor, atol: float = 1e-5) -> b
         ``True`` when they have the same shape and match.
     """
     rtol, atol = (1e-10, 1e-12) if output.dtype == torch.float64 else (1e-4, atol)
-    return expected.shape == output.shape and bool(
-        torch.allclose(expected.to(output.dtype), output.detach(), rtol=rtol, atol=atol)
-    )
+    if expected.shape != output.shape:
+        return False
+    if output.numel() == 0:
+        return True
+    # |expected - output| <= atol + rtol |output| entrywise, as torch.allclose tests it, in three passes over the
+    # tensors instead of its eight (this check runs on every call of a norm look-alike). A NaN anywhere, or an
+    # infinity (inf - inf), fails it: such calls take the exact generic path.
+    output = output.detach()
+    excess = torch.sub(expected.to(output.dtype), output).abs_().sub_(output.abs().mul_(rtol).add_(atol))
+    return bool(excess.max() <= 0)
 
 
 class Record(ABC):
