@@ -23,6 +23,11 @@ __all__ = ["OuterProductRecord", "OuterProductRows"]
 # Largest number of entries of materialised per-row gradients [R, numel] held at once (beyond it
 # they are computed in chunks of the weight's first dimension, and not kept for Engine.backward).
 MAX_ROW_ENTRIES = 2**24
+# The same on the CPU for rows that are only multiplied into the Gramian (not kept): 8 MB of float32. A buffer larger
+# than glibc's largest threshold for recycling freed memory (32 MB) is a fresh mapping whose pages fault in on every
+# step, which costs about as much as the products themselves (one CPU thread, [32, 256 x 1024] rows of a BERT
+# feed-forward layer at T=128: 8193 page faults and 40 ms a call in one chunk against none and 27 ms in 8 MB chunks).
+CPU_CHUNK_ENTRIES = 2**21
 # Cost, in multiply-adds, of writing and reading back one entry of materialised per-row gradients
 # (that path is bound by memory traffic when the rows are large; calibrated on CPU).
 MEMORY_WEIGHT = 100
@@ -142,10 +147,12 @@ class OuterProductRows:
         return self.inputs.shape[-1] if self.transposed else self.grads.shape[-1]
 
     def _chunks(self) -> list[slice]:
-        """Slices of the weight's first dimension whose per-row gradients fit the budget."""
+        """Slices of the weight's first dimension whose per-row gradients fit the budget (the smaller one on the CPU,
+        :data:`CPU_CHUNK_ENTRIES`)."""
         leading = self._leading
         per_slice = self.num_rows * (self.inputs.shape[-1] * self.grads.shape[-1] // leading)
-        size = max(1, MAX_ROW_ENTRIES // max(1, per_slice))
+        budget = CPU_CHUNK_ENTRIES if self.grads.device.type == "cpu" else MAX_ROW_ENTRIES
+        size = max(1, budget // max(1, per_slice))
         return [slice(start, min(start + size, leading)) for start in range(0, leading, size)]
 
     def weight_rows(self, keep: bool = False, part: slice | None = None) -> Tensor:
@@ -213,9 +220,12 @@ class OuterProductRows:
         """
         if self._rows is None and self.prefers_ghost():
             return self.cross_gram(self)
+        entries = self.num_rows * self.inputs.shape[-1] * self.grads.shape[-1]
+        # (rows kept for the single backward's weighted gradient are no larger than the output gradients they replace,
+        # and are computed whole within the larger budget)
+        keep = keep_rows and entries <= self.grads.numel() and entries <= MAX_ROW_ENTRIES
         chunks = self._chunks()
-        if len(chunks) == 1:
-            keep = keep_rows and self.num_rows * self.inputs.shape[-1] * self.grads.shape[-1] <= self.grads.numel()
+        if keep or len(chunks) == 1:
             rows = self.weight_rows(keep=keep)
             return rows @ rows.T
         gram = self.grads.new_zeros(self.num_rows, self.num_rows)

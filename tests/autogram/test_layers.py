@@ -104,7 +104,8 @@ def test_materialised_rows_over_budget_go_in_chunks(monkeypatch: pytest.MonkeyPa
     other = OuterProductRows(torch.randn(2, 9, 3), torch.randn(2, 2, 9, 5), transposed)
     expected = factors.weight_rows() @ factors.weight_rows().T
     expected_cross = factors.weight_rows() @ other.weight_rows().T
-    monkeypatch.setattr(outer, "MAX_ROW_ENTRIES", 4 * 5)  # one row of the weight per chunk
+    monkeypatch.setattr(outer, "MAX_ROW_ENTRIES", 4 * 5)  # (too large to keep)
+    monkeypatch.setattr(outer, "CPU_CHUNK_ENTRIES", 4 * 5)  # one row of the weight per chunk
     assert len(factors._chunks()) == (3 if transposed else 5)
     assert not factors.prefers_ghost()
     torch.testing.assert_close(factors.weight_gram(keep_rows=True), expected, rtol=1e-4, atol=1e-4)

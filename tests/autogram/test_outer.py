@@ -28,7 +28,7 @@ def _explicit_rows(inputs: Tensor, grads: Tensor, transposed: bool) -> Tensor:
 def test_inputs_shared_by_the_examples(transposed: bool, chunked: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(0)
     if chunked:  # (slices of the weight's first dimension at a time)
-        monkeypatch.setattr(_outer, "MAX_ROW_ENTRIES", 64)
+        monkeypatch.setattr(_outer, "CPU_CHUNK_ENTRIES", 64)
     table = torch.randn(7, 5, dtype=torch.float64)
     inputs = table.unsqueeze(0).expand(4, 7, 5)  # [E, T, d_in], stride 0 along the examples
     grads = torch.randn(4, 2, 7, 3, dtype=torch.float64)  # [E, m, T, d_out]
@@ -71,7 +71,7 @@ def test_rows_of_each_use_of_a_shared_weight_are_computed_once(chunked: bool, mo
     the Gram of its summed per-row gradients, each use's rows materialised once (per slice of the weight)."""
     torch.manual_seed(1)
     if chunked:
-        monkeypatch.setattr(_outer, "MAX_ROW_ENTRIES", 12)
+        monkeypatch.setattr(_outer, "CPU_CHUNK_ENTRIES", 12)
     table = torch.randn(9, 3, dtype=torch.float64)
     uses = [  # (long rows of small weights: materialised, not in the ghost form)
         OuterProductRows(torch.randn(4, 12, 3, dtype=torch.float64), torch.randn(4, 1, 12, 2, dtype=torch.float64)),
@@ -91,6 +91,35 @@ def test_rows_of_each_use_of_a_shared_weight_are_computed_once(chunked: bool, mo
     gram = _shared.shared_gram([(_Use(use), "weight") for use in uses], 4, torch.float64)
     torch.testing.assert_close(gram, expected @ expected.T)
     assert len(calls) == len(uses) * len(uses[0]._chunks())
+
+
+def test_rows_on_the_cpu_go_in_smaller_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the CPU, rows only multiplied into the Gramian are materialised within CPU_CHUNK_ENTRIES (buffers that
+    glibc recycles); elsewhere within MAX_ROW_ENTRIES. Rows kept for the single backward are computed whole."""
+    monkeypatch.setattr(_outer, "CPU_CHUNK_ENTRIES", 4 * 3)  # (4 rows x 3 inputs: one row of the weight per chunk)
+    torch.manual_seed(3)
+    inputs, grads = torch.randn(4, 12, 3, dtype=torch.float64), torch.randn(4, 1, 12, 5, dtype=torch.float64)
+    factors = OuterProductRows(inputs, grads)
+    assert not factors.prefers_ghost()
+    assert len(factors._chunks()) == 5
+    assert len(OuterProductRows(inputs.to("meta"), grads.to("meta"))._chunks()) == 1
+    expected = _explicit_rows(inputs, grads, False)
+    parts: list[slice | None] = []
+    original = OuterProductRows.weight_rows
+
+    def recorded(self: OuterProductRows, keep: bool = False, part: slice | None = None) -> Tensor:
+        parts.append(part)
+        return original(self, keep, part)
+
+    monkeypatch.setattr(OuterProductRows, "weight_rows", recorded)
+    torch.testing.assert_close(factors.weight_gram(), expected @ expected.T)
+    assert len(parts) == 5 and None not in parts and factors._rows is None
+    # (kept: 4 x 15 entries, fewer than the 240 of the output gradients they replace)
+    parts.clear()
+    torch.testing.assert_close(factors.weight_gram(keep_rows=True), expected @ expected.T)
+    assert parts == [None] and factors._rows is not None
+    weights = torch.rand(4, 1, dtype=torch.float64)
+    torch.testing.assert_close(factors.weighted_weight_grad(weights), weights.reshape(-1) @ expected)
 
 
 def test_output_gradients_arriving_as_a_permuted_view_are_laid_out_once() -> None:
