@@ -476,6 +476,9 @@ class MultiHeadModel(PreTrainedModel):
         if backbone is None:
             backbone = self._build_backbone(config)
         self.backbone = backbone
+        # The backbone's main input (``pixel_values`` of a vision backbone, ``input_values`` of an audio one), which the
+        # Trainer reads for ``include_for_metrics=["inputs"]`` and ``include_num_input_tokens_seen``.
+        self.main_input_name = getattr(backbone, "main_input_name", None) or "input_ids"
         # Keep a single backbone configuration object, so that changes (e.g. resized embeddings) are saved.
         self.config.backbone_config = self.backbone.config
         # Saved, so that loading rebuilds the same backbone (class, pooler) and not what AutoModel would build.

@@ -214,6 +214,7 @@ class JDTrainer(Trainer):
         self._warn_if_compute_loss_overridden()
         self._warn_about_task_sampling()
         self._check_task_names_of_model()
+        self._warn_about_frozen_heads()
 
     def _warn_if_compute_loss_overridden(self) -> None:
         if type(self).compute_loss is JDTrainer.compute_loss:
@@ -254,6 +255,33 @@ class JDTrainer(Trainer):
                 UserWarning,
                 stacklevel=3,
             )
+
+    def _warn_about_frozen_heads(self) -> None:
+        """Warn when a task head of a :class:`MultiHeadModel` that is trained has no trainable parameter (PEFT's
+        ``get_peft_model`` freezes everything outside its adapters, the randomly initialised heads too)."""
+        assert self.model is not None  # Trainer.__init__ raises without a model or model_init
+        model = unwrap_model(self.model)
+        if self.compute_losses is not None or not isinstance(model, MultiHeadModel):
+            return
+        names = self.args.jd_task_names if self.args.jd_mode in ("mtl", "iwmtl") else None
+        trained = [task for task in (names or model.task_names) if task in model.heads]
+        frozen = [task for task in trained if not any(p.requires_grad for p in model.heads[task].parameters())]
+        if not frozen:
+            return
+        wrappers = (self.model, getattr(self.model, "base_model", None))
+        peft = any("peft" in type(module).__module__ for module in wrappers)
+        hint = (
+            f"peft's get_peft_model freezes every parameter outside its adapters: list the heads in the adapter's "
+            f"configuration, e.g. LoraConfig(..., modules_to_save={frozen})"
+            if peft
+            else "set requires_grad=True on their parameters to train them"
+        )
+        warnings.warn(
+            f"The MultiHeadModel's heads of the tasks {frozen} have no trainable parameters, so they keep their "
+            f"current (at first random) weights while the rest trains. If that is not what you want, {hint}.",
+            UserWarning,
+            stacklevel=3,
+        )
 
     def _warn_about_task_sampling(self) -> None:
         """Say when the ``task_id`` column changes the sampling, or cannot (iterable datasets)."""

@@ -61,3 +61,70 @@ def test_lora_causal_lm_trains(tmp_path):
     assert_trained(before, model, logs, steps=3)
     frozen = [p for n, p in model.named_parameters() if "lora_" not in n]
     assert all(p.grad is None for p in frozen)
+
+
+def _multi_head_model():
+    from transformers import BertConfig
+
+    from hf_jd import MultiHeadModel
+
+    torch.manual_seed(0)
+    backbone = BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                          vocab_size=40, max_position_embeddings=16)  # fmt: skip
+    return MultiHeadModel.from_backbone(
+        backbone, {"topic": {"kind": "classification", "num_labels": 2}, "score": {"kind": "regression"}}
+    )
+
+
+def _multi_task_data():
+    from datasets import Dataset
+
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 40, (8, 6), generator=generator)
+    columns = {"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()}
+    labels = {"labels_topic": (ids[:, 0] % 2).tolist(), "labels_score": (ids[:, 1] / 40).tolist()}
+    return Dataset.from_dict({**columns, **labels})
+
+
+@pytest.mark.parametrize("heads_saved", [False, True])
+def test_lora_on_a_multi_head_model_trains_its_heads_when_listed(tmp_path, heads_saved):
+    """get_peft_model freezes a MultiHeadModel's randomly initialised heads with the rest of the base model: JDTrainer
+    says so (naming modules_to_save) instead of training the adapters under random heads in silence."""
+    import warnings
+
+    from hf_jd import JDTrainer
+
+    from jd_trainer_helpers import make_args
+
+    model = _multi_head_model()
+    saved = ["topic", "score"] if heads_saved else None
+    lora = LoraConfig(r=4, target_modules=["query", "value"], modules_to_save=saved)
+    model = get_peft_model(model, lora)
+    heads_before = {n: p.detach().clone() for n, p in model.named_parameters() if ".heads." in n}
+    args = make_args(tmp_path, jd_mode="mtl", jd_task_names=["topic", "score"],
+                     label_names=["labels_topic", "labels_score"], max_steps=2)  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = JDTrainer(model=model, args=args, train_dataset=_multi_task_data())
+    messages = [str(w.message) for w in caught if "no trainable parameters" in str(w.message)]
+    if heads_saved:
+        assert not messages
+    else:
+        assert len(messages) == 1
+        assert "['topic', 'score']" in messages[0] and "modules_to_save" in messages[0]
+    trainer.train()
+    changed = [n for n, p in model.named_parameters() if ".heads." in n and not torch.equal(p, heads_before[n])]
+    assert bool(changed) == heads_saved
+
+
+def test_frozen_heads_of_a_multi_head_model_are_named_without_peft(tmp_path):
+    from hf_jd import JDTrainer
+
+    from jd_trainer_helpers import make_args
+
+    model = _multi_head_model()
+    model.heads["score"].requires_grad_(False)
+    args = make_args(tmp_path, jd_mode="mtl", jd_task_names=["topic", "score"],
+                     label_names=["labels_topic", "labels_score"])  # fmt: skip
+    with pytest.warns(UserWarning, match=r"tasks \['score'\] have no trainable parameters.*requires_grad=True"):
+        JDTrainer(model=model, args=args, train_dataset=_multi_task_data())

@@ -142,6 +142,35 @@ def test_backbone_inputs_of_a_multi_head_vision_model_are_kept(tmp_path):
     assert all(math.isfinite(metrics[f"eval_loss_{task}"]) for task in TASKS)
 
 
+def test_main_input_of_a_multi_head_vision_model_is_the_backbones(tmp_path):
+    """The Trainer reads the model's main input for include_for_metrics=["inputs"] and for counting the input tokens
+    seen: MultiHeadModel named input_ids whatever its backbone, so a ViT backbone's evaluation raised KeyError and
+    counted no input."""
+    from transformers import ViTConfig
+
+    generator = torch.Generator().manual_seed(0)
+    dataset = Dataset.from_dict({"pixel_values": torch.randn(8, 3, 8, 8, generator=generator).tolist(),
+                                 "labels_topic": [0, 1] * 4})  # fmt: skip
+    torch.manual_seed(0)
+    backbone = ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                         image_size=8, patch_size=4, num_channels=3)  # fmt: skip
+    model = MultiHeadModel.from_backbone(backbone, {"topic": {"kind": "classification", "num_labels": 2}})
+    assert model.main_input_name == "pixel_values"
+    seen_inputs: list[int] = []
+
+    def metrics(prediction) -> dict[str, float]:
+        seen_inputs.append(len(prediction.inputs))
+        return {}
+
+    args = make_args(tmp_path, jd_mode="mtl", jd_task_names=["topic"], label_names=["labels_topic"], max_steps=1,
+                     per_device_train_batch_size=4, include_num_input_tokens_seen=True, include_for_metrics=["inputs"])
+    trainer = JDTrainer(model=model, args=args, train_dataset=dataset, eval_dataset=dataset, compute_metrics=metrics)
+    trainer.train()
+    assert trainer.state.num_input_tokens_seen == 4 * 3 * 8 * 8
+    assert math.isfinite(trainer.evaluate()["eval_loss"])
+    assert seen_inputs == [8]
+
+
 def test_eval_loss_on_merged_datasets_does_not_depend_on_the_batch_size(tmp_path):
     """Batches of merged datasets hold some tasks only: the Trainer's average of per-batch losses (the model's mean
     over the tasks present) moved with the evaluation batch size (1.88 to 3.34 in the report). It is now the mean of
