@@ -198,7 +198,11 @@ def test_relative_links_point_to_existing_files() -> None:
 
 @pytest.mark.slow
 def test_readme_python_blocks_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hf_jd.aggregation import _registry
+
     monkeypatch.chdir(tmp_path)
+    # (the aggregators the README registers are forgotten after it)
+    monkeypatch.setattr(_registry, "_REGISTERED", dict(_registry._REGISTERED))
     namespace: dict[str, object] = {"__name__": "__readme__"}
     for index, block in enumerate(_python_blocks()):
         try:

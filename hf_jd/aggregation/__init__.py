@@ -21,6 +21,8 @@ from ._registry import (
     get_weighting,
     get_weighting_class,
     is_gramian_based,
+    register_aggregator,
+    unregister_aggregator,
 )
 
 _LAZY: dict[str, tuple[str, str]] = {}
@@ -60,5 +62,7 @@ __all__ = [
     "get_weighting",
     "get_weighting_class",
     "is_gramian_based",
+    "register_aggregator",
+    "unregister_aggregator",
     *sorted(_LAZY),
 ]

@@ -575,10 +575,26 @@ def update_is_weighted_rows(aggregator: Aggregator) -> TypeGuard[GramianWeighted
     bool
         ``True`` when the weights determine the update.
     """
+    return isinstance(aggregator, GramianWeightedAggregator) and class_updates_weighted_rows(type(aggregator))
+
+
+def class_updates_weighted_rows(cls: type[Aggregator]) -> bool:
+    """:func:`update_is_weighted_rows` for every instance of ``cls``.
+
+    Parameters
+    ----------
+    cls
+        An aggregator class.
+
+    Returns
+    -------
+    bool
+        ``True`` when the weights of its instances determine their updates.
+    """
     return (
-        isinstance(aggregator, GramianWeightedAggregator)
-        and type(aggregator).aggregate in _WEIGHTED_ROWS_AGGREGATES
-        and type(aggregator).__call__ is Aggregator.__call__
+        issubclass(cls, GramianWeightedAggregator)
+        and cls.aggregate in _WEIGHTED_ROWS_AGGREGATES
+        and cls.__call__ is Aggregator.__call__
     )
 
 

@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ._base import Aggregator, Weighting
+from ._base import Aggregator, GramianWeightedAggregator, Weighting, class_updates_weighted_rows
 
 __all__ = [
     "AggregatorSpec",
@@ -23,6 +23,8 @@ __all__ = [
     "get_aggregator_class",
     "get_weighting_class",
     "is_gramian_based",
+    "register_aggregator",
+    "unregister_aggregator",
     "REGISTRY",
 ]
 
@@ -57,15 +59,122 @@ REGISTRY: dict[str, AggregatorSpec] = {
 }
 
 
+
+
+class _Registered(NamedTuple):
+    """An aggregator registered at run time: its class (``None`` for a weighting alone) and its weighting's."""
+
+    aggregator: type[Aggregator] | None
+    weighting: type[Weighting] | None
+
+
+# Aggregators registered with register_aggregator, by normalised name.
+_REGISTERED: dict[str, _Registered] = {}
+
+
+def _key(name: str) -> str:
+    """The registry key of ``name``: surrounding spaces dropped, lower case, ``-`` read as ``_``."""
+    if not isinstance(name, str):
+        raise TypeError(f"An aggregator name must be a string, got {type(name).__name__}.")
+    return name.strip().lower().replace("-", "_")
+
+
+def register_aggregator(
+    name: str, aggregator: type[Aggregator] | None = None, *, weighting: type[Weighting] | None = None
+) -> None:
+    """Make an aggregator of your own available by name, next to the built-in ones: to :func:`get_aggregator`,
+    :func:`get_weighting`, and to ``JDTrainingArguments(jd_aggregator=name, jd_aggregator_kwargs=...)`` (whose
+    ``jd_engine="auto"`` then picks the autogram engine when it has a weighting).
+
+    Register it before building the arguments, in every process of a multi-process run (at the top of the training
+    script), and again before resuming from a checkpoint that names it. Registering a name again replaces the
+    earlier registration.
+
+    Parameters
+    ----------
+    name
+        The name (spaces around it are dropped, case is ignored and ``-`` reads as ``_``); not a built-in one.
+    aggregator
+        An :class:`Aggregator` subclass, built with the keyword arguments given by name (``jd_aggregator_kwargs``).
+        A subclass of :class:`GramianWeightedAggregator` that does not override ``aggregate`` or ``__call__`` counts
+        as Gramian-based (its update is the rows weighted by its weighting: usable by the autogram engine).
+    weighting
+        A :class:`Weighting` subclass (Gramian → weights), built with those keyword arguments. Given alone, the
+        aggregator is ``GramianWeightedAggregator(weighting(**kwargs))``.
+
+    Raises
+    ------
+    TypeError
+        If ``name`` is not a string, neither class is given, or one is not a subclass of the expected base (a class,
+        not an instance).
+    ValueError
+        If ``name`` is empty or the name of a built-in aggregator.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from hf_jd.aggregation import Weighting, get_aggregator, register_aggregator, unregister_aggregator
+    >>> class InverseNorm(Weighting):
+    ...     \"\"\"Weights each loss by the inverse norm of its gradient.\"\"\"
+    ...     def __init__(self, eps: float = 1e-8) -> None:
+    ...         self.eps = eps
+    ...     def compute(self, gramian: torch.Tensor) -> torch.Tensor:
+    ...         return 1 / (gramian.diagonal().sqrt() + self.eps) / gramian.shape[0]
+    >>> register_aggregator("inverse_norm", weighting=InverseNorm)
+    >>> get_aggregator("inverse_norm", eps=0.0)(torch.tensor([[3.0, 4.0], [0.0, 2.0]]))
+    tensor([0.3000, 0.9000])
+    >>> unregister_aggregator("inverse_norm")
+    """
+    key = _key(name)
+    if not key:
+        raise ValueError("An aggregator name must not be empty.")
+    if key in REGISTRY:
+        raise ValueError(
+            f"{name!r} is the name of a built-in aggregator of hf_jd: register yours under another name."
+        )
+    if aggregator is None and weighting is None:
+        raise TypeError(f"register_aggregator({name!r}) needs the aggregator class, the weighting class, or both.")
+    for given, base, keyword in ((aggregator, Aggregator, "aggregator"), (weighting, Weighting, "weighting")):
+        if given is not None and not (isinstance(given, type) and issubclass(given, base)):
+            what = f"an instance of {type(given).__name__}" if not isinstance(given, type) else repr(given)
+            raise TypeError(
+                f"register_aggregator's {keyword} must be a subclass of hf_jd.aggregation.{base.__name__} (the class: "
+                f"it is built with the keyword arguments given by name), got {what}."
+            )
+    _REGISTERED[key] = _Registered(aggregator, weighting)
+
+
+def unregister_aggregator(name: str) -> None:
+    """Remove an aggregator registered with :func:`register_aggregator`.
+
+    Parameters
+    ----------
+    name
+        Its name.
+
+    Raises
+    ------
+    ValueError
+        If no aggregator was registered under ``name`` (built-in ones cannot be removed).
+    """
+    key = _key(name)
+    if key not in _REGISTERED:
+        raise ValueError(
+            f"No aggregator was registered under {name!r}"
+            + (" (it is a built-in one, which cannot be removed)." if key in REGISTRY else ".")
+        )
+    del _REGISTERED[key]
+
+
 def available_aggregators() -> list[str]:
-    """Return the registered aggregator names, sorted.
+    """Return the names of the aggregators, built-in and registered, sorted.
 
     Returns
     -------
     list of str
         The names accepted by :func:`get_aggregator`.
     """
-    return sorted(REGISTRY)
+    return sorted({*REGISTRY, *_REGISTERED})
 
 
 def available_weightings() -> list[str]:
@@ -76,18 +185,23 @@ def available_weightings() -> list[str]:
     list of str
         The names accepted by :func:`get_weighting`.
     """
-    return sorted(name for name, spec in REGISTRY.items() if spec.weighting is not None)
+    registered = (name for name, entry in _REGISTERED.items() if entry.weighting is not None)
+    return sorted({*(name for name, spec in REGISTRY.items() if spec.weighting is not None), *registered})
 
 
-def _spec(name: str) -> AggregatorSpec:
-    if not isinstance(name, str):
-        raise TypeError(f"An aggregator name must be a string, got {type(name).__name__}.")
-    key = name.strip().lower().replace("-", "_")
+def _entry(name: str) -> _Registered:
+    """The aggregator and weighting classes of ``name`` (built-in ones imported on first use)."""
+    key = _key(name)
+    if key in _REGISTERED:
+        return _REGISTERED[key]
     if key not in REGISTRY:
         raise ValueError(
-            f"Unknown aggregator {name!r}. Valid names are: {', '.join(available_aggregators())}."
+            f"Unknown aggregator {name!r}. Valid names are: {', '.join(available_aggregators())}. (An aggregator "
+            "of your own takes a name with hf_jd.aggregation.register_aggregator.)"
         )
-    return REGISTRY[key]
+    spec = REGISTRY[key]
+    weighting = None if spec.weighting is None else _load(spec.module, spec.weighting)
+    return _Registered(_load(spec.module, spec.aggregator), weighting)
 
 
 def canonical_name(name: str) -> str:
@@ -110,8 +224,8 @@ def canonical_name(name: str) -> str:
     ValueError
         If no aggregator has that name (the message lists the valid names).
     """
-    _spec(name)  # (raises for a non-string or unknown name)
-    return name.strip().lower().replace("-", "_")
+    _entry(name)  # (raises for a non-string or unknown name)
+    return _key(name)
 
 
 def check_fits_rows(aggregator: Aggregator, num_rows: int) -> None:
@@ -158,7 +272,10 @@ def is_gramian_based(name: str) -> bool:
     ValueError
         If ``name`` is not registered.
     """
-    return _spec(name).weighting is not None
+    entry = _entry(name)
+    if entry.aggregator is None:  # (a weighting registered alone)
+        return True
+    return entry.weighting is not None if _key(name) in REGISTRY else class_updates_weighted_rows(entry.aggregator)
 
 
 def get_aggregator_class(name: str) -> type[Aggregator]:
@@ -179,8 +296,8 @@ def get_aggregator_class(name: str) -> type[Aggregator]:
     ValueError
         If ``name`` is not registered.
     """
-    spec = _spec(name)
-    return _load(spec.module, spec.aggregator)
+    entry = _entry(name)
+    return GramianWeightedAggregator if entry.aggregator is None else entry.aggregator
 
 
 def get_weighting_class(name: str) -> type[Weighting]:
@@ -201,13 +318,13 @@ def get_weighting_class(name: str) -> type[Weighting]:
     ValueError
         If ``name`` is not registered or the aggregator is not Gramian-based.
     """
-    spec = _spec(name)
-    if spec.weighting is None:
+    entry = _entry(name)
+    if entry.weighting is None:
         raise ValueError(
-            f"Aggregator {name!r} is not Gramian-based, so it has no weighting and cannot be used "
-            f"with the autogram engine. Gramian-based aggregators: {', '.join(available_weightings())}."
+            f"Aggregator {name!r} has no weighting (it is not Gramian-based, or was registered without its "
+            f"weighting class). Aggregators with a weighting: {', '.join(available_weightings())}."
         )
-    return _load(spec.module, spec.weighting)
+    return entry.weighting
 
 
 def _kind_of(cls: type[Aggregator] | type[Weighting]) -> str:
@@ -265,7 +382,11 @@ def get_aggregator(name: str, **kwargs: Any) -> Aggregator:
     TypeError
         If a keyword argument is not accepted by the aggregator (the message names it).
     """
-    return _instantiate(get_aggregator_class(name), name, kwargs)
+    entry = _entry(name)
+    if entry.aggregator is None:  # (a weighting registered alone)
+        assert entry.weighting is not None
+        return GramianWeightedAggregator(_instantiate(entry.weighting, name, kwargs))
+    return _instantiate(entry.aggregator, name, kwargs)
 
 
 def get_weighting(name: str, **kwargs: Any) -> Weighting:

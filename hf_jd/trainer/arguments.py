@@ -284,13 +284,20 @@ class JDTrainingArguments(TrainingArguments):
         resolve_ddp_gramian(self.jd_ddp_gramian, self.jd_mode)  # 'global' with iwrm/iwmtl is not implemented
 
         if not isinstance(self.jd_aggregator, str):
-            raise ValueError(f"jd_aggregator must be a string name, got {type(self.jd_aggregator).__name__}.")
+            raise ValueError(
+                f"jd_aggregator must be a string name, got {type(self.jd_aggregator).__name__} (the arguments are "
+                "saved and parsed as text). Give a built-in aggregator's name with its constructor's arguments as "
+                "jd_aggregator_kwargs (e.g. jd_aggregator='upgrad', jd_aggregator_kwargs={'reg_eps': 1e-3}), or "
+                "give a class of your own a name first with hf_jd.aggregation.register_aggregator(name, "
+                "aggregator_class) or register_aggregator(name, weighting=weighting_class)."
+            )
         name = self.jd_aggregator.strip().lower().replace("-", "_")
         if name not in available_aggregators():
             suggestion = _did_you_mean(self.jd_aggregator, available_aggregators())
             raise ValueError(
                 f"Unknown jd_aggregator {self.jd_aggregator!r}.{suggestion} Valid names are: "
-                f"{', '.join(available_aggregators())}."
+                f"{', '.join(available_aggregators())}. (An aggregator of your own takes a name with "
+                "hf_jd.aggregation.register_aggregator, before the arguments are built.)"
             )
         self.jd_aggregator = name
         self.jd_aggregator_kwargs = _parse_kwargs(self.jd_aggregator_kwargs)
