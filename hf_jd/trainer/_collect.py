@@ -263,7 +263,9 @@ class LossCollector:
         if not present:
             raise ValueError(
                 "jd_mode='iwrm' computes one loss per example from the labels, but the batch has no "
-                f"{self.label_names or ['labels']} entry. Add labels to the dataset or pass `compute_losses=`."
+                f"{self.label_names or ['labels']} entry. Add labels to the dataset or pass `compute_losses=`. "
+                "A label column of another name needs label_names=[its name] in the arguments (the Trainer drops "
+                "the columns that the model's forward does not take, label_names excepted)."
                 + _task_labels_hint(inputs, unwrapped)
             )
         labels: Any = inputs[present[0]]

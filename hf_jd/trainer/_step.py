@@ -657,8 +657,9 @@ class JDStep:
             self.engine.reset()
         if self.nonfinite == "raise":
             raise NonFiniteLossError(
-                f"Non-finite value (inf or nan) in {what} at global step {global_step}. Lower the learning rate, "
-                "check the data and labels, or set jd_nonfinite='skip' to skip such micro-batches."
+                f"Non-finite value (inf or nan) in {what} at training step {global_step + 1} (the logs' step; "
+                f"state.global_step {global_step}). Check the data and labels (and lower the learning rate if the "
+                "losses grew until they overflowed), or set jd_nonfinite='skip' to skip such micro-batches."
             )
         self.skipped_steps += 1
         if world_size > 1 and self._model is not None:
@@ -687,7 +688,8 @@ class JDStep:
         else:
             where = f"example(s) {rows[:10]}"
         warnings.warn(
-            f"At global step {global_step} the update of {type(self.aggregator).__name__} for a micro-batch is zero, "
+            f"At training step {global_step + 1} the update of {type(self.aggregator).__name__} for a micro-batch is "
+            "zero, "
             f"and {where} of that batch have no labelled target (every label -100: loss 0, a zero row of the "
             "Jacobian). An aggregator that returns a point of the convex hull of the rows (MGDA's smallest one, "
             "Krum's choice of a row) returns 0 as soon as one row is zero, whatever the other examples. Give every "

@@ -134,6 +134,10 @@ def test_iwrm_without_labels(tmp_path):
     dataset = token_dataset().remove_columns("labels")
     with pytest.raises(ValueError, match="has no \\['labels'\\] entry"):
         _train(tmp_path, model=tiny_bert(), dataset=dataset, jd_mode="iwrm", jd_task_names=None)
+    # (labels in a column of another name: the Trainer dropped it, the message says how to keep it)
+    dataset = token_dataset().rename_column("labels", "y")
+    with pytest.raises(ValueError, match=r"has no \['labels'\] entry.*label_names=\[its name\]"):
+        _train(tmp_path, model=tiny_bert(), dataset=dataset, jd_mode="iwrm", jd_task_names=None)
 
 
 def test_iwrm_on_task_labels_suggests_the_multi_task_modes(tmp_path):
@@ -165,7 +169,8 @@ def _nan_on_call(call_to_break: int, task: str):
 
 @pytest.mark.parametrize("engine", ["autojac", "autogram"])
 def test_nonfinite_loss_raises_with_task_and_step(tmp_path, engine):
-    with pytest.raises(NonFiniteLossError, match=r"task\(s\) \['b'\] at global step 1\b.*jd_nonfinite='skip'"):
+    expected = r"task\(s\) \['b'\] at training step 2 \(the logs' step; state.global_step 1\).*jd_nonfinite='skip'"
+    with pytest.raises(NonFiniteLossError, match=expected):
         _train(tmp_path, compute_losses=_nan_on_call(2, "b"), jd_engine=engine, max_steps=3)
 
 
@@ -185,7 +190,7 @@ def test_nonfinite_iwrm_names_examples(tmp_path):
         losses = torch.nn.functional.cross_entropy(out.logits, labels, reduction="none")
         return losses * torch.tensor([1.0, float("inf"), 1.0, 1.0]), out
 
-    with pytest.raises(NonFiniteLossError, match=r"example\(s\) \[1\] of the batch at global step 0"):
+    with pytest.raises(NonFiniteLossError, match=r"example\(s\) \[1\] of the batch at training step 1\b"):
         _train(tmp_path, model=tiny_bert(), dataset=token_dataset(), compute_losses=compute_losses,
                jd_mode="iwrm", jd_task_names=None)  # fmt: skip
 
