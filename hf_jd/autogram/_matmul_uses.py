@@ -402,25 +402,31 @@ def examples_of_rows(grads: Tensor, weights: Tensor, rtol: float) -> Tensor | No
     ``-1`` for blocks with no gradient; ``None`` if a block is reached by several examples."""
     plain, scaled = grads[0], grads[1:]
     square = (plain * plain).sum(1)
-    # Rows whose gradients are rounding noise of the largest row's (e.g. 1e-12 where the others are 1e-3) give
-    # meaningless ratios: taken for rows without gradient (their share of the Gramian is below rounding too).
+    # Rows whose gradients may be rounding noise of the largest row's (e.g. 1e-12 where the others are 1e-3) can give
+    # meaningless ratios: such a row that fits no example is taken for a row without gradient (its share of the
+    # Gramian is below rounding too). One that fits an example is that example's: rows of different examples may
+    # differ by many orders of magnitude for real (a left-padded position's gradient of 1e7 beside others of 10, whose
+    # share of their own examples' Gramian entries is anything but rounding).
     noise = (64 * torch.finfo(plain.dtype).eps) ** 2 * square.amax() if square.numel() else square.new_tensor(0.0)
-    zero = square <= noise
-    if bool(((scaled[:, zero] ** 2).sum(2) > 9 * noise).any()):
+    small = square <= noise
+    if bool(((scaled[:, small] ** 2).sum(2) > 9 * noise).any()):
         return None
     ratios = (scaled * plain).sum(2) / square.clamp_min(torch.finfo(plain.dtype).tiny)  # [2, R]
     residual = (scaled - ratios.unsqueeze(2) * plain).norm(dim=2)
-    if bool((residual[:, ~zero] > rtol * scaled.norm(dim=2)[:, ~zero]).any()):
-        return None
     distance = (ratios.unsqueeze(2) - weights.unsqueeze(1)).abs()  # [2, R, E]
     closest, examples = distance.min(2)
     # To rounding only: a row that several examples reach with parallel gradients (a loss linear in the call's
     # output) has ratios that average their weights, which match no single example's in both w and w' (see
     # check_weights).
-    fits = closest <= rtol * weights.abs().amax()
-    if bool((~fits[:, ~zero]).any()) or bool((examples[0] != examples[1])[~zero].any()):
+    fits = (
+        (residual <= rtol * scaled.norm(dim=2)).all(0)
+        & (closest <= rtol * weights.abs().amax()).all(0)
+        & (examples[0] == examples[1])
+        & (square > 0)
+    )
+    if bool((~fits & ~small).any()):
         return None
-    return torch.where(zero, torch.full_like(examples[0], -1), examples[0])
+    return torch.where(fits, examples[0], torch.full_like(examples[0], -1))
 
 
 def _block_sums(left: Tensor, right: Tensor, keys: Tensor, num_keys: int) -> Tensor:

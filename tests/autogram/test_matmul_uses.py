@@ -453,3 +453,70 @@ def test_parameter_used_only_in_an_unused_output(single_backward: bool, taken: l
         model.zero_grad(set_to_none=True)
         first, second, _ = model(torch.randn(batch, 8), torch.randn(batch, 8))
         assert_exact_step_with_freed_graph(engine, model, (first - second).pow(2).sum(1), single_backward)
+
+
+def _rows_of(examples: list[int], scales: list[float], num_examples: int, dtype: torch.dtype) -> Tensor:
+    """``[3, R, F]`` gradients of rows of the given examples under the weights ``1, w, w'`` of the check, each row a
+    random direction of the given norm (computed in float64, then cast)."""
+    generator = torch.Generator().manual_seed(0)
+    weights = _matmul_uses.check_weights(num_examples)
+    plain = torch.randn(len(examples), 6, generator=generator, dtype=torch.float64)
+    plain = plain / plain.norm(dim=1, keepdim=True) * torch.tensor(scales, dtype=torch.float64).unsqueeze(1)
+    scaled = weights[:, examples].unsqueeze(2) * plain  # [2, R, F]
+    return torch.cat([plain.unsqueeze(0), scaled]).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rows_of_examples_whose_gradients_differ_by_orders_of_magnitude_are_kept(dtype: torch.dtype) -> None:
+    """A row of 10 beside one of 4e7 (a left-padded position's gradient in Gemma-4's experts, for real): in float32 it
+    was taken for rounding noise of the largest row and dropped from its example's gradient (its Gramian 5% off)."""
+    examples = [0, 1, 2, 1, 0]
+    grads = _rows_of(examples, [4e7, 10.0, 3.0, 2e7, 0.5], 3, dtype)
+    rtol = _matmul_uses.RTOL_FLOAT32 * torch.finfo(dtype).eps / torch.finfo(torch.float32).eps
+    found = _matmul_uses.examples_of_rows(grads, _matmul_uses.check_weights(3).to(dtype), rtol)
+    assert found is not None and found.tolist() == examples
+
+
+def test_rows_of_rounding_noise_are_left_out_and_mixed_rows_are_refused() -> None:
+    weights = _matmul_uses.check_weights(3).float()
+    rtol = _matmul_uses.RTOL_FLOAT32
+    grads = _rows_of([0, 2], [1e3, 5.0], 3, torch.float32)
+    noise = torch.randn(3, 1, 6, generator=torch.Generator().manual_seed(1)) * 1e-6  # (no example's ratios)
+    found = _matmul_uses.examples_of_rows(torch.cat([grads, noise], 1), weights, rtol)
+    assert found is not None and found.tolist() == [0, 2, -1]
+    # (a large row that two examples reach: its ratios average their weights)
+    mixed = _rows_of([0], [1e3], 3, torch.float64)
+    mixed[1:] = (mixed[1:] + _rows_of([1], [1e3], 3, torch.float64)[1:]) / 2
+    assert _matmul_uses.examples_of_rows(torch.cat([grads, mixed.float()], 1), weights, rtol) is None
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_gemma4_experts_with_left_padding_and_task_losses(single_backward: bool, taken: list[tuple[str, bool]]) -> None:
+    """Gemma-4's experts under left padding, with two losses per example: some rows' gradients are 1e6 times those of
+    others (found by the twenty-second session's QA round: the float32 Gramian of the experts' down projection was
+    3-60% off, silently)."""
+    config = tf.AutoConfig.for_model(
+        "gemma4_text", vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        head_dim=16, intermediate_size=64, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2, layer_types=["sliding_attention", "full_attention"], sliding_window=4,
+        vocab_size_per_layer_input=V, hidden_size_per_layer_input=8, per_layer_config={}, enable_moe_block=True,
+        num_experts=4, top_k_experts=2, moe_intermediate_size=16,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = tf.AutoModelForCausalLM.from_config(config, experts_implementation="eager").train()
+    torch.manual_seed(3)
+    ids = torch.randint(3, V, (5, 8))
+    mask = torch.ones(5, 8, dtype=torch.long)
+    for example, padded in ((0, 1), (2, 3), (4, 2)):
+        mask[example, :padded] = 0
+    ids[mask == 0] = 0
+    engine = Engine(model, single_backward=single_backward)
+    labels = ids.masked_fill(mask == 0, -100)[:, 1:]
+    token = _CE(model(input_ids=ids, attention_mask=mask).logits[:, :-1].transpose(1, 2), labels, reduction="none")
+    valid = (labels != -100).float()
+    first = (token[:, :3] * valid[:, :3]).sum(1) / valid[:, :3].sum(1).clamp(min=1)
+    last = (token[:, 3:] * valid[:, 3:]).sum(1) / valid[:, 3:].sum(1).clamp(min=1)
+    assert_exact_step_with_freed_graph(engine, model, torch.stack([first, last], 1), single_backward)
+    assert any(module.endswith("Experts") and taken_ for module, taken_ in taken)
