@@ -214,6 +214,14 @@ def layout_of_losses(
                 if batch_source.startswith("an element of a list")
                 else ""
             )
+            + (
+                f" The batch holds {batch_size // num_examples} rows per loss: for a model whose inputs fold several "
+                "rows into each example (MusicGen's [B * codebooks, T] ids), give one loss per input row, or give "
+                "the engine the modules inside the model that see one row per example (e.g. MusicGen's "
+                "Engine(*model.model.decoder.children(), *model.lm_heads))."
+                if num_examples and batch_size > num_examples and batch_size % num_examples == 0
+                else ""
+            )
         )
     if losses.dim() == 1:
         return RowLayout(bd, num_examples, 1), torch.ones_like(losses), False

@@ -374,3 +374,28 @@ def test_keyword_call_takes_the_batch_size_from_input_ids_not_from_more_images()
         model.zero_grad(set_to_none=True)
         losses = model(input_ids=torch.randint(0, 20, (batch, 5)), pixel_values=torch.randn(2 * batch, 5)).pow(2)
         assert_exact_step(engine, losses, trainable(model), False)
+
+
+def test_rows_folded_per_example_get_the_advice_of_one_loss_per_row() -> None:
+    """MusicGen takes ``[B * codebooks, T]`` ids and folds them into ``[B, codebooks, T]``: B losses against a batch of
+    ``B * codebooks`` rows. The error says so and how to proceed; one loss per row works."""
+
+    class Folded(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(10, 4)
+            self.head = nn.Linear(4, 1)
+
+        def forward(self, ids: Tensor) -> Tensor:
+            hidden = self.embed(ids).reshape(-1, 2, ids.shape[1], 4).sum(1)  # [B * 2, T] -> [B, T, d]
+            return self.head(hidden).squeeze(-1)
+
+    model = Folded()
+    engine = Engine(model)
+    ids = torch.randint(0, 10, (6, 4))
+    with pytest.raises(ValueError, match=r"saw a batch of 6 (.|\n)*2 rows per loss(.|\n)*one loss per input row"):
+        engine.compute_gramian(model(ids).pow(2).mean(1))
+    engine.remove()
+    per_row = Engine(model)
+    losses = model(ids).pow(2).repeat_interleave(2, dim=0).mean(1) * torch.arange(1.0, 7.0)
+    assert_gramian_matches(per_row.compute_gramian(losses), jacobian(losses, trainable(model)))
