@@ -12,7 +12,7 @@ vector-Jacobian products can start there instead, through that one operation.
 The walk follows each parameter forward through the operations on the parameters alone
 (``clamp(logit_scale).exp()`` in Swinv2's attention) to the first operations on every path that take another
 input too; all of them must have outputs split by example (one output, ``k`` times the batch size along
-``batch_dim`` and the batch size along no other dimension). The products of each parameter then start at its own
+``batch_dim``; the grouping is verified). The products of each parameter then start at its own
 uses. Each path from a parameter to the losses must cross exactly one of its uses, so none of them may lie
 upstream of another of the same parameter.
 
@@ -50,19 +50,25 @@ from ._record import Record
 __all__ = ["start_at_uses"]
 
 
-def _rows_per_example(node: Any, batch_dim: int, batch_size: int) -> int:
+def _rows_per_example(node: Any, batch_dim: int, batch_size: int, coincident: bool = False) -> int:
     """``k`` when a one-output node's output has ``k * batch_size`` entries along ``batch_dim`` and the batch size
     along no other dimension (``k > 1``: rows flattened, e.g. an in-place write into a view of a Linear's
-    ``[B * T, d]`` output, whose grouping by example the engine then verifies), else 0."""
+    ``[B * T, d]`` output, whose grouping by example the engine then verifies), else 0; with ``coincident``, also
+    when other dimensions have the batch size."""
     metadata = getattr(node, "_input_metadata", None)
     if metadata is None or len(metadata) != 1:
         return 0
     shape = torch.Size(metadata[0].shape)
     if len(shape) <= batch_dim or shape[batch_dim] == 0 or shape[batch_dim] % batch_size:
         return 0
-    if batch_size > 1 and any(size == batch_size for dim, size in enumerate(shape) if dim != batch_dim):
+    if not coincident and _other_sizes_equal(shape, batch_dim, batch_size):
         return 0
     return int(shape[batch_dim]) // batch_size
+
+
+def _other_sizes_equal(shape: torch.Size, batch_dim: int, batch_size: int) -> bool:
+    """Whether a dimension of ``shape`` other than ``batch_dim`` has the batch size (``batch_size > 1``)."""
+    return batch_size > 1 and any(size == batch_size for dim, size in enumerate(shape) if dim != batch_dim)
 
 
 def _upstream_uses(uses: list[Any], call: range | None) -> list[frozenset[int]]:
@@ -155,7 +161,18 @@ def _uses_of(
                     products_only = False  # (e.g. a convolution through the weight)
                 if record.nodes is not None and consumer._sequence_nr() not in record.nodes:
                     return None  # (e.g. a parameter returned by the call)
-                rows = _rows_per_example(consumer, batch_dim, batch_size)
+                # A use with the batch size along other dimensions too (Mamba's [B, d, T, N] time steps with T = B or
+                # N = B) is taken as well, its grouping verified as every use's: passing it over sent the products
+                # through the selective scan's loop after it, once per example and position. Unless it takes rows
+                # picked by the data (sorted, gathered): then the walk goes on as for a tensor not split by example.
+                rows = _rows_per_example(consumer, batch_dim, batch_size, coincident=True)
+                if rows and _other_sizes_equal(torch.Size(consumer._input_metadata[0].shape), batch_dim, batch_size):
+                    if any(
+                        _picked_by_the_data(child)
+                        for child, _ in consumer.next_functions
+                        if child is not None and child not in parameters_only and child is not alias.grad_fn
+                    ):
+                        rows = 0
                 if not rows:
                     stack.append(consumer)  # not split by example (yet): its products are followed further
                     continue

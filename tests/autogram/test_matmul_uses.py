@@ -490,11 +490,14 @@ def test_rows_of_rounding_noise_are_left_out_and_mixed_rows_are_refused() -> Non
     assert _matmul_uses.examples_of_rows(torch.cat([grads, mixed.float()], 1), weights, rtol) is None
 
 
+@pytest.mark.parametrize(("batch", "tasks"), [(5, 2), (12, 1)])
 @pytest.mark.parametrize("single_backward", [False, True])
-def test_gemma4_experts_with_left_padding_and_task_losses(single_backward: bool, taken: list[tuple[str, bool]]) -> None:
-    """Gemma-4's experts under left padding, with two losses per example: some rows' gradients are 1e6 times those of
-    others (found by the twenty-second session's QA round: the float32 Gramian of the experts' down projection was
-    3-60% off, silently)."""
+def test_gemma4_experts_with_padding_tokens(
+    single_backward: bool, batch: int, tasks: int, taken: list[tuple[str, bool]]
+) -> None:
+    """Gemma-4's experts on padding tokens (whose embedding row is zero, and whose rows' gradients are then 1e6 times
+    the others'), with two losses per example or one: found by the twenty-second session's QA round, the float32
+    Gramian of the experts' down projection was 3-60% off, silently."""
     config = tf.AutoConfig.for_model(
         "gemma4_text", vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
         head_dim=16, intermediate_size=64, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
@@ -507,8 +510,8 @@ def test_gemma4_experts_with_left_padding_and_task_losses(single_backward: bool,
         warnings.simplefilter("ignore")
         model = tf.AutoModelForCausalLM.from_config(config, experts_implementation="eager").train()
     torch.manual_seed(3)
-    ids = torch.randint(3, V, (5, 8))
-    mask = torch.ones(5, 8, dtype=torch.long)
+    ids = torch.randint(3, V, (batch, 8))
+    mask = torch.ones(batch, 8, dtype=torch.long)
     for example, padded in ((0, 1), (2, 3), (4, 2)):
         mask[example, :padded] = 0
     ids[mask == 0] = 0
@@ -516,7 +519,11 @@ def test_gemma4_experts_with_left_padding_and_task_losses(single_backward: bool,
     labels = ids.masked_fill(mask == 0, -100)[:, 1:]
     token = _CE(model(input_ids=ids, attention_mask=mask).logits[:, :-1].transpose(1, 2), labels, reduction="none")
     valid = (labels != -100).float()
-    first = (token[:, :3] * valid[:, :3]).sum(1) / valid[:, :3].sum(1).clamp(min=1)
-    last = (token[:, 3:] * valid[:, 3:]).sum(1) / valid[:, 3:].sum(1).clamp(min=1)
-    assert_exact_step_with_freed_graph(engine, model, torch.stack([first, last], 1), single_backward)
+    if tasks == 1:
+        losses = (token * valid).sum(1) / valid.sum(1)
+    else:
+        first = (token[:, :3] * valid[:, :3]).sum(1) / valid[:, :3].sum(1).clamp(min=1)
+        last = (token[:, 3:] * valid[:, 3:]).sum(1) / valid[:, 3:].sum(1).clamp(min=1)
+        losses = torch.stack([first, last], 1)
+    assert_exact_step_with_freed_graph(engine, model, losses, single_backward)
     assert any(module.endswith("Experts") and taken_ for module, taken_ in taken)
