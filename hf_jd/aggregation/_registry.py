@@ -59,8 +59,6 @@ REGISTRY: dict[str, AggregatorSpec] = {
 }
 
 
-
-
 class _Registered(NamedTuple):
     """An aggregator registered at run time: its class (``None`` for a weighting alone) and its weighting's."""
 

@@ -405,8 +405,8 @@ def examples_of_rows(grads: Tensor, weights: Tensor, rtol: float) -> Tensor | No
     # Rows whose gradients may be rounding noise of the largest row's (e.g. 1e-12 where the others are 1e-3) can give
     # meaningless ratios: such a row that fits no example is taken for a row without gradient (its share of the
     # Gramian is below rounding too). One that fits an example is that example's: rows of different examples may
-    # differ by many orders of magnitude for real (a left-padded position's gradient of 1e7 beside others of 10, whose
-    # share of their own examples' Gramian entries is anything but rounding).
+    # differ by many orders of magnitude for real (Gemma-4's experts: rows of 1e7 on padding tokens beside others of
+    # 10, whose share of their own examples' Gramian entries is anything but rounding).
     noise = (64 * torch.finfo(plain.dtype).eps) ** 2 * square.amax() if square.numel() else square.new_tensor(0.0)
     small = square <= noise
     if bool(((scaled[:, small] ** 2).sum(2) > 9 * noise).any()):
