@@ -1263,14 +1263,15 @@ class Engine:
         raise RuntimeError(
             "The autogram engine's Gramian does not account for all uses of the covered parameters: "
             f"‖Jᵀw‖² = {actual:.6g} by autograd but wᵀ G w = {expected:.6g} from the Gramian (relative "
-            f"difference {abs(actual - expected) / max(abs(actual), abs(expected)):.2e}). Most likely a "
-            "parameter is used outside the forward pass of the module that owns it (e.g. a parent module "
-            "calling F.linear(x, self.child.weight) instead of self.child(x)), which the engine cannot "
-            "attribute. Call the owning module instead, freeze that parameter, or leave its module out of "
-            "the engine (jd_modules), or use the autojac engine. Also check that per-example task losses "
-            "are shaped [B, m] (examples first), not [m, B]. If the per-example gradients are tiny or nearly cancel "
-            f"(‖Jᵀw‖² = {actual:.3g} here), float32 rounding may explain the difference instead: the same check on "
-            "a float64 copy of the model (model.double()) then passes."
+            f"difference {abs(actual - expected) / max(abs(actual), abs(expected)):.2e}). Known causes: a "
+            "parameter used outside the forward pass of the module that owns it in a way the engine cannot "
+            "attribute (e.g. a parent module calling F.linear(x, self.child.weight) instead of self.child(x)): "
+            "call the owning module instead, freeze that parameter, or leave its module out of the engine "
+            "(jd_modules); per-example task losses shaped [m, B] instead of [B, m] (examples first); and, when the "
+            f"per-example gradients are tiny or nearly cancel (‖Jᵀw‖² = {actual:.3g} here), float32 rounding, "
+            "which the same check on a float64 copy of the model (model.double()) tells apart. If none applies, "
+            "this is a bug of hf_jd's autogram engine: please report it with the model's configuration and the "
+            "inputs. The autojac engine (jd_engine='autojac', or hf_jd.autojac) is exact meanwhile."
         )
 
     def backward(self, weights: Tensor) -> None:

@@ -125,8 +125,11 @@ def test_check_gramian_detects_a_wrong_gramian() -> None:
     gramian = engine.compute_gramian(losses)
     with pytest.raises(RuntimeError, match="does not account") as raised:
         engine.check_gramian(losses, gramian * 0.9)
-    # (the message also names the other explanation, float32 rounding of tiny or cancelling gradients)
+    # (the message also names the other explanation, float32 rounding of tiny or cancelling gradients, and, when none
+    # of the known causes applies, says that it is the engine's bug, to be reported, with the exact engine meanwhile)
     assert "float64 copy of the model" in str(raised.value)
+    assert "bug of hf_jd's autogram engine: please report it" in str(raised.value)
+    assert "jd_engine='autojac'" in str(raised.value)
 
 
 def _identical_choices(model: nn.Module) -> Tensor:
