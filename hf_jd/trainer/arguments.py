@@ -161,7 +161,10 @@ class JDTrainingArguments(TrainingArguments):
     )
     jd_aggregator: str = field(
         default="upgrad",
-        metadata={"help": f"Name of the aggregator of the Jacobian. One of: {', '.join(available_aggregators())}."},
+        metadata={
+            "help": f"Name of the aggregator of the Jacobian. One of: {', '.join(available_aggregators())}; or a name "
+            "given to an aggregator of your own with hf_jd.aggregation.register_aggregator."
+        },
     )
     jd_aggregator_kwargs: dict[str, Any] | str | None = field(
         default=None,
