@@ -579,9 +579,11 @@ class Engine:
             "loss term over the whole batch such as a router's auxiliary loss), so the engine's closed forms do not "
             "apply to them: their per-row gradients come from a batched backward pass over the "
             f"{layout.num_rows} loss rows, exact but costing up to one backward pass per row. If the examples are "
-            "meant to be independent, look for such mixing; if these parameters need not be in the Jacobian, leave "
-            "their modules out of the engine (JDTrainer: jd_modules) or freeze them. This warning is shown once per "
-            "engine.",
+            "meant to be independent, look for such mixing; a term shared by the examples that depends on the "
+            "parameters through some per-example tensors only (a mixture of experts' load-balancing loss, through "
+            "the router logits) can be given to the engine split by example with hf_jd.autogram.split_shared_term. "
+            "If these parameters need not be in the Jacobian, leave their modules out of the engine (JDTrainer: "
+            "jd_modules) or freeze them. This warning is shown once per engine.",
             RuntimeWarning,
             stacklevel=3,
         )

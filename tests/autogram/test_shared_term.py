@@ -86,3 +86,20 @@ def test_split_weights_of_a_shared_term() -> None:
     weights = torch.tensor([0.5, 1.0, 2.0])
     torch.testing.assert_close(SharedTerm.row_weights(weights), torch.tensor([[0.5, 3.5], [1.0, 3.5], [2.0, 3.5]]))
 
+
+
+def test_the_per_row_warning_names_the_split() -> None:
+    """Given the summed losses, the engine takes the per-row pass (exact) and its warning, shown from the second step,
+    points at split_shared_term."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = _Routed()
+    engine = Engine(model, batch_dim=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            own, term, _ = model(torch.randn(EXAMPLES, TOKENS, WIDTH))
+            engine.compute_gramian(own + term)
+    messages = [str(w.message) for w in caught if "per-row gradients come from" in str(w.message)]
+    assert len(messages) == 1 and "hf_jd.autogram.split_shared_term" in messages[0]
