@@ -24,7 +24,7 @@ from transformers.trainer_pt_utils import nested_detach
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput
 from transformers.utils import is_sagemaker_mp_enabled, logging
 
-from ..aggregation import Aggregator, get_aggregator
+from ..aggregation import Aggregator, check_fits_rows, get_aggregator
 from ._collect import ComputeLosses, LossCollector, forward_accepts, forward_declares
 from ._distributed import resolve_ddp_gramian
 from ._stats import loss_stats
@@ -424,11 +424,11 @@ class JDTrainer(Trainer):
             tasks = len(args.jd_task_names)
         probe = copy.deepcopy(self.jd_step.aggregator)
         try:
-            probe(torch.eye(batch_size * tasks))  # (a state set on the full batches, as in training)
+            check_fits_rows(probe, batch_size * tasks)  # (a state set on the full batches, as in training)
         except Exception:  # noqa: BLE001 - the probe only looks for the last batch's failure
             return
         try:
-            probe(torch.eye(last * tasks))
+            check_fits_rows(probe, last * tasks)
         except ValueError as error:
             raise ValueError(
                 f"The training set has {size} examples, so with a batch size of {batch_size} the last batch of "
