@@ -22,6 +22,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
+from torch.nn.utils import parametrize
 
 from ._batched_grad import guarded_grad, is_channels_last
 from ._dispatch import Kind, closed_form_parameters, kind_of, mixes_examples, parametrized_kind, record_class
@@ -161,9 +162,14 @@ def _note_descendants(info: _ModuleInfo) -> None:
     descendants, whose calls it checks."""
     module = info.module
     info.borrowed = borrowed_submodules(module)
+    # The ParametrizationLists of a parametrised module without a closed form (a weight-normalised ConvTranspose1d):
+    # their originals are the module's own, aliased for each call like its direct parameters, and the weight they
+    # compute inside the call is followed through to its uses (see Capture._claims_call).
+    info.borrowed.update({f"parametrizations.{name}": plist for name, plist in parametrization_lists(module).items()})
     # Submodules used directly by this module or by a descendant (nn.MultiheadAttention's out_proj, also under a
     # parent with parameters of its own) are not called.
     borrowed_ids = {id(sub) for owner in module.modules() for sub in borrowed_submodules(owner).values()}
+    borrowed_ids |= {id(sub) for sub in info.borrowed.values()}
     info.trainable_descendants = [
         sub
         for sub in module.modules()
@@ -588,7 +594,7 @@ class Capture:
                     and not (
                         containers and any(True for sub in borrowed.values() for _ in sub.parameters(recurse=False))
                     )
-                    and not parametrized
+                    and not parametrize.is_parametrized(module)
                 ):
                     continue
                 # A module reading parameters from containers it owns (PEFT's IA3, LoHa, ... layers) is
@@ -616,7 +622,7 @@ class Capture:
                 info.hook_id = handle.id
                 self.handles.append(handle)
         for info in self.infos.values():
-            if info.parametrized:
+            if info.parametrized or info.kind.is_generic:
                 for tensor_name, plist in parametrization_lists(info.module).items():
                     self.claims[id(plist)] = (info, tensor_name)
         for root in self.roots:
@@ -778,7 +784,7 @@ class Capture:
             # model.lm_head directly): the batch size and the call counts start again, as a root's call does.
             self.on_new_forward()
         claim = self.claims.get(id(module))
-        if claim is not None and claim[0].frames and isinstance(claim[0].frames[-1], _Frame):
+        if claim is not None and self._claims_call(*claim):
             # The weight of a module whose closed form covers its originals, computed inside its call.
             info.frames.append(_CLAIMED)
             return
@@ -793,6 +799,8 @@ class Capture:
             # pre-hook computing weight): the closed form no longer applies; the generic path is exact.
             _make_generic(info)
         params = direct_parameters(module, info.borrowed)
+        if info.kind.is_generic and bool(getattr(parametrize, "_cache_enabled", False)):  # (see _claims_call)
+            params = {name: param for name, param in params.items() if not name.startswith("parametrizations.")}
         # A layer norm of a trainable parameter (DeBERTa's relative-position table) covers that
         # parameter, also when its own weight and bias are frozen.
         table = info.kind is Kind.LAYER_NORM and bool(args) and isinstance(args[0], nn.Parameter)
@@ -815,6 +823,20 @@ class Capture:
         )
         for value in itertools.chain(args, kwargs.values()):
             self.note_batch(value, f"an input of {describe(info.name, module)}")
+
+    @staticmethod
+    def _claims_call(owner: _ModuleInfo, tensor_name: str) -> bool:
+        """Whether a call of the ParametrizationList of ``owner``'s ``tensor_name`` happens inside a call of ``owner``
+        that covers the list's originals: a closed form's (see :meth:`_cover_originals`), or a generic call that
+        aliased them (its borrowed list, unless ``parametrize.cached()`` was on at the call: a cached weight is reused
+        by later calls, whose aliases it would not depend on, and is covered where it is computed)."""
+        frame = owner.frames[-1] if owner.frames else None
+        if not isinstance(frame, _Frame):
+            return False
+        if owner.parametrized:
+            return True
+        prefix = f"parametrizations.{tensor_name}."
+        return frame.aliases is not None and any(name.startswith(prefix) for name in frame.aliases)
 
     def _leave_closed_form(self, info: _ModuleInfo, reason: str) -> None:
         """A module that may compute something else than its closed form assumes, for ``reason`` (a key of

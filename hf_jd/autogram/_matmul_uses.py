@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import math
 import weakref
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -64,9 +65,12 @@ from torch import Tensor
 from torch.autograd.graph import GradientEdge
 
 from ._batched_grad import batched_grad, one_vector_at_a_time
+from ._conv_uses import CONVOLUTION_NODES, convolution_blocks
 from ._layout import RowLayout
 from ._node_structure import MAX_INDEX_ENTRIES, described_node, digest, index_digest
+from ._norm_uses import NORM_NODES, norm_blocks
 from ._precision import full_float32_precision
+from ._use_blocks import Factors, UseBlocks
 
 if TYPE_CHECKING:
     from ._generic import GenericRecord
@@ -136,6 +140,11 @@ class _Use:
     num_blocks: int = 0
     scale: float = 1.0  # an addition's alpha
     reduced: tuple[int, ...] = ()  # "elementwise": the weight-derived operand's shape within a block
+    # Maps the use's output gradients [K, *out] to its blocks' [K, blocks, F] when they are not a reshape of them, and
+    # the blocks' gradients to their factors when they are not those of ``kind`` (a convolution's, a group norm's:
+    # a block per sample, see _conv_uses and _norm_uses)
+    to_blocks: Callable[[Tensor], Tensor] | None = None
+    factors: Factors | None = None
 
     def __post_init__(self) -> None:
         if self.data is not None and self.kind != "elementwise":  # (elementwise: data shaped as the output)
@@ -200,12 +209,19 @@ USE_NODES = frozenset({
 })
 
 
+# Operations described by their own modules, by node type: convolutions and norms of the data.
+_BLOCK_NODES: dict[str, Callable[[Any, set[int]], list[UseBlocks] | None]] = {
+    **dict.fromkeys(CONVOLUTION_NODES, convolution_blocks),
+    **dict.fromkeys(NORM_NODES, norm_blocks),
+}
+
+
 def _meets_untracked_data(node: Any) -> bool:
     """Whether ``node`` combines its weight-derived inputs with a tensor that autograd does not track (an input that
     requires no gradient, such as continuous features fed to the first layer) into an output larger than each of
     them: ``x @ W`` or ``x * W`` with ``x`` of the data. Such a node is a use of the weights, not an operation on them
     alone; one that keeps a weight-derived input's shape (``W * mask`` with a constant mask) stays one."""
-    if type(node).__name__ not in USE_NODES:
+    if type(node).__name__ not in USE_NODES | _BLOCK_NODES.keys():
         return False  # (e.g. a table concatenated with a constant stays an operation on the weights)
     if all(child is not None for child, _ in node.next_functions) or not node._input_metadata:
         return False
@@ -347,7 +363,12 @@ def _find_uses(record: GenericRecord) -> tuple[list[_Use], _CallGraph] | None:
                 continue
             if consumer._sequence_nr() not in record.nodes:
                 return None  # a weight-derived tensor leaves the call
-            found = _addmm_uses(consumer, closure) if type(consumer).__name__ == "AddmmBackward0" else None
+            kind = type(consumer).__name__
+            found = (
+                _addmm_uses(consumer, closure) if kind == "AddmmBackward0"
+                else _described_uses(consumer, closure) if kind in _BLOCK_NODES
+                else None
+            )
             if found is None:
                 use = _use_of(consumer, closure)
                 if use is None:
@@ -378,6 +399,23 @@ def _addmm_uses(node: Any, closure: set[Any]) -> list[_Use] | None:
         if shape not in (out_shape[1:], torch.Size([1, out_shape[1]])):
             return None
         uses.append(_Use(node, None, "bias", None, 1, bias, shape, out_shape[0]))
+    return uses
+
+
+def _described_uses(node: Any, closure: set[Any]) -> list[_Use] | None:
+    """A convolution or a norm of the data with weight-derived operands (see :mod:`._conv_uses`, :mod:`._norm_uses`)."""
+    operands = {index for index, (child, _) in enumerate(node.next_functions) if child is not None and child in closure}
+    described = _BLOCK_NODES[type(node).__name__](node, operands)
+    if described is None:
+        return None
+    uses = []
+    for blocks in described:
+        child, nr = node.next_functions[blocks.operand]
+        shape = torch.Size(child._input_metadata[nr].shape)
+        uses.append(_Use(
+            node, blocks.data, blocks.kind, blocks.slices, blocks.num_slices, (child, nr), shape, blocks.num_blocks,
+            reduced=blocks.reduced, to_blocks=blocks.to_blocks, factors=blocks.factors,
+        ))
     return uses
 
 
@@ -457,7 +495,10 @@ def _block_sums(left: Tensor, right: Tensor, keys: Tensor, num_keys: int) -> Ten
 
 
 def _factors(use: _Use, grad: Tensor) -> tuple[Tensor, Tensor]:
-    """``L [N, 1, a]`` and ``R [N, 1, b]`` of the use's blocks, from one task's block gradients ``[N, F]``."""
+    """``L [N, 1, a]`` and ``R [N, 1, b]`` of the use's blocks, from one task's block gradients ``[N, F]``
+    (``[N, n, a]`` and ``[N, n, b]`` for a use with factors of its own)."""
+    if use.factors is not None:
+        return use.factors(grad)
     if use.kind == "elementwise":  # the gradient of W within a block: g ⊙ x (or ± g) summed to W's shape
         block_shape = _block_shape(use)
         blocks = grad.reshape(use.num_blocks, *block_shape)
@@ -482,6 +523,8 @@ def _block_shape(use: _Use) -> tuple[int, ...]:
 
 def _block_grads(use: _Use, grads: Tensor) -> Tensor:
     """The gradients ``[K, *out]`` of the use's output, as ``[K, N, F]`` per block."""
+    if use.to_blocks is not None:
+        return use.to_blocks(grads)
     if use.kind == "columns":  # y [S, p, n]: one block per column of each matrix
         return grads.mT.reshape(grads.shape[0], use.num_blocks, -1)
     return grads.reshape(grads.shape[0], use.num_blocks, -1)
@@ -561,7 +604,8 @@ class MatmulFactors:
                     left, right = _factors(use, entry.grads[task])
                     sums = _block_sums(left, right, keys, num_examples * count)
                     parts.append(sums.view(num_examples, count, *sums.shape[1:]))
-                part = torch.stack(parts, 1).flatten(0, 1)  # rows (e, k), e-major
+                # rows (e, k), e-major
+                part = parts[0] if num_tasks == 1 else torch.stack(parts, 1).flatten(0, 1)
             else:
                 keys = torch.where(inside, slices - first, -1)
                 scale = table.to(self.dtype)[entry.examples.clamp_min(0)]  # [blocks, m]
@@ -755,7 +799,7 @@ def _output_vectors(record: GenericRecord, layout: RowLayout, coefficients: Tens
                 if record._grouped_dim is not None:
                     grad = grad.flatten(record._grouped_dim, record._grouped_dim + 1)
                 per_task.append(grad.to(record.output_dtypes[index]))
-        vectors.append(torch.stack(per_task))
+        vectors.append(per_task[0].unsqueeze(0) if len(per_task) == 1 else torch.stack(per_task))
     return vectors
 
 
