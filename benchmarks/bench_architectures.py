@@ -7,7 +7,7 @@ step. Every model is built from a configuration (hidden size 64, 2 layers, vocab
 downloaded) and trained on random data with per-example losses (B=16, T=32, 32-pixel images, or 330 samples of
 audio, 32 frames). Not run unless named in ``--models``: ``convnext-mid`` and ``convnextv2-mid`` (64-pixel images,
 stages of 48 and 96 channels), ``beit`` and ``dinov2`` (layer scales), and the others listed in ``EXTRA`` (state-space
-models, padded Longformer and LED, torch's encoder, ...).
+models, padded Longformer and LED, torch's encoder, BiT, a HiFi-GAN vocoder, ...).
 
 Run: ``python benchmarks/bench_architectures.py [--models llama t5 vit ...] [--repeats 7] [--clock cpu]
 [--device cuda]``.
@@ -191,6 +191,21 @@ def _dpt() -> tuple[nn.Module, dict[str, Tensor], Callable[..., Tensor], bool]:
     return model, {"pixel_values": pixels, "labels": target}, _depth_losses, False
 
 
+def _waveform_losses(model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
+    return (model(inputs["spectrogram"]) - inputs["labels"]).pow(2).mean(1)
+
+
+def _hifigan() -> tuple[nn.Module, dict[str, Tensor], Callable[..., Tensor], bool]:
+    """SpeechT5's HiFi-GAN vocoder with its weight normalisation applied (as for training it): weight-normalised
+    ``ConvTranspose1d`` upsampling and dilated ``Conv1d`` residual blocks, a waveform regressed per example."""
+    config = tf.SpeechT5HifiGanConfig(model_in_dim=16, upsample_initial_channel=32, upsample_rates=[4, 4],
+                                      upsample_kernel_sizes=[8, 8], resblock_kernel_sizes=[3],
+                                      resblock_dilation_sizes=[[1, 3]])
+    model = tf.SpeechT5HifiGan(config)
+    model.apply_weight_norm()
+    return model, {"spectrogram": torch.randn(B, 20, 16), "labels": torch.randn(B, 20 * 16)}, _waveform_losses, False
+
+
 ENCODER_LAYERS = dict(encoder_layers=2, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
                       encoder_ffn_dim=4 * H, decoder_ffn_dim=4 * H, max_position_embeddings=128)
 MODELS: dict[str, Callable[[], tuple[nn.Module, dict[str, Tensor], Callable[..., Tensor], bool]]] = {
@@ -332,6 +347,10 @@ EXTRA: dict[str, Callable[[], tuple[nn.Module, dict[str, Tensor], Callable[..., 
     # fine-tuned with its batch norms' statistics frozen (evaluation mode; in training mode they mix the examples)
     "resnet-frozen-bn": lambda: _vision("resnet", pixels=64, embedding_size=16, hidden_sizes=[16, 32, 64],
                                         depths=[1, 1, 1]),
+    # weight-standardised convolutions and group norms followed by their activation (modules with forwards of their own)
+    "bit": lambda: _vision("bit", pixels=64, embedding_size=16, hidden_sizes=[32, 64, 128, 256], depths=[1, 1, 1, 1],
+                           num_groups=8),
+    "hifigan": _hifigan,
 }
 # Models trained with their batch norms in evaluation mode (statistics frozen; in training mode they mix the examples).
 FROZEN_BATCH_NORMS = {"resnet-frozen-bn"}

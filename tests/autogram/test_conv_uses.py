@@ -196,3 +196,14 @@ def test_bit(single_backward: bool, taken: list[tuple[str, bool]]) -> None:
     paths = {name: path for name, path in taken}
     assert paths["WeightStandardizedConv2d"] is True and paths["BitGroupNormActivation"] is True
     assert {path for name, path in taken if name in ("WeightStandardizedConv2d", "BitGroupNormActivation")} == {True}
+
+
+@pytest.mark.parametrize("spatial", [1, 2])
+def test_stock_transposed_convolutions_with_overlapping_patches(spatial: int, taken: list[tuple[str, bool]]) -> None:
+    """``nn.ConvTranspose1d`` / ``2d`` whose kernel is not its stride (no closed form of their own): the generic
+    call's kernel and bias are described by their convolution."""
+    torch.manual_seed(0)
+    conv = (nn.ConvTranspose1d if spatial == 1 else nn.ConvTranspose2d)(4, 3, 3, stride=2, padding=1)
+    first = nn.Conv1d(2, 4, 1) if spatial == 1 else nn.Conv2d(2, 4, 1)
+    _run(Head(nn.Sequential(first, conv), 0), (2, 4) if spatial == 1 else (2, 3, 3), single_backward=True)
+    assert {path for name, path in taken} == {True}
