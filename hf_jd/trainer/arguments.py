@@ -194,7 +194,9 @@ class JDTrainingArguments(TrainingArguments):
         default=1,
         metadata={
             "help": "Recompute the aggregation weights every k optimizer steps and reuse them in between with a "
-            "plain weighted backward (no Jacobian, no Gramian). Needs a Gramian-based aggregator when k > 1."
+            "plain weighted backward (no Jacobian, no Gramian). Needs a Gramian-based aggregator when k > 1. The "
+            "weights reused are those of the last micro-batch that computed them (with gradient accumulation, every "
+            "micro-batch of a reuse step gets that one's weights, position by position)."
         },
     )
     jd_modules: list[str] | None = field(

@@ -229,11 +229,20 @@ class JDTrainer(Trainer):
         )
 
     def _check_task_names_of_model(self) -> None:
-        """Raise for ``jd_task_names`` naming a task a :class:`MultiHeadModel` has no head for (the trainer would look
-        for its label column and drop the others, and the model would get no labels); warn for tasks left out."""
+        """Raise for a :class:`MultiHeadModel` under ``jd_mode="iwrm"`` without ``compute_losses`` (its per-task logits
+        have no per-example loss of one label column), and for ``jd_task_names`` naming a task it has no head for (the
+        trainer would look for its label column and drop the others, and the model would get no labels); warn for tasks
+        left out."""
         names = self.args.jd_task_names
         assert self.model is not None  # Trainer.__init__ raises without a model or model_init
         model = unwrap_model(self.model)  # (through torch.compile and PEFT)
+        if self.compute_losses is None and isinstance(model, MultiHeadModel) and self.args.jd_mode == "iwrm":
+            raise ValueError(
+                f"The model is a MultiHeadModel (tasks {model.task_names}), whose logits are one tensor per task, but "
+                "jd_mode='iwrm' (the default) computes one loss per example from a single 'labels' column. Set "
+                "jd_mode='iwmtl' (one loss per example and task) or jd_mode='mtl' (one loss per task), or pass "
+                "compute_losses= for losses of your own."
+            )
         if not names or self.compute_losses is not None or not isinstance(model, MultiHeadModel):
             return
         if self.args.jd_mode not in ("mtl", "iwmtl"):
@@ -397,6 +406,24 @@ class JDTrainer(Trainer):
             return super().train(*args, **kwargs)
         finally:
             self.jd_step.detach()
+
+    def _update_auto_batch_size(self, batch_size: int) -> None:
+        """The Trainer's hook of ``auto_find_batch_size``, called at the start of each run of its training loop: when
+        the loop runs again with a smaller batch after an out-of-memory error, the aggregator's state (sized on the
+        rows of the batches already seen: GradVac's targets, Nash-MTL's weights) and the weights kept for
+        ``jd_update_weights_every`` start over, and the last batch of an epoch is checked again for the new size.
+
+        Parameters
+        ----------
+        batch_size
+            The batch size of the loop about to run.
+        """
+        previous = self._train_batch_size
+        super()._update_auto_batch_size(batch_size)
+        if batch_size != previous:
+            self.jd_step.aggregator.reset()
+            self.jd_step.cached_weights = None
+            self._check_last_batch_rows()
 
     def _check_last_batch_rows(self) -> None:
         """Raise before training when the last batch of an epoch, smaller than the others, would give the aggregator a

@@ -144,12 +144,12 @@ def test_iwrm_on_task_labels_suggests_the_multi_task_modes(tmp_path):
     """A multi-task model's data with jd_mode='iwrm' (the default): the message points at iwmtl and mtl."""
     with pytest.raises(ValueError, match=r"task labels \['labels_a', 'labels_b'\]: .* jd_mode='iwmtl'"):
         _train(tmp_path, model=TwoTaskNet(), dataset=two_task_dataset(), jd_mode="iwrm", jd_task_names=None)
-    # (a MultiHeadModel takes them through **kwargs: the Trainer's label_names stay ['labels'])
+    # (a MultiHeadModel is rejected when the trainer is built, see test_multi_head_model_under_the_default_iwrm_mode)
     from hf_jd import MultiHeadModel
 
     model = MultiHeadModel.from_backbone(tiny_bert().config, {"a": {"kind": "regression"}})
     dataset = token_dataset().rename_column("labels", "labels_a")
-    with pytest.raises(ValueError, match=r"no \['labels'\] entry.*task labels \['labels_a'\]: .* jd_mode='iwmtl'"):
+    with pytest.raises(ValueError, match=r"MultiHeadModel \(tasks \['a'\]\).*jd_mode='iwmtl'"):
         _train(tmp_path, model=model, dataset=dataset, jd_mode="iwrm", jd_task_names=None)
 
 
@@ -220,3 +220,12 @@ def test_task_names_leaving_out_a_task_of_the_multi_head_model(tmp_path):
     with pytest.warns(UserWarning, match=r"leaves out the MultiHeadModel's tasks \['b'\]"):
         trainer = _train(tmp_path, model=multi_head_model(), dataset=dataset, jd_task_names=["a"])
     assert trainer.state.global_step == 1  # (task a alone is trained)
+
+
+def test_multi_head_model_under_the_default_iwrm_mode(tmp_path):
+    """A MultiHeadModel under the default ``jd_mode="iwrm"`` (no ``compute_losses``) is rejected when the trainer is
+    built, naming the multi-task modes (it failed at the first training step before)."""
+    from jd_trainer_helpers import multi_head_model
+
+    with pytest.raises(ValueError, match=r"MultiHeadModel \(tasks \['a', 'b'\]\).*jd_mode='iwmtl'"):
+        JDTrainer(model=multi_head_model(), args=make_args(tmp_path), train_dataset=token_dataset())
