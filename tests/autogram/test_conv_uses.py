@@ -207,3 +207,29 @@ def test_stock_transposed_convolutions_with_overlapping_patches(spatial: int, ta
     first = nn.Conv1d(2, 4, 1) if spatial == 1 else nn.Conv2d(2, 4, 1)
     _run(Head(nn.Sequential(first, conv), 0), (2, 4) if spatial == 1 else (2, 3, 3), single_backward=True)
     assert {path for name, path in taken} == {True}
+
+
+def test_weight_normalised_conv_transpose_under_parametrize_cached() -> None:
+    """Under ``parametrize.cached()`` the weight computed in the first call is reused by the second, whose own aliases
+    it does not depend on: the originals are then covered where the weight is computed (exact)."""
+    from torch.nn.utils import parametrize
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.up = parametrizations.weight_norm(nn.ConvTranspose1d(3, 3, 3, stride=2, padding=1))
+            self.head = nn.Linear(3 * 17, 3)
+
+        def forward(self, x: Tensor, labels: Tensor) -> Tensor:
+            features = torch.tanh(self.up(torch.tanh(self.up(x))))
+            return F.cross_entropy(self.head(features.flatten(1)), labels, reduction="none")
+
+    torch.manual_seed(0)
+    model = Twice()
+    engine = Engine(model)
+    for batch in (10, 9):
+        with parametrize.cached():
+            losses = model(torch.randn(batch, 3, 5), torch.randint(0, 3, (batch,)))
+        assert_exact_step_with_freed_graph(engine, model, losses, single_backward=False)
+    losses = model(torch.randn(10, 3, 5), torch.randint(0, 3, (10,)))  # (and without the cache again)
+    assert_exact_step_with_freed_graph(engine, model, losses, single_backward=False)
