@@ -83,8 +83,8 @@ def _geometry(node: Any, spatial: int) -> _Geometry | None:
 
 
 def _spatial_size(tensor_shape: torch.Size) -> tuple[int, int]:
-    sizes = tuple(int(size) for size in tensor_shape[2:])
-    return (1, *sizes) if len(sizes) == 1 else sizes  # type: ignore[return-value]
+    """The spatial sizes of a ``[N, C, *spatial]`` shape, two of them (one is taken as two, the first of size 1)."""
+    return _pair(tensor_shape[2:], len(tensor_shape) - 2)
 
 
 def convolution_blocks(node: Any, operands: set[int]) -> list[UseBlocks] | None:
