@@ -11,8 +11,10 @@ and ``w'`` per example, as in :mod:`._matmul_uses`) tell which: a row of example
 ``w'_e`` times its plain gradient. With each row's example known, the call's inputs and plain output
 gradients are scattered into a ``[B, L, ...]`` layout (``L`` the most rows of any example, the others
 padded with zeros, which add nothing), and the call is then an ordinary call split by example: its closed
-form gives the exact per-example gradients. A row reached by several examples (examples mixed further on)
-makes the call keep the per-row pass.
+form gives the exact per-example gradients. Linear layers, layer norms, embeddings and convolutions (a
+vision-language model's images or crops, a different number per example, run through its vision tower as one
+batch) take this path. A row reached by several examples (examples mixed further on) makes the call keep the
+per-row pass.
 
 Generic calls with one output take the same check on their output's rows along dimension 0 (Llama-4's experts,
 which process every token scaled by its router score, their ``[E * B * T, d]`` rows laid out expert-major): each
@@ -29,7 +31,10 @@ from torch import Tensor
 
 from ._accumulate import Accumulator, empty_call
 from ._batched_grad import batched_grad
+from ._conv import Conv2dRecord
+from ._embedding import EmbeddingRecord
 from ._generic import GenericRecord
+from ._layer_norm import LayerNormRecord
 from ._layout import RowLayout
 from ._linear import LinearRecord
 from ._matmul_uses import RTOL_FLOAT32, check_weights, examples_of_rows
@@ -42,15 +47,28 @@ __all__ = ["add_gathered"]
 MIN_EXAMPLES = 4
 
 
+# Closed forms whose calls, with the rows along dimension 0 of their captured input (by attribute name) and of their
+# output gradients scattered into a ``[E, L, ...]`` layout, are ordinary calls split by example: position-wise ones (a
+# Linear layer, a layer norm over trailing dimensions, an embedding's lookups, ``L`` rows per example; a padding row
+# looks up id 0 with a zero gradient), and convolutions, whose samples (images, patches) then come ``L`` per example
+# (see Conv2dRecord.split_batch).
+_CAPTURED = {LinearRecord: "inputs", LayerNormRecord: "inputs", Conv2dRecord: "inputs", EmbeddingRecord: "ids"}
+
+
 def _gatherable(record: Record) -> bool:
-    """A plain Linear call with one output, on at least one row (its rows along dimension 0), or a generic call with
+    """A plain Linear, layer-norm, embedding or convolution call with one output, on at least one row (its rows along
+    dimension 0), whose input is not a parameter (a layer norm's table) nor already grouped, or a generic call with
     one output on its usual path (see :meth:`GenericRecord.can_take_row_examples`)."""
-    if type(record) is GenericRecord:
+    if isinstance(record, GenericRecord):  # (an RMS norm's too: its closed form then gives way, see RMSNormRecord)
         return record.can_take_row_examples()
+    captured = _CAPTURED.get(type(record))
     return (
-        type(record) is LinearRecord
+        captured is not None
         and len(record.edges) == 1
-        and hasattr(record, "inputs")
+        and isinstance(getattr(record, captured, None), Tensor)
+        and getattr(record, "group", None) is None
+        and getattr(record, "inverse_std", None) is None
+        and not any(name not in ("weight", "bias") for name in record.params)
         and not empty_call(record)
     )
 
@@ -127,9 +145,12 @@ def add_gathered(
             accumulator.add(record, [rows], shaped=True)
             taken.add(id(record))
             continue
-        assert isinstance(record, LinearRecord)
-        record.inputs = _padded(record.inputs, examples, num_examples)
+        captured = _CAPTURED[type(record)]
+        setattr(record, captured, _padded(getattr(record, captured), examples, num_examples))
         per_task = torch.stack([_padded(task_rows, examples, num_examples) for task_rows in rows])
+        if isinstance(record, Conv2dRecord):  # (samples [E * L, C, ...], L per example, the padding ones zero)
+            record.inputs = record.inputs.flatten(0, 1)
+            record.group = per_task.shape[2]
         accumulator.add(record, [per_task], shaped=True)
         taken.add(id(record))
     return [record for record in records if id(record) not in taken]

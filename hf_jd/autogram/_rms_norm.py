@@ -97,6 +97,8 @@ class RMSNormRecord(GenericRecord):
         inputs, self.inputs = self.inputs, None
         if inputs is None or len(outputs) != 1 or len(self.grad_rows) != 1:
             return
+        if self.row_examples is not None:  # (rows picked by the data, see _gathered: the products from the output)
+            return
         output = outputs[0].detach()
         if self._grouped_dim is not None:  # (regrouped [..., E, k, ...] as the inputs: see split_batch)
             output = output.unflatten(self._grouped_dim, (layout.num_examples, -1))

@@ -400,3 +400,47 @@ def test_rows_sorted_differently_on_each_step_are_found_again(single_backward: b
             model.zero_grad(set_to_none=True)
             losses = model(torch.randn(12, 3, 6), torch.rand(12, 3)).pow(2)
             assert_exact_step_with_freed_graph(engine, model, losses, single_backward)
+
+
+class _VariableImages(nn.Module):
+    """A vision-language model's pattern: each example has its own number of images (or of crops of one image), all
+    of them run through the vision layers as one ``[images, ...]`` batch, then pooled back per example."""
+
+    def __init__(self, patches_3d: bool, rms: bool = False) -> None:
+        super().__init__()
+        # (Qwen2-VL cuts [C, t, p, p] patches with a Conv3d whose kernel is its stride; LLaVA a Conv2d of an image)
+        self.patch = nn.Conv3d(3, 6, (2, 2, 2), stride=(2, 2, 2)) if patches_3d else nn.Conv2d(3, 6, 3, padding=1)
+        self.norm = nn.RMSNorm(6, eps=1e-6) if rms else nn.LayerNorm(6)  # (Qwen2.5-VL's vision blocks: RMS norms)
+        self.proj = nn.Linear(6, 6)
+        self.positions = nn.Embedding(20, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, labels: Tensor, images: Tensor, owner: Tensor) -> Tensor:  # [B]; [N, 3, (2,) 4, 4], owner [N]
+        # (the labels first: the engine reads the batch size from the first positional input, a VLM's input_ids)
+        features = self.patch(images).flatten(2).transpose(1, 2)  # [N, positions, 6]
+        # (position ids per image, as Idefics3 buckets each image's patches)
+        features = features + self.positions(torch.arange(features.shape[1]) + owner.unsqueeze(1) % 3)
+        features = self.proj(torch.tanh(self.norm(features))).mean(1)  # [N, 6]
+        pooled = torch.zeros(labels.shape[0], 6).index_add(0, owner, features)
+        return nn.functional.cross_entropy(self.head(torch.tanh(pooled)), labels, reduction="none")
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+@pytest.mark.parametrize(("patches_3d", "rms"), [(False, False), (True, False), (True, True)])
+def test_variable_numbers_of_images_per_example(patches_3d: bool, rms: bool, single_backward: bool,
+                                                passes: list[list[str]]) -> None:
+    """The convolution, the position embedding and the layer norm on the images join the calls split by example (each
+    image's example found from gradients, its samples padded to the most images of an example), as the Linear layers
+    do, and an RMS norm
+    takes its products from its output, each example's from its own rows: no per-row pass (the convolution and the
+    norms took it before)."""
+    torch.manual_seed(3)
+    model = _VariableImages(patches_3d, rms)
+    engine = Engine(model, single_backward=single_backward)
+    for counts in ([1, 2, 3, 1, 2, 1], [2, 1, 1, 3, 1, 2, 1]):
+        owner = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+        shape = (3, 2, 4, 4) if patches_3d else (3, 4, 4)
+        model.zero_grad(set_to_none=True)
+        losses = model(torch.randint(0, 3, (len(counts),)), torch.randn(owner.shape[0], *shape), owner)
+        assert_exact_step_with_freed_graph(engine, model, losses, single_backward)
+    assert passes == []
