@@ -134,7 +134,8 @@ def add_gathered(
             continue  # (low precision: its rounding would hide rows of several examples; the per-row pass then)
         dtype = grad.dtype
         rtol = RTOL_FLOAT32 * torch.finfo(dtype).eps / torch.finfo(torch.float32).eps
-        examples = examples_of_rows(grad[:3].flatten(2), weights.to(dtype), rtol)
+        # (each row's entries, [3, N, F]; one entry per row for a 1-D output, e.g. a parametrised bias)
+        examples = examples_of_rows(grad[:3].reshape(3, grad.shape[1], -1), weights.to(dtype), rtol)
         if examples is None:
             declined.add(id(record.module))  # (a row reached by several examples)
             continue

@@ -444,3 +444,30 @@ def test_variable_numbers_of_images_per_example(patches_3d: bool, rms: bool, sin
         losses = model(torch.randint(0, 3, (len(counts),)), torch.randn(owner.shape[0], *shape), owner)
         assert_exact_step_with_freed_graph(engine, model, losses, single_backward)
     assert passes == []
+
+
+@pytest.mark.parametrize(("module", "tensor"), [("linear", "bias"), ("layer_norm", "bias"), ("group_norm", "weight")])
+def test_parametrisation_with_a_parameter_of_its_own_on_a_vector(module: str, tensor: str) -> None:
+    """A parametrisation with a trainable parameter of its own on a 1-D tensor (a learned scale of a bias): its list's
+    1-D output, shared by the examples, was checked for rows of one example and raised an IndexError; it now takes the
+    per-row pass, exact."""
+    from torch.nn.utils import parametrize
+
+    class Scale(nn.Module):
+        def __init__(self, size: int) -> None:
+            super().__init__()
+            self.scale = nn.Parameter(torch.linspace(0.5, 1.5, size))
+
+        def forward(self, vector: Tensor) -> Tensor:
+            return vector * self.scale
+
+    torch.manual_seed(4)
+    layer = {"linear": nn.Linear(8, 8), "layer_norm": nn.LayerNorm(8), "group_norm": nn.GroupNorm(2, 8)}[module]
+    parametrize.register_parametrization(layer, tensor, Scale(8))
+    model = nn.Sequential(nn.Linear(8, 8), layer) if module != "group_norm" else nn.Sequential(nn.Conv1d(8, 8, 1), layer)
+    engine = Engine(model)
+    shape = (12, 5, 8) if module == "layer_norm" else (12, 8) if module == "linear" else (12, 8, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # (the per-row pass's)
+        assert_exact_step_with_freed_graph(engine, model, model(torch.randn(*shape)).pow(2).flatten(1).mean(1),
+                                           single_backward=False)
