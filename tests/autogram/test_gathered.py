@@ -464,7 +464,8 @@ def test_parametrisation_with_a_parameter_of_its_own_on_a_vector(module: str, te
     torch.manual_seed(4)
     layer = {"linear": nn.Linear(8, 8), "layer_norm": nn.LayerNorm(8), "group_norm": nn.GroupNorm(2, 8)}[module]
     parametrize.register_parametrization(layer, tensor, Scale(8))
-    model = nn.Sequential(nn.Linear(8, 8), layer) if module != "group_norm" else nn.Sequential(nn.Conv1d(8, 8, 1), layer)
+    first = nn.Conv1d(8, 8, 1) if module == "group_norm" else nn.Linear(8, 8)
+    model = nn.Sequential(first, layer)
     engine = Engine(model)
     shape = (12, 5, 8) if module == "layer_norm" else (12, 8) if module == "linear" else (12, 8, 3)
     with warnings.catch_warnings():
