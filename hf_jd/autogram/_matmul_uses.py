@@ -214,6 +214,8 @@ _BLOCK_NODES: dict[str, Callable[[Any, set[int]], list[UseBlocks] | None]] = {
     **dict.fromkeys(CONVOLUTION_NODES, convolution_blocks),
     **dict.fromkeys(NORM_NODES, norm_blocks),
 }
+# Every operation that may use a weight with data.
+_ALL_USE_NODES = USE_NODES | frozenset(_BLOCK_NODES)
 
 
 def _meets_untracked_data(node: Any) -> bool:
@@ -221,7 +223,7 @@ def _meets_untracked_data(node: Any) -> bool:
     requires no gradient, such as continuous features fed to the first layer) into an output larger than each of
     them: ``x @ W`` or ``x * W`` with ``x`` of the data. Such a node is a use of the weights, not an operation on them
     alone; one that keeps a weight-derived input's shape (``W * mask`` with a constant mask) stays one."""
-    if type(node).__name__ not in USE_NODES | _BLOCK_NODES.keys():
+    if type(node).__name__ not in _ALL_USE_NODES:
         return False  # (e.g. a table concatenated with a constant stays an operation on the weights)
     if all(child is not None for child, _ in node.next_functions) or not node._input_metadata:
         return False
